@@ -1,0 +1,53 @@
+"""Pure-jnp ragged paged attention: the oracle for every backend, and the CPU path.
+
+Contract (../shared/CROSSPOOL.md): q [T, N, H] packs the new tokens of all sequences;
+sequence s owns q[cu_q_lens[s]:cu_q_lens[s+1]], the LAST tokens of its kv_lens[s]-token
+context, causal within it. k_pages / v_pages [P, G, K, H] (G tokens per page);
+page_indices int32[S, pages_per_seq]; kv_lens int32[S]; cu_q_lens int32[S+1];
+num_seqs int32[1]: only the first num_seqs sequences count. Rows of q beyond
+cu_q_lens[num_seqs] are padding and come back as zeros.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASK = -1e30
+
+
+def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
+                                     cu_q_lens_S1, num_seqs, *, sm_scale=None, soft_cap=None,
+                                     sliding_window=None):
+    T, N, H = q_TNH.shape
+    _, G, K, _ = k_pages_PGKH.shape
+    S, pages_per_seq = page_indices_SP.shape
+    C = pages_per_seq * G                                           # context capacity
+    if sm_scale is None:
+        sm_scale = H ** -0.5
+    num_seqs = jnp.reshape(num_seqs, ())
+    t = jnp.arange(T, dtype=jnp.int32)
+    # the sequence each query row belongs to; rows past cu_q_lens[num_seqs] are padding
+    seq_T = jnp.clip(jnp.searchsorted(cu_q_lens_S1[1:], t, side="right"), 0, S - 1)
+    valid_T = t < cu_q_lens_S1[num_seqs]
+    q_len_T = cu_q_lens_S1[seq_T + 1] - cu_q_lens_S1[seq_T]
+    kv_len_T = kv_lens_S[seq_T]
+    pos_T = kv_len_T - q_len_T + (t - cu_q_lens_S1[seq_T])          # absolute position of the query
+    pages_TP = page_indices_SP[seq_T]                               # [T, pages_per_seq]
+    k_TCKH = k_pages_PGKH[pages_TP].reshape(T, C, K, H)
+    v_TCKH = v_pages_PGKH[pages_TP].reshape(T, C, K, H)
+    q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
+    s = jnp.einsum("tkrh,tckh->tkrc", q_TKRH, k_TCKH.astype(jnp.float32)) * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    c = jnp.arange(C, dtype=jnp.int32)
+    mask_TC = (c[None, :] <= pos_T[:, None]) & (c[None, :] < kv_len_T[:, None])
+    if sliding_window is not None:
+        mask_TC &= c[None, :] > pos_T[:, None] - sliding_window
+    mask_TC &= valid_T[:, None]
+    s = jnp.where(mask_TC[:, None, None, :], s, _MASK)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(mask_TC[:, None, None, :], p, 0.0)
+    # NaN-safe: masked-out (possibly NaN) values never reach the product
+    v_safe = jnp.where(mask_TC[:, :, None, None], v_TCKH.astype(jnp.float32), 0.0)
+    out = jnp.einsum("tkrc,tckh->tkrh", p, v_safe)
+    return out.reshape(T, N, H).astype(q_TNH.dtype)
