@@ -1,0 +1,141 @@
+"""The runner: turns one model's scheduled chunks into one dispatched step program.
+
+It builds the device inputs (`step_inputs.py`, `sampling_metadata.py`), picks the program
+(`ragged_step` for mixed prefill/decode batches, `multi_decode` when every chunk is a
+decode that may run several tokens), dispatches it with the pool's buffers donated, and
+returns the sampled tokens per request. It counts the distinct compiled programs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from crosspool_jax.engine import sampling_metadata as smeta
+from crosspool_jax.engine.step_inputs import bucket, build_step_inputs
+from crosspool_jax.engine.step_program import multi_decode, ragged_step
+from crosspool_jax.kv.pool import KVPool
+
+
+@dataclasses.dataclass
+class SampledToken:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]   # (token_id, logprob) of the top tokens, when asked
+
+
+@dataclasses.dataclass
+class RunnerStats:
+    compiled_programs: int = 0
+    steps: int = 0
+    decode_tokens_per_dispatch_max: int = 0
+    host_prepare_seconds: float = 0.0
+    device_seconds: float = 0.0
+
+
+class StepRunner:
+    """Runs step programs of many models against one shared KV pool."""
+
+    def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, input_device=None):
+        self.pool = pool
+        self.attention_backend = attention_backend
+        self.moe_backend = moe_backend
+        self.input_device = input_device or pool.devices[0]
+        self.stats = RunnerStats()
+        self._program_keys: set = set()
+
+    def _count_program(self, key) -> None:
+        if key not in self._program_keys:
+            self._program_keys.add(key)
+            self.stats.compiled_programs = len(self._program_keys)
+
+    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
+            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
+            allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
+        """Run one step of `chunks` (all of one model). Returns, per chunk, its sampled tokens
+        (one for a ragged step; up to num_steps for a multi-step decode)."""
+        t0 = time.perf_counter()
+        num_logprobs = smeta.max_logprobs(rows)
+        penalties = smeta.needs_penalties(rows)
+        pool = self.pool
+        if num_steps == 1:
+            inputs, shape = build_step_inputs(chunks, num_layers=config.num_layers, tokens_per_page=tokens_per_page,
+                                              num_pages=pool.layout.num_pages)
+            S = shape.num_seqs
+        else:
+            S = bucket(len(chunks))
+        sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
+        counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
+                               else (None, None))
+        k_buf, v_buf = pool.take()
+        try:
+            if num_steps == 1:
+                inputs = jax.device_put(inputs, self.input_device)
+                self._count_program((model_name, "ragged", shape, num_logprobs, penalties))
+                t1 = time.perf_counter()
+                k_buf, v_buf, out = ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, counts,
+                                                prompt_mask, config=config, num_logprobs=num_logprobs,
+                                                attention_backend=self.attention_backend,
+                                                moe_backend=self.moe_backend)
+                outs = jax.tree.map(lambda a: a[None], out)
+                steps_run = 1
+            else:
+                args = self._multi_decode_args(config, chunks, S, stop_ids, allowances, rows)
+                Pp = args[2].shape[2]
+                self._count_program((model_name, "decode", S, Pp, num_steps, num_logprobs, penalties))
+                t1 = time.perf_counter()
+                k_buf, v_buf, outs, steps_run = multi_decode(
+                    kv_params, ffn_params, k_buf, v_buf, *args[:3], args[3], sampling, counts, prompt_mask,
+                    *args[4:], config=config, num_steps=num_steps, num_logprobs=num_logprobs,
+                    attention_backend=self.attention_backend, moe_backend=self.moe_backend)
+        finally:
+            pool.put(k_buf, v_buf)
+        host = jax.device_get((outs, steps_run))
+        t2 = time.perf_counter()
+        self.stats.steps += 1
+        self.stats.host_prepare_seconds += t1 - t0
+        self.stats.device_seconds += t2 - t1
+        outs, steps_run = host
+        self.stats.decode_tokens_per_dispatch_max = max(self.stats.decode_tokens_per_dispatch_max, int(steps_run))
+        return _unpack(outs, int(steps_run), len(chunks), num_logprobs)
+
+    def _multi_decode_args(self, config, chunks, S, stop_ids, allowances, rows):
+        L = config.num_layers
+        Pp = bucket(max(len(c.page_table[0]) for c in chunks))
+        Z = bucket(max((len(z) for z in stop_ids), default=1))
+        token_ids = np.zeros(S, np.int32)
+        kv_lens = np.ones(S, np.int32)
+        pages = np.zeros((L, S, Pp), np.int32)
+        min_tokens = np.zeros(S, np.int32)
+        stops = np.full((S, Z), -1, np.int32)
+        allowance = np.ones(S, np.int32)
+        for s, c in enumerate(chunks):
+            if c.num_tokens != 1:
+                raise ValueError("multi-step decode needs single-token decode chunks")
+            token_ids[s] = c.token_ids[0]
+            kv_lens[s] = c.start + 1
+            table = np.asarray(c.page_table, np.int32)
+            pages[:, s, :table.shape[1]] = table
+            min_tokens[s] = rows[s].params.min_tokens
+            stops[s, :len(stop_ids[s])] = stop_ids[s]
+            allowance[s] = allowances[s]
+        host = (token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), min_tokens, stops, allowance)
+        return jax.device_put(host, self.input_device)
+
+
+def _unpack(outs, steps_run: int, num_chunks: int, num_logprobs: int) -> list[list[SampledToken]]:
+    tokens = np.asarray(outs.token_ids_S)
+    logprobs = np.asarray(outs.logprob_S)
+    top_ids = np.asarray(outs.top_ids_SX) if num_logprobs else None
+    top_lps = np.asarray(outs.top_logprobs_SX) if num_logprobs else None
+    result = []
+    for s in range(num_chunks):
+        seq = []
+        for j in range(steps_run):
+            top = ([(int(i), float(p)) for i, p in zip(top_ids[j, s], top_lps[j, s])] if num_logprobs else [])
+            seq.append(SampledToken(int(tokens[j, s]), float(logprobs[j, s]), top))
+        result.append(seq)
+    return result

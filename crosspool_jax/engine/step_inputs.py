@@ -1,0 +1,88 @@
+"""Host-side preparation of one model's step: scheduled chunks -> padded device arrays.
+
+This is the one place where the scheduler's integers become device arrays. Shapes are
+bucketed to powers of two (tokens, sequences, pages per sequence) so the number of
+compiled step programs stays bounded.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    """Device inputs of one ragged step of one model (T, S, Pp are bucketed sizes)."""
+
+    token_ids_T: jax.Array        # int32 [T]   packed new tokens of all sequences
+    positions_T: jax.Array        # int32 [T]   absolute position of each token
+    slots_LT: jax.Array           # int32 [L, T] page*G + offset per layer; P*G for padding
+    page_indices_LSP: jax.Array   # int32 [L, S, Pp] per-layer page tables
+    kv_lens_S: jax.Array          # int32 [S]   context length after this step's tokens
+    cu_q_lens_S1: jax.Array       # int32 [S+1] prefix sums of new tokens per sequence
+    num_seqs_1: jax.Array         # int32 [1]   real sequences
+    logits_indices_S: jax.Array   # int32 [S]   row of each sequence's last new token
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """The static part of a step: bucketed sizes. One compiled program per (model, StepShape, flags)."""
+
+    num_tokens: int
+    num_seqs: int
+    pages_per_seq: int
+
+
+def build_step_inputs(chunks: Sequence, *, num_layers: int, tokens_per_page: int, num_pages: int,
+                      min_tokens_bucket: int = 8, min_seqs_bucket: int = 1) -> tuple[StepInputs, StepShape]:
+    """chunks: objects with .start, .num_tokens, .token_ids and .page_table ([L][blocks])."""
+    if not chunks:
+        raise ValueError("build_step_inputs: no chunks to run")
+    G = tokens_per_page
+    num_real_tokens = sum(c.num_tokens for c in chunks)
+    T = bucket(num_real_tokens, min_tokens_bucket)
+    S = bucket(len(chunks), min_seqs_bucket)
+    Pp = bucket(max(len(c.page_table[0]) for c in chunks))
+    shape = StepShape(T, S, Pp)
+
+    token_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    seq_of_token = np.zeros(T, np.int32)
+    valid = np.zeros(T, bool)
+    page_indices = np.zeros((num_layers, S, Pp), np.int32)
+    kv_lens = np.zeros(S, np.int32)
+    cu_q_lens = np.zeros(S + 1, np.int32)
+    logits_indices = np.zeros(S, np.int32)
+    offset = 0
+    for s, c in enumerate(chunks):
+        n = c.num_tokens
+        token_ids[offset:offset + n] = c.token_ids
+        positions[offset:offset + n] = np.arange(c.start, c.start + n)
+        seq_of_token[offset:offset + n] = s
+        valid[offset:offset + n] = True
+        table = np.asarray(c.page_table, np.int32)          # [L, blocks]
+        if table.shape[0] != num_layers:
+            raise ValueError(f"page table of {c.request.request_id} has {table.shape[0]} layers, "
+                             f"the model has {num_layers}")
+        page_indices[:, s, :table.shape[1]] = table
+        kv_lens[s] = c.start + n
+        offset += n
+        cu_q_lens[s + 1] = offset
+        logits_indices[s] = offset - 1
+    cu_q_lens[len(chunks) + 1:] = offset
+    block = positions // G
+    slots = page_indices[:, seq_of_token, block] * G + (positions % G)[None, :]
+    slots = np.where(valid[None, :], slots, num_pages * G).astype(np.int32)
+    inputs = StepInputs(token_ids, positions, slots, page_indices, kv_lens, cu_q_lens,
+                        np.array([len(chunks)], np.int32), logits_indices)
+    return inputs, shape

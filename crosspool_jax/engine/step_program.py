@@ -1,0 +1,115 @@
+"""The jitted step programs: all layers of one model, KV writes, attention, sampling, on device.
+
+Two pure functions, each compiled once per (model, bucketed shape, flags):
+
+- `ragged_step`: one ragged batch of prefill chunks and decode tokens; runs every layer
+  (scan over stacked layer params inside `models.forward`), writes the new K/V into the
+  global pool, and samples one token for every sequence.
+- `multi_decode`: several decode tokens per dispatch. A `lax.while_loop` on the device
+  feeds each sampled token back, computes its slots from the page tables, and stops early
+  when every sequence hit a stop token or its token allowance. The host is off the
+  per-token path; it post-processes the returned tokens (stop strings) afterwards.
+
+The KV buffers are donated: the pool is updated in place.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from crosspool_jax import models
+from crosspool_jax.engine import sampler as sampler_lib
+from crosspool_jax.kv.pool import page_view, write_kv
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+
+def _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, backend):
+    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, cache):
+        k_pages, v_pages = cache
+        k_pages, v_pages = write_kv(k_pages, v_pages, k_TKH, v_TKH, slots_LT[layer_idx])
+        out = ragged_paged_attention(q_TNH, k_pages, v_pages, kv_lens_S, page_indices_LSP[layer_idx],
+                                     cu_q_lens_S1, num_seqs_1, sliding_window=config.sliding_window,
+                                     backend=backend)
+        return out, (k_pages, v_pages)
+    return attention_fn
+
+
+def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, positions_T, slots_LT,
+                    page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, logits_indices_S,
+                    attention_backend, moe_backend):
+    k_pages = page_view(k_buf, config.num_kv_heads, config.head_dim)
+    v_pages = page_view(v_buf, config.num_kv_heads, config.head_dim)
+    attention_fn = _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1,
+                                       num_seqs_1, attention_backend)
+    (k_pages, v_pages), hidden_TD = models.forward(kv_params, ffn_params, config, token_ids_T, positions_T,
+                                                   attention_fn, (k_pages, v_pages), moe_backend=moe_backend)
+    logits_SV = models.compute_logits(kv_params, config, hidden_TD[logits_indices_S])
+    return k_pages.reshape(k_buf.shape), v_pages.reshape(v_buf.shape), logits_SV
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_logprobs", "attention_backend", "moe_backend"),
+                   donate_argnames=("k_buf", "v_buf"))
+def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV, *,
+                config, num_logprobs, attention_backend, moe_backend):
+    """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row)."""
+    k_buf, v_buf, logits_SV = _forward_logits(
+        kv_params, ffn_params, config, k_buf, v_buf, inputs.token_ids_T, inputs.positions_T, inputs.slots_LT,
+        inputs.page_indices_LSP, inputs.kv_lens_S, inputs.cu_q_lens_S1, inputs.num_seqs_1,
+        inputs.logits_indices_S, attention_backend, moe_backend)
+    out = sampler_lib.sample(logits_SV, sampling, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
+    return k_buf, v_buf, out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps", "num_logprobs", "attention_backend",
+                                             "moe_backend"),
+                   donate_argnames=("k_buf", "v_buf"))
+def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, page_indices_LSP, num_seqs_1,
+                 sampling, output_counts_SV, prompt_mask_SV, min_tokens_S, stop_ids_SZ, allowance_S, *,
+                 config, num_steps, num_logprobs, attention_backend, moe_backend):
+    """Up to num_steps decode tokens per sequence in one dispatch.
+
+    token_ids_S: the last known token of each sequence (its KV not yet computed);
+    kv_lens_S: context length including that token; allowance_S: how many tokens each
+    sequence may still produce (>= 1); stop_ids_SZ: ids that end a sequence (-1 padded;
+    EOS already removed by the host for ignore_eos rows). Returns the buffers, tokens
+    [num_steps, S], their logprob outputs stacked on axis 0, and the number of steps run.
+    """
+    S = token_ids_S.shape[0]
+    L, _, Pp = page_indices_LSP.shape
+    P, X = k_buf.shape
+    G = X // (config.num_kv_heads * config.head_dim)
+    rows = jnp.arange(S, dtype=jnp.int32)
+    live_S = rows < num_seqs_1[0]
+    cu_q_lens_S1 = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), num_seqs_1[0])
+    dummy = sampler_lib.sample(jnp.zeros((S, config.vocab_size), jnp.float32), sampling,
+                               output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
+    out_buf = jax.tree.map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype), dummy)
+
+    def body(state):
+        j, tokens_S, kv_lens, done_S, k_buf, v_buf, counts, out_buf = state
+        pos_S = kv_lens - 1
+        block_S = jnp.clip(pos_S // G, 0, Pp - 1)
+        slots_LS = page_indices_LSP[:, rows, block_S] * G + (pos_S % G)[None, :]
+        slots_LS = jnp.where((live_S & ~done_S)[None, :], slots_LS, P * G)
+        k_buf, v_buf, logits_SV = _forward_logits(
+            kv_params, ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, page_indices_LSP, kv_lens,
+            cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend)
+        meta = sampler_lib.advance_metadata(sampling, j, min_tokens_S)
+        out = sampler_lib.sample(logits_SV, meta, counts, prompt_mask_SV, num_logprobs=num_logprobs)
+        new_S = out.token_ids_S
+        out_buf = jax.tree.map(lambda buf, x: buf.at[j].set(x), out_buf, out)
+        if counts is not None:
+            counts = sampler_lib.update_counts(counts, new_S)
+        hit_stop = jnp.any(new_S[:, None] == stop_ids_SZ, axis=-1)
+        done_S = done_S | hit_stop | (j + 1 >= allowance_S)
+        return j + 1, new_S, kv_lens + 1, done_S, k_buf, v_buf, counts, out_buf
+
+    def cond(state):
+        j, done_S = state[0], state[3]
+        return (j < num_steps) & ~jnp.all(done_S | ~live_S)
+
+    init = (jnp.int32(0), token_ids_S, kv_lens_S, ~live_S, k_buf, v_buf, output_counts_SV, out_buf)
+    steps_run, _, _, _, k_buf, v_buf, _, out_buf = jax.lax.while_loop(cond, body, init)
+    return k_buf, v_buf, out_buf, steps_run

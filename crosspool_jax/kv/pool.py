@@ -1,0 +1,125 @@
+"""The global paged KV pool: one K and one V buffer per KV device, shared by every model.
+
+A page is a fixed number of elements (`page_elems`, in the engine dtype) and holds ONE
+layer's keys (resp. values) for G tokens of one sequence. A model with K KV heads of
+head dim H sees a buffer `[P, page_elems]` as `[P, G, K, H]` with `G = page_elems // (K*H)`
+(a reshape: no copy), so models of different shapes share the same physical pages and an
+idle model holds none. A logical block of G tokens costs a model L pages, one per layer;
+its page tables are `int32[L, S, pages_per_seq]`.
+
+With several KV devices the buffers are one array `[num_devices * pages_per_device,
+page_elems]` sharded on axis 0: page ids are global and page p lives on device
+`p // pages_per_device`. The host-side bookkeeping (which page belongs to whom) is in
+`allocator.py` / `kv_cache_manager.py`; this module owns the device memory and the
+pure functions that view it and write new K/V into it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_TOKENS_PER_PAGE = 16
+
+
+def choose_page_elems(kv_head_elems: Sequence[int], min_tokens_per_page: int = MIN_TOKENS_PER_PAGE) -> int:
+    """Smallest page size (in elements) that every model can view exactly, with at least
+    `min_tokens_per_page` tokens for the model of the widest KV (K*H) row."""
+    if not kv_head_elems or any(e <= 0 for e in kv_head_elems):
+        raise ValueError(f"kv_head_elems must be positive K*H values, got {list(kv_head_elems)}")
+    lcm = math.lcm(*kv_head_elems)
+    want = max(kv_head_elems) * min_tokens_per_page
+    return lcm * max(1, -(-want // lcm))
+
+
+def tokens_per_page(page_elems: int, num_kv_heads: int, head_dim: int) -> int:
+    row = num_kv_heads * head_dim
+    if page_elems % row:
+        raise ValueError(f"page_elems {page_elems} is not a multiple of num_kv_heads*head_dim = {row}")
+    return page_elems // row
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPoolLayout:
+    """Sizes of the pool: pages per device, devices, elements per page, dtype."""
+
+    page_elems: int
+    pages_per_device: int
+    num_devices: int
+    dtype: str
+
+    def __post_init__(self):
+        for name in ("page_elems", "pages_per_device", "num_devices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KVPoolLayout.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages_per_device * self.num_devices
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page in the K buffer plus its twin in the V buffer."""
+        return 2 * self.page_elems * jnp.dtype(self.dtype).itemsize
+
+    @classmethod
+    def from_bytes(cls, pool_bytes: int, page_elems: int, num_devices: int, dtype) -> "KVPoolLayout":
+        """Split a byte budget (over all KV devices, K and V together) into pages."""
+        per_page = 2 * page_elems * jnp.dtype(dtype).itemsize
+        pages_per_device = int(pool_bytes) // num_devices // per_page
+        if pages_per_device < 1:
+            raise ValueError(f"kv_pool_bytes={pool_bytes} is too small for one page of {per_page} bytes "
+                             f"on each of {num_devices} KV device(s)")
+        return cls(page_elems, pages_per_device, num_devices, jnp.dtype(dtype).name)
+
+
+class KVPool:
+    """Owns the K and V device buffers. Each step program takes them (donated) and returns them."""
+
+    def __init__(self, layout: KVPoolLayout, devices: Sequence[jax.Device]):
+        if len(devices) != layout.num_devices:
+            raise ValueError(f"KVPool: layout has {layout.num_devices} devices, got {len(devices)}")
+        self.layout = layout
+        self.devices = tuple(devices)
+        shape = (layout.num_pages, layout.page_elems)
+        if len(devices) == 1:
+            self.sharding = jax.sharding.SingleDeviceSharding(devices[0])
+        else:
+            mesh = jax.sharding.Mesh(np.array(devices), ("kv",))
+            self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("kv", None))
+        zeros = jax.jit(lambda: jnp.zeros(shape, layout.dtype), out_shardings=self.sharding)
+        self.k_buffer = zeros()
+        self.v_buffer = zeros()
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.num_pages * self.layout.page_bytes
+
+    def take(self) -> tuple[jax.Array, jax.Array]:
+        """Hand both buffers to a step program (which donates them); `put` the results back."""
+        k, v = self.k_buffer, self.v_buffer
+        self.k_buffer = self.v_buffer = None
+        return k, v
+
+    def put(self, k_buffer: jax.Array, v_buffer: jax.Array) -> None:
+        self.k_buffer, self.v_buffer = k_buffer, v_buffer
+
+
+def page_view(buffer_PX: jax.Array, num_kv_heads: int, head_dim: int) -> jax.Array:
+    """[P, page_elems] -> [P, G, K, H] for one model's geometry (a reshape)."""
+    P, X = buffer_PX.shape
+    return buffer_PX.reshape(P, tokens_per_page(X, num_kv_heads, head_dim), num_kv_heads, head_dim)
+
+
+def write_kv(k_pages_PGKH: jax.Array, v_pages_PGKH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array,
+             slots_T: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Write the new tokens' K/V at their slots (`page * G + offset`); slots out of range
+    (padding rows use `P * G`) are dropped."""
+    P, G, K, H = k_pages_PGKH.shape
+    k_flat = k_pages_PGKH.reshape(P * G, K, H).at[slots_T].set(k_TKH.astype(k_pages_PGKH.dtype), mode="drop")
+    v_flat = v_pages_PGKH.reshape(P * G, K, H).at[slots_T].set(v_TKH.astype(v_pages_PGKH.dtype), mode="drop")
+    return k_flat.reshape(P, G, K, H), v_flat.reshape(P, G, K, H)
