@@ -1,0 +1,310 @@
+"""`LLMEngine`: many models, one global KV pool, one scheduler, one step loop.
+
+How a request travels:
+
+1. `add_request` tokenizes the prompt with the model's tokenizer (or takes token ids),
+   validates it, and hands the scheduler one `Request` per completion (`n` > 1 makes
+   `n` children that share the prompt's pages through the prefix cache).
+2. `step` asks the scheduler for one ragged batch (`SchedulerOutput`): prefill chunks and
+   decode tokens of any number of models under one token budget; pages are taken from the
+   one global pool on demand, and requests are preempted (recompute) when it runs out.
+3. For each model in the batch, the runner dispatches ONE jitted program that runs all
+   layers (paged attention against the shared pool, MoE FFN), writes the new K/V in place
+   and samples on device; a decode-only batch may produce several tokens per dispatch.
+4. The engine detokenizes incrementally, applies stop rules (EOS, stop ids, stop strings,
+   lengths), reports finished children to the scheduler (which frees their pages), and
+   returns `RequestOutput`s with the cumulative text of every request that moved.
+
+The engine is not thread-safe: one thread calls it (the server runs it in its own loop).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import time
+from typing import Optional, Sequence, Union
+
+import jax
+
+from crosspool_jax import checkpoints
+from crosspool_jax.engine.config import EngineConfig
+from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
+from crosspool_jax.engine.model_registry import ModelRegistry
+from crosspool_jax.engine.request import Request, RequestStatus
+from crosspool_jax.engine.runner import StepRunner
+from crosspool_jax.engine.sampling_metadata import SamplingRow
+from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
+from crosspool_jax.engine.stop_checker import check_stop
+from crosspool_jax.kv.allocator import PageAllocator
+from crosspool_jax.kv.kv_cache_manager import KVCacheManager
+from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
+from crosspool_jax.sampling_params import SamplingParams
+
+Prompt = Union[str, Sequence[int], dict]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_preemptions: int
+    kv_pages_total: int
+    kv_pages_free: int
+    kv_pages_used_by_model: dict
+    models: dict
+    swaps_in: int
+    swaps_out: int
+    compiled_programs: int
+    steps: int
+
+
+@dataclasses.dataclass
+class _Child:
+    """Host-side state of one completion: text, logprobs, finish."""
+
+    request: Request
+    index: int
+    detok: Optional[IncrementalDetokenizer]
+    logprobs: Optional[list] = None
+    cumulative_logprob: float = 0.0
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+    text_limit: Optional[int] = None
+
+
+@dataclasses.dataclass
+class _Parent:
+    request_id: str
+    model: str
+    prompt: Optional[str]
+    prompt_token_ids: list
+    params: SamplingParams
+    children: list
+    arrival_time: float
+    first_token_time: Optional[float] = None
+    error: Optional[str] = None
+
+
+class LLMEngine:
+    """Serves every model of `config.models` from one KV pool and one scheduler."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.registry = ModelRegistry(config)
+        pool = self.registry.kv_pool
+        allocator = PageAllocator(pool.layout.pages_per_device, pool.layout.num_devices)
+        self.kv_manager = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching)
+        for geometry in self.registry.geometries():
+            self.kv_manager.register_model(geometry)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                            max_decode_steps=config.max_decode_steps,
+                            enable_prefix_caching=config.enable_prefix_caching),
+            self.kv_manager)
+        self.runner = StepRunner(pool, attention_backend=self.registry.attention_backend,
+                                 moe_backend=self.registry.moe_backend, input_device=self.registry.kv_devices[0])
+        self._parents: dict[str, _Parent] = {}
+        self._child_owner: dict[str, tuple[str, int]] = {}
+        self._seed_rng = random.Random(config.seed)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_options(cls, models: dict, **options) -> "LLMEngine":
+        return cls(EngineConfig(models=dict(models), **options))
+
+    # ----- queries -------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.registry.names)
+
+    def get_tokenizer(self, model: str):
+        return self.registry.get(model).tokenizer
+
+    def max_model_len(self, model: str) -> int:
+        return self.registry.get(model).max_model_len
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def stats(self) -> EngineStats:
+        wstats = self.registry.weights_stats()
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting(), num_running=self.scheduler.num_running(),
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_pages_total=self.registry.kv_pool.layout.num_pages, kv_pages_free=self.kv_manager.num_free_pages(),
+            kv_pages_used_by_model=self.kv_manager.pages_used_by_model(),
+            models=self.registry.model_stats(), swaps_in=wstats.swaps_in, swaps_out=wstats.swaps_out,
+            compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps)
+
+    # ----- requests ------------------------------------------------------------------
+    def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> None:
+        """Validate and queue one request. Raises ValueError naming what is wrong."""
+        if request_id in self._parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        entry = self.registry.get(model)
+        prompt_text, token_ids = entry.encode_prompt(prompt)
+        for t in token_ids:
+            if not 0 <= t < entry.config.vocab_size:
+                raise ValueError(f"prompt token id {t} is outside the vocabulary of model {model!r} "
+                                 f"(size {entry.config.vocab_size})")
+        if len(token_ids) >= entry.max_model_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens is too long for model {model!r}: "
+                             f"max_model_len is {entry.max_model_len} (prompt + at least one new token)")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival)
+        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            max_tokens = params.max_tokens if params.max_tokens is not None else entry.max_model_len
+            max_tokens = min(max_tokens, entry.max_model_len - len(token_ids))
+            request = Request(request_id=child_id, model=model, prompt_token_ids=list(token_ids),
+                              sampling_params=params, arrival_time=arrival + 1e-9 * i, max_tokens=max_tokens)
+            request.base_seed = (base_seed + 7919 * i) % (2 ** 31)
+            detok = (IncrementalDetokenizer(entry.tokenizer, list(token_ids), params.skip_special_tokens)
+                     if entry.tokenizer is not None else None)
+            child = _Child(request, i, detok, logprobs=[] if params.logprobs is not None else None)
+            parent.children.append(child)
+            self._child_owner[child_id] = (request_id, i)
+        self._parents[request_id] = parent
+        for child in parent.children:
+            self.scheduler.add_request(child.request)
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self.scheduler.abort_request(child.request.request_id)
+            self._child_owner.pop(child.request.request_id, None)
+
+    # ----- the step ------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        moved: set[str] = set()
+        for child_id, message in out.rejected:
+            owner = self._child_owner.get(child_id)
+            if owner is None:
+                continue
+            parent = self._parents[owner[0]]
+            parent.error = message
+            for child in parent.children:
+                child.finish_reason = child.finish_reason or "error"
+                if child.request.request_id != child_id:
+                    self.scheduler.abort_request(child.request.request_id)
+            moved.add(parent.request_id)
+        sampled: dict[str, list[int]] = {}
+        stopped: list[tuple[_Child, RequestStatus]] = []
+        for model, chunks in out.chunks_by_model.items():
+            entry = self.registry.get(model)
+            kv_params, ffn_params = self.registry.acquire(model)
+            try:
+                results = self._run_model(entry, kv_params, ffn_params, chunks)
+            finally:
+                self.registry.release(model)
+            for chunk, tokens in zip(chunks, results):
+                if not chunk.samples:
+                    continue
+                child = self._child_of(chunk.request.request_id)
+                if child is None:
+                    continue
+                kept, status = self._accept_tokens(entry, child, tokens)
+                sampled[chunk.request.request_id] = kept
+                if status is not None:
+                    stopped.append((child, status))
+                moved.add(self._child_owner[chunk.request.request_id][0])
+        self.scheduler.update_from_output(out, sampled)
+        for child, status in stopped:
+            self.scheduler.finish_request(child.request.request_id, status)
+        now = time.monotonic()
+        results = []
+        for parent_id in moved:
+            parent = self._parents.get(parent_id)
+            if parent is None:
+                continue
+            if parent.first_token_time is None and any(c.request.output_token_ids for c in parent.children):
+                parent.first_token_time = now
+            output = self._make_output(parent)
+            results.append(output)
+            if output.finished:
+                del self._parents[parent_id]
+                for child in parent.children:
+                    self._child_owner.pop(child.request.request_id, None)
+        return results
+
+    def _child_of(self, child_id: str) -> Optional[_Child]:
+        owner = self._child_owner.get(child_id)
+        if owner is None:
+            return None
+        return self._parents[owner[0]].children[owner[1]]
+
+    def _run_model(self, entry, kv_params, ffn_params, chunks):
+        rows, stop_ids, allowances = [], [], []
+        for chunk in chunks:
+            req = chunk.request
+            params = req.sampling_params
+            rows.append(SamplingRow(params=params, base_seed=req.base_seed,
+                                    output_index=len(req.output_token_ids), eos_token_ids=entry.eos_token_ids,
+                                    prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids))
+            ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(entry.eos_token_ids))
+            stop_ids.append(ids)
+            allowances.append(max(1, req.max_tokens - len(req.output_token_ids)))
+        num_steps = chunks[0].num_steps
+        return self.runner.run(entry.name, entry.config, kv_params, ffn_params, entry.tokens_per_page, chunks,
+                               rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)
+
+    def _accept_tokens(self, entry, child: _Child, tokens):
+        """Append sampled tokens one by one until a stop rule hits; return the kept ids."""
+        req = child.request
+        params = req.sampling_params
+        kept: list[int] = []
+        for tok in tokens:
+            kept.append(tok.token_id)
+            all_ids = req.output_token_ids + kept
+            old_len = len(child.detok.text) if child.detok else 0
+            if child.detok:
+                child.detok.add([tok.token_id])
+            if child.logprobs is not None:
+                entry_lp = {tok.token_id: Logprob(tok.logprob)}
+                for rank, (tid, lp) in enumerate(tok.top, start=1):
+                    if tid == tok.token_id:
+                        entry_lp[tid] = Logprob(lp, rank)
+                    else:
+                        entry_lp.setdefault(tid, Logprob(lp, rank))
+                if entry.tokenizer is not None:
+                    for tid, lp in entry_lp.items():
+                        lp.decoded_token = entry.tokenizer.decode([tid], skip_special_tokens=False)
+                child.logprobs.append(entry_lp)
+            child.cumulative_logprob += tok.logprob
+            decision = check_stop(params, all_ids, old_len, child.detok.text if child.detok else "",
+                                  entry.eos_token_ids, len(req.prompt_token_ids),
+                                  min(entry.max_model_len, len(req.prompt_token_ids) + req.max_tokens))
+            if decision is not None:
+                child.finish_reason = decision.finish_reason
+                child.stop_reason = decision.stop_reason
+                child.text_limit = decision.truncate_text_to
+                status = (RequestStatus.FINISHED_LENGTH if decision.finish_reason == "length"
+                          else RequestStatus.FINISHED_STOPPED)
+                return kept, status
+        return kept, None
+
+    def _make_output(self, parent: _Parent) -> RequestOutput:
+        completions = []
+        for child in parent.children:
+            req = child.request
+            text = child.detok.text if child.detok else ""
+            if child.text_limit is not None:
+                text = text[:child.text_limit]
+            completions.append(CompletionOutput(
+                index=child.index, text=text, token_ids=list(req.output_token_ids),
+                cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
+                logprobs=list(child.logprobs) if child.logprobs is not None else None,
+                finish_reason=child.finish_reason, stop_reason=child.stop_reason))
+        finished = all(c.finish_reason is not None for c in parent.children)
+        metrics = {"arrival_time": parent.arrival_time, "first_token_time": parent.first_token_time}
+        return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
+                             prompt_token_ids=parent.prompt_token_ids, outputs=completions,
+                             finished=finished, error=parent.error, metrics=metrics)

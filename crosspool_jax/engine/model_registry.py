@@ -1,0 +1,157 @@
+"""The models an engine serves: their configs, tokenizers, parameters and the shared KV pool.
+
+It loads every checkpoint once, chooses the KV page size that every model can view
+exactly, sizes the global KV pool, and hands out parameter pytrees for a step
+(`acquire`/`release`), letting the weights pool swap cold models' pytrees to host memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import jax
+
+from crosspool_jax import checkpoints
+from crosspool_jax.engine.config import EngineConfig
+from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
+from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_POOL_BYTES_PER_DEVICE = 256 << 20
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    """One served model: what the scheduler, runner and API need to know about it."""
+
+    name: str
+    path: str
+    config: object
+    tokenizer: object
+    generation_config: dict
+    eos_token_ids: tuple
+    max_model_len: int
+    tokens_per_page: int = 0
+    weights_bytes: int = 0
+
+    def encode_prompt(self, prompt) -> tuple[Optional[str], list[int]]:
+        """A prompt is a string, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}."""
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.name!r} has no tokenizer (no tokenizer.json in {self.path}); "
+                                 "send prompt_token_ids instead of text")
+            text = prompt
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        return text, ids
+
+
+class ModelRegistry:
+    """Owns the loaded models, the KV pool, and the weights' residency."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        devices = jax.devices()
+        self.kv_devices = devices[:1]
+        self.weight_devices = devices[:1]
+        self.attention_backend = _resolve_backend(config.attention_backend)
+        self.moe_backend = _resolve_backend(config.moe_backend)
+        self._entries: dict[str, ModelEntry] = {}
+        self._params: dict[str, tuple] = {}
+        for name, path in config.models.items():
+            loaded = checkpoints.load_model(path, dtype=config.dtype, kv_placement=self.kv_devices[0],
+                                            ffn_placement=self.weight_devices[0])
+            self._add(name, str(path), loaded)
+        kv_rows = [e.config.num_kv_heads * e.config.head_dim for e in self._entries.values()]
+        page_elems = config.page_elems or choose_page_elems(kv_rows)
+        for entry in self._entries.values():
+            entry.tokens_per_page = tokens_per_page(page_elems, entry.config.num_kv_heads, entry.config.head_dim)
+        layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
+        self.kv_pool = KVPool(layout, self.kv_devices)
+        log.info("KV pool: %d pages of %d bytes on %d device(s)", layout.num_pages, layout.page_bytes,
+                 layout.num_devices)
+
+    def _add(self, name: str, path: str, loaded) -> None:
+        cfg = loaded.config
+        gen = loaded.generation_config or {}
+        eos = set(cfg.eos_token_ids or ())
+        gen_eos = gen.get("eos_token_id")
+        if gen_eos is not None:
+            eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        if loaded.tokenizer is not None and loaded.tokenizer.eos_token_id is not None:
+            eos.add(loaded.tokenizer.eos_token_id)
+        max_len = cfg.max_position_embeddings
+        if self.config.max_model_len is not None:
+            max_len = min(max_len, self.config.max_model_len)
+        weights_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((loaded.kv_params, loaded.ffn_params)))
+        self._entries[name] = ModelEntry(name, path, cfg, loaded.tokenizer, gen, tuple(sorted(eos)), max_len,
+                                         weights_bytes=weights_bytes)
+        self._params[name] = (loaded.kv_params, loaded.ffn_params)
+
+    def _pool_bytes(self) -> int:
+        if self.config.kv_pool_bytes is not None:
+            return self.config.kv_pool_bytes
+        total = 0
+        for device in self.kv_devices:
+            stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+            if stats and "bytes_limit" in stats:
+                free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+                total += int(free * self.config.kv_memory_fraction)
+            else:
+                total += _DEFAULT_POOL_BYTES_PER_DEVICE
+        return total
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ValueError(f"unknown model {name!r}; served models: {sorted(self._entries)}")
+        return entry
+
+    def geometries(self) -> list[ModelKVGeometry]:
+        return [ModelKVGeometry(e.name, e.config.num_layers, e.tokens_per_page, e.max_model_len)
+                for e in self._entries.values()]
+
+    def acquire(self, name: str):
+        return self._params[name]
+
+    def release(self, name: str) -> None:
+        pass
+
+    def weights_stats(self):
+        return _NoSwaps()
+
+    def model_stats(self) -> dict:
+        return {e.name: {"resident": True, "weights_bytes": e.weights_bytes, "max_model_len": e.max_model_len}
+                for e in self._entries.values()}
+
+
+@dataclasses.dataclass
+class _NoSwaps:
+    swaps_in: int = 0
+    swaps_out: int = 0
+
+
+def _resolve_backend(name: str) -> str:
+    if name != "auto":
+        return name
+    platform = jax.default_backend()
+    return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "reference")
