@@ -1,0 +1,18 @@
+"""crosspool-jax: a JAX serving engine for many cold Mixture-of-Experts LLMs at once.
+
+`LLM` and `SamplingParams` are the Python API; `python -m crosspool_jax.serve` the HTTP
+server; `python -m crosspool_jax.batch` JSONL batch generation. See WORKSPACE.md.
+"""
+from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
+from crosspool_jax.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+
+
+def __getattr__(name):
+    # LLM pulls in JAX and the engine; import it lazily so light users (the server's
+    # protocol, SamplingParams) stay cheap to import.
+    if name == "LLM":
+        from crosspool_jax.api import LLM
+        return LLM
+    raise AttributeError(name)
