@@ -1,0 +1,94 @@
+"""Public entry points `grouped_matmul` and `fused_moe`: validation, the backend seam, glue.
+
+The one place that picks a backend ("reference" | "gpu" | "tpu" | "auto"). The kernel
+backends share the flow: route (softmax, top-k, optional renormalisation), lay the (token, k)
+rows out sorted by expert and padded to whole tiles (layout.py), gate/up grouped matmul with
+the activation fused, down grouped matmul with the routing weight fused, then each token sums
+its top_k rows (a gather, no scatter).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fused_moe import gpu, tpu, tuning
+from pallas_kernels.fused_moe.layout import build_layout, gather_rows, gmm_layout, scatter_back
+from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
+                                                route_topk)
+from pallas_kernels.fused_moe.validation import (check_fused_moe, check_grouped_matmul,
+                                                 resolve_backend)
+
+_KERNELS = {"gpu": gpu, "tpu": tpu}
+
+
+def _config(backend: str, rows: int, groups: int, K: int, N: int, itemsize: int):
+    if backend == "gpu":
+        return tuning.gpu_config(rows, groups, K, N)
+    return tuning.tpu_config(rows, groups, K, N, itemsize)
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, backend: str = "auto", interpret: bool = False,
+                   config: tuning.BlockConfig | None = None):
+    """lhs [M, K] x rhs [G, K, N] by consecutive row groups (lax.ragged_dot's meaning) -> [M, N].
+
+    Rows beyond sum(group_sizes) are zeros. `config` overrides the tuning table (kernels only).
+    """
+    check_grouped_matmul(lhs, rhs, group_sizes)
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return grouped_matmul_reference(lhs, rhs, group_sizes)
+    return _grouped_matmul_kernel(lhs, rhs, group_sizes.astype(jnp.int32), backend=backend,
+                                  interpret=interpret, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret", "config"))
+def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret, config):
+    M, K = lhs_MK.shape
+    G, _, N = rhs_GKN.shape
+    cfg = config or _config(backend, M, G, K, N, lhs_MK.dtype.itemsize)
+    layout = gmm_layout(group_sizes_G, M, cfg.block_m)
+    y_PN = _KERNELS[backend].gmm_padded(gather_rows(lhs_MK, layout), rhs_GKN, layout, cfg,
+                                        out_dtype=lhs_MK.dtype, interpret=interpret)
+    return scatter_back(y_PN, layout)
+
+
+def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
+              activation: str = "silu", backend: str = "auto", interpret: bool = False,
+              config: tuning.BlockConfig | None = None):
+    """Mixture of experts: x [T, D], router_logits [T, E], w1 [E, D, 2F] (gate|up),
+    w2 [E, F, D] -> [T, D] in x's dtype (float32 accumulation)."""
+    check_fused_moe(x, router_logits, w1, w2, top_k, activation)
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return fused_moe_reference(x, router_logits, w1, w2, top_k, renormalize=renormalize,
+                                   activation=activation)
+    return _fused_moe_kernel(x, router_logits, w1, w2, top_k=top_k, renormalize=renormalize,
+                             activation=activation, backend=backend, interpret=interpret,
+                             config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "renormalize", "activation", "backend",
+                                             "interpret", "config"))
+def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renormalize,
+                      activation, backend, interpret, config):
+    T, D = x_TD.shape
+    E, _, F2 = w1_EDF2.shape
+    F = F2 // 2
+    R = T * top_k
+    itemsize = x_TD.dtype.itemsize
+    cfg1 = config or _config(backend, R, E, D, F, itemsize)
+    cfg2 = config or _config(backend, R, E, F, D, itemsize)
+    kernels = _KERNELS[backend]
+    weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
+    layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)
+    # padded row p holds (token, k) pair src_row_P[p]; fill rows (== R) read token T -> zeros.
+    x_PD = jnp.take(x_TD, layout.src_row_P // top_k, axis=0, mode="fill", fill_value=0)
+    h_PF = kernels.gate_up_padded(x_PD, w1_EDF2, layout, cfg1, activation=activation,
+                                  interpret=interpret)
+    scale_P = jnp.take(weights_TK.reshape(R), layout.src_row_P, mode="fill", fill_value=0)
+    y_PD = kernels.gmm_padded(h_PF, w2_EFD, layout, cfg2, scale_P=scale_P,
+                              out_dtype=jnp.float32, interpret=interpret)
+    y_TKD = scatter_back(y_PD, layout).reshape(T, top_k, D)
+    return jnp.sum(y_TKD, axis=1).astype(x_TD.dtype)

@@ -1,0 +1,140 @@
+"""GPU kernels of the fused MoE: grouped matmul and gate/up with the activation fused.
+
+Lowering: the Triton lowering of Pallas (`pl.pallas_call` + `pallas.triton.CompilerParams`).
+Why: it runs on JAX 0.10 and 0.11.2 (deprecated in 0.11 but working), it can be interpreted on
+a CPU so every kernel here is tested against the reference without a GPU, and decode MoE is
+weight-bandwidth bound (a few rows per expert), where the win comes from the tiling (one M
+tile per expert, the weight's N dim spread over the grid, empty experts skipped), not from
+wgmma. Mosaic GPU (`plgpu.kernel`, wgmma) would serve the prefill (compute-bound) case better
+but cannot be interpreted on CPU; that trade is made here and only here (`LOWERING`).
+
+Both kernels run over the padded tile layout of layout.py: grid (tile i, column block j);
+the tile's group comes from `tile_group_I[i]` (an int load), tiles >= num_active do nothing,
+so experts without rows are never read. K is looped inside the program in `block_k` chunks.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.fused_moe.layout import TileLayout
+from pallas_kernels.fused_moe.tuning import BlockConfig
+
+LOWERING = "triton"
+
+
+def _activate(gate, activation: str):
+    if activation == "silu":
+        return gate * jax.nn.sigmoid(gate)
+    # exact gelu through erf, as the reference
+    return 0.5 * gate * (1.0 + jax.lax.erf(gate * 0.7071067811865476))
+
+
+def _gmm_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, scale_ref, o_ref, *,
+                block_k: int, num_k: int, block_n: int):
+    # x_ref: [bm, K] rows of tile i; w_ref: [G, K, N] (whole); scale_ref: [bm] f32 row scale;
+    # o_ref: [bm, bn] block (i, j).
+    i = pl.program_id(0)
+    j = pl.program_id(1)
+
+    @pl.when(i < num_active_ref[0])
+    def _():
+        g = tile_group_ref[i]
+        bm = x_ref.shape[0]
+
+        def body(k, acc):
+            xk = x_ref[:, pl.ds(k * block_k, block_k)]
+            wk = w_ref[g, pl.ds(k * block_k, block_k), pl.ds(j * block_n, block_n)]
+            return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, block_n), jnp.float32))
+        if scale_ref is not None:
+            acc = acc * scale_ref[...][:, None]
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _gate_up_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, o_ref, *,
+                    block_k: int, num_k: int, block_n: int, F: int, activation: str):
+    # x_ref: [bm, D]; w_ref: [E, D, 2F] (whole); o_ref: [bm, bn] of act(x@gate) * (x@up).
+    i = pl.program_id(0)
+    j = pl.program_id(1)
+
+    @pl.when(i < num_active_ref[0])
+    def _():
+        e = tile_group_ref[i]
+        bm = x_ref.shape[0]
+
+        def body(k, carry):
+            acc_g, acc_u = carry
+            xk = x_ref[:, pl.ds(k * block_k, block_k)]
+            wg = w_ref[e, pl.ds(k * block_k, block_k), pl.ds(j * block_n, block_n)]
+            wu = w_ref[e, pl.ds(k * block_k, block_k), pl.ds(F + j * block_n, block_n)]
+            acc_g = acc_g + jnp.dot(xk, wg, preferred_element_type=jnp.float32)
+            acc_u = acc_u + jnp.dot(xk, wu, preferred_element_type=jnp.float32)
+            return acc_g, acc_u
+
+        zero = jnp.zeros((bm, block_n), jnp.float32)
+        acc_g, acc_u = jax.lax.fori_loop(0, num_k, body, (zero, zero))
+        o_ref[...] = (_activate(acc_g, activation) * acc_u).astype(o_ref.dtype)
+
+
+def _whole(shape):
+    nd = len(shape)
+    return pl.BlockSpec(shape, lambda i, j: (0,) * nd)
+
+
+def gmm_padded(x_PK: jax.Array, w_GKN: jax.Array, layout: TileLayout, cfg: BlockConfig, *,
+               scale_P: jax.Array | None = None, out_dtype=None, interpret: bool = False):
+    """[P, K] (padded layout) x w[tile group] -> [P, N]; optional f32 row scale fused."""
+    P, K = x_PK.shape
+    G, _, N = w_GKN.shape
+    bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
+    out_dtype = out_dtype or x_PK.dtype
+    in_specs = [_whole((layout.num_tiles,)), _whole((1,)),
+                pl.BlockSpec((bm, K), lambda i, j: (i, 0)), _whole(w_GKN.shape)]
+    args = [layout.tile_group_I, layout.num_active_1, x_PK, w_GKN]
+    if scale_P is not None:
+        in_specs.append(pl.BlockSpec((bm,), lambda i, j: (i,)))
+        args.append(scale_P.astype(jnp.float32))
+        kernel = functools.partial(_gmm_kernel, block_k=bk, num_k=K // bk, block_n=bn)
+    else:
+        kernel = functools.partial(
+            lambda *refs, **kw: _gmm_kernel(*refs[:4], None, refs[4], **kw),
+            block_k=bk, num_k=K // bk, block_n=bn)
+    return pl.pallas_call(
+        kernel,
+        grid=(layout.num_tiles, N // bn),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((P, N), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="crosspool_gmm",
+    )(*args)
+
+
+def gate_up_padded(x_PD: jax.Array, w1_EDF2: jax.Array, layout: TileLayout, cfg: BlockConfig,
+                   *, activation: str, interpret: bool = False):
+    """act(x @ w1[e][:, :F]) * (x @ w1[e][:, F:]) over the padded layout -> [P, F]."""
+    P, D = x_PD.shape
+    F = w1_EDF2.shape[2] // 2
+    bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
+    kernel = functools.partial(_gate_up_kernel, block_k=bk, num_k=D // bk, block_n=bn, F=F,
+                               activation=activation)
+    return pl.pallas_call(
+        kernel,
+        grid=(layout.num_tiles, F // bn),
+        in_specs=[_whole((layout.num_tiles,)), _whole((1,)),
+                  pl.BlockSpec((bm, D), lambda i, j: (i, 0)), _whole(w1_EDF2.shape)],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((P, F), x_PD.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="crosspool_moe_gate_up",
+    )(layout.tile_group_I, layout.num_active_1, x_PD, w1_EDF2)

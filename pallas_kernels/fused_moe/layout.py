@@ -1,0 +1,87 @@
+"""Tile layout shared by the GPU and TPU kernels: rows sorted by group, padded per group.
+
+Every group (expert) gets whole tiles of `block_m` rows, so one tile belongs to exactly one
+group and its weights are read once per tile. A tile -> group map and the number of active
+tiles are computed here, outside the kernels (they are the kernels' scalar inputs); tiles
+past `num_active` are inactive and read nothing. Letters (WORKSPACE.md) plus: R rows
+(T*top_k for the MoE, M for grouped_matmul), P padded rows (I * block_m), I tiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def max_tiles(num_rows: int, num_groups: int, block_m: int) -> int:
+    """Static upper bound of sum_g ceil(n_g / block_m) over all splits of num_rows rows."""
+    active = min(num_groups, num_rows)
+    return max(1, (num_rows + active * (block_m - 1)) // block_m)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    """Where each row goes in the padded, group-sorted buffer, and which group each tile uses."""
+
+    src_row_P: jax.Array      # int32[P]: source row of padded row p (R = a fill row)
+    dst_row_R: jax.Array      # int32[R]: padded position of source row r (P = dropped row)
+    tile_group_I: jax.Array   # int32[I]: group of tile i (inactive tiles: the last active one's)
+    num_active_1: jax.Array   # int32[1]: tiles in use; tiles >= this are skipped
+    block_m: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_group_I.shape[0]
+
+
+def build_layout(group_R: jax.Array, num_groups: int, block_m: int,
+                 group_sizes_G: jax.Array | None = None) -> TileLayout:
+    """Layout for rows whose group is group_R (any order; rows >= num_groups are dropped).
+
+    group_sizes_G may be passed when known (it must equal bincount(group_R)).
+    """
+    R = group_R.shape[0]
+    I = max_tiles(R, num_groups, block_m)
+    P = I * block_m
+    group_R = group_R.astype(jnp.int32)
+    if group_sizes_G is None:
+        group_sizes_G = jnp.bincount(group_R, length=num_groups).astype(jnp.int32)
+    order_R = jnp.argsort(group_R, stable=True).astype(jnp.int32)
+    sorted_group_R = group_R[order_R]
+    tiles_G = (group_sizes_G + block_m - 1) // block_m
+    tile_end_G = jnp.cumsum(tiles_G).astype(jnp.int32)
+    tile_start_G = tile_end_G - tiles_G
+    row_start_G = (jnp.cumsum(group_sizes_G) - group_sizes_G).astype(jnp.int32)
+    valid_R = sorted_group_R < num_groups
+    g_R = jnp.minimum(sorted_group_R, num_groups - 1)
+    rank_R = jnp.arange(R, dtype=jnp.int32) - row_start_G[g_R]
+    dst_sorted_R = jnp.where(valid_R, tile_start_G[g_R] * block_m + rank_R, P)
+    dst_row_R = jnp.zeros((R,), jnp.int32).at[order_R].set(dst_sorted_R)
+    src_row_P = jnp.full((P + 1,), R, jnp.int32).at[dst_sorted_R].set(order_R)[:P]
+    num_active = tile_end_G[-1]
+    tile_I = jnp.minimum(jnp.arange(I, dtype=jnp.int32), jnp.maximum(num_active - 1, 0))
+    tile_group_I = jnp.searchsorted(tile_end_G, tile_I, side="right").astype(jnp.int32)
+    tile_group_I = jnp.minimum(tile_group_I, num_groups - 1)
+    return TileLayout(src_row_P, dst_row_R, tile_group_I, num_active[None].astype(jnp.int32),
+                      block_m)
+
+
+def gmm_layout(group_sizes_G: jax.Array, num_rows: int, block_m: int) -> TileLayout:
+    """Layout for lax.ragged_dot's grouping: consecutive rows, rows past the total dropped."""
+    G = group_sizes_G.shape[0]
+    ends_G = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), num_rows)
+    sizes_G = ends_G - jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
+    group_R = jnp.searchsorted(ends_G, jnp.arange(num_rows, dtype=jnp.int32), side="right")
+    return build_layout(group_R.astype(jnp.int32), G, block_m, sizes_G)
+
+
+def gather_rows(x_RD: jax.Array, layout: TileLayout) -> jax.Array:
+    """x rows into the padded layout; fill rows are zeros."""
+    return jnp.take(x_RD, layout.src_row_P, axis=0, mode="fill", fill_value=0)
+
+
+def scatter_back(y_PD: jax.Array, layout: TileLayout) -> jax.Array:
+    """Padded rows back to source order; dropped rows are zeros."""
+    return jnp.take(y_PD, layout.dst_row_R, axis=0, mode="fill", fill_value=0)

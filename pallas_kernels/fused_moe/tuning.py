@@ -1,0 +1,87 @@
+"""Block sizes of the fused-MoE kernels: one frozen config type and the tuning table.
+
+The M tile (`block_m`) is chosen from the expected rows per active group so that, in decode,
+all of an expert's rows fit one tile and its weights are read once; N is spread over the grid.
+Table entries were picked from the H100/H200 runs recorded in RESULTS.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes: rows per tile, output columns per program, K chunk; Triton knobs."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"BlockConfig.{name} must be a positive int, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"BlockConfig.num_warps must be a power of two <= 16, "
+                             f"got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"BlockConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def _fit(dim: int, target: int, minimum: int, *, need_pow2: bool) -> int:
+    """Largest block <= target dividing dim (a power of two >= minimum when need_pow2)."""
+    b = min(target, dim)
+    while b >= minimum:
+        if dim % b == 0 and (_pow2(b) or not need_pow2):
+            return b
+        b = b // 2 if need_pow2 else b - 1
+    if not need_pow2:
+        return dim
+    raise ValueError(f"dimension {dim} has no power-of-two block >= {minimum} dividing it; "
+                     f"the GPU kernels need dims that are multiples of {minimum}")
+
+
+def block_m_for(rows: int, groups: int, *, lo: int = 16, hi: int = 128) -> int:
+    """Rows per tile: the next power of two >= ~2x the mean rows of an active group."""
+    active = max(1, min(groups, rows))
+    want = max(lo, 2 * -(-rows // active))
+    b = lo
+    while b < want and b < hi:
+        b *= 2
+    return b
+
+
+# (rows_per_tile, K, N) -> (block_n, block_k, num_warps, num_stages), GPU (Triton lowering).
+# Small M tiles: wide K chunks keep many bytes of weight in flight per program.
+def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:
+    """Block sizes for the GPU kernels for `rows` rows over `groups` groups, [K, N] weights."""
+    bm = block_m_for(rows, groups)
+    if bm <= 32:
+        bn_t, bk_t, warps, stages = 64, 256, 4, 4
+    elif bm <= 64:
+        bn_t, bk_t, warps, stages = 128, 128, 4, 4
+    else:
+        bn_t, bk_t, warps, stages = 128, 64, 8, 3
+    bn = _fit(N, bn_t, 16, need_pow2=True)
+    bk = _fit(K, bk_t, 16, need_pow2=True)
+    return BlockConfig(bm, bn, bk, warps, stages)
+
+
+def tpu_config(rows: int, groups: int, K: int, N: int, itemsize: int) -> BlockConfig:
+    """Block sizes for the Mosaic TPU kernels: lane dims multiples of 128 or whole."""
+    sub = 8 * max(1, 4 // itemsize)
+    bm = max(sub, block_m_for(rows, groups, lo=sub, hi=512))
+    bn = _fit(N, 512, 128, need_pow2=False) if N % 128 == 0 else N
+    bk = _fit(K, 512, 128, need_pow2=False) if K % 128 == 0 else K
+    if bn % 128 and bn != N:
+        bn = N
+    if bk % 128 and bk != K:
+        bk = K
+    return BlockConfig(bm, bn, bk, 4, 2)
