@@ -1,0 +1,191 @@
+"""Batch generation from JSONL: `python -m crosspool_jax.batch --input in.jsonl --output out.jsonl`.
+
+Each input line is one JSON object: `prompt` (text) or `prompt_token_ids`, optional
+`model` (else --model, required when several models are served) and sampling fields
+(`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `stop`, `n`, ...), and
+optional `id`. The input is read through grain (a random-access source over the file's
+line offsets, so the file is never held whole in memory). Results are written in input
+order, one line per input line, each with its `index` (and `id`). A line that cannot be
+parsed or served gets an `error` field: no line is silently dropped. Re-running with the
+same --output resumes after the lines already written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from absl import app, flags
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(__import__("crosspool_jax.sampling_params",
+                                                                   fromlist=["SamplingParams"]).SamplingParams)}
+
+
+class JsonlSource:
+    """grain random-access source: record i is line i of a JSONL file, parsed lazily."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._offsets = []
+        with open(path, "rb") as f:
+            offset = 0
+            for line in f:
+                if line.strip():
+                    self._offsets.append(offset)
+                offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> dict:
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[index])
+            raw = f.readline()
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError(f"line must be a JSON object, got {type(record).__name__}")
+        except ValueError as e:
+            return {"_index": index, "_error": f"line {index + 1}: invalid JSON: {e}"}
+        return {"_index": index, **record}
+
+
+def parse_record(record: dict, default_model: Optional[str]):
+    """-> (prompt, SamplingParams, model). Raises ValueError naming the bad field."""
+    from crosspool_jax.sampling_params import SamplingParams
+
+    if "_error" in record:
+        raise ValueError(record["_error"])
+    if "prompt_token_ids" in record:
+        prompt = {"prompt_token_ids": record["prompt_token_ids"]}
+    elif "prompt" in record:
+        prompt = record["prompt"]
+    else:
+        raise ValueError("needs 'prompt' or 'prompt_token_ids'")
+    model = record.get("model", default_model)
+    if model is None:
+        raise ValueError("needs 'model' (several models are served and --model was not given)")
+    unknown = set(record) - _SAMPLING_FIELDS - {"prompt", "prompt_token_ids", "model", "id", "_index"}
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    params = SamplingParams(**{k: v for k, v in record.items() if k in _SAMPLING_FIELDS})
+    return prompt, params, model
+
+
+def _result_line(record: dict, out=None, error: Optional[str] = None) -> dict:
+    line = {"index": record["_index"]}
+    if "id" in record:
+        line["id"] = record["id"]
+    if error is not None or (out is not None and out.error):
+        line["error"] = error or out.error
+        return line
+    line["model"] = out.model
+    line["prompt_token_ids"] = out.prompt_token_ids
+    line["outputs"] = [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                       for c in out.outputs]
+    return line
+
+
+def _lines_done(path: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    done = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break                      # a torn last line is redone
+            done += 1
+    with open(path, "rb+") as f:           # drop a torn tail before appending
+        f.seek(0)
+        keep = sum(len(l) for _, l in zip(range(done), f))
+        f.truncate(keep)
+    return done
+
+
+def run_batch(llm, input_path: str, output_path: str, *, default_model: Optional[str] = None,
+              chunk_size: int = 64, use_tqdm: bool = True) -> int:
+    """Generate for every line of input_path; append results to output_path. Returns lines written."""
+    import grain
+
+    source = JsonlSource(input_path)
+    start = _lines_done(output_path)
+    if default_model is None and len(llm.model_names) == 1:
+        default_model = llm.model_names[0]
+    dataset = grain.MapDataset.source(source)
+    written = 0
+    with open(output_path, "a", encoding="utf-8") as f:
+        for lo in range(start, len(dataset), chunk_size):
+            records = [dataset[i] for i in range(lo, min(lo + chunk_size, len(dataset)))]
+            lines: list[Optional[dict]] = [None] * len(records)
+            ok, prompts, params, models = [], [], [], []
+            for i, record in enumerate(records):
+                try:
+                    prompt, p, model = parse_record(record, default_model)
+                    if model not in llm.model_names:
+                        raise ValueError(f"unknown model {model!r}; served models: {llm.model_names}")
+                except (ValueError, TypeError) as e:
+                    lines[i] = _result_line(record, error=str(e))
+                    continue
+                ok.append(i)
+                prompts.append(prompt)
+                params.append(p)
+                models.append(model)
+            if ok:
+                outs = llm.generate(prompts, params, model=models, use_tqdm=use_tqdm)
+                for i, out in zip(ok, outs):
+                    lines[i] = _result_line(records[i], out)
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+                written += 1
+            f.flush()
+    return written
+
+
+_INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL file of results (appended to; resumes).")
+_MODEL = flags.DEFINE_multi_string("model", None, "NAME=PATH of a model to serve (repeatable); "
+                                   "default: every model under checkpoints/.")
+_DEFAULT_MODEL = flags.DEFINE_string("default_model", None, "Model for lines without a 'model' field.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter and KV dtype.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Lines generated together before results are flushed.")
+
+
+def shipped_models() -> dict:
+    """Every model folder under the repository's checkpoints/ (name = folder name)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+    if not os.path.isdir(root):
+        return {}
+    return {d: os.path.join(root, d) for d in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, d, "config.json"))}
+
+
+def parse_model_flags(values) -> dict:
+    if not values:
+        models = shipped_models()
+        if not models:
+            raise app.UsageError("no --model given and no models under checkpoints/")
+        return models
+    models = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise app.UsageError(f"--model must be NAME=PATH, got {value!r}")
+        models[name] = path
+    return models
+
+
+def main(argv):
+    del argv
+    if not _INPUT.value or not _OUTPUT.value:
+        raise app.UsageError("--input and --output are required")
+    from crosspool_jax.api import LLM
+
+    llm = LLM(parse_model_flags(_MODEL.value), dtype=_DTYPE.value)
+    n = run_batch(llm, _INPUT.value, _OUTPUT.value, default_model=_DEFAULT_MODEL.value, chunk_size=_CHUNK.value)
+    print(f"wrote {n} result lines to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required([])
+    app.run(main)
