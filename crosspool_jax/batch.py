@@ -18,8 +18,9 @@ from typing import Optional
 
 from absl import app, flags
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(__import__("crosspool_jax.sampling_params",
-                                                                   fromlist=["SamplingParams"]).SamplingParams)}
+from crosspool_jax.sampling_params import SamplingParams
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 class JsonlSource:
@@ -53,8 +54,6 @@ class JsonlSource:
 
 def parse_record(record: dict, default_model: Optional[str]):
     """-> (prompt, SamplingParams, model). Raises ValueError naming the bad field."""
-    from crosspool_jax.sampling_params import SamplingParams
-
     if "_error" in record:
         raise ValueError(record["_error"])
     if "prompt_token_ids" in record:
@@ -187,5 +186,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required([])
     app.run(main)
