@@ -1,0 +1,82 @@
+"""Block sizes for the ragged paged attention kernels: the one tuning table.
+
+Everything here depends on static shapes only (head dim H, page size G, query heads per
+KV head R, tokens T, sequence capacity S), so a jitted step compiles once per geometry.
+The GPU numbers were chosen for Hopper (132 SMs, 228 KiB shared memory per SM); see
+RESULTS.md for what they measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+GPU_NUM_SMS = 132                 # H100 SXM / H200; only used to size the split-KV grid
+_CTAS_PER_SM = 4                  # enough resident CTAs to keep HBM busy
+_MIN_KEYS_PER_SPLIT = 256         # below this a split costs more in merge than it saves
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """One kernel launch's tiling.
+
+    q_tokens: query tokens of one sequence per program (BQ); rows = BQ * padded R.
+    block_k: keys per inner-loop step (a multiple or a divisor of the page size).
+    num_splits: KV splits (flash-decoding) per work item, merged by log-sum-exp.
+    """
+    q_tokens: int
+    block_k: int
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("q_tokens", "block_k", "num_splits", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"BlockConfig.{name} must be a positive int, got {v!r}")
+        for name in ("q_tokens", "block_k"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"BlockConfig.{name} must be a power of two, got {v}")
+
+
+def is_decode_heavy(T: int, S: int) -> bool:
+    """Few query tokens per sequence on average: tile for one token per program."""
+    return T <= 2 * S
+
+
+def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int) -> BlockConfig:
+    """The GPU (Triton-lowered) kernel's tiling for a call's static shapes.
+
+    C is the context capacity pages_per_seq * G (the most keys a sequence can have).
+    """
+    Rp = next_pow2(R)
+    decode = is_decode_heavy(T, S)
+    rows = 16 if decode else 64                      # tl.dot needs >= 16 rows
+    q_tokens = max(1, rows // Rp)
+    q_tokens = min(q_tokens, next_pow2(T))
+    block_k = {64: 128, 128: 128, 256: 64}[H]
+    if not decode and H == 256:
+        block_k = 32
+    work = min(T, S + T // q_tokens)
+    want = max(1, GPU_NUM_SMS * _CTAS_PER_SM // max(1, work * K))
+    max_splits = max(1, C // _MIN_KEYS_PER_SPLIT)
+    num_splits = min(next_pow2(want), next_pow2(max_splits))
+    if not decode:
+        num_splits = min(num_splits, 4)
+    num_stages = 3 if H <= 128 and block_k <= 128 else 2
+    num_warps = 4 if decode else 8
+    return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
+                       num_warps=num_warps, num_stages=num_stages)
+
+
+def tpu_config(*, T: int, S: int, R: int, H: int, G: int) -> BlockConfig:
+    """The TPU kernel's tiling: one page per grid step, rows a multiple of 8 sublanes."""
+    decode = is_decode_heavy(T, S)
+    rows = 8 if decode else 128
+    q_tokens = max(1, rows // next_pow2(R))
+    q_tokens = min(q_tokens, next_pow2(T))
+    return BlockConfig(q_tokens=q_tokens, block_k=G, num_splits=1, num_warps=1, num_stages=2)

@@ -1,0 +1,79 @@
+"""Argument checks for ragged_paged_attention: one place that raises clear ValueErrors.
+
+Shapes and dtypes are static under jit, so every check here runs at trace time and costs
+nothing per step. Values (lengths, page ids) are traced and cannot be checked here.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+BACKENDS = ("reference", "gpu", "tpu", "auto")
+KERNEL_HEAD_DIMS = (64, 128, 256)
+KERNEL_MIN_PAGE, KERNEL_MAX_PAGE = 16, 128
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _shape_of(name, x, rank):
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+    if len(shape) != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(shape)}")
+    return tuple(shape)
+
+
+def _int32(name, x):
+    if jnp.dtype(x.dtype) != jnp.int32:
+        raise ValueError(f"{name} must be int32, got {x.dtype}")
+
+
+def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP, cu_q_lens_S1,
+                  num_seqs, *, sm_scale, soft_cap, sliding_window, backend):
+    """Checks the contract's ranks, dtypes and shapes; returns the backend name unchanged."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    T, N, H = _shape_of("q", q_TNH, 3)
+    P, G, K, Hk = _shape_of("k_pages", k_pages_PGKH, 4)
+    if tuple(v_pages_PGKH.shape) != (P, G, K, Hk):
+        raise ValueError(f"v_pages shape {tuple(v_pages_PGKH.shape)} must equal k_pages shape "
+                         f"{(P, G, K, Hk)}")
+    if Hk != H:
+        raise ValueError(f"head dim of q ({H}) must equal head dim of k_pages/v_pages ({Hk})")
+    if K == 0 or N % K:
+        raise ValueError(f"query heads N={N} must be divisible by KV heads K={K}")
+    for name, x in (("q", q_TNH), ("k_pages", k_pages_PGKH), ("v_pages", v_pages_PGKH)):
+        if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if k_pages_PGKH.dtype != v_pages_PGKH.dtype:
+        raise ValueError(f"k_pages dtype {k_pages_PGKH.dtype} != v_pages dtype {v_pages_PGKH.dtype}")
+    (S,) = _shape_of("kv_lens", kv_lens_S, 1)
+    S2, _ = _shape_of("page_indices", page_indices_SP, 2)
+    (S1,) = _shape_of("cu_q_lens", cu_q_lens_S1, 1)
+    if S2 != S or S1 != S + 1:
+        raise ValueError(f"kv_lens [S={S}], page_indices [{S2}, pages_per_seq] and cu_q_lens "
+                         f"[{S1}] must agree: page_indices needs S rows and cu_q_lens S+1 entries")
+    ns = _shape_of("num_seqs", num_seqs, len(getattr(num_seqs, "shape", (1,))))
+    if ns not in ((1,), ()):
+        raise ValueError(f"num_seqs must be int32[1], got shape {ns}")
+    for name, x in (("kv_lens", kv_lens_S), ("page_indices", page_indices_SP),
+                    ("cu_q_lens", cu_q_lens_S1), ("num_seqs", num_seqs)):
+        _int32(name, x)
+    if sm_scale is not None and not isinstance(sm_scale, (int, float)):
+        raise ValueError(f"sm_scale must be a Python number or None, got {type(sm_scale).__name__}")
+    if soft_cap is not None and (not isinstance(soft_cap, (int, float)) or soft_cap <= 0):
+        raise ValueError(f"soft_cap must be a positive number or None, got {soft_cap!r}")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    return backend
+
+
+def validate_kernel_geometry(q_TNH, k_pages_PGKH, backend):
+    """Extra limits of the Pallas kernels (the reference takes any geometry)."""
+    H = q_TNH.shape[-1]
+    G = k_pages_PGKH.shape[1]
+    if H not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"the {backend} kernel needs head dim in {KERNEL_HEAD_DIMS}, got {H}; "
+                         f"use backend='reference'")
+    if not KERNEL_MIN_PAGE <= G <= KERNEL_MAX_PAGE or G & (G - 1):
+        raise ValueError(f"the {backend} kernel needs a power-of-two page size in "
+                         f"[{KERNEL_MIN_PAGE}, {KERNEL_MAX_PAGE}], got {G}; use backend='reference'")
