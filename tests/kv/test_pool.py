@@ -1,0 +1,67 @@
+"""The KV pool's geometry and in-place writes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosspool_jax.kv.pool import (KVPool, KVPoolLayout, choose_page_elems, page_view, tokens_per_page,
+                                   write_kv)
+
+
+def test_page_elems_serve_every_geometry():
+    rows = [2 * 16, 4 * 32, 8 * 24]
+    elems = choose_page_elems(rows)
+    for row in rows:
+        assert elems % row == 0
+    assert elems // max(rows) >= 16
+    assert tokens_per_page(elems, 4, 32) == elems // 128
+
+
+def test_tokens_per_page_rejects_non_divisible():
+    with pytest.raises(ValueError, match="not a multiple"):
+        tokens_per_page(100, 3, 16)
+
+
+def test_layout_from_bytes_and_errors():
+    layout = KVPoolLayout.from_bytes(1 << 20, 1024, 2, "bfloat16")
+    assert layout.page_bytes == 2 * 1024 * 2
+    assert layout.num_pages == 2 * ((1 << 20) // 2 // 4096)
+    with pytest.raises(ValueError, match="too small"):
+        KVPoolLayout.from_bytes(100, 1024, 1, "float32")
+    with pytest.raises(ValueError, match="pages_per_device"):
+        KVPoolLayout(16, 0, 1, "float32")
+
+
+def test_pool_sharded_over_devices():
+    devices = jax.devices()[:4]
+    pool = KVPool(KVPoolLayout(64, 8, 4, "float32"), devices)
+    assert pool.k_buffer.shape == (32, 64)
+    assert len(pool.k_buffer.sharding.device_set) == 4
+    k, v = pool.take()
+    assert pool.k_buffer is None
+    pool.put(k, v)
+    assert pool.nbytes == 32 * 2 * 64 * 4
+
+
+def test_two_models_view_the_same_pages_without_copy():
+    buf = jnp.arange(6 * 64, dtype=jnp.float32).reshape(6, 64)
+    a = page_view(buf, 2, 8)     # G = 4
+    b = page_view(buf, 1, 16)    # G = 4, other geometry
+    assert a.shape == (6, 4, 2, 8) and b.shape == (6, 4, 1, 16)
+    np.testing.assert_array_equal(np.asarray(a).reshape(6, 64), np.asarray(buf))
+
+
+def test_write_kv_hits_slots_and_drops_padding():
+    rng = np.random.default_rng(0)
+    P, G, K, H = 5, 4, 2, 8
+    k_pages = jnp.asarray(rng.standard_normal((P, G, K, H)), jnp.float32)
+    v_pages = jnp.asarray(rng.standard_normal((P, G, K, H)), jnp.float32)
+    k_new = jnp.asarray(rng.standard_normal((3, K, H)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((3, K, H)), jnp.float32)
+    slots = jnp.array([3 * G + 1, 0 * G + 3, P * G], jnp.int32)   # last one is padding
+    k2, v2 = write_kv(k_pages, v_pages, k_new, v_new, slots)
+    np.testing.assert_array_equal(k2[3, 1], k_new[0])
+    np.testing.assert_array_equal(v2[0, 3], v_new[1])
+    untouched = np.ones((P, G), bool)
+    untouched[3, 1] = untouched[0, 3] = False
+    np.testing.assert_array_equal(np.asarray(k2)[untouched], np.asarray(k_pages)[untouched])
