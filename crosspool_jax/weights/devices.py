@@ -1,0 +1,276 @@
+"""Device roles of the engine: which devices hold KV (and attention), which hold FFN weights.
+
+Owns `DeviceRoles`, `resolve_device_roles` (the engine options `mode`, `kv_devices`,
+`weight_devices` of ../shared/CROSSPOOL.md), the two meshes (`kv_mesh`, axis "kv";
+`weights_mesh`, axis "expert"), the FFN leaf sharding rule `ffn_sharding_for`, and the
+round-robin model assignment of the static baseline.
+
+Sharding of FFN leaves over the "expert" axis of size n (leaves named by their pytree path,
+e.g. "moe/w1"; expert weights are `w1 [..., E, D, 2F]` and `w2 [..., E, F, D]`, the leading
+"..." being the stacked-layers axis when present):
+
+- expert-parallel (EP) when E % n == 0 and E >= n: axis E is split, each device holds E/n whole
+  experts;
+- otherwise tensor-parallel (TP) over the expert hidden dim F when F % n == 0: w2 is split on
+  its F axis, w1 on its 2F axis into n contiguous blocks;
+- otherwise replicated. Small leaves (norms, router, shared-expert gate, biases) are replicated.
+
+Gate/up alignment under TP. A contiguous split of the stacked `[gate | up]` 2F axis gives
+device i columns [i*2F/n, (i+1)*2F/n): for n=2 device 0 holds all of gate and device 1 all of
+up, so `silu(gate) * up` is not local. Two ways out, both supported:
+
+1. store w1 gate/up-interleaved per shard with `interleave_gate_up(w1, n)`: block i of the
+   2F axis is `[gate_i | up_i]` where gate_i, up_i are the i-th F/n columns, exactly the rows
+   of w2's block i. A shard_map FFN then splits its local block in half and needs one psum
+   after w2, no other communication. `deinterleave_gate_up` restores the contract layout.
+2. keep the contract layout under plain jit: GSPMD keeps the math exact (sharding never changes
+   results) and moves the [T, F] activation halves between devices, which is cheap in decode.
+
+`ffn_sharding_for` returns the same sharding in both cases; the layout is the caller's choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MODES = ("crosspool", "shared", "static")
+DeviceSpec = Union[int, Sequence[Union[jax.Device, int]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRoles:
+    """The devices of each pool. mode "shared"/"static" let the roles overlap (every device both)."""
+
+    kv_devices: tuple
+    weight_devices: tuple
+    mode: str = "crosspool"
+
+    def __post_init__(self):
+        object.__setattr__(self, "kv_devices", tuple(self.kv_devices))
+        object.__setattr__(self, "weight_devices", tuple(self.weight_devices))
+        if self.mode not in MODES:
+            raise ValueError(f"DeviceRoles.mode must be one of {MODES} (got {self.mode!r})")
+        for field in ("kv_devices", "weight_devices"):
+            devs = getattr(self, field)
+            if not devs:
+                raise ValueError(f"DeviceRoles.{field} must not be empty")
+            if len(set(devs)) != len(devs):
+                raise ValueError(f"DeviceRoles.{field} lists a device twice: {list(devs)}")
+        overlap = set(self.kv_devices) & set(self.weight_devices)
+        degenerate = len(self.kv_devices) == 1 and self.kv_devices == self.weight_devices
+        if overlap and not degenerate and self.mode == "crosspool":
+            raise ValueError(
+                f"DeviceRoles: kv_devices and weight_devices overlap on {sorted(d.id for d in overlap)}; "
+                "crosspool mode needs disjoint pools (or the same single device in both roles); "
+                "use mode='shared' for devices holding both")
+
+    @property
+    def is_degenerate(self) -> bool:
+        """One device holds both roles."""
+        return len(self.kv_devices) == 1 and self.kv_devices == self.weight_devices
+
+    @property
+    def all_devices(self) -> tuple:
+        """Every device of either role, KV devices first, no repeats."""
+        return tuple(dict.fromkeys(self.kv_devices + self.weight_devices))
+
+
+def _is_count(spec) -> bool:
+    return isinstance(spec, (int, np.integer)) and not isinstance(spec, bool)
+
+
+def _from_list(spec, field: str, devices: list) -> list:
+    """An explicit list of devices or device ids, checked against `devices`."""
+    if _is_count(spec) or isinstance(spec, (str, bytes)):
+        raise ValueError(f"{field} must be a count or a list of devices (got {spec!r})")
+    by_id = {d.id: d for d in devices}
+    out = []
+    for item in spec:
+        if _is_count(item):
+            if int(item) not in by_id:
+                raise ValueError(f"{field}: no device with id {int(item)} (ids: {sorted(by_id)})")
+            out.append(by_id[int(item)])
+        elif item in devices:
+            out.append(item)
+        else:
+            raise ValueError(f"{field}: device {item!r} is not among the {len(devices)} devices given")
+    if not out:
+        raise ValueError(f"{field} must not be an empty list")
+    return out
+
+
+def _count(spec, field: str, default: int) -> int:
+    n = default if spec is None else int(spec)
+    if n < 1:
+        raise ValueError(f"{field} must be >= 1 (got {n})")
+    return n
+
+
+def resolve_device_roles(mode: str, kv_devices: DeviceSpec = None, weight_devices: DeviceSpec = None,
+                         devices=None) -> DeviceRoles:
+    """Turn the engine options into roles.
+
+    crosspool: the first kv_devices devices hold KV, the next weight_devices devices (those not
+      holding KV) hold weights; defaults 1 + 1. On a one-device machine the defaults (or
+      counts 1 + 1) give the degenerate case: the single device in both roles. Lists (of
+      devices or device ids) are taken as given.
+    shared: every chosen device holds weights and KV; a count or list in either option selects
+      them (both given must agree); default all devices.
+    static: like shared; each model then owns a subset (`assign_models_round_robin`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("no devices given")
+    if mode == "crosspool":
+        counts = [s is None or _is_count(s) for s in (kv_devices, weight_devices)]
+        if len(devices) == 1 and all(counts) and kv_devices in (None, 1) and weight_devices in (None, 1):
+            return DeviceRoles((devices[0],), (devices[0],), mode)
+        if counts[0]:
+            n_kv = _count(kv_devices, "kv_devices", 1)
+            if n_kv > len(devices):
+                raise ValueError(f"kv_devices={n_kv} asks for more devices than exist ({len(devices)})")
+            kv = devices[:n_kv]
+        else:
+            kv = _from_list(kv_devices, "kv_devices", devices)
+        if counts[1]:
+            n_w = _count(weight_devices, "weight_devices", 1)
+            rest = [d for d in devices if d not in kv]
+            if n_w > len(rest):
+                raise ValueError(
+                    f"kv_devices={len(kv)} + weight_devices={n_w} = {len(kv) + n_w} devices asked, "
+                    f"but only {len(devices)} exist")
+            weights = rest[:n_w]
+        else:
+            weights = _from_list(weight_devices, "weight_devices", devices)
+        return DeviceRoles(tuple(kv), tuple(weights), mode)
+    picks = []
+    for spec, field in ((kv_devices, "kv_devices"), (weight_devices, "weight_devices")):
+        if spec is None:
+            continue
+        if _is_count(spec):
+            n = _count(spec, field, len(devices))
+            if n > len(devices):
+                raise ValueError(f"{field}={n} asks for more devices than exist ({len(devices)})")
+            picks.append(devices[:n])
+        else:
+            picks.append(_from_list(spec, field, devices))
+    if len(picks) == 2 and picks[0] != picks[1]:
+        raise ValueError(
+            f"mode={mode!r}: every device holds both roles, so kv_devices ({kv_devices!r}) and "
+            f"weight_devices ({weight_devices!r}) must select the same devices")
+    chosen = tuple(picks[0] if picks else devices)
+    return DeviceRoles(chosen, chosen, mode)
+
+
+def assign_models_round_robin(models: Sequence[str], roles: DeviceRoles,
+                              devices_per_model: int = 1) -> dict[str, tuple]:
+    """Static baseline: model i owns `devices_per_model` consecutive devices, round robin."""
+    devs = roles.all_devices
+    if not 1 <= devices_per_model <= len(devs):
+        raise ValueError(f"devices_per_model must be in [1, {len(devs)}] (got {devices_per_model})")
+    if len(set(models)) != len(models):
+        raise ValueError(f"model names repeat: {list(models)}")
+    out = {}
+    for i, name in enumerate(models):
+        first = (i * devices_per_model) % len(devs)
+        out[name] = tuple(devs[(first + j) % len(devs)] for j in range(devices_per_model))
+    return out
+
+
+def kv_mesh(roles: DeviceRoles) -> Mesh:
+    """1-D mesh over the KV devices, axis "kv"."""
+    return Mesh(np.array(roles.kv_devices, dtype=object), ("kv",))
+
+
+def weights_mesh(roles: DeviceRoles) -> Mesh:
+    """1-D mesh over the weight devices, axis "expert"."""
+    return Mesh(np.array(roles.weight_devices, dtype=object), ("expert",))
+
+
+def _leaf_kind(path: str, shape: tuple, num_experts: Optional[int]) -> str:
+    """'expert_w1' | 'expert_w2' | 'dense_w1' | 'dense_w2' | 'small'."""
+    parts = [p for p in path.replace(".", "/").split("/") if p]
+    last = parts[-1] if parts else ""
+    if last not in ("w1", "w2"):
+        return "small"
+    dense = any(("dense" in p or "shared" in p) for p in parts[:-1])
+    if (not dense and num_experts and len(shape) >= 3 and shape[-3] == num_experts):
+        return "expert_" + last
+    if len(shape) >= 2:
+        return "dense_" + last
+    return "small"
+
+
+def ffn_sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
+                     num_experts: Optional[int]) -> NamedSharding:
+    """Placement of one FFN leaf on the weights mesh (rules in the module docstring)."""
+    shape = tuple(int(s) for s in shape)
+    if "expert" not in mesh.axis_names:
+        raise ValueError(f"mesh must have an 'expert' axis (axes: {mesh.axis_names})")
+    n = mesh.shape["expert"]
+    spec = [None] * len(shape)
+    kind = _leaf_kind(path, shape, num_experts)
+    if kind.startswith("expert_") and n > 1 and num_experts % n == 0 and num_experts >= n:
+        spec[-3] = "expert"
+    elif kind.endswith("w1") and n > 1:
+        if shape[-1] % 2:
+            raise ValueError(f"FFN leaf {path!r}: last axis of w1 must be 2F (even), got shape {shape}")
+        if (shape[-1] // 2) % n == 0:
+            spec[-1] = "expert"
+    elif kind.endswith("w2") and n > 1 and shape[-2] % n == 0:
+        spec[-2] = "expert"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def interleave_gate_up(w1, num_shards: int):
+    """[..., D, 2F] stacked [gate | up] -> block i of the 2F axis = [gate_i | up_i] (F/n each)."""
+    f2 = w1.shape[-1]
+    if f2 % (2 * num_shards):
+        raise ValueError(f"w1's 2F axis ({f2}) must split into {num_shards} gate/up pairs")
+    f = f2 // 2
+    gate = w1[..., :f].reshape(*w1.shape[:-1], num_shards, f // num_shards)
+    up = w1[..., f:].reshape(*w1.shape[:-1], num_shards, f // num_shards)
+    xp = np if isinstance(w1, np.ndarray) else jax.numpy
+    return xp.concatenate([gate, up], axis=-1).reshape(w1.shape)
+
+
+def deinterleave_gate_up(w1, num_shards: int):
+    """Inverse of `interleave_gate_up`."""
+    f2 = w1.shape[-1]
+    if f2 % (2 * num_shards):
+        raise ValueError(f"w1's 2F axis ({f2}) must split into {num_shards} gate/up pairs")
+    blocks = w1.reshape(*w1.shape[:-1], num_shards, f2 // num_shards)
+    half = f2 // num_shards // 2
+    gate = blocks[..., :half].reshape(*w1.shape[:-1], f2 // 2)
+    up = blocks[..., half:].reshape(*w1.shape[:-1], f2 // 2)
+    xp = np if isinstance(w1, np.ndarray) else jax.numpy
+    return xp.concatenate([gate, up], axis=-1)
+
+
+def ffn_sharding_fn(mesh: Mesh, num_experts: Union[int, dict, None]):
+    """A `WeightsPool` sharding_fn placing FFN leaves by `ffn_sharding_for`.
+
+    num_experts: one count for every model, or {model_name: count} (None/0: dense model).
+    """
+    def fn(model: str, path: str, shape: tuple) -> NamedSharding:
+        if isinstance(num_experts, dict):
+            if model not in num_experts:
+                raise ValueError(f"ffn_sharding_fn: no expert count for model {model!r} "
+                                 f"(known: {sorted(num_experts)})")
+            return ffn_sharding_for(path, shape, mesh, num_experts[model])
+        return ffn_sharding_for(path, shape, mesh, num_experts)
+    return fn
+
+
+def replicated_sharding_fn(mesh: Mesh):
+    """A `WeightsPool` sharding_fn replicating every leaf over `mesh` (e.g. attention weights on
+    the KV devices)."""
+    def fn(model: str, path: str, shape: tuple) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec())
+    return fn

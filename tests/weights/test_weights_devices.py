@@ -1,0 +1,143 @@
+"""Device roles, meshes and the FFN sharding rule on 8 simulated CPU devices."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from crosspool_jax.weights.devices import (
+    DeviceRoles,
+    assign_models_round_robin,
+    deinterleave_gate_up,
+    ffn_sharding_for,
+    interleave_gate_up,
+    kv_mesh,
+    resolve_device_roles,
+    weights_mesh,
+)
+
+DEVS = jax.devices()
+
+
+def test_eight_devices():
+    assert len(DEVS) == 8
+
+
+@pytest.mark.parametrize("n_kv,n_w", [(1, 1), (2, 2), (4, 4), (6, 2)])
+def test_crosspool_splits(n_kv, n_w):
+    roles = resolve_device_roles("crosspool", n_kv, n_w)
+    assert roles.kv_devices == tuple(DEVS[:n_kv])
+    assert roles.weight_devices == tuple(DEVS[n_kv:n_kv + n_w])
+    assert not set(roles.kv_devices) & set(roles.weight_devices)
+    km, wm = kv_mesh(roles), weights_mesh(roles)
+    assert km.axis_names == ("kv",) and km.shape["kv"] == n_kv
+    assert wm.axis_names == ("expert",) and wm.shape["expert"] == n_w
+    assert tuple(wm.devices.flat) == roles.weight_devices
+
+
+def test_crosspool_defaults_and_degenerate():
+    roles = resolve_device_roles("crosspool", None, None)
+    assert roles.kv_devices == (DEVS[0],) and roles.weight_devices == (DEVS[1],)
+    one = resolve_device_roles("crosspool", None, None, devices=DEVS[3:4])
+    assert one.is_degenerate and one.kv_devices == one.weight_devices == (DEVS[3],)
+    assert resolve_device_roles("crosspool", 1, 1, devices=DEVS[:1]).is_degenerate
+    explicit = DeviceRoles((DEVS[5],), (DEVS[5],))
+    assert explicit.is_degenerate and kv_mesh(explicit).shape["kv"] == 1
+    assert weights_mesh(explicit).devices.flat[0] == DEVS[5]
+
+
+def test_explicit_lists_devices_or_ids():
+    roles = resolve_device_roles("crosspool", [DEVS[7], DEVS[6]], [1, 2, 3])
+    assert roles.kv_devices == (DEVS[7], DEVS[6])
+    assert roles.weight_devices == (DEVS[1], DEVS[2], DEVS[3])
+    # count after a list: the first devices not holding KV
+    roles = resolve_device_roles("crosspool", [0, 1], 2)
+    assert roles.weight_devices == (DEVS[2], DEVS[3])
+
+
+def test_shared_and_static():
+    shared = resolve_device_roles("shared", None, None)
+    assert shared.kv_devices == shared.weight_devices == tuple(DEVS)
+    four = resolve_device_roles("shared", 4, None)
+    assert four.kv_devices == four.weight_devices == tuple(DEVS[:4])
+    static = resolve_device_roles("static", None, 6)
+    assert static.weight_devices == tuple(DEVS[:6])
+    owners = assign_models_round_robin(["a", "b", "c", "d"], static, devices_per_model=2)
+    assert owners == {"a": tuple(DEVS[0:2]), "b": tuple(DEVS[2:4]), "c": tuple(DEVS[4:6]),
+                      "d": tuple(DEVS[0:2])}
+    single = assign_models_round_robin(["x", "y"], static)
+    assert single == {"x": (DEVS[0],), "y": (DEVS[1],)}
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"6 \+ weight_devices=4 = 10 devices asked.*only 8"):
+        resolve_device_roles("crosspool", 6, 4)
+    with pytest.raises(ValueError, match=r"kv_devices=9 .*\(8\)"):
+        resolve_device_roles("crosspool", 9, 1)
+    with pytest.raises(ValueError, match="overlap"):
+        resolve_device_roles("crosspool", [0, 1], [1, 2])
+    with pytest.raises(ValueError, match="overlap"):
+        DeviceRoles(tuple(DEVS[:2]), tuple(DEVS[:2]))
+    assert DeviceRoles(tuple(DEVS[:2]), tuple(DEVS[:2]), mode="shared").kv_devices == tuple(DEVS[:2])
+    with pytest.raises(ValueError, match="twice"):
+        DeviceRoles((DEVS[0], DEVS[0]), (DEVS[1],))
+    with pytest.raises(ValueError, match="weight_devices must not be empty"):
+        DeviceRoles((DEVS[0],), ())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        resolve_device_roles("monolithic", 1, 1)
+    with pytest.raises(ValueError, match="no device with id 42"):
+        resolve_device_roles("crosspool", [42], 1)
+    with pytest.raises(ValueError, match="kv_devices must be >= 1"):
+        resolve_device_roles("crosspool", 0, 1)
+    with pytest.raises(ValueError, match="must select the same devices"):
+        resolve_device_roles("shared", 2, 4)
+    with pytest.raises(ValueError, match="asks for more devices"):
+        resolve_device_roles("static", 9, None)
+
+
+def _spec(path, shape, n, num_experts):
+    mesh = weights_mesh(resolve_device_roles("crosspool", 8 - n, n))
+    return ffn_sharding_for(path, shape, mesh, num_experts).spec
+
+
+def test_sharding_expert_parallel_when_experts_divide():
+    # stacked over 3 MoE layers: [L, E, D, 2F], [L, E, F, D]
+    assert _spec("moe/w1", (3, 8, 16, 12), 4, 8) == P(None, "expert", None, None)
+    assert _spec("moe/w2", (3, 8, 6, 16), 4, 8) == P(None, "expert", None, None)
+    assert _spec("moe/w1", (8, 16, 12), 2, 8) == P("expert", None, None)  # unstacked
+    assert _spec("moe/w1", (8, 16, 12), 1, 8) == P(None, None, None)  # one device: trivial
+
+
+def test_sharding_tensor_parallel_otherwise():
+    # 6 experts over 4 devices: not divisible -> TP on F (F = 8)
+    assert _spec("moe/w1", (2, 6, 16, 16), 4, 6) == P(None, None, None, "expert")
+    assert _spec("moe/w2", (2, 6, 8, 16), 4, 6) == P(None, None, "expert", None)
+    # 2 experts over 4 devices (E < n) -> TP
+    assert _spec("moe/w1", (2, 16, 16), 4, 2) == P(None, None, "expert")
+    # F = 6 not divisible by 4 -> replicated
+    assert _spec("moe/w1", (6, 16, 12), 4, 6) == P(None, None, None)
+    assert _spec("moe/w2", (6, 6, 16), 4, 6) == P(None, None, None)
+    # dense / shared-expert FFN: TP on F
+    assert _spec("dense/w1", (8, 16, 16), 4, 8) == P(None, None, "expert")
+    assert _spec("moe/shared/w2", (3, 8, 16), 4, 8) == P(None, "expert", None)
+
+
+def test_sharding_small_leaves_replicated():
+    for path, shape in [("moe/router", (3, 16, 8)), ("moe/norm", (3, 16)),
+                        ("moe/shared_gate", (3, 16, 1)), ("moe/b1", (3, 8, 12))]:
+        assert _spec(path, shape, 4, 8) == P(*([None] * len(shape)))
+
+
+def test_gate_up_interleave_aligns_tp_blocks():
+    rng = np.random.default_rng(0)
+    d, f, n = 5, 8, 4
+    w1 = rng.standard_normal((3, d, 2 * f)).astype(np.float32)
+    inter = interleave_gate_up(w1, n)
+    blk = 2 * f // n
+    for i in range(n):
+        block = inter[..., i * blk:(i + 1) * blk]
+        np.testing.assert_array_equal(block[..., :blk // 2], w1[..., i * (f // n):(i + 1) * (f // n)])
+        np.testing.assert_array_equal(block[..., blk // 2:], w1[..., f + i * (f // n):f + (i + 1) * (f // n)])
+    np.testing.assert_array_equal(deinterleave_gate_up(inter, n), w1)
+    np.testing.assert_array_equal(np.asarray(deinterleave_gate_up(jax.numpy.asarray(inter), n)), w1)
+    with pytest.raises(ValueError, match="gate/up pairs"):
+        interleave_gate_up(w1, 3)
