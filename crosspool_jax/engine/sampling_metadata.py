@@ -1,0 +1,193 @@
+"""Host-side construction of the sampler's inputs.
+
+Owns `SamplingRow` (one running sequence's sampling state, plain Python), `SamplingMetadata`
+(the device pytree that `engine.sampler.sample` reads), and the token history the penalties
+need (`build_token_history`). Everything is built in numpy and moved with one `device_put`;
+rows past the live ones are padding and sample greedily.
+
+Reproducibility: a row's key for its k-th generated token is
+`fold_in(key(base_seed), k)`, so a seeded request samples the same tokens whatever batch,
+step or preemption it goes through. `key(seed)` is threefry key data [seed >> 32, seed & 0xFFFFFFFF]
+(seed taken mod 2**64), equal to `jax.random.key(seed)` for 0 <= seed < 2**32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosspool_jax.sampling_params import SamplingParams
+
+_SUPPRESS_PAD = 8      # suppress_ids_SZ's Z is a multiple of this (bounds recompilation)
+_HISTORY_MIN_LEN = 16  # token history lengths are padded to a power of two at least this
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["temperature", "top_k", "top_p", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "rng_key_S2", "output_index",
+                 "suppress_S", "suppress_ids_SZ", "min_tokens"],
+    meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class SamplingMetadata:
+    """Per-row sampling settings of one step; every field has S rows."""
+
+    temperature: jax.Array         # f32 [S]; 0 = greedy for that row
+    top_k: jax.Array               # i32 [S]; 0 = off
+    top_p: jax.Array               # f32 [S]; 1 = off
+    min_p: jax.Array               # f32 [S]; 0 = off
+    presence_penalty: jax.Array    # f32 [S]; 0 = off
+    frequency_penalty: jax.Array   # f32 [S]; 0 = off
+    repetition_penalty: jax.Array  # f32 [S]; 1 = off
+    rng_key_S2: jax.Array          # uint32 [S, 2]; the request's base threefry key data
+    output_index: jax.Array        # i32 [S]; tokens generated so far (the key's fold_in)
+    suppress_S: jax.Array          # bool [S]; min_tokens not reached: mask suppress_ids_SZ
+    suppress_ids_SZ: jax.Array     # i32 [S, Z]; EOS and stop token ids, padded with -1
+    min_tokens: jax.Array          # i32 [S]; params.min_tokens (sampler.advance_metadata uses it)
+
+    @property
+    def num_rows(self) -> int:
+        return self.temperature.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRow:
+    """One sequence's sampling state on the host.
+
+    base_seed: the request's seed (params.seed, or one the engine drew for it; each of the
+    n completions needs its own). output_index: tokens generated so far.
+    """
+
+    params: SamplingParams
+    base_seed: int
+    output_index: int
+    eos_token_ids: Sequence[int] = ()
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.params, SamplingParams):
+            raise ValueError(f"SamplingRow.params: expected SamplingParams, got {type(self.params).__name__}")
+        if not isinstance(self.base_seed, (int, np.integer)):
+            raise ValueError(f"SamplingRow.base_seed: must be an integer (got {self.base_seed!r})")
+        if not isinstance(self.output_index, (int, np.integer)) or self.output_index < 0:
+            raise ValueError(f"SamplingRow.output_index: must be an integer >= 0 (got {self.output_index!r})")
+        for name in ("eos_token_ids", "prompt_token_ids", "output_token_ids"):
+            if any(int(t) < 0 for t in getattr(self, name)):
+                raise ValueError(f"SamplingRow.{name}: token ids must be >= 0")
+
+    @property
+    def suppress_ids(self) -> list[int]:
+        """Ids masked while min_tokens is not reached: EOS (unless ignore_eos) and stop ids."""
+        ids = [] if self.params.ignore_eos else [int(t) for t in self.eos_token_ids]
+        ids += [t for t in self.params.stop_token_ids if t not in ids]
+        return ids
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """uint32 [2] threefry key data of `seed` mod 2**64 (as `jax.random.key(seed)` for 0 <= seed < 2**32)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
+
+
+def _check_pad(rows: Sequence[SamplingRow], pad_rows_to: int) -> None:
+    if not isinstance(pad_rows_to, (int, np.integer)) or pad_rows_to < len(rows):
+        raise ValueError(f"pad_rows_to: must be an integer >= the number of rows "
+                         f"({len(rows)}), got {pad_rows_to!r}")
+
+
+def build_sampling_metadata(rows: Sequence[SamplingRow], pad_rows_to: int) -> SamplingMetadata:
+    """Numpy arrays of `rows` padded to `pad_rows_to` greedy rows, then one device_put."""
+    _check_pad(rows, pad_rows_to)
+    S = int(pad_rows_to)
+    suppress_lists = [r.suppress_ids for r in rows]
+    Z = max([1] + [len(ids) for ids in suppress_lists])
+    Z = -(-Z // _SUPPRESS_PAD) * _SUPPRESS_PAD
+
+    temperature = np.zeros(S, np.float32)
+    top_k = np.zeros(S, np.int32)
+    top_p = np.ones(S, np.float32)
+    min_p = np.zeros(S, np.float32)
+    presence = np.zeros(S, np.float32)
+    frequency = np.zeros(S, np.float32)
+    repetition = np.ones(S, np.float32)
+    keys = np.zeros((S, 2), np.uint32)
+    output_index = np.zeros(S, np.int32)
+    suppress = np.zeros(S, bool)
+    suppress_ids = np.full((S, Z), -1, np.int32)
+    min_tokens = np.zeros(S, np.int32)
+    for s, (row, ids) in enumerate(zip(rows, suppress_lists)):
+        p = row.params
+        temperature[s] = p.temperature
+        top_k[s] = max(p.top_k, 0)
+        top_p[s] = p.top_p
+        min_p[s] = p.min_p
+        presence[s] = p.presence_penalty
+        frequency[s] = p.frequency_penalty
+        repetition[s] = p.repetition_penalty
+        keys[s] = seed_key_data(row.base_seed)
+        output_index[s] = row.output_index
+        min_tokens[s] = p.min_tokens
+        suppress[s] = row.output_index < p.min_tokens and bool(ids)
+        suppress_ids[s, :len(ids)] = ids
+    meta = SamplingMetadata(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        presence_penalty=presence, frequency_penalty=frequency,
+        repetition_penalty=repetition, rng_key_S2=keys, output_index=output_index,
+        suppress_S=suppress, suppress_ids_SZ=suppress_ids, min_tokens=min_tokens)
+    return jax.device_put(meta)
+
+
+def _bucket_len(n: int) -> int:
+    return max(_HISTORY_MIN_LEN, 1 << max(n - 1, 0).bit_length())
+
+
+def _pad_ids(id_lists: Sequence[Sequence[int]], S: int) -> np.ndarray:
+    L = _bucket_len(max([0] + [len(ids) for ids in id_lists]))
+    out_SL = np.full((S, L), -1, np.int32)
+    for s, ids in enumerate(id_lists):
+        out_SL[s, :len(ids)] = ids
+    return out_SL
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_size",))
+def _history(prompt_ids_SL, output_ids_SL, *, vocab_size: int):
+    S = prompt_ids_SL.shape[0]
+
+    def counts(ids_SL):
+        valid_SL = (ids_SL >= 0) & (ids_SL < vocab_size)
+        ids_SL = jnp.where(valid_SL, ids_SL, vocab_size)  # out of range: dropped
+        rows_SL = jnp.broadcast_to(jnp.arange(S)[:, None], ids_SL.shape)
+        return jnp.zeros((S, vocab_size), jnp.int32).at[rows_SL, ids_SL].add(1, mode="drop")
+
+    return counts(output_ids_SL), counts(prompt_ids_SL) > 0
+
+
+def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int,
+                        vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """(output_counts_SV int32, prompt_mask_SV bool) of `rows`, scatter-added on device.
+
+    Ids are padded with -1 to a power-of-two length; ids outside [0, vocab_size) are ignored.
+    """
+    _check_pad(rows, pad_rows_to)
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise ValueError(f"vocab_size: must be a positive integer, got {vocab_size!r}")
+    S = int(pad_rows_to)
+    prompt_SL = _pad_ids([r.prompt_token_ids for r in rows], S)
+    output_SL = _pad_ids([r.output_token_ids for r in rows], S)
+    prompt_SL, output_SL = jax.device_put((prompt_SL, output_SL))
+    return _history(prompt_SL, output_SL, vocab_size=int(vocab_size))
+
+
+def needs_penalties(rows: Sequence[SamplingRow]) -> bool:
+    """Whether any row has a presence, frequency or repetition penalty (a static flag)."""
+    return any(r.params.needs_penalties for r in rows)
+
+
+def max_logprobs(rows: Sequence[SamplingRow]) -> int:
+    """The largest `logprobs` asked for by any row (0 when none): `sample`'s num_logprobs."""
+    return max([0] + [r.params.logprobs or 0 for r in rows])
