@@ -1,0 +1,57 @@
+"""Random-weight models of realistic layer shapes, for benchmarks (no checkpoint files).
+
+`random_model_dirs(["qwen3moe-30b-a3b-4l"])` writes a folder with a config.json and a
+`RANDOM_WEIGHTS` marker; the engine's registry initialises such a model's parameters
+randomly on the device instead of reading safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+
+# Real models' layer shapes with fewer layers (the layer count is in the name).
+SHAPES = {
+    "mixtral-8x7b-2l": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 2, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    "qwen3moe-30b-a3b-4l": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 4,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+        "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "rope_theta": 1e6, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "olmoe-1b-7b-4l": {
+        "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": 50304,
+        "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+        "rope_theta": 10000.0, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False},
+    "qwen3moe-mini-2l": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 4096,
+        "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "num_experts": 16,
+        "num_experts_per_tok": 4, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "rope_theta": 1e6, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+}
+
+
+def random_model_dirs(names, root: str | None = None) -> dict:
+    """Write a config-only folder per name; returns {name: folder}."""
+    root = root or tempfile.mkdtemp(prefix="crosspool-random-")
+    out = {}
+    for name in names:
+        if name not in SHAPES:
+            raise ValueError(f"unknown random model shape {name!r}; known: {sorted(SHAPES)}")
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(SHAPES[name], f, indent=1)
+        with open(os.path.join(folder, RANDOM_WEIGHTS_MARKER), "w") as f:
+            f.write("parameters are initialised randomly by the engine (benchmark model)\n")
+        out[name] = folder
+    return out

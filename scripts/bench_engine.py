@@ -1,0 +1,100 @@
+"""Engine throughput: tokens/s, and host time per step against device time.
+
+    python scripts/bench_engine.py                      # the shipped models, on whatever JAX finds
+    python scripts/bench_engine.py --random_config qwen3moe-mini --num_prompts 32 --max_tokens 64
+
+Each run prints one table and appends it, with the card, JAX version and date, to
+--results (default: stdout only). "host" is the time the runner spends preparing inputs
+(per step), "device" the time from dispatch until the sampled tokens are on the host.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_MODELS = flags.DEFINE_multi_string("model", None, "NAME=PATH (repeatable); default: the shipped models")
+_RANDOM = flags.DEFINE_multi_string("random_config", None,
+                                    "Benchmark a random-weight model of a built-in shape instead "
+                                    "(see crosspool_jax/engine/random_models.py).")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "Prompts per model.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per prompt.")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
+_DECODE_STEPS = flags.DEFINE_multi_integer("max_decode_steps", [1, 8], "Decode tokens per dispatch to compare.")
+_KV_BYTES = flags.DEFINE_integer("kv_pool_bytes", None, "KV pool bytes (default: the engine's).")
+_RESULTS = flags.DEFINE_string("results", None, "Append the table (markdown) to this file.")
+
+
+def _device_name() -> str:
+    import jax
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')} x{len(jax.devices())}"
+
+
+def run_once(models: dict, max_decode_steps: int) -> dict:
+    import numpy as np
+
+    from crosspool_jax import LLM, SamplingParams
+
+    llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=max_decode_steps, kv_pool_bytes=_KV_BYTES.value,
+              max_num_seqs=max(64, _NUM_PROMPTS.value * len(models)))
+    rng = np.random.default_rng(0)
+    names = llm.model_names
+    prompts, model_of = [], []
+    for name in names:
+        vocab = llm.engine.registry.get(name).config.vocab_size
+        for _ in range(_NUM_PROMPTS.value):
+            prompts.append({"prompt_token_ids": rng.integers(0, vocab, _PROMPT_LEN.value).tolist()})
+            model_of.append(name)
+    params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, params, model=model_of, use_tqdm=False)          # compile
+    stats0 = llm.engine.runner.stats
+    base = (stats0.steps, stats0.host_prepare_seconds, stats0.device_seconds)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, model=model_of, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    s = llm.engine.runner.stats
+    steps = s.steps - base[0]
+    gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"models": len(names), "prompts": len(prompts), "decode_steps": max_decode_steps,
+            "gen_tokens": gen, "wall_s": wall, "tok_per_s": gen / wall, "steps": steps,
+            "host_ms_per_step": 1e3 * (s.host_prepare_seconds - base[1]) / max(steps, 1),
+            "device_ms_per_step": 1e3 * (s.device_seconds - base[2]) / max(steps, 1),
+            "other_ms_per_step": 1e3 * (wall - (s.host_prepare_seconds - base[1]) - (s.device_seconds - base[2]))
+            / max(steps, 1),
+            "programs": s.compiled_programs}
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from crosspool_jax.batch import parse_model_flags
+    from crosspool_jax.engine.random_models import random_model_dirs
+
+    models = random_model_dirs(_RANDOM.value) if _RANDOM.value else parse_model_flags(_MODELS.value)
+    rows = [run_once(models, k) for k in _DECODE_STEPS.value]
+    head = (f"bench_engine: {_device_name()}, JAX {jax.__version__}, {datetime.date.today()}, "
+            f"models={list(models)}, prompt_len={_PROMPT_LEN.value}, max_tokens={_MAX_TOKENS.value}, "
+            f"dtype={_DTYPE.value}")
+    cols = list(rows[0])
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if _RESULTS.value:
+        with open(_RESULTS.value, "a") as f:
+            f.write(table + "\n\n")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    app.run(main)
