@@ -1,0 +1,103 @@
+"""Hugging Face tensor names -> places in our param pytrees, one table per family.
+
+A `Slot` says where one checkpoint tensor lands: the tree ("kv" or "ffn"), the path inside it
+(e.g. ("attn", "wq_LDQ")), the leading indices (layer, or layer and expert), an optional
+column range of the last axis (gate | up halves of w1) and whether to transpose (HF linear
+weights are [out, in]; ours are [in, out]).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from crosspool_jax.models.config import ModelConfig
+
+# HF attention / norm names, shared by every family: suffix after "model.layers.{l}." -> leaf
+_ATTN = {
+    "input_layernorm.weight": ("input_norm_LD", False),
+    "self_attn.q_proj.weight": ("wq_LDQ", True),
+    "self_attn.k_proj.weight": ("wk_LDKH", True),
+    "self_attn.v_proj.weight": ("wv_LDKH", True),
+    "self_attn.o_proj.weight": ("wo_LQD", True),
+}
+_ATTN_BIAS = {
+    "self_attn.q_proj.bias": ("bq_LQ", False),
+    "self_attn.k_proj.bias": ("bk_LKH", False),
+    "self_attn.v_proj.bias": ("bv_LKH", False),
+}
+_QK_NORM = {
+    "per_head": {"self_attn.q_norm.weight": ("q_norm_LH", False),
+                 "self_attn.k_norm.weight": ("k_norm_LH", False)},
+    "full": {"self_attn.q_norm.weight": ("q_norm_LQ", False),
+             "self_attn.k_norm.weight": ("k_norm_LKH", False)},
+    "none": {},
+}
+# MoE tensors per family: (router, per-expert gate, up, down, prefix of the MoE block)
+_MOE = {
+    "mixtral": ("block_sparse_moe", "gate.weight", "w1.weight", "w3.weight", "w2.weight"),
+    "qwen2_moe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    "qwen3_moe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    "olmoe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+}
+# tensors that may appear in older checkpoints and carry nothing we need
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Destination of one checkpoint tensor (see module docstring)."""
+
+    tree: str                      # "kv" or "ffn"
+    path: tuple                    # keys inside that tree
+    index: tuple = ()              # leading indices into the stacked leaf
+    cols: Optional[tuple] = None   # (start, stop) on the last axis
+    transpose: bool = False
+
+
+def tensor_slots(config: ModelConfig) -> dict[str, Slot]:
+    """Every tensor name the checkpoint must hold -> its Slot."""
+    c = config
+    slots = {"model.embed_tokens.weight": Slot("kv", ("embed", "embedding_VD")),
+             "model.norm.weight": Slot("kv", ("final", "norm_D"))}
+    if not c.tie_word_embeddings:
+        slots["lm_head.weight"] = Slot("kv", ("final", "lm_head_DV"), transpose=True)
+    attn = dict(_ATTN)
+    if c.attention_bias:
+        attn.update(_ATTN_BIAS)
+    attn.update(_QK_NORM[c.qk_norm])
+    for l in range(c.num_layers):
+        pre = f"model.layers.{l}."
+        for suffix, (leaf, transpose) in attn.items():
+            slots[pre + suffix] = Slot("kv", ("attn", leaf), (l,), transpose=transpose)
+        kind, i = c.ffn_kind(l), c.ffn_index(l)
+        slots[pre + "post_attention_layernorm.weight"] = Slot("ffn", (kind, "norm_LD"), (i,))
+        if kind == "dense":
+            F = c.intermediate_size
+            slots[pre + "mlp.gate_proj.weight"] = Slot("ffn", ("dense", "w1_LDF2"), (i,), (0, F), True)
+            slots[pre + "mlp.up_proj.weight"] = Slot("ffn", ("dense", "w1_LDF2"), (i,), (F, 2 * F), True)
+            slots[pre + "mlp.down_proj.weight"] = Slot("ffn", ("dense", "w2_LFD"), (i,), transpose=True)
+            continue
+        block, router, gate, up, down = _MOE[c.family]
+        F = c.moe_intermediate_size
+        slots[f"{pre}{block}.{router}"] = Slot("ffn", ("moe", "router_LDE"), (i,), transpose=True)
+        for e in range(c.num_experts):
+            ex = f"{pre}{block}.experts.{e}."
+            slots[ex + gate] = Slot("ffn", ("moe", "w1_LEDF2"), (i, e), (0, F), True)
+            slots[ex + up] = Slot("ffn", ("moe", "w1_LEDF2"), (i, e), (F, 2 * F), True)
+            slots[ex + down] = Slot("ffn", ("moe", "w2_LEFD"), (i, e), transpose=True)
+        Fs = c.shared_expert_intermediate_size
+        if Fs:
+            sh = f"{pre}{block}.shared_expert."
+            slots[sh + "gate_proj.weight"] = Slot("ffn", ("moe", "shared_w1_LDF2"), (i,), (0, Fs), True)
+            slots[sh + "up_proj.weight"] = Slot("ffn", ("moe", "shared_w1_LDF2"), (i,), (Fs, 2 * Fs), True)
+            slots[sh + "down_proj.weight"] = Slot("ffn", ("moe", "shared_w2_LFD"), (i,), transpose=True)
+            slots[f"{pre}{block}.shared_expert_gate.weight"] = Slot(
+                "ffn", ("moe", "shared_gate_LD1"), (i,), transpose=True)
+    return slots
+
+
+def is_ignorable(name: str, config: ModelConfig) -> bool:
+    """Tensors we skip without complaint: rotary buffers, and a duplicate lm head when tied."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return True
+    return config.tie_word_embeddings and name == "lm_head.weight"

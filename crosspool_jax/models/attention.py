@@ -1,0 +1,35 @@
+"""Whole-sequence causal attention for the forward pass's attention seam (no KV cache).
+
+`dense_causal_attention(segment_ids_T, positions_T)` returns an `attention_fn` for a packed
+batch of whole sequences: token t attends to token s when they share a segment and
+pos[s] <= pos[t] (and pos[t] - pos[s] < sliding_window when one is given). The kv_cache
+argument passes through untouched. Softmax in float32, sm_scale = head_dim ** -0.5.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASK = -1e30
+
+
+def dense_causal_attention(segment_ids_T: jax.Array, positions_T: jax.Array, *, sliding_window=None):
+    """Build attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache) -> (out_TNH, kv_cache)."""
+    seg_T = jnp.asarray(segment_ids_T)
+    pos_T = jnp.asarray(positions_T)
+    mask_TS = (seg_T[:, None] == seg_T[None, :]) & (pos_T[None, :] <= pos_T[:, None])
+    if sliding_window is not None:
+        mask_TS &= pos_T[:, None] - pos_T[None, :] < sliding_window
+
+    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache):
+        del layer_idx
+        T, N, H = q_TNH.shape
+        K = k_TKH.shape[1]
+        q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
+        s_KRTS = jnp.einsum("tkrh,skh->krts", q_TKRH, k_TKH.astype(jnp.float32)) * (H ** -0.5)
+        s_KRTS = jnp.where(mask_TS, s_KRTS, _MASK)
+        p_KRTS = jax.nn.softmax(s_KRTS, axis=-1)
+        out_TKRH = jnp.einsum("krts,skh->tkrh", p_KRTS, v_TKH.astype(jnp.float32))
+        return out_TKRH.reshape(T, N, H).astype(q_TNH.dtype), kv_cache
+
+    return attention_fn

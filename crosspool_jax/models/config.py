@@ -1,0 +1,267 @@
+"""`ModelConfig`: one frozen, hashable description of a supported model, read from config.json.
+
+Owns the mapping from a Hugging Face `config.json` dict (old `rope_theta`/`rope_scaling` keys or
+the newer `rope_parameters` dict) to the fields the forward pass needs, and the layer plan
+(which layers run a MoE FFN and which a dense MLP).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+# architecture name in config.json -> family
+SUPPORTED_ARCHITECTURES = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "LlamaForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+}
+QK_NORMS = ("none", "per_head", "full")
+ROPE_TYPES = ("default", "linear", "llama3")
+_QK_NORM_OF_FAMILY = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "per_head",
+                      "olmoe": "full", "llama": "none", "qwen3": "per_head"}
+_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static model description (hashable: usable as a jit static argument).
+
+    rope_scaling is None or a sorted tuple of (key, value) pairs of the HF rope parameters
+    other than rope_theta (e.g. (("factor", 8.0), ..., ("rope_type", "llama3"))); see
+    `rope_scaling_dict`. sliding_window applies to every layer (None: full causal).
+    """
+
+    architecture: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[tuple] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None
+    attention_bias: bool = False
+    qk_norm: str = "none"
+    clip_qkv: Optional[float] = None
+    num_experts: int = 0
+    top_k: int = 0
+    norm_topk_prob: bool = True
+    moe_intermediate_size: int = 0
+    intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple = ()
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(_unsupported_message(self.architecture))
+        if self.family != SUPPORTED_ARCHITECTURES[self.architecture]:
+            raise ValueError(f"family {self.family!r} does not match architecture "
+                             f"{self.architecture!r} (expected {SUPPORTED_ARCHITECTURES[self.architecture]!r})")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"ModelConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be None or positive, got {self.sliding_window}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling_dict.get("rope_type", "default")
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"ModelConfig.rope_scaling: rope_type {rope_type!r} is not supported "
+                                 f"(supported: {', '.join(ROPE_TYPES)})")
+        if self.family in _MOE_FAMILIES:
+            if self.num_experts <= 0 or not 0 < self.top_k <= self.num_experts:
+                raise ValueError(f"ModelConfig: need 0 < top_k <= num_experts, got top_k={self.top_k}, "
+                                 f"num_experts={self.num_experts}")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError(f"ModelConfig.moe_intermediate_size must be positive, "
+                                 f"got {self.moe_intermediate_size}")
+        if any(self.ffn_kind(l) == "dense" for l in range(self.num_layers)) and self.intermediate_size <= 0:
+            raise ValueError(f"ModelConfig.intermediate_size must be positive when there are dense layers, "
+                             f"got {self.intermediate_size}")
+        if self.decoder_sparse_step <= 0:
+            raise ValueError(f"ModelConfig.decoder_sparse_step must be positive, got {self.decoder_sparse_step}")
+
+    # ----- derived -----
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling or ())
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.ffn_kind(l) == "moe" for l in range(self.num_layers))
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def ffn_kind(self, l: int) -> str:
+        """"moe" or "dense" for layer l (Qwen's mlp_only_layers / decoder_sparse_step rule)."""
+        if not 0 <= l < self.num_layers:
+            raise ValueError(f"layer index {l} out of range [0, {self.num_layers})")
+        if self.family not in _MOE_FAMILIES:
+            return "dense"
+        if l in self.mlp_only_layers or (l + 1) % self.decoder_sparse_step:
+            return "dense"
+        return "moe"
+
+    def ffn_index(self, l: int) -> int:
+        """Index of layer l within the stack of its FFN kind."""
+        kind = self.ffn_kind(l)
+        return sum(1 for j in range(l) if self.ffn_kind(j) == kind)
+
+    def num_layers_of_kind(self, kind: str) -> int:
+        return sum(1 for l in range(self.num_layers) if self.ffn_kind(l) == kind)
+
+    @property
+    def ffn_kinds(self) -> tuple:
+        """The FFN kinds present, in a fixed order ("moe" before "dense")."""
+        return tuple(k for k in ("moe", "dense") if self.num_layers_of_kind(k))
+
+    def kv_bytes_per_token_per_layer(self, dtype) -> int:
+        """Bytes of K for one token in one layer: num_kv_heads * head_dim * itemsize.
+
+        V takes the same again, so one token of one layer costs twice this in the KV pool.
+        """
+        return self.num_kv_heads * self.head_dim * np.dtype(dtype).itemsize
+
+    # ----- construction -----
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict; ValueError on anything unsupported."""
+        archs = d.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry; " + _supported_list())
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(_unsupported_message(arch))
+        family = SUPPORTED_ARCHITECTURES[arch]
+
+        def req(key, *alts):
+            for k in (key,) + alts:
+                if d.get(k) is not None:
+                    return d[k]
+            raise ValueError(f"config.json for {arch} is missing required field {key!r}")
+
+        hidden = int(req("hidden_size"))
+        num_heads = int(req("num_attention_heads"))
+        head_dim = d.get("head_dim") if family != "olmoe" else None
+        head_dim = int(head_dim) if head_dim else hidden // num_heads
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
+        rope_theta, rope_scaling = _rope_from_hf(d, arch)
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (
+            (int(eos),) if eos is not None else ())
+        kw = dict(
+            architecture=arch, family=family,
+            vocab_size=int(req("vocab_size")), hidden_size=hidden,
+            num_layers=int(req("num_hidden_layers")), num_heads=num_heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or num_heads), head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            sliding_window=_sliding_window_from_hf(d, family, arch),
+            attention_bias=bool(d.get("qkv_bias", True) if family == "qwen2_moe"
+                                else d.get("attention_bias", False)),
+            qk_norm=_QK_NORM_OF_FAMILY[family],
+            clip_qkv=float(d["clip_qkv"]) if d.get("clip_qkv") is not None else None,
+            intermediate_size=int(d.get("intermediate_size") or 0),
+            bos_token_id=int(d["bos_token_id"]) if d.get("bos_token_id") is not None else None,
+            eos_token_ids=eos_ids,
+        )
+        if family == "llama" and d.get("mlp_bias"):
+            raise ValueError("config.json: LlamaForCausalLM with mlp_bias=true is not supported")
+        if family in _MOE_FAMILIES:
+            kw.update(num_experts=int(req("num_local_experts", "num_experts")),
+                      top_k=int(req("num_experts_per_tok")))
+            if family == "mixtral":
+                kw.update(norm_topk_prob=True, moe_intermediate_size=int(req("intermediate_size")))
+            elif family == "olmoe":
+                kw.update(norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                          moe_intermediate_size=int(req("intermediate_size")), intermediate_size=0)
+            else:
+                kw.update(norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                          moe_intermediate_size=int(req("moe_intermediate_size")),
+                          decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
+                          mlp_only_layers=tuple(sorted(int(i) for i in d.get("mlp_only_layers") or ())))
+                if family == "qwen2_moe":
+                    kw["shared_expert_intermediate_size"] = int(d.get("shared_expert_intermediate_size") or 0)
+        return cls(**kw)
+
+
+def _supported_list() -> str:
+    return "supported architectures: " + ", ".join(SUPPORTED_ARCHITECTURES)
+
+
+def _unsupported_message(arch) -> str:
+    return f"unsupported architecture {arch!r}; {_supported_list()}"
+
+
+def _rope_from_hf(d: dict, arch: str):
+    """(rope_theta, rope_scaling) from either the new `rope_parameters` or old keys."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
+        params = dict(params)
+        theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
+    else:
+        if isinstance(params, dict) and params:
+            raise ValueError(f"config.json for {arch}: per-layer-type rope_parameters are not supported")
+        theta = d.get("rope_theta", 10000.0)
+        params = dict(d.get("rope_scaling") or {})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.pop("type", None)
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config.json for {arch}: rope_type {rope_type!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "llama3" and "original_max_position_embeddings" not in params:
+        params["original_max_position_embeddings"] = int(d.get("max_position_embeddings", 8192))
+    return float(theta), tuple(sorted((str(k), _hashable(v)) for k, v in params.items()))
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _sliding_window_from_hf(d: dict, family: str, arch: str):
+    window = d.get("sliding_window")
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3") and not d.get("use_sliding_window", False):
+        window = None
+    layer_types = d.get("layer_types")
+    if layer_types and family in ("qwen2_moe", "qwen3"):
+        kinds = set(layer_types)
+        if kinds == {"full_attention"}:
+            window = None
+        elif kinds != {"sliding_attention"}:
+            raise ValueError(f"config.json for {arch}: mixed sliding/full attention layers "
+                             f"(layer_types) are not supported")
+    if family == "llama" or not window:
+        return None
+    return int(window)

@@ -1,0 +1,104 @@
+"""The parameter pytree layout: leaf names and shapes for a `ModelConfig`, random init, byte counts.
+
+The one source of truth for what `kv_params` and `ffn_params` hold (the loader checks
+checkpoints against `param_shapes`):
+
+    kv_params = {
+      "embed": {"embedding_VD": [V, D]},
+      "attn": {                                  # every leaf stacked over the L layers
+        "input_norm_LD": [L, D],
+        "wq_LDQ": [L, D, N*H], "wk_LDKH": [L, D, K*H], "wv_LDKH": [L, D, K*H],
+        "wo_LQD": [L, N*H, D],
+        # attention_bias:       "bq_LQ": [L, N*H], "bk_LKH": [L, K*H], "bv_LKH": [L, K*H]
+        # qk_norm "per_head":   "q_norm_LH": [L, H], "k_norm_LH": [L, H]
+        # qk_norm "full":       "q_norm_LQ": [L, N*H], "k_norm_LKH": [L, K*H]
+      },
+      "final": {"norm_D": [D], "lm_head_DV": [D, V] (only when embeddings are untied)},
+    }
+    ffn_params = {
+      "moe": {                                   # stacked over the MoE layers (L = their count)
+        "norm_LD": [L, D], "router_LDE": [L, D, E],
+        "w1_LEDF2": [L, E, D, 2F] (gate | up), "w2_LEFD": [L, E, F, D],
+        # shared expert: "shared_w1_LDF2": [L, D, 2Fs], "shared_w2_LFD": [L, Fs, D],
+        #                "shared_gate_LD1": [L, D, 1]
+      },
+      "dense": {"norm_LD": [L, D], "w1_LDF2": [L, D, 2F], "w2_LFD": [L, F, D]},
+    }
+
+The post-attention (pre-FFN) norm belongs to the FFN side. Only the FFN kinds the model has
+appear in ffn_params.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosspool_jax.models.config import ModelConfig
+
+
+def param_shapes(config: ModelConfig) -> tuple[dict, dict]:
+    """(kv_shapes, ffn_shapes): the param pytrees with shape tuples as leaves."""
+    c = config
+    L, D, V, Q, KH, H = c.num_layers, c.hidden_size, c.vocab_size, c.q_size, c.kv_size, c.head_dim
+    attn = {"input_norm_LD": (L, D), "wq_LDQ": (L, D, Q), "wk_LDKH": (L, D, KH),
+            "wv_LDKH": (L, D, KH), "wo_LQD": (L, Q, D)}
+    if c.attention_bias:
+        attn.update(bq_LQ=(L, Q), bk_LKH=(L, KH), bv_LKH=(L, KH))
+    if c.qk_norm == "per_head":
+        attn.update(q_norm_LH=(L, H), k_norm_LH=(L, H))
+    elif c.qk_norm == "full":
+        attn.update(q_norm_LQ=(L, Q), k_norm_LKH=(L, KH))
+    final = {"norm_D": (D,)}
+    if not c.tie_word_embeddings:
+        final["lm_head_DV"] = (D, V)
+    kv = {"embed": {"embedding_VD": (V, D)}, "attn": attn, "final": final}
+
+    ffn = {}
+    Lm = c.num_layers_of_kind("moe")
+    if Lm:
+        E, F = c.num_experts, c.moe_intermediate_size
+        moe = {"norm_LD": (Lm, D), "router_LDE": (Lm, D, E),
+               "w1_LEDF2": (Lm, E, D, 2 * F), "w2_LEFD": (Lm, E, F, D)}
+        Fs = c.shared_expert_intermediate_size
+        if Fs:
+            moe.update(shared_w1_LDF2=(Lm, D, 2 * Fs), shared_w2_LFD=(Lm, Fs, D),
+                       shared_gate_LD1=(Lm, D, 1))
+        ffn["moe"] = moe
+    Ld = c.num_layers_of_kind("dense")
+    if Ld:
+        F = c.intermediate_size
+        ffn["dense"] = {"norm_LD": (Ld, D), "w1_LDF2": (Ld, D, 2 * F), "w2_LFD": (Ld, F, D)}
+    return kv, ffn
+
+
+def _is_norm(name: str) -> bool:
+    return "norm" in name
+
+
+def init_random_params(config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> tuple[dict, dict]:
+    """Random weights of the right shapes (for benchmarks and tests): matrices ~ N(0, 0.02^2)
+    scaled by fan-in, norms near 1, biases small."""
+    kv_shapes, ffn_shapes = param_shapes(config)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        (kv_shapes, ffn_shapes), is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = str(path[-1].key)
+        noise = jax.random.normal(k, shape, jnp.float32)
+        if _is_norm(name):
+            leaf = 1.0 + 0.1 * noise
+        elif name.startswith("b"):
+            leaf = 0.02 * noise
+        else:
+            fan_in = shape[-2] if len(shape) >= 2 else 1
+            leaf = noise * min(0.02, fan_in ** -0.5)
+        leaves.append(leaf.astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def param_bytes(tree) -> int:
+    """Total bytes of all array leaves of a pytree."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(tree)))

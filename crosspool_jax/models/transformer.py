@@ -1,0 +1,137 @@
+"""The decoder forward pass as pure functions over the param pytrees of `params.py`.
+
+One layer is two halves that may live on different devices:
+`attention_block` (input norm, q/k/v, q/k norms, RoPE, the attention seam, o projection,
+residual) and `ffn_block` (post-attention norm, then MoE with optional shared expert, or a
+dense SwiGLU MLP, residual). `forward` chains them over all layers (a `lax.scan` when every
+layer has the same FFN kind) and returns the hidden states after the final norm;
+`compute_logits` projects them to the vocabulary in float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.rope import apply_rope, rope_cos_sin
+from pallas_kernels.fused_moe.reference import fused_moe_reference
+
+# attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache) -> (out_TNH, kv_cache)
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in float32, as transformers computes it."""
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    return weight.astype(x.dtype) * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
+                    positions_T: jax.Array, layer_idx, attention_fn: AttentionFn, kv_cache):
+    """One layer's attention half (residual included) -> (kv_cache, h_TD)."""
+    p, c = layer_attn_params, config
+    T = x_TD.shape[0]
+    xn_TD = rms_norm(x_TD, p["input_norm_LD"], c.rms_norm_eps)
+    q_TQ = xn_TD @ p["wq_LDQ"]
+    k_TKH = xn_TD @ p["wk_LDKH"]
+    v_TKH = xn_TD @ p["wv_LDKH"]
+    if c.attention_bias:
+        q_TQ, k_TKH, v_TKH = q_TQ + p["bq_LQ"], k_TKH + p["bk_LKH"], v_TKH + p["bv_LKH"]
+    if c.qk_norm == "full":
+        q_TQ = rms_norm(q_TQ, p["q_norm_LQ"], c.rms_norm_eps)
+        k_TKH = rms_norm(k_TKH, p["k_norm_LKH"], c.rms_norm_eps)
+    if c.clip_qkv is not None:
+        q_TQ, k_TKH, v_TKH = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q_TQ, k_TKH, v_TKH))
+    q_TNH = q_TQ.reshape(T, c.num_heads, c.head_dim)
+    k_TKH = k_TKH.reshape(T, c.num_kv_heads, c.head_dim)
+    v_TKH = v_TKH.reshape(T, c.num_kv_heads, c.head_dim)
+    if c.qk_norm == "per_head":
+        q_TNH = rms_norm(q_TNH, p["q_norm_LH"], c.rms_norm_eps)
+        k_TKH = rms_norm(k_TKH, p["k_norm_LH"], c.rms_norm_eps)
+    cos_TH, sin_TH = rope_cos_sin(c, positions_T, x_TD.dtype)
+    q_TNH = apply_rope(q_TNH, cos_TH, sin_TH)
+    k_TKH = apply_rope(k_TKH, cos_TH, sin_TH)
+    out_TNH, kv_cache = attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache)
+    h_TD = x_TD + out_TNH.reshape(T, c.q_size).astype(x_TD.dtype) @ p["wo_LQD"]
+    return kv_cache, h_TD
+
+
+def _swiglu(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Array:
+    h_TF2 = x_TD @ w1_DF2
+    F = w2_FD.shape[0]
+    return (jax.nn.silu(h_TF2[:, :F]) * h_TF2[:, F:]) @ w2_FD
+
+
+def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend):
+    if backend == "reference":
+        return fused_moe_reference(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k,
+                                   renormalize=renormalize)
+    try:
+        from pallas_kernels.fused_moe import fused_moe
+    except ImportError as e:
+        raise ValueError(f"moe_backend {backend!r} needs pallas_kernels.fused_moe.fused_moe, "
+                         f"which is not available ({e}); use moe_backend='reference'") from e
+    return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k,
+                     renormalize=renormalize, backend=backend)
+
+
+def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
+              moe_backend: str = "reference") -> jax.Array:
+    """One layer's FFN half (post-attention norm, FFN, residual) -> out_TD."""
+    p, c = layer_ffn_params, config
+    x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
+    if kind == "dense":
+        return h_TD + _swiglu(x_TD, p["w1_LDF2"], p["w2_LFD"])
+    if kind != "moe":
+        raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
+    router_logits_TE = x_TD @ p["router_LDE"]
+    y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k,
+                      renormalize=c.norm_topk_prob, backend=moe_backend).astype(h_TD.dtype)
+    if c.shared_expert_intermediate_size:
+        gate_T1 = jax.nn.sigmoid(x_TD @ p["shared_gate_LD1"])
+        y_TD = y_TD + gate_T1 * _swiglu(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
+    return h_TD + y_TD
+
+
+def _layer_slice(stack: dict, i) -> dict:
+    return jax.tree_util.tree_map(lambda a: a[i], stack)
+
+
+def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T: jax.Array,
+            positions_T: jax.Array, attention_fn: AttentionFn, kv_cache, *,
+            moe_backend: str = "reference"):
+    """All layers over one packed ragged batch -> (kv_cache, hidden_TD after the final norm)."""
+    c = config
+    x_TD = kv_params["embed"]["embedding_VD"][token_ids_T]
+    kinds = c.ffn_kinds
+    if len(kinds) == 1:
+        kind = kinds[0]
+
+        def body(carry, xs):
+            x, cache = carry
+            attn_p, ffn_p, l = xs
+            cache, h = attention_block(attn_p, c, x, positions_T, l, attention_fn, cache)
+            return (ffn_block(ffn_p, c, kind, h, moe_backend=moe_backend), cache), None
+
+        xs = (kv_params["attn"], ffn_params[kind], jnp.arange(c.num_layers, dtype=jnp.int32))
+        (x_TD, kv_cache), _ = jax.lax.scan(body, (x_TD, kv_cache), xs)
+    else:
+        for l in range(c.num_layers):
+            kind = c.ffn_kind(l)
+            kv_cache, h_TD = attention_block(_layer_slice(kv_params["attn"], l), c, x_TD, positions_T,
+                                             l, attention_fn, kv_cache)
+            x_TD = ffn_block(_layer_slice(ffn_params[kind], c.ffn_index(l)), c, kind, h_TD,
+                             moe_backend=moe_backend)
+    return kv_cache, rms_norm(x_TD, kv_params["final"]["norm_D"], c.rms_norm_eps)
+
+
+def compute_logits(kv_params: dict, config: ModelConfig, hidden_TD: jax.Array) -> jax.Array:
+    """logits_TV in float32 (the tied embedding when configured, else the lm head)."""
+    if config.tie_word_embeddings:
+        w_VD = kv_params["embed"]["embedding_VD"]
+        return jnp.einsum("td,vd->tv", hidden_TD, w_VD, preferred_element_type=jnp.float32)
+    return jnp.einsum("td,dv->tv", hidden_TD, kv_params["final"]["lm_head_DV"],
+                      preferred_element_type=jnp.float32)
