@@ -1,0 +1,369 @@
+"""The scheduler: continuous batching over many models on one KV pool (plain Python, no JAX).
+
+How a step is chosen. There are no prefill or decode modes: every request has
+`num_computed_tokens` (K/V already in the pool) and a target (`num_tokens`, the prompt plus
+the outputs so far). `schedule()` closes those gaps under a token budget
+(`max_num_batched_tokens`); prefill chunks and single-token decodes of every model share
+one step, grouped per model (`SchedulerOutput.chunks_by_model`), each model's chunks one
+ragged batch.
+
+1. Running requests first, oldest arrival first: each gets its whole gap, or what is left
+   of the budget (chunked prefill). If the pool cannot hold its new tokens, the
+   latest-arrived running request (any model) is preempted by recompute: its pages are
+   freed, num_computed_tokens goes back to 0, its output tokens are kept (they are
+   recomputed with the prompt, so the output is unchanged) and it goes to the front of its
+   model's waiting queue. If no later request is left to preempt, the request waits
+   (keeping its pages) unless it is alone in the pool, in which case it can never grow and
+   fails with FINISHED_ERROR.
+2. Then, unless this step preempted, waiting requests are admitted (prefix-cache hits
+   skip their cached blocks). Fairness rule: each model has a FCFS queue; models take
+   turns, one admission per model per turn, until the budget, `max_num_seqs` or the pool
+   stops it. The turn order rotates across steps: the model admitted first in a step goes
+   to the back of the line, so a burst of one model cannot starve another model's
+   head-of-line request of budget. A request that cannot get pages bars every
+   later-arrived request (any model) from admission in this step, and its model goes to
+   the front of the line for the next step, so a large request is never overtaken forever
+   by smaller later ones.
+3. Multi-step decode: when every scheduled chunk is a single-token decode, every running
+   request is scheduled and nothing waits, all chunks get num_steps =
+   min(max_decode_steps, each request's tokens left before max_tokens / max_model_len),
+   with their pages allocated up front (num_steps 1 if the pool is short).
+
+Rejections (status FINISHED_ERROR, listed once in `SchedulerOutput.rejected`): a prompt
+longer than its model's max_model_len, a prompt needing more pages than the whole pool,
+and a lone request whose growth the whole pool cannot hold.
+
+The engine loop: `out = schedule()`, run `out`, `update_from_output(out, sampled)`, then
+`finish_request(...)` for requests that hit a stop condition (the engine owns stop checks;
+the length rule it should use is num_output_tokens >= max_tokens or num_tokens >=
+max_model_len). Calls strictly alternate: schedule, then one update for that output.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Optional
+
+from crosspool_jax.engine.request import Request, RequestStatus
+from crosspool_jax.kv.kv_cache_manager import KVCacheManager
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_decode_steps: int = 8
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_decode_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"SchedulerConfig.enable_prefix_caching must be a bool, "
+                             f"got {self.enable_prefix_caching!r}")
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    """Tokens of one request fed in one step.
+
+    start: num_computed_tokens before the step; token_ids = all_token_ids[start:start+num_tokens].
+    samples: the chunk reaches the end of the known tokens, so the step samples a next token.
+    num_steps: 1, or k > 1 for a multi-step decode (k tokens sampled, each fed to the next).
+    page_table: [L][num_blocks] global page ids, already covering start + num_tokens + num_steps - 1 tokens.
+    """
+
+    request: Request
+    start: int
+    num_tokens: int
+    token_ids: list[int]
+    samples: bool
+    num_steps: int
+    page_table: list[list[int]]
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks_by_model: dict[str, list[ScheduledChunk]]
+    preempted: list[str]
+    rejected: list[tuple[str, str]]     # (request_id, error message)
+    num_batched_tokens: int
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return [c for chunks in self.chunks_by_model.values() for c in chunks]
+
+    @property
+    def num_steps(self) -> int:
+        return max((c.num_steps for c in self.chunks), default=1)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks_by_model
+
+
+class Scheduler:
+    """Chooses each step's chunks over all models' requests; owns the waiting and running sets."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+        if not isinstance(config, SchedulerConfig):
+            raise ValueError(f"Scheduler.config must be a SchedulerConfig, got {type(config).__name__}")
+        if not isinstance(kv_manager, KVCacheManager):
+            raise ValueError(f"Scheduler.kv_manager must be a KVCacheManager, got {type(kv_manager).__name__}")
+        self.config = config
+        self.kv = kv_manager
+        self._requests: dict[str, Request] = {}                       # unfinished, by id
+        self._order: dict[str, tuple[float, int]] = {}                # id -> (arrival_time, add count)
+        self._num_added = 0
+        self._waiting: dict[str, collections.deque] = {}              # model -> FCFS queue
+        self._turns: list[str] = []                                   # models' turn order
+        self._running: list[Request] = []                             # sorted by _order
+        self._rejected: list[tuple[str, str]] = []                    # not yet reported
+        self.num_preemptions = 0
+
+    # ----- requests in and out ---------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request (or reject it at once: it is then reported by the next schedule())."""
+        if not isinstance(request, Request):
+            raise ValueError(f"add_request needs a Request, got {type(request).__name__}")
+        if request.request_id in self._requests:
+            raise ValueError(f"add_request: request id {request.request_id!r} is already in the scheduler")
+        if request.is_finished:
+            raise ValueError(f"add_request: request {request.request_id!r} is already {request.status.name}")
+        g = self.kv.geometry(request.model)
+        if request.max_tokens is None:
+            request.max_tokens = max(1, g.max_model_len - request.num_prompt_tokens)
+        error = None
+        if request.num_prompt_tokens > g.max_model_len:
+            error = (f"prompt of {request.num_prompt_tokens} tokens is longer than model {request.model!r}'s "
+                     f"max_model_len of {g.max_model_len} tokens")
+        elif request.num_prompt_tokens > self.kv.max_request_tokens(request.model):
+            error = (f"prompt of {request.num_prompt_tokens} tokens needs {g.num_blocks(request.num_prompt_tokens)} "
+                     f"blocks x {g.num_layers} layers = {g.num_blocks(request.num_prompt_tokens) * g.num_layers} "
+                     f"pages of model {request.model!r}, more than the whole KV pool holds "
+                     f"({self.kv.max_request_tokens(request.model)} tokens, "
+                     f"{self.kv.allocator.num_total} pages)")
+        if error is not None:
+            request.status, request.error = RequestStatus.FINISHED_ERROR, error
+            self._rejected.append((request.request_id, error))
+            return
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        self._requests[request.request_id] = request
+        self._order[request.request_id] = (request.arrival_time, self._num_added)
+        self._num_added += 1
+        if request.model not in self._waiting:
+            self._waiting[request.model] = collections.deque()
+            self._turns.append(request.model)
+        self._waiting[request.model].append(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """End a request (stop condition, abort, error): its pages are freed at once. Idempotent."""
+        if not isinstance(status, RequestStatus) or not status.is_finished:
+            raise ValueError(f"finish_request({request_id!r}): status must be a FINISHED_* status, got {status!r}")
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        self._order.pop(request_id)
+        if request in self._running:
+            self._running.remove(request)
+        else:
+            self._waiting[request.model].remove(request)
+        self.kv.free(request)
+        request.status = status
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a waiting or running request (no-op for unknown or finished ones)."""
+        self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def get_request(self, request_id: str) -> Optional[Request]:
+        """The unfinished request with that id, or None."""
+        return self._requests.get(request_id)
+
+    def has_unfinished(self) -> bool:
+        """True while requests wait or run, or rejections are still to be reported."""
+        return bool(self._requests) or bool(self._rejected)
+
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # ----- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        planned: list[tuple[Request, int]] = []          # (request, tokens fed), in scheduling order
+        preempted: list[str] = []
+        rejected, self._rejected = self._rejected, []
+        all_running_scheduled = True
+
+        # 1. running requests, oldest first; preempt the latest-arrived when the pool is short.
+        i = 0
+        while i < len(self._running):
+            request = self._running[i]
+            n = min(self._num_to_compute(request), budget)
+            if n <= 0:          # out of budget, or nothing to compute (the engine should stop it)
+                all_running_scheduled = False
+                i += 1
+                continue
+            ok = self.kv.allocate_slots(request, n)
+            while not ok and len(self._running) > i + 1:
+                victim = self._running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                ok = self.kv.allocate_slots(request, n)
+            if ok:
+                planned.append((request, n))
+                budget -= n
+                i += 1
+            elif len(self._running) == 1:
+                error = self._cannot_grow_message(request, n)
+                self.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+                request.error = error
+                rejected.append((request.request_id, error))
+            else:
+                all_running_scheduled = False
+                i += 1
+
+        # 2. admissions, unless this step preempted.
+        if not preempted:
+            budget = self._admit(budget, planned)
+
+        # 3. multi-step decode.
+        num_steps = 1
+        if planned and all_running_scheduled and self.num_waiting() == 0 and self.config.max_decode_steps > 1:
+            num_steps = self._multi_step(planned)
+
+        chunks_by_model: dict[str, list[ScheduledChunk]] = {}
+        for request, n in planned:
+            start = request.num_computed_tokens
+            chunks_by_model.setdefault(request.model, []).append(ScheduledChunk(
+                request=request, start=start, num_tokens=n,
+                token_ids=request.token_ids_between(start, start + n),
+                samples=start + n == request.num_tokens, num_steps=num_steps,
+                page_table=self.kv.page_table(request)))
+        return SchedulerOutput(chunks_by_model, preempted, rejected, sum(n for _, n in planned))
+
+    def _num_to_compute(self, request: Request) -> int:
+        g = self.kv.geometry(request.model)
+        return min(request.num_tokens, g.max_model_len) - request.num_computed_tokens
+
+    def _cannot_grow_message(self, request: Request, n: int) -> str:
+        g = self.kv.geometry(request.model)
+        need = request.num_computed_tokens + n
+        return (f"request of model {request.model!r} at {need} tokens "
+                f"({request.num_prompt_tokens} prompt + {request.num_output_tokens} output) needs "
+                f"{g.num_blocks(need) * g.num_layers} pages, more than the whole KV pool can give it "
+                f"({self.kv.max_request_tokens(request.model)} tokens, {self.kv.allocator.num_total} pages)")
+
+    def _preempt(self, request: Request) -> None:
+        self._running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting[request.model].appendleft(request)
+
+    def _admit(self, budget: int, planned: list) -> int:
+        """Admit waiting requests by the fairness rule of the module docstring; returns the budget left."""
+        barred_after: Optional[tuple[float, int]] = None
+        done: set[str] = set()
+        first_admitted: Optional[str] = None
+        blocked_model: Optional[str] = None
+        progress = True
+        while progress and budget > 0 and len(self._running) < self.config.max_num_seqs:
+            progress = False
+            for model in list(self._turns):
+                queue = self._waiting[model]
+                if model in done or not queue:
+                    continue
+                if budget == 0 or len(self._running) >= self.config.max_num_seqs:
+                    break
+                request = queue[0]
+                key = self._order[request.request_id]
+                if barred_after is not None and key > barred_after:
+                    done.add(model)
+                    continue
+                computed, num_cached = ([], 0)
+                if self.config.enable_prefix_caching:
+                    computed, num_cached = self.kv.get_computed_blocks(request)
+                g = self.kv.geometry(request.model)
+                n = min(min(request.num_tokens, g.max_model_len) - num_cached, budget)
+                if n <= 0 or not self.kv.allocate_slots(request, n, computed):
+                    done.add(model)
+                    if barred_after is None or key < barred_after:
+                        barred_after, blocked_model = key, model
+                    continue
+                queue.popleft()
+                request.num_computed_tokens = num_cached
+                request.status = RequestStatus.RUNNING
+                self._insert_running(request)
+                planned.append((request, n))
+                budget -= n
+                progress = True
+                first_admitted = first_admitted or model
+        if blocked_model is not None:
+            self._turns.remove(blocked_model)
+            self._turns.insert(0, blocked_model)
+        elif first_admitted is not None:
+            self._turns.remove(first_admitted)
+            self._turns.append(first_admitted)
+        return budget
+
+    def _insert_running(self, request: Request) -> None:
+        key = self._order[request.request_id]
+        i = len(self._running)
+        while i > 0 and self._order[self._running[i - 1].request_id] > key:
+            i -= 1
+        self._running.insert(i, request)
+
+    def _multi_step(self, planned: list) -> int:
+        """num_steps for an all-decode step (allocating its pages), or 1."""
+        if not all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in planned):
+            return 1
+        steps = self.config.max_decode_steps
+        for request, _ in planned:
+            g = self.kv.geometry(request.model)
+            steps = min(steps, request.max_tokens - request.num_output_tokens, g.max_model_len - request.num_tokens)
+        if steps <= 1 or not self.kv.can_allocate_all([(r, steps) for r, _ in planned]):
+            return 1
+        for request, _ in planned:
+            if not self.kv.allocate_slots(request, steps):
+                raise RuntimeError(f"multi-step allocation failed for {request.request_id} after can_allocate_all")
+        return steps
+
+    # ----- results -----------------------------------------------------------------------------
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
+        """Advance each scheduled request: its fed tokens are computed; sampled tokens are
+        appended (all but the last are computed too: a multi-step decode fed them). Requests
+        finished or aborted since `schedule()` are skipped. Registers newly full blocks in
+        the prefix cache."""
+        for chunks in output.chunks_by_model.values():
+            for chunk in chunks:
+                request = chunk.request
+                if (self._requests.get(request.request_id) is not request or request.status != RequestStatus.RUNNING
+                        or request.num_computed_tokens != chunk.start):
+                    continue
+                tokens = list(sampled.get(request.request_id, ()))
+                if chunk.samples:
+                    if not 1 <= len(tokens) <= chunk.num_steps:
+                        raise ValueError(f"update_from_output: request {request.request_id!r} sampled "
+                                         f"{len(tokens)} tokens in a chunk of num_steps={chunk.num_steps} "
+                                         f"(expected 1..{chunk.num_steps})")
+                    request.num_computed_tokens = chunk.start + chunk.num_tokens + len(tokens) - 1
+                    request.output_token_ids.extend(int(t) for t in tokens)
+                else:
+                    if tokens:
+                        raise ValueError(f"update_from_output: request {request.request_id!r} got sampled tokens "
+                                         f"for a prefill chunk that does not sample")
+                    request.num_computed_tokens = chunk.start + chunk.num_tokens
+                if self.config.enable_prefix_caching:
+                    self.kv.cache_full_blocks(request)

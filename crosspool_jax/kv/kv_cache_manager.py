@@ -1,0 +1,319 @@
+"""`KVCacheManager`: which pages each request holds, and the prefix cache (plain Python, no JAX).
+
+Geometry: a model's logical block (G tokens of one sequence) costs L pages, one per
+layer, all on one KV device (`KVBlock.device`); a request's page table is L lists of page
+ids, one id per block. Blocks of one request may sit on different devices: each new block
+goes to the device with the most free capacity, so one request can use the whole pool.
+
+Prefix caching: a full block whose K/V are computed gets a hash chained over
+(model, parent block's hash, the block's token ids). Requests of the same model whose
+prompts share full blocks share those blocks (reference counted). When the last owner
+frees a hashed block it stays cached with ref_count 0 ("evictable") until its pages are
+needed, least recently freed first; unhashed blocks go straight back to the allocator.
+
+Capacity reporting: evictable cached blocks count as FREE capacity. `num_free_pages()`
+and `usage()` include them as free, `pages_used_by_model()` counts only blocks held by
+live requests (so an idle model reports 0), and `num_evictable_pages()` reports the
+cached-but-evictable pages separately.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import struct
+from typing import Optional, Sequence
+
+from crosspool_jax.kv.allocator import PageAllocator
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKVGeometry:
+    """How one model uses the pool: L pages per block of G tokens; contexts up to max_model_len."""
+
+    name: str
+    num_layers: int
+    tokens_per_page: int
+    max_model_len: int
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ModelKVGeometry.name must be a non-empty string, got {self.name!r}")
+        for field in ("num_layers", "tokens_per_page", "max_model_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelKVGeometry({self.name}).{field} must be an integer >= 1, got {value!r}")
+
+    def num_blocks(self, num_tokens: int) -> int:
+        """Blocks needed to hold num_tokens tokens."""
+        return -(-num_tokens // self.tokens_per_page)
+
+
+@dataclasses.dataclass(eq=False)
+class KVBlock:
+    """One logical block of one model: `pages[l]` holds layer l's K (and V) for G tokens."""
+
+    model: str
+    pages: tuple[int, ...]
+    device: int
+    ref_count: int = 0
+    block_hash: Optional[bytes] = None
+
+
+def hash_block(model: str, parent_hash: Optional[bytes], token_ids: Sequence[int]) -> bytes:
+    """Chained content hash of one full block (16 bytes of BLAKE2b)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(model.encode())
+    h.update(b"\x00" + (parent_hash or b"<root>"))
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+class KVCacheManager:
+    """Blocks per request, reference counts, prefix cache and eviction, over one `PageAllocator`.
+
+    Requests are anything with request_id, model, num_computed_tokens, num_tokens and
+    token_ids_between(start, stop) (see `crosspool_jax.engine.request.Request`).
+    """
+
+    def __init__(self, allocator: PageAllocator, enable_prefix_caching: bool = True):
+        if not isinstance(allocator, PageAllocator):
+            raise ValueError(f"KVCacheManager.allocator must be a PageAllocator, got {type(allocator).__name__}")
+        self.allocator = allocator
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self._geometries: dict[str, ModelKVGeometry] = {}
+        self._blocks: dict[str, list[KVBlock]] = {}            # request_id -> its blocks, in order
+        self._hashes: dict[str, list[bytes]] = {}              # request_id -> hashes of its full blocks
+        self._num_hashed: dict[str, int] = {}                  # request_id -> blocks already offered to the cache
+        self._cached: dict[bytes, KVBlock] = {}                # hash -> block (live or evictable)
+        self._evictable = [collections.OrderedDict() for _ in range(allocator.num_devices)]  # id(block) -> block
+        self._evictable_pages = [0] * allocator.num_devices
+        self._used_by_model: dict[str, int] = {}               # pages of blocks with ref_count > 0
+
+    # ----- models ---------------------------------------------------------------------------
+    def register_model(self, geometry: ModelKVGeometry) -> None:
+        """Declare a model's geometry (idempotent for the same geometry)."""
+        if not isinstance(geometry, ModelKVGeometry):
+            raise ValueError(f"register_model needs a ModelKVGeometry, got {type(geometry).__name__}")
+        old = self._geometries.get(geometry.name)
+        if old is not None and old != geometry:
+            raise ValueError(f"model {geometry.name!r} is already registered with {old}, not {geometry}")
+        if geometry.num_layers > self.allocator.pages_per_device:
+            raise ValueError(f"model {geometry.name!r}: one block needs num_layers={geometry.num_layers} pages on "
+                             f"one KV device, which holds only {self.allocator.pages_per_device} pages")
+        self._geometries[geometry.name] = geometry
+        self._used_by_model.setdefault(geometry.name, 0)
+
+    def geometry(self, model: str) -> ModelKVGeometry:
+        try:
+            return self._geometries[model]
+        except KeyError:
+            raise ValueError(f"unknown model {model!r}; registered: {sorted(self._geometries)}") from None
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._geometries)
+
+    def max_request_tokens(self, model: str) -> int:
+        """Most tokens one sequence of `model` could ever hold if it had the whole pool."""
+        g = self.geometry(model)
+        blocks_per_device = self.allocator.pages_per_device // g.num_layers
+        return blocks_per_device * self.allocator.num_devices * g.tokens_per_page
+
+    # ----- prefix cache ----------------------------------------------------------------------
+    def _block_hashes(self, request, num_blocks: int) -> list[bytes]:
+        """Hashes of the request's first num_blocks full blocks (computed once, extended lazily)."""
+        g = self.geometry(request.model)
+        G = g.tokens_per_page
+        hashes = self._hashes.setdefault(request.request_id, [])
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(request.model, parent, request.token_ids_between(i * G, (i + 1) * G)))
+        return hashes[:num_blocks]
+
+    def get_computed_blocks(self, request) -> tuple[list[KVBlock], int]:
+        """Cached blocks matching the request's leading full blocks, and the tokens they cover.
+
+        Never the whole request: at least its last token is left to compute (to get logits).
+        Does not take references; pass the blocks to `allocate_slots`.
+        """
+        g = self.geometry(request.model)
+        if not self.enable_prefix_caching or self._blocks.get(request.request_id):
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // g.tokens_per_page
+        hits = []
+        for h in self._block_hashes(request, max_blocks):
+            block = self._cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * g.tokens_per_page
+
+    def cache_full_blocks(self, request) -> None:
+        """Register the hashes of the request's blocks that are now full and computed."""
+        if not self.enable_prefix_caching:
+            return
+        blocks = self._blocks.get(request.request_id, [])
+        g = self.geometry(request.model)
+        num_full = min(request.num_computed_tokens // g.tokens_per_page, len(blocks))
+        start = self._num_hashed.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(request, num_full)
+        for i in range(start, num_full):
+            block = blocks[i]
+            if block.block_hash is None and hashes[i] not in self._cached:
+                block.block_hash = hashes[i]
+                self._cached[hashes[i]] = block
+            # A block computed twice (two identical prompts in flight) stays unhashed and is
+            # returned to the allocator when freed.
+        self._num_hashed[request.request_id] = num_full
+
+    def reset_prefix_cache(self) -> int:
+        """Evict every evictable cached block; returns the pages given back."""
+        freed = 0
+        for device in range(self.allocator.num_devices):
+            while self._evictable[device]:
+                freed += self._evict_one(device)
+        return freed
+
+    # ----- allocation ------------------------------------------------------------------------
+    def allocate_slots(self, request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()) -> bool:
+        """Ensure the request holds blocks for num_computed_tokens + len(new_computed_blocks)*G
+        + num_new_tokens tokens: take the cached blocks (ref+1), then new pages, evicting
+        least-recently-freed cached blocks when needed. Returns False, changing nothing, if the
+        pool cannot hold them. The caller advances num_computed_tokens by the cached tokens.
+        """
+        g = self.geometry(request.model)
+        if num_new_tokens < 0:
+            raise ValueError(f"allocate_slots({request.request_id}): num_new_tokens must be >= 0, "
+                             f"got {num_new_tokens}")
+        blocks = self._blocks.get(request.request_id, [])
+        new_computed_blocks = list(new_computed_blocks)
+        if new_computed_blocks and blocks:
+            raise ValueError(f"allocate_slots({request.request_id}): cached blocks can only be taken by a "
+                             f"request that holds no blocks yet (it holds {len(blocks)})")
+        for b in new_computed_blocks:
+            if b.model != request.model or b.block_hash is None or self._cached.get(b.block_hash) is not b:
+                raise ValueError(f"allocate_slots({request.request_id}): a new computed block is not a cached "
+                                 f"block of model {request.model!r}")
+        total_tokens = (request.num_computed_tokens + len(new_computed_blocks) * g.tokens_per_page
+                        + num_new_tokens)
+        if total_tokens > g.max_model_len:
+            raise ValueError(f"allocate_slots({request.request_id}): {total_tokens} tokens exceed model "
+                             f"{request.model!r}'s max_model_len of {g.max_model_len}")
+        num_fresh = g.num_blocks(total_tokens) - len(blocks) - len(new_computed_blocks)
+        plan = self._plan(num_fresh, g.num_layers, new_computed_blocks)
+        if plan is None:
+            return False
+        owned = self._blocks.setdefault(request.request_id, [])
+        for b in new_computed_blocks:
+            self._ref(b)
+            owned.append(b)
+        if new_computed_blocks:
+            self._num_hashed[request.request_id] = len(new_computed_blocks)
+        for device in plan:
+            while self.allocator.num_free(device) < g.num_layers:
+                self._evict_one(device)
+            block = KVBlock(request.model, tuple(self.allocator.allocate(g.num_layers, device)), device)
+            self._ref(block)
+            owned.append(block)
+        return True
+
+    def can_allocate_all(self, requests_and_tokens: Sequence[tuple]) -> bool:
+        """Whether `allocate_slots(request, n)` would succeed for every (request, n) together
+        (no cached blocks taken). Changes nothing."""
+        capacity = self._capacity()
+        for request, n in requests_and_tokens:
+            g = self.geometry(request.model)
+            total = request.num_computed_tokens + n
+            if total > g.max_model_len:
+                return False
+            num_fresh = g.num_blocks(total) - len(self._blocks.get(request.request_id, []))
+            if self._plan(num_fresh, g.num_layers, (), capacity) is None:
+                return False
+        return True
+
+    def _capacity(self) -> list[int]:
+        return [self.allocator.num_free(d) + self._evictable_pages[d] for d in range(self.allocator.num_devices)]
+
+    def _plan(self, num_fresh: int, L: int, taken: Sequence[KVBlock],
+              capacity: Optional[list[int]] = None) -> Optional[list[int]]:
+        """Devices for num_fresh new blocks of L pages each (most capacity first), or None.
+        Consumes `capacity` (per-device free + evictable pages) as it plans."""
+        if num_fresh <= 0:
+            return []
+        capacity = self._capacity() if capacity is None else capacity
+        for b in taken:
+            if b.ref_count == 0:        # about to leave the evictable set
+                capacity[b.device] -= len(b.pages)
+        plan = []
+        for _ in range(num_fresh):
+            device = max(range(len(capacity)), key=lambda d: (capacity[d], -d))
+            if capacity[device] < L:
+                return None
+            capacity[device] -= L
+            plan.append(device)
+        return plan
+
+    def _ref(self, block: KVBlock) -> None:
+        if block.ref_count == 0:
+            if id(block) in self._evictable[block.device]:
+                del self._evictable[block.device][id(block)]
+                self._evictable_pages[block.device] -= len(block.pages)
+            self._used_by_model[block.model] += len(block.pages)
+        block.ref_count += 1
+
+    def _evict_one(self, device: int) -> int:
+        _, block = self._evictable[device].popitem(last=False)
+        self._evictable_pages[device] -= len(block.pages)
+        if self._cached.get(block.block_hash) is block:
+            del self._cached[block.block_hash]
+        block.block_hash = None
+        self.allocator.free(block.pages)
+        return len(block.pages)
+
+    def free(self, request) -> None:
+        """Drop the request's references (finished, aborted or preempted). Hashed blocks that
+        reach ref 0 stay cached and evictable (the tail block first in line); others go back."""
+        blocks = self._blocks.pop(request.request_id, [])
+        self._hashes.pop(request.request_id, None)
+        self._num_hashed.pop(request.request_id, None)
+        for block in reversed(blocks):
+            block.ref_count -= 1
+            if block.ref_count > 0:
+                continue
+            self._used_by_model[block.model] -= len(block.pages)
+            if block.block_hash is not None:
+                self._evictable[block.device][id(block)] = block
+                self._evictable_pages[block.device] += len(block.pages)
+            else:
+                self.allocator.free(block.pages)
+
+    # ----- queries ---------------------------------------------------------------------------
+    def page_table(self, request) -> list[list[int]]:
+        """[L][num_blocks] global page ids of the request (L lists, even when it holds no block)."""
+        L = self.geometry(request.model).num_layers
+        blocks = self._blocks.get(request.request_id, [])
+        return [[b.pages[layer] for b in blocks] for layer in range(L)]
+
+    def blocks_of(self, request) -> list[KVBlock]:
+        return list(self._blocks.get(request.request_id, []))
+
+    def pages_used_by_model(self) -> dict[str, int]:
+        """Pages held by live requests, per registered model (shared blocks counted once;
+        evictable cached blocks not counted)."""
+        return dict(self._used_by_model)
+
+    def num_evictable_pages(self, device: Optional[int] = None) -> int:
+        """Pages of cached blocks no request holds (free capacity, reclaimed on demand)."""
+        return sum(self._evictable_pages) if device is None else self._evictable_pages[device]
+
+    def num_free_pages(self, device: Optional[int] = None) -> int:
+        """Free pages plus evictable cached pages."""
+        return self.allocator.num_free(device) + self.num_evictable_pages(device)
+
+    def usage(self) -> float:
+        """Fraction of the pool held by live requests (evictable cached blocks count as free)."""
+        return 1.0 - self.num_free_pages() / self.allocator.num_total
