@@ -194,17 +194,21 @@ class WeightsPool:
             self._finish_pending(model)
 
     def _finish_pending(self, model: str) -> None:
+        """Block (under the lock) until a pending transfer of `model` has landed; record it."""
         entry = self._models[model]
-        if entry.pending_since is None:
-            return
-        t0 = time.perf_counter()
-        jax.block_until_ready(entry.device_leaves)
-        now = time.perf_counter()
-        seconds = now - entry.pending_since
-        self._wait_seconds += now - t0
-        self._seconds_in += seconds
-        self._last_seconds[model] = seconds
-        entry.pending_since = None
+        if entry.pending_since is not None:
+            t0 = time.perf_counter()
+            jax.block_until_ready(entry.device_leaves)
+            self._record_landed(model, entry.pending_since, time.perf_counter() - t0)
+
+    def _record_landed(self, model: str, since: float, waited: float) -> None:
+        entry = self._models[model]
+        self._wait_seconds += waited
+        if entry.pending_since == since:  # the first waiter records the transfer
+            seconds = time.perf_counter() - since
+            self._seconds_in += seconds
+            self._last_seconds[model] = seconds
+            entry.pending_since = None
 
     def _evict(self, model: str) -> None:
         entry = self._models[model]
@@ -221,14 +225,23 @@ class WeightsPool:
 
     # -- public -------------------------------------------------------------------------
     def acquire(self, model: str) -> Any:
-        """The model's device pytree, swapped in if needed; marks it in use until `release`."""
+        """The model's device pytree, swapped in if needed; marks it in use until `release`.
+
+        Waiting on the transfer happens outside the pool's lock (the model is already marked in
+        use, so it cannot be evicted meanwhile)."""
         with self._lock:
             if not self._budget.is_resident(model):
                 self._swap_in(model, wait=False)
-            self._finish_pending(model)
             self._budget.pin(model)
             entry = self._models[model]
-            return jax.tree_util.tree_unflatten(entry.treedef, list(entry.device_leaves))
+            leaves, since = list(entry.device_leaves), entry.pending_since
+        if since is not None:
+            t0 = time.perf_counter()
+            jax.block_until_ready(leaves)
+            waited = time.perf_counter() - t0
+            with self._lock:
+                self._record_landed(model, since, waited)
+        return jax.tree_util.tree_unflatten(entry.treedef, leaves)
 
     def release(self, model: str) -> None:
         """End one `acquire`; the model may be evicted once no holder remains."""

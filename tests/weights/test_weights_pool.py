@@ -211,3 +211,42 @@ def test_adopts_device_arrays_already_placed():
     pool.evict("m")
     assert params["moe"]["w1"].is_deleted()  # adopted arrays belong to the pool
     _assert_identical(pool.acquire("m"), host)
+
+
+def test_threads_share_the_pool(models):
+    """Concurrent acquire/release from several threads: values right, budget and pins respected."""
+    import random
+    import threading
+
+    size = _nbytes(models["m0"])
+    pool = WeightsPool(2 * size, _one_device)
+    for name, params in models.items():
+        pool.register(name, params, resident=False)
+    errors = []
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        try:
+            for _ in range(15):
+                name = rnd.choice(sorted(models))
+                if rnd.random() < 0.3:
+                    pool.prefetch(name)
+                try:
+                    tree = pool.acquire(name)
+                except WeightsPoolBusyError:
+                    continue
+                assert pool.bytes_resident <= 2 * size
+                _assert_identical(tree, models[name])
+                pool.release(name)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    stats = pool.stats()
+    assert stats.swaps_in >= 2 and stats.swaps_in - stats.swaps_out == len(pool.resident_models())
+    assert pool.bytes_resident <= 2 * size

@@ -1,0 +1,144 @@
+"""Swap-in latency and bandwidth of parameter pytrees: host->device, device->host, and through
+the WeightsPool (cold acquire with an eviction, prefetch then acquire). Prints one table.
+
+    python scripts/bench_swap.py --sizes_mib=64,256,1024,4096 --devices=1
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_swap.py --devices=4
+
+Each row: one pytree of `--leaves` equal leaves totalling the size, sharded over the first
+`--devices` devices on the leading axis; host memory "pinned" (pinned_host memory kind, where
+the platform has it) or "numpy" (plain host RAM). Times are medians over `--repeats`; GB/s is
+bytes / time / 1e9.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from crosspool_jax.weights import WeightsPool  # noqa: E402
+from crosspool_jax.weights.pool import supports_pinned_host  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes_mib", ["16", "64", "256"], "pytree sizes in MiB")
+flags.DEFINE_integer("leaves", 8, "leaves per pytree")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "leaf dtype")
+flags.DEFINE_integer("repeats", 5, "timed repetitions per measurement (after one warm-up)")
+flags.DEFINE_integer("devices", 1, "devices to shard each leaf over (leading axis)")
+flags.DEFINE_list("host", ["pinned", "numpy"], "host memory kinds to measure: pinned, numpy")
+
+
+def _median_seconds(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _make_tree(nbytes, leaves, dtype, n_dev, rng):
+    itemsize = np.dtype(dtype).itemsize
+    rows = max(n_dev, (nbytes // leaves // itemsize // 1024) // n_dev * n_dev)
+    bits = np.dtype(f"uint{8 * itemsize}")
+    return [rng.integers(0, 1 << 14, (rows, 1024), dtype=bits).view(dtype) for _ in range(leaves)]
+
+
+def _row(size_mib, host, tree, sharding, repeats):
+    nbytes = sum(x.nbytes for x in tree)
+    pinned = host == "pinned"
+    host_sharding = sharding.with_memory_kind("pinned_host") if pinned else None
+    host_tree = [jax.device_put(x, host_sharding) for x in tree] if pinned else tree
+    jax.block_until_ready(host_tree)
+
+    def h2d():
+        jax.block_until_ready([jax.device_put(h, sharding) for h in host_tree])
+
+    dev_tree = [jax.device_put(h, sharding) for h in host_tree]
+    jax.block_until_ready(dev_tree)
+    if not all(np.array_equal(np.asarray(a).view(np.uint8), b.view(np.uint8))
+               for a, b in zip(dev_tree[:1], tree[:1])):
+        raise AssertionError("host->device copy changed the data")
+
+    def d2h():
+        if pinned:
+            jax.block_until_ready([jax.device_put(d, host_sharding) for d in dev_tree])
+        else:
+            jax.device_get(dev_tree)
+
+    t_h2d = _median_seconds(h2d, repeats)
+    t_d2h = _median_seconds(d2h, repeats)
+    del dev_tree
+
+    # through the pool: budget for one model, two models alternate -> each acquire swaps
+    pool = WeightsPool(_one_model_budget(tree, sharding), lambda m, p, s: sharding,
+                       use_pinned_host=pinned)
+    pool.register("a", tree, resident=True)
+    pool.register("b", tree, resident=False)
+    names = iter(["b", "a"] * (repeats + 1))
+
+    def cold_acquire():
+        name = next(names)
+        jax.block_until_ready(pool.acquire(name))
+        pool.release(name)
+
+    t_cold = _median_seconds(cold_acquire, repeats)
+    prefetch_call, wait = [], []
+    for _ in range(repeats):
+        other = "a" if pool.is_resident("b") else "b"
+        t0 = time.perf_counter()
+        pool.prefetch(other)
+        prefetch_call.append(time.perf_counter() - t0)
+        w0 = pool.stats().acquire_wait_seconds
+        pool.acquire(other)
+        wait.append(pool.stats().acquire_wait_seconds - w0)
+        pool.release(other)
+    stats = pool.stats()
+    gbps = lambda t: nbytes / t / 1e9 if t > 0 else float("inf")
+    return (f"{size_mib:>8} {host:>6} {t_h2d * 1e3:>9.2f} {gbps(t_h2d):>8.2f} {t_d2h * 1e3:>9.2f} "
+            f"{gbps(t_d2h):>8.2f} {t_cold * 1e3:>10.2f} {gbps(t_cold):>8.2f} "
+            f"{statistics.median(prefetch_call) * 1e3:>9.3f} {statistics.median(wait) * 1e3:>9.2f} "
+            f"{stats.swaps_in:>6}")
+
+
+def _one_model_budget(tree, sharding):
+    """Device bytes of `tree` under `sharding`: the budget that holds exactly one such model."""
+    return sum(int(np.prod(sharding.shard_shape(x.shape))) * x.itemsize * len(sharding.device_set)
+               for x in tree)
+
+
+def main(argv):
+    del argv
+    devices = jax.devices()[:FLAGS.devices]
+    if len(devices) < FLAGS.devices:
+        raise ValueError(f"--devices={FLAGS.devices} but only {len(jax.devices())} devices exist")
+    mesh = Mesh(np.array(devices, dtype=object), ("expert",))
+    sharding = NamedSharding(mesh, PartitionSpec("expert", None))
+    dtype = jax.numpy.bfloat16 if FLAGS.dtype == "bfloat16" else np.float32
+    hosts = [h for h in FLAGS.host if h != "pinned" or supports_pinned_host(sharding)]
+    print(f"jax {jax.__version__}, {devices[0].platform}: {devices[0].device_kind} x{len(devices)}, "
+          f"dtype {FLAGS.dtype}, {FLAGS.leaves} leaves, median of {FLAGS.repeats}")
+    if set(FLAGS.host) - set(hosts):
+        print("(pinned_host memory is not available on this platform: pinned rows skipped)")
+    print(f"{'MiB':>8} {'host':>6} {'h2d ms':>9} {'h2d GB/s':>8} {'d2h ms':>9} {'d2h GB/s':>8} "
+          f"{'acquire ms':>10} {'acq GB/s':>8} {'prefetch':>9} {'wait ms':>9} {'swaps':>6}")
+    rng = np.random.default_rng(0)
+    for size in FLAGS.sizes_mib:
+        tree = _make_tree(int(size) << 20, FLAGS.leaves, dtype, len(devices), rng)
+        for host in hosts:
+            print(_row(size, host, tree, sharding, FLAGS.repeats), flush=True)
+    print("acquire: cold acquire of a swapped-out model (evicts the other, swaps in, waits);"
+          " prefetch: ms the prefetch call takes (non-blocking); wait: ms acquire then blocks")
+
+
+if __name__ == "__main__":
+    app.run(main)
