@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Optional, Sequence, Union
 
 _MAX_LOGPROBS = 20
@@ -37,21 +39,39 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop is not None and not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"SamplingParams.stop: must be a string or a list of strings (got {self.stop!r})")
         self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        ids = self.stop_token_ids
+        if ids is not None and (not isinstance(ids, (list, tuple))
+                                or not all(_is_int(t) for t in ids)):
+            raise ValueError(f"SamplingParams.stop_token_ids: must be a list of integers (got {ids!r})")
+        self.stop_token_ids = [int(t) for t in (ids or [])]
         self._check()
 
     def _check(self):
         def bad(field, why):
             raise ValueError(f"SamplingParams.{field}: {why} (got {getattr(self, field)!r})")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty"):
+            value = getattr(self, field)
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                    or not math.isfinite(value)):
+                bad(field, "must be a finite number")
+        for field in ("n", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, field)):
+                bad(field, "must be an integer")
+        for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, field), bool):
+                bad(field, "must be a boolean")
+        if self.n < 1:
             bad("n", "must be an integer >= 1")
         if self.temperature < 0:
             bad("temperature", "must be >= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or (self.top_k < 0 and self.top_k != -1):
+        if self.top_k < -1:
             bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "must be in [0, 1]")
@@ -61,15 +81,15 @@ class SamplingParams:
             bad("frequency_penalty", "must be in [-2, 2]")
         if not 0.0 < self.repetition_penalty <= 2.0:
             bad("repetition_penalty", "must be in (0, 2]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", "must be an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if self.min_tokens < 0:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be an integer or None")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+        if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= _MAX_LOGPROBS):
             bad("logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}] or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -79,9 +99,14 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0 (the sampler also treats temperatures below 1e-5 as greedy)."""
         return self.temperature == 0.0
 
     @property
     def needs_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -24,6 +24,7 @@ from crosspool_jax.sampling_params import SamplingParams
 
 _SUPPRESS_PAD = 8      # suppress_ids_SZ's Z is a multiple of this (bounds recompilation)
 _HISTORY_MIN_LEN = 16  # token history lengths are padded to a power of two at least this
+_MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (dividing by it would overflow)
 
 
 @functools.partial(
@@ -101,7 +102,10 @@ def _check_pad(rows: Sequence[SamplingRow], pad_rows_to: int) -> None:
 
 
 def build_sampling_metadata(rows: Sequence[SamplingRow], pad_rows_to: int) -> SamplingMetadata:
-    """Numpy arrays of `rows` padded to `pad_rows_to` greedy rows, then one device_put."""
+    """Numpy arrays of `rows` padded to `pad_rows_to` greedy rows, then one device_put.
+
+    Temperatures below 1e-5 become 0 (greedy).
+    """
     _check_pad(rows, pad_rows_to)
     S = int(pad_rows_to)
     suppress_lists = [r.suppress_ids for r in rows]
@@ -122,7 +126,7 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], pad_rows_to: int) -> Sa
     min_tokens = np.zeros(S, np.int32)
     for s, (row, ids) in enumerate(zip(rows, suppress_lists)):
         p = row.params
-        temperature[s] = p.temperature
+        temperature[s] = p.temperature if p.temperature >= _MIN_TEMPERATURE else 0.0
         top_k[s] = max(p.top_k, 0)
         top_p[s] = p.top_p
         min_p[s] = p.min_p

@@ -279,6 +279,7 @@ def test_metadata_padding_and_validation():
     assert float(meta.temperature[0]) == 0.5 and int(meta.top_k[0]) == 0
     assert np.all(np.asarray(meta.temperature[1:]) == 0) and np.all(np.asarray(meta.top_p[1:]) == 1)
     assert meta.suppress_ids_SZ.shape[1] % 8 == 0 and meta.num_rows == S
+    assert float(_meta([_row(temperature=1e-6)]).temperature[0]) == 0.0  # tiny temperature: greedy
     with pytest.raises(ValueError, match="pad_rows_to"):
         build_sampling_metadata([_row()] * 3, 2)
     with pytest.raises(ValueError, match="output_index"):
