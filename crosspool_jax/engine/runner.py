@@ -83,7 +83,7 @@ class StepRunner:
                 outs = jax.tree.map(lambda a: a[None], out)
                 steps_run = 1
             else:
-                args = self._multi_decode_args(config, chunks, S, stop_ids, allowances, rows)
+                args = self._multi_decode_args(config, chunks, S, stop_ids, allowances)
                 Pp = args[2].shape[2]
                 self._count_program((model_name, "decode", S, Pp, num_steps, num_logprobs, penalties))
                 t1 = time.perf_counter()
@@ -102,14 +102,13 @@ class StepRunner:
         self.stats.decode_tokens_per_dispatch_max = max(self.stats.decode_tokens_per_dispatch_max, int(steps_run))
         return _unpack(outs, int(steps_run), len(chunks), num_logprobs)
 
-    def _multi_decode_args(self, config, chunks, S, stop_ids, allowances, rows):
+    def _multi_decode_args(self, config, chunks, S, stop_ids, allowances):
         L = config.num_layers
         Pp = bucket(max(len(c.page_table[0]) for c in chunks))
         Z = bucket(max((len(z) for z in stop_ids), default=1))
         token_ids = np.zeros(S, np.int32)
         kv_lens = np.ones(S, np.int32)
         pages = np.zeros((L, S, Pp), np.int32)
-        min_tokens = np.zeros(S, np.int32)
         stops = np.full((S, Z), -1, np.int32)
         allowance = np.ones(S, np.int32)
         for s, c in enumerate(chunks):
@@ -119,10 +118,9 @@ class StepRunner:
             kv_lens[s] = c.start + 1
             table = np.asarray(c.page_table, np.int32)
             pages[:, s, :table.shape[1]] = table
-            min_tokens[s] = rows[s].params.min_tokens
             stops[s, :len(stop_ids[s])] = stop_ids[s]
             allowance[s] = allowances[s]
-        host = (token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), min_tokens, stops, allowance)
+        host = (token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance)
         return jax.device_put(host, self.input_device)
 
 

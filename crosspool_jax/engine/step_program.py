@@ -66,7 +66,7 @@ def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_co
                                              "moe_backend"),
                    donate_argnames=("k_buf", "v_buf"))
 def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, page_indices_LSP, num_seqs_1,
-                 sampling, output_counts_SV, prompt_mask_SV, min_tokens_S, stop_ids_SZ, allowance_S, *,
+                 sampling, output_counts_SV, prompt_mask_SV, stop_ids_SZ, allowance_S, *,
                  config, num_steps, num_logprobs, attention_backend, moe_backend):
     """Up to num_steps decode tokens per sequence in one dispatch.
 
@@ -96,7 +96,7 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
         k_buf, v_buf, logits_SV = _forward_logits(
             kv_params, ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, page_indices_LSP, kv_lens,
             cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend)
-        meta = sampler_lib.advance_metadata(sampling, j, min_tokens_S)
+        meta = sampler_lib.advance_metadata(sampling, j)
         out = sampler_lib.sample(logits_SV, meta, counts, prompt_mask_SV, num_logprobs=num_logprobs)
         new_S = out.token_ids_S
         out_buf = jax.tree.map(lambda buf, x: buf.at[j].set(x), out_buf, out)
