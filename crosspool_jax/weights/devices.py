@@ -5,9 +5,10 @@ Owns `DeviceRoles`, `resolve_device_roles` (the engine options `mode`, `kv_devic
 `weights_mesh`, axis "expert"), the FFN leaf sharding rule `ffn_sharding_for`, and the
 round-robin model assignment of the static baseline.
 
-Sharding of FFN leaves over the "expert" axis of size n (leaves named by their pytree path,
-e.g. "moe/w1"; expert weights are `w1 [..., E, D, 2F]` and `w2 [..., E, F, D]`, the leading
-"..." being the stacked-layers axis when present):
+Sharding of FFN leaves over the "expert" axis of size n. Leaves are named by their pytree path
+("moe/w1_LEDF2"); the axes come from the name's dimension letters (models/params.py), else
+from positions: expert weights `w1 [..., E, D, 2F]`, `w2 [..., E, F, D]`, the leading "..."
+being the stacked-layers axis; dense and shared-expert FFNs `[..., D, 2F]`, `[..., F, D]`.
 
 - expert-parallel (EP) when E % n == 0 and E >= n: axis E is split, each device holds E/n whole
   experts;
@@ -31,6 +32,7 @@ up, so `silu(gate) * up` is not local. Two ways out, both supported:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional, Sequence, Union
 
 import jax
@@ -193,18 +195,38 @@ def weights_mesh(roles: DeviceRoles) -> Mesh:
     return Mesh(np.array(roles.weight_devices, dtype=object), ("expert",))
 
 
-def _leaf_kind(path: str, shape: tuple, num_experts: Optional[int]) -> str:
-    """'expert_w1' | 'expert_w2' | 'dense_w1' | 'dense_w2' | 'small'."""
+def _dims_from_suffix(name: str, ndim: int) -> Optional[list]:
+    """["L", "E", "D", "F2"] from a leaf name like "w1_LEDF2" when its letters match ndim."""
+    if "_" not in name:
+        return None
+    suffix = name.rsplit("_", 1)[1]
+    dims = re.findall(r"[A-Z][0-9]*", suffix)
+    return dims if "".join(dims) == suffix and len(dims) == ndim else None
+
+
+def _ffn_axes(path: str, shape: tuple, num_experts: Optional[int]):
+    """(which, expert_axis, f_axis) of an FFN leaf: which is "w1", "w2" or None (small leaf).
+
+    Axes come from the dimension letters of the leaf name when it carries them ("w1_LEDF2",
+    "shared_w2_LFD", as models/params.py names them), else from the position rules
+    `[..., E, D, 2F]` / `[..., E, F, D]` (expert weights: E == num_experts at axis -3 and no
+    "dense"/"shared" in the path) and `[..., D, 2F]` / `[..., F, D]` (dense and shared FFNs).
+    """
     parts = [p for p in path.replace(".", "/").split("/") if p]
-    last = parts[-1] if parts else ""
-    if last not in ("w1", "w2"):
-        return "small"
-    dense = any(("dense" in p or "shared" in p) for p in parts[:-1])
-    if (not dense and num_experts and len(shape) >= 3 and shape[-3] == num_experts):
-        return "expert_" + last
-    if len(shape) >= 2:
-        return "dense_" + last
-    return "small"
+    name = parts[-1] if parts else ""
+    tokens = name.split("_")
+    which = "w1" if "w1" in tokens else "w2" if "w2" in tokens else None
+    if which is None or len(shape) < 2:
+        return None, None, None
+    dims = _dims_from_suffix(name, len(shape))
+    if dims is not None:
+        e_axis = dims.index("E") if "E" in dims else None
+        f_letter = "F2" if which == "w1" else "F"
+        f_axis = dims.index(f_letter) if f_letter in dims else None
+        return which, e_axis, f_axis
+    dense = any(("dense" in p or "shared" in p) for p in parts[:-1]) or "shared" in tokens
+    expert = not dense and bool(num_experts) and len(shape) >= 3 and shape[-3] == num_experts
+    return which, (len(shape) - 3 if expert else None), (len(shape) - 1 if which == "w1" else len(shape) - 2)
 
 
 def ffn_sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
@@ -215,16 +237,19 @@ def ffn_sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
         raise ValueError(f"mesh must have an 'expert' axis (axes: {mesh.axis_names})")
     n = mesh.shape["expert"]
     spec = [None] * len(shape)
-    kind = _leaf_kind(path, shape, num_experts)
-    if kind.startswith("expert_") and n > 1 and num_experts % n == 0 and num_experts >= n:
-        spec[-3] = "expert"
-    elif kind.endswith("w1") and n > 1:
-        if shape[-1] % 2:
-            raise ValueError(f"FFN leaf {path!r}: last axis of w1 must be 2F (even), got shape {shape}")
-        if (shape[-1] // 2) % n == 0:
-            spec[-1] = "expert"
-    elif kind.endswith("w2") and n > 1 and shape[-2] % n == 0:
-        spec[-2] = "expert"
+    which, e_axis, f_axis = _ffn_axes(path, shape, num_experts)
+    if which is None or n == 1:
+        return NamedSharding(mesh, PartitionSpec(*spec))
+    if e_axis is not None and shape[e_axis] % n == 0 and shape[e_axis] >= n:
+        spec[e_axis] = "expert"
+    elif f_axis is not None:
+        f = shape[f_axis]
+        if which == "w1":
+            if f % 2:
+                raise ValueError(f"FFN leaf {path!r}: the 2F axis of w1 must be even, got shape {shape}")
+            f //= 2
+        if f % n == 0:
+            spec[f_axis] = "expert"
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

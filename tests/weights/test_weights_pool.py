@@ -24,9 +24,9 @@ def _ffn_params(rng, e=E, f=F):
     """A MoE FFN pytree, fresh random values (float32 and bfloat16 leaves)."""
     return {
         "moe": {
-            "w1": rng.standard_normal((L, e, D, 2 * f)).astype(np.float32),
-            "w2": rng.standard_normal((L, e, f, D)).astype(np.float32),
-            "router": rng.standard_normal((L, D, e)).astype(np.float32),
+            "w1_LEDF2": rng.standard_normal((L, e, D, 2 * f)).astype(np.float32),
+            "w2_LEFD": rng.standard_normal((L, e, f, D)).astype(np.float32),
+            "router_LDE": rng.standard_normal((L, D, e)).astype(np.float32),
             "norm": [rng.standard_normal((L, D)).astype(jax.numpy.bfloat16)],
         }
     }
@@ -179,20 +179,20 @@ def test_multi_device_sharding_is_kept():
     pool.evict("a")
     tree = pool.acquire("a")
     _assert_identical(tree, params["a"])
-    assert tree["moe"]["w1"].sharding == NamedSharding(mesh, P(None, "expert", None, None))
-    assert tree["moe"]["w1"].sharding.memory_kind == "device"
-    assert tree["moe"]["w1"].addressable_shards[0].data.shape == (L, 1, D, 2 * F)
-    assert set(tree["moe"]["w1"].sharding.device_set) == set(roles.weight_devices)
-    assert tree["moe"]["router"].sharding.is_fully_replicated
+    assert tree["moe"]["w1_LEDF2"].sharding == NamedSharding(mesh, P(None, "expert", None, None))
+    assert tree["moe"]["w1_LEDF2"].sharding.memory_kind == "device"
+    assert tree["moe"]["w1_LEDF2"].addressable_shards[0].data.shape == (L, 1, D, 2 * F)
+    assert set(tree["moe"]["w1_LEDF2"].sharding.device_set) == set(roles.weight_devices)
+    assert tree["moe"]["router_LDE"].sharding.is_fully_replicated
     # replicated leaves count once per device holding them
-    expected = sum(x.nbytes for x in [params["a"]["moe"]["w1"], params["a"]["moe"]["w2"]]) + 4 * (
-        params["a"]["moe"]["router"].nbytes + params["a"]["moe"]["norm"][0].nbytes)
+    expected = sum(x.nbytes for x in [params["a"]["moe"]["w1_LEDF2"], params["a"]["moe"]["w2_LEFD"]]) + 4 * (
+        params["a"]["moe"]["router_LDE"].nbytes + params["a"]["moe"]["norm"][0].nbytes)
     assert pool.model_bytes("a") == expected
     tb = pool.acquire("b")
     _assert_identical(tb, params["b"])
-    assert tb["moe"]["w1"].sharding.spec == P(None, None, None, "expert")
-    assert tb["moe"]["w2"].sharding.spec == P(None, None, "expert", None)
-    assert tb["moe"]["w2"].addressable_shards[0].data.shape == (L, 6, 2, D)
+    assert tb["moe"]["w1_LEDF2"].sharding.spec == P(None, None, None, "expert")
+    assert tb["moe"]["w2_LEFD"].sharding.spec == P(None, None, "expert", None)
+    assert tb["moe"]["w2_LEFD"].addressable_shards[0].data.shape == (L, 6, 2, D)
     pool.release("a")
     pool.release("b")
 
@@ -206,10 +206,10 @@ def test_adopts_device_arrays_already_placed():
     pool.register("m", params, resident=True)
     assert pool.stats().swaps_in == before  # no transfer: placed arrays adopted
     tree = pool.acquire("m")
-    assert tree["moe"]["w1"] is params["moe"]["w1"]
+    assert tree["moe"]["w1_LEDF2"] is params["moe"]["w1_LEDF2"]
     pool.release("m")
     pool.evict("m")
-    assert params["moe"]["w1"].is_deleted()  # adopted arrays belong to the pool
+    assert params["moe"]["w1_LEDF2"].is_deleted()  # adopted arrays belong to the pool
     _assert_identical(pool.acquire("m"), host)
 
 
