@@ -94,6 +94,10 @@ class _Live:
     t_last_token: Optional[float] = None
     latency_tokens: int = 0  # tokens of the first completion already timed
 
+    @property
+    def stop_holdback(self) -> int:
+        return max((len(s) for s in self.sub.params.stop), default=1) - 1
+
 
 class AsyncEngine:
     """Owns the engine thread; the only object that calls the wrapped `LLMEngine`.
@@ -283,10 +287,14 @@ class AsyncEngine:
             t0, n0, l0 = live.text_len.get(i, 0), live.token_len.get(i, 0), live.logprob_len.get(i, 0)
             new_ids = list(c.token_ids[n0:])
             new_lps = list(c.logprobs[l0:]) if c.logprobs is not None else None
-            live.text_len[i] = max(t0, len(c.text))
+            # Hold back the tail that may still become the start of a stop string (the engine
+            # then cuts the text before it), so that streamed text never has to be taken back.
+            hold = live.stop_holdback if c.finish_reason is None else 0
+            text_end = max(t0, len(c.text) - hold)
+            live.text_len[i] = text_end
             live.token_len[i] = len(c.token_ids)
             live.logprob_len[i] = len(c.logprobs) if c.logprobs is not None else 0
-            choices.append(ChoiceDelta(i, c.text[t0:], new_ids, new_lps, c.finish_reason,
+            choices.append(ChoiceDelta(i, c.text[t0:text_end], new_ids, new_lps, c.finish_reason,
                                        c.stop_reason))
         self._observe_latency(live, out, now)
         event = StreamEvent(rid, "delta", num_prompt_tokens=len(out.prompt_token_ids),

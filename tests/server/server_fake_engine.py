@@ -9,7 +9,8 @@ finishes with "length" at max_tokens (or the model's context), with "stop" when 
 appears (text cut before it). A prompt containing "FAIL" fails alone at its first step.
 KV pages: ceil(tokens / 4) per choice while running, freed on finish or abort.
 
-It also checks the threading contract: every call must come from one thread.
+It also records the threads that call it (the contract: only one), its aborts, and has
+switches to pause progress (`paused`) and to make the next step raise (`explode`).
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ class FakeEngine:
         self._tokenizer = FakeTokenizer()
         self._no_tokenizer = set(tokenizerless)
         self.paused = threading.Event()  # set: step() makes no progress
+        self.explode = threading.Event()  # set: the next step() raises (and clears it)
         self.added: list[str] = []
         self.aborted: list[str] = []
         self.requests: dict[str, _Req] = {}
@@ -138,6 +140,9 @@ class FakeEngine:
     def step(self):
         self._enter()
         time.sleep(self.step_s)
+        if self.explode.is_set():
+            self.explode.clear()
+            raise RuntimeError("fake step failure")
         if self.paused.is_set():
             return []
         outs = []

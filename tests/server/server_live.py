@@ -1,0 +1,73 @@
+"""Test helpers: uvicorn in a background thread on a free loopback port, a live server over
+the fake engine, random prompts."""
+from __future__ import annotations
+
+import dataclasses
+import random
+import socket
+import string
+import threading
+import time
+
+import uvicorn
+
+from crosspool_jax.server import AsyncEngine, ServerMetrics, build_app
+from server_fake_engine import FakeEngine
+
+
+class LiveServer:
+    def __init__(self, app, *, timeout_graceful_shutdown: float = 5.0):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=timeout_graceful_shutdown)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+        self._sock.close()
+
+
+@dataclasses.dataclass
+class FakeServer:
+    """A live server over a `FakeEngine`, with handles on its parts."""
+
+    url: str
+    engine: FakeEngine
+    async_engine: AsyncEngine
+    metrics: ServerMetrics
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Until the engine holds no request and the server none in flight."""
+        deadline = time.monotonic() + timeout_s
+        while self.engine.requests or self.async_engine.num_in_flight:
+            assert time.monotonic() < deadline, "requests still in flight"
+            time.sleep(0.01)
+
+
+def start_fake_server(*, step_s: float = 0.002, max_queue: int = 64,
+                      **app_kwargs) -> tuple[LiveServer, FakeServer]:
+    engine = FakeEngine(step_s=step_s)
+    metrics = ServerMetrics()
+    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=max_queue, stats_interval_s=0.01)
+    live = LiveServer(build_app(async_engine, metrics, **app_kwargs)).__enter__()
+    return live, FakeServer(live.url, engine, async_engine, metrics)
+
+
+def random_text(rng: random.Random, lo: int = 3, hi: int = 20) -> str:
+    return "".join(rng.choice(string.ascii_letters + " ") for _ in range(rng.randint(lo, hi)))
