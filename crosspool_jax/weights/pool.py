@@ -112,8 +112,12 @@ class WeightsPool:
 
     # -- registration -------------------------------------------------------------------
     def register(self, model: str, params: Any, *, resident: Optional[bool] = None) -> None:
-        """Add a model's pytree (numpy or jax arrays). resident: True swap in now (evicting LRU
-        models), False host only, None resident if it fits without evicting anything."""
+        """Add a model's pytree (numpy or jax arrays); a host copy is kept for swapping in.
+
+        resident: True swap in now (evicting LRU models), False host only, None resident if it
+        fits without evicting anything. Device arrays already placed with their leaf's sharding
+        are adopted without a copy when the model becomes resident here: the pool then owns
+        them and deletes them on eviction."""
         if not isinstance(model, str) or not model:
             raise ValueError(f"model name must be a non-empty string (got {model!r})")
         with self._lock:
