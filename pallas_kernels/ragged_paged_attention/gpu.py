@@ -87,7 +87,7 @@ def _kernel(items_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, 
     def body(b, carry):
         m_prev, l_prev, acc_prev = carry
         k, v = load_kv(b)
-        s = pl.dot(q, k, trans_b=True, precision=precision) * sm_scale      # [M, BK] f32
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale      # [M, BK] f32
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         c = b * BK + jnp.arange(BK, dtype=jnp.int32)
@@ -101,7 +101,7 @@ def _kernel(items_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, 
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         l_new = alpha * l_prev + jnp.sum(p, axis=1)
         v = jnp.where(col_ok[:, None], v, jnp.zeros_like(v))
-        pv = pl.dot(p.astype(v.dtype), v, precision=precision)
+        pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, l_new, alpha[:, None] * acc_prev + pv
 
     m0 = jnp.full((M,), _MASK, jnp.float32)

@@ -1,0 +1,274 @@
+"""Ragged paged attention: the reference against a plain numpy loop, the GPU kernel (Pallas
+interpret mode) and the TPU kernel (TPU interpret mode) against the reference, argument
+validation, and a `gpu`-marked class that runs the compiled GPU kernel on bigger shapes.
+
+Inputs are fresh random normals (never zeros); page tables are shuffled; pages no sequence
+owns, the unused tail slots of each sequence's last page, and the page-table entries past a
+sequence's pages (set to -1 or random) are all poison: NaN pages, so any leak shows.
+
+Tolerances (max abs error against the reference, after both are cast to float32):
+- float32: 2e-5 on CPU. Both sides accumulate in float32 over at most a few hundred keys;
+  the kernel's online softmax and blockwise sums reorder additions, which moves results by
+  a few ulps of values of order 1 (outputs are convex combinations of unit normals), so
+  ~1e-6 is expected and 2e-5 leaves margin. On the GPU, 1e-4 (Triton's fp32 dot and exp
+  differ from XLA's by a few ulps more, over contexts of thousands of keys).
+- bfloat16: 2e-2. The inputs are identical bf16 values on both sides and scores accumulate
+  in float32, but the kernel rounds the probabilities to bf16 before the P.V product
+  (relative error 2^-9 each) and both round the output to bf16 (2^-9 relative of |out| <= ~3),
+  so errors of ~1e-2 are normal; a wrong mask or page is off by O(0.1-1).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
+                                                   ragged_paged_attention_reference, tuning)
+from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
+from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+GPU_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+
+
+def make_case(seed, q_lens, kv_lens, *, N=8, K=2, H=64, G=16, S_cap=None, T_pad=0,
+              dtype=jnp.float32, table_fill="neg1", extra_pages=6):
+    """Random paged inputs; returns (args tuple, dense numpy K/V per sequence for the loop)."""
+    rng = np.random.default_rng(seed)
+    n = len(q_lens)
+    S = S_cap or n
+    pps = max(-(-l // G) for l in kv_lens) + 1
+    need = sum(-(-l // G) for l in kv_lens)
+    P = need + extra_pages
+    perm = rng.permutation(P)
+    table = np.full((S, pps), -1, np.int32)
+    if table_fill == "random":
+        table = rng.integers(0, P, (S, pps)).astype(np.int32)
+    k = rng.standard_normal((P, G, K, H)).astype(np.float32)
+    v = rng.standard_normal((P, G, K, H)).astype(np.float32)
+    owned = set()
+    used = 0
+    for s, length in enumerate(kv_lens):
+        m = -(-length // G)
+        table[s, :m] = perm[used:used + m]
+        owned.update(perm[used:used + m].tolist())
+        used += m
+    poison = np.ones(P, bool)
+    poison[list(owned)] = False
+    k[poison] = np.nan
+    v[poison] = np.nan
+    for s, length in enumerate(kv_lens):             # tail slots of the last page
+        if length % G:
+            last = table[s, -(-length // G) - 1]
+            k[last, length % G:] = np.nan
+            v[last, length % G:] = np.nan
+    T = sum(q_lens) + T_pad
+    q = rng.standard_normal((T, N, H)).astype(np.float32)
+    cu = np.zeros(S + 1, np.int32)
+    cu[1:n + 1] = np.cumsum(q_lens)
+    cu[n + 1:] = cu[n]
+    kl = np.zeros(S, np.int32)
+    kl[:n] = kv_lens
+    args = (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(kl),
+            jnp.asarray(table), jnp.asarray(cu), jnp.asarray([n], jnp.int32))
+    return args
+
+
+def loop_attention(args, *, sm_scale=None, soft_cap=None, sliding_window=None):
+    """A float64 numpy loop over sequences, tokens and heads: the reference's own oracle."""
+    q, k, v, kl, table, cu, ns = [np.asarray(a, np.float64) if a.dtype != jnp.int32
+                                  else np.asarray(a) for a in args]
+    T, N, H = q.shape
+    _, G, K, _ = k.shape
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    out = np.zeros((T, N, H))
+    for s in range(int(ns[0])):
+        q_len, kv_len = cu[s + 1] - cu[s], kl[s]
+        pages = table[s, :-(-kv_len // G)]
+        ks = k[pages].reshape(-1, K, H)[:kv_len]
+        vs = v[pages].reshape(-1, K, H)[:kv_len]
+        for i in range(q_len):
+            pos = kv_len - q_len + i
+            lo = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
+            for h in range(N):
+                sc = ks[lo:pos + 1, h // (N // K)] @ q[cu[s] + i, h] * scale
+                if soft_cap is not None:
+                    sc = soft_cap * np.tanh(sc / soft_cap)
+                p = np.exp(sc - sc.max())
+                out[cu[s] + i, h] = p @ vs[lo:pos + 1, h // (N // K)] / p.sum()
+    return out
+
+
+def assert_close(out, ref, tol):
+    out = np.asarray(jnp.asarray(out, jnp.float32))
+    ref = np.asarray(jnp.asarray(ref, jnp.float32))
+    assert not np.isnan(out).any(), "NaN leaked into the output"
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
+
+
+# q_lens / kv_lens with G=16: lengths 1, G-1, G, G+1 and long; decode, prefill and chunks
+MIXED = ([1, 1, 16, 3, 9, 1], [1, 15, 16, 17, 70, 130])
+DECODE = ([1] * 5, [1, 15, 17, 300, 513])
+PREFILL = ([7, 16, 33], [7, 16, 40])
+
+
+class TestReference:
+    @pytest.mark.parametrize("soft_cap,window", [(None, None), (4.0, 5)])
+    def test_matches_numpy_loop(self, soft_cap, window):
+        args = make_case(1, *MIXED, N=8, K=2, H=32, S_cap=8, T_pad=3)
+        ref = ragged_paged_attention_reference(*args, soft_cap=soft_cap, sliding_window=window)
+        assert_close(ref, loop_attention(args, soft_cap=soft_cap, sliding_window=window), 1e-5)
+        assert np.all(np.asarray(ref)[-3:] == 0), "padding rows must be zeros"
+
+    def test_auto_on_cpu_is_reference(self):
+        args = make_case(2, *DECODE, N=4, K=4, H=64)
+        out = ragged_paged_attention(*args)          # auto -> reference on CPU
+        np.testing.assert_array_equal(np.asarray(out),
+                                      np.asarray(ragged_paged_attention_reference(*args)))
+
+
+class TestGpuKernelInterpret:
+    """The Triton-lowered kernel under Pallas' interpret mode."""
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_mixed_batch_padding_and_capacity(self, dtype):
+        args = make_case(3, *MIXED, N=8, K=2, H=64, G=16, S_cap=9, T_pad=5, dtype=dtype)
+        out = ragged_paged_attention(*args, backend="gpu", interpret=True)
+        assert_close(out, ragged_paged_attention_reference(*args), TOL[dtype])
+        assert np.all(np.asarray(out, np.float32)[-5:] == 0), "padding rows must be zeros"
+
+    @pytest.mark.parametrize("R,H,G", [(1, 64, 32), (4, 128, 16), (8, 64, 64), (4, 256, 128)])
+    def test_gqa_head_dims_page_sizes(self, R, H, G):
+        q_lens, kv_lens = [1, 5, 1], [G - 1, G + 1, 2 * G + 3]
+        args = make_case(10 + R + H + G, q_lens, kv_lens, N=2 * R, K=2, H=H, G=G, S_cap=4,
+                         table_fill="random")
+        out = ragged_paged_attention(*args, backend="gpu", interpret=True)
+        assert_close(out, ragged_paged_attention_reference(*args), TOL[jnp.float32])
+
+    def test_decode_only_uses_split_kv(self):
+        args = make_case(4, *DECODE, N=8, K=2, H=64, G=16, S_cap=6)
+        T, S, C = 5, 6, args[4].shape[1] * 16
+        assert tuning.gpu_config(T=T, S=S, R=4, H=64, G=16, C=C, K=2).num_splits > 1
+        out = ragged_paged_attention(*args, backend="gpu", interpret=True)
+        assert_close(out, ragged_paged_attention_reference(*args), TOL[jnp.float32])
+
+    def test_prefill_only(self):
+        args = make_case(5, *PREFILL, N=4, K=1, H=64, G=16)
+        out = ragged_paged_attention(*args, backend="gpu", interpret=True)
+        assert_close(out, ragged_paged_attention_reference(*args), TOL[jnp.float32])
+
+    @pytest.mark.parametrize("soft_cap,window", [(3.0, None), (5.0, 9)])
+    def test_soft_cap_and_sliding_window(self, soft_cap, window):
+        args = make_case(6, *MIXED, N=8, K=2, H=64, G=16, S_cap=6)
+        kw = dict(soft_cap=soft_cap, sliding_window=window, sm_scale=0.2)
+        out = ragged_paged_attention(*args, backend="gpu", interpret=True, **kw)
+        assert_close(out, ragged_paged_attention_reference(*args, **kw), TOL[jnp.float32])
+
+    @pytest.mark.parametrize("cfg", [
+        tuning.BlockConfig(q_tokens=2, block_k=8, num_splits=3),    # sub-page blocks
+        tuning.BlockConfig(q_tokens=8, block_k=64, num_splits=4),   # several pages per block
+    ])
+    def test_explicit_tilings(self, cfg):
+        args = make_case(7, *MIXED, N=8, K=2, H=64, G=16, S_cap=6)
+        out = ragged_paged_attention_gpu(*args, sm_scale=0.125, sliding_window=40,
+                                         interpret=True, config=cfg)
+        ref = ragged_paged_attention_reference(*args, sm_scale=0.125, sliding_window=40)
+        assert_close(out, ref, TOL[jnp.float32])
+
+    def test_no_live_sequences_gives_zeros(self):
+        q, k, v, kl, table, cu, _ = make_case(8, *MIXED, N=8, K=2, H=64, G=16)
+        out = ragged_paged_attention(q, k, v, kl, table, cu, jnp.asarray([0], jnp.int32),
+                                     backend="gpu", interpret=True)
+        assert np.all(np.asarray(out) == 0)
+
+
+class TestTpuKernelInterpret:
+    """The Mosaic TPU kernel under the TPU interpret mode (no TPU is lent)."""
+
+    def test_mixed_gqa4_f32(self):
+        args = make_case(20, *MIXED, N=8, K=2, H=128, G=16, S_cap=8, T_pad=2)
+        out = ragged_paged_attention(*args, backend="tpu", interpret=True)
+        assert_close(out, ragged_paged_attention_reference(*args), TOL[jnp.float32])
+        assert np.all(np.asarray(out)[-2:] == 0)
+
+    def test_bf16_gqa8_soft_cap_window(self):
+        args = make_case(21, [1, 4, 1], [33, 40, 64], N=8, K=1, H=64, G=32,
+                         dtype=jnp.bfloat16, table_fill="random")
+        kw = dict(soft_cap=4.0, sliding_window=20)
+        out = ragged_paged_attention(*args, backend="tpu", interpret=True, **kw)
+        assert_close(out, ragged_paged_attention_reference(*args, **kw), TOL[jnp.bfloat16])
+
+    def test_decode_mha_head_dim_256(self):
+        args = make_case(22, [1, 1, 1], [1, 17, 60], N=2, K=2, H=256, G=16, S_cap=5)
+        out = ragged_paged_attention_tpu(*args, sm_scale=0.1, interpret=True)
+        assert_close(out, ragged_paged_attention_reference(*args, sm_scale=0.1),
+                     TOL[jnp.float32])
+
+
+class TestValidation:
+    def _args(self):
+        return make_case(30, [1, 2], [3, 5], N=4, K=2, H=64, G=16)
+
+    @pytest.mark.parametrize("change,match", [
+        (lambda a: (a[0][0],) + a[1:], "q must have rank 3"),
+        (lambda a: (a[0].astype(jnp.int32),) + a[1:], "q must be float32"),
+        (lambda a: (a[0][:, :3],) + a[1:], "divisible by KV heads"),
+        (lambda a: a[:3] + (a[3].astype(jnp.float32),) + a[4:], "kv_lens must be int32"),
+        (lambda a: a[:5] + (a[5][:-1],) + a[6:], "cu_q_lens"),
+        (lambda a: a[:2] + (a[2][:, :8],) + a[3:], "v_pages shape"),
+    ])
+    def test_bad_arguments(self, change, match):
+        with pytest.raises(ValueError, match=match):
+            ragged_paged_attention(*change(self._args()), backend="reference")
+
+    def test_bad_backend_and_options(self):
+        args = self._args()
+        with pytest.raises(ValueError, match="backend must be one of"):
+            ragged_paged_attention(*args, backend="cuda")
+        with pytest.raises(ValueError, match="soft_cap"):
+            ragged_paged_attention(*args, soft_cap=-1.0)
+        with pytest.raises(ValueError, match="sliding_window"):
+            ragged_paged_attention(*args, sliding_window=0)
+
+    def test_kernel_geometry_limits(self):
+        q, k, v, *rest = make_case(31, [1], [5], N=2, K=1, H=96, G=16)
+        with pytest.raises(ValueError, match="head dim in"):
+            ragged_paged_attention(q, k, v, *rest, backend="gpu", interpret=True)
+        q, k, v, *rest = make_case(32, [1], [5], N=2, K=1, H=64, G=8)
+        with pytest.raises(ValueError, match="page size"):
+            ragged_paged_attention(q, k, v, *rest, backend="tpu", interpret=True)
+
+
+def _has_gpu():
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+class TestGpuKernelCompiled:
+    """The compiled Triton kernel on a real GPU, bigger shapes (scripts/run_gpu_checks.sh)."""
+
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    @pytest.mark.parametrize("G", [16, 64])
+    def test_mixed_long_contexts(self, dtype, G):
+        q_lens = [1, 1, 1, 64, 17, 1, 200, 1]
+        kv_lens = [1, G - 1, G + 1, 64, 3000, 4097, 1500, 8000]
+        args = make_case(40 + G, q_lens, kv_lens, N=32, K=8, H=128, G=G, S_cap=10, T_pad=7,
+                         dtype=dtype)
+        out = ragged_paged_attention(*args, backend="gpu")
+        assert_close(out, ragged_paged_attention_reference(*args), GPU_TOL[dtype])
+
+    @pytest.mark.parametrize("R,H,G", [(1, 64, 32), (4, 256, 16), (8, 128, 128)])
+    def test_geometries_decode_split(self, R, H, G):
+        args = make_case(50 + R, [1] * 4, [1, 700, 2049, 5000], N=4 * R, K=4, H=H, G=G,
+                         dtype=jnp.bfloat16, table_fill="random")
+        kw = dict(soft_cap=30.0, sliding_window=1000)
+        out = ragged_paged_attention(*args, backend="gpu", **kw)
+        assert_close(out, ragged_paged_attention_reference(*args, **kw), GPU_TOL[jnp.bfloat16])
