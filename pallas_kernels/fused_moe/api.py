@@ -56,9 +56,14 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
 
 def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
               activation: str = "silu", backend: str = "auto", interpret: bool = False,
-              config: tuning.BlockConfig | None = None):
+              config: tuning.BlockConfig | tuple[tuning.BlockConfig, tuning.BlockConfig]
+              | None = None):
     """Mixture of experts: x [T, D], router_logits [T, E], w1 [E, D, 2F] (gate|up),
-    w2 [E, F, D] -> [T, D] in x's dtype (float32 accumulation)."""
+    w2 [E, F, D] -> [T, D] in x's dtype (float32 accumulation).
+
+    `config` overrides the tuning table: one BlockConfig for both grouped matmuls or a
+    (gate_up, down) pair with the same block_m.
+    """
     check_fused_moe(x, router_logits, w1, w2, top_k, activation)
     backend = resolve_backend(backend)
     if backend == "reference":
@@ -78,8 +83,14 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renorma
     F = F2 // 2
     R = T * top_k
     itemsize = x_TD.dtype.itemsize
-    cfg1 = config or _config(backend, R, E, D, F, itemsize)
-    cfg2 = config or _config(backend, R, E, F, D, itemsize)
+    if config is None:
+        cfg1 = _config(backend, R, E, D, F, itemsize)
+        cfg2 = _config(backend, R, E, F, D, itemsize)
+    else:
+        cfg1, cfg2 = config if isinstance(config, tuple) else (config, config)
+        if cfg1.block_m != cfg2.block_m:
+            raise ValueError(f"fused_moe: config pair needs one block_m, got {cfg1.block_m} "
+                             f"(gate/up) and {cfg2.block_m} (down)")
     kernels = _KERNELS[backend]
     weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
     layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)

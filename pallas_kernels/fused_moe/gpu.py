@@ -10,7 +10,9 @@ but cannot be interpreted on CPU; that trade is made here and only here (`LOWERI
 
 Both kernels run over the padded tile layout of layout.py: grid (tile i, column block j);
 the tile's group comes from `tile_group_I[i]` (an int load), tiles >= num_active do nothing,
-so experts without rows are never read. K is looped inside the program in `block_k` chunks.
+so experts without rows are never read. K is looped inside the program in `block_k` chunks
+(Triton software-pipelines that loop `num_stages` deep). Operands are passed whole and sliced
+with `pl.ds` (block shapes must be powers of two in this lowering; F = 768 or 14336 is not).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _activate(gate, activation: str):
 
 def _gmm_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, scale_ref, o_ref, *,
                 block_k: int, num_k: int, block_n: int):
-    # x_ref: [bm, K] rows of tile i; w_ref: [G, K, N] (whole); scale_ref: [bm] f32 row scale;
+    # x_ref: [P, K] (whole); w_ref: [G, K, N] (whole); scale_ref: [bm] f32 row scale;
     # o_ref: [bm, bn] block (i, j).
     i = pl.program_id(0)
     j = pl.program_id(1)
@@ -44,10 +46,10 @@ def _gmm_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, scale_ref, o_ref, 
     @pl.when(i < num_active_ref[0])
     def _():
         g = tile_group_ref[i]
-        bm = x_ref.shape[0]
+        bm = o_ref.shape[0]
 
         def body(k, acc):
-            xk = x_ref[:, pl.ds(k * block_k, block_k)]
+            xk = x_ref[pl.ds(i * bm, bm), pl.ds(k * block_k, block_k)]
             wk = w_ref[g, pl.ds(k * block_k, block_k), pl.ds(j * block_n, block_n)]
             return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
 
@@ -59,18 +61,19 @@ def _gmm_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, scale_ref, o_ref, 
 
 def _gate_up_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, o_ref, *,
                     block_k: int, num_k: int, block_n: int, F: int, activation: str):
-    # x_ref: [bm, D]; w_ref: [E, D, 2F] (whole); o_ref: [bm, bn] of act(x@gate) * (x@up).
+    # x_ref: [P, D] (whole); w_ref: [E, D, 2F] (whole); o_ref: [bm, bn] block (i, j) of
+    # act(x @ gate) * (x @ up).
     i = pl.program_id(0)
     j = pl.program_id(1)
 
     @pl.when(i < num_active_ref[0])
     def _():
         e = tile_group_ref[i]
-        bm = x_ref.shape[0]
+        bm = o_ref.shape[0]
 
         def body(k, carry):
             acc_g, acc_u = carry
-            xk = x_ref[:, pl.ds(k * block_k, block_k)]
+            xk = x_ref[pl.ds(i * bm, bm), pl.ds(k * block_k, block_k)]
             wg = w_ref[e, pl.ds(k * block_k, block_k), pl.ds(j * block_n, block_n)]
             wu = w_ref[e, pl.ds(k * block_k, block_k), pl.ds(F + j * block_n, block_n)]
             acc_g = acc_g + jnp.dot(xk, wg, preferred_element_type=jnp.float32)
@@ -95,7 +98,7 @@ def gmm_padded(x_PK: jax.Array, w_GKN: jax.Array, layout: TileLayout, cfg: Block
     bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
     out_dtype = out_dtype or x_PK.dtype
     in_specs = [_whole((layout.num_tiles,)), _whole((1,)),
-                pl.BlockSpec((bm, K), lambda i, j: (i, 0)), _whole(w_GKN.shape)]
+                _whole(x_PK.shape), _whole(w_GKN.shape)]
     args = [layout.tile_group_I, layout.num_active_1, x_PK, w_GKN]
     if scale_P is not None:
         in_specs.append(pl.BlockSpec((bm,), lambda i, j: (i,)))
@@ -130,7 +133,7 @@ def gate_up_padded(x_PD: jax.Array, w1_EDF2: jax.Array, layout: TileLayout, cfg:
         kernel,
         grid=(layout.num_tiles, F // bn),
         in_specs=[_whole((layout.num_tiles,)), _whole((1,)),
-                  pl.BlockSpec((bm, D), lambda i, j: (i, 0)), _whole(w1_EDF2.shape)],
+                  _whole(x_PD.shape), _whole(w1_EDF2.shape)],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((P, F), x_PD.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
+_ONE_HOT_LIMIT = 1 << 22  # R * G above this: rank rows by a stable sort instead
+
+
 def max_tiles(num_rows: int, num_groups: int, block_m: int) -> int:
     """Static upper bound of sum_g ceil(n_g / block_m) over all splits of num_rows rows."""
     active = min(num_groups, num_rows)
@@ -46,23 +49,32 @@ def build_layout(group_R: jax.Array, num_groups: int, block_m: int,
     I = max_tiles(R, num_groups, block_m)
     P = I * block_m
     group_R = group_R.astype(jnp.int32)
-    if group_sizes_G is None:
-        group_sizes_G = jnp.bincount(group_R, length=num_groups).astype(jnp.int32)
-    order_R = jnp.argsort(group_R, stable=True).astype(jnp.int32)
-    sorted_group_R = group_R[order_R]
+    valid_R = group_R < num_groups
+    g_R = jnp.minimum(group_R, num_groups - 1)
+    if R * num_groups <= _ONE_HOT_LIMIT:
+        # decode-sized: rank within the group by a one-hot running count (no sort kernels)
+        onehot_RG = (group_R[:, None] == jnp.arange(num_groups, dtype=jnp.int32)[None, :])
+        count_RG = jnp.cumsum(onehot_RG.astype(jnp.int32), axis=0)
+        if group_sizes_G is None:
+            group_sizes_G = count_RG[-1]
+        rank_R = jnp.sum(jnp.where(onehot_RG, count_RG, 0), axis=1) - 1
+    else:
+        if group_sizes_G is None:
+            group_sizes_G = jnp.bincount(group_R, length=num_groups).astype(jnp.int32)
+        order_R = jnp.argsort(group_R, stable=True).astype(jnp.int32)
+        row_start_G = (jnp.cumsum(group_sizes_G) - group_sizes_G).astype(jnp.int32)
+        rank_sorted_R = jnp.arange(R, dtype=jnp.int32) - row_start_G[g_R[order_R]]
+        rank_R = jnp.zeros((R,), jnp.int32).at[order_R].set(rank_sorted_R)
+    group_sizes_G = group_sizes_G.astype(jnp.int32)
     tiles_G = (group_sizes_G + block_m - 1) // block_m
     tile_end_G = jnp.cumsum(tiles_G).astype(jnp.int32)
     tile_start_G = tile_end_G - tiles_G
-    row_start_G = (jnp.cumsum(group_sizes_G) - group_sizes_G).astype(jnp.int32)
-    valid_R = sorted_group_R < num_groups
-    g_R = jnp.minimum(sorted_group_R, num_groups - 1)
-    rank_R = jnp.arange(R, dtype=jnp.int32) - row_start_G[g_R]
-    dst_sorted_R = jnp.where(valid_R, tile_start_G[g_R] * block_m + rank_R, P)
-    dst_row_R = jnp.zeros((R,), jnp.int32).at[order_R].set(dst_sorted_R)
-    src_row_P = jnp.full((P + 1,), R, jnp.int32).at[dst_sorted_R].set(order_R)[:P]
+    dst_row_R = jnp.where(valid_R, tile_start_G[g_R] * block_m + rank_R, P).astype(jnp.int32)
+    src_row_P = jnp.full((P + 1,), R, jnp.int32).at[dst_row_R].set(
+        jnp.arange(R, dtype=jnp.int32))[:P]
     num_active = tile_end_G[-1]
     tile_I = jnp.minimum(jnp.arange(I, dtype=jnp.int32), jnp.maximum(num_active - 1, 0))
-    tile_group_I = jnp.searchsorted(tile_end_G, tile_I, side="right").astype(jnp.int32)
+    tile_group_I = jnp.sum((tile_end_G[None, :] <= tile_I[:, None]).astype(jnp.int32), axis=1)
     tile_group_I = jnp.minimum(tile_group_I, num_groups - 1)
     return TileLayout(src_row_P, dst_row_R, tile_group_I, num_active[None].astype(jnp.int32),
                       block_m)

@@ -58,18 +58,27 @@ def block_m_for(rows: int, groups: int, *, lo: int = 16, hi: int = 128) -> int:
     return b
 
 
-# (rows_per_tile, K, N) -> (block_n, block_k, num_warps, num_stages), GPU (Triton lowering).
-# Small M tiles: wide K chunks keep many bytes of weight in flight per program.
+GPU_SMS = 132  # H100 SXM / H200: programs per wave when one program fits per SM
+
+
 def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:
-    """Block sizes for the GPU kernels for `rows` rows over `groups` groups, [K, N] weights."""
+    """Block sizes for the GPU kernels for `rows` rows over `groups` groups, [K, N] weights.
+
+    Small M tiles (decode): 64-column weight tiles in 128-row K chunks, 4 deep, so that about
+    20 KB per stage stays in flight and two programs fit an SM; N is split further while the
+    grid would not fill two waves. Large tiles (prefill): 128x128 with 64-deep K chunks.
+    """
     bm = block_m_for(rows, groups)
     if bm <= 32:
-        bn_t, bk_t, warps, stages = 64, 256, 4, 4
+        bn_t, bk_t, warps, stages = 64, 128, 4, 4
     elif bm <= 64:
-        bn_t, bk_t, warps, stages = 128, 128, 4, 4
+        bn_t, bk_t, warps, stages = 128, 64, 4, 4
     else:
         bn_t, bk_t, warps, stages = 128, 64, 8, 3
     bn = _fit(N, bn_t, 16, need_pow2=True)
+    active_tiles = max(1, min(groups, rows))
+    while bn > 32 and active_tiles * (N // bn) < 2 * GPU_SMS and N % (bn // 2) == 0:
+        bn //= 2
     bk = _fit(K, bk_t, 16, need_pow2=True)
     return BlockConfig(bm, bn, bk, warps, stages)
 

@@ -1,0 +1,144 @@
+"""fused_moe (GPU Triton and TPU Mosaic kernels, interpret mode) against fused_moe_reference.
+
+Router logits are a per-token random permutation of evenly spaced values, so top-k never
+meets a tie (a tie would let kernel and reference pick different experts legitimately).
+
+Tolerances: float32 runs at full precision (conftest): only the summation order differs
+(K-chunked accumulation, the top_k combine summed per token instead of scattered):
+1e-4 of the output scale. bfloat16: both sides round the activation h to bf16 before the
+down projection; a different f32 accumulation order can move h by one bf16 ulp (2^-8),
+which the F-term down projection carries to the output, then rounded once more to bf16:
+2e-2 of the output scale (several ulps, far below the error of routing to a wrong expert).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fused_moe import fused_moe, fused_moe_reference, route_topk
+from pallas_kernels.fused_moe.layout import build_layout
+
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+_rng = np.random.default_rng()  # fresh inputs every run
+
+
+def _logits(T, E, *, hot=None):
+    """Distinct logits per token; with hot=n only the first n experts can win."""
+    perm = np.argsort(_rng.random((T, E)), axis=1).astype(np.float32)
+    logits = perm * (4.0 / E)
+    if hot is not None:
+        logits[:, hot:] -= 100.0
+    return jnp.asarray(logits)
+
+
+def _inputs(T, E, D, F, dtype, *, hot=None):
+    x = jnp.asarray(_rng.standard_normal((T, D), np.float32), dtype)
+    w1 = jnp.asarray(_rng.standard_normal((E, D, 2 * F), np.float32) / np.sqrt(D), dtype)
+    w2 = jnp.asarray(_rng.standard_normal((E, F, D), np.float32) / np.sqrt(F), dtype)
+    return x, _logits(T, E, hot=hot), w1, w2
+
+
+def _assert_close(got, want, dtype):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.all(np.isfinite(got)), "non-finite output"
+    scale = max(1e-3, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert err <= TOL[dtype] * scale, f"max err {err} > {TOL[dtype]} * {scale}"
+
+
+CASES = [  # (T, E, top_k, D, F, renormalize, activation, dtype)
+    (5, 8, 2, 64, 32, True, "silu", jnp.float32),       # Mixtral routing
+    (3, 128, 8, 64, 32, False, "silu", jnp.float32),    # Qwen3-MoE-like: 104+ experts empty
+    (33, 64, 1, 64, 64, True, "gelu", jnp.float32),
+    (64, 16, 8, 64, 32, False, "silu", jnp.bfloat16),   # OLMoE-like top-8, bf16
+]
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("T,E,top_k,D,F,renormalize,activation,dtype", CASES)
+def test_matches_reference(backend, T, E, top_k, D, F, renormalize, activation, dtype):
+    x, logits, w1, w2 = _inputs(T, E, D, F, dtype)
+    got = fused_moe(x, logits, w1, w2, top_k, renormalize=renormalize, activation=activation,
+                    backend=backend, interpret=True)
+    assert got.shape == (T, D) and got.dtype == dtype
+    want = fused_moe_reference(x, logits, w1, w2, top_k, renormalize=renormalize,
+                               activation=activation)
+    _assert_close(got, want, dtype)
+
+
+def test_empty_experts_are_never_read():
+    """Only 3 of 8 experts can win; NaN weights in all others must not reach the output."""
+    T, E, D, F, top_k = 5, 8, 64, 32, 2
+    x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32, hot=3)
+    want = fused_moe_reference(x, logits, w1, w2, top_k)
+    w1 = w1.at[3:].set(jnp.nan)
+    w2 = w2.at[3:].set(jnp.nan)
+    for backend in ("gpu", "tpu"):
+        got = fused_moe(x, logits, w1, w2, top_k, backend=backend, interpret=True)
+        _assert_close(got, want, jnp.float32)
+
+
+def test_layout_gives_each_active_expert_one_tile_in_decode():
+    T, E, top_k, bm = 7, 128, 8, 16
+    _, ids = route_topk(_logits(T, E), top_k, renormalize=True)
+    layout = jax.jit(build_layout, static_argnums=(1, 2))(ids.reshape(-1), E, bm)
+    active = np.unique(np.asarray(ids))
+    n_active = int(layout.num_active_1[0])
+    assert n_active == len(active)                    # <= 16 rows per expert: one tile each
+    assert sorted(np.asarray(layout.tile_group_I[:n_active]).tolist()) == active.tolist()
+    # every (token, k) row lands in its expert's tile, each padded slot used at most once
+    dst = np.asarray(layout.dst_row_R)
+    assert len(set(dst.tolist())) == T * top_k
+    tiles = np.asarray(layout.tile_group_I)[dst // bm]
+    assert np.array_equal(tiles, np.asarray(ids).reshape(-1))
+
+
+def test_route_topk_renormalises():
+    logits = _logits(4, 8)
+    w, ids = route_topk(logits, 2, renormalize=True)
+    np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-6)
+    top2 = np.argsort(-np.asarray(logits), axis=1)[:, :2]
+    assert np.array_equal(np.asarray(ids), top2)
+    w_raw, _ = route_topk(logits, 2, renormalize=False)
+    assert np.all(np.asarray(w_raw).sum(-1) < 1.0)
+
+
+@pytest.mark.parametrize("change,msg", [
+    (dict(x=(2, 4, 8)), "x must be"),
+    (dict(logits=(3, 5)), "router_logits has 5 experts"),
+    (dict(logits=(2, 4)), "router_logits has 2 tokens"),
+    (dict(w1=(4, 16, 12)), "w1 D=16 != x D=8"),
+    (dict(w1=(4, 8, 7)), "last dim must be 2F"),
+    (dict(w2=(4, 5, 8)), "w2 must be"),
+    (dict(top_k=5), "top_k must be an int in"),
+    (dict(top_k=0), "top_k must be an int in"),
+    (dict(activation="relu"), "activation must be one of"),
+    (dict(backend="triton"), "backend must be one of"),
+])
+def test_bad_arguments(change, msg):
+    x = jnp.ones(change.get("x", (3, 8)))
+    logits = jnp.ones(change.get("logits", (3, 4)))
+    w1 = jnp.ones(change.get("w1", (4, 8, 12)))
+    w2 = jnp.ones(change.get("w2", (4, 6, 8)))
+    with pytest.raises(ValueError, match=msg):
+        fused_moe(x, logits, w1, w2, change.get("top_k", 2),
+                  activation=change.get("activation", "silu"),
+                  backend=change.get("backend", "reference"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestGpuKernel:
+    """The compiled Triton kernels on realistic shapes in bf16 (run on the device machine)."""
+
+    @pytest.mark.parametrize("T,E,top_k,D,F", [
+        (64, 8, 2, 4096, 14336),    # Mixtral-8x7B
+        (1, 128, 8, 2048, 768),     # Qwen3-30B-A3B decode
+        (256, 128, 8, 2048, 768),
+        (32, 64, 8, 2048, 1024),    # OLMoE
+    ])
+    def test_bf16_against_reference(self, T, E, top_k, D, F):
+        x, logits, w1, w2 = _inputs(T, E, D, F, jnp.bfloat16)
+        got = fused_moe(x, logits, w1, w2, top_k, renormalize=(E == 8), backend="gpu")
+        want = fused_moe_reference(x, logits, w1, w2, top_k, renormalize=(E == 8))
+        _assert_close(got, want, jnp.bfloat16)

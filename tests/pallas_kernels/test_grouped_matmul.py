@@ -1,0 +1,126 @@
+"""grouped_matmul (GPU Triton and TPU Mosaic kernels, interpret mode) against lax.ragged_dot.
+
+Tolerances: float32 runs at full precision (conftest), so kernel and reference differ only in
+summation order (K chunked): 1e-4 relative to the output scale. bfloat16 inputs accumulate in
+float32 in both, the output is rounded once to bf16 (2^-8 relative): 1e-2 of the scale.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fused_moe import BlockConfig, grouped_matmul, grouped_matmul_reference
+from pallas_kernels.fused_moe.layout import gmm_layout, max_tiles
+
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+_rng = np.random.default_rng()  # fresh inputs every run
+
+
+def _inputs(M, K, N, sizes, dtype):
+    lhs = jnp.asarray(_rng.standard_normal((M, K), np.float32), dtype)
+    rhs = jnp.asarray(_rng.standard_normal((len(sizes), K, N), np.float32) / np.sqrt(K), dtype)
+    return lhs, rhs, jnp.asarray(sizes, jnp.int32)
+
+
+def _assert_close(got, want, dtype):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert err <= TOL[dtype] * scale, f"max err {err} > {TOL[dtype]} * {scale}"
+
+
+def _random_sizes(rng, G, total, empty):
+    """G sizes summing to total with `empty` groups forced to 0."""
+    live = np.sort(rng.choice(G, G - empty, replace=False))
+    cuts = np.sort(rng.integers(0, total + 1, len(live) - 1))
+    sizes = np.zeros(G, np.int64)
+    sizes[live] = np.diff(np.concatenate([[0], cuts, [total]]))
+    return sizes
+
+
+CASES = [  # (M, K, N, G, rows in groups, empty groups, dtype)
+    (40, 64, 32, 8, 40, 3, jnp.float32),
+    (48, 128, 64, 16, 37, 9, jnp.float32),      # 11 rows beyond the group total
+    (64, 64, 128, 8, 64, 2, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("M,K,N,G,total,empty,dtype", CASES)
+def test_matches_ragged_dot(backend, M, K, N, G, total, empty, dtype):
+    sizes = _random_sizes(_rng, G, total, empty)
+    lhs, rhs, gs = _inputs(M, K, N, sizes, dtype)
+    got = grouped_matmul(lhs, rhs, gs, backend=backend, interpret=True)
+    assert got.shape == (M, N) and got.dtype == lhs.dtype
+    _assert_close(got, grouped_matmul_reference(lhs, rhs, gs), dtype)
+    assert np.all(np.asarray(got[total:], np.float32) == 0.0), "rows beyond the total not zero"
+
+
+def test_all_groups_empty_gives_zeros():
+    lhs, rhs, gs = _inputs(16, 64, 32, [0] * 8, jnp.float32)
+    got = grouped_matmul(lhs, rhs, gs, backend="gpu", interpret=True)
+    assert np.all(np.asarray(got) == 0.0)
+
+
+def test_group_sizes_past_m_are_truncated():
+    lhs, rhs, gs = _inputs(32, 64, 32, [20, 0, 30, 5], jnp.float32)
+    got = grouped_matmul(lhs, rhs, gs, backend="gpu", interpret=True)
+    want = grouped_matmul_reference(lhs, rhs, jnp.asarray([20, 0, 12, 0], jnp.int32))
+    _assert_close(got, want, jnp.float32)
+
+
+def test_explicit_config_and_reference_backend():
+    lhs, rhs, gs = _inputs(32, 64, 64, [7, 0, 9, 16], jnp.float32)
+    cfg = BlockConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+    got = grouped_matmul(lhs, rhs, gs, backend="gpu", interpret=True, config=cfg)
+    ref = grouped_matmul(lhs, rhs, gs, backend="reference")
+    _assert_close(got, ref, jnp.float32)
+
+
+def test_layout_skips_empty_groups():
+    sizes = jnp.asarray([5, 0, 17, 0, 0, 1, 0, 9], jnp.int32)
+    layout = jax.jit(gmm_layout, static_argnums=(1, 2))(sizes, 40, 8)
+    n_active = int(layout.num_active_1[0])
+    assert n_active == 1 + 3 + 1 + 2                     # sum ceil(n_g / 8)
+    assert layout.num_tiles == max_tiles(40, 8, 8) >= n_active
+    used = set(np.asarray(layout.tile_group_I[:n_active]).tolist())
+    assert used == {0, 2, 5, 7}                          # empty groups own no tile
+    assert np.all(np.asarray(layout.dst_row_R[32:]) == layout.num_tiles * 8)  # dropped rows
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(lhs=(4, 4, 4)), "lhs must be"),
+    (dict(rhs=(4, 8)), "rhs must be"),
+    (dict(rhs=(2, 16, 8)), "lhs K=8 != rhs K=16"),
+    (dict(gs=3), "group_sizes must be"),
+])
+def test_bad_arguments(bad, msg):
+    lhs = jnp.ones(bad.get("lhs", (4, 8)))
+    rhs = jnp.ones(bad.get("rhs", (2, 8, 8)))
+    gs = jnp.ones((bad.get("gs", 2),), jnp.int32)
+    with pytest.raises(ValueError, match=msg):
+        grouped_matmul(lhs, rhs, gs, backend="reference")
+
+
+def test_bad_backend_and_dtype():
+    lhs, rhs, gs = _inputs(8, 16, 16, [4, 4], jnp.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        grouped_matmul(lhs, rhs, gs, backend="cuda")
+    with pytest.raises(ValueError, match="group_sizes must be integers"):
+        grouped_matmul(lhs, rhs, gs.astype(jnp.float32), backend="reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+class TestGpuKernel:
+    """The compiled Triton kernel on realistic shapes (run on the device machine)."""
+
+    @pytest.mark.parametrize("M,K,N,G", [(512, 2048, 768, 128), (128, 4096, 14336, 8),
+                                         (4096, 2048, 1024, 64)])
+    def test_bf16_against_ragged_dot(self, M, K, N, G):
+        rng = np.random.default_rng(0)
+        sizes = _random_sizes(rng, G, M - 7, G // 4)
+        lhs, rhs, gs = _inputs(M, K, N, sizes, jnp.bfloat16)
+        got = grouped_matmul(lhs, rhs, gs, backend="gpu")
+        _assert_close(got, grouped_matmul_reference(lhs, rhs, gs), jnp.bfloat16)
+        assert np.all(np.asarray(got[M - 7:], np.float32) == 0.0)
