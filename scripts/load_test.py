@@ -1,0 +1,193 @@
+"""Bounded loopback load test of a running `python -m crosspool_jax.serve`.
+
+    python scripts/load_test.py --url http://127.0.0.1:8000 --num_requests 200 --concurrency 32
+
+Sends `num_requests` streaming completions (token-id prompts of random lengths, so models
+without a tokenizer work too) spread uniformly over the served models, at most `concurrency`
+at a time; a `disconnect_fraction` of the clients hang up after a few chunks. Then it checks
+that every non-cancelled request completed, that the server is healthy, and that the KV pool
+drains back to zero pages (read from /metrics), and prints requests/s, TTFT and TBT P50/P99.
+Exit status 1 if any check fails. `run_load()` is the same thing as a function (the tests
+call it with small numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from typing import Optional
+
+import httpx
+
+
+@dataclasses.dataclass
+class LoadReport:
+    wall_s: float
+    completed: int
+    cancelled: int
+    failed: list[str]
+    ttft_s: list[float]
+    tbt_s: list[float]  # per completed request: (last chunk - first chunk) / (tokens - 1)
+    completion_tokens: int
+    healthy: bool
+    kv_pages_used: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.healthy and not any(self.kv_pages_used.values())
+
+    def summary(self) -> str:
+        def pct(xs, q):
+            if not xs:
+                return float("nan")
+            xs = sorted(xs)
+            return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+        done = self.completed + self.cancelled
+        lines = [
+            f"requests: {self.completed} completed, {self.cancelled} cancelled, "
+            f"{len(self.failed)} failed in {self.wall_s:.2f} s -> {done / self.wall_s:.2f} req/s, "
+            f"{self.completion_tokens / self.wall_s:.1f} generated tok/s (completed requests)",
+            f"TTFT ms: P50 {1e3 * pct(self.ttft_s, 0.5):.1f}  P99 {1e3 * pct(self.ttft_s, 0.99):.1f}"
+            f"  mean {1e3 * (statistics.fmean(self.ttft_s) if self.ttft_s else float('nan')):.1f}",
+            f"TBT ms:  P50 {1e3 * pct(self.tbt_s, 0.5):.2f}  P99 {1e3 * pct(self.tbt_s, 0.99):.2f}",
+            f"server healthy: {self.healthy}; KV pages used after drain: {self.kv_pages_used}",
+        ]
+        lines += [f"FAILED: {f}" for f in self.failed[:10]]
+        return "\n".join(lines)
+
+
+def kv_pages_used(metrics_text: str) -> dict[str, float]:
+    """crosspool_kv_pages_used{model="..."} values of a /metrics page."""
+    used = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("crosspool_kv_pages_used{"):
+            labels, value = line.rsplit(" ", 1)
+            used[labels.split('model="', 1)[1].split('"', 1)[0]] = float(value)
+    return used
+
+
+async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+               cancel_after: Optional[int], report: LoadReport) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    chunks = 0
+    usage = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                report.failed.append(f"{model}: HTTP {r.status_code} {(await r.aread())[:200]!r}")
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    report.failed.append(f"{model}: {event['error']['message']}")
+                    return
+                if event.get("usage"):
+                    usage = event["usage"]
+                if any(c.get("text") for c in event.get("choices", [])):
+                    now = time.perf_counter()
+                    first = now if first is None else first
+                    last = now
+                    chunks += 1
+                    if cancel_after is not None and chunks >= cancel_after:
+                        report.cancelled += 1
+                        return  # leaving the block closes the connection mid-stream
+    except httpx.HTTPError as e:
+        report.failed.append(f"{model}: {type(e).__name__}: {e}")
+        return
+    if usage is None:
+        report.failed.append(f"{model}: stream ended without usage")
+        return
+    report.completed += 1
+    n = usage["completion_tokens"]
+    report.completion_tokens += n
+    if first is not None:
+        report.ttft_s.append(first - t0)
+        if n > 1:
+            report.tbt_s.append((last - first) / (n - 1))
+
+
+async def _run(url: str, *, num_requests: int, concurrency: int, max_tokens: tuple[int, int],
+               prompt_len: tuple[int, int], disconnect_fraction: float, seed: int,
+               api_key: Optional[str], timeout_s: float, models: Optional[list[str]]) -> LoadReport:
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s,
+                                 limits=limits) as client:
+        if not models:
+            models = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+        report = LoadReport(0.0, 0, 0, [], [], [], 0, False, {})
+        sem = asyncio.Semaphore(concurrency)
+
+        async def job(i: int):
+            model = models[i % len(models)]
+            prompt = [rng.randrange(3, 100) for _ in range(rng.randint(*prompt_len))]
+            n_tokens = rng.randint(*max_tokens)
+            cancel = rng.randint(1, 3) if rng.random() < disconnect_fraction else None
+            async with sem:
+                await _one(client, model, prompt, n_tokens, cancel, report)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(job(i) for i in range(num_requests)))
+        report.wall_s = time.perf_counter() - t0
+        deadline = time.monotonic() + 10
+        while True:  # cancelled requests are aborted asynchronously: let the pool drain
+            report.kv_pages_used = kv_pages_used((await client.get("/metrics")).text)
+            if not any(report.kv_pages_used.values()) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        report.healthy = (await client.get("/health")).status_code == 200
+        return report
+
+
+def run_load(url: str, *, num_requests: int = 200, concurrency: int = 32,
+             max_tokens: tuple[int, int] = (4, 64), prompt_len: tuple[int, int] = (4, 128),
+             disconnect_fraction: float = 0.2, seed: int = 0, api_key: Optional[str] = None,
+             timeout_s: float = 600.0, models: Optional[list[str]] = None) -> LoadReport:
+    return asyncio.run(_run(url, num_requests=num_requests, concurrency=concurrency,
+                            max_tokens=max_tokens, prompt_len=prompt_len,
+                            disconnect_fraction=disconnect_fraction, seed=seed, api_key=api_key,
+                            timeout_s=timeout_s, models=models))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--num_requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--min_tokens", type=int, default=4)
+    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--min_prompt", type=int, default=4)
+    parser.add_argument("--max_prompt", type=int, default=128)
+    parser.add_argument("--disconnect_fraction", type=float, default=0.2)
+    parser.add_argument("--models", default="", help="comma-separated; default: all served")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api_key", default=None)
+    parser.add_argument("--timeout_s", type=float, default=600.0)
+    args = parser.parse_args()
+    report = run_load(args.url, num_requests=args.num_requests, concurrency=args.concurrency,
+                      max_tokens=(args.min_tokens, args.max_tokens),
+                      prompt_len=(args.min_prompt, args.max_prompt),
+                      disconnect_fraction=args.disconnect_fraction, seed=args.seed,
+                      api_key=args.api_key, timeout_s=args.timeout_s,
+                      models=[m for m in args.models.split(",") if m] or None)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
