@@ -4,11 +4,11 @@ FFN side (MoE or dense MLP stacks). See WORKSPACE.md "Model forward" and `params
 from crosspool_jax.models.attention import dense_causal_attention
 from crosspool_jax.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from crosspool_jax.models.params import init_random_params, param_bytes, param_shapes
-from crosspool_jax.models.transformer import (attention_block, compute_logits, ffn_block, forward,
-                                              rms_norm)
+from crosspool_jax.models.transformer import (attention_block, compute_logits, dense_logits, ffn_block,
+                                              forward, rms_norm)
 
 __all__ = [
     "ModelConfig", "SUPPORTED_ARCHITECTURES", "forward", "compute_logits", "attention_block",
-    "ffn_block", "dense_causal_attention", "init_random_params", "param_bytes", "param_shapes",
+    "ffn_block", "dense_causal_attention", "dense_logits", "init_random_params", "param_bytes", "param_shapes",
     "rms_norm",
 ]

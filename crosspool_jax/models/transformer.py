@@ -9,6 +9,7 @@ layer has the same FFN kind) and returns the hidden states after the final norm;
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -135,3 +136,18 @@ def compute_logits(kv_params: dict, config: ModelConfig, hidden_TD: jax.Array) -
         return jnp.einsum("td,vd->tv", hidden_TD, w_VD, preferred_element_type=jnp.float32)
     return jnp.einsum("td,dv->tv", hidden_TD, kv_params["final"]["lm_head_DV"],
                       preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "moe_backend"))
+def dense_logits(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T: jax.Array,
+                 segment_ids_T: jax.Array, positions_T: jax.Array, *,
+                 moe_backend: str = "reference") -> jax.Array:
+    """float32 logits_TV of whole packed sequences, no KV cache (tests, scoring, demos).
+
+    Uses `dense_causal_attention` with the config's sliding window; one compile per shape.
+    """
+    from crosspool_jax.models.attention import dense_causal_attention
+    attn = dense_causal_attention(segment_ids_T, positions_T, sliding_window=config.sliding_window)
+    _, hidden_TD = forward(kv_params, ffn_params, config, token_ids_T, positions_T, attn, None,
+                           moe_backend=moe_backend)
+    return compute_logits(kv_params, config, hidden_TD)

@@ -1,0 +1,72 @@
+"""Tiny random Hugging Face models of every supported family, written with `save_pretrained`.
+
+Used by scripts/make_checkpoints.py (the shipped models) and by the tests (golden checks
+against transformers). Needs torch and transformers (the test extra); imported lazily so the
+package itself does not depend on them. Weights are drawn from a seeded torch generator with
+a larger spread than the HF init (std 0.02 makes every logit near zero and every routing
+decision a near-tie), and norm weights are perturbed away from 1, so a wrong mapping shows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# family -> (transformers config class name, defaults for a ~2-layer model)
+_BASE = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, num_experts=4,
+                                         num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                                         num_experts_per_tok=2, head_dim=16)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
+    "llama": ("LlamaConfig", dict(intermediate_size=48)),
+    "qwen3": ("Qwen3Config", dict(intermediate_size=48, head_dim=16)),
+}
+
+
+def build_hf_config(family: str, **overrides) -> Any:
+    """A transformers config object for `family` with the tiny defaults, then `overrides`."""
+    import transformers
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    cls_name, defaults = FAMILIES[family]
+    kwargs = {**_BASE, **defaults, **overrides}
+    if family == "olmoe":
+        kwargs.setdefault("pad_token_id", None)
+        kwargs.setdefault("eos_token_id", kwargs["vocab_size"] - 1)
+        kwargs.setdefault("bos_token_id", None)
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+def randomize_(model, seed: int, *, std: float = 0.1, norm_std: float = 0.2) -> None:
+    """Overwrite every parameter in place from a seeded generator (norms around 1)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name:
+                value = 1.0 + norm_std * noise
+            else:
+                value = std * noise
+            p.copy_(value.to(p.dtype))
+
+
+def make_tiny_hf_model(family: str, out_dir: str, *, seed: int = 0, dtype: str = "float32",
+                       max_shard_size=None, **overrides):
+    """Build, randomize and `save_pretrained` a tiny model; returns the torch model (float32)."""
+    import torch
+    import transformers
+    config = build_hf_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    to_save = model if dtype == "float32" else model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    to_save.save_pretrained(out_dir, **kwargs)
+    return model.to(torch.float32)
