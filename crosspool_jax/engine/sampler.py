@@ -68,8 +68,8 @@ def apply_suppression(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array
     return jnp.where(mask_SV, _NEG_INF, logits_SV)
 
 
-def apply_filters(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
-    """Top-k, then top-p (over the top-k distribution), then min-p: dropped logits become -inf.
+def apply_top_k_top_p(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Top-k, then top-p over the top-k distribution (one sort per row); dropped logits -> -inf.
 
     Ties with the last kept logit are kept.
     """
@@ -89,11 +89,23 @@ def apply_filters(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
     n_kept_S = jnp.sum(keep_SV, axis=-1)
     pth_S1 = jnp.take_along_axis(sorted_SV, (n_kept_S - 1)[:, None], axis=-1)
     use_p_S1 = (meta.top_p < 1.0)[:, None]
-    logits_SV = jnp.where(use_p_S1 & (logits_SV < pth_S1), _NEG_INF, logits_SV)
+    return jnp.where(use_p_S1 & (logits_SV < pth_S1), _NEG_INF, logits_SV)
 
-    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); log(0) = -inf keeps all.
-    floor_S1 = sorted_SV[:, :1] + jnp.log(meta.min_p)[:, None]
+
+def apply_min_p(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Drop tokens whose probability is below min_p times the largest (no sort needed).
+
+    p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p); log(0) = -inf keeps all.
+    """
+    floor_S1 = jnp.max(logits_SV, axis=-1, keepdims=True) + jnp.log(meta.min_p)[:, None]
     return jnp.where(logits_SV < floor_S1, _NEG_INF, logits_SV)
+
+
+def apply_filters(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Top-k, top-p, then min-p, each skipped (lax.cond) when no row uses it."""
+    use_kp = jnp.any((meta.top_k > 0) | (meta.top_p < 1.0))
+    logits_SV = jax.lax.cond(use_kp, apply_top_k_top_p, lambda x, m: x, logits_SV, meta)
+    return jax.lax.cond(jnp.any(meta.min_p > 0), apply_min_p, lambda x, m: x, logits_SV, meta)
 
 
 def _row_keys(meta: SamplingMetadata) -> jax.Array:
@@ -108,9 +120,7 @@ def _draw(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
     """Temperature, filters, and one Gumbel-max draw per row with the row's own key."""
     S, V = logits_SV.shape
     temperature_S = jnp.where(meta.temperature > 0, meta.temperature, 1.0)
-    logits_SV = logits_SV / temperature_S[:, None]
-    any_filter = jnp.any((meta.top_k > 0) | (meta.top_p < 1.0) | (meta.min_p > 0))
-    logits_SV = jax.lax.cond(any_filter, apply_filters, lambda x, m: x, logits_SV, meta)
+    logits_SV = apply_filters(logits_SV / temperature_S[:, None], meta)
     gumbel_SV = jax.vmap(lambda key: jax.random.gumbel(key, (V,), jnp.float32))(_row_keys(meta))
     return jnp.argmax(logits_SV + gumbel_SV, axis=-1).astype(jnp.int32)
 
