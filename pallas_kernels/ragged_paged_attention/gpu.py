@@ -129,7 +129,8 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
     S, pages_per_seq = page_indices_SP.shape
     R = N // K
     Rp = tuning.next_pow2(R)
-    cfg = config or tuning.gpu_config(T=T, S=S, R=R, H=H, G=G, C=pages_per_seq * G, K=K)
+    cfg = config or tuning.gpu_config(T=T, S=S, R=R, H=H, G=G, C=pages_per_seq * G, K=K,
+                                      itemsize=k_pages_PGKH.dtype.itemsize)
     BQ, BK, NS = cfg.q_tokens, cfg.block_k, cfg.num_splits
     M = BQ * Rp
     items_W8, first_S = work.build_items(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, q_tokens=BQ,

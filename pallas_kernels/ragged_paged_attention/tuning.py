@@ -11,7 +11,7 @@ import dataclasses
 
 GPU_NUM_SMS = 132                 # H100 SXM / H200; only used to size the split-KV grid
 _CTAS_PER_SM = 4                  # enough resident CTAs to keep HBM busy
-_MIN_KEYS_PER_SPLIT = 256         # below this a split costs more in merge than it saves
+_MIN_KEYS_PER_SPLIT = 512         # below this a split costs more in merge than it saves
 
 
 def next_pow2(n: int) -> int:
@@ -48,29 +48,28 @@ def is_decode_heavy(T: int, S: int) -> bool:
     return T <= 2 * S
 
 
-def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int) -> BlockConfig:
+def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
+               itemsize: int = 2) -> BlockConfig:
     """The GPU (Triton-lowered) kernel's tiling for a call's static shapes.
 
-    C is the context capacity pages_per_seq * G (the most keys a sequence can have).
+    C is the context capacity pages_per_seq * G (the most keys a sequence can have);
+    itemsize the bytes of one K/V element. One K tile is kept near 32 KiB so that K and V
+    of `num_stages` steps fit in shared memory.
     """
     Rp = next_pow2(R)
     decode = is_decode_heavy(T, S)
-    rows = 16 if decode else 64                      # tl.dot needs >= 16 rows
+    rows = 16 if decode else 64
     q_tokens = max(1, rows // Rp)
-    q_tokens = min(q_tokens, next_pow2(T))
-    block_k = {64: 128, 128: 128, 256: 64}[H]
-    if not decode and H == 256:
-        block_k = 32
+    q_tokens = max(min(q_tokens, next_pow2(T)), 16 // Rp, 1)    # tl.dot needs >= 16 rows
+    block_k = max(16, min(128, 32768 // (H * itemsize)))
     work = min(T, S + T // q_tokens)
     want = max(1, GPU_NUM_SMS * _CTAS_PER_SM // max(1, work * K))
     max_splits = max(1, C // _MIN_KEYS_PER_SPLIT)
     num_splits = min(next_pow2(want), next_pow2(max_splits))
     if not decode:
         num_splits = min(num_splits, 4)
-    num_stages = 3 if H <= 128 and block_k <= 128 else 2
-    num_warps = 4 if decode else 8
     return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
-                       num_warps=num_warps, num_stages=num_stages)
+                       num_warps=4, num_stages=2)
 
 
 def tpu_config(*, T: int, S: int, R: int, H: int, G: int) -> BlockConfig:
@@ -78,5 +77,5 @@ def tpu_config(*, T: int, S: int, R: int, H: int, G: int) -> BlockConfig:
     decode = is_decode_heavy(T, S)
     rows = 8 if decode else 128
     q_tokens = max(1, rows // next_pow2(R))
-    q_tokens = min(q_tokens, next_pow2(T))
+    q_tokens = max(min(q_tokens, next_pow2(T)), 8 // next_pow2(R), 1)
     return BlockConfig(q_tokens=q_tokens, block_k=G, num_splits=1, num_warps=1, num_stages=2)

@@ -1,0 +1,233 @@
+"""Benchmark of ragged paged attention on a GPU: our kernel beside JAX's Pallas GPU
+`paged_attention` and an XLA baseline (gather pages to dense, then attend).
+
+`main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
+returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
+Timing: each measured function runs `_ITERS` times inside one jitted fori_loop (each
+iteration's query depends on the previous output, so nothing is hoisted), so host dispatch
+stays out of the numbers; the median of `_REPS` such calls, divided by `_ITERS`.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.ragged_paged_attention import tuning
+from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
+
+N_HEADS, K_HEADS, HEAD_DIM = 32, 8, 128
+DECODE_SHAPES = [(1, 32768), (8, 2048), (8, 4096), (8, 16384), (32, 2048), (32, 8192),
+                 (64, 4096)]
+PAGE_SIZES = (16, 64)
+# mixed batches: (decode seqs, their context, prefill chunks, chunk length, prefill context)
+MIXED_SHAPES = [(32, 4096, 2, 512, 2048), (8, 8192, 4, 1024, 4096), (0, 0, 2, 2048, 2048)]
+_ITERS, _REPS = 10, 3
+# (block_k, num_splits, num_warps, num_stages) tried by --sweep
+SWEEP = [(128, 2, 4, 2), (128, 8, 4, 2), (64, 4, 4, 3), (64, 8, 4, 4), (128, 4, 4, 3),
+         (128, 4, 8, 2), (256, 4, 8, 2)]
+
+
+def _looped(f):
+    """f(q, *rest) -> out with q-shaped out, repeated _ITERS times in one program."""
+    @jax.jit
+    def run(q, *rest):
+        def body(_, carry):
+            qq, acc = carry
+            out = f(qq, *rest)
+            return qq + (out[:1, :1, :1] * 0).astype(qq.dtype), acc + out[0, 0, 0].astype(jnp.float32)
+        return jax.lax.fori_loop(0, _ITERS, body, (q, jnp.float32(0)))[1]
+    return run
+
+
+def _time(f, *args):
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(_REPS):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) / _ITERS
+
+
+def torch_copy_gbps() -> float | None:
+    """Device-to-device copy of 2 GiB through PyTorch (read + write counted), as the anchor."""
+    try:
+        import torch
+        src = torch.empty(1024 ** 3, dtype=torch.bfloat16, device="cuda").normal_()
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(20):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dst.copy_(src)
+            e1.record()
+            torch.cuda.synchronize()
+            ts.append(e0.elapsed_time(e1) / 1e3)
+        gbps = 2 * src.numel() * 2 / 1e9 / statistics.median(ts)
+        del src, dst
+        torch.cuda.empty_cache()
+        return gbps
+    except Exception as e:  # noqa: BLE001 - torch is optional on the device machine
+        print("torch copy unavailable:", type(e).__name__, e, file=sys.stderr)
+        return None
+
+
+def _decode_inputs(key, B, ctx, G, dtype=jnp.bfloat16):
+    pps = ctx // G
+    P = B * pps + 8
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, N_HEADS, HEAD_DIM), dtype)
+    kp = jax.random.normal(k2, (P, G, K_HEADS, HEAD_DIM), dtype)
+    vp = jax.random.normal(k3, (P, G, K_HEADS, HEAD_DIM), dtype)
+    table = jax.random.permutation(k1, P)[:B * pps].reshape(B, pps).astype(jnp.int32)
+    kv_lens = jnp.full((B,), ctx, jnp.int32)
+    cu = jnp.arange(B + 1, dtype=jnp.int32)
+    return q, kp, vp, kv_lens, table, cu, jnp.asarray([B], jnp.int32)
+
+
+def _xla_gather_attention(q, kp, vp, kv_lens, table, cu, ns):
+    """XLA baseline for decode: gather every sequence's pages to dense, then attend."""
+    B = q.shape[0]
+    k = kp[table].reshape(B, -1, K_HEADS, HEAD_DIM)
+    v = vp[table].reshape(B, -1, K_HEADS, HEAD_DIM)
+    qg = q.reshape(B, K_HEADS, -1, HEAD_DIM)
+    s = jnp.einsum("bkrh,bckh->bkrc", qg, k, preferred_element_type=jnp.float32) * HEAD_DIM ** -0.5
+    s = jnp.where(jnp.arange(k.shape[1])[None, None, None] < kv_lens[:, None, None, None], s, -1e30)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkrc,bckh->bkrh", p, v).reshape(q.shape)
+
+
+def _jax_paged(q, kp_KPGH, vp_KPGH, kv_lens, table, cu, ns, **kw):
+    from jax.experimental.pallas.ops.gpu import paged_attention as pa
+    return pa.paged_attention(q, kp_KPGH, vp_KPGH, table, kv_lens, **kw)
+
+
+def _row(rows_out, section, shape, impl, sec, *, gbytes=None, tflop=None, copy_gbps=None,
+         note=""):
+    row = {"section": section, "shape": shape, "impl": impl, "us": sec * 1e6}
+    if gbytes is not None:
+        row["GBps"] = gbytes / sec
+        if copy_gbps:
+            row["frac_copy"] = row["GBps"] / copy_gbps
+    if tflop is not None:
+        row["TFLOPs"] = tflop / sec
+    if note:
+        row["note"] = note
+    rows_out.append(row)
+    print(row, flush=True)
+    return row
+
+
+def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
+    for G in pages:
+        for B, ctx in shapes:
+            args = _decode_inputs(jax.random.PRNGKey(B * ctx + G), B, ctx, G)
+            shape = f"B={B} ctx={ctx} G={G}"
+            gb = 2 * B * ctx * K_HEADS * HEAD_DIM * 2 / 1e9
+            ours = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5)
+            cfg = tuning.gpu_config(T=B, S=B, R=N_HEADS // K_HEADS, H=HEAD_DIM, G=G, C=ctx,
+                                    K=K_HEADS)
+            t_ours = _time(_looped(ours), *args)
+            _row(rows_out, "decode", shape, "ours", t_ours, gbytes=gb, copy_gbps=copy_gbps,
+                 note=f"bq{cfg.q_tokens} bk{cfg.block_k} ns{cfg.num_splits}")
+            kp2 = jnp.moveaxis(args[1], 2, 0)          # [K, P, G, H], built outside timing
+            vp2 = jnp.moveaxis(args[2], 2, 0)
+            best = None
+            pps = ctx // G
+            for kw in (dict(), dict(pages_per_compute_block=4, k_splits=8)):   # the anchor's two
+                try:
+                    t = _time(_looped(functools.partial(_jax_paged, **kw)), args[0], kp2, vp2,
+                              *args[3:])
+                    best = t if best is None else min(best, t)
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    print("jax paged_attention failed", shape, kw, type(e).__name__,
+                          str(e)[:200], flush=True)
+            del kp2, vp2
+            if best is not None:
+                _row(rows_out, "decode", shape, "jax_paged_attention", best, gbytes=gb,
+                     copy_gbps=copy_gbps, note=f"ours x{best / t_ours:.2f}")
+            try:
+                t = _time(_looped(_xla_gather_attention), *args)
+                _row(rows_out, "decode", shape, "xla_gather", t, gbytes=gb, copy_gbps=copy_gbps,
+                     note=f"ours x{t / t_ours:.2f}")
+            except Exception as e:  # noqa: BLE001
+                print("xla baseline failed", shape, type(e).__name__, str(e)[:200], flush=True)
+            del args
+
+
+def _mixed_inputs(key, n_dec, ctx_dec, n_pre, chunk, ctx_pre, G=16, dtype=jnp.bfloat16):
+    q_lens = [1] * n_dec + [chunk] * n_pre
+    kv_lens = [ctx_dec] * n_dec + [ctx_pre] * n_pre
+    S = len(q_lens)
+    pps = max(kv_lens) // G
+    P = S * pps + 8
+    k1, k2, k3 = jax.random.split(key, 3)
+    T = sum(q_lens)
+    q = jax.random.normal(k1, (T, N_HEADS, HEAD_DIM), dtype)
+    kp = jax.random.normal(k2, (P, G, K_HEADS, HEAD_DIM), dtype)
+    vp = jax.random.normal(k3, (P, G, K_HEADS, HEAD_DIM), dtype)
+    table = jax.random.permutation(k1, P)[:S * pps].reshape(S, pps).astype(jnp.int32)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    flop = sum(4 * N_HEADS * HEAD_DIM * sum(kv - ql + i + 1 for i in range(ql))
+               for ql, kv in zip(q_lens, kv_lens))
+    return (q, kp, vp, jnp.asarray(kv_lens, jnp.int32), table, cu,
+            jnp.asarray([S], jnp.int32)), flop
+
+
+def bench_mixed(rows_out, shapes=MIXED_SHAPES):
+    for n_dec, ctx_dec, n_pre, chunk, ctx_pre in shapes:
+        args, flop = _mixed_inputs(jax.random.PRNGKey(n_dec + chunk), n_dec, ctx_dec, n_pre,
+                                   chunk, ctx_pre)
+        shape = f"dec {n_dec}x{ctx_dec} + pre {n_pre}x{chunk}@{ctx_pre} G=16"
+        ours = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5)
+        t = _time(_looped(ours), *args)
+        _row(rows_out, "mixed", shape, "ours", t, tflop=flop / 1e12)
+
+
+def sweep(rows_out, copy_gbps, configs, shapes):
+    """Our kernel under explicit tilings, for the tuning table."""
+    for B, ctx, G in shapes:
+        args = _decode_inputs(jax.random.PRNGKey(B + ctx + G), B, ctx, G)
+        gb = 2 * B * ctx * K_HEADS * HEAD_DIM * 2 / 1e9
+        for cfg in configs:
+            f = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5,
+                                  config=cfg)
+            try:
+                t = _time(_looped(f), *args)
+                _row(rows_out, "sweep", f"B={B} ctx={ctx} G={G}", "ours", t, gbytes=gb,
+                     copy_gbps=copy_gbps, note=f"bq{cfg.q_tokens} bk{cfg.block_k} "
+                     f"ns{cfg.num_splits} w{cfg.num_warps} st{cfg.num_stages}")
+            except Exception as e:  # noqa: BLE001
+                print("sweep failed", cfg, type(e).__name__, str(e)[:300], flush=True)
+        del args
+
+
+def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False):
+    rows_out = [] if rows_out is None else rows_out
+    print("jax", jax.__version__, jax.devices(), flush=True)
+    if copy_gbps is None:
+        copy_gbps = torch_copy_gbps()
+        if copy_gbps:
+            _row(rows_out, "ceiling", "2 GiB", "torch_copy", 2 * 2 ** 31 / 1e9 / copy_gbps,
+                 gbytes=2 * 2 ** 31 / 1e9, copy_gbps=copy_gbps)
+    if do_sweep:
+        cfgs = [tuning.BlockConfig(q_tokens=4, block_k=bk, num_splits=ns, num_warps=w,
+                                   num_stages=st)
+                for bk, ns, w, st in SWEEP]
+        sweep(rows_out, copy_gbps, cfgs, [(8, 16384, 16), (64, 4096, 64)])
+    bench_decode(rows_out, copy_gbps)
+    bench_mixed(rows_out)
+    return rows_out
+
+
+if __name__ == "__main__":
+    main(do_sweep="--sweep" in sys.argv)

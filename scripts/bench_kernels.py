@@ -1,0 +1,88 @@
+"""One benchmark table for the Pallas kernels on a GPU (run on the device machine).
+
+    PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH]
+
+Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
+then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
+pallas_kernels.fused_moe.bench.main, and prints all their rows as one table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from pallas_kernels.ragged_paged_attention import bench as rpa_bench  # noqa: E402
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def print_table(rows, header):
+    print(header)
+    cols = ("section", "shape", "impl", "us", "GB/s", "%copy", "TFLOP/s", "note")
+    lines = [cols]
+    for r in rows:
+        frac = r.get("frac_copy")
+        lines.append((r.get("section", ""), r.get("shape", ""), r.get("impl", ""),
+                      _fmt(r.get("us"), ".1f"), _fmt(r.get("GBps"), ".0f"),
+                      _fmt(None if frac is None else 100 * frac, ".0f"),
+                      _fmt(r.get("TFLOPs"), ".1f"), str(r.get("note", ""))))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(cols))]
+    for line in lines:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+
+
+def run_moe(rows, copy_gbps):
+    try:
+        from pallas_kernels.fused_moe import bench as moe_bench
+    except ImportError as e:
+        print("no MoE benchmark:", e)
+        return
+    try:
+        params = inspect.signature(moe_bench.main).parameters
+        kw = {"copy_gbps": copy_gbps} if "copy_gbps" in params else {}
+        out = moe_bench.main(rows, **kw) if params else moe_bench.main()
+        if isinstance(out, list) and out is not rows:
+            rows.extend(r for r in out if isinstance(r, dict))
+    except Exception:  # noqa: BLE001 - the attention table still prints
+        traceback.print_exc()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="also sweep attention tilings")
+    ap.add_argument("--json", default=None, help="write the rows here as JSON")
+    ap.add_argument("--skip-moe", action="store_true")
+    a = ap.parse_args()
+    rows = []
+    copy_gbps = rpa_bench.torch_copy_gbps()
+    if copy_gbps:
+        rows.append({"section": "ceiling", "shape": "2 GiB", "impl": "torch_copy",
+                     "us": 2 * 2 ** 31 / 1e9 / copy_gbps * 1e6, "GBps": copy_gbps,
+                     "frac_copy": 1.0})
+    try:
+        rpa_bench.main(rows, copy_gbps, do_sweep=a.sweep)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    if not a.skip_moe:
+        run_moe(rows, copy_gbps)
+    header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+    print_table(rows, header)
+
+
+if __name__ == "__main__":
+    main()
