@@ -42,7 +42,21 @@ def print_table(rows, header):
         print(" | ".join(str(c).ljust(w) for c, w in zip(line, widths)))
 
 
-def run_moe(rows, copy_gbps):
+_KNOWN = ("section", "shape", "impl", "us", "GBps", "frac_copy", "TFLOPs", "note")
+
+
+def _normalise_moe(row):
+    """The MoE bench's rows ('kind', extra keys) in this table's columns."""
+    out = {k: row[k] for k in _KNOWN if k in row}
+    out["section"] = row.get("section") or f"moe {row.get('kind', '')}".strip()
+    extra = {k: v for k, v in row.items() if k not in _KNOWN and k != "kind"}
+    if extra:
+        out["note"] = " ".join([str(out.get("note", ""))] + [f"{k}={v}" for k, v in extra.items()]).strip()
+    return out
+
+
+def run_moe(rows, sweep):
+    """pallas_kernels.fused_moe.bench.main() if that module exists; its rows join the table."""
     try:
         from pallas_kernels.fused_moe import bench as moe_bench
     except ImportError as e:
@@ -50,10 +64,15 @@ def run_moe(rows, copy_gbps):
         return
     try:
         params = inspect.signature(moe_bench.main).parameters
-        kw = {"copy_gbps": copy_gbps} if "copy_gbps" in params else {}
-        out = moe_bench.main(rows, **kw) if params else moe_bench.main()
-        if isinstance(out, list) and out is not rows:
-            rows.extend(r for r in out if isinstance(r, dict))
+        kw, moe_rows = {}, []
+        if "sweep" in params:
+            kw["sweep"] = sweep
+        if "rows_out" in params:
+            kw["rows_out"] = moe_rows
+        out = moe_bench.main(**kw)
+        if isinstance(out, list) and out is not moe_rows:
+            moe_rows.extend(out)
+        rows.extend(_normalise_moe(r) for r in moe_rows if isinstance(r, dict))
     except Exception:  # noqa: BLE001 - the attention table still prints
         traceback.print_exc()
 
@@ -75,7 +94,7 @@ def main():
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     if not a.skip_moe:
-        run_moe(rows, copy_gbps)
+        run_moe(rows, a.sweep)
     header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     if a.json:

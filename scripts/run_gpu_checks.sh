@@ -15,7 +15,7 @@ if ! python3 -c "import pytest" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG/gpu.txt"
 CROSSPOOL_TEST_ON_GPU=1 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu \
-  tests/pallas_kernels -x -p no:cacheprovider 2>&1 | tee "$LOG/gpu_tests.log"
+  ${TESTS:-tests/pallas_kernels} -p no:cacheprovider 2>&1 | tee "$LOG/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench_kernels.py --json "$LOG/bench.json" "$@" \
   2>&1 | tee "$LOG/bench.log"
