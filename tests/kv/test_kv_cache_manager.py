@@ -118,6 +118,20 @@ def test_shared_prefix_shares_pages_and_counts_refs():
     pool_pages_accounted(kv)
 
 
+def test_hash_is_chained_over_the_parent_block():
+    rng = random.Random(17)
+    kv = make_manager()
+    head_x, head_y, shared = ([rng.randrange(1, 100) for _ in range(4)] for _ in range(3))
+    x = req("x", "a", head_x + shared + [1])
+    y = req("y", "a", head_y + shared + [1])
+    compute_all(kv, x)
+    compute_all(kv, y)                          # y's second block: same tokens as x's, other context
+    z = req("z", "a", head_y + shared + [2, 2])
+    blocks, num_cached = kv.get_computed_blocks(z)
+    assert num_cached == 8 and blocks == kv.blocks_of(y)[:2]
+    assert kv.get_computed_blocks(req("w", "a", [5] * 4 + shared + [3])) == ([], 0)
+
+
 def test_never_the_whole_request_and_revival_after_free():
     rng = random.Random(3)
     kv = make_manager()

@@ -1,0 +1,491 @@
+"""Scheduler: token budget, chunked prefill mixed with decodes, several models per step,
+fairness across models, preemption, rejection, abort, multi-step decode, prefix caching.
+
+Driven by a fake paged model: each step writes every fed token into the pages its chunk's
+page table names (per layer) and samples the next token from the context it reads BACK
+from those pages, so wrong page tables, pages shared by mistake, or prefix-cache hits with
+the wrong content change the outputs, which must equal a direct computation.
+"""
+import random
+
+import pytest
+
+from crosspool_jax.engine.request import Request, RequestStatus
+from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
+from crosspool_jax.kv.allocator import PageAllocator
+from crosspool_jax.kv.kv_cache_manager import KVCacheManager, ModelKVGeometry
+from crosspool_jax.sampling_params import SamplingParams
+
+EOS = 3
+GEOMETRIES = {"a": ModelKVGeometry("a", num_layers=2, tokens_per_page=4, max_model_len=64),
+              "b": ModelKVGeometry("b", num_layers=3, tokens_per_page=2, max_model_len=48)}
+
+
+def next_token(model, context):
+    """The fake model: a deterministic function of the whole context."""
+    salt = 7 if model == "a" else 13
+    return (sum((i + salt) * t for i, t in enumerate(context)) * 31 + len(context)) % 50 + 1
+
+
+def reference_output(model, prompt, max_tokens, max_model_len, stop_at_eos=True):
+    tokens, out = list(prompt), []
+    while True:
+        t = next_token(model, tokens)
+        out.append(t)
+        tokens.append(t)
+        if (stop_at_eos and t == EOS) or len(out) >= max_tokens or len(tokens) >= max_model_len:
+            return out
+
+
+class FakeEngine:
+    """Runs SchedulerOutputs against a simulated paged KV store and applies stop rules."""
+
+    def __init__(self, scheduler, stop_at_eos=True):
+        self.sched = scheduler
+        self.kv = scheduler.kv
+        self.store = {}                       # (page, slot) -> (token, position, layer, context digest)
+        self.stop_at_eos = stop_at_eos
+        self.outputs = []
+        self.finished = {}                    # request_id -> Request
+
+    def _write(self, chunk, pos, token, context):
+        # Like real K/V, what is stored depends on the whole context up to the token.
+        g = self.kv.geometry(chunk.request.model)
+        block, slot = divmod(pos, g.tokens_per_page)
+        digest = hash(tuple(context[:pos]) + (token,))
+        for layer in range(g.num_layers):
+            page = chunk.page_table[layer][block]
+            assert self.kv.allocator._is_free[page] == 0, "write into a free page"
+            self.store[(page, slot)] = (token, pos, layer, digest)
+
+    def _read(self, chunk, length):
+        g = self.kv.geometry(chunk.request.model)
+        context = []
+        for pos in range(length):
+            block, slot = divmod(pos, g.tokens_per_page)
+            seen = set()
+            for layer in range(g.num_layers):
+                token, p, l, digest = self.store[(chunk.page_table[layer][block], slot)]
+                assert (p, l) == (pos, layer)
+                assert digest == hash(tuple(context) + (token,)), "K/V computed in another context"
+                seen.add(token)
+            assert len(seen) == 1
+            context.append(seen.pop())
+        return context
+
+    def _stops(self, r, out):
+        g = self.kv.geometry(r.model)
+        return ((self.stop_at_eos and out[-1] == EOS) or len(out) >= r.max_tokens
+                or r.num_prompt_tokens + len(out) >= g.max_model_len)
+
+    def step(self):
+        out = self.sched.schedule()
+        self.outputs.append(out)
+        for rid, _ in out.rejected:
+            self.finished[rid] = None
+        sampled, stopped = {}, []
+        for chunk in out.chunks:
+            r = chunk.request
+            g = self.kv.geometry(r.model)
+            assert chunk.token_ids == r.all_token_ids[chunk.start:chunk.start + chunk.num_tokens]
+            need = chunk.start + chunk.num_tokens + chunk.num_steps - 1
+            assert len(chunk.page_table) == g.num_layers
+            assert len(chunk.page_table[0]) * g.tokens_per_page >= need
+            context = r.all_token_ids
+            for j, token in enumerate(chunk.token_ids):
+                self._write(chunk, chunk.start + j, token, context)
+            if not chunk.samples:
+                continue
+            length = chunk.start + chunk.num_tokens
+            new = []
+            for j in range(chunk.num_steps):
+                token = next_token(r.model, self._read(chunk, length))
+                new.append(token)
+                if self._stops(r, r.output_token_ids + new):
+                    stopped.append(r)
+                    break
+                if j + 1 < chunk.num_steps:       # a multi-step decode feeds it on device
+                    self._write(chunk, length, token, r.all_token_ids + new)
+                    length += 1
+            sampled[r.request_id] = new
+        self.sched.update_from_output(out, sampled)
+        for r in stopped:
+            status = (RequestStatus.FINISHED_STOPPED if self.stop_at_eos and r.output_token_ids[-1] == EOS
+                      else RequestStatus.FINISHED_LENGTH)
+            self.sched.finish_request(r.request_id, status)
+            self.finished[r.request_id] = r
+        return out
+
+    def run(self, max_steps=500):
+        for _ in range(max_steps):
+            if not self.sched.has_unfinished():
+                return
+            self.step()
+        raise AssertionError("requests did not finish")
+
+
+def make_scheduler(pages_per_device=64, num_devices=1, caching=True, **config):
+    kv = KVCacheManager(PageAllocator(pages_per_device, num_devices), enable_prefix_caching=caching)
+    for g in GEOMETRIES.values():
+        kv.register_model(g)
+    return Scheduler(SchedulerConfig(enable_prefix_caching=caching, **config), kv)
+
+
+def make_request(rid, model, prompt_len, rng, max_tokens=8, arrival=None, prompt=None):
+    prompt = prompt if prompt is not None else [rng.randrange(1, 50) for _ in range(prompt_len)]
+    kwargs = {} if arrival is None else {"arrival_time": arrival}
+    return Request(rid, model, prompt, SamplingParams(max_tokens=max_tokens), **kwargs)
+
+
+def check_outputs(engine, requests, stop_at_eos=True):
+    for r in requests:
+        g = GEOMETRIES[r.model]
+        assert r.is_finished, r.request_id
+        assert r.output_token_ids == reference_output(r.model, r.prompt_token_ids, r.max_tokens, g.max_model_len,
+                                                      stop_at_eos), r.request_id
+
+
+def assert_pool_empty(sched):
+    kv = sched.kv
+    assert kv.pages_used_by_model() == {"a": 0, "b": 0}
+    assert kv.num_free_pages() == kv.allocator.num_total
+    kv.reset_prefix_cache()
+    assert kv.allocator.num_free() == kv.allocator.num_total
+
+
+def test_config_and_request_validation():
+    with pytest.raises(ValueError, match="SchedulerConfig.max_num_seqs"):
+        SchedulerConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="prompt_token_ids is empty"):
+        Request("x", "a", [], SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        Request("x", "a", [1], SamplingParams(), max_tokens=0)
+    sched = make_scheduler()
+    with pytest.raises(ValueError, match="unknown model 'zzz'"):
+        sched.add_request(Request("x", "zzz", [1, 2], SamplingParams()))
+    r = Request("x", "a", [5, 6, 7], SamplingParams(max_tokens=None))
+    sched.add_request(r)
+    assert r.max_tokens == 64 - 3 and r.status == RequestStatus.WAITING
+    with pytest.raises(ValueError, match="already in the scheduler"):
+        sched.add_request(Request("x", "a", [1], SamplingParams()))
+    assert RequestStatus.FINISHED_LENGTH.finish_reason == "length" and not RequestStatus.PREEMPTED.is_finished
+
+
+def test_budget_chunked_prefill_mixed_with_decodes_and_two_models():
+    rng = random.Random(101)
+    sched = make_scheduler(max_num_batched_tokens=16, max_decode_steps=1)
+    engine = FakeEngine(sched)
+    requests = [make_request("a0", "a", 5, rng, arrival=0.0), make_request("b0", "b", 3, rng, arrival=0.1),
+                make_request("a-long", "a", 40, rng, arrival=0.2), make_request("b1", "b", 7, rng, arrival=0.3)]
+    for r in requests:
+        sched.add_request(r)
+    engine.run()
+    check_outputs(engine, requests)
+    outs = engine.outputs
+    assert all(0 < o.num_batched_tokens <= 16 for o in outs if not o.is_empty)
+    assert all(o.num_batched_tokens == sum(c.num_tokens for c in o.chunks) for o in outs)
+    long_chunks = [c for o in outs for c in o.chunks if c.request_id == "a-long" and not c.samples]
+    assert len(long_chunks) >= 2                                           # the 40-token prompt was split
+    mixed = [o for o in outs if any(c.num_tokens > 1 and not c.samples for c in o.chunks)
+             and any(c.num_tokens == 1 and c.samples for c in o.chunks)]
+    assert mixed, "no step mixed a prefill chunk with decodes"
+    assert any(set(o.chunks_by_model) == {"a", "b"} for o in outs)      # several models in one step
+    assert_pool_empty(sched)
+
+
+def test_fairness_round_robin_across_models():
+    rng = random.Random(202)
+    sched = make_scheduler(pages_per_device=400, max_num_batched_tokens=32, max_decode_steps=1)
+    burst = [make_request(f"a{i}", "a", 30, rng, max_tokens=4, arrival=float(i)) for i in range(6)]
+    late = make_request("b-late", "b", 10, rng, max_tokens=4, arrival=100.0)
+    for r in burst + [late]:
+        sched.add_request(r)
+    engine = FakeEngine(sched)
+    first = engine.step()
+    # FCFS alone would give a0 and a1 the whole budget; the turn rule admits b's head too.
+    assert [c.request_id for c in first.chunks] == ["a0", "b-late"]
+    assert sched.num_waiting() == 5
+    second = engine.step()                    # running first (a0's decode, b's chunk), then a1
+    assert [c.request_id for c in second.chunks] == ["a0", "a1", "b-late"]
+    engine.run()
+    check_outputs(engine, burst + [late])
+    # b's request finished before most of a's burst even started.
+    started = {}
+    for i, o in enumerate(engine.outputs):
+        for c in o.chunks:
+            started.setdefault(c.request_id, i)
+    assert sum(started[r.request_id] > started["b-late"] for r in burst) >= 4
+    assert_pool_empty(sched)
+
+
+def test_request_blocked_on_pages_is_not_overtaken_by_later_ones():
+    rng = random.Random(303)
+    # model a: 2 pages per block of 4 tokens; 24 pages = 12 blocks = 48 tokens.
+    sched = make_scheduler(pages_per_device=24, max_num_batched_tokens=64, max_decode_steps=1, caching=False)
+    hog = make_request("hog", "a", 30, rng, max_tokens=3, arrival=0.0)    # 8 blocks
+    sched.add_request(hog)
+    engine = FakeEngine(sched)
+    engine.step()
+    big = make_request("big", "a", 20, rng, max_tokens=2, arrival=1.0)    # needs 5 blocks, 4 free
+    early = make_request("early", "b", 1, rng, max_tokens=2, arrival=0.5)  # arrived before big: may go
+    small = make_request("small", "b", 3, rng, max_tokens=2, arrival=2.0)  # would fit (2 blocks x 3 pages)
+    for r in (big, early, small):
+        sched.add_request(r)
+    out = engine.step()
+    ids = {c.request_id for c in out.chunks}
+    assert "early" in ids and "big" not in ids and "small" not in ids
+    engine.run()
+    check_outputs(engine, [hog, big, small, early])
+    first_step = {}
+    for i, o in enumerate(engine.outputs):
+        for c in o.chunks:
+            first_step.setdefault(c.request_id, i)
+    assert first_step["big"] <= first_step["small"]
+    assert_pool_empty(sched)
+
+
+def test_preemption_when_pool_too_small_all_finish_unchanged():
+    rng = random.Random(404)
+    # 24 pages: model a holds 12 blocks (48 tokens), model b 8 blocks (16 tokens); each request
+    # fits alone, all together do not.
+    sched = make_scheduler(pages_per_device=24, max_num_batched_tokens=24, max_decode_steps=4)
+    requests = [make_request(f"{m}{i}", m, rng.randrange(3, 9), rng,
+                             max_tokens=rng.randrange(6, 12) if m == "a" else rng.randrange(4, 9),
+                             arrival=i * 0.1) for i, m in enumerate("ababab")]
+    for r in requests:
+        sched.add_request(r)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    engine.run()
+    check_outputs(engine, requests, stop_at_eos=False)
+    assert sched.num_preemptions > 0
+    assert sum(r.num_preemptions for r in requests) == sched.num_preemptions
+    preempted = [rid for o in engine.outputs for rid in o.preempted]
+    assert len(preempted) == sched.num_preemptions
+    # the victim is always the latest-arrived running request: never the oldest one, and
+    # never one that arrived before a request scheduled in the same step.
+    assert "a0" not in preempted
+    arrival = {r.request_id: r.arrival_time for r in requests}
+    for o in engine.outputs:
+        for rid in o.preempted:
+            assert all(arrival[rid] > arrival[c.request_id] for c in o.chunks)
+    assert_pool_empty(sched)
+
+
+def test_preempted_request_keeps_outputs_and_recomputes_them():
+    rng = random.Random(505)
+    sched = make_scheduler(pages_per_device=12, max_num_batched_tokens=32, max_decode_steps=1, caching=False)
+    # 12 pages = 6 blocks of model a: old grows to 21 tokens (the whole pool), new holds 3 blocks.
+    old = make_request("old", "a", 6, rng, max_tokens=16, arrival=0.0)
+    new = make_request("new", "a", 9, rng, max_tokens=8, arrival=1.0)
+    sched.add_request(old)
+    sched.add_request(new)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    for _ in range(50):
+        if new.num_preemptions:
+            break
+        engine.step()
+    assert new.status == RequestStatus.PREEMPTED and new.num_computed_tokens == 0
+    kept = list(new.output_token_ids)
+    assert kept and sched.kv.blocks_of(new) == []
+    engine.run()
+    assert new.output_token_ids[:len(kept)] == kept
+    resumed = [c for o in engine.outputs for c in o.chunks if c.request_id == "new" and c.start == 0]
+    assert resumed[-1].token_ids[:9 + len(kept)] == new.prompt_token_ids + kept
+    check_outputs(engine, [old, new], stop_at_eos=False)
+    assert_pool_empty(sched)
+
+
+def test_rejections_while_others_finish():
+    rng = random.Random(606)
+    sched = make_scheduler(pages_per_device=20, max_num_batched_tokens=32, max_decode_steps=1)
+    too_long = make_request("too-long", "b", 49, rng)                      # b's max_model_len is 48
+    too_big = make_request("too-big", "a", 41, rng)                        # 11 blocks x 2 pages > 20
+    grows_too_big = make_request("grows", "a", 38, rng, max_tokens=20, arrival=5.0)  # 10 blocks, then 11
+    fine = [make_request(f"ok{i}", "ab"[i % 2], 5, rng, max_tokens=3) for i in range(3)]
+    for r in [too_long, too_big] + fine:
+        sched.add_request(r)
+    assert too_long.status == RequestStatus.FINISHED_ERROR
+    assert "prompt of 49 tokens is longer than model 'b'" in too_long.error and "48" in too_long.error
+    assert "prompt of 41 tokens" in too_big.error and "whole KV pool" in too_big.error
+    assert sched.has_unfinished() and sched.get_request("too-long") is None
+    engine = FakeEngine(sched)
+    first = engine.step()
+    assert dict(first.rejected) == {"too-long": too_long.error, "too-big": too_big.error}
+    engine.run()
+    check_outputs(engine, fine)
+    sched.add_request(grows_too_big)
+    engine.run()
+    assert grows_too_big.status == RequestStatus.FINISHED_ERROR
+    assert "needs 22 pages, more than the whole KV pool" in grows_too_big.error
+    assert any(("grows", grows_too_big.error) in o.rejected for o in engine.outputs)
+    assert_pool_empty(sched)
+
+
+def test_abort_frees_pages_at_once_and_is_idempotent():
+    rng = random.Random(707)
+    sched = make_scheduler(max_num_batched_tokens=64, max_decode_steps=1)
+    running = make_request("run", "a", 10, rng, arrival=0.0)
+    other = make_request("other", "b", 6, rng, arrival=0.1)
+    sched.add_request(running)
+    sched.add_request(other)
+    engine = FakeEngine(sched)
+    engine.step()
+    assert sched.kv.pages_used_by_model() == {"a": 6, "b": 9}
+    out = sched.schedule()                   # both scheduled; abort before the update
+    sched.abort_request("run")
+    assert running.status == RequestStatus.FINISHED_ABORTED
+    assert sched.kv.pages_used_by_model()["a"] == 0 and sched.num_running() == 1
+    sched.update_from_output(out, {"run": [5], "other": [6]})   # the aborted one is skipped
+    assert running.output_token_ids != [] and len(running.output_token_ids) == 1
+    assert other.output_token_ids[-1] == 6
+    sched.abort_request("run")               # idempotent
+    sched.abort_request("never-seen")
+    waiting = make_request("wait", "a", 4, rng)
+    sched.add_request(waiting)
+    sched.abort_request("wait")
+    assert sched.num_waiting() == 0 and waiting.status == RequestStatus.FINISHED_ABORTED
+    with pytest.raises(ValueError, match="FINISHED_"):
+        sched.finish_request("other", RequestStatus.RUNNING)
+    sched.abort_request("other")
+    assert not sched.has_unfinished()
+    assert_pool_empty(sched)
+
+
+def test_multi_step_decode_schedules_and_allocates_up_front():
+    rng = random.Random(808)
+    sched = make_scheduler(max_num_batched_tokens=64, max_decode_steps=4)
+    r1 = make_request("r1", "a", 6, rng, max_tokens=20)
+    r2 = make_request("r2", "b", 5, rng, max_tokens=20)
+    sched.add_request(r1)
+    sched.add_request(r2)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    first = engine.step()                     # prefills: one step each
+    assert first.num_steps == 1 and all(c.num_tokens > 1 for c in first.chunks)
+    second = sched.schedule()
+    assert second.num_steps == 4 and all(c.num_steps == 4 and c.num_tokens == 1 for c in second.chunks)
+    for c in second.chunks:                   # pages for all 4 steps are already there
+        g = GEOMETRIES[c.request.model]
+        assert len(c.page_table[0]) == g.num_blocks(c.start + 4)
+    # r1 "stopped on device" after 2 tokens, r2 ran all 4.
+    sched.update_from_output(second, {"r1": [11, 12], "r2": [21, 22, 23, 24]})
+    assert (r1.num_computed_tokens, r1.output_token_ids[-2:]) == (6 + 1 + 1, [11, 12])
+    assert (r2.num_computed_tokens, r2.num_tokens) == (5 + 1 + 3, 5 + 1 + 4)
+    with pytest.raises(ValueError, match="sampled 5 tokens"):
+        out = sched.schedule()
+        sched.update_from_output(out, {"r1": [1] * 5, "r2": [1]})
+
+
+def test_multi_step_limits_and_fallbacks():
+    rng = random.Random(909)
+    sched = make_scheduler(max_num_batched_tokens=64, max_decode_steps=8, caching=False)
+    r1 = make_request("r1", "a", 6, rng, max_tokens=4)
+    sched.add_request(r1)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    engine.step()                                                       # prefill + 1 token
+    assert sched.schedule().num_steps == 3                              # 3 tokens left before max_tokens
+    # something waiting -> single steps.
+    sched2 = make_scheduler(max_num_batched_tokens=8, max_decode_steps=8)
+    e2 = FakeEngine(sched2, stop_at_eos=False)
+    sched2.add_request(make_request("x", "a", 4, rng, max_tokens=30))
+    e2.step()
+    sched2.add_request(make_request("y", "a", 20, rng, max_tokens=3))
+    assert all(o.num_steps == 1 for o in [e2.step(), e2.step()])
+    # max_model_len bounds the steps: b's context ends at 48.
+    sched3 = make_scheduler(pages_per_device=80, max_num_batched_tokens=64, max_decode_steps=8, caching=False)
+    near_end = make_request("near", "b", 44, rng, max_tokens=40)
+    sched3.add_request(near_end)
+    e3 = FakeEngine(sched3, stop_at_eos=False)
+    e3.step()
+    assert near_end.num_tokens == 45 and sched3.schedule().num_steps == 3
+    # pool short for the extra steps -> 1 step, and no extra pages taken.
+    sched4 = make_scheduler(pages_per_device=4, max_num_batched_tokens=64, max_decode_steps=8, caching=False)
+    tight = make_request("tight", "a", 7, rng, max_tokens=10)            # 2 blocks = all 4 pages
+    sched4.add_request(tight)
+    e4 = FakeEngine(sched4, stop_at_eos=False)
+    e4.step()                                                           # 8 tokens now, 7 computed
+    out = sched4.schedule()
+    assert out.num_steps == 1 and sched4.kv.allocator.num_free() == 0
+    assert len(out.chunks[0].page_table[0]) == 2
+
+
+def test_prefix_caching_skips_shared_blocks_and_outputs_match():
+    rng = random.Random(111)
+    sched = make_scheduler(max_num_batched_tokens=64, max_decode_steps=1)
+    prefix = [rng.randrange(1, 50) for _ in range(12)]
+    first = make_request("p1", "a", 0, rng, prompt=prefix + [rng.randrange(1, 50) for _ in range(3)], max_tokens=3)
+    sched.add_request(first)
+    engine = FakeEngine(sched)
+    engine.run()
+    second = make_request("p2", "a", 0, rng, prompt=prefix + [rng.randrange(1, 50) for _ in range(5)], max_tokens=3)
+    third = make_request("p3", "b", 0, rng, prompt=prefix + [9], max_tokens=3)   # other model: no hit
+    sched.add_request(second)
+    sched.add_request(third)
+    out = engine.step()
+    starts = {c.request_id: c.start for c in out.chunks}
+    assert starts == {"p2": 12, "p3": 0}
+    engine.run()
+    check_outputs(engine, [first, second, third])
+    assert_pool_empty(sched)
+
+
+def test_random_workload_on_two_devices_finishes_unchanged():
+    rng = random.Random(1212)
+    sched = make_scheduler(pages_per_device=24, num_devices=2, max_num_batched_tokens=20, max_num_seqs=5,
+                           max_decode_steps=3)
+    shared = [rng.randrange(1, 50) for _ in range(8)]
+    requests = []
+    for i in range(14):
+        model = rng.choice("ab")
+        head = shared if rng.random() < 0.5 else []
+        prompt = head + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 10))]
+        requests.append(make_request(f"w{i}", model, 0, rng, prompt=prompt, max_tokens=rng.randrange(2, 10),
+                                     arrival=i * 0.01))
+    engine = FakeEngine(sched)
+    pending = list(requests)
+    for step in range(1000):
+        if pending and step % 2 == 0:
+            sched.add_request(pending.pop(0))
+        if not pending and not sched.has_unfinished():
+            break
+        out = engine.step()
+        assert len({c.request_id for c in out.chunks}) == len(out.chunks) <= 5
+        assert out.num_batched_tokens <= 20
+    check_outputs(engine, requests)
+    assert_pool_empty(sched)
+
+
+def test_prefix_hits_only_blocks_already_computed_during_chunked_prefill():
+    rng = random.Random(131)
+    sched = make_scheduler(max_num_batched_tokens=10, max_decode_steps=1)
+    prompt = [rng.randrange(1, 50) for _ in range(30)]
+    r1 = make_request("r1", "a", 0, rng, prompt=prompt, max_tokens=3, arrival=0.0)
+    sched.add_request(r1)
+    engine = FakeEngine(sched)
+    engine.step()                                       # r1 computed 10 of 30 tokens: 2 full blocks
+    r2 = make_request("r2", "a", 0, rng, prompt=prompt + [7], max_tokens=3, arrival=1.0)
+    sched.add_request(r2)
+    blocks, num_cached = sched.kv.get_computed_blocks(r2)
+    assert num_cached == 8 and len(blocks) == 2
+    engine.run()
+    check_outputs(engine, [r1, r2])
+    assert_pool_empty(sched)
+
+
+def test_victim_is_the_latest_arrived_running_request_of_any_model():
+    rng = random.Random(141)
+    # 14 pages: r0 (a, 2 blocks x 2 pages) + r1 (b, 2 blocks x 3 pages) + r2 (a, 2 x 2) fill the pool.
+    sched = make_scheduler(pages_per_device=14, max_num_batched_tokens=64, max_decode_steps=1, caching=False)
+    r0 = make_request("r0", "a", 8, rng, max_tokens=6, arrival=0.0)      # grows into a 3rd block next step
+    r1 = make_request("r1", "b", 3, rng, max_tokens=4, arrival=1.0)      # needs no new block next step
+    r2 = make_request("r2", "a", 7, rng, max_tokens=6, arrival=2.0)
+    for r in (r0, r1, r2):
+        sched.add_request(r)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    engine.step()
+    assert sched.kv.allocator.num_free() == 0
+    out = engine.step()
+    assert out.preempted == ["r2"] and r2.status == RequestStatus.PREEMPTED
+    assert [c.request_id for c in out.chunks] == ["r0", "r1"] and sched.num_waiting() == 1
+    engine.run()
+    check_outputs(engine, [r0, r1, r2], stop_at_eos=False)
+    assert_pool_empty(sched)
