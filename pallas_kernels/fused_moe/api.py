@@ -17,8 +17,8 @@ from pallas_kernels.fused_moe import gpu, tpu, tuning
 from pallas_kernels.fused_moe.layout import build_layout, gather_rows, gmm_layout, scatter_back
 from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
                                                 route_topk)
-from pallas_kernels.fused_moe.validation import (check_fused_moe, check_grouped_matmul,
-                                                 resolve_backend)
+from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
+                                                 check_grouped_matmul, resolve_backend)
 
 _KERNELS = {"gpu": gpu, "tpu": tpu}
 
@@ -48,6 +48,7 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
     M, K = lhs_MK.shape
     G, _, N = rhs_GKN.shape
     cfg = config or _config(backend, M, G, K, N, lhs_MK.dtype.itemsize)
+    check_config(cfg, K, N, backend, "grouped_matmul")
     layout = gmm_layout(group_sizes_G, M, cfg.block_m)
     y_PN = _KERNELS[backend].gmm_padded(gather_rows(lhs_MK, layout), rhs_GKN, layout, cfg,
                                         out_dtype=lhs_MK.dtype, interpret=interpret)
@@ -91,6 +92,8 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renorma
         if cfg1.block_m != cfg2.block_m:
             raise ValueError(f"fused_moe: config pair needs one block_m, got {cfg1.block_m} "
                              f"(gate/up) and {cfg2.block_m} (down)")
+    check_config(cfg1, D, F, backend, "fused_moe gate/up")
+    check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
     weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
     layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)

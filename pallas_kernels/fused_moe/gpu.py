@@ -23,17 +23,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.fused_moe.activation import activate
 from pallas_kernels.fused_moe.layout import TileLayout
 from pallas_kernels.fused_moe.tuning import BlockConfig
 
 LOWERING = "triton"
-
-
-def _activate(gate, activation: str):
-    if activation == "silu":
-        return gate * jax.nn.sigmoid(gate)
-    # exact gelu through erf, as the reference
-    return 0.5 * gate * (1.0 + jax.lax.erf(gate * 0.7071067811865476))
 
 
 def _gmm_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, scale_ref, o_ref, *,
@@ -82,7 +76,7 @@ def _gate_up_kernel(tile_group_ref, num_active_ref, x_ref, w_ref, o_ref, *,
 
         zero = jnp.zeros((bm, block_n), jnp.float32)
         acc_g, acc_u = jax.lax.fori_loop(0, num_k, body, (zero, zero))
-        o_ref[...] = (_activate(acc_g, activation) * acc_u).astype(o_ref.dtype)
+        o_ref[...] = (activate(acc_g, activation) * acc_u).astype(o_ref.dtype)
 
 
 def _whole(shape):

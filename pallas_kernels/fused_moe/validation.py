@@ -73,3 +73,15 @@ def check_fused_moe(x, router_logits, w1, w2, top_k, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_moe: activation must be one of {ACTIVATIONS}, "
                          f"got {activation!r}")
+
+
+def check_config(cfg, K: int, N: int, backend: str, what: str) -> None:
+    """Block sizes must tile [K, N] exactly; the GPU lowering needs powers of two >= 16."""
+    if K % cfg.block_k or N % cfg.block_n:
+        raise ValueError(f"{what}: config block_k={cfg.block_k}, block_n={cfg.block_n} must "
+                         f"divide the weight's K={K} and N={N}")
+    if backend == "gpu":
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(cfg, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{what}: GPU config {name}={v} must be a power of two >= 16")

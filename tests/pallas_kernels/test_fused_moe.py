@@ -138,7 +138,11 @@ class TestGpuKernel:
         (32, 64, 8, 2048, 1024),    # OLMoE
     ])
     def test_bf16_against_reference(self, T, E, top_k, D, F):
-        x, logits, w1, w2 = _inputs(T, E, D, F, jnp.bfloat16)
+        k = jax.random.split(jax.random.PRNGKey(int(_rng.integers(1 << 30))), 3)
+        x = jax.random.normal(k[0], (T, D), jnp.bfloat16)
+        w1 = (jax.random.normal(k[1], (E, D, 2 * F)) / np.sqrt(D)).astype(jnp.bfloat16)
+        w2 = (jax.random.normal(k[2], (E, F, D)) / np.sqrt(F)).astype(jnp.bfloat16)
+        logits = _logits(T, E)
         got = fused_moe(x, logits, w1, w2, top_k, renormalize=(E == 8), backend="gpu")
         want = fused_moe_reference(x, logits, w1, w2, top_k, renormalize=(E == 8))
         _assert_close(got, want, jnp.bfloat16)

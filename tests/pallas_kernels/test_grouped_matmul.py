@@ -102,6 +102,16 @@ def test_bad_arguments(bad, msg):
         grouped_matmul(lhs, rhs, gs, backend="reference")
 
 
+def test_bad_config_is_rejected():
+    lhs, rhs, gs = _inputs(16, 48, 32, [8, 8], jnp.float32)
+    with pytest.raises(ValueError, match="must divide the weight's K=48"):
+        grouped_matmul(lhs, rhs, gs, backend="gpu", interpret=True,
+                       config=BlockConfig(16, 32, 32))
+    with pytest.raises(ValueError, match="power of two"):
+        grouped_matmul(lhs, rhs, gs, backend="gpu", interpret=True,
+                       config=BlockConfig(16, 32, 24))
+
+
 def test_bad_backend_and_dtype():
     lhs, rhs, gs = _inputs(8, 16, 16, [4, 4], jnp.float32)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -118,9 +128,11 @@ class TestGpuKernel:
     @pytest.mark.parametrize("M,K,N,G", [(512, 2048, 768, 128), (128, 4096, 14336, 8),
                                          (4096, 2048, 1024, 64)])
     def test_bf16_against_ragged_dot(self, M, K, N, G):
-        rng = np.random.default_rng(0)
-        sizes = _random_sizes(rng, G, M - 7, G // 4)
-        lhs, rhs, gs = _inputs(M, K, N, sizes, jnp.bfloat16)
+        sizes = _random_sizes(_rng, G, M - 7, G // 4)
+        k = jax.random.split(jax.random.PRNGKey(int(_rng.integers(1 << 30))), 2)
+        lhs = jax.random.normal(k[0], (M, K), jnp.bfloat16)
+        rhs = (jax.random.normal(k[1], (G, K, N)) / np.sqrt(K)).astype(jnp.bfloat16)
+        gs = jnp.asarray(sizes, jnp.int32)
         got = grouped_matmul(lhs, rhs, gs, backend="gpu")
         _assert_close(got, grouped_matmul_reference(lhs, rhs, gs), jnp.bfloat16)
         assert np.all(np.asarray(got[M - 7:], np.float32) == 0.0)

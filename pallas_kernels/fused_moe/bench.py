@@ -1,0 +1,251 @@
+"""Benchmark of the fused-MoE kernels on a GPU: decode MoE shapes and a prefill grouped matmul.
+
+`main()` prints one JSON line per measurement and returns the rows (dicts). Decode rows are
+GB/s of ACTIVE expert weights (experts that received at least one token; w1 + w2 for the
+fused MoE, the one [E, D, F] matrix for grouped matmuls) and the fraction of the copy ceiling
+(a 2 GiB device-to-device torch `copy_`, read + write counted, measured in the same run).
+Prefill rows are TFLOP/s and the fraction of the bf16 8192^3 matmul rate of the same run.
+Peers: `jax.lax.ragged_dot`, JAX's Mosaic GPU `ragged_dot_mgpu` (if importable) and the
+pure-jnp reference MoE under XLA. Run: `python -m pallas_kernels.fused_moe.bench`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fused_moe import tuning
+from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
+from pallas_kernels.fused_moe.reference import fused_moe_reference, route_topk
+
+# (name, E, D, F, tokens, top_k)
+DECODE_SHAPES = [
+    ("mixtral8x7b", 8, 4096, 14336, 64, 2),
+    ("qwen3_30b_a3b", 128, 2048, 768, 1, 8),
+    ("qwen3_30b_a3b", 128, 2048, 768, 16, 8),
+    ("qwen3_30b_a3b", 128, 2048, 768, 64, 8),
+    ("qwen3_30b_a3b", 128, 2048, 768, 256, 8),
+    ("olmoe", 64, 2048, 1024, 32, 8),
+]
+PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
+MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
+# Alternates to the tuning table tried per decode shape: (block_n, block_k, warps, stages).
+SWEEP = [(64, 128, 4, 3), (128, 128, 4, 3), (32, 256, 4, 3), (64, 256, 8, 3)]
+
+
+def _time(f, *args, inner: int = 10, reps: int = 5) -> float:
+    """Median seconds per call; `inner` calls dispatched back to back per sample."""
+    for _ in range(2):
+        jax.block_until_ready(f(*args))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = f(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+class _Rows:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, **row):
+        row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def _copy_ceiling_gbps() -> float | None:
+    try:
+        import torch
+        src = torch.empty(1024 ** 3, dtype=torch.bfloat16, device="cuda").normal_()
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(20):
+            e0 = torch.cuda.Event(enable_timing=True)
+            e1 = torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dst.copy_(src)
+            e1.record()
+            torch.cuda.synchronize()
+            ts.append(e0.elapsed_time(e1) / 1e3)
+        gbps = 2 * src.numel() * 2 / 1e9 / statistics.median(ts)
+        del src, dst
+        torch.cuda.empty_cache()
+        return gbps
+    except Exception as e:  # noqa: BLE001 - the bench reports and goes on
+        print(f"torch copy unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def _matmul_tflops() -> float:
+    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
+    s = _time(jax.jit(lambda a, b: a @ b), a, a, inner=3)
+    return 2 * 8192 ** 3 / 1e12 / s
+
+
+def _mgpu():
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+        return ragged_dot_mgpu
+    except Exception as e:  # noqa: BLE001
+        print(f"ragged_dot_mgpu unavailable: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
+def _best_mgpu(rdm, lhs, w, gs):
+    best = None
+    K, N = w.shape[1], w.shape[2]
+    for bm, bn, bk, st, gbn in MGPU_CONFIGS:
+        if N % (bn * gbn) or K % bk:
+            continue
+        try:
+            g = jax.jit(functools.partial(rdm.ragged_dot, block_m=bm, block_n=bn, block_k=bk,
+                                          max_concurrent_steps=st, grid_block_n=gbn))
+            t = _time(lambda l, w, gs: g(l, w, group_sizes=gs), lhs, w, gs)
+            best = t if best is None else min(best, t)
+        except Exception as e:  # noqa: BLE001
+            print(f"mgpu config {bm, bn, bk} failed: {type(e).__name__}: {str(e)[:160]}",
+                  flush=True)
+    return best
+
+
+def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm):
+    name, E, D, F, T, top_k = shape
+    keys = jax.random.split(jax.random.PRNGKey(E * 1000 + T), 4)
+    x = jax.random.normal(keys[0], (T, D), jnp.bfloat16)
+    logits = jax.random.normal(keys[1], (T, E), jnp.float32)
+    w1 = (jax.random.normal(keys[2], (E, D, 2 * F), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+    w2 = (jax.random.normal(keys[3], (E, F, D), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+    _, ids = route_topk(logits, top_k, renormalize=True)
+    touched = int(jnp.unique(ids).shape[0])
+    moe_gb = touched * 3 * D * F * 2 / 1e9
+    tag = f"{name} T={T} top{top_k} touched={touched}/{E}"
+
+    def rec(what, sec, gb, **extra):
+        gbps = gb / sec
+        frac = round(gbps / ceiling, 3) if ceiling else None
+        rows.add(kind="decode", shape=tag, impl=what, us=sec * 1e6, GBps=gbps,
+                 frac_copy=frac, **extra)
+
+    ref = jax.jit(functools.partial(fused_moe_reference, top_k=top_k))
+    rec("xla_reference_fused_moe", _time(ref, x, logits, w1, w2), moe_gb)
+    ours = jax.jit(functools.partial(fused_moe, top_k=top_k, backend="gpu"))
+    rec("ours_fused_moe", _time(ours, x, logits, w1, w2), moe_gb,
+        config=str(tuning.gpu_config(T * top_k, E, D, F)))
+    if sweep:
+        bm = tuning.block_m_for(T * top_k, E)
+        for bn, bk, warps, stages in SWEEP:
+            if F % bn or D % bn or D % bk or F % bk:
+                continue
+            cfg = tuning.BlockConfig(bm, bn, bk, warps, stages)
+            try:
+                f = jax.jit(functools.partial(fused_moe, top_k=top_k, backend="gpu",
+                                              config=cfg))
+                rec("ours_fused_moe_sweep", _time(f, x, logits, w1, w2), moe_gb, config=str(cfg))
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {cfg} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+    # one grouped matmul with the gate/up input shape [E, D, F], as the anchors measure it
+    M = T * top_k
+    lhs = jax.random.normal(keys[0], (M, D), jnp.bfloat16)
+    w = w1[:, :, :F]
+    gs = jnp.bincount(ids.reshape(-1), length=E).astype(jnp.int32)
+    gmm_gb = touched * D * F * 2 / 1e9
+    rd = jax.jit(lambda l, w, g: jax.lax.ragged_dot(l, w, g))
+    rec("lax_ragged_dot", _time(rd, lhs, w, gs), gmm_gb)
+    og = jax.jit(functools.partial(grouped_matmul, backend="gpu"))
+    rec("ours_grouped_matmul", _time(og, lhs, w, gs), gmm_gb)
+    if rdm is not None:
+        best = _best_mgpu(rdm, lhs, w, gs)
+        if best is not None:
+            rec("jax_ragged_dot_mgpu_best", best, gmm_gb)
+
+
+def _prefill(rows: _Rows, mm_tflops, *, sweep: bool, rdm):
+    name, G, K, N, M = PREFILL_SHAPE
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    lhs = jax.random.normal(keys[0], (M, K), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (G, K, N), jnp.bfloat16)
+    ids = jax.random.randint(keys[2], (M,), 0, G)
+    gs = jnp.bincount(ids, length=G).astype(jnp.int32)
+    tflop = 2 * M * K * N / 1e12
+
+    def rec(what, sec, **extra):
+        rows.add(kind="prefill", shape=f"{name} M={M} G={G} K={K} N={N}", impl=what,
+                 us=sec * 1e6, TFLOPs=tflop / sec,
+                 frac_matmul=round(tflop / sec / mm_tflops, 3), **extra)
+
+    rec("lax_ragged_dot", _time(jax.jit(lambda l, w, g: jax.lax.ragged_dot(l, w, g)),
+                                lhs, w, gs, inner=3))
+    og = jax.jit(functools.partial(grouped_matmul, backend="gpu"))
+    rec("ours_grouped_matmul", _time(og, lhs, w, gs, inner=3),
+        config=str(tuning.gpu_config(M, G, K, N)))
+    if sweep:
+        for cfg in [tuning.BlockConfig(128, 128, 64, 4, 4), tuning.BlockConfig(64, 128, 64, 4, 4),
+                    tuning.BlockConfig(128, 256, 64, 8, 3)]:
+            try:
+                f = jax.jit(functools.partial(grouped_matmul, backend="gpu", config=cfg))
+                rec("ours_grouped_matmul_sweep", _time(f, lhs, w, gs, inner=3), config=str(cfg))
+            except Exception as e:  # noqa: BLE001
+                print(f"prefill sweep {cfg} failed: {type(e).__name__}: {str(e)[:160]}",
+                      flush=True)
+    if rdm is not None:
+        best = _best_mgpu(rdm, lhs, w, gs)
+        if best is not None:
+            rec("jax_ragged_dot_mgpu_best", best)
+
+
+def _summary(rows: list[dict]) -> None:
+    """One line per shape: the best row of each implementation."""
+    best: dict = {}
+    for r in rows:
+        if r["kind"] == "anchor":
+            continue
+        impl = r["impl"].replace("_sweep", "")
+        key = (r["shape"], impl)
+        metric = r.get("GBps") or r.get("TFLOPs")
+        if key not in best or metric > (best[key].get("GBps") or best[key].get("TFLOPs")):
+            best[key] = r
+    print("\nshape | impl | us | GB/s or TFLOP/s | fraction of ceiling", flush=True)
+    for (shape, impl), r in best.items():
+        metric = r.get("GBps") or r.get("TFLOPs")
+        frac = r.get("frac_copy", r.get("frac_matmul"))
+        print(f"{shape} | {impl} | {r['us']:.1f} | {metric:.1f} | {frac}", flush=True)
+
+
+def main(sweep: bool = True, time_budget_s: float = 170.0) -> list[dict]:
+    """Run every shape; returns the rows it printed. Sweeps stop once the budget is spent."""
+    rows = _Rows()
+    start = time.perf_counter()
+    print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
+    ceiling = _copy_ceiling_gbps()
+    rows.add(kind="anchor", impl="torch_copy_2GiB", GBps=ceiling)
+    mm = _matmul_tflops()
+    rows.add(kind="anchor", impl="matmul_bf16_8192", TFLOPs=mm)
+    rdm = _mgpu()
+    for shape in DECODE_SHAPES:
+        try:
+            _decode(rows, ceiling, shape, rdm=rdm,
+                    sweep=sweep and time.perf_counter() - start < time_budget_s)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    try:
+        _prefill(rows, mm, rdm=rdm, sweep=sweep and time.perf_counter() - start < time_budget_s)
+    except Exception as e:  # noqa: BLE001
+        print(f"FAIL prefill: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    _summary(rows.rows)
+    print(f"bench done in {time.perf_counter() - start:.0f} s", flush=True)
+    return rows.rows
+
+
+if __name__ == "__main__":
+    main()
