@@ -30,6 +30,8 @@ appear in ffn_params.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,21 +74,37 @@ def param_shapes(config: ModelConfig) -> tuple[dict, dict]:
     return kv, ffn
 
 
+_OWN_DRAW = 1 << 24
+
+
 def _is_norm(name: str) -> bool:
     return "norm" in name
 
 
 def init_random_params(config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> tuple[dict, dict]:
-    """Random weights of the right shapes (for benchmarks and tests): matrices ~ N(0, 0.02^2)
-    scaled by fan-in, norms near 1, biases small."""
+    """Random weights of the right shapes (for benchmarks and tests): matrices ~ N(0, s^2) with
+    s = min(0.02, fan_in^-1/2), norms near 1, biases small. One jitted program per config."""
+    return _init_random_params(config, jnp.dtype(dtype), key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_random_params(config: ModelConfig, dtype, key):
     kv_shapes, ffn_shapes = param_shapes(config)
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         (kv_shapes, ffn_shapes), is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
-    keys = jax.random.split(key, len(flat))
+    sizes = [int(np.prod(shape)) for _, shape in flat]
+    # Small leaves slice one shared draw (one RNG kernel to compile, not one per leaf);
+    # leaves above _OWN_DRAW elements get their own draw so the shared buffer stays small.
+    small = [s if s <= _OWN_DRAW else 0 for s in sizes]
+    pool = jax.random.normal(jax.random.fold_in(key, len(flat)), (max(sum(small), 1),), jnp.float32)
+    offsets = np.cumsum([0] + small)
     leaves = []
-    for (path, shape), k in zip(flat, keys):
+    for i, ((path, shape), start, size) in enumerate(zip(flat, offsets, sizes)):
         name = str(path[-1].key)
-        noise = jax.random.normal(k, shape, jnp.float32)
+        if size <= _OWN_DRAW:
+            noise = jax.lax.dynamic_slice_in_dim(pool, int(start), size).reshape(shape)
+        else:
+            noise = jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
         if _is_norm(name):
             leaf = 1.0 + 0.1 * noise
         elif name.startswith("b"):
