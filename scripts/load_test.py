@@ -97,7 +97,8 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tok
                     return
                 if event.get("usage"):
                     usage = event["usage"]
-                if any(c.get("text") for c in event.get("choices", [])):
+                if event.get("choices"):  # a choice that moved (its text may be empty
+                    # for a model without a tokenizer)
                     now = time.perf_counter()
                     first = now if first is None else first
                     last = now

@@ -104,7 +104,8 @@ class _Routes:
             sink, early = await self._start(subs)
         except ApiError as e:
             return self._error(e, model)
-        gen = _Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model))
+        gen = _Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model),
+                          req.return_token_ids)
         if req.stream:
             return self._stream(gen, gen.completion_chunks(req.include_usage, req.logprobs))
         return await self._collect(request, gen, lambda: gen.completion_body(req.logprobs))
@@ -123,7 +124,8 @@ class _Routes:
         except ApiError as e:
             return self._error(e, model)
         top = req.top_logprobs if req.logprobs else None
-        gen = _Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model))
+        gen = _Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model),
+                          req.return_token_ids)
         if req.stream:
             return self._stream(gen, gen.chat_chunks(req.include_usage, top))
         return await self._collect(request, gen, lambda: gen.chat_body(top))
@@ -234,7 +236,7 @@ class _Generation:
     """The events of one HTTP request's engine requests, turned into OpenAI bodies."""
 
     def __init__(self, base_id: str, model: str, subs: list[SubRequest], sink: asyncio.Queue,
-                 early: list[StreamEvent], tokenizer):
+                 early: list[StreamEvent], tokenizer, return_token_ids: bool = False):
         self.id = base_id
         self.model = model
         self.subs = subs
@@ -242,6 +244,7 @@ class _Generation:
         self.sink = sink
         self.early = list(early)
         self.tokenizer = tokenizer
+        self.return_token_ids = return_token_ids
         self.created = int(time.time())
         self.sub_index = {s.request_id: i for i, s in enumerate(subs)}
         self.prompt_tokens = {s.request_id: 0 for s in subs}
@@ -277,6 +280,9 @@ class _Generation:
                 self.unfinished.discard(event.request_id)
             yield event
 
+    def _ids(self, token_ids: list[int]) -> Optional[list[int]]:
+        return list(token_ids) if self.return_token_ids else None
+
     def _choice_index(self, event: StreamEvent, choice_index: int) -> int:
         return self.sub_index[event.request_id] * self.n + choice_index
 
@@ -294,7 +300,7 @@ class _Generation:
                                                  logprobs_k, 0)
                    if logprobs_k is not None else None)
             choices.append(responses.completion_choice(idx, s.text, lps, s.finish_reason,
-                                                       s.stop_reason))
+                                                       s.stop_reason, self._ids(s.token_ids)))
         return responses.completion_body(self.id, self.created, self.model, choices,
                                          self.usage(), chunk=False)
 
@@ -304,7 +310,8 @@ class _Generation:
             s = self.states[idx]
             lps = (responses.chat_logprobs(self.tokenizer, s.token_ids, s.logprobs, top_logprobs)
                    if top_logprobs is not None else None)
-            choices.append(responses.chat_choice(idx, s.text, lps, s.finish_reason))
+            choices.append(responses.chat_choice(idx, s.text, lps, s.finish_reason,
+                                                 self._ids(s.token_ids)))
         return responses.chat_body(self.id, self.created, self.model, choices, self.usage())
 
     # ---------------------------------------------------------------- streams
@@ -323,7 +330,8 @@ class _Generation:
                     state.add(c)
                     if c.text or c.token_ids or c.finish_reason is not None:
                         choices.append(responses.completion_choice(
-                            idx, c.text, lps, c.finish_reason, c.stop_reason))
+                            idx, c.text, lps, c.finish_reason, c.stop_reason,
+                            self._ids(c.token_ids)))
                 if choices:
                     yield encode_event(responses.completion_body(
                         self.id, self.created, self.model, choices, None, chunk=True))
@@ -351,8 +359,8 @@ class _Generation:
                                                       top_logprobs)
                     if c.text or c.token_ids or c.finish_reason is not None:
                         delta = {"content": c.text} if c.text else {}
-                        choices.append(responses.chat_chunk_choice(idx, delta, lps,
-                                                                   c.finish_reason))
+                        choices.append(responses.chat_chunk_choice(
+                            idx, delta, lps, c.finish_reason, self._ids(c.token_ids)))
                 if choices:
                     yield encode_event(responses.chat_chunk(self.id, self.created, self.model,
                                                             choices))

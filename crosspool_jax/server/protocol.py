@@ -48,6 +48,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     logprobs: Optional[int]
+    return_token_ids: bool = False  # extension (as in vLLM): each choice also lists its token ids
 
 
 @dataclasses.dataclass
@@ -61,6 +62,7 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    return_token_ids: bool = False
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -88,7 +90,8 @@ def parse_completion_request(body: dict) -> CompletionRequest:
     max_tokens = _opt_int(body, "max_tokens", 16)
     params = _sampling_params(body, max_tokens=max_tokens, logprobs=logprobs)
     stream, include_usage = _stream(body)
-    return CompletionRequest(model, prompts, params, stream, include_usage, logprobs)
+    return CompletionRequest(model, prompts, params, stream, include_usage, logprobs,
+                             _opt_bool(body, "return_token_ids"))
 
 
 def parse_chat_request(body: dict) -> ChatRequest:
@@ -111,7 +114,8 @@ def parse_chat_request(body: dict) -> ChatRequest:
     params = _sampling_params(body, max_tokens=max_tokens,
                               logprobs=top_logprobs if logprobs else None)
     stream, include_usage = _stream(body)
-    return ChatRequest(model, messages, params, stream, include_usage, logprobs, top_logprobs)
+    return ChatRequest(model, messages, params, stream, include_usage, logprobs, top_logprobs,
+                       _opt_bool(body, "return_token_ids"))
 
 
 # ------------------------------------------------------------------------------ fields
@@ -209,6 +213,15 @@ def _opt_int(body: dict, key: str, default: Optional[int] = None) -> Optional[in
     return value
 
 
+def _opt_bool(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be a boolean, got {value!r}", param=key)
+    return value
+
+
 def _opt_float(body: dict, key: str) -> Optional[float]:
     value = body.get(key)
     if value is None:
@@ -231,11 +244,8 @@ def _sampling_params(body: dict, *, max_tokens: Optional[int],
         if value is not None:
             kwargs[key] = value
     for key in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
-        value = body.get(key)
-        if value is not None:
-            if not isinstance(value, bool):
-                raise ApiError(400, f"{key} must be a boolean, got {value!r}", param=key)
-            kwargs[key] = value
+        if body.get(key) is not None:
+            kwargs[key] = _opt_bool(body, key)
     stop = body.get("stop")
     if stop is not None:
         if not (isinstance(stop, str) or (isinstance(stop, list)

@@ -99,9 +99,13 @@ def completion_body(request_id: str, created: int, model: str, choices: list[dic
 
 
 def completion_choice(index: int, text: str, logprobs: Optional[dict],
-                      finish_reason: Optional[str], stop_reason=None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-            "stop_reason": stop_reason if isinstance(stop_reason, (str, int)) else None}
+                      finish_reason: Optional[str], stop_reason=None,
+                      token_ids: Optional[list[int]] = None) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+              "stop_reason": stop_reason if isinstance(stop_reason, (str, int)) else None}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
 
 
 def chat_body(request_id: str, created: int, model: str, choices: list[dict],
@@ -111,9 +115,12 @@ def chat_body(request_id: str, created: int, model: str, choices: list[dict],
 
 
 def chat_choice(index: int, text: str, logprobs: Optional[dict],
-                finish_reason: Optional[str]) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+                finish_reason: Optional[str], token_ids: Optional[list[int]] = None) -> dict:
+    choice = {"index": index, "message": {"role": "assistant", "content": text},
+              "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
 
 
 def chat_chunk(request_id: str, created: int, model: str, choices: list[dict],
@@ -126,8 +133,11 @@ def chat_chunk(request_id: str, created: int, model: str, choices: list[dict],
 
 
 def chat_chunk_choice(index: int, delta: dict, logprobs: Optional[dict],
-                      finish_reason: Optional[str]) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                      finish_reason: Optional[str], token_ids: Optional[list[int]] = None) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return choice
 
 
 def model_card(name: str, created: int, max_model_len: int, resident: Optional[bool]) -> dict:

@@ -62,11 +62,22 @@ def test_completion_string_and_token_prompts(fake_server, rng):
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": p, "completion_tokens": max_tokens,
                              "total_tokens": p + max_tokens}
+    # Extension: return_token_ids, whole and streamed.
+    body = _post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text,
+                                                  "max_tokens": 3, "return_token_ids": True}).json()
+    assert body["choices"][0]["token_ids"] == expected_tokens(p, 3)
+    events = _sse(fake_server, "/v1/chat/completions", {
+        "model": "alpha", "messages": [{"role": "user", "content": text}], "max_tokens": 3,
+        "stream": True, "return_token_ids": True})
+    q = len(TOK.encode(TOK.apply_chat_template([{"role": "user", "content": text}]), False))
+    assert [t for e in events[1:-1] for c in e["choices"] for t in c["token_ids"]] == \
+        expected_tokens(q, 3)
     # Two token-id prompts, n=2: choice index = prompt * n + j; the model has no tokenizer.
     ids = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 8))] for _ in range(2)]
     body = _post(fake_server, "/v1/completions", {"model": "beta", "prompt": ids, "n": 2,
                                                   "max_tokens": 3}).json()
     got = {c["index"]: c["text"] for c in body["choices"]}
+    assert "token_ids" not in body["choices"][0]
     assert got == {i * 2 + j: expected_text(len(ids[i]), 3, j) for i in range(2) for j in range(2)}
     assert body["usage"]["prompt_tokens"] == sum(map(len, ids))
     assert body["usage"]["completion_tokens"] == 12
