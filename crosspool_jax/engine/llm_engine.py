@@ -103,7 +103,8 @@ class LLMEngine:
                             enable_prefix_caching=config.enable_prefix_caching),
             self.kv_manager)
         self.runner = StepRunner(pool, attention_backend=self.registry.attention_backend,
-                                 moe_backend=self.registry.moe_backend, input_device=self.registry.kv_devices[0])
+                                 moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
+                                 input_device=self.registry.kv_devices[0])
         self._parents: dict[str, _Parent] = {}
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)

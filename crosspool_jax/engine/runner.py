@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.step_inputs import bucket, build_step_inputs
+from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket, build_step_inputs
 from crosspool_jax.engine.step_program import multi_decode, ragged_step
 from crosspool_jax.kv.pool import KVPool
 
@@ -39,8 +39,10 @@ class RunnerStats:
 class StepRunner:
     """Runs step programs of many models against one shared KV pool."""
 
-    def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, input_device=None):
+    def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, max_decode_steps: int = 1,
+                 input_device=None):
         self.pool = pool
+        self.max_decode_steps = max_decode_steps
         self.attention_backend = attention_backend
         self.moe_backend = moe_backend
         self.input_device = input_device or pool.devices[0]
@@ -66,7 +68,11 @@ class StepRunner:
                                               num_pages=pool.layout.num_pages)
             S = shape.num_seqs
         else:
-            S = bucket(len(chunks))
+            S = bucket(len(chunks), MIN_SEQS_BUCKET)
+            # one compiled loop length (the engine's max_decode_steps); each row's
+            # allowance stops it at the chunk's num_steps, whose pages are allocated
+            allowances = [min(a, num_steps) for a in allowances]
+            num_steps = max(num_steps, self.max_decode_steps)
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
                                else (None, None))
@@ -104,7 +110,7 @@ class StepRunner:
 
     def _multi_decode_args(self, config, chunks, S, stop_ids, allowances):
         L = config.num_layers
-        Pp = bucket(max(len(c.page_table[0]) for c in chunks))
+        Pp = bucket(max(len(c.page_table[0]) for c in chunks), MIN_PAGES_BUCKET)
         Z = bucket(max((len(z) for z in stop_ids), default=1))
         token_ids = np.zeros(S, np.int32)
         kv_lens = np.ones(S, np.int32)

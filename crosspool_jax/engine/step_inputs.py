@@ -13,6 +13,13 @@ import jax
 import numpy as np
 
 
+# Smallest buckets: padding tiny batches up to these costs little and keeps the number of
+# compiled programs low (each distinct shape is one compile).
+MIN_TOKENS_BUCKET = 16
+MIN_SEQS_BUCKET = 8
+MIN_PAGES_BUCKET = 4
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(int(n), minimum)
@@ -44,7 +51,7 @@ class StepShape:
 
 
 def build_step_inputs(chunks: Sequence, *, num_layers: int, tokens_per_page: int, num_pages: int,
-                      min_tokens_bucket: int = 8, min_seqs_bucket: int = 1) -> tuple[StepInputs, StepShape]:
+                      min_tokens_bucket: int = MIN_TOKENS_BUCKET, min_seqs_bucket: int = MIN_SEQS_BUCKET) -> tuple[StepInputs, StepShape]:
     """chunks: objects with .start, .num_tokens, .token_ids and .page_table ([L][blocks])."""
     if not chunks:
         raise ValueError("build_step_inputs: no chunks to run")
@@ -52,7 +59,7 @@ def build_step_inputs(chunks: Sequence, *, num_layers: int, tokens_per_page: int
     num_real_tokens = sum(c.num_tokens for c in chunks)
     T = bucket(num_real_tokens, min_tokens_bucket)
     S = bucket(len(chunks), min_seqs_bucket)
-    Pp = bucket(max(len(c.page_table[0]) for c in chunks))
+    Pp = bucket(max(len(c.page_table[0]) for c in chunks), MIN_PAGES_BUCKET)
     shape = StepShape(T, S, Pp)
 
     token_ids = np.zeros(T, np.int32)

@@ -30,8 +30,9 @@ def test_mixed_prefill_and_decode():
     # a prefill chunk of 5 tokens starting at 2 (blocks 0, 1), and a decode at position 6
     c0 = _Chunk(_Req("a"), 2, 5, [11, 12, 13, 14, 15], [[3, 7], [4, 8]])
     c1 = _Chunk(_Req("b"), 6, 1, [21], [[9, 10], [11, 12]])
-    inputs, shape = build_step_inputs([c0, c1], num_layers=L, tokens_per_page=G, num_pages=P)
-    assert shape.num_tokens == 8 and shape.num_seqs == 2 and shape.pages_per_seq == 2
+    inputs, shape = build_step_inputs([c0, c1], num_layers=L, tokens_per_page=G, num_pages=P,
+                                      min_tokens_bucket=8, min_seqs_bucket=1)
+    assert shape.num_tokens == 8 and shape.num_seqs == 2 and shape.pages_per_seq == 4
     np.testing.assert_array_equal(inputs.token_ids_T[:6], [11, 12, 13, 14, 15, 21])
     np.testing.assert_array_equal(inputs.positions_T[:6], [2, 3, 4, 5, 6, 6])
     np.testing.assert_array_equal(inputs.kv_lens_S, [7, 7])
