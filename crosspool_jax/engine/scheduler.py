@@ -44,6 +44,8 @@ import collections
 import dataclasses
 from typing import Optional
 
+import numpy as np
+
 from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
 
@@ -72,7 +74,8 @@ class ScheduledChunk:
     start: num_computed_tokens before the step; token_ids = all_token_ids[start:start+num_tokens].
     samples: the chunk reaches the end of the known tokens, so the step samples a next token.
     num_steps: 1, or k > 1 for a multi-step decode (k tokens sampled, each fed to the next).
-    page_table: [L][num_blocks] global page ids, already covering start + num_tokens + num_steps - 1 tokens.
+    page_table: [L][num_blocks] global page ids, already covering start + num_tokens + num_steps - 1
+      tokens: a read-only int32 numpy array [L, num_blocks] (a snapshot; `np.asarray` is free).
     """
 
     request: Request
@@ -81,7 +84,7 @@ class ScheduledChunk:
     token_ids: list[int]
     samples: bool
     num_steps: int
-    page_table: list[list[int]]
+    page_table: np.ndarray              # int32 [L, num_blocks]
 
     @property
     def request_id(self) -> str:
@@ -248,7 +251,7 @@ class Scheduler:
                 request=request, start=start, num_tokens=n,
                 token_ids=request.token_ids_between(start, start + n),
                 samples=start + n == request.num_tokens, num_steps=num_steps,
-                page_table=self.kv.page_table(request)))
+                page_table=self.kv.page_table_array(request)))
         return SchedulerOutput(chunks_by_model, preempted, rejected, sum(n for _, n in planned))
 
     def _num_to_compute(self, request: Request) -> int:

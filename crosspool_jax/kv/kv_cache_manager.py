@@ -24,6 +24,8 @@ import hashlib
 import struct
 from typing import Optional, Sequence
 
+import numpy as np
+
 from crosspool_jax.kv.allocator import PageAllocator
 
 
@@ -83,6 +85,7 @@ class KVCacheManager:
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self._geometries: dict[str, ModelKVGeometry] = {}
         self._blocks: dict[str, list[KVBlock]] = {}            # request_id -> its blocks, in order
+        self._tables: dict[str, np.ndarray] = {}               # request_id -> int32 [L, capacity] page ids
         self._hashes: dict[str, list[bytes]] = {}              # request_id -> hashes of its full blocks
         self._num_hashed: dict[str, int] = {}                  # request_id -> blocks already offered to the cache
         self._cached: dict[bytes, KVBlock] = {}                # hash -> block (live or evictable)
@@ -211,6 +214,7 @@ class KVCacheManager:
         for b in new_computed_blocks:
             self._ref(b)
             owned.append(b)
+            self._add_to_table(request.request_id, owned, b)
         if new_computed_blocks:
             self._num_hashed[request.request_id] = len(new_computed_blocks)
         for device in plan:
@@ -219,6 +223,7 @@ class KVCacheManager:
             block = KVBlock(request.model, tuple(self.allocator.allocate(g.num_layers, device)), device)
             self._ref(block)
             owned.append(block)
+            self._add_to_table(request.request_id, owned, block)
         return True
 
     def can_allocate_all(self, requests_and_tokens: Sequence[tuple]) -> bool:
@@ -257,6 +262,18 @@ class KVCacheManager:
             plan.append(device)
         return plan
 
+    def _add_to_table(self, request_id: str, owned: list[KVBlock], block: KVBlock) -> None:
+        """Write the block's pages as column len(owned)-1 of the request's table (grown by doubling,
+        so views handed out earlier stay valid snapshots)."""
+        column = len(owned) - 1
+        table = self._tables.get(request_id)
+        if table is None or table.shape[1] <= column:
+            grown = np.empty((len(block.pages), max(16, 2 * column)), np.int32)
+            if table is not None:
+                grown[:, :column] = table[:, :column]
+            self._tables[request_id] = table = grown
+        table[:, column] = block.pages
+
     def _ref(self, block: KVBlock) -> None:
         if block.ref_count == 0:
             if id(block) in self._evictable[block.device]:
@@ -278,6 +295,7 @@ class KVCacheManager:
         """Drop the request's references (finished, aborted or preempted). Hashed blocks that
         reach ref 0 stay cached and evictable (the tail block first in line); others go back."""
         blocks = self._blocks.pop(request.request_id, [])
+        self._tables.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
         for block in reversed(blocks):
@@ -294,9 +312,18 @@ class KVCacheManager:
     # ----- queries ---------------------------------------------------------------------------
     def page_table(self, request) -> list[list[int]]:
         """[L][num_blocks] global page ids of the request (L lists, even when it holds no block)."""
-        L = self.geometry(request.model).num_layers
-        blocks = self._blocks.get(request.request_id, [])
-        return [[b.pages[layer] for b in blocks] for layer in range(L)]
+        return self.page_table_array(request).tolist()
+
+    def page_table_array(self, request) -> np.ndarray:
+        """The same as a read-only int32 array [L, num_blocks]: a view, O(1), that stays a valid
+        snapshot when the request grows or is freed."""
+        table = self._tables.get(request.request_id)
+        if table is None:
+            view = np.zeros((self.geometry(request.model).num_layers, 0), np.int32)
+        else:
+            view = table[:, :len(self._blocks[request.request_id])]
+        view.flags.writeable = False
+        return view
 
     def blocks_of(self, request) -> list[KVBlock]:
         return list(self._blocks.get(request.request_id, []))

@@ -90,6 +90,22 @@ def test_page_table_layout_and_free():
     assert kv.reset_prefix_cache() == 4 and kv.allocator.num_free() == kv.allocator.num_total
 
 
+def test_page_table_array_is_a_read_only_snapshot():
+    rng = random.Random(9)
+    kv = make_manager(pages_per_device=200)
+    r = req("r", "a", [rng.randrange(1, 100) for _ in range(5)])
+    compute_all(kv, r)
+    view = kv.page_table_array(r)
+    assert view.dtype.name == "int32" and view.shape == (2, 2) and view.tolist() == kv.page_table(r)
+    with pytest.raises(ValueError):
+        view[0, 0] = 1
+    assert kv.allocate_slots(r, 80)                               # grows past the table's first capacity
+    assert view.tolist() == [row[:2] for row in kv.page_table(r)]
+    assert kv.page_table_array(r).shape == (2, 22)
+    kv.free(r)
+    assert kv.page_table_array(r).shape == (2, 0) and view.shape == (2, 2)
+
+
 def test_shared_prefix_shares_pages_and_counts_refs():
     rng = random.Random(11)
     kv = make_manager()
@@ -283,6 +299,8 @@ class ManagerMachine(RuleBasedStateMachine):
         for r in self.requests.values():
             g = self.kv.geometry(r.model)
             assert len(self.kv.blocks_of(r)) * g.tokens_per_page >= r.num_computed_tokens
+            assert self.kv.page_table(r) == [[b.pages[layer] for b in self.kv.blocks_of(r)]
+                                             for layer in range(g.num_layers)]
         used = {"a": 0, "b": 0}
         for b in live.values():
             used[b.model] += len(b.pages)
