@@ -93,17 +93,17 @@ def test_page_table_layout_and_free():
 def test_page_table_array_is_a_read_only_snapshot():
     rng = random.Random(9)
     kv = make_manager(pages_per_device=200)
-    r = req("r", "a", [rng.randrange(1, 100) for _ in range(5)])
+    r = req("r", "b", [rng.randrange(1, 100) for _ in range(5)])
     compute_all(kv, r)
     view = kv.page_table_array(r)
-    assert view.dtype.name == "int32" and view.shape == (2, 2) and view.tolist() == kv.page_table(r)
+    assert view.dtype.name == "int32" and view.shape == (3, 3) and view.tolist() == kv.page_table(r)
     with pytest.raises(ValueError):
         view[0, 0] = 1
-    assert kv.allocate_slots(r, 80)                               # grows past the table's first capacity
-    assert view.tolist() == [row[:2] for row in kv.page_table(r)]
-    assert kv.page_table_array(r).shape == (2, 22)
+    assert kv.allocate_slots(r, 40)                               # 23 blocks: past the first capacity (16)
+    assert view.tolist() == [row[:3] for row in kv.page_table(r)]
+    assert kv.page_table_array(r).shape == (3, 23)
     kv.free(r)
-    assert kv.page_table_array(r).shape == (2, 0) and view.shape == (2, 2)
+    assert kv.page_table_array(r).shape == (3, 0) and view.shape == (3, 3)
 
 
 def test_shared_prefix_shares_pages_and_counts_refs():
