@@ -5,7 +5,9 @@ A call's query tokens are cut, per sequence, into work items of at most `q_token
 keys it needs are [kv_lo, kv_hi) (causal end, sliding-window start). The number of items is
 dynamic; the arrays are sized by the static bound W = min(T, S + T // BQ) and the items past
 the real count have nq = 0 and an empty key range. Everything here is a handful of
-small jnp ops that XLA fuses around the kernel.
+small jnp ops that XLA fuses around the kernel. Searches use method="compare_all" (one fused
+compare-and-count) rather than the default binary-search loop, which on a GPU becomes a
+device while-loop with a host round trip per step (measured: ~200 us per call on an H200).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def build_items(kv_lens_S, cu_q_lens_S1, num_seqs, *, T, q_tokens, sliding_windo
     end_S = jnp.cumsum(items_S).astype(jnp.int32)
     first_S = end_S - items_S
     w = jnp.arange(W, dtype=jnp.int32)
-    seq_W = jnp.clip(jnp.searchsorted(end_S, w, side="right"), 0, S - 1).astype(jnp.int32)
+    seq_W = jnp.clip(jnp.searchsorted(end_S, w, side="right", method="compare_all"), 0, S - 1).astype(jnp.int32)
     valid_W = w < end_S[-1]
     qoff_W = (w - first_S[seq_W]) * q_tokens
     q_len_W = q_len_S[seq_W]
@@ -65,7 +67,8 @@ def scatter_outputs(out_WBKRH, first_S, cu_q_lens_S1, num_seqs, *, T):
     S = first_S.shape[0]
     n = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     t = jnp.arange(T, dtype=jnp.int32)
-    seq_T = jnp.clip(jnp.searchsorted(cu_q_lens_S1[1:], t, side="right"), 0, S - 1)
+    seq_T = jnp.clip(jnp.searchsorted(cu_q_lens_S1[1:], t, side="right",
+                                        method="compare_all"), 0, S - 1)
     valid_T = t < cu_q_lens_S1[n]
     qoff_T = t - cu_q_lens_S1[seq_T]
     row_T = jnp.clip((first_S[seq_T] + qoff_T // B) * B + qoff_T % B, 0, W * B - 1)
