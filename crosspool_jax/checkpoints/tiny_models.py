@@ -70,3 +70,47 @@ def make_tiny_hf_model(family: str, out_dir: str, *, seed: int = 0, dtype: str =
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     to_save.save_pretrained(out_dir, **kwargs)
     return model.to(torch.float32)
+
+
+# ----- tokenizer for the tiny models -----
+BOS_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (BOS_TOKEN, IM_START, IM_END)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def train_byte_bpe(texts, vocab_size: int = 1024):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts` (deterministic for fixed input),
+    with the ChatML special tokens first (ids 0, 1, 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return tok
+
+
+def write_tokenizer_files(folder: str, tok, *, chat_template: str = CHATML_TEMPLATE) -> dict:
+    """tokenizer.json + tokenizer_config.json (ChatML template, bos/eos); returns the special ids."""
+    import json
+    import os
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": IM_END,
+           "pad_token": BOS_TOKEN, "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+           "model_max_length": 4096, "clean_up_tokenization_spaces": False,
+           "chat_template": chat_template}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return {"bos_token_id": tok.token_to_id(BOS_TOKEN), "eos_token_id": tok.token_to_id(IM_END),
+            "pad_token_id": tok.token_to_id(BOS_TOKEN)}
