@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import AsyncIterator, Optional
 
+import jinja2.ext  # noqa: F401 - checkpoints/tokenizer.py uses jinja2.ext without importing it
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -202,6 +203,10 @@ class _Routes:
         watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             done, _ = await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # e.g. the graceful-shutdown timeout ran out
+            gen.abort(self.engine)
+            self.metrics_.count_request(gen.model, 499)
+            raise
         finally:
             for task in (collector, watcher):
                 if not task.done():

@@ -1,0 +1,219 @@
+"""End to end with the real `LLMEngine`: the shipped models (checkpoints/) behind the server.
+
+Where checkpoints/ holds fewer than two models, two tiny random Hugging Face models are
+written to a temporary folder instead. Compilation dominates on CPU, so the requests reuse
+few shapes: short prompts, at most 4 sequences per step, single-step decode.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from crosspool_jax.engine import LLMEngine
+from crosspool_jax.sampling_params import SamplingParams
+from crosspool_jax.serve import shipped_models
+from crosspool_jax.server import AsyncEngine, ServerMetrics, build_app
+from server_live import LiveServer
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ENGINE_OPTIONS = dict(dtype="float32", kv_pool_bytes=8 << 20, max_num_seqs=4,
+                      max_num_batched_tokens=32, max_decode_steps=1)
+
+
+def _load_test_module():
+    spec = importlib.util.spec_from_file_location("load_test", REPO / "scripts" / "load_test.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["load_test"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    shipped = shipped_models(REPO / "checkpoints")
+    if len(shipped) >= 2:
+        return shipped
+    from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for family in ("mixtral", "olmoe"):
+        make_tiny_hf_model(family, str(root / family), seed=3)
+        out[f"{family}-tiny"] = str(root / family)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    return LLMEngine.from_options(models, **ENGINE_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def driven(engine):
+    """The two models the tests send requests to (fewer models, fewer compilations)."""
+    return engine.model_names[:2]
+
+
+class _Served:
+    """The server on `engine` for the duration of a with-block (the engine outlives it)."""
+
+    def __init__(self, engine):
+        self.metrics = ServerMetrics()
+        self.async_engine = AsyncEngine(engine, metrics=self.metrics, stats_interval_s=0.01)
+        self.live = LiveServer(build_app(self.async_engine, self.metrics))
+
+    def __enter__(self):
+        self.live.__enter__()
+        self.url = self.live.url
+        return self
+
+    def __exit__(self, *exc):
+        self.live.__exit__(*exc)
+
+
+def _run_engine(engine, model, prompt, max_tokens) -> tuple[list[int], str]:
+    """Greedy generation by calling the engine directly (no server in between)."""
+    rid = f"direct-{random.randrange(1 << 30)}"
+    engine.add_request(rid, model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                final = out
+    assert final is not None and final.error is None
+    return list(final.outputs[0].token_ids), final.outputs[0].text
+
+
+def test_greedy_through_server_equals_engine(engine, driven, rng):
+    a, b = driven
+    cases = [(a, [rng.randrange(3, 100) for _ in range(rng.randint(3, 7))], 6),
+             (b, [rng.randrange(3, 100) for _ in range(rng.randint(3, 7))], 5)]
+    chat_model = next((m for m in driven if engine.get_tokenizer(m) is not None), None)
+    messages = [{"role": "user", "content": "Hello there"}]
+    got = []
+    with _Served(engine) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+        listed = {m.id: m for m in client.models.list().data}
+        assert set(listed) == set(engine.model_names)
+        assert all(isinstance(m.model_extra["resident"], bool) for m in listed.values())
+        assert listed[a].model_extra["max_model_len"] == engine.max_model_len(a)
+        out = client.completions.create(model=a, prompt=cases[0][1], max_tokens=cases[0][2],
+                                        temperature=0.0, extra_body={"return_token_ids": True})
+        got.append((out.choices[0].model_extra["token_ids"], out.choices[0].text))
+        assert out.usage.prompt_tokens == len(cases[0][1])
+        assert out.usage.completion_tokens == len(got[0][0]) <= cases[0][2]
+        stream = client.completions.create(
+            model=b, prompt=cases[1][1], max_tokens=cases[1][2], temperature=0.0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"return_token_ids": True})
+        ids, text, usage = [], "", None
+        for chunk in stream:
+            for c in chunk.choices:
+                ids += c.model_extra["token_ids"]
+                text += c.text
+            usage = chunk.usage or usage
+        got.append((ids, text))
+        assert usage.completion_tokens == len(ids)
+        if chat_model is not None:
+            chat = client.chat.completions.create(model=chat_model, messages=messages,
+                                                  max_tokens=4, temperature=0.0,
+                                                  extra_body={"return_token_ids": True})
+            chat_ids = chat.choices[0].model_extra["token_ids"]
+        else:  # no tokenizer among the driven models: chat must say so
+            with pytest.raises(openai.BadRequestError, match="no tokenizer"):
+                client.chat.completions.create(model=a, messages=messages, max_tokens=4)
+    # The server is down: the engine is ours again.
+    for (model, prompt, max_tokens), (ids, text) in zip(cases, got):
+        want_ids, want_text = _run_engine(engine, model, prompt, max_tokens)
+        assert ids == want_ids and text == want_text, model
+    if chat_model is not None:
+        tok = engine.get_tokenizer(chat_model)
+        prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
+                                add_special_tokens=False)
+        assert chat_ids == _run_engine(engine, chat_model, prompt_ids, 4)[0]
+
+
+def test_bounded_load_across_models(engine, driven):
+    load_test = _load_test_module()
+    with _Served(engine) as served:
+        report = load_test.run_load(served.url, num_requests=24, concurrency=24,
+                                    max_tokens=(2, 8), prompt_len=(2, 10),
+                                    disconnect_fraction=0.25, seed=random.randrange(1 << 20),
+                                    models=list(driven), timeout_s=300)
+        print(report.summary())
+        assert report.failed == [] and report.completed + report.cancelled == 24
+        assert report.completed >= 12 and report.healthy
+        assert not any(report.kv_pages_used.values()), report.kv_pages_used
+        assert httpx.get(served.url + "/health").status_code == 200
+    stats = engine.stats()
+    assert not engine.has_unfinished_requests()
+    assert sum(stats.kv_pages_used_by_model.values()) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_binary_sigterm_finishes_in_flight_and_exits_zero(models):
+    port = _free_port()
+    names = sorted(models)[:2]
+    cmd = [sys.executable, "-m", "crosspool_jax.serve", "--port", str(port), "--dtype", "float32",
+           "--kv_pool_bytes", "8MiB", "--max_num_seqs", "4", "--log_level", "warning"]
+    for name in names:
+        cmd += ["--model", f"{name}={models[name]}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == names
+        result = {}
+
+        def request():
+            events = []
+            with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
+                    "model": names[0], "prompt": [5, 9, 13], "max_tokens": 1,
+                    "temperature": 0.0, "stream": True}) as r:
+                result["status"] = r.status_code
+                events += [line for line in r.iter_lines() if line.startswith("data: ")]
+            result["events"] = events
+
+        t = threading.Thread(target=request)
+        t.start()
+        deadline = time.monotonic() + 60
+        while "crosspool_requests_in_flight 1.0" not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() < deadline and t.is_alive(), result
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert proc.wait(120) == 0, proc.stdout.read().decode()[-3000:]
+        assert result["status"] == 200 and result["events"][-1] == "data: [DONE]"
+        finish = [c["finish_reason"] for e in result["events"][:-1]
+                  for c in json.loads(e[6:])["choices"]]
+        assert finish[-1] in ("length", "stop")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
