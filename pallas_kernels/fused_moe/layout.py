@@ -85,7 +85,11 @@ def gmm_layout(group_sizes_G: jax.Array, num_rows: int, block_m: int) -> TileLay
     G = group_sizes_G.shape[0]
     ends_G = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), num_rows)
     sizes_G = ends_G - jnp.concatenate([jnp.zeros((1,), jnp.int32), ends_G[:-1]])
-    group_R = jnp.searchsorted(ends_G, jnp.arange(num_rows, dtype=jnp.int32), side="right")
+    # compare_all: one fused compare-and-count (the default binary search is a while loop,
+    # which on GPU costs a host round trip per step)
+    method = "compare_all" if num_rows * G <= _ONE_HOT_LIMIT else "sort"
+    group_R = jnp.searchsorted(ends_G, jnp.arange(num_rows, dtype=jnp.int32), side="right",
+                               method=method)
     return build_layout(group_R.astype(jnp.int32), G, block_m, sizes_G)
 
 

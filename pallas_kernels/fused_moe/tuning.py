@@ -64,20 +64,24 @@ GPU_SMS = 132  # H100 SXM / H200: programs per wave when one program fits per SM
 def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:
     """Block sizes for the GPU kernels for `rows` rows over `groups` groups, [K, N] weights.
 
-    Small M tiles (decode): 64-column weight tiles in 128-row K chunks, 4 deep, so that about
-    20 KB per stage stays in flight and two programs fit an SM; N is split further while the
-    grid would not fill two waves. Large tiles (prefill): 128x128 with 64-deep K chunks.
+    From the H200 sweep in RESULTS.md. Small M tiles (decode): 128-column weight tiles in
+    128-row K chunks, 3 stages deep; N is split further (down to 32 columns) while the grid
+    would not fill 1.5 waves, 4 waves when there are fewer rows than groups (Qwen3-30B-A3B
+    at 1 token: 8 active tiles, where 32 columns measured best). Large tiles
+    (prefill): 128x256 with 64-deep K chunks, 8 warps.
     """
     bm = block_m_for(rows, groups)
     if bm <= 32:
-        bn_t, bk_t, warps, stages = 64, 128, 4, 4
+        bn_t, bk_t, warps, stages = 128, 128, 4, 3
     elif bm <= 64:
         bn_t, bk_t, warps, stages = 128, 64, 4, 4
     else:
-        bn_t, bk_t, warps, stages = 128, 64, 8, 3
+        bn_t, bk_t, warps, stages = 256, 64, 8, 3
     bn = _fit(N, bn_t, 16, need_pow2=True)
     active_tiles = max(1, min(groups, rows))
-    while bn > 32 and active_tiles * (N // bn) < 2 * GPU_SMS and N % (bn // 2) == 0:
+    # fewer rows than groups (one token, top-8 of 128): small tiles, aim for 4 waves
+    want = (4.0 if rows < groups else 1.5) * GPU_SMS
+    while bn > 32 and active_tiles * (N // bn) < want and N % (bn // 2) == 0:
         bn //= 2
     bk = _fit(K, bk_t, 16, need_pow2=True)
     return BlockConfig(bm, bn, bk, warps, stages)
