@@ -7,14 +7,17 @@ the outputs so far). `schedule()` closes those gaps under a token budget
 one step, grouped per model (`SchedulerOutput.chunks_by_model`), each model's chunks one
 ragged batch.
 
-1. Running requests first, oldest arrival first: each gets its whole gap, or what is left
-   of the budget (chunked prefill). If the pool cannot hold its new tokens, the
-   latest-arrived running request (any model) is preempted by recompute: its pages are
-   freed, num_computed_tokens goes back to 0, its output tokens are kept (they are
-   recomputed with the prompt, so the output is unchanged) and it goes to the front of its
-   model's waiting queue. If no later request is left to preempt, the request waits
-   (keeping its pages) unless it is alone in the pool, in which case it can never grow and
-   fails with FINISHED_ERROR.
+1. Running requests first: their decode tokens (oldest arrival first), then their
+   unfinished prefill chunks (oldest first), each chunk the whole gap or what is left of
+   the budget (chunked prefill). Decodes go first so that a long prefill never stalls the
+   other requests' next tokens (time between tokens). If the pool cannot hold a request's
+   new tokens, the latest-arrived running request (any model; if it was already scheduled
+   in this step, it is unscheduled) is preempted by recompute: its pages are freed,
+   num_computed_tokens goes back to 0, its output tokens are kept (they are recomputed with
+   the prompt, so the output is unchanged) and it goes to the front of its model's waiting
+   queue. A request is never preempted for a later-arrived one: if no later request is
+   left to preempt, the request waits (keeping its pages) unless it is alone in the pool,
+   in which case it can never grow and fails with FINISHED_ERROR.
 2. Then, unless this step preempted, waiting requests are admitted (prefix-cache hits
    skip their cached blocks). Fairness rule: each model has a FCFS queue; models take
    turns, one admission per model per turn, until the budget, `max_num_seqs` or the pool
@@ -207,25 +210,28 @@ class Scheduler:
         rejected, self._rejected = self._rejected, []
         all_running_scheduled = True
 
-        # 1. running requests, oldest first; preempt the latest-arrived when the pool is short.
-        i = 0
-        while i < len(self._running):
-            request = self._running[i]
-            n = min(self._num_to_compute(request), budget)
+        # 1. running requests: decodes first, then unfinished prefill chunks, oldest first in
+        #    each; preempt the latest-arrived running request when the pool is short.
+        gaps = {request: self._num_to_compute(request) for request in self._running}
+        order = ([r for r in self._running if gaps[r] == 1] + [r for r in self._running if gaps[r] != 1])
+        scheduled: dict[Request, int] = {}
+        for request in order:
+            if request.status != RequestStatus.RUNNING:          # preempted earlier in this loop
+                continue
+            n = min(gaps[request], budget)
             if n <= 0:          # out of budget, or nothing to compute (the engine should stop it)
                 all_running_scheduled = False
-                i += 1
                 continue
             ok = self.kv.allocate_slots(request, n)
-            while not ok and len(self._running) > i + 1:
+            while not ok and self._running[-1] is not request:
                 victim = self._running[-1]
+                budget += scheduled.pop(victim, 0)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 ok = self.kv.allocate_slots(request, n)
             if ok:
-                planned.append((request, n))
+                scheduled[request] = n
                 budget -= n
-                i += 1
             elif len(self._running) == 1:
                 error = self._cannot_grow_message(request, n)
                 self.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
@@ -233,7 +239,7 @@ class Scheduler:
                 rejected.append((request.request_id, error))
             else:
                 all_running_scheduled = False
-                i += 1
+        planned.extend(scheduled.items())
 
         # 2. admissions, unless this step preempted.
         if not preempted:

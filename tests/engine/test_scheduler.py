@@ -489,3 +489,47 @@ def test_victim_is_the_latest_arrived_running_request_of_any_model():
     engine.run()
     check_outputs(engine, [r0, r1, r2], stop_at_eos=False)
     assert_pool_empty(sched)
+
+
+def _decode_first_requests(rng, a1_prompt):
+    return [make_request("a0", "a", 4, rng, max_tokens=8, arrival=0.0),
+            make_request("a1", "a", a1_prompt, rng, max_tokens=8, arrival=1.0),
+            make_request("b0", "b", 3, rng, max_tokens=6, arrival=2.0)]
+
+
+def test_decodes_go_before_an_older_requests_prefill_chunks():
+    rng = random.Random(151)
+    sched = make_scheduler(pages_per_device=200, max_num_batched_tokens=16, max_decode_steps=1)
+    requests = _decode_first_requests(rng, a1_prompt=60)
+    for r in requests:
+        sched.add_request(r)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    first = engine.step()
+    assert [(c.request_id, c.num_tokens) for c in first.chunks] == [("a0", 4), ("a1", 9), ("b0", 3)]
+    while not requests[2].is_finished:
+        out = engine.step()
+        ids = {c.request_id: c for c in out.chunks}
+        assert "b0" in ids and ids["b0"].num_tokens == 1            # never stalled by a1's prefill
+        if not ids["a1"].samples:
+            assert ids["a1"].num_tokens == 16 - len(ids) + 1        # a1 takes what the decodes leave
+    engine.run()
+    check_outputs(engine, requests, stop_at_eos=False)
+    assert_pool_empty(sched)
+
+
+def test_scheduled_decode_is_unscheduled_when_preempted_for_an_older_prefill():
+    rng = random.Random(161)
+    # 20 pages; step 2 needs 22: a1's chunk (older) preempts b0 (latest), already scheduled.
+    sched = make_scheduler(pages_per_device=20, max_num_batched_tokens=16, max_decode_steps=1, caching=False)
+    requests = _decode_first_requests(rng, a1_prompt=24)
+    for r in requests:
+        sched.add_request(r)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    engine.step()
+    out = engine.step()
+    assert out.preempted == ["b0"] and requests[2].status == RequestStatus.PREEMPTED
+    assert [(c.request_id, c.num_tokens) for c in out.chunks] == [("a0", 1), ("a1", 14)]
+    assert out.num_batched_tokens == 15
+    engine.run()
+    check_outputs(engine, requests, stop_at_eos=False)
+    assert_pool_empty(sched)
