@@ -69,10 +69,12 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     if not decode:
         num_splits = min(num_splits, 4)
     stage_bytes = 2 * block_k * H * itemsize                      # K and V tiles
-    # 3 stages measured best for decode at H=128 (H200, RESULTS.md); untested elsewhere -> 2
-    num_stages = 3 if decode and H <= 128 and 3 * stage_bytes <= 192 * 1024 else 2
+    # Measured on an H200 (RESULTS.md): 4 warps and a 3-stage pipeline beat 8 warps / 2
+    # stages for decode and for prefill chunks alike (prefill 1.5-1.8x); tiles above
+    # 192 KiB for 3 stages, 4-byte K/V and head dim 256 were not measured: 2 stages.
+    num_stages = 3 if itemsize == 2 and H <= 128 and 3 * stage_bytes <= 192 * 1024 else 2
     return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
-                       num_warps=4 if decode else 8, num_stages=num_stages)
+                       num_warps=4, num_stages=num_stages)
 
 
 def tpu_config(*, T: int, S: int, R: int, H: int, G: int) -> BlockConfig:
