@@ -250,9 +250,10 @@ class ManagerMachine(RuleBasedStateMachine):
         self.requests: dict[str, Request] = {}
         self.count = 0
 
-    @rule(model=st.sampled_from(["a", "b"]), tokens=st.lists(st.integers(1, 2), min_size=1, max_size=14))
-    def admit(self, model, tokens):
-        r = req(f"r{self.count}", model, tokens)
+    @rule(model=st.sampled_from(["a", "b"]), head=st.sampled_from([(), (1, 2) * 4, (2, 2, 1, 1) * 3]),
+          tokens=st.lists(st.integers(1, 2), min_size=1, max_size=10))
+    def admit(self, model, head, tokens):
+        r = req(f"r{self.count}", model, list(head) + tokens)
         self.count += 1
         blocks, num_cached = self.kv.get_computed_blocks(r)
         assert num_cached < r.num_tokens
