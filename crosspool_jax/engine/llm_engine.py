@@ -171,6 +171,7 @@ class LLMEngine:
             parent.children.append(child)
             self._child_owner[child_id] = (request_id, i)
         self._parents[request_id] = parent
+        self.registry.prefetch(model)
         for child in parent.children:
             self.scheduler.add_request(child.request)
 
@@ -287,6 +288,8 @@ class LLMEngine:
                 child.finish_reason = decision.finish_reason
                 child.stop_reason = decision.stop_reason
                 child.text_limit = decision.truncate_text_to
+                if child.detok:
+                    child.detok.flush()        # a character cut by a length stop still shows
                 status = (RequestStatus.FINISHED_LENGTH if decision.finish_reason == "length"
                           else RequestStatus.FINISHED_STOPPED)
                 return kept, status

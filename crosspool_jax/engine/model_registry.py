@@ -16,6 +16,7 @@ from crosspool_jax import checkpoints
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
+from crosspool_jax.weights import WeightsPool
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,11 @@ class ModelRegistry:
         self.attention_backend = _resolve_backend(config.attention_backend)
         self.moe_backend = _resolve_backend(config.moe_backend)
         self._entries: dict[str, ModelEntry] = {}
-        self._params: dict[str, tuple] = {}
+        self._kv_params: dict[str, dict] = {}
+        weight_sharding = jax.sharding.SingleDeviceSharding(self.weight_devices[0])
+        # Every model's FFN pytree lives in the weights pool; beyond weights_pool_bytes the
+        # least recently used ones are swapped to host memory and come back on demand.
+        self.weights = WeightsPool(config.weights_pool_bytes, lambda model, path, shape: weight_sharding)
         for name, path in config.models.items():
             loaded = checkpoints.load_model(path, dtype=config.dtype, kv_placement=self.kv_devices[0],
                                             ffn_placement=self.weight_devices[0])
@@ -101,7 +106,8 @@ class ModelRegistry:
         weights_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((loaded.kv_params, loaded.ffn_params)))
         self._entries[name] = ModelEntry(name, path, cfg, loaded.tokenizer, gen, tuple(sorted(eos)), max_len,
                                          weights_bytes=weights_bytes)
-        self._params[name] = (loaded.kv_params, loaded.ffn_params)
+        self._kv_params[name] = loaded.kv_params
+        self.weights.register(name, loaded.ffn_params)
 
     def _pool_bytes(self) -> int:
         if self.config.kv_pool_bytes is not None:
@@ -130,24 +136,24 @@ class ModelRegistry:
         return [ModelKVGeometry(e.name, e.config.num_layers, e.tokens_per_page, e.max_model_len)
                 for e in self._entries.values()]
 
-    def acquire(self, name: str):
-        return self._params[name]
+    def prefetch(self, name: str) -> None:
+        """Start bringing a swapped-out model's FFN weights back (a request for it was admitted)."""
+        self.weights.prefetch(name)
+
+    def acquire(self, name: str) -> tuple[dict, dict]:
+        """(kv_params, ffn_params) of a model for one step; swaps its FFN pytree in if it is out."""
+        return self._kv_params[name], self.weights.acquire(name)
 
     def release(self, name: str) -> None:
-        pass
+        self.weights.release(name)
 
     def weights_stats(self):
-        return _NoSwaps()
+        return self.weights.stats()
 
     def model_stats(self) -> dict:
-        return {e.name: {"resident": True, "weights_bytes": e.weights_bytes, "max_model_len": e.max_model_len}
+        return {e.name: {"resident": self.weights.is_resident(e.name), "weights_bytes": e.weights_bytes,
+                         "max_model_len": e.max_model_len}
                 for e in self._entries.values()}
-
-
-@dataclasses.dataclass
-class _NoSwaps:
-    swaps_in: int = 0
-    swaps_out: int = 0
 
 
 def _resolve_backend(name: str) -> str:
