@@ -5,6 +5,8 @@ nothing per step. Values (lengths, page ids) are traced and cannot be checked he
 """
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 BACKENDS = ("reference", "gpu", "tpu", "auto")
@@ -58,13 +60,22 @@ def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
     for name, x in (("kv_lens", kv_lens_S), ("page_indices", page_indices_SP),
                     ("cu_q_lens", cu_q_lens_S1), ("num_seqs", num_seqs)):
         _int32(name, x)
-    if sm_scale is not None and not isinstance(sm_scale, (int, float)):
-        raise ValueError(f"sm_scale must be a Python number or None, got {type(sm_scale).__name__}")
-    if soft_cap is not None and (not isinstance(soft_cap, (int, float)) or soft_cap <= 0):
+    if sm_scale is not None and (not isinstance(sm_scale, numbers.Real) or sm_scale <= 0):
+        raise ValueError(f"sm_scale must be a positive number (static, not traced) or None, "
+                         f"got {sm_scale!r}")
+    if soft_cap is not None and (not isinstance(soft_cap, numbers.Real) or soft_cap <= 0):
         raise ValueError(f"soft_cap must be a positive number or None, got {soft_cap!r}")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+    if sliding_window is not None and (isinstance(sliding_window, bool)
+                                       or not isinstance(sliding_window, numbers.Integral)
+                                       or sliding_window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     return backend
+
+
+def kernel_supports(q_TNH, k_pages_PGKH) -> bool:
+    """Whether the Pallas kernels take this head dim and page size."""
+    H, G = q_TNH.shape[-1], k_pages_PGKH.shape[1]
+    return H in KERNEL_HEAD_DIMS and KERNEL_MIN_PAGE <= G <= KERNEL_MAX_PAGE and not G & (G - 1)
 
 
 def validate_kernel_geometry(q_TNH, k_pages_PGKH, backend):

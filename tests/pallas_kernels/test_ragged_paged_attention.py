@@ -234,6 +234,22 @@ class TestValidation:
         with pytest.raises(ValueError, match="sliding_window"):
             ragged_paged_attention(*args, sliding_window=0)
 
+    def test_numpy_scalars_accepted(self):
+        args = self._args()
+        out = ragged_paged_attention(*args, sm_scale=np.float32(0.1), soft_cap=np.float64(3.0),
+                                     sliding_window=np.int32(4), backend="reference")
+        ref = ragged_paged_attention_reference(*args, sm_scale=0.1, soft_cap=3.0,
+                                               sliding_window=4)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
+
+    def test_auto_falls_back_to_reference_outside_kernel_geometry(self, monkeypatch):
+        import pallas_kernels.ragged_paged_attention as rpa
+        monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": "gpu")
+        args = make_case(33, [1, 3], [5, 20], N=4, K=2, H=32, G=16)   # head dim 32: no kernel
+        out = rpa.ragged_paged_attention(*args, backend="auto")
+        np.testing.assert_array_equal(np.asarray(out),
+                                      np.asarray(ragged_paged_attention_reference(*args)))
+
     def test_kernel_geometry_limits(self):
         q, k, v, *rest = make_case(31, [1], [5], N=2, K=1, H=96, G=16)
         with pytest.raises(ValueError, match="head dim in"):
