@@ -97,7 +97,11 @@ def tensor_slots(config: ModelConfig) -> dict[str, Slot]:
 
 
 def is_ignorable(name: str, config: ModelConfig) -> bool:
-    """Tensors we skip without complaint: rotary buffers, and a duplicate lm head when tied."""
+    """Tensors we skip without complaint: rotary buffers, a duplicate lm head when tied, and the
+    empty shared expert (and its gate) of a Qwen2-MoE saved with shared_expert_intermediate_size 0."""
     if name.endswith(IGNORED_SUFFIXES):
+        return True
+    if (config.family == "qwen2_moe" and not config.shared_expert_intermediate_size
+            and (".mlp.shared_expert." in name or ".mlp.shared_expert_gate." in name)):
         return True
     return config.tie_word_embeddings and name == "lm_head.weight"

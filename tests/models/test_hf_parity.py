@@ -27,8 +27,8 @@ CASES = [
     ("qwen2moe-gqa4-k8-e16-shared-mixed-tied", "qwen2_moe",
      dict(num_attention_heads=8, num_key_value_heads=2, num_experts=16, num_experts_per_tok=8,
           mlp_only_layers=[0], tie_word_embeddings=True)),
-    ("qwen2moe-sparse-step2-normtopk", "qwen2_moe",
-     dict(decoder_sparse_step=2, norm_topk_prob=True, num_hidden_layers=3)),
+    ("qwen2moe-sparse-step2-normtopk-noshared", "qwen2_moe",
+     dict(decoder_sparse_step=2, norm_topk_prob=True, num_hidden_layers=3, shared_expert_intermediate_size=0)),
     ("qwen3moe-gqa1-hd16-k8-e64-normtopk-mixed", "qwen3_moe",
      dict(num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
           norm_topk_prob=True, mlp_only_layers=[1])),
@@ -80,9 +80,12 @@ BF16_CASES = [CASES[0], CASES[4], CASES[5]]
 
 @pytest.mark.parametrize("case_id,family,overrides", BF16_CASES, ids=[c[0] for c in BF16_CASES])
 def test_bfloat16_error_is_within_transformers_own_bf16_error(tmp_path, case_id, family, overrides):
-    """bf16 tolerance, justified: ours (bf16 params and activations) vs the float32 truth must be
-    no worse than twice transformers' own bf16 error vs that truth, plus 2% of max |logit|
-    (one bf16 ulp is 2^-8 ~ 0.4%, and errors compound over 2 layers of ~8 roundings each)."""
+    """bf16 tolerance, justified: running in bf16 is a perturbation of the float32 model, and
+    transformers' own bf16 run measures how large that perturbation is for these weights
+    (about 1% of max |logit| here: bf16 keeps 8 mantissa bits, relative step 2^-8 ~ 0.4%, and
+    ~10 roundings compound over 2 layers). Ours vs the float32 truth must stay within 1.5x of
+    transformers' bf16 error plus 1% (rounding points differ between the two codes), and
+    under 4% absolutely. Measured: ours 0.9-1.2%, transformers 0.9-1.4%."""
     seed = zlib.crc32(case_id.encode()) % 1000 + 1
     make_tiny_hf_model(family, str(tmp_path), seed=seed, **overrides)
     ids = np.random.default_rng(seed).integers(0, 256, T)
@@ -91,4 +94,5 @@ def test_bfloat16_error_is_within_transformers_own_bf16_error(tmp_path, case_id,
     ours, m = _ours(str(tmp_path), "bfloat16", ids)
     assert m.kv_params["attn"]["wq_LDQ"].dtype == jnp.bfloat16
     assert m.ffn_params["moe"]["w1_LEDF2"].dtype == jnp.bfloat16
-    assert _rel_err(ours, truth) < 2 * _rel_err(theirs_bf16, truth) + 0.02
+    err = _rel_err(ours, truth)
+    assert err < 1.5 * _rel_err(theirs_bf16, truth) + 0.01 and err < 0.04
