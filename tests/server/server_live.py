@@ -60,12 +60,13 @@ class FakeServer:
             time.sleep(0.01)
 
 
-def start_fake_server(*, step_s: float = 0.002, max_queue: int = 64,
+def start_fake_server(*, step_s: float = 0.002, max_queue: int = 64, shutdown_timeout_s: float = 5.0,
                       **app_kwargs) -> tuple[LiveServer, FakeServer]:
     engine = FakeEngine(step_s=step_s)
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=max_queue, stats_interval_s=0.01)
-    live = LiveServer(build_app(async_engine, metrics, **app_kwargs)).__enter__()
+    live = LiveServer(build_app(async_engine, metrics, **app_kwargs),
+                      timeout_graceful_shutdown=shutdown_timeout_s).__enter__()
     return live, FakeServer(live.url, engine, async_engine, metrics)
 
 

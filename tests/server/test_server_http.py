@@ -106,8 +106,8 @@ def test_completion_stop_and_logprobs(fake_server, rng):
 
 
 def test_chat_completion(fake_server, rng):
-    messages = [{"role": "system", "content": random_text(rng)},
-                {"role": "user", "content": random_text(rng)}]
+    messages = [{"role": "system", "content": random_text(rng, 3, 10)},  # stay well inside
+                {"role": "user", "content": random_text(rng, 3, 10)}]     # the 64-token context
     body = _post(fake_server, "/v1/chat/completions", {
         "model": "alpha", "messages": messages, "max_completion_tokens": 5, "logprobs": True,
         "top_logprobs": 1}).json()
@@ -292,3 +292,45 @@ def test_api_key_and_overload(rng):
     finally:
         server.engine.paused.clear()
         live.__exit__(None, None, None)
+
+
+def test_graceful_shutdown_finishes_short_requests_and_aborts_long_ones(rng):
+    live, server = start_fake_server(step_s=0.02, shutdown_timeout_s=0.3)
+    results = {}
+
+    def stream(name, max_tokens):
+        lines = []
+        try:
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=10, json={
+                    "model": "alpha", "prompt": random_text(rng), "max_tokens": max_tokens,
+                    "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+        except httpx.HTTPError:
+            pass  # the long request's connection may be cut
+        results[name] = lines
+
+    threads = [threading.Thread(target=stream, args=("short", 5)),
+               threading.Thread(target=stream, args=("long", 200))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(server.engine.added) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    live.__exit__(None, None, None)  # what SIGTERM does: stop accepting, wait, then cancel
+    for t in threads:
+        t.join(10)
+    assert results["short"][-1] == "data: [DONE]"
+    # The long one is aborted when the wait runs out: its stream is cut, or told so in an
+    # error event (whichever of uvicorn's cancellation and the engine shutdown comes first).
+    events = [json.loads(line[6:]) for line in results["long"] if line != "data: [DONE]"]
+    assert not any(c["finish_reason"] for e in events for c in e.get("choices", []))
+    if "data: [DONE]" in results["long"]:
+        assert "shutting down" in events[-1]["error"]["message"]
+    long_id = json.loads(results["long"][0][6:])["id"] + "-0"
+    assert long_id in server.engine.aborted and not server.engine.requests
+    assert not server.async_engine.healthy  # the engine thread has stopped
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=1)
