@@ -177,3 +177,13 @@ def test_sliding_window_limits_attention():
     windowed = np.asarray(dense_logits(kv, ffn, cw, ids, *_whole(T)))
     np.testing.assert_allclose(windowed[:3], full[:3], rtol=1e-5, atol=1e-5)   # window not yet binding
     assert np.abs(windowed[3:] - full[3:]).max() > 1e-4
+
+
+def test_moe_backend_goes_through_the_kernel_dispatcher():
+    c, (kv, ffn) = _random_model(13, mlp_only_layers=[])
+    ids = jnp.asarray(np.random.default_rng(13).integers(0, c.vocab_size, T), jnp.int32)
+    ref = np.asarray(dense_logits(kv, ffn, c, ids, *_whole(T)))
+    auto = np.asarray(dense_logits(kv, ffn, c, ids, *_whole(T), moe_backend="auto"))   # reference on CPU
+    np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="backend"):
+        dense_logits(kv, ffn, c, ids, *_whole(T), moe_backend="no-such-backend")
