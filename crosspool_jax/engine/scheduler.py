@@ -26,7 +26,9 @@ ragged batch.
    head-of-line request of budget. A request that cannot get pages bars every
    later-arrived request (any model) from admission in this step, and its model goes to
    the front of the line for the next step, so a large request is never overtaken forever
-   by smaller later ones.
+   by smaller later ones. When a model's own page cap (`max_pages`, the static-reservation
+   baseline) is what stops its request, only that model waits, and preemption only picks
+   victims of that model.
 3. Multi-step decode: when every scheduled chunk is a single-token decode, every running
    request is scheduled and nothing waits, all chunks get num_steps =
    min(max_decode_steps, each request's tokens left before max_tokens / max_model_len),
@@ -150,11 +152,10 @@ class Scheduler:
             error = (f"prompt of {request.num_prompt_tokens} tokens is longer than model {request.model!r}'s "
                      f"max_model_len of {g.max_model_len} tokens")
         elif request.num_prompt_tokens > self.kv.max_request_tokens(request.model):
-            error = (f"prompt of {request.num_prompt_tokens} tokens needs {g.num_blocks(request.num_prompt_tokens)} "
-                     f"blocks x {g.num_layers} layers = {g.num_blocks(request.num_prompt_tokens) * g.num_layers} "
-                     f"pages of model {request.model!r}, more than the whole KV pool holds "
-                     f"({self.kv.max_request_tokens(request.model)} tokens, "
-                     f"{self.kv.allocator.num_total} pages)")
+            blocks = g.num_blocks(request.num_prompt_tokens)
+            error = (f"prompt of {request.num_prompt_tokens} tokens needs {blocks} blocks x {g.num_layers} layers "
+                     f"= {blocks * g.num_layers} pages of model {request.model!r}, more than the whole KV pool "
+                     f"can give it {self._capacity_note(request.model)}")
         if error is not None:
             request.status, request.error = RequestStatus.FINISHED_ERROR, error
             self._rejected.append((request.request_id, error))
@@ -223,8 +224,10 @@ class Scheduler:
                 all_running_scheduled = False
                 continue
             ok = self.kv.allocate_slots(request, n)
-            while not ok and self._running[-1] is not request:
-                victim = self._running[-1]
+            while not ok:
+                victim = self._victim_for(request, n)
+                if victim is None:
+                    break
                 budget += scheduled.pop(victim, 0)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -232,7 +235,7 @@ class Scheduler:
             if ok:
                 scheduled[request] = n
                 budget -= n
-            elif len(self._running) == 1:
+            elif not self._competitors(request, n):
                 error = self._cannot_grow_message(request, n)
                 self.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
                 request.error = error
@@ -264,13 +267,34 @@ class Scheduler:
         g = self.kv.geometry(request.model)
         return min(request.num_tokens, g.max_model_len) - request.num_computed_tokens
 
+    def _competitors(self, request: Request, n: int) -> list[Request]:
+        """Running requests whose pages could make room for `request`: any model's, or only its
+        own model's when the model's max_pages is what binds."""
+        same_model = self.kv.exceeds_quota(request, n)
+        return [r for r in self._running if r is not request and (not same_model or r.model == request.model)]
+
+    def _victim_for(self, request: Request, n: int) -> Optional[Request]:
+        """The latest-arrived running request that arrived after `request` and whose pages help."""
+        later = self._running[self._running.index(request) + 1:]
+        helpful = set(map(id, self._competitors(request, n)))
+        for victim in reversed(later):
+            if id(victim) in helpful:
+                return victim
+        return None
+
     def _cannot_grow_message(self, request: Request, n: int) -> str:
         g = self.kv.geometry(request.model)
         need = request.num_computed_tokens + n
         return (f"request of model {request.model!r} at {need} tokens "
                 f"({request.num_prompt_tokens} prompt + {request.num_output_tokens} output) needs "
                 f"{g.num_blocks(need) * g.num_layers} pages, more than the whole KV pool can give it "
-                f"({self.kv.max_request_tokens(request.model)} tokens, {self.kv.allocator.num_total} pages)")
+                f"{self._capacity_note(request.model)}")
+
+    def _capacity_note(self, model: str) -> str:
+        left = self.kv.quota_left(model)
+        cap = "" if left is None else f", the model's max_pages {left + self.kv.pages_used_by_model()[model]}"
+        return (f"(at most {self.kv.max_request_tokens(model)} tokens of this model; "
+                f"{self.kv.allocator.num_total} pages in the pool{cap})")
 
     def _preempt(self, request: Request) -> None:
         self._running.remove(request)
@@ -308,6 +332,8 @@ class Scheduler:
                 n = min(min(request.num_tokens, g.max_model_len) - num_cached, budget)
                 if n <= 0 or not self.kv.allocate_slots(request, n, computed):
                     done.add(model)
+                    if self.kv.exceeds_quota(request, n, computed):
+                        continue        # its own model's cap binds: other models are not held up
                     if barred_after is None or key < barred_after:
                         barred_after, blocked_model = key, model
                     continue

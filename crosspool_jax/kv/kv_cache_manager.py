@@ -11,6 +11,10 @@ prompts share full blocks share those blocks (reference counted). When the last 
 frees a hashed block it stays cached with ref_count 0 ("evictable") until its pages are
 needed, least recently freed first; unhashed blocks go straight back to the allocator.
 
+Optional per-model caps (`register_model(..., max_pages=N)`) bound the pages a model's live
+requests hold: caps summing to at most the pool give a static per-model reservation (the
+"static" baseline); without caps every model draws from the whole pool.
+
 Capacity reporting: evictable cached blocks count as FREE capacity. `num_free_pages()`
 and `usage()` include them as free, `pages_used_by_model()` counts only blocks held by
 live requests (so an idle model reports 0), and `num_evictable_pages()` reports the
@@ -92,10 +96,15 @@ class KVCacheManager:
         self._evictable = [collections.OrderedDict() for _ in range(allocator.num_devices)]  # id(block) -> block
         self._evictable_pages = [0] * allocator.num_devices
         self._used_by_model: dict[str, int] = {}               # pages of blocks with ref_count > 0
+        self._max_pages: dict[str, Optional[int]] = {}          # per-model cap on live pages
 
     # ----- models ---------------------------------------------------------------------------
-    def register_model(self, geometry: ModelKVGeometry) -> None:
-        """Declare a model's geometry (idempotent for the same geometry)."""
+    def register_model(self, geometry: ModelKVGeometry, max_pages: Optional[int] = None) -> None:
+        """Declare a model's geometry (idempotent for the same geometry).
+
+        max_pages: optional cap on the pages the model's live requests may hold (a static
+        per-model reservation when the caps sum to at most the pool); None = the whole pool.
+        """
         if not isinstance(geometry, ModelKVGeometry):
             raise ValueError(f"register_model needs a ModelKVGeometry, got {type(geometry).__name__}")
         old = self._geometries.get(geometry.name)
@@ -104,7 +113,12 @@ class KVCacheManager:
         if geometry.num_layers > self.allocator.pages_per_device:
             raise ValueError(f"model {geometry.name!r}: one block needs num_layers={geometry.num_layers} pages on "
                              f"one KV device, which holds only {self.allocator.pages_per_device} pages")
+        if max_pages is not None and (not isinstance(max_pages, int) or isinstance(max_pages, bool)
+                                      or not geometry.num_layers <= max_pages <= self.allocator.num_total):
+            raise ValueError(f"model {geometry.name!r}: max_pages must be an integer in [num_layers="
+                             f"{geometry.num_layers}, {self.allocator.num_total}] or None, got {max_pages!r}")
         self._geometries[geometry.name] = geometry
+        self._max_pages[geometry.name] = max_pages
         self._used_by_model.setdefault(geometry.name, 0)
 
     def geometry(self, model: str) -> ModelKVGeometry:
@@ -118,10 +132,30 @@ class KVCacheManager:
         return list(self._geometries)
 
     def max_request_tokens(self, model: str) -> int:
-        """Most tokens one sequence of `model` could ever hold if it had the whole pool."""
+        """Most tokens one sequence of `model` could ever hold if it had the whole pool (or its
+        whole max_pages)."""
         g = self.geometry(model)
-        blocks_per_device = self.allocator.pages_per_device // g.num_layers
-        return blocks_per_device * self.allocator.num_devices * g.tokens_per_page
+        blocks = self.allocator.pages_per_device // g.num_layers * self.allocator.num_devices
+        if self._max_pages[model] is not None:
+            blocks = min(blocks, self._max_pages[model] // g.num_layers)
+        return blocks * g.tokens_per_page
+
+    def quota_left(self, model: str) -> Optional[int]:
+        """Pages the model may still take under its max_pages (None: no cap)."""
+        cap = self._max_pages[self.geometry(model).name]
+        return None if cap is None else cap - self._used_by_model[model]
+
+    def exceeds_quota(self, request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()) -> bool:
+        """Whether allocate_slots(request, ...) would take the model past its max_pages."""
+        left = self.quota_left(request.model)
+        return left is not None and self._new_live_pages(request, num_new_tokens, new_computed_blocks) > left
+
+    def _new_live_pages(self, request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock]) -> int:
+        g = self.geometry(request.model)
+        total = request.num_computed_tokens + len(new_computed_blocks) * g.tokens_per_page + num_new_tokens
+        num_fresh = g.num_blocks(total) - len(self._blocks.get(request.request_id, ())) - len(new_computed_blocks)
+        revived = sum(len(b.pages) for b in new_computed_blocks if b.ref_count == 0)
+        return max(num_fresh, 0) * g.num_layers + revived
 
     # ----- prefix cache ----------------------------------------------------------------------
     def _block_hashes(self, request, num_blocks: int) -> list[bytes]:
@@ -186,7 +220,7 @@ class KVCacheManager:
         """Ensure the request holds blocks for num_computed_tokens + len(new_computed_blocks)*G
         + num_new_tokens tokens: take the cached blocks (ref+1), then new pages, evicting
         least-recently-freed cached blocks when needed. Returns False, changing nothing, if the
-        pool cannot hold them. The caller advances num_computed_tokens by the cached tokens.
+        pool (or the model's max_pages) cannot hold them. The caller advances num_computed_tokens by the cached tokens.
         """
         g = self.geometry(request.model)
         if num_new_tokens < 0:
@@ -207,6 +241,8 @@ class KVCacheManager:
             raise ValueError(f"allocate_slots({request.request_id}): {total_tokens} tokens exceed model "
                              f"{request.model!r}'s max_model_len of {g.max_model_len}")
         num_fresh = g.num_blocks(total_tokens) - len(blocks) - len(new_computed_blocks)
+        if self.exceeds_quota(request, num_new_tokens, new_computed_blocks):
+            return False
         plan = self._plan(num_fresh, g.num_layers, new_computed_blocks)
         if plan is None:
             return False
@@ -230,12 +266,17 @@ class KVCacheManager:
         """Whether `allocate_slots(request, n)` would succeed for every (request, n) together
         (no cached blocks taken). Changes nothing."""
         capacity = self._capacity()
+        quota = {m: self.quota_left(m) for m in self._geometries}
         for request, n in requests_and_tokens:
             g = self.geometry(request.model)
             total = request.num_computed_tokens + n
             if total > g.max_model_len:
                 return False
             num_fresh = g.num_blocks(total) - len(self._blocks.get(request.request_id, []))
+            if quota[request.model] is not None:
+                quota[request.model] -= max(num_fresh, 0) * g.num_layers
+                if quota[request.model] < 0:
+                    return False
             if self._plan(num_fresh, g.num_layers, (), capacity) is None:
                 return False
         return True

@@ -124,10 +124,10 @@ class FakeEngine:
         raise AssertionError("requests did not finish")
 
 
-def make_scheduler(pages_per_device=64, num_devices=1, caching=True, **config):
+def make_scheduler(pages_per_device=64, num_devices=1, caching=True, max_pages=None, **config):
     kv = KVCacheManager(PageAllocator(pages_per_device, num_devices), enable_prefix_caching=caching)
     for g in GEOMETRIES.values():
-        kv.register_model(g)
+        kv.register_model(g, max_pages=(max_pages or {}).get(g.name))
     return Scheduler(SchedulerConfig(enable_prefix_caching=caching, **config), kv)
 
 
@@ -532,4 +532,39 @@ def test_scheduled_decode_is_unscheduled_when_preempted_for_an_older_prefill():
     assert out.num_batched_tokens == 15
     engine.run()
     check_outputs(engine, requests, stop_at_eos=False)
+    assert_pool_empty(sched)
+
+
+def test_static_reservation_caps_each_model_and_preempts_within_it():
+    rng = random.Random(171)
+    # 30 pages reserved as a: 10 (5 blocks = 20 tokens), b: 18 (6 blocks = 12 tokens); b's two
+    # requests (at most 3 blocks each) always fit in b's share, a's four do not fit in a's.
+    sched = make_scheduler(pages_per_device=30, max_pages={"a": 10, "b": 18}, max_num_batched_tokens=32,
+                           max_decode_steps=2)
+    a_burst = [make_request(f"a{i}", "a", rng.randrange(4, 8), rng, max_tokens=8, arrival=i * 0.1) for i in range(4)]
+    b_late = [make_request(f"b{i}", "b", rng.randrange(2, 4), rng, max_tokens=3, arrival=10.0 + i) for i in range(2)]
+    too_big_for_cap = make_request("a-big", "a", 21, rng, max_tokens=2, arrival=0.05)
+    for r in a_burst + [too_big_for_cap]:
+        sched.add_request(r)
+    assert "prompt of 21 tokens" in too_big_for_cap.error and "at most 20 tokens" in too_big_for_cap.error
+    assert "max_pages 10" in too_big_for_cap.error
+    engine = FakeEngine(sched, stop_at_eos=False)
+    engine.step()
+    engine.step()
+    assert sched.num_waiting() == 2 and sched.kv.exceeds_quota(a_burst[2], a_burst[2].num_tokens)  # a2, a3 wait
+    for r in b_late:
+        sched.add_request(r)
+    out = engine.step()
+    assert {"b0", "b1"} <= {c.request_id for c in out.chunks}          # a's cap does not hold b up
+    steps = 0
+    while sched.has_unfinished():
+        out = engine.step()
+        steps += 1
+        used = sched.kv.pages_used_by_model()
+        assert used["a"] <= 10 and used["b"] <= 18
+        for rid in out.preempted:
+            assert rid.startswith("a")                          # only a's cap ran out
+        assert steps < 300
+    check_outputs(engine, a_burst + b_late, stop_at_eos=False)
+    assert any(r.num_preemptions for r in a_burst)
     assert_pool_empty(sched)

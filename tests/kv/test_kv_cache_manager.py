@@ -67,6 +67,33 @@ def test_geometry_and_registration_validation():
     assert kv.max_request_tokens("a") == 12 * 4 and kv.max_request_tokens("b") == 8 * 2
 
 
+def test_max_pages_caps_a_model_without_side_effects():
+    rng = random.Random(23)
+    kv = KVCacheManager(PageAllocator(40))
+    kv.register_model(ModelKVGeometry("a", 2, 4, 64), max_pages=6)
+    kv.register_model(ModelKVGeometry("b", 3, 2, 64))
+    with pytest.raises(ValueError, match="max_pages must be an integer in"):
+        kv.register_model(ModelKVGeometry("c", 2, 4, 64), max_pages=1)
+    assert kv.max_request_tokens("a") == 3 * 4 and kv.quota_left("a") == 6 and kv.quota_left("b") is None
+    r1 = req("r1", "a", [rng.randrange(1, 100) for _ in range(8)])
+    compute_all(kv, r1)                                           # 2 blocks = 4 pages
+    r2 = req("r2", "a", [rng.randrange(1, 100) for _ in range(5)])
+    assert kv.exceeds_quota(r2, 5) and not kv.allocate_slots(r2, 5)   # 2 more blocks > 2 pages left
+    assert kv.blocks_of(r2) == [] and kv.pages_used_by_model()["a"] == 4
+    assert kv.allocate_slots(r2, 4) and kv.quota_left("a") == 0
+    assert not kv.can_allocate_all([(r1, 1)]) and kv.can_allocate_all([(r1, 0)])
+    kv.free(r1)                                                   # its 2 hashed blocks stay cached
+    assert kv.quota_left("a") == 4
+    r3 = req("r3", "a", r1.prompt_token_ids + [7])
+    blocks, num_cached = kv.get_computed_blocks(r3)
+    assert num_cached == 8
+    assert kv.exceeds_quota(r3, 5, blocks)                        # reviving 2 blocks + 1 new = 6 pages > 4
+    assert kv.allocate_slots(r3, 1, blocks[:1]) and kv.quota_left("a") == 0   # 1 revived + 1 new block
+    kv.free(r2)
+    kv.free(r3)
+    pool_pages_accounted(kv)
+
+
 def test_page_table_layout_and_free():
     rng = random.Random(7)
     kv = make_manager()
