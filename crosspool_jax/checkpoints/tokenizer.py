@@ -11,6 +11,7 @@ import os
 from typing import Optional
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
