@@ -98,3 +98,17 @@ def test_missing_and_broken_tokenizer(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+def test_chat_template_works_without_transformers_loaded(tok_dir):
+    """The package must not lean on transformers (or torch) having imported jinja2 pieces for it."""
+    import subprocess
+    import sys
+    code = ("import sys; from crosspool_jax.checkpoints import load_tokenizer; "
+            f"t = load_tokenizer({tok_dir!r}); "
+            "print(t.apply_chat_template([{'role': 'user', 'content': 'hi'}]), end=''); "
+            "assert 'transformers' not in sys.modules and 'torch' not in sys.modules")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
