@@ -23,6 +23,14 @@ from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
 _KERNELS = {"gpu": gpu, "tpu": tpu}
 
 
+def _choose(backend: str, *dims: int) -> str:
+    """Resolve the backend; "auto" keeps shapes the GPU kernels cannot tile on the reference."""
+    resolved = resolve_backend(backend)
+    if backend == "auto" and resolved == "gpu" and not tuning.gpu_supports(*dims):
+        return "reference"
+    return resolved
+
+
 def _config(backend: str, rows: int, groups: int, K: int, N: int, itemsize: int):
     if backend == "gpu":
         return tuning.gpu_config(rows, groups, K, N)
@@ -34,10 +42,11 @@ def grouped_matmul(lhs, rhs, group_sizes, *, backend: str = "auto", interpret: b
     """lhs [M, K] x rhs [G, K, N] by consecutive row groups (lax.ragged_dot's meaning) -> [M, N].
 
     Rows beyond sum(group_sizes) are zeros. `config` overrides the tuning table (kernels only).
+    With backend="auto" on a GPU, K or N not a multiple of 16 falls back to the reference.
     """
     check_grouped_matmul(lhs, rhs, group_sizes)
-    backend = resolve_backend(backend)
-    if backend == "reference":
+    backend = _choose(backend, rhs.shape[1], rhs.shape[2])
+    if backend == "reference" or lhs.shape[0] == 0:
         return grouped_matmul_reference(lhs, rhs, group_sizes)
     return _grouped_matmul_kernel(lhs, rhs, group_sizes.astype(jnp.int32), backend=backend,
                                   interpret=interpret, config=config)
@@ -63,11 +72,12 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     w2 [E, F, D] -> [T, D] in x's dtype (float32 accumulation).
 
     `config` overrides the tuning table: one BlockConfig for both grouped matmuls or a
-    (gate_up, down) pair with the same block_m.
+    (gate_up, down) pair with the same block_m. With backend="auto" on a GPU, D or F not a
+    multiple of 16 falls back to the reference.
     """
     check_fused_moe(x, router_logits, w1, w2, top_k, activation)
-    backend = resolve_backend(backend)
-    if backend == "reference":
+    backend = _choose(backend, w2.shape[1], w2.shape[2])
+    if backend == "reference" or x.shape[0] == 0:
         return fused_moe_reference(x, router_logits, w1, w2, top_k, renormalize=renormalize,
                                    activation=activation)
     return _fused_moe_kernel(x, router_logits, w1, w2, top_k=top_k, renormalize=renormalize,

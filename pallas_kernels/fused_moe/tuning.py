@@ -48,6 +48,11 @@ def _fit(dim: int, target: int, minimum: int, *, need_pow2: bool) -> int:
                      f"the GPU kernels need dims that are multiples of {minimum}")
 
 
+def gpu_supports(*dims: int) -> bool:
+    """Whether the GPU kernels can tile weights with these K / N dims (multiples of 16)."""
+    return all(d % 16 == 0 and d > 0 for d in dims)
+
+
 def block_m_for(rows: int, groups: int, *, lo: int = 16, hi: int = 128) -> int:
     """Rows per tile: the next power of two >= ~2x the mean rows of an active group."""
     active = max(1, min(groups, rows))
