@@ -16,8 +16,9 @@ ragged batch.
    num_computed_tokens goes back to 0, its output tokens are kept (they are recomputed with
    the prompt, so the output is unchanged) and it goes to the front of its model's waiting
    queue. A request is never preempted for a later-arrived one: if no later request is
-   left to preempt, the request waits (keeping its pages) unless it is alone in the pool,
-   in which case it can never grow and fails with FINISHED_ERROR.
+   left to preempt, the request waits (keeping its pages) unless no other running request
+   holds pages that could make room, in which case it can never grow and fails with
+   FINISHED_ERROR.
 2. Then, unless this step preempted, waiting requests are admitted (prefix-cache hits
    skip their cached blocks). Fairness rule: each model has a FCFS queue; models take
    turns, one admission per model per turn, until the budget, `max_num_seqs` or the pool
@@ -42,6 +43,7 @@ The engine loop: `out = schedule()`, run `out`, `update_from_output(out, sampled
 `finish_request(...)` for requests that hit a stop condition (the engine owns stop checks;
 the length rule it should use is num_output_tokens >= max_tokens or num_tokens >=
 max_model_len). Calls strictly alternate: schedule, then one update for that output.
+Not thread-safe: one thread (the engine loop) drives the scheduler and the KV manager.
 """
 from __future__ import annotations
 
