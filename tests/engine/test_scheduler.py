@@ -9,6 +9,7 @@ the wrong content change the outputs, which must equal a direct computation.
 import random
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
@@ -567,4 +568,63 @@ def test_static_reservation_caps_each_model_and_preempts_within_it():
         assert steps < 300
     check_outputs(engine, a_burst + b_late, stop_at_eos=False)
     assert any(r.num_preemptions for r in a_burst)
+    assert_pool_empty(sched)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_random_workloads_finish_unchanged_or_fail_for_a_reason(seed):
+    """Random pools, budgets, models, arrivals, caps and aborts: every request ends with the
+    reference output (a prefix of it if aborted), or is rejected because it cannot fit."""
+    rng = random.Random(seed)
+    num_devices, pages_per_device = rng.choice([1, 2]), rng.randrange(20, 60)
+    half = pages_per_device * num_devices // 2
+    caps = rng.choice([None, {"a": half, "b": half}])
+    sched = make_scheduler(pages_per_device=pages_per_device, num_devices=num_devices,
+                           caching=rng.random() < 0.7, max_pages=caps,
+                           max_num_batched_tokens=rng.randrange(4, 40), max_num_seqs=rng.randrange(1, 8),
+                           max_decode_steps=rng.randrange(1, 5))
+    engine = FakeEngine(sched, stop_at_eos=rng.random() < 0.5)
+    heads = [[rng.randrange(1, 50) for _ in range(rng.randrange(1, 12))] for _ in range(2)]
+    requests = []
+    for i in range(rng.randrange(3, 12)):
+        model = rng.choice("ab")
+        head = rng.choice(heads + [[]])
+        prompt = head + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 20))]
+        requests.append(make_request(f"q{i}", model, 0, rng, prompt=prompt, max_tokens=rng.randrange(1, 14),
+                                     arrival=float(i)))
+    pending, aborted = list(requests), set()
+    for step in range(3000):
+        if pending and rng.random() < 0.5:
+            sched.add_request(pending.pop(0))
+        if rng.random() < 0.03:
+            live = [r for r in requests if not r.is_finished and r not in pending]
+            if live:
+                victim = rng.choice(live)
+                sched.abort_request(victim.request_id)
+                aborted.add(victim.request_id)
+        if not pending and not sched.has_unfinished():
+            break
+        out = engine.step()
+        assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
+        assert len(out.chunks) <= sched.config.max_num_seqs
+        assert len({c.num_steps for c in out.chunks}) <= 1
+        if caps:
+            used = sched.kv.pages_used_by_model()
+            assert used["a"] <= caps["a"] and used["b"] <= caps["b"]
+    else:
+        raise AssertionError("workload did not finish")
+    for r in requests:
+        g = GEOMETRIES[r.model]
+        reference = reference_output(r.model, r.prompt_token_ids, r.max_tokens, g.max_model_len,
+                                     engine.stop_at_eos)
+        if r.status == RequestStatus.FINISHED_ERROR:
+            assert "pages" in r.error or "max_model_len" in r.error
+            needed = min(r.num_prompt_tokens + len(reference) - 1, g.max_model_len)
+            assert needed > sched.kv.max_request_tokens(r.model) or r.num_prompt_tokens > g.max_model_len
+        elif r.request_id in aborted:
+            assert r.status == RequestStatus.FINISHED_ABORTED
+            assert r.output_token_ids == reference[:len(r.output_token_ids)]
+        else:
+            assert r.output_token_ids == reference, r.request_id
     assert_pool_empty(sched)
