@@ -62,6 +62,7 @@ def _rel_err(a, ref):
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")   # qwen2 without shared expert
 @pytest.mark.parametrize("case_id,family,overrides", CASES, ids=[c[0] for c in CASES])
 def test_float32_logits_match_transformers(tmp_path, case_id, family, overrides):
     seed = zlib.crc32(case_id.encode()) % 1000
