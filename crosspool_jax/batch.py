@@ -141,15 +141,6 @@ def run_batch(llm, input_path: str, output_path: str, *, default_model: Optional
     return written
 
 
-_INPUT = flags.DEFINE_string("input", None, "JSONL file of requests.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSONL file of results (appended to; resumes).")
-_MODEL = flags.DEFINE_multi_string("model", None, "NAME=PATH of a model to serve (repeatable); "
-                                   "default: every model under checkpoints/.")
-_DEFAULT_MODEL = flags.DEFINE_string("default_model", None, "Model for lines without a 'model' field.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter and KV dtype.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 64, "Lines generated together before results are flushed.")
-
-
 def shipped_models() -> dict:
     """Every model folder under the repository's checkpoints/ (name = folder name)."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
@@ -174,16 +165,30 @@ def parse_model_flags(values) -> dict:
     return models
 
 
+def _define_flags():
+    """The command line's flags (defined only when run as a program, so importing this
+    module next to the server, which has flags of the same names, is fine)."""
+    flags.DEFINE_string("input", None, "JSONL file of requests.")
+    flags.DEFINE_string("output", None, "JSONL file of results (appended to; resumes).")
+    flags.DEFINE_multi_string("model", None, "NAME=PATH of a model to serve (repeatable); "
+                              "default: every model under checkpoints/.")
+    flags.DEFINE_string("default_model", None, "Model for lines without a 'model' field.")
+    flags.DEFINE_string("dtype", "bfloat16", "Parameter and KV dtype.")
+    flags.DEFINE_integer("chunk_size", 64, "Lines generated together before results are flushed.")
+
+
 def main(argv):
     del argv
-    if not _INPUT.value or not _OUTPUT.value:
+    f = flags.FLAGS
+    if not f.input or not f.output:
         raise app.UsageError("--input and --output are required")
     from crosspool_jax.api import LLM
 
-    llm = LLM(parse_model_flags(_MODEL.value), dtype=_DTYPE.value)
-    n = run_batch(llm, _INPUT.value, _OUTPUT.value, default_model=_DEFAULT_MODEL.value, chunk_size=_CHUNK.value)
-    print(f"wrote {n} result lines to {_OUTPUT.value}")
+    llm = LLM(parse_model_flags(f.model), dtype=f.dtype)
+    n = run_batch(llm, f.input, f.output, default_model=f.default_model, chunk_size=f.chunk_size)
+    print(f"wrote {n} result lines to {f.output}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -70,8 +70,10 @@ class ModelRegistry:
         devices = jax.devices()
         self.kv_devices = devices[:1]
         self.weight_devices = devices[:1]
-        self.attention_backend = _resolve_backend(config.attention_backend)
-        self.moe_backend = _resolve_backend(config.moe_backend)
+        # "auto" is resolved inside each kernel seam, per call: the Pallas kernel where the
+        # platform and the model's geometry allow it, the reference otherwise.
+        self.attention_backend = config.attention_backend
+        self.moe_backend = config.moe_backend
         self._entries: dict[str, ModelEntry] = {}
         self._kv_params: dict[str, dict] = {}
         weight_sharding = jax.sharding.SingleDeviceSharding(self.weight_devices[0])
@@ -155,9 +157,3 @@ class ModelRegistry:
                          "max_model_len": e.max_model_len}
                 for e in self._entries.values()}
 
-
-def _resolve_backend(name: str) -> str:
-    if name != "auto":
-        return name
-    platform = jax.default_backend()
-    return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "reference")
