@@ -22,6 +22,8 @@ class EngineConfig:
     weights_pool_bytes: budget of the weights pool; beyond it, the least recently used
       models' FFN pytrees are swapped to host memory. None = no limit.
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
+    min_token_bucket: a step's tokens are padded to a power of two at least this; larger
+      values mean fewer compiled step programs and more padding.
     """
 
     models: dict
@@ -37,6 +39,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_decode_steps: int = 8
+    min_token_bucket: int = 16
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     moe_backend: str = "auto"
@@ -59,7 +62,7 @@ class EngineConfig:
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in BACKENDS:
                 raise ValueError(f"EngineConfig.{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("kv_pool_bytes", "weights_pool_bytes", "max_model_len", "page_elems"):

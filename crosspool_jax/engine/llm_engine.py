@@ -104,6 +104,7 @@ class LLMEngine:
             self.kv_manager)
         self.runner = StepRunner(pool, attention_backend=self.registry.attention_backend,
                                  moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
+                                 min_token_bucket=config.min_token_bucket,
                                  input_device=self.registry.kv_devices[0])
         self._parents: dict[str, _Parent] = {}
         self._child_owner: dict[str, tuple[str, int]] = {}

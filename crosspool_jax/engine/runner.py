@@ -40,8 +40,9 @@ class StepRunner:
     """Runs step programs of many models against one shared KV pool."""
 
     def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, max_decode_steps: int = 1,
-                 input_device=None):
+                 min_token_bucket: int = 16, input_device=None):
         self.pool = pool
+        self.min_token_bucket = min_token_bucket
         self.max_decode_steps = max_decode_steps
         self.attention_backend = attention_backend
         self.moe_backend = moe_backend
@@ -65,7 +66,7 @@ class StepRunner:
         pool = self.pool
         if num_steps == 1:
             inputs, shape = build_step_inputs(chunks, num_layers=config.num_layers, tokens_per_page=tokens_per_page,
-                                              num_pages=pool.layout.num_pages)
+                                              num_pages=pool.layout.num_pages, min_tokens_bucket=self.min_token_bucket)
             S = shape.num_seqs
         else:
             S = bucket(len(chunks), MIN_SEQS_BUCKET)

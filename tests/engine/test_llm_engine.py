@@ -15,6 +15,10 @@ from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3"]
 MAX_TOKENS = 6
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+# One token bucket (64) and prompts under 58 tokens keep every model at one ragged and one
+# decode program, shared by the engines of the tests that use the same pool size (CPU
+# compile time dominates these tests).
+ENGINE = dict(kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64, max_decode_steps=4)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dirs):
-    return LLM(model_dirs, dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64,
-               max_decode_steps=4)
+    return LLM(model_dirs, dtype="float32", **ENGINE)
 
 
 def _prompts(seed, lengths, vocab=250):
@@ -47,7 +50,7 @@ def _hf_greedy(path, ids, max_new):
 
 
 def test_greedy_matches_transformers_in_one_mixed_batch(llm, model_dirs):
-    lengths = [1, 5, 17, 40, 3, 70]          # 70 > max_num_batched_tokens: chunked prefill
+    lengths = [1, 5, 17, 40, 3, 56, 33, 50]      # several prompts per step: chunked prefill
     prompts = _prompts(0, lengths)
     models = [FAMILIES[i % len(FAMILIES)] for i in range(len(prompts))]
     outs = llm.generate(prompts, GREEDY, model=models)
@@ -81,7 +84,7 @@ def test_paged_logprobs_equal_full_forward(model_dirs):
     row = m.config.num_kv_heads * m.config.head_dim
     for G in (4, 5):
         llm = LLM({"q": path}, dtype="float32", kv_pool_bytes=1 << 20, page_elems=G * row,
-                  max_num_batched_tokens=8, max_decode_steps=3)
+                  max_num_batched_tokens=8, min_token_bucket=8, max_decode_steps=3)
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
         out = llm.generate([prompt], params)[0].outputs[0]
         full = prompt + out.token_ids
@@ -105,13 +108,13 @@ def test_small_pool_preempts_and_outputs_unchanged(model_dirs, llm):
     prompts = _prompts(3, [30, 28, 33, 25, 31, 29])
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, model="olmoe")]
     # about 2.5 requests' worth of pages: the rest must queue or be preempted
-    small = LLM({"olmoe": model_dirs["olmoe"]}, dtype="float32", max_num_batched_tokens=256,
-                kv_pool_bytes=_pool_bytes_for(llm, "olmoe", tokens=100), enable_prefix_caching=False)
+    small = LLM({"olmoe": model_dirs["olmoe"]}, dtype="float32", enable_prefix_caching=False,
+                **{**ENGINE, "kv_pool_bytes": _pool_bytes_for(llm, "olmoe", tokens=100)})
     outs = small.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == want
     stats = small.engine.stats()
     assert stats.kv_pages_free == stats.kv_pages_total
-    assert stats.num_preemptions > 0 or small.engine.scheduler.num_waiting() == 0
+    assert stats.num_preemptions > 0          # the pool forced recompute, outputs unchanged
 
 
 def _pool_bytes_for(llm, model, tokens):
@@ -122,8 +125,7 @@ def _pool_bytes_for(llm, model, tokens):
 
 
 def test_too_long_prompts_fail_alone(model_dirs):
-    llm = LLM({"mixtral": model_dirs["mixtral"]}, dtype="float32", max_model_len=64,
-              kv_pool_bytes=1 << 20)
+    llm = LLM({"mixtral": model_dirs["mixtral"]}, dtype="float32", max_model_len=64, **ENGINE)
     prompts = _prompts(4, [10, 80, 12])
     outs = llm.generate(prompts, GREEDY)
     assert outs[1].error is not None and "too long" in outs[1].error and "64" in outs[1].error
@@ -132,9 +134,9 @@ def test_too_long_prompts_fail_alone(model_dirs):
 
 
 def test_prompt_larger_than_whole_pool_fails_alone(model_dirs, llm):
-    pool = _pool_bytes_for(llm, "llama", tokens=40)
-    small = LLM({"llama": model_dirs["llama"]}, dtype="float32", kv_pool_bytes=pool)
-    outs = small.generate(_prompts(5, [8, 120, 9]), GREEDY)
+    pool = _pool_bytes_for(llm, "llama", tokens=32)
+    small = LLM({"llama": model_dirs["llama"]}, dtype="float32", **{**ENGINE, "kv_pool_bytes": pool})
+    outs = small.generate(_prompts(5, [8, 50, 9]), GREEDY)
     assert outs[1].error is not None and "pool" in outs[1].error
     assert outs[0].error is None and outs[2].error is None
     assert small.engine.stats().kv_pages_free == small.engine.stats().kv_pages_total
@@ -164,8 +166,8 @@ def test_prefix_cache_shares_pages_and_keeps_outputs(model_dirs):
     path = model_dirs["qwen3"]
     shared = _prompts(6, [40])[0]
     prompts = [shared + [7, 8], shared + [9]]
-    plain = LLM({"m": path}, dtype="float32", kv_pool_bytes=1 << 20, enable_prefix_caching=False)
-    cached = LLM({"m": path}, dtype="float32", kv_pool_bytes=1 << 20, enable_prefix_caching=True)
+    plain = LLM({"m": path}, dtype="float32", enable_prefix_caching=False, **ENGINE)
+    cached = LLM({"m": path}, dtype="float32", enable_prefix_caching=True, **ENGINE)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, GREEDY)]
     cached.generate([prompts[0]], GREEDY)                        # fills the cache
     got = [o.outputs[0].token_ids for o in cached.generate(prompts, GREEDY)]
@@ -200,8 +202,7 @@ def test_weights_pool_budget_swaps_models_and_keeps_outputs(model_dirs, llm):
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, model=models)]
     ffn_bytes = {n: llm.engine.registry.weights.model_bytes(n) for n in names}
     budget = max(ffn_bytes.values()) + min(ffn_bytes.values()) // 2     # one model at a time
-    small = LLM({n: model_dirs[n] for n in names}, dtype="float32", kv_pool_bytes=2 << 20,
-                max_num_batched_tokens=64, max_decode_steps=4, weights_pool_bytes=budget)
+    small = LLM({n: model_dirs[n] for n in names}, dtype="float32", weights_pool_bytes=budget, **ENGINE)
     got = [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY, model=models)]
     assert got == want
     stats = small.engine.stats()
