@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Optional
 
 import jax
 
 from crosspool_jax import checkpoints
+from crosspool_jax.checkpoints.loader import read_config
 from crosspool_jax.engine.config import EngineConfig
+from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
+from crosspool_jax.models import init_random_params
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
 from crosspool_jax.weights import WeightsPool
 
@@ -81,9 +85,7 @@ class ModelRegistry:
         # least recently used ones are swapped to host memory and come back on demand.
         self.weights = WeightsPool(config.weights_pool_bytes, lambda model, path, shape: weight_sharding)
         for name, path in config.models.items():
-            loaded = checkpoints.load_model(path, dtype=config.dtype, kv_placement=self.kv_devices[0],
-                                            ffn_placement=self.weight_devices[0])
-            self._add(name, str(path), loaded)
+            self._add(name, str(path), self._load(name, str(path)))
         kv_rows = [e.config.num_kv_heads * e.config.head_dim for e in self._entries.values()]
         page_elems = config.page_elems or choose_page_elems(kv_rows)
         for entry in self._entries.values():
@@ -92,6 +94,16 @@ class ModelRegistry:
         self.kv_pool = KVPool(layout, self.kv_devices)
         log.info("KV pool: %d pages of %d bytes on %d device(s)", layout.num_pages, layout.page_bytes,
                  layout.num_devices)
+
+    def _load(self, name: str, path: str):
+        if os.path.exists(os.path.join(path, RANDOM_WEIGHTS_MARKER)):
+            # a benchmark model: realistic shapes, random weights made on the device
+            _, model_config = read_config(path)
+            with jax.default_device(self.kv_devices[0]):
+                kv_params, ffn_params = init_random_params(model_config, jax.random.key(0), self.config.dtype)
+            return checkpoints.LoadedModel(name, path, model_config, kv_params, ffn_params, {}, None)
+        return checkpoints.load_model(path, dtype=self.config.dtype, kv_placement=self.kv_devices[0],
+                                      ffn_placement=self.weight_devices[0])
 
     def _add(self, name: str, path: str, loaded) -> None:
         cfg = loaded.config
