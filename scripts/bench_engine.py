@@ -29,6 +29,8 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per promp
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
 _DECODE_STEPS = flags.DEFINE_multi_integer("max_decode_steps", [1, 8], "Decode tokens per dispatch to compare.")
 _KV_BYTES = flags.DEFINE_integer("kv_pool_bytes", None, "KV pool bytes (default: the engine's).")
+_ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu")
+_MOE = flags.DEFINE_string("moe_backend", "auto", "auto | reference | gpu | tpu")
 _RESULTS = flags.DEFINE_string("results", None, "Append the table (markdown) to this file.")
 
 
@@ -44,6 +46,7 @@ def run_once(models: dict, max_decode_steps: int) -> dict:
     from crosspool_jax import LLM, SamplingParams
 
     llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=max_decode_steps, kv_pool_bytes=_KV_BYTES.value,
+              attention_backend=_ATTN.value, moe_backend=_MOE.value,
               max_num_seqs=max(64, _NUM_PROMPTS.value * len(models)))
     names = llm.model_names
 
@@ -90,7 +93,7 @@ def main(argv):
     rows = [run_once(models, k) for k in _DECODE_STEPS.value]
     head = (f"bench_engine: {_device_name()}, JAX {jax.__version__}, {datetime.date.today()}, "
             f"models={list(models)}, prompt_len={_PROMPT_LEN.value}, max_tokens={_MAX_TOKENS.value}, "
-            f"dtype={_DTYPE.value}")
+            f"dtype={_DTYPE.value}, attention_backend={_ATTN.value}, moe_backend={_MOE.value}")
     cols = list(rows[0])
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
