@@ -148,7 +148,10 @@ def main(argv: list[str]) -> int:
 
     log.info("loading %d model(s): %s; engine options %s", len(models),
              ", ".join(f"{k}={v}" for k, v in models.items()), options)
-    engine = LLMEngine.from_options(models, **options)
+    try:
+        engine = LLMEngine.from_options(models, **options)
+    except ValueError as e:  # a bad option or checkpoint: say which, without a traceback
+        raise app.UsageError(f"cannot start the engine: {e}")
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=FLAGS.max_queue)
     web = build_app(async_engine, metrics, api_key=FLAGS.api_key)

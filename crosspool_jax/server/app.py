@@ -345,6 +345,10 @@ class _Generation:
                     self.id, self.created, self.model, [], self.usage(), chunk=True))
         except ApiError as e:
             yield encode_event(e.body())
+        except Exception as e:  # noqa: BLE001 - a bug here must end the stream, not hang it
+            log.exception("stream of %s failed", self.id)
+            self.status = 500
+            yield encode_event(ApiError(500, f"internal error: {type(e).__name__}").body())
         yield DONE
 
     async def chat_chunks(self, include_usage: bool,
@@ -374,4 +378,8 @@ class _Generation:
                                                         self.usage()))
         except ApiError as e:
             yield encode_event(e.body())
+        except Exception as e:  # noqa: BLE001 - a bug here must end the stream, not hang it
+            log.exception("stream of %s failed", self.id)
+            self.status = 500
+            yield encode_event(ApiError(500, f"internal error: {type(e).__name__}").body())
         yield DONE
