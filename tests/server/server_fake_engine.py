@@ -3,10 +3,11 @@
 Tokenizer: encode(text) = [BOS=1] + [ord(c) for c in text]; decode drops ids < 32 and
 spells the rest with chr. Chat template: "[role]content" per message, then "[assistant]".
 
-Generation: choice j of a request whose prompt has P tokens emits, at its k-th step,
-token ord('a') + (P + j + k) % 26, one token per step for every running request. A request
-finishes with "length" at max_tokens (or the model's context), with "stop" when a stop string
-appears (text cut before it). A prompt containing "FAIL" fails alone at its first step.
+Generation: choice j of a request whose prompt has P tokens emits, at its k-th token,
+token ord('a') + (P + j + k) % 26, `tokens_per_step` tokens per step (1 by default) for every
+running request. A request finishes with "length" at max_tokens (or the model's context),
+with "stop" when a stop string appears (text cut before it). A prompt containing "FAIL"
+fails alone at its first step.
 KV pages: ceil(tokens / 4) per choice while running, freed on finish or abort.
 
 It also records the threads that call it (the contract: only one), its aborts, and has
@@ -77,10 +78,11 @@ class _Req:
 
 class FakeEngine:
     def __init__(self, models=("alpha", "beta"), *, max_model_len: int = 64, step_s: float = 0.002,
-                 tokenizerless=("beta",)):
+                 tokenizerless=("beta",), tokens_per_step: int = 1):
         self.model_names = list(models)
         self._max_model_len = max_model_len
         self.step_s = step_s
+        self.tokens_per_step = tokens_per_step  # > 1: like a multi-step decode
         self._tokenizer = FakeTokenizer()
         self._no_tokenizer = set(tokenizerless)
         self.paused = threading.Event()  # set: step() makes no progress
@@ -153,24 +155,25 @@ class FakeEngine:
                                           error="fake failure"))
                 continue
             for j in range(r.params.n):
-                if r.finish[j] is not None:
-                    continue
-                k = len(r.tokens[j])
-                tid = expected_tokens(len(r.prompt_ids), k + 1, j)[-1]
-                r.tokens[j].append(tid)
-                if r.params.logprobs is not None:
-                    top = {tid + i: Logprob(-0.25 * (i + 1), rank=i + 1, decoded_token=chr(tid + i))
-                           for i in range(max(r.params.logprobs, 1))}
-                    r.logprobs[j].append(top)
-                r.texts[j] += chr(tid)
-                for s in r.params.stop:
-                    if s in r.texts[j]:
-                        r.texts[j] = r.texts[j][:r.texts[j].index(s)]
-                        r.finish[j], r.stop_reason[j] = "stop", s
+                for _ in range(self.tokens_per_step):
+                    if r.finish[j] is not None:
                         break
-                if r.finish[j] is None and (len(r.tokens[j]) == r.params.max_tokens or len(
-                        r.prompt_ids) + len(r.tokens[j]) >= self._max_model_len):
-                    r.finish[j] = "length"
+                    k = len(r.tokens[j])
+                    tid = expected_tokens(len(r.prompt_ids), k + 1, j)[-1]
+                    r.tokens[j].append(tid)
+                    if r.params.logprobs is not None:
+                        top = {tid + i: Logprob(-0.25 * (i + 1), rank=i + 1, decoded_token=chr(tid + i))
+                               for i in range(max(r.params.logprobs, 1))}
+                        r.logprobs[j].append(top)
+                    r.texts[j] += chr(tid)
+                    for s in r.params.stop:
+                        if s in r.texts[j]:
+                            r.texts[j] = r.texts[j][:r.texts[j].index(s)]
+                            r.finish[j], r.stop_reason[j] = "stop", s
+                            break
+                    if r.finish[j] is None and (len(r.tokens[j]) == r.params.max_tokens or len(
+                            r.prompt_ids) + len(r.tokens[j]) >= self._max_model_len):
+                        r.finish[j] = "length"
             finished = all(f is not None for f in r.finish)
             outs.append(RequestOutput(
                 rid, r.model, r.prompt, r.prompt_ids,

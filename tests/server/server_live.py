@@ -61,8 +61,8 @@ class FakeServer:
 
 
 def start_fake_server(*, step_s: float = 0.002, max_queue: int = 64, shutdown_timeout_s: float = 5.0,
-                      **app_kwargs) -> tuple[LiveServer, FakeServer]:
-    engine = FakeEngine(step_s=step_s)
+                      tokens_per_step: int = 1, **app_kwargs) -> tuple[LiveServer, FakeServer]:
+    engine = FakeEngine(step_s=step_s, tokens_per_step=tokens_per_step)
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=max_queue, stats_interval_s=0.01)
     live = LiveServer(build_app(async_engine, metrics, **app_kwargs),

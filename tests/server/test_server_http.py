@@ -334,3 +334,24 @@ def test_graceful_shutdown_finishes_short_requests_and_aborts_long_ones(rng):
     assert not server.async_engine.healthy  # the engine thread has stopped
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=1)
+
+
+def test_several_tokens_per_step_stream_and_latency_metrics(rng):
+    live, server = start_fake_server(tokens_per_step=3)
+    try:
+        text = random_text(rng)
+        p = len(TOK.encode(text))
+        events = _sse(server, "/v1/completions", {"model": "alpha", "prompt": text,
+                                                  "max_tokens": 7, "stream": True,
+                                                  "return_token_ids": True})
+        pieces = [c["token_ids"] for e in events[:-1] for c in e["choices"]]
+        assert [len(piece) for piece in pieces] == [3, 3, 1]
+        assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == expected_text(p, 7)
+        metrics = httpx.get(server.url + "/metrics").text
+        # One first token, then 6 later tokens, each timed as its share of its step's gap.
+        assert 'crosspool_time_to_first_token_seconds_count{model="alpha"} 1.0' in metrics
+        assert 'crosspool_time_between_tokens_seconds_count{model="alpha"} 6.0' in metrics
+        assert 'crosspool_generation_tokens_total{model="alpha"} 7.0' in metrics
+        assert f'crosspool_prompt_tokens_total{{model="alpha"}} {float(p)}' in metrics
+    finally:
+        live.__exit__(None, None, None)
