@@ -39,6 +39,9 @@ flags.DEFINE_string("weights_pool_bytes", None, "Weights pool budget in bytes; b
 flags.DEFINE_integer("max_model_len", None, "Context length cap for every model.")
 flags.DEFINE_integer("max_num_seqs", None, "Most sequences in one engine step.")
 flags.DEFINE_integer("max_num_batched_tokens", None, "Most tokens in one engine step.")
+flags.DEFINE_integer("max_decode_steps", None, "Most tokens a decode-only step samples per "
+                     "sequence on the device (multi-step decode); 1 turns it off.")
+flags.DEFINE_integer("seed", None, "Engine seed for requests that give none.")
 flags.DEFINE_integer("max_queue", 1024, "Most unfinished requests the server holds; beyond "
                      "it new requests get HTTP 429.", lower_bound=1)
 flags.DEFINE_string("api_key", None, "If set, /v1/* requests need 'Authorization: Bearer KEY'.")
@@ -75,7 +78,8 @@ def parse_devices(text: str, *, name: str) -> Union[int, list[int]]:
 def engine_options(values: dict) -> dict:
     """Flag values (None = not given) -> `LLMEngine.from_options` keywords. The one mapping."""
     options = {}
-    for key in ("dtype", "mode", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+    for key in ("dtype", "mode", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                "max_decode_steps", "seed"):
         if values.get(key) is not None:
             options[key] = values[key]
     for key in ("kv_devices", "weight_devices"):
@@ -115,7 +119,7 @@ def shipped_models(root: Optional[pathlib.Path] = None) -> dict[str, str]:
 def _flag_values() -> dict:
     return {name: FLAGS[name].value for name in (
         "dtype", "mode", "kv_devices", "weight_devices", "kv_pool_bytes", "weights_pool_bytes",
-        "max_model_len", "max_num_seqs", "max_num_batched_tokens")}
+        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "seed")}
 
 
 def _exit_now(signum, _frame):

@@ -97,9 +97,9 @@ def test_flag_parsing(tmp_path):
     with pytest.raises(ValueError, match="kv_pool_bytes"):
         parse_bytes("lots", name="kv_pool_bytes")
     opts = engine_options({"dtype": "float32", "mode": None, "kv_devices": "2",
-                           "kv_pool_bytes": "1MiB", "max_model_len": 128})
+                           "kv_pool_bytes": "1MiB", "max_model_len": 128, "max_decode_steps": 1})
     assert opts == {"dtype": "float32", "kv_devices": 2, "kv_pool_bytes": 1 << 20,
-                    "max_model_len": 128}
+                    "max_model_len": 128, "max_decode_steps": 1}
     assert parse_models([f"a={tmp_path}"]) == {"a": str(tmp_path)}
     with pytest.raises(ValueError, match="NAME=PATH"):
         parse_models(["nopath"])

@@ -169,7 +169,8 @@ def test_serve_binary_sigterm_finishes_in_flight_and_exits_zero(models):
     port = _free_port()
     names = sorted(models)[:2]
     cmd = [sys.executable, "-m", "crosspool_jax.serve", "--port", str(port), "--dtype", "float32",
-           "--kv_pool_bytes", "8MiB", "--max_num_seqs", "4", "--log_level", "warning"]
+           "--kv_pool_bytes", "8MiB", "--max_num_seqs", "4", "--max_decode_steps", "1",
+           "--log_level", "warning"]
     for name in names:
         cmd += ["--model", f"{name}={models[name]}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
