@@ -50,6 +50,15 @@ class SubRequest:
     prompt: Union[str, list[int]]
     params: SamplingParams
 
+    def __post_init__(self):
+        if not self.request_id:
+            raise ValueError("SubRequest.request_id: must be a non-empty string")
+        if not self.model:
+            raise ValueError("SubRequest.model: must be a non-empty string")
+        if not isinstance(self.params, SamplingParams):
+            raise ValueError(f"SubRequest.params: must be SamplingParams, got "
+                             f"{type(self.params).__name__}")
+
 
 @dataclasses.dataclass
 class ChoiceDelta:
