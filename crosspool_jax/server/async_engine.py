@@ -225,16 +225,15 @@ class AsyncEngine:
             self._dead_reason = f"engine thread crashed: {type(e).__name__}: {e}"
             log.exception("engine thread crashed")
         finally:
+            why = self._dead_reason or "the server is shutting down"
             for rid in list(self._live):
-                self._finish_with_error(rid, "the server is shutting down", status=503,
-                                        abort=self._dead_reason is None)
+                self._finish_with_error(rid, why, status=503, abort=self._dead_reason is None)
             with self._cv:
                 for kind, item in self._commands:
                     if kind == "add":
                         self._in_flight -= 1
                         self._send(item, StreamEvent(item.sub.request_id, "error", finished=True,
-                                                     error="the server is shutting down",
-                                                     status=503))
+                                                     error=why, status=503))
                 self._commands.clear()
             self._publish_stats(force=True)
 
@@ -248,7 +247,10 @@ class AsyncEngine:
         kind, item = command
         if kind == "abort":
             live = self._live.pop(item, None)
-            self._engine.abort_request(item)
+            try:
+                self._engine.abort_request(item)
+            except Exception:  # noqa: BLE001 - an abort that fails must not stop the loop
+                log.exception("abort_request(%s) failed", item)
             if live is not None:
                 self._release()
             return
