@@ -11,7 +11,8 @@ fails alone at its first step.
 KV pages: ceil(tokens / 4) per choice while running, freed on finish or abort.
 
 It also records the threads that call it (the contract: only one), its aborts, and has
-switches to pause progress (`paused`) and to make the next step raise (`explode`).
+switches to pause progress (`paused`), to make the next step raise (`explode`) and to make
+the engine loop itself fail (`crash`).
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ class FakeEngine:
         self._no_tokenizer = set(tokenizerless)
         self.paused = threading.Event()  # set: step() makes no progress
         self.explode = threading.Event()  # set: the next step() raises (and clears it)
+        self.crash = threading.Event()  # set: has_unfinished_requests() raises (kills the loop)
         self.added: list[str] = []
         self.aborted: list[str] = []
         self.requests: dict[str, _Req] = {}
@@ -137,6 +139,8 @@ class FakeEngine:
 
     def has_unfinished_requests(self):
         self._enter()
+        if self.crash.is_set():
+            raise RuntimeError("fake crash")
         return bool(self.requests)
 
     def step(self):

@@ -355,3 +355,25 @@ def test_several_tokens_per_step_stream_and_latency_metrics(rng):
         assert f'crosspool_prompt_tokens_total{{model="alpha"}} {float(p)}' in metrics
     finally:
         live.__exit__(None, None, None)
+
+
+def test_engine_loop_crash_makes_server_unhealthy(rng):
+    live, server = start_fake_server()
+    try:
+        server.engine.paused.set()
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=_post(server, "/v1/completions", {
+            "model": "alpha", "prompt": random_text(rng)})))
+        t.start()
+        deadline = time.monotonic() + 5
+        while not server.engine.requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.engine.crash.set()
+        t.join(10)
+        _assert_error(result["r"], 503, contains=["fake crash"])
+        assert httpx.get(server.url + "/health").status_code == 503
+        _assert_error(_post(server, "/v1/completions", {"model": "alpha", "prompt": "x"}), 503,
+                      contains=["engine is not running"])
+    finally:
+        live.__exit__(None, None, None)
