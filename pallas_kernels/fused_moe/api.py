@@ -31,9 +31,9 @@ def _choose(backend: str, *dims: int) -> str:
     return resolved
 
 
-def _config(backend: str, rows: int, groups: int, K: int, N: int, itemsize: int):
+def _config(backend: str, rows: int, groups: int, K: int, N: int, itemsize: int, *, weight_tiles: int = 1):
     if backend == "gpu":
-        return tuning.gpu_config(rows, groups, K, N)
+        return tuning.fit_gpu_smem(tuning.gpu_config(rows, groups, K, N), weight_tiles, itemsize)
     return tuning.tpu_config(rows, groups, K, N, itemsize)
 
 
@@ -95,7 +95,7 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renorma
     R = T * top_k
     itemsize = x_TD.dtype.itemsize
     if config is None:
-        cfg1 = _config(backend, R, E, D, F, itemsize)
+        cfg1 = _config(backend, R, E, D, F, itemsize, weight_tiles=2)   # gate and up tiles
         cfg2 = _config(backend, R, E, F, D, itemsize)
     else:
         cfg1, cfg2 = config if isinstance(config, tuple) else (config, config)

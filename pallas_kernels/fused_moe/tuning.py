@@ -64,6 +64,29 @@ def block_m_for(rows: int, groups: int, *, lo: int = 16, hi: int = 128) -> int:
 
 
 GPU_SMS = 132  # H100 SXM / H200: programs per wave when one program fits per SM
+# Hopper allows 227 KiB of shared memory per block; keep headroom for Triton's own scratch.
+GPU_SMEM_BUDGET = 200 * 1024
+
+
+def gpu_smem_bytes(cfg: BlockConfig, weight_tiles: int, itemsize: int = 2) -> int:
+    """Shared memory of one program: `num_stages` buffers of an [bm, bk] input tile and
+    `weight_tiles` [bk, bn] weight tiles (2 for the fused gate/up kernel)."""
+    return cfg.num_stages * (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n) * itemsize
+
+
+def fit_gpu_smem(cfg: BlockConfig, weight_tiles: int, itemsize: int = 2) -> BlockConfig:
+    """Fewer pipeline stages, then narrower weight tiles, until the program fits the budget
+    (Mixtral-sized prefill in the gate/up kernel asked for 240 KiB at 3 stages on an H200)."""
+    while gpu_smem_bytes(cfg, weight_tiles, itemsize) > GPU_SMEM_BUDGET:
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_n > 32:
+            cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+        elif cfg.block_k > 16:
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+        else:
+            break
+    return cfg
 
 
 def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:

@@ -154,3 +154,17 @@ class TestGpuKernel:
         got = fused_moe(x, logits, w1, w2, top_k, renormalize=(E == 8), backend="gpu")
         want = fused_moe_reference(x, logits, w1, w2, top_k, renormalize=(E == 8))
         _assert_close(got, want, jnp.bfloat16)
+
+
+def test_gpu_configs_fit_shared_memory():
+    """The tuning table never asks for more shared memory than a Hopper block has
+    (Mixtral-8x7B prefill through the gate/up kernel once asked for 240 KiB)."""
+    from pallas_kernels.fused_moe import tuning
+
+    for rows in (1, 16, 64, 512, 4096, 16384):
+        for groups, D, F in ((8, 4096, 14336), (128, 2048, 768), (64, 2048, 1024)):
+            gate_up = tuning.fit_gpu_smem(tuning.gpu_config(rows, groups, D, F), weight_tiles=2)
+            down = tuning.fit_gpu_smem(tuning.gpu_config(rows, groups, F, D), weight_tiles=1)
+            assert tuning.gpu_smem_bytes(gate_up, 2) <= tuning.GPU_SMEM_BUDGET
+            assert tuning.gpu_smem_bytes(down, 1) <= tuning.GPU_SMEM_BUDGET
+            assert F % gate_up.block_n == 0 and D % gate_up.block_k == 0
