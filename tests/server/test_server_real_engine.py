@@ -188,6 +188,11 @@ def test_serve_binary_sigterm_finishes_in_flight_and_exits_zero(models):
                 pass
             time.sleep(0.2)
         assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == names
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        out = client.completions.create(model=names[1], prompt=[7, 11, 13], max_tokens=2,
+                                        temperature=0.0)
+        assert 1 <= out.usage.completion_tokens <= 2  # EOS may come first
+        assert out.choices[0].finish_reason in ("length", "stop")
         result = {}
 
         def request():
