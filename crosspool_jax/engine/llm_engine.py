@@ -95,8 +95,9 @@ class LLMEngine:
         pool = self.registry.kv_pool
         allocator = PageAllocator(pool.layout.pages_per_device, pool.layout.num_devices)
         self.kv_manager = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching)
+        caps = self.registry.static_page_caps() if config.mode == "static" else {}
         for geometry in self.registry.geometries():
-            self.kv_manager.register_model(geometry)
+            self.kv_manager.register_model(geometry, max_pages=caps.get(geometry.name))
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                             max_decode_steps=config.max_decode_steps,

@@ -20,7 +20,7 @@ from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.models import init_random_params
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
-from crosspool_jax.weights import WeightsPool
+from crosspool_jax.weights import WeightsPool, resolve_device_roles
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,7 @@ class ModelRegistry:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        devices = jax.devices()
-        self.kv_devices = devices[:1]
-        self.weight_devices = devices[:1]
+        self.kv_devices, self.weight_devices = _engine_devices(config)
         # "auto" is resolved inside each kernel seam, per call: the Pallas kernel where the
         # platform and the model's geometry allow it, the reference otherwise.
         self.attention_backend = config.attention_backend
@@ -146,6 +144,12 @@ class ModelRegistry:
             raise ValueError(f"unknown model {name!r}; served models: {sorted(self._entries)}")
         return entry
 
+    def static_page_caps(self) -> dict:
+        """mode="static": each model owns an equal, fixed share of the pool (a whole number of
+        its blocks), the per-model worst-case reservation that static partitioning makes."""
+        share = self.kv_pool.layout.num_pages // len(self._entries)
+        return {e.name: share - share % e.config.num_layers for e in self._entries.values()}
+
     def geometries(self) -> list[ModelKVGeometry]:
         return [ModelKVGeometry(e.name, e.config.num_layers, e.tokens_per_page, e.max_model_len)
                 for e in self._entries.values()]
@@ -169,3 +173,22 @@ class ModelRegistry:
                          "max_model_len": e.max_model_len}
                 for e in self._entries.values()}
 
+
+def _engine_devices(config: EngineConfig) -> tuple[list, list]:
+    """The KV devices and weight devices the engine runs on.
+
+    Without explicit kv_devices/weight_devices the engine runs on one device (both roles:
+    the degenerate CrossPool case, and the single device of the shared/static baselines).
+    Disjoint multi-device pools (crosspool_jax/disagg) are not wired into the engine yet:
+    asking for them raises rather than silently running something else.
+    """
+    if config.kv_devices is None and config.weight_devices is None:
+        device = jax.devices()[0]
+        return [device], [device]
+    roles = resolve_device_roles(config.mode, config.kv_devices, config.weight_devices)
+    if len(roles.kv_devices) == 1 and roles.kv_devices == roles.weight_devices:
+        return list(roles.kv_devices), list(roles.weight_devices)
+    raise ValueError(
+        f"mode={config.mode!r} with kv_devices={[d.id for d in roles.kv_devices]} and "
+        f"weight_devices={[d.id for d in roles.weight_devices]}: the engine serves from one device for "
+        "now; the disaggregated multi-device step lives in crosspool_jax/disagg and is not wired in yet")

@@ -209,3 +209,38 @@ def test_weights_pool_budget_swaps_models_and_keeps_outputs(model_dirs, llm):
     assert stats.swaps_in > 0 and stats.swaps_out > 0
     assert sum(m["resident"] for m in stats.models.values()) < len(names)
     assert small.engine.registry.weights.bytes_resident <= budget
+
+
+def test_modes_give_identical_outputs_and_static_caps_each_model(model_dirs, llm):
+    names = ["mixtral", "olmoe"]
+    prompts = _prompts(8, [7, 12, 9, 5])
+    models = [names[i % 2] for i in range(len(prompts))]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, model=models)]
+    for mode in ("crosspool", "shared", "static"):
+        engine_llm = LLM({n: model_dirs[n] for n in names}, dtype="float32", mode=mode, **ENGINE)
+        got = [o.outputs[0].token_ids for o in engine_llm.generate(prompts, GREEDY, model=models)]
+        assert got == want, mode
+    caps = engine_llm.engine.registry.static_page_caps()
+    total = engine_llm.engine.registry.kv_pool.layout.num_pages
+    assert set(caps) == set(names) and sum(caps.values()) <= total
+    assert all(c >= total // 2 - 8 for c in caps.values())
+
+
+def test_split_devices_not_wired_raise_clearly(model_dirs):
+    with pytest.raises(ValueError, match="not wired in yet"):
+        LLM({"mixtral": model_dirs["mixtral"]}, dtype="float32", kv_devices=2, weight_devices=2)
+    with pytest.raises(ValueError, match="mode"):
+        LLM({"mixtral": model_dirs["mixtral"]}, dtype="float32", mode="monolithic")
+
+
+def test_static_reservation_limits_one_models_context_shared_pool_does_not(model_dirs, llm):
+    names = ["mixtral", "olmoe"]
+    pool = _pool_bytes_for(llm, "mixtral", tokens=96)
+    prompt = _prompts(9, [56])[0]                       # needs more than half of the pool
+    outs = {}
+    for mode in ("shared", "static"):
+        engine_llm = LLM({n: model_dirs[n] for n in names}, dtype="float32", mode=mode,
+                         **{**ENGINE, "kv_pool_bytes": pool})
+        outs[mode] = engine_llm.generate([prompt], GREEDY, model="mixtral")[0]
+    assert outs["shared"].error is None and len(outs["shared"].outputs[0].token_ids) == MAX_TOKENS
+    assert outs["static"].error is not None
