@@ -17,7 +17,6 @@ import time
 import uuid
 from typing import AsyncIterator, Optional
 
-import jinja2.ext  # noqa: F401 - checkpoints/tokenizer.py uses jinja2.ext without importing it
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
