@@ -1,0 +1,95 @@
+"""Host-side inputs of one disaggregated step: per KV device, per micro-batch `StepInputs`.
+
+Sequences are data-parallel over the KV devices (a sequence's pages live on one device, its
+page ids are that device's local ids). Each device's chunks are split into micro-batches
+(greedily, each chunk to the micro-batch with the fewest tokens so far, in order); each
+(device, micro-batch) is built by `engine.step_inputs.build_step_inputs` and padded to one
+common (T, S, Pp) so the stack is one pytree `StepInputs` whose leaves carry two leading axes
+`[n_kv, M, ...]`. `logit_rows[d][i]` is where chunk i of device d finds its logits in the
+step's `[n_kv, M*S, V]` output (row m*S + s).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from crosspool_jax.disagg.layout import ArenaLayout
+from crosspool_jax.engine.step_inputs import StepInputs, bucket, build_step_inputs
+
+
+def _empty(num_layers: int, num_pages: int, G: int) -> StepInputs:
+    z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
+    return StepInputs(z(1), z(1), np.full((num_layers, 1), num_pages * G, np.int32), z(num_layers, 1, 1),
+                      z(1), z(2), z(1), z(1))
+
+
+def _pad(x: StepInputs, T: int, S: int, Pp: int, num_pages: int, G: int) -> StepInputs:
+    t, s, p = x.token_ids_T.shape[0], x.kv_lens_S.shape[0], x.page_indices_LSP.shape[2]
+
+    def pad(a, widths, value=0):
+        return np.pad(np.asarray(a, np.int32), widths, constant_values=value)
+
+    return StepInputs(
+        token_ids_T=pad(x.token_ids_T, [(0, T - t)]),
+        positions_T=pad(x.positions_T, [(0, T - t)]),
+        slots_LT=pad(x.slots_LT, [(0, 0), (0, T - t)], num_pages * G),
+        page_indices_LSP=pad(x.page_indices_LSP, [(0, 0), (0, S - s), (0, Pp - p)]),
+        kv_lens_S=pad(x.kv_lens_S, [(0, S - s)]),
+        cu_q_lens_S1=pad(x.cu_q_lens_S1, [(0, S - s)], int(np.asarray(x.cu_q_lens_S1)[-1])),
+        num_seqs_1=np.asarray(x.num_seqs_1, np.int32),
+        logits_indices_S=pad(x.logits_indices_S, [(0, S - s)]))
+
+
+def split_microbatches(chunks: Sequence, num_microbatches: int) -> list[list[int]]:
+    """Chunk indices of each micro-batch: each chunk, in order, joins the lightest one."""
+    groups, tokens = [[] for _ in range(num_microbatches)], [0] * num_microbatches
+    for i, c in enumerate(chunks):
+        m = int(np.argmin(tokens))
+        groups[m].append(i)
+        tokens[m] += c.num_tokens
+    return groups
+
+
+def build_disagg_inputs(chunks_per_device: Sequence[Sequence], *, layout: ArenaLayout, num_layers: int,
+                        num_microbatches: int, min_tokens: int = 8, min_seqs: int = 2,
+                        min_pages: int = 4) -> tuple[StepInputs, list[list[int]]]:
+    """(inputs with leaves [n_kv, M, ...], logit_rows per device per chunk).
+
+    chunks: objects with .start, .num_tokens, .token_ids and .page_table ([L][blocks] of the
+    device's local page ids), as `build_step_inputs` takes them. The minimums fix the
+    smallest buckets (powers of two), so steps of similar size share one compiled program.
+    """
+    if len(chunks_per_device) != layout.n_kv:
+        raise ValueError(f"chunks_per_device has {len(chunks_per_device)} entries, the layout has "
+                         f"{layout.n_kv} KV devices")
+    if num_microbatches not in (1, 2):
+        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
+    P, G = layout.pages_per_device, layout.tokens_per_page
+    built, rows = [], []
+    for chunks in chunks_per_device:
+        groups = split_microbatches(chunks, num_microbatches)
+        per_mb = []
+        for g in groups:
+            if g:
+                x, _ = build_step_inputs([chunks[i] for i in g], num_layers=num_layers, tokens_per_page=G,
+                                         num_pages=P, min_tokens_bucket=1, min_seqs_bucket=1)
+            else:
+                x = _empty(num_layers, P, G)
+            per_mb.append(x)
+        built.append(per_mb)
+        rows.append(groups)
+    T = bucket(max(x.token_ids_T.shape[0] for mb in built for x in mb), min_tokens)
+    S = bucket(max(x.kv_lens_S.shape[0] for mb in built for x in mb), min_seqs)
+    Pp = bucket(max(x.page_indices_LSP.shape[2] for mb in built for x in mb), min_pages)
+    padded = [[_pad(x, T, S, Pp, P, G) for x in mb] for mb in built]
+    stacked = StepInputs(*(np.stack([np.stack([getattr(x, f) for x in mb]) for mb in padded])
+                           for f in StepInputs.__dataclass_fields__))
+    logit_rows = []
+    for groups, chunks in zip(rows, chunks_per_device):
+        where = {}
+        for m, g in enumerate(groups):
+            for s, i in enumerate(g):
+                where[i] = m * S + s
+        logit_rows.append([where[i] for i in range(len(chunks))])
+    return stacked, logit_rows

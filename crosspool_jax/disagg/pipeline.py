@@ -1,0 +1,216 @@
+"""The disaggregated step: all layers of one ragged step as ONE program over KV and weight devices.
+
+`disagg_step(arena, inputs, *, layout, config, num_microbatches)` runs inside `jax.shard_map`
+over the 1D mesh axis "dev" (KV devices first, then weight devices; layout.py). Each device
+sees its own arena row and its role (`axis_index("dev") < n_kv`). KV devices own sequences
+(data-parallel: a sequence's pages are on one KV device) and run embedding, attention (K/V
+written into their local pages, `ragged_paged_attention_reference` over them) and the final
+norm and lm head; weight devices run each layer's MoE FFN for all KV devices' tokens with
+their expert shard only. Per stage, one exchange over the whole axis moves hidden states:
+
+    all_gather(h)        attention outputs of every KV device -> every weight device's inbox
+    psum_scatter(y)      FFN partial outputs of the weight devices, summed, chunk d -> KV device d
+
+(devices of the other role contribute zeros). The compute of each role sits in a `lax.cond`
+on the role; collectives stay outside it, so every device executes them.
+
+Ping-pong schedule: each KV device's batch is split into micro-batches A and B. Attention of
+(layer i, micro-batch m) runs at stage 2i+m, its FFN at stage 2i+m+1, and the stages are a
+`lax.scan`; with M micro-batches there are 2L+M-1 stages. For L=2, M=2:
+
+    stage        0      1      2      3      4
+    KV pool      attn0A attn0B attn1A attn1B  -
+    weights pool  -     ffn0A  ffn0B  ffn1A  ffn1B
+    exchange     after every stage: h of this stage's attention out, y of its FFN back
+
+so while the weights pool runs A's FFN, the KV pool runs B's attention. With M=1
+(no overlap) the pools alternate: attention at even stages, FFN at odd stages (2L stages).
+
+The arena is donated: K/V are scattered straight into the carried row (viewed as
+[rows, K*H]; pages sit at the row's start), so the pool is updated in place.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from crosspool_jax.disagg.layout import AXIS, ArenaLayout
+from crosspool_jax.engine.step_inputs import StepInputs
+from crosspool_jax.kv.pool import page_view
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.transformer import attention_block, compute_logits, rms_norm
+from pallas_kernels.fused_moe.reference import grouped_matmul_reference, route_topk
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+
+
+def num_stages(num_layers: int, num_microbatches: int) -> int:
+    """Stages of the ping-pong scan: 2L + M - 1."""
+    return 2 * num_layers + num_microbatches - 1
+
+
+def schedule(num_layers: int, num_microbatches: int) -> list[tuple]:
+    """[(stage, attention (layer, mb) or None, ffn (layer, mb) or None)] -- the host-side table."""
+    out = []
+    for t in range(num_stages(num_layers, num_microbatches)):
+        a = (t // 2, t % 2) if t % 2 < num_microbatches and t // 2 < num_layers else None
+        f = ((t - 1) // 2, (t - 1) % 2) if t >= 1 and (t - 1) % 2 < num_microbatches else None
+        out.append((t, a, f))
+    return out
+
+
+def _write_kv_rows(row_X, layout: ArenaLayout, config: ModelConfig, k_TKH, v_TKH, slots_T):
+    """Scatter the new tokens' K/V into the row's pages; slots outside [0, P*G) are dropped."""
+    KH = config.kv_size
+    rows = layout.arena_elems // KH
+    PG = layout.pages_per_device * layout.tokens_per_page
+    k_base = layout.slot("kv", "pages/k_PX").offset // KH
+    v_base = layout.slot("kv", "pages/v_PX").offset // KH
+    valid_T = (slots_T >= 0) & (slots_T < PG)
+    idx = jnp.concatenate([jnp.where(valid_T, k_base + slots_T, rows),
+                           jnp.where(valid_T, v_base + slots_T, rows)])
+    T = k_TKH.shape[0]
+    new = jnp.concatenate([k_TKH.reshape(T, KH), v_TKH.reshape(T, KH)]).astype(row_X.dtype)
+    return row_X.reshape(rows, KH).at[idx].set(new, mode="drop").reshape(-1)
+
+
+def _attention_half(row_X, x_TD, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig):
+    """KV device: one layer's attention (residual included) for one micro-batch -> (h_TD, row)."""
+    c = config
+    names = [s.name for s in layout.kv_slots if s.name.startswith("attn/")]
+    layer_p = {n[len("attn/"):]: layout.view(row_X, "kv", n)[layer] for n in names}
+
+    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, row):
+        row = _write_kv_rows(row, layout, c, k_TKH, v_TKH, step.slots_LT[layer_idx])
+        k_pages = page_view(layout.view(row, "kv", "pages/k_PX"), c.num_kv_heads, c.head_dim)
+        v_pages = page_view(layout.view(row, "kv", "pages/v_PX"), c.num_kv_heads, c.head_dim)
+        out = ragged_paged_attention_reference(q_TNH, k_pages, v_pages, step.kv_lens_S,
+                                               step.page_indices_LSP[layer_idx], step.cu_q_lens_S1,
+                                               step.num_seqs_1, sliding_window=c.sliding_window)
+        return out, row
+
+    row_X, h_TD = attention_block(layer_p, c, x_TD, step.positions_T, layer, attention_fn, row_X)
+    return h_TD, row_X
+
+
+def _swiglu_f32(x_TD, w1_DF2, w2_FD):
+    F = w2_FD.shape[0]
+    h = jnp.dot(x_TD, w1_DF2, preferred_element_type=jnp.float32)
+    act = (jax.nn.silu(h[:, :F]) * h[:, F:]).astype(x_TD.dtype)
+    return jnp.dot(act, w2_FD, preferred_element_type=jnp.float32)
+
+
+def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig):
+    """Weight device: this device's share of one MoE layer's output (no residual), float32.
+
+    Routing over all E experts (router replicated), then only the (token, k) pairs routed to
+    the local experts go through the local [gate|up] / down shards; the sum over the weight
+    devices is the full MoE output (and shared expert).
+    """
+    c = config
+    p = {s.name[len("moe/"):]: layout.view(row_X, "w", s.name)[layer] for s in layout.w_slots}
+    x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
+    router_logits_TE = x_TD @ p["router_LDE"]
+    weights_TK, ids_TK = route_topk(router_logits_TE, c.top_k, renormalize=c.norm_topk_prob)
+    w1_EDF2, w2_EFD = p["w1_LEDF2"], p["w2_LEFD"]
+    E_loc, F_loc = w1_EDF2.shape[0], w2_EFD.shape[1]
+    e0 = (w_index // layout.tp) * E_loc
+    local_TK = ids_TK - e0
+    is_local_TK = (local_TK >= 0) & (local_TK < E_loc)
+    flat_ids = jnp.where(is_local_TK, local_TK, E_loc).reshape(-1)        # E_loc: not here
+    order = jnp.argsort(flat_ids, stable=True)
+    token_of_row = order // c.top_k
+    group_sizes_E = jnp.bincount(flat_ids, length=E_loc).astype(jnp.int32)  # drops the E_loc pairs
+    h = grouped_matmul_reference(x_TD[token_of_row], w1_EDF2, group_sizes_E,
+                                 preferred_element_type=jnp.float32)      # rows past the groups: 0
+    act = (jax.nn.silu(h[:, :F_loc]) * h[:, F_loc:]).astype(x_TD.dtype)
+    y = grouped_matmul_reference(act, w2_EFD, group_sizes_E, preferred_element_type=jnp.float32)
+    w_rows = jnp.where(is_local_TK, weights_TK, 0.0).reshape(-1)[order]
+    out_TD = jnp.zeros(h_TD.shape, jnp.float32).at[token_of_row].add(y * w_rows[:, None])
+    if c.shared_expert_intermediate_size:
+        gate_T1 = jax.nn.sigmoid(x_TD @ p["shared_gate_LD1"]).astype(jnp.float32)
+        out_TD = out_TD + gate_T1 * _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
+    return out_TD
+
+
+def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: ModelConfig, M: int):
+    c = config
+    n_kv, n_w = layout.n_kv, layout.n_w
+    row_X = arena_1X[0]
+    dtype = row_X.dtype
+    d = jax.lax.axis_index(AXIS)
+    is_kv = d < n_kv
+    mine = jax.tree_util.tree_map(lambda a: a[jnp.minimum(d, n_kv - 1)], inputs)   # leaves [M, ...]
+    Tm, D, L = mine.token_ids_T.shape[1], c.hidden_size, c.num_layers
+    emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
+    x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
+    inbox_TD = jnp.zeros((n_kv * Tm, D), dtype)
+
+    def stage(carry, t):
+        x_MTD, inbox_TD, row_X = carry
+        m_a, i_a = t % 2, t // 2
+        attn_on = is_kv & (m_a < M) & (i_a < L)
+        s = t - 1
+        m_f, i_f = s % 2, s // 2
+        ffn_on = (~is_kv) & (t >= 1) & (m_f < M)
+
+        def attn(op):
+            x_MTD, row_X = op
+            m = jnp.minimum(m_a, M - 1)
+            step = jax.tree_util.tree_map(lambda a: a[m], mine)
+            return _attention_half(row_X, x_MTD[m], step, jnp.minimum(i_a, L - 1), layout, c)
+
+        h_TD, row_X = jax.lax.cond(attn_on, attn, lambda op: (jnp.zeros((Tm, D), dtype), op[1]),
+                                   (x_MTD, row_X))
+        y_TD = jax.lax.cond(
+            ffn_on,
+            lambda inbox: _ffn_partial(row_X, inbox, jnp.clip(i_f, 0, L - 1), d - n_kv, layout, c).astype(dtype),
+            lambda inbox: jnp.zeros_like(inbox), inbox_TD)
+        # the exchange: every device runs both collectives
+        inbox_TD = jax.lax.all_gather(h_TD, AXIS)[:n_kv].reshape(n_kv * Tm, D)
+        y_NTD = jnp.concatenate([y_TD.reshape(n_kv, Tm, D), jnp.zeros((n_w, Tm, D), dtype)])
+        y_back_TD = jax.lax.psum_scatter(y_NTD, AXIS, scatter_dimension=0, tiled=True)[0]
+        x_MTD = jnp.where(attn_on, x_MTD.at[jnp.minimum(m_a, M - 1)].set(h_TD), x_MTD)
+        x_MTD = jnp.where(is_kv & (t >= 1) & (m_f < M),
+                          x_MTD.at[jnp.clip(m_f, 0, M - 1)].add(y_back_TD), x_MTD)
+        return (x_MTD, inbox_TD, row_X), None
+
+    stages = jnp.arange(num_stages(L, M), dtype=jnp.int32)
+    (x_MTD, _, row_X), _ = jax.lax.scan(stage, (x_MTD, inbox_TD, row_X), stages)
+
+    S = mine.logits_indices_S.shape[1]
+
+    def logits(x_MTD):
+        last_MSD = jnp.take_along_axis(x_MTD, mine.logits_indices_S[:, :, None], axis=1)
+        hidden = rms_norm(last_MSD.reshape(M * S, D), layout.view(row_X, "kv", "final/norm_D"), c.rms_norm_eps)
+        kv_params = {"embed": {"embedding_VD": emb_VD}, "final": {}}
+        if layout.has("kv", "final/lm_head_DV"):
+            kv_params["final"]["lm_head_DV"] = layout.view(row_X, "kv", "final/lm_head_DV")
+        return compute_logits(kv_params, c, hidden)
+
+    logits_SV = jax.lax.cond(is_kv, logits, lambda x: jnp.zeros((M * S, c.vocab_size), jnp.float32), x_MTD)
+    return row_X[None], logits_SV[None]
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches"), donate_argnums=0)
+def disagg_step(arena: jax.Array, inputs: StepInputs, *, layout: ArenaLayout, config: ModelConfig,
+                num_microbatches: int):
+    """One ragged step over the whole model -> (arena, logits float32 [n_kv, M*S, V]).
+
+    arena: `[num_devices, arena_elems]` from `build_arena` (donated; K/V written into it).
+    inputs: `StepInputs` with leaves `[n_kv, M, ...]` from `build_disagg_inputs`; row m*S+s of
+    a KV device's logits is micro-batch m's sequence s (its last new token).
+    """
+    if num_microbatches not in (1, 2):
+        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
+    if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
+        raise ValueError(f"inputs lead with {inputs.token_ids_T.shape[:2]}, expected "
+                         f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
+    fn = jax.shard_map(
+        functools.partial(_device_step, layout=layout, config=config, M=num_microbatches),
+        mesh=layout.mesh(), in_specs=(PartitionSpec(AXIS, None), PartitionSpec()),
+        out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
+    arena, logits_NSV = fn(arena, inputs)
+    return arena, logits_NSV[:layout.n_kv]
