@@ -1,0 +1,86 @@
+"""Tiny MoE models and a host-side sequence driver shared by the disagg tests."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosspool_jax.models import ModelConfig, init_random_params
+
+# Qwen3-MoE style: per-head q/k norms; 8 experts (expert-parallel on 1, 2 or 4 weight devices)
+QWEN3_MOE = {
+    "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32, "moe_intermediate_size": 16,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+    "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "rope_theta": 1e4,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+# Qwen2-MoE style: qkv bias, shared expert, 6 experts (4 weight devices: 2 groups x 2 ways over F)
+QWEN2_MOE = {
+    "architectures": ["Qwen2MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32, "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_experts": 6, "num_experts_per_tok": 2, "norm_topk_prob": False,
+    "rope_theta": 1e4, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
+# Mixtral style: 3 experts (coprime to 2 and 4 weight devices: pure tensor parallelism over F)
+MIXTRAL = {
+    "architectures": ["MixtralForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 3,
+    "num_experts_per_tok": 2, "rope_theta": 1e4, "rms_norm_eps": 1e-5, "sliding_window": 6}
+CONFIGS = {"qwen3_moe": QWEN3_MOE, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
+
+PAGE_ELEMS = 4 * 16          # G = 4 tokens per page for K*H = 16
+PAGES_PER_DEVICE = 32
+
+
+@functools.lru_cache(maxsize=None)
+def model(name: str, seed: int):
+    config = ModelConfig.from_hf_dict(CONFIGS[name])
+    kv, ffn = init_random_params(config, jax.random.key(seed), jnp.float32)
+    return config, kv, ffn
+
+
+@dataclasses.dataclass
+class Chunk:
+    """What `build_step_inputs` reads from a scheduled chunk."""
+
+    token_ids: np.ndarray
+    start: int
+    page_table: np.ndarray       # [L, blocks] local page ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass
+class Seq:
+    device: int
+    tokens: list
+    page_table: np.ndarray
+    computed: int = 0
+
+
+def make_seqs(rng: np.random.Generator, n_kv: int, num_layers: int, vocab: int, *, max_seqs: int = 3,
+              G: int = 4, blocks: int = 4, empty_device: bool = False) -> list[Seq]:
+    """1..max_seqs sequences per KV device with random prompts and shuffled local pages."""
+    seqs = []
+    for d in range(n_kv):
+        if empty_device and d == n_kv - 1:
+            continue
+        perm = rng.permutation(PAGES_PER_DEVICE)
+        for j in range(int(rng.integers(1, max_seqs + 1))):
+            n = int(rng.integers(2, 10))
+            table = perm[j * num_layers * blocks:(j + 1) * num_layers * blocks].reshape(num_layers, blocks)
+            seqs.append(Seq(d, [int(t) for t in rng.integers(0, vocab, n)], table))
+    return seqs
+
+
+def next_chunks(seqs: list[Seq], n_kv: int, max_chunk: int) -> tuple[list, list]:
+    """This step's chunk of every sequence (at most max_chunk new tokens: chunked prefill)."""
+    chunks, owners = [[] for _ in range(n_kv)], [[] for _ in range(n_kv)]
+    for s in seqs:
+        end = min(len(s.tokens), s.computed + max_chunk)
+        chunks[s.device].append(Chunk(np.array(s.tokens[s.computed:end], np.int32), s.computed, s.page_table))
+        owners[s.device].append((s, end))
+    return chunks, owners

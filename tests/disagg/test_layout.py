@@ -1,0 +1,105 @@
+"""The arena layout and builder: what each role's rows hold, the expert split rule, bad splits."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosspool_jax.disagg import build_arena, expert_shard, expert_split, host_rows, make_layout
+from crosspool_jax.models import ModelConfig
+from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, QWEN3_MOE, model
+
+
+@pytest.mark.parametrize("n_kv,n_w", [(1, 1), (2, 2), (4, 4), (6, 2)])
+def test_roles_hold_only_their_tensors(n_kv, n_w):
+    config, kv, ffn = model("qwen3_moe", 1)
+    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    kv_names = [s.name for s in layout.kv_slots]
+    w_names = [s.name for s in layout.w_slots]
+    assert not [n for n in kv_names if n.startswith("moe/")]
+    assert not [n for n in w_names if n.startswith(("pages/", "attn/", "embed/", "final/"))]
+    assert {"pages/k_PX", "pages/v_PX", "embed/embedding_VD", "attn/wq_LDQ"} <= set(kv_names)
+    assert [layout.role_of(d) for d in range(n_kv + n_w)] == ["kv"] * n_kv + ["w"] * n_w
+    # experts split: each weight device holds E / n_w of them (8 experts: expert-parallel)
+    E = config.num_experts
+    assert layout.slot("w", "moe/w1_LEDF2").shape[1] == E // n_w
+    # the arena is the larger role, not the sum, and slots of one role never overlap
+    assert layout.arena_elems >= max(layout.used_elems("kv"), layout.used_elems("w"))
+    assert layout.arena_elems < layout.used_elems("kv") + layout.used_elems("w")
+    for slots in (layout.kv_slots, layout.w_slots):
+        spans = sorted((s.offset, s.offset + s.size) for s in slots)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_rows_hold_the_right_values_and_shards_reassemble():
+    config, kv, ffn = model("qwen2_moe", 2)           # 6 experts on 4 weight devices: ep=2, tp=2
+    layout = make_layout(config, n_kv=2, n_w=4, pages_per_device=8, page_elems=PAGE_ELEMS)
+    assert (layout.ep, layout.tp) == (2, 2)
+    arena = build_arena(kv, ffn, layout)
+    assert arena.shape == (6, layout.arena_elems)
+    assert [s.device.id for s in sorted(arena.addressable_shards, key=lambda s: s.index[0].start)] == \
+        list(layout.device_ids)
+    rows = np.asarray(arena)
+    for d in range(2):                                  # KV rows: attention side, zero pages
+        np.testing.assert_array_equal(layout.view(rows[d], "kv", "attn/wq_LDQ"), kv["attn"]["wq_LDQ"])
+        assert not layout.view(rows[d], "kv", "pages/k_PX").any()
+    E, F = config.num_experts, config.moe_intermediate_size
+    w1 = np.zeros((config.num_layers, E, config.hidden_size, 2 * F), np.float32)
+    w2 = np.zeros((config.num_layers, E, F, config.hidden_size), np.float32)
+    sw2 = []
+    for j in range(4):
+        row = rows[2 + j]
+        experts, cols = expert_shard(layout, j, E, F)
+        local_w1 = layout.view(row, "w", "moe/w1_LEDF2")
+        w1[:, experts, :, cols] = local_w1[..., :F // 2]
+        w1[:, experts, :, F + cols.start:F + cols.stop] = local_w1[..., F // 2:]
+        w2[:, experts, cols] = layout.view(row, "w", "moe/w2_LEFD")
+        sw2.append(layout.view(row, "w", "moe/shared_w2_LFD"))
+        np.testing.assert_array_equal(layout.view(row, "w", "moe/router_LDE"), ffn["moe"]["router_LDE"])
+    np.testing.assert_array_equal(w1, ffn["moe"]["w1_LEDF2"])
+    np.testing.assert_array_equal(w2, ffn["moe"]["w2_LEFD"])
+    np.testing.assert_array_equal(np.concatenate(sw2, axis=1), ffn["moe"]["shared_w2_LFD"])
+    # shifted params make the roles' values disjoint: no expert/router value in a KV row,
+    # no attention/embedding value in a weight row
+    shifted = build_arena(jax.tree_util.tree_map(lambda a: a - 100.0, kv),
+                          jax.tree_util.tree_map(lambda a: a + 100.0, ffn), layout)
+    rows = np.asarray(shifted)
+    assert rows[:2].max() < 50 and (rows[:2] < -50).any()
+    assert rows[2:].min() > -50 and (rows[2:] > 50).any()
+
+
+def test_expert_split_rule():
+    assert expert_split(8, 4) == (4, 1)      # expert-parallel
+    assert expert_split(3, 4) == (1, 4)      # tensor-parallel over F
+    assert expert_split(6, 4) == (2, 2)      # both
+    assert expert_split(64, 6) == (2, 3)
+
+
+def test_bfloat16_arena():
+    config, kv, ffn = model("qwen3_moe", 1)
+    layout = make_layout(config, n_kv=1, n_w=1, pages_per_device=4, page_elems=PAGE_ELEMS, dtype=jnp.bfloat16)
+    rows = host_rows(kv, ffn, layout)
+    assert rows[0].dtype == jnp.bfloat16 and layout.dtype == "bfloat16"
+    np.testing.assert_array_equal(layout.view(rows[1], "w", "moe/router_LDE"),
+                                  np.asarray(ffn["moe"]["router_LDE"]).astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("n_kv,n_w,match", [
+    (6, 4, "only 8 device"), (0, 2, "n_kv must be a positive"), (2, 0, "n_w must be a positive"),
+    (-1, 2, "n_kv must be a positive")])
+def test_bad_splits_raise(n_kv, n_w, match):
+    config, _, _ = model("qwen3_moe", 1)
+    assert len(jax.devices()) == 8
+    with pytest.raises(ValueError, match=match):
+        make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=4)
+
+
+def test_unsplittable_models_raise():
+    bad_f = ModelConfig.from_hf_dict(dict(QWEN3_MOE, num_experts=3, moe_intermediate_size=10))
+    with pytest.raises(ValueError, match="moe_intermediate_size F=10 must be divisible"):
+        make_layout(bad_f, n_kv=2, n_w=4, pages_per_device=4)
+    mixed = ModelConfig.from_hf_dict(dict(QWEN3_MOE, mlp_only_layers=[0], intermediate_size=32))
+    with pytest.raises(ValueError, match="every layer is MoE"):
+        make_layout(mixed, n_kv=1, n_w=1, pages_per_device=4)
+    config, _, _ = model("qwen3_moe", 1)
+    with pytest.raises(ValueError, match="pages_per_device"):
+        make_layout(config, n_kv=1, n_w=1, pages_per_device=0)

@@ -1,0 +1,101 @@
+"""The one-program disaggregated step against the dense whole-sequence forward.
+
+For each split and micro-batch count: three ragged steps (chunked prefill, then prefill
+chunks mixed with decodes, then decodes) through the arena give the logits of
+`models.dense_logits` on the full sequences, only KV rows' pages change, and weight rows
+stay bit-identical.
+"""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, make_layout, schedule
+from crosspool_jax.models import dense_logits
+from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, make_seqs, model, next_chunks
+
+REF_TOKENS = 256                   # every reference call has this length: one compile per model
+
+
+def _reference_last_logits(config, kv, ffn, prefixes):
+    """dense_logits of each prefix's last token, all prefixes packed in one padded call."""
+    tokens = np.zeros(REF_TOKENS, np.int32)
+    segments = np.full(REF_TOKENS, -1, np.int32)
+    positions = np.zeros(REF_TOKENS, np.int32)
+    last, at = [], 0
+    for i, p in enumerate(prefixes):
+        tokens[at:at + len(p)], segments[at:at + len(p)] = p, i
+        positions[at:at + len(p)] = np.arange(len(p))
+        at += len(p)
+        last.append(at - 1)
+    assert at <= REF_TOKENS
+    out = dense_logits(kv, ffn, config, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions))
+    return np.asarray(out)[last]
+
+
+@pytest.mark.parametrize("name,n_kv,n_w,M", [
+    ("qwen3_moe", 1, 1, 1), ("qwen3_moe", 1, 1, 2), ("qwen3_moe", 2, 2, 1), ("qwen3_moe", 2, 2, 2),
+    ("qwen3_moe", 4, 4, 1), ("qwen3_moe", 4, 4, 2), ("qwen3_moe", 6, 2, 1), ("qwen3_moe", 6, 2, 2),
+    ("qwen2_moe", 2, 4, 2),        # 6 experts on 4 devices: 2 expert groups x 2 ways over F; shared expert
+    ("mixtral", 4, 4, 2),          # 3 experts on 4 devices: tensor-parallel over F; sliding window
+])
+def test_steps_match_dense_forward(name, n_kv, n_w, M):
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
+    config, kv, ffn = model(name, 0)
+    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    arena = build_arena(kv, ffn, layout)
+    before = np.asarray(arena)
+    seqs = make_seqs(rng, n_kv, config.num_layers, config.vocab_size, G=layout.tokens_per_page,
+                     empty_device=(n_kv == 6))
+    for step in range(3):
+        chunks, owners = next_chunks(seqs, n_kv, max_chunk=5)
+        if step == 1:                  # prefill chunks and decodes in one batch
+            sizes = {c.num_tokens for per_dev in chunks for c in per_dev}
+            assert 1 in sizes or len(sizes) > 1
+        inputs, logit_rows = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers,
+                                                 num_microbatches=M, min_tokens=16, min_seqs=4)
+        assert inputs.token_ids_T.shape == (n_kv, M, 16)
+        arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M)
+        logits = np.asarray(logits)
+        assert logits.shape == (n_kv, M * 4, config.vocab_size)
+        got, prefixes = [], []
+        for d in range(n_kv):
+            for (s, end), row in zip(owners[d], logit_rows[d]):
+                got.append(logits[d, row])
+                prefixes.append(s.tokens[:end])
+                s.computed = end
+                if end == len(s.tokens):
+                    s.tokens.append(int(rng.integers(0, config.vocab_size)))
+        want = _reference_last_logits(config, kv, ffn, prefixes)
+        err = np.abs(np.stack(got) - want).max() / np.abs(want).max()
+        assert err < 1e-5, f"step {step}: relative error {err}"
+    after = np.asarray(arena)
+    np.testing.assert_array_equal(after[n_kv:], before[n_kv:])        # weight rows untouched
+    pages_end = layout.slot("kv", "pages/v_PX").offset + layout.slot("kv", "pages/v_PX").size
+    np.testing.assert_array_equal(after[:n_kv, pages_end:], before[:n_kv, pages_end:])
+    for d in range(n_kv):
+        assert after[d, :pages_end].any() == any(s.device == d for s in seqs)
+
+
+def test_schedule_table():
+    assert schedule(2, 2) == [(0, (0, 0), None), (1, (0, 1), (0, 0)), (2, (1, 0), (0, 1)),
+                              (3, (1, 1), (1, 0)), (4, None, (1, 1))]
+    assert schedule(2, 1) == [(0, (0, 0), None), (1, None, (0, 0)), (2, (1, 0), None), (3, None, (1, 0))]
+
+
+def test_bad_inputs_raise():
+    config, kv, ffn = model("qwen3_moe", 0)
+    layout = make_layout(config, n_kv=2, n_w=2, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    seqs = make_seqs(rng, 2, config.num_layers, config.vocab_size)
+    chunks, _ = next_chunks(seqs, 2, max_chunk=5)
+    with pytest.raises(ValueError, match="KV devices"):
+        build_disagg_inputs(chunks[:1], layout=layout, num_layers=config.num_layers, num_microbatches=2)
+    with pytest.raises(ValueError, match="num_microbatches"):
+        build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=3)
+    inputs, _ = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=1)
+    with pytest.raises(ValueError, match="expected \\(n_kv, num_microbatches\\)"):
+        disagg_step(build_arena(kv, ffn, layout), inputs, layout=layout, config=config, num_microbatches=2)
