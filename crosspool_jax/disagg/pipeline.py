@@ -27,7 +27,10 @@ so while the weights pool runs A's FFN, the KV pool runs B's attention. With M=1
 (no overlap) the pools alternate: attention at even stages, FFN at odd stages (2L stages).
 
 The arena is donated: K/V are scattered straight into the carried row (viewed as
-[rows, K*H]; pages sit at the row's start), so the pool is updated in place.
+[rows, K*H]; pages sit at the row's start), outside any `cond`, so the pool is updated in
+place (a row returned by a conditional would be copied every stage). The KV devices' stage
+is therefore three parts: q/k/v (cond), the K/V write (unconditional, dropped when idle),
+attention + o projection (cond).
 """
 from __future__ import annotations
 
@@ -76,23 +79,38 @@ def _write_kv_rows(row_X, layout: ArenaLayout, config: ModelConfig, k_TKH, v_TKH
     return row_X.reshape(rows, KH).at[idx].set(new, mode="drop").reshape(-1)
 
 
-def _attention_half(row_X, x_TD, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig):
-    """KV device: one layer's attention (residual included) for one micro-batch -> (h_TD, row)."""
-    c = config
+def _layer_attn_params(row_X, layer, layout: ArenaLayout) -> dict:
     names = [s.name for s in layout.kv_slots if s.name.startswith("attn/")]
-    layer_p = {n[len("attn/"):]: layout.view(row_X, "kv", n)[layer] for n in names}
+    return {n[len("attn/"):]: layout.view(row_X, "kv", n)[layer] for n in names}
 
-    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, row):
-        row = _write_kv_rows(row, layout, c, k_TKH, v_TKH, step.slots_LT[layer_idx])
-        k_pages = page_view(layout.view(row, "kv", "pages/k_PX"), c.num_kv_heads, c.head_dim)
-        v_pages = page_view(layout.view(row, "kv", "pages/v_PX"), c.num_kv_heads, c.head_dim)
-        out = ragged_paged_attention_reference(q_TNH, k_pages, v_pages, step.kv_lens_S,
-                                               step.page_indices_LSP[layer_idx], step.cu_q_lens_S1,
+
+def _qkv(row_X, x_TD, positions_T, layer, layout: ArenaLayout, config: ModelConfig):
+    """KV device: q/k/v of one layer (norms, RoPE) via `attention_block`'s seam.
+
+    The seam hands back q, k, v as the "cache"; the block's own output (of a zero attention)
+    is unused and compiled away. Splitting here keeps the K/V write outside the role `cond`,
+    so the arena row is never an output of a conditional (which would copy it each stage).
+    """
+    def capture(q_TNH, k_TKH, v_TKH, layer_idx, cache):
+        del layer_idx, cache
+        return jnp.zeros_like(q_TNH), (q_TNH, k_TKH, v_TKH)
+
+    qkv, _ = attention_block(_layer_attn_params(row_X, layer, layout), config, x_TD, positions_T, layer,
+                             capture, None)
+    return qkv
+
+
+def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig):
+    """KV device: attention over the local pages (new K/V already written), o projection, residual."""
+    c = config
+    k_pages = page_view(layout.view(row_X, "kv", "pages/k_PX"), c.num_kv_heads, c.head_dim)
+    v_pages = page_view(layout.view(row_X, "kv", "pages/v_PX"), c.num_kv_heads, c.head_dim)
+    out_TNH = ragged_paged_attention_reference(q_TNH, k_pages, v_pages, step.kv_lens_S,
+                                               step.page_indices_LSP[layer], step.cu_q_lens_S1,
                                                step.num_seqs_1, sliding_window=c.sliding_window)
-        return out, row
-
-    row_X, h_TD = attention_block(layer_p, c, x_TD, step.positions_T, layer, attention_fn, row_X)
-    return h_TD, row_X
+    wo_QD = layout.view(row_X, "kv", "attn/wo_LQD")[layer]
+    # the tail of models.attention_block (o projection + residual)
+    return x_TD + out_TNH.reshape(x_TD.shape[0], c.q_size).astype(x_TD.dtype) @ wo_QD
 
 
 def _swiglu_f32(x_TD, w1_DF2, w2_FD):
@@ -156,14 +174,20 @@ def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: M
         m_f, i_f = s % 2, s // 2
         ffn_on = (~is_kv) & (t >= 1) & (m_f < M)
 
-        def attn(op):
-            x_MTD, row_X = op
-            m = jnp.minimum(m_a, M - 1)
-            step = jax.tree_util.tree_map(lambda a: a[m], mine)
-            return _attention_half(row_X, x_MTD[m], step, jnp.minimum(i_a, L - 1), layout, c)
-
-        h_TD, row_X = jax.lax.cond(attn_on, attn, lambda op: (jnp.zeros((Tm, D), dtype), op[1]),
-                                   (x_MTD, row_X))
+        m = jnp.minimum(m_a, M - 1)
+        layer = jnp.minimum(i_a, L - 1)
+        step = jax.tree_util.tree_map(lambda a: a[m], mine)
+        x_TD = x_MTD[m]
+        zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
+        zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
+        q_TNH, k_TKH, v_TKH = jax.lax.cond(
+            attn_on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
+            lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
+        # outside the cond (in place on the carried row): an idle device drops every write
+        slots_T = jnp.where(attn_on, step.slots_LT[layer], -1)
+        row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, slots_T)
+        h_TD = jax.lax.cond(attn_on, lambda q: _attend(row_X, x_TD, q, step, layer, layout, c),
+                            lambda q: jnp.zeros((Tm, D), dtype), q_TNH)
         y_TD = jax.lax.cond(
             ffn_on,
             lambda inbox: _ffn_partial(row_X, inbox, jnp.clip(i_f, 0, L - 1), d - n_kv, layout, c).astype(dtype),
