@@ -99,3 +99,23 @@ def test_bad_inputs_raise():
     inputs, _ = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=1)
     with pytest.raises(ValueError, match="expected \\(n_kv, num_microbatches\\)"):
         disagg_step(build_arena(kv, ffn, layout), inputs, layout=layout, config=config, num_microbatches=2)
+
+
+def test_bfloat16_arena_step_close_to_float32():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
+    config, kv, ffn = model("qwen3_moe", 0)
+    layout = make_layout(config, n_kv=2, n_w=2, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS,
+                         dtype=jnp.bfloat16)
+    arena = build_arena(kv, ffn, layout)
+    assert arena.dtype == jnp.bfloat16
+    seqs = make_seqs(rng, 2, config.num_layers, config.vocab_size)
+    chunks, owners = next_chunks(seqs, 2, max_chunk=5)
+    inputs, logit_rows = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers,
+                                             num_microbatches=2, min_tokens=16, min_seqs=4)
+    arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=2)
+    assert arena.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+    got = np.stack([np.asarray(logits)[d, r] for d in range(2) for r in logit_rows[d]])
+    want = _reference_last_logits(config, kv, ffn, [s.tokens[:end] for d in range(2) for s, end in owners[d]])
+    assert np.abs(got - want).max() / np.abs(want).max() < 5e-2
