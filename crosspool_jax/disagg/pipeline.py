@@ -6,25 +6,29 @@ sees its own arena row and its role (`axis_index("dev") < n_kv`). KV devices own
 (data-parallel: a sequence's pages are on one KV device) and run embedding, attention (K/V
 written into their local pages, `ragged_paged_attention_reference` over them) and the final
 norm and lm head; weight devices run each layer's MoE FFN for all KV devices' tokens with
-their expert shard only. Per stage, one exchange over the whole axis moves hidden states:
+their expert shard only. Hidden states cross between the roles by an exchange that every
+device executes (collectives stay outside the role `lax.cond`s):
 
-    all_gather(h)        attention outputs of every KV device -> every weight device's inbox
-    psum_scatter(y)      FFN partial outputs of the weight devices, summed, chunk d -> KV device d
+    to_weights(h)   attention outputs of every KV device -> every weight device's inbox
+    to_kv(y)        weight devices' partial FFN outputs, summed, tokens of KV device k -> k
 
-(devices of the other role contribute zeros). The compute of each role sits in a `lax.cond`
-on the role; collectives stay outside it, so every device executes them.
+By default (`exchange="p2p"`) each direction is max(n_kv, n_w) rounds of `ppermute` over
+KV x weight pairs (`p2p_rounds`), so only the payload moves; `exchange="collective"` is one
+all_gather + one psum_scatter over the whole axis (also moves KV->KV copies and zeros).
 
-Ping-pong schedule: each KV device's batch is split into micro-batches A and B. Attention of
-(layer i, micro-batch m) runs at stage 2i+m, its FFN at stage 2i+m+1, and the stages are a
-`lax.scan`; with M micro-batches there are 2L+M-1 stages. For L=2, M=2:
+Ping-pong schedule (M=2): each KV device's batch is split into micro-batches A and B.
+Attention of (layer i, micro-batch m) runs at stage 2i+m, its FFN at stage 2i+m+1; the
+stages are one `lax.scan` of 2L+1 steps, each ending with one exchange in both directions.
+For L=2:
 
-    stage        0      1      2      3      4
-    KV pool      attn0A attn0B attn1A attn1B  -
-    weights pool  -     ffn0A  ffn0B  ffn1A  ffn1B
-    exchange     after every stage: h of this stage's attention out, y of its FFN back
+    stage          0       1       2       3       4
+    KV pool        attn0A  attn0B  attn1A  attn1B  -
+    weights pool   -       ffn0A   ffn0B   ffn1A   ffn1B
+    exchange       h of this stage's attention -> weights; y of this stage's FFN -> KV
 
-so while the weights pool runs A's FFN, the KV pool runs B's attention. With M=1
-(no overlap) the pools alternate: attention at even stages, FFN at odd stages (2L stages).
+so while the weights pool runs A's FFN, the KV pool runs B's attention. With M=1 (no
+overlap, the baseline) a stage is one layer: attention, exchange to the weights pool, FFN,
+exchange back (a scan of L steps; each pool idles while the other computes).
 
 The arena is donated: K/V are scattered straight into the carried row (viewed as
 [rows, K*H]; pages sit at the row's start), outside any `cond`, so the pool is updated in
@@ -50,16 +54,22 @@ from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attenti
 
 
 def num_stages(num_layers: int, num_microbatches: int) -> int:
-    """Stages of the ping-pong scan: 2L + M - 1."""
-    return 2 * num_layers + num_microbatches - 1
+    """Stages of the scan: L with one micro-batch, 2L + 1 with two (ping-pong)."""
+    if num_microbatches not in (1, 2):
+        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
+    return num_layers if num_microbatches == 1 else 2 * num_layers + 1
 
 
 def schedule(num_layers: int, num_microbatches: int) -> list[tuple]:
-    """[(stage, attention (layer, mb) or None, ffn (layer, mb) or None)] -- the host-side table."""
+    """[(stage, attention (layer, mb) or None, ffn (layer, mb) or None)] -- the host-side table.
+
+    With one micro-batch a stage runs attention, then the FFN of the same layer, in sequence."""
+    if num_microbatches == 1:
+        return [(i, (i, 0), (i, 0)) for i in range(num_layers)]
     out = []
-    for t in range(num_stages(num_layers, num_microbatches)):
-        a = (t // 2, t % 2) if t % 2 < num_microbatches and t // 2 < num_layers else None
-        f = ((t - 1) // 2, (t - 1) % 2) if t >= 1 and (t - 1) % 2 < num_microbatches else None
+    for t in range(num_stages(num_layers, 2)):
+        a = (t // 2, t % 2) if t < 2 * num_layers else None
+        f = ((t - 1) // 2, (t - 1) % 2) if t >= 1 else None
         out.append((t, a, f))
     return out
 
@@ -153,9 +163,59 @@ def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: Model
     return out_TD
 
 
-def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: ModelConfig, M: int):
-    c = config
+def p2p_rounds(n_kv: int, n_w: int) -> list[list[tuple]]:
+    """Rounds of (kv, w) pairs covering every KV x weight device pair once, each device at most
+    once per round: round r pairs kv k with weight w = (k + r) mod max(n_kv, n_w)."""
+    m = max(n_kv, n_w)
+    return [[(k, (k + r) % m) for k in range(n_kv) if (k + r) % m < n_w] for r in range(m)]
+
+
+def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
+    """(to_weights(h_TD) -> inbox [n_kv*Tm, D] on weight devices,
+        to_kv(y_TD [n_kv*Tm, D]) -> summed FFN output [Tm, D] on KV devices).
+
+    "p2p": max(n_kv, n_w) rounds of `ppermute` per direction; only KV<->weight pairs move data,
+    exactly the payload. "collective": one all_gather and one psum_scatter over the whole
+    axis (simpler; also moves KV->KV copies and the idle role's zeros).
+    """
     n_kv, n_w = layout.n_kv, layout.n_w
+    if exchange == "collective":
+        def to_weights(h_TD):
+            return jax.lax.all_gather(h_TD, AXIS)[:n_kv].reshape(n_kv * Tm, D)
+
+        def to_kv(y_TD):
+            y_NTD = jnp.concatenate([y_TD.reshape(n_kv, Tm, D), jnp.zeros((n_w, Tm, D), y_TD.dtype)])
+            return jax.lax.psum_scatter(y_NTD, AXIS, scatter_dimension=0, tiled=True)[0]
+        return to_weights, to_kv
+    if exchange != "p2p":
+        raise ValueError(f"exchange must be 'p2p' or 'collective', got {exchange!r}")
+    rounds = p2p_rounds(n_kv, n_w)
+    m, w = len(rounds), d - n_kv
+
+    def to_weights(h_TD):
+        inbox_KTD = jnp.zeros((n_kv, Tm, D), h_TD.dtype)
+        for r, pairs in enumerate(rounds):
+            got_TD = jax.lax.ppermute(h_TD, AXIS, perm=[(k, n_kv + j) for k, j in pairs])
+            k_src = (w - r) % m                                  # who sent to weight device w
+            put = jax.lax.dynamic_update_index_in_dim(inbox_KTD, got_TD, jnp.clip(k_src, 0, n_kv - 1), 0)
+            inbox_KTD = jnp.where((w >= 0) & (k_src < n_kv), put, inbox_KTD)
+        return inbox_KTD.reshape(n_kv * Tm, D)
+
+    def to_kv(y_TD):
+        y_KTD = y_TD.reshape(n_kv, Tm, D)
+        acc_TD = jnp.zeros((Tm, D), jnp.float32)
+        for r, pairs in enumerate(rounds):
+            k_dst = jnp.clip((w - r) % m, 0, n_kv - 1)
+            chunk_TD = jax.lax.dynamic_index_in_dim(y_KTD, k_dst, 0, keepdims=False)
+            acc_TD = acc_TD + jax.lax.ppermute(chunk_TD, AXIS, perm=[(n_kv + j, k) for k, j in pairs])
+        return acc_TD.astype(y_TD.dtype)
+    return to_weights, to_kv
+
+
+def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: ModelConfig, M: int,
+                 exchange: str):
+    c = config
+    n_kv = layout.n_kv
     row_X = arena_1X[0]
     dtype = row_X.dtype
     d = jax.lax.axis_index(AXIS)
@@ -164,45 +224,53 @@ def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: M
     Tm, D, L = mine.token_ids_T.shape[1], c.hidden_size, c.num_layers
     emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
     x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
-    inbox_TD = jnp.zeros((n_kv * Tm, D), dtype)
+    to_weights, to_kv = _exchange(layout, exchange, d, Tm, D)
 
-    def stage(carry, t):
-        x_MTD, inbox_TD, row_X = carry
-        m_a, i_a = t % 2, t // 2
-        attn_on = is_kv & (m_a < M) & (i_a < L)
-        s = t - 1
-        m_f, i_f = s % 2, s // 2
-        ffn_on = (~is_kv) & (t >= 1) & (m_f < M)
-
-        m = jnp.minimum(m_a, M - 1)
-        layer = jnp.minimum(i_a, L - 1)
+    def attention(row_X, x_MTD, m, layer, on):
+        """(h_TD, row): KV device's attention of micro-batch m (zeros and no write when off)."""
         step = jax.tree_util.tree_map(lambda a: a[m], mine)
         x_TD = x_MTD[m]
         zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
         zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
         q_TNH, k_TKH, v_TKH = jax.lax.cond(
-            attn_on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
+            on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
             lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
         # outside the cond (in place on the carried row): an idle device drops every write
-        slots_T = jnp.where(attn_on, step.slots_LT[layer], -1)
-        row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, slots_T)
-        h_TD = jax.lax.cond(attn_on, lambda q: _attend(row_X, x_TD, q, step, layer, layout, c),
+        row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, jnp.where(on, step.slots_LT[layer], -1))
+        h_TD = jax.lax.cond(on, lambda q: _attend(row_X, x_TD, q, step, layer, layout, c),
                             lambda q: jnp.zeros((Tm, D), dtype), q_TNH)
-        y_TD = jax.lax.cond(
-            ffn_on,
-            lambda inbox: _ffn_partial(row_X, inbox, jnp.clip(i_f, 0, L - 1), d - n_kv, layout, c).astype(dtype),
-            lambda inbox: jnp.zeros_like(inbox), inbox_TD)
-        # the exchange: every device runs both collectives
-        inbox_TD = jax.lax.all_gather(h_TD, AXIS)[:n_kv].reshape(n_kv * Tm, D)
-        y_NTD = jnp.concatenate([y_TD.reshape(n_kv, Tm, D), jnp.zeros((n_w, Tm, D), dtype)])
-        y_back_TD = jax.lax.psum_scatter(y_NTD, AXIS, scatter_dimension=0, tiled=True)[0]
-        x_MTD = jnp.where(attn_on, x_MTD.at[jnp.minimum(m_a, M - 1)].set(h_TD), x_MTD)
-        x_MTD = jnp.where(is_kv & (t >= 1) & (m_f < M),
-                          x_MTD.at[jnp.clip(m_f, 0, M - 1)].add(y_back_TD), x_MTD)
-        return (x_MTD, inbox_TD, row_X), None
+        return h_TD, row_X
 
-    stages = jnp.arange(num_stages(L, M), dtype=jnp.int32)
-    (x_MTD, _, row_X), _ = jax.lax.scan(stage, (x_MTD, inbox_TD, row_X), stages)
+    def ffn(row_X, inbox_TD, layer, on):
+        return jax.lax.cond(
+            on, lambda x: _ffn_partial(row_X, x, layer, d - n_kv, layout, c).astype(dtype),
+            jnp.zeros_like, inbox_TD)
+
+    if M == 1:
+        def stage(carry, layer):
+            x_MTD, row_X = carry
+            h_TD, row_X = attention(row_X, x_MTD, 0, layer, is_kv)
+            y_TD = to_kv(ffn(row_X, to_weights(h_TD), layer, ~is_kv))
+            return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
+
+        (x_MTD, row_X), _ = jax.lax.scan(stage, (x_MTD, row_X), jnp.arange(L, dtype=jnp.int32))
+    else:
+        def stage(carry, t):
+            x_MTD, inbox_TD, row_X = carry
+            m_a, i_a = t % 2, jnp.minimum(t // 2, L - 1)
+            attn_on = is_kv & (t < 2 * L)
+            m_f, i_f = (t + 1) % 2, jnp.maximum(t - 1, 0) // 2
+            ffn_on = t >= 1
+            h_TD, row_X = attention(row_X, x_MTD, m_a, i_a, attn_on)
+            y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on)
+            inbox_TD = to_weights(h_TD)                    # the exchange: every device runs it
+            y_back_TD = to_kv(y_TD)
+            x_MTD = jnp.where(attn_on, x_MTD.at[m_a].set(h_TD), x_MTD)
+            x_MTD = jnp.where(is_kv & ffn_on, x_MTD.at[m_f].add(y_back_TD), x_MTD)
+            return (x_MTD, inbox_TD, row_X), None
+
+        carry = (x_MTD, jnp.zeros((n_kv * Tm, D), dtype), row_X)
+        (x_MTD, _, row_X), _ = jax.lax.scan(stage, carry, jnp.arange(num_stages(L, M), dtype=jnp.int32))
 
     S = mine.logits_indices_S.shape[1]
 
@@ -218,14 +286,16 @@ def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: M
     return row_X[None], logits_SV[None]
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "exchange"),
+                   donate_argnums=0)
 def disagg_step(arena: jax.Array, inputs: StepInputs, *, layout: ArenaLayout, config: ModelConfig,
-                num_microbatches: int):
+                num_microbatches: int, exchange: str = "p2p"):
     """One ragged step over the whole model -> (arena, logits float32 [n_kv, M*S, V]).
 
     arena: `[num_devices, arena_elems]` from `build_arena` (donated; K/V written into it).
     inputs: `StepInputs` with leaves `[n_kv, M, ...]` from `build_disagg_inputs`; row m*S+s of
     a KV device's logits is micro-batch m's sequence s (its last new token).
+    exchange: "p2p" (ppermute rounds, payload only) or "collective" (all_gather + psum_scatter).
     """
     if num_microbatches not in (1, 2):
         raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
@@ -233,7 +303,8 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, *, layout: ArenaLayout, co
         raise ValueError(f"inputs lead with {inputs.token_ids_T.shape[:2]}, expected "
                          f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
     fn = jax.shard_map(
-        functools.partial(_device_step, layout=layout, config=config, M=num_microbatches),
+        functools.partial(_device_step, layout=layout, config=config, M=num_microbatches,
+                          exchange=exchange),
         mesh=layout.mesh(), in_specs=(PartitionSpec(AXIS, None), PartitionSpec()),
         out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
     arena, logits_NSV = fn(arena, inputs)

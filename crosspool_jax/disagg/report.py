@@ -1,15 +1,16 @@
 """`python -m crosspool_jax.disagg.report`: bytes moved between the pools per layer, and CPU step times.
 
 Bytes are counted from the shapes (no profiling): per layer, the attention outputs of all KV
-devices go to every weight device (all_gather) and the weight devices' partial FFN outputs
-come back summed (psum_scatter). `transfer_bytes` gives both the useful payload and what the
-collectives, as written, move per device. The step times run on the simulated CPU devices,
+devices go to every weight device and the weight devices' partial FFN outputs come back and
+are summed. `transfer_bytes` gives the useful payload and what the busiest device receives
+with each exchange of `pipeline.py` ("p2p" ppermute rounds, or "collective"). The step times run on the simulated CPU devices,
 which share the host's cores: there is no real overlap between pools there, so M=1 vs M=2
 only shows the pipeline's overhead, not its gain. Real numbers need the GPU machine.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import statistics
 import time
@@ -27,41 +28,51 @@ class TransferBytes:
     to_weights_delivered: int     # what the weight devices receive: n_w copies of it
     back_partials: int            # partial FFN outputs leaving the weights pool: n_w*n_kv*T*D*b
     back_delivered: int           # summed outputs the KV devices receive: n_kv*T*D*b
-    collective_per_device: int    # ring traffic one device receives per layer, as the step runs it
+    busiest_device_received: int  # bytes the most loaded device receives per layer, as the step runs
 
 
 def transfer_bytes(*, n_kv: int, n_w: int, tokens_per_device: int, hidden: int, itemsize: int,
-                   num_layers: int, num_microbatches: int) -> TransferBytes:
-    """Count the per-layer bytes of the exchange for a split and batch (see module docstring)."""
+                   num_layers: int, num_microbatches: int, exchange: str = "p2p") -> TransferBytes:
+    """Count the per-layer bytes of the exchange for a split and batch (see module docstring).
+
+    p2p: a KV device receives n_w partials of its Tm tokens, a weight device n_kv micro-batches
+    of hidden states, per exchange. collective: a ring all_gather and psum_scatter each bring
+    (n - 1) shards of Tm*D to every device. M=2 runs 2L+1 exchanges of T/2 tokens, M=1 L of T.
+    """
     from crosspool_jax.disagg.pipeline import num_stages
+    if exchange not in ("p2p", "collective"):
+        raise ValueError(f"exchange must be 'p2p' or 'collective', got {exchange!r}")
     T, D, b, n = tokens_per_device, hidden, itemsize, n_kv + n_w
     Tm = -(-T // num_microbatches)
     exchanges_per_layer = num_stages(num_layers, num_microbatches) / num_layers
-    # one exchange: all_gather of [Tm, D] and psum_scatter of [n, Tm, D]; a ring receives
-    # (n - 1) shards of Tm*D for each
-    per_exchange = 2 * (n - 1) * Tm * D * b
+    shard = Tm * D * b
+    per_exchange = max(n_kv, n_w) * shard if exchange == "p2p" else 2 * (n - 1) * shard
     return TransferBytes(
         to_weights_payload=n_kv * T * D * b, to_weights_delivered=n_w * n_kv * T * D * b,
         back_partials=n_w * n_kv * T * D * b, back_delivered=n_kv * T * D * b,
-        collective_per_device=int(exchanges_per_layer * per_exchange))
+        busiest_device_received=int(exchanges_per_layer * per_exchange))
 
 
 def _print_bytes():
-    print("Bytes moved between the pools per layer (counted from shapes; bf16)")
+    print("Bytes moved between the pools per layer (counted from shapes; bf16; 48 layers)")
     print(f"{'shape':<26}{'split':>6}{'T/dev':>7}{'M':>3}{'payload->W':>12}{'delivered->W':>14}"
-          f"{'back (sum)':>12}{'ring/dev':>12}{'us @450GB/s':>13}")
+          f"{'back (sum)':>12}{'p2p busiest':>13}{'us':>7}{'coll. busiest':>15}{'us':>7}")
     for name, D in (("qwen3moe-30b-a3b (D=2048)", 2048), ("mixtral-8x7b (D=4096)", 4096)):
         for (n_kv, n_w) in ((1, 1), (2, 2), (4, 4), (6, 2)):
             for T in (64, 1024):
                 for M in (1, 2):
-                    tb = transfer_bytes(n_kv=n_kv, n_w=n_w, tokens_per_device=T, hidden=D, itemsize=2,
-                                        num_layers=48, num_microbatches=M)
-                    us = tb.collective_per_device / _NVLINK_H100_BYTES_PER_S * 1e6
-                    print(f"{name:<26}{n_kv}+{n_w:<4}{T:>7}{M:>3}{tb.to_weights_payload:>12,}"
-                          f"{tb.to_weights_delivered:>14,}{tb.back_delivered:>12,}"
-                          f"{tb.collective_per_device:>12,}{us:>13.1f}")
-    print("ring/dev: what one device receives per layer from the all_gather + psum_scatter as the step "
-          "runs them (zeros of the idle role included); us: that at H100 NVLink speed, before overlap.")
+                    kw = dict(n_kv=n_kv, n_w=n_w, tokens_per_device=T, hidden=D, itemsize=2, num_layers=48,
+                              num_microbatches=M)
+                    p2p = transfer_bytes(**kw)
+                    coll = transfer_bytes(**kw, exchange="collective")
+                    us = [x.busiest_device_received / _NVLINK_H100_BYTES_PER_S * 1e6 for x in (p2p, coll)]
+                    print(f"{name:<26}{n_kv}+{n_w:<4}{T:>7}{M:>3}{p2p.to_weights_payload:>12,}"
+                          f"{p2p.to_weights_delivered:>14,}{p2p.back_delivered:>12,}"
+                          f"{p2p.busiest_device_received:>13,}{us[0]:>7.1f}"
+                          f"{coll.busiest_device_received:>15,}{us[1]:>7.1f}")
+    print("busiest: bytes the most loaded device receives per layer (both directions) with exchange='p2p' "
+          "(ppermute rounds) or 'collective' (all_gather + psum_scatter); us: that at H100 NVLink speed "
+          f"({_NVLINK_H100_BYTES_PER_S / 1e9:.0f} GB/s per direction), before any overlap.")
 
 
 def _time_steps(n_kv: int, n_w: int, repeats: int = 5):
@@ -98,17 +109,20 @@ def _time_steps(n_kv: int, n_w: int, repeats: int = 5):
                        for i in range(seqs_per_device)])
     out = {}
     for M in (1, 2):
-        arena = build_arena(kv, ffn, layout)
-        inputs, _ = build_disagg_inputs(chunks, layout=layout, num_layers=L, num_microbatches=M)
-        arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M)
-        logits.block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M)
+        for exchange in ("p2p", "collective"):
+            arena = build_arena(kv, ffn, layout)
+            inputs, _ = build_disagg_inputs(chunks, layout=layout, num_layers=L, num_microbatches=M)
+            run = functools.partial(disagg_step, layout=layout, config=config, num_microbatches=M,
+                                    exchange=exchange)
+            arena, logits = run(arena, inputs)
             logits.block_until_ready()
-            times.append(time.perf_counter() - t0)
-        out[M] = statistics.median(times)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                arena, logits = run(arena, inputs)
+                logits.block_until_ready()
+                times.append(time.perf_counter() - t0)
+            out[M, exchange] = statistics.median(times)
     return out
 
 
@@ -123,7 +137,8 @@ def main():
         if sum(split) > len(jax.devices()):
             continue
         t = _time_steps(*split)
-        print(f"  {split[0]}+{split[1]}:  M=1 {t[1] * 1e3:8.2f} ms   M=2 {t[2] * 1e3:8.2f} ms")
+        print(f"  {split[0]}+{split[1]}:  " + "   ".join(f"M={m} {ex:<10} {t[m, ex] * 1e3:8.2f} ms"
+                                                       for m in (1, 2) for ex in ("p2p", "collective")))
     print("CPU note: the simulated devices share the host's cores, so the pools do not run in parallel "
           "and these times mean little; they show the pipeline's overhead, not its overlap.")
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, make_layout, schedule
+from crosspool_jax.disagg.pipeline import p2p_rounds
 from crosspool_jax.models import dense_logits
 from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, make_seqs, model, next_chunks
 
@@ -34,13 +35,15 @@ def _reference_last_logits(config, kv, ffn, prefixes):
     return np.asarray(out)[last]
 
 
-@pytest.mark.parametrize("name,n_kv,n_w,M", [
-    ("qwen3_moe", 1, 1, 1), ("qwen3_moe", 1, 1, 2), ("qwen3_moe", 2, 2, 1), ("qwen3_moe", 2, 2, 2),
-    ("qwen3_moe", 4, 4, 1), ("qwen3_moe", 4, 4, 2), ("qwen3_moe", 6, 2, 1), ("qwen3_moe", 6, 2, 2),
-    ("qwen2_moe", 2, 4, 2),        # 6 experts on 4 devices: 2 expert groups x 2 ways over F; shared expert
-    ("mixtral", 4, 4, 2),          # 3 experts on 4 devices: tensor-parallel over F; sliding window
+@pytest.mark.parametrize("name,n_kv,n_w,M,exchange", [
+    ("qwen3_moe", 1, 1, 1, "p2p"), ("qwen3_moe", 1, 1, 2, "p2p"), ("qwen3_moe", 2, 2, 1, "p2p"),
+    ("qwen3_moe", 2, 2, 2, "p2p"), ("qwen3_moe", 4, 4, 1, "p2p"), ("qwen3_moe", 4, 4, 2, "p2p"),
+    ("qwen3_moe", 6, 2, 1, "p2p"), ("qwen3_moe", 6, 2, 2, "p2p"),
+    ("qwen3_moe", 6, 2, 2, "collective"), ("qwen3_moe", 4, 4, 1, "collective"),
+    ("qwen2_moe", 2, 4, 2, "p2p"),   # 6 experts on 4 devices: 2 expert groups x 2 ways over F; shared expert
+    ("mixtral", 4, 4, 2, "p2p"),     # 3 experts on 4 devices: tensor-parallel over F; sliding window
 ])
-def test_steps_match_dense_forward(name, n_kv, n_w, M):
+def test_steps_match_dense_forward(name, n_kv, n_w, M, exchange):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     rng = np.random.default_rng(seed)
@@ -58,7 +61,8 @@ def test_steps_match_dense_forward(name, n_kv, n_w, M):
         inputs, logit_rows = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers,
                                                  num_microbatches=M, min_tokens=16, min_seqs=4)
         assert inputs.token_ids_T.shape == (n_kv, M, 16)
-        arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M)
+        arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M,
+                                    exchange=exchange)
         logits = np.asarray(logits)
         assert logits.shape == (n_kv, M * 4, config.vocab_size)
         got, prefixes = [], []
@@ -83,7 +87,14 @@ def test_steps_match_dense_forward(name, n_kv, n_w, M):
 def test_schedule_table():
     assert schedule(2, 2) == [(0, (0, 0), None), (1, (0, 1), (0, 0)), (2, (1, 0), (0, 1)),
                               (3, (1, 1), (1, 0)), (4, None, (1, 1))]
-    assert schedule(2, 1) == [(0, (0, 0), None), (1, None, (0, 0)), (2, (1, 0), None), (3, None, (1, 0))]
+    assert schedule(2, 1) == [(0, (0, 0), (0, 0)), (1, (1, 0), (1, 0))]
+    assert p2p_rounds(1, 1) == [[(0, 0)]]
+    for n_kv, n_w in ((2, 2), (4, 4), (6, 2), (2, 6), (3, 5)):
+        rounds = p2p_rounds(n_kv, n_w)
+        assert len(rounds) == max(n_kv, n_w)
+        assert sorted(p for r in rounds for p in r) == [(k, w) for k in range(n_kv) for w in range(n_w)]
+        for r in rounds:                          # a device sends and receives at most once per round
+            assert len({k for k, _ in r}) == len(r) == len({w for _, w in r})
 
 
 def test_bad_inputs_raise():
