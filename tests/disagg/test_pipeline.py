@@ -7,6 +7,7 @@ stay bit-identical.
 """
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,3 +131,21 @@ def test_bfloat16_arena_step_close_to_float32():
     got = np.stack([np.asarray(logits)[d, r] for d in range(2) for r in logit_rows[d]])
     want = _reference_last_logits(config, kv, ffn, [s.tokens[:end] for d in range(2) for s, end in owners[d]])
     assert np.abs(got - want).max() / np.abs(want).max() < 5e-2
+
+
+def test_arena_is_updated_in_place():
+    """The step's scratch memory does not grow with the KV pool: no copy of the arena row."""
+    config, kv, ffn = model("qwen3_moe", 0)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    seqs = make_seqs(rng, 2, config.num_layers, config.vocab_size)
+    chunks, _ = next_chunks(seqs, 2, max_chunk=5)
+    temp = {}
+    for pages in (PAGES_PER_DEVICE, 64 * PAGES_PER_DEVICE):
+        layout = make_layout(config, n_kv=2, n_w=2, pages_per_device=pages, page_elems=PAGE_ELEMS)
+        inputs, _ = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers,
+                                        num_microbatches=2, min_tokens=16, min_seqs=4)
+        arena = jax.ShapeDtypeStruct((4, layout.arena_elems), jnp.float32, sharding=layout.sharding())
+        compiled = disagg_step.lower(arena, inputs, layout=layout, config=config, num_microbatches=2).compile()
+        temp[pages] = compiled.memory_analysis().temp_size_in_bytes
+        row_bytes = layout.arena_elems * 4
+    assert temp[64 * PAGES_PER_DEVICE] - temp[PAGES_PER_DEVICE] < row_bytes // 4, (temp, row_bytes)
