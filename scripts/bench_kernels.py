@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from pallas_kernels.anchors import torch_copy_gbps  # noqa: E402
 from pallas_kernels.ragged_paged_attention import bench as rpa_bench  # noqa: E402
 
 
@@ -84,7 +85,7 @@ def main():
     ap.add_argument("--skip-moe", action="store_true")
     a = ap.parse_args()
     rows = []
-    copy_gbps = rpa_bench.torch_copy_gbps()
+    copy_gbps = torch_copy_gbps()
     if copy_gbps:
         rows.append({"section": "ceiling", "shape": "2 GiB", "impl": "torch_copy",
                      "us": 2 * 2 ** 31 / 1e9 / copy_gbps * 1e6, "GBps": copy_gbps,

@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.anchors import torch_copy_gbps
 from pallas_kernels.fused_moe import tuning
 from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
 from pallas_kernels.fused_moe.reference import fused_moe_reference, route_topk
@@ -59,32 +60,6 @@ class _Rows:
         row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
         self.rows.append(row)
         print(json.dumps(row), flush=True)
-
-
-def _copy_ceiling_gbps() -> float | None:
-    try:
-        import torch
-        src = torch.empty(1024 ** 3, dtype=torch.bfloat16, device="cuda").normal_()
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(20):
-            e0 = torch.cuda.Event(enable_timing=True)
-            e1 = torch.cuda.Event(enable_timing=True)
-            e0.record()
-            dst.copy_(src)
-            e1.record()
-            torch.cuda.synchronize()
-            ts.append(e0.elapsed_time(e1) / 1e3)
-        gbps = 2 * src.numel() * 2 / 1e9 / statistics.median(ts)
-        del src, dst
-        torch.cuda.empty_cache()
-        return gbps
-    except Exception as e:  # noqa: BLE001 - the bench reports and goes on
-        print(f"torch copy unavailable: {type(e).__name__}: {e}", flush=True)
-        return None
 
 
 def _matmul_tflops() -> float:
@@ -226,7 +201,7 @@ def main(sweep: bool = True, time_budget_s: float = 170.0) -> list[dict]:
     rows = _Rows()
     start = time.perf_counter()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
-    ceiling = _copy_ceiling_gbps()
+    ceiling = torch_copy_gbps()
     rows.add(kind="anchor", impl="torch_copy_2GiB", GBps=ceiling)
     mm = _matmul_tflops()
     rows.add(kind="anchor", impl="matmul_bf16_8192", TFLOPs=mm)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.anchors import torch_copy_gbps
 from pallas_kernels.ragged_paged_attention import tuning
 from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
 
@@ -54,32 +55,6 @@ def _time(f, *args):
         jax.block_until_ready(f(*args))
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) / _ITERS
-
-
-def torch_copy_gbps() -> float | None:
-    """Device-to-device copy of 2 GiB through PyTorch (read + write counted), as the anchor."""
-    try:
-        import torch
-        src = torch.empty(1024 ** 3, dtype=torch.bfloat16, device="cuda").normal_()
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(20):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            dst.copy_(src)
-            e1.record()
-            torch.cuda.synchronize()
-            ts.append(e0.elapsed_time(e1) / 1e3)
-        gbps = 2 * src.numel() * 2 / 1e9 / statistics.median(ts)
-        del src, dst
-        torch.cuda.empty_cache()
-        return gbps
-    except Exception as e:  # noqa: BLE001 - torch is optional on the device machine
-        print("torch copy unavailable:", type(e).__name__, e, file=sys.stderr)
-        return None
 
 
 def _decode_inputs(key, B, ctx, G, dtype=jnp.bfloat16):
