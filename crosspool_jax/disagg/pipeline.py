@@ -48,7 +48,7 @@ from crosspool_jax.disagg.layout import AXIS, ArenaLayout
 from crosspool_jax.engine.step_inputs import StepInputs
 from crosspool_jax.kv.pool import page_view
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.transformer import attention_block, compute_logits, rms_norm
+from crosspool_jax.models.transformer import compute_logits, output_projection, qkv_projection, rms_norm
 from pallas_kernels.fused_moe.reference import grouped_matmul_reference, route_topk
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 
@@ -95,19 +95,9 @@ def _layer_attn_params(row_X, layer, layout: ArenaLayout) -> dict:
 
 
 def _qkv(row_X, x_TD, positions_T, layer, layout: ArenaLayout, config: ModelConfig):
-    """KV device: q/k/v of one layer (norms, RoPE) via `attention_block`'s seam.
-
-    The seam hands back q, k, v as the "cache"; the block's own output (of a zero attention)
-    is unused and compiled away. Splitting here keeps the K/V write outside the role `cond`,
-    so the arena row is never an output of a conditional (which would copy it each stage).
-    """
-    def capture(q_TNH, k_TKH, v_TKH, layer_idx, cache):
-        del layer_idx, cache
-        return jnp.zeros_like(q_TNH), (q_TNH, k_TKH, v_TKH)
-
-    qkv, _ = attention_block(_layer_attn_params(row_X, layer, layout), config, x_TD, positions_T, layer,
-                             capture, None)
-    return qkv
+    """KV device: q/k/v of one layer (norms, RoPE). The K/V write stays outside the role `cond`,
+    so the arena row is never an output of a conditional (which would copy it each stage)."""
+    return qkv_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, positions_T)
 
 
 def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig):
@@ -118,9 +108,7 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
     out_TNH = ragged_paged_attention_reference(q_TNH, k_pages, v_pages, step.kv_lens_S,
                                                step.page_indices_LSP[layer], step.cu_q_lens_S1,
                                                step.num_seqs_1, sliding_window=c.sliding_window)
-    wo_QD = layout.view(row_X, "kv", "attn/wo_LQD")[layer]
-    # the tail of models.attention_block (o projection + residual)
-    return x_TD + out_TNH.reshape(x_TD.shape[0], c.q_size).astype(x_TD.dtype) @ wo_QD
+    return output_projection({"wo_LQD": layout.view(row_X, "kv", "attn/wo_LQD")[layer]}, c, x_TD, out_TNH)
 
 
 def _swiglu_f32(x_TD, w1_DF2, w2_FD):

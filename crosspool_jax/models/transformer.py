@@ -1,8 +1,8 @@
 """The decoder forward pass as pure functions over the param pytrees of `params.py`.
 
 One layer is two halves that may live on different devices:
-`attention_block` (input norm, q/k/v, q/k norms, RoPE, the attention seam, o projection,
-residual) and `ffn_block` (post-attention norm, then MoE with optional shared expert, or a
+`attention_block` (`qkv_projection`: input norm, q/k/v, q/k norms, RoPE; the attention seam;
+`output_projection`: o projection, residual) and `ffn_block` (post-attention norm, then MoE with optional shared expert, or a
 dense SwiGLU MLP, residual). `forward` chains them over all layers (a `lax.scan` when every
 layer has the same FFN kind) and returns the hidden states after the final norm;
 `compute_logits` projects them to the vocabulary in float32.
@@ -30,9 +30,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
-                    positions_T: jax.Array, layer_idx, attention_fn: AttentionFn, kv_cache):
-    """One layer's attention half (residual included) -> (kv_cache, h_TD)."""
+def qkv_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
+                   positions_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's q/k/v (input norm, projections, biases, q/k norms, clipping, RoPE)
+    -> (q_TNH, k_TKH, v_TKH), as the attention seam receives them."""
     p, c = layer_attn_params, config
     T = x_TD.shape[0]
     xn_TD = rms_norm(x_TD, p["input_norm_LD"], c.rms_norm_eps)
@@ -53,11 +54,22 @@ def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Arra
         q_TNH = rms_norm(q_TNH, p["q_norm_LH"], c.rms_norm_eps)
         k_TKH = rms_norm(k_TKH, p["k_norm_LH"], c.rms_norm_eps)
     cos_TH, sin_TH = rope_cos_sin(c, positions_T, x_TD.dtype)
-    q_TNH = apply_rope(q_TNH, cos_TH, sin_TH)
-    k_TKH = apply_rope(k_TKH, cos_TH, sin_TH)
+    return apply_rope(q_TNH, cos_TH, sin_TH), apply_rope(k_TKH, cos_TH, sin_TH), v_TKH
+
+
+def output_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
+                      out_TNH: jax.Array) -> jax.Array:
+    """The attention output's o projection plus the residual x_TD -> h_TD."""
+    T = x_TD.shape[0]
+    return x_TD + out_TNH.reshape(T, config.q_size).astype(x_TD.dtype) @ layer_attn_params["wo_LQD"]
+
+
+def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
+                    positions_T: jax.Array, layer_idx, attention_fn: AttentionFn, kv_cache):
+    """One layer's attention half (residual included) -> (kv_cache, h_TD)."""
+    q_TNH, k_TKH, v_TKH = qkv_projection(layer_attn_params, config, x_TD, positions_T)
     out_TNH, kv_cache = attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache)
-    h_TD = x_TD + out_TNH.reshape(T, c.q_size).astype(x_TD.dtype) @ p["wo_LQD"]
-    return kv_cache, h_TD
+    return kv_cache, output_projection(layer_attn_params, config, x_TD, out_TNH)
 
 
 def _swiglu(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Array:
