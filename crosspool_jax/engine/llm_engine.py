@@ -20,14 +20,11 @@ The engine is not thread-safe: one thread calls it (the server runs it in its ow
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import random
 import time
 from typing import Optional, Sequence, Union
 
-import jax
 
-from crosspool_jax import checkpoints
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
 from crosspool_jax.engine.model_registry import ModelRegistry
@@ -110,7 +107,6 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
-        self._ids = itertools.count()
 
     @classmethod
     def from_options(cls, models: dict, **options) -> "LLMEngine":

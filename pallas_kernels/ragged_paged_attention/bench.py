@@ -118,7 +118,6 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             kp2 = jnp.moveaxis(args[1], 2, 0)          # [K, P, G, H], built outside timing
             vp2 = jnp.moveaxis(args[2], 2, 0)
             best = None
-            pps = ctx // G
             for kw in (dict(), dict(pages_per_compute_block=4, k_splits=8)):   # the anchor's two
                 try:
                     t = _time(_looped(functools.partial(_jax_paged, **kw)), args[0], kp2, vp2,

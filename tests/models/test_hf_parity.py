@@ -4,7 +4,6 @@ Error metric: max |ours - reference| / max |reference| over all logits of the ba
 """
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -19,7 +19,6 @@ Tolerances (max abs error against the reference, after both are cast to float32)
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
