@@ -5,15 +5,18 @@
 -- the attention side and zeroed KV pages on each KV device, each weight device's expert
 shard -- and places them with one `jax.device_put` of the rows, assembled into the global
 `[num_devices, arena_elems]` array sharded over "dev". `expert_shard` is the one place that
-says which experts and hidden columns weight device j holds.
+says which experts and hidden columns weight device j holds. `build_multi_arena` packs several
+models into one arena (a `MultiArenaLayout`); `Arena` owns the live array between steps.
 """
 from __future__ import annotations
+
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.disagg.layout import ArenaLayout
+from crosspool_jax.disagg.layout import ArenaLayout, MultiArenaLayout
 
 
 def expert_shard(layout: ArenaLayout, w_index: int, num_experts: int, hidden: int) -> tuple[slice, slice]:
@@ -69,27 +72,82 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def host_rows(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> list[np.ndarray]:
-    """The arena's rows on the host, one per device of the mesh (KV devices first)."""
+def _fill_model(rows: list, kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> None:
+    """Write one model's attention side into every KV row and its expert shards into the weight rows."""
     if set(ffn_params) != {"moe"}:
         raise ValueError(f"build_arena: ffn_params must hold only 'moe' stacks, got {sorted(ffn_params)}")
-    dtype = jnp.dtype(layout.dtype)
     kv_leaves = _flat({k: kv_params[k] for k in ("embed", "attn", "final")})
-    kv_row = np.zeros(layout.arena_elems, dtype)
-    _fill(kv_row, layout, "kv", kv_leaves)
-    rows = [kv_row.copy() for _ in range(layout.n_kv)]
+    _fill(rows[0], layout, "kv", kv_leaves)
+    for row in rows[1:layout.n_kv]:
+        row[:] = rows[0]
     host_moe = {k: np.asarray(v) for k, v in ffn_params["moe"].items()}
     for j in range(layout.n_w):
-        w_row = np.zeros(layout.arena_elems, dtype)
-        _fill(w_row, layout, "w", _flat({"moe": weight_device_leaves(host_moe, layout, j)}))
-        rows.append(w_row)
+        _fill(rows[layout.n_kv + j], layout, "w", _flat({"moe": weight_device_leaves(host_moe, layout, j)}))
+
+
+def host_rows(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> list[np.ndarray]:
+    """The arena's rows on the host, one per device of the mesh (KV devices first)."""
+    rows = [np.zeros(layout.arena_elems, jnp.dtype(layout.dtype)) for _ in range(layout.num_devices)]
+    _fill_model(rows, kv_params, ffn_params, layout)
     return rows
 
 
-def build_arena(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> jax.Array:
-    """The global arena `[num_devices, arena_elems]` (layout.dtype), row d on mesh device d."""
-    rows = host_rows(kv_params, ffn_params, layout)
+def multi_host_rows(params: Mapping[str, tuple], layout: MultiArenaLayout) -> list[np.ndarray]:
+    """Rows of a several-model arena; params: name -> (kv_params, ffn_params), every model of the layout."""
+    missing = set(layout.names) - set(params)
+    if missing:
+        raise ValueError(f"build_multi_arena: no params for model(s) {sorted(missing)}")
+    first = layout.first
+    rows = [np.zeros(first.arena_elems, jnp.dtype(first.dtype)) for _ in range(first.num_devices)]
+    for name in layout.names:
+        kv_params, ffn_params = params[name]
+        try:
+            _fill_model(rows, kv_params, ffn_params, layout.model(name))
+        except ValueError as e:
+            raise ValueError(f"model {name!r}: {e}") from None
+    return rows
+
+
+def _place(rows: list, layout) -> jax.Array:
     mesh_devices = list(layout.mesh().devices.reshape(-1))
     shards = jax.device_put([r[None, :] for r in rows], mesh_devices)
     return jax.make_array_from_single_device_arrays((layout.num_devices, layout.arena_elems),
                                                     layout.sharding(), shards)
+
+
+def build_arena(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> jax.Array:
+    """The global arena `[num_devices, arena_elems]` (layout.dtype), row d on mesh device d."""
+    return _place(host_rows(kv_params, ffn_params, layout), layout)
+
+
+def build_multi_arena(params: Mapping[str, tuple], layout: MultiArenaLayout) -> jax.Array:
+    """The arena of several models (name -> (kv_params, ffn_params)): shared KV pages, each
+    model's attention side on every KV device, its expert shard on each weight device."""
+    return _place(multi_host_rows(params, layout), layout.first)
+
+
+class Arena:
+    """Owns the live arena array of a `MultiArenaLayout`. Each step program takes it (donated)
+    and hands the updated one back with `put`."""
+
+    def __init__(self, layout: MultiArenaLayout, array: jax.Array):
+        if array.shape != (layout.num_devices, layout.arena_elems):
+            raise ValueError(f"Arena: array has shape {array.shape}, the layout needs "
+                             f"{(layout.num_devices, layout.arena_elems)}")
+        self.layout = layout
+        self._array: Optional[jax.Array] = array
+
+    def take(self) -> jax.Array:
+        if self._array is None:
+            raise RuntimeError("Arena.take: the arena is already taken by a step (put it back first)")
+        array, self._array = self._array, None
+        return array
+
+    def put(self, array: jax.Array) -> None:
+        self._array = array
+
+    @property
+    def array(self) -> jax.Array:
+        if self._array is None:
+            raise RuntimeError("Arena.array: the arena is taken by a step")
+        return self._array

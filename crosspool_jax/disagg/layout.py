@@ -20,6 +20,11 @@ Weight device j holds experts `[(j // tp) * E/ep, ...)` and hidden columns
 (or coprime to n_w) gives pure tensor parallelism. A shared expert (Qwen2-MoE) is split
 tensor-parallel over all n_w devices (Fs % n_w must be 0).
 
+Several models share one arena (`make_multi_layout`): ONE pages region (page_elems common to
+all, as the engine's `choose_page_elems` picks), then each model's attention side under
+"<model>/..." in the KV rows and its expert shard under "<model>/moe/..." in the weight rows.
+`MultiArenaLayout.model(name)` is that model's `ArenaLayout` view (its slots, prefix dropped).
+
 KV pages come first in a KV row (offset 0) so that the row viewed as `[rows, K*H]` addresses
 a token slot of the K (resp. V) pages directly; `arena_elems` is a multiple of K*H.
 """
@@ -150,16 +155,33 @@ def expert_split(num_experts: int, n_w: int) -> tuple[int, int]:
     return ep, n_w // ep
 
 
-def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: int,
-                page_elems: Optional[int] = None, dtype="float32",
-                devices: Optional[Sequence[jax.Device]] = None) -> ArenaLayout:
-    """Lay out one model's arena for a split of `n_kv` KV devices and `n_w` weight devices.
+def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]:
+    """(attention-side entries, weight-row entries, ep, tp) of one model; raises for models the
+    disaggregated step does not support."""
+    c = config
+    if c.ffn_kinds != ("moe",):
+        raise ValueError(f"disaggregated step supports models whose every layer is MoE; "
+                         f"{c.architecture} has FFN kinds {c.ffn_kinds}")
+    E, F, Fs = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+    ep, tp = expert_split(E, n_w)
+    if F % tp:
+        raise ValueError(f"moe_intermediate_size F={F} must be divisible by the tensor-parallel ways "
+                         f"tp = n_w / gcd(E, n_w) = {tp} (E={E}, n_w={n_w})")
+    if Fs and Fs % n_w:
+        raise ValueError(f"shared_expert_intermediate_size {Fs} must be divisible by n_w={n_w}")
+    kv_shapes, ffn_shapes = param_shapes(c)
+    kv_entries = []
+    for group in ("embed", "attn", "final"):
+        kv_entries += [(f"{group}/{leaf}", shape) for leaf, shape in kv_shapes[group].items()]
+    Lm, D = c.num_layers, c.hidden_size
+    local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
+    if Fs:
+        local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
+    w_entries = [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()]
+    return kv_entries, w_entries, ep, tp
 
-    devices: the pool to take them from (default `jax.devices()`): the first n_kv become the
-    KV pool, the next n_w the weights pool. page_elems defaults to the pool's choice for this
-    model's K*H (`kv.pool.choose_page_elems`).
-    """
-    devices = list(jax.devices() if devices is None else devices)
+
+def _check_split(n_kv, n_w, pages_per_device, devices) -> None:
     for name, n in (("n_kv", n_kv), ("n_w", n_w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive device count (each role needs at least one "
@@ -169,35 +191,127 @@ def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: i
                          f"{len(devices)} device(s) exist")
     if pages_per_device < 1:
         raise ValueError(f"pages_per_device must be >= 1, got {pages_per_device}")
-    if config.ffn_kinds != ("moe",):
-        raise ValueError(f"disaggregated step supports models whose every layer is MoE; "
-                         f"{config.architecture} has FFN kinds {config.ffn_kinds}")
-    c = config
-    KH = c.kv_size
-    page_elems = choose_page_elems([KH]) if page_elems is None else int(page_elems)
-    G = tokens_per_page(page_elems, c.num_kv_heads, c.head_dim)
-    E, F, Fs = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
-    ep, tp = expert_split(E, n_w)
-    if F % tp:
-        raise ValueError(f"moe_intermediate_size F={F} must be divisible by the tensor-parallel ways "
-                         f"tp = n_w / gcd(E, n_w) = {tp} (E={E}, n_w={n_w})")
-    if Fs and Fs % n_w:
-        raise ValueError(f"shared_expert_intermediate_size {Fs} must be divisible by n_w={n_w}")
 
-    kv_shapes, ffn_shapes = param_shapes(c)
-    P = pages_per_device
-    kv_entries = [("pages/k_PX", (P, page_elems)), ("pages/v_PX", (P, page_elems))]
-    for group in ("embed", "attn", "final"):
-        kv_entries += [(f"{group}/{leaf}", shape) for leaf, shape in kv_shapes[group].items()]
-    Lm, D = c.num_layers, c.hidden_size
-    local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
-    if Fs:
-        local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
-    w_entries = [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()]
-    kv_slots, w_slots = _pack(kv_entries), _pack(w_entries)
-    used = max(max(s.offset + s.size for s in kv_slots), max(s.offset + s.size for s in w_slots))
-    arena_elems = _align(used, math.lcm(_ALIGN, KH))
-    return ArenaLayout(n_kv=int(n_kv), n_w=int(n_w), device_ids=tuple(d.id for d in devices[:n_kv + n_w]),
-                       arena_elems=arena_elems, dtype=jnp.dtype(dtype).name,
-                       pages_per_device=P, page_elems=page_elems, tokens_per_page=G, ep=ep, tp=tp,
-                       kv_slots=kv_slots, w_slots=w_slots)
+
+def _page_slots(pages_per_device: int, page_elems: int, align: int) -> tuple:
+    """pages/k_PX at offset 0, pages/v_PX right after (offsets multiples of every model's K*H)."""
+    shape = (pages_per_device, page_elems)
+    return (Slot("pages/k_PX", 0, shape), Slot("pages/v_PX", _align(pages_per_device * page_elems, align), shape))
+
+
+def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: int,
+                page_elems: Optional[int] = None, dtype="float32",
+                devices: Optional[Sequence[jax.Device]] = None) -> ArenaLayout:
+    """Lay out one model's arena for a split of `n_kv` KV devices and `n_w` weight devices.
+
+    devices: the pool to take them from (default `jax.devices()`): the first n_kv become the
+    KV pool, the next n_w the weights pool. page_elems defaults to the pool's choice for this
+    model's K*H (`kv.pool.choose_page_elems`).
+    """
+    multi = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, pages_per_device=pages_per_device,
+                              page_elems=page_elems, dtype=dtype, devices=devices)
+    return multi.model("")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiArenaLayout:
+    """The arena of several models: ONE shared pages region in every KV row, then each model's
+    attention side (slots "<model>/embed/...", "<model>/attn/...", "<model>/final/..."); each
+    weight row holds every model's expert shard ("<model>/moe/..."). `model(name)` is that
+    model's view: an `ArenaLayout` over the same rows whose slots are the shared pages and the
+    model's own slots with the prefix dropped, so one step program per model reads only its slots.
+    """
+
+    models: tuple                 # ((name, ArenaLayout), ...) in registration order
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("MultiArenaLayout.models must name at least one model")
+        first = self.models[0][1]
+        for name, lay in self.models:
+            for field in ("n_kv", "n_w", "device_ids", "arena_elems", "dtype", "pages_per_device", "page_elems"):
+                if getattr(lay, field) != getattr(first, field):
+                    raise ValueError(f"MultiArenaLayout: model {name!r} has {field}={getattr(lay, field)!r}, "
+                                     f"the arena has {getattr(first, field)!r}")
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.models]
+
+    def model(self, name: str) -> ArenaLayout:
+        for n, lay in self.models:
+            if n == name:
+                return lay
+        raise ValueError(f"the arena holds no model named {name!r}; it holds {self.names}")
+
+    @property
+    def first(self) -> ArenaLayout:
+        """Any model's view: the fields shared by all (n_kv, n_w, device_ids, arena_elems, dtype,
+        pages_per_device, page_elems, mesh(), sharding())."""
+        return self.models[0][1]
+
+    @property
+    def n_kv(self) -> int:
+        return self.first.n_kv
+
+    @property
+    def n_w(self) -> int:
+        return self.first.n_w
+
+    @property
+    def num_devices(self) -> int:
+        return self.first.num_devices
+
+    @property
+    def arena_elems(self) -> int:
+        return self.first.arena_elems
+
+    @property
+    def pages_per_device(self) -> int:
+        return self.first.pages_per_device
+
+
+def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, page_elems: Optional[int] = None,
+                      dtype="float32", devices: Optional[Sequence[jax.Device]] = None) -> MultiArenaLayout:
+    """Lay out several models (name -> ModelConfig) in one arena over n_kv + n_w devices.
+
+    page_elems defaults to `kv.pool.choose_page_elems` over every model's K*H (the engine's
+    choice). Raises ValueError naming the model for one the disaggregated step cannot run.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    _check_split(n_kv, n_w, pages_per_device, devices)
+    if not configs:
+        raise ValueError("make_multi_layout: no models given")
+    kv_rows = [c.kv_size for c in configs.values()]
+    page_elems = choose_page_elems(kv_rows) if page_elems is None else int(page_elems)
+    entries = {}
+    for name, c in configs.items():
+        try:
+            tokens_per_page(page_elems, c.num_kv_heads, c.head_dim)
+            entries[name] = _model_entries(c, n_w)
+        except ValueError as e:
+            if not name:                       # make_layout's single unnamed model
+                raise
+            raise ValueError(f"model {name!r} cannot run on the disaggregated step: {e}") from None
+    align = math.lcm(_ALIGN, *kv_rows)
+    pages = _page_slots(pages_per_device, page_elems, align)
+    prefix = {name: f"{name}/" if name else "" for name in configs}
+    kv_all = _pack([(prefix[n] + k, shape) for n, (kv, _, _, _) in entries.items() for k, shape in kv],
+                   pages[1].offset + pages[1].size)
+    w_all = _pack([(prefix[n] + k, shape) for n, (_, w, _, _) in entries.items() for k, shape in w])
+    used = max(max(s.offset + s.size for s in kv_all), max(s.offset + s.size for s in w_all))
+    arena_elems = _align(used, align)
+    device_ids = tuple(d.id for d in devices[:n_kv + n_w])
+
+    views = []
+    for name, (kv, w, ep, tp) in entries.items():
+        c = configs[name]
+        kv_names, w_names = {prefix[name] + k for k, _ in kv}, {prefix[name] + k for k, _ in w}
+        kv_own = tuple(Slot(s.name[len(prefix[name]):], s.offset, s.shape) for s in kv_all if s.name in kv_names)
+        w_own = tuple(Slot(s.name[len(prefix[name]):], s.offset, s.shape) for s in w_all if s.name in w_names)
+        views.append((name, ArenaLayout(
+            n_kv=int(n_kv), n_w=int(n_w), device_ids=device_ids, arena_elems=arena_elems,
+            dtype=jnp.dtype(dtype).name, pages_per_device=pages_per_device, page_elems=page_elems,
+            tokens_per_page=tokens_per_page(page_elems, c.num_kv_heads, c.head_dim), ep=ep, tp=tp,
+            kv_slots=pages + kv_own, w_slots=w_own)))
+    return MultiArenaLayout(tuple(views))
