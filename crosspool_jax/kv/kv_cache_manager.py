@@ -2,8 +2,14 @@
 
 Geometry: a model's logical block (G tokens of one sequence) costs L pages, one per
 layer, all on one KV device (`KVBlock.device`); a request's page table is L lists of page
-ids, one id per block. Blocks of one request may sit on different devices: each new block
-goes to the device with the most free capacity, so one request can use the whole pool.
+ids, one id per block. Placement of a request's blocks over the KV devices:
+
+- "spread" (default): each new block goes to the device with the most free capacity, so
+  blocks of one request may sit on different devices and one request can use the whole pool;
+- "sticky": every block of a request is on ONE device, chosen when its first block is
+  allocated (the device with the most free capacity; a prefix-cache hit pins it to the hit's
+  device). The disaggregated step needs this: a sequence's attention runs where its pages are.
+  A request then holds at most one device's pages (`max_request_tokens` says so).
 
 Prefix caching: a full block whose K/V are computed gets a hash chained over
 (model, parent block's hash, the block's token ids). Requests of the same model whose
@@ -31,6 +37,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from crosspool_jax.kv.allocator import PageAllocator
+
+
+PLACEMENTS = ("spread", "sticky")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +91,13 @@ class KVCacheManager:
     token_ids_between(start, stop) (see `crosspool_jax.engine.request.Request`).
     """
 
-    def __init__(self, allocator: PageAllocator, enable_prefix_caching: bool = True):
+    def __init__(self, allocator: PageAllocator, enable_prefix_caching: bool = True, placement: str = "spread"):
         if not isinstance(allocator, PageAllocator):
             raise ValueError(f"KVCacheManager.allocator must be a PageAllocator, got {type(allocator).__name__}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"KVCacheManager.placement must be one of {PLACEMENTS}, got {placement!r}")
         self.allocator = allocator
+        self.placement = placement
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self._geometries: dict[str, ModelKVGeometry] = {}
         self._blocks: dict[str, list[KVBlock]] = {}            # request_id -> its blocks, in order
@@ -135,7 +147,9 @@ class KVCacheManager:
         """Most tokens one sequence of `model` could ever hold if it had the whole pool (or its
         whole max_pages)."""
         g = self.geometry(model)
-        blocks = self.allocator.pages_per_device // g.num_layers * self.allocator.num_devices
+        blocks = self.allocator.pages_per_device // g.num_layers
+        if self.placement == "spread":
+            blocks *= self.allocator.num_devices
         if self._max_pages[model] is not None:
             blocks = min(blocks, self._max_pages[model] // g.num_layers)
         return blocks * g.tokens_per_page
@@ -182,7 +196,7 @@ class KVCacheManager:
         hits = []
         for h in self._block_hashes(request, max_blocks):
             block = self._cached.get(h)
-            if block is None:
+            if block is None or (self.placement == "sticky" and hits and block.device != hits[0].device):
                 break
             hits.append(block)
         return hits, len(hits) * g.tokens_per_page
@@ -243,7 +257,8 @@ class KVCacheManager:
         num_fresh = g.num_blocks(total_tokens) - len(blocks) - len(new_computed_blocks)
         if self.exceeds_quota(request, num_new_tokens, new_computed_blocks):
             return False
-        plan = self._plan(num_fresh, g.num_layers, new_computed_blocks)
+        plan = self._plan(num_fresh, g.num_layers, new_computed_blocks,
+                          home=self._home_device(blocks or new_computed_blocks))
         if plan is None:
             return False
         owned = self._blocks.setdefault(request.request_id, [])
@@ -277,23 +292,35 @@ class KVCacheManager:
                 quota[request.model] -= max(num_fresh, 0) * g.num_layers
                 if quota[request.model] < 0:
                     return False
-            if self._plan(num_fresh, g.num_layers, (), capacity) is None:
+            home = self._home_device(self._blocks.get(request.request_id, ()))
+            if self._plan(num_fresh, g.num_layers, (), capacity, home=home) is None:
                 return False
         return True
 
     def _capacity(self) -> list[int]:
         return [self.allocator.num_free(d) + self._evictable_pages[d] for d in range(self.allocator.num_devices)]
 
+    def _home_device(self, blocks: Sequence[KVBlock]) -> Optional[int]:
+        """With sticky placement, the device of the request's blocks (None: it holds none yet)."""
+        return blocks[0].device if self.placement == "sticky" and blocks else None
+
     def _plan(self, num_fresh: int, L: int, taken: Sequence[KVBlock],
-              capacity: Optional[list[int]] = None) -> Optional[list[int]]:
+              capacity: Optional[list[int]] = None, home: Optional[int] = None) -> Optional[list[int]]:
         """Devices for num_fresh new blocks of L pages each (most capacity first), or None.
-        Consumes `capacity` (per-device free + evictable pages) as it plans."""
+        Consumes `capacity` (per-device free + evictable pages) as it plans. Sticky placement
+        puts them all on `home`, or on the device with the most capacity when home is None."""
         if num_fresh <= 0:
             return []
         capacity = self._capacity() if capacity is None else capacity
         for b in taken:
             if b.ref_count == 0:        # about to leave the evictable set
                 capacity[b.device] -= len(b.pages)
+        if self.placement == "sticky":
+            device = home if home is not None else max(range(len(capacity)), key=lambda d: (capacity[d], -d))
+            if capacity[device] < num_fresh * L:
+                return None
+            capacity[device] -= num_fresh * L
+            return [device] * num_fresh
         plan = []
         for _ in range(num_fresh):
             device = max(range(len(capacity)), key=lambda d: (capacity[d], -d))
