@@ -11,6 +11,9 @@ How a request travels:
 3. For each model in the batch, the runner dispatches ONE jitted program that runs all
    layers (paged attention against the shared pool, MoE FFN), writes the new K/V in place
    and samples on device; a decode-only batch may produce several tokens per dispatch.
+   With a crosspool device split the `DisaggRunner` runs the disaggregated step instead
+   (KV pool and attention on the KV devices, experts on the weight devices; sticky page
+   placement; one token per dispatch).
 4. The engine detokenizes incrementally, applies stop rules (EOS, stop ids, stop strings,
    lengths), reports finished children to the scheduler (which frees their pages), and
    returns `RequestOutput`s with the cumulative text of every request that moved.
@@ -29,6 +32,7 @@ from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.request import Request, RequestStatus
+from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.runner import StepRunner
 from crosspool_jax.engine.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
@@ -89,21 +93,27 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.registry = ModelRegistry(config)
-        pool = self.registry.kv_pool
-        allocator = PageAllocator(pool.layout.pages_per_device, pool.layout.num_devices)
-        self.kv_manager = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching)
+        kv_layout = self.registry.kv_layout
+        disaggregated = self.registry.arena is not None
+        allocator = PageAllocator(kv_layout.pages_per_device, kv_layout.num_devices)
+        # the disaggregated step attends where a request's pages are: all on one KV device
+        self.kv_manager = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching,
+                                         placement="sticky" if disaggregated else "spread")
         caps = self.registry.static_page_caps() if config.mode == "static" else {}
         for geometry in self.registry.geometries():
             self.kv_manager.register_model(geometry, max_pages=caps.get(geometry.name))
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                            max_decode_steps=config.max_decode_steps,
+                            max_decode_steps=1 if disaggregated else config.max_decode_steps,
                             enable_prefix_caching=config.enable_prefix_caching),
             self.kv_manager)
-        self.runner = StepRunner(pool, attention_backend=self.registry.attention_backend,
-                                 moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
-                                 min_token_bucket=config.min_token_bucket,
-                                 input_device=self.registry.kv_devices[0])
+        if disaggregated:         # one token per dispatch on this path
+            self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket)
+        else:
+            self.runner = StepRunner(self.registry.kv_pool, attention_backend=self.registry.attention_backend,
+                                     moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
+                                     min_token_bucket=config.min_token_bucket,
+                                     input_device=self.registry.kv_devices[0])
         self._parents: dict[str, _Parent] = {}
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
@@ -131,7 +141,7 @@ class LLMEngine:
         return EngineStats(
             num_waiting=self.scheduler.num_waiting(), num_running=self.scheduler.num_running(),
             num_preemptions=self.scheduler.num_preemptions,
-            kv_pages_total=self.registry.kv_pool.layout.num_pages, kv_pages_free=self.kv_manager.num_free_pages(),
+            kv_pages_total=self.registry.kv_layout.num_pages, kv_pages_free=self.kv_manager.num_free_pages(),
             kv_pages_used_by_model=self.kv_manager.pages_used_by_model(),
             models=self.registry.model_stats(), swaps_in=wstats.swaps_in, swaps_out=wstats.swaps_out,
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps)

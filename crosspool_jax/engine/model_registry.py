@@ -3,6 +3,12 @@
 It loads every checkpoint once, chooses the KV page size that every model can view
 exactly, sizes the global KV pool, and hands out parameter pytrees for a step
 (`acquire`/`release`), letting the weights pool swap cold models' pytrees to host memory.
+
+With mode "crosspool" and disjoint KV and weight devices (e.g. kv_devices=2, weight_devices=2)
+the registry builds the disaggregated arena instead (`self.arena`, crosspool_jax/disagg): the
+KV pages and every model's attention side on the KV devices, every model's expert shard on
+the weight devices; there is no `KVPool` (`kv_pool` is None; `kv_layout` sizes the pages) and
+no host swapping of weights on this path yet (weights_pool_bytes must be None).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import jax
 
 from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
+from crosspool_jax.disagg import Arena, build_multi_arena, make_multi_layout
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
@@ -72,6 +79,12 @@ class ModelRegistry:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.kv_devices, self.weight_devices = _engine_devices(config)
+        self.disaggregated = not set(self.kv_devices) & set(self.weight_devices)
+        if self.disaggregated and config.weights_pool_bytes is not None:
+            raise ValueError(f"weights_pool_bytes={config.weights_pool_bytes} with a crosspool device split: the "
+                             "disaggregated path keeps every model's experts resident on the weight devices "
+                             "(no host swapping there yet); leave weights_pool_bytes unset")
+        self.arena: Optional[Arena] = None
         # "auto" is resolved inside each kernel seam, per call: the Pallas kernel where the
         # platform and the model's geometry allow it, the reference otherwise.
         self.attention_backend = config.attention_backend
@@ -82,16 +95,37 @@ class ModelRegistry:
         # Every model's FFN pytree lives in the weights pool; beyond weights_pool_bytes the
         # least recently used ones are swapped to host memory and come back on demand.
         self.weights = WeightsPool(config.weights_pool_bytes, lambda model, path, shape: weight_sharding)
+        loaded = {}                                           # kept only to build the arena
         for name, path in config.models.items():
-            self._add(name, str(path), self._load(name, str(path)))
+            model = self._load(name, str(path))
+            self._add(name, str(path), model)
+            if self.disaggregated:
+                loaded[name] = model
         kv_rows = [e.config.num_kv_heads * e.config.head_dim for e in self._entries.values()]
         page_elems = config.page_elems or choose_page_elems(kv_rows)
         for entry in self._entries.values():
             entry.tokens_per_page = tokens_per_page(page_elems, entry.config.num_kv_heads, entry.config.head_dim)
         layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
-        self.kv_pool = KVPool(layout, self.kv_devices)
+        self.kv_layout = layout
+        if self.disaggregated:
+            self.kv_pool = None
+            self.arena = self._build_arena(loaded, layout)
+        else:
+            self.kv_pool = KVPool(layout, self.kv_devices)
         log.info("KV pool: %d pages of %d bytes on %d device(s)", layout.num_pages, layout.page_bytes,
                  layout.num_devices)
+
+    def _build_arena(self, loaded: dict, layout: KVPoolLayout) -> Arena:
+        """The disaggregated arena: shared pages + every model's halves (raises naming an unsupported model)."""
+        arena_layout = make_multi_layout({n: m.config for n, m in loaded.items()}, n_kv=len(self.kv_devices),
+                                         n_w=len(self.weight_devices), pages_per_device=layout.pages_per_device,
+                                         page_elems=layout.page_elems, dtype=self.config.dtype,
+                                         devices=list(self.kv_devices) + list(self.weight_devices))
+        array = build_multi_arena({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()}, arena_layout)
+        self._kv_params = {n: None for n in loaded}          # the arena holds them now
+        log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row", arena_layout.n_kv,
+                 arena_layout.n_w, arena_layout.arena_elems)
+        return Arena(arena_layout, array)
 
     def _load(self, name: str, path: str):
         if os.path.exists(os.path.join(path, RANDOM_WEIGHTS_MARKER)):
@@ -119,7 +153,8 @@ class ModelRegistry:
         self._entries[name] = ModelEntry(name, path, cfg, loaded.tokenizer, gen, tuple(sorted(eos)), max_len,
                                          weights_bytes=weights_bytes)
         self._kv_params[name] = loaded.kv_params
-        self.weights.register(name, loaded.ffn_params)
+        if not self.disaggregated:
+            self.weights.register(name, loaded.ffn_params)
 
     def _pool_bytes(self) -> int:
         if self.config.kv_pool_bytes is not None:
@@ -147,7 +182,7 @@ class ModelRegistry:
     def static_page_caps(self) -> dict:
         """mode="static": each model owns an equal, fixed share of the pool (a whole number of
         its blocks), the per-model worst-case reservation that static partitioning makes."""
-        share = self.kv_pool.layout.num_pages // len(self._entries)
+        share = self.kv_layout.num_pages // len(self._entries)
         return {e.name: share - share % e.config.num_layers for e in self._entries.values()}
 
     def geometries(self) -> list[ModelKVGeometry]:
@@ -156,20 +191,26 @@ class ModelRegistry:
 
     def prefetch(self, name: str) -> None:
         """Start bringing a swapped-out model's FFN weights back (a request for it was admitted)."""
-        self.weights.prefetch(name)
+        if not self.disaggregated:
+            self.weights.prefetch(name)
 
     def acquire(self, name: str) -> tuple[dict, dict]:
-        """(kv_params, ffn_params) of a model for one step; swaps its FFN pytree in if it is out."""
+        """(kv_params, ffn_params) of a model for one step; swaps its FFN pytree in if it is out.
+        (None, None) on the disaggregated path: both halves live in the arena."""
+        if self.disaggregated:
+            return None, None
         return self._kv_params[name], self.weights.acquire(name)
 
     def release(self, name: str) -> None:
-        self.weights.release(name)
+        if not self.disaggregated:
+            self.weights.release(name)
 
     def weights_stats(self):
         return self.weights.stats()
 
     def model_stats(self) -> dict:
-        return {e.name: {"resident": self.weights.is_resident(e.name), "weights_bytes": e.weights_bytes,
+        return {e.name: {"resident": self.disaggregated or self.weights.is_resident(e.name),
+                         "weights_bytes": e.weights_bytes,
                          "max_model_len": e.max_model_len}
                 for e in self._entries.values()}
 
@@ -179,16 +220,18 @@ def _engine_devices(config: EngineConfig) -> tuple[list, list]:
 
     Without explicit kv_devices/weight_devices the engine runs on one device (both roles:
     the degenerate CrossPool case, and the single device of the shared/static baselines).
-    Disjoint multi-device pools (crosspool_jax/disagg) are not wired into the engine yet:
-    asking for them raises rather than silently running something else.
+    mode "crosspool" with disjoint pools runs the disaggregated step (crosspool_jax/disagg).
+    Multi-device shared/static baselines are not wired in yet: asking for them raises rather
+    than silently running something else.
     """
     if config.kv_devices is None and config.weight_devices is None:
         device = jax.devices()[0]
         return [device], [device]
     roles = resolve_device_roles(config.mode, config.kv_devices, config.weight_devices)
-    if len(roles.kv_devices) == 1 and roles.kv_devices == roles.weight_devices:
+    if roles.is_degenerate or (config.mode == "crosspool" and not set(roles.kv_devices) & set(roles.weight_devices)):
         return list(roles.kv_devices), list(roles.weight_devices)
     raise ValueError(
         f"mode={config.mode!r} with kv_devices={[d.id for d in roles.kv_devices]} and "
-        f"weight_devices={[d.id for d in roles.weight_devices]}: the engine serves from one device for "
-        "now; the disaggregated multi-device step lives in crosspool_jax/disagg and is not wired in yet")
+        f"weight_devices={[d.id for d in roles.weight_devices]}: only mode='crosspool' with disjoint KV and "
+        "weight devices (the disaggregated step) or one device is wired in; the multi-device "
+        f"{config.mode!r} baseline is not")

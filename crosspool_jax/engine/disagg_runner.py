@@ -1,0 +1,138 @@
+"""The CrossPool runner: one model's scheduled chunks -> one disaggregated step over the arena.
+
+The `StepRunner.run` contract (runner.py) on the disaggregated path (crosspool_jax/disagg):
+the KV pool and every model's attention side live in the KV devices' arena rows, every
+model's experts in the weight devices' rows, and one jitted `disagg_step` per model (its
+config static) runs all layers across both pools.
+
+Per call: each chunk's global page ids (the engine's `PageAllocator`: device = id //
+pages_per_device) must all be on one KV device (the KV manager's sticky placement); they
+become that device's local ids (id % pages_per_device) and the chunks are grouped by device
+(`disagg.build_disagg_inputs`; two micro-batches when some device has two sequences or more,
+else one, unless the runner fixes it). The step donates the arena; then ONE jitted call
+gathers the sampled rows' logits and runs the engine's sampler (`sampler.sample`).
+
+Multi-step decode is not done on this path: a chunk scheduled for k > 1 decode steps gets one
+token per dispatch (the scheduler accepts 1..k).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from crosspool_jax.disagg import Arena, build_disagg_inputs, disagg_step
+from crosspool_jax.engine import sampler as sampler_lib
+from crosspool_jax.engine import sampling_metadata as smeta
+from crosspool_jax.engine.runner import RunnerStats, SampledToken, _unpack
+from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
+
+
+@dataclasses.dataclass
+class _LocalChunk:
+    """A scheduled chunk as `build_step_inputs` reads it, with its KV device's local page ids."""
+
+    request: object
+    start: int
+    num_tokens: int
+    token_ids: Sequence[int]
+    page_table: np.ndarray        # int32 [L, blocks] local page ids
+
+
+@functools.partial(jax.jit, static_argnames=("num_logprobs",))
+def _sample_rows(logits_NRV, rows_S, meta, output_counts_SV, prompt_mask_SV, *, num_logprobs):
+    """Sample the flat rows `rows_S` of the step's logits [n_kv, M*S, V] (one dispatch)."""
+    logits_SV = logits_NRV.reshape(-1, logits_NRV.shape[-1])[rows_S]
+    return sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
+
+
+class DisaggRunner:
+    """Runs the models' disaggregated step programs against one `disagg.Arena`."""
+
+    def __init__(self, arena: Arena, *, min_token_bucket: int = 16, num_microbatches: Optional[int] = None,
+                 exchange: str = "p2p"):
+        if num_microbatches not in (None, 1, 2):
+            raise ValueError(f"DisaggRunner.num_microbatches must be 1, 2 or None (auto), got {num_microbatches!r}")
+        if exchange not in ("p2p", "collective"):
+            raise ValueError(f"DisaggRunner.exchange must be 'p2p' or 'collective', got {exchange!r}")
+        self.arena = arena
+        self.min_token_bucket = min_token_bucket
+        self.num_microbatches = num_microbatches
+        self.exchange = exchange
+        self.stats = RunnerStats()
+        self._program_keys: set = set()
+
+    def _count_program(self, key) -> None:
+        if key not in self._program_keys:
+            self._program_keys.add(key)
+            self.stats.compiled_programs = len(self._program_keys)
+
+    def group_by_device(self, model_name: str, chunks: Sequence) -> tuple[list[list[_LocalChunk]], list[tuple]]:
+        """(local chunks per KV device, (device, index on it) of each chunk in order)."""
+        layout = self.arena.layout
+        P = layout.pages_per_device
+        per_device = [[] for _ in range(layout.n_kv)]
+        where = []
+        for c in chunks:
+            table = np.asarray(c.page_table, np.int32)
+            if table.size == 0:
+                raise ValueError(f"request {c.request.request_id} of model {model_name!r} holds no KV pages")
+            devices = np.unique(table // P)
+            if len(devices) != 1 or not 0 <= devices[0] < layout.n_kv:
+                raise ValueError(f"request {c.request.request_id} of model {model_name!r} has pages on KV "
+                                 f"devices {devices.tolist()}; the disaggregated step needs all of a request's "
+                                 f"pages on one of the {layout.n_kv} KV devices (sticky placement)")
+            d = int(devices[0])
+            where.append((d, len(per_device[d])))
+            per_device[d].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, table % P))
+        return per_device, where
+
+    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
+            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
+            allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
+        """One step of `chunks` (all of one model) -> per chunk, one sampled token.
+
+        kv_params, ffn_params, num_steps, stop_ids and allowances are accepted for the
+        StepRunner contract and unused: the weights are in the arena, one token per dispatch."""
+        del kv_params, ffn_params, num_steps, stop_ids, allowances
+        t0 = time.perf_counter()
+        layout = self.arena.layout.model(model_name)
+        if tokens_per_page != layout.tokens_per_page:
+            raise ValueError(f"model {model_name!r}: the engine's tokens_per_page {tokens_per_page} differs from "
+                             f"the arena's {layout.tokens_per_page}")
+        per_device, where = self.group_by_device(model_name, chunks)
+        M = self.num_microbatches or (2 if max(len(c) for c in per_device) >= 2 else 1)
+        inputs, logit_rows = build_disagg_inputs(per_device, layout=layout, num_layers=config.num_layers,
+                                                 num_microbatches=M, min_tokens=self.min_token_bucket,
+                                                 min_seqs=MIN_SEQS_BUCKET, min_pages=MIN_PAGES_BUCKET)
+        R = inputs.logits_indices_S.shape[2] * M           # logit rows per KV device
+        S = bucket(len(chunks), MIN_SEQS_BUCKET)
+        rows_S = np.zeros(S, np.int32)
+        for i, (d, j) in enumerate(where):
+            rows_S[i] = d * R + logit_rows[d][j]
+        num_logprobs = smeta.max_logprobs(rows)
+        penalties = smeta.needs_penalties(rows)
+        sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
+        counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
+                               else (None, None))
+        self._count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape))
+        self._count_program(("sample", S, config.vocab_size, R * layout.n_kv, num_logprobs, penalties))
+        t1 = time.perf_counter()
+        arena = self.arena.take()
+        try:
+            arena, logits_NRV = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M,
+                                            exchange=self.exchange)
+        finally:
+            self.arena.put(arena)
+        out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)
+        outs = jax.device_get(jax.tree.map(lambda a: a[None], out))
+        t2 = time.perf_counter()
+        self.stats.steps += 1
+        self.stats.host_prepare_seconds += t1 - t0
+        self.stats.device_seconds += t2 - t1
+        self.stats.decode_tokens_per_dispatch_max = max(self.stats.decode_tokens_per_dispatch_max, 1)
+        return _unpack(outs, 1, len(chunks), num_logprobs)
