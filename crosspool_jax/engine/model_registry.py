@@ -234,4 +234,4 @@ def _engine_devices(config: EngineConfig) -> tuple[list, list]:
         f"mode={config.mode!r} with kv_devices={[d.id for d in roles.kv_devices]} and "
         f"weight_devices={[d.id for d in roles.weight_devices]}: only mode='crosspool' with disjoint KV and "
         "weight devices (the disaggregated step) or one device is wired in; the multi-device "
-        f"{config.mode!r} baseline is not")
+        f"{config.mode!r} baseline is not wired in yet")

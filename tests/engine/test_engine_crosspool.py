@@ -1,0 +1,125 @@
+"""The engine with a CrossPool device split (the disaggregated step) on 8 simulated devices.
+
+A mixed batch of two MoE families (Mixtral: K*H 16, Qwen3-MoE: K*H 32, so they view the
+shared pages differently) must give the single-device engine's greedy tokens for splits
+1+1, 2+2, 4+4 and 6+2; requests sit on one KV device each and spread over the pool; the
+pool comes back empty; a small pool preempts without changing outputs; prefix caching is
+hit; unsupported models and weights_pool_bytes are refused at construction.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from crosspool_jax import LLM, SamplingParams
+from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model
+from crosspool_jax.engine.disagg_runner import DisaggRunner
+from crosspool_jax.engine.request import Request
+
+FAMILIES = ["mixtral", "qwen3_moe"]
+MAX_TOKENS = 6
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+# one token bucket (64) and prompts under 58 tokens: one program shape per model and split
+ENGINE = dict(dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64,
+              max_decode_steps=4)
+SPLITS = [(1, 1), (2, 2), (4, 4), (6, 2)]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    dirs = {}
+    for i, family in enumerate(FAMILIES + ["llama"]):
+        path = tmp_path_factory.mktemp(family)
+        make_tiny_hf_model(family, str(path), seed=300 + i)
+        dirs[family] = str(path)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def shared(model_dirs):
+    return LLM({f: model_dirs[f] for f in FAMILIES}, mode="shared", **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
+    lengths = [5, 17, 40, 3, 30, 9, 52, 24]
+    prompts = [rng.integers(1, 250, n).tolist() for n in lengths]
+    models = [FAMILIES[i % 2] for i in range(len(prompts))]
+    prompts[5] = prompts[2][:36] + prompts[5]     # shares a full block (G=32 for Mixtral) with prompt 2
+    models[5] = models[2]
+    return prompts, models
+
+
+def _tokens(outs):
+    for o in outs:
+        assert o.error is None and o.finished
+        assert o.outputs[0].finish_reason == "length"
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("n_kv,n_w", SPLITS)
+def test_split_matches_single_device_engine(model_dirs, shared, batch, n_kv, n_w):
+    prompts, models = batch
+    want = _tokens(shared.generate(prompts, GREEDY, model=models))
+    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=n_kv, weight_devices=n_w,
+              **ENGINE)
+    engine = llm.engine
+    assert isinstance(engine.runner, DisaggRunner)
+    assert engine.registry.kv_pool is None and engine.registry.arena.layout.n_kv == n_kv
+    # first step by hand: every request's pages on one KV device, the requests spread
+    for i, (p, m) in enumerate(zip(prompts, models)):
+        engine.add_request(f"r{i}", m, p, GREEDY)
+    engine.step()
+    homes = []
+    for i in range(len(prompts)):
+        req = engine.scheduler.get_request(f"r{i}")
+        devices = {b.device for b in engine.kv_manager.blocks_of(req)}
+        assert len(devices) <= 1
+        homes += list(devices)
+    assert len(set(homes)) == min(n_kv, len(homes))
+    used = engine.stats().kv_pages_used_by_model
+    assert all(used[f] > 0 for f in FAMILIES)
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out
+    assert _tokens([got[f"r{i}"] for i in range(len(prompts))]) == want
+    # the finished requests' full blocks stay cached, each chain on one device
+    probe = Request("probe", models[2], prompts[2], GREEDY)
+    hits, num_cached = engine.kv_manager.get_computed_blocks(probe)
+    assert num_cached == 32 and len({b.device for b in hits}) == 1
+    # and through the API again (cache hits on their devices): outputs unchanged
+    assert _tokens(llm.generate(prompts, GREEDY, model=models)) == want
+    stats = engine.stats()
+    assert stats.kv_pages_free == stats.kv_pages_total
+    assert stats.kv_pages_used_by_model == {f: 0 for f in FAMILIES}
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.compiled_programs <= 8
+
+
+def test_small_pool_preempts_and_outputs_unchanged(model_dirs, shared, batch):
+    prompts, models = batch
+    want = _tokens(shared.generate(prompts, GREEDY, model=models))
+    # 2 KV devices of 8 pages: a 52-token Qwen3 prompt needs 8 pages of its device
+    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
+              enable_prefix_caching=False, **{**ENGINE, "kv_pool_bytes": 2 * 8 * 2 * 512 * 4})
+    assert llm.engine.registry.kv_layout.pages_per_device == 8
+    assert _tokens(llm.generate(prompts, GREEDY, model=models)) == want
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.kv_pages_free == stats.kv_pages_total
+
+
+def test_refused_at_construction(model_dirs):
+    with pytest.raises(ValueError, match="model 'dense' cannot run on the disaggregated step"):
+        LLM({"mixtral": model_dirs["mixtral"], "dense": model_dirs["llama"]}, mode="crosspool",
+            kv_devices=2, weight_devices=2, **ENGINE)
+    with pytest.raises(ValueError, match="weights_pool_bytes"):
+        LLM({"mixtral": model_dirs["mixtral"]}, mode="crosspool", kv_devices=1, weight_devices=1,
+            weights_pool_bytes=1 << 20, **ENGINE)
+    with pytest.raises(ValueError, match="'shared' baseline is not wired in yet"):
+        LLM({"mixtral": model_dirs["mixtral"]}, mode="shared", kv_devices=2, **ENGINE)
