@@ -3,10 +3,11 @@
 A mixed batch of two MoE families (Mixtral: K*H 16, Qwen3-MoE: K*H 32, so they view the
 shared pages differently) must give the single-device engine's greedy tokens for splits
 1+1, 2+2, 4+4 and 6+2; requests sit on one KV device each and spread over the pool; the
-pool comes back empty; a small pool preempts without changing outputs; prefix caching is
+pool comes back empty; seeded sampling with logprobs matches too; a small pool preempts without changing outputs; prefix caching is
 hit; unsupported models and weights_pool_bytes are refused at construction.
 """
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from crosspool_jax.engine.request import Request
 FAMILIES = ["mixtral", "qwen3_moe"]
 MAX_TOKENS = 6
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed=7, logprobs=2, ignore_eos=True)
 # one token bucket (64) and prompts under 58 tokens: one program shape per model and split
 ENGINE = dict(dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64,
               max_decode_steps=4)
@@ -53,6 +55,13 @@ def batch():
     return prompts, models
 
 
+@pytest.fixture(scope="module")
+def expected(shared, batch):
+    """The single-device engine's greedy tokens and seeded outputs (computed once)."""
+    prompts, models = batch
+    return _tokens(shared.generate(prompts, GREEDY, model=models)), shared.generate(prompts, SEEDED, model=models)
+
+
 def _tokens(outs):
     for o in outs:
         assert o.error is None and o.finished
@@ -61,9 +70,9 @@ def _tokens(outs):
 
 
 @pytest.mark.parametrize("n_kv,n_w", SPLITS)
-def test_split_matches_single_device_engine(model_dirs, shared, batch, n_kv, n_w):
+def test_split_matches_single_device_engine(model_dirs, batch, expected, n_kv, n_w):
     prompts, models = batch
-    want = _tokens(shared.generate(prompts, GREEDY, model=models))
+    want, want_seeded = expected
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=n_kv, weight_devices=n_w,
               **ENGINE)
     engine = llm.engine
@@ -92,8 +101,14 @@ def test_split_matches_single_device_engine(model_dirs, shared, batch, n_kv, n_w
     probe = Request("probe", models[2], prompts[2], GREEDY)
     hits, num_cached = engine.kv_manager.get_computed_blocks(probe)
     assert num_cached == 32 and len({b.device for b in hits}) == 1
-    # and through the API again (cache hits on their devices): outputs unchanged
-    assert _tokens(llm.generate(prompts, GREEDY, model=models)) == want
+    # through the API again (cache hits on their devices), seeded sampling with logprobs:
+    # the single-device engine's tokens and logprobs
+    got_seeded = llm.generate(prompts, SEEDED, model=models)
+    assert _tokens(got_seeded) == _tokens(want_seeded)
+    for g, w in zip(got_seeded, want_seeded):
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys()
+            assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 for t in lg)
     stats = engine.stats()
     assert stats.kv_pages_free == stats.kv_pages_total
     assert stats.kv_pages_used_by_model == {f: 0 for f in FAMILIES}
@@ -101,9 +116,9 @@ def test_split_matches_single_device_engine(model_dirs, shared, batch, n_kv, n_w
     assert stats.compiled_programs <= 8
 
 
-def test_small_pool_preempts_and_outputs_unchanged(model_dirs, shared, batch):
+def test_small_pool_preempts_and_outputs_unchanged(model_dirs, batch, expected):
     prompts, models = batch
-    want = _tokens(shared.generate(prompts, GREEDY, model=models))
+    want = expected[0]
     # 2 KV devices of 8 pages: a 52-token Qwen3 prompt needs 8 pages of its device
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
               enable_prefix_caching=False, **{**ENGINE, "kv_pool_bytes": 2 * 8 * 2 * 512 * 4})
@@ -112,6 +127,12 @@ def test_small_pool_preempts_and_outputs_unchanged(model_dirs, shared, batch):
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0
     assert stats.kv_pages_free == stats.kv_pages_total
+    # a request whose pages span KV devices (spread placement) is refused, not run wrongly
+    req = Request("spread", "mixtral", prompts[0], GREEDY)
+    chunk = SimpleNamespace(request=req, start=0, num_tokens=5, token_ids=prompts[0][:5],
+                            page_table=[[1, 9], [2, 10]])       # device 0 and device 1 (8 pages each)
+    with pytest.raises(ValueError, match="pages on KV devices \\[0, 1\\].*sticky"):
+        llm.engine.runner.group_by_device("mixtral", [chunk])
 
 
 def test_refused_at_construction(model_dirs):
