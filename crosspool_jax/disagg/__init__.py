@@ -1,8 +1,10 @@
 """CrossPool disaggregation prototype: KV devices and weight devices in ONE step program.
 
-`layout.py` (what sits where in each device's arena row; `make_multi_layout` for several models
-sharing one pages region), `arena.py` (packing models into the arena; `Arena` owns it), `inputs.py` (per-device, per-micro-batch step inputs), `pipeline.py` (the jitted
-ping-pong step), `report.py` (bytes moved per layer, CPU step times).
+`layout.py` (what sits where in each device's arena row; `make_multi_layout` for several
+models sharing one pages region), `arena.py` (packing models into the arena; `Arena` owns
+it), `inputs.py` (per-device, per-micro-batch step inputs), `pipeline.py` (the jitted
+ping-pong step), `report.py` (bytes moved per layer, CPU step times). The engine runs it
+through `engine/disagg_runner.py` for mode "crosspool" with a device split.
 """
 from crosspool_jax.disagg.arena import Arena, build_arena, build_multi_arena, expert_shard, host_rows
 from crosspool_jax.disagg.inputs import build_disagg_inputs, split_microbatches

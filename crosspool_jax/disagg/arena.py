@@ -10,6 +10,7 @@ models into one arena (a `MultiArenaLayout`); `Arena` owns the live array betwee
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Optional
 
 import jax
@@ -77,9 +78,8 @@ def _fill_model(rows: list, kv_params: dict, ffn_params: dict, layout: ArenaLayo
     if set(ffn_params) != {"moe"}:
         raise ValueError(f"build_arena: ffn_params must hold only 'moe' stacks, got {sorted(ffn_params)}")
     kv_leaves = _flat({k: kv_params[k] for k in ("embed", "attn", "final")})
-    _fill(rows[0], layout, "kv", kv_leaves)
-    for row in rows[1:layout.n_kv]:
-        row[:] = rows[0]
+    for row in rows[:layout.n_kv]:             # the pages region is never touched on the host
+        _fill(row, layout, "kv", kv_leaves)
     host_moe = {k: np.asarray(v) for k, v in ffn_params["moe"].items()}
     for j in range(layout.n_w):
         _fill(rows[layout.n_kv + j], layout, "w", _flat({"moe": weight_device_leaves(host_moe, layout, j)}))
@@ -108,9 +108,27 @@ def multi_host_rows(params: Mapping[str, tuple], layout: MultiArenaLayout) -> li
     return rows
 
 
-def _place(rows: list, layout) -> jax.Array:
+def _pages_end(layout: ArenaLayout) -> int:
+    v = layout.slot("kv", "pages/v_PX")
+    return v.offset + v.size
+
+
+@functools.partial(jax.jit, static_argnames=("pages_end",))
+def _with_zero_pages(tail_1X: jax.Array, *, pages_end: int) -> jax.Array:
+    return jnp.concatenate([jnp.zeros((1, pages_end), tail_1X.dtype), tail_1X], axis=1)
+
+
+def _place(rows: list, layout: ArenaLayout) -> jax.Array:
+    """One shard per device; a KV row's zero pages are made on its device (only the parameter
+    tail crosses from the host), so a large pool costs no host memory or transfer."""
     mesh_devices = list(layout.mesh().devices.reshape(-1))
-    shards = jax.device_put([r[None, :] for r in rows], mesh_devices)
+    end = _pages_end(layout)
+    shards = []
+    for d, (row, device) in enumerate(zip(rows, mesh_devices)):
+        if d < layout.n_kv:
+            shards.append(_with_zero_pages(jax.device_put(row[None, end:], device), pages_end=end))
+        else:
+            shards.append(jax.device_put(row[None, :], device))
     return jax.make_array_from_single_device_arrays((layout.num_devices, layout.arena_elems),
                                                     layout.sharding(), shards)
 

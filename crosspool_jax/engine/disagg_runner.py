@@ -25,7 +25,11 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from crosspool_jax.disagg import Arena, build_disagg_inputs, disagg_step
+# modules, not names: crosspool_jax.disagg imports engine.step_inputs, so either package may
+# be the one still initializing when the other imports it
+from crosspool_jax.disagg import inputs as disagg_inputs
+from crosspool_jax.disagg import pipeline as disagg_pipeline
+from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
 from crosspool_jax.engine.runner import RunnerStats, SampledToken, _unpack
@@ -106,9 +110,9 @@ class DisaggRunner:
                              f"the arena's {layout.tokens_per_page}")
         per_device, where = self.group_by_device(model_name, chunks)
         M = self.num_microbatches or (2 if max(len(c) for c in per_device) >= 2 else 1)
-        inputs, logit_rows = build_disagg_inputs(per_device, layout=layout, num_layers=config.num_layers,
-                                                 num_microbatches=M, min_tokens=self.min_token_bucket,
-                                                 min_seqs=MIN_SEQS_BUCKET, min_pages=MIN_PAGES_BUCKET)
+        inputs, logit_rows = disagg_inputs.build_disagg_inputs(
+            per_device, layout=layout, num_layers=config.num_layers, num_microbatches=M,
+            min_tokens=self.min_token_bucket, min_seqs=MIN_SEQS_BUCKET, min_pages=MIN_PAGES_BUCKET)
         R = inputs.logits_indices_S.shape[2] * M           # logit rows per KV device
         S = bucket(len(chunks), MIN_SEQS_BUCKET)
         rows_S = np.zeros(S, np.int32)
@@ -124,8 +128,8 @@ class DisaggRunner:
         t1 = time.perf_counter()
         arena = self.arena.take()
         try:
-            arena, logits_NRV = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M,
-                                            exchange=self.exchange)
+            arena, logits_NRV = disagg_pipeline.disagg_step(arena, inputs, layout=layout, config=config,
+                                                            num_microbatches=M, exchange=self.exchange)
         finally:
             self.arena.put(arena)
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)

@@ -21,7 +21,8 @@ import jax
 
 from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
-from crosspool_jax.disagg import Arena, build_multi_arena, make_multi_layout
+from crosspool_jax.disagg.arena import Arena, build_multi_arena   # submodules: disagg imports engine.step_inputs
+from crosspool_jax.disagg.layout import make_multi_layout
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry

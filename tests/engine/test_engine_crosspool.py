@@ -3,8 +3,9 @@
 A mixed batch of two MoE families (Mixtral: K*H 16, Qwen3-MoE: K*H 32, so they view the
 shared pages differently) must give the single-device engine's greedy tokens for splits
 1+1, 2+2, 4+4 and 6+2; requests sit on one KV device each and spread over the pool; the
-pool comes back empty; seeded sampling with logprobs matches too; a small pool preempts without changing outputs; prefix caching is
-hit; unsupported models and weights_pool_bytes are refused at construction.
+pool comes back empty; seeded sampling with logprobs matches too; a small pool preempts
+without changing outputs; prefix caching is hit; unsupported models and weights_pool_bytes
+are refused at construction.
 """
 import os
 from types import SimpleNamespace
