@@ -30,9 +30,9 @@ from typing import Optional, Sequence, Union
 
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
+from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.request import Request, RequestStatus
-from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.runner import StepRunner
 from crosspool_jax.engine.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig

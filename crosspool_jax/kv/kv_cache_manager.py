@@ -393,6 +393,12 @@ class KVCacheManager:
         view.flags.writeable = False
         return view
 
+    def home_device(self, request) -> Optional[int]:
+        """With sticky placement, the KV device holding all of the request's blocks (None when it
+        holds none, or with spread placement). A scheduler choosing preemption victims for a
+        request should prefer those with the same home: only their pages make room for it."""
+        return self._home_device(self._blocks.get(request.request_id, ()))
+
     def blocks_of(self, request) -> list[KVBlock]:
         return list(self._blocks.get(request.request_id, []))
 

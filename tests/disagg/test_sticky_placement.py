@@ -47,6 +47,7 @@ def test_spread_default_crosses_devices_sticky_does_not():
         r = Request("r", "a", [random.randrange(1, 99) for _ in range(40)], PARAMS)
         assert grow(kv, r, 40)                                # 10 blocks of 2 pages
         assert len(devices_of(kv, r)) == want
+        assert kv.home_device(r) == (0 if kv is sticky else None)
     # one device holds 24 pages = 12 blocks of model a = 48 tokens
     assert sticky.max_request_tokens("a") == 48 and spread.max_request_tokens("a") == 3 * 48
 
@@ -58,9 +59,10 @@ def test_sticky_admission_picks_most_free_and_growth_stays():
     for i in range(6):
         r = Request(f"r{i}", rng.choice("ab"), [rng.randrange(1, 99) for _ in range(rng.randrange(3, 9))], PARAMS)
         free_before = [kv.num_free_pages(d) for d in range(3)]
+        assert kv.home_device(r) is None
         assert grow(kv, r, r.num_tokens)
         (d,) = devices_of(kv, r)
-        assert free_before[d] == max(free_before)
+        assert free_before[d] == max(free_before) and kv.home_device(r) == d
         reqs.append((r, d))
     for r, d in reqs:                                         # decode growth stays home
         for _ in range(5):
@@ -68,18 +70,23 @@ def test_sticky_admission_picks_most_free_and_growth_stays():
             if not grow(kv, r, 1):
                 break
             assert devices_of(kv, r) == {d}
-    # a request that does not fit on its device fails even when other devices have room
-    full = reqs[0][0]
-    d = reqs[0][1]
-    need = kv.num_free_pages(d) // kv.geometry(full.model).num_layers * kv.geometry(full.model).tokens_per_page
-    assert not kv.allocate_slots(full, need + kv.geometry(full.model).tokens_per_page)
-    assert kv.num_free_pages() > kv.num_free_pages(d)
-    assert kv.can_allocate_all([(full, 1)]) and not kv.can_allocate_all(
-        [(full, need + kv.geometry(full.model).tokens_per_page)])
     for r, _ in reqs:
         kv.free(r)
     assert kv.pages_used_by_model() == {"a": 0, "b": 0}
     kv.reset_prefix_cache()
+    assert kv.allocator.num_free() == kv.allocator.num_total
+
+
+def test_sticky_request_does_not_spill_to_other_devices():
+    kv = make("sticky", caching=False)
+    big = Request("big", "a", [random.randrange(1, 99) for _ in range(40)], PARAMS)
+    assert grow(kv, big, 40)                               # 10 blocks = 20 of device 0's 24 pages
+    assert kv.home_device(big) == 0 and kv.num_free_pages(0) == 4
+    assert kv.can_allocate_all([(big, 8)]) and not kv.can_allocate_all([(big, 12)])
+    assert not kv.allocate_slots(big, 12)                  # 3 more blocks: device 0 has room for 2
+    assert kv.num_free_pages(1) == kv.num_free_pages(2) == 24
+    assert grow(kv, big, 8) and kv.num_free_pages(0) == 0 and devices_of(kv, big) == {0}
+    kv.free(big)
     assert kv.allocator.num_free() == kv.allocator.num_total
 
 
