@@ -32,7 +32,7 @@ from crosspool_jax.disagg import pipeline as disagg_pipeline
 from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.runner import RunnerStats, SampledToken, _unpack
+from crosspool_jax.engine.runner import RunnerStats, SampledToken, unpack_sampled
 from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
 
 
@@ -139,4 +139,4 @@ class DisaggRunner:
         self.stats.host_prepare_seconds += t1 - t0
         self.stats.device_seconds += t2 - t1
         self.stats.decode_tokens_per_dispatch_max = max(self.stats.decode_tokens_per_dispatch_max, 1)
-        return _unpack(outs, 1, len(chunks), num_logprobs)
+        return unpack_sampled(outs, 1, len(chunks), num_logprobs)

@@ -107,7 +107,7 @@ class StepRunner:
         self.stats.device_seconds += t2 - t1
         outs, steps_run = host
         self.stats.decode_tokens_per_dispatch_max = max(self.stats.decode_tokens_per_dispatch_max, int(steps_run))
-        return _unpack(outs, int(steps_run), len(chunks), num_logprobs)
+        return unpack_sampled(outs, int(steps_run), len(chunks), num_logprobs)
 
     def _multi_decode_args(self, config, chunks, S, stop_ids, allowances):
         L = config.num_layers
@@ -131,7 +131,8 @@ class StepRunner:
         return jax.device_put(host, self.input_device)
 
 
-def _unpack(outs, steps_run: int, num_chunks: int, num_logprobs: int) -> list[list[SampledToken]]:
+def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int) -> list[list[SampledToken]]:
+    """Host copies of stacked SamplerOutputs [steps, S, ...] -> per chunk, its sampled tokens."""
     tokens = np.asarray(outs.token_ids_S)
     logprobs = np.asarray(outs.logprob_S)
     top_ids = np.asarray(outs.top_ids_SX) if num_logprobs else None
