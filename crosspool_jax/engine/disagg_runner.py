@@ -68,12 +68,6 @@ class DisaggRunner:
         self.num_microbatches = num_microbatches
         self.exchange = exchange
         self.stats = RunnerStats()
-        self._program_keys: set = set()
-
-    def _count_program(self, key) -> None:
-        if key not in self._program_keys:
-            self._program_keys.add(key)
-            self.stats.compiled_programs = len(self._program_keys)
 
     def group_by_device(self, model_name: str, chunks: Sequence) -> tuple[list[list[_LocalChunk]], list[tuple]]:
         """(local chunks per KV device, (device, index on it) of each chunk in order)."""
@@ -123,8 +117,8 @@ class DisaggRunner:
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
                                else (None, None))
-        self._count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape))
-        self._count_program(("sample", S, config.vocab_size, R * layout.n_kv, num_logprobs, penalties))
+        self.stats.count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape))
+        self.stats.count_program(("sample", S, config.vocab_size, R * layout.n_kv, num_logprobs, penalties))
         t1 = time.perf_counter()
         arena = self.arena.take()
         try:

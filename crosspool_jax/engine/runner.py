@@ -29,11 +29,18 @@ class SampledToken:
 
 @dataclasses.dataclass
 class RunnerStats:
+    """Counters of a runner; compiled_programs counts distinct (model, program, shape, flags) keys."""
+
     compiled_programs: int = 0
     steps: int = 0
     decode_tokens_per_dispatch_max: int = 0
     host_prepare_seconds: float = 0.0
     device_seconds: float = 0.0
+    _program_keys: set = dataclasses.field(default_factory=set, repr=False)
+
+    def count_program(self, key) -> None:
+        self._program_keys.add(key)
+        self.compiled_programs = len(self._program_keys)
 
 
 class StepRunner:
@@ -48,12 +55,6 @@ class StepRunner:
         self.moe_backend = moe_backend
         self.input_device = input_device or pool.devices[0]
         self.stats = RunnerStats()
-        self._program_keys: set = set()
-
-    def _count_program(self, key) -> None:
-        if key not in self._program_keys:
-            self._program_keys.add(key)
-            self.stats.compiled_programs = len(self._program_keys)
 
     def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
             rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
@@ -81,7 +82,7 @@ class StepRunner:
         try:
             if num_steps == 1:
                 inputs = jax.device_put(inputs, self.input_device)
-                self._count_program((model_name, "ragged", shape, num_logprobs, penalties))
+                self.stats.count_program((model_name, "ragged", shape, num_logprobs, penalties))
                 t1 = time.perf_counter()
                 k_buf, v_buf, out = ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, counts,
                                                 prompt_mask, config=config, num_logprobs=num_logprobs,
@@ -92,7 +93,7 @@ class StepRunner:
             else:
                 args = self._multi_decode_args(config, chunks, S, stop_ids, allowances)
                 Pp = args[2].shape[2]
-                self._count_program((model_name, "decode", S, Pp, num_steps, num_logprobs, penalties))
+                self.stats.count_program((model_name, "decode", S, Pp, num_steps, num_logprobs, penalties))
                 t1 = time.perf_counter()
                 k_buf, v_buf, outs, steps_run = multi_decode(
                     kv_params, ffn_params, k_buf, v_buf, *args[:3], args[3], sampling, counts, prompt_mask,
