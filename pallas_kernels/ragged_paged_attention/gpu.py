@@ -136,13 +136,9 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
                                       itemsize=k_pages_PGKH.dtype.itemsize)
     BQ, BK, NS = cfg.q_tokens, cfg.block_k, cfg.num_splits
     M = BQ * Rp
-    items_W8, first_S = work.build_items(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, q_tokens=BQ,
-                                         sliding_window=sliding_window)
+    q_WKMH, items_W8, first_S = work.pack_queries(q_TNH, K, Rp, kv_lens_S, cu_q_lens_S1, num_seqs,
+                                                  q_tokens=BQ, sliding_window=sliding_window)
     W = items_W8.shape[0]
-    q_TKRH = q_TNH.reshape(T, K, R, H)
-    if Rp != R:
-        q_TKRH = jnp.pad(q_TKRH, ((0, 0), (0, 0), (0, Rp - R), (0, 0)))
-    q_WKMH = work.gather_queries(q_TKRH, items_W8, BQ).transpose(0, 2, 1, 3, 4).reshape(W, K, M, H)
     k_PGQ = k_pages_PGKH.reshape(P, G, K * H)
     v_PGQ = v_pages_PGKH.reshape(P, G, K * H)
     pad = max(1, BK // G)

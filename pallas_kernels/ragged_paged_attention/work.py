@@ -53,6 +53,28 @@ def build_items(kv_lens_S, cu_q_lens_S1, num_seqs, *, T, q_tokens, sliding_windo
     return items.astype(jnp.int32), first_S
 
 
+def pack_queries(q_TNH, num_kv_heads, heads_per_kv_padded, kv_lens_S, cu_q_lens_S1, num_seqs, *,
+                 q_tokens, sliding_window):
+    """Work items of `q_tokens` query tokens and their queries, the query heads of one KV head
+    packed together (padded to `heads_per_kv_padded`, a power of two) so that each item's
+    rows form one [M = q_tokens * heads_per_kv_padded, H] tile per KV head.
+
+    -> (q_WKMH, items_W8, first_S); shared by the GPU and TPU kernels.
+    """
+    T, N, H = q_TNH.shape
+    K, Rp = num_kv_heads, heads_per_kv_padded
+    R = N // K
+    items_W8, first_S = build_items(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, q_tokens=q_tokens,
+                                    sliding_window=sliding_window)
+    W = items_W8.shape[0]
+    q_TKRH = q_TNH.reshape(T, K, R, H)
+    if Rp != R:
+        q_TKRH = jnp.pad(q_TKRH, ((0, 0), (0, 0), (0, Rp - R), (0, 0)))
+    q_WKMH = gather_queries(q_TKRH, items_W8, q_tokens).transpose(0, 2, 1, 3, 4).reshape(
+        W, K, q_tokens * Rp, H)
+    return q_WKMH, items_W8, first_S
+
+
 def gather_queries(q_TKRH, items_W8, q_tokens):
     """[W, BQ, K, R, H]: each item's query rows (rows past nq repeat a valid token)."""
     T = q_TKRH.shape[0]
