@@ -63,14 +63,21 @@ class Seq:
 
 def make_seqs(rng: np.random.Generator, n_kv: int, num_layers: int, vocab: int, *, max_seqs: int = 3,
               G: int = 4, blocks: int = 4, empty_device: bool = False) -> list[Seq]:
-    """1..max_seqs sequences per KV device with random prompts and shuffled local pages."""
+    """1..max_seqs sequences per KV device with random prompts and shuffled local pages.
+
+    Device 0 always gets a short prompt (2..5 tokens: a decode by the second step of
+    5-token chunks) and a long one (6..9: still prefilling then), so every test sees
+    decodes and prefill chunks mixed in one step whatever the seed.
+    """
     seqs = []
     for d in range(n_kv):
         if empty_device and d == n_kv - 1:
             continue
         perm = rng.permutation(PAGES_PER_DEVICE)
-        for j in range(int(rng.integers(1, max_seqs + 1))):
-            n = int(rng.integers(2, 10))
+        count = max(2, int(rng.integers(1, max_seqs + 1))) if d == 0 else int(rng.integers(1, max_seqs + 1))
+        for j in range(count):
+            n = int(rng.integers(2, 6)) if (d, j) == (0, 0) else (
+                int(rng.integers(6, 10)) if (d, j) == (0, 1) else int(rng.integers(2, 10)))
             table = perm[j * num_layers * blocks:(j + 1) * num_layers * blocks].reshape(num_layers, blocks)
             seqs.append(Seq(d, [int(t) for t in rng.integers(0, vocab, n)], table))
     return seqs
