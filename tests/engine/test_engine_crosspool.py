@@ -7,7 +7,6 @@ pool comes back empty; seeded sampling with logprobs matches too; a small pool p
 without changing outputs; prefix caching is hit; unsupported models and weights_pool_bytes
 are refused at construction.
 """
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -45,9 +44,9 @@ def shared(model_dirs):
 
 @pytest.fixture(scope="module")
 def batch():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    rng = np.random.default_rng(seed)
+    # a fixed seed: greedy tokens are compared exactly across two summation orders (expert
+    # shards vs one device), so a random near-tie could flip an argmax in some run
+    rng = np.random.default_rng(1234)
     lengths = [5, 17, 40, 3, 30, 9, 52, 24]
     prompts = [rng.integers(1, 250, n).tolist() for n in lengths]
     models = [FAMILIES[i % 2] for i in range(len(prompts))]
