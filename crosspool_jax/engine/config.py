@@ -21,6 +21,8 @@ class EngineConfig:
       reports it, else 256 MiB per KV device.
     weights_pool_bytes: budget of the weights pool; beyond it, the least recently used
       models' FFN pytrees are swapped to host memory. None = no limit.
+    attention_pool_bytes: the same for the attention side (embeddings, attention weights,
+      norms, lm head) on the KV devices. None = no limit.
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
     min_token_bucket: a step's tokens are padded to a power of two at least this; larger
       values mean fewer compiled step programs and more padding.
@@ -34,6 +36,7 @@ class EngineConfig:
     kv_pool_bytes: Optional[int] = None
     kv_memory_fraction: float = 0.5
     weights_pool_bytes: Optional[int] = None
+    attention_pool_bytes: Optional[int] = None
     page_elems: Optional[int] = None
     max_model_len: Optional[int] = None
     max_num_seqs: int = 64
@@ -65,7 +68,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("kv_pool_bytes", "weights_pool_bytes", "max_model_len", "page_elems"):
+        for name in ("kv_pool_bytes", "weights_pool_bytes", "attention_pool_bytes", "max_model_len", "page_elems"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")

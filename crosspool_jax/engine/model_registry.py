@@ -81,21 +81,24 @@ class ModelRegistry:
         self.config = config
         self.kv_devices, self.weight_devices = _engine_devices(config)
         self.disaggregated = not set(self.kv_devices) & set(self.weight_devices)
-        if self.disaggregated and config.weights_pool_bytes is not None:
-            raise ValueError(f"weights_pool_bytes={config.weights_pool_bytes} with a crosspool device split: the "
-                             "disaggregated path keeps every model's experts resident on the weight devices "
-                             "(no host swapping there yet); leave weights_pool_bytes unset")
+        for option in ("weights_pool_bytes", "attention_pool_bytes"):
+            if self.disaggregated and getattr(config, option) is not None:
+                raise ValueError(f"{option}={getattr(config, option)} with a crosspool device split: the "
+                                 "disaggregated path keeps every model's weights resident in its arena "
+                                 f"(no host swapping there yet); leave {option} unset")
         self.arena: Optional[Arena] = None
         # "auto" is resolved inside each kernel seam, per call: the Pallas kernel where the
         # platform and the model's geometry allow it, the reference otherwise.
         self.attention_backend = config.attention_backend
         self.moe_backend = config.moe_backend
         self._entries: dict[str, ModelEntry] = {}
-        self._kv_params: dict[str, dict] = {}
         weight_sharding = jax.sharding.SingleDeviceSharding(self.weight_devices[0])
-        # Every model's FFN pytree lives in the weights pool; beyond weights_pool_bytes the
-        # least recently used ones are swapped to host memory and come back on demand.
+        kv_sharding = jax.sharding.SingleDeviceSharding(self.kv_devices[0])
+        # Every model's FFN pytree lives in the weights pool and its attention side in a
+        # second pool on the KV device; beyond each pool's budget the least recently used
+        # models' pytrees are swapped to host memory and come back on demand.
         self.weights = WeightsPool(config.weights_pool_bytes, lambda model, path, shape: weight_sharding)
+        self.attention_weights = WeightsPool(config.attention_pool_bytes, lambda model, path, shape: kv_sharding)
         loaded = {}                                           # kept only to build the arena
         for name, path in config.models.items():
             model = self._load(name, str(path))
@@ -123,7 +126,6 @@ class ModelRegistry:
                                          page_elems=layout.page_elems, dtype=self.config.dtype,
                                          devices=list(self.kv_devices) + list(self.weight_devices))
         array = build_multi_arena({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()}, arena_layout)
-        self._kv_params = {n: None for n in loaded}          # the arena holds them now
         log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row", arena_layout.n_kv,
                  arena_layout.n_w, arena_layout.arena_elems)
         return Arena(arena_layout, array)
@@ -153,8 +155,8 @@ class ModelRegistry:
         weights_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((loaded.kv_params, loaded.ffn_params)))
         self._entries[name] = ModelEntry(name, path, cfg, loaded.tokenizer, gen, tuple(sorted(eos)), max_len,
                                          weights_bytes=weights_bytes)
-        self._kv_params[name] = loaded.kv_params
-        if not self.disaggregated:
+        if not self.disaggregated:                        # else the arena takes both halves
+            self.attention_weights.register(name, loaded.kv_params)
             self.weights.register(name, loaded.ffn_params)
 
     def _pool_bytes(self) -> int:
@@ -191,29 +193,47 @@ class ModelRegistry:
                 for e in self._entries.values()]
 
     def prefetch(self, name: str) -> None:
-        """Start bringing a swapped-out model's FFN weights back (a request for it was admitted)."""
+        """Start bringing a swapped-out model's weights back (a request for it was admitted)."""
         if not self.disaggregated:
+            self.attention_weights.prefetch(name)
             self.weights.prefetch(name)
 
     def acquire(self, name: str) -> tuple[dict, dict]:
-        """(kv_params, ffn_params) of a model for one step; swaps its FFN pytree in if it is out.
+        """(kv_params, ffn_params) of a model for one step; swaps either half in if it is out.
         (None, None) on the disaggregated path: both halves live in the arena."""
         if self.disaggregated:
             return None, None
-        return self._kv_params[name], self.weights.acquire(name)
+        kv_params = self.attention_weights.acquire(name)
+        try:
+            return kv_params, self.weights.acquire(name)
+        except Exception:
+            self.attention_weights.release(name)
+            raise
 
     def release(self, name: str) -> None:
         if not self.disaggregated:
             self.weights.release(name)
+            self.attention_weights.release(name)
 
-    def weights_stats(self):
-        return self.weights.stats()
+    def weights_stats(self) -> "SwapCounts":
+        """Swaps of both pools (FFN side and attention side) added up."""
+        a, f = self.attention_weights.stats(), self.weights.stats()
+        return SwapCounts(a.swaps_in + f.swaps_in, a.swaps_out + f.swaps_out)
+
+    def is_resident(self, name: str) -> bool:
+        return self.disaggregated or (self.weights.is_resident(name) and self.attention_weights.is_resident(name))
 
     def model_stats(self) -> dict:
-        return {e.name: {"resident": self.disaggregated or self.weights.is_resident(e.name),
+        return {e.name: {"resident": self.is_resident(e.name),
                          "weights_bytes": e.weights_bytes,
                          "max_model_len": e.max_model_len}
                 for e in self._entries.values()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapCounts:
+    swaps_in: int
+    swaps_out: int
 
 
 def _engine_devices(config: EngineConfig) -> tuple[list, list]:

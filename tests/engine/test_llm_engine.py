@@ -246,3 +246,17 @@ def test_static_reservation_limits_one_models_context_shared_pool_does_not(model
         outs[mode] = engine_llm.generate([prompt], GREEDY, model="mixtral")[0]
     assert outs["shared"].error is None and len(outs["shared"].outputs[0].token_ids) == MAX_TOKENS
     assert outs["static"].error is not None
+
+
+def test_attention_pool_budget_swaps_the_attention_side(model_dirs, llm):
+    names = ["mixtral", "olmoe"]
+    prompts = _prompts(10, [6, 9, 7, 5])
+    models = [names[i % 2] for i in range(len(prompts))]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, model=models)]
+    attn_bytes = max(llm.engine.registry.attention_weights.model_bytes(n) for n in names)
+    small = LLM({n: model_dirs[n] for n in names}, dtype="float32", attention_pool_bytes=attn_bytes, **ENGINE)
+    got = [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY, model=models)]
+    assert got == want
+    pool = small.engine.registry.attention_weights
+    assert pool.stats().swaps_in > 0 and pool.bytes_resident <= attn_bytes
+    assert small.engine.stats().swaps_in >= pool.stats().swaps_in
