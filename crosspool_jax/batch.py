@@ -18,6 +18,7 @@ from typing import Optional
 
 from absl import app, flags
 
+from crosspool_jax.model_specs import models_from_specs
 from crosspool_jax.sampling_params import SamplingParams
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -141,30 +142,6 @@ def run_batch(llm, input_path: str, output_path: str, *, default_model: Optional
     return written
 
 
-def shipped_models() -> dict:
-    """Every model folder under the repository's checkpoints/ (name = folder name)."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
-    if not os.path.isdir(root):
-        return {}
-    return {d: os.path.join(root, d) for d in sorted(os.listdir(root))
-            if os.path.isfile(os.path.join(root, d, "config.json"))}
-
-
-def parse_model_flags(values) -> dict:
-    if not values:
-        models = shipped_models()
-        if not models:
-            raise app.UsageError("no --model given and no models under checkpoints/")
-        return models
-    models = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise app.UsageError(f"--model must be NAME=PATH, got {value!r}")
-        models[name] = path
-    return models
-
-
 def _define_flags():
     """The command line's flags (defined only when run as a program, so importing this
     module next to the server, which has flags of the same names, is fine)."""
@@ -184,7 +161,11 @@ def main(argv):
         raise app.UsageError("--input and --output are required")
     from crosspool_jax.api import LLM
 
-    llm = LLM(parse_model_flags(f.model), dtype=f.dtype)
+    try:
+        models = models_from_specs(f.model)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    llm = LLM(models, dtype=f.dtype)
     n = run_batch(llm, f.input, f.output, default_model=f.default_model, chunk_size=f.chunk_size)
     print(f"wrote {n} result lines to {f.output}")
 

@@ -12,13 +12,14 @@ requests finish for up to --shutdown_timeout_s, aborts the rest, and exits 0.
 from __future__ import annotations
 
 import logging
-import pathlib
 import re
 import signal
 import sys
-from typing import Optional, Union
+from typing import Union
 
 from absl import app, flags
+
+from crosspool_jax.model_specs import models_from_specs, parse_models, shipped_models  # noqa: F401 (re-exported)
 
 FLAGS = flags.FLAGS
 
@@ -36,6 +37,8 @@ flags.DEFINE_string("weight_devices", None, "Weights-pool devices: a count or de
 flags.DEFINE_string("kv_pool_bytes", None, "KV pool budget in bytes (suffixes K/M/G/KiB/MiB/GiB).")
 flags.DEFINE_string("weights_pool_bytes", None, "Weights pool budget in bytes; beyond it, "
                     "parameter pytrees are swapped to host memory.")
+flags.DEFINE_string("attention_pool_bytes", None, "Budget of the attention side (embeddings, "
+                    "attention weights) on the KV device; beyond it, swapped to host memory.")
 flags.DEFINE_integer("max_model_len", None, "Context length cap for every model.")
 flags.DEFINE_integer("max_num_seqs", None, "Most sequences in one engine step.")
 flags.DEFINE_integer("max_num_batched_tokens", None, "Most tokens in one engine step.")
@@ -85,41 +88,17 @@ def engine_options(values: dict) -> dict:
     for key in ("kv_devices", "weight_devices"):
         if values.get(key) is not None:
             options[key] = parse_devices(values[key], name=key)
-    for key in ("kv_pool_bytes", "weights_pool_bytes"):
+    for key in ("kv_pool_bytes", "weights_pool_bytes", "attention_pool_bytes"):
         if values.get(key) is not None:
             options[key] = parse_bytes(values[key], name=key)
     return options
 
 
-def parse_models(specs: list[str]) -> dict[str, str]:
-    """['name=path', ...] -> {name: path}, checking names are unique and paths exist."""
-    models: dict[str, str] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise ValueError(f"--model: expected NAME=PATH, got {spec!r}")
-        if name in models:
-            raise ValueError(f"--model: model name {name!r} given twice")
-        if not pathlib.Path(path).exists():
-            raise ValueError(f"--model {name}: path {path!r} does not exist")
-        models[name] = path
-    return models
-
-
-def shipped_models(root: Optional[pathlib.Path] = None) -> dict[str, str]:
-    """Every model folder (holding config.json) under the repository's checkpoints/."""
-    root = root or pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
-    if not root.is_dir():
-        return {}
-    return {p.name: str(p) for p in sorted(root.iterdir())
-            if p.is_dir() and (p / "config.json").is_file()}
-
-
 def _flag_values() -> dict:
     return {name: FLAGS[name].value for name in (
         "dtype", "mode", "kv_devices", "weight_devices", "kv_pool_bytes", "weights_pool_bytes",
-        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "seed")}
+        "attention_pool_bytes", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+        "max_decode_steps", "seed")}
 
 
 def _exit_now(signum, _frame):
@@ -137,7 +116,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _exit_now)
 
     try:
-        models = parse_models(FLAGS.model) if FLAGS.model else shipped_models()
+        models = models_from_specs(FLAGS.model)
         options = engine_options(_flag_values())
     except ValueError as e:
         raise app.UsageError(str(e))

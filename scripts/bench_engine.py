@@ -86,10 +86,10 @@ def main(argv):
     del argv
     import jax
 
-    from crosspool_jax.batch import parse_model_flags
+    from crosspool_jax.model_specs import models_from_specs
     from crosspool_jax.engine.random_models import random_model_dirs
 
-    models = random_model_dirs(_RANDOM.value) if _RANDOM.value else parse_model_flags(_MODELS.value)
+    models = random_model_dirs(_RANDOM.value) if _RANDOM.value else models_from_specs(_MODELS.value)
     rows = [run_once(models, k) for k in _DECODE_STEPS.value]
     head = (f"bench_engine: {_device_name()}, JAX {jax.__version__}, {datetime.date.today()}, "
             f"models={list(models)}, prompt_len={_PROMPT_LEN.value}, max_tokens={_MAX_TOKENS.value}, "

@@ -24,7 +24,7 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
 def main(argv):
     del argv
     from crosspool_jax import LLM, SamplingParams
-    from crosspool_jax.batch import parse_model_flags
+    from crosspool_jax.model_specs import models_from_specs
     from crosspool_jax.engine import runner, step_program
 
     seen = {}
@@ -38,7 +38,7 @@ def main(argv):
 
     runner.ragged_step = capture("ragged_step", step_program.ragged_step)
     runner.multi_decode = capture("multi_decode", step_program.multi_decode)
-    llm = LLM(parse_model_flags(_MODEL.value), dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=4)
+    llm = LLM(models_from_specs(_MODEL.value), dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=4)
     name = llm.model_names[0]
     llm.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), model=name)
     mib = 2 ** 20
