@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from crosspool_jax import LLM, SamplingParams
-from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model
 from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.request import Request
 
@@ -28,13 +27,8 @@ SPLITS = [(1, 1), (2, 2), (4, 4), (6, 2)]
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    dirs = {}
-    for i, family in enumerate(FAMILIES + ["llama"]):
-        path = tmp_path_factory.mktemp(family)
-        make_tiny_hf_model(family, str(path), seed=300 + i)
-        dirs[family] = str(path)
-    return dirs
+def model_dirs(tiny_model_dirs):
+    return {f: tiny_model_dirs[f] for f in FAMILIES + ["llama"]}
 
 
 @pytest.fixture(scope="module")

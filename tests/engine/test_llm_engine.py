@@ -10,7 +10,6 @@ import torch
 import transformers
 
 from crosspool_jax import LLM, SamplingParams
-from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3"]
 MAX_TOKENS = 6
@@ -22,13 +21,8 @@ ENGINE = dict(kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    dirs = {}
-    for i, family in enumerate(FAMILIES):
-        path = tmp_path_factory.mktemp(family)
-        make_tiny_hf_model(family, str(path), seed=100 + i)
-        dirs[family] = str(path)
-    return dirs
+def model_dirs(tiny_model_dirs):
+    return {f: tiny_model_dirs[f] for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
