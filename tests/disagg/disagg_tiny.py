@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.models import ModelConfig, init_random_params
+from crosspool_jax.models import ModelConfig, dense_logits, init_random_params
 
 # Qwen3-MoE style: per-head q/k norms; 8 experts (expert-parallel on 1, 2 or 4 weight devices)
 QWEN3_MOE = {
@@ -91,3 +91,39 @@ def next_chunks(seqs: list[Seq], n_kv: int, max_chunk: int) -> tuple[list, list]
         chunks[s.device].append(Chunk(np.array(s.tokens[s.computed:end], np.int32), s.computed, s.page_table))
         owners[s.device].append((s, end))
     return chunks, owners
+
+
+REF_TOKENS = 256                   # every reference call has this length: one compile per model
+
+
+def reference_last_logits(config, kv, ffn, prefixes):
+    """dense_logits of each prefix's last token, all prefixes packed in one padded call."""
+    tokens = np.zeros(REF_TOKENS, np.int32)
+    segments = np.full(REF_TOKENS, -1, np.int32)
+    positions = np.zeros(REF_TOKENS, np.int32)
+    last, at = [], 0
+    for i, p in enumerate(prefixes):
+        tokens[at:at + len(p)], segments[at:at + len(p)] = p, i
+        positions[at:at + len(p)] = np.arange(len(p))
+        at += len(p)
+        last.append(at - 1)
+    assert at <= REF_TOKENS
+    out = dense_logits(kv, ffn, config, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions))
+    return np.asarray(out)[last]
+
+
+def check_and_advance(logits, owners, logit_rows, rng, config, kv, ffn) -> float:
+    """Relative error of a disagg step's last-token logits against the dense forward; then
+    mark each chunk computed and append a random next token to sequences that finished
+    their prompt (the next step decodes it)."""
+    logits = np.asarray(logits)
+    got, prefixes = [], []
+    for d, per_device in enumerate(owners):
+        for (s, end), row in zip(per_device, logit_rows[d]):
+            got.append(logits[d, row])
+            prefixes.append(s.tokens[:end])
+            s.computed = end
+            if end == len(s.tokens):
+                s.tokens.append(int(rng.integers(0, config.vocab_size)))
+    want = reference_last_logits(config, kv, ffn, prefixes)
+    return float(np.abs(np.stack(got) - want).max() / np.abs(want).max())

@@ -12,8 +12,7 @@ import pytest
 from crosspool_jax.disagg import (Arena, build_disagg_inputs, build_multi_arena, disagg_step,
                                   make_multi_layout)
 from crosspool_jax.models import ModelConfig
-from disagg_tiny import PAGE_ELEMS, make_seqs, model, next_chunks
-from test_pipeline import _reference_last_logits
+from disagg_tiny import PAGE_ELEMS, check_and_advance, make_seqs, model, next_chunks
 
 PAGES = 64                       # each model's sequences take pages from its own half
 
@@ -55,16 +54,7 @@ def test_two_models_share_one_arena(n_kv, n_w, M):
             out, logits = disagg_step(arena.take(), inputs, layout=view, config=config, num_microbatches=M)
             arena.put(out)
             logits = np.asarray(logits)
-            got, prefixes = [], []
-            for d in range(n_kv):
-                for (s, end), row in zip(owners[d], logit_rows[d]):
-                    got.append(logits[d, row])
-                    prefixes.append(s.tokens[:end])
-                    s.computed = end
-                    if end == len(s.tokens):
-                        s.tokens.append(int(rng.integers(0, config.vocab_size)))
-            want = _reference_last_logits(config, kv, ffn, prefixes)
-            err = np.abs(np.stack(got) - want).max() / np.abs(want).max()
+            err = check_and_advance(logits, owners, logit_rows, rng, config, kv, ffn)
             assert err < 1e-5, f"{n} step {step}: relative error {err}"
     after = np.asarray(arena.array)
     np.testing.assert_array_equal(after[n_kv:], before[n_kv:])

@@ -14,27 +14,8 @@ import pytest
 
 from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, make_layout, schedule
 from crosspool_jax.disagg.pipeline import p2p_rounds
-from crosspool_jax.models import dense_logits
-from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, make_seqs, model, next_chunks
-
-REF_TOKENS = 256                   # every reference call has this length: one compile per model
-
-
-def _reference_last_logits(config, kv, ffn, prefixes):
-    """dense_logits of each prefix's last token, all prefixes packed in one padded call."""
-    tokens = np.zeros(REF_TOKENS, np.int32)
-    segments = np.full(REF_TOKENS, -1, np.int32)
-    positions = np.zeros(REF_TOKENS, np.int32)
-    last, at = [], 0
-    for i, p in enumerate(prefixes):
-        tokens[at:at + len(p)], segments[at:at + len(p)] = p, i
-        positions[at:at + len(p)] = np.arange(len(p))
-        at += len(p)
-        last.append(at - 1)
-    assert at <= REF_TOKENS
-    out = dense_logits(kv, ffn, config, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions))
-    return np.asarray(out)[last]
-
+from disagg_tiny import (PAGE_ELEMS, PAGES_PER_DEVICE, check_and_advance, make_seqs, model, next_chunks,
+                         reference_last_logits)
 
 @pytest.mark.parametrize("name,n_kv,n_w,M,exchange", [
     ("qwen3_moe", 1, 1, 1, "p2p"), ("qwen3_moe", 1, 1, 2, "p2p"), ("qwen3_moe", 2, 2, 1, "p2p"),
@@ -66,16 +47,7 @@ def test_steps_match_dense_forward(name, n_kv, n_w, M, exchange):
                                     exchange=exchange)
         logits = np.asarray(logits)
         assert logits.shape == (n_kv, M * 4, config.vocab_size)
-        got, prefixes = [], []
-        for d in range(n_kv):
-            for (s, end), row in zip(owners[d], logit_rows[d]):
-                got.append(logits[d, row])
-                prefixes.append(s.tokens[:end])
-                s.computed = end
-                if end == len(s.tokens):
-                    s.tokens.append(int(rng.integers(0, config.vocab_size)))
-        want = _reference_last_logits(config, kv, ffn, prefixes)
-        err = np.abs(np.stack(got) - want).max() / np.abs(want).max()
+        err = check_and_advance(logits, owners, logit_rows, rng, config, kv, ffn)
         assert err < 1e-5, f"step {step}: relative error {err}"
     after = np.asarray(arena)
     np.testing.assert_array_equal(after[n_kv:], before[n_kv:])        # weight rows untouched
@@ -129,7 +101,7 @@ def test_bfloat16_arena_step_close_to_float32():
     arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=2)
     assert arena.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
     got = np.stack([np.asarray(logits)[d, r] for d in range(2) for r in logit_rows[d]])
-    want = _reference_last_logits(config, kv, ffn, [s.tokens[:end] for d in range(2) for s, end in owners[d]])
+    want = reference_last_logits(config, kv, ffn, [s.tokens[:end] for d in range(2) for s, end in owners[d]])
     assert np.abs(got - want).max() / np.abs(want).max() < 5e-2
 
 
