@@ -17,6 +17,10 @@ prompts share full blocks share those blocks (reference counted). When the last 
 frees a hashed block it stays cached with ref_count 0 ("evictable") until its pages are
 needed, least recently freed first; unhashed blocks go straight back to the allocator.
 
+A model may be pinned to one KV device (`register_model(..., device=d)`): all its blocks
+are then on d whatever the placement (the multi-device `shared`/`static` baselines, where a
+model's weights and KV live on the device it was assigned to).
+
 Optional per-model caps (`register_model(..., max_pages=N)`) bound the pages a model's live
 requests hold: caps summing to at most the pool give a static per-model reservation (the
 "static" baseline); without caps every model draws from the whole pool.
@@ -109,13 +113,16 @@ class KVCacheManager:
         self._evictable_pages = [0] * allocator.num_devices
         self._used_by_model: dict[str, int] = {}               # pages of blocks with ref_count > 0
         self._max_pages: dict[str, Optional[int]] = {}          # per-model cap on live pages
+        self._pinned: dict[str, Optional[int]] = {}             # model -> the KV device it is pinned to
 
     # ----- models ---------------------------------------------------------------------------
-    def register_model(self, geometry: ModelKVGeometry, max_pages: Optional[int] = None) -> None:
+    def register_model(self, geometry: ModelKVGeometry, max_pages: Optional[int] = None,
+                       device: Optional[int] = None) -> None:
         """Declare a model's geometry (idempotent for the same geometry).
 
         max_pages: optional cap on the pages the model's live requests may hold (a static
         per-model reservation when the caps sum to at most the pool); None = the whole pool.
+        device: pin every block of the model to this KV device (None: placement decides).
         """
         if not isinstance(geometry, ModelKVGeometry):
             raise ValueError(f"register_model needs a ModelKVGeometry, got {type(geometry).__name__}")
@@ -129,8 +136,13 @@ class KVCacheManager:
                                       or not geometry.num_layers <= max_pages <= self.allocator.num_total):
             raise ValueError(f"model {geometry.name!r}: max_pages must be an integer in [num_layers="
                              f"{geometry.num_layers}, {self.allocator.num_total}] or None, got {max_pages!r}")
+        if device is not None and (not isinstance(device, int) or isinstance(device, bool)
+                                   or not 0 <= device < self.allocator.num_devices):
+            raise ValueError(f"model {geometry.name!r}: device must be a KV device index in "
+                             f"[0, {self.allocator.num_devices}) or None, got {device!r}")
         self._geometries[geometry.name] = geometry
         self._max_pages[geometry.name] = max_pages
+        self._pinned[geometry.name] = device
         self._used_by_model.setdefault(geometry.name, 0)
 
     def geometry(self, model: str) -> ModelKVGeometry:
@@ -148,7 +160,7 @@ class KVCacheManager:
         whole max_pages)."""
         g = self.geometry(model)
         blocks = self.allocator.pages_per_device // g.num_layers
-        if self.placement == "spread":
+        if self.placement == "spread" and self._pinned[model] is None:
             blocks *= self.allocator.num_devices
         if self._max_pages[model] is not None:
             blocks = min(blocks, self._max_pages[model] // g.num_layers)
@@ -258,7 +270,7 @@ class KVCacheManager:
         if self.exceeds_quota(request, num_new_tokens, new_computed_blocks):
             return False
         plan = self._plan(num_fresh, g.num_layers, new_computed_blocks,
-                          home=self._home_device(blocks or new_computed_blocks))
+                          home=self._home_device(blocks or new_computed_blocks), pinned=self._pinned[request.model])
         if plan is None:
             return False
         owned = self._blocks.setdefault(request.request_id, [])
@@ -293,7 +305,8 @@ class KVCacheManager:
                 if quota[request.model] < 0:
                     return False
             home = self._home_device(self._blocks.get(request.request_id, ()))
-            if self._plan(num_fresh, g.num_layers, (), capacity, home=home) is None:
+            if self._plan(num_fresh, g.num_layers, (), capacity, home=home,
+                          pinned=self._pinned[request.model]) is None:
                 return False
         return True
 
@@ -305,16 +318,23 @@ class KVCacheManager:
         return blocks[0].device if self.placement == "sticky" and blocks else None
 
     def _plan(self, num_fresh: int, L: int, taken: Sequence[KVBlock],
-              capacity: Optional[list[int]] = None, home: Optional[int] = None) -> Optional[list[int]]:
+              capacity: Optional[list[int]] = None, home: Optional[int] = None,
+              pinned: Optional[int] = None) -> Optional[list[int]]:
         """Devices for num_fresh new blocks of L pages each (most capacity first), or None.
         Consumes `capacity` (per-device free + evictable pages) as it plans. Sticky placement
-        puts them all on `home`, or on the device with the most capacity when home is None."""
+        puts them all on `home`, or on the device with the most capacity when home is None;
+        a pinned model's blocks all go to its device."""
         if num_fresh <= 0:
             return []
         capacity = self._capacity() if capacity is None else capacity
         for b in taken:
             if b.ref_count == 0:        # about to leave the evictable set
                 capacity[b.device] -= len(b.pages)
+        if pinned is not None:
+            if capacity[pinned] < num_fresh * L:
+                return None
+            capacity[pinned] -= num_fresh * L
+            return [pinned] * num_fresh
         if self.placement == "sticky":
             device = home if home is not None else max(range(len(capacity)), key=lambda d: (capacity[d], -d))
             if capacity[device] < num_fresh * L:

@@ -67,6 +67,28 @@ def test_geometry_and_registration_validation():
     assert kv.max_request_tokens("a") == 12 * 4 and kv.max_request_tokens("b") == 8 * 2
 
 
+def test_pinned_model_uses_only_its_device():
+    rng = random.Random(5)
+    kv = KVCacheManager(PageAllocator(12, 3), enable_prefix_caching=False)
+    kv.register_model(ModelKVGeometry("a", 2, 4, 256), device=2)
+    kv.register_model(ModelKVGeometry("b", 2, 4, 256))
+    with pytest.raises(ValueError, match="device must be a KV device index in \\[0, 3\\)"):
+        kv.register_model(ModelKVGeometry("c", 2, 4, 64), device=3)
+    # pinned: one device's pages at most, whatever the placement ("spread" here)
+    assert kv.max_request_tokens("a") == 6 * 4 and kv.max_request_tokens("b") == 3 * 6 * 4
+    r = req("r", "a", [rng.randrange(1, 100) for _ in range(20)])     # 5 blocks = 10 pages
+    compute_all(kv, r)
+    assert {b.device for b in kv.blocks_of(r)} == {2}
+    assert kv.num_free_pages(2) == 2 and kv.num_free_pages(0) == kv.num_free_pages(1) == 12
+    big = req("big", "a", [rng.randrange(1, 100) for _ in range(8)])  # 2 more blocks: device 2 is full
+    assert not kv.can_allocate_all([(big, 8)]) and not kv.allocate_slots(big, 8)
+    assert kv.num_free_pages(2) == 2 and kv.blocks_of(big) == []
+    other = req("o", "b", [rng.randrange(1, 100) for _ in range(8)])  # unpinned model still spreads
+    compute_all(kv, other)
+    assert {b.device for b in kv.blocks_of(other)} == {0, 1}
+    pool_pages_accounted(kv)
+
+
 def test_max_pages_caps_a_model_without_side_effects():
     rng = random.Random(23)
     kv = KVCacheManager(PageAllocator(40))
