@@ -50,6 +50,11 @@ flags.DEFINE_integer("max_queue", 1024, "Most unfinished requests the server hol
 flags.DEFINE_string("api_key", None, "If set, /v1/* requests need 'Authorization: Bearer KEY'.")
 flags.DEFINE_float("shutdown_timeout_s", 30.0, "On SIGTERM, how long in-flight requests may "
                    "run before they are aborted.", lower_bound=0.0)
+flags.DEFINE_bool("warmup", True, "Before accepting requests, run one short greedy request per "
+                  "model so its first prefill and decode programs are compiled (first requests "
+                  "then do not wait for compiles).")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache folder: "
+                    "compiled step programs are kept there and reused by the next start.")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
                   "Log level of the server and of uvicorn.")
 
@@ -101,6 +106,25 @@ def _flag_values() -> dict:
         "max_decode_steps", "seed")}
 
 
+def warm_up(engine, *, prompt_tokens: int = 8, max_tokens: int = 2) -> float:
+    """One short greedy request per model through the engine (compiles its first programs);
+    returns the seconds it took. Uses token ids, so models without a tokenizer warm up too."""
+    import time  # noqa: PLC0415
+
+    from crosspool_jax.sampling_params import SamplingParams  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for name in engine.model_names:
+        vocab = engine.registry.get(name).config.vocab_size
+        ids = [(7 * i + 1) % vocab for i in range(min(prompt_tokens, engine.max_model_len(name) - max_tokens))]
+        engine.add_request(f"warmup-{name}", name, {"prompt_token_ids": ids}, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.kv_manager.reset_prefix_cache()
+    return time.perf_counter() - t0
+
+
 def _exit_now(signum, _frame):
     raise SystemExit(0)
 
@@ -126,6 +150,11 @@ def main(argv: list[str]) -> int:
 
     import uvicorn  # noqa: PLC0415 - keep --help fast
 
+    if FLAGS.compilation_cache_dir:
+        import jax  # noqa: PLC0415
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
     from crosspool_jax.engine import LLMEngine  # noqa: PLC0415
     from crosspool_jax.server import AsyncEngine, ServerMetrics, build_app  # noqa: PLC0415
 
@@ -135,6 +164,8 @@ def main(argv: list[str]) -> int:
         engine = LLMEngine.from_options(models, **options)
     except ValueError as e:  # a bad option or checkpoint: say which, without a traceback
         raise app.UsageError(f"cannot start the engine: {e}")
+    if FLAGS.warmup:
+        log.info("warm-up: one short request per model took %.1f s", warm_up(engine))
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=FLAGS.max_queue)
     web = build_app(async_engine, metrics, api_key=FLAGS.api_key)

@@ -170,7 +170,7 @@ def test_serve_binary_sigterm_finishes_in_flight_and_exits_zero(models):
     names = sorted(models)[:2]
     cmd = [sys.executable, "-m", "crosspool_jax.serve", "--port", str(port), "--dtype", "float32",
            "--kv_pool_bytes", "8MiB", "--max_num_seqs", "4", "--max_decode_steps", "1",
-           "--log_level", "warning"]
+           "--log_level", "warning", "--nowarmup"]    # the first request must still be compiling at SIGTERM
     for name in names:
         cmd += ["--model", f"{name}={models[name]}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -223,3 +223,17 @@ def test_serve_binary_sigterm_finishes_in_flight_and_exits_zero(models):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_warm_up_compiles_first_programs_and_leaves_the_pool_empty(engine):
+    from crosspool_jax.serve import warm_up
+
+    warm_up(engine)
+    stats = engine.stats()
+    assert not engine.has_unfinished_requests()
+    assert stats.kv_pages_free == stats.kv_pages_total          # prefix cache reset too
+    programs = stats.compiled_programs
+    assert programs >= len(engine.model_names)                  # at least one program per model
+    steps = stats.steps
+    warm_up(engine)                                             # same shapes: nothing new to compile
+    assert engine.stats().compiled_programs == programs and engine.stats().steps > steps
