@@ -1,6 +1,7 @@
 """One benchmark table for the Pallas kernels on a GPU (run on the device machine).
 
-    PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH]
+    PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH] [--skip-moe]
+        [--skip-attention] [--attention-sweep-only] [--moe-sweep-only]
 
 Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
 then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
@@ -22,6 +23,9 @@ import jax  # noqa: E402
 
 from pallas_kernels.anchors import torch_copy_gbps  # noqa: E402
 from pallas_kernels.ragged_paged_attention import bench as rpa_bench  # noqa: E402
+
+
+MOE_SWEEP_SHAPES = (1, 3, 5)    # Qwen3-30B-A3B 1 and 64 tokens, OLMoE (fused_moe.bench)
 
 
 def _fmt(v, spec):
@@ -56,7 +60,7 @@ def _normalise_moe(row):
     return out
 
 
-def run_moe(rows, sweep):
+def run_moe(rows, sweep, **moe_kw):
     """pallas_kernels.fused_moe.bench.main() if that module exists; its rows join the table."""
     try:
         from pallas_kernels.fused_moe import bench as moe_bench
@@ -70,6 +74,7 @@ def run_moe(rows, sweep):
             kw["sweep"] = sweep
         if "rows_out" in params:
             kw["rows_out"] = moe_rows
+        kw.update({k: v for k, v in moe_kw.items() if k in params})
         out = moe_bench.main(**kw)
         if isinstance(out, list) and out is not moe_rows:
             moe_rows.extend(out)
@@ -83,6 +88,11 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep attention tilings")
     ap.add_argument("--json", default=None, help="write the rows here as JSON")
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--attention-sweep-only", action="store_true",
+                    help="with --sweep: only the decode tiling sweep, no decode/mixed table")
+    ap.add_argument("--moe-sweep-only", action="store_true",
+                    help="MoE: our kernels on MOE_SWEEP_SHAPES only, no peers, no prefill")
     a = ap.parse_args()
     rows = []
     copy_gbps = torch_copy_gbps()
@@ -90,12 +100,15 @@ def main():
         rows.append({"section": "ceiling", "shape": "2 GiB", "impl": "torch_copy",
                      "us": 2 * 2 ** 31 / 1e9 / copy_gbps * 1e6, "GBps": copy_gbps,
                      "frac_copy": 1.0})
-    try:
-        rpa_bench.main(rows, copy_gbps, do_sweep=a.sweep)
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
+    if not a.skip_attention:
+        try:
+            only = a.attention_sweep_only
+            rpa_bench.main(rows, copy_gbps, do_sweep=a.sweep, decode=not only, mixed=not only)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
     if not a.skip_moe:
-        run_moe(rows, a.sweep)
+        moe_kw = dict(peers=False, prefill=False, shapes=MOE_SWEEP_SHAPES) if a.moe_sweep_only else {}
+        run_moe(rows, a.sweep, **moe_kw)
     header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     if a.json:

@@ -7,6 +7,9 @@ fused MoE, the one [E, D, F] matrix for grouped matmuls) and the fraction of the
 Prefill rows are TFLOP/s and the fraction of the bf16 8192^3 matmul rate of the same run.
 Peers: `jax.lax.ragged_dot`, JAX's Mosaic GPU `ragged_dot_mgpu` (if importable) and the
 pure-jnp reference MoE under XLA. Run: `python -m pallas_kernels.fused_moe.bench`.
+Timing: decode rows (every implementation) are the GPU time of one call inside a jitted step
+(pallas_kernels/timing.py: 5 calls unrolled in one program, programs dispatched back to
+back), so host dispatch is out of them; prefill rows time back-to-back jitted calls.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.anchors import torch_copy_gbps
+from pallas_kernels.timing import time_step
 from pallas_kernels.fused_moe import tuning
 from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
 from pallas_kernels.fused_moe.reference import fused_moe_reference, route_topk
@@ -35,7 +39,7 @@ DECODE_SHAPES = [
 PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
 MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
 # Alternates to the tuning table tried per decode shape: (block_n, block_k, warps, stages).
-SWEEP = [(64, 128, 4, 3), (128, 128, 4, 4)]
+SWEEP = [(64, 128, 4, 3), (128, 128, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (128, 64, 4, 6)]
 
 
 def _time(f, *args, inner: int = 10, reps: int = 5) -> float:
@@ -77,16 +81,18 @@ def _mgpu():
         return None
 
 
-def _best_mgpu(rdm, lhs, w, gs):
+def _best_mgpu(rdm, lhs, w, gs, looped=False):
     best = None
     K, N = w.shape[1], w.shape[2]
     for bm, bn, bk, st, gbn in MGPU_CONFIGS:
         if N % (bn * gbn) or K % bk:
             continue
         try:
-            g = jax.jit(functools.partial(rdm.ragged_dot, block_m=bm, block_n=bn, block_k=bk,
-                                          max_concurrent_steps=st, grid_block_n=gbn))
-            t = _time(lambda l, w, gs: g(l, w, group_sizes=gs), lhs, w, gs)
+            g = functools.partial(rdm.ragged_dot, block_m=bm, block_n=bn, block_k=bk,
+                                  max_concurrent_steps=st, grid_block_n=gbn)
+            call = lambda l, w, gs: g(l, w, group_sizes=gs)    # noqa: E731
+            t = (time_step(call, lhs, w, gs) if looped
+                 else _time(jax.jit(call), lhs, w, gs))
             best = t if best is None else min(best, t)
         except Exception as e:  # noqa: BLE001
             print(f"mgpu config {bm, bn, bk} failed: {type(e).__name__}: {str(e)[:160]}",
@@ -94,7 +100,7 @@ def _best_mgpu(rdm, lhs, w, gs):
     return best
 
 
-def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm):
+def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True):
     name, E, D, F, T, top_k = shape
     keys = jax.random.split(jax.random.PRNGKey(E * 1000 + T), 4)
     x = jax.random.normal(keys[0], (T, D), jnp.bfloat16)
@@ -112,10 +118,11 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm):
         rows.add(kind="decode", shape=tag, impl=what, us=sec * 1e6, GBps=gbps,
                  frac_copy=frac, **extra)
 
-    ref = jax.jit(functools.partial(fused_moe_reference, top_k=top_k))
-    rec("xla_reference_fused_moe", _time(ref, x, logits, w1, w2), moe_gb)
-    ours = jax.jit(functools.partial(fused_moe, top_k=top_k, backend="gpu"))
-    rec("ours_fused_moe", _time(ours, x, logits, w1, w2), moe_gb,
+    if peers:
+        ref = functools.partial(fused_moe_reference, top_k=top_k)
+        rec("xla_reference_fused_moe", time_step(ref, x, logits, w1, w2), moe_gb)
+    ours = functools.partial(fused_moe, top_k=top_k, backend="gpu")
+    rec("ours_fused_moe", time_step(ours, x, logits, w1, w2), moe_gb,
         config=str(tuning.gpu_config(T * top_k, E, D, F)))
     if sweep:
         bm = tuning.block_m_for(T * top_k, E)
@@ -124,23 +131,24 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm):
                 continue
             cfg = tuning.BlockConfig(bm, bn, bk, warps, stages)
             try:
-                f = jax.jit(functools.partial(fused_moe, top_k=top_k, backend="gpu",
-                                              config=cfg))
-                rec("ours_fused_moe_sweep", _time(f, x, logits, w1, w2), moe_gb, config=str(cfg))
+                f = functools.partial(fused_moe, top_k=top_k, backend="gpu", config=cfg)
+                rec("ours_fused_moe_sweep", time_step(f, x, logits, w1, w2), moe_gb,
+                    config=str(cfg))
             except Exception as e:  # noqa: BLE001
                 print(f"sweep {cfg} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+    if not peers:
+        return
     # one grouped matmul with the gate/up input shape [E, D, F], as the anchors measure it
     M = T * top_k
     lhs = jax.random.normal(keys[0], (M, D), jnp.bfloat16)
     w = w1[:, :, :F]
     gs = jnp.bincount(ids.reshape(-1), length=E).astype(jnp.int32)
     gmm_gb = touched * D * F * 2 / 1e9
-    rd = jax.jit(lambda l, w, g: jax.lax.ragged_dot(l, w, g))
-    rec("lax_ragged_dot", _time(rd, lhs, w, gs), gmm_gb)
-    og = jax.jit(functools.partial(grouped_matmul, backend="gpu"))
-    rec("ours_grouped_matmul", _time(og, lhs, w, gs), gmm_gb)
+    rec("lax_ragged_dot", time_step(jax.lax.ragged_dot, lhs, w, gs), gmm_gb)
+    og = functools.partial(grouped_matmul, backend="gpu")
+    rec("ours_grouped_matmul", time_step(og, lhs, w, gs), gmm_gb)
     if rdm is not None:
-        best = _best_mgpu(rdm, lhs, w, gs)
+        best = _best_mgpu(rdm, lhs, w, gs, looped=True)
         if best is not None:
             rec("jax_ragged_dot_mgpu_best", best, gmm_gb)
 
@@ -182,7 +190,7 @@ def _summary(rows: list[dict]) -> None:
     """One line per shape: the best row of each implementation."""
     best: dict = {}
     for r in rows:
-        if r["kind"] == "anchor":
+        if r["kind"] == "anchor" or "impl" not in r:
             continue
         impl = r["impl"].replace("_sweep", "")
         key = (r["shape"], impl)
@@ -196,26 +204,32 @@ def _summary(rows: list[dict]) -> None:
         print(f"{shape} | {impl} | {r['us']:.1f} | {metric:.1f} | {frac}", flush=True)
 
 
-def main(sweep: bool = True, time_budget_s: float = 170.0) -> list[dict]:
-    """Run every shape; returns the rows it printed. Sweeps stop once the budget is spent."""
+def main(sweep: bool = True, time_budget_s: float = 170.0, *, peers: bool = True,
+         shapes=None, prefill: bool = True) -> list[dict]:
+    """Run every shape (or `shapes`, names or indices of DECODE_SHAPES); returns the rows it
+    printed. Sweeps stop once the budget is spent; peers=False times only our kernels."""
     rows = _Rows()
     start = time.perf_counter()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
     ceiling = torch_copy_gbps()
     rows.add(kind="anchor", impl="torch_copy_2GiB", GBps=ceiling)
-    mm = _matmul_tflops()
-    rows.add(kind="anchor", impl="matmul_bf16_8192", TFLOPs=mm)
-    rdm = _mgpu()
-    for shape in DECODE_SHAPES:
+    mm = _matmul_tflops() if prefill else None
+    if mm:
+        rows.add(kind="anchor", impl="matmul_bf16_8192", TFLOPs=mm)
+    rdm = _mgpu() if peers else None
+    picked = DECODE_SHAPES if shapes is None else [DECODE_SHAPES[i] for i in shapes]
+    for shape in picked:
         try:
-            _decode(rows, ceiling, shape, rdm=rdm,
+            _decode(rows, ceiling, shape, rdm=rdm, peers=peers,
                     sweep=sweep and time.perf_counter() - start < time_budget_s)
         except Exception as e:  # noqa: BLE001
             print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
-    try:
-        _prefill(rows, mm, rdm=rdm, sweep=sweep and time.perf_counter() - start < time_budget_s)
-    except Exception as e:  # noqa: BLE001
-        print(f"FAIL prefill: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    if prefill:
+        try:
+            _prefill(rows, mm, rdm=rdm,
+                     sweep=sweep and time.perf_counter() - start < time_budget_s)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL prefill: {type(e).__name__}: {str(e)[:400]}", flush=True)
     _summary(rows.rows)
     print(f"bench done in {time.perf_counter() - start:.0f} s", flush=True)
     return rows.rows

@@ -3,22 +3,23 @@
 
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
-Timing: each measured function runs `_ITERS` times inside one jitted, unrolled fori_loop
-(each iteration's query depends on the previous output, so nothing is hoisted), so host
-dispatch and loop round trips stay out of the numbers; the median of `_REPS` such calls, divided by `_ITERS`.
+Timing (pallas_kernels/timing.py): each measured function runs `_ITERS` times inside one
+jitted, unrolled loop (each iteration's query depends on the previous output, so nothing is
+hoisted), and such programs are dispatched 4 at a time before one block_until_ready, so the
+host dispatches ahead and its overhead stays out of the numbers for all implementations
+alike; the median of 5 samples, divided by `_ITERS`: the GPU time of one call inside a step.
 """
 from __future__ import annotations
 
 import functools
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.anchors import torch_copy_gbps
+from pallas_kernels.timing import time_step
 from pallas_kernels.ragged_paged_attention import tuning
 from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
 
@@ -28,33 +29,29 @@ DECODE_SHAPES = [(1, 32768), (8, 2048), (8, 4096), (8, 16384), (32, 2048), (32, 
 PAGE_SIZES = (16, 64)
 # mixed batches: (decode seqs, their context, prefill chunks, chunk length, prefill context)
 MIXED_SHAPES = [(32, 4096, 2, 512, 2048), (8, 8192, 4, 1024, 4096), (0, 0, 2, 2048, 2048)]
-_ITERS, _REPS = 5, 5
-# (block_k, num_splits, num_warps, num_stages) tried by --sweep
-SWEEP = [(128, 4, 4, 3), (128, 8, 4, 3), (64, 8, 4, 4), (128, 2, 4, 3)]
-# (q_tokens, block_k, num_warps, num_stages) tried on the mixed shapes by --sweep (R=4)
-MIXED_SWEEP = [(16, 128, 4, 3), (32, 64, 8, 3), (32, 128, 8, 2)]
-
-
-def _looped(f):
-    """f(q, *rest) -> out with q-shaped out, repeated _ITERS times in one program."""
-    @jax.jit
-    def run(q, *rest):
-        def body(_, carry):
-            qq, acc = carry
-            out = f(qq, *rest)
-            return qq + (out[:1, :1, :1] * 0).astype(qq.dtype), acc + out[0, 0, 0].astype(jnp.float32)
-        return jax.lax.fori_loop(0, _ITERS, body, (q, jnp.float32(0)), unroll=True)[1]
-    return run
+_ITERS = 5
+# tilings tried by --sweep on SWEEP_SHAPES, relative to the tuning table's config:
+# (block_k, num_warps, num_stages, heads_fastest, row_gather, mask_v_load, splits factor)
+SWEEP = [
+    (128, 4, 3, False, False, False, 1),
+    (128, 4, 3, True, False, False, 1),
+    (128, 4, 3, True, True, True, 1),
+    (64, 4, 3, True, True, True, 1),
+    (64, 4, 4, True, True, True, 1),
+    (128, 8, 3, True, True, True, 1),
+    (128, 4, 3, True, True, True, 2),
+    (128, 4, 3, True, True, True, 0.5),
+]
+SWEEP_SHAPES = [(8, 4096, 16), (64, 4096, 16), (8, 16384, 64), (1, 32768, 16)]
+# (q_tokens, block_k, num_warps, num_stages, heads_fastest = row_gather = mask_v_load) tried
+# on the mixed shapes by --sweep (R=4)
+MIXED_SWEEP = [(16, 128, 4, 3, False), (16, 128, 4, 3, True), (32, 64, 8, 3, True),
+               (16, 64, 4, 4, True)]
 
 
 def _time(f, *args):
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(_REPS):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) / _ITERS
+    """GPU seconds of one call of f inside a jitted step (pallas_kernels.timing)."""
+    return time_step(f, *args, iters=_ITERS)
 
 
 def _decode_inputs(key, B, ctx, G, dtype=jnp.bfloat16):
@@ -112,15 +109,15 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             ours = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5)
             cfg = tuning.gpu_config(T=B, S=B, R=N_HEADS // K_HEADS, H=HEAD_DIM, G=G, C=ctx,
                                     K=K_HEADS)
-            t_ours = _time(_looped(ours), *args)
+            t_ours = _time(ours, *args)
             _row(rows_out, "decode", shape, "ours", t_ours, gbytes=gb, copy_gbps=copy_gbps,
-                 note=f"bq{cfg.q_tokens} bk{cfg.block_k} ns{cfg.num_splits}")
+                 note=_cfg_note(cfg))
             kp2 = jnp.moveaxis(args[1], 2, 0)          # [K, P, G, H], built outside timing
             vp2 = jnp.moveaxis(args[2], 2, 0)
             best = None
             for kw in (dict(), dict(pages_per_compute_block=4, k_splits=8)):   # the anchor's two
                 try:
-                    t = _time(_looped(functools.partial(_jax_paged, **kw)), args[0], kp2, vp2,
+                    t = _time(functools.partial(_jax_paged, **kw), args[0], kp2, vp2,
                               *args[3:])
                     best = t if best is None else min(best, t)
                 except Exception as e:  # noqa: BLE001 - record and go on
@@ -131,7 +128,7 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
                 _row(rows_out, "decode", shape, "jax_paged_attention", best, gbytes=gb,
                      copy_gbps=copy_gbps, note=f"ours x{best / t_ours:.2f}")
             try:
-                t = _time(_looped(_xla_gather_attention), *args)
+                t = _time(_xla_gather_attention, *args)
                 _row(rows_out, "decode", shape, "xla_gather", t, gbytes=gb, copy_gbps=copy_gbps,
                      note=f"ours x{t / t_ours:.2f}")
             except Exception as e:  # noqa: BLE001
@@ -166,40 +163,62 @@ def bench_mixed(rows_out, shapes=MIXED_SHAPES, do_sweep=False):
         cfgs = [None]
         if do_sweep:
             cfgs += [tuning.BlockConfig(q_tokens=bq, block_k=bk, num_splits=1, num_warps=w,
-                                        num_stages=st) for bq, bk, w, st in MIXED_SWEEP]
+                                        num_stages=st, heads_fastest=new, row_gather=new,
+                                        mask_v_load=new)
+                     for bq, bk, w, st, new in MIXED_SWEEP]
         for cfg in cfgs:
             ours = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5,
                                      config=cfg)
             try:
-                t = _time(_looped(ours), *args)
+                t = _time(ours, *args)
             except Exception as e:  # noqa: BLE001
                 print("mixed failed", cfg, type(e).__name__, str(e)[:300], flush=True)
                 continue
-            note = "" if cfg is None else (f"bq{cfg.q_tokens} bk{cfg.block_k} "
-                                           f"w{cfg.num_warps} st{cfg.num_stages}")
+            note = "" if cfg is None else _cfg_note(cfg)
             _row(rows_out, "mixed" if cfg is None else "sweep", shape, "ours", t,
                  tflop=flop / 1e12, note=note)
 
 
-def sweep(rows_out, copy_gbps, configs, shapes):
+def sweep_configs(B, ctx, G, table=SWEEP):
+    """The tuning table's config for a decode shape, then the SWEEP variants of it."""
+    base = tuning.gpu_config(T=B, S=B, R=N_HEADS // K_HEADS, H=HEAD_DIM, G=G, C=ctx, K=K_HEADS)
+    out = [base]
+    for bk, w, st, hf, rg, mv, fs in table:
+        ns = max(1, int(base.num_splits * fs))
+        cfg = tuning.BlockConfig(q_tokens=base.q_tokens, block_k=bk, num_splits=ns,
+                                 num_warps=w, num_stages=st, heads_fastest=hf, row_gather=rg,
+                                 mask_v_load=mv)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _cfg_note(cfg):
+    flags = "".join(f for f, on in (("H", cfg.heads_fastest), ("R", cfg.row_gather),
+                                    ("V", cfg.mask_v_load)) if on)
+    return (f"bq{cfg.q_tokens} bk{cfg.block_k} ns{cfg.num_splits} w{cfg.num_warps} "
+            f"st{cfg.num_stages} {flags}").strip()
+
+
+def sweep(rows_out, copy_gbps, shapes=SWEEP_SHAPES):
     """Our kernel under explicit tilings, for the tuning table."""
     for B, ctx, G in shapes:
         args = _decode_inputs(jax.random.PRNGKey(B + ctx + G), B, ctx, G)
         gb = 2 * B * ctx * K_HEADS * HEAD_DIM * 2 / 1e9
-        for cfg in configs:
+        for cfg in sweep_configs(B, ctx, G):
             f = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5,
                                   config=cfg)
             try:
-                t = _time(_looped(f), *args)
+                t = _time(f, *args)
                 _row(rows_out, "sweep", f"B={B} ctx={ctx} G={G}", "ours", t, gbytes=gb,
-                     copy_gbps=copy_gbps, note=f"bq{cfg.q_tokens} bk{cfg.block_k} "
-                     f"ns{cfg.num_splits} w{cfg.num_warps} st{cfg.num_stages}")
+                     copy_gbps=copy_gbps, note=_cfg_note(cfg))
             except Exception as e:  # noqa: BLE001
                 print("sweep failed", cfg, type(e).__name__, str(e)[:300], flush=True)
         del args
 
 
-def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False):
+def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False,
+         decode=True, mixed=True):
     rows_out = [] if rows_out is None else rows_out
     print("jax", jax.__version__, jax.devices(), flush=True)
     if copy_gbps is None:
@@ -208,12 +227,11 @@ def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_swe
             _row(rows_out, "ceiling", "2 GiB", "torch_copy", 2 * 2 ** 31 / 1e9 / copy_gbps,
                  gbytes=2 * 2 ** 31 / 1e9, copy_gbps=copy_gbps)
     if do_sweep:
-        cfgs = [tuning.BlockConfig(q_tokens=4, block_k=bk, num_splits=ns, num_warps=w,
-                                   num_stages=st)
-                for bk, ns, w, st in SWEEP]
-        sweep(rows_out, copy_gbps, cfgs, [(8, 4096, 16), (8, 16384, 16)])
-    bench_decode(rows_out, copy_gbps)
-    bench_mixed(rows_out, do_sweep=do_sweep)
+        sweep(rows_out, copy_gbps)
+    if decode:
+        bench_decode(rows_out, copy_gbps)
+    if mixed:
+        bench_mixed(rows_out, do_sweep=do_sweep)
     return rows_out
 
 

@@ -48,13 +48,29 @@ def _compiler_params(cfg: tuning.BlockConfig):
     return cls(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _store_rows(ref, rows, val, mask):
+    """ref[rows] = val where mask: a row scatter, masked rows not written. Indexed by int
+    arrays on every axis (the form Pallas' interpret mode can discharge)."""
+    if val.ndim == 2:
+        cols = jnp.arange(val.shape[1], dtype=jnp.int32)
+        plgpu.store(ref.at[rows[:, None], cols[None, :]], val,
+                    mask=jnp.broadcast_to(mask, val.shape))
+    else:
+        plgpu.store(ref.at[rows], val, mask=mask)
+
+
 def _kernel(items_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, soft_cap,
-            sliding_window, R, Rp, BK, G, pages_per_seq, num_pages, num_splits, precision):
-    # items_ref [8] int32; q_ref [M, H]; k_ref/v_ref [P, G, H] (one KV head's columns);
-    # pt_ref [S * pages_per_seq + pad] int32; o_ref [M, H]; lse_ref [M]
-    M, H = q_ref.shape
+            sliding_window, R, Rp, M, BK, G, N, pages_per_seq, table_len, num_pages,
+            num_splits, out_rows, heads_fastest, row_gather, mask_v_load, precision):
+    # items_ref [8] int32; q_ref [T * N, H] (the caller's q, heads of a token adjacent);
+    # k_ref/v_ref [P, G, H] or, row_gather, [P * G, H] (one KV head's columns); pt_ref [S * pages_per_seq] int32;
+    # o_ref [NS * out_rows, H] and lse_ref [NS * out_rows]: rows in q's order, split-major,
+    # each split's block padded by M scratch rows that masked-off tile rows point at.
+    H = q_ref.shape[1]
+    h = pl.program_id(0) if heads_fastest else pl.program_id(1)
     sp = pl.program_id(2)
     seq = items_ref[work.SEQ]
+    t0 = items_ref[work.T0]
     nq = items_ref[work.NQ]
     pos0 = items_ref[work.POS0]
     lo = items_ref[work.KV_LO]
@@ -65,27 +81,47 @@ def _kernel(items_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, 
     b0 = blk_lo + sp * per
     b1 = jnp.minimum(b0 + per, blk_hi)
 
-    q = q_ref[...]
+    # tile row r = (token tok of the item, query head rr of KV head h)
     r = jnp.arange(M, dtype=jnp.int32)
     tok = r // Rp
-    row_ok = (tok < nq) & (r % Rp < R)
+    rr = r % Rp
+    row_ok = (tok < nq) & (rr < R)
+    q_rows = jnp.minimum(t0 + tok, q_ref.shape[0] // N - 1) * N + h * R + jnp.minimum(rr, R - 1)
+    q = q_ref[q_rows]                                                     # [M, H]
     pos_r = pos0 + tok
     table0 = seq * pages_per_seq
 
     def load_kv(b):
-        if BK >= G:
+        # -> K [BK, H] and V [BK, H] of keys [b * BK, (b + 1) * BK); V columns outside
+        # [lo, hi) zeroed (a freed page may hold NaN, and 0 * NaN is NaN)
+        c = b * BK + jnp.arange(BK, dtype=jnp.int32)
+        if row_gather:           # k_ref/v_ref [P * G, H]: one pool row per key
+            slots = jnp.minimum(table0 + c // G, table_len - 1)
+            pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), num_pages - 1)
+            rows = pages * G + c % G
+            k = k_ref[rows]
+            if mask_v_load:
+                col_ok = (c >= lo) & (c < hi)
+                cols = jnp.arange(H, dtype=jnp.int32)
+                v = plgpu.load(v_ref.at[rows[:, None], cols[None, :]],
+                               mask=jnp.broadcast_to(col_ok[:, None], (BK, H)), other=0.0)
+                return k, v
+            v = v_ref[rows]
+        elif BK >= G:            # k_ref/v_ref [P, G, H]: whole pages
             ppb = BK // G
-            pages = pt_ref[pl.ds(table0 + b * ppb, ppb)]
-            pages = jnp.minimum(jnp.maximum(pages, 0), num_pages - 1)
+            slots = jnp.minimum(table0 + b * ppb + jnp.arange(ppb, dtype=jnp.int32),
+                                table_len - 1)
+            pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), num_pages - 1)
             k = k_ref[pages].reshape(BK, H)
             v = v_ref[pages].reshape(BK, H)
-        else:
+        else:                    # a slice of one page
             page = pt_ref[table0 + (b * BK) // G]
             page = jnp.minimum(jnp.maximum(page, 0), num_pages - 1)
             off = pl.multiple_of((b * BK) % G, BK)
             k = k_ref[page, pl.ds(off, BK), :]
             v = v_ref[page, pl.ds(off, BK), :]
-        return k, v
+        col_ok = (c >= lo) & (c < hi)
+        return k, jnp.where(col_ok[:, None], v, jnp.zeros_like(v))
 
     def body(b, carry):
         m_prev, l_prev, acc_prev = carry
@@ -103,7 +139,6 @@ def _kernel(items_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, 
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        v = jnp.where(col_ok[:, None], v, jnp.zeros_like(v))
         pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, l_new, alpha[:, None] * acc_prev + pv
 
@@ -112,10 +147,18 @@ def _kernel(items_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, 
     acc0 = jnp.zeros((M, H), jnp.float32)
     m, l, acc = lax.fori_loop(b0, b1, body, (m0, l0, acc0))
     l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    # masked-off rows point at this split's scratch rows (distinct, so no two lanes collide)
+    base = sp * out_rows
+    o_rows = base + jnp.where(row_ok, q_rows, out_rows - M + r)
+    _store_rows(o_ref, o_rows, (acc / l_safe[:, None]).astype(o_ref.dtype), row_ok[:, None])
     if lse_refs:
         (lse_ref,) = lse_refs
-        lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), _MASK)
+        _store_rows(lse_ref, o_rows, jnp.where(l > 0, m + jnp.log(l_safe), _MASK), row_ok)
+
+
+def _whole(shape):
+    nd = len(shape)
+    return pl.BlockSpec(shape, lambda *_: (0,) * nd)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
@@ -135,50 +178,68 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
     cfg = config or tuning.gpu_config(T=T, S=S, R=R, H=H, G=G, C=pages_per_seq * G, K=K,
                                       itemsize=k_pages_PGKH.dtype.itemsize)
     BQ, BK, NS = cfg.q_tokens, cfg.block_k, cfg.num_splits
-    M = BQ * Rp
-    q_WKMH, items_W8, first_S = work.pack_queries(q_TNH, K, Rp, kv_lens_S, cu_q_lens_S1, num_seqs,
-                                                  q_tokens=BQ, sliding_window=sliding_window)
+    M = max(16, BQ * Rp)                           # tl.dot needs >= 16 rows
+    items_W8, _ = work.build_items(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, q_tokens=BQ,
+                                   sliding_window=sliding_window)
     W = items_W8.shape[0]
-    k_PGQ = k_pages_PGKH.reshape(P, G, K * H)
-    v_PGQ = v_pages_PGKH.reshape(P, G, K * H)
-    pad = max(1, BK // G)
-    table = jnp.pad(page_indices_SP.reshape(-1), (0, pad))
+    q_RH = q_TNH.reshape(T * N, H)                 # free: rows are (token, head)
+    if cfg.row_gather:           # free reshapes: [P * G, K * H] rows, or [P, G, K * H]
+        kv_block = (P * G, H)
+        k_view = k_pages_PGKH.reshape(P * G, K * H)
+        v_view = v_pages_PGKH.reshape(P * G, K * H)
+    else:
+        kv_block = (P, G, H)
+        k_view = k_pages_PGKH.reshape(P, G, K * H)
+        v_view = v_pages_PGKH.reshape(P, G, K * H)
+    table = page_indices_SP.reshape(-1)
     precision = lax.Precision.HIGHEST if q_TNH.dtype == jnp.float32 else None
+    out_rows = T * N + M                           # q's rows, then M scratch rows
 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, R=R,
-        Rp=Rp, BK=BK, G=G, pages_per_seq=pages_per_seq, num_pages=P, num_splits=NS,
-        precision=precision)
+        Rp=Rp, M=M, BK=BK, G=G, N=N, pages_per_seq=pages_per_seq, table_len=table.shape[0],
+        num_pages=P, num_splits=NS, out_rows=out_rows, heads_fastest=cfg.heads_fastest,
+        row_gather=cfg.row_gather, mask_v_load=cfg.mask_v_load, precision=precision)
+    if cfg.heads_fastest:        # consecutive programs: the KV heads of one item (same pages)
+        grid = (K, W, NS)
+        item_of = lambda a, b, s: (b, 0)       # noqa: E731
+        head_of = lambda a, b, s: (0,) * (len(kv_block) - 1) + (a,)    # noqa: E731
+    else:
+        grid = (W, K, NS)
+        item_of = lambda a, b, s: (a, 0)       # noqa: E731
+        head_of = lambda a, b, s: (0,) * (len(kv_block) - 1) + (b,)    # noqa: E731
     o_dtype = q_TNH.dtype if NS == 1 else jnp.float32
-    out_shape = [jax.ShapeDtypeStruct((NS, W, K, M, H), o_dtype)]
-    out_specs = [pl.BlockSpec((None, None, None, M, H), lambda w, h, s: (s, w, h, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((NS * out_rows, H), o_dtype)]
+    out_specs = [_whole((NS * out_rows, H))]
     if NS > 1:
-        out_shape.append(jax.ShapeDtypeStruct((NS, W, K, M), jnp.float32))
-        out_specs.append(pl.BlockSpec((None, None, None, M), lambda w, h, s: (s, w, h, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((NS * out_rows,), jnp.float32))
+        out_specs.append(_whole((NS * out_rows,)))
     outs = pl.pallas_call(
         kernel,
-        grid=(W, K, NS),
+        grid=grid,
         in_specs=[
-            pl.BlockSpec((None, work.ITEM_COLS), lambda w, h, s: (w, 0)),
-            pl.BlockSpec((None, None, M, H), lambda w, h, s: (w, h, 0, 0)),
-            pl.BlockSpec((P, G, H), lambda w, h, s: (0, 0, h)),
-            pl.BlockSpec((P, G, H), lambda w, h, s: (0, 0, h)),
-            pl.BlockSpec(table.shape, lambda w, h, s: (0,)),
+            pl.BlockSpec((None, work.ITEM_COLS), item_of),
+            _whole(q_RH.shape),
+            pl.BlockSpec(kv_block, head_of),
+            pl.BlockSpec(kv_block, head_of),
+            _whole(table.shape),
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=_compiler_params(cfg),
         name=f"ragged_paged_attention_bq{BQ}_bk{BK}_ns{NS}",
-    )(items_W8, q_WKMH, k_PGQ, v_PGQ, table)
+    )(items_W8, q_RH, k_view, v_view, table)
     if NS == 1:
-        o_WKMH = outs[0][0]
+        o_RH = outs[0][:T * N]
     else:
-        o_SWKMH, lse_SWKM = outs
-        mx = jnp.max(lse_SWKM, axis=0)
-        wgt = jnp.exp(lse_SWKM - mx[None])
-        o_WKMH = (jnp.sum(wgt[..., None] * o_SWKMH, axis=0)
-                  / jnp.sum(wgt, axis=0)[..., None]).astype(q_TNH.dtype)
-    o_WBKRH = o_WKMH.reshape(W, K, BQ, Rp, H)[:, :, :, :R].transpose(0, 2, 1, 3, 4)
-    out_TKRH = work.scatter_outputs(o_WBKRH, first_S, cu_q_lens_S1, num_seqs, T=T)
-    return out_TKRH.reshape(T, N, H)
+        o_SRH = outs[0].reshape(NS, out_rows, H)[:, :T * N]
+        lse_SR = outs[1].reshape(NS, out_rows)[:, :T * N]
+        mx = jnp.max(lse_SR, axis=0)
+        wgt = jnp.exp(lse_SR - mx[None])
+        o_RH = jnp.sum(wgt[..., None] * o_SRH, axis=0) / jnp.sum(wgt, axis=0)[..., None]
+    # rows no item wrote (padding tokens past cu_q_lens[num_seqs]) are zeros
+    n = jnp.reshape(num_seqs, ()).astype(jnp.int32)
+    valid_T = jnp.arange(T, dtype=jnp.int32) < cu_q_lens_S1[n]
+    out = o_RH.reshape(T, N, H)
+    return jnp.where(valid_T[:, None, None], out, jnp.zeros_like(out)).astype(q_TNH.dtype)

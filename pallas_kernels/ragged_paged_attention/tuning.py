@@ -25,14 +25,28 @@ class BlockConfig:
     q_tokens: query tokens of one sequence per program (BQ); rows = BQ * padded R.
     block_k: keys per inner-loop step (a multiple or a divisor of the page size).
     num_splits: KV splits (flash-decoding) per work item, merged by log-sum-exp.
+    heads_fastest: GPU grid order; True launches the KV heads of one item back to back, so
+      the programs running together read the same pages (each page row holds all K heads).
+    row_gather: GPU K/V loads address one pool row per key ([BK, H] directly) instead of
+      whole pages ([BK / G, G, H], reshaped).
+    mask_v_load: with row_gather, V columns outside the key range are zeroed by a masked
+      load (other=0) instead of a select after the load.
     """
     q_tokens: int
     block_k: int
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    heads_fastest: bool = False
+    row_gather: bool = False
+    mask_v_load: bool = False
 
     def __post_init__(self):
+        for name in ("heads_fastest", "row_gather", "mask_v_load"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BlockConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.mask_v_load and not self.row_gather:
+            raise ValueError("BlockConfig.mask_v_load needs row_gather=True")
         for name in ("q_tokens", "block_k", "num_splits", "num_warps", "num_stages"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

@@ -170,6 +170,10 @@ class TestGpuKernelInterpret:
     @pytest.mark.parametrize("cfg", [
         tuning.BlockConfig(q_tokens=2, block_k=8, num_splits=3),    # sub-page blocks
         tuning.BlockConfig(q_tokens=8, block_k=64, num_splits=4),   # several pages per block
+        # one pool row per key, V zeroed by a masked load, heads-fastest grid
+        tuning.BlockConfig(q_tokens=2, block_k=8, num_splits=3, heads_fastest=True,
+                           row_gather=True, mask_v_load=True),
+        tuning.BlockConfig(q_tokens=8, block_k=64, num_splits=1, row_gather=True),
     ])
     def test_explicit_tilings(self, cfg):
         args = make_case(7, *MIXED, N=8, K=2, H=64, G=16, S_cap=6)
@@ -177,6 +181,12 @@ class TestGpuKernelInterpret:
                                          interpret=True, config=cfg)
         ref = ragged_paged_attention_reference(*args, sm_scale=0.125, sliding_window=40)
         assert_close(out, ref, TOL[jnp.float32])
+
+    def test_block_config_rejects_bad_flags(self):
+        with pytest.raises(ValueError, match="mask_v_load needs row_gather"):
+            tuning.BlockConfig(q_tokens=1, block_k=16, mask_v_load=True)
+        with pytest.raises(ValueError, match="heads_fastest must be a bool"):
+            tuning.BlockConfig(q_tokens=1, block_k=16, heads_fastest=1)
 
     def test_no_live_sequences_gives_zeros(self):
         q, k, v, kl, table, cu, _ = make_case(8, *MIXED, N=8, K=2, H=64, G=16)
@@ -282,8 +292,32 @@ class TestGpuKernelCompiled:
 
     @pytest.mark.parametrize("R,H,G", [(1, 64, 32), (4, 256, 128), (8, 128, 16)])
     def test_geometries_decode_split(self, R, H, G):
+        self._decode_split_case(R, H, G, config=None)
+
+    @pytest.mark.parametrize("cfg", [
+        tuning.BlockConfig(q_tokens=4, block_k=128, num_splits=8, num_warps=4, num_stages=3,
+                           heads_fastest=True, row_gather=True, mask_v_load=True),
+        tuning.BlockConfig(q_tokens=16, block_k=64, num_splits=2, num_warps=8, num_stages=3,
+                           heads_fastest=True, row_gather=True),
+    ])
+    def test_tiling_options(self, cfg):
+        """The BlockConfig options the benchmark sweeps, compiled, on decode and mixed."""
+        self._decode_split_case(4, 128, 16, config=cfg)
+        q_lens = [1, 1, 64, 17, 1, 200]
+        kv_lens = [15, 17, 64, 3000, 4097, 1500]
+        args = make_case(60, q_lens, kv_lens, N=32, K=8, H=128, G=16, S_cap=8, T_pad=3,
+                         dtype=jnp.bfloat16)
+        out = ragged_paged_attention_gpu(*args, sm_scale=128 ** -0.5, config=cfg)
+        assert_close(out, ragged_paged_attention_reference(*args), GPU_TOL[jnp.bfloat16])
+        assert np.all(np.asarray(out, np.float32)[-3:] == 0), "padding rows must be zeros"
+
+    def _decode_split_case(self, R, H, G, config):
         args = make_case(50 + R, [1] * 4, [1, 700, 2049, 5000], N=4 * R, K=4, H=H, G=G,
                          dtype=jnp.bfloat16, table_fill="random")
         kw = dict(soft_cap=30.0, sliding_window=1000)
-        out = ragged_paged_attention(*args, backend="gpu", **kw)
+        if config is None:
+            out = ragged_paged_attention(*args, backend="gpu", **kw)
+        else:
+            out = ragged_paged_attention_gpu(*args, sm_scale=H ** -0.5, config=config, **kw)
+            kw["sm_scale"] = H ** -0.5
         assert_close(out, ragged_paged_attention_reference(*args, **kw), GPU_TOL[jnp.bfloat16])
