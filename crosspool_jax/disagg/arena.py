@@ -7,6 +7,10 @@ shard -- and places them with one `jax.device_put` of the rows, assembled into t
 `[num_devices, arena_elems]` array sharded over "dev". `expert_shard` is the one place that
 says which experts and hidden columns weight device j holds. `build_multi_arena` packs several
 models into one arena (a `MultiArenaLayout`); `Arena` owns the live array between steps.
+A budgeted role's region (`layout.Region`) is left zero by the builder: `region_payloads`
+gives one model's content of that region per row, which `disagg/residency.py` writes into
+the slot it assigns. Rows are made zero on their devices; only the packed content crosses
+from the host.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.disagg.layout import ArenaLayout, MultiArenaLayout
+from crosspool_jax.disagg.layout import ALIGN, ROLES, ArenaLayout, MultiArenaLayout
 
 
 def expert_shard(layout: ArenaLayout, w_index: int, num_experts: int, hidden: int) -> tuple[slice, slice]:
@@ -50,7 +54,8 @@ def weight_device_leaves(moe: dict, layout: ArenaLayout, w_index: int) -> dict:
     return out
 
 
-def _fill(row: np.ndarray, layout: ArenaLayout, role: str, leaves: dict) -> None:
+def _fill(row: np.ndarray, layout: ArenaLayout, role: str, leaves: dict, origin: int = 0) -> None:
+    """Write the role's tensors into `row`, which starts at element `origin` of the arena row."""
     for slot in layout.slots(role):
         if slot.name.startswith("pages/"):
             continue                                  # KV pages start zeroed
@@ -60,7 +65,7 @@ def _fill(row: np.ndarray, layout: ArenaLayout, role: str, leaves: dict) -> None
         if tuple(a.shape) != slot.shape:
             raise ValueError(f"build_arena: tensor {slot.name!r} has shape {tuple(a.shape)}, "
                              f"the layout expects {slot.shape}")
-        row[slot.offset:slot.offset + slot.size] = a.astype(row.dtype).reshape(-1)
+        row[slot.offset - origin:slot.offset - origin + slot.size] = a.astype(row.dtype).reshape(-1)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -73,16 +78,41 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _fill_model(rows: list, kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> None:
-    """Write one model's attention side into every KV row and its expert shards into the weight rows."""
+def _role_leaves(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: str) -> list[dict]:
+    """The flat leaves each row of a role stores: the attention side (the same dict for every KV
+    row) or weight device j's expert shard."""
+    if role == "kv":
+        return [_flat({k: kv_params[k] for k in ("embed", "attn", "final")})] * layout.n_kv
     if set(ffn_params) != {"moe"}:
         raise ValueError(f"build_arena: ffn_params must hold only 'moe' stacks, got {sorted(ffn_params)}")
-    kv_leaves = _flat({k: kv_params[k] for k in ("embed", "attn", "final")})
-    for row in rows[:layout.n_kv]:             # the pages region is never touched on the host
-        _fill(row, layout, "kv", kv_leaves)
     host_moe = {k: np.asarray(v) for k, v in ffn_params["moe"].items()}
-    for j in range(layout.n_w):
-        _fill(rows[layout.n_kv + j], layout, "w", _flat({"moe": weight_device_leaves(host_moe, layout, j)}))
+    return [_flat({"moe": weight_device_leaves(host_moe, layout, j)}) for j in range(layout.n_w)]
+
+
+def _fill_model(rows: list, kv_params: dict, ffn_params: dict, layout: ArenaLayout,
+                roles: tuple = ("kv", "w")) -> None:
+    """Write one model's attention side into every KV row and its expert shards into the weight
+    rows (only the given roles; the pages region is never touched on the host)."""
+    for role in roles:
+        first = 0 if role == "kv" else layout.n_kv
+        for i, leaves in enumerate(_role_leaves(kv_params, ffn_params, layout, role)):
+            _fill(rows[first + i], layout, role, leaves)
+
+
+def region_payloads(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: str) -> list[np.ndarray]:
+    """One model's content of a budgeted role's region, per row of that role (KV rows: one array
+    shared by all): `[n_units, ALIGN]` host arrays, its slot-0 view's slots from the region start."""
+    slots = [s for s in layout.slots(role) if not s.name.startswith("pages/")]
+    start = min(s.offset for s in slots)
+    n_units = -(-(max(s.offset + s.size for s in slots) - start) // ALIGN)
+    out, made = [], {}
+    for leaves in _role_leaves(kv_params, ffn_params, layout, role):
+        if id(leaves) not in made:
+            buf = np.zeros(n_units * ALIGN, jnp.dtype(layout.dtype))
+            _fill(buf, layout, role, leaves, origin=start)
+            made[id(leaves)] = buf.reshape(n_units, ALIGN)
+        out.append(made[id(leaves)])
+    return out
 
 
 def host_rows(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> list[np.ndarray]:
@@ -99,10 +129,11 @@ def multi_host_rows(params: Mapping[str, tuple], layout: MultiArenaLayout) -> li
         raise ValueError(f"build_multi_arena: no params for model(s) {sorted(missing)}")
     first = layout.first
     rows = [np.zeros(first.arena_elems, jnp.dtype(first.dtype)) for _ in range(first.num_devices)]
+    packed = tuple(r for r in ROLES if layout.region(r) is None)    # budgeted regions stay zero here
     for name in layout.names:
         kv_params, ffn_params = params[name]
         try:
-            _fill_model(rows, kv_params, ffn_params, layout.model(name))
+            _fill_model(rows, kv_params, ffn_params, layout.model(name), packed)
         except ValueError as e:
             raise ValueError(f"model {name!r}: {e}") from None
     return rows
@@ -113,35 +144,44 @@ def _pages_end(layout: ArenaLayout) -> int:
     return v.offset + v.size
 
 
-@functools.partial(jax.jit, static_argnames=("pages_end",))
-def _with_zero_pages(tail_1X: jax.Array, *, pages_end: int) -> jax.Array:
-    return jnp.concatenate([jnp.zeros((1, pages_end), tail_1X.dtype), tail_1X], axis=1)
+@functools.partial(jax.jit, static_argnames=("lo", "total"))
+def _zero_padded(content_1N: jax.Array, *, lo: int, total: int) -> jax.Array:
+    n = content_1N.shape[1]
+    return jnp.concatenate([jnp.zeros((1, lo), content_1N.dtype), content_1N,
+                            jnp.zeros((1, total - lo - n), content_1N.dtype)], axis=1)
 
 
-def _place(rows: list, layout: ArenaLayout) -> jax.Array:
-    """One shard per device; a KV row's zero pages are made on its device (only the parameter
-    tail crosses from the host), so a large pool costs no host memory or transfer."""
+def _place(rows: list, layout: ArenaLayout, spans: list) -> jax.Array:
+    """One shard per device, zero on its device except `spans[d]` = (lo, hi) of row d, the only
+    part that crosses from the host (a large pool or an empty region costs no transfer)."""
     mesh_devices = list(layout.mesh().devices.reshape(-1))
-    end = _pages_end(layout)
+    dtype = jnp.dtype(layout.dtype)
     shards = []
-    for d, (row, device) in enumerate(zip(rows, mesh_devices)):
-        if d < layout.n_kv:
-            shards.append(_with_zero_pages(jax.device_put(row[None, end:], device), pages_end=end))
+    for row, device, (lo, hi) in zip(rows, mesh_devices, spans):
+        if hi > lo:
+            shards.append(_zero_padded(jax.device_put(row[None, lo:hi], device), lo=lo, total=layout.arena_elems))
         else:
-            shards.append(jax.device_put(row[None, :], device))
+            shards.append(jnp.zeros((1, layout.arena_elems), dtype, device=device))
     return jax.make_array_from_single_device_arrays((layout.num_devices, layout.arena_elems),
                                                     layout.sharding(), shards)
 
 
+def _spans(layout: ArenaLayout, kv_end: int, w_end: int) -> list:
+    return [(_pages_end(layout), kv_end)] * layout.n_kv + [(0, w_end)] * layout.n_w
+
+
 def build_arena(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> jax.Array:
     """The global arena `[num_devices, arena_elems]` (layout.dtype), row d on mesh device d."""
-    return _place(host_rows(kv_params, ffn_params, layout), layout)
+    return _place(host_rows(kv_params, ffn_params, layout), layout,
+                  _spans(layout, layout.used_elems("kv"), layout.used_elems("w")))
 
 
 def build_multi_arena(params: Mapping[str, tuple], layout: MultiArenaLayout) -> jax.Array:
     """The arena of several models (name -> (kv_params, ffn_params)): shared KV pages, each
-    model's attention side on every KV device, its expert shard on each weight device."""
-    return _place(multi_host_rows(params, layout), layout.first)
+    model's attention side on every KV device, its expert shard on each weight device. A budgeted
+    role's region is left zero (disagg/residency.py fills its slots)."""
+    ends = {r: 0 if layout.region(r) is not None else layout.used_elems(r) for r in ROLES}
+    return _place(multi_host_rows(params, layout), layout.first, _spans(layout.first, ends["kv"], ends["w"]))
 
 
 class Arena:

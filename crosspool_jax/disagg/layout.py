@@ -27,6 +27,19 @@ all, as the engine's `choose_page_elems` picks), then each model's attention sid
 
 KV pages come first in a KV row (offset 0) so that the row viewed as `[rows, K*H]` addresses
 a token slot of the K (resp. V) pages directly; `arena_elems` is a multiple of K*H.
+
+Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
+role with a budget does not pack every model; its model region is a `Region` of `num_slots`
+equal slots (`slot_elems` = the role's largest model, aligned), and a model's view lays its
+slots out in slot 0. A model placed in slot i is read through `ArenaLayout.bind(bases)`:
+`bases` int32[2] (KV rows, weight rows) is a TRACED shift in units of `ALIGN` elements
+(i * slot_elems / ALIGN), added to every non-page slot with a dynamic slice, so one compiled
+program per model serves whatever slot it lands in (static per-slot layouts would compile
+one program per (model, slot)); units of ALIGN keep an int32 shift valid for rows past 2^31
+elements. A budget counts device bytes over the role's devices (the attention side counted
+once per KV device, like the weights pool's replicas): num_slots = budget // (devices *
+slot bytes), at most the number of models; a budget below one slot raises ValueError
+naming the option. `disagg/residency.py` decides which model sits in which slot.
 """
 from __future__ import annotations
 
@@ -44,7 +57,8 @@ from crosspool_jax.models.params import param_shapes
 
 AXIS = "dev"
 ROLES = ("kv", "w")
-_ALIGN = 128                      # elements; every tensor starts on a multiple of this
+ALIGN = 128                       # elements; every tensor starts on a multiple of this
+_ALIGN = ALIGN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +138,11 @@ class ArenaLayout:
         s = self.slot(role, name)
         return jax.lax.slice_in_dim(row_X, s.offset, s.offset + s.size).reshape(s.shape)
 
+    def bind(self, bases) -> "ArenaLayout | BoundArenaLayout":
+        """This view with its own (non-page) slots shifted by `bases` int32[2] (KV rows, weight
+        rows; units of ALIGN elements, traced inside a step); None: this static view itself."""
+        return self if bases is None else BoundArenaLayout(self, bases)
+
     def mesh(self) -> jax.sharding.Mesh:
         """The 1D mesh over axis "dev" (KV devices first)."""
         by_id = {d.id: d for d in jax.devices()}
@@ -134,6 +153,55 @@ class ArenaLayout:
 
     def sharding(self) -> jax.sharding.NamedSharding:
         return jax.sharding.NamedSharding(self.mesh(), jax.sharding.PartitionSpec(AXIS, None))
+
+
+class BoundArenaLayout:
+    """An `ArenaLayout` whose model slots sit `bases[role]` ALIGN-element units further on (the
+    model's region in a budgeted role, `Region`); the shared pages stay put. Same API as the
+    layout (attributes are forwarded); only `view` differs: a dynamic slice at the traced offset."""
+
+    def __init__(self, layout: ArenaLayout, bases):
+        self.layout = layout
+        self.bases = bases                     # int32 [2]: (KV rows, weight rows) shift in ALIGN units
+
+    def __getattr__(self, name):
+        return getattr(self.layout, name)
+
+    def view(self, row_X: jax.Array, role: str, name: str) -> jax.Array:
+        if name.startswith("pages/"):
+            return self.layout.view(row_X, role, name)
+        s = self.layout.slot(role, name)
+        units_XA = row_X.reshape(-1, ALIGN)     # arena_elems and every slot offset are multiples of ALIGN
+        start = s.offset // ALIGN + self.bases[ROLES.index(role)]
+        block = jax.lax.dynamic_slice_in_dim(units_XA, start, -(-s.size // ALIGN)).reshape(-1)
+        return block[:s.size].reshape(s.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A budgeted role's model region: `num_slots` slots of `slot_elems` elements from `start`."""
+
+    start: int
+    slot_elems: int
+    num_slots: int
+
+    def __post_init__(self):
+        if self.start % ALIGN or self.slot_elems % ALIGN or self.slot_elems < 1 or self.num_slots < 1:
+            raise ValueError(f"Region: start {self.start} and slot_elems {self.slot_elems} must be positive "
+                             f"multiples of {ALIGN} and num_slots {self.num_slots} >= 1")
+
+    def offset(self, slot: int) -> int:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        return self.start + slot * self.slot_elems
+
+    def shift_units(self, slot: int) -> int:
+        """The `bind` shift (ALIGN units) of a model placed in `slot` (its view sits in slot 0)."""
+        return (self.offset(slot) - self.start) // ALIGN
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_slots * self.slot_elems
 
 
 def _align(n: int, a: int = _ALIGN) -> int:
@@ -220,9 +288,13 @@ class MultiArenaLayout:
     weight row holds every model's expert shard ("<model>/moe/..."). `model(name)` is that
     model's view: an `ArenaLayout` over the same rows whose slots are the shared pages and the
     model's own slots with the prefix dropped, so one step program per model reads only its slots.
+    A role with a `Region` (kv_region: attention sides, w_region: expert shards) holds only
+    `num_slots` models at a time and every model's view sits in its slot 0 (see `bind`).
     """
 
     models: tuple                 # ((name, ArenaLayout), ...) in registration order
+    kv_region: Optional[Region] = None     # None: every model's attention side packed, resident
+    w_region: Optional[Region] = None      # None: every model's expert shards packed, resident
 
     def __post_init__(self):
         if not self.models:
@@ -233,6 +305,11 @@ class MultiArenaLayout:
                 if getattr(lay, field) != getattr(first, field):
                     raise ValueError(f"MultiArenaLayout: model {name!r} has {field}={getattr(lay, field)!r}, "
                                      f"the arena has {getattr(first, field)!r}")
+        for role in ROLES:
+            region = self.region(role)
+            if region is not None and region.end > first.arena_elems:
+                raise ValueError(f"MultiArenaLayout: the {role!r} region ends at {region.end}, past "
+                                 f"arena_elems={first.arena_elems}")
 
     @property
     def names(self) -> list[str]:
@@ -243,6 +320,25 @@ class MultiArenaLayout:
             if n == name:
                 return lay
         raise ValueError(f"the arena holds no model named {name!r}; it holds {self.names}")
+
+    def region(self, role: str) -> Optional[Region]:
+        """The role's budgeted model region, None when every model is packed there."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return self.kv_region if role == "kv" else self.w_region
+
+    def used_elems(self, role: str) -> int:
+        """End of the role's content in its rows (the region's end when budgeted)."""
+        region = self.region(role)
+        if region is not None:
+            return region.end
+        return max(lay.used_elems(role) for _, lay in self.models)
+
+    def region_elems(self, name: str, role: str) -> int:
+        """Elements of one model's own slots in a role, from the start of its region (or first slot)."""
+        slots = [s for s in self.model(name).slots(role) if not s.name.startswith("pages/")]
+        start = min(s.offset for s in slots)
+        return _align(max(s.offset + s.size for s in slots) - start)
 
     @property
     def first(self) -> ArenaLayout:
@@ -271,12 +367,42 @@ class MultiArenaLayout:
         return self.first.pages_per_device
 
 
+def _extent(entries: Sequence[tuple]) -> int:
+    """Elements a model's entries take when packed from an aligned start (aligned end)."""
+    last = _pack(entries)[-1]
+    return _align(last.offset + last.size)
+
+
+def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: int, start: int,
+                   what: str) -> Optional[Region]:
+    """The role's Region for a byte budget over its n_rows devices (None: no budget)."""
+    if budget is None:
+        return None
+    if not isinstance(budget, (int, np.integer)) or budget < 0:
+        raise ValueError(f"{option} must be None or an integer >= 0, got {budget!r}")
+    slot_elems = max(extents.values())
+    biggest = max(extents, key=extents.get)
+    slot_bytes = n_rows * slot_elems * itemsize
+    if budget < slot_bytes:
+        raise ValueError(f"{option}={budget} is smaller than the largest model's {what}: model {biggest!r} "
+                         f"needs {slot_bytes} bytes ({slot_elems * itemsize} on each of {n_rows} devices)")
+    return Region(start, slot_elems, min(len(extents), int(budget) // slot_bytes))
+
+
 def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, page_elems: Optional[int] = None,
-                      dtype="float32", devices: Optional[Sequence[jax.Device]] = None) -> MultiArenaLayout:
+                      dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
+                      attention_pool_bytes: Optional[int] = None, weights_pool_bytes: Optional[int] = None,
+                      fill_pages: bool = False) -> MultiArenaLayout:
     """Lay out several models (name -> ModelConfig) in one arena over n_kv + n_w devices.
 
     page_elems defaults to `kv.pool.choose_page_elems` over every model's K*H (the engine's
     choice). Raises ValueError naming the model for one the disaggregated step cannot run.
+    attention_pool_bytes / weights_pool_bytes: budgets (device bytes over the role's devices)
+    of the KV rows' attention region and the weight rows' expert region; None packs every
+    model there (all resident). The budget is exact: a weight row shorter than the KV rows
+    keeps its tail unused rather than growing the region (else any budget below the KV rows'
+    size would be no budget at all). fill_pages: when the weight rows are the longer role,
+    give the KV rows' spare tail to more pages (pages_per_device grows; the engine does).
     """
     devices = list(jax.devices() if devices is None else devices)
     _check_split(n_kv, n_w, pages_per_device, devices)
@@ -294,24 +420,71 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
                 raise
             raise ValueError(f"model {name!r} cannot run on the disaggregated step: {e}") from None
     align = math.lcm(_ALIGN, *kv_rows)
-    pages = _page_slots(pages_per_device, page_elems, align)
-    prefix = {name: f"{name}/" if name else "" for name in configs}
-    kv_all = _pack([(prefix[n] + k, shape) for n, (kv, _, _, _) in entries.items() for k, shape in kv],
-                   pages[1].offset + pages[1].size)
-    w_all = _pack([(prefix[n] + k, shape) for n, (_, w, _, _) in entries.items() for k, shape in w])
-    used = max(max(s.offset + s.size for s in kv_all), max(s.offset + s.size for s in w_all))
-    arena_elems = _align(used, align)
-    device_ids = tuple(d.id for d in devices[:n_kv + n_w])
+    itemsize = jnp.dtype(dtype).itemsize
+    kv_region = _budget_region(attention_pool_bytes, "attention_pool_bytes",
+                               {n: _extent(e[0]) for n, e in entries.items()}, n_kv, itemsize, 0,
+                               "attention side (replicated on every KV device)")
+    w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes",
+                              {n: _extent(e[1]) for n, e in entries.items()}, n_w, itemsize, 0,
+                              "expert shards over the weight devices")
+    multi = _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
+                     kv_region, w_region)
+    if fill_pages:
+        more = _pages_that_fit(multi, page_elems, align)
+        if more > pages_per_device:
+            multi = _lay_out(configs, entries, n_kv, n_w, more, page_elems, dtype, devices, align, kv_region,
+                             w_region, arena_elems=multi.arena_elems)
+    return multi
 
+
+def _kv_region_start(pages_per_device: int, page_elems: int, align: int) -> int:
+    v = _page_slots(pages_per_device, page_elems, align)[1]
+    return _align(v.offset + v.size)
+
+
+def _pages_that_fit(multi: MultiArenaLayout, page_elems: int, align: int) -> int:
+    """The most pages per KV device whose rows still fit the arena (same attention region)."""
+    first = multi.first
+    own = _kv_region_start(first.pages_per_device, page_elems, align)
+    tail = multi.used_elems("kv") - own          # the attention side(s) after the pages
+    pages = max(first.pages_per_device, (first.arena_elems - tail) // (2 * page_elems))
+    while pages > first.pages_per_device and _kv_region_start(pages, page_elems, align) + tail > first.arena_elems:
+        pages -= 1
+    return pages
+
+
+def _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
+             kv_region, w_region, arena_elems=None) -> MultiArenaLayout:
+    pages = _page_slots(pages_per_device, page_elems, align)
+    kv_start = _kv_region_start(pages_per_device, page_elems, align)
+    if kv_region is not None:
+        kv_region = dataclasses.replace(kv_region, start=kv_start)
+    prefix = {name: f"{name}/" if name else "" for name in configs}
+
+    def own_slots(role_index, start, region):
+        """name -> that model's own slots (prefix dropped): packed after one another, or each
+        model from the region's start (its slot 0)."""
+        if region is not None:
+            return {n: _pack(e[role_index], region.start) for n, e in entries.items()}
+        packed = _pack([(prefix[n] + k, shape) for n, e in entries.items() for k, shape in e[role_index]], start)
+        out = {}
+        for n, e in entries.items():
+            names = {prefix[n] + k for k, _ in e[role_index]}
+            out[n] = tuple(Slot(s.name[len(prefix[n]):], s.offset, s.shape) for s in packed if s.name in names)
+        return out
+
+    kv_own, w_own = own_slots(0, kv_start, kv_region), own_slots(1, 0, w_region)
+    used_kv = kv_region.end if kv_region else max(s.offset + s.size for v in kv_own.values() for s in v)
+    used_w = w_region.end if w_region else max(s.offset + s.size for v in w_own.values() for s in v)
+    if arena_elems is None:
+        arena_elems = _align(max(used_kv, used_w), align)
+    device_ids = tuple(d.id for d in devices[:n_kv + n_w])
     views = []
-    for name, (kv, w, ep, tp) in entries.items():
+    for name, (_, _, ep, tp) in entries.items():
         c = configs[name]
-        kv_names, w_names = {prefix[name] + k for k, _ in kv}, {prefix[name] + k for k, _ in w}
-        kv_own = tuple(Slot(s.name[len(prefix[name]):], s.offset, s.shape) for s in kv_all if s.name in kv_names)
-        w_own = tuple(Slot(s.name[len(prefix[name]):], s.offset, s.shape) for s in w_all if s.name in w_names)
         views.append((name, ArenaLayout(
             n_kv=int(n_kv), n_w=int(n_w), device_ids=device_ids, arena_elems=arena_elems,
             dtype=jnp.dtype(dtype).name, pages_per_device=pages_per_device, page_elems=page_elems,
             tokens_per_page=tokens_per_page(page_elems, c.num_kv_heads, c.head_dim), ep=ep, tp=tp,
-            kv_slots=pages + kv_own, w_slots=w_own)))
-    return MultiArenaLayout(tuple(views))
+            kv_slots=pages + kv_own[name], w_slots=w_own[name])))
+    return MultiArenaLayout(tuple(views), kv_region, w_region)
