@@ -8,6 +8,17 @@ Each row: one pytree of `--leaves` equal leaves totalling the size, sharded over
 `--devices` devices on the leading axis; host memory "pinned" (pinned_host memory kind, where
 the platform has it) or "numpy" (plain host RAM). Times are medians over `--repeats`; GB/s is
 bytes / time / 1e9.
+
+Into the CrossPool arena (`--arena_splits=1+1,2+2`, skip the pytree table with `--sizes_mib=`):
+two copies of `--arena_model` (random weights, `engine.random_models.SHAPES`) share one slot
+of each budgeted region (weights_pool_bytes and attention_pool_bytes of exactly one model),
+so every acquire of the other swaps its attention side into the KV rows and its expert
+shards into the weight rows, written in place (`disagg/residency.py`):
+
+    python scripts/bench_swap.py --sizes_mib= --arena_splits=1+1 --arena_model=mixtral-8x7b-2l
+
+Per split: bytes per swap-in (all rows of both roles), cold acquire (evict, host->device,
+in-place write, until the arena is ready), prefetch call, and the wait of the acquire after it.
 """
 from __future__ import annotations
 
@@ -34,6 +45,9 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "leaf dtype")
 flags.DEFINE_integer("repeats", 5, "timed repetitions per measurement (after one warm-up)")
 flags.DEFINE_integer("devices", 1, "devices to shard each leaf over (leading axis)")
 flags.DEFINE_list("host", ["pinned", "numpy"], "host memory kinds to measure: pinned, numpy")
+flags.DEFINE_list("arena_splits", [], "crosspool splits KV+W (e.g. 1+1,2+2): swap-in into the arena")
+flags.DEFINE_string("arena_model", "qwen3moe-mini-2l", "random model shape for the arena rows "
+                    "(crosspool_jax.engine.random_models.SHAPES)")
 
 
 def _median_seconds(fn, repeats):
@@ -116,6 +130,70 @@ def _one_model_budget(tree, sharding):
                for x in tree)
 
 
+def _arena_row(split: str, host: str, repeats: int) -> str:
+    """Swap-in of one model into a crosspool arena of two same-shaped models with one slot per role."""
+    from crosspool_jax.disagg.layout import make_multi_layout
+    from crosspool_jax.disagg.residency import build_residency
+    from crosspool_jax.engine.random_models import SHAPES
+    from crosspool_jax.models import ModelConfig, init_random_params
+
+    n_kv, n_w = (int(x) for x in split.split("+"))
+    config = ModelConfig.from_hf_dict(SHAPES[FLAGS.arena_model])
+    params = init_random_params(config, jax.random.key(0), FLAGS.dtype)     # on the device: fast
+    configs = {"a": config, "b": config}
+    probe = make_multi_layout(configs, n_kv=n_kv, n_w=n_w, pages_per_device=16, dtype=FLAGS.dtype)
+    itemsize = np.dtype(jax.numpy.dtype(FLAGS.dtype)).itemsize
+    budgets = {role: probe.region_elems("a", role) * n * itemsize for role, n in (("kv", n_kv), ("w", n_w))}
+    layout = make_multi_layout(configs, n_kv=n_kv, n_w=n_w, pages_per_device=16, dtype=FLAGS.dtype,
+                               attention_pool_bytes=budgets["kv"], weights_pool_bytes=budgets["w"])
+    res = build_residency({"a": params, "b": params}, layout, use_pinned_host=host == "pinned")
+    del params
+    names = iter(["b", "a"] * (2 * repeats + 2))
+
+    def cold_acquire():
+        name = next(names)
+        res.acquire(name)
+        res.release(name)
+        jax.block_until_ready(res.arena.array)
+
+    t_cold = _median_seconds(cold_acquire, repeats)
+    prefetch_call, wait = [], []
+    for _ in range(repeats):
+        other = next(names)
+        t0 = time.perf_counter()
+        res.prefetch(other)
+        prefetch_call.append(time.perf_counter() - t0)
+        w0 = sum(st.acquire_wait_seconds for st in res.stats().values())
+        res.acquire(other)
+        wait.append(sum(st.acquire_wait_seconds for st in res.stats().values()) - w0)
+        res.release(other)
+        jax.block_until_ready(res.arena.array)
+    stats = res.stats()
+    per_swap = {role: st.bytes_swapped_in / max(st.swaps_in, 1) for role, st in stats.items()}
+    nbytes = sum(per_swap.values())
+    landed = sum(st.swap_in_seconds for st in stats.values()) / max(sum(st.swaps_in for st in stats.values()), 1)
+    return (f"{split:>6} {host:>6} {per_swap['kv'] / 2**20:>9.1f} {per_swap['w'] / 2**20:>9.1f} "
+            f"{t_cold * 1e3:>10.2f} {nbytes / t_cold / 1e9:>8.2f} {landed * 1e3:>10.2f} "
+            f"{statistics.median(prefetch_call) * 1e3:>9.3f} {statistics.median(wait) * 1e3:>9.2f} "
+            f"{stats['w'].swaps_in:>6}")
+
+
+def arena_table() -> None:
+    devices = jax.devices()
+    hosts = [h for h in FLAGS.host if h != "pinned" or supports_pinned_host(
+        jax.sharding.SingleDeviceSharding(devices[0]))]
+    print(f"arena swap-in: {FLAGS.arena_model}, dtype {FLAGS.dtype}, two models, one slot per role, "
+          f"median of {FLAGS.repeats}")
+    print(f"{'split':>6} {'host':>6} {'attn MiB':>9} {'ffn MiB':>9} {'acquire ms':>10} {'acq GB/s':>8} "
+          f"{'landed ms':>10} {'prefetch':>9} {'wait ms':>9} {'swaps':>6}")
+    for split in FLAGS.arena_splits:
+        for host in hosts:
+            print(_arena_row(split, host, FLAGS.repeats), flush=True)
+    print("MiB: bytes one swap-in moves, over all rows of the role; acquire: cold acquire of the "
+          "swapped-out model until the arena is written; landed: mean per-role wall time from a "
+          "transfer's start until its data was on device (the registry's swap_in_seconds)")
+
+
 def main(argv):
     del argv
     devices = jax.devices()[:FLAGS.devices]
@@ -129,15 +207,20 @@ def main(argv):
           f"dtype {FLAGS.dtype}, {FLAGS.leaves} leaves, median of {FLAGS.repeats}")
     if set(FLAGS.host) - set(hosts):
         print("(pinned_host memory is not available on this platform: pinned rows skipped)")
-    print(f"{'MiB':>8} {'host':>6} {'h2d ms':>9} {'h2d GB/s':>8} {'d2h ms':>9} {'d2h GB/s':>8} "
-          f"{'acquire ms':>10} {'acq GB/s':>8} {'prefetch':>9} {'wait ms':>9} {'swaps':>6}")
     rng = np.random.default_rng(0)
-    for size in FLAGS.sizes_mib:
+    sizes = [x for x in FLAGS.sizes_mib if x]
+    if sizes:
+        print(f"{'MiB':>8} {'host':>6} {'h2d ms':>9} {'h2d GB/s':>8} {'d2h ms':>9} {'d2h GB/s':>8} "
+              f"{'acquire ms':>10} {'acq GB/s':>8} {'prefetch':>9} {'wait ms':>9} {'swaps':>6}")
+    for size in sizes:
         tree = _make_tree(int(size) << 20, FLAGS.leaves, dtype, len(devices), rng)
         for host in hosts:
             print(_row(size, host, tree, sharding, FLAGS.repeats), flush=True)
-    print("acquire: cold acquire of a swapped-out model (evicts the other, swaps in, waits);"
-          " prefetch: ms the prefetch call takes (non-blocking); wait: ms acquire then blocks")
+    if sizes:
+        print("acquire: cold acquire of a swapped-out model (evicts the other, swaps in, waits);"
+              " prefetch: ms the prefetch call takes (non-blocking); wait: ms acquire then blocks")
+    if FLAGS.arena_splits:
+        arena_table()
 
 
 if __name__ == "__main__":
