@@ -11,6 +11,9 @@ How a request travels:
 3. For each model in the batch, the runner dispatches ONE jitted program that runs all
    layers (paged attention against the shared pool, MoE FFN), writes the new K/V in place
    and samples on device; a decode-only batch may produce several tokens per dispatch.
+   Without a device split (`PlacedRunner`) each model is placed on one device (mode
+   shared/static on several devices, or the one device) and its program runs there against
+   that device's pages (the KV manager pins the model's blocks to it).
    With a crosspool device split the `DisaggRunner` runs the disaggregated step instead
    (KV pool and attention on the KV devices, experts on the weight devices; sticky page
    placement; one token per dispatch).
@@ -33,7 +36,7 @@ from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
 from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.request import Request, RequestStatus
-from crosspool_jax.engine.runner import StepRunner
+from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.engine.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
 from crosspool_jax.engine.stop_checker import check_stop
@@ -101,7 +104,8 @@ class LLMEngine:
                                          placement="sticky" if disaggregated else "spread")
         caps = self.registry.static_page_caps() if config.mode == "static" else {}
         for geometry in self.registry.geometries():
-            self.kv_manager.register_model(geometry, max_pages=caps.get(geometry.name))
+            self.kv_manager.register_model(geometry, max_pages=caps.get(geometry.name),
+                                           device=self.registry.model_devices.get(geometry.name))
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                             max_decode_steps=1 if disaggregated else config.max_decode_steps,
@@ -110,10 +114,10 @@ class LLMEngine:
         if disaggregated:         # one token per dispatch on this path
             self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket)
         else:
-            self.runner = StepRunner(self.registry.kv_pool, attention_backend=self.registry.attention_backend,
-                                     moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
-                                     min_token_bucket=config.min_token_bucket,
-                                     input_device=self.registry.kv_devices[0])
+            self.runner = PlacedRunner(self.registry.kv_pool, self.registry.model_devices,
+                                       attention_backend=self.registry.attention_backend,
+                                       moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
+                                       min_token_bucket=config.min_token_bucket)
         self._parents: dict[str, _Parent] = {}
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)

@@ -4,6 +4,15 @@ It loads every checkpoint once, chooses the KV page size that every model can vi
 exactly, sizes the global KV pool, and hands out parameter pytrees for a step
 (`acquire`/`release`), letting the weights pool swap cold models' pytrees to host memory.
 
+Without a crosspool device split (one device, or mode "shared"/"static" on several) every
+device is an independent monolithic pool: each model is placed whole on ONE device
+(`model_devices`, greedy by weight bytes: `weights.place_models`), its FFN side in that
+device's weights pool and its attention side in that device's attention pool (one pair of
+`WeightsPool`s per device: `weights_pool_bytes` and `attention_pool_bytes` are budgets PER
+DEVICE), its KV pages on that device (the engine pins the model there). `kv_pool_bytes` is
+over all devices, split equally. mode "static" gives each model an equal share of its
+device's pages (`static_page_caps`); "shared" lets the models of a device share its pages.
+
 With mode "crosspool" and disjoint KV and weight devices (e.g. kv_devices=2, weight_devices=2)
 the registry builds the disaggregated arena instead (`self.arena`, crosspool_jax/disagg): the
 KV pages and every model's attention side on the KV devices, every model's expert shard on
@@ -12,12 +21,15 @@ no host swapping of weights on this path yet (weights_pool_bytes must be None).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import math
 import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
@@ -27,8 +39,10 @@ from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.models import init_random_params
+from crosspool_jax.models.params import param_shapes
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
-from crosspool_jax.weights import WeightsPool, resolve_device_roles
+from crosspool_jax.weights import WeightsPool, place_models, resolve_device_roles
+from crosspool_jax.weights.pool import ShardingFn
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +106,18 @@ class ModelRegistry:
         self.attention_backend = config.attention_backend
         self.moe_backend = config.moe_backend
         self._entries: dict[str, ModelEntry] = {}
-        weight_sharding = jax.sharding.SingleDeviceSharding(self.weight_devices[0])
-        kv_sharding = jax.sharding.SingleDeviceSharding(self.kv_devices[0])
-        # Every model's FFN pytree lives in the weights pool and its attention side in a
-        # second pool on the KV device; beyond each pool's budget the least recently used
-        # models' pytrees are swapped to host memory and come back on demand.
-        self.weights = WeightsPool(config.weights_pool_bytes, lambda model, path, shape: weight_sharding)
-        self.attention_weights = WeightsPool(config.attention_pool_bytes, lambda model, path, shape: kv_sharding)
+        # model -> index of its device in kv_devices (== weight_devices here); empty with a
+        # crosspool split, where every model spans all devices
+        self.model_devices: dict[str, int] = {} if self.disaggregated else self._place()
+        # Per device, every FFN pytree placed there lives in its weights pool and every
+        # attention side in its attention pool; beyond each pool's budget the least recently
+        # used models' pytrees are swapped to host memory and come back on demand.
+        n_placed = 1 if self.disaggregated else len(self.kv_devices)
+        self.weights_pools = [WeightsPool(config.weights_pool_bytes, _on_device(self.weight_devices[d]))
+                              for d in range(n_placed)]
+        self.attention_pools = [WeightsPool(config.attention_pool_bytes, _on_device(self.kv_devices[d]))
+                                for d in range(n_placed)]
+        self.weights, self.attention_weights = self.weights_pools[0], self.attention_pools[0]   # device 0's
         loaded = {}                                           # kept only to build the arena
         for name, path in config.models.items():
             model = self._load(name, str(path))
@@ -130,15 +149,31 @@ class ModelRegistry:
                  arena_layout.n_w, arena_layout.arena_elems)
         return Arena(arena_layout, array)
 
+    def _place(self) -> dict[str, int]:
+        """shared/static: each model on one device, greedy by weight bytes (`weights.place_models`),
+        from the checkpoints' configs before anything is loaded. Raises ValueError for a model
+        whose attention or FFN side alone exceeds a device's budget."""
+        sizes = {name: _param_bytes(str(path), self.config.dtype) for name, path in self.config.models.items()}
+        for name, (attn, ffn) in sizes.items():
+            for option, need in (("attention_pool_bytes", attn), ("weights_pool_bytes", ffn)):
+                budget = getattr(self.config, option)
+                if budget is not None and need > budget:
+                    raise ValueError(f"model {name!r} needs {need} bytes for its "
+                                     f"{'attention' if option.startswith('attention') else 'FFN'} side on its "
+                                     f"device, more than {option}={budget} (a per-device budget in mode "
+                                     f"{self.config.mode!r})")
+        return place_models({name: attn + ffn for name, (attn, ffn) in sizes.items()}, len(self.kv_devices))
+
     def _load(self, name: str, path: str):
+        d = self.model_devices.get(name, 0)
         if os.path.exists(os.path.join(path, RANDOM_WEIGHTS_MARKER)):
             # a benchmark model: realistic shapes, random weights made on the device
             _, model_config = read_config(path)
-            with jax.default_device(self.kv_devices[0]):
+            with jax.default_device(self.kv_devices[d]):
                 kv_params, ffn_params = init_random_params(model_config, jax.random.key(0), self.config.dtype)
             return checkpoints.LoadedModel(name, path, model_config, kv_params, ffn_params, {}, None)
-        return checkpoints.load_model(path, dtype=self.config.dtype, kv_placement=self.kv_devices[0],
-                                      ffn_placement=self.weight_devices[0])
+        return checkpoints.load_model(path, dtype=self.config.dtype, kv_placement=self.kv_devices[d],
+                                      ffn_placement=self.weight_devices[d])
 
     def _add(self, name: str, path: str, loaded) -> None:
         cfg = loaded.config
@@ -156,8 +191,8 @@ class ModelRegistry:
         self._entries[name] = ModelEntry(name, path, cfg, loaded.tokenizer, gen, tuple(sorted(eos)), max_len,
                                          weights_bytes=weights_bytes)
         if not self.disaggregated:                        # else the arena takes both halves
-            self.attention_weights.register(name, loaded.kv_params)
-            self.weights.register(name, loaded.ffn_params)
+            self.attention_pools[self.model_devices[name]].register(name, loaded.kv_params)
+            self.weights_pools[self.model_devices[name]].register(name, loaded.ffn_params)
 
     def _pool_bytes(self) -> int:
         if self.config.kv_pool_bytes is not None:
@@ -183,10 +218,20 @@ class ModelRegistry:
         return entry
 
     def static_page_caps(self) -> dict:
-        """mode="static": each model owns an equal, fixed share of the pool (a whole number of
-        its blocks), the per-model worst-case reservation that static partitioning makes."""
-        share = self.kv_layout.num_pages // len(self._entries)
-        return {e.name: share - share % e.config.num_layers for e in self._entries.values()}
+        """mode="static": each model owns an equal, fixed share of its device's pages (a whole
+        number of its blocks), the per-model worst-case reservation that static partitioning makes."""
+        per_device = collections.Counter(self.model_devices.values())
+        caps = {}
+        for e in self._entries.values():
+            d = self.model_devices[e.name]
+            share = self.kv_layout.pages_per_device // per_device[d]
+            caps[e.name] = share - share % e.config.num_layers
+            if caps[e.name] < 1:
+                raise ValueError(f"mode 'static': device {self.kv_devices[d].id} has "
+                                 f"{self.kv_layout.pages_per_device} KV pages for {per_device[d]} models, a share "
+                                 f"of {share} pages, less than one block ({e.config.num_layers} pages) of model "
+                                 f"{e.name!r}; raise kv_pool_bytes")
+        return caps
 
     def geometries(self) -> list[ModelKVGeometry]:
         return [ModelKVGeometry(e.name, e.config.num_layers, e.tokens_per_page, e.max_model_len)
@@ -195,38 +240,51 @@ class ModelRegistry:
     def prefetch(self, name: str) -> None:
         """Start bringing a swapped-out model's weights back (a request for it was admitted)."""
         if not self.disaggregated:
-            self.attention_weights.prefetch(name)
-            self.weights.prefetch(name)
+            self._pools_of(name)[0].prefetch(name)
+            self._pools_of(name)[1].prefetch(name)
 
     def acquire(self, name: str) -> tuple[dict, dict]:
         """(kv_params, ffn_params) of a model for one step; swaps either half in if it is out.
         (None, None) on the disaggregated path: both halves live in the arena."""
         if self.disaggregated:
             return None, None
-        kv_params = self.attention_weights.acquire(name)
+        attention, weights = self._pools_of(name)
+        kv_params = attention.acquire(name)
         try:
-            return kv_params, self.weights.acquire(name)
+            return kv_params, weights.acquire(name)
         except Exception:
-            self.attention_weights.release(name)
+            attention.release(name)
             raise
 
     def release(self, name: str) -> None:
         if not self.disaggregated:
-            self.weights.release(name)
-            self.attention_weights.release(name)
+            self._pools_of(name)[1].release(name)
+            self._pools_of(name)[0].release(name)
+
+    def _pools_of(self, name: str) -> tuple[WeightsPool, WeightsPool]:
+        """(attention pool, weights pool) of the device a model is placed on."""
+        d = self.model_devices[self.get(name).name]
+        return self.attention_pools[d], self.weights_pools[d]
 
     def weights_stats(self) -> "SwapCounts":
-        """Swaps of both pools (FFN side and attention side) added up."""
-        a, f = self.attention_weights.stats(), self.weights.stats()
-        return SwapCounts(a.swaps_in + f.swaps_in, a.swaps_out + f.swaps_out)
+        """Swaps of every pool (FFN side and attention side, every device) added up."""
+        stats = [p.stats() for p in self.attention_pools + self.weights_pools]
+        return SwapCounts(sum(s.swaps_in for s in stats), sum(s.swaps_out for s in stats))
 
     def is_resident(self, name: str) -> bool:
-        return self.disaggregated or (self.weights.is_resident(name) and self.attention_weights.is_resident(name))
+        if self.disaggregated:
+            return True
+        attention, weights = self._pools_of(name)
+        return weights.is_resident(name) and attention.is_resident(name)
 
     def model_stats(self) -> dict:
+        """Per model: residency, bytes, context, and `device`: the id of the device it is placed
+        on (None with a crosspool split, where it spans the KV and weight devices)."""
         return {e.name: {"resident": self.is_resident(e.name),
                          "weights_bytes": e.weights_bytes,
-                         "max_model_len": e.max_model_len}
+                         "max_model_len": e.max_model_len,
+                         "device": (self.kv_devices[self.model_devices[e.name]].id
+                                    if e.name in self.model_devices else None)}
                 for e in self._entries.values()}
 
 
@@ -241,18 +299,29 @@ def _engine_devices(config: EngineConfig) -> tuple[list, list]:
 
     Without explicit kv_devices/weight_devices the engine runs on one device (both roles:
     the degenerate CrossPool case, and the single device of the shared/static baselines).
-    mode "crosspool" with disjoint pools runs the disaggregated step (crosspool_jax/disagg).
-    Multi-device shared/static baselines are not wired in yet: asking for them raises rather
-    than silently running something else.
+    mode "crosspool" with disjoint pools runs the disaggregated step (crosspool_jax/disagg);
+    modes "shared"/"static" give every chosen device both roles (kv_devices and
+    weight_devices, when both given, must select the same devices), each model placed on one.
     """
     if config.kv_devices is None and config.weight_devices is None:
         device = jax.devices()[0]
         return [device], [device]
     roles = resolve_device_roles(config.mode, config.kv_devices, config.weight_devices)
-    if roles.is_degenerate or (config.mode == "crosspool" and not set(roles.kv_devices) & set(roles.weight_devices)):
-        return list(roles.kv_devices), list(roles.weight_devices)
-    raise ValueError(
-        f"mode={config.mode!r} with kv_devices={[d.id for d in roles.kv_devices]} and "
-        f"weight_devices={[d.id for d in roles.weight_devices]}: only mode='crosspool' with disjoint KV and "
-        "weight devices (the disaggregated step) or one device is wired in; the multi-device "
-        f"{config.mode!r} baseline is not wired in yet")
+    return list(roles.kv_devices), list(roles.weight_devices)
+
+
+def _on_device(device) -> ShardingFn:
+    """A WeightsPool sharding_fn putting every leaf on one device."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return lambda model, path, shape: sharding
+
+
+def _param_bytes(path: str, dtype) -> tuple[int, int]:
+    """(attention side, FFN side) bytes of a checkpoint's parameters in `dtype`, from its config."""
+    _, model_config = read_config(path)
+    itemsize = jnp.dtype(dtype).itemsize
+    kv_shapes, ffn_shapes = param_shapes(model_config)
+
+    def nbytes(shapes) -> int:
+        return itemsize * sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    return nbytes(kv_shapes), nbytes(ffn_shapes)

@@ -1,9 +1,13 @@
-"""The runner: turns one model's scheduled chunks into one dispatched step program.
+"""The runner: turns one model's scheduled chunks into one dispatched step program on one device.
 
 It builds the device inputs (`step_inputs.py`, `sampling_metadata.py`), picks the program
 (`ragged_step` for mixed prefill/decode batches, `multi_decode` when every chunk is a
 decode that may run several tokens), dispatches it with the pool's buffers donated, and
 returns the sampled tokens per request. It counts the distinct compiled programs.
+
+A `StepRunner` serves one KV device of the pool (`device_index`): its chunks' page tables
+hold that device's local page ids (`placed_runner.PlacedRunner` maps the engine's global ids
+and picks the device of each model).
 """
 from __future__ import annotations
 
@@ -44,30 +48,36 @@ class RunnerStats:
 
 
 class StepRunner:
-    """Runs step programs of many models against one shared KV pool."""
+    """Runs step programs of many models against the pages of one KV device of the pool."""
 
     def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, max_decode_steps: int = 1,
-                 min_token_bucket: int = 16, input_device=None):
+                 min_token_bucket: int = 16, device_index: int = 0):
+        if not 0 <= device_index < pool.layout.num_devices:
+            raise ValueError(f"StepRunner.device_index must be in [0, {pool.layout.num_devices}), "
+                             f"got {device_index!r}")
         self.pool = pool
+        self.device_index = device_index
         self.min_token_bucket = min_token_bucket
         self.max_decode_steps = max_decode_steps
         self.attention_backend = attention_backend
         self.moe_backend = moe_backend
-        self.input_device = input_device or pool.devices[0]
+        self.input_device = pool.devices[device_index]
         self.stats = RunnerStats()
 
     def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
             rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
             allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
-        """Run one step of `chunks` (all of one model). Returns, per chunk, its sampled tokens
-        (one for a ragged step; up to num_steps for a multi-step decode)."""
+        """Run one step of `chunks` (all of one model, page tables in this device's local ids).
+        Returns, per chunk, its sampled tokens (one for a ragged step; up to num_steps for a
+        multi-step decode)."""
         t0 = time.perf_counter()
         num_logprobs = smeta.max_logprobs(rows)
         penalties = smeta.needs_penalties(rows)
         pool = self.pool
         if num_steps == 1:
             inputs, shape = build_step_inputs(chunks, num_layers=config.num_layers, tokens_per_page=tokens_per_page,
-                                              num_pages=pool.layout.num_pages, min_tokens_bucket=self.min_token_bucket)
+                                              num_pages=pool.layout.pages_per_device,
+                                              min_tokens_bucket=self.min_token_bucket)
             S = shape.num_seqs
         else:
             S = bucket(len(chunks), MIN_SEQS_BUCKET)
@@ -78,11 +88,11 @@ class StepRunner:
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
                                else (None, None))
-        k_buf, v_buf = pool.take()
+        k_buf, v_buf = pool.take(self.device_index)
         try:
             if num_steps == 1:
                 inputs = jax.device_put(inputs, self.input_device)
-                self.stats.count_program((model_name, "ragged", shape, num_logprobs, penalties))
+                self.stats.count_program((model_name, "ragged", shape, num_logprobs, penalties, self.device_index))
                 t1 = time.perf_counter()
                 k_buf, v_buf, out = ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, counts,
                                                 prompt_mask, config=config, num_logprobs=num_logprobs,
@@ -93,14 +103,15 @@ class StepRunner:
             else:
                 args = self._multi_decode_args(config, chunks, S, stop_ids, allowances)
                 Pp = args[2].shape[2]
-                self.stats.count_program((model_name, "decode", S, Pp, num_steps, num_logprobs, penalties))
+                self.stats.count_program((model_name, "decode", S, Pp, num_steps, num_logprobs, penalties,
+                                         self.device_index))
                 t1 = time.perf_counter()
                 k_buf, v_buf, outs, steps_run = multi_decode(
                     kv_params, ffn_params, k_buf, v_buf, *args[:3], args[3], sampling, counts, prompt_mask,
                     *args[4:], config=config, num_steps=num_steps, num_logprobs=num_logprobs,
                     attention_backend=self.attention_backend, moe_backend=self.moe_backend)
         finally:
-            pool.put(k_buf, v_buf)
+            pool.put(k_buf, v_buf, self.device_index)
         host = jax.device_get((outs, steps_run))
         t2 = time.perf_counter()
         self.stats.steps += 1

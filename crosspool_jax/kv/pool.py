@@ -7,11 +7,14 @@ head dim H sees a buffer `[P, page_elems]` as `[P, G, K, H]` with `G = page_elem
 idle model holds none. A logical block of G tokens costs a model L pages, one per layer;
 its page tables are `int32[L, S, pages_per_seq]`.
 
-With several KV devices the buffers are one array `[num_devices * pages_per_device,
-page_elems]` sharded on axis 0: page ids are global and page p lives on device
-`p // pages_per_device`. The host-side bookkeeping (which page belongs to whom) is in
-`allocator.py` / `kv_cache_manager.py`; this module owns the device memory and the
-pure functions that view it and write new K/V into it.
+With several KV devices each device has its own pair of buffers `[pages_per_device,
+page_elems]` (independent pools, as the multi-device shared/static baselines run them: a
+model's step runs on one device against that device's pages). Page ids are global in the
+host-side bookkeeping: page p lives on device `p // pages_per_device` at local id
+`p % pages_per_device` (`local_page_ids`); a step program sees local ids only. The
+host-side bookkeeping (which page belongs to whom) is in `allocator.py` /
+`kv_cache_manager.py`; this module owns the device memory and the pure functions that view
+it and write new K/V into it.
 """
 from __future__ import annotations
 
@@ -78,35 +81,57 @@ class KVPoolLayout:
 
 
 class KVPool:
-    """Owns the K and V device buffers. Each step program takes them (donated) and returns them."""
+    """Owns the K and V buffers of every KV device: one pair `[pages_per_device, page_elems]` on
+    each device. A step program takes one device's pair (donated) and `put`s the results back."""
 
     def __init__(self, layout: KVPoolLayout, devices: Sequence[jax.Device]):
         if len(devices) != layout.num_devices:
             raise ValueError(f"KVPool: layout has {layout.num_devices} devices, got {len(devices)}")
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"KVPool: devices repeat: {list(devices)}")
         self.layout = layout
         self.devices = tuple(devices)
-        shape = (layout.num_pages, layout.page_elems)
-        if len(devices) == 1:
-            self.sharding = jax.sharding.SingleDeviceSharding(devices[0])
-        else:
-            mesh = jax.sharding.Mesh(np.array(devices), ("kv",))
-            self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("kv", None))
-        zeros = jax.jit(lambda: jnp.zeros(shape, layout.dtype), out_shardings=self.sharding)
-        self.k_buffer = zeros()
-        self.v_buffer = zeros()
+        shape = (layout.pages_per_device, layout.page_elems)
+        self.k_buffers: list = []
+        self.v_buffers: list = []
+        for device in self.devices:
+            zeros = jax.jit(lambda: jnp.zeros(shape, layout.dtype),
+                            out_shardings=jax.sharding.SingleDeviceSharding(device))
+            self.k_buffers.append(zeros())
+            self.v_buffers.append(zeros())
 
     @property
     def nbytes(self) -> int:
         return self.layout.num_pages * self.layout.page_bytes
 
-    def take(self) -> tuple[jax.Array, jax.Array]:
-        """Hand both buffers to a step program (which donates them); `put` the results back."""
-        k, v = self.k_buffer, self.v_buffer
-        self.k_buffer = self.v_buffer = None
+    def _check(self, device_index: int) -> None:
+        if not isinstance(device_index, int) or not 0 <= device_index < len(self.devices):
+            raise ValueError(f"KVPool: device_index must be in [0, {len(self.devices)}), got {device_index!r}")
+
+    def take(self, device_index: int = 0) -> tuple[jax.Array, jax.Array]:
+        """Hand one device's buffers to a step program (which donates them); `put` the results back."""
+        self._check(device_index)
+        k, v = self.k_buffers[device_index], self.v_buffers[device_index]
+        if k is None:
+            raise ValueError(f"KVPool: the buffers of device {device_index} are already taken")
+        self.k_buffers[device_index] = self.v_buffers[device_index] = None
         return k, v
 
-    def put(self, k_buffer: jax.Array, v_buffer: jax.Array) -> None:
-        self.k_buffer, self.v_buffer = k_buffer, v_buffer
+    def put(self, k_buffer: jax.Array, v_buffer: jax.Array, device_index: int = 0) -> None:
+        self._check(device_index)
+        self.k_buffers[device_index], self.v_buffers[device_index] = k_buffer, v_buffer
+
+
+def local_page_ids(page_ids, pages_per_device: int) -> tuple[int, np.ndarray]:
+    """Global page ids that all live on one device -> (that device, its local ids).
+
+    Raises ValueError when the ids span devices (a step runs on one device's pages)."""
+    ids = np.asarray(page_ids, np.int32)
+    devices = np.unique(ids // pages_per_device)
+    if len(devices) != 1:
+        raise ValueError(f"page ids {ids.tolist()} lie on devices {devices.tolist()}, not on one device "
+                         f"({pages_per_device} pages per device)")
+    return int(devices[0]), ids % pages_per_device
 
 
 def page_view(buffer_PX: jax.Array, num_kv_heads: int, head_dim: int) -> jax.Array:

@@ -2,12 +2,12 @@
 from crosspool_jax.weights.budget import LruBudget, WeightsPoolBusyError
 from crosspool_jax.weights.devices import (
     DeviceRoles,
-    assign_models_round_robin,
     deinterleave_gate_up,
     ffn_sharding_fn,
     ffn_sharding_for,
     interleave_gate_up,
     kv_mesh,
+    place_models,
     replicated_sharding_fn,
     resolve_device_roles,
     weights_mesh,
@@ -16,7 +16,7 @@ from crosspool_jax.weights.pool import WeightsPool, WeightsPoolStats, leaf_path_
 
 __all__ = [
     "DeviceRoles", "LruBudget", "WeightsPool", "WeightsPoolBusyError", "WeightsPoolStats",
-    "assign_models_round_robin", "deinterleave_gate_up", "ffn_sharding_fn", "ffn_sharding_for",
-    "interleave_gate_up", "kv_mesh", "leaf_path_str", "replicated_sharding_fn",
+    "deinterleave_gate_up", "ffn_sharding_fn", "ffn_sharding_for",
+    "interleave_gate_up", "kv_mesh", "leaf_path_str", "place_models", "replicated_sharding_fn",
     "resolve_device_roles", "weights_mesh",
 ]

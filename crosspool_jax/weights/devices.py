@@ -3,7 +3,8 @@
 Owns `DeviceRoles`, `resolve_device_roles` (the engine options `mode`, `kv_devices`,
 `weight_devices` of ../shared/CROSSPOOL.md), the two meshes (`kv_mesh`, axis "kv";
 `weights_mesh`, axis "expert"), the FFN leaf sharding rule `ffn_sharding_for`, and the
-round-robin model assignment of the static baseline.
+placement of whole models on devices for the multi-device shared/static baselines
+(`place_models`).
 
 Sharding of FFN leaves over the "expert" axis of size n. Leaves are named by their pytree path
 ("moe/w1_LEDF2"); the axes come from the name's dimension letters (models/params.py), else
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -122,7 +123,7 @@ def resolve_device_roles(mode: str, kv_devices: DeviceSpec = None, weight_device
       devices or device ids) are taken as given.
     shared: every chosen device holds weights and KV; a count or list in either option selects
       them (both given must agree); default all devices.
-    static: like shared; each model then owns a subset (`assign_models_round_robin`).
+    static: like shared (each model is then placed on one device: `place_models`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
@@ -170,19 +171,27 @@ def resolve_device_roles(mode: str, kv_devices: DeviceSpec = None, weight_device
     return DeviceRoles(chosen, chosen, mode)
 
 
-def assign_models_round_robin(models: Sequence[str], roles: DeviceRoles,
-                              devices_per_model: int = 1) -> dict[str, tuple]:
-    """Static baseline: model i owns `devices_per_model` consecutive devices, round robin."""
-    devs = roles.all_devices
-    if not 1 <= devices_per_model <= len(devs):
-        raise ValueError(f"devices_per_model must be in [1, {len(devs)}] (got {devices_per_model})")
-    if len(set(models)) != len(models):
-        raise ValueError(f"model names repeat: {list(models)}")
+def place_models(model_bytes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """The multi-device shared/static baselines: each model on ONE device (index in [0, num_devices)).
+
+    Greedy by weight bytes: the largest model first (ties: the order given), each onto the
+    device with the fewest bytes placed so far (ties: the lowest index). Balances the weights
+    over the devices; with at most num_devices models every model gets a device of its own.
+    """
+    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
+        raise ValueError(f"num_devices must be an integer >= 1 (got {num_devices!r})")
+    if not model_bytes:
+        raise ValueError("place_models: no models to place")
+    for name, nbytes in model_bytes.items():
+        if not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
+            raise ValueError(f"place_models: model {name!r} has {nbytes!r} bytes, not an integer >= 0")
+    load = [0] * num_devices
     out = {}
-    for i, name in enumerate(models):
-        first = (i * devices_per_model) % len(devs)
-        out[name] = tuple(devs[(first + j) % len(devs)] for j in range(devices_per_model))
-    return out
+    for name in sorted(model_bytes, key=lambda n: -model_bytes[n]):     # stable: ties keep the order
+        d = min(range(num_devices), key=lambda k: (load[k], k))
+        out[name] = d
+        load[d] += int(model_bytes[name])
+    return {name: out[name] for name in model_bytes}
 
 
 def kv_mesh(roles: DeviceRoles) -> Mesh:

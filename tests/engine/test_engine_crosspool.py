@@ -1,11 +1,14 @@
-"""The engine with a CrossPool device split (the disaggregated step) on 8 simulated devices.
+"""The engine's memory organisations and device splits on 8 simulated devices.
 
 A mixed batch of two MoE families (Mixtral: K*H 16, Qwen3-MoE: K*H 32, so they view the
-shared pages differently) must give the single-device engine's greedy tokens for splits
-1+1, 2+2, 4+4 and 6+2; requests sit on one KV device each and spread over the pool; the
-pool comes back empty; seeded sampling with logprobs matches too; a small pool preempts
-without changing outputs; prefix caching is hit; unsupported models and weights_pool_bytes
-are refused at construction.
+shared pages differently) must give the single-device engine's greedy tokens in every
+layout of one table: the CrossPool splits 1+1, 2+2, 4+4 and 6+2 (the disaggregated step;
+requests sit on one KV device each and spread over the pool) and the shared/static
+baselines on 1, 2 and 4 devices (each model placed on one device; its requests' pages on
+it; multi-step decode on a non-zero device); the pool comes back empty; seeded sampling
+with logprobs matches too; prefix caching is hit. A small pool preempts without changing
+outputs; static refuses a context that shared serves on the same devices; unsupported
+models and options are refused at construction.
 """
 from types import SimpleNamespace
 
@@ -14,6 +17,7 @@ import pytest
 
 from crosspool_jax import LLM, SamplingParams
 from crosspool_jax.engine.disagg_runner import DisaggRunner
+from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.engine.request import Request
 
 FAMILIES = ["mixtral", "qwen3_moe"]
@@ -23,7 +27,10 @@ SEEDED = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed
 # one token bucket (64) and prompts under 58 tokens: one program shape per model and split
 ENGINE = dict(dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64,
               max_decode_steps=4)
-SPLITS = [(1, 1), (2, 2), (4, 4), (6, 2)]
+# every layout against ONE single-device result (`expected`): (mode, kv_devices, weight_devices)
+LAYOUTS = [("crosspool", 1, 1), ("crosspool", 2, 2), ("crosspool", 4, 4), ("crosspool", 6, 2),
+           ("static", 1, 1), ("shared", 2, 2), ("static", 2, 2), ("shared", 4, 4), ("static", 4, 4)]
+
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +70,28 @@ def _tokens(outs):
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("n_kv,n_w", SPLITS)
-def test_split_matches_single_device_engine(model_dirs, batch, expected, n_kv, n_w):
+@pytest.mark.parametrize("mode,n_kv,n_w", LAYOUTS)
+def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected, mode, n_kv, n_w):
     prompts, models = batch
     want, want_seeded = expected
-    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=n_kv, weight_devices=n_w,
-              **ENGINE)
+    placed = mode != "crosspool"
+    # shared/static: the reference's pages per device, so device 0 reuses its compiled programs
+    options = {**ENGINE, "kv_pool_bytes": n_kv * ENGINE["kv_pool_bytes"]} if placed else ENGINE
+    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode=mode, kv_devices=n_kv, weight_devices=n_w, **options)
     engine = llm.engine
-    assert isinstance(engine.runner, DisaggRunner)
-    assert engine.registry.kv_pool is None and engine.registry.arena.layout.n_kv == n_kv
-    # first step by hand: every request's pages on one KV device, the requests spread
+    registry = engine.registry
+    if placed:
+        # each model whole on one device (greedy by bytes: Mixtral, the larger, on device 0)
+        assert isinstance(engine.runner, PlacedRunner) and registry.arena is None
+        assert registry.model_devices == {"mixtral": 0, "qwen3_moe": min(1, n_kv - 1)}
+        assert {m: s["device"] for m, s in registry.model_stats().items()} == {
+            m: registry.kv_devices[d].id for m, d in registry.model_devices.items()}
+        assert registry.kv_layout.pages_per_device == shared.engine.registry.kv_layout.pages_per_device
+    else:
+        assert isinstance(engine.runner, DisaggRunner)
+        assert registry.kv_pool is None and registry.arena.layout.n_kv == n_kv
+    # first step by hand: every request's pages on one KV device: its model's device when
+    # placed, else the requests spread over the KV devices
     for i, (p, m) in enumerate(zip(prompts, models)):
         engine.add_request(f"r{i}", m, p, GREEDY)
     engine.step()
@@ -81,8 +100,10 @@ def test_split_matches_single_device_engine(model_dirs, batch, expected, n_kv, n
         req = engine.scheduler.get_request(f"r{i}")
         devices = {b.device for b in engine.kv_manager.blocks_of(req)}
         assert len(devices) <= 1
+        if placed:
+            assert devices <= {registry.model_devices[models[i]]}
         homes += list(devices)
-    assert len(set(homes)) == min(n_kv, len(homes))
+    assert len(set(homes)) == (len(set(registry.model_devices.values())) if placed else min(n_kv, len(homes)))
     used = engine.stats().kv_pages_used_by_model
     assert all(used[f] > 0 for f in FAMILIES)
     got = {}
@@ -108,6 +129,15 @@ def test_split_matches_single_device_engine(model_dirs, batch, expected, n_kv, n
     assert stats.kv_pages_used_by_model == {f: 0 for f in FAMILIES}
     assert stats.num_running == stats.num_waiting == 0
     assert stats.compiled_programs <= 8
+    if placed:
+        # each device's buffers stayed on it; only the devices holding a model were written;
+        # multi-step decode ran on the device of the second model
+        pool = registry.kv_pool
+        for d, device in enumerate(registry.kv_devices):
+            assert pool.k_buffers[d].devices() == {device}
+            assert bool(np.any(np.asarray(pool.k_buffers[d]))) == (d in registry.model_devices.values())
+        last = registry.model_devices["qwen3_moe"]
+        assert engine.runner.runners[last].stats.decode_tokens_per_dispatch_max > 1
 
 
 def test_small_pool_preempts_and_outputs_unchanged(model_dirs, batch, expected):
@@ -136,5 +166,34 @@ def test_refused_at_construction(model_dirs):
     with pytest.raises(ValueError, match="weights_pool_bytes"):
         LLM({"mixtral": model_dirs["mixtral"]}, mode="crosspool", kv_devices=1, weight_devices=1,
             weights_pool_bytes=1 << 20, **ENGINE)
-    with pytest.raises(ValueError, match="'shared' baseline is not wired in yet"):
-        LLM({"mixtral": model_dirs["mixtral"]}, mode="shared", kv_devices=2, **ENGINE)
+
+
+def test_static_refuses_a_context_that_shared_serves_on_two_devices(model_dirs, tiny_model_dirs, shared):
+    # three models on two devices: Mixtral alone on device 0, Qwen3-MoE and OLMoE share device 1
+    dirs = {f: tiny_model_dirs[f] for f in FAMILIES + ["olmoe"]}
+    prompt = np.random.default_rng(5).integers(1, 250, 56).tolist()    # 4 blocks of 16 tokens: 8 pages
+    pool = 2 * 12 * 2 * 512 * 4           # 12 pages of 512 float32 elements per device, K and V
+    outs = {}
+    for mode in ("shared", "static"):
+        llm = LLM(dirs, mode=mode, kv_devices=2, weight_devices=2, **{**ENGINE, "kv_pool_bytes": pool})
+        registry = llm.engine.registry
+        assert registry.model_devices == {"mixtral": 0, "qwen3_moe": 1, "olmoe": 1}
+        assert registry.kv_layout.pages_per_device == 12
+        outs[mode] = llm.generate([prompt], GREEDY, model="qwen3_moe")[0]
+    # static: each model owns an equal share of ITS device's pages (whole blocks of 2 layers)
+    assert registry.static_page_caps() == {"mixtral": 12, "qwen3_moe": 6, "olmoe": 6}
+    want = shared.generate([prompt], GREEDY, model="qwen3_moe")[0].outputs[0].token_ids
+    assert outs["shared"].error is None and outs["shared"].outputs[0].token_ids == want
+    assert "of model 'qwen3_moe'" in outs["static"].error and "max_pages 6" in outs["static"].error
+
+
+def test_placed_modes_refuse_impossible_options(model_dirs):
+    with pytest.raises(ValueError, match="must select the same devices"):
+        LLM({"mixtral": model_dirs["mixtral"]}, mode="static", kv_devices=2, weight_devices=4, **ENGINE)
+    # weights_pool_bytes is a per-device budget in shared/static: a model's FFN side must fit one device
+    with pytest.raises(ValueError, match="model 'mixtral' needs 148736 bytes for its FFN side.*"
+                                         "weights_pool_bytes=100000 \\(a per-device budget"):
+        LLM({"mixtral": model_dirs["mixtral"]}, mode="shared", kv_devices=2, weights_pool_bytes=100000, **ENGINE)
+    with pytest.raises(ValueError, match="model 'qwen3_moe' needs 115328 bytes for its attention side"):
+        LLM({"qwen3_moe": model_dirs["qwen3_moe"]}, mode="static", kv_devices=4, attention_pool_bytes=1 << 16,
+            **ENGINE)

@@ -220,11 +220,11 @@ def test_modes_give_identical_outputs_and_static_caps_each_model(model_dirs, llm
     assert all(c >= total // 2 - 8 for c in caps.values())
 
 
-def test_split_devices_not_wired_raise_clearly(model_dirs):
-    # crosspool splits run the disaggregated step (tests/engine/test_engine_crosspool.py);
-    # the multi-device shared/static baselines are not built yet and say so
-    with pytest.raises(ValueError, match="not wired in yet"):
-        LLM({"mixtral": model_dirs["mixtral"]}, dtype="float32", mode="shared", kv_devices=2)
+def test_impossible_device_options_raise_clearly(model_dirs):
+    # crosspool splits and the multi-device shared/static baselines run
+    # (tests/engine/test_engine_crosspool.py); shared needs the same devices in both roles
+    with pytest.raises(ValueError, match="must select the same devices"):
+        LLM({"mixtral": model_dirs["mixtral"]}, dtype="float32", mode="shared", kv_devices=2, weight_devices=4)
     with pytest.raises(ValueError, match="mode"):
         LLM({"mixtral": model_dirs["mixtral"]}, dtype="float32", mode="monolithic")
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crosspool_jax.kv.pool import (KVPool, KVPoolLayout, choose_page_elems, page_view, tokens_per_page,
-                                   write_kv)
+from crosspool_jax.kv.pool import (KVPool, KVPoolLayout, choose_page_elems, local_page_ids, page_view,
+                                   tokens_per_page, write_kv)
 
 
 def test_page_elems_serve_every_geometry():
@@ -32,15 +32,31 @@ def test_layout_from_bytes_and_errors():
         KVPoolLayout(16, 0, 1, "float32")
 
 
-def test_pool_sharded_over_devices():
+def test_pool_has_independent_buffers_per_device():
     devices = jax.devices()[:4]
     pool = KVPool(KVPoolLayout(64, 8, 4, "float32"), devices)
-    assert pool.k_buffer.shape == (32, 64)
-    assert len(pool.k_buffer.sharding.device_set) == 4
-    k, v = pool.take()
-    assert pool.k_buffer is None
-    pool.put(k, v)
     assert pool.nbytes == 32 * 2 * 64 * 4
+    for d, device in enumerate(devices):
+        assert pool.k_buffers[d].shape == pool.v_buffers[d].shape == (8, 64)
+        assert pool.k_buffers[d].devices() == pool.v_buffers[d].devices() == {device}
+    k, v = pool.take(2)
+    assert pool.k_buffers[2] is None and pool.k_buffers[1] is not None
+    with pytest.raises(ValueError, match="device 2 are already taken"):
+        pool.take(2)
+    pool.put(k + 1, v, 2)
+    assert float(pool.k_buffers[2].sum()) == 8 * 64 and float(pool.k_buffers[1].sum()) == 0
+    with pytest.raises(ValueError, match="device_index must be in \\[0, 4\\)"):
+        pool.take(4)
+    with pytest.raises(ValueError, match="2 devices"):
+        KVPool(KVPoolLayout(64, 8, 2, "float32"), devices)
+
+
+def test_local_page_ids():
+    device, local = local_page_ids([[9, 12], [10, 15]], 8)
+    assert device == 1 and local.tolist() == [[1, 4], [2, 7]]
+    assert local_page_ids([3], 8)[0] == 0
+    with pytest.raises(ValueError, match="lie on devices \\[0, 1\\]"):
+        local_page_ids([[1, 9]], 8)
 
 
 def test_two_models_view_the_same_pages_without_copy():

@@ -6,11 +6,11 @@ from jax.sharding import PartitionSpec as P
 
 from crosspool_jax.weights.devices import (
     DeviceRoles,
-    assign_models_round_robin,
     deinterleave_gate_up,
     ffn_sharding_for,
     interleave_gate_up,
     kv_mesh,
+    place_models,
     resolve_device_roles,
     weights_mesh,
 )
@@ -63,11 +63,21 @@ def test_shared_and_static():
     assert four.kv_devices == four.weight_devices == tuple(DEVS[:4])
     static = resolve_device_roles("static", None, 6)
     assert static.weight_devices == tuple(DEVS[:6])
-    owners = assign_models_round_robin(["a", "b", "c", "d"], static, devices_per_model=2)
-    assert owners == {"a": tuple(DEVS[0:2]), "b": tuple(DEVS[2:4]), "c": tuple(DEVS[4:6]),
-                      "d": tuple(DEVS[0:2])}
-    single = assign_models_round_robin(["x", "y"], static)
-    assert single == {"x": (DEVS[0],), "y": (DEVS[1],)}
+
+
+def test_place_models_greedy_by_bytes():
+    # largest first onto the least loaded device; ties keep the order given / the lowest index
+    sizes = {"a": 10, "b": 40, "c": 30, "d": 25, "e": 10}
+    assert place_models(sizes, 2) == {"b": 0, "c": 1, "d": 1, "a": 0, "e": 0}
+    assert place_models(sizes, 8) == {"b": 0, "c": 1, "d": 2, "a": 3, "e": 4}
+    assert place_models({"x": 5, "y": 5}, 1) == {"x": 0, "y": 0}
+    assert place_models({"x": 5, "y": 5, "z": 5}, 2) == {"x": 0, "y": 1, "z": 0}
+    with pytest.raises(ValueError, match="num_devices"):
+        place_models(sizes, 0)
+    with pytest.raises(ValueError, match="model 'x' has -1 bytes"):
+        place_models({"x": -1}, 2)
+    with pytest.raises(ValueError, match="no models"):
+        place_models({}, 2)
 
 
 def test_errors():

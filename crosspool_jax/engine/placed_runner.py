@@ -1,0 +1,71 @@
+"""The runner of the shared/static baselines: every model placed on one device, one `StepRunner` per device.
+
+Without a CrossPool device split every device is an independent monolithic pool (the
+vLLM-per-GPU / kvcached picture): a model's whole weights and all its KV pages live on the
+one device the registry placed it on (`ModelRegistry.model_devices`, the KV manager pins the
+model's blocks there), and its step program runs on that device against that device's K/V
+buffers. With one device this is the plain single-device engine.
+
+`PlacedRunner.run` has the `StepRunner.run` contract: it turns the chunks' global page ids
+(page p on device p // pages_per_device) into the model's device's local ids
+(`kv.pool.local_page_ids`), refusing a chunk with a page elsewhere, and hands them to that
+device's `StepRunner` (ragged step or multi-step decode). The jitted programs are the same
+module-level functions on every device, so a program is traced once per shape and compiled
+once per (shape, device); each model uses only its own device's.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+from crosspool_jax.engine import sampling_metadata as smeta
+from crosspool_jax.engine.runner import RunnerStats, SampledToken, StepRunner
+from crosspool_jax.kv.pool import KVPool, local_page_ids
+
+
+class PlacedRunner:
+    """Dispatches each model's step to the `StepRunner` of the KV device it is placed on."""
+
+    def __init__(self, pool: KVPool, model_devices: Mapping[str, int], *, attention_backend: str, moe_backend: str,
+                 max_decode_steps: int = 1, min_token_bucket: int = 16):
+        n = pool.layout.num_devices
+        for name, d in model_devices.items():
+            if not isinstance(d, int) or not 0 <= d < n:
+                raise ValueError(f"PlacedRunner: model {name!r} is placed on device index {d!r}, "
+                                 f"not one of the pool's {n} devices")
+        self.pool = pool
+        self.model_devices = dict(model_devices)
+        self.runners = [StepRunner(pool, attention_backend=attention_backend, moe_backend=moe_backend,
+                                   max_decode_steps=max_decode_steps, min_token_bucket=min_token_bucket,
+                                   device_index=d) for d in range(n)]
+
+    @property
+    def stats(self) -> RunnerStats:
+        """The devices' counters added up (program keys carry the device: the sum counts distinct ones)."""
+        parts = [r.stats for r in self.runners]
+        return RunnerStats(compiled_programs=sum(p.compiled_programs for p in parts),
+                           steps=sum(p.steps for p in parts),
+                           decode_tokens_per_dispatch_max=max(p.decode_tokens_per_dispatch_max for p in parts),
+                           host_prepare_seconds=sum(p.host_prepare_seconds for p in parts),
+                           device_seconds=sum(p.device_seconds for p in parts))
+
+    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
+            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
+            allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
+        """One step of `chunks` (all of one model, global page ids) on the model's device."""
+        if model_name not in self.model_devices:
+            raise ValueError(f"PlacedRunner: model {model_name!r} has no device; placed: {sorted(self.model_devices)}")
+        d = self.model_devices[model_name]
+        P = self.pool.layout.pages_per_device
+        local = []
+        for c in chunks:
+            try:
+                device, table = local_page_ids(c.page_table, P)
+            except ValueError as e:
+                raise ValueError(f"request {c.request.request_id} of model {model_name!r}: {e}") from None
+            if device != d:
+                raise ValueError(f"request {c.request.request_id} of model {model_name!r} has pages on KV device "
+                                 f"{device}; the model is placed on device {d}")
+            local.append(dataclasses.replace(c, page_table=table))
+        return self.runners[d].run(model_name, config, kv_params, ffn_params, tokens_per_page, local, rows,
+                                   num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)
