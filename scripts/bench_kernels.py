@@ -1,7 +1,8 @@
 """One benchmark table for the Pallas kernels on a GPU (run on the device machine).
 
     PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH] [--skip-moe]
-        [--skip-attention] [--attention-sweep-only] [--moe-sweep-only]
+        [--skip-attention] [--attention-sweep-only] [--moe-sweep-only] [--skip-decode]
+        [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill]
 
 Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
 then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
@@ -93,6 +94,10 @@ def main():
                     help="with --sweep: only the decode tiling sweep, no decode/mixed table")
     ap.add_argument("--moe-sweep-only", action="store_true",
                     help="MoE: our kernels on MOE_SWEEP_SHAPES only, no peers, no prefill")
+    ap.add_argument("--skip-decode", action="store_true", help="no attention decode table")
+    ap.add_argument("--skip-mixed", action="store_true", help="no attention mixed rows")
+    ap.add_argument("--no-moe-sweep", action="store_true", help="with --sweep: not for MoE")
+    ap.add_argument("--moe-no-prefill", action="store_true", help="no MoE prefill rows")
     a = ap.parse_args()
     rows = []
     copy_gbps = torch_copy_gbps()
@@ -103,12 +108,15 @@ def main():
     if not a.skip_attention:
         try:
             only = a.attention_sweep_only
-            rpa_bench.main(rows, copy_gbps, do_sweep=a.sweep, decode=not only, mixed=not only)
+            rpa_bench.main(rows, copy_gbps, do_sweep=a.sweep, decode=not (only or a.skip_decode),
+                           mixed=not (only or a.skip_mixed))
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     if not a.skip_moe:
         moe_kw = dict(peers=False, prefill=False, shapes=MOE_SWEEP_SHAPES) if a.moe_sweep_only else {}
-        run_moe(rows, a.sweep, **moe_kw)
+        if a.moe_no_prefill:
+            moe_kw["prefill"] = False
+        run_moe(rows, a.sweep and not a.no_moe_sweep, **moe_kw)
     header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     if a.json:

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fused_moe import gpu, tpu, tuning
-from pallas_kernels.fused_moe.layout import build_layout, gather_rows, gmm_layout, scatter_back
+from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
+                                             single_token_layout)
 from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
                                                 route_topk)
 from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
@@ -106,7 +107,10 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renorma
     check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
     weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
-    layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)
+    if T == 1:      # one token: its top_k experts are distinct, one tile each, no sorting
+        layout = single_token_layout(ids_TK.reshape(R), cfg1.block_m)
+    else:
+        layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)
     # padded row p holds (token, k) pair src_row_P[p]; fill rows (== R) read token T -> zeros.
     x_PD = jnp.take(x_TD, layout.src_row_P // top_k, axis=0, mode="fill", fill_value=0)
     h_PF = kernels.gate_up_padded(x_PD, w1_EDF2, layout, cfg1, activation=activation,

@@ -80,6 +80,19 @@ def build_layout(group_R: jax.Array, num_groups: int, block_m: int,
                       block_m)
 
 
+def single_token_layout(group_K: jax.Array, block_m: int) -> TileLayout:
+    """Layout for ONE token's top-k rows, whose groups are distinct (top-k picks distinct
+    experts): row r alone in tile r. Everything but the tile -> group map is a constant, so
+    the XLA ops build_layout needs (one-hot running count, scatter, compare-and-count) are
+    not launched at all; decode at one token is launch-bound (RESULTS.md)."""
+    K = group_K.shape[0]
+    p = jnp.arange(K * block_m, dtype=jnp.int32)
+    src_row_P = jnp.where(p % block_m == 0, p // block_m, K).astype(jnp.int32)
+    dst_row_R = jnp.arange(K, dtype=jnp.int32) * block_m
+    return TileLayout(src_row_P, dst_row_R, group_K.astype(jnp.int32),
+                      jnp.full((1,), K, jnp.int32), block_m)
+
+
 def gmm_layout(group_sizes_G: jax.Array, num_rows: int, block_m: int) -> TileLayout:
     """Layout for lax.ragged_dot's grouping: consecutive rows, rows past the total dropped."""
     G = group_sizes_G.shape[0]

@@ -94,10 +94,10 @@ def fit_gpu_smem(cfg: BlockConfig, weight_tiles: int, itemsize: int = 2) -> Bloc
 def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:
     """Block sizes for the GPU kernels for `rows` rows over `groups` groups, [K, N] weights.
 
-    From the H200 sweep in RESULTS.md. Small M tiles (decode): 128-column weight tiles in
+    From the H200 sweeps in RESULTS.md. Small M tiles (decode): 128-column weight tiles in
     128-row K chunks, 3 stages deep; N is split further (down to 32 columns) while the grid
-    would not fill 1.5 waves, 4 waves when there are fewer rows than groups (Qwen3-30B-A3B
-    at 1 token: 8 active tiles, where 32 columns measured best). Large tiles
+    would not fill 1.5 waves, 4 waves (down to 64 columns) when there are fewer rows than
+    groups (Qwen3-30B-A3B at 1 token: 8 active tiles). Large tiles
     (prefill): 128x256 with 64-deep K chunks, 8 warps.
     """
     bm = block_m_for(rows, groups)
@@ -109,9 +109,12 @@ def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:
         bn_t, bk_t, warps, stages = 256, 64, 8, 3
     bn = _fit(N, bn_t, 16, need_pow2=True)
     active_tiles = max(1, min(groups, rows))
-    # fewer rows than groups (one token, top-8 of 128): small tiles, aim for 4 waves
+    # fewer rows than groups (one token, top-8 of 128): small tiles, aim for 4 waves, but
+    # not below 64 columns (Qwen3-30B-A3B at 1 token, step-timed on an H200: 64 columns
+    # 39.8 us, 32 columns 43.9 us; RESULTS.md)
     want = (4.0 if rows < groups else 1.5) * GPU_SMS
-    while bn > 32 and active_tiles * (N // bn) < want and N % (bn // 2) == 0:
+    floor = 64 if rows < groups else 32
+    while bn > floor and active_tiles * (N // bn) < want and N % (bn // 2) == 0:
         bn //= 2
     bk = _fit(K, bk_t, 16, need_pow2=True)
     return BlockConfig(bm, bn, bk, warps, stages)

@@ -11,6 +11,7 @@ alike; the median of 5 samples, divided by `_ITERS`: the GPU time of one call in
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -30,23 +31,20 @@ PAGE_SIZES = (16, 64)
 # mixed batches: (decode seqs, their context, prefill chunks, chunk length, prefill context)
 MIXED_SHAPES = [(32, 4096, 2, 512, 2048), (8, 8192, 4, 1024, 4096), (0, 0, 2, 2048, 2048)]
 _ITERS = 5
-# tilings tried by --sweep on SWEEP_SHAPES, relative to the tuning table's config:
-# (block_k, num_warps, num_stages, heads_fastest, row_gather, mask_v_load, splits factor)
+# tilings tried by --sweep on SWEEP_SHAPES: the tuning table's config with these fields
+# replaced ("splits" multiplies num_splits). The first device run of this session swept
+# block_k 64/128, warps 4/8, stages 3/4 and the flags (RESULTS.md); this list is the second.
 SWEEP = [
-    (128, 4, 3, False, False, False, 1),
-    (128, 4, 3, True, False, False, 1),
-    (128, 4, 3, True, True, True, 1),
-    (64, 4, 3, True, True, True, 1),
-    (64, 4, 4, True, True, True, 1),
-    (128, 8, 3, True, True, True, 1),
-    (128, 4, 3, True, True, True, 2),
-    (128, 4, 3, True, True, True, 0.5),
+    {"heads_fastest": False},
+    {"items_in_kernel": False},
+    {"splits": 2},
+    {"splits": 0.5},
+    {"block_k": 128},
 ]
-SWEEP_SHAPES = [(8, 4096, 16), (64, 4096, 16), (8, 16384, 64), (1, 32768, 16)]
-# (q_tokens, block_k, num_warps, num_stages, heads_fastest = row_gather = mask_v_load) tried
-# on the mixed shapes by --sweep (R=4)
-MIXED_SWEEP = [(16, 128, 4, 3, False), (16, 128, 4, 3, True), (32, 64, 8, 3, True),
-               (16, 64, 4, 4, True)]
+SWEEP_SHAPES = [(8, 4096, 16), (64, 4096, 16), (1, 32768, 16)]
+# (q_tokens, block_k, num_warps, num_stages, the four flags) tried on the mixed shapes by
+# --sweep (R=4); the first is the previous default
+MIXED_SWEEP = [(16, 128, 4, 3, False), (16, 64, 4, 3, True)]
 
 
 def _time(f, *args):
@@ -112,6 +110,15 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             t_ours = _time(ours, *args)
             _row(rows_out, "decode", shape, "ours", t_ours, gbytes=gb, copy_gbps=copy_gbps,
                  note=_cfg_note(cfg))
+            if cfg.items_in_kernel:   # the same tiling with the work items built by XLA
+                alt = dataclasses.replace(cfg, items_in_kernel=False)
+                try:
+                    t = _time(functools.partial(ours, config=alt), *args)
+                    _row(rows_out, "decode", shape, "ours_xla_items", t, gbytes=gb,
+                         copy_gbps=copy_gbps, note=_cfg_note(alt))
+                except Exception as e:  # noqa: BLE001
+                    print("ours_xla_items failed", shape, type(e).__name__, str(e)[:300],
+                          flush=True)
             kp2 = jnp.moveaxis(args[1], 2, 0)          # [K, P, G, H], built outside timing
             vp2 = jnp.moveaxis(args[2], 2, 0)
             best = None
@@ -164,7 +171,7 @@ def bench_mixed(rows_out, shapes=MIXED_SHAPES, do_sweep=False):
         if do_sweep:
             cfgs += [tuning.BlockConfig(q_tokens=bq, block_k=bk, num_splits=1, num_warps=w,
                                         num_stages=st, heads_fastest=new, row_gather=new,
-                                        mask_v_load=new)
+                                        mask_v_load=new, items_in_kernel=new)
                      for bq, bk, w, st, new in MIXED_SWEEP]
         for cfg in cfgs:
             ours = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5,
@@ -183,11 +190,11 @@ def sweep_configs(B, ctx, G, table=SWEEP):
     """The tuning table's config for a decode shape, then the SWEEP variants of it."""
     base = tuning.gpu_config(T=B, S=B, R=N_HEADS // K_HEADS, H=HEAD_DIM, G=G, C=ctx, K=K_HEADS)
     out = [base]
-    for bk, w, st, hf, rg, mv, fs in table:
-        ns = max(1, int(base.num_splits * fs))
-        cfg = tuning.BlockConfig(q_tokens=base.q_tokens, block_k=bk, num_splits=ns,
-                                 num_warps=w, num_stages=st, heads_fastest=hf, row_gather=rg,
-                                 mask_v_load=mv)
+    for change in table:
+        change = dict(change)
+        if "splits" in change:
+            change["num_splits"] = max(1, int(base.num_splits * change.pop("splits")))
+        cfg = dataclasses.replace(base, **change)
         if cfg not in out:
             out.append(cfg)
     return out
@@ -195,7 +202,7 @@ def sweep_configs(B, ctx, G, table=SWEEP):
 
 def _cfg_note(cfg):
     flags = "".join(f for f, on in (("H", cfg.heads_fastest), ("R", cfg.row_gather),
-                                    ("V", cfg.mask_v_load)) if on)
+                                    ("V", cfg.mask_v_load), ("I", cfg.items_in_kernel)) if on)
     return (f"bq{cfg.q_tokens} bk{cfg.block_k} ns{cfg.num_splits} w{cfg.num_warps} "
             f"st{cfg.num_stages} {flags}").strip()
 

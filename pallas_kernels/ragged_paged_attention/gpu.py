@@ -59,22 +59,57 @@ def _store_rows(ref, rows, val, mask):
         plgpu.store(ref.at[rows], val, mask=mask)
 
 
-def _kernel(items_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, soft_cap,
-            sliding_window, R, Rp, M, BK, G, N, pages_per_seq, table_len, num_pages,
-            num_splits, out_rows, heads_fastest, row_gather, mask_v_load, precision):
-    # items_ref [8] int32; q_ref [T * N, H] (the caller's q, heads of a token adjacent);
+def _item_in_kernel(w, cu_ref, kvl_ref, ns_ref, *, BQ, sliding_window):
+    """Work item w's (seq, t0, nq, pos0, kv_lo, kv_hi), as work.build_items computes them,
+    from cu_q_lens [S + 1], kv_lens [S] and num_seqs [1]: a cumsum over the S sequences."""
+    S = kvl_ref.shape[0]
+    s = jnp.arange(tuning.next_pow2(S), dtype=jnp.int32)
+    n = jnp.minimum(ns_ref[0], S)
+    q_len = jnp.where(s < n, cu_ref[jnp.minimum(s + 1, S)] - cu_ref[jnp.minimum(s, S)], 0)
+    items = (q_len + BQ - 1) // BQ
+    end = jnp.cumsum(items)
+    valid = w < jnp.sum(items)
+    seq = jnp.minimum(jnp.sum((end <= w).astype(jnp.int32)), S - 1)
+    at_seq = s == seq
+    first = jnp.sum(jnp.where(at_seq, end - items, 0))
+    q_len_w = jnp.sum(jnp.where(at_seq, q_len, 0))
+    qoff = (w - first) * BQ
+    nq = jnp.where(valid, jnp.minimum(BQ, q_len_w - qoff), 0)
+    t0 = jnp.where(valid, cu_ref[seq] + qoff, 0)
+    pos0 = kvl_ref[seq] - q_len_w + qoff
+    hi = jnp.where(valid, pos0 + nq, 0)
+    if sliding_window is None:
+        lo = jnp.zeros_like(hi)
+    else:
+        lo = jnp.where(valid, jnp.maximum(0, pos0 - sliding_window + 1), 0)
+    return seq, t0, nq, pos0, jnp.minimum(lo, hi), hi
+
+
+def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, pages_per_seq,
+            table_len, num_pages, num_splits, out_rows, heads_fastest, row_gather,
+            mask_v_load, items_in_kernel, precision):
+    # items_ref [8] int32 or, items_in_kernel, cu_q_lens [S + 1], kv_lens [S], num_seqs [1];
+    # q_ref [T * N, H] (the caller's q, heads of a token adjacent);
     # k_ref/v_ref [P, G, H] or, row_gather, [P * G, H] (one KV head's columns); pt_ref [S * pages_per_seq] int32;
     # o_ref [NS * out_rows, H] and lse_ref [NS * out_rows]: rows in q's order, split-major,
     # each split's block padded by M scratch rows that masked-off tile rows point at.
+    n_item_refs = 3 if items_in_kernel else 1
+    q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs = refs[n_item_refs:]
     H = q_ref.shape[1]
     h = pl.program_id(0) if heads_fastest else pl.program_id(1)
     sp = pl.program_id(2)
-    seq = items_ref[work.SEQ]
-    t0 = items_ref[work.T0]
-    nq = items_ref[work.NQ]
-    pos0 = items_ref[work.POS0]
-    lo = items_ref[work.KV_LO]
-    hi = items_ref[work.KV_HI]
+    if items_in_kernel:
+        w = pl.program_id(1) if heads_fastest else pl.program_id(0)
+        seq, t0, nq, pos0, lo, hi = _item_in_kernel(w, *refs[:3], BQ=BQ,
+                                                    sliding_window=sliding_window)
+    else:
+        items_ref = refs[0]
+        seq = items_ref[work.SEQ]
+        t0 = items_ref[work.T0]
+        nq = items_ref[work.NQ]
+        pos0 = items_ref[work.POS0]
+        lo = items_ref[work.KV_LO]
+        hi = items_ref[work.KV_HI]
     blk_lo = lo // BK
     blk_hi = (hi + BK - 1) // BK
     per = (blk_hi - blk_lo + num_splits - 1) // num_splits
@@ -179,9 +214,7 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
                                       itemsize=k_pages_PGKH.dtype.itemsize)
     BQ, BK, NS = cfg.q_tokens, cfg.block_k, cfg.num_splits
     M = max(16, BQ * Rp)                           # tl.dot needs >= 16 rows
-    items_W8, _ = work.build_items(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, q_tokens=BQ,
-                                   sliding_window=sliding_window)
-    W = items_W8.shape[0]
+    W = work.num_items(T, S, BQ)
     q_RH = q_TNH.reshape(T * N, H)                 # free: rows are (token, head)
     if cfg.row_gather:           # free reshapes: [P * G, K * H] rows, or [P, G, K * H]
         kv_block = (P * G, H)
@@ -197,9 +230,10 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, R=R,
-        Rp=Rp, M=M, BK=BK, G=G, N=N, pages_per_seq=pages_per_seq, table_len=table.shape[0],
+        Rp=Rp, M=M, BQ=BQ, BK=BK, G=G, N=N, pages_per_seq=pages_per_seq, table_len=table.shape[0],
         num_pages=P, num_splits=NS, out_rows=out_rows, heads_fastest=cfg.heads_fastest,
-        row_gather=cfg.row_gather, mask_v_load=cfg.mask_v_load, precision=precision)
+        row_gather=cfg.row_gather, mask_v_load=cfg.mask_v_load,
+        items_in_kernel=cfg.items_in_kernel, precision=precision)
     if cfg.heads_fastest:        # consecutive programs: the KV heads of one item (same pages)
         grid = (K, W, NS)
         item_of = lambda a, b, s: (b, 0)       # noqa: E731
@@ -214,11 +248,20 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
     if NS > 1:
         out_shape.append(jax.ShapeDtypeStruct((NS * out_rows,), jnp.float32))
         out_specs.append(_whole((NS * out_rows,)))
+    if cfg.items_in_kernel:      # each program derives its item from the sequence lengths
+        num_seqs_1 = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
+        item_args = (cu_q_lens_S1, kv_lens_S, num_seqs_1)
+        item_specs = [_whole(a.shape) for a in item_args]
+    else:
+        items_W8, _ = work.build_items(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, q_tokens=BQ,
+                                       sliding_window=sliding_window)
+        item_args = (items_W8,)
+        item_specs = [pl.BlockSpec((None, work.ITEM_COLS), item_of)]
     outs = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[
-            pl.BlockSpec((None, work.ITEM_COLS), item_of),
+            *item_specs,
             _whole(q_RH.shape),
             pl.BlockSpec(kv_block, head_of),
             pl.BlockSpec(kv_block, head_of),
@@ -229,7 +272,7 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
         interpret=interpret,
         compiler_params=_compiler_params(cfg),
         name=f"ragged_paged_attention_bq{BQ}_bk{BK}_ns{NS}",
-    )(items_W8, q_RH, k_view, v_view, table)
+    )(*item_args, q_RH, k_view, v_view, table)
     if NS == 1:
         o_RH = outs[0][:T * N]
     else:

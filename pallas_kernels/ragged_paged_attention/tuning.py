@@ -31,6 +31,9 @@ class BlockConfig:
       whole pages ([BK / G, G, H], reshaped).
     mask_v_load: with row_gather, V columns outside the key range are zeroed by a masked
       load (other=0) instead of a select after the load.
+    items_in_kernel: GPU programs derive their work item (sequence, tokens, key range) from
+      cu_q_lens / kv_lens themselves instead of reading a table built by XLA before the call
+      (saves the small XLA launches of work.build_items).
     """
     q_tokens: int
     block_k: int
@@ -40,9 +43,10 @@ class BlockConfig:
     heads_fastest: bool = False
     row_gather: bool = False
     mask_v_load: bool = False
+    items_in_kernel: bool = False
 
     def __post_init__(self):
-        for name in ("heads_fastest", "row_gather", "mask_v_load"):
+        for name in ("heads_fastest", "row_gather", "mask_v_load", "items_in_kernel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BlockConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.mask_v_load and not self.row_gather:
@@ -67,15 +71,19 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     """The GPU (Triton-lowered) kernel's tiling for a call's static shapes.
 
     C is the context capacity pages_per_seq * G (the most keys a sequence can have);
-    itemsize the bytes of one K/V element. One K tile is kept near 32 KiB so that K and V
-    of `num_stages` steps fit in shared memory.
+    itemsize the bytes of one K/V element. One K tile is kept near 16 KiB (decode) or 32 KiB
+    (prefill) so that K and V of `num_stages` steps fit in shared memory.
     """
     Rp = next_pow2(R)
     decode = is_decode_heavy(T, S)
     rows = 16 if decode else 64
     q_tokens = max(1, rows // Rp)
     q_tokens = max(min(q_tokens, next_pow2(T)), 16 // Rp, 1)    # tl.dot needs >= 16 rows
-    block_k = max(16, min(128, 32768 // (H * itemsize)))
+    # K tiles of 16 KiB (bk 64 at H 128, bf16): 3 stages of K and V take 96 KiB, two
+    # programs per SM; measured on an H200 (RESULTS.md) 1.2-1.4x faster on decode than
+    # 32 KiB tiles (bk 128, one program per SM). Prefill chunks keep 32 KiB tiles.
+    tile_bytes = 16384 if decode else 32768
+    block_k = max(16, min(128, tile_bytes // (H * itemsize)))
     work = min(T, S + T // q_tokens)
     want = max(1, GPU_NUM_SMS * _CTAS_PER_SM // max(1, work * K))
     max_splits = max(1, C // _MIN_KEYS_PER_SPLIT)
@@ -87,8 +95,11 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     # stages for decode and for prefill chunks alike (prefill 1.5-1.8x); tiles above
     # 192 KiB for 3 stages, 4-byte K/V and head dim 256 were not measured: 2 stages.
     num_stages = 3 if itemsize == 2 and H <= 128 and 3 * stage_bytes <= 192 * 1024 else 2
+    # One pool row per key with V masked in the load (1.2-1.3x on decode, RESULTS.md), the
+    # KV heads of an item launched together, work items derived inside the kernel.
     return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
-                       num_warps=4, num_stages=num_stages)
+                       num_warps=4, num_stages=num_stages, heads_fastest=True,
+                       row_gather=True, mask_v_load=True, items_in_kernel=True)
 
 
 def tpu_config(*, T: int, S: int, R: int, H: int, G: int) -> BlockConfig:

@@ -93,6 +93,21 @@ def test_layout_gives_each_active_expert_one_tile_in_decode():
     assert np.array_equal(tiles, np.asarray(ids).reshape(-1))
 
 
+def test_single_token_layout_one_tile_per_choice():
+    """T == 1: row r (the r-th choice) alone in tile r, the tile's group its expert."""
+    from pallas_kernels.fused_moe.layout import single_token_layout
+
+    top_k, E, bm = 8, 128, 16
+    _, ids = route_topk(_logits(1, E), top_k, renormalize=True)
+    layout = jax.jit(single_token_layout, static_argnums=1)(ids.reshape(-1), bm)
+    assert layout.num_tiles == top_k and int(layout.num_active_1[0]) == top_k
+    assert np.array_equal(np.asarray(layout.tile_group_I), np.asarray(ids).reshape(-1))
+    src = np.asarray(layout.src_row_P)
+    assert np.array_equal(np.flatnonzero(src < top_k), np.arange(top_k) * bm)
+    assert np.array_equal(src[np.arange(top_k) * bm], np.arange(top_k))
+    assert np.array_equal(np.asarray(layout.dst_row_R), np.arange(top_k) * bm)
+
+
 def test_empty_batch_and_auto_fallback():
     x, logits, w1, w2 = _inputs(3, 8, 24, 12, jnp.float32)   # dims no GPU tile divides
     got = fused_moe(x, logits, w1, w2, 2, backend="auto")
