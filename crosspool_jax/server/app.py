@@ -87,7 +87,8 @@ class _Routes:
         stats = self.engine.stats_snapshot()
         per_model = getattr(stats, "models", None) or {}
         data = [responses.model_card(m, self.created, self.engine.max_model_len(m),
-                                     per_model.get(m, {}).get("resident") if per_model else None)
+                                     per_model.get(m, {}).get("resident") if per_model else None,
+                                     per_model.get(m, {}).get("device"))
                 for m in self.engine.model_names]
         return JSONResponse({"object": "list", "data": data})
 

@@ -140,6 +140,8 @@ def chat_chunk_choice(index: int, delta: dict, logprobs: Optional[dict],
     return choice
 
 
-def model_card(name: str, created: int, max_model_len: int, resident: Optional[bool]) -> dict:
+def model_card(name: str, created: int, max_model_len: int, resident: Optional[bool],
+               device: Optional[int] = None) -> dict:
+    """device: the id of the device the model is placed on (shared/static), None when it spans several."""
     return {"id": name, "object": "model", "created": created, "owned_by": "crosspool-jax",
-            "root": name, "parent": None, "max_model_len": max_model_len, "resident": resident}
+            "root": name, "parent": None, "max_model_len": max_model_len, "resident": resident, "device": device}

@@ -107,6 +107,8 @@ def test_greedy_through_server_equals_engine(engine, driven, rng):
         assert set(listed) == set(engine.model_names)
         assert all(isinstance(m.model_extra["resident"], bool) for m in listed.values())
         assert listed[a].model_extra["max_model_len"] == engine.max_model_len(a)
+        device = engine.registry.model_stats()[a]["device"]          # the device it is placed on
+        assert device is not None and listed[a].model_extra["device"] == device
         out = client.completions.create(model=a, prompt=cases[0][1], max_tokens=cases[0][2],
                                         temperature=0.0, extra_body={"return_token_ids": True})
         got.append((out.choices[0].model_extra["token_ids"], out.choices[0].text))
