@@ -4,7 +4,7 @@
 over the 1D mesh axis "dev" (KV devices first, then weight devices; layout.py). Each device
 sees its own arena row and its role (`axis_index("dev") < n_kv`). KV devices own sequences
 (data-parallel: a sequence's pages are on one KV device) and run embedding, attention (K/V
-written into their local pages, `ragged_paged_attention_reference` over them) and the final
+written into their local pages, `ragged_paged_attention` over them) and the final
 norm and lm head; weight devices run each layer's MoE FFN for all KV devices' tokens with
 their expert shard only. Hidden states cross between the roles by an exchange that every
 device executes (collectives stay outside the role `lax.cond`s):
@@ -35,22 +35,45 @@ The arena is donated: K/V are scattered straight into the carried row (viewed as
 place (a row returned by a conditional would be copied every stage). The KV devices' stage
 is therefore three parts: q/k/v (cond), the K/V write (unconditional, dropped when idle),
 attention + o projection (cond).
+
+Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several KV
+devices; a different program, the common case keeps the one above). Each sequence's tokens
+belong to its home KV device (q/k/v, residual, FFN exchange and logits as above). Per stage
+the q/k/v of every KV device's tokens are all-gathered (every device runs it; weight devices
+pass zeros), each KV device writes the K/V of the tokens whose page is local and computes
+the partial attention of ALL gathered tokens over its local pages (`sharded_attention`),
+the partials are merged by log-sum-exp (pmax + psum over the axis), and each home takes its
+tokens' rows for the o projection.
+
+Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
+unsharded attention) and `fused_moe.grouped_matmul` (the expert matmuls); "auto" is the
+GPU/TPU kernel on that platform where its shapes allow and the jnp reference elsewhere (on
+CPU nothing changes). The sharded partial attention is jnp only.
 """
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from crosspool_jax.disagg import sharded_attention
 from crosspool_jax.disagg.layout import AXIS, ArenaLayout
 from crosspool_jax.engine.step_inputs import StepInputs
 from crosspool_jax.kv.pool import page_view
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import compute_logits, output_projection, qkv_projection, rms_norm
+from pallas_kernels.fused_moe.api import grouped_matmul
 from pallas_kernels.fused_moe.reference import grouped_matmul_reference, route_topk
-from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from pallas_kernels.fused_moe.validation import resolve_backend as resolve_moe_backend
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+if TYPE_CHECKING:             # inputs.py imports engine.step_inputs, whose package imports this module
+    from crosspool_jax.disagg.inputs import ShardedPages
+
+EXCHANGES = ("p2p", "collective", "none")
 
 
 def num_stages(num_layers: int, num_microbatches: int) -> int:
@@ -100,15 +123,33 @@ def _qkv(row_X, x_TD, positions_T, layer, layout: ArenaLayout, config: ModelConf
     return qkv_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, positions_T)
 
 
-def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig):
+def _pages(row_X, layout: ArenaLayout, config: ModelConfig):
+    """(k_pages, v_pages) [P, G, K, H]: this model's view of the row's local pages."""
+    c = config
+    return tuple(page_view(layout.view(row_X, "kv", n), c.num_kv_heads, c.head_dim)
+                 for n in ("pages/k_PX", "pages/v_PX"))
+
+
+def _o_proj(row_X, x_TD, out_TNH, layer, layout: ArenaLayout, config: ModelConfig):
+    return output_projection({"wo_LQD": layout.view(row_X, "kv", "attn/wo_LQD")[layer]}, config, x_TD, out_TNH)
+
+
+def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig,
+            backend: str):
     """KV device: attention over the local pages (new K/V already written), o projection, residual."""
     c = config
-    k_pages = page_view(layout.view(row_X, "kv", "pages/k_PX"), c.num_kv_heads, c.head_dim)
-    v_pages = page_view(layout.view(row_X, "kv", "pages/v_PX"), c.num_kv_heads, c.head_dim)
-    out_TNH = ragged_paged_attention_reference(q_TNH, k_pages, v_pages, step.kv_lens_S,
-                                               step.page_indices_LSP[layer], step.cu_q_lens_S1,
-                                               step.num_seqs_1, sliding_window=c.sliding_window)
-    return output_projection({"wo_LQD": layout.view(row_X, "kv", "attn/wo_LQD")[layer]}, c, x_TD, out_TNH)
+    k_pages, v_pages = _pages(row_X, layout, c)
+    out_TNH = ragged_paged_attention(q_TNH, k_pages, v_pages, step.kv_lens_S, step.page_indices_LSP[layer],
+                                     step.cu_q_lens_S1, step.num_seqs_1, sliding_window=c.sliding_window,
+                                     backend=backend)
+    return _o_proj(row_X, x_TD, out_TNH, layer, layout, c)
+
+
+def _gmm_f32(lhs, rhs, group_sizes, backend: str):
+    """Grouped matmul through the kernels' seam, float32 out; the reference keeps float32 accumulation."""
+    if resolve_moe_backend(backend) == "reference":
+        return grouped_matmul_reference(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    return grouped_matmul(lhs, rhs, group_sizes, backend=backend).astype(jnp.float32)
 
 
 def _swiglu_f32(x_TD, w1_DF2, w2_FD):
@@ -118,7 +159,7 @@ def _swiglu_f32(x_TD, w1_DF2, w2_FD):
     return jnp.dot(act, w2_FD, preferred_element_type=jnp.float32)
 
 
-def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig):
+def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference"):
     """Weight device: this device's share of one MoE layer's output (no residual), float32.
 
     Routing over all E experts (router replicated), then only the (token, k) pairs routed to
@@ -139,10 +180,9 @@ def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: Model
     order = jnp.argsort(flat_ids, stable=True)
     token_of_row = order // c.top_k
     group_sizes_E = jnp.bincount(flat_ids, length=E_loc).astype(jnp.int32)  # drops the E_loc pairs
-    h = grouped_matmul_reference(x_TD[token_of_row], w1_EDF2, group_sizes_E,
-                                 preferred_element_type=jnp.float32)      # rows past the groups: 0
+    h = _gmm_f32(x_TD[token_of_row], w1_EDF2, group_sizes_E, backend)    # rows past the groups: 0
     act = (jax.nn.silu(h[:, :F_loc]) * h[:, F_loc:]).astype(x_TD.dtype)
-    y = grouped_matmul_reference(act, w2_EFD, group_sizes_E, preferred_element_type=jnp.float32)
+    y = _gmm_f32(act, w2_EFD, group_sizes_E, backend)
     w_rows = jnp.where(is_local_TK, weights_TK, 0.0).reshape(-1)[order]
     out_TD = jnp.zeros(h_TD.shape, jnp.float32).at[token_of_row].add(y * w_rows[:, None])
     if c.shared_expert_intermediate_size:
@@ -164,9 +204,18 @@ def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
 
     "p2p": max(n_kv, n_w) rounds of `ppermute` per direction; only KV<->weight pairs move data,
     exactly the payload. "collective": one all_gather and one psum_scatter over the whole
-    axis (simpler; also moves KV->KV copies and the idle role's zeros).
+    axis (simpler; also moves KV->KV copies and the idle role's zeros). "none": FOR TIMING
+    ONLY, nothing moves (each device hands itself its own data): the outputs are wrong;
+    t(step) - t(step, exchange="none") is the transfer time the schedule did not hide.
     """
     n_kv, n_w = layout.n_kv, layout.n_w
+    if exchange == "none":
+        def to_weights(h_TD):             # this device's own rows, as if every KV device had sent them
+            return jnp.broadcast_to(h_TD[None], (n_kv, Tm, D)).reshape(n_kv * Tm, D)
+
+        def to_kv(y_TD):
+            return y_TD.reshape(n_kv, Tm, D)[0]
+        return to_weights, to_kv
     if exchange == "collective":
         def to_weights(h_TD):
             return jax.lax.all_gather(h_TD, AXIS)[:n_kv].reshape(n_kv * Tm, D)
@@ -176,7 +225,7 @@ def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
             return jax.lax.psum_scatter(y_NTD, AXIS, scatter_dimension=0, tiled=True)[0]
         return to_weights, to_kv
     if exchange != "p2p":
-        raise ValueError(f"exchange must be 'p2p' or 'collective', got {exchange!r}")
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     rounds = p2p_rounds(n_kv, n_w)
     m, w = len(rounds), d - n_kv
 
@@ -200,15 +249,17 @@ def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
     return to_weights, to_kv
 
 
-def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: ModelConfig, M: int,
-                 exchange: str):
+def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, *, layout: ArenaLayout,
+                 config: ModelConfig, M: int, exchange: str, attention_backend: str, moe_backend: str):
+    layout = layout.bind(bases)        # the model's slots where its budgeted regions put them (residency.py)
     c = config
     n_kv = layout.n_kv
     row_X = arena_1X[0]
     dtype = row_X.dtype
     d = jax.lax.axis_index(AXIS)
     is_kv = d < n_kv
-    mine = jax.tree_util.tree_map(lambda a: a[jnp.minimum(d, n_kv - 1)], inputs)   # leaves [M, ...]
+    kv_index = jnp.minimum(d, n_kv - 1)
+    mine = jax.tree_util.tree_map(lambda a: a[kv_index], inputs)   # leaves [M, ...]
     Tm, D, L = mine.token_ids_T.shape[1], c.hidden_size, c.num_layers
     emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
     x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
@@ -225,19 +276,54 @@ def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: M
             lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
         # outside the cond (in place on the carried row): an idle device drops every write
         row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, jnp.where(on, step.slots_LT[layer], -1))
-        h_TD = jax.lax.cond(on, lambda q: _attend(row_X, x_TD, q, step, layer, layout, c),
+        h_TD = jax.lax.cond(on, lambda q: _attend(row_X, x_TD, q, step, layer, layout, c, attention_backend),
                             lambda q: jnp.zeros((Tm, D), dtype), q_TNH)
         return h_TD, row_X
 
+    def attention_sharded(row_X, x_MTD, m, layer, on):
+        """`attention` when sequences span KV devices: gathered q/k/v, local writes and partial
+        attention over the local pages, log-sum-exp merge; collectives outside the conds."""
+        step = jax.tree_util.tree_map(lambda a: a[m], mine)
+        x_TD = x_MTD[m]
+        zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
+        zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
+        qkv_TXH = jax.lax.cond(
+            on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
+            lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
+        q_all, k_all, v_all = (jax.lax.all_gather(a, AXIS)[:n_kv].reshape(n_kv * Tm, *a.shape[1:])
+                               for a in qkv_TXH)
+        pages = jax.tree_util.tree_map(lambda a: a[kv_index, m], (sharded.slots_LT, sharded.pages_LSB,
+                                                                  sharded.blocks_SB))
+        slots_LT, pages_LSB, blocks_SB = pages
+        row_X = _write_kv_rows(row_X, layout, c, k_all, v_all, jnp.where(on, slots_LT[layer], -1))
+
+        def partial(q_TNH):
+            k_pages, v_pages = _pages(row_X, layout, c)
+            return sharded_attention.partial_paged_attention(
+                q_TNH, k_pages, v_pages, inputs.positions_T[:, m].reshape(-1), sharded.seq_T[m],
+                inputs.kv_lens_S[:, m].reshape(-1), pages_LSB[layer], blocks_SB, sliding_window=c.sliding_window)
+
+        T_all = n_kv * Tm
+        out_TNH, lse_TN = jax.lax.cond(
+            on, partial, lambda q: (jnp.zeros((T_all, c.num_heads, c.head_dim), jnp.float32),
+                                    jnp.full((T_all, c.num_heads), sharded_attention.EMPTY_LSE, jnp.float32)),
+            q_all)
+        merged_TNH = sharded_attention.merge_over_axis(out_TNH, lse_TN, AXIS)
+        mine_TNH = jax.lax.dynamic_slice_in_dim(merged_TNH, kv_index * Tm, Tm).astype(dtype)
+        return jax.lax.cond(on, lambda o: _o_proj(row_X, x_TD, o, layer, layout, c),
+                            lambda o: jnp.zeros((Tm, D), dtype), mine_TNH), row_X
+
+    attend = attention if sharded is None else attention_sharded
+
     def ffn(row_X, inbox_TD, layer, on):
         return jax.lax.cond(
-            on, lambda x: _ffn_partial(row_X, x, layer, d - n_kv, layout, c).astype(dtype),
+            on, lambda x: _ffn_partial(row_X, x, layer, d - n_kv, layout, c, moe_backend).astype(dtype),
             jnp.zeros_like, inbox_TD)
 
     if M == 1:
         def stage(carry, layer):
             x_MTD, row_X = carry
-            h_TD, row_X = attention(row_X, x_MTD, 0, layer, is_kv)
+            h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv)
             y_TD = to_kv(ffn(row_X, to_weights(h_TD), layer, ~is_kv))
             return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
 
@@ -249,7 +335,7 @@ def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: M
             attn_on = is_kv & (t < 2 * L)
             m_f, i_f = (t + 1) % 2, jnp.maximum(t - 1, 0) // 2
             ffn_on = t >= 1
-            h_TD, row_X = attention(row_X, x_MTD, m_a, i_a, attn_on)
+            h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on)
             y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on)
             inbox_TD = to_weights(h_TD)                    # the exchange: every device runs it
             y_back_TD = to_kv(y_TD)
@@ -274,17 +360,28 @@ def _device_step(arena_1X, inputs: StepInputs, *, layout: ArenaLayout, config: M
     return row_X[None], logits_SV[None]
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "exchange"),
+@functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "exchange",
+                                             "attention_backend", "moe_backend"),
                    donate_argnums=0)
-def disagg_step(arena: jax.Array, inputs: StepInputs, *, layout: ArenaLayout, config: ModelConfig,
-                num_microbatches: int, exchange: str = "p2p"):
+def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPages | None = None, *,
+                layout: ArenaLayout, config: ModelConfig, num_microbatches: int, exchange: str = "p2p",
+                attention_backend: str = "auto", moe_backend: str = "auto", bases=None):
     """One ragged step over the whole model -> (arena, logits float32 [n_kv, M*S, V]).
 
     arena: `[num_devices, arena_elems]` from `build_arena` (donated; K/V written into it).
     inputs: `StepInputs` with leaves `[n_kv, M, ...]` from `build_disagg_inputs`; row m*S+s of
     a KV device's logits is micro-batch m's sequence s (its last new token).
-    exchange: "p2p" (ppermute rounds, payload only) or "collective" (all_gather + psum_scatter).
+    sharded_pages: None (every sequence's pages on its KV device: the common program) or the
+    `build_sharded_pages` view of the same step (sequences spanning KV devices: the
+    sequence-sharded program; `inputs`' slots and page tables are then unused).
+    exchange: "p2p" (ppermute rounds, payload only), "collective" (all_gather + psum_scatter),
+    or "none": TIMING ONLY, no transfers between the pools, the outputs are wrong.
+    attention_backend, moe_backend: the kernels' backends ("auto", "reference", "gpu", "tpu").
+    bases: None, or int32[2] (traced): the model's slot shift (KV rows, weight rows) in budgeted
+    regions, `ArenaLayout.bind` (registry.acquire gives it).
     """
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     if num_microbatches not in (1, 2):
         raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
     if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
@@ -292,8 +389,8 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, *, layout: ArenaLayout, co
                          f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
     fn = jax.shard_map(
         functools.partial(_device_step, layout=layout, config=config, M=num_microbatches,
-                          exchange=exchange),
-        mesh=layout.mesh(), in_specs=(PartitionSpec(AXIS, None), PartitionSpec()),
+                          exchange=exchange, attention_backend=attention_backend, moe_backend=moe_backend),
+        mesh=layout.mesh(), in_specs=(PartitionSpec(AXIS, None), PartitionSpec(), PartitionSpec(), PartitionSpec()),
         out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
-    arena, logits_NSV = fn(arena, inputs)
+    arena, logits_NSV = fn(arena, inputs, sharded_pages, bases)
     return arena, logits_NSV[:layout.n_kv]

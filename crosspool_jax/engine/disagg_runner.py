@@ -5,12 +5,16 @@ the KV pool and every model's attention side live in the KV devices' arena rows,
 model's experts in the weight devices' rows, and one jitted `disagg_step` per model (its
 config static) runs all layers across both pools.
 
-Per call: each chunk's global page ids (the engine's `PageAllocator`: device = id //
-pages_per_device) must all be on one KV device (the KV manager's sticky placement); they
-become that device's local ids (id % pages_per_device) and the chunks are grouped by device
-(`disagg.build_disagg_inputs`; two micro-batches when some device has two sequences or more,
-else one, unless the runner fixes it). The step donates the arena; then ONE jitted call
-gathers the sampled rows' logits and runs the engine's sampler (`sampler.sample`).
+Per call: each chunk's global page ids (the engine's `PageAllocator`) are split into (KV
+device, local page) by the one virtualizer, `disagg.pages.PageMap`, and the chunks are
+grouped on their home device (`PageMap.home`: the device of the first block;
+`disagg.build_disagg_inputs`; two micro-batches when some device has two sequences or more,
+else one, unless the runner fixes it). When every chunk's pages are on its home (the KV
+manager's sticky placement keeps most requests so) the step is the common program; when
+some request has spilled onto other KV devices, the same step runs the sequence-sharded
+program (`disagg.inputs.build_sharded_pages`: partial attention on every device holding
+pages, merged by log-sum-exp). The step donates the arena; then ONE jitted call gathers the
+sampled rows' logits and runs the engine's sampler (`sampler.sample`).
 
 Multi-step decode is not done on this path: a chunk scheduled for k > 1 decode steps gets one
 token per dispatch (the scheduler accepts 1..k).
@@ -30,6 +34,7 @@ import numpy as np
 from crosspool_jax.disagg import inputs as disagg_inputs
 from crosspool_jax.disagg import pipeline as disagg_pipeline
 from crosspool_jax.disagg.arena import Arena
+from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
 from crosspool_jax.engine.runner import RunnerStats, SampledToken, unpack_sampled
@@ -44,7 +49,17 @@ class _LocalChunk:
     start: int
     num_tokens: int
     token_ids: Sequence[int]
-    page_table: np.ndarray        # int32 [L, blocks] local page ids
+    page_table: np.ndarray        # int32 [L, blocks] page ids (local ids of the home; or global ids)
+
+
+@dataclasses.dataclass
+class Grouped:
+    """One step's chunks grouped on their home KV devices."""
+
+    local: list                   # [n_kv][chunks] _LocalChunk with the home's local page ids
+    global_: list                 # [n_kv][chunks] the same chunks with global page ids
+    where: list                   # (home device, index on it) of each chunk, in order
+    sharded: bool                 # some chunk has pages off its home: the sequence-sharded program
 
 
 @functools.partial(jax.jit, static_argnames=("num_logprobs",))
@@ -58,7 +73,7 @@ class DisaggRunner:
     """Runs the models' disaggregated step programs against one `disagg.Arena`."""
 
     def __init__(self, arena: Arena, *, min_token_bucket: int = 16, num_microbatches: Optional[int] = None,
-                 exchange: str = "p2p"):
+                 exchange: str = "p2p", attention_backend: str = "auto", moe_backend: str = "auto"):
         if num_microbatches not in (None, 1, 2):
             raise ValueError(f"DisaggRunner.num_microbatches must be 1, 2 or None (auto), got {num_microbatches!r}")
         if exchange not in ("p2p", "collective"):
@@ -67,27 +82,29 @@ class DisaggRunner:
         self.min_token_bucket = min_token_bucket
         self.num_microbatches = num_microbatches
         self.exchange = exchange
+        self.attention_backend = attention_backend
+        self.moe_backend = moe_backend
+        self.page_map = PageMap(arena.layout.pages_per_device, arena.layout.n_kv)
         self.stats = RunnerStats()
 
-    def group_by_device(self, model_name: str, chunks: Sequence) -> tuple[list[list[_LocalChunk]], list[tuple]]:
-        """(local chunks per KV device, (device, index on it) of each chunk in order)."""
-        layout = self.arena.layout
-        P = layout.pages_per_device
-        per_device = [[] for _ in range(layout.n_kv)]
-        where = []
+    def group_by_device(self, model_name: str, chunks: Sequence) -> Grouped:
+        """The chunks grouped on their home KV devices, and whether any spans several."""
+        n_kv = self.page_map.n_kv
+        grouped = Grouped([[] for _ in range(n_kv)], [[] for _ in range(n_kv)], [], False)
         for c in chunks:
             table = np.asarray(c.page_table, np.int32)
             if table.size == 0:
                 raise ValueError(f"request {c.request.request_id} of model {model_name!r} holds no KV pages")
-            devices = np.unique(table // P)
-            if len(devices) != 1 or not 0 <= devices[0] < layout.n_kv:
-                raise ValueError(f"request {c.request.request_id} of model {model_name!r} has pages on KV "
-                                 f"devices {devices.tolist()}; the disaggregated step needs all of a request's "
-                                 f"pages on one of the {layout.n_kv} KV devices (sticky placement)")
-            d = int(devices[0])
-            where.append((d, len(per_device[d])))
-            per_device[d].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, table % P))
-        return per_device, where
+            try:
+                devices, local = self.page_map.split(table)
+            except ValueError as e:
+                raise ValueError(f"request {c.request.request_id} of model {model_name!r}: {e}") from None
+            home = self.page_map.home(table)
+            grouped.sharded |= bool((devices != home).any())
+            grouped.where.append((home, len(grouped.local[home])))
+            grouped.local[home].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, local))
+            grouped.global_[home].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, table))
+        return grouped
 
     def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
             rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
@@ -96,34 +113,41 @@ class DisaggRunner:
 
         kv_params, ffn_params, num_steps, stop_ids and allowances are accepted for the
         StepRunner contract and unused: the weights are in the arena, one token per dispatch."""
-        del kv_params, ffn_params, num_steps, stop_ids, allowances
+        del ffn_params, num_steps, stop_ids, allowances   # kv_params: the model's arena bases (registry.acquire)
         t0 = time.perf_counter()
         layout = self.arena.layout.model(model_name)
         if tokens_per_page != layout.tokens_per_page:
             raise ValueError(f"model {model_name!r}: the engine's tokens_per_page {tokens_per_page} differs from "
                              f"the arena's {layout.tokens_per_page}")
-        per_device, where = self.group_by_device(model_name, chunks)
-        M = self.num_microbatches or (2 if max(len(c) for c in per_device) >= 2 else 1)
+        grouped = self.group_by_device(model_name, chunks)
+        M = self.num_microbatches or (2 if max(len(c) for c in grouped.local) >= 2 else 1)
         inputs, logit_rows = disagg_inputs.build_disagg_inputs(
-            per_device, layout=layout, num_layers=config.num_layers, num_microbatches=M,
+            grouped.local, layout=layout, num_layers=config.num_layers, num_microbatches=M,
             min_tokens=self.min_token_bucket, min_seqs=MIN_SEQS_BUCKET, min_pages=MIN_PAGES_BUCKET)
+        sharded = None
+        if grouped.sharded:
+            sharded = disagg_inputs.build_sharded_pages(
+                grouped.global_, inputs, page_map=self.page_map, tokens_per_page=layout.tokens_per_page,
+                num_microbatches=M, min_blocks=MIN_PAGES_BUCKET)
         R = inputs.logits_indices_S.shape[2] * M           # logit rows per KV device
         S = bucket(len(chunks), MIN_SEQS_BUCKET)
         rows_S = np.zeros(S, np.int32)
-        for i, (d, j) in enumerate(where):
+        for i, (d, j) in enumerate(grouped.where):
             rows_S[i] = d * R + logit_rows[d][j]
         num_logprobs = smeta.max_logprobs(rows)
         penalties = smeta.needs_penalties(rows)
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
                                else (None, None))
-        self.stats.count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape))
+        self.stats.count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape,
+                                  None if sharded is None else ("sharded", sharded.pages_LSB.shape)))
         self.stats.count_program(("sample", S, config.vocab_size, R * layout.n_kv, num_logprobs, penalties))
         t1 = time.perf_counter()
         arena = self.arena.take()
         try:
-            arena, logits_NRV = disagg_pipeline.disagg_step(arena, inputs, layout=layout, config=config,
-                                                            num_microbatches=M, exchange=self.exchange)
+            arena, logits_NRV = disagg_pipeline.disagg_step(
+                arena, inputs, sharded, layout=layout, config=config, num_microbatches=M, exchange=self.exchange,
+                attention_backend=self.attention_backend, moe_backend=self.moe_backend, bases=kv_params)
         finally:
             self.arena.put(arena)
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)

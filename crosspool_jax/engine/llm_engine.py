@@ -112,7 +112,9 @@ class LLMEngine:
                             enable_prefix_caching=config.enable_prefix_caching),
             self.kv_manager)
         if disaggregated:         # one token per dispatch on this path
-            self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket)
+            self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket,
+                                       attention_backend=self.registry.attention_backend,
+                                       moe_backend=self.registry.moe_backend)
         else:
             self.runner = PlacedRunner(self.registry.kv_pool, self.registry.model_devices,
                                        attention_backend=self.registry.attention_backend,

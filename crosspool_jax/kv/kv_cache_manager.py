@@ -6,10 +6,13 @@ ids, one id per block. Placement of a request's blocks over the KV devices:
 
 - "spread" (default): each new block goes to the device with the most free capacity, so
   blocks of one request may sit on different devices and one request can use the whole pool;
-- "sticky": every block of a request is on ONE device, chosen when its first block is
-  allocated (the device with the most free capacity; a prefix-cache hit pins it to the hit's
-  device). The disaggregated step needs this: a sequence's attention runs where its pages are.
-  A request then holds at most one device's pages (`max_request_tokens` says so).
+- "sticky": a request's new blocks go to the device of its last block while that device has
+  room, and spill to the device with the most free capacity when it has not (a request with
+  no block yet starts there too; a prefix-cache hit's last block sets where it continues).
+  Most requests stay on one device (the disaggregated step's cheap case: attention where the
+  pages are); a long one spills over several and can still use the whole pool
+  (`max_request_tokens`), and the step then attends sequence-sharded. Prefix hits may span
+  devices.
 
 Prefix caching: a full block whose K/V are computed gets a hash chained over
 (model, parent block's hash, the block's token ids). Requests of the same model whose
@@ -160,7 +163,7 @@ class KVCacheManager:
         whole max_pages)."""
         g = self.geometry(model)
         blocks = self.allocator.pages_per_device // g.num_layers
-        if self.placement == "spread" and self._pinned[model] is None:
+        if self._pinned[model] is None:         # spread and sticky both spill over every device
             blocks *= self.allocator.num_devices
         if self._max_pages[model] is not None:
             blocks = min(blocks, self._max_pages[model] // g.num_layers)
@@ -208,7 +211,7 @@ class KVCacheManager:
         hits = []
         for h in self._block_hashes(request, max_blocks):
             block = self._cached.get(h)
-            if block is None or (self.placement == "sticky" and hits and block.device != hits[0].device):
+            if block is None:
                 break
             hits.append(block)
         return hits, len(hits) * g.tokens_per_page
@@ -314,16 +317,18 @@ class KVCacheManager:
         return [self.allocator.num_free(d) + self._evictable_pages[d] for d in range(self.allocator.num_devices)]
 
     def _home_device(self, blocks: Sequence[KVBlock]) -> Optional[int]:
-        """With sticky placement, the device of the request's blocks (None: it holds none yet)."""
-        return blocks[0].device if self.placement == "sticky" and blocks else None
+        """With sticky placement, the device of the request's last block, where its next blocks go
+        while that device has room (None: it holds none yet)."""
+        return blocks[-1].device if self.placement == "sticky" and blocks else None
 
     def _plan(self, num_fresh: int, L: int, taken: Sequence[KVBlock],
               capacity: Optional[list[int]] = None, home: Optional[int] = None,
               pinned: Optional[int] = None) -> Optional[list[int]]:
         """Devices for num_fresh new blocks of L pages each (most capacity first), or None.
         Consumes `capacity` (per-device free + evictable pages) as it plans. Sticky placement
-        puts them all on `home`, or on the device with the most capacity when home is None;
-        a pinned model's blocks all go to its device."""
+        keeps each block on the current device (`home`, then wherever the last block went)
+        while it has room for L pages and spills to the device with the most capacity when
+        not (home None: start there); a pinned model's blocks all go to its device."""
         if num_fresh <= 0:
             return []
         capacity = self._capacity() if capacity is None else capacity
@@ -335,15 +340,10 @@ class KVCacheManager:
                 return None
             capacity[pinned] -= num_fresh * L
             return [pinned] * num_fresh
-        if self.placement == "sticky":
-            device = home if home is not None else max(range(len(capacity)), key=lambda d: (capacity[d], -d))
-            if capacity[device] < num_fresh * L:
-                return None
-            capacity[device] -= num_fresh * L
-            return [device] * num_fresh
-        plan = []
+        plan, device = [], home
         for _ in range(num_fresh):
-            device = max(range(len(capacity)), key=lambda d: (capacity[d], -d))
+            if self.placement == "spread" or device is None or capacity[device] < L:
+                device = max(range(len(capacity)), key=lambda d: (capacity[d], -d))
             if capacity[device] < L:
                 return None
             capacity[device] -= L
@@ -414,9 +414,8 @@ class KVCacheManager:
         return view
 
     def home_device(self, request) -> Optional[int]:
-        """With sticky placement, the KV device holding all of the request's blocks (None when it
-        holds none, or with spread placement). A scheduler choosing preemption victims for a
-        request should prefer those with the same home: only their pages make room for it."""
+        """With sticky placement, the KV device of the request's last block, where it grows while
+        that device has room (None when it holds none, or with spread placement)."""
         return self._home_device(self._blocks.get(request.request_id, ()))
 
     def blocks_of(self, request) -> list[KVBlock]:

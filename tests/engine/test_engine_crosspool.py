@@ -140,23 +140,72 @@ def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected
         assert engine.runner.runners[last].stats.decode_tokens_per_dispatch_max > 1
 
 
-def test_small_pool_preempts_and_outputs_unchanged(model_dirs, batch, expected):
+def _run_recording_groups(engine, requests):
+    """Step `requests` ({id: (model, prompt)}) to the end; -> (outputs by id, per step the
+    runner's groups: (sharded, sequences per KV device, KV devices of each request's blocks))."""
+    runner, groups = engine.runner, []
+    group = runner.group_by_device
+
+    def recording(model_name, chunks):
+        g = group(model_name, chunks)
+        devices = {c.request.request_id: {b.device for b in engine.kv_manager.blocks_of(c.request)} for c in chunks}
+        groups.append((g.sharded, [len(x) for x in g.local], devices))
+        return g
+
+    runner.group_by_device = recording
+    try:
+        for rid, (m, p) in requests.items():
+            engine.add_request(rid, m, p, GREEDY)
+        got = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = out
+    finally:
+        del runner.group_by_device
+    return got, groups
+
+
+def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dirs, shared, batch, expected):
+    """2 KV devices of 8 pages: a 70-token Qwen3 prompt (76 tokens at the end: 5 blocks of 2
+    pages, G=16) fits on no single device; it spills onto the other and runs sequence-sharded:
+    alone (M=1, its prefill chunked across the spill), then beside two short Qwen3 requests
+    (M=2: a sharded and one-device sequences in one step), then the whole batch (preemption).
+    Greedy tokens equal the single-device engine's."""
     prompts, models = batch
-    want = expected[0]
-    # 2 KV devices of 8 pages: a 52-token Qwen3 prompt needs 8 pages of its device
+    long_prompt = np.random.default_rng(99).integers(1, 250, 70).tolist()
+    want = dict(zip([f"r{i}" for i in range(len(prompts))], expected[0]))
+    want["long"] = _tokens(shared.generate([long_prompt], GREEDY, model="qwen3_moe"))[0]
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
               enable_prefix_caching=False, **{**ENGINE, "kv_pool_bytes": 2 * 8 * 2 * 512 * 4})
-    assert llm.engine.registry.kv_layout.pages_per_device == 8
-    assert _tokens(llm.generate(prompts, GREEDY, model=models)) == want
-    stats = llm.engine.stats()
+    engine = llm.engine
+    assert engine.registry.kv_layout.pages_per_device == 8
+    assert engine.kv_manager.max_request_tokens("qwen3_moe") == 2 * 4 * 16             # the whole pool
+    got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", long_prompt)})
+    assert _tokens([got["long"]]) == [want["long"]]
+    assert groups[-1][0] and groups[-1][2]["long"] == {0, 1}
+    assert not groups[0][0]                                      # the first chunk (4 blocks) fit one device
+    assert max(max(n) for _, n, _ in groups) == 1                # one sequence: M = 1
+    assert models[1] == models[3] == "qwen3_moe"
+    got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", long_prompt),
+                                                 "r1": ("qwen3_moe", prompts[1]), "r3": ("qwen3_moe", prompts[3])})
+    assert {r: _tokens([o])[0] for r, o in got.items()} == {r: want[r] for r in ("long", "r1", "r3")}
+    mixed = [devices for sharded, n, devices in groups
+             if sharded and max(n) >= 2 and any(len(d) == 1 for d in devices.values())]
+    assert mixed, f"no step ran a sharded sequence beside one-device sequences in two micro-batches: {groups}"
+    got, _ = _run_recording_groups(engine, {f"r{i}": (m, p) for i, (p, m) in enumerate(zip(prompts, models))})
+    assert _tokens([got[f"r{i}"] for i in range(len(prompts))]) == expected[0]
+    stats = engine.stats()
     assert stats.num_preemptions > 0
     assert stats.kv_pages_free == stats.kv_pages_total
-    # a request whose pages span KV devices (spread placement) is refused, not run wrongly
+    # the runner groups a chunk on its first block's device and marks the step sharded
     req = Request("spread", "mixtral", prompts[0], GREEDY)
     chunk = SimpleNamespace(request=req, start=0, num_tokens=5, token_ids=prompts[0][:5],
-                            page_table=[[1, 9], [2, 10]])       # device 0 and device 1 (8 pages each)
-    with pytest.raises(ValueError, match="pages on KV devices \\[0, 1\\].*sticky"):
-        llm.engine.runner.group_by_device("mixtral", [chunk])
+                            page_table=[[9, 1], [10, 2]])       # device 1, then device 0 (8 pages each)
+    g = engine.runner.group_by_device("mixtral", [chunk])
+    assert g.sharded and g.where == [(1, 0)] and g.local[1][0].page_table.tolist() == [[1, 1], [2, 2]]
+    with pytest.raises(ValueError, match="request spread of model 'mixtral': page ids \\[17\\] are outside"):
+        engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[17, 1], [10, 2]]})])
 
 
 def test_refused_at_construction(model_dirs):
