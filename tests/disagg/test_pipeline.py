@@ -121,3 +121,29 @@ def test_arena_is_updated_in_place():
         temp[pages] = compiled.memory_analysis().temp_size_in_bytes
         row_bytes = layout.arena_elems * 4
     assert temp[64 * PAGES_PER_DEVICE] - temp[PAGES_PER_DEVICE] < row_bytes // 4, (temp, row_bytes)
+
+
+def test_exchange_none_moves_nothing_and_is_for_timing_only():
+    """exchange="none" compiles the same step without a single transfer (no collective in the
+    program): the FFN outputs never reach the KV devices, so its logits are wrong by design."""
+    config, kv, ffn = model("qwen3_moe", 0)
+    layout = make_layout(config, n_kv=2, n_w=2, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    seqs = make_seqs(rng, 2, config.num_layers, config.vocab_size)
+    chunks, _ = next_chunks(seqs, 2, max_chunk=5)
+    inputs, _ = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=2,
+                                    min_tokens=16, min_seqs=4)
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        disagg_step(build_arena(kv, ffn, layout), inputs, layout=layout, config=config, num_microbatches=2,
+                    exchange="nothing")
+    logits, texts = {}, {}
+    for exchange in ("p2p", "none"):
+        arena = build_arena(kv, ffn, layout)
+        texts[exchange] = disagg_step.lower(arena, inputs, layout=layout, config=config, num_microbatches=2,
+                                            exchange=exchange).as_text()
+        _, out = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=2, exchange=exchange)
+        logits[exchange] = np.asarray(out)
+    assert "collective_permute" in texts["p2p"]
+    assert not any(op in texts["none"] for op in ("collective_permute", "all_gather", "all_reduce", "reduce_scatter"))
+    assert logits["none"].shape == logits["p2p"].shape and np.isfinite(logits["none"]).all()
+    assert not np.allclose(logits["none"], logits["p2p"], atol=1e-3)
