@@ -195,17 +195,19 @@ class ModelRegistry:
             self.weights_pools[self.model_devices[name]].register(name, loaded.ffn_params)
 
     def _pool_bytes(self) -> int:
+        """kv_pool_bytes, else kv_memory_fraction of the free memory of the KV device with the
+        least (every device gets an equal share: the placed models' weights differ per device)."""
         if self.config.kv_pool_bytes is not None:
             return self.config.kv_pool_bytes
-        total = 0
+        shares = []
         for device in self.kv_devices:
             stats = device.memory_stats() if hasattr(device, "memory_stats") else None
             if stats and "bytes_limit" in stats:
                 free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-                total += int(free * self.config.kv_memory_fraction)
+                shares.append(int(free * self.config.kv_memory_fraction))
             else:
-                total += _DEFAULT_POOL_BYTES_PER_DEVICE
-        return total
+                shares.append(_DEFAULT_POOL_BYTES_PER_DEVICE)
+        return min(shares) * len(shares)
 
     @property
     def names(self) -> list[str]:
