@@ -20,9 +20,10 @@ class EngineConfig:
       fraction (kv_memory_fraction) of the KV devices' free memory where the platform
       reports it, else 256 MiB per KV device.
     weights_pool_bytes: budget of the weights pool; beyond it, the least recently used
-      models' FFN pytrees are swapped to host memory. None = no limit.
+      models' FFN pytrees are swapped to host memory. None = no limit. Modes shared/static
+      (and one device): a budget PER DEVICE (each device's pool holds the models placed on it).
     attention_pool_bytes: the same for the attention side (embeddings, attention weights,
-      norms, lm head) on the KV devices. None = no limit.
+      norms, lm head) on the KV devices (shared/static: per device). None = no limit.
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
     min_token_bucket: a step's tokens are padded to a power of two at least this; larger
       values mean fewer compiled step programs and more padding.
