@@ -33,7 +33,7 @@ class SampledToken:
 
 @dataclasses.dataclass
 class RunnerStats:
-    """Counters of a runner; compiled_programs counts distinct (model, program, shape, flags) keys."""
+    """Counters of a runner; compiled_programs counts distinct (model, program, shape, flags[, device]) keys."""
 
     compiled_programs: int = 0
     steps: int = 0
