@@ -177,8 +177,10 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
     want = dict(zip([f"r{i}" for i in range(len(prompts))], expected[0]))
     want["long"] = _tokens(shared.generate([long_prompt], GREEDY, model="qwen3_moe"))[0]
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
-              enable_prefix_caching=False, **{**ENGINE, "kv_pool_bytes": 2 * 8 * 2 * 512 * 4})
+              enable_prefix_caching=False, attention_backend="reference", moe_backend="reference",
+              **{**ENGINE, "kv_pool_bytes": 2 * 8 * 2 * 512 * 4})
     engine = llm.engine
+    assert (engine.runner.attention_backend, engine.runner.moe_backend) == ("reference", "reference")
     assert engine.registry.kv_layout.pages_per_device == 8
     assert engine.kv_manager.max_request_tokens("qwen3_moe") == 2 * 4 * 16             # the whole pool
     got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", long_prompt)})
