@@ -16,7 +16,8 @@ How a request travels:
    that device's pages (the KV manager pins the model's blocks to it).
    With a crosspool device split the `DisaggRunner` runs the disaggregated step instead
    (KV pool and attention on the KV devices, experts on the weight devices; sticky page
-   placement; one token per dispatch).
+   placement, sequence-sharded attention for a request spilled over several KV devices; one
+   token per dispatch).
 4. The engine detokenizes incrementally, applies stop rules (EOS, stop ids, stop strings,
    lengths), reports finished children to the scheduler (which frees their pages), and
    returns `RequestOutput`s with the cumulative text of every request that moved.
@@ -99,7 +100,8 @@ class LLMEngine:
         kv_layout = self.registry.kv_layout
         disaggregated = self.registry.arena is not None
         allocator = PageAllocator(kv_layout.pages_per_device, kv_layout.num_devices)
-        # the disaggregated step attends where a request's pages are: all on one KV device
+        # the disaggregated step attends where a request's pages are: kept on one KV device while
+        # it has room (spilling when not: that request's steps then run sequence-sharded)
         self.kv_manager = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching,
                                          placement="sticky" if disaggregated else "spread")
         caps = self.registry.static_page_caps() if config.mode == "static" else {}
