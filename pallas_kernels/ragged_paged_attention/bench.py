@@ -4,9 +4,9 @@
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
 Timing (pallas_kernels/timing.py): each measured function runs `_ITERS` times inside one
-jitted, unrolled loop (each iteration's query depends on the previous output, so nothing is
-hoisted), and such programs are dispatched 4 at a time before one block_until_ready, so the
-host dispatches ahead and its overhead stays out of the numbers for all implementations
+jitted program, each call on its own copy of every input (so XLA can neither compute shared
+work once for all calls nor merge them), and such programs are dispatched 4 at a time before
+one block_until_ready, so host dispatch stays out of the numbers for all implementations
 alike; the median of 5 samples, divided by `_ITERS`: the GPU time of one call inside a step.
 """
 from __future__ import annotations

@@ -9,22 +9,28 @@ Triton's software pipeliner does for us (num_stages). Mosaic GPU (wgmma, TMA,
 emit_pipeline) would buy tensor-core throughput for long prefill chunks, but it cannot be
 interpreted on a CPU and paged (gathered) KV does not map onto TMA tiles without a
 per-page descriptor; that is the next step if prefill becomes the bottleneck.
-Measured on an H200 with JAX 0.11.2 (RESULTS.md): 0.96-1.81x JAX's Pallas GPU
-`paged_attention` on decode, 25-65% of the copy ceiling at context >= 4k and batch >= 8
-(the issue's targets, 2x and 70%, are not met yet; RESULTS.md says what limits it).
+Measured on an H200 with JAX 0.11.2 (RESULTS.md): 1.82-2.59x JAX's Pallas GPU
+`paged_attention` on decode, 91-98% of the copy ceiling from 537 MB of KV up, 66-67% at
+batch 8 / context 4k, where the fixed cost of a call (~15 us) is what remains.
 
-Layout and grid. The engine's pool [P, G, K, H] is viewed as [P, G, K*H] (a free reshape);
-one program handles one work item (<= BQ query tokens of one sequence, see work.py), one KV
-head, and one KV split: grid (W, K, num_splits). The R query heads that share the KV head
-and the BQ tokens are packed into the rows of one tile (rows = BQ * R padded to a power of
-two, at least 16 for tl.dot), so a decode batch of one sequence still fills the tile and
-reads each K/V page once per KV head. The inner loop walks the item's key range in steps of
-`block_k` keys (several pages gathered through the page table, or a slice of one page),
-with an online softmax in float32. With num_splits > 1 each program covers an equal share
-of its item's blocks and writes an unnormalised partial plus its log-sum-exp; the partials
-are merged in jnp (flash-decoding). Key columns outside [kv_lo, kv_hi) are masked in the
-scores and zeroed in V, so unused or freed pages (any bits, NaN included) never reach the
-output; page ids are clamped into the pool so no read leaves it.
+Layout and grid. The engine's pool [P, G, K, H] is viewed as [P * G, K * H] rows (or, without
+`row_gather`, [P, G, K * H]; free reshapes); one program handles one work item (<= BQ query
+tokens of one sequence, see work.py), one KV head and one KV split: grid (K, W, num_splits)
+with `heads_fastest` (the KV heads of an item launched together), else (W, K, num_splits).
+With `items_in_kernel` each program derives its item from cu_q_lens / kv_lens (a cumsum over
+the sequences); otherwise XLA builds the item table first (work.build_items). The R query
+heads that share the KV head and the BQ tokens are the rows of one tile (rows = BQ * R
+padded to a power of two, at least 16 for tl.dot), gathered straight from q [T * N, H], so a
+decode batch of one sequence still fills the tile and reads each K/V row once per KV head.
+The inner loop walks the item's key range in steps of `block_k` keys, each key's pool row
+found through the page table, with an online softmax in float32. With num_splits > 1 each
+program covers an equal share of its item's blocks and writes an unnormalised partial plus
+its log-sum-exp; the partials are merged in jnp (flash-decoding). Outputs are stored to
+their (token, head) rows of [T * N, H] by a masked row scatter (masked rows point at scratch
+rows past the end, so no two lanes share an address). Key columns outside [kv_lo, kv_hi) are
+masked in the scores and zeroed in V (`mask_v_load`: by the load itself), so unused or freed
+pages (any bits, NaN included) never reach the output; page ids are clamped into the pool
+and page-table slots into the table, so no read leaves either.
 
 Padding rows of q (past cu_q_lens[num_seqs]) come back as zeros, as in the reference.
 """
@@ -90,7 +96,8 @@ def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, p
             mask_v_load, items_in_kernel, precision):
     # items_ref [8] int32 or, items_in_kernel, cu_q_lens [S + 1], kv_lens [S], num_seqs [1];
     # q_ref [T * N, H] (the caller's q, heads of a token adjacent);
-    # k_ref/v_ref [P, G, H] or, row_gather, [P * G, H] (one KV head's columns); pt_ref [S * pages_per_seq] int32;
+    # k_ref/v_ref [P, G, H] or, row_gather, [P * G, H] (one KV head's columns);
+    # pt_ref [S * pages_per_seq] int32;
     # o_ref [NS * out_rows, H] and lse_ref [NS * out_rows]: rows in q's order, split-major,
     # each split's block padded by M scratch rows that masked-off tile rows point at.
     n_item_refs = 3 if items_in_kernel else 1

@@ -71,8 +71,8 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     """The GPU (Triton-lowered) kernel's tiling for a call's static shapes.
 
     C is the context capacity pages_per_seq * G (the most keys a sequence can have);
-    itemsize the bytes of one K/V element. One K tile is kept near 16 KiB (decode) or 32 KiB
-    (prefill) so that K and V of `num_stages` steps fit in shared memory.
+    itemsize the bytes of one K/V element. One K tile is kept near 16 KiB so that K and V
+    of `num_stages` steps fit in shared memory twice over (two programs per SM).
     """
     Rp = next_pow2(R)
     decode = is_decode_heavy(T, S)
@@ -80,10 +80,9 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     q_tokens = max(1, rows // Rp)
     q_tokens = max(min(q_tokens, next_pow2(T)), 16 // Rp, 1)    # tl.dot needs >= 16 rows
     # K tiles of 16 KiB (bk 64 at H 128, bf16): 3 stages of K and V take 96 KiB, two
-    # programs per SM; measured on an H200 (RESULTS.md) 1.2-1.4x faster on decode than
-    # 32 KiB tiles (bk 128, one program per SM). Prefill chunks keep 32 KiB tiles.
-    tile_bytes = 16384 if decode else 32768
-    block_k = max(16, min(128, tile_bytes // (H * itemsize)))
+    # programs per SM; measured on an H200 (RESULTS.md) 1.2-1.4x faster than 32 KiB tiles
+    # (bk 128, one program per SM) on decode, and 1.3-1.4x on the mixed/prefill batches.
+    block_k = max(16, min(128, 16384 // (H * itemsize)))
     work = min(T, S + T // q_tokens)
     want = max(1, GPU_NUM_SMS * _CTAS_PER_SM // max(1, work * K))
     max_splits = max(1, C // _MIN_KEYS_PER_SPLIT)
@@ -92,8 +91,8 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
         num_splits = min(num_splits, 4)
     stage_bytes = 2 * block_k * H * itemsize                      # K and V tiles
     # Measured on an H200 (RESULTS.md): 4 warps and a 3-stage pipeline beat 8 warps / 2
-    # stages for decode and for prefill chunks alike (prefill 1.5-1.8x); tiles above
-    # 192 KiB for 3 stages, 4-byte K/V and head dim 256 were not measured: 2 stages.
+    # stages for decode and for prefill chunks alike (prefill 1.5-1.8x); 4-byte K/V and
+    # head dim 256 were not measured: 2 stages.
     num_stages = 3 if itemsize == 2 and H <= 128 and 3 * stage_bytes <= 192 * 1024 else 2
     # One pool row per key with V masked in the load (1.2-1.3x on decode, RESULTS.md), the
     # KV heads of an item launched together, work items derived inside the kernel.
