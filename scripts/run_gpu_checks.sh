@@ -2,6 +2,10 @@
 # GPU checks on the device machine: the gpu-marked kernel tests, then the kernel benchmark.
 #   bash scripts/run_gpu_checks.sh [--sweep]     (logs under $OUT, or ./gpu_logs without it)
 # Through the device tool: run(command="bash scripts/run_gpu_checks.sh", carry=[".whl"]).
+# Extra arguments go to scripts/bench_kernels.py (its docstring lists the flags). Budget: the
+# kernel GPU tests take ~130 s and the whole table over 300 s, so under a 300 s limit split it,
+# e.g. TESTS=<a few test ids> ... --skip-mixed --moe-no-prefill, then, in the same command,
+# python3 scripts/bench_kernels.py --sweep --skip-decode --skip-moe (RESULTS.md, run 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"
