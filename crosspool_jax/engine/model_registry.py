@@ -16,8 +16,13 @@ device's pages (`static_page_caps`); "shared" lets the models of a device share 
 With mode "crosspool" and disjoint KV and weight devices (e.g. kv_devices=2, weight_devices=2)
 the registry builds the disaggregated arena instead (`self.arena`, crosspool_jax/disagg): the
 KV pages and every model's attention side on the KV devices, every model's expert shard on
-the weight devices; there is no `KVPool` (`kv_pool` is None; `kv_layout` sizes the pages) and
-no host swapping of weights on this path yet (weights_pool_bytes must be None).
+the weight devices; there is no `KVPool` (`kv_pool` is None; `kv_layout` sizes the pages:
+`kv_pool_bytes` split over the KV devices, plus whatever the KV rows have spare when the
+weight rows are longer). There `weights_pool_bytes` (over all weight devices) and
+`attention_pool_bytes` (over all KV devices, the attention side counted once per KV device)
+budget slot regions of the arena (`disagg/residency.py`, `self.residency`): beyond them the
+least recently used models are swapped out to host memory and written back in place on
+demand; `acquire` returns the model's slot shifts (`bases`) as its kv_params.
 """
 from __future__ import annotations
 
@@ -33,8 +38,9 @@ import jax.numpy as jnp
 
 from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
-from crosspool_jax.disagg.arena import Arena, build_multi_arena   # submodules: disagg imports engine.step_inputs
+from crosspool_jax.disagg.arena import Arena   # submodules: disagg imports engine.step_inputs
 from crosspool_jax.disagg.layout import make_multi_layout
+from crosspool_jax.disagg.residency import ArenaResidency, build_residency
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
@@ -95,12 +101,8 @@ class ModelRegistry:
         self.config = config
         self.kv_devices, self.weight_devices = _engine_devices(config)
         self.disaggregated = not set(self.kv_devices) & set(self.weight_devices)
-        for option in ("weights_pool_bytes", "attention_pool_bytes"):
-            if self.disaggregated and getattr(config, option) is not None:
-                raise ValueError(f"{option}={getattr(config, option)} with a crosspool device split: the "
-                                 "disaggregated path keeps every model's weights resident in its arena "
-                                 f"(no host swapping there yet); leave {option} unset")
         self.arena: Optional[Arena] = None
+        self.residency: Optional[ArenaResidency] = None     # the arena's budgeted regions (crosspool split)
         # "auto" is resolved inside each kernel seam, per call: the Pallas kernel where the
         # platform and the model's geometry allow it, the reference otherwise.
         self.attention_backend = config.attention_backend
@@ -139,15 +141,22 @@ class ModelRegistry:
                  layout.num_devices)
 
     def _build_arena(self, loaded: dict, layout: KVPoolLayout) -> Arena:
-        """The disaggregated arena: shared pages + every model's halves (raises naming an unsupported model)."""
+        """The disaggregated arena: shared pages + every model's halves, budgeted regions where
+        weights_pool_bytes / attention_pool_bytes are set (raises naming an unsupported model or
+        a budget below the largest model). The KV rows' spare tail becomes pages (kv_layout)."""
         arena_layout = make_multi_layout({n: m.config for n, m in loaded.items()}, n_kv=len(self.kv_devices),
                                          n_w=len(self.weight_devices), pages_per_device=layout.pages_per_device,
                                          page_elems=layout.page_elems, dtype=self.config.dtype,
-                                         devices=list(self.kv_devices) + list(self.weight_devices))
-        array = build_multi_arena({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()}, arena_layout)
-        log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row", arena_layout.n_kv,
-                 arena_layout.n_w, arena_layout.arena_elems)
-        return Arena(arena_layout, array)
+                                         devices=list(self.kv_devices) + list(self.weight_devices),
+                                         attention_pool_bytes=self.config.attention_pool_bytes,
+                                         weights_pool_bytes=self.config.weights_pool_bytes, fill_pages=True)
+        self.residency = build_residency({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()}, arena_layout)
+        self.kv_layout = dataclasses.replace(layout, pages_per_device=arena_layout.pages_per_device)
+        log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row, %d pages per KV device, "
+                 "model slots %s", arena_layout.n_kv, arena_layout.n_w, arena_layout.arena_elems,
+                 arena_layout.pages_per_device,
+                 {r: arena_layout.region(r) and arena_layout.region(r).num_slots for r in ("kv", "w")})
+        return self.residency.arena
 
     def _place(self) -> dict[str, int]:
         """shared/static: each model on one device, greedy by weight bytes (`weights.place_models`),
@@ -241,15 +250,18 @@ class ModelRegistry:
 
     def prefetch(self, name: str) -> None:
         """Start bringing a swapped-out model's weights back (a request for it was admitted)."""
-        if not self.disaggregated:
+        if self.disaggregated:
+            self.residency.prefetch(name)
+        else:
             self._pools_of(name)[0].prefetch(name)
             self._pools_of(name)[1].prefetch(name)
 
     def acquire(self, name: str) -> tuple[dict, dict]:
         """(kv_params, ffn_params) of a model for one step; swaps either half in if it is out.
-        (None, None) on the disaggregated path: both halves live in the arena."""
+        On the disaggregated path both halves live in the arena: (bases, None), bases the
+        model's slot shifts for `disagg_step` (None when no budget is set)."""
         if self.disaggregated:
-            return None, None
+            return self.residency.acquire(name), None
         attention, weights = self._pools_of(name)
         kv_params = attention.acquire(name)
         try:
@@ -259,7 +271,9 @@ class ModelRegistry:
             raise
 
     def release(self, name: str) -> None:
-        if not self.disaggregated:
+        if self.disaggregated:
+            self.residency.release(name)
+        else:
             self._pools_of(name)[1].release(name)
             self._pools_of(name)[0].release(name)
 
@@ -269,20 +283,32 @@ class ModelRegistry:
         return self.attention_pools[d], self.weights_pools[d]
 
     def weights_stats(self) -> "SwapCounts":
-        """Swaps of every pool (FFN side and attention side, every device) added up."""
+        """Swaps of every pool (FFN side and attention side, every device; the arena's budgeted
+        regions on a crosspool split) added up."""
         stats = [p.stats() for p in self.attention_pools + self.weights_pools]
-        return SwapCounts(sum(s.swaps_in for s in stats), sum(s.swaps_out for s in stats))
+        if self.residency is not None:
+            stats += list(self.residency.stats().values())
+        return SwapCounts(sum(s.swaps_in for s in stats), sum(s.swaps_out for s in stats),
+                          sum(s.bytes_swapped_in for s in stats), sum(s.bytes_swapped_out for s in stats),
+                          sum(s.swap_in_seconds for s in stats), sum(s.acquire_wait_seconds for s in stats))
 
     def is_resident(self, name: str) -> bool:
         if self.disaggregated:
-            return True
+            return self.residency.is_resident(name)
         attention, weights = self._pools_of(name)
         return weights.is_resident(name) and attention.is_resident(name)
 
     def model_stats(self) -> dict:
         """Per model: residency, bytes, context, and `device`: the id of the device it is placed
-        on (None with a crosspool split, where it spans the KV and weight devices)."""
-        return {e.name: {"resident": self.is_resident(e.name),
+        on (None with a crosspool split, where it spans the KV and weight devices). With budgeted
+        arena regions also `last_swap_in_seconds` per role ("kv": attention side, "w": experts)."""
+        if self.residency is not None and self.residency.pools:
+            swap = self.residency.stats()
+            extra = {n: {"last_swap_in_seconds": {r: st.last_swap_in_seconds.get(n) for r, st in swap.items()}}
+                     for n in self._entries}
+        else:
+            extra = {n: {} for n in self._entries}
+        return {e.name: {**extra[e.name], "resident": self.is_resident(e.name),
                          "weights_bytes": e.weights_bytes,
                          "max_model_len": e.max_model_len,
                          "device": (self.kv_devices[self.model_devices[e.name]].id
@@ -292,8 +318,20 @@ class ModelRegistry:
 
 @dataclasses.dataclass(frozen=True)
 class SwapCounts:
+    """Swaps of all pools added up. Seconds: wall time from a swap-in's start until its data had
+    landed (`WeightsPoolStats`); acquire_wait_seconds: the part steps spent blocked on it."""
+
     swaps_in: int
     swaps_out: int
+    bytes_swapped_in: int = 0
+    bytes_swapped_out: int = 0
+    swap_in_seconds: float = 0.0
+    acquire_wait_seconds: float = 0.0
+
+    @property
+    def swap_in_bytes_per_second(self) -> float:
+        """Swap-in bandwidth (bytes / seconds; 0.0 before any swap-in)."""
+        return self.bytes_swapped_in / self.swap_in_seconds if self.swap_in_seconds > 0 else 0.0
 
 
 def _engine_devices(config: EngineConfig) -> tuple[list, list]:

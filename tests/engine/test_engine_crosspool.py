@@ -32,7 +32,6 @@ LAYOUTS = [("crosspool", 1, 1), ("crosspool", 2, 2), ("crosspool", 4, 4), ("cros
            ("static", 1, 1), ("shared", 2, 2), ("static", 2, 2), ("shared", 4, 4), ("static", 4, 4)]
 
 
-
 @pytest.fixture(scope="module")
 def model_dirs(tiny_model_dirs):
     return {f: tiny_model_dirs[f] for f in FAMILIES + ["llama"]}
@@ -214,9 +213,10 @@ def test_refused_at_construction(model_dirs):
     with pytest.raises(ValueError, match="model 'dense' cannot run on the disaggregated step"):
         LLM({"mixtral": model_dirs["mixtral"], "dense": model_dirs["llama"]}, mode="crosspool",
             kv_devices=2, weight_devices=2, **ENGINE)
-    with pytest.raises(ValueError, match="weights_pool_bytes"):
+    with pytest.raises(ValueError, match="weights_pool_bytes=1024 is smaller than the largest model's expert "
+                                         "shards over the weight devices: model 'mixtral' needs"):
         LLM({"mixtral": model_dirs["mixtral"]}, mode="crosspool", kv_devices=1, weight_devices=1,
-            weights_pool_bytes=1 << 20, **ENGINE)
+            weights_pool_bytes=1 << 10, **ENGINE)
 
 
 def test_static_refuses_a_context_that_shared_serves_on_two_devices(model_dirs, tiny_model_dirs, shared):
@@ -248,3 +248,40 @@ def test_placed_modes_refuse_impossible_options(model_dirs):
     with pytest.raises(ValueError, match="model 'qwen3_moe' needs 115328 bytes for its attention side"):
         LLM({"qwen3_moe": model_dirs["qwen3_moe"]}, mode="static", kv_devices=4, attention_pool_bytes=1 << 16,
             **ENGINE)
+
+
+def _one_slot_bytes(model_dirs, role, n_kv=2, n_w=2):
+    """float32 bytes of the largest model's region of a role over its devices: a budget of one slot."""
+    from crosspool_jax.checkpoints.loader import read_config
+    from crosspool_jax.disagg.layout import make_multi_layout
+    configs = {f: read_config(model_dirs[f])[1] for f in FAMILIES}
+    layout = make_multi_layout(configs, n_kv=n_kv, n_w=n_w, pages_per_device=8)
+    return max(layout.region_elems(f, role) for f in FAMILIES) * (n_kv if role == "kv" else n_w) * 4
+
+
+@pytest.mark.parametrize("option,role", [("weights_pool_bytes", "w"), ("attention_pool_bytes", "kv")])
+def test_budgeted_arena_swaps_models_and_outputs_unchanged(model_dirs, batch, expected, option, role):
+    """A 2+2 split whose weights (resp. attention) budget holds one model: the two families
+    take turns in one slot of the arena, every request completes with the single-device
+    engine's greedy tokens, the swap counters move, and the arena's buffers never change."""
+    prompts, models = batch
+    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
+              **{option: _one_slot_bytes(model_dirs, role)}, **ENGINE)
+    registry = llm.engine.registry
+    assert registry.arena.layout.region(role).num_slots == 1
+    assert [registry.is_resident(f) for f in FAMILIES] == [True, False]
+    pointers = [s.data.unsafe_buffer_pointer() for s in registry.arena.array.addressable_shards]
+    assert _tokens(llm.generate(prompts, GREEDY, model=models)) == expected[0]
+    swaps = registry.weights_stats()
+    assert swaps.swaps_in >= 2 and swaps.swaps_out >= 2
+    assert swaps.bytes_swapped_in > 0 and swaps.swap_in_seconds > 0 and swaps.swap_in_bytes_per_second > 0
+    stats = llm.engine.stats()
+    assert (stats.swaps_in, stats.swaps_out) == (swaps.swaps_in, swaps.swaps_out)
+    assert sum(m["resident"] for m in stats.models.values()) == 1
+    assert any(m["last_swap_in_seconds"][role] for m in stats.models.values())
+    assert [s.data.unsafe_buffer_pointer() for s in registry.arena.array.addressable_shards] == pointers
+    # admission prefetches: the model that is out comes in before any step runs
+    cold = next(f for f in FAMILIES if not registry.is_resident(f))
+    llm.engine.add_request("cold", cold, prompts[0], GREEDY)
+    assert registry.is_resident(cold) and registry.weights_stats().swaps_in == swaps.swaps_in + 1
+    llm.engine.abort_request("cold")

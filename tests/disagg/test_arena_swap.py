@@ -1,0 +1,172 @@
+"""Budgeted arena regions: models swapped in and out of slots, steps read them where they land.
+
+Three models on a 2+2 split with one weights slot and two attention slots: steps of every
+model in turn give the dense forward's logits while the models move between slots (one
+compiled program per model, the arena's buffers never change), a model in use is never
+evicted, writes wait while a step holds the arena, budgets below the largest model are
+refused by name, and the KV rows' spare tail becomes pages.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosspool_jax.disagg import build_disagg_inputs, disagg_step, make_multi_layout
+from crosspool_jax.disagg.arena import region_payloads
+from crosspool_jax.disagg.residency import build_residency
+from crosspool_jax.weights import WeightsPoolBusyError
+from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, check_and_advance, make_seqs, model, next_chunks
+
+NAMES = ("qwen3_moe", "mixtral", "qwen2_moe")
+N_KV = N_W = 2
+
+
+def _models():
+    return {n: model(n, 5) for n in NAMES}
+
+
+PAGES = len(NAMES) * PAGES_PER_DEVICE      # each model's sequences take their own PAGES_PER_DEVICE
+
+
+def _slot_elems(models, role):
+    full = make_multi_layout({n: m[0] for n, m in models.items()}, n_kv=N_KV, n_w=N_W,
+                             pages_per_device=PAGES, page_elems=PAGE_ELEMS)
+    return max(full.region_elems(n, role) for n in models)
+
+
+def _layout(models, w_slots, kv_slots):
+    """Budgets (float32 bytes over the role's devices) of exactly that many slots."""
+    return make_multi_layout({n: m[0] for n, m in models.items()}, n_kv=N_KV, n_w=N_W,
+                             pages_per_device=PAGES, page_elems=PAGE_ELEMS,
+                             weights_pool_bytes=w_slots * N_W * _slot_elems(models, "w") * 4,
+                             attention_pool_bytes=kv_slots * N_KV * _slot_elems(models, "kv") * 4)
+
+
+def _pointers(arena):
+    return [s.data.unsafe_buffer_pointer() for s in arena.array.addressable_shards]
+
+
+def test_steps_read_models_wherever_they_are_swapped_in():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
+    models = _models()
+    layout = _layout(models, w_slots=1, kv_slots=2)
+    assert (layout.w_region.num_slots, layout.kv_region.num_slots) == (1, 2)
+    res = build_residency({n: m[1:] for n, m in models.items()}, layout)
+    assert [res.is_resident(n) for n in NAMES] == [True, False, False]      # 1 weights slot: the first
+    pointers = _pointers(res.arena)
+    seqs = {}
+    for i, n in enumerate(NAMES):
+        config = models[n][0]
+        seqs[n] = make_seqs(rng, N_KV, config.num_layers, config.vocab_size, G=layout.model(n).tokens_per_page)
+        for s in seqs[n]:                    # disjoint pages per model
+            s.page_table = s.page_table + i * PAGES_PER_DEVICE
+    seen_bases, programs = {n: set() for n in NAMES}, []
+    for step in range(3):
+        for n in NAMES:
+            config, kv, ffn = models[n]
+            view = layout.model(n)
+            chunks, owners = next_chunks(seqs[n], N_KV, max_chunk=5)
+            inputs, logit_rows = build_disagg_inputs(chunks, layout=view, num_layers=config.num_layers,
+                                                     num_microbatches=2, min_tokens=16, min_seqs=4)
+            bases = res.acquire(n)
+            try:
+                out, logits = disagg_step(res.arena.take(), inputs, layout=view, config=config,
+                                          num_microbatches=2, bases=bases)
+                res.arena.put(out)
+            finally:
+                res.release(n)
+            seen_bases[n].add(tuple(bases.tolist()))
+            err = check_and_advance(logits, owners, logit_rows, rng, config, kv, ffn)
+            assert err < 1e-5, f"{n} step {step} at bases {bases}: relative error {err}"
+        programs.append(disagg_step._cache_size())
+    # the models really moved: some model ran from two different attention slots
+    assert any(len({b[0] for b in s}) > 1 for s in seen_bases.values()), seen_bases
+    assert programs[0] == programs[-1], programs           # one program per model, whatever its slot
+    stats = res.stats()
+    assert stats["w"].swaps_in == 3 * 3 - 1 and stats["w"].swaps_out == 3 * 3 - 1
+    assert stats["kv"].swaps_in > 0 and stats["kv"].bytes_swapped_in > 0 and stats["w"].swap_in_seconds > 0
+    assert _pointers(res.arena) == pointers                 # written in place: never a new arena buffer
+
+
+def test_in_use_model_is_never_evicted_and_taken_arena_defers_writes():
+    models = _models()
+    layout = _layout(models, w_slots=1, kv_slots=1)
+    res = build_residency({n: m[1:] for n, m in models.items()}, layout)
+    a, b = NAMES[0], NAMES[1]
+    res.acquire(a)
+    assert not res.prefetch(b)                              # the only slot is in use
+    with pytest.raises(WeightsPoolBusyError, match="in use"):
+        res.acquire(b)
+    assert res.is_resident(a) and not res.is_resident(b)
+    res.release(a)
+    array = res.arena.take()                                # a step holds the arena (another thread)
+    assert res.prefetch(b)                                  # transfers start, the writes wait
+    assert res.is_resident(b) and not res.is_resident(a)
+    res.arena.put(array)
+    bases = res.acquire(b)                                  # applies them before handing out b
+    res.release(b)
+    rows = np.asarray(res.arena.array)
+    for role, first in (("kv", 0), ("w", N_KV)):
+        region = layout.region(role)
+        payloads = region_payloads(*models[b][1:], layout.model(b), role)
+        start = region.offset(0) + int(bases[0 if role == "kv" else 1]) * 128
+        for i, p in enumerate(payloads):
+            np.testing.assert_array_equal(rows[first + i, start:start + p.size], p.reshape(-1))
+
+
+def test_budget_below_the_largest_model_is_refused():
+    models = _models()
+    configs = {n: m[0] for n, m in models.items()}
+    need = N_W * _slot_elems(models, "w") * 4
+    with pytest.raises(ValueError, match=f"weights_pool_bytes={need - 1} is smaller than the largest model's "
+                                         "expert shards over the weight devices: model 'qwen3_moe' needs"):
+        make_multi_layout(configs, n_kv=N_KV, n_w=N_W, pages_per_device=8, page_elems=PAGE_ELEMS,
+                          weights_pool_bytes=need - 1)
+    with pytest.raises(ValueError, match="attention_pool_bytes=0 is smaller than the largest model's attention"):
+        make_multi_layout(configs, n_kv=N_KV, n_w=N_W, pages_per_device=8, page_elems=PAGE_ELEMS,
+                          attention_pool_bytes=0)
+    big = make_multi_layout(configs, n_kv=N_KV, n_w=N_W, pages_per_device=8, page_elems=PAGE_ELEMS,
+                            weights_pool_bytes=100 * need)
+    assert big.w_region.num_slots == len(NAMES)             # never more slots than models
+
+
+def test_spare_kv_row_becomes_pages():
+    models = _models()
+    configs = {n: m[0] for n, m in models.items()}
+    kw = dict(n_kv=2, n_w=1, pages_per_device=2, page_elems=PAGE_ELEMS)     # one weight device: long rows
+    tight = make_multi_layout(configs, **kw)
+    filled = make_multi_layout(configs, **kw, fill_pages=True)
+    assert tight.used_elems("w") > tight.used_elems("kv")
+    assert filled.arena_elems == tight.arena_elems
+    assert filled.pages_per_device > 2 * tight.pages_per_device
+    assert filled.used_elems("kv") <= filled.arena_elems
+    k, v = (filled.first.slot("kv", n) for n in ("pages/k_PX", "pages/v_PX"))
+    assert k.offset + k.size <= v.offset and v.offset + v.size <= min(
+        s.offset for n in NAMES for s in filled.model(n).kv_slots if not s.name.startswith("pages/"))
+
+
+def test_step_with_bases_updates_the_arena_in_place():
+    """Reading the model through traced bases adds no copy of the row: the step's scratch
+    memory does not grow with the KV pool."""
+    models = _models()
+    config = models["qwen3_moe"][0]
+    seqs = make_seqs(np.random.default_rng(0), N_KV, config.num_layers, config.vocab_size)
+    chunks, _ = next_chunks(seqs, N_KV, max_chunk=5)
+    temp = {}
+    for pages in (PAGES_PER_DEVICE, 64 * PAGES_PER_DEVICE):
+        layout = make_multi_layout({n: m[0] for n, m in models.items()}, n_kv=N_KV, n_w=N_W,
+                                   pages_per_device=pages, page_elems=PAGE_ELEMS,
+                                   weights_pool_bytes=N_W * _slot_elems(models, "w") * 4)
+        view = layout.model("qwen3_moe")
+        inputs, _ = build_disagg_inputs(chunks, layout=view, num_layers=config.num_layers,
+                                        num_microbatches=2, min_tokens=16, min_seqs=4)
+        arena = jax.ShapeDtypeStruct((N_KV + N_W, layout.arena_elems), jnp.float32, sharding=view.sharding())
+        compiled = disagg_step.lower(arena, inputs, layout=view, config=config, num_microbatches=2,
+                                     bases=np.zeros(2, np.int32)).compile()
+        temp[pages] = compiled.memory_analysis().temp_size_in_bytes
+        row_bytes = layout.arena_elems * 4
+    assert temp[64 * PAGES_PER_DEVICE] - temp[PAGES_PER_DEVICE] < row_bytes // 4, (temp, row_bytes)
