@@ -22,8 +22,11 @@ class EngineConfig:
     weights_pool_bytes: budget of the weights pool; beyond it, the least recently used
       models' FFN pytrees are swapped to host memory. None = no limit. Modes shared/static
       (and one device): a budget PER DEVICE (each device's pool holds the models placed on it).
+      Mode crosspool with a device split: over ALL weight devices, as slots of the arena (each
+      the size of the largest model's expert shards; disagg/residency.py).
     attention_pool_bytes: the same for the attention side (embeddings, attention weights,
-      norms, lm head) on the KV devices (shared/static: per device). None = no limit.
+      norms, lm head) on the KV devices (shared/static: per device; a crosspool split: over all
+      KV devices, the replicated attention side counted once per device). None = no limit.
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
     min_token_bucket: a step's tokens are padded to a power of two at least this; larger
       values mean fewer compiled step programs and more padding.
