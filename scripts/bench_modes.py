@@ -1,0 +1,353 @@
+"""The three memory organisations side by side on the same devices: static, shared, crosspool.
+
+    python scripts/bench_modes.py --device_gib 24 --out /tmp/bench_modes     # every device JAX sees
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
+        python scripts/bench_modes.py --models qwen3moe-mini-2l,qwen3moe-mini-2l --device_gib 0.05 --quick
+
+Every mode gets the same devices and the same memory per device (`--device_gib`), serves
+the same random-weight MoE models of real layer shapes (crosspool_jax/engine/random_models.py)
+through the same engine API, kernels and options; only the memory organisation differs:
+
+- static:    every device holds the weights of the models placed on it and a KV region
+             split equally between them (worst-case reservation per model);
+- shared:    the same placement; the models of a device share its KV pages elastically;
+- crosspool: n_kv KV devices (one global KV pool + attention sides) and n_w weight devices
+             (every model's experts, sharded), hidden states moving between them per layer.
+
+Per mode it reports: models resident (weights on the devices when serving starts), the KV
+capacity in tokens of ONE request (what the KV manager would admit), decode time between
+tokens (P50/P99, a few requests per model at once, one token per dispatch in every mode),
+the swap-in latency of a cold model (first-token time of a request for a swapped-out model,
+and the weights pool's own swap-in seconds), and for crosspool the fraction of the transfer
+time that the ping-pong pipeline hides: 1 - (t_step - t_step_without_transfers) / t_transfers,
+where t_transfers is the same exchanges timed alone (`ppermute` of the step's payload shapes).
+Results: a markdown table and a JSON file under --out, with card, JAX version and date.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_MODELS = flags.DEFINE_string("models", "mixtral-8x7b-2l,qwen3moe-30b-a3b-4l,mixtral-8x7b-2l,qwen3moe-30b-a3b-4l",
+                              "Comma-separated random model shapes (repeats are separate models).")
+_DEVICE_GIB = flags.DEFINE_float("device_gib", 24.0, "Memory per device given to the engine (weights + KV), GiB.")
+_MODES = flags.DEFINE_string("modes", "static,shared,crosspool", "Modes to run, comma-separated.")
+_KV_DEVICES = flags.DEFINE_integer("kv_devices", None, "crosspool: KV devices (default half of the devices).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens of the decode-latency requests.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 48, "Tokens generated per request.")
+_PER_MODEL = flags.DEFINE_integer("requests_per_model", 2, "Concurrent requests per model (low concurrency).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Engine dtype.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no warm-up round.")
+_OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
+
+GIB = 1 << 30
+
+
+def model_bytes(configs: dict, itemsize: int) -> dict:
+    """{name: (attention-side bytes, FFN-side bytes)} from the parameter shapes."""
+    import numpy as np
+
+    from crosspool_jax.models.params import param_shapes
+
+    def total(tree):
+        import jax
+        return sum(int(np.prod(s)) for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))) * itemsize
+    out = {}
+    for name, config in configs.items():
+        kv, ffn = param_shapes(config)
+        out[name] = (total(kv), total(ffn))
+    return out
+
+
+def engine_options(mode: str, n: int, n_kv: int, budget: int, sizes: dict) -> dict:
+    """Engine options that give `mode` exactly `budget` bytes per device on n devices.
+
+    static/shared: the models are spread over the devices by the engine's placement; each
+    device gets a weights budget of what its share of the models needs (capped at 3/4 of the
+    device) and the rest for KV. crosspool: the weight devices' whole budget holds experts,
+    the KV devices hold the attention sides (capped at 1/4) and KV pages in the rest.
+    """
+    attn = sorted((a for a, _ in sizes.values()), reverse=True)
+    ffn = sorted((f for _, f in sizes.values()), reverse=True)
+    if mode in ("static", "shared"):
+        per_device = -(-len(sizes) // n)                       # models per device, the busiest one
+        need = sum(sorted((a + f for a, f in sizes.values()), reverse=True)[:per_device])
+        weights = min(need, budget * 3 // 4)
+        ffn_budget = min(sum(ffn[:per_device]), weights)
+        return dict(mode=mode, kv_devices=n, weight_devices=n, kv_pool_bytes=n * (budget - weights),
+                    weights_pool_bytes=max(ffn_budget, ffn[0]),
+                    attention_pool_bytes=max(weights - ffn_budget, attn[0]))
+    n_w = n - n_kv
+    attention = max(min(sum(attn), budget // 4), attn[0])
+    return dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w, kv_pool_bytes=n_kv * (budget - attention),
+                weights_pool_bytes=max(n_w * budget, ffn[0]), attention_pool_bytes=attention)
+
+
+def _prompts(llm, names, per_model, prompt_len, seed):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    prompts, model_of = [], []
+    for name in names:
+        vocab = llm.engine.registry.get(name).config.vocab_size
+        for _ in range(per_model):
+            prompts.append(rng.integers(0, vocab, prompt_len).tolist())
+            model_of.append(name)
+    return prompts, model_of
+
+
+def decode_times(llm, names, per_model, prompt_len, max_tokens, seed) -> list[float]:
+    """Run the requests to completion through `engine.step()`; the gaps between a request's
+    consecutive tokens (seconds per token) after its first token."""
+    from crosspool_jax import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    prompts, model_of = _prompts(llm, names, per_model, prompt_len, seed)
+    ids = []
+    for i, (p, m) in enumerate(zip(prompts, model_of)):
+        rid = f"s{seed}-{i}"
+        engine.add_request(rid, m, {"prompt_token_ids": p}, params)
+        ids.append(rid)
+    seen = {r: 0 for r in ids}
+    last = {}
+    gaps = []
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            n = len(o.outputs[0].token_ids)
+            new = n - seen.get(o.request_id, 0)
+            if new > 0:
+                if o.request_id in last:
+                    gaps.extend([(now - last[o.request_id]) / new] * new)
+                last[o.request_id] = now
+                seen[o.request_id] = n
+    return gaps
+
+
+def cold_start(llm, names, prompt_len) -> list[dict]:
+    """Per model not resident now: time to first token of one request for it, and the swap counters."""
+    from crosspool_jax import SamplingParams
+
+    engine = llm.engine
+    out = []
+    for name in names:
+        if engine.stats().models[name]["resident"]:
+            continue
+        before = engine.registry.weights_stats()
+        prompts, _ = _prompts(llm, [name], 1, prompt_len, seed=hash(name) % 1000)
+        t0 = time.perf_counter()
+        engine.add_request(f"cold-{name}", name, {"prompt_token_ids": prompts[0]},
+                           SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        ttft = time.perf_counter() - t0
+        after = engine.registry.weights_stats()
+        row = {"model": name, "ttft_s": ttft, "swaps_in": after.swaps_in - before.swaps_in}
+        for field in ("swap_in_seconds", "swap_in_bytes"):
+            if hasattr(after, field):
+                row[field] = getattr(after, field) - getattr(before, field)
+        out.append(row)
+    return out
+
+
+def transfer_alone_seconds(llm, tokens_per_device: int, hidden: int, num_layers: int, microbatches: int) -> float:
+    """The step's exchanges without compute: 2 ppermutes per stage of [Tm, D] between each KV
+    device and weight device pair (p2p rounds), timed in one jitted scan."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+
+    from crosspool_jax.disagg.layout import AXIS
+    from crosspool_jax.disagg.pipeline import num_stages, p2p_rounds
+
+    layout = llm.engine.registry.arena.layout.first
+    n_kv, n_w = layout.n_kv, layout.n_w
+    mesh = layout.mesh()
+    Tm = -(-tokens_per_device // microbatches)
+    stages = num_stages(num_layers, microbatches)
+    rounds = p2p_rounds(n_kv, n_w)
+
+    def body(x_1TD):
+        def stage(x, _):
+            for pairs in rounds:
+                x = x + jax.lax.ppermute(x, AXIS, perm=[(k, n_kv + j) for k, j in pairs])
+                x = x + jax.lax.ppermute(x, AXIS, perm=[(n_kv + j, k) for k, j in pairs])
+            return x, None
+        return jax.lax.scan(stage, x_1TD, None, length=stages)[0]
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(AXIS), out_specs=PartitionSpec(AXIS),
+                               check_vma=False))
+    x = jax.device_put(jnp.zeros((n_kv + n_w, Tm, hidden), jnp.bfloat16),
+                       jax.sharding.NamedSharding(mesh, PartitionSpec(AXIS)))
+    fn(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    del functools
+    return statistics.median(times)
+
+
+def interconnect_gbps(llm, nbytes: int = 256 << 20) -> float:
+    """Device-to-device bandwidth of one ppermute from the first KV device to the first weight device."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+
+    from crosspool_jax.disagg.layout import AXIS
+
+    layout = llm.engine.registry.arena.layout.first
+    mesh = layout.mesh()
+    n = layout.n_kv + layout.n_w
+    fn = jax.jit(jax.shard_map(lambda x: jax.lax.ppermute(x, AXIS, perm=[(0, layout.n_kv)]), mesh=mesh,
+                               in_specs=PartitionSpec(AXIS), out_specs=PartitionSpec(AXIS), check_vma=False))
+    x = jax.device_put(jnp.ones((n, nbytes // 2), jnp.bfloat16), jax.sharding.NamedSharding(mesh, PartitionSpec(AXIS)))
+    fn(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def jax_itemsize(dtype: str) -> int:
+    import jax.numpy as jnp
+    return jnp.dtype(dtype).itemsize
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: int) -> dict:
+    from crosspool_jax import LLM
+
+    opts = engine_options(mode, n, n_kv, budget, sizes)
+    t0 = time.perf_counter()
+    llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=1, max_num_seqs=64,
+              max_num_batched_tokens=max(512, _PROMPT_LEN.value), **opts)
+    load_s = time.perf_counter() - t0
+    engine = llm.engine
+    names = engine.model_names
+    stats = engine.stats()
+    resident = [m for m in names if stats.models[m]["resident"]]
+    capacity = {m: engine.kv_manager.max_request_tokens(m) for m in names}
+    row = {"mode": mode, "options": {k: v for k, v in opts.items()}, "load_s": load_s,
+           "models_resident": len(resident), "models": len(names), "resident": resident,
+           "kv_pages_total": stats.kv_pages_total,
+           "kv_capacity_tokens_one_request": capacity}
+    per_model, prompt_len, max_tokens = _PER_MODEL.value, _PROMPT_LEN.value, _MAX_TOKENS.value
+    if not _QUICK.value:
+        decode_times(llm, names, per_model, prompt_len, 4, seed=1)         # compile every shape once
+    swaps0 = engine.registry.weights_stats()
+    gaps = decode_times(llm, names, per_model, prompt_len, max_tokens, seed=2)
+    swaps1 = engine.registry.weights_stats()
+    row.update(tbt_p50_ms=1e3 * _pct(gaps, 50), tbt_p99_ms=1e3 * _pct(gaps, 99), tbt_samples=len(gaps),
+               swaps_in_during_decode=swaps1.swaps_in - swaps0.swaps_in)
+    row["cold_start"] = cold_start(llm, names, prompt_len)
+    if mode == "crosspool" and engine.registry.arena is not None:
+        runner = engine.runner
+        config = engine.registry.get(names[0]).config
+        steps = {}
+        for exchange in ("p2p", "none"):
+            runner.exchange = exchange
+            if not _QUICK.value:
+                decode_times(llm, names[:1], per_model, prompt_len, 4, seed=3)
+            g = decode_times(llm, names[:1], per_model, prompt_len, max_tokens, seed=4)
+            steps[exchange] = statistics.median(g)
+        runner.exchange = "p2p"
+        tokens = -(-per_model // engine.registry.arena.layout.n_kv)
+        M = 2 if tokens >= 2 else 1
+        t_x = transfer_alone_seconds(llm, max(tokens, 1), config.hidden_size, config.num_layers, M)
+        exposed = steps["p2p"] - steps["none"]
+        from crosspool_jax.disagg.report import transfer_bytes
+        moved = transfer_bytes(n_kv=engine.registry.arena.layout.n_kv, n_w=engine.registry.arena.layout.n_w,
+                               tokens_per_device=max(tokens, 1), hidden=config.hidden_size,
+                               itemsize=jax_itemsize(_DTYPE.value), num_layers=config.num_layers, num_microbatches=M)
+        row["bytes_per_layer_busiest_device"] = moved.busiest_device_received
+        row.update(step_ms_one_model=1e3 * steps["p2p"], step_ms_no_transfer=1e3 * steps["none"],
+                   transfer_alone_ms=1e3 * t_x, hidden_fraction=max(0.0, min(1.0, 1 - exposed / t_x)) if t_x else None,
+                   interconnect_gbps=interconnect_gbps(llm), hidden_model=names[0])
+        row["bytes_per_layer_over_link_us"] = row["bytes_per_layer_busiest_device"] / (row["interconnect_gbps"] * 1e3)
+    del llm
+    import gc
+    gc.collect()
+    return row
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from crosspool_jax.engine.random_models import SHAPES, random_model_dirs
+    from crosspool_jax.models import ModelConfig
+
+    shapes = [s for s in _MODELS.value.split(",") if s]
+    folders = {}
+    for i, shape in enumerate(shapes):
+        folders[f"{shape}-{i}"] = random_model_dirs([shape])[shape]
+    configs = {name: ModelConfig.from_hf_dict(SHAPES[shape]) for name, shape in zip(folders, shapes)}
+    itemsize = jax.numpy.dtype(_DTYPE.value).itemsize
+    sizes = model_bytes(configs, itemsize)
+    n = len(jax.devices())
+    n_kv = _KV_DEVICES.value or max(1, n // 2)
+    budget = int(_DEVICE_GIB.value * GIB)
+    d = jax.devices()[0]
+    head = {"card": f"{d.platform}:{getattr(d, 'device_kind', '')} x{n}", "jax": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "device_gib": _DEVICE_GIB.value, "models": {k: shapes[i] for i, k in enumerate(folders)},
+            "model_gib": {k: (round(a / GIB, 3), round(f / GIB, 3)) for k, (a, f) in sizes.items()},
+            "prompt_len": _PROMPT_LEN.value, "max_tokens": _MAX_TOKENS.value,
+            "requests_per_model": _PER_MODEL.value, "crosspool_split": f"{n_kv}+{n - n_kv}"}
+    rows = []
+    for mode in [m for m in _MODES.value.split(",") if m]:
+        try:
+            rows.append(run_mode(mode, folders, sizes, n, n_kv, budget))
+        except Exception as e:                       # one mode failing must not lose the others
+            rows.append({"mode": mode, "error": f"{type(e).__name__}: {e}"})
+        print(json.dumps(rows[-1], default=str), flush=True)
+        if _OUT.value:                               # after every mode: a time limit keeps what ran
+            os.makedirs(_OUT.value, exist_ok=True)
+            with open(os.path.join(_OUT.value, "bench_modes.json"), "w") as f:
+                json.dump({"head": head, "rows": rows}, f, indent=1, default=str)
+    lines = [f"bench_modes: {head['card']}, JAX {head['jax']}, {head['date']}, {head['device_gib']} GiB per device, "
+             f"models {list(head['models'].values())}, {head['requests_per_model']} requests/model, "
+             f"prompt {head['prompt_len']}, {head['max_tokens']} new tokens, crosspool split {head['crosspool_split']}",
+             "", "| mode | models resident | KV tokens, one request (min over models) | TBT P50 ms | TBT P99 ms | "
+             "cold TTFT ms (mean) | swap-in s (mean) | transfer hidden |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | error: {r['error'][:120]} | | | | | | |")
+            continue
+        cold = r["cold_start"]
+        ttft = statistics.mean(c["ttft_s"] for c in cold) * 1e3 if cold else float("nan")
+        swap = (statistics.mean(c["swap_in_seconds"] for c in cold)
+                if cold and all("swap_in_seconds" in c for c in cold) else float("nan"))
+        hidden = r.get("hidden_fraction")
+        lines.append(f"| {r['mode']} | {r['models_resident']}/{r['models']} | "
+                     f"{min(r['kv_capacity_tokens_one_request'].values())} | {r['tbt_p50_ms']:.2f} | "
+                     f"{r['tbt_p99_ms']:.2f} | {ttft:.1f} | {swap:.3f} | "
+                     f"{'-' if hidden is None else f'{hidden:.2f}'} |")
+    table = "\n".join(lines)
+    print(table)
+    if _OUT.value:
+        with open(os.path.join(_OUT.value, "bench_modes.md"), "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
