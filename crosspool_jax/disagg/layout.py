@@ -392,7 +392,7 @@ def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: in
 def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, page_elems: Optional[int] = None,
                       dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
                       attention_pool_bytes: Optional[int] = None, weights_pool_bytes: Optional[int] = None,
-                      fill_pages: bool = False) -> MultiArenaLayout:
+                      fill_pages: bool = False, max_pages_per_device: Optional[int] = None) -> MultiArenaLayout:
     """Lay out several models (name -> ModelConfig) in one arena over n_kv + n_w devices.
 
     page_elems defaults to `kv.pool.choose_page_elems` over every model's K*H (the engine's
@@ -402,7 +402,8 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
     model there (all resident). The budget is exact: a weight row shorter than the KV rows
     keeps its tail unused rather than growing the region (else any budget below the KV rows'
     size would be no budget at all). fill_pages: when the weight rows are the longer role,
-    give the KV rows' spare tail to more pages (pages_per_device grows; the engine does).
+    give the KV rows' spare tail to more pages (pages_per_device grows; the engine does), up to
+    max_pages_per_device when given (the attention kernel's addressing limit).
     """
     devices = list(jax.devices() if devices is None else devices)
     _check_split(n_kv, n_w, pages_per_device, devices)
@@ -431,6 +432,8 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
                      kv_region, w_region)
     if fill_pages:
         more = _pages_that_fit(multi, page_elems, align)
+        if max_pages_per_device is not None:
+            more = min(more, max_pages_per_device)
         if more > pages_per_device:
             multi = _lay_out(configs, entries, n_kv, n_w, more, page_elems, dtype, devices, align, kv_region,
                              w_region, arena_elems=multi.arena_elems)

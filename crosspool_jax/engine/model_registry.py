@@ -47,6 +47,7 @@ from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.models import init_random_params
 from crosspool_jax.models.params import param_shapes
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
+from pallas_kernels.ragged_paged_attention.validation import max_pages_for_kernel
 from crosspool_jax.weights import WeightsPool, place_models, resolve_device_roles
 from crosspool_jax.weights.pool import ShardingFn
 
@@ -131,6 +132,12 @@ class ModelRegistry:
         for entry in self._entries.values():
             entry.tokens_per_page = tokens_per_page(page_elems, entry.config.num_kv_heads, entry.config.head_dim)
         layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
+        self.max_pages_per_device = self._kernel_page_cap(page_elems)
+        if self.max_pages_per_device is not None and layout.pages_per_device > self.max_pages_per_device:
+            log.warning("KV pool: %d pages per device exceed what the attention kernel addresses with 32-bit "
+                        "offsets; capped at %d pages (%.1f GiB of K+V per device)", layout.pages_per_device,
+                        self.max_pages_per_device, self.max_pages_per_device * layout.page_bytes / 2 ** 30)
+            layout = dataclasses.replace(layout, pages_per_device=self.max_pages_per_device)
         self.kv_layout = layout
         if self.disaggregated:
             self.kv_pool = None
@@ -149,7 +156,8 @@ class ModelRegistry:
                                          page_elems=layout.page_elems, dtype=self.config.dtype,
                                          devices=list(self.kv_devices) + list(self.weight_devices),
                                          attention_pool_bytes=self.config.attention_pool_bytes,
-                                         weights_pool_bytes=self.config.weights_pool_bytes, fill_pages=True)
+                                         weights_pool_bytes=self.config.weights_pool_bytes, fill_pages=True,
+                                         max_pages_per_device=self.max_pages_per_device)
         self.residency = build_residency({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()}, arena_layout)
         self.kv_layout = dataclasses.replace(layout, pages_per_device=arena_layout.pages_per_device)
         log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row, %d pages per KV device, "
@@ -157,6 +165,15 @@ class ModelRegistry:
                  arena_layout.pages_per_device,
                  {r: arena_layout.region(r) and arena_layout.region(r).num_slots for r in ("kv", "w")})
         return self.residency.arena
+
+    def _kernel_page_cap(self, page_elems: int) -> Optional[int]:
+        """Pages per KV device the Pallas attention kernel can address (None: the reference runs,
+        no limit). The kernels use 32-bit element offsets into one K or V operand."""
+        platform = self.kv_devices[0].platform
+        if self.attention_backend == "reference" or (self.attention_backend == "auto"
+                                                     and platform not in ("gpu", "tpu")):
+            return None
+        return max_pages_for_kernel(page_elems)
 
     def _place(self) -> dict[str, int]:
         """shared/static: each model on one device, greedy by weight bytes (`weights.place_models`),

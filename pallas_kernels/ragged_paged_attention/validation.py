@@ -72,10 +72,22 @@ def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
     return backend
 
 
+# The Pallas kernels address a K (or V) operand with 32-bit element offsets (JAX runs without
+# x64): one operand of more elements would wrap around and read the wrong keys. The engine
+# caps its pages per device below this (`max_pages_for_kernel`); the kernels refuse beyond it.
+KERNEL_MAX_OPERAND_ELEMS = 2 ** 31 - 1
+
+
+def max_pages_for_kernel(page_elems: int) -> int:
+    """Most pages of `page_elems` elements one K (or V) operand of the kernels can address."""
+    return KERNEL_MAX_OPERAND_ELEMS // int(page_elems)
+
+
 def kernel_supports(q_TNH, k_pages_PGKH) -> bool:
-    """Whether the Pallas kernels take this head dim and page size."""
+    """Whether the Pallas kernels take this head dim, page size and pool size."""
     H, G = q_TNH.shape[-1], k_pages_PGKH.shape[1]
-    return H in KERNEL_HEAD_DIMS and KERNEL_MIN_PAGE <= G <= KERNEL_MAX_PAGE and not G & (G - 1)
+    return (H in KERNEL_HEAD_DIMS and KERNEL_MIN_PAGE <= G <= KERNEL_MAX_PAGE and not G & (G - 1)
+            and k_pages_PGKH.size <= KERNEL_MAX_OPERAND_ELEMS)
 
 
 def validate_kernel_geometry(q_TNH, k_pages_PGKH, backend):
@@ -88,3 +100,7 @@ def validate_kernel_geometry(q_TNH, k_pages_PGKH, backend):
     if not KERNEL_MIN_PAGE <= G <= KERNEL_MAX_PAGE or G & (G - 1):
         raise ValueError(f"the {backend} kernel needs a power-of-two page size in "
                          f"[{KERNEL_MIN_PAGE}, {KERNEL_MAX_PAGE}], got {G}; use backend='reference'")
+    if k_pages_PGKH.size > KERNEL_MAX_OPERAND_ELEMS:
+        raise ValueError(f"the {backend} kernel addresses at most {KERNEL_MAX_OPERAND_ELEMS} elements per K/V "
+                         f"pages operand (32-bit offsets), got {k_pages_PGKH.size} "
+                         f"(shape {tuple(k_pages_PGKH.shape)}); use fewer pages or backend='reference'")

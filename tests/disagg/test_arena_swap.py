@@ -144,6 +144,8 @@ def test_spare_kv_row_becomes_pages():
     assert filled.arena_elems == tight.arena_elems
     assert filled.pages_per_device > 2 * tight.pages_per_device
     assert filled.used_elems("kv") <= filled.arena_elems
+    capped = make_multi_layout(configs, **kw, fill_pages=True, max_pages_per_device=5)   # the kernel's limit
+    assert capped.pages_per_device == 5 and capped.arena_elems == tight.arena_elems
     k, v = (filled.first.slot("kv", n) for n in ("pages/k_PX", "pages/v_PX"))
     assert k.offset + k.size <= v.offset and v.offset + v.size <= min(
         s.offset for n in NAMES for s in filled.model(n).kv_slots if not s.name.startswith("pages/"))

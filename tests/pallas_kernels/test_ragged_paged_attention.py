@@ -321,3 +321,20 @@ class TestGpuKernelCompiled:
             out = ragged_paged_attention_gpu(*args, sm_scale=H ** -0.5, config=config, **kw)
             kw["sm_scale"] = H ** -0.5
         assert_close(out, ragged_paged_attention_reference(*args, **kw), GPU_TOL[jnp.bfloat16])
+
+
+def test_kernels_refuse_pools_beyond_32_bit_offsets():
+    """One K/V operand of more than 2**31 - 1 elements would wrap the kernels' 32-bit offsets:
+    "auto" falls back to the reference, an explicit kernel backend raises naming the limit."""
+    from pallas_kernels.ragged_paged_attention.validation import (KERNEL_MAX_OPERAND_ELEMS, kernel_supports,
+                                                                   max_pages_for_kernel, validate_kernel_geometry)
+    q = jax.ShapeDtypeStruct((8, 32, 128), jnp.bfloat16)
+    page_elems = 16 * 8 * 128
+    fits = max_pages_for_kernel(page_elems)
+    assert fits * page_elems <= KERNEL_MAX_OPERAND_ELEMS < (fits + 1) * page_elems
+    ok = jax.ShapeDtypeStruct((fits, 16, 8, 128), jnp.bfloat16)
+    too_big = jax.ShapeDtypeStruct((fits + 1, 16, 8, 128), jnp.bfloat16)
+    assert kernel_supports(q, ok) and not kernel_supports(q, too_big)
+    validate_kernel_geometry(q, ok, "gpu")
+    with pytest.raises(ValueError, match="at most 2147483647 elements per K/V pages operand"):
+        validate_kernel_geometry(q, too_big, "gpu")
