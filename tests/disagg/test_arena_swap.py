@@ -2,7 +2,7 @@
 
 Three models on a 2+2 split with one weights slot and two attention slots: steps of every
 model in turn give the dense forward's logits while the models move between slots (one
-compiled program per model, the arena's buffers never change), a model in use is never
+compiled program per model shape, the arena's buffers never change), a model in use is never
 evicted, writes wait while a step holds the arena, budgets below the largest model are
 refused by name, and the KV rows' spare tail becomes pages.
 """
@@ -19,12 +19,13 @@ from crosspool_jax.disagg.residency import build_residency
 from crosspool_jax.weights import WeightsPoolBusyError
 from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, check_and_advance, make_seqs, model, next_chunks
 
-NAMES = ("qwen3_moe", "mixtral", "qwen2_moe")
+# two models of one shape (one compiled step program serves both, whatever slot) and Mixtral
+NAMES = ("qwen3_moe", "mixtral", "qwen3_moe_b")
 N_KV = N_W = 2
 
 
 def _models():
-    return {n: model(n, 5) for n in NAMES}
+    return {n: model(n.removesuffix("_b"), 6 if n.endswith("_b") else 5) for n in NAMES}
 
 
 PAGES = len(NAMES) * PAGES_PER_DEVICE      # each model's sequences take their own PAGES_PER_DEVICE
@@ -85,7 +86,7 @@ def test_steps_read_models_wherever_they_are_swapped_in():
         programs.append(disagg_step._cache_size())
     # the models really moved: some model ran from two different attention slots
     assert any(len({b[0] for b in s}) > 1 for s in seen_bases.values()), seen_bases
-    assert programs[0] == programs[-1], programs           # one program per model, whatever its slot
+    assert programs[0] == programs[-1], programs           # one program per model shape, whatever its slot
     stats = res.stats()
     assert stats["w"].swaps_in == 3 * 3 - 1 and stats["w"].swaps_out == 3 * 3 - 1
     assert stats["kv"].swaps_in > 0 and stats["kv"].bytes_swapped_in > 0 and stats["w"].swap_in_seconds > 0
