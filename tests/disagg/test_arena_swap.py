@@ -96,7 +96,8 @@ def test_steps_read_models_wherever_they_are_swapped_in():
 def test_in_use_model_is_never_evicted_and_taken_arena_defers_writes():
     models = _models()
     layout = _layout(models, w_slots=1, kv_slots=1)
-    res = build_residency({n: m[1:] for n, m in models.items()}, layout)
+    res = build_residency({n: m[1:] for n, m in models.items()}, layout, use_pinned_host=False)   # numpy copies
+    assert not res.pools["w"].pinned
     a, b = NAMES[0], NAMES[1]
     res.acquire(a)
     assert not res.prefetch(b)                              # the only slot is in use
