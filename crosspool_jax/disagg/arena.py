@@ -205,6 +205,11 @@ class Arena:
         self._array = array
 
     @property
+    def taken(self) -> bool:
+        """Whether a step holds the array now (between `take` and `put`)."""
+        return self._array is None
+
+    @property
     def array(self) -> jax.Array:
         if self._array is None:
             raise RuntimeError("Arena.array: the arena is taken by a step")

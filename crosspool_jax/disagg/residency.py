@@ -209,13 +209,12 @@ class ArenaResidency:
         (another thread), keep them for later unless `required`."""
         if not self._deferred:
             return
-        writes = [w for ws in self._deferred.values() for w in ws]
-        try:
-            write_rows(self.arena, writes)
-        except RuntimeError:
+        if self.arena.taken:
             if required:
-                raise
+                raise RuntimeError(f"the arena is held by a step; cannot write the swapped-in models "
+                                   f"{sorted({n for n, _ in self._deferred})} now")
             return
+        write_rows(self.arena, [w for ws in self._deferred.values() for w in ws])
         self._deferred.clear()
 
     def prefetch(self, name: str) -> bool:
