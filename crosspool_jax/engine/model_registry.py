@@ -161,9 +161,11 @@ class ModelRegistry:
         self.residency = build_residency({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()}, arena_layout)
         self.kv_layout = dataclasses.replace(layout, pages_per_device=arena_layout.pages_per_device)
         log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row, %d pages per KV device, "
-                 "model slots %s", arena_layout.n_kv, arena_layout.n_w, arena_layout.arena_elems,
-                 arena_layout.pages_per_device,
-                 {r: arena_layout.region(r) and arena_layout.region(r).num_slots for r in ("kv", "w")})
+                 "model slots %s; the weight rows' unused tail: %d elements per device (a budgeted "
+                 "weights region could grow by it at no memory cost)", arena_layout.n_kv, arena_layout.n_w,
+                 arena_layout.arena_elems, arena_layout.pages_per_device,
+                 {r: arena_layout.region(r) and arena_layout.region(r).num_slots for r in ("kv", "w")},
+                 arena_layout.arena_elems - arena_layout.used_elems("w"))
         return self.residency.arena
 
     def _kernel_page_cap(self, page_elems: int) -> Optional[int]:
