@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from crosspool_jax.disagg.arena import Arena, build_multi_arena, region_payloads
-from crosspool_jax.disagg.layout import ALIGN, ROLES, MultiArenaLayout, Region
+from crosspool_jax.disagg.layout import ALIGN, ROLES, MultiArenaLayout
 from crosspool_jax.weights.budget import LruBudget, WeightsPoolBusyError
 from crosspool_jax.weights.pool import WeightsPoolStats, supports_pinned_host
 
