@@ -130,16 +130,21 @@ def _one_model_budget(tree, sharding):
                for x in tree)
 
 
-def _arena_row(split: str, host: str, repeats: int) -> str:
-    """Swap-in of one model into a crosspool arena of two same-shaped models with one slot per role."""
-    from crosspool_jax.disagg.layout import make_multi_layout
-    from crosspool_jax.disagg.residency import build_residency
+def _arena_params():
+    """(config, host params) of `--arena_model`: drawn on the device (fast), fetched once."""
     from crosspool_jax.engine.random_models import SHAPES
     from crosspool_jax.models import ModelConfig, init_random_params
 
-    n_kv, n_w = (int(x) for x in split.split("+"))
     config = ModelConfig.from_hf_dict(SHAPES[FLAGS.arena_model])
-    params = init_random_params(config, jax.random.key(0), FLAGS.dtype)     # on the device: fast
+    return config, jax.device_get(init_random_params(config, jax.random.key(0), FLAGS.dtype))
+
+
+def _arena_row(split: str, host: str, repeats: int, config, params) -> str:
+    """Swap-in of one model into a crosspool arena of two same-shaped models with one slot per role."""
+    from crosspool_jax.disagg.layout import make_multi_layout
+    from crosspool_jax.disagg.residency import build_residency
+
+    n_kv, n_w = (int(x) for x in split.split("+"))
     configs = {"a": config, "b": config}
     probe = make_multi_layout(configs, n_kv=n_kv, n_w=n_w, pages_per_device=16, dtype=FLAGS.dtype)
     itemsize = np.dtype(jax.numpy.dtype(FLAGS.dtype)).itemsize
@@ -147,7 +152,6 @@ def _arena_row(split: str, host: str, repeats: int) -> str:
     layout = make_multi_layout(configs, n_kv=n_kv, n_w=n_w, pages_per_device=16, dtype=FLAGS.dtype,
                                attention_pool_bytes=budgets["kv"], weights_pool_bytes=budgets["w"])
     res = build_residency({"a": params, "b": params}, layout, use_pinned_host=host == "pinned")
-    del params
     names = iter(["b", "a"] * (2 * repeats + 2))
 
     def cold_acquire():
@@ -186,9 +190,10 @@ def arena_table() -> None:
           f"median of {FLAGS.repeats}")
     print(f"{'split':>6} {'host':>6} {'attn MiB':>9} {'ffn MiB':>9} {'acquire ms':>10} {'acq GB/s':>8} "
           f"{'landed ms':>10} {'prefetch':>9} {'wait ms':>9} {'swaps':>6}")
+    config, params = _arena_params()
     for split in FLAGS.arena_splits:
         for host in hosts:
-            print(_arena_row(split, host, FLAGS.repeats), flush=True)
+            print(_arena_row(split, host, FLAGS.repeats, config, params), flush=True)
     print("MiB: bytes one swap-in moves, over all rows of the role; acquire: cold acquire of the "
           "swapped-out model until the arena is written; landed: mean per-role wall time from a "
           "transfer's start until its data was on device (the registry's swap_in_seconds)")

@@ -284,9 +284,13 @@ def build_residency(params: Mapping[str, tuple], layout: MultiArenaLayout, *,
         if layout.region(role) is None:
             continue
         pool = RegionPool(layout, role, use_pinned_host=use_pinned_host)
+        made = {}                                # one checkpoint served under two names: packed once
         for name in layout.names:
             kv_params, ffn_params = params[name]
-            pool.register(name, region_payloads(kv_params, ffn_params, layout.model(name), role))
+            key = (id(kv_params), id(ffn_params), layout.model(name))
+            if key not in made:
+                made[key] = region_payloads(kv_params, ffn_params, layout.model(name), role)
+            pool.register(name, made[key])
         pools[role] = pool
     residency = ArenaResidency(arena, pools)
     with residency._lock:
