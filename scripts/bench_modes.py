@@ -70,24 +70,30 @@ def model_bytes(configs: dict, itemsize: int) -> dict:
 def engine_options(mode: str, n: int, n_kv: int, budget: int, sizes: dict) -> dict:
     """Engine options that give `mode` exactly `budget` bytes per device on n devices.
 
-    static/shared: the models are spread over the devices by the engine's placement; each
-    device gets a weights budget of what its share of the models needs (capped at 3/4 of the
-    device) and the rest for KV. crosspool: the weight devices' whole budget holds experts,
-    the KV devices hold the attention sides (capped at 1/4) and KV pages in the rest.
+    static/shared: the models are spread over the devices by the engine's placement (greedy by
+    bytes); each device's weights and attention pools get what its share of the models needs
+    (the largest models, as many as the busiest device holds), capped together at 3/4 of the
+    device, and the rest is KV. crosspool: the weight devices' whole budget holds expert
+    slots; the KV devices hold attention slots for every model (capped at 1/4 of a device;
+    a slot is the largest model's size, as disagg/residency.py lays them out) and KV pages
+    in the rest.
     """
     attn = sorted((a for a, _ in sizes.values()), reverse=True)
     ffn = sorted((f for _, f in sizes.values()), reverse=True)
     if mode in ("static", "shared"):
-        per_device = -(-len(sizes) // n)                       # models per device, the busiest one
-        need = sum(sorted((a + f for a, f in sizes.values()), reverse=True)[:per_device])
-        weights = min(need, budget * 3 // 4)
-        ffn_budget = min(sum(ffn[:per_device]), weights)
-        return dict(mode=mode, kv_devices=n, weight_devices=n, kv_pool_bytes=n * (budget - weights),
-                    weights_pool_bytes=max(ffn_budget, ffn[0]),
-                    attention_pool_bytes=max(weights - ffn_budget, attn[0]))
+        per_device = -(-len(sizes) // n)                       # models on the busiest device
+        want_ffn, want_attn = sum(ffn[:per_device]), sum(attn[:per_device])
+        scale = min(1.0, budget * 3 / 4 / (want_ffn + want_attn))
+        ffn_budget = max(int(want_ffn * scale), ffn[0])
+        attn_budget = max(int(want_attn * scale), attn[0])
+        return dict(mode=mode, kv_devices=n, weight_devices=n,
+                    kv_pool_bytes=n * (budget - ffn_budget - attn_budget),
+                    weights_pool_bytes=ffn_budget, attention_pool_bytes=attn_budget)
     n_w = n - n_kv
-    attention = max(min(sum(attn), budget // 4), attn[0])
-    return dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w, kv_pool_bytes=n_kv * (budget - attention),
+    slot = int(attn[0] * 1.02) + (1 << 20)                     # a slot: the largest side, aligned
+    attention = max(min(len(sizes) * slot * n_kv, n_kv * budget // 4), slot * n_kv)
+    return dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w,
+                kv_pool_bytes=n_kv * budget - attention,
                 weights_pool_bytes=max(n_w * budget, ffn[0]), attention_pool_bytes=attention)
 
 

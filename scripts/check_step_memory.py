@@ -1,11 +1,18 @@
 """Does a step program update the KV pool in place? Prints XLA's memory analysis of the
-ragged and multi-step decode programs beside the pool size.
+step programs beside the pool size.
 
     python scripts/check_step_memory.py --model mixtral-tiny=checkpoints/mixtral-tiny --kv_pool_bytes 536870912
+    python scripts/check_step_memory.py --random_config mixtral-8x7b-2l --crosspool_split 1+1 \
+        --kv_pool_bytes 8589934592 [--attention_backend reference]     (the disaggregated step)
 
-In place means alias ~= pool and temp << pool. (CPU, JAX 0.10.2, 2026-11-28: alias 512 MiB,
-temp ~1 MiB for a 512 MiB pool. On an H200 the server logged XLA "can't reduce memory use
-below 102 GiB" with a ~52 GiB pool: run this there to find which program copies the pool.)
+In place means alias ~= pool and temp << pool. Measured (2026-11-28, JAX 0.11.2, H200):
+ragged_step and multi_decode with a 4 GiB pool: alias 4096 MiB, temp 0.6-0.8 MiB (in place;
+the server's XLA "can't reduce memory below 102 GiB" warning is not a pool copy in them).
+The disaggregated step (mixtral-8x7b-2l, 1+1, 8 GiB pool): temp 8,224 MiB with the Pallas
+attention kernel (the pages region sliced out of the arena row is copied into the kernel's
+operand) and 2,698 MiB with the reference attention (about one layer's expert shard: the
+Pallas grouped-matmul operand, sliced out of the weight row, is copied). On CPU use
+--dtype float32: XLA's CPU backend computes bfloat16 in float32 and copies the row for that.
 """
 from __future__ import annotations
 
@@ -19,13 +26,20 @@ from absl import app, flags  # noqa: E402
 _MODEL = flags.DEFINE_multi_string("model", None, "NAME=PATH (default: the shipped models)")
 _KV = flags.DEFINE_integer("kv_pool_bytes", 512 << 20, "KV pool bytes")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
+_RANDOM = flags.DEFINE_string("random_config", None, "A random-weight model shape instead of --model "
+                              "(crosspool_jax/engine/random_models.py)")
+_ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu")
+_SPLIT = flags.DEFINE_string("crosspool_split", None, "KV+W devices (e.g. 1+1): check the disaggregated "
+                             "step instead; its arena row holds the pages (temp ~ pages means the step "
+                             "copies them, e.g. as a kernel operand)")
 
 
 def main(argv):
     del argv
     from crosspool_jax import LLM, SamplingParams
     from crosspool_jax.model_specs import models_from_specs
-    from crosspool_jax.engine import runner, step_program
+    from crosspool_jax.engine import disagg_runner, runner, step_program
+    from crosspool_jax.engine.random_models import random_model_dirs
 
     seen = {}
 
@@ -38,11 +52,22 @@ def main(argv):
 
     runner.ragged_step = capture("ragged_step", step_program.ragged_step)
     runner.multi_decode = capture("multi_decode", step_program.multi_decode)
-    llm = LLM(models_from_specs(_MODEL.value), dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=4)
+    pipeline = disagg_runner.disagg_pipeline
+    pipeline_step = pipeline.disagg_step
+    pipeline.disagg_step = capture("disagg_step", pipeline_step)
+    models = random_model_dirs([_RANDOM.value]) if _RANDOM.value else models_from_specs(_MODEL.value)
+    split = {}
+    if _SPLIT.value:
+        n_kv, n_w = (int(x) for x in _SPLIT.value.split("+"))
+        split = dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w)
+    llm = LLM(models, dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=4,
+              attention_backend=_ATTN.value, **split)
     name = llm.model_names[0]
     llm.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), model=name)
+    pipeline.disagg_step = pipeline_step
     mib = 2 ** 20
-    print(f"pool: {llm.engine.registry.kv_pool.nbytes / mib:.1f} MiB")
+    layout = llm.engine.registry.kv_layout
+    print(f"pool: {layout.num_pages * layout.page_bytes / mib:.1f} MiB over {layout.num_devices} KV device(s)")
     for prog, m in seen.items():
         print(f"{prog}: args {m.argument_size_in_bytes / mib:.1f} MiB, out {m.output_size_in_bytes / mib:.1f} MiB, "
               f"alias {m.alias_size_in_bytes / mib:.1f} MiB, temp {m.temp_size_in_bytes / mib:.1f} MiB")
