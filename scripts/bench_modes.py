@@ -168,8 +168,6 @@ def cold_start(llm, names, prompt_len) -> list[dict]:
 def transfer_alone_seconds(llm, tokens_per_device: int, hidden: int, num_layers: int, microbatches: int) -> float:
     """The step's exchanges without compute: 2 ppermutes per stage of [Tm, D] between each KV
     device and weight device pair (p2p rounds), timed in one jitted scan."""
-    import functools
-
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec
@@ -196,14 +194,7 @@ def transfer_alone_seconds(llm, tokens_per_device: int, hidden: int, num_layers:
                                check_vma=False))
     x = jax.device_put(jnp.zeros((n_kv + n_w, Tm, hidden), jnp.bfloat16),
                        jax.sharding.NamedSharding(mesh, PartitionSpec(AXIS)))
-    fn(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    del functools
-    return statistics.median(times)
+    return _median_seconds(fn, x)
 
 
 def interconnect_gbps(llm, nbytes: int = 256 << 20) -> float:
@@ -220,13 +211,18 @@ def interconnect_gbps(llm, nbytes: int = 256 << 20) -> float:
     fn = jax.jit(jax.shard_map(lambda x: jax.lax.ppermute(x, AXIS, perm=[(0, layout.n_kv)]), mesh=mesh,
                                in_specs=PartitionSpec(AXIS), out_specs=PartitionSpec(AXIS), check_vma=False))
     x = jax.device_put(jnp.ones((n, nbytes // 2), jnp.bfloat16), jax.sharding.NamedSharding(mesh, PartitionSpec(AXIS)))
+    return nbytes / _median_seconds(fn, x) / 1e9
+
+
+def _median_seconds(fn, x, repeats: int = 5) -> float:
+    """Median wall seconds of fn(x) until ready, after one call to compile."""
     fn(x).block_until_ready()
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn(x).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
 def jax_itemsize(dtype: str) -> int:

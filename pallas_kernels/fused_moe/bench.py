@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import functools
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.anchors import torch_copy_gbps
-from pallas_kernels.timing import time_step
+from pallas_kernels.timing import time_calls, time_step
 from pallas_kernels.fused_moe import tuning
 from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
 from pallas_kernels.fused_moe.reference import fused_moe_reference, route_topk
@@ -44,16 +43,7 @@ SWEEP = [(64, 128, 4, 3), (128, 128, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (12
 
 def _time(f, *args, inner: int = 10, reps: int = 5) -> float:
     """Median seconds per call; `inner` calls dispatched back to back per sample."""
-    for _ in range(2):
-        jax.block_until_ready(f(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+    return time_calls(f, *args, inner=inner, reps=reps)
 
 
 class _Rows:
