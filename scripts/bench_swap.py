@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
@@ -87,11 +88,12 @@ def _row(size_mib, host, tree, sharding, repeats):
         if pinned:
             jax.block_until_ready([jax.device_put(d, host_sharding) for d in dev_tree])
         else:
-            jax.device_get(dev_tree)
+            # a fresh device array each time: jax caches an array's numpy copy after the first
+            # device_get, which would time nothing (adds a device-side copy, ~1% of the transfer)
+            jax.device_get([jnp.copy(d) for d in dev_tree])
 
     t_h2d = _median_seconds(h2d, repeats)
     t_d2h = _median_seconds(d2h, repeats)
-    del dev_tree
 
     # through the pool: budget for one model, two models alternate -> each acquire swaps
     pool = WeightsPool(_one_model_budget(tree, sharding), lambda m, p, s: sharding,

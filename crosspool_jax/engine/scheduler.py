@@ -295,8 +295,10 @@ class Scheduler:
     def _capacity_note(self, model: str) -> str:
         left = self.kv.quota_left(model)
         cap = "" if left is None else f", the model's max_pages {left + self.kv.pages_used_by_model()[model]}"
-        return (f"(at most {self.kv.max_request_tokens(model)} tokens of this model; "
-                f"{self.kv.allocator.num_total} pages in the pool{cap})")
+        device = self.kv.pinned_device(model)
+        where = (f"{self.kv.allocator.num_total} pages in the pool" if device is None else
+                 f"{self.kv.allocator.pages_per_device} pages on KV device {device}, where the model is placed")
+        return f"(at most {self.kv.max_request_tokens(model)} tokens of this model; {where}{cap})"
 
     def _preempt(self, request: Request) -> None:
         self._running.remove(request)

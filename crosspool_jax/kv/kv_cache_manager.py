@@ -158,6 +158,10 @@ class KVCacheManager:
     def models(self) -> list[str]:
         return list(self._geometries)
 
+    def pinned_device(self, model: str) -> Optional[int]:
+        """The KV device the model is pinned to (`register_model(device=)`), or None."""
+        return self._pinned[self.geometry(model).name]
+
     def max_request_tokens(self, model: str) -> int:
         """Most tokens one sequence of `model` could ever hold if it had the whole pool (or its
         whole max_pages)."""

@@ -236,6 +236,7 @@ def test_static_refuses_a_context_that_shared_serves_on_two_devices(model_dirs, 
     want = shared.generate([prompt], GREEDY, model="qwen3_moe")[0].outputs[0].token_ids
     assert outs["shared"].error is None and outs["shared"].outputs[0].token_ids == want
     assert "of model 'qwen3_moe'" in outs["static"].error and "max_pages 6" in outs["static"].error
+    assert "12 pages on KV device 1, where the model is placed" in outs["static"].error
 
 
 def test_placed_modes_refuse_impossible_options(model_dirs):

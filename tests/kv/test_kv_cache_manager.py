@@ -74,6 +74,7 @@ def test_pinned_model_uses_only_its_device():
     kv.register_model(ModelKVGeometry("b", 2, 4, 256))
     with pytest.raises(ValueError, match="device must be a KV device index in \\[0, 3\\)"):
         kv.register_model(ModelKVGeometry("c", 2, 4, 64), device=3)
+    assert kv.pinned_device("a") == 2 and kv.pinned_device("b") is None
     # pinned: one device's pages at most, whatever the placement ("spread" here)
     assert kv.max_request_tokens("a") == 6 * 4 and kv.max_request_tokens("b") == 3 * 6 * 4
     r = req("r", "a", [rng.randrange(1, 100) for _ in range(20)])     # 5 blocks = 10 pages
