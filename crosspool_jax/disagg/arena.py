@@ -2,10 +2,12 @@
 
 `build_arena(kv_params, ffn_params, layout)` packs a model's parameter pytrees (as
 `models.init_random_params` or `checkpoints.load_model` give them) into per-device host rows
--- the attention side and zeroed KV pages on each KV device, each weight device's expert
-shard -- and places them with one `jax.device_put` of the rows, assembled into the global
-`[num_devices, arena_elems]` array sharded over "dev". `expert_shard` is the one place that
-says which experts and hidden columns weight device j holds. `build_multi_arena` packs several
+-- the attention side and zeroed KV pages on each KV device, each weight device's FFN shards
+(experts of the MoE layers, its block of F of the dense layers) -- and places them with one
+`jax.device_put` of the rows, assembled into the global `[num_devices, arena_elems]` array
+sharded over "dev". `expert_shard` is the one place that says which experts and hidden
+columns weight device j holds; `_tp_shard` the one split over F of a shared expert or a dense
+layer. `build_multi_arena` packs several
 models into one arena (a `MultiArenaLayout`); `Arena` owns the live array between steps.
 A budgeted role's region (`layout.Region`) is left zero by the builder: `region_payloads`
 gives one model's content of that region per row, which `disagg/residency.py` writes into
@@ -39,6 +41,15 @@ def _gate_up_columns(w_DF2: np.ndarray, cols: slice) -> np.ndarray:
     return np.concatenate([w_DF2[..., cols], w_DF2[..., F:][..., cols]], axis=-1)
 
 
+def _tp_shard(w1_LDF2: np.ndarray, w2_LFD: np.ndarray, n_w: int, w_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """A SwiGLU FFN split tensor-parallel over all n_w weight devices: weight device `w_index`'s
+    contiguous block of F (its [gate | up] columns of w1, its rows of w2). The shared expert and
+    the dense FFN layers use it; the partial outputs sum to the full FFN."""
+    F_loc = w2_LFD.shape[1] // n_w
+    cols = slice(w_index * F_loc, (w_index + 1) * F_loc)
+    return _gate_up_columns(w1_LDF2, cols), w2_LFD[:, cols]
+
+
 def weight_device_leaves(moe: dict, layout: ArenaLayout, w_index: int) -> dict:
     """The moe leaves as weight device `w_index` stores them (its shard; replicated leaves whole)."""
     E, F = moe["w1_LEDF2"].shape[1], moe["w2_LEFD"].shape[2]
@@ -47,10 +58,15 @@ def weight_device_leaves(moe: dict, layout: ArenaLayout, w_index: int) -> dict:
     out["w1_LEDF2"] = _gate_up_columns(out["w1_LEDF2"][:, experts], cols)
     out["w2_LEFD"] = out["w2_LEFD"][:, experts, cols]
     if "shared_w1_LDF2" in out:
-        Fs_loc = out["shared_w2_LFD"].shape[1] // layout.n_w
-        s_cols = slice(w_index * Fs_loc, (w_index + 1) * Fs_loc)
-        out["shared_w1_LDF2"] = _gate_up_columns(out["shared_w1_LDF2"], s_cols)
-        out["shared_w2_LFD"] = out["shared_w2_LFD"][:, s_cols]
+        out["shared_w1_LDF2"], out["shared_w2_LFD"] = _tp_shard(out["shared_w1_LDF2"], out["shared_w2_LFD"],
+                                                                layout.n_w, w_index)
+    return out
+
+
+def dense_device_leaves(dense: dict, layout: ArenaLayout, w_index: int) -> dict:
+    """The dense FFN leaves as weight device `w_index` stores them (its block of F; norm whole)."""
+    out = {name: np.asarray(a) for name, a in dense.items()}
+    out["w1_LDF2"], out["w2_LFD"] = _tp_shard(out["w1_LDF2"], out["w2_LFD"], layout.n_w, w_index)
     return out
 
 
@@ -80,18 +96,21 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def _role_leaves(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: str) -> list[dict]:
     """The flat leaves each row of a role stores: the attention side (the same dict for every KV
-    row) or weight device j's expert shard."""
+    row) or weight device j's FFN shards (MoE and dense stacks)."""
     if role == "kv":
         return [_flat({k: kv_params[k] for k in ("embed", "attn", "final")})] * layout.n_kv
-    if set(ffn_params) != {"moe"}:
-        raise ValueError(f"build_arena: ffn_params must hold only 'moe' stacks, got {sorted(ffn_params)}")
-    host_moe = {k: np.asarray(v) for k, v in ffn_params["moe"].items()}
-    return [_flat({"moe": weight_device_leaves(host_moe, layout, j)}) for j in range(layout.n_w)]
+    kinds = sorted({s.name.split("/", 1)[0] for s in layout.w_slots})
+    if sorted(ffn_params) != kinds:
+        raise ValueError(f"build_arena: ffn_params must hold the stacks {kinds} of the layout, "
+                         f"got {sorted(ffn_params)}")
+    host = {kind: {k: np.asarray(v) for k, v in ffn_params[kind].items()} for kind in kinds}
+    shard = {"moe": weight_device_leaves, "dense": dense_device_leaves}
+    return [_flat({kind: shard[kind](host[kind], layout, j) for kind in kinds}) for j in range(layout.n_w)]
 
 
 def _fill_model(rows: list, kv_params: dict, ffn_params: dict, layout: ArenaLayout,
                 roles: tuple = ("kv", "w")) -> None:
-    """Write one model's attention side into every KV row and its expert shards into the weight
+    """Write one model's attention side into every KV row and its FFN shards into the weight
     rows (only the given roles; the pages region is never touched on the host)."""
     for role in roles:
         first = 0 if role == "kv" else layout.n_kv
@@ -178,7 +197,7 @@ def build_arena(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> jax.A
 
 def build_multi_arena(params: Mapping[str, tuple], layout: MultiArenaLayout) -> jax.Array:
     """The arena of several models (name -> (kv_params, ffn_params)): shared KV pages, each
-    model's attention side on every KV device, its expert shard on each weight device. A budgeted
+    model's attention side on every KV device, its FFN shards on each weight device. A budgeted
     role's region is left zero (disagg/residency.py fills its slots)."""
     ends = {r: 0 if layout.region(r) is not None else layout.used_elems(r) for r in ROLES}
     return _place(multi_host_rows(params, layout), layout.first, _spans(layout.first, ends["kv"], ends["w"]))

@@ -7,10 +7,12 @@ contents depend on its device's role:
 
     KV device row:      pages/k_PX | pages/v_PX | embed/... | attn/... (all L) | final/...
     weight device row:  moe/norm_LD | moe/router_LDE | moe/w1_LEDF2 (local shard) | moe/w2_LEFD ...
+                        | dense/norm_LD | dense/w1_LDF2 (local shard) | dense/w2_LFD (local shard)
 
 so nothing is stored twice except the (small) attention side, replicated on each KV device,
-and the router and FFN norm, replicated on each weight device. `arena_elems` is the max of
-the two roles' sizes (a KV device's row is mostly KV pages).
+and the routers and FFN norms, replicated on each weight device. A model's MoE layers and
+dense layers (`config.ffn_kind(l)`) are two stacks, each in its own slots. `arena_elems` is
+the max of the two roles' sizes (a KV device's row is mostly KV pages).
 
 Sharding rule of the experts over the `n_w` weight devices (one rule, both cases):
 `ep = gcd(E, n_w)` expert-parallel groups of `E / ep` experts each, and inside each group
@@ -18,11 +20,14 @@ Sharding rule of the experts over the `n_w` weight devices (one rule, both cases
 Weight device j holds experts `[(j // tp) * E/ep, ...)` and hidden columns
 `[(j % tp) * F/tp, ...)` of each. E a multiple of n_w gives pure expert parallelism; E = 1
 (or coprime to n_w) gives pure tensor parallelism. A shared expert (Qwen2-MoE) is split
-tensor-parallel over all n_w devices (Fs % n_w must be 0).
+tensor-parallel over all n_w devices (Fs % n_w must be 0), and so is a dense FFN layer
+(F = intermediate_size split in n_w contiguous blocks, gate and up columns kept aligned;
+F % n_w must be 0).
 
 Several models share one arena (`make_multi_layout`): ONE pages region (page_elems common to
 all, as the engine's `choose_page_elems` picks), then each model's attention side under
-"<model>/..." in the KV rows and its expert shard under "<model>/moe/..." in the weight rows.
+"<model>/..." in the KV rows and its FFN shards under "<model>/moe/..." (and "<model>/dense/..."
+for dense layers) in the weight rows.
 `MultiArenaLayout.model(name)` is that model's `ArenaLayout` view (its slots, prefix dropped).
 
 KV pages come first in a KV row (offset 0) so that the row viewed as `[rows, K*H]` addresses
@@ -225,27 +230,35 @@ def expert_split(num_experts: int, n_w: int) -> tuple[int, int]:
 
 def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]:
     """(attention-side entries, weight-row entries, ep, tp) of one model; raises for models the
-    disaggregated step does not support."""
+    disaggregated step does not support. Weight rows: the MoE layers' leaves ("moe/...",
+    experts split by `expert_split`) and the dense layers' ("dense/...", F split over all n_w);
+    ep, tp = (1, n_w) for a model without MoE layers."""
     c = config
-    if c.ffn_kinds != ("moe",):
-        raise ValueError(f"disaggregated step supports models whose every layer is MoE; "
-                         f"{c.architecture} has FFN kinds {c.ffn_kinds}")
-    E, F, Fs = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
-    ep, tp = expert_split(E, n_w)
-    if F % tp:
-        raise ValueError(f"moe_intermediate_size F={F} must be divisible by the tensor-parallel ways "
-                         f"tp = n_w / gcd(E, n_w) = {tp} (E={E}, n_w={n_w})")
-    if Fs and Fs % n_w:
-        raise ValueError(f"shared_expert_intermediate_size {Fs} must be divisible by n_w={n_w}")
     kv_shapes, ffn_shapes = param_shapes(c)
     kv_entries = []
     for group in ("embed", "attn", "final"):
         kv_entries += [(f"{group}/{leaf}", shape) for leaf, shape in kv_shapes[group].items()]
-    Lm, D = c.num_layers, c.hidden_size
-    local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
-    if Fs:
-        local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
-    w_entries = [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()]
+    D, w_entries, (ep, tp) = c.hidden_size, [], (1, n_w)
+    if "moe" in ffn_shapes:
+        E, F, Fs = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+        ep, tp = expert_split(E, n_w)
+        if F % tp:
+            raise ValueError(f"moe_intermediate_size F={F} must be divisible by the tensor-parallel ways "
+                             f"tp = n_w / gcd(E, n_w) = {tp} (E={E}, n_w={n_w})")
+        if Fs and Fs % n_w:
+            raise ValueError(f"shared_expert_intermediate_size {Fs} must be divisible by n_w={n_w}")
+        Lm = c.num_layers_of_kind("moe")
+        local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
+        if Fs:
+            local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
+        w_entries += [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()]
+    if "dense" in ffn_shapes:
+        F, Ld = c.intermediate_size, c.num_layers_of_kind("dense")
+        if F % n_w:
+            raise ValueError(f"intermediate_size F={F} of the dense FFN layers must be divisible by the "
+                             f"weight devices n_w={n_w} (split tensor-parallel over F)")
+        local = {"w1_LDF2": (Ld, D, 2 * F // n_w), "w2_LFD": (Ld, F // n_w, D)}
+        w_entries += [(f"dense/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["dense"].items()]
     return kv_entries, w_entries, ep, tp
 
 
@@ -285,16 +298,16 @@ def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: i
 class MultiArenaLayout:
     """The arena of several models: ONE shared pages region in every KV row, then each model's
     attention side (slots "<model>/embed/...", "<model>/attn/...", "<model>/final/..."); each
-    weight row holds every model's expert shard ("<model>/moe/..."). `model(name)` is that
+    weight row holds every model's FFN shards ("<model>/moe/...", "<model>/dense/..."). `model(name)` is that
     model's view: an `ArenaLayout` over the same rows whose slots are the shared pages and the
     model's own slots with the prefix dropped, so one step program per model reads only its slots.
-    A role with a `Region` (kv_region: attention sides, w_region: expert shards) holds only
+    A role with a `Region` (kv_region: attention sides, w_region: FFN shards) holds only
     `num_slots` models at a time and every model's view sits in its slot 0 (see `bind`).
     """
 
     models: tuple                 # ((name, ArenaLayout), ...) in registration order
     kv_region: Optional[Region] = None     # None: every model's attention side packed, resident
-    w_region: Optional[Region] = None      # None: every model's expert shards packed, resident
+    w_region: Optional[Region] = None      # None: every model's FFN shards packed, resident
 
     def __post_init__(self):
         if not self.models:
@@ -398,7 +411,7 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
     page_elems defaults to `kv.pool.choose_page_elems` over every model's K*H (the engine's
     choice). Raises ValueError naming the model for one the disaggregated step cannot run.
     attention_pool_bytes / weights_pool_bytes: budgets (device bytes over the role's devices)
-    of the KV rows' attention region and the weight rows' expert region; None packs every
+    of the KV rows' attention region and the weight rows' FFN region; None packs every
     model there (all resident). The budget is exact: a weight row shorter than the KV rows
     keeps its tail unused rather than growing the region (else any budget below the KV rows'
     size would be no budget at all). fill_pages: when the weight rows are the longer role,
@@ -427,7 +440,7 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
                                "attention side (replicated on every KV device)")
     w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes",
                               {n: _extent(e[1]) for n, e in entries.items()}, n_w, itemsize, 0,
-                              "expert shards over the weight devices")
+                              "FFN shards over the weight devices")
     multi = _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
                      kv_region, w_region)
     if fill_pages:

@@ -5,8 +5,9 @@ over the 1D mesh axis "dev" (KV devices first, then weight devices; layout.py). 
 sees its own arena row and its role (`axis_index("dev") < n_kv`). KV devices own sequences
 (data-parallel: a sequence's pages are on one KV device) and run embedding, attention (K/V
 written into their local pages, `ragged_paged_attention` over them) and the final
-norm and lm head; weight devices run each layer's MoE FFN for all KV devices' tokens with
-their expert shard only. Hidden states cross between the roles by an exchange that every
+norm and lm head; weight devices run each layer's FFN for all KV devices' tokens with
+their shard only (a MoE layer: their experts / block of F; a dense layer: their block of F;
+which one by the model's static kind table, `_ffn_partial`). Hidden states cross between the roles by an exchange that every
 device executes (collectives stay outside the role `lax.cond`s):
 
     to_weights(h)   attention outputs of every KV device -> every weight device's inbox
@@ -160,14 +161,52 @@ def _swiglu_f32(x_TD, w1_DF2, w2_FD):
 
 
 def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference"):
-    """Weight device: this device's share of one MoE layer's output (no residual), float32.
+    """Weight device: this device's share of layer `layer`'s FFN output (no residual), float32;
+    the sum over the weight devices is the full FFN output.
+
+    A model with one FFN kind reads that stack at `layer` (a MoE-only model compiles exactly as
+    without dense support); a model mixing kinds picks the branch and the index into its stack
+    by two small static int32 tables indexed with the traced layer (`config.ffn_kind`,
+    `config.ffn_index`) under one `lax.switch`, which only reads the arena row (never returns it).
+    """
+    c = config
+    partial = {"moe": _moe_partial, "dense": _dense_partial}
+    kinds = c.ffn_kinds
+    if len(kinds) == 1:
+        return partial[kinds[0]](row_X, h_TD, layer, w_index, layout, c, backend)
+    L = c.num_layers
+    kind_L = jnp.asarray([kinds.index(c.ffn_kind(l)) for l in range(L)], jnp.int32)
+    index_L = jnp.asarray([c.ffn_index(l) for l in range(L)], jnp.int32)
+    index = index_L[layer]
+    branches = [functools.partial(partial[k], row_X, index=index, w_index=w_index, layout=layout, config=c,
+                                  backend=backend) for k in kinds]
+    return jax.lax.switch(kind_L[layer], branches, h_TD)
+
+
+def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
+    """The weight row's `kind` ("moe" / "dense") leaves of one layer: entry `index` of each stack."""
+    prefix = f"{kind}/"
+    return {s.name[len(prefix):]: layout.view(row_X, "w", s.name)[index]
+            for s in layout.w_slots if s.name.startswith(prefix)}
+
+
+def _dense_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str):
+    """Weight device: its block of F of dense layer `index` (of the dense stack) applied to the
+    normed input; float32. FFN norm replicated, [gate | up] and down split over F (arena._tp_shard)."""
+    p = _stack_params(row_X, "dense", index, layout)
+    x_TD = rms_norm(h_TD, p["norm_LD"], config.rms_norm_eps)
+    return _swiglu_f32(x_TD, p["w1_LDF2"], p["w2_LFD"])
+
+
+def _moe_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str):
+    """Weight device: this device's share of MoE layer `index` (of the MoE stack), float32.
 
     Routing over all E experts (router replicated), then only the (token, k) pairs routed to
     the local experts go through the local [gate|up] / down shards; the sum over the weight
     devices is the full MoE output (and shared expert).
     """
     c = config
-    p = {s.name[len("moe/"):]: layout.view(row_X, "w", s.name)[layer] for s in layout.w_slots}
+    p = _stack_params(row_X, "moe", index, layout)
     x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
     router_logits_TE = x_TD @ p["router_LDE"]
     weights_TK, ids_TK = route_topk(router_logits_TE, c.top_k, renormalize=c.norm_topk_prob)

@@ -5,11 +5,11 @@ weights_pool_bytes=)`), that role's rows hold a `Region` of equal slots instead 
 model (layout.py). `ArenaResidency` owns the `Arena` and, per budgeted role, a `RegionPool`:
 
 - every model's content of the region (the attention side for the KV rows, each weight
-  device's expert shard for the weight rows: `arena.region_payloads`) is kept on the host
-  for the whole run, in "pinned_host" memory of each row's device where the platform has it
-  (`weights.pool.supports_pinned_host`; one copy per KV device for the replicated attention
-  side), numpy arrays otherwise; eviction therefore only frees the slot (nothing is copied
-  back: parameters never change);
+  device's FFN shards, of its MoE and dense layers, for the weight rows:
+  `arena.region_payloads`) is kept on the host for the whole run, in "pinned_host" memory
+  of each row's device where the platform has it (`weights.pool.supports_pinned_host`; one
+  copy per KV device for the replicated attention side), numpy arrays otherwise; eviction
+  therefore only frees the slot (nothing is copied back: parameters never change);
 - which model to evict is the JAX-free `weights.budget.LruBudget` (each model costs one slot;
   models in use by a step are pinned and never chosen);
 - a swap-in starts the host->device transfer of each row's payload (asynchronous), then writes

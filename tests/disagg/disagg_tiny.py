@@ -1,4 +1,4 @@
-"""Tiny MoE models and a host-side sequence driver shared by the disagg tests."""
+"""Tiny MoE models (one with a dense FFN layer) and a host-side sequence driver shared by the disagg tests."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +27,10 @@ MIXTRAL = {
     "architectures": ["MixtralForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 3,
     "num_experts_per_tok": 2, "rope_theta": 1e4, "rms_norm_eps": 1e-5, "sliding_window": 6}
-CONFIGS = {"qwen3_moe": QWEN3_MOE, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
+# Qwen2-MoE with a dense FFN layer between two MoE layers (mlp_only_layers): kinds moe, dense,
+# moe, so layer 2 is entry 1 of the MoE stack; dense F = 32 splits over 1, 2 or 4 weight devices
+QWEN2_MOE_DENSE = dict(QWEN2_MOE, num_hidden_layers=3, mlp_only_layers=[1], intermediate_size=32)
+CONFIGS = {"qwen3_moe": QWEN3_MOE, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL, "qwen2_moe_dense": QWEN2_MOE_DENSE}
 
 PAGE_ELEMS = 4 * 16          # G = 4 tokens per page for K*H = 16
 PAGES_PER_DEVICE = 32

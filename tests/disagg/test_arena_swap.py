@@ -93,6 +93,45 @@ def test_steps_read_models_wherever_they_are_swapped_in():
     assert _pointers(res.arena) == pointers                 # written in place: never a new arena buffer
 
 
+def test_dense_layers_swap_in_with_their_model():
+    """Two models with a dense FFN layer (different weights, one shape) share one weights slot:
+    each step swaps the other in (its dense shards with its experts) and gives the dense forward."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
+    models = {"a": model("qwen2_moe_dense", 7), "b": model("qwen2_moe_dense", 8)}
+    layout = _layout(models, w_slots=1, kv_slots=1)
+    region = layout.w_region
+    for n in models:                      # the dense shards sit in the swapped region
+        dense = [s for s in layout.model(n).w_slots if s.name.startswith("dense/")]
+        assert len(dense) == 3 and all(region.start <= s.offset and s.offset + s.size <= region.offset(0)
+                                       + region.slot_elems for s in dense)
+    res = build_residency({n: m[1:] for n, m in models.items()}, layout)
+    seqs = {}
+    for i, n in enumerate(models):
+        config = models[n][0]
+        seqs[n] = make_seqs(rng, N_KV, config.num_layers, config.vocab_size, G=layout.model(n).tokens_per_page,
+                            max_seqs=2)
+        for s in seqs[n]:
+            s.page_table = s.page_table + i * PAGES_PER_DEVICE
+    for step in range(2):
+        for n in models:
+            config, kv, ffn = models[n]
+            chunks, owners = next_chunks(seqs[n], N_KV, max_chunk=5)
+            inputs, logit_rows = build_disagg_inputs(chunks, layout=layout.model(n), num_layers=config.num_layers,
+                                                     num_microbatches=2, min_tokens=16, min_seqs=4)
+            bases = res.acquire(n)
+            try:
+                out, logits = disagg_step(res.arena.take(), inputs, layout=layout.model(n), config=config,
+                                          num_microbatches=2, bases=bases)
+                res.arena.put(out)
+            finally:
+                res.release(n)
+            err = check_and_advance(logits, owners, logit_rows, rng, config, kv, ffn)
+            assert err < 1e-5, f"{n} step {step}: relative error {err}"
+    assert res.stats()["w"].swaps_in == 2 * 2 - 1
+
+
 def test_in_use_model_is_never_evicted_and_taken_arena_defers_writes():
     models = _models()
     layout = _layout(models, w_slots=1, kv_slots=1)
@@ -125,7 +164,7 @@ def test_budget_below_the_largest_model_is_refused():
     configs = {n: m[0] for n, m in models.items()}
     need = N_W * _slot_elems(models, "w") * 4
     with pytest.raises(ValueError, match=f"weights_pool_bytes={need - 1} is smaller than the largest model's "
-                                         "expert shards over the weight devices: model 'qwen3_moe' needs"):
+                                         "FFN shards over the weight devices: model 'qwen3_moe' needs"):
         make_multi_layout(configs, n_kv=N_KV, n_w=N_W, pages_per_device=8, page_elems=PAGE_ELEMS,
                           weights_pool_bytes=need - 1)
     with pytest.raises(ValueError, match="attention_pool_bytes=0 is smaller than the largest model's attention"):

@@ -67,6 +67,34 @@ def test_rows_hold_the_right_values_and_shards_reassemble():
     assert rows[2:].min() > -50 and (rows[2:] > 50).any()
 
 
+def test_dense_layers_are_split_over_f_and_reassemble():
+    """A model with dense and MoE layers: each weight row holds its contiguous block of the dense
+    F ([gate | up] aligned, down rows), the dense FFN norm whole; the blocks give back the stack."""
+    config, kv, ffn = model("qwen2_moe_dense", 2)      # layers moe, dense, moe; dense F = 32
+    n_w, F, D = 4, config.intermediate_size, config.hidden_size
+    layout = make_layout(config, n_kv=2, n_w=n_w, pages_per_device=8, page_elems=PAGE_ELEMS)
+    assert layout.slot("w", "dense/w1_LDF2").shape == (1, D, 2 * F // n_w)
+    assert layout.slot("w", "dense/w2_LFD").shape == (1, F // n_w, D)
+    assert layout.slot("w", "moe/w1_LEDF2").shape[0] == 2              # the MoE stack: 2 layers
+    assert not [s for s in layout.kv_slots if s.name.startswith(("moe/", "dense/"))]
+    spans = sorted((s.offset, s.offset + s.size) for s in layout.w_slots)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    rows = np.asarray(build_arena(kv, ffn, layout))
+    gate, up, w2 = [], [], []
+    for j in range(n_w):
+        row = rows[2 + j]
+        w1_j = layout.view(row, "w", "dense/w1_LDF2")
+        gate.append(w1_j[..., :F // n_w])
+        up.append(w1_j[..., F // n_w:])
+        w2.append(layout.view(row, "w", "dense/w2_LFD"))
+        np.testing.assert_array_equal(layout.view(row, "w", "dense/norm_LD"), ffn["dense"]["norm_LD"])
+        np.testing.assert_array_equal(layout.view(row, "w", "moe/router_LDE"), ffn["moe"]["router_LDE"])
+    np.testing.assert_array_equal(np.concatenate(gate + up, axis=-1), ffn["dense"]["w1_LDF2"])
+    np.testing.assert_array_equal(np.concatenate(w2, axis=1), ffn["dense"]["w2_LFD"])
+    with pytest.raises(ValueError, match=r"ffn_params must hold the stacks \['dense', 'moe'\]"):
+        build_arena(kv, {"moe": ffn["moe"]}, layout)
+
+
 def test_expert_split_rule():
     assert expert_split(8, 4) == (4, 1)      # expert-parallel
     assert expert_split(3, 4) == (1, 4)      # tensor-parallel over F
@@ -97,9 +125,11 @@ def test_unsplittable_models_raise():
     bad_f = ModelConfig.from_hf_dict(dict(QWEN3_MOE, num_experts=3, moe_intermediate_size=10))
     with pytest.raises(ValueError, match="moe_intermediate_size F=10 must be divisible"):
         make_layout(bad_f, n_kv=2, n_w=4, pages_per_device=4)
-    mixed = ModelConfig.from_hf_dict(dict(QWEN3_MOE, mlp_only_layers=[0], intermediate_size=32))
-    with pytest.raises(ValueError, match="every layer is MoE"):
-        make_layout(mixed, n_kv=1, n_w=1, pages_per_device=4)
+    mixed = ModelConfig.from_hf_dict(dict(QWEN3_MOE, mlp_only_layers=[0], intermediate_size=30))
+    make_layout(mixed, n_kv=1, n_w=2, pages_per_device=4)                     # dense F = 30 splits in 2
+    with pytest.raises(ValueError, match="intermediate_size F=30 of the dense FFN layers must be divisible "
+                                         "by the weight devices n_w=4"):
+        make_layout(mixed, n_kv=1, n_w=4, pages_per_device=4)
     config, _, _ = model("qwen3_moe", 1)
     with pytest.raises(ValueError, match="pages_per_device"):
         make_layout(config, n_kv=1, n_w=1, pages_per_device=0)

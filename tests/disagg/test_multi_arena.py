@@ -65,11 +65,13 @@ def test_two_models_share_one_arena(n_kv, n_w, M):
 
 def test_unsupported_model_is_named():
     dense = ModelConfig.from_hf_dict({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16,
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 18,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1e4,
         "rms_norm_eps": 1e-6})
     configs = {"moe": model("qwen3_moe", 0)[0], "my-llama": dense}
-    with pytest.raises(ValueError, match="model 'my-llama' cannot run on the disaggregated step.*MoE"):
-        make_multi_layout(configs, n_kv=1, n_w=1, pages_per_device=8)
+    make_multi_layout(configs, n_kv=1, n_w=2, pages_per_device=8)           # dense layers: F split in 2
+    with pytest.raises(ValueError, match="model 'my-llama' cannot run on the disaggregated step: "
+                                         "intermediate_size F=18 .* divisible by the weight devices n_w=4"):
+        make_multi_layout(configs, n_kv=1, n_w=4, pages_per_device=8)
     with pytest.raises(ValueError, match="no model named 'x'"):
         make_multi_layout({"moe": configs["moe"]}, n_kv=1, n_w=1, pages_per_device=8).model("x")

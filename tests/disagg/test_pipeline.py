@@ -24,6 +24,9 @@ from disagg_tiny import (PAGE_ELEMS, PAGES_PER_DEVICE, check_and_advance, make_s
     ("qwen3_moe", 6, 2, 2, "collective"), ("qwen3_moe", 4, 4, 1, "collective"),
     ("qwen2_moe", 2, 4, 2, "p2p"),   # 6 experts on 4 devices: 2 expert groups x 2 ways over F; shared expert
     ("mixtral", 4, 4, 2, "p2p"),     # 3 experts on 4 devices: tensor-parallel over F; sliding window
+    # layers moe, dense, moe: the dense layer's F split over the weight devices, MoE stack index != layer
+    ("qwen2_moe_dense", 1, 1, 1, "p2p"), ("qwen2_moe_dense", 2, 2, 2, "p2p"),
+    ("qwen2_moe_dense", 2, 4, 1, "p2p"),
 ])
 def test_steps_match_dense_forward(name, n_kv, n_w, M, exchange):
     seed = int.from_bytes(os.urandom(4), "little")
@@ -34,7 +37,7 @@ def test_steps_match_dense_forward(name, n_kv, n_w, M, exchange):
     arena = build_arena(kv, ffn, layout)
     before = np.asarray(arena)
     seqs = make_seqs(rng, n_kv, config.num_layers, config.vocab_size, G=layout.tokens_per_page,
-                     empty_device=(n_kv == 6))
+                     empty_device=(n_kv == 6), max_seqs=min(3, PAGES_PER_DEVICE // (4 * config.num_layers)))
     for step in range(3):
         chunks, owners = next_chunks(seqs, n_kv, max_chunk=5)
         if step == 1:                  # prefill chunks and decodes in one batch
