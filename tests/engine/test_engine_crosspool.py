@@ -210,13 +210,28 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
 
 
 def test_refused_at_construction(model_dirs):
-    with pytest.raises(ValueError, match="model 'dense' cannot run on the disaggregated step"):
-        LLM({"mixtral": model_dirs["mixtral"], "dense": model_dirs["llama"]}, mode="crosspool",
-            kv_devices=2, weight_devices=2, **ENGINE)
-    with pytest.raises(ValueError, match="weights_pool_bytes=1024 is smaller than the largest model's expert "
+    with pytest.raises(ValueError, match="model 'dense' cannot run on the disaggregated step: intermediate_size"):
+        LLM({"dense": model_dirs["llama"]}, mode="crosspool", kv_devices=2, weight_devices=5, **ENGINE)
+    with pytest.raises(ValueError, match="weights_pool_bytes=1024 is smaller than the largest model's FFN "
                                          "shards over the weight devices: model 'mixtral' needs"):
         LLM({"mixtral": model_dirs["mixtral"]}, mode="crosspool", kv_devices=1, weight_devices=1,
             weights_pool_bytes=1 << 10, **ENGINE)
+
+
+def test_dense_ffn_layers_on_a_crosspool_split_match_single_device_engine(batch, tmp_path):
+    """Qwen2-MoE with a dense FFN layer between two MoE layers (as the shipped qwen2-moe-tiny):
+    on a 2+2 split (dense F and shared expert split over both weight devices, the experts
+    expert-parallel) its greedy tokens are the single-device engine's."""
+    from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model
+    make_tiny_hf_model("qwen2_moe", str(tmp_path), seed=104, num_hidden_layers=3, mlp_only_layers=[1])
+    prompts = batch[0][:4]
+    single = LLM({"q": str(tmp_path)}, mode="shared", **ENGINE)
+    assert [single.engine.registry.get("q").config.ffn_kind(l) for l in range(3)] == ["moe", "dense", "moe"]
+    want = _tokens(single.generate(prompts, GREEDY))
+    split = LLM({"q": str(tmp_path)}, mode="crosspool", kv_devices=2, weight_devices=2, **ENGINE)
+    assert isinstance(split.engine.runner, DisaggRunner)
+    assert split.engine.registry.arena.layout.model("q").has("w", "dense/w1_LDF2")
+    assert _tokens(split.generate(prompts, GREEDY)) == want
 
 
 def test_static_refuses_a_context_that_shared_serves_on_two_devices(model_dirs, tiny_model_dirs, shared):
