@@ -37,7 +37,7 @@ from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.runner import RunnerStats, SampledToken, unpack_sampled
+from crosspool_jax.engine.runner import DispatchedStep, RunnerStats, SampledToken, collect_sampled
 from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
 
 
@@ -109,10 +109,21 @@ class DisaggRunner:
     def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
             rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
             allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
-        """One step of `chunks` (all of one model) -> per chunk, one sampled token.
+        """One step of `chunks` (all of one model) -> per chunk, one sampled token."""
+        return collect_sampled(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks,
+                                             rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
 
-        kv_params, ffn_params, num_steps, stop_ids and allowances are accepted for the
-        StepRunner contract and unused: the weights are in the arena, one token per dispatch."""
+    def collect(self, step: DispatchedStep) -> list[list[SampledToken]]:
+        return collect_sampled(step)
+
+    def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
+                 rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
+                 allowances: Sequence[int] = ()) -> DispatchedStep:
+        """Dispatch one step of `chunks` (all of one model) without waiting (`collect` it).
+
+        kv_params is the model's arena bases (registry.acquire); ffn_params, num_steps, stop_ids
+        and allowances are accepted for the StepRunner contract and unused: the weights are in
+        the arena, one token per dispatch."""
         del ffn_params, num_steps, stop_ids, allowances   # kv_params: the model's arena bases (registry.acquire)
         t0 = time.perf_counter()
         layout = self.arena.layout.model(model_name)
@@ -151,10 +162,5 @@ class DisaggRunner:
         finally:
             self.arena.put(arena)
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)
-        outs = jax.device_get(jax.tree.map(lambda a: a[None], out))
-        t2 = time.perf_counter()
-        self.stats.steps += 1
         self.stats.host_prepare_seconds += t1 - t0
-        self.stats.device_seconds += t2 - t1
-        self.stats.decode_tokens_per_dispatch_max = max(self.stats.decode_tokens_per_dispatch_max, 1)
-        return unpack_sampled(outs, 1, len(chunks), num_logprobs)
+        return DispatchedStep((jax.tree.map(lambda a: a[None], out), 1), len(chunks), num_logprobs, t1, self.stats)

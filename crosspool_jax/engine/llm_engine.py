@@ -41,6 +41,7 @@ from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.engine.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
 from crosspool_jax.engine.stop_checker import check_stop
+from crosspool_jax.weights.budget import WeightsPoolBusyError
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
 from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
@@ -216,13 +217,7 @@ class LLMEngine:
             moved.add(parent.request_id)
         sampled: dict[str, list[int]] = {}
         stopped: list[tuple[_Child, RequestStatus]] = []
-        for model, chunks in out.chunks_by_model.items():
-            entry = self.registry.get(model)
-            kv_params, ffn_params = self.registry.acquire(model)
-            try:
-                results = self._run_model(entry, kv_params, ffn_params, chunks)
-            finally:
-                self.registry.release(model)
+        for entry, chunks, results in self._run_models(out.chunks_by_model):
             for chunk, tokens in zip(chunks, results):
                 if not chunk.samples:
                     continue
@@ -259,7 +254,48 @@ class LLMEngine:
             return None
         return self._parents[owner[0]].children[owner[1]]
 
-    def _run_model(self, entry, kv_params, ffn_params, chunks):
+    def _run_models(self, chunks_by_model: dict) -> list[tuple]:
+        """[(entry, chunks, sampled tokens per chunk)] of every model of the step.
+
+        Every model's program is dispatched before any result is fetched, so models on different
+        devices run at the same time and the host prepares the next model while the device
+        runs the last. Each model stays acquired (its weights pinned in their pools) until its
+        result is in; when the pools cannot hold the next model beside those in flight
+        (WeightsPoolBusyError), the ones in flight are collected and released first."""
+        in_flight: list[tuple] = []                  # (entry, chunks, DispatchedStep)
+        done: list[tuple] = []
+
+        def collect_all():
+            while in_flight:
+                entry, chunks, step = in_flight.pop(0)
+                try:
+                    done.append((entry, chunks, self.runner.collect(step)))
+                finally:
+                    self.registry.release(entry.name)
+
+        try:
+            for model, chunks in chunks_by_model.items():
+                entry = self.registry.get(model)
+                try:
+                    kv_params, ffn_params = self.registry.acquire(model)
+                except WeightsPoolBusyError:
+                    if not in_flight:
+                        raise
+                    collect_all()
+                    kv_params, ffn_params = self.registry.acquire(model)
+                try:
+                    step = self._dispatch_model(entry, kv_params, ffn_params, chunks)
+                except Exception:
+                    self.registry.release(model)
+                    raise
+                in_flight.append((entry, chunks, step))
+            collect_all()
+        finally:
+            for entry, _, _ in in_flight:            # an error left these dispatched: release them
+                self.registry.release(entry.name)
+        return done
+
+    def _dispatch_model(self, entry, kv_params, ffn_params, chunks):
         rows, stop_ids, allowances = [], [], []
         for chunk in chunks:
             req = chunk.request
@@ -271,8 +307,8 @@ class LLMEngine:
             stop_ids.append(ids)
             allowances.append(max(1, req.max_tokens - len(req.output_token_ids)))
         num_steps = chunks[0].num_steps
-        return self.runner.run(entry.name, entry.config, kv_params, ffn_params, entry.tokens_per_page, chunks,
-                               rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)
+        return self.runner.dispatch(entry.name, entry.config, kv_params, ffn_params, entry.tokens_per_page, chunks,
+                                    rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)
 
     def _accept_tokens(self, entry, child: _Child, tokens):
         """Append sampled tokens one by one until a stop rule hits; return the kept ids."""

@@ -19,7 +19,7 @@ import dataclasses
 from typing import Mapping, Sequence
 
 from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.runner import RunnerStats, SampledToken, StepRunner
+from crosspool_jax.engine.runner import DispatchedStep, RunnerStats, SampledToken, StepRunner, collect_sampled
 from crosspool_jax.kv.pool import KVPool, local_page_ids
 
 
@@ -53,6 +53,16 @@ class PlacedRunner:
             rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
             allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
         """One step of `chunks` (all of one model, global page ids) on the model's device."""
+        return collect_sampled(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks,
+                                             rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
+
+    def collect(self, step: DispatchedStep) -> list[list[SampledToken]]:
+        return collect_sampled(step)
+
+    def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
+                 rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
+                 allowances: Sequence[int] = ()) -> DispatchedStep:
+        """Dispatch one step of `chunks` on the model's device without waiting (`collect` it)."""
         if model_name not in self.model_devices:
             raise ValueError(f"PlacedRunner: model {model_name!r} has no device; placed: {sorted(self.model_devices)}")
         d = self.model_devices[model_name]
@@ -67,5 +77,5 @@ class PlacedRunner:
                 raise ValueError(f"request {c.request.request_id} of model {model_name!r} has pages on KV device "
                                  f"{device}; the model is placed on device {d}")
             local.append(dataclasses.replace(c, page_table=table))
-        return self.runners[d].run(model_name, config, kv_params, ffn_params, tokens_per_page, local, rows,
-                                   num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)
+        return self.runners[d].dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, local, rows,
+                                        num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)

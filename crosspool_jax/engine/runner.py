@@ -69,7 +69,15 @@ class StepRunner:
             allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
         """Run one step of `chunks` (all of one model, page tables in this device's local ids).
         Returns, per chunk, its sampled tokens (one for a ragged step; up to num_steps for a
-        multi-step decode)."""
+        multi-step decode). `dispatch` then `collect`."""
+        return self.collect(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks, rows,
+                                          num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
+
+    def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
+                 rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
+                 allowances: Sequence[int] = ()) -> "DispatchedStep":
+        """Prepare the inputs and dispatch the step program without waiting for it: the engine
+        dispatches every model of a step, then collects (devices and host work overlap)."""
         t0 = time.perf_counter()
         num_logprobs = smeta.max_logprobs(rows)
         penalties = smeta.needs_penalties(rows)
@@ -112,14 +120,12 @@ class StepRunner:
                     attention_backend=self.attention_backend, moe_backend=self.moe_backend)
         finally:
             pool.put(k_buf, v_buf, self.device_index)
-        host = jax.device_get((outs, steps_run))
-        t2 = time.perf_counter()
-        self.stats.steps += 1
         self.stats.host_prepare_seconds += t1 - t0
-        self.stats.device_seconds += t2 - t1
-        outs, steps_run = host
-        self.stats.decode_tokens_per_dispatch_max = max(self.stats.decode_tokens_per_dispatch_max, int(steps_run))
-        return unpack_sampled(outs, int(steps_run), len(chunks), num_logprobs)
+        return DispatchedStep((outs, steps_run), len(chunks), num_logprobs, t1, self.stats)
+
+    def collect(self, step: "DispatchedStep") -> list[list[SampledToken]]:
+        """Wait for a dispatched step; per chunk, its sampled tokens."""
+        return collect_sampled(step)
 
     def _multi_decode_args(self, config, chunks, S, stop_ids, allowances):
         L = config.num_layers
@@ -142,6 +148,27 @@ class StepRunner:
         host = (token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance)
         return jax.device_put(host, self.input_device)
 
+
+@dataclasses.dataclass
+class DispatchedStep:
+    """A step program in flight: its device outputs ((SamplerOutputs stacked [steps, S, ...],
+    steps run) or (SamplerOutputs [S, ...] with a leading axis added, 1)) until collected."""
+
+    outputs: tuple
+    num_chunks: int
+    num_logprobs: int
+    dispatched_at: float          # perf_counter when the program was dispatched
+    stats: RunnerStats            # of the runner that dispatched it: counted when collected
+
+
+def collect_sampled(step: DispatchedStep) -> list[list[SampledToken]]:
+    """Fetch a dispatched step's sampled tokens to the host and count it in its runner's stats."""
+    stats = step.stats
+    outs, steps_run = jax.device_get(step.outputs)
+    stats.steps += 1
+    stats.device_seconds += time.perf_counter() - step.dispatched_at
+    stats.decode_tokens_per_dispatch_max = max(stats.decode_tokens_per_dispatch_max, int(steps_run))
+    return unpack_sampled(outs, int(steps_run), step.num_chunks, step.num_logprobs)
 
 def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int) -> list[list[SampledToken]]:
     """Host copies of stacked SamplerOutputs [steps, S, ...] -> per chunk, its sampled tokens."""
