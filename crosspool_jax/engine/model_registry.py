@@ -311,6 +311,28 @@ class ModelRegistry:
                           sum(s.bytes_swapped_in for s in stats), sum(s.bytes_swapped_out for s in stats),
                           sum(s.swap_in_seconds for s in stats), sum(s.acquire_wait_seconds for s in stats))
 
+    def fit_together(self, names) -> bool:
+        """Whether the models `names` can all be resident at once (each pool's budget holds the
+        ones it serves; the arena's budgeted regions have a slot for each). The scheduler keeps a
+        step's models to such a set, so a step never swaps out a model it is about to run."""
+        names = set(names)
+        if self.disaggregated:
+            return all(len(names) <= pool.region.num_slots for pool in self.residency.pools.values())
+        for pools in (self.weights_pools, self.attention_pools):
+            for d, pool in enumerate(pools):
+                budget = pool.budget_bytes
+                if budget is not None and sum(pool.model_bytes(n) for n in names
+                                              if self.model_devices[n] == d) > budget:
+                    return False
+        return True
+
+    @property
+    def has_budgets(self) -> bool:
+        """Whether some pool may hold fewer than all models (then residency constrains steps)."""
+        if self.disaggregated:
+            return bool(self.residency.pools)
+        return any(p.budget_bytes is not None for p in self.weights_pools + self.attention_pools)
+
     def is_resident(self, name: str) -> bool:
         if self.disaggregated:
             return self.residency.is_resident(name)

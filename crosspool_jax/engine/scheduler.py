@@ -35,6 +35,15 @@ ragged batch.
    min(max_decode_steps, each request's tokens left before max_tokens / max_model_len),
    with their pages allocated up front (num_steps 1 if the pool is short).
 
+4. Weights residency (only with `fit_together`, i.e. when a weights budget holds fewer than
+   all models): a step's models must fit in the weights pools together, so the engine never
+   evicts a model it is about to run in the same step. They are chosen in a residency order:
+   each model with work (running or waiting requests) joins while the chosen ones still fit
+   together; the chosen models' running requests go first (leader first, decode-first within
+   a model); a request of a model left out waits (keeping its pages; admissions skip its model
+   without barring others). Every `residency_quantum` steps the leader moves to the back, so
+   each model leads in turn and the swaps happen once per rotation instead of every step.
+
 Rejections (status FINISHED_ERROR, listed once in `SchedulerOutput.rejected`): a prompt
 longer than its model's max_model_len, a prompt needing more pages than the whole pool,
 and a lone request whose growth the whole pool cannot hold.
@@ -49,7 +58,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -63,9 +72,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_decode_steps: int = 8
     enable_prefix_caching: bool = True
+    residency_quantum: int = 8          # steps a model leads the residency order before the next one
 
     def __post_init__(self):
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_decode_steps"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_decode_steps", "residency_quantum"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be an integer >= 1, got {value!r}")
@@ -121,7 +131,10 @@ class SchedulerOutput:
 class Scheduler:
     """Chooses each step's chunks over all models' requests; owns the waiting and running sets."""
 
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
+                 fit_together: Optional[Callable[[set], bool]] = None):
+        """fit_together(models) -> whether those models' weights can be resident at once
+        (`ModelRegistry.fit_together`); None: no weights budget, any models share a step."""
         if not isinstance(config, SchedulerConfig):
             raise ValueError(f"Scheduler.config must be a SchedulerConfig, got {type(config).__name__}")
         if not isinstance(kv_manager, KVCacheManager):
@@ -136,6 +149,9 @@ class Scheduler:
         self._running: list[Request] = []                             # sorted by _order
         self._rejected: list[tuple[str, str]] = []                    # not yet reported
         self.num_preemptions = 0
+        self._fit_together = fit_together
+        self._lead: list[str] = []                                    # models' residency order
+        self._lead_steps = 0                                          # steps the first has led
 
     # ----- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -217,9 +233,16 @@ class Scheduler:
         #    each; preempt the latest-arrived running request when the pool is short.
         gaps = {request: self._num_to_compute(request) for request in self._running}
         order = ([r for r in self._running if gaps[r] == 1] + [r for r in self._running if gaps[r] != 1])
+        fits = self._residency_gate()
+        if self._fit_together is not None:
+            rank = {m: i for i, m in enumerate(self._lead)}
+            order.sort(key=lambda r: rank[r.model])          # stable: decode-first, oldest within a model
         scheduled: dict[Request, int] = {}
         for request in order:
             if request.status != RequestStatus.RUNNING:          # preempted earlier in this loop
+                continue
+            if not fits(request.model):      # its weights cannot be resident beside this step's models
+                all_running_scheduled = False
                 continue
             n = min(gaps[request], budget)
             if n <= 0:          # out of budget, or nothing to compute (the engine should stop it)
@@ -248,7 +271,7 @@ class Scheduler:
 
         # 2. admissions, unless this step preempted.
         if not preempted:
-            budget = self._admit(budget, planned)
+            budget = self._admit(budget, planned, fits)
 
         # 3. multi-step decode.
         num_steps = 1
@@ -264,6 +287,27 @@ class Scheduler:
                 samples=start + n == request.num_tokens, num_steps=num_steps,
                 page_table=self.kv.page_table_array(request)))
         return SchedulerOutput(chunks_by_model, preempted, rejected, sum(n for _, n in planned))
+
+    def _residency_gate(self) -> Callable[[str], bool]:
+        """fits(model): whether the model's requests may run in this step. Without budgets, any.
+        With them, the models of this step are chosen in the residency order (`_lead`): each
+        model with work joins while `fit_together` holds for the ones chosen so far. Every
+        `residency_quantum` steps the leader goes to the back of the order, so each model leads
+        in turn and consecutive steps keep the same resident models (no swap per step)."""
+        if self._fit_together is None:
+            return lambda model: True
+        busy = {r.model for r in self._running} | {m for m, q in self._waiting.items() if q}
+        for model in sorted(busy - set(self._lead)):
+            self._lead.append(model)
+        self._lead_steps += 1
+        if self._lead_steps > self.config.residency_quantum:
+            self._lead.append(self._lead.pop(0))
+            self._lead_steps = 1
+        chosen: set[str] = set()
+        for model in self._lead:
+            if model in busy and self._fit_together(chosen | {model}):
+                chosen.add(model)
+        return chosen.__contains__
 
     def _num_to_compute(self, request: Request) -> int:
         g = self.kv.geometry(request.model)
@@ -309,8 +353,9 @@ class Scheduler:
         self.num_preemptions += 1
         self._waiting[request.model].appendleft(request)
 
-    def _admit(self, budget: int, planned: list) -> int:
-        """Admit waiting requests by the fairness rule of the module docstring; returns the budget left."""
+    def _admit(self, budget: int, planned: list, fits: Callable[[str], bool]) -> int:
+        """Admit waiting requests by the fairness rule of the module docstring; returns the budget left.
+        A model whose weights cannot be resident beside the step's models waits (without barring others)."""
         barred_after: Optional[tuple[float, int]] = None
         done: set[str] = set()
         first_admitted: Optional[str] = None
@@ -326,7 +371,7 @@ class Scheduler:
                     break
                 request = queue[0]
                 key = self._order[request.request_id]
-                if barred_after is not None and key > barred_after:
+                if (barred_after is not None and key > barred_after) or not fits(model):
                     done.add(model)
                     continue
                 computed, num_cached = ([], 0)

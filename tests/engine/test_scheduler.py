@@ -125,11 +125,11 @@ class FakeEngine:
         raise AssertionError("requests did not finish")
 
 
-def make_scheduler(pages_per_device=64, num_devices=1, caching=True, max_pages=None, **config):
+def make_scheduler(pages_per_device=64, num_devices=1, caching=True, max_pages=None, fit_together=None, **config):
     kv = KVCacheManager(PageAllocator(pages_per_device, num_devices), enable_prefix_caching=caching)
     for g in GEOMETRIES.values():
         kv.register_model(g, max_pages=(max_pages or {}).get(g.name))
-    return Scheduler(SchedulerConfig(enable_prefix_caching=caching, **config), kv)
+    return Scheduler(SchedulerConfig(enable_prefix_caching=caching, **config), kv, fit_together=fit_together)
 
 
 def make_request(rid, model, prompt_len, rng, max_tokens=8, arrival=None, prompt=None):
@@ -628,3 +628,31 @@ def test_random_workloads_finish_unchanged_or_fail_for_a_reason(seed):
         else:
             assert r.output_token_ids == reference, r.request_id
     assert_pool_empty(sched)
+
+
+def test_weights_residency_keeps_each_step_to_models_that_fit_together():
+    """With weights budgets that hold one model at a time, every step runs one model; the models
+    take turns every residency_quantum steps (so a swap per rotation, not per step), both make
+    progress while the other still has work, and outputs equal the reference."""
+    rng = random.Random(17)
+    sched = make_scheduler(caching=False, max_decode_steps=1, residency_quantum=3,
+                           fit_together=lambda models: len(models) <= 1)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    reqs = [make_request(f"{m}{i}", m, 5 + i, rng, max_tokens=12) for i in range(3) for m in ("a", "b")]
+    for r in reqs:
+        sched.add_request(r)
+    engine.run()
+    for r in reqs:
+        g = GEOMETRIES[r.model]
+        assert r.output_token_ids == reference_output(r.model, r.prompt_token_ids, 12, g.max_model_len, False)
+    models = [next(iter(out.chunks_by_model)) for out in engine.outputs if out.chunks_by_model]
+    assert all(len(out.chunks_by_model) <= 1 for out in engine.outputs)
+    switches = sum(x != y for x, y in zip(models, models[1:]))
+    assert 2 <= switches <= len(models) // 3 + 1                 # turns, at most one per quantum
+    last_a = max(i for i, m in enumerate(models) if m == "a")
+    assert any(m == "b" for m in models[:last_a])                # b ran while a still had work
+    # without a budget both models share the steps
+    free = make_scheduler(caching=False, max_decode_steps=1)
+    for r in [make_request(f"{m}{i}", m, 5 + i, rng, max_tokens=4) for i in range(2) for m in ("a", "b")]:
+        free.add_request(r)
+    assert len(free.schedule().chunks_by_model) == 2
