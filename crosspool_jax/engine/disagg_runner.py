@@ -37,7 +37,7 @@ from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.runner import DispatchedStep, RunnerStats, SampledToken, collect_sampled
+from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats
 from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
 
 
@@ -69,7 +69,7 @@ def _sample_rows(logits_NRV, rows_S, meta, output_counts_SV, prompt_mask_SV, *, 
     return sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
 
 
-class DisaggRunner:
+class DisaggRunner(DispatchingRunner):
     """Runs the models' disaggregated step programs against one `disagg.Arena`."""
 
     def __init__(self, arena: Arena, *, min_token_bucket: int = 16, num_microbatches: Optional[int] = None,
@@ -105,16 +105,6 @@ class DisaggRunner:
             grouped.local[home].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, local))
             grouped.global_[home].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, table))
         return grouped
-
-    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
-            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
-            allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
-        """One step of `chunks` (all of one model) -> per chunk, one sampled token."""
-        return collect_sampled(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks,
-                                             rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
-
-    def collect(self, step: DispatchedStep) -> list[list[SampledToken]]:
-        return collect_sampled(step)
 
     def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
                  rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),

@@ -19,11 +19,11 @@ import dataclasses
 from typing import Mapping, Sequence
 
 from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.runner import DispatchedStep, RunnerStats, SampledToken, StepRunner, collect_sampled
+from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats, StepRunner
 from crosspool_jax.kv.pool import KVPool, local_page_ids
 
 
-class PlacedRunner:
+class PlacedRunner(DispatchingRunner):
     """Dispatches each model's step to the `StepRunner` of the KV device it is placed on."""
 
     def __init__(self, pool: KVPool, model_devices: Mapping[str, int], *, attention_backend: str, moe_backend: str,
@@ -48,16 +48,6 @@ class PlacedRunner:
                            decode_tokens_per_dispatch_max=max(p.decode_tokens_per_dispatch_max for p in parts),
                            host_prepare_seconds=sum(p.host_prepare_seconds for p in parts),
                            device_seconds=sum(p.device_seconds for p in parts))
-
-    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
-            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
-            allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
-        """One step of `chunks` (all of one model, global page ids) on the model's device."""
-        return collect_sampled(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks,
-                                             rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
-
-    def collect(self, step: DispatchedStep) -> list[list[SampledToken]]:
-        return collect_sampled(step)
 
     def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
                  rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),

@@ -47,8 +47,26 @@ class RunnerStats:
         self.compiled_programs = len(self._program_keys)
 
 
-class StepRunner:
-    """Runs step programs of many models against the pages of one KV device of the pool."""
+class DispatchingRunner:
+    """What every runner shares: `run` = `collect(dispatch(...))`. Subclasses define `dispatch`
+    (prepare inputs, dispatch the step program, return a `DispatchedStep` without waiting)."""
+
+    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
+            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
+            allowances: Sequence[int] = ()) -> list[list["SampledToken"]]:
+        """Run one step of `chunks` (all of one model). Returns, per chunk, its sampled tokens (one
+        for a ragged step; up to num_steps for a multi-step decode)."""
+        return self.collect(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks, rows,
+                                          num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
+
+    def collect(self, step: "DispatchedStep") -> list[list["SampledToken"]]:
+        """Wait for a dispatched step; per chunk, its sampled tokens."""
+        return collect_sampled(step)
+
+
+class StepRunner(DispatchingRunner):
+    """Runs step programs of many models against the pages of one KV device of the pool
+    (page tables in this device's local ids)."""
 
     def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, max_decode_steps: int = 1,
                  min_token_bucket: int = 16, device_index: int = 0):
@@ -63,15 +81,6 @@ class StepRunner:
         self.moe_backend = moe_backend
         self.input_device = pool.devices[device_index]
         self.stats = RunnerStats()
-
-    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
-            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
-            allowances: Sequence[int] = ()) -> list[list[SampledToken]]:
-        """Run one step of `chunks` (all of one model, page tables in this device's local ids).
-        Returns, per chunk, its sampled tokens (one for a ragged step; up to num_steps for a
-        multi-step decode). `dispatch` then `collect`."""
-        return self.collect(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks, rows,
-                                          num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
 
     def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
                  rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
@@ -122,10 +131,6 @@ class StepRunner:
             pool.put(k_buf, v_buf, self.device_index)
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep((outs, steps_run), len(chunks), num_logprobs, t1, self.stats)
-
-    def collect(self, step: "DispatchedStep") -> list[list[SampledToken]]:
-        """Wait for a dispatched step; per chunk, its sampled tokens."""
-        return collect_sampled(step)
 
     def _multi_decode_args(self, config, chunks, S, stop_ids, allowances):
         L = config.num_layers
