@@ -51,22 +51,6 @@ _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_m
 GIB = 1 << 30
 
 
-def model_bytes(configs: dict, itemsize: int) -> dict:
-    """{name: (attention-side bytes, FFN-side bytes)} from the parameter shapes."""
-    import numpy as np
-
-    from crosspool_jax.models.params import param_shapes
-
-    def total(tree):
-        import jax
-        return sum(int(np.prod(s)) for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))) * itemsize
-    out = {}
-    for name, config in configs.items():
-        kv, ffn = param_shapes(config)
-        out[name] = (total(kv), total(ffn))
-    return out
-
-
 def engine_options(mode: str, n: int, n_kv: int, budget: int, sizes: dict) -> dict:
     """Engine options that give `mode` exactly `budget` bytes per device on n devices.
 
@@ -297,14 +281,14 @@ def main(argv):
 
     from crosspool_jax.engine.random_models import SHAPES, random_model_dirs
     from crosspool_jax.models import ModelConfig
+    from crosspool_jax.models.params import side_bytes
 
     shapes = [s for s in _MODELS.value.split(",") if s]
     folders = {}
     for i, shape in enumerate(shapes):
         folders[f"{shape}-{i}"] = random_model_dirs([shape])[shape]
     configs = {name: ModelConfig.from_hf_dict(SHAPES[shape]) for name, shape in zip(folders, shapes)}
-    itemsize = jax.numpy.dtype(_DTYPE.value).itemsize
-    sizes = model_bytes(configs, itemsize)
+    sizes = {name: side_bytes(config, _DTYPE.value) for name, config in configs.items()}
     n = len(jax.devices())
     n_kv = _KV_DEVICES.value or max(1, n // 2)
     budget = int(_DEVICE_GIB.value * GIB)

@@ -29,12 +29,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
@@ -45,10 +43,10 @@ from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.models import init_random_params
-from crosspool_jax.models.params import param_shapes
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
-from pallas_kernels.ragged_paged_attention.validation import max_pages_for_kernel
+from crosspool_jax.models.params import side_bytes
 from crosspool_jax.weights import WeightsPool, place_models, resolve_device_roles
+from pallas_kernels.ragged_paged_attention.validation import max_pages_for_kernel
 from crosspool_jax.weights.pool import ShardingFn
 
 log = logging.getLogger(__name__)
@@ -400,9 +398,4 @@ def _on_device(device) -> ShardingFn:
 def _param_bytes(path: str, dtype) -> tuple[int, int]:
     """(attention side, FFN side) bytes of a checkpoint's parameters in `dtype`, from its config."""
     _, model_config = read_config(path)
-    itemsize = jnp.dtype(dtype).itemsize
-    kv_shapes, ffn_shapes = param_shapes(model_config)
-
-    def nbytes(shapes) -> int:
-        return itemsize * sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
-    return nbytes(kv_shapes), nbytes(ffn_shapes)
+    return side_bytes(model_config, dtype)

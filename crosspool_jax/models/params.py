@@ -116,6 +116,14 @@ def _init_random_params(config: ModelConfig, dtype, key):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def side_bytes(config: ModelConfig, dtype) -> tuple[int, int]:
+    """(attention side, FFN side) bytes of a model's parameters in `dtype`, from its shapes alone."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return tuple(itemsize * sum(int(np.prod(s, dtype=np.int64)) for s in
+                                jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+                 for shapes in param_shapes(config))
+
+
 def param_bytes(tree) -> int:
     """Total bytes of all array leaves of a pytree."""
     return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
