@@ -1,9 +1,10 @@
 """Fused MoE and grouped matmul: pure-jnp reference, GPU (Triton-lowered Pallas) and TPU
 (Mosaic TPU Pallas) kernels behind one backend seam (api.py)."""
 from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
+from pallas_kernels.fused_moe.expert_rows import ExpertRows
 from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
                                                 route_topk)
 from pallas_kernels.fused_moe.tuning import BlockConfig
 
-__all__ = ["fused_moe", "grouped_matmul", "route_topk", "fused_moe_reference",
+__all__ = ["fused_moe", "grouped_matmul", "ExpertRows", "route_topk", "fused_moe_reference",
            "grouped_matmul_reference", "BlockConfig"]

@@ -5,6 +5,10 @@ backends share the flow: route (softmax, top-k, optional renormalisation), lay t
 rows out sorted by expert and padded to whole tiles (layout.py), gate/up grouped matmul with
 the activation fused, down grouped matmul with the routing weight fused, then each token sums
 its top_k rows (a gather, no scatter).
+
+Weights (`rhs`, `w1`, `w2`) are arrays or `ExpertRows` (expert_rows.py: a layer of a stacked
+weight, or a shard of a bigger buffer, read in place by the GPU kernels; the reference and the
+TPU kernels get the materialised slice).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fused_moe import gpu, tpu, tuning
+from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
 from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
@@ -22,6 +27,11 @@ from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
                                                  check_grouped_matmul, resolve_backend)
 
 _KERNELS = {"gpu": gpu, "tpu": tpu}
+
+
+def _weights_for(backend: str, w):
+    """What a backend's kernels take: ExpertRows on the GPU (read in place), arrays elsewhere."""
+    return as_expert_rows(w) if backend == "gpu" else as_array(w)
 
 
 def _choose(backend: str, *dims: int) -> str:
@@ -40,7 +50,8 @@ def _config(backend: str, rows: int, groups: int, K: int, N: int, itemsize: int,
 
 def grouped_matmul(lhs, rhs, group_sizes, *, backend: str = "auto", interpret: bool = False,
                    config: tuning.BlockConfig | None = None):
-    """lhs [M, K] x rhs [G, K, N] by consecutive row groups (lax.ragged_dot's meaning) -> [M, N].
+    """lhs [M, K] x rhs [G, K, N] (array or ExpertRows) by consecutive row groups
+    (lax.ragged_dot's meaning) -> [M, N].
 
     Rows beyond sum(group_sizes) are zeros. `config` overrides the tuning table (kernels only).
     With backend="auto" on a GPU, K or N not a multiple of 16 falls back to the reference.
@@ -48,7 +59,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, backend: str = "auto", interpret: b
     check_grouped_matmul(lhs, rhs, group_sizes)
     backend = _choose(backend, rhs.shape[1], rhs.shape[2])
     if backend == "reference" or lhs.shape[0] == 0:
-        return grouped_matmul_reference(lhs, rhs, group_sizes)
+        return grouped_matmul_reference(lhs, as_array(rhs), group_sizes)
     return _grouped_matmul_kernel(lhs, rhs, group_sizes.astype(jnp.int32), backend=backend,
                                   interpret=interpret, config=config)
 
@@ -60,7 +71,7 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
     cfg = config or _config(backend, M, G, K, N, lhs_MK.dtype.itemsize)
     check_config(cfg, K, N, backend, "grouped_matmul")
     layout = gmm_layout(group_sizes_G, M, cfg.block_m)
-    y_PN = _KERNELS[backend].gmm_padded(gather_rows(lhs_MK, layout), rhs_GKN, layout, cfg,
+    y_PN = _KERNELS[backend].gmm_padded(gather_rows(lhs_MK, layout), _weights_for(backend, rhs_GKN), layout, cfg,
                                         out_dtype=lhs_MK.dtype, interpret=interpret)
     return scatter_back(y_PN, layout)
 
@@ -70,7 +81,7 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
               config: tuning.BlockConfig | tuple[tuning.BlockConfig, tuning.BlockConfig]
               | None = None):
     """Mixture of experts: x [T, D], router_logits [T, E], w1 [E, D, 2F] (gate|up),
-    w2 [E, F, D] -> [T, D] in x's dtype (float32 accumulation).
+    w2 [E, F, D] (arrays or ExpertRows) -> [T, D] in x's dtype (float32 accumulation).
 
     `config` overrides the tuning table: one BlockConfig for both grouped matmuls or a
     (gate_up, down) pair with the same block_m. With backend="auto" on a GPU, D or F not a
@@ -79,8 +90,8 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     check_fused_moe(x, router_logits, w1, w2, top_k, activation)
     backend = _choose(backend, w2.shape[1], w2.shape[2])
     if backend == "reference" or x.shape[0] == 0:
-        return fused_moe_reference(x, router_logits, w1, w2, top_k, renormalize=renormalize,
-                                   activation=activation)
+        return fused_moe_reference(x, router_logits, as_array(w1), as_array(w2), top_k,
+                                   renormalize=renormalize, activation=activation)
     return _fused_moe_kernel(x, router_logits, w1, w2, top_k=top_k, renormalize=renormalize,
                              activation=activation, backend=backend, interpret=interpret,
                              config=config)
@@ -113,10 +124,10 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renorma
         layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)
     # padded row p holds (token, k) pair src_row_P[p]; fill rows (== R) read token T -> zeros.
     x_PD = jnp.take(x_TD, layout.src_row_P // top_k, axis=0, mode="fill", fill_value=0)
-    h_PF = kernels.gate_up_padded(x_PD, w1_EDF2, layout, cfg1, activation=activation,
-                                  interpret=interpret)
+    h_PF = kernels.gate_up_padded(x_PD, _weights_for(backend, w1_EDF2), layout, cfg1,
+                                  activation=activation, interpret=interpret)
     scale_P = jnp.take(weights_TK.reshape(R), layout.src_row_P, mode="fill", fill_value=0)
-    y_PD = kernels.gmm_padded(h_PF, w2_EFD, layout, cfg2, scale_P=scale_P,
+    y_PD = kernels.gmm_padded(h_PF, _weights_for(backend, w2_EFD), layout, cfg2, scale_P=scale_P,
                               out_dtype=jnp.float32, interpret=interpret)
     y_TKD = scatter_back(y_PD, layout).reshape(T, top_k, D)
     return jnp.sum(y_TKD, axis=1).astype(x_TD.dtype)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fused_moe import fused_moe, fused_moe_reference, route_topk
+from pallas_kernels.fused_moe import ExpertRows, fused_moe, fused_moe_reference, route_topk
 from pallas_kernels.fused_moe.layout import build_layout
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
@@ -76,6 +76,22 @@ def test_empty_experts_are_never_read():
     for backend in ("gpu", "tpu"):
         got = fused_moe(x, logits, w1, w2, top_k, backend=backend, interpret=True)
         _assert_close(got, want, jnp.float32)
+
+
+@pytest.mark.parametrize("T", [1, 6])
+def test_stacked_layer_read_in_place(T):
+    """fused_moe on ExpertRows.of_stack(w_L..., layer) (traced layer, under jit) equals the call
+    on w[layer]; the other layers are NaN, so a read outside the layer would show."""
+    L, E, top_k, D, F = 3, 8, 2, 64, 32
+    x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
+    layer = 1
+    w1_L = jnp.full((L,) + w1.shape, jnp.nan, w1.dtype).at[layer].set(w1)
+    w2_L = jnp.full((L,) + w2.shape, jnp.nan, w2.dtype).at[layer].set(w2)
+    want = fused_moe_reference(x, logits, w1, w2, top_k)
+    for backend in ("gpu", "tpu", "reference"):
+        run = jax.jit(lambda l: fused_moe(x, logits, ExpertRows.of_stack(w1_L, l), ExpertRows.of_stack(w2_L, l),
+                                          top_k, backend=backend, interpret=True))
+        _assert_close(run(jnp.int32(layer)), want, jnp.float32)
 
 
 def test_layout_gives_each_active_expert_one_tile_in_decode():
@@ -168,6 +184,20 @@ class TestGpuKernel:
         logits = _logits(T, E)
         got = fused_moe(x, logits, w1, w2, top_k, renormalize=(E == 8), backend="gpu")
         want = fused_moe_reference(x, logits, w1, w2, top_k, renormalize=(E == 8))
+        _assert_close(got, want, jnp.bfloat16)
+
+    def test_expert_rows_past_4gib(self):
+        """Weights read in place from a buffer over 4 GiB (64-bit pointer offsets): a stack
+        whose layer sits past element 2**31 of a [L*E*D, 2F] rows view."""
+        T, E, top_k, D, F, L = 8, 8, 2, 4096, 14336, 6      # w1 stack: 6 layers x 1.9 GB
+        k = jax.random.split(jax.random.PRNGKey(int(_rng.integers(1 << 30))), 3)
+        x = jax.random.normal(k[0], (T, D), jnp.bfloat16)
+        w1_L = (jax.random.normal(k[1], (L, E, D, 2 * F), jnp.bfloat16) * (D ** -0.5)).astype(jnp.bfloat16)
+        w2 = (jax.random.normal(k[2], (E, F, D)) / np.sqrt(F)).astype(jnp.bfloat16)
+        logits = _logits(T, E)
+        layer = L - 1                                     # starts at element 5 * 1.9 G > 2**31
+        got = fused_moe(x, logits, ExpertRows.of_stack(w1_L, layer), w2, top_k, backend="gpu")
+        want = fused_moe_reference(x, logits, w1_L[layer], w2, top_k)
         _assert_close(got, want, jnp.bfloat16)
 
 

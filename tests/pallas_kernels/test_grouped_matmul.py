@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fused_moe import BlockConfig, grouped_matmul, grouped_matmul_reference
+from pallas_kernels.fused_moe import BlockConfig, ExpertRows, grouped_matmul, grouped_matmul_reference
 from pallas_kernels.fused_moe.layout import gmm_layout, max_tiles
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
@@ -54,6 +54,24 @@ def test_matches_ragged_dot(backend, M, K, N, G, total, empty, dtype):
     assert got.shape == (M, N) and got.dtype == lhs.dtype
     _assert_close(got, grouped_matmul_reference(lhs, rhs, gs), dtype)
     assert np.all(np.asarray(got[total:], np.float32) == 0.0), "rows beyond the total not zero"
+
+
+def test_expert_rows_inside_a_larger_buffer():
+    """rhs as ExpertRows: G groups at a traced first row of a NaN-filled [R, N] buffer (the
+    arena-row case) give the same result as the [G, K, N] array."""
+    M, K, N, G = 40, 64, 32, 8
+    sizes = _random_sizes(_rng, G, M, 2)
+    lhs, rhs, gs = _inputs(M, K, N, sizes, jnp.float32)
+    first = 3 * K + 5                                   # not a multiple of K
+    rows = jnp.full((first + G * K + 7, N), jnp.nan, jnp.float32)
+    rows = jax.lax.dynamic_update_slice_in_dim(rows, rhs.reshape(G * K, N), first, 0)
+    want = grouped_matmul_reference(lhs, rhs, gs)
+    for backend in ("gpu", "tpu", "reference"):
+        run = jax.jit(lambda r0: grouped_matmul(
+            lhs, ExpertRows(rows, r0, num_groups=G, group_rows=K), gs, backend=backend, interpret=True))
+        _assert_close(run(jnp.int32(first)), want, jnp.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        ExpertRows(rows[:G * K - 1], 0, num_groups=G, group_rows=K)
 
 
 def test_all_groups_empty_gives_zeros():
