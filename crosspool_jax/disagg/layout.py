@@ -33,6 +33,15 @@ for dense layers) in the weight rows.
 KV pages come first in a KV row (offset 0) so that the row viewed as `[rows, K*H]` addresses
 a token slot of the K (resp. V) pages directly; `arena_elems` is a multiple of K*H.
 
+Kernel operands are never slices of a row (a custom call's operand is a whole buffer, so XLA
+would copy the slice into every call): the attention kernel gets the WHOLE row viewed as pages
+`[arena_elems / page_elems, G, K, H]` with the K and V page offsets (`kernel_pages`), the
+grouped matmuls the whole row viewed as rows `[arena_elems / N, N]` with the stack's first row
+(`expert_rows`, a `fused_moe.ExpertRows`). Hence `arena_elems` is a multiple of page_elems and
+of every expert stack's last dim N, the V pages start on a page boundary, each expert stack
+starts on a multiple of its N, and a budgeted weight region's slots are multiples of all of
+them (a slot shift keeps every stack aligned).
+
 Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
 role with a budget does not pack every model; its model region is a `Region` of `num_slots`
 equal slots (`slot_elems` = the role's largest model, aligned), and a model's view lays its
@@ -59,6 +68,7 @@ import numpy as np
 from crosspool_jax.kv.pool import choose_page_elems, tokens_per_page
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.params import param_shapes
+from pallas_kernels.fused_moe.expert_rows import ExpertRows
 
 AXIS = "dev"
 ROLES = ("kv", "w")
@@ -143,6 +153,25 @@ class ArenaLayout:
         s = self.slot(role, name)
         return jax.lax.slice_in_dim(row_X, s.offset, s.offset + s.size).reshape(s.shape)
 
+    def kernel_pages(self, row_X: jax.Array, num_kv_heads: int, head_dim: int) -> tuple:
+        """(pages [arena_elems / page_elems, G, K, H], k_page_offset, v_page_offset): the WHOLE row
+        viewed as pages (a free reshape) and where the K and V pages start in it, for the attention
+        kernel (a sliced pages region would be copied into every call)."""
+        G = self.page_elems // (num_kv_heads * head_dim)
+        pages = row_X.reshape(-1, G, num_kv_heads, head_dim)
+        return (pages, self.slot("kv", "pages/k_PX").offset // self.page_elems,
+                self.slot("kv", "pages/v_PX").offset // self.page_elems)
+
+    def expert_rows(self, row_X: jax.Array, name: str, index) -> ExpertRows:
+        """Entry `index` (traced ok) of the weight row's expert stack `name` ([L, E, K, N]) as
+        `ExpertRows` over the WHOLE row viewed [arena_elems / N, N]: read in place by the kernels."""
+        s = self.slot("w", name)
+        return self._expert_rows(row_X, s, index, s.offset // s.shape[-1])
+
+    def _expert_rows(self, row_X, s: Slot, index, first_row) -> ExpertRows:
+        _, E, K, N = s.shape
+        return ExpertRows(row_X.reshape(-1, N), first_row + index * (E * K), num_groups=E, group_rows=K)
+
     def bind(self, bases) -> "ArenaLayout | BoundArenaLayout":
         """This view with its own (non-page) slots shifted by `bases` int32[2] (KV rows, weight
         rows; units of ALIGN elements, traced inside a step); None: this static view itself."""
@@ -181,6 +210,13 @@ class BoundArenaLayout:
         block = jax.lax.dynamic_slice_in_dim(units_XA, start, -(-s.size // ALIGN)).reshape(-1)
         return block[:s.size].reshape(s.shape)
 
+    def expert_rows(self, row_X: jax.Array, name: str, index) -> ExpertRows:
+        s = self.layout.slot("w", name)
+        N = s.shape[-1]
+        g = math.gcd(ALIGN, N)        # shift * ALIGN / N rows, exact (slots are multiples of N), in int32
+        shift_rows = (self.bases[ROLES.index("w")] // (N // g)) * (ALIGN // g)
+        return self.layout._expert_rows(row_X, s, index, s.offset // N + shift_rows)
+
 
 @dataclasses.dataclass(frozen=True)
 class Region:
@@ -213,10 +249,23 @@ def _align(n: int, a: int = _ALIGN) -> int:
     return -(-n // a) * a
 
 
+EXPERT_STACKS = ("moe/w1_LEDF2", "moe/w2_LEFD")     # read by the grouped matmuls in place
+
+
+def _entry_align(name: str, shape) -> int:
+    """An expert stack starts on a multiple of its last dim (its rows view), the rest on ALIGN."""
+    return math.lcm(_ALIGN, int(shape[-1])) if name.endswith(EXPERT_STACKS) else _ALIGN
+
+
+def _role_unit(entries: Sequence[tuple]) -> int:
+    """Multiple of every entry's alignment: slot sizes and shifts in this unit keep them aligned."""
+    return math.lcm(_ALIGN, *(_entry_align(n, shape) for n, shape in entries))
+
+
 def _pack(entries: Sequence[tuple], start: int = 0) -> tuple:
     slots, offset = [], start
     for name, shape in entries:
-        offset = _align(offset)
+        offset = _align(offset, _entry_align(name, shape))
         slots.append(Slot(name, offset, tuple(int(s) for s in shape)))
         offset += slots[-1].size
     return tuple(slots)
@@ -275,9 +324,11 @@ def _check_split(n_kv, n_w, pages_per_device, devices) -> None:
 
 
 def _page_slots(pages_per_device: int, page_elems: int, align: int) -> tuple:
-    """pages/k_PX at offset 0, pages/v_PX right after (offsets multiples of every model's K*H)."""
+    """pages/k_PX at offset 0, pages/v_PX right after, on a page boundary (offsets multiples of
+    every model's K*H and of page_elems: the kernels view the whole row as pages)."""
     shape = (pages_per_device, page_elems)
-    return (Slot("pages/k_PX", 0, shape), Slot("pages/v_PX", _align(pages_per_device * page_elems, align), shape))
+    v_offset = _align(pages_per_device * page_elems, math.lcm(align, page_elems))
+    return (Slot("pages/k_PX", 0, shape), Slot("pages/v_PX", v_offset, shape))
 
 
 def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: int,
@@ -387,13 +438,14 @@ def _extent(entries: Sequence[tuple]) -> int:
 
 
 def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: int, start: int,
-                   what: str) -> Optional[Region]:
-    """The role's Region for a byte budget over its n_rows devices (None: no budget)."""
+                   what: str, unit: int = _ALIGN) -> Optional[Region]:
+    """The role's Region for a byte budget over its n_rows devices (None: no budget); slots are
+    multiples of `unit` (the role's alignments)."""
     if budget is None:
         return None
     if not isinstance(budget, (int, np.integer)) or budget < 0:
         raise ValueError(f"{option} must be None or an integer >= 0, got {budget!r}")
-    slot_elems = max(extents.values())
+    slot_elems = _align(max(extents.values()), unit)
     biggest = max(extents, key=extents.get)
     slot_bytes = n_rows * slot_elems * itemsize
     if budget < slot_bytes:
@@ -434,15 +486,17 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
                 raise
             raise ValueError(f"model {name!r} cannot run on the disaggregated step: {e}") from None
     align = math.lcm(_ALIGN, *kv_rows)
+    w_unit = _role_unit([e for _, w_entries, _, _ in entries.values() for e in w_entries])
     itemsize = jnp.dtype(dtype).itemsize
     kv_region = _budget_region(attention_pool_bytes, "attention_pool_bytes",
                                {n: _extent(e[0]) for n, e in entries.items()}, n_kv, itemsize, 0,
                                "attention side (replicated on every KV device)")
     w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes",
                               {n: _extent(e[1]) for n, e in entries.items()}, n_w, itemsize, 0,
-                              "FFN shards over the weight devices")
+                              "FFN shards over the weight devices", unit=w_unit)
+    row_unit = math.lcm(align, page_elems, w_unit)      # the kernels' whole-row views divide the row
     multi = _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
-                     kv_region, w_region)
+                     kv_region, w_region, row_unit=row_unit)
     if fill_pages:
         more = _pages_that_fit(multi, page_elems, align)
         if max_pages_per_device is not None:
@@ -470,7 +524,7 @@ def _pages_that_fit(multi: MultiArenaLayout, page_elems: int, align: int) -> int
 
 
 def _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
-             kv_region, w_region, arena_elems=None) -> MultiArenaLayout:
+             kv_region, w_region, arena_elems=None, row_unit=None) -> MultiArenaLayout:
     pages = _page_slots(pages_per_device, page_elems, align)
     kv_start = _kv_region_start(pages_per_device, page_elems, align)
     if kv_region is not None:
@@ -493,7 +547,7 @@ def _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, d
     used_kv = kv_region.end if kv_region else max(s.offset + s.size for v in kv_own.values() for s in v)
     used_w = w_region.end if w_region else max(s.offset + s.size for v in w_own.values() for s in v)
     if arena_elems is None:
-        arena_elems = _align(max(used_kv, used_w), align)
+        arena_elems = _align(max(used_kv, used_w), row_unit or align)
     device_ids = tuple(d.id for d in devices[:n_kv + n_w])
     views = []
     for name, (_, _, ep, tp) in entries.items():

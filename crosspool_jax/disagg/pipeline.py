@@ -61,12 +61,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from crosspool_jax.disagg import sharded_attention
-from crosspool_jax.disagg.layout import AXIS, ArenaLayout
+from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
 from crosspool_jax.engine.step_inputs import StepInputs
 from crosspool_jax.kv.pool import page_view
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import compute_logits, output_projection, qkv_projection, rms_norm
 from pallas_kernels.fused_moe.api import grouped_matmul
+from pallas_kernels.fused_moe.expert_rows import as_array
 from pallas_kernels.fused_moe.reference import grouped_matmul_reference, route_topk
 from pallas_kernels.fused_moe.validation import resolve_backend as resolve_moe_backend
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
@@ -147,9 +148,10 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
 
 
 def _gmm_f32(lhs, rhs, group_sizes, backend: str):
-    """Grouped matmul through the kernels' seam, float32 out; the reference keeps float32 accumulation."""
+    """Grouped matmul through the kernels' seam, float32 out; the reference keeps float32 accumulation.
+    rhs: an `ExpertRows` over the arena row (the kernels read it in place)."""
     if resolve_moe_backend(backend) == "reference":
-        return grouped_matmul_reference(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+        return grouped_matmul_reference(lhs, as_array(rhs), group_sizes, preferred_element_type=jnp.float32)
     return grouped_matmul(lhs, rhs, group_sizes, backend=backend).astype(jnp.float32)
 
 
@@ -184,10 +186,11 @@ def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: Model
 
 
 def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
-    """The weight row's `kind` ("moe" / "dense") leaves of one layer: entry `index` of each stack."""
+    """The weight row's `kind` ("moe" / "dense") leaves of one layer: entry `index` of each stack
+    (the expert stacks excepted: `layout.expert_rows` reads those in place)."""
     prefix = f"{kind}/"
     return {s.name[len(prefix):]: layout.view(row_X, "w", s.name)[index]
-            for s in layout.w_slots if s.name.startswith(prefix)}
+            for s in layout.w_slots if s.name.startswith(prefix) and s.name not in EXPERT_STACKS}
 
 
 def _dense_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str):
@@ -210,7 +213,7 @@ def _moe_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: Model
     x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
     router_logits_TE = x_TD @ p["router_LDE"]
     weights_TK, ids_TK = route_topk(router_logits_TE, c.top_k, renormalize=c.norm_topk_prob)
-    w1_EDF2, w2_EFD = p["w1_LEDF2"], p["w2_LEFD"]
+    w1_EDF2, w2_EFD = (layout.expert_rows(row_X, name, index) for name in EXPERT_STACKS)
     E_loc, F_loc = w1_EDF2.shape[0], w2_EFD.shape[1]
     e0 = (w_index // layout.tp) * E_loc
     local_TK = ids_TK - e0

@@ -5,7 +5,10 @@ One layer is two halves that may live on different devices:
 `output_projection`: o projection, residual) and `ffn_block` (post-attention norm, then MoE with optional shared expert, or a
 dense SwiGLU MLP, residual). `forward` chains them over all layers (a `lax.scan` when every
 layer has the same FFN kind) and returns the hidden states after the final norm;
-`compute_logits` projects them to the vocabulary in float32.
+`compute_logits` projects them to the vocabulary in float32. The expert stacks are not
+sliced per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, which
+the GPU kernels read in place (a sliced layer would be copied into the kernel call: one
+layer of Mixtral-8x7B's experts is 2.8 GB).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.rope import apply_rope, rope_cos_sin
+from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array
 from pallas_kernels.fused_moe.reference import fused_moe_reference
 
 # attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache) -> (out_TNH, kv_cache)
@@ -80,7 +84,7 @@ def _swiglu(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Array:
 
 def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend):
     if backend == "reference":
-        return fused_moe_reference(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k,
+        return fused_moe_reference(x_TD, router_logits_TE, as_array(w1_EDF2), as_array(w2_EFD), top_k,
                                    renormalize=renormalize)
     try:
         from pallas_kernels.fused_moe import fused_moe
@@ -93,7 +97,8 @@ def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, b
 
 def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
               moe_backend: str = "reference") -> jax.Array:
-    """One layer's FFN half (post-attention norm, FFN, residual) -> out_TD."""
+    """One layer's FFN half (post-attention norm, FFN, residual) -> out_TD. A MoE layer's
+    w1_LEDF2 / w2_LEFD may be `ExpertRows` (read in place by the kernels)."""
     p, c = layer_ffn_params, config
     x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
     if kind == "dense":
@@ -109,8 +114,12 @@ def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.
     return h_TD + y_TD
 
 
+_EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
+
+
 def _layer_slice(stack: dict, i) -> dict:
-    return jax.tree_util.tree_map(lambda a: a[i], stack)
+    """Layer i of a stack; the expert stacks as ExpertRows (no slice)."""
+    return {k: ExpertRows.of_stack(a, i) if k in _EXPERT_LEAVES else a[i] for k, a in stack.items()}
 
 
 def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T: jax.Array,
@@ -123,13 +132,17 @@ def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T:
     if len(kinds) == 1:
         kind = kinds[0]
 
+        stacked = {k: a for k, a in ffn_params[kind].items() if k in _EXPERT_LEAVES}   # read in place
+
         def body(carry, xs):
             x, cache = carry
             attn_p, ffn_p, l = xs
+            ffn_p = {**ffn_p, **{k: ExpertRows.of_stack(a, l) for k, a in stacked.items()}}
             cache, h = attention_block(attn_p, c, x, positions_T, l, attention_fn, cache)
             return (ffn_block(ffn_p, c, kind, h, moe_backend=moe_backend), cache), None
 
-        xs = (kv_params["attn"], ffn_params[kind], jnp.arange(c.num_layers, dtype=jnp.int32))
+        per_layer = {k: a for k, a in ffn_params[kind].items() if k not in _EXPERT_LEAVES}
+        xs = (kv_params["attn"], per_layer, jnp.arange(c.num_layers, dtype=jnp.int32))
         (x_TD, kv_cache), _ = jax.lax.scan(body, (x_TD, kv_cache), xs)
     else:
         for l in range(c.num_layers):

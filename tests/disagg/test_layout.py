@@ -133,3 +133,40 @@ def test_unsplittable_models_raise():
     config, _, _ = model("qwen3_moe", 1)
     with pytest.raises(ValueError, match="pages_per_device"):
         make_layout(config, n_kv=1, n_w=1, pages_per_device=0)
+
+
+def test_kernel_views_are_whole_rows_at_aligned_offsets():
+    """The kernels get whole rows, never slices: the row divides into pages and into every expert
+    stack's [*, N] rows, V pages start on a page, each stack on a multiple of its N, and a budgeted
+    weight region's slots are multiples of every N (a shifted model stays aligned). The views read
+    the same values as the plain slot views, also through a bound (slot-shifted) layout."""
+    from crosspool_jax.disagg import make_multi_layout
+    from crosspool_jax.disagg.layout import ALIGN, EXPERT_STACKS
+    configs = {n: model(n, i)[0] for i, n in enumerate(("qwen3_moe", "mixtral", "qwen2_moe"))}
+    for budget in (None, 1 << 30):
+        multi = make_multi_layout(configs, n_kv=1, n_w=2, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS,
+                                  weights_pool_bytes=budget)
+        region = multi.region("w")
+        assert (region is None) == (budget is None)
+        for name in multi.names:
+            lay, c = multi.model(name), configs[name]
+            assert lay.arena_elems % lay.page_elems == 0
+            assert lay.slot("kv", "pages/v_PX").offset % lay.page_elems == 0
+            row = jnp.asarray(np.random.default_rng(0).standard_normal(lay.arena_elems), jnp.float32)
+            pages, k0, v0 = lay.kernel_pages(row, c.num_kv_heads, c.head_dim)
+            for off, slot in ((k0, "pages/k_PX"), (v0, "pages/v_PX")):
+                want = lay.view(row, "kv", slot).reshape(-1, *pages.shape[1:])
+                np.testing.assert_array_equal(pages[off:off + lay.pages_per_device], want)
+            for stack in EXPERT_STACKS:
+                s = lay.slot("w", stack)
+                N = s.shape[-1]
+                assert lay.arena_elems % N == 0 and s.offset % N == 0, (name, stack)
+                if region is not None:
+                    assert region.slot_elems % N == 0
+                np.testing.assert_array_equal(lay.expert_rows(row, stack, 1).materialize(), lay.view(row, "w", stack)[1])
+                if region is not None and region.num_slots > 1:
+                    shift = region.shift_units(1)
+                    bound = lay.bind(jnp.asarray([0, shift], jnp.int32))
+                    np.testing.assert_array_equal(bound.expert_rows(row, stack, 1).materialize(),
+                                                  bound.view(row, "w", stack)[1])
+                    assert shift * ALIGN % N == 0
