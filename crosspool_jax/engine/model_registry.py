@@ -167,13 +167,14 @@ class ModelRegistry:
         return self.residency.arena
 
     def _kernel_page_cap(self, page_elems: int) -> Optional[int]:
-        """Pages per KV device the Pallas attention kernel can address (None: the reference runs,
-        no limit). The kernels use 32-bit element offsets into one K or V operand."""
-        platform = self.kv_devices[0].platform
-        if self.attention_backend == "reference" or (self.attention_backend == "auto"
-                                                     and platform not in ("gpu", "tpu")):
-            return None
-        return max_pages_for_kernel(page_elems)
+        """Pages per KV device the Pallas attention kernel that may run here can address (None:
+        no limit). The rule lives in pallas_kernels/ragged_paged_attention/validation.py: the GPU
+        kernel has none (64-bit offsets), the TPU kernel caps one K or V operand at 2**31 - 1
+        elements."""
+        backend = self.attention_backend
+        if backend == "auto":
+            backend = {"gpu": "gpu", "tpu": "tpu"}.get(self.kv_devices[0].platform, "reference")
+        return max_pages_for_kernel(page_elems, backend)
 
     def _place(self) -> dict[str, int]:
         """shared/static: each model on one device, greedy by weight bytes (`weights.place_models`),

@@ -7,6 +7,17 @@ tpu on TPU, reference otherwise; and the reference wherever the kernels' geometr
 head dim in {64, 128, 256} and a power-of-two page size in [16, 128], are not met, so
 small test models still run on a GPU). An explicit "gpu"/"tpu" raises instead. Tile sizes
 live in tuning.py; measured numbers in RESULTS.md.
+
+Page offsets (static ints, default 0): the K of page id p (as page_indices gives it) is
+k_pages[p + k_page_offset], its V v_pages[p + v_page_offset]. So K and V may be two windows
+of ONE buffer (the same array passed as k_pages and v_pages): the disaggregated step passes
+its whole arena row viewed [row_elems // page_elems, G, K, H] (a free reshape; slicing the
+pages out would copy them into the kernel's operand on every call). Every backend clamps
+page ids into the buffer, so a bad id never reads outside it.
+
+Operand size (validation.py states the rule): the GPU kernel takes K/V operands of any size
+(64-bit offsets past 4 GiB, int32 pool rows P * G); the TPU kernel is capped at 2**31 - 1
+elements per operand; "auto" falls back to the reference beyond a kernel's limit.
 """
 from __future__ import annotations
 
@@ -33,18 +44,21 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale=None, soft_cap=None, sliding_window=None, backend="auto",
-                           interpret=False):
+                           interpret=False, k_page_offset=0, v_page_offset=0):
     """Attention of packed ragged queries q [T, N, H] over a paged KV pool [P, G, K, H].
 
     See ../shared/CROSSPOOL.md for the contract. Rows of q past cu_q_lens[num_seqs] come back
     as zeros on every backend. `interpret=True` runs a Pallas kernel in interpret mode (CPU).
+    k_page_offset / v_page_offset (static non-negative ints < P): page id p's K is
+    k_pages[p + k_page_offset], its V v_pages[p + v_page_offset] (module docstring).
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-                  backend=backend)
+                  backend=backend, k_page_offset=k_page_offset, v_page_offset=v_page_offset)
+    offsets = dict(k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
     requested = backend
     backend = resolve_backend(backend)
-    if requested == "auto" and backend != "reference" and not kernel_supports(q, k_pages):
+    if requested == "auto" and backend != "reference" and not kernel_supports(q, k_pages, backend):
         backend = "reference"
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
@@ -55,14 +69,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     if backend == "reference":
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            soft_cap=soft_cap, sliding_window=sliding_window)
+            soft_cap=soft_cap, sliding_window=sliding_window, **offsets)
     validate_kernel_geometry(q, k_pages, backend)
     if backend == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
         return ragged_paged_attention_gpu(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+            soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, **offsets)
     from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
     return ragged_paged_attention_tpu(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret)
+        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, **offsets)

@@ -32,6 +32,16 @@ masked in the scores and zeroed in V (`mask_v_load`: by the load itself), so unu
 pages (any bits, NaN included) never reach the output; page ids are clamped into the pool
 and page-table slots into the table, so no read leaves either.
 
+Page offsets (static): page id p's K is pool page p + k_page_offset, its V p + v_page_offset,
+so k_pages and v_pages may be one buffer (the engine's whole arena row) holding both. The
+kernel clamps p into [0, P - 1 - max offset] and adds each offset (times G in pool rows) as a
+constant, so every read stays in the buffer and the default (0, 0) adds nothing.
+
+Addressing (validation.py states the rule): the operand may be any size. The Triton lowering
+computes load offsets (row * K*H + column) in 64-bit for operands over 4 GiB; the kernel's own
+int32 index math never scales a K/V index by K*H or H: its largest value is a pool row
+page * G + key < P * G, which validation.py keeps under 2**31 (256 GiB of bf16 at K*H = 64).
+
 Padding rows of q (past cu_q_lens[num_seqs]) come back as zeros, as in the reference.
 """
 from __future__ import annotations
@@ -91,9 +101,14 @@ def _item_in_kernel(w, cu_ref, kvl_ref, ns_ref, *, BQ, sliding_window):
     return seq, t0, nq, pos0, jnp.minimum(lo, hi), hi
 
 
+def _shift(x, n: int):
+    """x + n for a static n, nothing added when n == 0."""
+    return x + n if n else x
+
+
 def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, pages_per_seq,
             table_len, num_pages, num_splits, out_rows, heads_fastest, row_gather,
-            mask_v_load, items_in_kernel, precision):
+            mask_v_load, items_in_kernel, precision, k_page_offset, v_page_offset):
     # items_ref [8] int32 or, items_in_kernel, cu_q_lens [S + 1], kv_lens [S], num_seqs [1];
     # q_ref [T * N, H] (the caller's q, heads of a token adjacent);
     # k_ref/v_ref [P, G, H] or, row_gather, [P * G, H] (one KV head's columns);
@@ -132,6 +147,9 @@ def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, p
     q = q_ref[q_rows]                                                     # [M, H]
     pos_r = pos0 + tok
     table0 = seq * pages_per_seq
+    # page ids clamped so that id + either offset stays inside the buffer (no overflow: the
+    # clamp comes before the constant offset is added)
+    max_page = num_pages - 1 - max(k_page_offset, v_page_offset)
 
     def load_kv(b):
         # -> K [BK, H] and V [BK, H] of keys [b * BK, (b + 1) * BK); V columns outside
@@ -139,29 +157,31 @@ def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, p
         c = b * BK + jnp.arange(BK, dtype=jnp.int32)
         if row_gather:           # k_ref/v_ref [P * G, H]: one pool row per key
             slots = jnp.minimum(table0 + c // G, table_len - 1)
-            pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), num_pages - 1)
-            rows = pages * G + c % G
-            k = k_ref[rows]
+            pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), max_page)
+            rows = pages * G + c % G                      # < P * G: int32 (validation.py)
+            k_rows = _shift(rows, k_page_offset * G)
+            v_rows = _shift(rows, v_page_offset * G)
+            k = k_ref[k_rows]
             if mask_v_load:
                 col_ok = (c >= lo) & (c < hi)
                 cols = jnp.arange(H, dtype=jnp.int32)
-                v = plgpu.load(v_ref.at[rows[:, None], cols[None, :]],
+                v = plgpu.load(v_ref.at[v_rows[:, None], cols[None, :]],
                                mask=jnp.broadcast_to(col_ok[:, None], (BK, H)), other=0.0)
                 return k, v
-            v = v_ref[rows]
+            v = v_ref[v_rows]
         elif BK >= G:            # k_ref/v_ref [P, G, H]: whole pages
             ppb = BK // G
             slots = jnp.minimum(table0 + b * ppb + jnp.arange(ppb, dtype=jnp.int32),
                                 table_len - 1)
-            pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), num_pages - 1)
-            k = k_ref[pages].reshape(BK, H)
-            v = v_ref[pages].reshape(BK, H)
+            pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), max_page)
+            k = k_ref[_shift(pages, k_page_offset)].reshape(BK, H)
+            v = v_ref[_shift(pages, v_page_offset)].reshape(BK, H)
         else:                    # a slice of one page
             page = pt_ref[table0 + (b * BK) // G]
-            page = jnp.minimum(jnp.maximum(page, 0), num_pages - 1)
+            page = jnp.minimum(jnp.maximum(page, 0), max_page)
             off = pl.multiple_of((b * BK) % G, BK)
-            k = k_ref[page, pl.ds(off, BK), :]
-            v = v_ref[page, pl.ds(off, BK), :]
+            k = k_ref[_shift(page, k_page_offset), pl.ds(off, BK), :]
+            v = v_ref[_shift(page, v_page_offset), pl.ds(off, BK), :]
         col_ok = (c >= lo) & (c < hi)
         return k, jnp.where(col_ok[:, None], v, jnp.zeros_like(v))
 
@@ -204,11 +224,14 @@ def _whole(shape):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
-                                             "interpret", "config"))
+                                             "interpret", "config", "k_page_offset",
+                                             "v_page_offset"))
 def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                cu_q_lens_S1, num_seqs, *, sm_scale, soft_cap=None,
-                               sliding_window=None, interpret=False, config=None):
-    """The GPU kernel; arguments as `ragged_paged_attention` (validated there).
+                               sliding_window=None, interpret=False, config=None,
+                               k_page_offset=0, v_page_offset=0):
+    """The GPU kernel; arguments as `ragged_paged_attention` (validated there; k_pages and
+    v_pages may be the same array, read through their page offsets).
 
     `config` (a tuning.BlockConfig) overrides the tuning table, for benchmarks and tests.
     """
@@ -240,7 +263,8 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
         Rp=Rp, M=M, BQ=BQ, BK=BK, G=G, N=N, pages_per_seq=pages_per_seq, table_len=table.shape[0],
         num_pages=P, num_splits=NS, out_rows=out_rows, heads_fastest=cfg.heads_fastest,
         row_gather=cfg.row_gather, mask_v_load=cfg.mask_v_load,
-        items_in_kernel=cfg.items_in_kernel, precision=precision)
+        items_in_kernel=cfg.items_in_kernel, precision=precision,
+        k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
     if cfg.heads_fastest:        # consecutive programs: the KV heads of one item (same pages)
         grid = (K, W, NS)
         item_of = lambda a, b, s: (b, 0)       # noqa: E731

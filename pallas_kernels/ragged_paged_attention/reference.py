@@ -5,7 +5,10 @@ sequence s owns q[cu_q_lens[s]:cu_q_lens[s+1]], the LAST tokens of its kv_lens[s
 context, causal within it. k_pages / v_pages [P, G, K, H] (G tokens per page);
 page_indices int32[S, pages_per_seq]; kv_lens int32[S]; cu_q_lens int32[S+1];
 num_seqs int32[1]: only the first num_seqs sequences count. Rows of q beyond
-cu_q_lens[num_seqs] are padding and come back as zeros.
+cu_q_lens[num_seqs] are padding and come back as zeros. Page id p's K is
+k_pages[p + k_page_offset] and its V v_pages[p + v_page_offset] (static ints, default 0), so K
+and V may be two windows of one buffer; ids outside the buffer are clamped into it (jnp
+gather), and whatever they read is masked.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ _MASK = -1e30
 
 def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                      cu_q_lens_S1, num_seqs, *, sm_scale=None, soft_cap=None,
-                                     sliding_window=None):
+                                     sliding_window=None, k_page_offset=0, v_page_offset=0):
     T, N, H = q_TNH.shape
     _, G, K, _ = k_pages_PGKH.shape
     S, pages_per_seq = page_indices_SP.shape
@@ -33,8 +36,8 @@ def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_
     kv_len_T = kv_lens_S[seq_T]
     pos_T = kv_len_T - q_len_T + (t - cu_q_lens_S1[seq_T])          # absolute position of the query
     pages_TP = page_indices_SP[seq_T]                               # [T, pages_per_seq]
-    k_TCKH = k_pages_PGKH[pages_TP].reshape(T, C, K, H)
-    v_TCKH = v_pages_PGKH[pages_TP].reshape(T, C, K, H)
+    k_TCKH = k_pages_PGKH[pages_TP + k_page_offset].reshape(T, C, K, H)
+    v_TCKH = v_pages_PGKH[pages_TP + v_page_offset].reshape(T, C, K, H)
     q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
     s = jnp.einsum("tkrh,tckh->tkrc", q_TKRH, k_TCKH.astype(jnp.float32)) * sm_scale
     if soft_cap is not None:

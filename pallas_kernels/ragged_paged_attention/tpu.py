@@ -14,6 +14,12 @@ heads and BQ tokens are packed into the rows of one [M, H] tile (M = BQ * R padd
 power of two); the softmax state lives in VMEM scratch in float32. Columns outside the
 item's key range are masked in the scores and zeroed in V, so unused pages (NaN included)
 never leak; page ids are clamped into the pool.
+
+Page offsets (static): the K BlockSpec's index map picks pool page p + k_page_offset, the V
+one p + v_page_offset (p clamped into [0, P - 1 - max offset] first), so k_pages and v_pages
+may be one buffer holding both as two windows. Operand size: capped at 2**31 - 1 elements
+per K/V operand (validation.py says why: the DMA's flat address is computed inside libtpu's
+Mosaic compiler from int32 block indices, and nothing shows it is 64-bit).
 """
 from __future__ import annotations
 
@@ -88,11 +94,14 @@ def _kernel(items_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
-                                             "interpret", "config"))
+                                             "interpret", "config", "k_page_offset",
+                                             "v_page_offset"))
 def ragged_paged_attention_tpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                cu_q_lens_S1, num_seqs, *, sm_scale, soft_cap=None,
-                               sliding_window=None, interpret=False, config=None):
-    """The TPU kernel; arguments as `ragged_paged_attention` (validated there).
+                               sliding_window=None, interpret=False, config=None,
+                               k_page_offset=0, v_page_offset=0):
+    """The TPU kernel; arguments as `ragged_paged_attention` (validated there; k_pages and
+    v_pages may be the same array, read through their page offsets).
 
     interpret=True runs it in the TPU interpret mode on any platform.
     """
@@ -110,13 +119,18 @@ def ragged_paged_attention_tpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
     table = page_indices_SP.reshape(-1)
     precision = lax.Precision.HIGHEST if q_TNH.dtype == jnp.float32 else None
 
-    def kv_map(w, j, items_ref, table_ref):
-        base = w * work.ITEM_COLS
-        p_lo = items_ref[base + work.KV_LO] // G
-        p_last = jnp.maximum(p_lo, (items_ref[base + work.KV_HI] + G - 1) // G - 1)
-        idx = jnp.minimum(jnp.minimum(p_lo + j, p_last), pages_per_seq - 1)
-        page = table_ref[items_ref[base + work.SEQ] * pages_per_seq + idx]
-        return (jnp.minimum(jnp.maximum(page, 0), P - 1), 0, 0, 0)
+    max_page = P - 1 - max(k_page_offset, v_page_offset)    # id + offset stays in the buffer
+
+    def page_map(offset):
+        def kv_map(w, j, items_ref, table_ref):
+            base = w * work.ITEM_COLS
+            p_lo = items_ref[base + work.KV_LO] // G
+            p_last = jnp.maximum(p_lo, (items_ref[base + work.KV_HI] + G - 1) // G - 1)
+            idx = jnp.minimum(jnp.minimum(p_lo + j, p_last), pages_per_seq - 1)
+            page = table_ref[items_ref[base + work.SEQ] * pages_per_seq + idx]
+            page = jnp.minimum(jnp.maximum(page, 0), max_page)
+            return (page + offset if offset else page, 0, 0, 0)
+        return kv_map
 
     def q_map(w, j, items_ref, table_ref):
         return (w, 0, 0, 0)
@@ -129,8 +143,8 @@ def ragged_paged_attention_tpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
         grid=(W, pages_per_seq),
         in_specs=[
             pl.BlockSpec((None, K, M, H), q_map),
-            pl.BlockSpec((None, G, K, H), kv_map),
-            pl.BlockSpec((None, G, K, H), kv_map),
+            pl.BlockSpec((None, G, K, H), page_map(int(k_page_offset))),
+            pl.BlockSpec((None, G, K, H), page_map(int(v_page_offset))),
         ],
         out_specs=pl.BlockSpec((None, K, M, H), q_map),
         scratch_shapes=[pltpu.VMEM((K, M, 1), jnp.float32), pltpu.VMEM((K, M, 1), jnp.float32),

@@ -1,7 +1,10 @@
-"""Argument checks for ragged_paged_attention: one place that raises clear ValueErrors.
+"""Argument checks for ragged_paged_attention: one place that raises clear ValueErrors, and the
+one place that states how big a K/V operand the Pallas kernels can address
+(`max_operand_elems`, see the comment above it).
 
-Shapes and dtypes are static under jit, so every check here runs at trace time and costs
-nothing per step. Values (lengths, page ids) are traced and cannot be checked here.
+Shapes, dtypes and the static options (page offsets included) are static under jit, so every
+check here runs at trace time and costs nothing per step. Values (lengths, page ids) are
+traced and cannot be checked here.
 """
 from __future__ import annotations
 
@@ -30,8 +33,10 @@ def _int32(name, x):
 
 
 def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP, cu_q_lens_S1,
-                  num_seqs, *, sm_scale, soft_cap, sliding_window, backend):
-    """Checks the contract's ranks, dtypes and shapes; returns the backend name unchanged."""
+                  num_seqs, *, sm_scale, soft_cap, sliding_window, backend, k_page_offset=0,
+                  v_page_offset=0):
+    """Checks the contract's ranks, dtypes, shapes and static options; returns the backend name
+    unchanged."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     T, N, H = _shape_of("q", q_TNH, 3)
@@ -69,25 +74,66 @@ def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                        or not isinstance(sliding_window, numbers.Integral)
                                        or sliding_window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    for name, off in (("k_page_offset", k_page_offset), ("v_page_offset", v_page_offset)):
+        if isinstance(off, bool) or not isinstance(off, numbers.Integral) or off < 0:
+            raise ValueError(f"{name} must be a non-negative int (static, not traced), got {off!r}")
+        if off >= P:
+            raise ValueError(f"{name}={off} leaves no page of the {P}-page buffer "
+                             f"(k_pages/v_pages shape {(P, G, K, Hk)}): page id p reads page "
+                             f"p + {name}, which must be < {P}")
     return backend
 
 
-# The Pallas kernels address a K (or V) operand with 32-bit element offsets (JAX runs without
-# x64): one operand of more elements would wrap around and read the wrong keys. The engine
-# caps its pages per device below this (`max_pages_for_kernel`); the kernels refuse beyond it.
-KERNEL_MAX_OPERAND_ELEMS = 2 ** 31 - 1
+# How big one K (or V) operand the Pallas kernels can address: THE rule (the engine's page cap,
+# `max_pages_for_kernel`, and the kernels' checks below all derive from it).
+# - GPU (gpu.py, Triton lowering): no limit on the operand's bytes. The lowering computes each
+#   load's element offset (index * stride, per dimension) in 64-bit whenever the operand is
+#   over 2**32 bytes (jax/_src/pallas/triton/lowering.py, `_compute_offsets_from_indices`;
+#   the int32 indices are zero-extended first), so only the kernel's own int32 index math must
+#   not overflow: its largest index is a pool row, page * G + key < P * G (with `row_gather`;
+#   otherwise a page id < P), and nothing in the kernel multiplies a K/V index by K*H or H.
+#   Hence P * G <= 2**31 - 1 (checked per call; a block dim is also an int32 constant there).
+#   Since K*H >= 64, that row bound only binds past 2**31 * 64 elements (256 GiB of bf16).
+# - TPU (tpu.py, Mosaic): capped at 2**31 - 1 elements. Its BlockSpec index maps lower to
+#   int32 block indices per dimension (`transform_indices`, jax/_src/pallas/mosaic/
+#   lowering.py) and the Mosaic compiler inside libtpu turns them into the DMA's flat HBM
+#   address; nothing in JAX's lowering shows that address is 64-bit, and no TPU is lent to
+#   check, so the 32-bit-offset cap stays.
+KERNEL_MAX_ROWS = 2 ** 31 - 1                       # GPU: pool rows P * G (int32 row ids)
+TPU_MAX_OPERAND_ELEMS = 2 ** 31 - 1                 # TPU: elements of one K/V operand
 
 
-def max_pages_for_kernel(page_elems: int) -> int:
-    """Most pages of `page_elems` elements one K (or V) operand of the kernels can address."""
-    return KERNEL_MAX_OPERAND_ELEMS // int(page_elems)
+def max_operand_elems(backend: str):
+    """Most elements one K (or V) pages operand may have on `backend` (None: no limit on the
+    operand's size; the GPU kernel still needs P * G <= KERNEL_MAX_ROWS)."""
+    return TPU_MAX_OPERAND_ELEMS if backend == "tpu" else None
 
 
-def kernel_supports(q_TNH, k_pages_PGKH) -> bool:
-    """Whether the Pallas kernels take this head dim, page size and pool size."""
+def max_pages_for_kernel(page_elems: int, backend: str):
+    """Most pages of `page_elems` elements per K (or V) operand where `backend` ("gpu", "tpu",
+    "reference") runs: None (no cap) but on TPU. The GPU's row bound is not a cap in practice:
+    it needs over 256 GiB per operand (see the rule above)."""
+    limit = max_operand_elems(backend)
+    return None if limit is None else limit // int(page_elems)
+
+
+def _size_problem(k_pages_PGKH, backend):
+    """Why this K/V operand is too big for `backend`'s kernel (None: it fits)."""
+    P, G = k_pages_PGKH.shape[:2]
+    limit = max_operand_elems(backend)
+    if limit is not None and k_pages_PGKH.size > limit:
+        return (f"at most {limit} elements per K/V pages operand (32-bit DMA offsets assumed), "
+                f"got {k_pages_PGKH.size}")
+    if P * G > KERNEL_MAX_ROWS:
+        return f"at most {KERNEL_MAX_ROWS} pool rows P * G (int32 row ids), got {P * G}"
+    return None
+
+
+def kernel_supports(q_TNH, k_pages_PGKH, backend) -> bool:
+    """Whether `backend`'s Pallas kernel takes this head dim, page size and pool size."""
     H, G = q_TNH.shape[-1], k_pages_PGKH.shape[1]
     return (H in KERNEL_HEAD_DIMS and KERNEL_MIN_PAGE <= G <= KERNEL_MAX_PAGE and not G & (G - 1)
-            and k_pages_PGKH.size <= KERNEL_MAX_OPERAND_ELEMS)
+            and _size_problem(k_pages_PGKH, backend) is None)
 
 
 def validate_kernel_geometry(q_TNH, k_pages_PGKH, backend):
@@ -100,7 +146,7 @@ def validate_kernel_geometry(q_TNH, k_pages_PGKH, backend):
     if not KERNEL_MIN_PAGE <= G <= KERNEL_MAX_PAGE or G & (G - 1):
         raise ValueError(f"the {backend} kernel needs a power-of-two page size in "
                          f"[{KERNEL_MIN_PAGE}, {KERNEL_MAX_PAGE}], got {G}; use backend='reference'")
-    if k_pages_PGKH.size > KERNEL_MAX_OPERAND_ELEMS:
-        raise ValueError(f"the {backend} kernel addresses at most {KERNEL_MAX_OPERAND_ELEMS} elements per K/V "
-                         f"pages operand (32-bit offsets), got {k_pages_PGKH.size} "
-                         f"(shape {tuple(k_pages_PGKH.shape)}); use fewer pages or backend='reference'")
+    problem = _size_problem(k_pages_PGKH, backend)
+    if problem is not None:
+        raise ValueError(f"the {backend} kernel addresses {problem} (shape "
+                         f"{tuple(k_pages_PGKH.shape)}); use fewer pages or backend='reference'")

@@ -60,16 +60,19 @@ def test_default_kv_pool_is_bounded_by_the_device_with_least_free_memory():
 
 
 def test_kernel_page_cap_only_where_a_pallas_kernel_may_run():
-    """The Pallas attention kernels address one K/V operand with 32-bit offsets: the registry caps
-    pages per device where they may run (GPU/TPU with "auto", or asked for), not on the reference."""
+    """Only the TPU attention kernel caps one K/V operand (2**31 - 1 elements: its DMA offsets are
+    not known to be 64-bit); the GPU kernel addresses any pool (64-bit offsets) and the reference
+    has no limit. The registry caps pages per device only where the TPU kernel may run."""
     from pallas_kernels.ragged_paged_attention.validation import max_pages_for_kernel
 
     def fake(backend, platform):
         return SimpleNamespace(attention_backend=backend, kv_devices=[SimpleNamespace(platform=platform)])
-    for backend, platform, capped in (("auto", "cpu", False), ("reference", "gpu", False), ("auto", "gpu", True),
-                                      ("auto", "tpu", True), ("gpu", "cpu", True)):
+    assert max_pages_for_kernel(2048, "tpu") == (2 ** 31 - 1) // 2048
+    for backend, platform, capped in (("auto", "cpu", False), ("reference", "gpu", False), ("auto", "gpu", False),
+                                      ("gpu", "cpu", False), ("reference", "tpu", False), ("auto", "tpu", True),
+                                      ("tpu", "cpu", True)):
         cap = ModelRegistry._kernel_page_cap(fake(backend, platform), 2048)
-        assert cap == (max_pages_for_kernel(2048) if capped else None), (backend, platform)
+        assert cap == (max_pages_for_kernel(2048, "tpu") if capped else None), (backend, platform)
 
 
 @pytest.mark.parametrize("split", [{}, {"mode": "crosspool", "kv_devices": 1, "weight_devices": 1}])
@@ -77,9 +80,10 @@ def test_pool_capped_at_the_kernel_limit(tiny_model_dirs, monkeypatch, split):
     from crosspool_jax.engine import model_registry
     from crosspool_jax.engine.config import EngineConfig
 
-    monkeypatch.setattr(model_registry, "max_pages_for_kernel", lambda page_elems: 40)
+    monkeypatch.setattr(model_registry, "max_pages_for_kernel",
+                        lambda page_elems, backend: 40 if backend == "tpu" else None)
     registry = ModelRegistry(EngineConfig(models={"m": tiny_model_dirs["qwen3_moe"]}, dtype="float32",
-                                          kv_pool_bytes=64 << 20, attention_backend="gpu", **split))
+                                          kv_pool_bytes=64 << 20, attention_backend="tpu", **split))
     assert registry.max_pages_per_device == 40 and registry.kv_layout.pages_per_device == 40
     if split:                                # the arena's KV rows: no more pages than the kernel addresses
         assert registry.arena.layout.pages_per_device == 40

@@ -1,6 +1,8 @@
 """Ragged paged attention: the reference against a plain numpy loop, the GPU kernel (Pallas
-interpret mode) and the TPU kernel (TPU interpret mode) against the reference, argument
-validation, and a `gpu`-marked class that runs the compiled GPU kernel on bigger shapes.
+interpret mode) and the TPU kernel (TPU interpret mode) against the reference, page offsets
+(K and V as two windows of one buffer) on every backend, argument validation, the operand
+size rule, and a `gpu`-marked class that runs the compiled GPU kernel on bigger shapes and on
+a K/V buffer of more than 2**31 elements.
 
 Inputs are fresh random normals (never zeros); page tables are shuffled; pages no sequence
 owns, the unused tail slots of each sequence's last page, and the page-table entries past a
@@ -19,6 +21,8 @@ Tolerances (max abs error against the reference, after both are cast to float32)
 """
 from __future__ import annotations
 
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +222,84 @@ class TestTpuKernelInterpret:
                      TOL[jnp.float32])
 
 
+def windows_of_one_buffer(args, *, v_first=False, gaps=(3, 2, 4)):
+    """The case of `args` with K and V as two windows of ONE buffer whose other pages are NaN
+    (gaps: NaN pages before, between and after the windows), and a garbage id 2**31 - 1 in
+    every sequence's last (unused) page-table slot.
+    -> (plain args, buffer args, k_page_offset, v_page_offset)."""
+    q, k, v, kl, table, cu, ns = args
+    table = table.at[:, -1].set(2 ** 31 - 1)
+    P, G, K, H = k.shape
+    nan = [jnp.full((n, G, K, H), jnp.nan, k.dtype) for n in gaps]
+    first, second = (v, k) if v_first else (k, v)
+    buf = jnp.concatenate([nan[0], first, nan[1], second, nan[2]])
+    offsets = (gaps[0], gaps[0] + P + gaps[1])
+    k_off, v_off = offsets[::-1] if v_first else offsets
+    return (q, k, v, kl, table, cu, ns), (q, buf, buf, kl, table, cu, ns), k_off, v_off
+
+
+class TestPageOffsets:
+    """k_page_offset / v_page_offset: page id p's K is k_pages[p + k_page_offset], its V
+    v_pages[p + v_page_offset]. Each backend on one buffer holding both windows (NaN elsewhere)
+    must equal the plain call on separate K/V arrays, bit for bit."""
+
+    def test_reference(self):
+        plain, one, k_off, v_off = windows_of_one_buffer(
+            make_case(80, *MIXED, N=8, K=2, H=32, S_cap=8, T_pad=3))
+        out = ragged_paged_attention(*one, backend="reference", k_page_offset=k_off,
+                                     v_page_offset=v_off)
+        ref = ragged_paged_attention(*plain, backend="reference")
+        assert not np.isnan(np.asarray(out)).any()
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+    @pytest.mark.parametrize("cfg", [
+        None,                                                          # tuned: row_gather
+        tuning.BlockConfig(q_tokens=8, block_k=64, num_splits=4),      # whole pages [P, G, K*H]
+        tuning.BlockConfig(q_tokens=2, block_k=8, num_splits=3),       # a slice of one page
+    ])
+    def test_gpu_kernel_interpret(self, cfg):
+        plain, one, k_off, v_off = windows_of_one_buffer(
+            make_case(81, *MIXED, N=8, K=2, H=64, G=16, S_cap=6))
+        if cfg is None:
+            run = functools.partial(ragged_paged_attention, backend="gpu", interpret=True)
+        else:
+            run = functools.partial(ragged_paged_attention_gpu, sm_scale=0.125, interpret=True,
+                                    config=cfg)
+        out = run(*one, k_page_offset=k_off, v_page_offset=v_off)
+        assert_close(out, ragged_paged_attention_reference(*plain, sm_scale=0.125), TOL[jnp.float32])
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(run(*plain)))
+
+    def test_tpu_kernel_interpret_v_window_first(self):
+        plain, one, k_off, v_off = windows_of_one_buffer(
+            make_case(82, *MIXED, N=8, K=2, H=128, G=16, S_cap=8, T_pad=2), v_first=True)
+        assert v_off < k_off
+        out = ragged_paged_attention(*one, backend="tpu", interpret=True, k_page_offset=k_off,
+                                     v_page_offset=v_off)
+        assert_close(out, ragged_paged_attention_reference(*plain), TOL[jnp.float32])
+        np.testing.assert_array_equal(
+            np.asarray(out), np.asarray(ragged_paged_attention(*plain, backend="tpu", interpret=True)))
+
+    @pytest.mark.parametrize("kw,match", [
+        (dict(k_page_offset=-1), "k_page_offset must be a non-negative int"),
+        (dict(v_page_offset=2.0), "v_page_offset must be a non-negative int"),
+        (dict(v_page_offset=True), "v_page_offset must be a non-negative int"),
+        (dict(k_page_offset=jnp.int32(1)), "k_page_offset must be a non-negative int"),
+        (dict(v_page_offset=8), "v_page_offset=8 leaves no page of the 8-page buffer"),
+    ])
+    def test_bad_offsets_raise(self, kw, match):
+        args = make_case(83, [1, 2], [3, 5], N=4, K=2, H=64, G=16, extra_pages=6)   # P = 8
+        for backend in ("reference", "gpu"):
+            with pytest.raises(ValueError, match=match):
+                ragged_paged_attention(*args, backend=backend, interpret=True, **kw)
+
+    def test_numpy_int_offsets_accepted(self):
+        plain, one, k_off, v_off = windows_of_one_buffer(make_case(84, [1, 2], [3, 5], N=4, K=2, H=64))
+        out = ragged_paged_attention(*one, backend="reference", k_page_offset=np.int64(k_off),
+                                     v_page_offset=np.int32(v_off))
+        np.testing.assert_array_equal(np.asarray(out),
+                                      np.asarray(ragged_paged_attention(*plain, backend="reference")))
+
+
 class TestValidation:
     def _args(self):
         return make_case(30, [1, 2], [3, 5], N=4, K=2, H=64, G=16)
@@ -311,6 +393,52 @@ class TestGpuKernelCompiled:
         assert_close(out, ragged_paged_attention_reference(*args), GPU_TOL[jnp.bfloat16])
         assert np.all(np.asarray(out, np.float32)[-3:] == 0), "padding rows must be zeros"
 
+    def test_buffer_over_2_31_elements(self):
+        """64-bit addressing: ONE bf16 buffer of 2**31 + 2**26 elements (4.1 GiB, random normals)
+        holds a K window and a V window of 2048 pages each in its last 128 MiB, both wholly past
+        element 2**31, as the engine passes its arena row (k_pages = v_pages = the buffer). An
+        element offset kept in 32 bits would wrap and read far from those pages. Expected: the
+        reference on compact copies of the two windows (the same host data, never read back
+        from the big buffer). Runs the tuned row_gather kernel with relative page ids (both
+        offsets past 2**17 pages), with absolute K page ids (k_page_offset=0), and the
+        whole-page [P, G, K*H] view without row_gather."""
+        if jax.devices()[0].memory_stats().get("bytes_limit", 0) < 24 << 30:
+            pytest.skip("needs ~16 GiB of GPU memory")
+        N, K, H, G = 32, 8, 128, 16
+        page_elems = G * K * H                                # 2**14
+        n = 2048                                              # pages per window
+        base = 2 ** 31 // page_elems                          # first page past element 2**31
+        q_lens = [1, 1, 64, 17, 1, 200]
+        kv_lens = [15, 17, 64, 3000, 4097, 1500]
+        need = sum(-(-length // G) for length in kv_lens)
+        # k, v [n, G, K, H]: random, NaN in unowned pages and last-page tails (make_case)
+        q, k, v, kl, table, cu, ns = make_case(70, q_lens, kv_lens, N=N, K=K, H=H, G=G, S_cap=8,
+                                               T_pad=3, dtype=jnp.bfloat16, extra_pages=n - need)
+        assert k.shape[0] == n
+        fill = jax.jit(lambda key, kv: jnp.concatenate(
+            [jax.random.normal(key, (base, G, K, H), jnp.bfloat16), kv]))
+        buf = fill(jax.random.key(7), jnp.concatenate([k, v]))   # K window, then V window
+        P_buf = buf.shape[0]
+        assert buf.size > 2 ** 31 and base * page_elems >= 2 ** 31
+        assert (P_buf - base) * page_elems * 2 <= 1 << 30         # the buffer's last GiB
+        expected = ragged_paged_attention_reference(q, k, v, kl, table, cu, ns)
+        try:
+            out = ragged_paged_attention(q, buf, buf, kl, table, cu, ns, backend="gpu",
+                                         k_page_offset=base, v_page_offset=base + n)
+            assert_close(out, expected, GPU_TOL[jnp.bfloat16])
+            absolute = jnp.where(table >= 0, table + base, table)    # -1 stays: clamped, masked
+            out = ragged_paged_attention(q, buf, buf, kl, absolute, cu, ns, backend="gpu",
+                                         k_page_offset=0, v_page_offset=n)
+            assert_close(out, expected, GPU_TOL[jnp.bfloat16])
+            cfg = tuning.BlockConfig(q_tokens=8, block_k=64, num_splits=2, num_warps=4,
+                                     num_stages=2)
+            out = ragged_paged_attention_gpu(q, buf, buf, kl, table, cu, ns, sm_scale=H ** -0.5,
+                                             config=cfg, k_page_offset=base,
+                                             v_page_offset=base + n)
+            assert_close(out, expected, GPU_TOL[jnp.bfloat16])
+        finally:
+            buf.delete()
+
     def _decode_split_case(self, R, H, G, config):
         args = make_case(50 + R, [1] * 4, [1, 700, 2049, 5000], N=4 * R, K=4, H=H, G=G,
                          dtype=jnp.bfloat16, table_fill="random")
@@ -323,18 +451,30 @@ class TestGpuKernelCompiled:
         assert_close(out, ragged_paged_attention_reference(*args, **kw), GPU_TOL[jnp.bfloat16])
 
 
-def test_kernels_refuse_pools_beyond_32_bit_offsets():
-    """One K/V operand of more than 2**31 - 1 elements would wrap the kernels' 32-bit offsets:
-    "auto" falls back to the reference, an explicit kernel backend raises naming the limit."""
-    from pallas_kernels.ragged_paged_attention.validation import (KERNEL_MAX_OPERAND_ELEMS, kernel_supports,
-                                                                   max_pages_for_kernel, validate_kernel_geometry)
+def test_operand_size_rule():
+    """validation.py's one rule: the GPU kernel takes a K/V operand of any size (64-bit offsets
+    past 4 GiB) as long as its pool rows P * G fit int32; the TPU kernel stays capped at
+    2**31 - 1 elements per operand. "auto" falls back to the reference, an explicit backend
+    raises naming the limit."""
+    from pallas_kernels.ragged_paged_attention.validation import (
+        KERNEL_MAX_ROWS, TPU_MAX_OPERAND_ELEMS, kernel_supports, max_pages_for_kernel,
+        validate_kernel_geometry)
     q = jax.ShapeDtypeStruct((8, 32, 128), jnp.bfloat16)
     page_elems = 16 * 8 * 128
-    fits = max_pages_for_kernel(page_elems)
-    assert fits * page_elems <= KERNEL_MAX_OPERAND_ELEMS < (fits + 1) * page_elems
+    fits = max_pages_for_kernel(page_elems, "tpu")
+    assert fits * page_elems <= TPU_MAX_OPERAND_ELEMS < (fits + 1) * page_elems
+    assert max_pages_for_kernel(page_elems, "gpu") is None
+    assert max_pages_for_kernel(page_elems, "reference") is None
     ok = jax.ShapeDtypeStruct((fits, 16, 8, 128), jnp.bfloat16)
-    too_big = jax.ShapeDtypeStruct((fits + 1, 16, 8, 128), jnp.bfloat16)
-    assert kernel_supports(q, ok) and not kernel_supports(q, too_big)
-    validate_kernel_geometry(q, ok, "gpu")
+    big = jax.ShapeDtypeStruct((4 * fits, 16, 8, 128), jnp.bfloat16)       # 16 GiB of bf16
+    assert kernel_supports(q, ok, "tpu") and not kernel_supports(q, big, "tpu")
+    assert kernel_supports(q, big, "gpu")
+    validate_kernel_geometry(q, ok, "tpu")
+    validate_kernel_geometry(q, big, "gpu")
     with pytest.raises(ValueError, match="at most 2147483647 elements per K/V pages operand"):
-        validate_kernel_geometry(q, too_big, "gpu")
+        validate_kernel_geometry(q, big, "tpu")
+    q64 = jax.ShapeDtypeStruct((8, 2, 64), jnp.bfloat16)
+    rows_over = jax.ShapeDtypeStruct((KERNEL_MAX_ROWS // 16 + 1, 16, 1, 64), jnp.bfloat16)
+    assert not kernel_supports(q64, rows_over, "gpu")
+    with pytest.raises(ValueError, match="at most 2147483647 pool rows P [*] G"):
+        validate_kernel_geometry(q64, rows_over, "gpu")
