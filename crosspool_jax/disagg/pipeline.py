@@ -49,7 +49,11 @@ tokens' rows for the o projection.
 Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
 unsharded attention) and `fused_moe.grouped_matmul` (the expert matmuls); "auto" is the
 GPU/TPU kernel on that platform where its shapes allow and the jnp reference elsewhere (on
-CPU nothing changes). The sharded partial attention is jnp only.
+CPU nothing changes). Their weight and page operands are the WHOLE arena row viewed as pages
+(`layout.kernel_pages`, with the K/V page offsets) or as expert rows (`layout.expert_rows`),
+never a slice of it: a custom call's operand is a whole buffer, so a slice would be copied
+into every call (the step held ~the pool in temporaries before). The sharded partial
+attention is jnp only.
 """
 from __future__ import annotations
 
@@ -140,10 +144,11 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
             backend: str):
     """KV device: attention over the local pages (new K/V already written), o projection, residual."""
     c = config
-    k_pages, v_pages = _pages(row_X, layout, c)
-    out_TNH = ragged_paged_attention(q_TNH, k_pages, v_pages, step.kv_lens_S, step.page_indices_LSP[layer],
+    # the whole row as pages + where K and V start: a sliced pages region would be copied into the call
+    pages, k0, v0 = layout.kernel_pages(row_X, c.num_kv_heads, c.head_dim)
+    out_TNH = ragged_paged_attention(q_TNH, pages, pages, step.kv_lens_S, step.page_indices_LSP[layer],
                                      step.cu_q_lens_S1, step.num_seqs_1, sliding_window=c.sliding_window,
-                                     backend=backend)
+                                     backend=backend, k_page_offset=k0, v_page_offset=v0)
     return _o_proj(row_X, x_TD, out_TNH, layer, layout, c)
 
 

@@ -132,8 +132,8 @@ class ModelRegistry:
         layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
         self.max_pages_per_device = self._kernel_page_cap(page_elems)
         if self.max_pages_per_device is not None and layout.pages_per_device > self.max_pages_per_device:
-            log.warning("KV pool: %d pages per device exceed what the attention kernel addresses with 32-bit "
-                        "offsets; capped at %d pages (%.1f GiB of K+V per device)", layout.pages_per_device,
+            log.warning("KV pool: %d pages per device exceed what the TPU attention kernel addresses "
+                        "(2**31-1 elements per K/V operand); capped at %d pages (%.1f GiB of K+V per device)", layout.pages_per_device,
                         self.max_pages_per_device, self.max_pages_per_device * layout.page_bytes / 2 ** 30)
             layout = dataclasses.replace(layout, pages_per_device=self.max_pages_per_device)
         self.kv_layout = layout

@@ -166,7 +166,7 @@ def _run_recording_groups(engine, requests):
 
 
 def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dirs, shared, batch, expected):
-    """2 KV devices of 8 pages: a 70-token Qwen3 prompt (76 tokens at the end: 5 blocks of 2
+    """2 KV devices of 8-9 pages (4 blocks each): a 70-token Qwen3 prompt (76 tokens at the end: 5 blocks of 2
     pages, G=16) fits on no single device; it spills onto the other and runs sequence-sharded:
     alone (M=1, its prefill chunked across the spill), then beside two short Qwen3 requests
     (M=2: a sharded and one-device sequences in one step), then the whole batch (preemption).
@@ -180,7 +180,8 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
               **{**ENGINE, "kv_pool_bytes": 2 * 8 * 2 * 512 * 4})
     engine = llm.engine
     assert (engine.runner.attention_backend, engine.runner.moe_backend) == ("reference", "reference")
-    assert engine.registry.kv_layout.pages_per_device == 8
+    P = engine.registry.kv_layout.pages_per_device       # 8, plus what the weight rows' longer tail adds
+    assert P // 2 == 4                                   # 4 blocks of 2 pages per device
     assert engine.kv_manager.max_request_tokens("qwen3_moe") == 2 * 4 * 16             # the whole pool
     got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", long_prompt)})
     assert _tokens([got["long"]]) == [want["long"]]
@@ -202,11 +203,11 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
     # the runner groups a chunk on its first block's device and marks the step sharded
     req = Request("spread", "mixtral", prompts[0], GREEDY)
     chunk = SimpleNamespace(request=req, start=0, num_tokens=5, token_ids=prompts[0][:5],
-                            page_table=[[9, 1], [10, 2]])       # device 1, then device 0 (8 pages each)
+                            page_table=[[P + 1, 1], [P + 2, 2]])       # device 1, then device 0 (P pages each)
     g = engine.runner.group_by_device("mixtral", [chunk])
     assert g.sharded and g.where == [(1, 0)] and g.local[1][0].page_table.tolist() == [[1, 1], [2, 2]]
-    with pytest.raises(ValueError, match="request spread of model 'mixtral': page ids \\[17\\] are outside"):
-        engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[17, 1], [10, 2]]})])
+    with pytest.raises(ValueError, match=f"request spread of model 'mixtral': page ids \\[{2 * P + 1}\\] are outside"):
+        engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[2 * P + 1, 1], [P + 2, 2]]})])
 
 
 def test_refused_at_construction(model_dirs):
