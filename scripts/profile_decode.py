@@ -1,0 +1,123 @@
+"""Where a decode step's time goes: scheduler, host input building, the device program, result
+fetch and the engine's own bookkeeping, per engine step (median over the decode steps).
+
+    python scripts/profile_decode.py --random_config mixtral-8x7b-2l --mode shared
+    python scripts/profile_decode.py --random_config mixtral-8x7b-2l --mode crosspool --split 1+1
+    JAX_PLATFORMS=cpu python scripts/profile_decode.py --model m=checkpoints/qwen3-moe-tiny --tokens 8
+
+Timers wrap `scheduler.schedule`, the runner's `dispatch` (host work up to the program's
+dispatch: input building, transfers, the jit call), `block_until_ready` on the dispatched
+outputs (the device program, as seen from the host, after dispatch returned) and `collect`
+(the device-to-host fetch and unpacking). "rest" is the engine step minus those: stop rules,
+detokenization, output objects. One line per phase, milliseconds. Blocking after dispatch
+serialises host and device (the engine normally overlaps them across models), so the step
+total here is an upper bound of the engine's.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_MODEL = flags.DEFINE_multi_string("model", None, "NAME=PATH (default: --random_config)")
+_RANDOM = flags.DEFINE_string("random_config", "mixtral-8x7b-2l", "random-weight model shape")
+_MODE = flags.DEFINE_string("mode", "shared", "static | shared | crosspool")
+_SPLIT = flags.DEFINE_string("split", None, "crosspool KV+W devices, e.g. 1+1")
+_REQUESTS = flags.DEFINE_integer("requests", 2, "concurrent requests")
+_PROMPT = flags.DEFINE_integer("prompt_len", 512, "prompt tokens")
+_TOKENS = flags.DEFINE_integer("tokens", 32, "tokens generated per request")
+_KV = flags.DEFINE_integer("kv_pool_bytes", 4 << 30, "KV pool bytes")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
+_DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "decode tokens per dispatch (placed modes)")
+
+
+class Timer:
+    def __init__(self):
+        self.samples: dict[str, list[float]] = {}
+        self.current: dict[str, float] = {}
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - t0
+        return timed
+
+    def close_step(self, total: float):
+        self.current["step"] = total
+        for k, v in self.current.items():
+            self.samples.setdefault(k, []).append(v)
+        self.current = {}
+
+
+def main(argv):
+    del argv
+    import jax
+    import numpy as np
+
+    from crosspool_jax import LLM, SamplingParams
+    from crosspool_jax.engine.random_models import random_model_dirs
+    from crosspool_jax.model_specs import models_from_specs
+
+    models = models_from_specs(_MODEL.value) if _MODEL.value else random_model_dirs([_RANDOM.value])
+    opts = dict(mode=_MODE.value)
+    if _SPLIT.value:
+        n_kv, n_w = (int(x) for x in _SPLIT.value.split("+"))
+        opts.update(kv_devices=n_kv, weight_devices=n_w)
+    llm = LLM(models, dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=_DECODE_STEPS.value,
+              max_num_batched_tokens=max(512, _PROMPT.value), **opts)
+    engine = llm.engine
+    name = engine.model_names[0]
+    timer = Timer()
+    runner = engine.runner
+    orig_dispatch, orig_collect = runner.dispatch, runner.collect
+
+    def dispatch(*args, **kwargs):
+        t0 = time.perf_counter()
+        step = orig_dispatch(*args, **kwargs)
+        t1 = time.perf_counter()
+        jax.block_until_ready(step.outputs)
+        t2 = time.perf_counter()
+        timer.current["dispatch"] = timer.current.get("dispatch", 0.0) + t1 - t0
+        timer.current["device_after_dispatch"] = timer.current.get("device_after_dispatch", 0.0) + t2 - t1
+        return step
+
+    runner.dispatch = dispatch
+    runner.collect = timer.wrap("collect", orig_collect)
+    engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)
+    rng = np.random.default_rng(0)
+    vocab = engine.registry.get(name).config.vocab_size
+    params = SamplingParams(max_tokens=_TOKENS.value, temperature=0.0, ignore_eos=True)
+
+    def run_round(tag):
+        for i in range(_REQUESTS.value):
+            engine.add_request(f"{tag}-{i}", name, {"prompt_token_ids": rng.integers(1, vocab, _PROMPT.value).tolist()},
+                               params)
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            engine.step()
+            timer.close_step(time.perf_counter() - t0)
+
+    run_round("warm")                      # compiles every shape once
+    timer.samples.clear()
+    run_round("timed")
+    decode = [i for i, s in enumerate(timer.samples["step"]) if i > 0]     # the first step is the prefill
+    med = {k: 1e3 * statistics.median([v[i] for i in decode if i < len(v)]) for k, v in timer.samples.items()}
+    known = sum(med.get(k, 0.0) for k in ("schedule", "dispatch", "device_after_dispatch", "collect"))
+    print(f"profile_decode: {jax.devices()[0].device_kind} x{len(jax.devices())}, JAX {jax.__version__}, "
+          f"model {_RANDOM.value if not _MODEL.value else name}, mode {_MODE.value} {_SPLIT.value or ''}, "
+          f"{_REQUESTS.value} requests, prompt {_PROMPT.value}, {len(decode)} decode steps (median ms)")
+    for k in ("step", "schedule", "dispatch", "device_after_dispatch", "collect"):
+        print(f"  {k:24s} {med.get(k, float('nan')):8.3f}")
+    print(f"  {'rest (engine bookkeeping)':24s} {med['step'] - known:8.3f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
