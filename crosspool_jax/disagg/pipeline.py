@@ -32,10 +32,18 @@ overlap, the baseline) a stage is one layer: attention, exchange to the weights 
 exchange back (a scan of L steps; each pool idles while the other computes).
 
 The arena is donated: K/V are scattered straight into the carried row (viewed as
-[rows, K*H]; pages sit at the row's start), outside any `cond`, so the pool is updated in
-place (a row returned by a conditional would be copied every stage). The KV devices' stage
-is therefore three parts: q/k/v (cond), the K/V write (unconditional, dropped when idle),
-attention + o projection (cond).
+[rows, K*H]; pages sit at the row's start), so the pool is updated in place.
+
+No `lax.cond` per stage: on a GPU a conditional reads its predicate back to the host, which
+stalls the host until the device has caught up, once per cond (measured on two H200s: the
+dispatch of a 2-layer step took the whole step, ~8 ms). Every device runs both roles' code
+each stage and the data switches the idle role off: its K/V writes go to dropped slots, its
+attention sees num_seqs = 0 (the kernel does no work), its expert groups are all empty (the
+grouped matmuls read no expert), and its outputs are replaced by zeros with `where` (never
+multiplied: what an idle device computes from the other role's bytes may be NaN). What an
+idle device still does: the q/k/v and o projections (weight devices, on their own row's
+bytes), the router and any dense or shared-expert matmul (KV devices). A model mixing FFN
+kinds keeps one `lax.switch` per layer; the final logits keep one `cond` (at the end).
 
 Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several KV
 devices; a different program, the common case keeps the one above). Each sequence's tokens
@@ -57,6 +65,7 @@ attention is jnp only.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
@@ -124,8 +133,7 @@ def _layer_attn_params(row_X, layer, layout: ArenaLayout) -> dict:
 
 
 def _qkv(row_X, x_TD, positions_T, layer, layout: ArenaLayout, config: ModelConfig):
-    """KV device: q/k/v of one layer (norms, RoPE). The K/V write stays outside the role `cond`,
-    so the arena row is never an output of a conditional (which would copy it each stage)."""
+    """KV device: q/k/v of one layer (norms, RoPE)."""
     return qkv_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, positions_T)
 
 
@@ -167,9 +175,11 @@ def _swiglu_f32(x_TD, w1_DF2, w2_FD):
     return jnp.dot(act, w2_FD, preferred_element_type=jnp.float32)
 
 
-def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference"):
+def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference",
+                 on=True):
     """Weight device: this device's share of layer `layer`'s FFN output (no residual), float32;
-    the sum over the weight devices is the full FFN output.
+    the sum over the weight devices is the full FFN output. `on` False (traced): no expert is
+    read (empty groups); the caller discards the output.
 
     A model with one FFN kind reads that stack at `layer` (a MoE-only model compiles exactly as
     without dense support); a model mixing kinds picks the branch and the index into its stack
@@ -180,13 +190,13 @@ def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: Model
     partial = {"moe": _moe_partial, "dense": _dense_partial}
     kinds = c.ffn_kinds
     if len(kinds) == 1:
-        return partial[kinds[0]](row_X, h_TD, layer, w_index, layout, c, backend)
+        return partial[kinds[0]](row_X, h_TD, layer, w_index, layout, c, backend, on)
     L = c.num_layers
     kind_L = jnp.asarray([kinds.index(c.ffn_kind(l)) for l in range(L)], jnp.int32)
     index_L = jnp.asarray([c.ffn_index(l) for l in range(L)], jnp.int32)
     index = index_L[layer]
     branches = [functools.partial(partial[k], row_X, index=index, w_index=w_index, layout=layout, config=c,
-                                  backend=backend) for k in kinds]
+                                  backend=backend, on=on) for k in kinds]
     return jax.lax.switch(kind_L[layer], branches, h_TD)
 
 
@@ -198,7 +208,7 @@ def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
             for s in layout.w_slots if s.name.startswith(prefix) and s.name not in EXPERT_STACKS}
 
 
-def _dense_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str):
+def _dense_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on=True):
     """Weight device: its block of F of dense layer `index` (of the dense stack) applied to the
     normed input; float32. FFN norm replicated, [gate | up] and down split over F (arena._tp_shard)."""
     p = _stack_params(row_X, "dense", index, layout)
@@ -206,7 +216,7 @@ def _dense_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: Mod
     return _swiglu_f32(x_TD, p["w1_LDF2"], p["w2_LFD"])
 
 
-def _moe_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str):
+def _moe_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on=True):
     """Weight device: this device's share of MoE layer `index` (of the MoE stack), float32.
 
     Routing over all E experts (router replicated), then only the (token, k) pairs routed to
@@ -227,6 +237,7 @@ def _moe_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: Model
     order = jnp.argsort(flat_ids, stable=True)
     token_of_row = order // c.top_k
     group_sizes_E = jnp.bincount(flat_ids, length=E_loc).astype(jnp.int32)  # drops the E_loc pairs
+    group_sizes_E = jnp.where(on, group_sizes_E, 0)                       # off: no expert is read
     h = _gmm_f32(x_TD[token_of_row], w1_EDF2, group_sizes_E, backend)    # rows past the groups: 0
     act = (jax.nn.silu(h[:, :F_loc]) * h[:, F_loc:]).astype(x_TD.dtype)
     y = _gmm_f32(act, w2_EFD, group_sizes_E, backend)
@@ -316,16 +327,15 @@ def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bas
         """(h_TD, row): KV device's attention of micro-batch m (zeros and no write when off)."""
         step = jax.tree_util.tree_map(lambda a: a[m], mine)
         x_TD = x_MTD[m]
-        zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
-        zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
-        q_TNH, k_TKH, v_TKH = jax.lax.cond(
-            on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
-            lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
-        # outside the cond (in place on the carried row): an idle device drops every write
+        # in place on the carried row; an idle device drops every write. Every read of the row
+        # before the write must feed the write (else XLA cannot order it first and copies the
+        # whole row): k/v come from the row as it was, q from the written row (same weights).
+        _, k_TKH, v_TKH = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
         row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, jnp.where(on, step.slots_LT[layer], -1))
-        h_TD = jax.lax.cond(on, lambda q: _attend(row_X, x_TD, q, step, layer, layout, c, attention_backend),
-                            lambda q: jnp.zeros((Tm, D), dtype), q_TNH)
-        return h_TD, row_X
+        q_TNH, _, _ = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
+        live = dataclasses.replace(step, num_seqs_1=jnp.where(on, step.num_seqs_1, 0))   # off: no attention work
+        h_TD = _attend(row_X, x_TD, q_TNH, live, layer, layout, c, attention_backend)
+        return jnp.where(on, h_TD, jnp.zeros_like(h_TD)), row_X
 
     def attention_sharded(row_X, x_MTD, m, layer, on):
         """`attention` when sequences span KV devices: gathered q/k/v, local writes and partial
@@ -363,9 +373,8 @@ def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bas
     attend = attention if sharded is None else attention_sharded
 
     def ffn(row_X, inbox_TD, layer, on):
-        return jax.lax.cond(
-            on, lambda x: _ffn_partial(row_X, x, layer, d - n_kv, layout, c, moe_backend).astype(dtype),
-            jnp.zeros_like, inbox_TD)
+        y_TD = _ffn_partial(row_X, inbox_TD, layer, d - n_kv, layout, c, moe_backend, on).astype(dtype)
+        return jnp.where(on, y_TD, jnp.zeros_like(y_TD))
 
     if M == 1:
         def stage(carry, layer):
