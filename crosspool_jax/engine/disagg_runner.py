@@ -37,7 +37,7 @@ from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats
+from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats, start_fetch
 from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
 
 
@@ -153,4 +153,4 @@ class DisaggRunner(DispatchingRunner):
             self.arena.put(arena)
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)
         self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep((jax.tree.map(lambda a: a[None], out), 1), len(chunks), num_logprobs, t1, self.stats)
+        return DispatchedStep(start_fetch((out, None)), len(chunks), num_logprobs, t1, self.stats)
