@@ -43,7 +43,8 @@ grouped matmuls read no expert), and its outputs are replaced by zeros with `whe
 multiplied: what an idle device computes from the other role's bytes may be NaN). What an
 idle device still does: the q/k/v and o projections (weight devices, on their own row's
 bytes), the router and any dense or shared-expert matmul (KV devices). A model mixing FFN
-kinds keeps one `lax.switch` per layer; the final logits keep one `cond` (at the end).
+kinds keeps one `lax.switch` per layer. The final logits are computed on every device too
+(the weight devices' rows are dropped).
 
 Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several KV
 devices; a different program, the common case keeps the one above). Each sequence's tokens
@@ -412,8 +413,9 @@ def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bas
             kv_params["final"]["lm_head_DV"] = layout.view(row_X, "kv", "final/lm_head_DV")
         return compute_logits(kv_params, c, hidden)
 
-    logits_SV = jax.lax.cond(is_kv, logits, lambda x: jnp.zeros((M * S, c.vocab_size), jnp.float32), x_MTD)
-    return row_X[None], logits_SV[None]
+    # every device computes them (a cond here would make the host wait for the whole step);
+    # the weight devices' rows are garbage and dropped by the caller ([:n_kv])
+    return row_X[None], logits(x_MTD)[None]
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "exchange",
