@@ -76,6 +76,7 @@ from jax.sharding import PartitionSpec
 
 from crosspool_jax.disagg import sharded_attention
 from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
+from crosspool_jax.engine.packed_inputs import unpacked
 from crosspool_jax.engine.step_inputs import StepInputs
 from crosspool_jax.kv.pool import page_view
 from crosspool_jax.models.config import ModelConfig
@@ -427,7 +428,8 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPage
     """One ragged step over the whole model -> (arena, logits float32 [n_kv, M*S, V]).
 
     arena: `[num_devices, arena_elems]` from `build_arena` (donated; K/V written into it).
-    inputs: `StepInputs` with leaves `[n_kv, M, ...]` from `build_disagg_inputs`; row m*S+s of
+    inputs: `StepInputs` with leaves `[n_kv, M, ...]` from `build_disagg_inputs` (or it packed,
+    `engine.packed_inputs.PackedInt32`: one transfer); row m*S+s of
     a KV device's logits is micro-batch m's sequence s (its last new token).
     sharded_pages: None (every sequence's pages on its KV device: the common program) or the
     `build_sharded_pages` view of the same step (sequences spanning KV devices: the
@@ -438,6 +440,7 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPage
     bases: None, or int32[2] (traced): the model's slot shift (KV rows, weight rows) in budgeted
     regions, `ArenaLayout.bind` (registry.acquire gives it).
     """
+    inputs = unpacked(inputs)          # PackedInt32 (one host->device transfer) or StepInputs
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     if num_microbatches not in (1, 2):

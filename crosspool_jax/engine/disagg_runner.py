@@ -37,6 +37,7 @@ from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
+from crosspool_jax.engine.packed_inputs import PackedInt32
 from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats, start_fetch
 from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
 
@@ -147,7 +148,7 @@ class DisaggRunner(DispatchingRunner):
         arena = self.arena.take()
         try:
             arena, logits_NRV = disagg_pipeline.disagg_step(
-                arena, inputs, sharded, layout=layout, config=config, num_microbatches=M, exchange=self.exchange,
+                arena, PackedInt32.pack(inputs), sharded, layout=layout, config=config, num_microbatches=M, exchange=self.exchange,
                 attention_backend=self.attention_backend, moe_backend=self.moe_backend, bases=kv_params)
         finally:
             self.arena.put(arena)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from crosspool_jax.engine import sampling_metadata as smeta
+from crosspool_jax.engine.packed_inputs import PackedInt32
 from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket, build_step_inputs
 from crosspool_jax.engine.step_program import multi_decode, ragged_step
 from crosspool_jax.kv.pool import KVPool
@@ -112,7 +113,8 @@ class StepRunner(DispatchingRunner):
                 # to the device of the committed arguments, ~5x cheaper than jax.device_put
                 self.stats.count_program((model_name, "ragged", shape, num_logprobs, penalties, self.device_index))
                 t1 = time.perf_counter()
-                k_buf, v_buf, out = ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, counts,
+                k_buf, v_buf, out = ragged_step(kv_params, ffn_params, k_buf, v_buf, PackedInt32.pack(inputs),
+                                                sampling, counts,
                                                 prompt_mask, config=config, num_logprobs=num_logprobs,
                                                 attention_backend=self.attention_backend,
                                                 moe_backend=self.moe_backend)

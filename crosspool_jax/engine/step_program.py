@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from crosspool_jax import models
 from crosspool_jax.engine import sampler as sampler_lib
+from crosspool_jax.engine.packed_inputs import unpacked
 from crosspool_jax.kv.pool import page_view, write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -53,7 +54,9 @@ def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, po
                    donate_argnames=("k_buf", "v_buf"))
 def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV, *,
                 config, num_logprobs, attention_backend, moe_backend):
-    """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row)."""
+    """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row). `inputs`: a
+    StepInputs or it packed (`PackedInt32`: one host-to-device transfer)."""
+    inputs = unpacked(inputs)
     k_buf, v_buf, logits_SV = _forward_logits(
         kv_params, ffn_params, config, k_buf, v_buf, inputs.token_ids_T, inputs.positions_T, inputs.slots_LT,
         inputs.page_indices_LSP, inputs.kv_lens_S, inputs.cu_q_lens_S1, inputs.num_seqs_1,
