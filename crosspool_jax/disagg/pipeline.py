@@ -56,7 +56,7 @@ the partials are merged by log-sum-exp (pmax + psum over the axis), and each hom
 tokens' rows for the o projection.
 
 Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
-unsharded attention) and `fused_moe.grouped_matmul` (the expert matmuls); "auto" is the
+unsharded attention) and `fused_moe` (over the device's experts); "auto" is the
 GPU/TPU kernel on that platform where its shapes allow and the jnp reference elsewhere (on
 CPU nothing changes). Their weight and page operands are the WHOLE arena row viewed as pages
 (`layout.kernel_pages`, with the K/V page offsets) or as expert rows (`layout.expert_rows`),
@@ -81,10 +81,7 @@ from crosspool_jax.engine.step_inputs import StepInputs
 from crosspool_jax.kv.pool import page_view
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import compute_logits, output_projection, qkv_projection, rms_norm
-from pallas_kernels.fused_moe.api import grouped_matmul
-from pallas_kernels.fused_moe.expert_rows import as_array
-from pallas_kernels.fused_moe.reference import grouped_matmul_reference, route_topk
-from pallas_kernels.fused_moe.validation import resolve_backend as resolve_moe_backend
+from pallas_kernels.fused_moe.api import fused_moe
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 if TYPE_CHECKING:             # inputs.py imports engine.step_inputs, whose package imports this module
@@ -162,14 +159,6 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
     return _o_proj(row_X, x_TD, out_TNH, layer, layout, c)
 
 
-def _gmm_f32(lhs, rhs, group_sizes, backend: str):
-    """Grouped matmul through the kernels' seam, float32 out; the reference keeps float32 accumulation.
-    rhs: an `ExpertRows` over the arena row (the kernels read it in place)."""
-    if resolve_moe_backend(backend) == "reference":
-        return grouped_matmul_reference(lhs, as_array(rhs), group_sizes, preferred_element_type=jnp.float32)
-    return grouped_matmul(lhs, rhs, group_sizes, backend=backend).astype(jnp.float32)
-
-
 def _swiglu_f32(x_TD, w1_DF2, w2_FD):
     F = w2_FD.shape[0]
     h = jnp.dot(x_TD, w1_DF2, preferred_element_type=jnp.float32)
@@ -221,30 +210,20 @@ def _dense_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: Mod
 def _moe_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on=True):
     """Weight device: this device's share of MoE layer `index` (of the MoE stack), float32.
 
-    Routing over all E experts (router replicated), then only the (token, k) pairs routed to
-    the local experts go through the local [gate|up] / down shards; the sum over the weight
-    devices is the full MoE output (and shared expert).
+    `fused_moe` over its local experts (`expert_offset`: routing over all E experts, router
+    replicated; pairs routed elsewhere read nothing), the shards read in place from the row
+    (`layout.expert_rows`); the sum over the weight devices is the full MoE output (and
+    shared expert). `on` False: the offset points past the experts, so nothing is read.
     """
     c = config
     p = _stack_params(row_X, "moe", index, layout)
     x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
     router_logits_TE = x_TD @ p["router_LDE"]
-    weights_TK, ids_TK = route_topk(router_logits_TE, c.top_k, renormalize=c.norm_topk_prob)
-    w1_EDF2, w2_EFD = (layout.expert_rows(row_X, name, index) for name in EXPERT_STACKS)
-    E_loc, F_loc = w1_EDF2.shape[0], w2_EFD.shape[1]
-    e0 = (w_index // layout.tp) * E_loc
-    local_TK = ids_TK - e0
-    is_local_TK = (local_TK >= 0) & (local_TK < E_loc)
-    flat_ids = jnp.where(is_local_TK, local_TK, E_loc).reshape(-1)        # E_loc: not here
-    order = jnp.argsort(flat_ids, stable=True)
-    token_of_row = order // c.top_k
-    group_sizes_E = jnp.bincount(flat_ids, length=E_loc).astype(jnp.int32)  # drops the E_loc pairs
-    group_sizes_E = jnp.where(on, group_sizes_E, 0)                       # off: no expert is read
-    h = _gmm_f32(x_TD[token_of_row], w1_EDF2, group_sizes_E, backend)    # rows past the groups: 0
-    act = (jax.nn.silu(h[:, :F_loc]) * h[:, F_loc:]).astype(x_TD.dtype)
-    y = _gmm_f32(act, w2_EFD, group_sizes_E, backend)
-    w_rows = jnp.where(is_local_TK, weights_TK, 0.0).reshape(-1)[order]
-    out_TD = jnp.zeros(h_TD.shape, jnp.float32).at[token_of_row].add(y * w_rows[:, None])
+    w1, w2 = (layout.expert_rows(row_X, name, index) for name in EXPERT_STACKS)
+    E_loc = w1.shape[0]
+    e0 = jnp.where(on, (w_index // layout.tp) * E_loc, c.num_experts)
+    out_TD = fused_moe(x_TD, router_logits_TE, w1, w2, c.top_k, renormalize=c.norm_topk_prob, backend=backend,
+                       expert_offset=e0).astype(jnp.float32)
     if c.shared_expert_intermediate_size:
         gate_T1 = jax.nn.sigmoid(x_TD @ p["shared_gate_LD1"]).astype(jnp.float32)
         out_TD = out_TD + gate_T1 * _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])

@@ -22,7 +22,7 @@ from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
 from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
-                                                route_topk)
+                                                local_expert_ids, route_topk)
 from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
                                                  check_grouped_matmul, resolve_backend)
 
@@ -79,27 +79,33 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
 def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
               activation: str = "silu", backend: str = "auto", interpret: bool = False,
               config: tuning.BlockConfig | tuple[tuning.BlockConfig, tuning.BlockConfig]
-              | None = None):
+              | None = None, expert_offset=None):
     """Mixture of experts: x [T, D], router_logits [T, E], w1 [E, D, 2F] (gate|up),
     w2 [E, F, D] (arrays or ExpertRows) -> [T, D] in x's dtype (float32 accumulation).
+
+    expert_offset (int32 scalar, traced ok; expert parallelism): w1/w2 hold only experts
+    [expert_offset, expert_offset + E_local) of the router's E; (token, k) pairs routed to
+    other experts contribute nothing and read no weights, so the sum of the outputs over the
+    slices is the whole layer. An offset with no local expert (e.g. E) reads no expert.
 
     `config` overrides the tuning table: one BlockConfig for both grouped matmuls or a
     (gate_up, down) pair with the same block_m. With backend="auto" on a GPU, D or F not a
     multiple of 16 falls back to the reference.
     """
-    check_fused_moe(x, router_logits, w1, w2, top_k, activation)
+    check_fused_moe(x, router_logits, w1, w2, top_k, activation, expert_slice=expert_offset is not None)
     backend = _choose(backend, w2.shape[1], w2.shape[2])
     if backend == "reference" or x.shape[0] == 0:
         return fused_moe_reference(x, router_logits, as_array(w1), as_array(w2), top_k,
-                                   renormalize=renormalize, activation=activation)
-    return _fused_moe_kernel(x, router_logits, w1, w2, top_k=top_k, renormalize=renormalize,
-                             activation=activation, backend=backend, interpret=interpret,
-                             config=config)
+                                   renormalize=renormalize, activation=activation,
+                                   expert_offset=expert_offset)
+    return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, top_k=top_k,
+                             renormalize=renormalize, activation=activation, backend=backend,
+                             interpret=interpret, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "renormalize", "activation", "backend",
                                              "interpret", "config"))
-def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renormalize,
+def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *, top_k, renormalize,
                       activation, backend, interpret, config):
     T, D = x_TD.shape
     E, _, F2 = w1_EDF2.shape
@@ -118,8 +124,10 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, *, top_k, renorma
     check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
     weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
+    ids_TK = local_expert_ids(ids_TK, expert_offset, E)     # E: routed to another slice, dropped
     if T == 1:      # one token: its top_k experts are distinct, one tile each, no sorting
-        layout = single_token_layout(ids_TK.reshape(R), cfg1.block_m)
+        layout = single_token_layout(ids_TK.reshape(R), cfg1.block_m,
+                                     num_groups=None if expert_offset is None else E)
     else:
         layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)
     # padded row p holds (token, k) pair src_row_P[p]; fill rows (== R) read token T -> zeros.

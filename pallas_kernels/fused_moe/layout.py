@@ -80,17 +80,31 @@ def build_layout(group_R: jax.Array, num_groups: int, block_m: int,
                       block_m)
 
 
-def single_token_layout(group_K: jax.Array, block_m: int) -> TileLayout:
+def single_token_layout(group_K: jax.Array, block_m: int, num_groups: int | None = None) -> TileLayout:
     """Layout for ONE token's top-k rows, whose groups are distinct (top-k picks distinct
     experts): row r alone in tile r. Everything but the tile -> group map is a constant, so
     the XLA ops build_layout needs (one-hot running count, scatter, compare-and-count) are
-    not launched at all; decode at one token is launch-bound (RESULTS.md)."""
+    not launched at all; decode at one token is launch-bound (RESULTS.md).
+
+    num_groups: rows whose group is >= num_groups are dropped (an expert slice: routed to
+    experts held elsewhere); the kept rows take the first tiles, the rest are inactive."""
     K = group_K.shape[0]
+    group_K = group_K.astype(jnp.int32)
     p = jnp.arange(K * block_m, dtype=jnp.int32)
-    src_row_P = jnp.where(p % block_m == 0, p // block_m, K).astype(jnp.int32)
-    dst_row_R = jnp.arange(K, dtype=jnp.int32) * block_m
-    return TileLayout(src_row_P, dst_row_R, group_K.astype(jnp.int32),
-                      jnp.full((1,), K, jnp.int32), block_m)
+    if num_groups is None:
+        src_row_P = jnp.where(p % block_m == 0, p // block_m, K).astype(jnp.int32)
+        dst_row_R = jnp.arange(K, dtype=jnp.int32) * block_m
+        return TileLayout(src_row_P, dst_row_R, group_K, jnp.full((1,), K, jnp.int32), block_m)
+    keep_K = group_K < num_groups
+    order_K = jnp.argsort(~keep_K, stable=True).astype(jnp.int32)    # kept rows first: tile t holds row order[t]
+    kept = jnp.sum(keep_K.astype(jnp.int32))
+    tile_of_K = jnp.zeros((K,), jnp.int32).at[order_K].set(jnp.arange(K, dtype=jnp.int32))
+    src_row_P = jnp.where((p % block_m == 0) & (p // block_m < kept), order_K[p // block_m], K).astype(jnp.int32)
+    dst_row_R = jnp.where(keep_K, tile_of_K * block_m, K * block_m).astype(jnp.int32)
+    tile_group_I = jnp.minimum(group_K[order_K], num_groups - 1)
+    last = jnp.maximum(kept - 1, 0)
+    tile_group_I = jnp.where(jnp.arange(K) < kept, tile_group_I, tile_group_I[last])
+    return TileLayout(src_row_P, dst_row_R, tile_group_I, kept[None], block_m)
 
 
 def gmm_layout(group_sizes_G: jax.Array, num_rows: int, block_m: int) -> TileLayout:

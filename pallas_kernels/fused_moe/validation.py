@@ -41,8 +41,9 @@ def check_grouped_matmul(lhs, rhs, group_sizes) -> None:
         raise ValueError(f"grouped_matmul: group_sizes must be integers, got {group_sizes.dtype}")
 
 
-def check_fused_moe(x, router_logits, w1, w2, top_k, activation) -> None:
-    """x [T, D], router_logits [T, E], w1 [E, D, 2F], w2 [E, F, D], 1 <= top_k <= E."""
+def check_fused_moe(x, router_logits, w1, w2, top_k, activation, expert_slice: bool = False) -> None:
+    """x [T, D], router_logits [T, E], w1 [E, D, 2F], w2 [E, F, D], 1 <= top_k <= E; with
+    expert_slice, w1/w2 may hold fewer experts than the router's E (a slice of them)."""
     if x.ndim != 2:
         raise ValueError(f"fused_moe: x must be [T, D], got shape {x.shape}")
     if router_logits.ndim != 2:
@@ -57,9 +58,9 @@ def check_fused_moe(x, router_logits, w1, w2, top_k, activation) -> None:
     if router_logits.shape[0] != T:
         raise ValueError(f"fused_moe: router_logits has {router_logits.shape[0]} tokens, "
                          f"x has {T}")
-    if router_logits.shape[1] != E:
+    if (router_logits.shape[1] < E) if expert_slice else (router_logits.shape[1] != E):
         raise ValueError(f"fused_moe: router_logits has {router_logits.shape[1]} experts, "
-                         f"w1 has E={E}")
+                         f"w1 has E={E}" + (" (a slice cannot hold more)" if expert_slice else ""))
     if w1.shape[1] != D:
         raise ValueError(f"fused_moe: w1 D={w1.shape[1]} != x D={D} (w1 {w1.shape})")
     if w1.shape[2] % 2:
@@ -68,8 +69,9 @@ def check_fused_moe(x, router_logits, w1, w2, top_k, activation) -> None:
     if w2.shape != (E, F, D):
         raise ValueError(f"fused_moe: w2 must be [E, F, D] = {(E, F, D)} to match w1 {w1.shape} "
                          f"and x {x.shape}, got {w2.shape}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"fused_moe: top_k must be an int in [1, E={E}], got {top_k!r}")
+    E_router = router_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E_router:
+        raise ValueError(f"fused_moe: top_k must be an int in [1, E={E_router}], got {top_k!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"fused_moe: activation must be one of {ACTIVATIONS}, "
                          f"got {activation!r}")
