@@ -22,6 +22,12 @@ if [[ " $STEPS " == *" memory "* ]]; then
     timeout "${MEMORY_TIMEOUT:-120}" python3 scripts/check_step_memory.py $args 2>&1 | quiet \
       | tee -a "$LOG/check_step_memory.log"
   done
+  # the placed step's remaining temp is one layer's attention weights (the scan's dynamic slice,
+  # copied for the cuBLAS dot): does XLA's dynamic-slice fusion read it in place?
+  echo "== check_step_memory placed, XLA dynamic-slice fusion on" | tee -a "$LOG/check_step_memory.log"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" timeout "${MEMORY_TIMEOUT:-120}" \
+    python3 scripts/check_step_memory.py --random_config mixtral-8x7b-2l --kv_pool_bytes 4294967296 2>&1 | quiet \
+    | tee -a "$LOG/check_step_memory.log"
 fi
 if [[ " $STEPS " == *" swap "* ]]; then
   timeout "${SWAP_TIMEOUT:-80}" python3 scripts/bench_swap.py --sizes_mib=1024 --devices=1 --arena_splits=1+1 \
