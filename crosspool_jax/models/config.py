@@ -21,7 +21,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 QK_NORMS = ("none", "per_head", "full")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _QK_NORM_OF_FAMILY = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "per_head",
                       "olmoe": "full", "llama": "none", "qwen3": "per_head"}
 _MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -241,8 +241,14 @@ def _rope_from_hf(d: dict, arch: str):
                          f"(supported: {', '.join(ROPE_TYPES)})")
     if rope_type == "default":
         return float(theta), None
-    if rope_type == "llama3" and "original_max_position_embeddings" not in params:
-        params["original_max_position_embeddings"] = int(d.get("max_position_embeddings", 8192))
+    if rope_type in ("llama3", "yarn"):
+        # the pretraining length: a top-level original_max_position_embeddings wins (as in
+        # transformers), else the rope dict's, else max_position_embeddings
+        if "original_max_position_embeddings" in d:
+            params["original_max_position_embeddings"] = int(d["original_max_position_embeddings"])
+        params.setdefault("original_max_position_embeddings", int(d.get("max_position_embeddings", 8192)))
+    if rope_type == "yarn" and params.get("factor") is None:
+        params["factor"] = float(d.get("max_position_embeddings", 8192)) / params["original_max_position_embeddings"]
     return float(theta), tuple(sorted((str(k), _hashable(v)) for k, v in params.items()))
 
 

@@ -1,5 +1,11 @@
-"""Rotary position embeddings: inverse frequencies per `ModelConfig` (default, linear, llama3)
-and their application in the rotate-half convention Hugging Face uses."""
+"""Rotary position embeddings: inverse frequencies per `ModelConfig` (default, linear, llama3,
+yarn) and their application in the rotate-half convention Hugging Face uses.
+
+YaRN (https://arxiv.org/abs/2309.00071, as transformers computes it): each frequency is a blend
+of the original (extrapolated) and the factor-interpolated one, by a linear ramp over the
+dimensions between the correction dims of beta_fast and beta_slow rotations at the pretraining
+length; cos and sin are then scaled by the attention factor (0.1 ln(factor) + 1 unless given,
+or the mscale / mscale_all_dim ratio)."""
 from __future__ import annotations
 
 import math
@@ -32,7 +38,50 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled)
+    elif rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(scaling, float(config.rope_theta), H)
     return np.asarray(inv_freq, np.float32)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor cos and sin are multiplied by (1.0 except for yarn)."""
+    scaling = config.rope_scaling_dict
+    if scaling.get("rope_type", "default") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def _yarn_inv_freq(scaling: dict, base: float, dim: int) -> np.ndarray:
+    factor = float(scaling["factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:     # the dim that turns `rotations` times over old_len
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo), 0, 1)
+    keep = (1 - ramp).astype(np.float32)                 # 1: the original frequency, 0: interpolated
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolated = (1.0 / pos_freqs).astype(np.float32)
+    interpolated = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
 
 
 def rope_cos_sin(config: ModelConfig, positions_T: jax.Array, dtype):
@@ -40,7 +89,11 @@ def rope_cos_sin(config: ModelConfig, positions_T: jax.Array, dtype):
     inv_freq = jnp.asarray(rope_inv_freq(config))
     freqs_TH2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
     emb_TH = jnp.concatenate([freqs_TH2, freqs_TH2], axis=-1)
-    return jnp.cos(emb_TH).astype(dtype), jnp.sin(emb_TH).astype(dtype)
+    scale = rope_attention_factor(config)
+    cos, sin = jnp.cos(emb_TH), jnp.sin(emb_TH)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x_TNH: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:

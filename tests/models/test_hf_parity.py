@@ -40,6 +40,11 @@ CASES = [
     ("llama-linear-rope-hd16", "llama",
      dict(head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     ("qwen3-dense-gqa4", "qwen3", dict(num_attention_heads=8, num_key_value_heads=2)),
+    ("qwen3moe-yarn4", "qwen3_moe",     # positions past the pretraining length 8: the ramp and the factor matter
+     dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})),
+    ("llama-yarn-mscale-notrunc", "llama",
+     dict(rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 6, "beta_fast": 16,
+                        "beta_slow": 2, "mscale": 0.8, "mscale_all_dim": 0.5, "truncate": False})),
 ]
 
 

@@ -63,7 +63,7 @@ def test_unsupported_architecture_lists_supported_ones():
 @pytest.mark.parametrize("field,value,match", [
     ("num_key_value_heads", 3, "num_kv_heads"),
     ("num_experts_per_tok", 9, "top_k"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "yarn"),
+    ("rope_scaling", {"rope_type": "longrope", "factor": 2.0}, "longrope"),
     ("hidden_act", "gelu", "hidden_act"),
 ])
 def test_invalid_configs_name_the_field(field, value, match):
