@@ -288,114 +288,122 @@ def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
     return to_weights, to_kv
 
 
-def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, *, layout: ArenaLayout,
-                 config: ModelConfig, M: int, exchange: str, attention_backend: str, moe_backend: str):
+def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, *, layout: ArenaLayout,
+                    config: ModelConfig, M: int, exchange: str, attention_backend: str, moe_backend: str):
+    """(kv_index, run): `run(row_X, mine) -> (row_X, logits [M*S, V])` is one forward of this
+    device's step inputs `mine` (leaves [M, ...]) through every layer, K/V written in place."""
     layout = layout.bind(bases)        # the model's slots where its budgeted regions put them (residency.py)
     c = config
     n_kv = layout.n_kv
-    row_X = arena_1X[0]
-    dtype = row_X.dtype
+    dtype = arena_1X.dtype
     d = jax.lax.axis_index(AXIS)
     is_kv = d < n_kv
     kv_index = jnp.minimum(d, n_kv - 1)
-    mine = jax.tree_util.tree_map(lambda a: a[kv_index], inputs)   # leaves [M, ...]
-    Tm, D, L = mine.token_ids_T.shape[1], c.hidden_size, c.num_layers
-    emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
-    x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
+    Tm, D, L = inputs.token_ids_T.shape[2], c.hidden_size, c.num_layers
     to_weights, to_kv = _exchange(layout, exchange, d, Tm, D)
 
-    def attention(row_X, x_MTD, m, layer, on):
-        """(h_TD, row): KV device's attention of micro-batch m (zeros and no write when off)."""
-        step = jax.tree_util.tree_map(lambda a: a[m], mine)
-        x_TD = x_MTD[m]
-        # in place on the carried row; an idle device drops every write. Every read of the row
-        # before the write must feed the write (else XLA cannot order it first and copies the
-        # whole row): k/v come from the row as it was, q from the written row (same weights).
-        _, k_TKH, v_TKH = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
-        row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, jnp.where(on, step.slots_LT[layer], -1))
-        q_TNH, _, _ = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
-        live = dataclasses.replace(step, num_seqs_1=jnp.where(on, step.num_seqs_1, 0))   # off: no attention work
-        h_TD = _attend(row_X, x_TD, q_TNH, live, layer, layout, c, attention_backend)
-        return jnp.where(on, h_TD, jnp.zeros_like(h_TD)), row_X
+    def run(row_X, mine):
+        emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
+        x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
+        def attention(row_X, x_MTD, m, layer, on):
+            """(h_TD, row): KV device's attention of micro-batch m (zeros and no write when off)."""
+            step = jax.tree_util.tree_map(lambda a: a[m], mine)
+            x_TD = x_MTD[m]
+            # in place on the carried row; an idle device drops every write. Every read of the row
+            # before the write must feed the write (else XLA cannot order it first and copies the
+            # whole row): k/v come from the row as it was, q from the written row (same weights).
+            _, k_TKH, v_TKH = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
+            row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, jnp.where(on, step.slots_LT[layer], -1))
+            q_TNH, _, _ = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
+            live = dataclasses.replace(step, num_seqs_1=jnp.where(on, step.num_seqs_1, 0))   # off: no attention work
+            h_TD = _attend(row_X, x_TD, q_TNH, live, layer, layout, c, attention_backend)
+            return jnp.where(on, h_TD, jnp.zeros_like(h_TD)), row_X
 
-    def attention_sharded(row_X, x_MTD, m, layer, on):
-        """`attention` when sequences span KV devices: gathered q/k/v, local writes and partial
-        attention over the local pages, log-sum-exp merge; collectives outside the conds."""
-        step = jax.tree_util.tree_map(lambda a: a[m], mine)
-        x_TD = x_MTD[m]
-        zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
-        zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
-        qkv_TXH = jax.lax.cond(
-            on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
-            lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
-        q_all, k_all, v_all = (jax.lax.all_gather(a, AXIS)[:n_kv].reshape(n_kv * Tm, *a.shape[1:])
-                               for a in qkv_TXH)
-        pages = jax.tree_util.tree_map(lambda a: a[kv_index, m], (sharded.slots_LT, sharded.pages_LSB,
-                                                                  sharded.blocks_SB))
-        slots_LT, pages_LSB, blocks_SB = pages
-        row_X = _write_kv_rows(row_X, layout, c, k_all, v_all, jnp.where(on, slots_LT[layer], -1))
+        def attention_sharded(row_X, x_MTD, m, layer, on):
+            """`attention` when sequences span KV devices: gathered q/k/v, local writes and partial
+            attention over the local pages, log-sum-exp merge; collectives outside the conds."""
+            step = jax.tree_util.tree_map(lambda a: a[m], mine)
+            x_TD = x_MTD[m]
+            zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
+            zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
+            qkv_TXH = jax.lax.cond(
+                on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
+                lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
+            q_all, k_all, v_all = (jax.lax.all_gather(a, AXIS)[:n_kv].reshape(n_kv * Tm, *a.shape[1:])
+                                   for a in qkv_TXH)
+            pages = jax.tree_util.tree_map(lambda a: a[kv_index, m], (sharded.slots_LT, sharded.pages_LSB,
+                                                                      sharded.blocks_SB))
+            slots_LT, pages_LSB, blocks_SB = pages
+            row_X = _write_kv_rows(row_X, layout, c, k_all, v_all, jnp.where(on, slots_LT[layer], -1))
 
-        def partial(q_TNH):
-            k_pages, v_pages = _pages(row_X, layout, c)
-            return sharded_attention.partial_paged_attention(
-                q_TNH, k_pages, v_pages, inputs.positions_T[:, m].reshape(-1), sharded.seq_T[m],
-                inputs.kv_lens_S[:, m].reshape(-1), pages_LSB[layer], blocks_SB, sliding_window=c.sliding_window)
+            def partial(q_TNH):
+                k_pages, v_pages = _pages(row_X, layout, c)
+                return sharded_attention.partial_paged_attention(
+                    q_TNH, k_pages, v_pages, inputs.positions_T[:, m].reshape(-1), sharded.seq_T[m],
+                    inputs.kv_lens_S[:, m].reshape(-1), pages_LSB[layer], blocks_SB, sliding_window=c.sliding_window)
 
-        T_all = n_kv * Tm
-        out_TNH, lse_TN = jax.lax.cond(
-            on, partial, lambda q: (jnp.zeros((T_all, c.num_heads, c.head_dim), jnp.float32),
-                                    jnp.full((T_all, c.num_heads), sharded_attention.EMPTY_LSE, jnp.float32)),
-            q_all)
-        merged_TNH = sharded_attention.merge_over_axis(out_TNH, lse_TN, AXIS)
-        mine_TNH = jax.lax.dynamic_slice_in_dim(merged_TNH, kv_index * Tm, Tm).astype(dtype)
-        return jax.lax.cond(on, lambda o: _o_proj(row_X, x_TD, o, layer, layout, c),
-                            lambda o: jnp.zeros((Tm, D), dtype), mine_TNH), row_X
+            T_all = n_kv * Tm
+            out_TNH, lse_TN = jax.lax.cond(
+                on, partial, lambda q: (jnp.zeros((T_all, c.num_heads, c.head_dim), jnp.float32),
+                                        jnp.full((T_all, c.num_heads), sharded_attention.EMPTY_LSE, jnp.float32)),
+                q_all)
+            merged_TNH = sharded_attention.merge_over_axis(out_TNH, lse_TN, AXIS)
+            mine_TNH = jax.lax.dynamic_slice_in_dim(merged_TNH, kv_index * Tm, Tm).astype(dtype)
+            return jax.lax.cond(on, lambda o: _o_proj(row_X, x_TD, o, layer, layout, c),
+                                lambda o: jnp.zeros((Tm, D), dtype), mine_TNH), row_X
 
-    attend = attention if sharded is None else attention_sharded
+        attend = attention if sharded is None else attention_sharded
 
-    def ffn(row_X, inbox_TD, layer, on):
-        y_TD = _ffn_partial(row_X, inbox_TD, layer, d - n_kv, layout, c, moe_backend, on).astype(dtype)
-        return jnp.where(on, y_TD, jnp.zeros_like(y_TD))
+        def ffn(row_X, inbox_TD, layer, on):
+            y_TD = _ffn_partial(row_X, inbox_TD, layer, d - n_kv, layout, c, moe_backend, on).astype(dtype)
+            return jnp.where(on, y_TD, jnp.zeros_like(y_TD))
 
-    if M == 1:
-        def stage(carry, layer):
-            x_MTD, row_X = carry
-            h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv)
-            y_TD = to_kv(ffn(row_X, to_weights(h_TD), layer, ~is_kv))
-            return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
+        if M == 1:
+            def stage(carry, layer):
+                x_MTD, row_X = carry
+                h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv)
+                y_TD = to_kv(ffn(row_X, to_weights(h_TD), layer, ~is_kv))
+                return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
 
-        (x_MTD, row_X), _ = jax.lax.scan(stage, (x_MTD, row_X), jnp.arange(L, dtype=jnp.int32))
-    else:
-        def stage(carry, t):
-            x_MTD, inbox_TD, row_X = carry
-            m_a, i_a = t % 2, jnp.minimum(t // 2, L - 1)
-            attn_on = is_kv & (t < 2 * L)
-            m_f, i_f = (t + 1) % 2, jnp.maximum(t - 1, 0) // 2
-            ffn_on = t >= 1
-            h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on)
-            y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on)
-            inbox_TD = to_weights(h_TD)                    # the exchange: every device runs it
-            y_back_TD = to_kv(y_TD)
-            x_MTD = jnp.where(attn_on, x_MTD.at[m_a].set(h_TD), x_MTD)
-            x_MTD = jnp.where(is_kv & ffn_on, x_MTD.at[m_f].add(y_back_TD), x_MTD)
-            return (x_MTD, inbox_TD, row_X), None
+            (x_MTD, row_X), _ = jax.lax.scan(stage, (x_MTD, row_X), jnp.arange(L, dtype=jnp.int32))
+        else:
+            def stage(carry, t):
+                x_MTD, inbox_TD, row_X = carry
+                m_a, i_a = t % 2, jnp.minimum(t // 2, L - 1)
+                attn_on = is_kv & (t < 2 * L)
+                m_f, i_f = (t + 1) % 2, jnp.maximum(t - 1, 0) // 2
+                ffn_on = t >= 1
+                h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on)
+                y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on)
+                inbox_TD = to_weights(h_TD)                    # the exchange: every device runs it
+                y_back_TD = to_kv(y_TD)
+                x_MTD = jnp.where(attn_on, x_MTD.at[m_a].set(h_TD), x_MTD)
+                x_MTD = jnp.where(is_kv & ffn_on, x_MTD.at[m_f].add(y_back_TD), x_MTD)
+                return (x_MTD, inbox_TD, row_X), None
 
-        carry = (x_MTD, jnp.zeros((n_kv * Tm, D), dtype), row_X)
-        (x_MTD, _, row_X), _ = jax.lax.scan(stage, carry, jnp.arange(num_stages(L, M), dtype=jnp.int32))
+            carry = (x_MTD, jnp.zeros((n_kv * Tm, D), dtype), row_X)
+            (x_MTD, _, row_X), _ = jax.lax.scan(stage, carry, jnp.arange(num_stages(L, M), dtype=jnp.int32))
 
-    S = mine.logits_indices_S.shape[1]
-
-    def logits(x_MTD):
+        S = mine.logits_indices_S.shape[1]
         last_MSD = jnp.take_along_axis(x_MTD, mine.logits_indices_S[:, :, None], axis=1)
         hidden = rms_norm(last_MSD.reshape(M * S, D), layout.view(row_X, "kv", "final/norm_D"), c.rms_norm_eps)
-        kv_params = {"embed": {"embedding_VD": emb_VD}, "final": {}}
+        kv_params = {"embed": {"embedding_VD": layout.view(row_X, "kv", "embed/embedding_VD")}, "final": {}}
         if layout.has("kv", "final/lm_head_DV"):
             kv_params["final"]["lm_head_DV"] = layout.view(row_X, "kv", "final/lm_head_DV")
-        return compute_logits(kv_params, c, hidden)
+        # every device computes them (a cond here would make the host wait for the whole step);
+        # the weight devices' rows are garbage and dropped by the caller ([:n_kv])
+        return row_X, compute_logits(kv_params, c, hidden)
 
-    # every device computes them (a cond here would make the host wait for the whole step);
-    # the weight devices' rows are garbage and dropped by the caller ([:n_kv])
-    return row_X[None], logits(x_MTD)[None]
+    return kv_index, run
+
+
+def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, **kw):
+    _, run = _device_program(arena_1X, inputs, sharded, bases, **kw)
+    layout = kw["layout"]
+    kv_index = jnp.minimum(jax.lax.axis_index(AXIS), layout.n_kv - 1)
+    mine = jax.tree_util.tree_map(lambda a: a[kv_index], inputs)   # leaves [M, ...]
+    row_X, logits_RV = run(arena_1X[0], mine)
+    return row_X[None], logits_RV[None]
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "exchange",
