@@ -76,6 +76,7 @@ from jax.sharding import PartitionSpec
 
 from crosspool_jax.disagg import sharded_attention
 from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
+from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine.packed_inputs import unpacked
 from crosspool_jax.engine.step_inputs import StepInputs
 from crosspool_jax.kv.pool import page_view
@@ -404,6 +405,104 @@ def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bas
     mine = jax.tree_util.tree_map(lambda a: a[kv_index], inputs)   # leaves [M, ...]
     row_X, logits_RV = run(arena_1X[0], mine)
     return row_X[None], logits_RV[None]
+
+
+def _decode_inputs(mine: StepInputs, j, *, num_pages: int, G: int) -> StepInputs:
+    """Decode step j (traced) of a pure-decode batch whose step 0 is `mine` (leaves [M, ...]):
+    token t is sequence t's one new token, so positions, context lengths and slots move on
+    by j, the slots looked up in the (pre-allocated) page tables; padding stays dropped."""
+    M, T = mine.token_ids_T.shape
+    S = mine.kv_lens_S.shape[1]
+    t = jnp.arange(T, dtype=jnp.int32)
+    live_MT = t[None, :] < mine.num_seqs_1                                   # [M, T]
+    pos_MT = mine.positions_T + j
+    seq_T = jnp.minimum(t, S - 1)
+    Pp = mine.page_indices_LSP.shape[3]
+    block_MT = jnp.clip(pos_MT // G, 0, Pp - 1)
+    pages_MLT = jnp.take_along_axis(mine.page_indices_LSP[:, :, seq_T, :], block_MT[:, None, :, None], axis=3)[..., 0]
+    slots_MLT = jnp.where(live_MT[:, None, :], pages_MLT * G + (pos_MT % G)[:, None, :], num_pages * G)
+    live_MS = jnp.arange(S, dtype=jnp.int32)[None, :] < mine.num_seqs_1
+    return dataclasses.replace(mine, positions_T=pos_MT, slots_LT=slots_MLT.astype(jnp.int32),
+                               kv_lens_S=jnp.where(live_MS, mine.kv_lens_S + j, mine.kv_lens_S))
+
+
+def _device_decode(arena_1X, inputs: StepInputs, bases, meta, counts_RV, prompt_mask_RV, *, num_steps: int,
+                   num_logprobs: int, **kw):
+    """num_steps decode tokens in one program: forward, sample on the device (rows of this KV
+    device: meta leaves [n_kv * M*S, ...], this device's slice), feed the tokens back."""
+    kv_index, run = _device_program(arena_1X, inputs, None, bases, **kw)
+    layout, config = kw["layout"], kw["config"]
+    mine = jax.tree_util.tree_map(lambda a: a[kv_index], inputs)            # leaves [M, ...]
+    M, T = mine.token_ids_T.shape
+    S = mine.kv_lens_S.shape[1]
+    R = M * S
+
+    def rows(a):
+        return None if a is None else jax.lax.dynamic_slice_in_dim(a, kv_index * R, R)
+
+    meta_R = jax.tree_util.tree_map(rows, meta)
+    counts_R, mask_R = rows(counts_RV), rows(prompt_mask_RV)
+    dummy = sampler_lib.sample(jnp.zeros((R, config.vocab_size), jnp.float32), meta_R, counts_R, mask_R,
+                               num_logprobs=num_logprobs)
+    out_buf = jax.tree_util.tree_map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype), dummy)
+
+    def body(j, carry):
+        row_X, tokens_MT, counts, out_buf = carry
+        step = dataclasses.replace(_decode_inputs(mine, j, num_pages=layout.pages_per_device,
+                                                  G=layout.tokens_per_page), token_ids_T=tokens_MT)
+        row_X, logits_RV = run(row_X, step)
+        out = sampler_lib.sample(logits_RV, sampler_lib.advance_metadata(meta_R, j), counts, mask_R,
+                                 num_logprobs=num_logprobs)
+        out_buf = jax.tree_util.tree_map(lambda b, x: b.at[j].set(x), out_buf, out)
+        if counts is not None:
+            counts = sampler_lib.update_counts(counts, out.token_ids_S)
+        new_MS = out.token_ids_S.reshape(M, S)[:, :min(S, T)]
+        tokens_MT = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(tokens_MT), new_MS, 0, axis=1)
+        return row_X, tokens_MT, counts, out_buf
+
+    # a fixed trip count: no host round trip per token (a data-dependent while would read its
+    # predicate back every iteration); rows that hit a stop keep decoding into their own pages
+    # and the host drops their extra tokens
+    row_X, _, _, out_buf = jax.lax.fori_loop(0, num_steps, body, (arena_1X[0], mine.token_ids_T, counts_R, out_buf))
+    return row_X[None], jax.tree_util.tree_map(lambda a: a[None], out_buf)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "num_steps", "num_logprobs",
+                                             "exchange", "attention_backend", "moe_backend"),
+                   donate_argnums=0)
+def disagg_decode(arena: jax.Array, inputs, meta, output_counts_RV=None, prompt_mask_RV=None, *,
+                  layout: ArenaLayout, config: ModelConfig, num_microbatches: int, num_steps: int,
+                  num_logprobs: int = 0, exchange: str = "p2p", attention_backend: str = "auto",
+                  moe_backend: str = "auto", bases=None):
+    """`num_steps` decode tokens of a pure-decode batch in ONE program -> (arena, SamplerOutput
+    with leaves [n_kv, num_steps, M*S, ...]).
+
+    inputs: `build_disagg_inputs` of single-token decode chunks (or it packed) whose page tables
+    already hold the pages of the next num_steps - 1 tokens (the scheduler allocates them).
+    meta: `SamplingMetadata` with n_kv * M*S rows in device-row order (device d's row m*S+s is
+    its logit row m*S+s); output_counts_RV / prompt_mask_RV: the penalties' history in the same
+    rows, or None. Step j samples with `advance_metadata(meta, j)` and feeds the tokens to step
+    j + 1; every step runs (no early exit) and the host applies stop rules to what it reads.
+    Other arguments as `disagg_step`.
+    """
+    inputs = unpacked(inputs)
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if num_microbatches not in (1, 2) or num_steps < 1:
+        raise ValueError(f"num_microbatches must be 1 or 2 and num_steps >= 1, got {num_microbatches}, {num_steps}")
+    if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
+        raise ValueError(f"inputs lead with {inputs.token_ids_T.shape[:2]}, expected "
+                         f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
+    replicated = PartitionSpec()
+    fn = jax.shard_map(
+        functools.partial(_device_decode, layout=layout, config=config, M=num_microbatches, exchange=exchange,
+                          attention_backend=attention_backend, moe_backend=moe_backend, num_steps=num_steps,
+                          num_logprobs=num_logprobs),
+        mesh=layout.mesh(),
+        in_specs=(PartitionSpec(AXIS, None), replicated, replicated, replicated, replicated, replicated),
+        out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
+    arena, out = fn(arena, inputs, bases, meta, output_counts_RV, prompt_mask_RV)
+    return arena, jax.tree_util.tree_map(lambda a: a[:layout.n_kv], out)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "exchange",

@@ -27,6 +27,7 @@ import time
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # modules, not names: crosspool_jax.disagg imports engine.step_inputs, so either package may
@@ -68,6 +69,16 @@ def _sample_rows(logits_NRV, rows_S, meta, output_counts_SV, prompt_mask_SV, *, 
     """Sample the flat rows `rows_S` of the step's logits [n_kv, M*S, V] (one dispatch)."""
     logits_SV = logits_NRV.reshape(-1, logits_NRV.shape[-1])[rows_S]
     return sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
+
+
+@jax.jit
+def _steps_of_rows(out, rows_S):
+    """SamplerOutput leaves [n_kv, steps, R, ...] -> [steps, S, ...] of the flat rows rows_S."""
+    def pick(a):
+        n_kv, steps, R = a.shape[:3]
+        flat = jnp.moveaxis(a, 1, 0).reshape(steps, n_kv * R, *a.shape[3:])
+        return flat[:, rows_S]
+    return jax.tree.map(pick, out)
 
 
 class DisaggRunner(DispatchingRunner):
@@ -112,10 +123,12 @@ class DisaggRunner(DispatchingRunner):
                  allowances: Sequence[int] = ()) -> DispatchedStep:
         """Dispatch one step of `chunks` (all of one model) without waiting (`collect` it).
 
-        kv_params is the model's arena bases (registry.acquire); ffn_params, num_steps, stop_ids
-        and allowances are accepted for the StepRunner contract and unused: the weights are in
-        the arena, one token per dispatch."""
-        del ffn_params, num_steps, stop_ids, allowances   # kv_params: the model's arena bases (registry.acquire)
+        kv_params is the model's arena bases (registry.acquire); ffn_params, stop_ids and
+        allowances are accepted for the StepRunner contract and unused (the weights are in the
+        arena; the host applies stop rules). num_steps > 1 on a pure-decode batch whose pages
+        all sit on their home devices runs `disagg_decode` (num_steps tokens in one program);
+        otherwise one token (a sequence-sharded step decodes one token at a time)."""
+        del ffn_params, stop_ids, allowances   # kv_params: the model's arena bases (registry.acquire)
         t0 = time.perf_counter()
         layout = self.arena.layout.model(model_name)
         if tokens_per_page != layout.tokens_per_page:
@@ -138,6 +151,9 @@ class DisaggRunner(DispatchingRunner):
             rows_S[i] = d * R + logit_rows[d][j]
         num_logprobs = smeta.max_logprobs(rows)
         penalties = smeta.needs_penalties(rows)
+        if num_steps > 1 and sharded is None and all(c.num_tokens == 1 for c in chunks):
+            return self._dispatch_decode(model_name, config, kv_params, layout, inputs, rows_S, rows, M, R,
+                                         num_steps, num_logprobs, penalties, t0)
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
                                else (None, None))
@@ -155,3 +171,32 @@ class DisaggRunner(DispatchingRunner):
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep(start_fetch((out, None)), len(chunks), num_logprobs, t1, self.stats)
+
+    def _dispatch_decode(self, model_name, config, bases, layout, inputs, rows_S, rows, M, R, num_steps,
+                         num_logprobs, penalties, t0) -> DispatchedStep:
+        """num_steps decode tokens in one program; sampling on the KV devices, so the sampling
+        rows go in device-row order (chunk i at flat row rows_S[i], padding rows elsewhere)."""
+        n_rows = layout.n_kv * R
+        n = len(rows)
+        src = np.full(n_rows, -1, np.int64)
+        src[rows_S[:n]] = np.arange(n)
+        src[src < 0] = np.arange(n, n_rows)                 # the greedy padding rows
+        meta = jax.tree.map(lambda a: a[src], smeta.build_sampling_metadata(rows, pad_rows_to=n_rows))
+        counts = prompt_mask = None
+        if penalties:
+            counts, prompt_mask = (jnp.take(a, jnp.asarray(src), axis=0)
+                                   for a in smeta.build_token_history(rows, n_rows, config.vocab_size))
+        self.stats.count_program((model_name, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
+                                  inputs.page_indices_LSP.shape, num_logprobs, penalties))
+        t1 = time.perf_counter()
+        arena = self.arena.take()
+        try:
+            arena, out = disagg_pipeline.disagg_decode(
+                arena, PackedInt32.pack(inputs), meta, counts, prompt_mask, layout=layout, config=config,
+                num_microbatches=M, num_steps=num_steps, num_logprobs=num_logprobs, exchange=self.exchange,
+                attention_backend=self.attention_backend, moe_backend=self.moe_backend, bases=bases)
+        finally:
+            self.arena.put(arena)
+        outs = _steps_of_rows(out, rows_S)
+        self.stats.host_prepare_seconds += t1 - t0
+        return DispatchedStep(start_fetch((outs, num_steps)), len(rows), num_logprobs, t1, self.stats)

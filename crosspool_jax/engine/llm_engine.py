@@ -111,10 +111,10 @@ class LLMEngine:
                                            device=self.registry.model_devices.get(geometry.name))
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                            max_decode_steps=1 if disaggregated else config.max_decode_steps,
+                            max_decode_steps=config.max_decode_steps,
                             enable_prefix_caching=config.enable_prefix_caching),
             self.kv_manager, fit_together=self.registry.fit_together if self.registry.has_budgets else None)
-        if disaggregated:         # one token per dispatch on this path
+        if disaggregated:         # multi-step decode: disagg_decode (one program per max_decode_steps tokens)
             self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket,
                                        attention_backend=self.registry.attention_backend,
                                        moe_backend=self.registry.moe_backend)
