@@ -46,6 +46,10 @@ bytes), the router and any dense or shared-expert matmul (KV devices). A model m
 kinds keeps one `lax.switch` per layer. The final logits are computed on every device too
 (the weight devices' rows are dropped).
 
+Multi-step decode (`disagg_decode`): the same forward (`_device_program`'s `run`) called
+num_steps times in a `fori_loop` on a pure-decode batch, sampling on the KV devices and the
+sampled tokens fed back, so a dispatch (and its host work) serves num_steps tokens.
+
 Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several KV
 devices; a different program, the common case keeps the one above). Each sequence's tokens
 belong to its home KV device (q/k/v, residual, FFN exchange and logits as above). Per stage
