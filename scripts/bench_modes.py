@@ -16,7 +16,8 @@ through the same engine API, kernels and options; only the memory organisation d
 
 Per mode it reports: models resident (weights on the devices when serving starts), the KV
 capacity in tokens of ONE request (what the KV manager would admit), decode time between
-tokens (P50/P99, a few requests per model at once, one token per dispatch in every mode),
+tokens (P50/P99, a few requests per model at once, `--max_decode_steps` tokens per dispatch in
+every mode, 1 by default),
 the swap-in latency of a cold model (first-token time of a request for a swapped-out model,
 and the weights pool's own swap-in seconds), and for crosspool the fraction of the transfer
 time that the ping-pong pipeline hides: 1 - (t_step - t_step_without_transfers) / t_transfers,
@@ -45,6 +46,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 512, "Prompt tokens of the deco
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 48, "Tokens generated per request.")
 _PER_MODEL = flags.DEFINE_integer("requests_per_model", 2, "Concurrent requests per model (low concurrency).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Engine dtype.")
+_DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "Decode tokens per dispatch in every mode (1: the "
+                                     "side-by-side default; >1 times multi-step decode, the engine's default is 8).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no warm-up round.")
 _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
 
@@ -224,7 +227,7 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
 
     opts = engine_options(mode, n, n_kv, budget, sizes)
     t0 = time.perf_counter()
-    llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=1, max_num_seqs=64,
+    llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=_DECODE_STEPS.value, max_num_seqs=64,
               max_num_batched_tokens=max(512, _PROMPT_LEN.value), **opts)
     load_s = time.perf_counter() - t0
     engine = llm.engine
@@ -298,7 +301,8 @@ def main(argv):
             "device_gib": _DEVICE_GIB.value, "models": {k: shapes[i] for i, k in enumerate(folders)},
             "model_gib": {k: (round(a / GIB, 3), round(f / GIB, 3)) for k, (a, f) in sizes.items()},
             "prompt_len": _PROMPT_LEN.value, "max_tokens": _MAX_TOKENS.value,
-            "requests_per_model": _PER_MODEL.value, "crosspool_split": f"{n_kv}+{n - n_kv}"}
+            "requests_per_model": _PER_MODEL.value, "crosspool_split": f"{n_kv}+{n - n_kv}",
+            "max_decode_steps": _DECODE_STEPS.value}
     rows = []
     for mode in [m for m in _MODES.value.split(",") if m]:
         try:
