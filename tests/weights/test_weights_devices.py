@@ -205,3 +205,11 @@ def test_tp_layouts_compute_the_same_ffn():
     # the contract layout under the same shard_map pairs gate with gate: wrong, hence the helper
     wrong = jax.jit(local)(x, jax.device_put(w1, s1), jax.device_put(w2, s2))
     assert not np.allclose(np.asarray(wrong), want, rtol=1e-3, atol=1e-2)
+
+
+def test_parse_split():
+    from crosspool_jax.weights.devices import parse_split
+    assert parse_split("1+1") == (1, 1) and parse_split("6+2") == (6, 2)
+    for bad in ("2", "0+1", "1+x", "+2"):
+        with pytest.raises(ValueError, match="'KV\\+W' with two positive counts"):
+            parse_split(bad)
