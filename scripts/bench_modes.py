@@ -203,13 +203,8 @@ def interconnect_gbps(llm, nbytes: int = 256 << 20) -> float:
 
 def _median_seconds(fn, x, repeats: int = 5) -> float:
     """Median wall seconds of fn(x) until ready, after one call to compile."""
-    fn(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    from pallas_kernels.timing import time_calls
+    return time_calls(fn, x, inner=1, reps=repeats, warmup=1)
 
 
 def jax_itemsize(dtype: str) -> int:

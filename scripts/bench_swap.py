@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from crosspool_jax.weights import WeightsPool  # noqa: E402
+from crosspool_jax.weights.devices import parse_split  # noqa: E402
+from pallas_kernels.timing import time_calls  # noqa: E402
 from crosspool_jax.weights.pool import supports_pinned_host  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -52,13 +54,8 @@ flags.DEFINE_string("arena_model", "qwen3moe-mini-2l", "random model shape for t
 
 
 def _median_seconds(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of fn() (it waits for its own transfers) after one warm-up call."""
+    return time_calls(fn, inner=1, reps=repeats, warmup=1)
 
 
 def _make_tree(nbytes, leaves, dtype, n_dev, rng):
@@ -146,7 +143,7 @@ def _arena_row(split: str, host: str, repeats: int, config, params) -> str:
     from crosspool_jax.disagg.layout import make_multi_layout
     from crosspool_jax.disagg.residency import build_residency
 
-    n_kv, n_w = (int(x) for x in split.split("+"))
+    n_kv, n_w = parse_split(split)
     configs = {"a": config, "b": config}
     probe = make_multi_layout(configs, n_kv=n_kv, n_w=n_w, pages_per_device=16, dtype=FLAGS.dtype)
     itemsize = np.dtype(jax.numpy.dtype(FLAGS.dtype)).itemsize

@@ -40,6 +40,7 @@ def main(argv):
     from crosspool_jax.model_specs import models_from_specs
     from crosspool_jax.engine import disagg_runner, runner, step_program
     from crosspool_jax.engine.random_models import random_model_dirs
+    from crosspool_jax.weights.devices import parse_split
 
     seen = {}
 
@@ -58,7 +59,7 @@ def main(argv):
     models = random_model_dirs([_RANDOM.value]) if _RANDOM.value else models_from_specs(_MODEL.value)
     split = {}
     if _SPLIT.value:
-        n_kv, n_w = (int(x) for x in _SPLIT.value.split("+"))
+        n_kv, n_w = parse_split(_SPLIT.value)
         split = dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w)
     llm = LLM(models, dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=4,
               attention_backend=_ATTN.value, **split)

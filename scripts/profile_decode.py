@@ -65,11 +65,12 @@ def main(argv):
     from crosspool_jax import LLM, SamplingParams
     from crosspool_jax.engine.random_models import random_model_dirs
     from crosspool_jax.model_specs import models_from_specs
+    from crosspool_jax.weights.devices import parse_split
 
     models = models_from_specs(_MODEL.value) if _MODEL.value else random_model_dirs([_RANDOM.value])
     opts = dict(mode=_MODE.value)
     if _SPLIT.value:
-        n_kv, n_w = (int(x) for x in _SPLIT.value.split("+"))
+        n_kv, n_w = parse_split(_SPLIT.value)
         opts.update(kv_devices=n_kv, weight_devices=n_w)
     llm = LLM(models, dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=_DECODE_STEPS.value,
               max_num_batched_tokens=max(512, _PROMPT.value), **opts)

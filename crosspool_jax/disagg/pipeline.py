@@ -83,7 +83,7 @@ from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine.packed_inputs import unpacked
 from crosspool_jax.engine.step_inputs import StepInputs
-from crosspool_jax.kv.pool import page_view
+from crosspool_jax.kv.pool import page_view, token_slots
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import compute_logits, output_projection, qkv_projection, rms_norm
 from pallas_kernels.fused_moe.api import fused_moe
@@ -295,8 +295,9 @@ def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
 
 def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, *, layout: ArenaLayout,
                     config: ModelConfig, M: int, exchange: str, attention_backend: str, moe_backend: str):
-    """(kv_index, run): `run(row_X, mine) -> (row_X, logits [M*S, V])` is one forward of this
-    device's step inputs `mine` (leaves [M, ...]) through every layer, K/V written in place."""
+    """(kv_index, mine, run): this device's KV index, its step inputs `mine` (leaves [M, ...];
+    a weight device gets the last KV device's) and `run(row_X, step) -> (row_X, logits [M*S, V])`,
+    one forward of step inputs shaped like `mine` through every layer, K/V written in place."""
     layout = layout.bind(bases)        # the model's slots where its budgeted regions put them (residency.py)
     c = config
     n_kv = layout.n_kv
@@ -310,6 +311,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
     def run(row_X, mine):
         emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
         x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
+
         def attention(row_X, x_MTD, m, layer, on):
             """(h_TD, row): KV device's attention of micro-batch m (zeros and no write when off)."""
             step = jax.tree_util.tree_map(lambda a: a[m], mine)
@@ -399,16 +401,27 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
         # the weight devices' rows are garbage and dropped by the caller ([:n_kv])
         return row_X, compute_logits(kv_params, c, hidden)
 
-    return kv_index, run
+    return kv_index, jax.tree_util.tree_map(lambda a: a[kv_index], inputs), run
 
 
 def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, **kw):
-    _, run = _device_program(arena_1X, inputs, sharded, bases, **kw)
-    layout = kw["layout"]
-    kv_index = jnp.minimum(jax.lax.axis_index(AXIS), layout.n_kv - 1)
-    mine = jax.tree_util.tree_map(lambda a: a[kv_index], inputs)   # leaves [M, ...]
+    _, mine, run = _device_program(arena_1X, inputs, sharded, bases, **kw)
     row_X, logits_RV = run(arena_1X[0], mine)
     return row_X[None], logits_RV[None]
+
+
+def _checked_inputs(inputs, layout: ArenaLayout, exchange: str, num_microbatches: int) -> StepInputs:
+    """The step inputs (unpacked from a PackedInt32: one host->device transfer) after the checks
+    `disagg_step` and `disagg_decode` share."""
+    inputs = unpacked(inputs)
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if num_microbatches not in (1, 2):
+        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
+    if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
+        raise ValueError(f"inputs lead with {inputs.token_ids_T.shape[:2]}, expected "
+                         f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
+    return inputs
 
 
 def _decode_inputs(mine: StepInputs, j, *, num_pages: int, G: int) -> StepInputs:
@@ -420,13 +433,11 @@ def _decode_inputs(mine: StepInputs, j, *, num_pages: int, G: int) -> StepInputs
     t = jnp.arange(T, dtype=jnp.int32)
     live_MT = t[None, :] < mine.num_seqs_1                                   # [M, T]
     pos_MT = mine.positions_T + j
-    seq_T = jnp.minimum(t, S - 1)
-    Pp = mine.page_indices_LSP.shape[3]
-    block_MT = jnp.clip(pos_MT // G, 0, Pp - 1)
-    pages_MLT = jnp.take_along_axis(mine.page_indices_LSP[:, :, seq_T, :], block_MT[:, None, :, None], axis=3)[..., 0]
-    slots_MLT = jnp.where(live_MT[:, None, :], pages_MLT * G + (pos_MT % G)[:, None, :], num_pages * G)
+    slots = functools.partial(token_slots, tokens_per_page=G, num_pages=num_pages)
+    slots_MLT = jax.vmap(slots, in_axes=(0, None, 0, 0))(mine.page_indices_LSP, jnp.minimum(t, S - 1), pos_MT,
+                                                        live_MT)
     live_MS = jnp.arange(S, dtype=jnp.int32)[None, :] < mine.num_seqs_1
-    return dataclasses.replace(mine, positions_T=pos_MT, slots_LT=slots_MLT.astype(jnp.int32),
+    return dataclasses.replace(mine, positions_T=pos_MT, slots_LT=slots_MLT,
                                kv_lens_S=jnp.where(live_MS, mine.kv_lens_S + j, mine.kv_lens_S))
 
 
@@ -434,9 +445,8 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, meta, counts_RV, prompt_
                    num_logprobs: int, **kw):
     """num_steps decode tokens in one program: forward, sample on the device (rows of this KV
     device: meta leaves [n_kv * M*S, ...], this device's slice), feed the tokens back."""
-    kv_index, run = _device_program(arena_1X, inputs, None, bases, **kw)
+    kv_index, mine, run = _device_program(arena_1X, inputs, None, bases, **kw)
     layout, config = kw["layout"], kw["config"]
-    mine = jax.tree_util.tree_map(lambda a: a[kv_index], inputs)            # leaves [M, ...]
     M, T = mine.token_ids_T.shape
     S = mine.kv_lens_S.shape[1]
     R = M * S
@@ -446,9 +456,8 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, meta, counts_RV, prompt_
 
     meta_R = jax.tree_util.tree_map(rows, meta)
     counts_R, mask_R = rows(counts_RV), rows(prompt_mask_RV)
-    dummy = sampler_lib.sample(jnp.zeros((R, config.vocab_size), jnp.float32), meta_R, counts_R, mask_R,
-                               num_logprobs=num_logprobs)
-    out_buf = jax.tree_util.tree_map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype), dummy)
+    out_buf = sampler_lib.empty_outputs(num_steps, R, config.vocab_size, meta_R, counts_R, mask_R,
+                                        num_logprobs=num_logprobs)
 
     def body(j, carry):
         row_X, tokens_MT, counts, out_buf = carry
@@ -489,14 +498,9 @@ def disagg_decode(arena: jax.Array, inputs, meta, output_counts_RV=None, prompt_
     j + 1; every step runs (no early exit) and the host applies stop rules to what it reads.
     Other arguments as `disagg_step`.
     """
-    inputs = unpacked(inputs)
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    if num_microbatches not in (1, 2) or num_steps < 1:
-        raise ValueError(f"num_microbatches must be 1 or 2 and num_steps >= 1, got {num_microbatches}, {num_steps}")
-    if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
-        raise ValueError(f"inputs lead with {inputs.token_ids_T.shape[:2]}, expected "
-                         f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
+    inputs = _checked_inputs(inputs, layout, exchange, num_microbatches)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     replicated = PartitionSpec()
     fn = jax.shard_map(
         functools.partial(_device_decode, layout=layout, config=config, M=num_microbatches, exchange=exchange,
@@ -530,14 +534,7 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPage
     bases: None, or int32[2] (traced): the model's slot shift (KV rows, weight rows) in budgeted
     regions, `ArenaLayout.bind` (registry.acquire gives it).
     """
-    inputs = unpacked(inputs)          # PackedInt32 (one host->device transfer) or StepInputs
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    if num_microbatches not in (1, 2):
-        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
-    if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
-        raise ValueError(f"inputs lead with {inputs.token_ids_T.shape[:2]}, expected "
-                         f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
+    inputs = _checked_inputs(inputs, layout, exchange, num_microbatches)
     fn = jax.shard_map(
         functools.partial(_device_step, layout=layout, config=config, M=num_microbatches,
                           exchange=exchange, attention_backend=attention_backend, moe_backend=moe_backend),

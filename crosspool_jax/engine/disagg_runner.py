@@ -39,7 +39,7 @@ from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine import sampling_metadata as smeta
 from crosspool_jax.engine.packed_inputs import PackedInt32
-from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats, start_fetch
+from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats
 from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
 
 
@@ -170,7 +170,7 @@ class DisaggRunner(DispatchingRunner):
             self.arena.put(arena)
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)
         self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep(start_fetch((out, None)), len(chunks), num_logprobs, t1, self.stats)
+        return DispatchedStep((out, None), len(chunks), num_logprobs, t1, self.stats)
 
     def _dispatch_decode(self, model_name, config, bases, layout, inputs, rows_S, rows, M, R, num_steps,
                          num_logprobs, penalties, t0) -> DispatchedStep:
@@ -199,4 +199,4 @@ class DisaggRunner(DispatchingRunner):
             self.arena.put(arena)
         outs = _steps_of_rows(out, rows_S)
         self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep(start_fetch((outs, num_steps)), len(rows), num_logprobs, t1, self.stats)
+        return DispatchedStep((outs, num_steps), len(rows), num_logprobs, t1, self.stats)

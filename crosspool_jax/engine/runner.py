@@ -80,8 +80,12 @@ class StepRunner(DispatchingRunner):
         self.max_decode_steps = max_decode_steps
         self.attention_backend = attention_backend
         self.moe_backend = moe_backend
-        self.input_device = pool.devices[device_index]
         self.stats = RunnerStats()
+
+    @property
+    def device(self) -> jax.Device:
+        """The KV device whose pages (and program) this runner serves."""
+        return self.pool.devices[self.device_index]
 
     def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
                  rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
@@ -132,7 +136,7 @@ class StepRunner(DispatchingRunner):
         finally:
             pool.put(k_buf, v_buf, self.device_index)
         self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep(start_fetch((outs, steps_run)), len(chunks), num_logprobs, t1, self.stats)
+        return DispatchedStep((outs, steps_run), len(chunks), num_logprobs, t1, self.stats)
 
     def _multi_decode_args(self, config, chunks, S, stop_ids, allowances):
         L = config.num_layers
@@ -155,15 +159,6 @@ class StepRunner(DispatchingRunner):
         return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance   # numpy: see dispatch
 
 
-def start_fetch(outputs):
-    """Start the device-to-host copies of a dispatched step's outputs (they run when the
-    program finishes, so `collect` finds them on the host); returns `outputs`."""
-    for leaf in jax.tree.leaves(outputs):
-        if isinstance(leaf, jax.Array):
-            leaf.copy_to_host_async()
-    return outputs
-
-
 @dataclasses.dataclass
 class DispatchedStep:
     """A step program in flight: its device outputs ((SamplerOutputs stacked [steps, S, ...],
@@ -174,6 +169,13 @@ class DispatchedStep:
     num_logprobs: int
     dispatched_at: float          # perf_counter when the program was dispatched
     stats: RunnerStats            # of the runner that dispatched it: counted when collected
+
+    def __post_init__(self):
+        # start the outputs' device-to-host copies now: they run when the program finishes,
+        # so `collect` finds them on the host
+        for leaf in jax.tree.leaves(self.outputs):
+            if isinstance(leaf, jax.Array):
+                leaf.copy_to_host_async()
 
 
 def collect_sampled(step: DispatchedStep) -> list[list[SampledToken]]:

@@ -174,6 +174,17 @@ def advance_metadata(meta: SamplingMetadata, steps=1,
     return dataclasses.replace(meta, output_index=output_index_S, suppress_S=suppress_S)
 
 
+def empty_outputs(num_steps: int, S: int, vocab_size: int, meta: SamplingMetadata,
+                  output_counts_SV: Optional[jax.Array] = None, prompt_mask_SV: Optional[jax.Array] = None, *,
+                  num_logprobs: int = 0) -> SamplerOutput:
+    """Zeros shaped like `sample`'s outputs for S rows, stacked [num_steps, S, ...]: the buffer a
+    multi-step decode fills (shapes by `jax.eval_shape`: no sampling is computed)."""
+    shapes = jax.eval_shape(functools.partial(sample, num_logprobs=num_logprobs),
+                            jax.ShapeDtypeStruct((S, vocab_size), jnp.float32), meta, output_counts_SV,
+                            prompt_mask_SV)
+    return jax.tree.map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype), shapes)
+
+
 def update_counts(output_counts_SV: jax.Array, token_ids_S: jax.Array) -> jax.Array:
     """Add one occurrence of each row's new token to its output counts (multi-step decode)."""
     S = output_counts_SV.shape[0]

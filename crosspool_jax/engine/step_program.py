@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from crosspool_jax import models
 from crosspool_jax.engine import sampler as sampler_lib
 from crosspool_jax.engine.packed_inputs import unpacked
-from crosspool_jax.kv.pool import page_view, write_kv
+from crosspool_jax.kv.pool import page_view, token_slots, write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -80,22 +80,18 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
     [num_steps, S], their logprob outputs stacked on axis 0, and the number of steps run.
     """
     S = token_ids_S.shape[0]
-    L, _, Pp = page_indices_LSP.shape
     P, X = k_buf.shape
     G = X // (config.num_kv_heads * config.head_dim)
     rows = jnp.arange(S, dtype=jnp.int32)
     live_S = rows < num_seqs_1[0]
     cu_q_lens_S1 = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), num_seqs_1[0])
-    dummy = sampler_lib.sample(jnp.zeros((S, config.vocab_size), jnp.float32), sampling,
-                               output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
-    out_buf = jax.tree.map(lambda a: jnp.zeros((num_steps,) + a.shape, a.dtype), dummy)
+    out_buf = sampler_lib.empty_outputs(num_steps, S, config.vocab_size, sampling, output_counts_SV,
+                                        prompt_mask_SV, num_logprobs=num_logprobs)
 
     def body(state):
         j, tokens_S, kv_lens, done_S, k_buf, v_buf, counts, out_buf = state
         pos_S = kv_lens - 1
-        block_S = jnp.clip(pos_S // G, 0, Pp - 1)
-        slots_LS = page_indices_LSP[:, rows, block_S] * G + (pos_S % G)[None, :]
-        slots_LS = jnp.where((live_S & ~done_S)[None, :], slots_LS, P * G)
+        slots_LS = token_slots(page_indices_LSP, rows, pos_S, live_S & ~done_S, tokens_per_page=G, num_pages=P)
         k_buf, v_buf, logits_SV = _forward_logits(
             kv_params, ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, page_indices_LSP, kv_lens,
             cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend)

@@ -140,6 +140,17 @@ def page_view(buffer_PX: jax.Array, num_kv_heads: int, head_dim: int) -> jax.Arr
     return buffer_PX.reshape(P, tokens_per_page(X, num_kv_heads, head_dim), num_kv_heads, head_dim)
 
 
+def token_slots(page_indices_LSP: jax.Array, seq_T: jax.Array, positions_T: jax.Array, live_T: jax.Array, *,
+                tokens_per_page: int, num_pages: int) -> jax.Array:
+    """int32[L, T] pool slot of each token per layer, inside a program: its sequence's page for
+    the token's block times G plus the offset; `num_pages * G` (dropped by `write_kv`) where
+    not live. Blocks past the table are clamped (such tokens must not be live)."""
+    G = tokens_per_page
+    block_T = jnp.clip(positions_T // G, 0, page_indices_LSP.shape[2] - 1)
+    slots_LT = page_indices_LSP[:, seq_T, block_T] * G + (positions_T % G)[None, :]
+    return jnp.where(live_T[None, :], slots_LT, num_pages * G).astype(jnp.int32)
+
+
 def write_kv(k_pages_PGKH: jax.Array, v_pages_PGKH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array,
              slots_T: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Write the new tokens' K/V at their slots (`page * G + offset`); slots out of range

@@ -113,6 +113,18 @@ def _count(spec, field: str, default: int) -> int:
     return n
 
 
+def parse_split(spec: str) -> tuple[int, int]:
+    """'KV+W' (e.g. '1+1', the scripts' crosspool split flag) -> (n_kv, n_w), both >= 1."""
+    kv, sep, w = str(spec).partition("+")
+    try:
+        n_kv, n_w = int(kv), int(w)
+    except ValueError:
+        n_kv = n_w = 0
+    if not sep or n_kv < 1 or n_w < 1:
+        raise ValueError(f"a device split is 'KV+W' with two positive counts (e.g. '1+1'), got {spec!r}")
+    return n_kv, n_w
+
+
 def resolve_device_roles(mode: str, kv_devices: DeviceSpec = None, weight_devices: DeviceSpec = None,
                          devices=None) -> DeviceRoles:
     """Turn the engine options into roles.

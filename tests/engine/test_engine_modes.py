@@ -29,7 +29,7 @@ def _chunk(table):
 
 def test_one_step_runner_per_device(runner):
     assert [r.device_index for r in runner.runners] == [0, 1]
-    assert [r.input_device for r in runner.runners] == jax.devices()[:2]
+    assert [r.device for r in runner.runners] == jax.devices()[:2]
     assert runner.stats.compiled_programs == 0 and runner.stats.steps == 0
 
 
