@@ -1,0 +1,152 @@
+"""Where one kernel call's GPU time goes: every XLA op of the call, on the device, from a
+`jax.profiler` trace (CUPTI), for our attention / MoE kernels and their peers.
+
+    PYTHONPATH=. python3 scripts/profile_kernels.py [--json PATH] [--cases NAME,...]
+
+Each case is one jitted call, run `--calls` times back to back inside one trace after a
+warm-up. Per case it prints the device span of one call (first op start to last op end,
+median over the calls), the sum of its ops' durations (the span minus this is launch gaps)
+and each op (fusion, custom call) with its median duration, in the order they ran. This is
+what RESULTS.md's "what limits it" sections are inferred from: a kernel's own time against
+the small launches around it. Needs a GPU; on a CPU it runs but reports host ops.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.profiler import ProfileData  # noqa: E402
+
+from pallas_kernels.fused_moe.api import fused_moe  # noqa: E402
+from pallas_kernels.ragged_paged_attention import bench as rpa_bench  # noqa: E402
+from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu  # noqa: E402
+
+_HD = rpa_bench.HEAD_DIM
+
+
+def _attention_cases():
+    """name -> (function, args): our kernel and JAX's paged_attention on decode shapes."""
+    out = {}
+    for B, ctx, G in ((8, 2048, 16), (8, 4096, 16), (1, 32768, 16), (64, 4096, 16)):
+        args = rpa_bench._decode_inputs(jax.random.PRNGKey(B * ctx + G), B, ctx, G)
+        out[f"attn ours B={B} ctx={ctx} G={G}"] = (
+            functools.partial(ragged_paged_attention_gpu, sm_scale=_HD ** -0.5), args)
+        kp2, vp2 = jnp.moveaxis(args[1], 2, 0), jnp.moveaxis(args[2], 2, 0)
+        out[f"attn jax_paged B={B} ctx={ctx} G={G}"] = (
+            functools.partial(rpa_bench._jax_paged, pages_per_compute_block=4, k_splits=8),
+            (args[0], kp2, vp2, *args[3:]))
+    return out
+
+
+def _moe_cases():
+    out = {}
+    for name, E, D, F, T, top_k in (("qwen3", 128, 2048, 768, 1, 8),
+                                    ("qwen3", 128, 2048, 768, 16, 8),
+                                    ("qwen3", 128, 2048, 768, 256, 8),
+                                    ("mixtral", 8, 4096, 14336, 64, 2)):
+        keys = jax.random.split(jax.random.PRNGKey(E * 1000 + T), 4)
+        x = jax.random.normal(keys[0], (T, D), jnp.bfloat16)
+        logits = jax.random.normal(keys[1], (T, E), jnp.float32)
+        w1 = (jax.random.normal(keys[2], (E, D, 2 * F), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+        w2 = (jax.random.normal(keys[3], (E, F, D), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+        out[f"moe ours {name} T={T}"] = (
+            functools.partial(fused_moe, top_k=top_k, backend="gpu"), (x, logits, w1, w2))
+    return out
+
+
+def _device_ops(xplane_path, calls):
+    """[[(op name, start_ns, dur_ns)] per call] of the GPU plane: grouped by the derived
+    "XLA Modules" line where the trace has one, else every stream's kernels in time order cut
+    into `calls` equal runs (each call launches the same kernels)."""
+    data = ProfileData.from_file(xplane_path)
+    modules, ops, kernels = [], [], []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name == "XLA Modules":
+                modules += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events]
+            elif line.name == "XLA Ops":
+                ops += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
+            elif line.name.startswith("Stream"):
+                for ev in line.events:
+                    stats = dict(ev.stats)
+                    name = stats.get("hlo_op") or ev.name
+                    kernels.append((f"{name} [{ev.name[:40]}]", ev.start_ns, ev.duration_ns))
+    if modules and ops:
+        runs = [sorted((o for o in ops if m0 <= o[1] < m1), key=lambda o: o[1])
+                for m0, m1 in sorted(modules)]
+        return [r for r in runs if r]
+    kernels.sort(key=lambda o: o[1])
+    if not kernels or len(kernels) % calls:
+        print(f"    ({len(kernels)} kernel events for {calls} calls: not cut)", flush=True)
+        return [kernels] if kernels else []
+    n = len(kernels) // calls
+    return [kernels[i * n:(i + 1) * n] for i in range(calls)]
+
+
+def profile_case(f, args, calls):
+    g = jax.jit(f)
+    for _ in range(3):
+        jax.block_until_ready(g(*args))
+    d = tempfile.mkdtemp(prefix="profile_kernels_")
+    with jax.profiler.trace(d):
+        outs = [g(*args) for _ in range(calls)]
+        jax.block_until_ready(outs)
+    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    runs = _device_ops(paths[0], calls) if paths else []
+    if not runs:
+        return {"error": "no GPU ops in the trace"}
+    spans = [run[-1][1] + run[-1][2] - run[0][1] for run in runs]
+    busy = [sum(o[2] for o in run) for run in runs]
+    per_op = collections.OrderedDict()
+    for run in runs:
+        for name, _, dur in run:
+            per_op.setdefault(name, []).append(dur)
+    return {"calls": len(runs), "span_us": statistics.median(spans) / 1e3,
+            "busy_us": statistics.median(busy) / 1e3,
+            "ops": [(name, statistics.median(d) / 1e3, len(d)) for name, d in per_op.items()]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--calls", type=int, default=8)
+    ap.add_argument("--cases", default=None, help="comma-separated substrings of case names")
+    a = ap.parse_args()
+    print("jax", jax.__version__, jax.devices(), flush=True)
+    results = {}
+    for builder in (_attention_cases, _moe_cases):
+        for name, (f, args) in builder().items():
+            if a.cases and not any(c in name for c in a.cases.split(",")):
+                continue
+            try:
+                r = profile_case(f, args, a.calls)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            results[name] = r
+            if "error" in r:
+                print(f"{name}: {r['error']}", flush=True)
+                continue
+            print(f"{name}: span {r['span_us']:.1f} us, ops busy {r['busy_us']:.1f} us, "
+                  f"{r['calls']} calls", flush=True)
+            for op, us, n in r["ops"]:
+                print(f"    {us:8.1f} us  {op[:110]}  (x{n})", flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
