@@ -34,6 +34,11 @@ class BlockConfig:
     items_in_kernel: GPU programs derive their work item (sequence, tokens, key range) from
       cu_q_lens / kv_lens themselves instead of reading a table built by XLA before the call
       (saves the small XLA launches of work.build_items).
+    epilogue_in_kernel: GPU programs finish the call themselves: with num_splits > 1 the last
+      split of an item to finish (an atomic counter per item and KV head) merges the
+      partials by log-sum-exp, and the programs zero the padding rows past
+      cu_q_lens[num_seqs]; the kernel is then the call's only launch (besides a memset of
+      the counters). Off: a jnp merge and a where after the kernel. Needs items_in_kernel.
     """
     q_tokens: int
     block_k: int
@@ -44,13 +49,17 @@ class BlockConfig:
     row_gather: bool = False
     mask_v_load: bool = False
     items_in_kernel: bool = False
+    epilogue_in_kernel: bool = False
 
     def __post_init__(self):
-        for name in ("heads_fastest", "row_gather", "mask_v_load", "items_in_kernel"):
+        for name in ("heads_fastest", "row_gather", "mask_v_load", "items_in_kernel",
+                     "epilogue_in_kernel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BlockConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.mask_v_load and not self.row_gather:
             raise ValueError("BlockConfig.mask_v_load needs row_gather=True")
+        if self.epilogue_in_kernel and not self.items_in_kernel:
+            raise ValueError("BlockConfig.epilogue_in_kernel needs items_in_kernel=True")
         for name in ("q_tokens", "block_k", "num_splits", "num_warps", "num_stages"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -95,10 +104,12 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     # head dim 256 were not measured: 2 stages.
     num_stages = 3 if itemsize == 2 and H <= 128 and 3 * stage_bytes <= 192 * 1024 else 2
     # One pool row per key with V masked in the load (1.2-1.3x on decode, RESULTS.md), the
-    # KV heads of an item launched together, work items derived inside the kernel.
+    # KV heads of an item launched together, work items derived inside the kernel, and the
+    # split merge and padding rows done by the kernel too (one launch per call).
     return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
                        num_warps=4, num_stages=num_stages, heads_fastest=True,
-                       row_gather=True, mask_v_load=True, items_in_kernel=True)
+                       row_gather=True, mask_v_load=True, items_in_kernel=True,
+                       epilogue_in_kernel=True)
 
 
 def tpu_config(*, T: int, S: int, R: int, H: int, G: int) -> BlockConfig:
