@@ -12,6 +12,17 @@ to back and one `block_until_ready`, so the host dispatches ahead while the GPU 
 median of `reps` samples. `time_step` = both: the GPU time of one call inside a jitted step
 (its kernels and the gaps between them), without host dispatch.
 
+`device_time(f, *args)`: the GPU's own clock, from a `jax.profiler` trace (CUPTI kernel
+timestamps): one jitted call of f dispatched `calls` times back to back, cycling through
+`copies` distinct copies of every input (so consecutive calls read different memory and no
+call finds its operands in L2); per call the span from its first kernel's start to its last
+kernel's end (its kernels and the gaps between them, never the host), the median over calls.
+`time_step` measures the same from the host's clock and was wrong for calls shorter than their
+host dispatch: its program of 5 calls took longer to dispatch (~35 input buffers) than to run
+at the small shapes, so it reported host time (device run 1 of 2026-11-28 session 4: our
+attention kernel at B=8 / 2k ran 24.7 us per call on the device where time_step had said
+34.3). The benchmarks use device_time wherever a GPU trace is available (`timer` in each row).
+
 History: the first version chained the calls (each call's first input plus a zero-valued term
 of the previous output), which added two small launches per call; the second copied only the
 first input (device run 2 of 2026-11-28: valid for our kernels and JAX's Pallas/Mosaic
@@ -19,7 +30,11 @@ kernels, not for the XLA-native peers, see RESULTS.md); this third one copies ev
 """
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 import statistics
+import tempfile
 import time
 
 import jax
@@ -64,3 +79,68 @@ def time_step(f, *args, iters: int = 5, inner: int = 4, reps: int = 5) -> float:
     t = time_calls(looped(f, iters), arg_sets, inner=inner, reps=reps) / iters
     del arg_sets
     return t
+
+
+def gpu_kernel_events(xplane_path: str) -> list[tuple[str, int, int]]:
+    """[(name, start_ns, duration_ns)] of every kernel (and memcpy/memset) on the GPU streams
+    of a trace, in start order; names are the HLO op's where the trace says ("hlo_op")."""
+    from jax.profiler import ProfileData
+    events = []
+    for plane in ProfileData.from_file(xplane_path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                op = stats.get("hlo_op")
+                events.append((f"{op} [{ev.name[:48]}]" if op else ev.name, int(ev.start_ns),
+                               int(ev.duration_ns)))
+    return sorted(events, key=lambda e: e[1])
+
+
+def split_calls(events, calls: int):
+    """Cut a trace's events into `calls` equal runs (every call of one program launches the
+    same kernels); None when they do not divide evenly."""
+    if not events or len(events) % calls:
+        return None
+    n = len(events) // calls
+    return [events[i * n:(i + 1) * n] for i in range(calls)]
+
+
+def call_spans(runs) -> list[float]:
+    """Seconds from each run's first event start to its last event end."""
+    return [(max(e[1] + e[2] for e in run) - run[0][1]) * 1e-9 for run in runs]
+
+
+def traced_runs(f, args_list, calls: int):
+    """Dispatch jitted f on args_list[i % len] for `calls` calls inside one profiler trace;
+    -> the per-call event runs, or None without GPU events."""
+    g = jax.jit(f)
+    for args in args_list:
+        jax.block_until_ready(g(*args))
+    d = tempfile.mkdtemp(prefix="crosspool_trace_")
+    try:
+        with jax.profiler.trace(d):
+            outs = [g(*args_list[i % len(args_list)]) for i in range(calls)]
+            jax.block_until_ready(outs)
+        del outs
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        return split_calls(gpu_kernel_events(paths[0]), calls) if paths else None
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def device_time(f, *args, copies: int = 3, calls: int = 12) -> tuple[float, str]:
+    """(seconds per call, timer): the median GPU span of one call from a trace (timer
+    "trace"), or, where the trace has no GPU kernels (a CPU, a failed CUPTI), `time_step`
+    (timer "host")."""
+    arg_sets = distinct_copies(args, copies)
+    try:
+        runs = traced_runs(f, arg_sets, calls)
+    finally:
+        del arg_sets
+    if runs:
+        return statistics.median(call_spans(runs)), "trace"
+    return time_step(f, *args), "host"

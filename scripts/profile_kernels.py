@@ -3,8 +3,8 @@
 
     PYTHONPATH=. python3 scripts/profile_kernels.py [--json PATH] [--cases NAME,...]
 
-Each case is one jitted call, run `--calls` times back to back inside one trace after a
-warm-up. Per case it prints the device span of one call (first op start to last op end,
+Each case is one jitted call, run `--calls` times back to back over 3 copies of its inputs
+inside one trace after a warm-up (pallas_kernels/timing.py, the benchmarks' timer). Per case it prints the device span of one call (first op start to last op end,
 median over the calls), the sum of its ops' durations (the span minus this is launch gaps)
 and each op (fusion, custom call) with its median duration, in the order they ran. This is
 what RESULTS.md's "what limits it" sections are inferred from: a kernel's own time against
@@ -15,22 +15,20 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import glob
 import json
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.profiler import ProfileData  # noqa: E402
 
 from pallas_kernels.fused_moe.api import fused_moe  # noqa: E402
 from pallas_kernels.ragged_paged_attention import bench as rpa_bench  # noqa: E402
 from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu  # noqa: E402
+from pallas_kernels.timing import call_spans, distinct_copies, traced_runs  # noqa: E402
 
 _HD = rpa_bench.HEAD_DIM
 
@@ -65,57 +63,18 @@ def _moe_cases():
     return out
 
 
-def _device_ops(xplane_path, calls):
-    """[[(op name, start_ns, dur_ns)] per call] of the GPU plane: grouped by the derived
-    "XLA Modules" line where the trace has one, else every stream's kernels in time order cut
-    into `calls` equal runs (each call launches the same kernels)."""
-    data = ProfileData.from_file(xplane_path)
-    modules, ops, kernels = [], [], []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name == "XLA Modules":
-                modules += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events]
-            elif line.name == "XLA Ops":
-                ops += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
-            elif line.name.startswith("Stream"):
-                for ev in line.events:
-                    stats = dict(ev.stats)
-                    name = stats.get("hlo_op") or ev.name
-                    kernels.append((f"{name} [{ev.name[:40]}]", ev.start_ns, ev.duration_ns))
-    if modules and ops:
-        runs = [sorted((o for o in ops if m0 <= o[1] < m1), key=lambda o: o[1])
-                for m0, m1 in sorted(modules)]
-        return [r for r in runs if r]
-    kernels.sort(key=lambda o: o[1])
-    if not kernels or len(kernels) % calls:
-        print(f"    ({len(kernels)} kernel events for {calls} calls: not cut)", flush=True)
-        return [kernels] if kernels else []
-    n = len(kernels) // calls
-    return [kernels[i * n:(i + 1) * n] for i in range(calls)]
-
-
 def profile_case(f, args, calls):
-    g = jax.jit(f)
-    for _ in range(3):
-        jax.block_until_ready(g(*args))
-    d = tempfile.mkdtemp(prefix="profile_kernels_")
-    with jax.profiler.trace(d):
-        outs = [g(*args) for _ in range(calls)]
-        jax.block_until_ready(outs)
-    paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    runs = _device_ops(paths[0], calls) if paths else []
+    """Per-op medians of one call of f (timing.traced_runs: back to back over 3 input copies)."""
+    runs = traced_runs(f, distinct_copies(args, 3), calls)
     if not runs:
-        return {"error": "no GPU ops in the trace"}
-    spans = [run[-1][1] + run[-1][2] - run[0][1] for run in runs]
-    busy = [sum(o[2] for o in run) for run in runs]
+        return {"error": "no GPU kernels in the trace, or calls that launch different kernels"}
+    busy = [sum(e[2] for e in run) * 1e-9 for run in runs]
     per_op = collections.OrderedDict()
     for run in runs:
         for name, _, dur in run:
             per_op.setdefault(name, []).append(dur)
-    return {"calls": len(runs), "span_us": statistics.median(spans) / 1e3,
-            "busy_us": statistics.median(busy) / 1e3,
+    return {"calls": len(runs), "span_us": statistics.median(call_spans(runs)) * 1e6,
+            "busy_us": statistics.median(busy) * 1e6,
             "ops": [(name, statistics.median(d) / 1e3, len(d)) for name, d in per_op.items()]}
 
 

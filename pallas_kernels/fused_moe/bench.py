@@ -7,9 +7,11 @@ fused MoE, the one [E, D, F] matrix for grouped matmuls) and the fraction of the
 Prefill rows are TFLOP/s and the fraction of the bf16 8192^3 matmul rate of the same run.
 Peers: `jax.lax.ragged_dot`, JAX's Mosaic GPU `ragged_dot_mgpu` (if importable) and the
 pure-jnp reference MoE under XLA. Run: `python -m pallas_kernels.fused_moe.bench`.
-Timing: decode rows (every implementation) are the GPU time of one call inside a jitted step
-(pallas_kernels/timing.py: 5 calls unrolled in one program, programs dispatched back to
-back), so host dispatch is out of them; prefill rows time back-to-back jitted calls.
+Timing (every row, every implementation alike): pallas_kernels/timing.py `device_time`, the
+GPU's own clock from a profiler trace: one jitted call dispatched back to back over 3 distinct
+copies of every input (weights included, so consecutive calls never find them in L2), per call
+its first kernel's start to its last kernel's end, the median over 12 calls; `timer` in each
+row says "trace" (or "host" where no GPU trace was available).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.anchors import torch_copy_gbps
-from pallas_kernels.timing import time_calls, time_step
+from pallas_kernels.timing import device_time
 from pallas_kernels.fused_moe import tuning
 from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
 from pallas_kernels.fused_moe.reference import fused_moe_reference, route_topk
@@ -41,9 +43,9 @@ MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stage
 SWEEP = [(64, 128, 4, 3), (128, 128, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (128, 64, 4, 6)]
 
 
-def _time(f, *args, inner: int = 10, reps: int = 5) -> float:
-    """Median seconds per call; `inner` calls dispatched back to back per sample."""
-    return time_calls(f, *args, inner=inner, reps=reps)
+def _time(f, *args) -> tuple[float, str]:
+    """(GPU seconds of one call of f, timer): pallas_kernels.timing.device_time."""
+    return device_time(f, *args)
 
 
 class _Rows:
@@ -58,7 +60,7 @@ class _Rows:
 
 def _matmul_tflops() -> float:
     a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
-    s = _time(jax.jit(lambda a, b: a @ b), a, a, inner=3)
+    s, _ = _time(lambda a, b: a @ b, a, a)
     return 2 * 8192 ** 3 / 1e12 / s
 
 
@@ -71,7 +73,7 @@ def _mgpu():
         return None
 
 
-def _best_mgpu(rdm, lhs, w, gs, looped=False):
+def _best_mgpu(rdm, lhs, w, gs):
     best = None
     K, N = w.shape[1], w.shape[2]
     for bm, bn, bk, st, gbn in MGPU_CONFIGS:
@@ -81,9 +83,8 @@ def _best_mgpu(rdm, lhs, w, gs, looped=False):
             g = functools.partial(rdm.ragged_dot, block_m=bm, block_n=bn, block_k=bk,
                                   max_concurrent_steps=st, grid_block_n=gbn)
             call = lambda l, w, gs: g(l, w, group_sizes=gs)    # noqa: E731
-            t = (time_step(call, lhs, w, gs) if looped
-                 else _time(jax.jit(call), lhs, w, gs))
-            best = t if best is None else min(best, t)
+            t = _time(call, lhs, w, gs)
+            best = t if best is None else min(best, t, key=lambda timed: timed[0])
         except Exception as e:  # noqa: BLE001
             print(f"mgpu config {bm, bn, bk} failed: {type(e).__name__}: {str(e)[:160]}",
                   flush=True)
@@ -102,7 +103,9 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
     moe_gb = touched * 3 * D * F * 2 / 1e9
     tag = f"{name} T={T} top{top_k} touched={touched}/{E}"
 
-    def rec(what, sec, gb, **extra):
+    def rec(what, timed, gb, **extra):
+        sec, timer = timed
+        extra["timer"] = timer
         gbps = gb / sec
         frac = round(gbps / ceiling, 3) if ceiling else None
         rows.add(kind="decode", shape=tag, impl=what, us=sec * 1e6, GBps=gbps,
@@ -110,9 +113,9 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
 
     if peers:
         ref = functools.partial(fused_moe_reference, top_k=top_k)
-        rec("xla_reference_fused_moe", time_step(ref, x, logits, w1, w2), moe_gb)
+        rec("xla_reference_fused_moe", _time(ref, x, logits, w1, w2), moe_gb)
     ours = functools.partial(fused_moe, top_k=top_k, backend="gpu")
-    rec("ours_fused_moe", time_step(ours, x, logits, w1, w2), moe_gb,
+    rec("ours_fused_moe", _time(ours, x, logits, w1, w2), moe_gb,
         config=str(tuning.gpu_config(T * top_k, E, D, F)))
     if sweep:
         bm = tuning.block_m_for(T * top_k, E)
@@ -122,7 +125,7 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
             cfg = tuning.BlockConfig(bm, bn, bk, warps, stages)
             try:
                 f = functools.partial(fused_moe, top_k=top_k, backend="gpu", config=cfg)
-                rec("ours_fused_moe_sweep", time_step(f, x, logits, w1, w2), moe_gb,
+                rec("ours_fused_moe_sweep", _time(f, x, logits, w1, w2), moe_gb,
                     config=str(cfg))
             except Exception as e:  # noqa: BLE001
                 print(f"sweep {cfg} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -134,11 +137,11 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
     w = w1[:, :, :F]
     gs = jnp.bincount(ids.reshape(-1), length=E).astype(jnp.int32)
     gmm_gb = touched * D * F * 2 / 1e9
-    rec("lax_ragged_dot", time_step(jax.lax.ragged_dot, lhs, w, gs), gmm_gb)
+    rec("lax_ragged_dot", _time(jax.lax.ragged_dot, lhs, w, gs), gmm_gb)
     og = functools.partial(grouped_matmul, backend="gpu")
-    rec("ours_grouped_matmul", time_step(og, lhs, w, gs), gmm_gb)
+    rec("ours_grouped_matmul", _time(og, lhs, w, gs), gmm_gb)
     if rdm is not None:
-        best = _best_mgpu(rdm, lhs, w, gs, looped=True)
+        best = _best_mgpu(rdm, lhs, w, gs)
         if best is not None:
             rec("jax_ragged_dot_mgpu_best", best, gmm_gb)
 
@@ -152,21 +155,21 @@ def _prefill(rows: _Rows, mm_tflops, *, sweep: bool, rdm):
     gs = jnp.bincount(ids, length=G).astype(jnp.int32)
     tflop = 2 * M * K * N / 1e12
 
-    def rec(what, sec, **extra):
+    def rec(what, timed, **extra):
+        sec, timer = timed
         rows.add(kind="prefill", shape=f"{name} M={M} G={G} K={K} N={N}", impl=what,
-                 us=sec * 1e6, TFLOPs=tflop / sec,
+                 us=sec * 1e6, TFLOPs=tflop / sec, timer=timer,
                  frac_matmul=round(tflop / sec / mm_tflops, 3), **extra)
 
-    rec("lax_ragged_dot", _time(jax.jit(lambda l, w, g: jax.lax.ragged_dot(l, w, g)),
-                                lhs, w, gs, inner=3))
-    og = jax.jit(functools.partial(grouped_matmul, backend="gpu"))
-    rec("ours_grouped_matmul", _time(og, lhs, w, gs, inner=3),
+    rec("lax_ragged_dot", _time(jax.lax.ragged_dot, lhs, w, gs))
+    og = functools.partial(grouped_matmul, backend="gpu")
+    rec("ours_grouped_matmul", _time(og, lhs, w, gs),
         config=str(tuning.gpu_config(M, G, K, N)))
     if sweep:
         for cfg in [tuning.BlockConfig(128, 128, 64, 8, 3), tuning.BlockConfig(128, 256, 64, 8, 4)]:
             try:
-                f = jax.jit(functools.partial(grouped_matmul, backend="gpu", config=cfg))
-                rec("ours_grouped_matmul_sweep", _time(f, lhs, w, gs, inner=3), config=str(cfg))
+                f = functools.partial(grouped_matmul, backend="gpu", config=cfg)
+                rec("ours_grouped_matmul_sweep", _time(f, lhs, w, gs), config=str(cfg))
             except Exception as e:  # noqa: BLE001
                 print(f"prefill sweep {cfg} failed: {type(e).__name__}: {str(e)[:160]}",
                       flush=True)

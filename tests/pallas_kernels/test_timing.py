@@ -7,7 +7,8 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.timing import distinct_copies, looped, time_step
+from pallas_kernels.timing import (call_spans, device_time, distinct_copies, looped, split_calls,
+                                    time_step)
 
 
 def _f(x, w, s):
@@ -34,3 +35,20 @@ def test_time_step_is_positive_and_finite():
     x = jnp.asarray(np.random.default_rng().standard_normal((32, 32)), jnp.float32)
     t = time_step(lambda a, b: a @ b, x, x, iters=2, inner=2, reps=3)
     assert np.isfinite(t) and t > 0
+
+
+def test_split_calls_and_spans():
+    # two calls of three kernels each, with a launch gap inside the second
+    events = [("a", 100, 10), ("b", 112, 5), ("c", 118, 2),
+              ("a", 300, 10), ("b", 330, 5), ("c", 336, 4)]
+    runs = split_calls(events, 2)
+    assert [len(r) for r in runs] == [3, 3]
+    np.testing.assert_allclose(call_spans(runs), [20e-9, 40e-9])
+    assert split_calls(events, 4) is None, "uneven cuts must not be guessed"
+    assert split_calls([], 2) is None
+
+
+def test_device_time_falls_back_to_the_host_clock_without_gpu_events():
+    x = jnp.asarray(np.random.default_rng().standard_normal((32, 32)), jnp.float32)
+    t, timer = device_time(lambda a, b: a @ b, x, x, copies=2, calls=4)
+    assert timer == "host" and np.isfinite(t) and t > 0
