@@ -1,0 +1,68 @@
+"""The compiled (non-interpret) GPU kernels lower to Triton for CUDA, checked on a CPU.
+
+Interpret mode runs the kernels' semantics but skips the Triton lowering, so options only the
+lowering reads (cache modifiers, atomics' forms, barriers) are unchecked by the interpret
+tests; a lowering error would first show on the GPU. `jit(...).trace(...).lower(
+lowering_platforms=("cuda",))` runs the Pallas Triton lowering rules in Python without a GPU
+(the Triton compile to PTX happens later, on the device), so this catches them here. The
+numbers are checked by the interpret tests and, on a GPU, by the gpu-marked classes.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fused_moe import fused_moe, grouped_matmul
+from pallas_kernels.ragged_paged_attention import tuning
+from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
+from tests.pallas_kernels.test_ragged_paged_attention import make_case
+
+
+def _lowered_kernels(f, *args) -> list[str]:
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return re.findall(r'custom_call @([\w$.]+)', text)
+
+
+@pytest.mark.parametrize("cfg", [
+    None,                                       # the tuning table's
+    tuning.BlockConfig(q_tokens=4, block_k=64, num_splits=4, heads_fastest=True,   # merge
+                       row_gather=True, mask_v_load=True, items_in_kernel=True,    # in-kernel
+                       epilogue_in_kernel=True),
+    tuning.BlockConfig(q_tokens=4, block_k=64, num_splits=1, heads_fastest=True,
+                       row_gather=True, mask_v_load=True, items_in_kernel=True,
+                       epilogue_in_kernel=True),
+    tuning.BlockConfig(q_tokens=4, block_k=64, num_splits=4, heads_fastest=True,
+                       row_gather=True, mask_v_load=True, items_in_kernel=True),
+])
+def test_attention_lowers_for_cuda(cfg):
+    args = make_case(1, [1, 1, 5], [20, 600, 70], N=8, K=2, H=64, G=16, S_cap=4, T_pad=2,
+                     dtype=jnp.bfloat16)
+    f = functools.partial(ragged_paged_attention_gpu, sm_scale=0.1, config=cfg)
+    assert _lowered_kernels(f, *args) == ["__gpu$xla.gpu.triton"]
+
+
+@pytest.mark.parametrize("T", [1, 16])
+def test_fused_moe_lowers_for_cuda(T):
+    rng = np.random.default_rng(0)
+    E, D, F = 8, 64, 32
+    x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
+    logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
+    w1 = jnp.asarray(rng.standard_normal((E, D, 2 * F)), jnp.bfloat16)
+    w2 = jnp.asarray(rng.standard_normal((E, F, D)), jnp.bfloat16)
+    f = functools.partial(fused_moe, top_k=2, backend="gpu")
+    kernels = _lowered_kernels(f, x, logits, w1, w2)
+    assert kernels.count("__gpu$xla.gpu.triton") == 3, kernels   # gate/up, down, combine
+
+
+def test_grouped_matmul_lowers_for_cuda():
+    rng = np.random.default_rng(1)
+    lhs = jnp.asarray(rng.standard_normal((40, 64)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.standard_normal((4, 64, 32)), jnp.bfloat16)
+    gs = jnp.asarray([10, 0, 25, 5], jnp.int32)
+    f = functools.partial(grouped_matmul, backend="gpu")
+    assert _lowered_kernels(f, lhs, rhs, gs).count("__gpu$xla.gpu.triton") == 1
