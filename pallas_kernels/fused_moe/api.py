@@ -4,7 +4,9 @@ The one place that picks a backend ("reference" | "gpu" | "tpu" | "auto"). The k
 backends share the flow: route (softmax, top-k, optional renormalisation), lay the (token, k)
 rows out sorted by expert and padded to whole tiles (layout.py), gate/up grouped matmul with
 the activation fused, down grouped matmul with the routing weight fused, then each token sums
-its top_k rows (a gather, no scatter).
+its top_k rows (a gather, no scatter). On the GPU the kernels do the glue themselves (gate/up
+gathers its token rows, down reads each row's routing weight, a combine kernel sums the rows
+in a fixed order), so a call is the routing ops, the layout ops and three kernels.
 
 Weights (`rhs`, `w1`, `w2`) are arrays or `ExpertRows` (expert_rows.py: a layer of a stacked
 weight, or a shard of a bigger buffer, read in place by the GPU kernels; the reference and the
@@ -130,11 +132,20 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *,
                                      num_groups=None if expert_offset is None else E)
     else:
         layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)
+    weights_R = weights_TK.reshape(R)
+    if backend == "gpu":   # rows gathered, weights applied and rows combined in the kernels
+        h_PF = kernels.gate_up_gathered(x_TD, top_k, _weights_for(backend, w1_EDF2), layout,
+                                        cfg1, activation=activation, interpret=interpret)
+        y_PD = kernels.gmm_padded(h_PF, _weights_for(backend, w2_EFD), layout, cfg2,
+                                  row_weights_R=weights_R, out_dtype=jnp.float32,
+                                  interpret=interpret)
+        return kernels.combine_rows(y_PD, layout.dst_row_R, top_k, x_TD.dtype,
+                                    interpret=interpret)
     # padded row p holds (token, k) pair src_row_P[p]; fill rows (== R) read token T -> zeros.
     x_PD = jnp.take(x_TD, layout.src_row_P // top_k, axis=0, mode="fill", fill_value=0)
     h_PF = kernels.gate_up_padded(x_PD, _weights_for(backend, w1_EDF2), layout, cfg1,
                                   activation=activation, interpret=interpret)
-    scale_P = jnp.take(weights_TK.reshape(R), layout.src_row_P, mode="fill", fill_value=0)
+    scale_P = jnp.take(weights_R, layout.src_row_P, mode="fill", fill_value=0)
     y_PD = kernels.gmm_padded(h_PF, _weights_for(backend, w2_EFD), layout, cfg2, scale_P=scale_P,
                               out_dtype=jnp.float32, interpret=interpret)
     y_TKD = scatter_back(y_PD, layout).reshape(T, top_k, D)

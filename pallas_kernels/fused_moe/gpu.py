@@ -40,8 +40,10 @@ from pallas_kernels.fused_moe.tuning import BlockConfig
 def _gmm_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, *rest, block_k: int,
                 num_k: int, block_n: int, group_rows: int, has_scale: bool):
     # x_ref: [P, K] (whole); w_ref: [R, N] rows (whole), group g at rows row0 + g*K;
-    # scale_ref: [bm] f32 row scale; o_ref: [bm, bn] block (i, j).
-    scale_ref, o_ref = rest if has_scale else (None, rest[0])
+    # with a scale: src_ref [P] int32 (source row of each padded row, R_src = fill) and
+    # wts_ref [R_src] f32 (each source row's scale, read here: no gather launch before);
+    # o_ref: [bm, bn] block (i, j).
+    src_ref, wts_ref, o_ref = rest if has_scale else (None, None, rest[0])
     i = pl.program_id(0)
     j = pl.program_id(1)
 
@@ -56,15 +58,25 @@ def _gmm_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, *rest, b
             return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, block_n), jnp.float32))
-        if scale_ref is not None:
-            acc = acc * scale_ref[...][:, None]
+        if has_scale:
+            n_src = wts_ref.shape[0]
+            src = src_ref[pl.ds(i * bm, bm)]
+            scale = _masked_gather(wts_ref, jnp.minimum(src, n_src - 1), src < n_src)
+            acc = acc * scale[:, None]
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, o_ref, *,
+def _masked_gather(ref, rows, ok):
+    """ref[rows] where ok, else 0 (a masked gather of a 1-D ref)."""
+    return pltriton.load(ref.at[rows], mask=ok, other=0)
+
+
+def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, src_ref, x_ref, w_ref, o_ref, *,
                     block_k: int, num_k: int, block_n: int, F: int, group_rows: int,
-                    activation: str):
-    # x_ref: [P, D] (whole); w_ref: [R, 2F] rows (whole), expert e at rows row0 + e*D;
+                    activation: str, top_k: int):
+    # src_ref: [P] int32, the (token, k) pair of each padded row (T * top_k = a fill row);
+    # x_ref: [T, D] (whole, the caller's tokens: each tile gathers its rows itself);
+    # w_ref: [R, 2F] rows (whole), expert e at rows row0 + e*D;
     # o_ref: [bm, bn] block (i, j) of act(x @ gate) * (x @ up).
     i = pl.program_id(0)
     j = pl.program_id(1)
@@ -73,10 +85,16 @@ def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, o_re
     def _():
         r0 = row0_ref[0] + tile_group_ref[i] * group_rows
         bm = o_ref.shape[0]
+        T = x_ref.shape[0]
+        src = src_ref[pl.ds(i * bm, bm)]
+        row_ok = src < T * top_k
+        tok = jnp.minimum(src // top_k, T - 1)
 
         def body(k, carry):
             acc_g, acc_u = carry
-            xk = x_ref[pl.ds(i * bm, bm), pl.ds(k * block_k, block_k)]
+            cols = k * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            xk = pltriton.load(x_ref.at[tok[:, None], cols[None, :]],
+                               mask=jnp.broadcast_to(row_ok[:, None], (bm, block_k)), other=0)
             wg = w_ref[pl.ds(r0 + k * block_k, block_k), pl.ds(j * block_n, block_n)]
             wu = w_ref[pl.ds(r0 + k * block_k, block_k), pl.ds(F + j * block_n, block_n)]
             acc_g = acc_g + jnp.dot(xk, wg, preferred_element_type=jnp.float32)
@@ -94,8 +112,10 @@ def _whole(shape):
 
 
 def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockConfig, *,
-               scale_P: jax.Array | None = None, out_dtype=None, interpret: bool = False):
-    """[P, K] (padded layout) x w[tile group] -> [P, N]; optional f32 row scale fused."""
+               row_weights_R: jax.Array | None = None, out_dtype=None, interpret: bool = False):
+    """[P, K] (padded layout) x w[tile group] -> [P, N]; with row_weights_R (f32, one per
+    source row), padded row p is scaled by row_weights_R[layout.src_row_P[p]] (fill rows by
+    0), read inside the kernel."""
     P, K = x_PK.shape
     _, _, N = w.shape
     bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
@@ -103,11 +123,12 @@ def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockCon
     in_specs = [_whole((layout.num_tiles,)), _whole((1,)), _whole((1,)),
                 _whole(x_PK.shape), _whole(w.rows_RN.shape)]
     args = [layout.tile_group_I, layout.num_active_1, w.first_row_1(), x_PK, w.rows_RN]
-    if scale_P is not None:
-        in_specs.append(pl.BlockSpec((bm,), lambda i, j: (i,)))
-        args.append(scale_P.astype(jnp.float32))
+    has_scale = row_weights_R is not None
+    if has_scale:
+        in_specs += [_whole(layout.src_row_P.shape), _whole(row_weights_R.shape)]
+        args += [layout.src_row_P, row_weights_R.astype(jnp.float32)]
     kernel = functools.partial(_gmm_kernel, block_k=bk, num_k=K // bk, block_n=bn,
-                               group_rows=w.group_rows, has_scale=scale_P is not None)
+                               group_rows=w.group_rows, has_scale=has_scale)
     return pl.pallas_call(
         kernel,
         grid=(layout.num_tiles, N // bn),
@@ -121,23 +142,84 @@ def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockCon
     )(*args)
 
 
-def gate_up_padded(x_PD: jax.Array, w1: ExpertRows, layout: TileLayout, cfg: BlockConfig,
-                   *, activation: str, interpret: bool = False):
-    """act(x @ w1[e][:, :F]) * (x @ w1[e][:, F:]) over the padded layout -> [P, F]."""
-    P, D = x_PD.shape
+def gate_up_gathered(x_TD: jax.Array, top_k: int, w1: ExpertRows, layout: TileLayout,
+                     cfg: BlockConfig, *, activation: str, interpret: bool = False):
+    """act(x @ w1[e][:, :F]) * (x @ w1[e][:, F:]) over the padded layout -> [P, F]; padded
+    row p computes token layout.src_row_P[p] // top_k, gathered inside the kernel (fill rows
+    read zeros)."""
+    T, D = x_TD.shape
+    P = layout.src_row_P.shape[0]
     F = w1.shape[2] // 2
     bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
     kernel = functools.partial(_gate_up_kernel, block_k=bk, num_k=D // bk, block_n=bn, F=F,
-                               group_rows=w1.group_rows, activation=activation)
+                               group_rows=w1.group_rows, activation=activation, top_k=top_k)
     return pl.pallas_call(
         kernel,
         grid=(layout.num_tiles, F // bn),
-        in_specs=[_whole((layout.num_tiles,)), _whole((1,)), _whole((1,)),
-                  _whole(x_PD.shape), _whole(w1.rows_RN.shape)],
+        in_specs=[_whole((layout.num_tiles,)), _whole((1,)), _whole((1,)), _whole((P,)),
+                  _whole(x_TD.shape), _whole(w1.rows_RN.shape)],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((P, F), x_PD.dtype),
+        out_shape=jax.ShapeDtypeStruct((P, F), x_TD.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages),
         interpret=interpret,
         name="crosspool_moe_gate_up",
-    )(layout.tile_group_I, layout.num_active_1, w1.first_row_1(), x_PD, w1.rows_RN)
+    )(layout.tile_group_I, layout.num_active_1, w1.first_row_1(), layout.src_row_P, x_TD,
+      w1.rows_RN)
+
+
+_COMBINE_TOKENS = 16      # tokens per combine program (rows of its tile)
+_COMBINE_COLS = 256       # columns per combine program
+
+
+def _combine_kernel(dst_ref, y_ref, o_ref, *, top_k: int, T: int, block_t: int,
+                    block_d: int, out_rows: int):
+    # dst_ref: [T * top_k] int32 (padded row of each (token, k) pair; P = dropped);
+    # y_ref: [P, D] f32 (whole); o_ref: [out_rows, D] (whole): rows t < T get
+    # sum_k y[dst[t * top_k + k]] in a fixed order (deterministic, no atomics).
+    i = pl.program_id(0)
+    j = pl.program_id(1)
+    P, D = y_ref.shape
+    t = i * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    t_ok = t < T
+    tc = jnp.minimum(t, T - 1)
+    cols = j * block_d + jnp.arange(block_d, dtype=jnp.int32)
+    col_ok = cols < D
+    cols_c = jnp.minimum(cols, D - 1)
+    acc = jnp.zeros((block_t, block_d), jnp.float32)
+    for k in range(top_k):
+        rows = dst_ref[tc * top_k + k]
+        ok = t_ok & (rows < P)
+        acc += pltriton.load(y_ref.at[jnp.minimum(rows, P - 1)[:, None], cols_c[None, :]],
+                             mask=ok[:, None] & col_ok[None, :], other=0.0)
+    # masked lanes point at scratch rows where there are some (interpret mode writes masked
+    # lanes back, so they must not share a row with a live lane), else at a clamped row
+    r = jnp.arange(block_t, dtype=jnp.int32)
+    out_r = jnp.where(t_ok, tc, out_rows - block_t + r) if out_rows > T else tc
+    pltriton.store(o_ref.at[out_r[:, None], cols_c[None, :]], acc.astype(o_ref.dtype),
+                   mask=t_ok[:, None] & col_ok[None, :])
+
+
+def combine_rows(y_PD: jax.Array, dst_row_R: jax.Array, top_k: int, out_dtype, *,
+                 interpret: bool = False) -> jax.Array:
+    """[T, D] in out_dtype: each token's top_k rows of the padded [P, D] result summed (rows
+    at P, dropped pairs, add nothing), one launch instead of XLA's gather + reduce (which
+    ran at ~0.4 TB/s: 84 us at Qwen3 / 256 tokens, RESULTS.md)."""
+    P, D = y_PD.shape
+    T = dst_row_R.shape[0] // top_k
+    bt = min(_COMBINE_TOKENS, max(1, 1 << (T - 1).bit_length()))
+    bd = min(_COMBINE_COLS, 1 << (D - 1).bit_length())
+    out_rows = T + (bt if interpret else 0)
+    kernel = functools.partial(_combine_kernel, top_k=top_k, T=T, block_t=bt, block_d=bd,
+                               out_rows=out_rows)
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(T, bt), pl.cdiv(D, bd)),
+        in_specs=[_whole(dst_row_R.shape), _whole(y_PD.shape)],
+        out_specs=_whole((out_rows, D)),
+        out_shape=jax.ShapeDtypeStruct((out_rows, D), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="crosspool_moe_combine",
+    )(dst_row_R, y_PD)
+    return out[:T]
