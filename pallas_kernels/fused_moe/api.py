@@ -6,7 +6,8 @@ rows out sorted by expert and padded to whole tiles (layout.py), gate/up grouped
 the activation fused, down grouped matmul with the routing weight fused, then each token sums
 its top_k rows (a gather, no scatter). On the GPU the kernels do the glue themselves (gate/up
 gathers its token rows, down reads each row's routing weight, a combine kernel sums the rows
-in a fixed order), so a call is the routing ops, the layout ops and three kernels.
+in a fixed order) and routing is one kernel too (routing_gpu.py), so a call is four kernels
+plus the layout ops.
 
 Weights (`rhs`, `w1`, `w2`) are arrays or `ExpertRows` (expert_rows.py: a layer of a stacked
 weight, or a shard of a bigger buffer, read in place by the GPU kernels; the reference and the
@@ -23,6 +24,7 @@ from pallas_kernels.fused_moe import gpu, tpu, tuning
 from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
 from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
+from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
 from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
                                                 local_expert_ids, route_topk)
 from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
@@ -125,7 +127,11 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *,
     check_config(cfg1, D, F, backend, "fused_moe gate/up")
     check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
-    weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
+    if backend == "gpu":    # one kernel instead of XLA's softmax, sort and renormalisation
+        weights_TK, ids_TK = route_topk_gpu(router_logits_TE, top_k, renormalize=renormalize,
+                                            interpret=interpret)
+    else:
+        weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
     ids_TK = local_expert_ids(ids_TK, expert_offset, E)     # E: routed to another slice, dropped
     if T == 1:      # one token: its top_k experts are distinct, one tile each, no sorting
         layout = single_token_layout(ids_TK.reshape(R), cfg1.block_m,

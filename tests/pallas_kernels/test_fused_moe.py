@@ -17,6 +17,7 @@ import pytest
 
 from pallas_kernels.fused_moe import ExpertRows, fused_moe, fused_moe_reference, route_topk
 from pallas_kernels.fused_moe.layout import build_layout
+from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 _rng = np.random.default_rng()  # fresh inputs every run
@@ -165,6 +166,28 @@ def test_route_topk_renormalises():
     assert np.array_equal(np.asarray(ids), top2)
     w_raw, _ = route_topk(logits, 2, renormalize=False)
     assert np.all(np.asarray(w_raw).sum(-1) < 1.0)
+
+
+@pytest.mark.parametrize("T,E,top_k,renormalize", [
+    (1, 128, 8, True), (1, 60, 6, False), (5, 64, 8, False), (33, 8, 2, True), (17, 16, 1, True),
+])
+def test_gpu_routing_kernel_matches_reference(T, E, top_k, renormalize):
+    """routing_gpu (interpret mode): the same experts in the same order, weights to f32
+    rounding, from random normal logits (ties have probability ~0)."""
+    logits = jnp.asarray(_rng.standard_normal((T, E)), jnp.float32)
+    w, ids = route_topk_gpu(logits, top_k, renormalize=renormalize, interpret=True)
+    w_ref, ids_ref = route_topk(logits, top_k, renormalize=renormalize)
+    assert w.shape == (T, top_k) and ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-6, atol=1e-7)
+
+
+def test_gpu_routing_kernel_breaks_ties_like_lax_top_k():
+    """Equal probabilities: the lower expert index first (lax.top_k's rule)."""
+    logits = jnp.asarray([[0.5, 2.0, 1.0, 2.0, 1.0, 2.0, 0.0, 1.0]], jnp.float32)
+    _, ids = route_topk_gpu(logits, 5, renormalize=True, interpret=True)
+    _, ids_ref = route_topk(logits, 5, renormalize=True)
+    assert np.asarray(ids).tolist() == [[1, 3, 5, 2, 4]] == np.asarray(ids_ref).tolist()
 
 
 @pytest.mark.parametrize("change,msg", [
