@@ -107,10 +107,22 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
                              interpret=interpret, config=config)
 
 
+# What the GPU path does in kernels instead of XLA ops: "routing" (routing_gpu.py instead of
+# softmax + sort + renormalisation) and "combine" (gpu.combine_rows instead of a gather and a
+# sum). The benchmark times the other settings beside the default (fused_moe/bench.py).
+GPU_GLUE = ("routing", "combine")
+
+
+def _combine_xla(y_PD, layout, top_k: int, dtype):
+    """Each token's top_k rows summed by XLA (a gather, then a sum over k)."""
+    D = y_PD.shape[1]
+    return jnp.sum(scatter_back(y_PD, layout).reshape(-1, top_k, D), axis=1).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("top_k", "renormalize", "activation", "backend",
-                                             "interpret", "config"))
+                                             "interpret", "config", "gpu_glue"))
 def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *, top_k, renormalize,
-                      activation, backend, interpret, config):
+                      activation, backend, interpret, config, gpu_glue=GPU_GLUE):
     T, D = x_TD.shape
     E, _, F2 = w1_EDF2.shape
     F = F2 // 2
@@ -127,7 +139,7 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *,
     check_config(cfg1, D, F, backend, "fused_moe gate/up")
     check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
-    if backend == "gpu":    # one kernel instead of XLA's softmax, sort and renormalisation
+    if backend == "gpu" and "routing" in gpu_glue:   # one kernel: softmax, top-k, renormalise
         weights_TK, ids_TK = route_topk_gpu(router_logits_TE, top_k, renormalize=renormalize,
                                             interpret=interpret)
     else:
@@ -145,8 +157,10 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *,
         y_PD = kernels.gmm_padded(h_PF, _weights_for(backend, w2_EFD), layout, cfg2,
                                   row_weights_R=weights_R, out_dtype=jnp.float32,
                                   interpret=interpret)
-        return kernels.combine_rows(y_PD, layout.dst_row_R, top_k, x_TD.dtype,
-                                    interpret=interpret)
+        if "combine" in gpu_glue:
+            return kernels.combine_rows(y_PD, layout.dst_row_R, top_k, x_TD.dtype,
+                                        interpret=interpret)
+        return _combine_xla(y_PD, layout, top_k, x_TD.dtype)
     # padded row p holds (token, k) pair src_row_P[p]; fill rows (== R) read token T -> zeros.
     x_PD = jnp.take(x_TD, layout.src_row_P // top_k, axis=0, mode="fill", fill_value=0)
     h_PF = kernels.gate_up_padded(x_PD, _weights_for(backend, w1_EDF2), layout, cfg1,
@@ -154,5 +168,4 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *,
     scale_P = jnp.take(weights_R, layout.src_row_P, mode="fill", fill_value=0)
     y_PD = kernels.gmm_padded(h_PF, _weights_for(backend, w2_EFD), layout, cfg2, scale_P=scale_P,
                               out_dtype=jnp.float32, interpret=interpret)
-    y_TKD = scatter_back(y_PD, layout).reshape(T, top_k, D)
-    return jnp.sum(y_TKD, axis=1).astype(x_TD.dtype)
+    return _combine_xla(y_PD, layout, top_k, x_TD.dtype)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.anchors import torch_copy_gbps
 from pallas_kernels.timing import device_time
 from pallas_kernels.fused_moe import tuning
+from pallas_kernels.fused_moe import api
 from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
 from pallas_kernels.fused_moe.reference import fused_moe_reference, route_topk
 
@@ -117,6 +118,12 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
     ours = functools.partial(fused_moe, top_k=top_k, backend="gpu")
     rec("ours_fused_moe", _time(ours, x, logits, w1, w2), moe_gb,
         config=str(tuning.gpu_config(T * top_k, E, D, F)))
+    for glue in ((), ("combine",), ("routing",)):     # routing / combine by XLA instead
+        f = functools.partial(api._fused_moe_kernel, expert_offset=None, top_k=top_k,
+                              renormalize=True, activation="silu", backend="gpu",
+                              interpret=False, config=None, gpu_glue=glue)
+        rec("ours_fused_moe_kernels_" + ("+".join(glue) or "none"),
+            _time(lambda a, b, c, d: f(a, b, c, d), x, logits, w1, w2), moe_gb)
     if sweep:
         bm = tuning.block_m_for(T * top_k, E)
         for bn, bk, warps, stages in SWEEP:

@@ -36,7 +36,7 @@ MIXED_SHAPES = [(32, 4096, 2, 512, 2048), (8, 8192, 4, 1024, 4096), (0, 0, 2, 20
 # block_k 64/128, warps 4/8, stages 3/4 and the flags (RESULTS.md); the second the splits and
 # the H and I flags; this list is the third's.
 SWEEP = [
-    {"epilogue_in_kernel": False},
+    {"epilogue_in_kernel": True},
     {"splits": 2},
     {"splits": 0.5},
     {"block_k": 128},
@@ -114,15 +114,15 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             t_ours = _time(ours, *args)
             _row(rows_out, "decode", shape, "ours", t_ours, gbytes=gb, copy_gbps=copy_gbps,
                  note=_cfg_note(cfg))
-            if cfg.epilogue_in_kernel:   # the same tiling, split merge + zero rows by XLA
-                alt = dataclasses.replace(cfg, epilogue_in_kernel=False)
-                try:
-                    t = _time(functools.partial(ours, config=alt), *args)
-                    _row(rows_out, "decode", shape, "ours_xla_epilogue", t, gbytes=gb,
-                         copy_gbps=copy_gbps, note=_cfg_note(alt))
-                except Exception as e:  # noqa: BLE001
-                    print("ours_xla_epilogue failed", shape, type(e).__name__, str(e)[:300],
-                          flush=True)
+            # the same tiling with the split merge and padding rows in the other place
+            alt = dataclasses.replace(cfg, epilogue_in_kernel=not cfg.epilogue_in_kernel)
+            alt_name = "ours_kernel_epilogue" if alt.epilogue_in_kernel else "ours_xla_epilogue"
+            try:
+                t = _time(functools.partial(ours, config=alt), *args)
+                _row(rows_out, "decode", shape, alt_name, t, gbytes=gb, copy_gbps=copy_gbps,
+                     note=_cfg_note(alt))
+            except Exception as e:  # noqa: BLE001
+                print(alt_name, "failed", shape, type(e).__name__, str(e)[:300], flush=True)
             kp2 = jnp.moveaxis(args[1], 2, 0)          # [K, P, G, H], built outside timing
             vp2 = jnp.moveaxis(args[2], 2, 0)
             best = None
@@ -175,8 +175,7 @@ def bench_mixed(rows_out, shapes=MIXED_SHAPES, do_sweep=False):
         if do_sweep:
             cfgs += [tuning.BlockConfig(q_tokens=bq, block_k=bk, num_splits=1, num_warps=w,
                                         num_stages=st, heads_fastest=new, row_gather=new,
-                                        mask_v_load=new, items_in_kernel=new,
-                                        epilogue_in_kernel=new)
+                                        mask_v_load=new, items_in_kernel=new)
                      for bq, bk, w, st, new in MIXED_SWEEP]
         for cfg in cfgs:
             ours = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5,

@@ -38,7 +38,8 @@ class BlockConfig:
       split of an item to finish (an atomic counter per item and KV head) merges the
       partials by log-sum-exp, and the programs zero the padding rows past
       cu_q_lens[num_seqs]; the kernel is then the call's only launch (besides a memset of
-      the counters). Off: a jnp merge and a where after the kernel. Needs items_in_kernel.
+      the counters). Off (the default, measured faster): a jnp merge and a where after the
+      kernel, one fused XLA op of ~1.5 us. Needs items_in_kernel.
     """
     q_tokens: int
     block_k: int
@@ -104,12 +105,12 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     # head dim 256 were not measured: 2 stages.
     num_stages = 3 if itemsize == 2 and H <= 128 and 3 * stage_bytes <= 192 * 1024 else 2
     # One pool row per key with V masked in the load (1.2-1.3x on decode, RESULTS.md), the
-    # KV heads of an item launched together, work items derived inside the kernel, and the
-    # split merge and padding rows done by the kernel too (one launch per call).
+    # KV heads of an item launched together, work items derived inside the kernel. The split
+    # merge stays in XLA (one fused op): merging in-kernel measured 1.0-1.7x SLOWER on every
+    # split shape (RESULTS.md, session 4 run 3: 44.4 vs 25.0 us at B=8 / 2k).
     return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
                        num_warps=4, num_stages=num_stages, heads_fastest=True,
-                       row_gather=True, mask_v_load=True, items_in_kernel=True,
-                       epilogue_in_kernel=True)
+                       row_gather=True, mask_v_load=True, items_in_kernel=True)
 
 
 def tpu_config(*, T: int, S: int, R: int, H: int, G: int) -> BlockConfig:
