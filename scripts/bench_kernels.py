@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH] [--skip-moe]
         [--skip-attention] [--attention-sweep-only] [--moe-sweep-only] [--skip-decode]
-        [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill]
+        [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill] [--moe-no-peers]
 
 Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
 then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
@@ -98,6 +98,7 @@ def main():
     ap.add_argument("--skip-mixed", action="store_true", help="no attention mixed rows")
     ap.add_argument("--no-moe-sweep", action="store_true", help="with --sweep: not for MoE")
     ap.add_argument("--moe-no-prefill", action="store_true", help="no MoE prefill rows")
+    ap.add_argument("--moe-no-peers", action="store_true", help="MoE: our kernels only")
     a = ap.parse_args()
     rows = []
     copy_gbps = torch_copy_gbps()
@@ -116,6 +117,8 @@ def main():
         moe_kw = dict(peers=False, prefill=False, shapes=MOE_SWEEP_SHAPES) if a.moe_sweep_only else {}
         if a.moe_no_prefill:
             moe_kw["prefill"] = False
+        if a.moe_no_peers:
+            moe_kw["peers"] = False
         run_moe(rows, a.sweep and not a.no_moe_sweep, **moe_kw)
     header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")

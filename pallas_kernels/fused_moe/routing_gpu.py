@@ -5,7 +5,7 @@ Why a kernel: XLA runs this as a softmax fusion, a sort (its top-k on a GPU), a 
 softmax-shaped fusion for the renormalisation and a copy, four launches worth ~7 us per MoE
 layer at one token on an H200 (scripts/profile_kernels.py, RESULTS.md), more than a third of
 what the weights of a Qwen3-30B-A3B layer take to stream. Here one program routes `BLOCK_T`
-tokens: the row of E logits sits in registers ([BLOCK_T, next_pow2(E)] f32), and top-k is k
+token(s): the row of E logits sits in registers ([BLOCK_T, next_pow2(E)] f32), and top-k is k
 rounds of "max, then the lowest expert index holding it, then knock it out": the ties rule of
 lax.top_k (equal values: the lower index first), so the ids match the reference wherever the
 probabilities do. Probabilities come from exp(x - max) / sum, as jax.nn.softmax computes them
@@ -24,7 +24,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-BLOCK_T = 16          # tokens per program
+# Tokens per program: one. The k rounds of reductions over a row are latency-bound; with 16
+# rows per program a 16- or 256-token call took 11.6 us (one or 16 programs of serial
+# rounds), one row took 3.0 us (H200, session 4 run 4), so rows go to programs of their own.
+BLOCK_T = 1
 
 
 def _next_pow2(n: int) -> int:
