@@ -9,9 +9,9 @@ Triton's software pipeliner does for us (num_stages). Mosaic GPU (wgmma, TMA,
 emit_pipeline) would buy tensor-core throughput for long prefill chunks, but it cannot be
 interpreted on a CPU and paged (gathered) KV does not map onto TMA tiles without a
 per-page descriptor; that is the next step if prefill becomes the bottleneck.
-Measured on an H200 with JAX 0.11.2 (RESULTS.md): 1.82-2.59x JAX's Pallas GPU
-`paged_attention` on decode, 91-98% of the copy ceiling from 537 MB of KV up, 66-67% at
-batch 8 / context 4k, where the fixed cost of a call (~15 us) is what remains.
+Measured on an H200 with JAX 0.11.2 (RESULTS.md, session 4, GPU-clock timer): 1.86-2.97x
+JAX's Pallas GPU `paged_attention` on decode, 100-105% of the copy ceiling (the HBM read
+limit) from 537 MB of KV up, 82-83% at batch 8 / context 4k.
 
 Layout and grid. The engine's pool [P, G, K, H] is viewed as [P * G, K * H] rows (or, without
 `row_gather`, [P, G, K * H]; free reshapes); one program handles one work item (<= BQ query
@@ -25,7 +25,9 @@ decode batch of one sequence still fills the tile and reads each K/V row once pe
 The inner loop walks the item's key range in steps of `block_k` keys, each key's pool row
 found through the page table, with an online softmax in float32. With num_splits > 1 each
 program covers an equal share of its item's blocks and writes an unnormalised partial plus
-its log-sum-exp; the partials are merged in jnp (flash-decoding). Outputs are stored to
+its log-sum-exp; the partials are merged in jnp (flash-decoding), one fused XLA op; the
+`epilogue_in_kernel` option merges them in the kernel instead (the last split of an item to
+finish, through an atomic counter), measured slower and off by default. Outputs are stored to
 their (token, head) rows of [T * N, H] by a masked row scatter (masked rows point at scratch
 rows past the end, so no two lanes share an address). Key columns outside [kv_lo, kv_hi) are
 masked in the scores and zeroed in V (`mask_v_load`: by the load itself), so unused or freed

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call (2 GPUs): the gpu-marked tests of the kernels and of the disaggregated split,
+# One device call (2 GPUs; TESTS=tests/pallas_kernels on one): the gpu-marked tests of the kernels
+# and of the disaggregated split,
 # then where one kernel call's time goes (scripts/profile_kernels.py). Logs under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
