@@ -114,14 +114,15 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             t_ours = _time(ours, *args)
             _row(rows_out, "decode", shape, "ours", t_ours, gbytes=gb, copy_gbps=copy_gbps,
                  note=_cfg_note(cfg))
-            if cfg.num_splits > 1 and not cfg.epilogue_in_kernel:   # A/B of the XLA merge
-                try:
-                    t = _time(functools.partial(ours, split_merge="two_pass"), *args)
-                    _row(rows_out, "decode", shape, "ours_two_pass_merge", t, gbytes=gb,
-                         copy_gbps=copy_gbps, note=_cfg_note(cfg))
-                except Exception as e:  # noqa: BLE001
-                    print("ours_two_pass_merge failed", shape, type(e).__name__, str(e)[:300],
-                          flush=True)
+            # the same tiling with the split merge and padding rows in the other place
+            alt = dataclasses.replace(cfg, epilogue_in_kernel=not cfg.epilogue_in_kernel)
+            alt_name = "ours_kernel_epilogue" if alt.epilogue_in_kernel else "ours_xla_epilogue"
+            try:
+                t = _time(functools.partial(ours, config=alt), *args)
+                _row(rows_out, "decode", shape, alt_name, t, gbytes=gb, copy_gbps=copy_gbps,
+                     note=_cfg_note(alt))
+            except Exception as e:  # noqa: BLE001
+                print(alt_name, "failed", shape, type(e).__name__, str(e)[:300], flush=True)
             kp2 = jnp.moveaxis(args[1], 2, 0)          # [K, P, G, H], built outside timing
             vp2 = jnp.moveaxis(args[2], 2, 0)
             best = None

@@ -324,50 +324,17 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * nd)
 
 
-def merge_splits(o_SRH, lse_SR):
-    """Flash-decoding's merge of split partials (normalised outputs o, log-sum-exps lse) as ONE
-    variadic reduction over the splits: (running max, denominator, numerator) combined
-    pairwise by log-sum-exp, which XLA emits as one reduction kernel (the two-pass form, max
-    then weighted sums, took three reductions and a convert at 64 splits: ~6 us at B=1 / 32k,
-    RESULTS.md). Empty splits carry lse = -1e30 and a zero partial."""
-    lse_SRH = jnp.broadcast_to(lse_SR[..., None], o_SRH.shape)
-
-    def combine(x, y):
-        (m1, d1, a1), (m2, d2, a2) = x, y
-        m = jnp.maximum(m1, m2)
-        e1, e2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
-        return m, d1 * e1 + d2 * e2, a1 * e1 + a2 * e2
-
-    zero = jnp.float32(0)
-    _, den, num = lax.reduce((lse_SRH, jnp.ones_like(o_SRH), o_SRH),
-                             (jnp.float32(_MASK), zero, zero), combine, (0,))
-    return num / den
-
-
-def merge_splits_two_pass(o_SRH, lse_SR):
-    """The same merge as two passes (max, then weighted sums): sessions 2-3's form, kept for
-    the benchmark's A/B."""
-    mx = jnp.max(lse_SR, axis=0)
-    wgt = jnp.exp(lse_SR - mx[None])
-    return jnp.sum(wgt[..., None] * o_SRH, axis=0) / jnp.sum(wgt, axis=0)[..., None]
-
-
-_SPLIT_MERGES = {"reduce": merge_splits, "two_pass": merge_splits_two_pass}
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
                                              "interpret", "config", "k_page_offset",
-                                             "v_page_offset", "split_merge"))
+                                             "v_page_offset"))
 def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                cu_q_lens_S1, num_seqs, *, sm_scale, soft_cap=None,
                                sliding_window=None, interpret=False, config=None,
-                               k_page_offset=0, v_page_offset=0, split_merge="reduce"):
+                               k_page_offset=0, v_page_offset=0):
     """The GPU kernel; arguments as `ragged_paged_attention` (validated there; k_pages and
     v_pages may be the same array, read through their page offsets).
 
-    `config` (a tuning.BlockConfig) overrides the tuning table, for benchmarks and tests;
-    `split_merge` ("reduce" | "two_pass") picks the XLA merge of split partials (without
-    `epilogue_in_kernel`), for the benchmark's A/B.
+    `config` (a tuning.BlockConfig) overrides the tuning table, for benchmarks and tests.
     """
     T, N, H = q_TNH.shape
     P, G, K, _ = k_pages_PGKH.shape
@@ -462,7 +429,9 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
     else:
         o_SRH = outs[0].reshape(NS, out_rows, H)[:, :T * N]
         lse_SR = outs[1].reshape(NS, out_rows)[:, :T * N]
-        o_RH = _SPLIT_MERGES[split_merge](o_SRH, lse_SR)
+        mx = jnp.max(lse_SR, axis=0)
+        wgt = jnp.exp(lse_SR - mx[None])
+        o_RH = jnp.sum(wgt[..., None] * o_SRH, axis=0) / jnp.sum(wgt, axis=0)[..., None]
     # rows no item wrote (padding tokens past cu_q_lens[num_seqs]) are zeros
     n = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     valid_T = jnp.arange(T, dtype=jnp.int32) < cu_q_lens_S1[n]

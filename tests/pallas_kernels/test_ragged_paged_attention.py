@@ -192,25 +192,6 @@ class TestGpuKernelInterpret:
         ref = ragged_paged_attention_reference(*args, sm_scale=0.125, sliding_window=40)
         assert_close(out, ref, TOL[jnp.float32])
 
-    def test_split_merges_agree(self):
-        """The one-reduction merge (default) and the two-pass merge, on partials with empty
-        splits (lse -1e30, zero output) and large lse spreads; and both through the kernel."""
-        from pallas_kernels.ragged_paged_attention.gpu import merge_splits, merge_splits_two_pass
-        rng = np.random.default_rng()
-        o = jnp.asarray(rng.standard_normal((6, 20, 8)), jnp.float32)
-        lse = jnp.asarray(rng.standard_normal((6, 20)) * 30, jnp.float32).at[2:4].set(-1e30)
-        o = o.at[2:4].set(0.0)
-        np.testing.assert_allclose(np.asarray(merge_splits(o, lse)),
-                                   np.asarray(merge_splits_two_pass(o, lse)), rtol=2e-6, atol=2e-6)
-        args = make_case(11, *DECODE, N=8, K=2, H=64, G=16, S_cap=6)
-        cfg = tuning.BlockConfig(q_tokens=1, block_k=16, num_splits=4, row_gather=True,
-                                 items_in_kernel=True)
-        ref = ragged_paged_attention_reference(*args, sm_scale=0.125)
-        for merge in ("reduce", "two_pass"):
-            out = ragged_paged_attention_gpu(*args, sm_scale=0.125, interpret=True, config=cfg,
-                                             split_merge=merge)
-            assert_close(out, ref, TOL[jnp.float32])
-
     def test_block_config_rejects_bad_flags(self):
         with pytest.raises(ValueError, match="mask_v_load needs row_gather"):
             tuning.BlockConfig(q_tokens=1, block_k=16, mask_v_load=True)
