@@ -36,12 +36,14 @@ MIXED_SHAPES = [(32, 4096, 2, 512, 2048), (8, 8192, 4, 1024, 4096), (0, 0, 2, 20
 # block_k 64/128, warps 4/8, stages 3/4 and the flags (RESULTS.md); the second the splits and
 # the H and I flags; this list is the third's.
 SWEEP = [
-    {"epilogue_in_kernel": True},
     {"splits": 2},
+    {"splits": 4},
     {"splits": 0.5},
-    {"block_k": 128},
+    {"num_stages": 4},
+    {"epilogue_in_kernel": True},
 ]
-SWEEP_SHAPES = [(8, 4096, 16), (64, 4096, 16), (1, 32768, 16)]
+# ncu (session 4 run 8) showed B=8 / 2k at half a wave (256 programs, 4 per SM by registers)
+SWEEP_SHAPES = [(8, 2048, 16), (8, 4096, 16), (1, 32768, 16)]
 # (q_tokens, block_k, num_warps, num_stages, the four flags) tried on the mixed shapes by
 # --sweep (R=4); the first is the previous default
 MIXED_SWEEP = [(16, 128, 4, 3, False), (16, 64, 4, 3, True)]
