@@ -179,10 +179,11 @@ def _combine_cols(T: int) -> int:
 
 
 def _combine_kernel(dst_ref, y_ref, o_ref, *, top_k: int, T: int, block_t: int,
-                    block_d: int, out_rows: int):
+                    block_d: int, scratch: bool):
     # dst_ref: [T * top_k] int32 (padded row of each (token, k) pair; P = dropped);
-    # y_ref: [P, D] f32 (whole); o_ref: [out_rows, D] (whole): rows t < T get
-    # sum_k y[dst[t * top_k + k]] in a fixed order (deterministic, no atomics).
+    # y_ref: [P, D] f32 (whole); o_ref: [T, D] (whole) or, with scratch (interpret mode),
+    # [T + block_t, cdiv(D, block_d) * block_d]: rows t < T get sum_k y[dst[t * top_k + k]]
+    # in a fixed order (deterministic, no atomics).
     i = pl.program_id(0)
     j = pl.program_id(1)
     P, D = y_ref.shape
@@ -198,11 +199,14 @@ def _combine_kernel(dst_ref, y_ref, o_ref, *, top_k: int, T: int, block_t: int,
         ok = t_ok & (rows < P)
         acc += pltriton.load(y_ref.at[jnp.minimum(rows, P - 1)[:, None], cols_c[None, :]],
                              mask=ok[:, None] & col_ok[None, :], other=0.0)
-    # masked lanes point at scratch rows where there are some (interpret mode writes masked
-    # lanes back, so they must not share a row with a live lane), else at a clamped row
-    r = jnp.arange(block_t, dtype=jnp.int32)
-    out_r = jnp.where(t_ok, tc, out_rows - block_t + r) if out_rows > T else tc
-    pltriton.store(o_ref.at[out_r[:, None], cols_c[None, :]], acc.astype(o_ref.dtype),
+    # interpret mode writes masked lanes back, so there they point at scratch rows and
+    # columns of their own (never a live lane's cell); compiled, a masked lane writes nothing
+    if scratch:
+        out_r = jnp.where(t_ok, tc, T + jnp.arange(block_t, dtype=jnp.int32))
+        out_c = cols
+    else:
+        out_r, out_c = tc, cols_c
+    pltriton.store(o_ref.at[out_r[:, None], out_c[None, :]], acc.astype(o_ref.dtype),
                    mask=t_ok[:, None] & col_ok[None, :])
 
 
@@ -215,17 +219,17 @@ def combine_rows(y_PD: jax.Array, dst_row_R: jax.Array, top_k: int, out_dtype, *
     T = dst_row_R.shape[0] // top_k
     bt = min(_COMBINE_TOKENS, max(1, 1 << (T - 1).bit_length()))
     bd = min(_combine_cols(T), 1 << (D - 1).bit_length())
-    out_rows = T + (bt if interpret else 0)
+    out_shape = (T + bt, pl.cdiv(D, bd) * bd) if interpret else (T, D)
     kernel = functools.partial(_combine_kernel, top_k=top_k, T=T, block_t=bt, block_d=bd,
-                               out_rows=out_rows)
+                               scratch=interpret)
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(T, bt), pl.cdiv(D, bd)),
         in_specs=[_whole(dst_row_R.shape), _whole(y_PD.shape)],
-        out_specs=_whole((out_rows, D)),
-        out_shape=jax.ShapeDtypeStruct((out_rows, D), out_dtype),
+        out_specs=_whole(out_shape),
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="crosspool_moe_combine",
     )(dst_row_R, y_PD)
-    return out[:T]
+    return out[:T, :D]

@@ -38,6 +38,8 @@ class BlockConfig:
 def _fit(dim: int, target: int, minimum: int, *, need_pow2: bool) -> int:
     """Largest block <= target dividing dim (a power of two >= minimum when need_pow2)."""
     b = min(target, dim)
+    if need_pow2:        # start at a power of two: halving 48 gives 24, 12 and never 16
+        b = 1 << (b.bit_length() - 1)
     while b >= minimum:
         if dim % b == 0 and (_pow2(b) or not need_pow2):
             return b

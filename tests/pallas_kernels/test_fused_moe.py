@@ -52,7 +52,8 @@ CASES = [  # (T, E, top_k, D, F, renormalize, activation, dtype)
     (1, 128, 8, 64, 32, False, "silu", jnp.float32),    # Qwen3-MoE-like: 120 experts empty
     (33, 64, 1, 64, 64, True, "gelu", jnp.float32),
     (64, 16, 8, 64, 32, False, "silu", jnp.bfloat16),   # OLMoE-like top-8, bf16
-]
+    (6, 8, 2, 48, 80, True, "silu", jnp.float32),       # dims 16 * odd: tiles of 16, the
+]                                                       # combine's last column block partial
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
