@@ -40,7 +40,6 @@ SWEEP = [
     {"splits": 4},
     {"splits": 0.5},
     {"num_stages": 4},
-    {"epilogue_in_kernel": True},
 ]
 # ncu (session 4 run 8) showed B=8 / 2k at half a wave (256 programs, 4 per SM by registers)
 SWEEP_SHAPES = [(8, 2048, 16), (8, 4096, 16), (1, 32768, 16)]
@@ -116,15 +115,6 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             t_ours = _time(ours, *args)
             _row(rows_out, "decode", shape, "ours", t_ours, gbytes=gb, copy_gbps=copy_gbps,
                  note=_cfg_note(cfg))
-            # the same tiling with the split merge and padding rows in the other place
-            alt = dataclasses.replace(cfg, epilogue_in_kernel=not cfg.epilogue_in_kernel)
-            alt_name = "ours_kernel_epilogue" if alt.epilogue_in_kernel else "ours_xla_epilogue"
-            try:
-                t = _time(functools.partial(ours, config=alt), *args)
-                _row(rows_out, "decode", shape, alt_name, t, gbytes=gb, copy_gbps=copy_gbps,
-                     note=_cfg_note(alt))
-            except Exception as e:  # noqa: BLE001
-                print(alt_name, "failed", shape, type(e).__name__, str(e)[:300], flush=True)
             kp2 = jnp.moveaxis(args[1], 2, 0)          # [K, P, G, H], built outside timing
             vp2 = jnp.moveaxis(args[2], 2, 0)
             best = None
@@ -208,8 +198,7 @@ def sweep_configs(B, ctx, G, table=SWEEP):
 
 def _cfg_note(cfg):
     flags = "".join(f for f, on in (("H", cfg.heads_fastest), ("R", cfg.row_gather),
-                                    ("V", cfg.mask_v_load), ("I", cfg.items_in_kernel),
-                                    ("E", cfg.epilogue_in_kernel)) if on)
+                                    ("V", cfg.mask_v_load), ("I", cfg.items_in_kernel)) if on)
     return (f"bq{cfg.q_tokens} bk{cfg.block_k} ns{cfg.num_splits} w{cfg.num_warps} "
             f"st{cfg.num_stages} {flags}").strip()
 

@@ -25,9 +25,9 @@ decode batch of one sequence still fills the tile and reads each K/V row once pe
 The inner loop walks the item's key range in steps of `block_k` keys, each key's pool row
 found through the page table, with an online softmax in float32. With num_splits > 1 each
 program covers an equal share of its item's blocks and writes an unnormalised partial plus
-its log-sum-exp; the partials are merged in jnp (flash-decoding), one fused XLA op; the
-`epilogue_in_kernel` option merges them in the kernel instead (the last split of an item to
-finish, through an atomic counter), measured slower and off by default. Outputs are stored to
+its log-sum-exp; the partials are merged in jnp (flash-decoding), one fused XLA op (merging
+them inside the kernel, through an atomic counter per item, and as one variadic reduction
+were both measured slower and removed: RESULTS.md). Outputs are stored to
 their (token, head) rows of [T * N, H] by a masked row scatter (masked rows point at scratch
 rows past the end, so no two lanes share an address). Key columns outside [kv_lo, kv_hi) are
 masked in the scores and zeroed in V (`mask_v_load`: by the load itself), so unused or freed
@@ -108,47 +108,26 @@ def _shift(x, n: int):
     return x + n if n else x
 
 
-def _barrier(interpret: bool):
-    """A CTA barrier (orders this program's global stores before the next op of any of its
-    threads); nothing under interpret mode, whose programs run one after another."""
-    if not interpret:
-        plgpu.debug_barrier()
-
-
 def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, pages_per_seq,
             table_len, num_pages, num_splits, out_rows, heads_fastest, row_gather,
-            mask_v_load, items_in_kernel, epilogue_in_kernel, num_items, interpret, precision,
-            k_page_offset, v_page_offset):
-    # inputs: items_ref [8] int32 or, items_in_kernel, cu_q_lens [S + 1], kv_lens [S],
-    # num_seqs [1]; with the epilogue and splits, the zeroed counters [K * W] (aliased to the
-    # counters output); q_ref [T * N, H] (the caller's q, heads of a token adjacent);
+            mask_v_load, items_in_kernel, precision, k_page_offset, v_page_offset):
+    # items_ref [8] int32 or, items_in_kernel, cu_q_lens [S + 1], kv_lens [S], num_seqs [1];
+    # q_ref [T * N, H] (the caller's q, heads of a token adjacent);
     # k_ref/v_ref [P, G, H] or, row_gather, [P * G, H] (one KV head's columns);
-    # pt_ref [S * pages_per_seq] int32.
-    # outputs: out_ref [out_rows, H] in q's dtype (rows in q's order) unless splits are merged
-    # outside; with splits, part_ref [NS * out_rows, H] f32 and lse_ref [NS * out_rows]
-    # (split-major) and, with the epilogue, the counters. out_rows = T * N, plus M scratch
-    # rows that masked-off tile rows point at where a masked store may write (interpret
-    # mode writes masked lanes back, so no two lanes of one store may share a row).
+    # pt_ref [S * pages_per_seq] int32;
+    # o_ref [NS * out_rows, H] and lse_ref [NS * out_rows]: rows in q's order, split-major,
+    # each split's block padded by M scratch rows that masked-off tile rows point at.
     n_item_refs = 3 if items_in_kernel else 1
-    counted = epilogue_in_kernel and num_splits > 1
-    refs = list(refs)
-    item_refs = refs[:n_item_refs]
-    del refs[:n_item_refs + (1 if counted else 0)]
-    q_ref, k_ref, v_ref, pt_ref = refs[:4]
-    outs = refs[4:]
-    out_ref = outs.pop(0) if (num_splits == 1 or epilogue_in_kernel) else None
-    part_ref, lse_ref = (outs.pop(0), outs.pop(0)) if num_splits > 1 else (None, None)
-    cnt_ref = outs.pop(0) if counted else None
+    q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs = refs[n_item_refs:]
     H = q_ref.shape[1]
-    T = q_ref.shape[0] // N
     h = pl.program_id(0) if heads_fastest else pl.program_id(1)
-    w = pl.program_id(1) if heads_fastest else pl.program_id(0)
     sp = pl.program_id(2)
     if items_in_kernel:
-        seq, t0, nq, pos0, lo, hi = _item_in_kernel(w, *item_refs, BQ=BQ,
+        w = pl.program_id(1) if heads_fastest else pl.program_id(0)
+        seq, t0, nq, pos0, lo, hi = _item_in_kernel(w, *refs[:3], BQ=BQ,
                                                     sliding_window=sliding_window)
     else:
-        items_ref = item_refs[0]
+        items_ref = refs[0]
         seq = items_ref[work.SEQ]
         t0 = items_ref[work.T0]
         nq = items_ref[work.NQ]
@@ -166,7 +145,7 @@ def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, p
     tok = r // Rp
     rr = r % Rp
     row_ok = (tok < nq) & (rr < R)
-    q_rows = jnp.minimum(t0 + tok, T - 1) * N + h * R + jnp.minimum(rr, R - 1)
+    q_rows = jnp.minimum(t0 + tok, q_ref.shape[0] // N - 1) * N + h * R + jnp.minimum(rr, R - 1)
     q = q_ref[q_rows]                                                     # [M, H]
     pos_r = pos0 + tok
     table0 = seq * pages_per_seq
@@ -232,91 +211,13 @@ def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, p
     acc0 = jnp.zeros((M, H), jnp.float32)
     m, l, acc = lax.fori_loop(b0, b1, body, (m0, l0, acc0))
     l_safe = jnp.where(l > 0, l, 1.0)
-    scratch = out_rows > T * N
-    # masked-off rows point at scratch rows where there are some (distinct, so no two lanes
-    # collide), else at their clamped q row (a masked GPU store writes nothing)
-    o_rows = jnp.where(row_ok, q_rows, out_rows - M + r) if scratch else q_rows
-    if num_splits == 1:
-        _store_rows(out_ref, o_rows, (acc / l_safe[:, None]).astype(out_ref.dtype),
-                    row_ok[:, None])
-    else:
-        part_rows = sp * out_rows + o_rows
-        _store_rows(part_ref, part_rows, acc / l_safe[:, None], row_ok[:, None])
-        _store_rows(lse_ref, part_rows, jnp.where(l > 0, m + jnp.log(l_safe), _MASK), row_ok)
-        if counted:
-            _merge_if_last(cnt_ref, part_ref, lse_ref, out_ref, counter=h * num_items + w,
-                           o_rows=o_rows, row_ok=row_ok, num_splits=num_splits,
-                           out_rows=out_rows, interpret=interpret)
-    if epilogue_in_kernel:
-        cu_ref, _, ns_ref = item_refs
-        _zero_padding_rows(out_ref, cu_ref, ns_ref, w=w, h=h, first=sp == 0, tok=tok, rr=rr,
-                           r=r, T=T, N=N, R=R, M=M, BQ=BQ, num_items=num_items,
-                           out_rows=out_rows)
-
-
-def _merge_if_last(cnt_ref, part_ref, lse_ref, out_ref, *, counter, o_rows, row_ok,
-                   num_splits, out_rows, interpret):
-    """The split of this (item, KV head) that finishes last merges the partials of all
-    splits by log-sum-exp and stores the output rows (flash-decoding's merge, in-kernel).
-
-    Every split stores its partial, then (a CTA barrier so all of its threads' stores are
-    ordered first) bumps the item's counter with an acquire-release atomic at GPU scope; the
-    one that sees num_splits - 1 has, through that atomic, every other split's stores in
-    view, and reads them with volatile loads (from L2, never a stale L1 line) after a
-    barrier of its own. (Not the .cg cache modifier: JAX 0.10-0.11's Triton lowering
-    accepts the string ".cg" and then looks up a table keyed "cg", so no spelling lowers.)
-    """
-    _barrier(interpret)
-    done = plgpu.atomic_add(cnt_ref, counter, jnp.int32(1))
-    M, H = row_ok.shape[0], part_ref.shape[1]
-    cols = jnp.arange(H, dtype=jnp.int32)
-    volatile = not interpret
-
-    @pl.when(done == num_splits - 1)
-    def _():
-        _barrier(interpret)
-
-        def merge(s, carry):
-            mx, den, acc = carry
-            rows = s * out_rows + o_rows
-            lse_s = plgpu.load(lse_ref.at[rows], mask=row_ok, other=_MASK, volatile=volatile)
-            o_s = plgpu.load(part_ref.at[rows[:, None], cols[None, :]],
-                             mask=jnp.broadcast_to(row_ok[:, None], (M, H)), other=0.0,
-                             volatile=volatile)
-            m_new = jnp.maximum(mx, lse_s)
-            a = jnp.exp(mx - m_new)
-            b = jnp.exp(lse_s - m_new)
-            return m_new, den * a + b, acc * a[:, None] + b[:, None] * o_s
-
-        init = (jnp.full((M,), _MASK, jnp.float32), jnp.zeros((M,), jnp.float32),
-                jnp.zeros((M, H), jnp.float32))
-        _, den, acc = lax.fori_loop(0, num_splits, merge, init)
-        out = acc / jnp.where(den > 0, den, 1.0)[:, None]
-        _store_rows(out_ref, o_rows, out.astype(out_ref.dtype), row_ok[:, None])
-
-
-def _zero_padding_rows(out_ref, cu_ref, ns_ref, *, w, h, first, tok, rr, r, T, N, R, M, BQ,
-                       num_items, out_rows):
-    """Rows of query tokens past cu_q_lens[num_seqs] (no item covers them) get zeros: the
-    first split of program (h, w) zeroes KV head h's rows of tokens Q + (i * W + w) * BQ + tok
-    for i = 0, 1, ... (W items, BQ tokens each), so together the programs cover [Q, T)."""
-    S = cu_ref.shape[0] - 1
-    start = cu_ref[jnp.minimum(ns_ref[0], S)]
-    stride = num_items * BQ
-    rounds = jnp.where(first, (T - start + stride - 1) // stride, 0)
-    zeros = jnp.zeros((M, out_ref.shape[1]), out_ref.dtype)
-    scratch = out_rows > T * N
-
-    def zero(i, carry):
-        toks = start + (i * num_items + w) * BQ + tok
-        ok = (tok < BQ) & (rr < R) & (toks < T)
-        rows = jnp.minimum(toks, T - 1) * N + h * R + jnp.minimum(rr, R - 1)
-        if scratch:
-            rows = jnp.where(ok, rows, out_rows - M + r)
-        _store_rows(out_ref, rows, zeros, ok[:, None])
-        return carry
-
-    lax.fori_loop(0, rounds, zero, 0)
+    # masked-off rows point at this split's scratch rows (distinct, so no two lanes collide)
+    base = sp * out_rows
+    o_rows = base + jnp.where(row_ok, q_rows, out_rows - M + r)
+    _store_rows(o_ref, o_rows, (acc / l_safe[:, None]).astype(o_ref.dtype), row_ok[:, None])
+    if lse_refs:
+        (lse_ref,) = lse_refs
+        _store_rows(lse_ref, o_rows, jnp.where(l > 0, m + jnp.log(l_safe), _MASK), row_ok)
 
 
 def _whole(shape):
@@ -357,19 +258,14 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
         v_view = v_pages_PGKH.reshape(P, G, K * H)
     table = page_indices_SP.reshape(-1)
     precision = lax.Precision.HIGHEST if q_TNH.dtype == jnp.float32 else None
-    epilogue = cfg.epilogue_in_kernel
-    counted = epilogue and NS > 1
-    # q's rows, then M scratch rows for masked lanes where a masked store may write them
-    # (interpret mode) or where the result is sliced anyway (the merge outside the kernel)
-    out_rows = T * N + (M if (interpret or not epilogue) else 0)
+    out_rows = T * N + M                           # q's rows, then M scratch rows
 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, R=R,
         Rp=Rp, M=M, BQ=BQ, BK=BK, G=G, N=N, pages_per_seq=pages_per_seq, table_len=table.shape[0],
         num_pages=P, num_splits=NS, out_rows=out_rows, heads_fastest=cfg.heads_fastest,
         row_gather=cfg.row_gather, mask_v_load=cfg.mask_v_load,
-        items_in_kernel=cfg.items_in_kernel, epilogue_in_kernel=epilogue, num_items=W,
-        interpret=bool(interpret), precision=precision,
+        items_in_kernel=cfg.items_in_kernel, precision=precision,
         k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
     if cfg.heads_fastest:        # consecutive programs: the KV heads of one item (same pages)
         grid = (K, W, NS)
@@ -379,20 +275,12 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
         grid = (W, K, NS)
         item_of = lambda a, b, s: (a, 0)       # noqa: E731
         head_of = lambda a, b, s: (0,) * (len(kv_block) - 1) + (b,)    # noqa: E731
-    out_shape, out_specs = [], []
-    if NS == 1 or epilogue:       # the output rows, in q's dtype
-        out_shape.append(jax.ShapeDtypeStruct((out_rows, H), q_TNH.dtype))
-        out_specs.append(_whole((out_rows, H)))
-    if NS > 1:                    # each split's normalised partial and its log-sum-exp
-        out_shape += [jax.ShapeDtypeStruct((NS * out_rows, H), jnp.float32),
-                      jax.ShapeDtypeStruct((NS * out_rows,), jnp.float32)]
-        out_specs += [_whole((NS * out_rows, H)), _whole((NS * out_rows,))]
-    counter_args, counter_specs, aliases = (), [], {}
-    if counted:                   # splits finished per (KV head, item), zeroed per call
-        counters = jnp.zeros((K * W,), jnp.int32)
-        out_shape.append(jax.ShapeDtypeStruct(counters.shape, jnp.int32))
-        out_specs.append(_whole(counters.shape))
-        counter_args, counter_specs = (counters,), [_whole(counters.shape)]
+    o_dtype = q_TNH.dtype if NS == 1 else jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((NS * out_rows, H), o_dtype)]
+    out_specs = [_whole((NS * out_rows, H))]
+    if NS > 1:
+        out_shape.append(jax.ShapeDtypeStruct((NS * out_rows,), jnp.float32))
+        out_specs.append(_whole((NS * out_rows,)))
     if cfg.items_in_kernel:      # each program derives its item from the sequence lengths
         num_seqs_1 = jnp.reshape(num_seqs, (1,)).astype(jnp.int32)
         item_args = (cu_q_lens_S1, kv_lens_S, num_seqs_1)
@@ -402,14 +290,11 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
                                        sliding_window=sliding_window)
         item_args = (items_W8,)
         item_specs = [pl.BlockSpec((None, work.ITEM_COLS), item_of)]
-    if counted:
-        aliases = {len(item_args): len(out_shape) - 1}
     outs = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[
             *item_specs,
-            *counter_specs,
             _whole(q_RH.shape),
             pl.BlockSpec(kv_block, head_of),
             pl.BlockSpec(kv_block, head_of),
@@ -418,12 +303,9 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        input_output_aliases=aliases,
         compiler_params=_compiler_params(cfg),
         name=f"ragged_paged_attention_bq{BQ}_bk{BK}_ns{NS}",
-    )(*item_args, *counter_args, q_RH, k_view, v_view, table)
-    if epilogue:                  # merged and zero-padded by the kernel
-        return outs[0][:T * N].reshape(T, N, H)
+    )(*item_args, q_RH, k_view, v_view, table)
     if NS == 1:
         o_RH = outs[0][:T * N]
     else:

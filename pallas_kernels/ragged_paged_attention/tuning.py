@@ -44,12 +44,6 @@ class BlockConfig:
     items_in_kernel: GPU programs derive their work item (sequence, tokens, key range) from
       cu_q_lens / kv_lens themselves instead of reading a table built by XLA before the call
       (saves the small XLA launches of work.build_items).
-    epilogue_in_kernel: GPU programs finish the call themselves: with num_splits > 1 the last
-      split of an item to finish (an atomic counter per item and KV head) merges the
-      partials by log-sum-exp, and the programs zero the padding rows past
-      cu_q_lens[num_seqs]; the kernel is then the call's only launch (besides a memset of
-      the counters). Off (the default, measured faster): a jnp merge and a where after the
-      kernel, one fused XLA op of ~1.5 us. Needs items_in_kernel.
     """
     q_tokens: int
     block_k: int
@@ -60,17 +54,13 @@ class BlockConfig:
     row_gather: bool = False
     mask_v_load: bool = False
     items_in_kernel: bool = False
-    epilogue_in_kernel: bool = False
 
     def __post_init__(self):
-        for name in ("heads_fastest", "row_gather", "mask_v_load", "items_in_kernel",
-                     "epilogue_in_kernel"):
+        for name in ("heads_fastest", "row_gather", "mask_v_load", "items_in_kernel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BlockConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.mask_v_load and not self.row_gather:
             raise ValueError("BlockConfig.mask_v_load needs row_gather=True")
-        if self.epilogue_in_kernel and not self.items_in_kernel:
-            raise ValueError("BlockConfig.epilogue_in_kernel needs items_in_kernel=True")
         for name in ("q_tokens", "block_k", "num_splits", "num_warps", "num_stages"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -116,8 +106,8 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     num_stages = 3 if itemsize == 2 and H <= 128 and 3 * stage_bytes <= 192 * 1024 else 2
     # One pool row per key with V masked in the load (1.2-1.3x on decode, RESULTS.md), the
     # KV heads of an item launched together, work items derived inside the kernel. The split
-    # merge stays in XLA (one fused op): merging in-kernel measured 1.0-1.7x SLOWER on every
-    # split shape (RESULTS.md, session 4 run 3: 44.4 vs 25.0 us at B=8 / 2k).
+    # merge stays in XLA (one fused op): merging in the kernel measured 1.0-1.7x slower on
+    # every split shape (RESULTS.md, session 4 runs 3 and 10: 40.4 vs 24.0 us at B=8 / 2k).
     return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
                        num_warps=4, num_stages=num_stages, heads_fastest=True,
                        row_gather=True, mask_v_load=True, items_in_kernel=True)
