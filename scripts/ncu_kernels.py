@@ -19,25 +19,21 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
+from pallas_kernels.fused_moe import bench as moe_bench  # noqa: E402
 from pallas_kernels.fused_moe.api import fused_moe  # noqa: E402
 from pallas_kernels.ragged_paged_attention import bench as rpa_bench  # noqa: E402
 from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu  # noqa: E402
 
 
 def _moe(T):
-    E, D, F, top_k = 128, 2048, 768, 8
-    keys = jax.random.split(jax.random.PRNGKey(E * 1000 + T), 4)
-    x = jax.random.normal(keys[0], (T, D), jnp.bfloat16)
-    logits = jax.random.normal(keys[1], (T, E), jnp.float32)
-    w1 = (jax.random.normal(keys[2], (E, D, 2 * F), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
-    w2 = (jax.random.normal(keys[3], (E, F, D), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
-    return functools.partial(fused_moe, top_k=top_k, backend="gpu"), (x, logits, w1, w2)
+    """Qwen3-30B-A3B's MoE layer (128 experts, 2048 x 768, top-8) at T tokens."""
+    return (functools.partial(fused_moe, top_k=8, backend="gpu"),
+            moe_bench.decode_inputs(128, 2048, 768, T))
 
 
 def _attn(B, ctx):
-    args = rpa_bench._decode_inputs(jax.random.PRNGKey(B * ctx + 16), B, ctx, 16)
+    args = rpa_bench.decode_inputs(jax.random.PRNGKey(B * ctx + 16), B, ctx, 16)
     return functools.partial(ragged_paged_attention_gpu, sm_scale=rpa_bench.HEAD_DIM ** -0.5), args
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from pallas_kernels.fused_moe import bench as moe_bench  # noqa: E402
 from pallas_kernels.fused_moe.api import fused_moe  # noqa: E402
 from pallas_kernels.ragged_paged_attention import bench as rpa_bench  # noqa: E402
 from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu  # noqa: E402
@@ -37,12 +38,12 @@ def _attention_cases():
     """name -> (function, args): our kernel and JAX's paged_attention on decode shapes."""
     out = {}
     for B, ctx, G in ((8, 2048, 16), (8, 4096, 16), (1, 32768, 16), (64, 4096, 16)):
-        args = rpa_bench._decode_inputs(jax.random.PRNGKey(B * ctx + G), B, ctx, G)
+        args = rpa_bench.decode_inputs(jax.random.PRNGKey(B * ctx + G), B, ctx, G)
         out[f"attn ours B={B} ctx={ctx} G={G}"] = (
             functools.partial(ragged_paged_attention_gpu, sm_scale=_HD ** -0.5), args)
         kp2, vp2 = jnp.moveaxis(args[1], 2, 0), jnp.moveaxis(args[2], 2, 0)
         out[f"attn jax_paged B={B} ctx={ctx} G={G}"] = (
-            functools.partial(rpa_bench._jax_paged, pages_per_compute_block=4, k_splits=8),
+            functools.partial(rpa_bench.jax_paged, pages_per_compute_block=4, k_splits=8),
             (args[0], kp2, vp2, *args[3:]))
     return out
 
@@ -53,13 +54,9 @@ def _moe_cases():
                                     ("qwen3", 128, 2048, 768, 16, 8),
                                     ("qwen3", 128, 2048, 768, 256, 8),
                                     ("mixtral", 8, 4096, 14336, 64, 2)):
-        keys = jax.random.split(jax.random.PRNGKey(E * 1000 + T), 4)
-        x = jax.random.normal(keys[0], (T, D), jnp.bfloat16)
-        logits = jax.random.normal(keys[1], (T, E), jnp.float32)
-        w1 = (jax.random.normal(keys[2], (E, D, 2 * F), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
-        w2 = (jax.random.normal(keys[3], (E, F, D), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
         out[f"moe ours {name} T={T}"] = (
-            functools.partial(fused_moe, top_k=top_k, backend="gpu"), (x, logits, w1, w2))
+            functools.partial(fused_moe, top_k=top_k, backend="gpu"),
+            moe_bench.decode_inputs(E, D, F, T))
     return out
 
 

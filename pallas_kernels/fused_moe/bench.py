@@ -95,13 +95,22 @@ def _best_mgpu(rdm, lhs, w, gs):
     return best
 
 
-def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True):
-    name, E, D, F, T, top_k = shape
+def decode_inputs(E: int, D: int, F: int, T: int):
+    """(x [T, D], router logits [T, E] f32, w1 [E, D, 2F], w2 [E, F, D]) of a decode shape:
+    bf16 random normals (weights scaled by 0.02), seeded by the shape (also used by
+    scripts/profile_kernels.py and scripts/ncu_kernels.py)."""
     keys = jax.random.split(jax.random.PRNGKey(E * 1000 + T), 4)
     x = jax.random.normal(keys[0], (T, D), jnp.bfloat16)
     logits = jax.random.normal(keys[1], (T, E), jnp.float32)
-    w1 = (jax.random.normal(keys[2], (E, D, 2 * F), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
-    w2 = (jax.random.normal(keys[3], (E, F, D), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+    w1 = jax.random.normal(keys[2], (E, D, 2 * F), jnp.bfloat16) * 0.02
+    w2 = jax.random.normal(keys[3], (E, F, D), jnp.bfloat16) * 0.02
+    return x, logits, w1, w2
+
+
+def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True):
+    name, E, D, F, T, top_k = shape
+    x, logits, w1, w2 = decode_inputs(E, D, F, T)
+    keys = jax.random.split(jax.random.PRNGKey(E * 1000 + T), 4)
     _, ids = route_topk(logits, top_k, renormalize=True)
     touched = int(jnp.unique(ids).shape[0])
     moe_gb = touched * 3 * D * F * 2 / 1e9
@@ -126,7 +135,7 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
                               renormalize=True, activation="silu", backend="gpu",
                               interpret=False, config=None, gpu_glue=glue)
         rec("ours_fused_moe_kernels_" + ("+".join(glue) or "none"),
-            _time(lambda a, b, c, d: f(a, b, c, d), x, logits, w1, w2), moe_gb)
+            _time(f, x, logits, w1, w2), moe_gb)
     if sweep:
         bm = tuning.block_m_for(T * top_k, E)
         for bn, bk, warps, stages in SWEEP:

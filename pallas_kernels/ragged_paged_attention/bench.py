@@ -53,7 +53,7 @@ def _time(f, *args):
     return device_time(f, *args)
 
 
-def _decode_inputs(key, B, ctx, G, dtype=jnp.bfloat16):
+def decode_inputs(key, B, ctx, G, dtype=jnp.bfloat16):
     pps = ctx // G
     P = B * pps + 8
     k1, k2, k3 = jax.random.split(key, 3)
@@ -78,7 +78,7 @@ def _xla_gather_attention(q, kp, vp, kv_lens, table, cu, ns):
     return jnp.einsum("bkrc,bckh->bkrh", p, v).reshape(q.shape)
 
 
-def _jax_paged(q, kp_KPGH, vp_KPGH, kv_lens, table, cu, ns, **kw):
+def jax_paged(q, kp_KPGH, vp_KPGH, kv_lens, table, cu, ns, **kw):
     from jax.experimental.pallas.ops.gpu import paged_attention as pa
     return pa.paged_attention(q, kp_KPGH, vp_KPGH, table, kv_lens, **kw)
 
@@ -106,7 +106,7 @@ def _row(rows_out, section, shape, impl, timed, *, gbytes=None, tflop=None, copy
 def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
     for G in pages:
         for B, ctx in shapes:
-            args = _decode_inputs(jax.random.PRNGKey(B * ctx + G), B, ctx, G)
+            args = decode_inputs(jax.random.PRNGKey(B * ctx + G), B, ctx, G)
             shape = f"B={B} ctx={ctx} G={G}"
             gb = 2 * B * ctx * K_HEADS * HEAD_DIM * 2 / 1e9
             ours = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5)
@@ -120,7 +120,7 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             best = None
             for kw in (dict(), dict(pages_per_compute_block=4, k_splits=8)):   # the anchor's two
                 try:
-                    t = _time(functools.partial(_jax_paged, **kw), args[0], kp2, vp2,
+                    t = _time(functools.partial(jax_paged, **kw), args[0], kp2, vp2,
                               *args[3:])
                     best = t if best is None else min(best, t, key=lambda timed: timed[0])
                 except Exception as e:  # noqa: BLE001 - record and go on
@@ -206,7 +206,7 @@ def _cfg_note(cfg):
 def sweep(rows_out, copy_gbps, shapes=SWEEP_SHAPES):
     """Our kernel under explicit tilings, for the tuning table."""
     for B, ctx, G in shapes:
-        args = _decode_inputs(jax.random.PRNGKey(B + ctx + G), B, ctx, G)
+        args = decode_inputs(jax.random.PRNGKey(B + ctx + G), B, ctx, G)
         gb = 2 * B * ctx * K_HEADS * HEAD_DIM * 2 / 1e9
         for cfg in sweep_configs(B, ctx, G):
             f = functools.partial(ragged_paged_attention_gpu, sm_scale=HEAD_DIM ** -0.5,
