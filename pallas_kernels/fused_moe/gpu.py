@@ -35,6 +35,7 @@ from pallas_kernels.fused_moe.activation import activate
 from pallas_kernels.fused_moe.expert_rows import ExpertRows
 from pallas_kernels.fused_moe.layout import TileLayout
 from pallas_kernels.fused_moe.tuning import BlockConfig
+from pallas_kernels.pow2 import next_pow2
 
 
 def _gmm_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, *rest, block_k: int,
@@ -69,6 +70,33 @@ def _gmm_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, *rest, b
 def _masked_gather(ref, rows, ok):
     """ref[rows] where ok, else 0 (a masked gather of a 1-D ref)."""
     return pltriton.load(ref.at[rows], mask=ok, other=0)
+
+
+def cells_shape(live_shape, tile_shape, interpret: bool) -> tuple:
+    """The shape of an output that `store_cells` writes: its live cells, plus, under interpret
+    mode, one tile's worth of scratch rows and columns."""
+    if not interpret:
+        return tuple(live_shape)
+    return tuple(n + t for n, t in zip(live_shape, tile_shape))
+
+
+def store_cells(ref, rows, cols, val, ok, *, live_shape, interpret: bool):
+    """ref[rows[i], cols[j]] = val[i, j] where ok[i, j] (a 2-D masked scatter of a tile).
+
+    Compiled, a masked lane writes nothing: its address is only clamped into the live cells.
+    Interpret mode writes masked lanes back (the old value), which would race a live lane of
+    the same store at the same cell, so there masked lane (i, j) gets a cell of its own,
+    (n_rows + i, n_cols + j), in the scratch that `cells_shape` adds.
+    """
+    n_rows, n_cols = live_shape
+    R, C = val.shape
+    if interpret:
+        r = jnp.where(ok, rows[:, None], n_rows + jnp.arange(R, dtype=jnp.int32)[:, None])
+        c = jnp.where(ok, cols[None, :], n_cols + jnp.arange(C, dtype=jnp.int32)[None, :])
+    else:
+        r = jnp.broadcast_to(jnp.clip(rows, 0, n_rows - 1)[:, None], (R, C))
+        c = jnp.broadcast_to(jnp.clip(cols, 0, n_cols - 1)[None, :], (R, C))
+    pltriton.store(ref.at[r, c], val, mask=ok)
 
 
 def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, src_ref, x_ref, w_ref, o_ref, *,
@@ -179,11 +207,10 @@ def _combine_cols(T: int) -> int:
 
 
 def _combine_kernel(dst_ref, y_ref, o_ref, *, top_k: int, T: int, block_t: int,
-                    block_d: int, scratch: bool):
+                    block_d: int, interpret: bool):
     # dst_ref: [T * top_k] int32 (padded row of each (token, k) pair; P = dropped);
-    # y_ref: [P, D] f32 (whole); o_ref: [T, D] (whole) or, with scratch (interpret mode),
-    # [T + block_t, cdiv(D, block_d) * block_d]: rows t < T get sum_k y[dst[t * top_k + k]]
-    # in a fixed order (deterministic, no atomics).
+    # y_ref: [P, D] f32 (whole); o_ref: cells_shape((T, D), ...) (whole): rows t < T get
+    # sum_k y[dst[t * top_k + k]] in a fixed order (deterministic, no atomics).
     i = pl.program_id(0)
     j = pl.program_id(1)
     P, D = y_ref.shape
@@ -199,15 +226,8 @@ def _combine_kernel(dst_ref, y_ref, o_ref, *, top_k: int, T: int, block_t: int,
         ok = t_ok & (rows < P)
         acc += pltriton.load(y_ref.at[jnp.minimum(rows, P - 1)[:, None], cols_c[None, :]],
                              mask=ok[:, None] & col_ok[None, :], other=0.0)
-    # interpret mode writes masked lanes back, so there they point at scratch rows and
-    # columns of their own (never a live lane's cell); compiled, a masked lane writes nothing
-    if scratch:
-        out_r = jnp.where(t_ok, tc, T + jnp.arange(block_t, dtype=jnp.int32))
-        out_c = cols
-    else:
-        out_r, out_c = tc, cols_c
-    pltriton.store(o_ref.at[out_r[:, None], out_c[None, :]], acc.astype(o_ref.dtype),
-                   mask=t_ok[:, None] & col_ok[None, :])
+    store_cells(o_ref, t, cols, acc.astype(o_ref.dtype), t_ok[:, None] & col_ok[None, :],
+                live_shape=(T, D), interpret=interpret)
 
 
 def combine_rows(y_PD: jax.Array, dst_row_R: jax.Array, top_k: int, out_dtype, *,
@@ -217,11 +237,11 @@ def combine_rows(y_PD: jax.Array, dst_row_R: jax.Array, top_k: int, out_dtype, *
     ran at ~0.4 TB/s: 84 us at Qwen3 / 256 tokens, RESULTS.md)."""
     P, D = y_PD.shape
     T = dst_row_R.shape[0] // top_k
-    bt = min(_COMBINE_TOKENS, max(1, 1 << (T - 1).bit_length()))
-    bd = min(_combine_cols(T), 1 << (D - 1).bit_length())
-    out_shape = (T + bt, pl.cdiv(D, bd) * bd) if interpret else (T, D)
+    bt = min(_COMBINE_TOKENS, next_pow2(T))
+    bd = min(_combine_cols(T), next_pow2(D))
+    out_shape = cells_shape((T, D), (bt, bd), interpret)
     kernel = functools.partial(_combine_kernel, top_k=top_k, T=T, block_t=bt, block_d=bd,
-                               scratch=interpret)
+                               interpret=interpret)
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(T, bt), pl.cdiv(D, bd)),

@@ -11,9 +11,8 @@ lax.top_k (equal values: the lower index first), so the ids match the reference 
 probabilities do. Probabilities come from exp(x - max) / sum, as jax.nn.softmax computes them
 (a few ulps apart from XLA's, so only near-ties can order differently).
 
-Outputs: weights [T, k] f32 and ids [T, k] int32. Under interpret mode (CPU tests) the outputs
-carry scratch rows and columns that masked lanes point at (interpret writes masked lanes back,
-so they must not share an address with a live lane); compiled, masked lanes write nothing.
+Outputs: weights [T, k] f32 and ids [T, k] int32, stored by gpu.store_cells (which gives
+masked lanes cells of their own under interpret mode).
 """
 from __future__ import annotations
 
@@ -24,18 +23,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.fused_moe.gpu import cells_shape, store_cells
+from pallas_kernels.pow2 import next_pow2
+
 # Tokens per program: one. The k rounds of reductions over a row are latency-bound; with 16
 # rows per program a 16- or 256-token call took 11.6 us (one or 16 programs of serial
 # rounds), one row took 3.0 us (H200, session 4 run 4), so rows go to programs of their own.
 BLOCK_T = 1
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _route_kernel(logits_ref, w_ref, ids_ref, *, T: int, E: int, top_k: int, renormalize: bool,
-                  block_t: int, Ep: int, Kp: int, scratch: bool):
+                  block_t: int, Ep: int, Kp: int, interpret: bool):
     i = pl.program_id(0)
     r = jnp.arange(block_t, dtype=jnp.int32)
     t = i * block_t + r
@@ -61,14 +59,8 @@ def _route_kernel(logits_ref, w_ref, ids_ref, *, T: int, E: int, top_k: int, ren
     if renormalize:
         w = w / jnp.sum(jnp.where(kc[None, :] < top_k, w, 0.0), axis=1, keepdims=True)
     ok = t_ok[:, None] & (kc < top_k)[None, :]
-    if scratch:       # masked lanes to their own scratch cell (rows past T, columns past k)
-        rows = jnp.where(ok, t[:, None], T + r[:, None])
-        cols = jnp.where(ok, kc[None, :], top_k + kc[None, :])
-    else:
-        rows = jnp.broadcast_to(tc[:, None], (block_t, Kp))
-        cols = jnp.broadcast_to(jnp.minimum(kc, top_k - 1)[None, :], (block_t, Kp))
-    pltriton.store(w_ref.at[rows, cols], w, mask=ok)
-    pltriton.store(ids_ref.at[rows, cols], ids, mask=ok)
+    store_cells(w_ref, t, kc, w, ok, live_shape=(T, top_k), interpret=interpret)
+    store_cells(ids_ref, t, kc, ids, ok, live_shape=(T, top_k), interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "renormalize", "interpret"))
@@ -76,11 +68,11 @@ def route_topk_gpu(router_logits_TE: jax.Array, top_k: int, *, renormalize: bool
                    interpret: bool = False):
     """(weights_TK float32, expert_ids_TK int32), as reference.route_topk."""
     T, E = router_logits_TE.shape
-    bt = min(BLOCK_T, _next_pow2(T))
-    Ep, Kp = _next_pow2(E), _next_pow2(top_k)
-    rows, cols = (T + bt, top_k + Kp) if interpret else (T, top_k)
+    bt = min(BLOCK_T, next_pow2(T))
+    Ep, Kp = next_pow2(E), next_pow2(top_k)
+    rows, cols = cells_shape((T, top_k), (bt, Kp), interpret)
     kernel = functools.partial(_route_kernel, T=T, E=E, top_k=top_k, renormalize=renormalize,
-                               block_t=bt, Ep=Ep, Kp=Kp, scratch=interpret)
+                               block_t=bt, Ep=Ep, Kp=Kp, interpret=interpret)
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))   # noqa: E731
     w, ids = pl.pallas_call(
         kernel,

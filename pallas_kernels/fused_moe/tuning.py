@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-
-def _pow2(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
+from pallas_kernels.pow2 import is_pow2, prev_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +37,9 @@ def _fit(dim: int, target: int, minimum: int, *, need_pow2: bool) -> int:
     """Largest block <= target dividing dim (a power of two >= minimum when need_pow2)."""
     b = min(target, dim)
     if need_pow2:        # start at a power of two: halving 48 gives 24, 12 and never 16
-        b = 1 << (b.bit_length() - 1)
+        b = prev_pow2(b)
     while b >= minimum:
-        if dim % b == 0 and (_pow2(b) or not need_pow2):
+        if dim % b == 0 and (is_pow2(b) or not need_pow2):
             return b
         b = b // 2 if need_pow2 else b - 1
     if not need_pow2:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pallas_kernels.pow2 import next_pow2, prev_pow2  # noqa: F401 - tuning.next_pow2 for the kernels
+
 GPU_NUM_SMS = 132                 # H100 SXM / H200; only used to size the split-KV grid
 _CTAS_PER_SM = 4                  # enough resident CTAs to keep HBM busy
 # Splits of at least 256 keys, and no more than one wave of programs (4 per SM: the kernel's
@@ -17,15 +19,6 @@ _CTAS_PER_SM = 4                  # enough resident CTAs to keep HBM busy
 # rounding the split count UP past one wave lost 8-12% (B=8 / 4k: 16 splits 43.6 vs 8 splits
 # 38.9 us; B=1 / 32k: 128 vs 64 splits 46.5 vs 42.7 us; run 9).
 _MIN_KEYS_PER_SPLIT = 256
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def prev_pow2(n: int) -> int:
-    """The largest power of two <= n (1 for n < 2)."""
-    return 1 << max(0, int(n).bit_length() - 1)
 
 
 @dataclasses.dataclass(frozen=True)
