@@ -182,10 +182,8 @@ class DisaggRunner(DispatchingRunner):
         src[rows_S[:n]] = np.arange(n)
         src[src < 0] = np.arange(n, n_rows)                 # the greedy padding rows
         meta = jax.tree.map(lambda a: a[src], smeta.build_sampling_metadata(rows, pad_rows_to=n_rows))
-        counts = prompt_mask = None
-        if penalties:
-            counts, prompt_mask = (jnp.take(a, jnp.asarray(src), axis=0)
-                                   for a in smeta.build_token_history(rows, n_rows, config.vocab_size))
+        counts, prompt_mask = (smeta.build_token_history(rows, n_rows, config.vocab_size, row_order=src)
+                               if penalties else (None, None))
         self.stats.count_program((model_name, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
                                   inputs.page_indices_LSP.shape, num_logprobs, penalties))
         t1 = time.perf_counter()

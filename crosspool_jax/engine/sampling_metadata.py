@@ -172,11 +172,13 @@ def _history(prompt_ids_SL, output_ids_SL, *, vocab_size: int):
     return counts(output_ids_SL), counts(prompt_ids_SL) > 0
 
 
-def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int,
-                        vocab_size: int) -> tuple[jax.Array, jax.Array]:
+def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int, vocab_size: int,
+                        row_order=None) -> tuple[jax.Array, jax.Array]:
     """(output_counts_SV int32, prompt_mask_SV bool) of `rows`, scatter-added on device.
 
     Ids are padded with -1 to a power-of-two length; ids outside [0, vocab_size) are ignored.
+    row_order (int[pad_rows_to], optional): result row s is the padded row row_order[s] (a
+    permutation applied on the host, for callers whose programs want rows in their own order).
     """
     _check_pad(rows, pad_rows_to)
     if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
@@ -184,8 +186,9 @@ def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int,
     S = int(pad_rows_to)
     prompt_SL = _pad_ids([r.prompt_token_ids for r in rows], S)
     output_SL = _pad_ids([r.output_token_ids for r in rows], S)
-    prompt_SL, output_SL = jax.device_put((prompt_SL, output_SL))
-    return _history(prompt_SL, output_SL, vocab_size=int(vocab_size))
+    if row_order is not None:
+        prompt_SL, output_SL = prompt_SL[row_order], output_SL[row_order]
+    return _history(prompt_SL, output_SL, vocab_size=int(vocab_size))   # numpy: the jit moves it
 
 
 def needs_penalties(rows: Sequence[SamplingRow]) -> bool:

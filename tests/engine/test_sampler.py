@@ -216,6 +216,18 @@ def test_update_counts_and_history_padding():
     np.testing.assert_array_equal(new, want)
 
 
+def test_history_row_order_permutes_rows():
+    """row_order puts padded row row_order[s] at row s (the split's device-row order)."""
+    rng = _rng(11)
+    rows = _history_rows(rng, 3)
+    order = rng.permutation(S)
+    counts, mask = build_token_history(rows, S, V)
+    counts_o, mask_o = build_token_history(rows, S, V, row_order=order)
+    np.testing.assert_array_equal(np.asarray(counts_o), np.asarray(counts)[order])
+    np.testing.assert_array_equal(np.asarray(mask_o), np.asarray(mask)[order])
+    assert int(np.asarray(counts).sum()) > 0
+
+
 def test_min_tokens_suppresses_eos_and_stop_ids_until_reached():
     logits = _rng(10).normal(size=(S, V)).astype(np.float32)
     logits[:, 3] = 50.0  # EOS
