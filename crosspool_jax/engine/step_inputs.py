@@ -12,6 +12,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from pallas_kernels.pow2 import next_pow2
+
 
 # Smallest buckets: padding tiny batches up to these costs little and keeps the number of
 # compiled programs low (each distinct shape is one compile).
@@ -22,8 +24,7 @@ MIN_PAGES_BUCKET = 4
 
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
-    n = max(int(n), minimum)
-    return 1 << (n - 1).bit_length()
+    return next_pow2(max(int(n), minimum))
 
 
 @jax.tree_util.register_dataclass
