@@ -41,6 +41,7 @@ from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.engine.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
 from crosspool_jax.engine.stop_checker import check_stop
+from crosspool_jax.runtime.compiles import compile_counter
 from crosspool_jax.weights.budget import WeightsPoolBusyError
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
@@ -63,6 +64,8 @@ class EngineStats:
     swaps_out: int
     compiled_programs: int
     steps: int
+    compiles: int = 0             # XLA executables built in this process (runtime.compiles)
+    compile_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -97,6 +100,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        self._compiles = compile_counter()           # process-wide; read as a difference over a window
         self.registry = ModelRegistry(config)
         kv_layout = self.registry.kv_layout
         disaggregated = self.registry.arena is not None
@@ -153,7 +157,8 @@ class LLMEngine:
             kv_pages_total=self.registry.kv_layout.num_pages, kv_pages_free=self.kv_manager.num_free_pages(),
             kv_pages_used_by_model=self.kv_manager.pages_used_by_model(),
             models=self.registry.model_stats(), swaps_in=wstats.swaps_in, swaps_out=wstats.swaps_out,
-            compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps)
+            compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
+            compiles=self._compiles.count, compile_seconds=self._compiles.seconds)
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,

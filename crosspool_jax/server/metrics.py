@@ -124,7 +124,9 @@ class _EngineStatsCollector:
         for name, field, doc in (
                 ("swaps_in", "swaps_in", "Model weights swapped into device memory."),
                 ("swaps_out", "swaps_out", "Model weights swapped out to host memory."),
-                ("preemptions", "num_preemptions", "Requests preempted by the scheduler.")):
+                ("preemptions", "num_preemptions", "Requests preempted by the scheduler."),
+                ("xla_compiles", "compiles", "XLA executables built in this process (compiled or read from the "
+                                             "persistent compilation cache); flat while serving after warm-up.")):
             family = CounterMetricFamily(f"{ns}_{name}", doc)
             family.add_metric([], getattr(stats, field, 0))
             yield family
