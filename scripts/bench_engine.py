@@ -22,7 +22,7 @@ from absl import app, flags  # noqa: E402
 _MODELS = flags.DEFINE_multi_string("model", None, "NAME=PATH (repeatable); default: the shipped models")
 _RANDOM = flags.DEFINE_multi_string("random_config", None,
                                     "Benchmark a random-weight model of a built-in shape instead "
-                                    "(see crosspool_jax/engine/random_models.py).")
+                                    "(see crosspool_jax/models/random_models.py).")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "Prompts per model.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per prompt.")
@@ -87,7 +87,7 @@ def main(argv):
     import jax
 
     from crosspool_jax.model_specs import models_from_specs
-    from crosspool_jax.engine.random_models import random_model_dirs
+    from crosspool_jax.models.random_models import random_model_dirs
 
     models = random_model_dirs(_RANDOM.value) if _RANDOM.value else models_from_specs(_MODELS.value)
     rows = [run_once(models, k) for k in _DECODE_STEPS.value]

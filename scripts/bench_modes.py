@@ -5,7 +5,7 @@
         python scripts/bench_modes.py --models qwen3moe-mini-2l,qwen3moe-mini-2l --device_gib 0.05 --quick
 
 Every mode gets the same devices and the same memory per device (`--device_gib`), serves
-the same random-weight MoE models of real layer shapes (crosspool_jax/engine/random_models.py)
+the same random-weight MoE models of real layer shapes (crosspool_jax/models/random_models.py)
 through the same engine API, kernels and options; only the memory organisation differs:
 
 - static:    every device holds the weights of the models placed on it and a KV region
@@ -277,7 +277,7 @@ def main(argv):
     del argv
     import jax
 
-    from crosspool_jax.engine.random_models import SHAPES, random_model_dirs
+    from crosspool_jax.models.random_models import SHAPES, random_model_dirs
     from crosspool_jax.models import ModelConfig
     from crosspool_jax.models.params import side_bytes
 

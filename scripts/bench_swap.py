@@ -10,7 +10,7 @@ the platform has it) or "numpy" (plain host RAM). Times are medians over `--repe
 bytes / time / 1e9.
 
 Into the CrossPool arena (`--arena_splits=1+1,2+2`, skip the pytree table with `--sizes_mib=`):
-two copies of `--arena_model` (random weights, `engine.random_models.SHAPES`) share one slot
+two copies of `--arena_model` (random weights, `models.random_models.SHAPES`) share one slot
 of each budgeted region (weights_pool_bytes and attention_pool_bytes of exactly one model),
 so every acquire of the other swaps its attention side into the KV rows and its expert
 shards into the weight rows, written in place (`disagg/residency.py`):
@@ -50,7 +50,7 @@ flags.DEFINE_integer("devices", 1, "devices to shard each leaf over (leading axi
 flags.DEFINE_list("host", ["pinned", "numpy"], "host memory kinds to measure: pinned, numpy")
 flags.DEFINE_list("arena_splits", [], "crosspool splits KV+W (e.g. 1+1,2+2): swap-in into the arena")
 flags.DEFINE_string("arena_model", "qwen3moe-mini-2l", "random model shape for the arena rows "
-                    "(crosspool_jax.engine.random_models.SHAPES)")
+                    "(crosspool_jax.models.random_models.SHAPES)")
 
 
 def _median_seconds(fn, repeats):
@@ -131,7 +131,7 @@ def _one_model_budget(tree, sharding):
 
 def _arena_params():
     """(config, host params) of `--arena_model`: drawn on the device (fast), fetched once."""
-    from crosspool_jax.engine.random_models import SHAPES
+    from crosspool_jax.models.random_models import SHAPES
     from crosspool_jax.models import ModelConfig, init_random_params
 
     config = ModelConfig.from_hf_dict(SHAPES[FLAGS.arena_model])

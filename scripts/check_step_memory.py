@@ -27,7 +27,7 @@ _MODEL = flags.DEFINE_multi_string("model", None, "NAME=PATH (default: the shipp
 _KV = flags.DEFINE_integer("kv_pool_bytes", 512 << 20, "KV pool bytes")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
 _RANDOM = flags.DEFINE_string("random_config", None, "A random-weight model shape instead of --model "
-                              "(crosspool_jax/engine/random_models.py)")
+                              "(crosspool_jax/models/random_models.py)")
 _ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu")
 _SPLIT = flags.DEFINE_string("crosspool_split", None, "KV+W devices (e.g. 1+1): check the disaggregated "
                              "step instead; its arena row holds the pages (temp ~ pages means the step "
@@ -38,8 +38,9 @@ def main(argv):
     del argv
     from crosspool_jax import LLM, SamplingParams
     from crosspool_jax.model_specs import models_from_specs
-    from crosspool_jax.engine import disagg_runner, runner, step_program
-    from crosspool_jax.engine.random_models import random_model_dirs
+    from crosspool_jax.engine import disagg_runner, runner
+    from crosspool_jax.runtime import step_program
+    from crosspool_jax.models.random_models import random_model_dirs
     from crosspool_jax.weights.devices import parse_split
 
     seen = {}

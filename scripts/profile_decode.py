@@ -63,7 +63,7 @@ def main(argv):
     import numpy as np
 
     from crosspool_jax import LLM, SamplingParams
-    from crosspool_jax.engine.random_models import random_model_dirs
+    from crosspool_jax.models.random_models import random_model_dirs
     from crosspool_jax.model_specs import models_from_specs
     from crosspool_jax.weights.devices import parse_split
 

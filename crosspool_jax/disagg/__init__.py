@@ -1,4 +1,4 @@
-"""CrossPool disaggregation prototype: KV devices and weight devices in ONE step program.
+"""The CrossPool runtime: KV devices and weight devices in ONE step program.
 
 `layout.py` (what sits where in each device's arena row; `make_multi_layout` for several
 models sharing one pages region), `arena.py` (packing models into the arena; `Arena` owns

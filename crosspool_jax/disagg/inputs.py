@@ -26,7 +26,7 @@ import numpy as np
 
 from crosspool_jax.disagg.layout import ArenaLayout
 from crosspool_jax.disagg.pages import PageMap
-from crosspool_jax.engine.step_inputs import StepInputs, bucket, build_step_inputs
+from crosspool_jax.runtime.step_inputs import StepInputs, bucket, build_step_inputs
 
 
 @jax.tree_util.register_dataclass

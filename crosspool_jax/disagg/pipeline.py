@@ -72,25 +72,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from crosspool_jax.disagg import sharded_attention
+from crosspool_jax.disagg.inputs import ShardedPages
 from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
-from crosspool_jax.engine import sampler as sampler_lib
-from crosspool_jax.engine.packed_inputs import unpacked
-from crosspool_jax.engine.step_inputs import StepInputs
 from crosspool_jax.kv.pool import page_view, token_slots
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import compute_logits, output_projection, qkv_projection, rms_norm
 from pallas_kernels.fused_moe.api import fused_moe
+from crosspool_jax.runtime import sampler as sampler_lib
+from crosspool_jax.runtime.packed_inputs import unpacked
+from crosspool_jax.runtime.step_inputs import StepInputs
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-
-if TYPE_CHECKING:             # inputs.py imports engine.step_inputs, whose package imports this module
-    from crosspool_jax.disagg.inputs import ShardedPages
 
 EXCHANGES = ("p2p", "collective", "none")
 

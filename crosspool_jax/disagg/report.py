@@ -80,7 +80,7 @@ def _time_steps(n_kv: int, n_w: int, repeats: int = 5):
     import jax.numpy as jnp
 
     from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, make_layout
-    from crosspool_jax.engine.random_models import SHAPES
+    from crosspool_jax.models.random_models import SHAPES
     from crosspool_jax.models import ModelConfig, init_random_params
 
     config = ModelConfig.from_hf_dict(SHAPES["qwen3moe-mini-2l"])

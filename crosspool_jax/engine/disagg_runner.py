@@ -30,17 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# modules, not names: crosspool_jax.disagg imports engine.step_inputs, so either package may
-# be the one still initializing when the other imports it
 from crosspool_jax.disagg import inputs as disagg_inputs
 from crosspool_jax.disagg import pipeline as disagg_pipeline
 from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.pages import PageMap
-from crosspool_jax.engine import sampler as sampler_lib
-from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.packed_inputs import PackedInt32
+from crosspool_jax.runtime import sampler as sampler_lib
+from crosspool_jax.runtime import sampling_metadata as smeta
+from crosspool_jax.runtime.packed_inputs import PackedInt32
 from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats
-from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
+from crosspool_jax.runtime.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.engine.placed_runner import PlacedRunner
-from crosspool_jax.engine.sampling_metadata import SamplingRow
+from crosspool_jax.runtime.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
 from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter

@@ -36,11 +36,11 @@ import jax
 
 from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
-from crosspool_jax.disagg.arena import Arena   # submodules: disagg imports engine.step_inputs
+from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.layout import make_multi_layout
 from crosspool_jax.disagg.residency import ArenaResidency, build_residency
 from crosspool_jax.engine.config import EngineConfig
-from crosspool_jax.engine.random_models import RANDOM_WEIGHTS_MARKER
+from crosspool_jax.models.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.models import init_random_params
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
-from crosspool_jax.engine import sampling_metadata as smeta
+from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats, StepRunner
 from crosspool_jax.kv.pool import KVPool, local_page_ids
 

@@ -18,10 +18,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from crosspool_jax.engine import sampling_metadata as smeta
-from crosspool_jax.engine.packed_inputs import PackedInt32
-from crosspool_jax.engine.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket, build_step_inputs
-from crosspool_jax.engine.step_program import multi_decode, ragged_step
+from crosspool_jax.runtime import sampling_metadata as smeta
+from crosspool_jax.runtime.packed_inputs import PackedInt32
+from crosspool_jax.runtime.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket, build_step_inputs
+from crosspool_jax.runtime.step_program import multi_decode, ragged_step
 from crosspool_jax.kv.pool import KVPool
 
 

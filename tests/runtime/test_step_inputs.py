@@ -3,7 +3,7 @@ import dataclasses
 
 import numpy as np
 
-from crosspool_jax.engine.step_inputs import bucket, build_step_inputs
+from crosspool_jax.runtime.step_inputs import bucket, build_step_inputs
 
 
 @dataclasses.dataclass

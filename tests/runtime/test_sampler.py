@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crosspool_jax.engine import sampler
-from crosspool_jax.engine.sampler import advance_metadata, sample, update_counts
-from crosspool_jax.engine.sampling_metadata import (
+from crosspool_jax.runtime import sampler
+from crosspool_jax.runtime.sampler import advance_metadata, sample, update_counts
+from crosspool_jax.runtime.sampling_metadata import (
     SamplingRow, build_sampling_metadata, build_token_history, max_logprobs,
     needs_penalties, seed_key_data)
 from crosspool_jax.sampling_params import SamplingParams

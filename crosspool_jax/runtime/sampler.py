@@ -21,7 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.engine.sampling_metadata import SamplingMetadata
+from crosspool_jax.runtime.sampling_metadata import SamplingMetadata
 
 _NEG_INF = float("-inf")
 

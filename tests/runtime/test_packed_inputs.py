@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from crosspool_jax.engine.packed_inputs import PackedInt32, unpacked
-from crosspool_jax.engine.step_inputs import StepInputs
+from crosspool_jax.runtime.packed_inputs import PackedInt32, unpacked
+from crosspool_jax.runtime.step_inputs import StepInputs
 
 
 def _inputs(rng):

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax import models
-from crosspool_jax.engine import sampler as sampler_lib
-from crosspool_jax.engine.packed_inputs import unpacked
+from crosspool_jax.runtime import sampler as sampler_lib
+from crosspool_jax.runtime.packed_inputs import unpacked
 from crosspool_jax.kv.pool import page_view, token_slots, write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
