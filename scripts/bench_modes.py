@@ -247,8 +247,9 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         runner = engine.runner
         config = engine.registry.get(names[0]).config
         steps = {}
+        from crosspool_jax.disagg.report import no_exchange
         for exchange in ("p2p", "none"):
-            runner.exchange = exchange
+            runner.exchange = no_exchange if exchange == "none" else exchange
             if not _QUICK.value:
                 decode_times(llm, names[:1], per_model, prompt_len, 4, seed=3)
             g = decode_times(llm, names[:1], per_model, prompt_len, max_tokens, seed=4)

@@ -82,14 +82,13 @@ from crosspool_jax.disagg.inputs import ShardedPages
 from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
 from crosspool_jax.kv.pool import page_view, token_slots
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.transformer import compute_logits, output_projection, qkv_projection, rms_norm
-from pallas_kernels.fused_moe.api import fused_moe
+from crosspool_jax.models.transformer import (compute_logits, ffn_partial, output_projection, qkv_projection,
+                                              rms_norm)
 from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime.packed_inputs import unpacked
 from crosspool_jax.runtime.step_inputs import StepInputs
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
-EXCHANGES = ("p2p", "collective", "none")
 
 
 def num_stages(num_layers: int, num_microbatches: int) -> int:
@@ -161,13 +160,6 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
     return _o_proj(row_X, x_TD, out_TNH, layer, layout, c)
 
 
-def _swiglu_f32(x_TD, w1_DF2, w2_FD):
-    F = w2_FD.shape[0]
-    h = jnp.dot(x_TD, w1_DF2, preferred_element_type=jnp.float32)
-    act = (jax.nn.silu(h[:, :F]) * h[:, F:]).astype(x_TD.dtype)
-    return jnp.dot(act, w2_FD, preferred_element_type=jnp.float32)
-
-
 def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference",
                  on=True):
     """Weight device: this device's share of layer `layer`'s FFN output (no residual), float32;
@@ -180,16 +172,15 @@ def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: Model
     `config.ffn_index`) under one `lax.switch`, which only reads the arena row (never returns it).
     """
     c = config
-    partial = {"moe": _moe_partial, "dense": _dense_partial}
     kinds = c.ffn_kinds
     if len(kinds) == 1:
-        return partial[kinds[0]](row_X, h_TD, layer, w_index, layout, c, backend, on)
+        return _ffn_shard(row_X, h_TD, layer, w_index, layout, c, backend, on, kind=kinds[0])
     L = c.num_layers
     kind_L = jnp.asarray([kinds.index(c.ffn_kind(l)) for l in range(L)], jnp.int32)
     index_L = jnp.asarray([c.ffn_index(l) for l in range(L)], jnp.int32)
     index = index_L[layer]
-    branches = [functools.partial(partial[k], row_X, index=index, w_index=w_index, layout=layout, config=c,
-                                  backend=backend, on=on) for k in kinds]
+    branches = [functools.partial(_ffn_shard, row_X, index=index, w_index=w_index, layout=layout, config=c,
+                                  backend=backend, on=on, kind=k) for k in kinds]
     return jax.lax.switch(kind_L[layer], branches, h_TD)
 
 
@@ -201,35 +192,22 @@ def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
             for s in layout.w_slots if s.name.startswith(prefix) and s.name not in EXPERT_STACKS}
 
 
-def _dense_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on=True):
-    """Weight device: its block of F of dense layer `index` (of the dense stack) applied to the
-    normed input; float32. FFN norm replicated, [gate | up] and down split over F (arena._tp_shard)."""
-    p = _stack_params(row_X, "dense", index, layout)
-    x_TD = rms_norm(h_TD, p["norm_LD"], config.rms_norm_eps)
-    return _swiglu_f32(x_TD, p["w1_LDF2"], p["w2_LFD"])
-
-
-def _moe_partial(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on=True):
-    """Weight device: this device's share of MoE layer `index` (of the MoE stack), float32.
-
-    `fused_moe` over its local experts (`expert_offset`: routing over all E experts, router
-    replicated; pairs routed elsewhere read nothing), the shards read in place from the row
-    (`layout.expert_rows`); the sum over the weight devices is the full MoE output (and
-    shared expert). `on` False: the offset points past the experts, so nothing is read.
-    """
+def _ffn_shard(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on, *,
+               kind: str):
+    """Weight device: its share of layer `index` of the model's `kind` stack, float32
+    (`models.ffn_partial` on the row's shards: its experts, or its block of F of a dense layer
+    and of a shared expert; routers and FFN norms replicated). Expert stacks are read in place
+    (`layout.expert_rows`). `on` False: the expert offset points past the experts, so no
+    expert is read."""
     c = config
-    p = _stack_params(row_X, "moe", index, layout)
-    x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
-    router_logits_TE = x_TD @ p["router_LDE"]
-    w1, w2 = (layout.expert_rows(row_X, name, index) for name in EXPERT_STACKS)
-    E_loc = w1.shape[0]
-    e0 = jnp.where(on, (w_index // layout.tp) * E_loc, c.num_experts)
-    out_TD = fused_moe(x_TD, router_logits_TE, w1, w2, c.top_k, renormalize=c.norm_topk_prob, backend=backend,
-                       expert_offset=e0).astype(jnp.float32)
-    if c.shared_expert_intermediate_size:
-        gate_T1 = jax.nn.sigmoid(x_TD @ p["shared_gate_LD1"]).astype(jnp.float32)
-        out_TD = out_TD + gate_T1 * _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
-    return out_TD
+    p = _stack_params(row_X, kind, index, layout)
+    offset = None
+    if kind == "moe":
+        for name in EXPERT_STACKS:
+            p[name[len("moe/"):]] = layout.expert_rows(row_X, name, index)
+        E_loc = p["w1_LEDF2"].shape[0]
+        offset = jnp.where(on, (w_index // layout.tp) * E_loc, c.num_experts)
+    return ffn_partial(p, c, kind, h_TD, moe_backend=backend, expert_offset=offset)
 
 
 def p2p_rounds(n_kv: int, n_w: int) -> list[list[tuple]]:
@@ -239,34 +217,29 @@ def p2p_rounds(n_kv: int, n_w: int) -> list[list[tuple]]:
     return [[(k, (k + r) % m) for k in range(n_kv) if (k + r) % m < n_w] for r in range(m)]
 
 
-def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
-    """(to_weights(h_TD) -> inbox [n_kv*Tm, D] on weight devices,
-        to_kv(y_TD [n_kv*Tm, D]) -> summed FFN output [Tm, D] on KV devices).
+def collective_exchange(layout: ArenaLayout, d, Tm: int, D: int):
+    """One all_gather and one psum_scatter over the whole axis per direction (simpler than p2p;
+    also moves KV->KV copies and the idle role's zeros). Returns (to_weights, to_kv) as
+    `p2p_exchange` does."""
+    n_kv, n_w = layout.n_kv, layout.n_w
 
-    "p2p": max(n_kv, n_w) rounds of `ppermute` per direction; only KV<->weight pairs move data,
-    exactly the payload. "collective": one all_gather and one psum_scatter over the whole
-    axis (simpler; also moves KV->KV copies and the idle role's zeros). "none": FOR TIMING
-    ONLY, nothing moves (each device hands itself its own data): the outputs are wrong;
-    t(step) - t(step, exchange="none") is the transfer time the schedule did not hide.
+    def to_weights(h_TD):
+        return jax.lax.all_gather(h_TD, AXIS)[:n_kv].reshape(n_kv * Tm, D)
+
+    def to_kv(y_TD):
+        y_NTD = jnp.concatenate([y_TD.reshape(n_kv, Tm, D), jnp.zeros((n_w, Tm, D), y_TD.dtype)])
+        return jax.lax.psum_scatter(y_NTD, AXIS, scatter_dimension=0, tiled=True)[0]
+    return to_weights, to_kv
+
+
+def p2p_exchange(layout: ArenaLayout, d, Tm: int, D: int):
+    """(to_weights(h_TD) -> inbox [n_kv*Tm, D] on weight devices,
+        to_kv(y_TD [n_kv*Tm, D]) -> summed FFN output [Tm, D] on KV devices) for device d.
+
+    max(n_kv, n_w) rounds of `ppermute` per direction (`p2p_rounds`); only KV<->weight pairs
+    move data, exactly the payload.
     """
     n_kv, n_w = layout.n_kv, layout.n_w
-    if exchange == "none":
-        def to_weights(h_TD):             # this device's own rows, as if every KV device had sent them
-            return jnp.broadcast_to(h_TD[None], (n_kv, Tm, D)).reshape(n_kv * Tm, D)
-
-        def to_kv(y_TD):
-            return y_TD.reshape(n_kv, Tm, D)[0]
-        return to_weights, to_kv
-    if exchange == "collective":
-        def to_weights(h_TD):
-            return jax.lax.all_gather(h_TD, AXIS)[:n_kv].reshape(n_kv * Tm, D)
-
-        def to_kv(y_TD):
-            y_NTD = jnp.concatenate([y_TD.reshape(n_kv, Tm, D), jnp.zeros((n_w, Tm, D), y_TD.dtype)])
-            return jax.lax.psum_scatter(y_NTD, AXIS, scatter_dimension=0, tiled=True)[0]
-        return to_weights, to_kv
-    if exchange != "p2p":
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     rounds = p2p_rounds(n_kv, n_w)
     m, w = len(rounds), d - n_kv
 
@@ -290,8 +263,22 @@ def _exchange(layout: ArenaLayout, exchange: str, d, Tm: int, D: int):
     return to_weights, to_kv
 
 
+# exchange name -> factory (layout, device index, tokens per micro-batch, D) -> (to_weights, to_kv)
+EXCHANGES = {"p2p": p2p_exchange, "collective": collective_exchange}
+
+
+def exchange_factory(exchange):
+    """The exchange factory of `exchange`: a name of EXCHANGES, or a factory with the same
+    signature (a benchmark passes its own, e.g. `disagg.report.no_exchange`)."""
+    if callable(exchange):
+        return exchange
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {tuple(EXCHANGES)} or an exchange factory, got {exchange!r}")
+    return EXCHANGES[exchange]
+
+
 def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, *, layout: ArenaLayout,
-                    config: ModelConfig, M: int, exchange: str, attention_backend: str, moe_backend: str):
+                    config: ModelConfig, M: int, exchange, attention_backend: str, moe_backend: str):
     """(kv_index, mine, run): this device's KV index, its step inputs `mine` (leaves [M, ...];
     a weight device gets the last KV device's) and `run(row_X, step) -> (row_X, logits [M*S, V])`,
     one forward of step inputs shaped like `mine` through every layer, K/V written in place."""
@@ -303,7 +290,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
     is_kv = d < n_kv
     kv_index = jnp.minimum(d, n_kv - 1)
     Tm, D, L = inputs.token_ids_T.shape[2], c.hidden_size, c.num_layers
-    to_weights, to_kv = _exchange(layout, exchange, d, Tm, D)
+    to_weights, to_kv = exchange_factory(exchange)(layout, d, Tm, D)
 
     def run(row_X, mine):
         emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
@@ -407,12 +394,11 @@ def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bas
     return row_X[None], logits_RV[None]
 
 
-def _checked_inputs(inputs, layout: ArenaLayout, exchange: str, num_microbatches: int) -> StepInputs:
+def _checked_inputs(inputs, layout: ArenaLayout, exchange, num_microbatches: int) -> StepInputs:
     """The step inputs (unpacked from a PackedInt32: one host->device transfer) after the checks
     `disagg_step` and `disagg_decode` share."""
     inputs = unpacked(inputs)
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    exchange_factory(exchange)
     if num_microbatches not in (1, 2):
         raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
     if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
@@ -482,7 +468,7 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, meta, counts_RV, prompt_
                    donate_argnums=0)
 def disagg_decode(arena: jax.Array, inputs, meta, output_counts_RV=None, prompt_mask_RV=None, *,
                   layout: ArenaLayout, config: ModelConfig, num_microbatches: int, num_steps: int,
-                  num_logprobs: int = 0, exchange: str = "p2p", attention_backend: str = "auto",
+                  num_logprobs: int = 0, exchange="p2p", attention_backend: str = "auto",
                   moe_backend: str = "auto", bases=None):
     """`num_steps` decode tokens of a pure-decode batch in ONE program -> (arena, SamplerOutput
     with leaves [n_kv, num_steps, M*S, ...]).
@@ -514,7 +500,7 @@ def disagg_decode(arena: jax.Array, inputs, meta, output_counts_RV=None, prompt_
                                              "attention_backend", "moe_backend"),
                    donate_argnums=0)
 def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPages | None = None, *,
-                layout: ArenaLayout, config: ModelConfig, num_microbatches: int, exchange: str = "p2p",
+                layout: ArenaLayout, config: ModelConfig, num_microbatches: int, exchange="p2p",
                 attention_backend: str = "auto", moe_backend: str = "auto", bases=None):
     """One ragged step over the whole model -> (arena, logits float32 [n_kv, M*S, V]).
 
@@ -526,7 +512,7 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPage
     `build_sharded_pages` view of the same step (sequences spanning KV devices: the
     sequence-sharded program; `inputs`' slots and page tables are then unused).
     exchange: "p2p" (ppermute rounds, payload only), "collective" (all_gather + psum_scatter),
-    or "none": TIMING ONLY, no transfers between the pools, the outputs are wrong.
+    or an exchange factory (`exchange_factory`).
     attention_backend, moe_backend: the kernels' backends ("auto", "reference", "gpu", "tpu").
     bases: None, or int32[2] (traced): the model's slot shift (KV rows, weight rows) in budgeted
     regions, `ArenaLayout.bind` (registry.acquire gives it).

@@ -20,6 +20,21 @@ import numpy as np
 _NVLINK_H100_BYTES_PER_S = 450e9        # per direction, per GPU (NVLink 4, 18 links)
 
 
+def no_exchange(layout, d, Tm: int, D: int):
+    """An exchange factory FOR TIMING ONLY (`disagg_step(..., exchange=no_exchange)`): nothing
+    moves between the pools, each device hands itself its own data, so the outputs are wrong.
+    t(step) - t(step without exchange) is the transfer time the schedule did not hide."""
+    import jax.numpy as jnp
+    n_kv = layout.n_kv
+
+    def to_weights(h_TD):              # this device's own rows, as if every KV device had sent them
+        return jnp.broadcast_to(h_TD[None], (n_kv, Tm, D)).reshape(n_kv * Tm, D)
+
+    def to_kv(y_TD):
+        return y_TD.reshape(n_kv, Tm, D)[0]
+    return to_weights, to_kv
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferBytes:
     """Bytes per layer of one step (T tokens per KV device, D hidden, b bytes per element)."""

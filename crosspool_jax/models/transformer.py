@@ -2,8 +2,10 @@
 
 One layer is two halves that may live on different devices:
 `attention_block` (`qkv_projection`: input norm, q/k/v, q/k norms, RoPE; the attention seam;
-`output_projection`: o projection, residual) and `ffn_block` (post-attention norm, then MoE with optional shared expert, or a
-dense SwiGLU MLP, residual). `forward` chains them over all layers (a `lax.scan` when every
+`output_projection`: o projection, residual) and `ffn_block` (`ffn_partial`: post-attention
+norm, then MoE with optional shared expert, or a dense SwiGLU MLP; then the residual). The
+placed step programs and the CrossPool split program both call these (the split's weight
+devices call `ffn_partial` on their shard). `forward` chains them over all layers (a `lax.scan` when every
 layer has the same FFN kind) and returns the hidden states after the final norm;
 `compute_logits` projects them to the vocabulary in float32. The expert stacks are not
 sliced per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, which
@@ -76,42 +78,55 @@ def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Arra
     return kv_cache, output_projection(layer_attn_params, config, x_TD, out_TNH)
 
 
-def _swiglu(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Array:
-    h_TF2 = x_TD @ w1_DF2
+def _swiglu_f32(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Array:
+    """SwiGLU with [gate | up] in w1, float32 accumulation; w1/w2 may be a block of F (their
+    output is then that block's share of the sum)."""
     F = w2_FD.shape[0]
-    return (jax.nn.silu(h_TF2[:, :F]) * h_TF2[:, F:]) @ w2_FD
+    h_TF2 = jnp.dot(x_TD, w1_DF2, preferred_element_type=jnp.float32)
+    act_TF = (jax.nn.silu(h_TF2[:, :F]) * h_TF2[:, F:]).astype(x_TD.dtype)
+    return jnp.dot(act_TF, w2_FD, preferred_element_type=jnp.float32)
 
 
-def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend):
+def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend, expert_offset):
     if backend == "reference":
         return fused_moe_reference(x_TD, router_logits_TE, as_array(w1_EDF2), as_array(w2_EFD), top_k,
-                                   renormalize=renormalize)
-    try:
-        from pallas_kernels.fused_moe import fused_moe
-    except ImportError as e:
-        raise ValueError(f"moe_backend {backend!r} needs pallas_kernels.fused_moe.fused_moe, "
-                         f"which is not available ({e}); use moe_backend='reference'") from e
-    return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k,
-                     renormalize=renormalize, backend=backend)
+                                   renormalize=renormalize, expert_offset=expert_offset)
+    from pallas_kernels.fused_moe import fused_moe
+    return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, renormalize=renormalize, backend=backend,
+                     expert_offset=expert_offset)
+
+
+def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
+                moe_backend: str = "reference", expert_offset=None) -> jax.Array:
+    """One layer's FFN output (post-attention norm, then MoE with optional shared expert, or a
+    dense SwiGLU; no residual), float32.
+
+    The one definition of the FFN half, for whole weights and for a device's shard of them:
+    `expert_offset` (traced ok) says the expert stacks hold experts [expert_offset,
+    expert_offset + E_local) of the router's E (pairs routed elsewhere read nothing), and the
+    dense / shared-expert matrices and the experts' F may be a contiguous block of F ([gate |
+    up] aligned). The sum of the shards' outputs is the layer's FFN output. A MoE layer's
+    w1_LEDF2 / w2_LEFD may be `ExpertRows` (read in place by the kernels).
+    """
+    p, c = layer_ffn_params, config
+    x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
+    if kind == "dense":
+        return _swiglu_f32(x_TD, p["w1_LDF2"], p["w2_LFD"])
+    if kind != "moe":
+        raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
+    router_logits_TE = x_TD @ p["router_LDE"]
+    y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k, renormalize=c.norm_topk_prob,
+                      backend=moe_backend, expert_offset=expert_offset).astype(jnp.float32)
+    if c.shared_expert_intermediate_size:
+        gate_T1 = jax.nn.sigmoid(jnp.dot(x_TD, p["shared_gate_LD1"], preferred_element_type=jnp.float32))
+        y_TD = y_TD + gate_T1 * _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
+    return y_TD
 
 
 def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
               moe_backend: str = "reference") -> jax.Array:
-    """One layer's FFN half (post-attention norm, FFN, residual) -> out_TD. A MoE layer's
-    w1_LEDF2 / w2_LEFD may be `ExpertRows` (read in place by the kernels)."""
-    p, c = layer_ffn_params, config
-    x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
-    if kind == "dense":
-        return h_TD + _swiglu(x_TD, p["w1_LDF2"], p["w2_LFD"])
-    if kind != "moe":
-        raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
-    router_logits_TE = x_TD @ p["router_LDE"]
-    y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k,
-                      renormalize=c.norm_topk_prob, backend=moe_backend).astype(h_TD.dtype)
-    if c.shared_expert_intermediate_size:
-        gate_T1 = jax.nn.sigmoid(x_TD @ p["shared_gate_LD1"])
-        y_TD = y_TD + gate_T1 * _swiglu(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
-    return h_TD + y_TD
+    """One layer's FFN half with the residual -> out_TD (whole weights; `ffn_partial`)."""
+    return h_TD + ffn_partial(layer_ffn_params, config, kind, h_TD, moe_backend=moe_backend).astype(h_TD.dtype)
 
 
 _EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
