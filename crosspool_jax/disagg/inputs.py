@@ -26,6 +26,7 @@ import numpy as np
 
 from crosspool_jax.disagg.layout import ArenaLayout
 from crosspool_jax.disagg.pages import PageMap
+from crosspool_jax.runtime.shapes import ShapeMenu, StepShape
 from crosspool_jax.runtime.step_inputs import StepInputs, bucket, build_step_inputs
 
 
@@ -77,12 +78,15 @@ def split_microbatches(chunks: Sequence, num_microbatches: int) -> list[list[int
 
 def build_disagg_inputs(chunks_per_device: Sequence[Sequence], *, layout: ArenaLayout, num_layers: int,
                         num_microbatches: int, min_tokens: int = 8, min_seqs: int = 2,
-                        min_pages: int = 4) -> tuple[StepInputs, list[list[int]]]:
+                        min_pages: int = 4, menu: ShapeMenu | None = None,
+                        shape: StepShape | None = None) -> tuple[StepInputs, list[list[int]]]:
     """(inputs with leaves [n_kv, M, ...], logit_rows per device per chunk).
 
     chunks: objects with .start, .num_tokens, .token_ids and .page_table ([L][blocks] of the
-    device's local page ids), as `build_step_inputs` takes them. The minimums fix the
-    smallest buckets (powers of two), so steps of similar size share one compiled program.
+    device's local page ids), as `build_step_inputs` takes them. Every (device, micro-batch)
+    is padded to one shape: `shape` if given (the warm-up's all-padding steps), else the
+    smallest entry of `menu` holding the largest of them, else powers of two at least the
+    minimums.
     """
     if len(chunks_per_device) != layout.n_kv:
         raise ValueError(f"chunks_per_device has {len(chunks_per_device)} entries, the layout has "
@@ -103,9 +107,17 @@ def build_disagg_inputs(chunks_per_device: Sequence[Sequence], *, layout: ArenaL
             per_mb.append(x)
         built.append(per_mb)
         rows.append(groups)
-    T = bucket(max(x.token_ids_T.shape[0] for mb in built for x in mb), min_tokens)
-    S = bucket(max(x.kv_lens_S.shape[0] for mb in built for x in mb), min_seqs)
-    Pp = bucket(max(x.page_indices_LSP.shape[2] for mb in built for x in mb), min_pages)
+    most = [max(getattr(x, f).shape[i] for mb in built for x in mb)
+            for f, i in (("token_ids_T", 0), ("kv_lens_S", 0), ("page_indices_LSP", 2))]
+    if shape is None and menu is not None:
+        shape = menu.ragged(*most)
+    if shape is not None:
+        T, S, Pp = shape.num_tokens, shape.num_seqs, shape.pages_per_seq
+        if most[0] > T or most[1] > S or most[2] > Pp:
+            raise ValueError(f"build_disagg_inputs: a micro-batch of {most} (tokens, sequences, blocks) "
+                             f"does not fit {shape}")
+    else:
+        T, S, Pp = bucket(most[0], min_tokens), bucket(most[1], min_seqs), bucket(most[2], min_pages)
     padded = [[_pad(x, T, S, Pp, P, G) for x in mb] for mb in built]
     stacked = StepInputs(*(np.stack([np.stack([getattr(x, f) for x in mb]) for mb in padded])
                            for f in StepInputs.__dataclass_fields__))

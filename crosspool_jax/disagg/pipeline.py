@@ -407,14 +407,15 @@ def _checked_inputs(inputs, layout: ArenaLayout, exchange, num_microbatches: int
     return inputs
 
 
-def _decode_inputs(mine: StepInputs, j, *, num_pages: int, G: int) -> StepInputs:
+def _decode_inputs(mine: StepInputs, allowance_MT, j, *, num_pages: int, G: int) -> StepInputs:
     """Decode step j (traced) of a pure-decode batch whose step 0 is `mine` (leaves [M, ...]):
     token t is sequence t's one new token, so positions, context lengths and slots move on
-    by j, the slots looked up in the (pre-allocated) page tables; padding stays dropped."""
+    by j, the slots looked up in the (pre-allocated) page tables; padding, and a sequence
+    past its allowance (the steps its pages cover), write nothing."""
     M, T = mine.token_ids_T.shape
     S = mine.kv_lens_S.shape[1]
     t = jnp.arange(T, dtype=jnp.int32)
-    live_MT = t[None, :] < mine.num_seqs_1                                   # [M, T]
+    live_MT = (t[None, :] < mine.num_seqs_1) & (j < allowance_MT)             # [M, T]
     pos_MT = mine.positions_T + j
     slots = functools.partial(token_slots, tokens_per_page=G, num_pages=num_pages)
     slots_MLT = jax.vmap(slots, in_axes=(0, None, 0, 0))(mine.page_indices_LSP, jnp.minimum(t, S - 1), pos_MT,
@@ -424,8 +425,8 @@ def _decode_inputs(mine: StepInputs, j, *, num_pages: int, G: int) -> StepInputs
                                kv_lens_S=jnp.where(live_MS, mine.kv_lens_S + j, mine.kv_lens_S))
 
 
-def _device_decode(arena_1X, inputs: StepInputs, bases, meta, counts_RV, prompt_mask_RV, *, num_steps: int,
-                   num_logprobs: int, **kw):
+def _device_decode(arena_1X, inputs: StepInputs, bases, allowance_NMT, meta, counts_RV, prompt_mask_RV, *,
+                   num_steps: int, num_logprobs: int, **kw):
     """num_steps decode tokens in one program: forward, sample on the device (rows of this KV
     device: meta leaves [n_kv * M*S, ...], this device's slice), feed the tokens back."""
     kv_index, mine, run = _device_program(arena_1X, inputs, None, bases, **kw)
@@ -444,8 +445,9 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, meta, counts_RV, prompt_
 
     def body(j, carry):
         row_X, tokens_MT, counts, out_buf = carry
-        step = dataclasses.replace(_decode_inputs(mine, j, num_pages=layout.pages_per_device,
-                                                  G=layout.tokens_per_page), token_ids_T=tokens_MT)
+        step = dataclasses.replace(_decode_inputs(mine, allowance_NMT[kv_index], j,
+                                                  num_pages=layout.pages_per_device, G=layout.tokens_per_page),
+                                   token_ids_T=tokens_MT)
         row_X, logits_RV = run(row_X, step)
         out = sampler_lib.sample(logits_RV, sampler_lib.advance_metadata(meta_R, j), counts, mask_R,
                                  num_logprobs=num_logprobs)
@@ -466,15 +468,16 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, meta, counts_RV, prompt_
 @functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "num_steps", "num_logprobs",
                                              "exchange", "attention_backend", "moe_backend"),
                    donate_argnums=0)
-def disagg_decode(arena: jax.Array, inputs, meta, output_counts_RV=None, prompt_mask_RV=None, *,
+def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_RV=None, prompt_mask_RV=None, *,
                   layout: ArenaLayout, config: ModelConfig, num_microbatches: int, num_steps: int,
                   num_logprobs: int = 0, exchange="p2p", attention_backend: str = "auto",
                   moe_backend: str = "auto", bases=None):
     """`num_steps` decode tokens of a pure-decode batch in ONE program -> (arena, SamplerOutput
     with leaves [n_kv, num_steps, M*S, ...]).
 
-    inputs: `build_disagg_inputs` of single-token decode chunks (or it packed) whose page tables
-    already hold the pages of the next num_steps - 1 tokens (the scheduler allocates them).
+    inputs: `build_disagg_inputs` of single-token decode chunks (or it packed); allowance_NMT
+    int32 [n_kv, M, T]: how many of the num_steps tokens each decode token's sequence may take
+    (its page tables hold the pages of those; 0 for padding): a sequence past it writes no K/V.
     meta: `SamplingMetadata` with n_kv * M*S rows in device-row order (device d's row m*S+s is
     its logit row m*S+s); output_counts_RV / prompt_mask_RV: the penalties' history in the same
     rows, or None. Step j samples with `advance_metadata(meta, j)` and feeds the tokens to step
@@ -490,9 +493,10 @@ def disagg_decode(arena: jax.Array, inputs, meta, output_counts_RV=None, prompt_
                           attention_backend=attention_backend, moe_backend=moe_backend, num_steps=num_steps,
                           num_logprobs=num_logprobs),
         mesh=layout.mesh(),
-        in_specs=(PartitionSpec(AXIS, None), replicated, replicated, replicated, replicated, replicated),
+        in_specs=(PartitionSpec(AXIS, None), replicated, replicated, replicated, replicated, replicated,
+                  replicated),
         out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
-    arena, out = fn(arena, inputs, bases, meta, output_counts_RV, prompt_mask_RV)
+    arena, out = fn(arena, inputs, bases, allowance_NMT, meta, output_counts_RV, prompt_mask_RV)
     return arena, jax.tree_util.tree_map(lambda a: a[:layout.n_kv], out)
 
 

@@ -30,6 +30,8 @@ class EngineConfig:
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
     min_token_bucket: a step's tokens are padded to a power of two at least this; larger
       values mean fewer compiled step programs and more padding.
+    max_logprobs: the most `logprobs` a request may ask for (programs that report logprobs
+      compute this many for every row; vLLM's option of the same name).
     """
 
     models: dict
@@ -46,6 +48,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_decode_steps: int = 8
+    max_logprobs: int = 20
     min_token_bucket: int = 16
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
@@ -69,6 +72,8 @@ class EngineConfig:
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in BACKENDS:
                 raise ValueError(f"EngineConfig.{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
+            raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")

@@ -16,8 +16,9 @@ program (`disagg.inputs.build_sharded_pages`: partial attention on every device 
 pages, merged by log-sum-exp). The step donates the arena; then ONE jitted call gathers the
 sampled rows' logits and runs the engine's sampler (`sampler.sample`).
 
-Multi-step decode is not done on this path: a chunk scheduled for k > 1 decode steps gets one
-token per dispatch (the scheduler accepts 1..k).
+A pure-decode step whose pages all sit on their homes runs `disagg_decode`: the engine's
+max_decode_steps tokens in one program (one compiled trip count), each chunk keeping the
+tokens it was scheduled for; a sequence-sharded step decodes one token per dispatch.
 """
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_inputs import PackedInt32
 from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats
-from crosspool_jax.runtime.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket
+from crosspool_jax.engine.step_plan import ArenaWeights, ModelStep
+from crosspool_jax.runtime.shapes import ShapeMenu
+from crosspool_jax.runtime.step_inputs import MIN_PAGES_BUCKET
 
 
 @dataclasses.dataclass
@@ -83,13 +86,15 @@ class DisaggRunner(DispatchingRunner):
     """Runs the models' disaggregated step programs against one `disagg.Arena`."""
 
     def __init__(self, arena: Arena, *, min_token_bucket: int = 16, num_microbatches: Optional[int] = None,
-                 exchange: str = "p2p", attention_backend: str = "auto", moe_backend: str = "auto"):
+                 exchange: str = "p2p", attention_backend: str = "auto", moe_backend: str = "auto",
+                 max_decode_steps: int = 1):
         if num_microbatches not in (None, 1, 2):
             raise ValueError(f"DisaggRunner.num_microbatches must be 1, 2 or None (auto), got {num_microbatches!r}")
         if exchange not in ("p2p", "collective"):
             raise ValueError(f"DisaggRunner.exchange must be 'p2p' or 'collective', got {exchange!r}")
         self.arena = arena
         self.min_token_bucket = min_token_bucket
+        self.max_decode_steps = max_decode_steps
         self.num_microbatches = num_microbatches
         self.exchange = exchange
         self.attention_backend = attention_backend
@@ -116,18 +121,16 @@ class DisaggRunner(DispatchingRunner):
             grouped.global_[home].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, table))
         return grouped
 
-    def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
-                 rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
-                 allowances: Sequence[int] = ()) -> DispatchedStep:
-        """Dispatch one step of `chunks` (all of one model) without waiting (`collect` it).
+    def dispatch(self, step: ModelStep) -> DispatchedStep:
+        """Dispatch one model's step without waiting (`collect` it).
 
-        kv_params is the model's arena bases (registry.acquire); ffn_params, stop_ids and
-        allowances are accepted for the StepRunner contract and unused (the weights are in the
-        arena; the host applies stop rules). num_steps > 1 on a pure-decode batch whose pages
+        step.weights is the model's `ArenaWeights` (its slot shifts; the weights are in the
+        arena); the host applies stop rules. num_steps > 1 on a pure-decode batch whose pages
         all sit on their home devices runs `disagg_decode` (num_steps tokens in one program);
         otherwise one token (a sequence-sharded step decodes one token at a time)."""
-        del ffn_params, stop_ids, allowances   # kv_params: the model's arena bases (registry.acquire)
         t0 = time.perf_counter()
+        model_name, config, chunks, rows = step.model, step.config, step.chunks, step.rows
+        tokens_per_page, num_steps, kv_params = step.tokens_per_page, step.num_steps, step.weights.bases
         layout = self.arena.layout.model(model_name)
         if tokens_per_page != layout.tokens_per_page:
             raise ValueError(f"model {model_name!r}: the engine's tokens_per_page {tokens_per_page} differs from "
@@ -135,26 +138,27 @@ class DisaggRunner(DispatchingRunner):
         grouped = self.group_by_device(model_name, chunks)
         M = self.num_microbatches or (2 if max(len(c) for c in grouped.local) >= 2 else 1)
         inputs, logit_rows = disagg_inputs.build_disagg_inputs(
-            grouped.local, layout=layout, num_layers=config.num_layers, num_microbatches=M,
-            min_tokens=self.min_token_bucket, min_seqs=MIN_SEQS_BUCKET, min_pages=MIN_PAGES_BUCKET)
+            grouped.local, layout=layout, num_layers=config.num_layers, num_microbatches=M, menu=step.menu)
         sharded = None
         if grouped.sharded:
             sharded = disagg_inputs.build_sharded_pages(
                 grouped.global_, inputs, page_map=self.page_map, tokens_per_page=layout.tokens_per_page,
                 num_microbatches=M, min_blocks=MIN_PAGES_BUCKET)
         R = inputs.logits_indices_S.shape[2] * M           # logit rows per KV device
-        S = bucket(len(chunks), MIN_SEQS_BUCKET)
+        S = step.menu.rows(len(chunks))
         rows_S = np.zeros(S, np.int32)
         for i, (d, j) in enumerate(grouped.where):
             rows_S[i] = d * R + logit_rows[d][j]
-        num_logprobs = smeta.max_logprobs(rows)
+        num_logprobs = step.menu.num_logprobs(smeta.max_logprobs(rows))
         penalties = smeta.needs_penalties(rows)
+        history_len = step.menu.history(smeta.history_length(rows))
         if num_steps > 1 and sharded is None and all(c.num_tokens == 1 for c in chunks):
-            return self._dispatch_decode(model_name, config, kv_params, layout, inputs, rows_S, rows, M, R,
-                                         num_steps, num_logprobs, penalties, t0)
+            limits = [min(a, num_steps) for a in step.allowances]
+            return self._dispatch_decode(model_name, config, kv_params, layout, inputs, grouped, logit_rows, rows_S,
+                                         rows, limits, M, R, num_logprobs, penalties, history_len, t0)
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
-        counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
-                               else (None, None))
+        counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size, length=history_len)
+                               if penalties else (None, None))
         self.stats.count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape,
                                   None if sharded is None else ("sharded", sharded.pages_LSB.shape)))
         self.stats.count_program(("sample", S, config.vocab_size, R * layout.n_kv, num_logprobs, penalties))
@@ -170,17 +174,88 @@ class DisaggRunner(DispatchingRunner):
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep((out, None), len(chunks), num_logprobs, t1, self.stats)
 
-    def _dispatch_decode(self, model_name, config, bases, layout, inputs, rows_S, rows, M, R, num_steps,
-                         num_logprobs, penalties, t0) -> DispatchedStep:
-        """num_steps decode tokens in one program; sampling on the KV devices, so the sampling
-        rows go in device-row order (chunk i at flat row rows_S[i], padding rows elsewhere)."""
+    def warm_up(self, model: str, config, menu: ShapeMenu, weights: ArenaWeights, *, variants: bool = True) -> int:
+        """Compile (by running them on all-padding inputs: nothing is written) the model's
+        common programs: `disagg_step` for one and two micro-batches at every ragged shape of
+        the menu with the sampling program of every row count, and `disagg_decode` at every
+        decode shape, each with every sampling variant (`variants` False: only the plain one).
+        The sequence-sharded program (a request spilled over KV devices) is not warmed up.
+        Returns the number of programs run."""
+        layout = self.arena.layout.model(model)
+        n_kv = layout.n_kv
+        lp_variants = menu.logprob_variants if variants else (0,)
+        pen_variants = (False, True) if variants else (False,)
+        empty = [[] for _ in range(n_kv)]
+        done = 0
+
+        def history(penalties, S):
+            return (smeta.build_token_history([], S, config.vocab_size, length=menu.history_buckets[0])
+                    if penalties else (None, None))
+
+        for M in (1, 2):
+            for shape in menu.ragged_shapes():
+                inputs, _ = disagg_inputs.build_disagg_inputs(empty, layout=layout, num_layers=config.num_layers,
+                                                              num_microbatches=M, shape=shape)
+                arena = self.arena.take()
+                try:
+                    arena, logits_NRV = disagg_pipeline.disagg_step(
+                        arena, PackedInt32.pack(inputs), None, layout=layout, config=config, num_microbatches=M,
+                        exchange=self.exchange, attention_backend=self.attention_backend,
+                        moe_backend=self.moe_backend, bases=weights.bases)
+                finally:
+                    self.arena.put(arena)
+                done += 1
+                for S in menu.decode_seq_buckets:
+                    sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
+                    for num_logprobs in lp_variants:
+                        for penalties in pen_variants:
+                            jax.block_until_ready(_sample_rows(logits_NRV, np.zeros(S, np.int32), sampling,
+                                                               *history(penalties, S), num_logprobs=num_logprobs))
+                            done += 1
+            if self.max_decode_steps > 1:
+                for dshape in menu.decode_shapes():
+                    shape = menu.ragged(dshape.num_seqs, dshape.num_seqs, dshape.pages_per_seq)
+                    inputs, _ = disagg_inputs.build_disagg_inputs(empty, layout=layout, num_layers=config.num_layers,
+                                                                  num_microbatches=M, shape=shape)
+                    n_rows = n_kv * M * shape.num_seqs
+                    meta = smeta.build_sampling_metadata([], pad_rows_to=n_rows)
+                    for num_logprobs in lp_variants:
+                        for penalties in pen_variants:
+                            arena = self.arena.take()
+                            try:
+                                arena, out = disagg_pipeline.disagg_decode(
+                                    arena, PackedInt32.pack(inputs), np.zeros(inputs.token_ids_T.shape, np.int32),
+                                    meta, *history(penalties, n_rows), layout=layout, config=config,
+                                    num_microbatches=M, num_steps=self.max_decode_steps, num_logprobs=num_logprobs,
+                                    exchange=self.exchange, attention_backend=self.attention_backend,
+                                    moe_backend=self.moe_backend, bases=weights.bases)
+                            finally:
+                                self.arena.put(arena)
+                            for S in menu.decode_seq_buckets:
+                                jax.block_until_ready(_steps_of_rows(out, np.zeros(S, np.int32)))
+                                done += 1
+        return done
+
+    def _dispatch_decode(self, model_name, config, bases, layout, inputs, grouped: Grouped, logit_rows, rows_S,
+                         rows, limits, M, R, num_logprobs, penalties, history_len, t0) -> DispatchedStep:
+        """max_decode_steps decode tokens in one program (one compiled trip count); chunk i keeps
+        limits[i] of them (its pages cover those). Sampling runs on the KV devices, so the
+        sampling rows go in device-row order (chunk i at flat row rows_S[i], padding rows
+        elsewhere)."""
+        num_steps = self.max_decode_steps
+        S_in = inputs.kv_lens_S.shape[2]
+        allowance_NMT = np.zeros(inputs.token_ids_T.shape, np.int32)
+        for i, (d, j) in enumerate(grouped.where):       # a decode chunk's one token is its sequence's row
+            m, s = divmod(int(logit_rows[d][j]), S_in)
+            allowance_NMT[d, m, s] = limits[i]
         n_rows = layout.n_kv * R
         n = len(rows)
         src = np.full(n_rows, -1, np.int64)
         src[rows_S[:n]] = np.arange(n)
         src[src < 0] = np.arange(n, n_rows)                 # the greedy padding rows
         meta = jax.tree.map(lambda a: a[src], smeta.build_sampling_metadata(rows, pad_rows_to=n_rows))
-        counts, prompt_mask = (smeta.build_token_history(rows, n_rows, config.vocab_size, row_order=src)
+        counts, prompt_mask = (smeta.build_token_history(rows, n_rows, config.vocab_size, length=history_len,
+                                                         row_order=src)
                                if penalties else (None, None))
         self.stats.count_program((model_name, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
                                   inputs.page_indices_LSP.shape, num_logprobs, penalties))
@@ -188,11 +263,11 @@ class DisaggRunner(DispatchingRunner):
         arena = self.arena.take()
         try:
             arena, out = disagg_pipeline.disagg_decode(
-                arena, PackedInt32.pack(inputs), meta, counts, prompt_mask, layout=layout, config=config,
+                arena, PackedInt32.pack(inputs), allowance_NMT, meta, counts, prompt_mask, layout=layout, config=config,
                 num_microbatches=M, num_steps=num_steps, num_logprobs=num_logprobs, exchange=self.exchange,
                 attention_backend=self.attention_backend, moe_backend=self.moe_backend, bases=bases)
         finally:
             self.arena.put(arena)
         outs = _steps_of_rows(out, rows_S)
         self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep((outs, num_steps), len(rows), num_logprobs, t1, self.stats)
+        return DispatchedStep((outs, num_steps), len(rows), num_logprobs, t1, self.stats, limits)

@@ -40,8 +40,10 @@ from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.runtime.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
+from crosspool_jax.engine.step_plan import ModelStep
 from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter
+from crosspool_jax.runtime.shapes import STOP_IDS
 from crosspool_jax.weights.budget import WeightsPoolBusyError
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
@@ -121,12 +123,11 @@ class LLMEngine:
         if disaggregated:         # multi-step decode: disagg_decode (one program per max_decode_steps tokens)
             self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket,
                                        attention_backend=self.registry.attention_backend,
-                                       moe_backend=self.registry.moe_backend)
+                                       moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps)
         else:
             self.runner = PlacedRunner(self.registry.kv_pool, self.registry.model_devices,
                                        attention_backend=self.registry.attention_backend,
-                                       moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
-                                       min_token_bucket=config.min_token_bucket)
+                                       moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps)
         self._parents: dict[str, _Parent] = {}
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
@@ -160,6 +161,27 @@ class LLMEngine:
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
             compiles=self._compiles.count, compile_seconds=self._compiles.seconds)
 
+    def warm_up(self, *, variants: bool = True, progress=None) -> dict:
+        """Compile every program a served step can use, before serving: for each model, every
+        shape of its menu (`runtime/shapes.py`) and, with `variants`, every sampling variant
+        (logprobs, penalties). Models whose programs are the same (equal configs on one
+        device) compile once. Returns {"programs": programs run, "compiles": XLA compiles,
+        "seconds": wall time}. `progress(model, done, total)` is called per model."""
+        t0 = time.perf_counter()
+        c0 = self._compiles.count
+        programs = 0
+        names = self.model_names
+        for i, name in enumerate(names):
+            entry = self.registry.get(name)
+            weights = self.registry.acquire(name)
+            try:
+                programs += self.runner.warm_up(name, entry.config, entry.menu, weights, variants=variants)
+            finally:
+                self.registry.release(name)
+            if progress is not None:
+                progress(name, i + 1, len(names))
+        return {"programs": programs, "compiles": self._compiles.count - c0, "seconds": time.perf_counter() - t0}
+
     # ----- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,
                     arrival_time: Optional[float] = None) -> None:
@@ -174,6 +196,13 @@ class LLMEngine:
             if not 0 <= t < entry.config.vocab_size:
                 raise ValueError(f"prompt token id {t} is outside the vocabulary of model {model!r} "
                                  f"(size {entry.config.vocab_size})")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs = {params.logprobs} exceeds the engine's max_logprobs = "
+                             f"{self.config.max_logprobs}")
+        num_stop_ids = len(set(params.stop_token_ids) | (set() if params.ignore_eos else set(entry.eos_token_ids)))
+        if num_stop_ids > STOP_IDS:
+            raise ValueError(f"stop_token_ids: {len(params.stop_token_ids)} ids (with the model's EOS ids: "
+                             f"{num_stop_ids}); at most {STOP_IDS} are supported")
         if len(token_ids) >= entry.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens is too long for model {model!r}: "
                              f"max_model_len is {entry.max_model_len} (prompt + at least one new token)")
@@ -282,14 +311,14 @@ class LLMEngine:
             for model, chunks in chunks_by_model.items():
                 entry = self.registry.get(model)
                 try:
-                    kv_params, ffn_params = self.registry.acquire(model)
+                    weights = self.registry.acquire(model)
                 except WeightsPoolBusyError:
                     if not in_flight:
                         raise
                     collect_all()
-                    kv_params, ffn_params = self.registry.acquire(model)
+                    weights = self.registry.acquire(model)
                 try:
-                    step = self._dispatch_model(entry, kv_params, ffn_params, chunks)
+                    step = self._dispatch_model(entry, weights, chunks)
                 except Exception:
                     self.registry.release(model)
                     raise
@@ -300,7 +329,7 @@ class LLMEngine:
                 self.registry.release(entry.name)
         return done
 
-    def _dispatch_model(self, entry, kv_params, ffn_params, chunks):
+    def _dispatch_model(self, entry, weights, chunks):
         rows, stop_ids, allowances = [], [], []
         for chunk in chunks:
             req = chunk.request
@@ -311,9 +340,8 @@ class LLMEngine:
             ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(entry.eos_token_ids))
             stop_ids.append(ids)
             allowances.append(max(1, req.max_tokens - len(req.output_token_ids)))
-        num_steps = chunks[0].num_steps
-        return self.runner.dispatch(entry.name, entry.config, kv_params, ffn_params, entry.tokens_per_page, chunks,
-                                    rows, num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)
+        return self.runner.dispatch(ModelStep(entry.name, entry.config, entry.tokens_per_page, entry.menu, weights,
+                                              chunks, rows, stop_ids, allowances, num_steps=chunks[0].num_steps))
 
     def _accept_tokens(self, entry, child: _Child, tokens):
         """Append sampled tokens one by one until a stop rule hits; return the kept ids."""
@@ -328,7 +356,7 @@ class LLMEngine:
                 child.detok.add([tok.token_id])
             if child.logprobs is not None:
                 entry_lp = {tok.token_id: Logprob(tok.logprob)}
-                for rank, (tid, lp) in enumerate(tok.top, start=1):
+                for rank, (tid, lp) in enumerate(tok.top[:params.logprobs], start=1):   # the program may report more
                     if tid == tok.token_id:
                         entry_lp[tid] = Logprob(lp, rank)
                     else:

@@ -40,10 +40,12 @@ from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.layout import make_multi_layout
 from crosspool_jax.disagg.residency import ArenaResidency, build_residency
 from crosspool_jax.engine.config import EngineConfig
+from crosspool_jax.engine.step_plan import ArenaWeights, PlacedWeights, Weights
 from crosspool_jax.models.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.models import init_random_params
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout, choose_page_elems, tokens_per_page
+from crosspool_jax.runtime.shapes import ShapeMenu
 from crosspool_jax.models.params import side_bytes
 from crosspool_jax.weights import WeightsPool, place_models, resolve_device_roles
 from pallas_kernels.ragged_paged_attention.validation import max_pages_for_kernel
@@ -67,6 +69,7 @@ class ModelEntry:
     max_model_len: int
     tokens_per_page: int = 0
     weights_bytes: int = 0
+    menu: Optional[ShapeMenu] = None      # the program shapes of its steps (set with tokens_per_page)
 
     def encode_prompt(self, prompt) -> tuple[Optional[str], list[int]]:
         """A prompt is a string, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}."""
@@ -129,6 +132,12 @@ class ModelRegistry:
         page_elems = config.page_elems or choose_page_elems(kv_rows)
         for entry in self._entries.values():
             entry.tokens_per_page = tokens_per_page(page_elems, entry.config.num_kv_heads, entry.config.head_dim)
+            # page tables hold up to max_model_len tokens plus the decode steps allocated ahead
+            max_blocks = -(-(entry.max_model_len + config.max_decode_steps) // entry.tokens_per_page)
+            entry.menu = ShapeMenu.build(max_num_batched_tokens=config.max_num_batched_tokens,
+                                         max_num_seqs=config.max_num_seqs, max_blocks_per_seq=max_blocks,
+                                         max_model_len=entry.max_model_len, min_token_bucket=config.min_token_bucket,
+                                         max_logprobs=config.max_logprobs, vocab_size=entry.config.vocab_size)
         layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
         self.max_pages_per_device = self._kernel_page_cap(page_elems)
         if self.max_pages_per_device is not None and layout.pages_per_device > self.max_pages_per_device:
@@ -274,16 +283,17 @@ class ModelRegistry:
             self._pools_of(name)[0].prefetch(name)
             self._pools_of(name)[1].prefetch(name)
 
-    def acquire(self, name: str) -> tuple[dict, dict]:
-        """(kv_params, ffn_params) of a model for one step; swaps either half in if it is out.
-        On the disaggregated path both halves live in the arena: (bases, None), bases the
-        model's slot shifts for `disagg_step` (None when no budget is set)."""
+    def acquire(self, name: str) -> Weights:
+        """The model's resident weights for one step (`release` them after it), swapping either
+        half in if it is out: `PlacedWeights` (its pytrees on its device) or, on the
+        disaggregated path where both halves live in the arena, `ArenaWeights` (its slot
+        shifts for `disagg_step`; None when no budget is set)."""
         if self.disaggregated:
-            return self.residency.acquire(name), None
+            return ArenaWeights(self.residency.acquire(name))
         attention, weights = self._pools_of(name)
         kv_params = attention.acquire(name)
         try:
-            return kv_params, weights.acquire(name)
+            return PlacedWeights(kv_params, weights.acquire(name))
         except Exception:
             attention.release(name)
             raise

@@ -16,18 +16,19 @@ once per (shape, device); each model uses only its own device's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Mapping
 
-from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats, StepRunner
+from crosspool_jax.engine.step_plan import ModelStep, PlacedWeights
 from crosspool_jax.kv.pool import KVPool, local_page_ids
+from crosspool_jax.runtime.shapes import ShapeMenu
 
 
 class PlacedRunner(DispatchingRunner):
     """Dispatches each model's step to the `StepRunner` of the KV device it is placed on."""
 
     def __init__(self, pool: KVPool, model_devices: Mapping[str, int], *, attention_backend: str, moe_backend: str,
-                 max_decode_steps: int = 1, min_token_bucket: int = 16):
+                 max_decode_steps: int = 1):
         n = pool.layout.num_devices
         for name, d in model_devices.items():
             if not isinstance(d, int) or not 0 <= d < n:
@@ -36,8 +37,7 @@ class PlacedRunner(DispatchingRunner):
         self.pool = pool
         self.model_devices = dict(model_devices)
         self.runners = [StepRunner(pool, attention_backend=attention_backend, moe_backend=moe_backend,
-                                   max_decode_steps=max_decode_steps, min_token_bucket=min_token_bucket,
-                                   device_index=d) for d in range(n)]
+                                   max_decode_steps=max_decode_steps, device_index=d) for d in range(n)]
 
     @property
     def stats(self) -> RunnerStats:
@@ -49,23 +49,27 @@ class PlacedRunner(DispatchingRunner):
                            host_prepare_seconds=sum(p.host_prepare_seconds for p in parts),
                            device_seconds=sum(p.device_seconds for p in parts))
 
-    def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
-                 rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
-                 allowances: Sequence[int] = ()) -> DispatchedStep:
-        """Dispatch one step of `chunks` on the model's device without waiting (`collect` it)."""
-        if model_name not in self.model_devices:
-            raise ValueError(f"PlacedRunner: model {model_name!r} has no device; placed: {sorted(self.model_devices)}")
-        d = self.model_devices[model_name]
+    def dispatch(self, step: ModelStep) -> DispatchedStep:
+        """Dispatch one model's step on its device without waiting (`collect` it)."""
+        d = self._device_of(step.model)
         P = self.pool.layout.pages_per_device
         local = []
-        for c in chunks:
+        for c in step.chunks:
             try:
                 device, table = local_page_ids(c.page_table, P)
             except ValueError as e:
-                raise ValueError(f"request {c.request.request_id} of model {model_name!r}: {e}") from None
+                raise ValueError(f"request {c.request.request_id} of model {step.model!r}: {e}") from None
             if device != d:
-                raise ValueError(f"request {c.request.request_id} of model {model_name!r} has pages on KV device "
+                raise ValueError(f"request {c.request.request_id} of model {step.model!r} has pages on KV device "
                                  f"{device}; the model is placed on device {d}")
             local.append(dataclasses.replace(c, page_table=table))
-        return self.runners[d].dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, local, rows,
-                                        num_steps=num_steps, stop_ids=stop_ids, allowances=allowances)
+        return self.runners[d].dispatch(dataclasses.replace(step, chunks=local))
+
+    def warm_up(self, model: str, config, menu: ShapeMenu, weights: PlacedWeights, *, variants: bool = True) -> int:
+        """Run every program of the model's menu once on its device (`StepRunner.warm_up`)."""
+        return self.runners[self._device_of(model)].warm_up(model, config, menu, weights, variants=variants)
+
+    def _device_of(self, model: str) -> int:
+        if model not in self.model_devices:
+            raise ValueError(f"PlacedRunner: model {model!r} has no device; placed: {sorted(self.model_devices)}")
+        return self.model_devices[model]

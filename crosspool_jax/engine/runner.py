@@ -1,9 +1,11 @@
 """The runner: turns one model's scheduled chunks into one dispatched step program on one device.
 
-It builds the device inputs (`step_inputs.py`, `sampling_metadata.py`), picks the program
-(`ragged_step` for mixed prefill/decode batches, `multi_decode` when every chunk is a
-decode that may run several tokens), dispatches it with the pool's buffers donated, and
-returns the sampled tokens per request. It counts the distinct compiled programs.
+It builds the device inputs (`runtime/step_inputs.py`, `runtime/sampling_metadata.py`) padded
+to an entry of the model's shape menu (`runtime/shapes.py`), picks the program (`ragged_step`
+for mixed prefill/decode batches, `multi_decode` when every chunk is a decode that may run
+several tokens), dispatches it with the pool's buffers donated, and returns the sampled tokens
+per request. It counts the distinct programs it ran; `warm_up` runs every program of a
+menu once, so that serving compiles nothing.
 
 A `StepRunner` serves one KV device of the pool (`device_index`): its chunks' page tables
 hold that device's local page ids (`placed_runner.PlacedRunner` maps the engine's global ids
@@ -13,16 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
+from crosspool_jax.engine.step_plan import ModelStep, PlacedWeights
+from crosspool_jax.kv.pool import KVPool
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_inputs import PackedInt32
-from crosspool_jax.runtime.step_inputs import MIN_PAGES_BUCKET, MIN_SEQS_BUCKET, bucket, build_step_inputs
+from crosspool_jax.runtime.shapes import STOP_IDS, DecodeShape, ShapeMenu, StepShape
+from crosspool_jax.runtime.step_inputs import build_step_inputs
 from crosspool_jax.runtime.step_program import multi_decode, ragged_step
-from crosspool_jax.kv.pool import KVPool
 
 
 @dataclasses.dataclass
@@ -49,16 +53,14 @@ class RunnerStats:
 
 
 class DispatchingRunner:
-    """What every runner shares: `run` = `collect(dispatch(...))`. Subclasses define `dispatch`
-    (prepare inputs, dispatch the step program, return a `DispatchedStep` without waiting)."""
+    """What every runner shares: `run` = `collect(dispatch(step))`. Subclasses define `dispatch`
+    (prepare inputs, dispatch the step program, return a `DispatchedStep` without waiting) and
+    `warm_up` (compile every program of a model's shape menu)."""
 
-    def run(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
-            rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
-            allowances: Sequence[int] = ()) -> list[list["SampledToken"]]:
-        """Run one step of `chunks` (all of one model). Returns, per chunk, its sampled tokens (one
-        for a ragged step; up to num_steps for a multi-step decode)."""
-        return self.collect(self.dispatch(model_name, config, kv_params, ffn_params, tokens_per_page, chunks, rows,
-                                          num_steps=num_steps, stop_ids=stop_ids, allowances=allowances))
+    def run(self, step: ModelStep) -> list[list["SampledToken"]]:
+        """Run one model's step. Returns, per chunk, its sampled tokens (one for a ragged step;
+        up to step.num_steps for a multi-step decode)."""
+        return self.collect(self.dispatch(step))
 
     def collect(self, step: "DispatchedStep") -> list[list["SampledToken"]]:
         """Wait for a dispatched step; per chunk, its sampled tokens."""
@@ -70,13 +72,12 @@ class StepRunner(DispatchingRunner):
     (page tables in this device's local ids)."""
 
     def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, max_decode_steps: int = 1,
-                 min_token_bucket: int = 16, device_index: int = 0):
+                 device_index: int = 0):
         if not 0 <= device_index < pool.layout.num_devices:
             raise ValueError(f"StepRunner.device_index must be in [0, {pool.layout.num_devices}), "
                              f"got {device_index!r}")
         self.pool = pool
         self.device_index = device_index
-        self.min_token_bucket = min_token_bucket
         self.max_decode_steps = max_decode_steps
         self.attention_backend = attention_backend
         self.moe_backend = moe_backend
@@ -87,88 +88,141 @@ class StepRunner(DispatchingRunner):
         """The KV device whose pages (and program) this runner serves."""
         return self.pool.devices[self.device_index]
 
-    def dispatch(self, model_name: str, config, kv_params, ffn_params, tokens_per_page: int, chunks: Sequence,
-                 rows: Sequence["smeta.SamplingRow"], *, num_steps: int = 1, stop_ids: Sequence[Sequence[int]] = (),
-                 allowances: Sequence[int] = ()) -> "DispatchedStep":
+    def dispatch(self, step: ModelStep) -> "DispatchedStep":
         """Prepare the inputs and dispatch the step program without waiting for it: the engine
-        dispatches every model of a step, then collects (devices and host work overlap)."""
+        dispatches every model of a step, then collects (devices and host work overlap).
+
+        The program's shape is the smallest entry of the model's shape menu that fits; a
+        multi-step decode always runs the engine's max_decode_steps iterations (one compiled
+        trip count), each row stopping at its allowance (the pages of the scheduled steps)."""
         t0 = time.perf_counter()
-        num_logprobs = smeta.max_logprobs(rows)
-        penalties = smeta.needs_penalties(rows)
-        pool = self.pool
-        if num_steps == 1:
-            inputs, shape = build_step_inputs(chunks, num_layers=config.num_layers, tokens_per_page=tokens_per_page,
-                                              num_pages=pool.layout.pages_per_device,
-                                              min_tokens_bucket=self.min_token_bucket)
+        rows, menu = step.rows, step.menu
+        if step.num_steps == 1:
+            shape = menu.ragged(step.num_tokens, len(step.chunks), step.max_blocks)
             S = shape.num_seqs
         else:
-            S = bucket(len(chunks), MIN_SEQS_BUCKET)
-            # one compiled loop length (the engine's max_decode_steps); each row's
-            # allowance stops it at the chunk's num_steps, whose pages are allocated
-            allowances = [min(a, num_steps) for a in allowances]
-            num_steps = max(num_steps, self.max_decode_steps)
+            shape = menu.decode(len(step.chunks), step.max_blocks)
+            S = shape.num_seqs
+        num_logprobs = menu.num_logprobs(smeta.max_logprobs(rows))
+        penalties = smeta.needs_penalties(rows)
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
-        counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size) if penalties
-                               else (None, None))
-        k_buf, v_buf = pool.take(self.device_index)
+        history = (smeta.build_token_history(rows, S, step.config.vocab_size,
+                                             length=menu.history(smeta.history_length(rows)))
+                   if penalties else (None, None))
+        if step.num_steps == 1:
+            inputs, _ = build_step_inputs(step.chunks, shape=shape, num_layers=step.config.num_layers,
+                                          tokens_per_page=step.tokens_per_page,
+                                          num_pages=self.pool.layout.pages_per_device)
+            program_inputs = PackedInt32.pack(inputs)
+        else:
+            allowances = [min(a, step.num_steps) for a in step.allowances]
+            program_inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, allowances)
+        t1 = time.perf_counter()
+        outs = self._launch(step.model, step.config, step.weights, shape, program_inputs, sampling, history,
+                            num_logprobs)
+        self.stats.host_prepare_seconds += t1 - t0
+        limits = None if step.num_steps == 1 else [min(a, step.num_steps) for a in step.allowances]
+        return DispatchedStep(outs, len(step.chunks), num_logprobs, t1, self.stats, limits)
+
+    def _launch(self, model: str, config, weights: PlacedWeights, shape, program_inputs, sampling, history,
+                num_logprobs: int):
+        """Dispatch the program of `shape` (a StepShape: ragged_step; a DecodeShape: multi_decode)
+        with the device's K/V buffers donated. Returns the outputs as `DispatchedStep` holds them."""
+        counts, prompt_mask = history
+        penalties = counts is not None
+        k_buf, v_buf = self.pool.take(self.device_index)
         try:
-            if num_steps == 1:
+            if isinstance(shape, StepShape):
                 # numpy inputs go to the jitted program as they are: its C++ dispatch moves them
                 # to the device of the committed arguments, ~5x cheaper than jax.device_put
-                self.stats.count_program((model_name, "ragged", shape, num_logprobs, penalties, self.device_index))
-                t1 = time.perf_counter()
-                k_buf, v_buf, out = ragged_step(kv_params, ffn_params, k_buf, v_buf, PackedInt32.pack(inputs),
-                                                sampling, counts,
-                                                prompt_mask, config=config, num_logprobs=num_logprobs,
-                                                attention_backend=self.attention_backend,
+                self.stats.count_program((model, "ragged", shape, num_logprobs, penalties, self.device_index))
+                k_buf, v_buf, out = ragged_step(weights.kv_params, weights.ffn_params, k_buf, v_buf, program_inputs,
+                                                sampling, counts, prompt_mask, config=config,
+                                                num_logprobs=num_logprobs, attention_backend=self.attention_backend,
                                                 moe_backend=self.moe_backend)
-                outs, steps_run = out, None          # one step: collect adds the steps axis on the host
-            else:
-                args = self._multi_decode_args(config, chunks, S, stop_ids, allowances)
-                Pp = args[2].shape[2]
-                self.stats.count_program((model_name, "decode", S, Pp, num_steps, num_logprobs, penalties,
-                                         self.device_index))
-                t1 = time.perf_counter()
-                k_buf, v_buf, outs, steps_run = multi_decode(
-                    kv_params, ffn_params, k_buf, v_buf, *args[:3], args[3], sampling, counts, prompt_mask,
-                    *args[4:], config=config, num_steps=num_steps, num_logprobs=num_logprobs,
-                    attention_backend=self.attention_backend, moe_backend=self.moe_backend)
+                return out, None                   # one step: collect adds the steps axis on the host
+            self.stats.count_program((model, "decode", shape, self.max_decode_steps, num_logprobs, penalties,
+                                      self.device_index))
+            token_ids, kv_lens, pages, num_seqs, stops, allowance = program_inputs
+            k_buf, v_buf, outs = multi_decode(
+                weights.kv_params, weights.ffn_params, k_buf, v_buf, token_ids, kv_lens, pages, num_seqs, sampling,
+                counts, prompt_mask, stops, allowance, config=config, num_steps=self.max_decode_steps,
+                num_logprobs=num_logprobs, attention_backend=self.attention_backend, moe_backend=self.moe_backend)
+            return outs, self.max_decode_steps
         finally:
-            pool.put(k_buf, v_buf, self.device_index)
-        self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep((outs, steps_run), len(chunks), num_logprobs, t1, self.stats)
+            self.pool.put(k_buf, v_buf, self.device_index)
 
-    def _multi_decode_args(self, config, chunks, S, stop_ids, allowances):
-        L = config.num_layers
-        Pp = bucket(max(len(c.page_table[0]) for c in chunks), MIN_PAGES_BUCKET)
-        Z = bucket(max((len(z) for z in stop_ids), default=1))
-        token_ids = np.zeros(S, np.int32)
-        kv_lens = np.ones(S, np.int32)
-        pages = np.zeros((L, S, Pp), np.int32)
-        stops = np.full((S, Z), -1, np.int32)
-        allowance = np.ones(S, np.int32)
-        for s, c in enumerate(chunks):
-            if c.num_tokens != 1:
-                raise ValueError("multi-step decode needs single-token decode chunks")
-            token_ids[s] = c.token_ids[0]
-            kv_lens[s] = c.start + 1
-            table = np.asarray(c.page_table, np.int32)
-            pages[:, s, :table.shape[1]] = table
-            stops[s, :len(stop_ids[s])] = stop_ids[s]
-            allowance[s] = allowances[s]
-        return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance   # numpy: see dispatch
+    def warm_up(self, model: str, config, menu: ShapeMenu, weights: PlacedWeights, *, variants: bool = True) -> int:
+        """Compile (by running them on all-padding inputs: nothing is written) every program of
+        `menu` for this model on this device: ragged steps, multi-step decodes when the engine
+        decodes several tokens per dispatch, each with every sampling variant (logprobs, penalties;
+        `variants` False: only the plain one) and the token-history programs. Returns the number
+        of programs run."""
+        done = 0
+        shapes = list(menu.ragged_shapes())
+        if self.max_decode_steps > 1:
+            shapes += menu.decode_shapes()
+        lp_variants = menu.logprob_variants if variants else (0,)
+        pen_variants = (False, True) if variants else (False,)
+        for shape in shapes:
+            S = shape.num_seqs
+            sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
+            if isinstance(shape, StepShape):
+                inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers,
+                                              tokens_per_page=1, num_pages=self.pool.layout.pages_per_device)
+                program_inputs = PackedInt32.pack(inputs)
+            else:
+                program_inputs = _decode_args(config, [], shape, [], [])
+            for num_logprobs in lp_variants:
+                for penalties in pen_variants:
+                    history = ((smeta.build_token_history([], S, config.vocab_size, length=menu.history_buckets[0]))
+                               if penalties else (None, None))
+                    outs = self._launch(model, config, weights, shape, program_inputs, sampling, history,
+                                        num_logprobs)
+                    jax.block_until_ready(outs)
+                    done += 1
+        if variants:
+            for S in menu.sampling_rows():
+                for length in menu.history_buckets:
+                    jax.block_until_ready(smeta.build_token_history([], S, config.vocab_size, length=length))
+                    done += 1
+        return done
+
+
+def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
+    """multi_decode's host inputs (numpy: see StepRunner.dispatch) for single-token decode chunks."""
+    L = config.num_layers
+    S, Pp = shape.num_seqs, shape.pages_per_seq
+    token_ids = np.zeros(S, np.int32)
+    kv_lens = np.ones(S, np.int32)
+    pages = np.zeros((L, S, Pp), np.int32)
+    stops = np.full((S, STOP_IDS), -1, np.int32)
+    allowance = np.ones(S, np.int32)
+    for s, c in enumerate(chunks):
+        if c.num_tokens != 1:
+            raise ValueError("multi-step decode needs single-token decode chunks")
+        token_ids[s] = c.token_ids[0]
+        kv_lens[s] = c.start + 1
+        table = np.asarray(c.page_table, np.int32)
+        pages[:, s, :table.shape[1]] = table
+        ids = list(stop_ids[s])[:STOP_IDS]          # the host applies every stop rule; these end the loop's rows
+        stops[s, :len(ids)] = ids
+        allowance[s] = allowances[s]
+    return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance
 
 
 @dataclasses.dataclass
 class DispatchedStep:
     """A step program in flight: its device outputs ((SamplerOutputs stacked [steps, S, ...],
-    steps run) or (SamplerOutputs [S, ...] of one step, None)) until collected."""
+    steps run) or (SamplerOutputs [S, ...] of one step, None)) until collected. Chunk i keeps
+    at most limits[i] of the steps' tokens (None: all)."""
 
     outputs: tuple
     num_chunks: int
     num_logprobs: int
     dispatched_at: float          # perf_counter when the program was dispatched
     stats: RunnerStats            # of the runner that dispatched it: counted when collected
+    limits: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         # start the outputs' device-to-host copies now: they run when the program finishes,
@@ -187,10 +241,12 @@ def collect_sampled(step: DispatchedStep) -> list[list[SampledToken]]:
     stats.steps += 1
     stats.device_seconds += time.perf_counter() - step.dispatched_at
     stats.decode_tokens_per_dispatch_max = max(stats.decode_tokens_per_dispatch_max, int(steps_run))
-    return unpack_sampled(outs, int(steps_run), step.num_chunks, step.num_logprobs)
+    return unpack_sampled(outs, int(steps_run), step.num_chunks, step.num_logprobs, step.limits)
 
-def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int) -> list[list[SampledToken]]:
-    """Host copies of stacked SamplerOutputs [steps, S, ...] -> per chunk, its sampled tokens."""
+def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int,
+                   limits: Optional[Sequence[int]] = None) -> list[list[SampledToken]]:
+    """Host copies of stacked SamplerOutputs [steps, S, ...] -> per chunk, its sampled tokens
+    (chunk s: at most limits[s])."""
     tokens = np.asarray(outs.token_ids_S)
     logprobs = np.asarray(outs.logprob_S)
     top_ids = np.asarray(outs.top_ids_SX) if num_logprobs else None
@@ -198,7 +254,7 @@ def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int) -> 
     result = []
     for s in range(num_chunks):
         seq = []
-        for j in range(steps_run):
+        for j in range(steps_run if limits is None else min(steps_run, limits[s])):
             top = ([(int(i), float(p)) for i, p in zip(top_ids[j, s], top_lps[j, s])] if num_logprobs else [])
             seq.append(SampledToken(int(tokens[j, s]), float(logprobs[j, s]), top))
         result.append(seq)

@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crosspool_jax.runtime.shapes import STOP_IDS
 from crosspool_jax.sampling_params import SamplingParams
 
-_SUPPRESS_PAD = 8      # suppress_ids_SZ's Z is a multiple of this (bounds recompilation)
-_HISTORY_MIN_LEN = 16  # token history lengths are padded to a power of two at least this
 _MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (dividing by it would overflow)
 
 
@@ -47,7 +46,7 @@ class SamplingMetadata:
     rng_key_S2: jax.Array          # uint32 [S, 2]; the request's base threefry key data
     output_index: jax.Array        # i32 [S]; tokens generated so far (the key's fold_in)
     suppress_S: jax.Array          # bool [S]; min_tokens not reached: mask suppress_ids_SZ
-    suppress_ids_SZ: jax.Array     # i32 [S, Z]; EOS and stop token ids, padded with -1
+    suppress_ids_SZ: jax.Array     # i32 [S, Z]; EOS and stop token ids, padded with -1 (Z = shapes.STOP_IDS)
     min_tokens: jax.Array          # i32 [S]; params.min_tokens (sampler.advance_metadata uses it)
 
     @property
@@ -110,8 +109,11 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], pad_rows_to: int) -> Sa
     _check_pad(rows, pad_rows_to)
     S = int(pad_rows_to)
     suppress_lists = [r.suppress_ids for r in rows]
-    Z = max([1] + [len(ids) for ids in suppress_lists])
-    Z = -(-Z // _SUPPRESS_PAD) * _SUPPRESS_PAD
+    Z = STOP_IDS
+    for row, ids in zip(rows, suppress_lists):
+        if len(ids) > Z:
+            raise ValueError(f"a request has {len(ids)} stop and EOS token ids; at most {Z} are supported "
+                             f"(stop_token_ids: {list(row.params.stop_token_ids)[:8]}...)")
 
     temperature = np.zeros(S, np.float32)
     top_k = np.zeros(S, np.int32)
@@ -147,16 +149,18 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], pad_rows_to: int) -> Sa
     return meta
 
 
-def _bucket_len(n: int) -> int:
-    return max(_HISTORY_MIN_LEN, 1 << max(n - 1, 0).bit_length())
-
-
-def _pad_ids(id_lists: Sequence[Sequence[int]], S: int) -> np.ndarray:
-    L = _bucket_len(max([0] + [len(ids) for ids in id_lists]))
-    out_SL = np.full((S, L), -1, np.int32)
+def _pad_ids(id_lists: Sequence[Sequence[int]], S: int, length: int) -> np.ndarray:
+    out_SL = np.full((S, length), -1, np.int32)
     for s, ids in enumerate(id_lists):
+        if len(ids) > length:
+            raise ValueError(f"token history of {len(ids)} ids exceeds its padded length {length}")
         out_SL[s, :len(ids)] = ids
     return out_SL
+
+
+def history_length(rows: Sequence[SamplingRow]) -> int:
+    """The longest prompt or output of `rows` (what `build_token_history`'s length must hold)."""
+    return max([0] + [max(len(r.prompt_token_ids), len(r.output_token_ids)) for r in rows])
 
 
 @functools.partial(jax.jit, static_argnames=("vocab_size",))
@@ -172,11 +176,12 @@ def _history(prompt_ids_SL, output_ids_SL, *, vocab_size: int):
     return counts(output_ids_SL), counts(prompt_ids_SL) > 0
 
 
-def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int, vocab_size: int,
+def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int, vocab_size: int, *, length: int,
                         row_order=None) -> tuple[jax.Array, jax.Array]:
     """(output_counts_SV int32, prompt_mask_SV bool) of `rows`, scatter-added on device.
 
-    Ids are padded with -1 to a power-of-two length; ids outside [0, vocab_size) are ignored.
+    Ids are padded with -1 to `length` (a `ShapeMenu.history` bucket, at least
+    `history_length(rows)`); ids outside [0, vocab_size) are ignored.
     row_order (int[pad_rows_to], optional): result row s is the padded row row_order[s] (a
     permutation applied on the host, for callers whose programs want rows in their own order).
     """
@@ -184,8 +189,8 @@ def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int, vocab_siz
     if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
         raise ValueError(f"vocab_size: must be a positive integer, got {vocab_size!r}")
     S = int(pad_rows_to)
-    prompt_SL = _pad_ids([r.prompt_token_ids for r in rows], S)
-    output_SL = _pad_ids([r.output_token_ids for r in rows], S)
+    prompt_SL = _pad_ids([r.prompt_token_ids for r in rows], S, length)
+    output_SL = _pad_ids([r.output_token_ids for r in rows], S, length)
     if row_order is not None:
         prompt_SL, output_SL = prompt_SL[row_order], output_SL[row_order]
     return _history(prompt_SL, output_SL, vocab_size=int(vocab_size))   # numpy: the jit moves it

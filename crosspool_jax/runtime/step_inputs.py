@@ -12,6 +12,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from crosspool_jax.runtime.shapes import StepShape
 from pallas_kernels.pow2 import next_pow2
 
 
@@ -42,26 +43,24 @@ class StepInputs:
     logits_indices_S: jax.Array   # int32 [S]   row of each sequence's last new token
 
 
-@dataclasses.dataclass(frozen=True)
-class StepShape:
-    """The static part of a step: bucketed sizes. One compiled program per (model, StepShape, flags)."""
-
-    num_tokens: int
-    num_seqs: int
-    pages_per_seq: int
-
-
 def build_step_inputs(chunks: Sequence, *, num_layers: int, tokens_per_page: int, num_pages: int,
-                      min_tokens_bucket: int = MIN_TOKENS_BUCKET, min_seqs_bucket: int = MIN_SEQS_BUCKET) -> tuple[StepInputs, StepShape]:
-    """chunks: objects with .start, .num_tokens, .token_ids and .page_table ([L][blocks])."""
-    if not chunks:
-        raise ValueError("build_step_inputs: no chunks to run")
+                      shape: StepShape | None = None, min_tokens_bucket: int = MIN_TOKENS_BUCKET,
+                      min_seqs_bucket: int = MIN_SEQS_BUCKET) -> tuple[StepInputs, StepShape]:
+    """chunks: objects with .start, .num_tokens, .token_ids and .page_table ([L][blocks]).
+
+    shape: the padded sizes (a `ShapeMenu` entry; the chunks may then be empty: an all-padding
+    step, as the warm-up runs); None: powers of two of the chunks' sizes, at least the minimums.
+    """
     G = tokens_per_page
     num_real_tokens = sum(c.num_tokens for c in chunks)
-    T = bucket(num_real_tokens, min_tokens_bucket)
-    S = bucket(len(chunks), min_seqs_bucket)
-    Pp = bucket(max(len(c.page_table[0]) for c in chunks), MIN_PAGES_BUCKET)
-    shape = StepShape(T, S, Pp)
+    if shape is None:
+        if not chunks:
+            raise ValueError("build_step_inputs: no chunks to run and no shape")
+        shape = StepShape(bucket(num_real_tokens, min_tokens_bucket), bucket(len(chunks), min_seqs_bucket),
+                          bucket(max(len(c.page_table[0]) for c in chunks), MIN_PAGES_BUCKET))
+    T, S, Pp = shape.num_tokens, shape.num_seqs, shape.pages_per_seq
+    if num_real_tokens > T or len(chunks) > S or any(len(c.page_table[0]) > Pp for c in chunks):
+        raise ValueError(f"build_step_inputs: {len(chunks)} chunks of {num_real_tokens} tokens do not fit {shape}")
 
     token_ids = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)

@@ -5,10 +5,12 @@ Two pure functions, each compiled once per (model, bucketed shape, flags):
 - `ragged_step`: one ragged batch of prefill chunks and decode tokens; runs every layer
   (scan over stacked layer params inside `models.forward`), writes the new K/V into the
   global pool, and samples one token for every sequence.
-- `multi_decode`: several decode tokens per dispatch. A `lax.while_loop` on the device
-  feeds each sampled token back, computes its slots from the page tables, and stops early
-  when every sequence hit a stop token or its token allowance. The host is off the
-  per-token path; it post-processes the returned tokens (stop strings) afterwards.
+- `multi_decode`: num_steps decode tokens per dispatch. A `lax.fori_loop` with a fixed trip
+  count (a data-dependent loop would read its predicate back to the host every iteration on
+  a GPU) feeds each sampled token back and computes its slots from the page tables; a row
+  that hit a stop token or its token allowance stops writing K/V (its later tokens are
+  dropped by the host). The host is off the per-token path; it post-processes the returned
+  tokens (stop strings) afterwards.
 
 The KV buffers are donated: the pool is updated in place.
 """
@@ -71,13 +73,14 @@ def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_co
 def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, page_indices_LSP, num_seqs_1,
                  sampling, output_counts_SV, prompt_mask_SV, stop_ids_SZ, allowance_S, *,
                  config, num_steps, num_logprobs, attention_backend, moe_backend):
-    """Up to num_steps decode tokens per sequence in one dispatch.
+    """num_steps decode tokens per sequence in one dispatch (a fixed trip count).
 
     token_ids_S: the last known token of each sequence (its KV not yet computed);
     kv_lens_S: context length including that token; allowance_S: how many tokens each
-    sequence may still produce (>= 1); stop_ids_SZ: ids that end a sequence (-1 padded;
-    EOS already removed by the host for ignore_eos rows). Returns the buffers, tokens
-    [num_steps, S], their logprob outputs stacked on axis 0, and the number of steps run.
+    sequence may still produce (>= 1; its pages cover that many); stop_ids_SZ: ids that end a
+    sequence (-1 padded; EOS already removed by the host for ignore_eos rows). A row past its
+    allowance or a stop writes no K/V. Returns the buffers and the sampler outputs stacked
+    [num_steps, S, ...]; row s's tokens past its allowance or stop are not meaningful.
     """
     S = token_ids_S.shape[0]
     P, X = k_buf.shape
@@ -88,8 +91,8 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
     out_buf = sampler_lib.empty_outputs(num_steps, S, config.vocab_size, sampling, output_counts_SV,
                                         prompt_mask_SV, num_logprobs=num_logprobs)
 
-    def body(state):
-        j, tokens_S, kv_lens, done_S, k_buf, v_buf, counts, out_buf = state
+    def body(j, state):
+        tokens_S, kv_lens, done_S, k_buf, v_buf, counts, out_buf = state
         pos_S = kv_lens - 1
         slots_LS = token_slots(page_indices_LSP, rows, pos_S, live_S & ~done_S, tokens_per_page=G, num_pages=P)
         k_buf, v_buf, logits_SV = _forward_logits(
@@ -103,12 +106,8 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
             counts = sampler_lib.update_counts(counts, new_S)
         hit_stop = jnp.any(new_S[:, None] == stop_ids_SZ, axis=-1)
         done_S = done_S | hit_stop | (j + 1 >= allowance_S)
-        return j + 1, new_S, kv_lens + 1, done_S, k_buf, v_buf, counts, out_buf
+        return new_S, kv_lens + 1, done_S, k_buf, v_buf, counts, out_buf
 
-    def cond(state):
-        j, done_S = state[0], state[3]
-        return (j < num_steps) & ~jnp.all(done_S | ~live_S)
-
-    init = (jnp.int32(0), token_ids_S, kv_lens_S, ~live_S, k_buf, v_buf, output_counts_SV, out_buf)
-    steps_run, _, _, _, k_buf, v_buf, _, out_buf = jax.lax.while_loop(cond, body, init)
-    return k_buf, v_buf, out_buf, steps_run
+    init = (token_ids_S, kv_lens_S, ~live_S, k_buf, v_buf, output_counts_SV, out_buf)
+    _, _, _, k_buf, v_buf, _, out_buf = jax.lax.fori_loop(0, num_steps, body, init)
+    return k_buf, v_buf, out_buf

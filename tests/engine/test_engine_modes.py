@@ -13,6 +13,7 @@ import pytest
 
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.placed_runner import PlacedRunner
+from crosspool_jax.engine.step_plan import ModelStep
 from crosspool_jax.kv.pool import KVPool, KVPoolLayout
 
 
@@ -27,6 +28,10 @@ def _chunk(table):
                            page_table=np.asarray(table, np.int32))
 
 
+def _step(model, chunk):
+    return ModelStep(model, None, 4, None, None, [chunk], [None], [[]], [1])
+
+
 def test_one_step_runner_per_device(runner):
     assert [r.device_index for r in runner.runners] == [0, 1]
     assert [r.device for r in runner.runners] == jax.devices()[:2]
@@ -36,11 +41,11 @@ def test_one_step_runner_per_device(runner):
 def test_chunks_off_the_models_device_are_refused(runner):
     with pytest.raises(ValueError, match="request r of model 'b' has pages on KV device 0; the model is placed "
                                          "on device 1"):
-        runner.run("b", None, None, None, 4, [_chunk([[1, 2]])], [])
+        runner.run(_step("b", _chunk([[1, 2]])))
     with pytest.raises(ValueError, match="request r of model 'a': page ids .* lie on devices \\[0, 1\\]"):
-        runner.run("a", None, None, None, 4, [_chunk([[1, 9]])], [])
+        runner.run(_step("a", _chunk([[1, 9]])))
     with pytest.raises(ValueError, match="model 'c' has no device"):
-        runner.run("c", None, None, None, 4, [_chunk([[1]])], [])
+        runner.run(_step("c", _chunk([[1]])))
 
 
 def test_placement_outside_the_pool_is_refused():

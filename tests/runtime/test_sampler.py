@@ -181,7 +181,7 @@ def test_penalties_match_numpy():
     rng = _rng(8)
     rows = _history_rows(rng, S - 2)
     logits = rng.normal(size=(S, V)).astype(np.float32) * 2
-    counts, prompt_mask = build_token_history(rows, S, V)
+    counts, prompt_mask = build_token_history(rows, S, V, length=64)
     meta = _meta(rows)
     got = np.asarray(jax.jit(sampler.apply_penalties)(jnp.asarray(logits), meta, counts, prompt_mask))
     want = logits.copy()
@@ -206,7 +206,7 @@ def test_penalties_match_numpy():
 def test_update_counts_and_history_padding():
     rng = _rng(9)
     rows = _history_rows(rng, 3)
-    counts, mask = build_token_history(rows, S, V)
+    counts, mask = build_token_history(rows, S, V, length=64)
     assert counts.shape == (S, V) and mask.shape == (S, V)
     assert int(counts[3:].sum()) == 0 and not bool(mask[3:].any())
     tokens = rng.integers(0, V, S).astype(np.int32)
@@ -221,8 +221,8 @@ def test_history_row_order_permutes_rows():
     rng = _rng(11)
     rows = _history_rows(rng, 3)
     order = rng.permutation(S)
-    counts, mask = build_token_history(rows, S, V)
-    counts_o, mask_o = build_token_history(rows, S, V, row_order=order)
+    counts, mask = build_token_history(rows, S, V, length=64)
+    counts_o, mask_o = build_token_history(rows, S, V, length=64, row_order=order)
     np.testing.assert_array_equal(np.asarray(counts_o), np.asarray(counts)[order])
     np.testing.assert_array_equal(np.asarray(mask_o), np.asarray(mask)[order])
     assert int(np.asarray(counts).sum()) > 0
@@ -299,5 +299,5 @@ def test_metadata_padding_and_validation():
     with pytest.raises(ValueError, match="params"):
         SamplingRow({"temperature": 0}, 0, 0)
     with pytest.raises(ValueError, match="vocab_size"):
-        build_token_history([_row()], S, 0)
+        build_token_history([_row()], S, 0, length=64)
     assert dataclasses.replace(meta, output_index=meta.output_index + 1).num_rows == S

@@ -1,0 +1,142 @@
+"""The shape menu: the finite set of program shapes a model's steps use.
+
+Every jitted step program is compiled once per static shape. So that nothing compiles while
+serving, the shapes a step may take are a small menu fixed when the engine starts, every
+step is padded to the smallest entry that fits, and the warm-up compiles every entry
+(`LLMEngine.warm_up`). The menu of a model follows from the engine's limits:
+
+- ragged steps (prefill chunks and decode tokens mixed): T tokens, a power of two from
+  `min_token_bucket` to max_num_batched_tokens; S = min(T, max_seqs) sequence rows (a step
+  has at most as many sequences as tokens, so S never limits a step T admits);
+- multi-step decode: S sequence rows, a power of two from `MIN_SEQS` to max_seqs;
+- page tables: Pp blocks per sequence, powers of four from `MIN_PAGES` up to the model's
+  longest context (the attention kernels walk only each sequence's real pages, so a larger
+  table costs its transfer, not attention work);
+- token history (repetition, frequency and presence penalties): lengths in powers of four
+  from `MIN_HISTORY` up to max_model_len.
+
+Sampling variants (static flags of a program): `num_logprobs` is 0 or the engine's
+`max_logprobs` (every row that asks gets its top-k out of that one computation), penalties
+on or off. Stop and suppressed token ids per row are a fixed `STOP_IDS` columns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from pallas_kernels.pow2 import next_pow2
+
+MIN_SEQS = 8             # sequence rows of the smallest program
+MIN_PAGES = 4            # page-table blocks of the smallest program
+MIN_HISTORY = 16         # token-history length of the smallest penalties program
+STOP_IDS = 32            # stop / suppressed token ids per row (EOS included), a fixed width
+
+
+def _powers(start: int, stop: int, ratio: int) -> tuple[int, ...]:
+    """start, start*ratio, ... up to the first value >= stop (which is capped at next_pow2(stop))."""
+    cap = next_pow2(max(stop, start))
+    out, v = [], start
+    while True:
+        out.append(min(v, cap))
+        if v >= cap:
+            return tuple(sorted(set(out)))
+        v *= ratio
+
+
+def _fit(buckets: tuple[int, ...], n: int, what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} = {n} exceeds the largest compiled shape ({buckets[-1]}); the engine's limits "
+                     f"(max_num_batched_tokens, max_num_seqs, max_model_len) bound every step")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """The static part of a ragged step: bucketed sizes (one program per StepShape and flags)."""
+
+    num_tokens: int
+    num_seqs: int
+    pages_per_seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    """The static part of a multi-step decode: sequence rows and page-table blocks."""
+
+    num_seqs: int
+    pages_per_seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeMenu:
+    """The program shapes of one model (see the module docstring)."""
+
+    token_buckets: tuple[int, ...]         # T of ragged steps
+    max_seqs: int                          # sequence rows of the largest program
+    decode_seq_buckets: tuple[int, ...]    # S of multi-step decodes
+    page_buckets: tuple[int, ...]          # Pp
+    history_buckets: tuple[int, ...]       # token-history lengths
+    logprob_variants: tuple[int, ...] = (0, 20)   # num_logprobs of the programs: 0 and max_logprobs
+
+    @classmethod
+    def build(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+              max_model_len: int, min_token_bucket: int = 16, max_logprobs: int = 20,
+              vocab_size: int | None = None) -> "ShapeMenu":
+        for name, v in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs),
+                        ("max_blocks_per_seq", max_blocks_per_seq), ("max_model_len", max_model_len),
+                        ("min_token_bucket", min_token_bucket)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ShapeMenu.{name} must be an integer >= 1, got {v!r}")
+        max_seqs = next_pow2(max(max_num_seqs, MIN_SEQS))
+        tokens = _powers(next_pow2(min_token_bucket), max_num_batched_tokens, 2)
+        if not isinstance(max_logprobs, int) or max_logprobs < 0:
+            raise ValueError(f"ShapeMenu.max_logprobs must be an integer >= 0, got {max_logprobs!r}")
+        top = min(max_logprobs, vocab_size) if vocab_size else max_logprobs
+        return cls(token_buckets=tokens, max_seqs=max_seqs,
+                   decode_seq_buckets=_powers(MIN_SEQS, max_seqs, 2),
+                   page_buckets=_powers(MIN_PAGES, max_blocks_per_seq, 4),
+                   history_buckets=_powers(MIN_HISTORY, max_model_len, 4),
+                   logprob_variants=tuple(sorted({0, top})))
+
+    def num_logprobs(self, asked: int) -> int:
+        """The num_logprobs of the program serving rows that ask for at most `asked` (0: none)."""
+        if asked <= 0:
+            return 0
+        top = self.logprob_variants[-1]
+        if asked > top:
+            raise ValueError(f"logprobs = {asked} exceeds max_logprobs = {top}")
+        return top
+
+    def ragged(self, num_tokens: int, num_seqs: int, num_blocks: int) -> StepShape:
+        """The smallest ragged shape holding num_tokens tokens of num_seqs sequences whose
+        longest page table has num_blocks blocks."""
+        T = _fit(self.token_buckets, num_tokens, "tokens of a step")
+        S = min(T, self.max_seqs)
+        if num_seqs > S:
+            raise ValueError(f"sequences of a step = {num_seqs} exceed the {S} rows of its shape (T={T})")
+        return StepShape(T, S, _fit(self.page_buckets, num_blocks, "page-table blocks of a sequence"))
+
+    def decode(self, num_seqs: int, num_blocks: int) -> DecodeShape:
+        """The smallest multi-step decode shape for num_seqs sequences of at most num_blocks blocks."""
+        return DecodeShape(_fit(self.decode_seq_buckets, num_seqs, "sequences of a decode step"),
+                           _fit(self.page_buckets, num_blocks, "page-table blocks of a sequence"))
+
+    def rows(self, num_seqs: int) -> int:
+        """Sampled rows for num_seqs sequences (a multi-step decode's S)."""
+        return _fit(self.decode_seq_buckets, num_seqs, "sequences of a step")
+
+    def history(self, length: int) -> int:
+        """The token-history length (penalties) holding `length` ids."""
+        return _fit(self.history_buckets, max(length, 1), "token history length")
+
+    def ragged_shapes(self) -> list[StepShape]:
+        return [StepShape(T, min(T, self.max_seqs), P) for T, P in itertools.product(self.token_buckets,
+                                                                                     self.page_buckets)]
+
+    def decode_shapes(self) -> list[DecodeShape]:
+        return [DecodeShape(S, P) for S, P in itertools.product(self.decode_seq_buckets, self.page_buckets)]
+
+    def sampling_rows(self) -> tuple[int, ...]:
+        """Every number of sampled rows a program of the menu has."""
+        return tuple(sorted({s.num_seqs for s in self.ragged_shapes()} | set(self.decode_seq_buckets)))
