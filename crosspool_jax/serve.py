@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import os
 import signal
 import sys
 from typing import Union
@@ -50,11 +51,13 @@ flags.DEFINE_integer("max_queue", 1024, "Most unfinished requests the server hol
 flags.DEFINE_string("api_key", None, "If set, /v1/* requests need 'Authorization: Bearer KEY'.")
 flags.DEFINE_float("shutdown_timeout_s", 30.0, "On SIGTERM, how long in-flight requests may "
                    "run before they are aborted.", lower_bound=0.0)
-flags.DEFINE_bool("warmup", True, "Before accepting requests, run one short greedy request per "
-                  "model so its first prefill and decode programs are compiled (first requests "
-                  "then do not wait for compiles).")
-flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache folder: "
-                    "compiled step programs are kept there and reused by the next start.")
+flags.DEFINE_bool("warmup", True, "Before accepting requests, compile every step program a "
+                  "request can need (every shape of every model's menu, every sampling variant), so "
+                  "nothing compiles while serving.")
+flags.DEFINE_string("compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "crosspool_jax",
+                                                          "jax_cache"),
+                    "JAX persistent compilation cache folder: compiled step programs are kept there "
+                    "and reused by the next start ('' turns it off).")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
                   "Log level of the server and of uvicorn.")
 
@@ -106,23 +109,16 @@ def _flag_values() -> dict:
         "max_decode_steps", "seed")}
 
 
-def warm_up(engine, *, prompt_tokens: int = 8, max_tokens: int = 2) -> float:
-    """One short greedy request per model through the engine (compiles its first programs);
-    returns the seconds it took. Uses token ids, so models without a tokenizer warm up too."""
+def warm_up(engine, log) -> dict:
+    """Compile every program the engine may run while serving (`LLMEngine.warm_up`), logging
+    each model as it is done; returns the engine's summary."""
     import time  # noqa: PLC0415
-
-    from crosspool_jax.sampling_params import SamplingParams  # noqa: PLC0415
-
     t0 = time.perf_counter()
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for name in engine.model_names:
-        vocab = engine.registry.get(name).config.vocab_size
-        ids = [(7 * i + 1) % vocab for i in range(min(prompt_tokens, engine.max_model_len(name) - max_tokens))]
-        engine.add_request(f"warmup-{name}", name, {"prompt_token_ids": ids}, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.kv_manager.reset_prefix_cache()
-    return time.perf_counter() - t0
+
+    def progress(name, done, total):
+        log.info("warm-up: %s ready (%d/%d models, %.1f s)", name, done, total, time.perf_counter() - t0)
+
+    return engine.warm_up(progress=progress)
 
 
 def _exit_now(signum, _frame):
@@ -165,7 +161,10 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # a bad option or checkpoint: say which, without a traceback
         raise app.UsageError(f"cannot start the engine: {e}")
     if FLAGS.warmup:
-        log.info("warm-up: one short request per model took %.1f s", warm_up(engine))
+        log.info("warm-up: compiling every step program of %d model(s) (a persistent compilation cache "
+                 "makes the next start fast: --compilation_cache_dir)", len(models))
+        done = warm_up(engine, log)
+        log.info("warm-up: %d programs, %d compiles, %.1f s", done["programs"], done["compiles"], done["seconds"])
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=FLAGS.max_queue)
     web = build_app(async_engine, metrics, api_key=FLAGS.api_key)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -95,6 +96,7 @@ class DisaggRunner(DispatchingRunner):
         self.arena = arena
         self.min_token_bucket = min_token_bucket
         self.max_decode_steps = max_decode_steps
+        self._warm_up_lock = threading.Lock()
         self.num_microbatches = num_microbatches
         self.exchange = exchange
         self.attention_backend = attention_backend
@@ -174,17 +176,26 @@ class DisaggRunner(DispatchingRunner):
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep((out, None), len(chunks), num_logprobs, t1, self.stats)
 
-    def warm_up(self, model: str, config, menu: ShapeMenu, weights: ArenaWeights, *, variants: bool = True) -> int:
+    def compile_jobs(self, config, menu: ShapeMenu, weights: ArenaWeights, *, model: str) -> list:
+        """The model's programs as one job (`_run_every_program`; the jobs of all models take turns
+        with the arena, one at a time)."""
+        return [functools.partial(self._run_every_program, model, config, menu, weights)]
+
+    def _run_every_program(self, model: str, config, menu: ShapeMenu, weights: ArenaWeights) -> int:
         """Compile (by running them on all-padding inputs: nothing is written) the model's
         common programs: `disagg_step` for one and two micro-batches at every ragged shape of
         the menu with the sampling program of every row count, and `disagg_decode` at every
-        decode shape, each with every sampling variant (`variants` False: only the plain one).
-        The sequence-sharded program (a request spilled over KV devices) is not warmed up.
+        decode shape, each with every sampling variant (logprobs, penalties). The
+        sequence-sharded program (a request spilled over KV devices) is not warmed up.
         Returns the number of programs run."""
+        with self._warm_up_lock:
+            return self._run_programs(model, config, menu, weights)
+
+    def _run_programs(self, model: str, config, menu: ShapeMenu, weights: ArenaWeights) -> int:
         layout = self.arena.layout.model(model)
         n_kv = layout.n_kv
-        lp_variants = menu.logprob_variants if variants else (0,)
-        pen_variants = (False, True) if variants else (False,)
+        lp_variants = menu.logprob_variants
+        pen_variants = (False, True)
         empty = [[] for _ in range(n_kv)]
         done = 0
 

@@ -26,7 +26,9 @@ The engine is not thread-safe: one thread calls it (the server runs it in its ow
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import random
 import time
 from typing import Optional, Sequence, Union
@@ -161,26 +163,34 @@ class LLMEngine:
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
             compiles=self._compiles.count, compile_seconds=self._compiles.seconds)
 
-    def warm_up(self, *, variants: bool = True, progress=None) -> dict:
-        """Compile every program a served step can use, before serving: for each model, every
-        shape of its menu (`runtime/shapes.py`) and, with `variants`, every sampling variant
-        (logprobs, penalties). Models whose programs are the same (equal configs on one
-        device) compile once. Returns {"programs": programs run, "compiles": XLA compiles,
-        "seconds": wall time}. `progress(model, done, total)` is called per model."""
+    def warm_up(self, *, progress=None, max_workers: Optional[int] = None) -> dict:
+        """Compile every program a served step can use, before serving: for each model every
+        shape of its menu (`runtime/shapes.py`) and sampling variant, on `max_workers` threads
+        (default: the CPU count; XLA compiles without holding the GIL). Models whose programs
+        are the same (equal configs on one device) compile once. Returns {"programs": jobs
+        run, "compiles": XLA compiles, "seconds": wall time}. `progress(model, done, total)` is
+        called as each model's programs are ready."""
         t0 = time.perf_counter()
         c0 = self._compiles.count
-        programs = 0
         names = self.model_names
-        for i, name in enumerate(names):
+        jobs = {}
+        for name in names:
             entry = self.registry.get(name)
-            weights = self.registry.acquire(name)
+            weights = self.registry.acquire(name)          # resident while lowering
             try:
-                programs += self.runner.warm_up(name, entry.config, entry.menu, weights, variants=variants)
+                jobs[name] = self.runner.compile_jobs(entry.config, entry.menu, weights, model=name)
             finally:
                 self.registry.release(name)
-            if progress is not None:
-                progress(name, i + 1, len(names))
-        return {"programs": programs, "compiles": self._compiles.count - c0, "seconds": time.perf_counter() - t0}
+        workers = max_workers or os.cpu_count() or 1
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="warm-up") as pool:
+            futures = {name: [pool.submit(job) for job in model_jobs] for name, model_jobs in jobs.items()}
+            for i, name in enumerate(names):
+                for future in futures[name]:
+                    future.result()
+                if progress is not None:
+                    progress(name, i + 1, len(names))
+        return {"programs": sum(len(j) for j in jobs.values()), "compiles": self._compiles.count - c0,
+                "seconds": time.perf_counter() - t0}
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,

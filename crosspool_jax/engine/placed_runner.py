@@ -65,9 +65,9 @@ class PlacedRunner(DispatchingRunner):
             local.append(dataclasses.replace(c, page_table=table))
         return self.runners[d].dispatch(dataclasses.replace(step, chunks=local))
 
-    def warm_up(self, model: str, config, menu: ShapeMenu, weights: PlacedWeights, *, variants: bool = True) -> int:
-        """Run every program of the model's menu once on its device (`StepRunner.warm_up`)."""
-        return self.runners[self._device_of(model)].warm_up(model, config, menu, weights, variants=variants)
+    def compile_jobs(self, config, menu: ShapeMenu, weights: PlacedWeights, *, model: str) -> list:
+        """The model's programs on its device (`StepRunner.compile_jobs`)."""
+        return self.runners[self._device_of(model)].compile_jobs(config, menu, weights)
 
     def _device_of(self, model: str) -> int:
         if model not in self.model_devices:

@@ -14,6 +14,7 @@ and picks the device of each model).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Optional, Sequence
 
@@ -24,7 +25,7 @@ from crosspool_jax.engine.step_plan import ModelStep, PlacedWeights
 from crosspool_jax.kv.pool import KVPool
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_inputs import PackedInt32
-from crosspool_jax.runtime.shapes import STOP_IDS, DecodeShape, ShapeMenu, StepShape
+from crosspool_jax.runtime.shapes import MIN_HISTORY, STOP_IDS, DecodeShape, ShapeMenu, StepShape
 from crosspool_jax.runtime.step_inputs import build_step_inputs
 from crosspool_jax.runtime.step_program import multi_decode, ragged_step
 
@@ -55,7 +56,7 @@ class RunnerStats:
 class DispatchingRunner:
     """What every runner shares: `run` = `collect(dispatch(step))`. Subclasses define `dispatch`
     (prepare inputs, dispatch the step program, return a `DispatchedStep` without waiting) and
-    `warm_up` (compile every program of a model's shape menu)."""
+    `compile_jobs` (one callable per program of a model's shape menu, compiling it ahead)."""
 
     def run(self, step: ModelStep) -> list[list["SampledToken"]]:
         """Run one model's step. Returns, per chunk, its sampled tokens (one for a ragged step;
@@ -82,6 +83,7 @@ class StepRunner(DispatchingRunner):
         self.attention_backend = attention_backend
         self.moe_backend = moe_backend
         self.stats = RunnerStats()
+        self._zero_history: dict = {}
 
     @property
     def device(self) -> jax.Device:
@@ -104,11 +106,13 @@ class StepRunner(DispatchingRunner):
             shape = menu.decode(len(step.chunks), step.max_blocks)
             S = shape.num_seqs
         num_logprobs = menu.num_logprobs(smeta.max_logprobs(rows))
-        penalties = smeta.needs_penalties(rows)
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
-        history = (smeta.build_token_history(rows, S, step.config.vocab_size,
-                                             length=menu.history(smeta.history_length(rows)))
-                   if penalties else (None, None))
+        if smeta.needs_penalties(rows):
+            with jax.default_device(self.device):
+                history = smeta.build_token_history(rows, S, step.config.vocab_size,
+                                                    length=menu.history(smeta.history_length(rows)))
+        else:
+            history = self._no_history(S, step.config.vocab_size)
         if step.num_steps == 1:
             inputs, _ = build_step_inputs(step.chunks, shape=shape, num_layers=step.config.num_layers,
                                           tokens_per_page=step.tokens_per_page,
@@ -118,75 +122,75 @@ class StepRunner(DispatchingRunner):
             allowances = [min(a, step.num_steps) for a in step.allowances]
             program_inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, allowances)
         t1 = time.perf_counter()
-        outs = self._launch(step.model, step.config, step.weights, shape, program_inputs, sampling, history,
-                            num_logprobs)
-        self.stats.host_prepare_seconds += t1 - t0
-        limits = None if step.num_steps == 1 else [min(a, step.num_steps) for a in step.allowances]
-        return DispatchedStep(outs, len(step.chunks), num_logprobs, t1, self.stats, limits)
-
-    def _launch(self, model: str, config, weights: PlacedWeights, shape, program_inputs, sampling, history,
-                num_logprobs: int):
-        """Dispatch the program of `shape` (a StepShape: ragged_step; a DecodeShape: multi_decode)
-        with the device's K/V buffers donated. Returns the outputs as `DispatchedStep` holds them."""
-        counts, prompt_mask = history
-        penalties = counts is not None
+        self.stats.count_program((step.model, type(shape).__name__, shape, num_logprobs, self.device_index))
         k_buf, v_buf = self.pool.take(self.device_index)
         try:
-            if isinstance(shape, StepShape):
-                # numpy inputs go to the jitted program as they are: its C++ dispatch moves them
-                # to the device of the committed arguments, ~5x cheaper than jax.device_put
-                self.stats.count_program((model, "ragged", shape, num_logprobs, penalties, self.device_index))
-                k_buf, v_buf, out = ragged_step(weights.kv_params, weights.ffn_params, k_buf, v_buf, program_inputs,
-                                                sampling, counts, prompt_mask, config=config,
-                                                num_logprobs=num_logprobs, attention_backend=self.attention_backend,
-                                                moe_backend=self.moe_backend)
-                return out, None                   # one step: collect adds the steps axis on the host
-            self.stats.count_program((model, "decode", shape, self.max_decode_steps, num_logprobs, penalties,
-                                      self.device_index))
-            token_ids, kv_lens, pages, num_seqs, stops, allowance = program_inputs
-            k_buf, v_buf, outs = multi_decode(
-                weights.kv_params, weights.ffn_params, k_buf, v_buf, token_ids, kv_lens, pages, num_seqs, sampling,
-                counts, prompt_mask, stops, allowance, config=config, num_steps=self.max_decode_steps,
-                num_logprobs=num_logprobs, attention_backend=self.attention_backend, moe_backend=self.moe_backend)
-            return outs, self.max_decode_steps
+            program, args, static = self._call(step.config, step.weights, shape, program_inputs, sampling, history,
+                                               num_logprobs, k_buf, v_buf)
+            # numpy inputs go to the jitted program as they are: its C++ dispatch moves them to
+            # the device of the committed arguments, ~5x cheaper than jax.device_put
+            k_buf, v_buf, outs = program(*args, **static)
         finally:
             self.pool.put(k_buf, v_buf, self.device_index)
+        self.stats.host_prepare_seconds += t1 - t0
+        steps = None if isinstance(shape, StepShape) else self.max_decode_steps   # None: collect adds the axis
+        limits = None if step.num_steps == 1 else [min(a, step.num_steps) for a in step.allowances]
+        return DispatchedStep((outs, steps), len(step.chunks), num_logprobs, t1, self.stats, limits)
 
-    def warm_up(self, model: str, config, menu: ShapeMenu, weights: PlacedWeights, *, variants: bool = True) -> int:
-        """Compile (by running them on all-padding inputs: nothing is written) every program of
-        `menu` for this model on this device: ragged steps, multi-step decodes when the engine
-        decodes several tokens per dispatch, each with every sampling variant (logprobs, penalties;
-        `variants` False: only the plain one) and the token-history programs. Returns the number
-        of programs run."""
-        done = 0
-        shapes = list(menu.ragged_shapes())
-        if self.max_decode_steps > 1:
-            shapes += menu.decode_shapes()
-        lp_variants = menu.logprob_variants if variants else (0,)
-        pen_variants = (False, True) if variants else (False,)
+    def _no_history(self, S: int, vocab_size: int):
+        """The token history of rows without penalties (zeros), kept on this device per shape."""
+        key = (S, vocab_size)
+        if key not in self._zero_history:
+            with jax.default_device(self.device):
+                self._zero_history[key] = smeta.build_token_history([], S, vocab_size, length=MIN_HISTORY)
+        return self._zero_history[key]
+
+    def _call(self, config, weights: PlacedWeights, shape, program_inputs, sampling, history, num_logprobs: int,
+              k_buf, v_buf):
+        """(jitted program, arguments, static arguments) of the step of `shape` (a StepShape:
+        ragged_step; a DecodeShape: multi_decode), K/V buffers donated."""
+        counts, prompt_mask = history
+        static = dict(config=config, num_logprobs=num_logprobs, attention_backend=self.attention_backend,
+                      moe_backend=self.moe_backend)
+        params = (weights.kv_params, weights.ffn_params, k_buf, v_buf)
+        if isinstance(shape, StepShape):
+            return ragged_step, params + (program_inputs, sampling, counts, prompt_mask), static
+        token_ids, kv_lens, pages, num_seqs, stops, allowance = program_inputs
+        return (multi_decode, params + (token_ids, kv_lens, pages, num_seqs, sampling, counts, prompt_mask, stops,
+                                        allowance), dict(static, num_steps=self.max_decode_steps))
+
+    def compile_jobs(self, config, menu: ShapeMenu, weights: PlacedWeights, *, model: str = "") -> list:
+        """One callable per program a step of this model can run here (every shape of `menu`,
+        multi-step decodes when the engine decodes several tokens per dispatch, both logprobs
+        variants, and the token-history programs of penalties), each compiling its program
+        ahead of time (`lower(...).compile()` fills the jit's cache: serving then compiles
+        nothing). The callables may run in parallel threads."""
+        shapes = list(menu.ragged_shapes()) + (list(menu.decode_shapes()) if self.max_decode_steps > 1 else [])
+        k_buf, v_buf = self.pool.take(self.device_index)       # references for lowering: nothing is run
+        self.pool.put(k_buf, v_buf, self.device_index)
+        jobs = []
         for shape in shapes:
             S = shape.num_seqs
             sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
             if isinstance(shape, StepShape):
-                inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers,
-                                              tokens_per_page=1, num_pages=self.pool.layout.pages_per_device)
+                inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=1,
+                                              num_pages=self.pool.layout.pages_per_device)
                 program_inputs = PackedInt32.pack(inputs)
             else:
                 program_inputs = _decode_args(config, [], shape, [], [])
-            for num_logprobs in lp_variants:
-                for penalties in pen_variants:
-                    history = ((smeta.build_token_history([], S, config.vocab_size, length=menu.history_buckets[0]))
-                               if penalties else (None, None))
-                    outs = self._launch(model, config, weights, shape, program_inputs, sampling, history,
-                                        num_logprobs)
-                    jax.block_until_ready(outs)
-                    done += 1
-        if variants:
-            for S in menu.sampling_rows():
-                for length in menu.history_buckets:
-                    jax.block_until_ready(smeta.build_token_history([], S, config.vocab_size, length=length))
-                    done += 1
-        return done
+            for num_logprobs in menu.logprob_variants:
+                program, args, static = self._call(config, weights, shape, program_inputs, sampling,
+                                                   self._no_history(S, config.vocab_size), num_logprobs, k_buf, v_buf)
+                jobs.append(functools.partial(_compile, program, args, static))
+        device = self.device
+        for S in menu.sampling_rows():
+            for length in menu.history_buckets:
+                jobs.append(functools.partial(smeta.compile_token_history, S, config.vocab_size, length, device))
+        return jobs
+
+
+def _compile(program, args, static) -> None:
+    program.lower(*args, **static).compile()
 
 
 def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):

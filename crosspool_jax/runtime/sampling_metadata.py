@@ -12,6 +12,7 @@ step or preemption it goes through. `key(seed)` is threefry key data [seed >> 32
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -194,6 +195,14 @@ def build_token_history(rows: Sequence[SamplingRow], pad_rows_to: int, vocab_siz
     if row_order is not None:
         prompt_SL, output_SL = prompt_SL[row_order], output_SL[row_order]
     return _history(prompt_SL, output_SL, vocab_size=int(vocab_size))   # numpy: the jit moves it
+
+
+def compile_token_history(pad_rows_to: int, vocab_size: int, length: int, device=None) -> None:
+    """Compile `build_token_history`'s program for (rows, vocab, length) ahead of time (on
+    `device`, as a runner's default-device context would run it)."""
+    ids = np.full((pad_rows_to, length), -1, np.int32)
+    with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        _history.lower(ids, ids, vocab_size=int(vocab_size)).compile()
 
 
 def needs_penalties(rows: Sequence[SamplingRow]) -> bool:

@@ -5,19 +5,22 @@ serving, the shapes a step may take are a small menu fixed when the engine start
 step is padded to the smallest entry that fits, and the warm-up compiles every entry
 (`LLMEngine.warm_up`). The menu of a model follows from the engine's limits:
 
-- ragged steps (prefill chunks and decode tokens mixed): T tokens, a power of two from
-  `min_token_bucket` to max_num_batched_tokens; S = min(T, max_seqs) sequence rows (a step
-  has at most as many sequences as tokens, so S never limits a step T admits);
-- multi-step decode: S sequence rows, a power of two from `MIN_SEQS` to max_seqs;
-- page tables: Pp blocks per sequence, powers of four from `MIN_PAGES` up to the model's
-  longest context (the attention kernels walk only each sequence's real pages, so a larger
-  table costs its transfer, not attention work);
-- token history (repetition, frequency and presence penalties): lengths in powers of four
-  from `MIN_HISTORY` up to max_model_len.
+- ragged steps (prefill chunks and decode tokens mixed): T tokens, powers of four from
+  `min_token_bucket`, the last one max_num_batched_tokens rounded up to a power of two;
+  S = min(T, max_seqs) sequence rows (a step has at most as many sequences as tokens, so S
+  never limits a step T admits);
+- multi-step decode: S sequence rows, powers of four from `MIN_SEQS` to max_seqs;
+- page tables: Pp blocks per sequence, three sizes an eighth apart, the largest holding the
+  model's longest context (the attention kernels walk only each sequence's real pages, so a
+  larger table costs its transfer, not attention work);
+- token history (repetition, frequency and presence penalties, data of every program):
+  lengths in powers of four from `MIN_HISTORY` up to max_model_len, built by a small program
+  of their own.
 
-Sampling variants (static flags of a program): `num_logprobs` is 0 or the engine's
-`max_logprobs` (every row that asks gets its top-k out of that one computation), penalties
-on or off. Stop and suppressed token ids per row are a fixed `STOP_IDS` columns.
+The one sampling variant (a static flag of a program) is `num_logprobs`: 0, or the engine's
+`max_logprobs` (every row that asks gets its top-k out of that one computation). Stop and
+suppressed token ids per row are a fixed `STOP_IDS` columns. Coarse buckets keep the menu
+small (a 512-token budget, 64 sequences and 4k contexts: 21 shapes, 42 programs a model).
 """
 from __future__ import annotations
 
@@ -30,6 +33,12 @@ MIN_SEQS = 8             # sequence rows of the smallest program
 MIN_PAGES = 4            # page-table blocks of the smallest program
 MIN_HISTORY = 16         # token-history length of the smallest penalties program
 STOP_IDS = 32            # stop / suppressed token ids per row (EOS included), a fixed width
+
+
+def _from_top(start: int, stop: int, ratio: int, levels: int) -> tuple[int, ...]:
+    """`levels` sizes `ratio` apart, the largest next_pow2(stop), none below `start`."""
+    top = next_pow2(max(stop, start))
+    return tuple(sorted({max(top // ratio ** i, start) for i in range(levels)}))
 
 
 def _powers(start: int, stop: int, ratio: int) -> tuple[int, ...]:
@@ -89,13 +98,13 @@ class ShapeMenu:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"ShapeMenu.{name} must be an integer >= 1, got {v!r}")
         max_seqs = next_pow2(max(max_num_seqs, MIN_SEQS))
-        tokens = _powers(next_pow2(min_token_bucket), max_num_batched_tokens, 2)
+        tokens = _powers(next_pow2(min_token_bucket), max_num_batched_tokens, 4)
         if not isinstance(max_logprobs, int) or max_logprobs < 0:
             raise ValueError(f"ShapeMenu.max_logprobs must be an integer >= 0, got {max_logprobs!r}")
         top = min(max_logprobs, vocab_size) if vocab_size else max_logprobs
         return cls(token_buckets=tokens, max_seqs=max_seqs,
-                   decode_seq_buckets=_powers(MIN_SEQS, max_seqs, 2),
-                   page_buckets=_powers(MIN_PAGES, max_blocks_per_seq, 4),
+                   decode_seq_buckets=_powers(MIN_SEQS, max_seqs, 4),
+                   page_buckets=_from_top(MIN_PAGES, max_blocks_per_seq, 8, 3),
                    history_buckets=_powers(MIN_HISTORY, max_model_len, 4),
                    logprob_variants=tuple(sorted({0, top})))
 

@@ -227,15 +227,54 @@ def test_serve_binary_sigterm_finishes_in_flight_and_exits_zero(models):
             proc.wait()
 
 
-def test_warm_up_compiles_first_programs_and_leaves_the_pool_empty(engine):
+def _compiles_metric(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    lines = [ln for ln in text.splitlines() if ln.startswith("crosspool_xla_compiles_total ")]
+    assert len(lines) == 1, text
+    return float(lines[0].split()[1])
+
+
+def test_served_run_compiles_nothing_after_warm_up(models):
+    """After the server's warm-up, a served mix of requests (greedy and sampled, logprobs,
+    penalties, n > 1, streamed, prefill chunks and multi-step decode, two models) compiles no
+    XLA program: /metrics' compile counter and the process's counter stay flat."""
+    import logging
+
+    from crosspool_jax.runtime.compiles import compile_counter
     from crosspool_jax.serve import warm_up
 
-    warm_up(engine)
+    names = sorted(models)[:2]
+    engine = LLMEngine.from_options({n: models[n] for n in names}, dtype="float32", kv_pool_bytes=4 << 20,
+                                    max_num_seqs=4, max_num_batched_tokens=16, max_decode_steps=2,
+                                    max_model_len=48, max_logprobs=3)
+    done = warm_up(engine, logging.getLogger("test"))
+    assert done["programs"] > 0 and done["compiles"] > 0
     stats = engine.stats()
-    assert not engine.has_unfinished_requests()
-    assert stats.kv_pages_free == stats.kv_pages_total          # prefix cache reset too
-    programs = stats.compiled_programs
-    assert programs >= len(engine.model_names)                  # at least one program per model
-    steps = stats.steps
-    warm_up(engine)                                             # same shapes: nothing new to compile
-    assert engine.stats().compiled_programs == programs and engine.stats().steps > steps
+    assert stats.kv_pages_free == stats.kv_pages_total and not engine.has_unfinished_requests()
+    metrics = ServerMetrics()
+    async_engine = AsyncEngine(engine, metrics=metrics)
+    counter = compile_counter()
+    try:
+        with LiveServer(build_app(async_engine, metrics)) as live:
+            client = openai.OpenAI(base_url=live.url + "/v1", api_key="x")
+            before, before_metric = counter.count, _compiles_metric(live.url)
+            rng = random.Random(5)
+            for i in range(6):
+                model = names[i % 2]
+                prompt = [rng.randrange(1, 200) for _ in range(rng.randrange(3, 30))]
+                extra = {}
+                if i % 3 == 1:
+                    extra = dict(temperature=0.9, top_p=0.8, logprobs=2, n=2, seed=i)
+                if i % 3 == 2:
+                    extra = dict(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, seed=i)
+                if i == 4:
+                    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=7, stream=True,
+                                                            **extra))
+                    assert any(c.choices and c.choices[0].text is not None for c in chunks)
+                else:
+                    out = client.completions.create(model=model, prompt=prompt, max_tokens=7, **extra)
+                    assert out.usage.completion_tokens >= 1
+            assert counter.count == before, f"{counter.count - before} programs compiled while serving"
+            assert _compiles_metric(live.url) == before_metric
+    finally:
+        async_engine.shutdown()
