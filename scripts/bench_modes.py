@@ -14,10 +14,16 @@ through the same engine API, kernels and options; only the memory organisation d
 - crosspool: n_kv KV devices (one global KV pool + attention sides) and n_w weight devices
              (every model's experts, sharded), hidden states moving between them per layer.
 
-Per mode it reports: models resident (weights on the devices when serving starts), the KV
-capacity in tokens of ONE request (what the KV manager would admit), decode time between
+Each mode runs in a fresh Python process (`--fresh_process`), is warmed up by the engine's
+own warm-up where the code has one and then by replaying the measured request mix once, and
+is measured with the process's compile counter watching (`compiles_in_window`).
+
+Per mode it reports: models resident (weights on the devices when serving starts), the total
+KV capacity in tokens (`kv_tokens_total`, per model: pages / layers * tokens per page) and
+that of ONE request (what the KV manager would admit), decode time between
 tokens (P50/P99, a few requests per model at once, `--max_decode_steps` tokens per dispatch in
-every mode, 1 by default),
+every mode, 1 by default), on a GPU the device's busy time over the measured round from a
+profiler trace (`device_busy_fraction`: 1 minus it is the step time the host adds),
 the swap-in latency of a cold model (first-token time of a request for a swapped-out model,
 and the weights pool's own swap-in seconds), and for crosspool the fraction of the transfer
 time that the ping-pong pipeline hides: 1 - (t_step - t_step_without_transfers) / t_transfers,
@@ -48,8 +54,13 @@ _PER_MODEL = flags.DEFINE_integer("requests_per_model", 2, "Concurrent requests 
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Engine dtype.")
 _DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "Decode tokens per dispatch in every mode (1: the "
                                      "side-by-side default; >1 times multi-step decode, the engine's default is 8).")
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no warm-up round.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no decode-latency rounds.")
 _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
+_FRESH = flags.DEFINE_bool("fresh_process", True, "Run each mode in a fresh Python process (no compiled program "
+                           "or cache shared between modes).")
+_ROW_OUT = flags.DEFINE_string("row_out", None, "Internal: the child process of one mode writes its row here.")
+_TRACE = flags.DEFINE_bool("trace", True, "Profile the measured decode round (GPU): device busy time, so the "
+                           "host overhead of a step is measured, not guessed.")
 
 GIB = 1 << 30
 
@@ -217,6 +228,49 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
+def _compiles():
+    """XLA compiles so far in this process (the engine's counter where the code has one)."""
+    try:
+        from crosspool_jax.runtime.compiles import compile_counter
+    except ImportError:
+        return None
+    return compile_counter().count
+
+
+def _traced(fn, out: dict):
+    """fn() under a profiler trace (GPU, --trace): out gets the window's wall seconds, the GPU's
+    busy seconds (union of kernel and copy intervals) and their ratio."""
+    import glob
+    import shutil
+    import tempfile
+
+    import jax
+    if not _TRACE.value or jax.devices()[0].platform != "gpu":
+        return fn()
+    from pallas_kernels.timing import gpu_kernel_events
+    d = tempfile.mkdtemp(prefix="bench_modes_trace_")
+    try:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(d):
+            result = fn()
+        wall = time.perf_counter() - t0
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        events = sorted((s, s + dur) for _, s, dur in gpu_kernel_events(paths[0])) if paths else []
+        busy_ns, end = 0, None
+        for start, stop in events:                   # union of the intervals
+            if end is None or start > end:
+                busy_ns += stop - start
+                end = stop
+            elif stop > end:
+                busy_ns += stop - end
+                end = stop
+        out.update(window_s=wall, device_busy_s=busy_ns * 1e-9, device_busy_fraction=busy_ns * 1e-9 / wall,
+                   kernels_in_window=len(events))
+        return result
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: int) -> dict:
     from crosspool_jax import LLM
 
@@ -234,14 +288,24 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
            "models_resident": len(resident), "models": len(names), "resident": resident,
            "kv_pages_total": stats.kv_pages_total,
            "kv_capacity_tokens_one_request": capacity}
+    row["kv_tokens_total"] = {m: stats.kv_pages_total // engine.registry.get(m).config.num_layers
+                              * engine.registry.get(m).tokens_per_page for m in names}
     per_model, prompt_len, max_tokens = _PER_MODEL.value, _PROMPT_LEN.value, _MAX_TOKENS.value
-    if not _QUICK.value:
-        decode_times(llm, names, per_model, prompt_len, 4, seed=1)         # compile every shape once
+    if _QUICK.value:
+        return row
+    if hasattr(engine, "warm_up"):                  # the engine's own: every program of its shape menu
+        row["engine_warm_up"] = engine.warm_up()
+    t0 = time.perf_counter()
+    decode_times(llm, names, per_model, prompt_len, max_tokens, seed=1)    # the measured mix, replayed
+    row["warm_up_replay_s"] = time.perf_counter() - t0
+    compiles0 = _compiles()
     swaps0 = engine.registry.weights_stats()
-    gaps = decode_times(llm, names, per_model, prompt_len, max_tokens, seed=2)
+    busy = {}
+    gaps = _traced(lambda: decode_times(llm, names, per_model, prompt_len, max_tokens, seed=2), busy)
     swaps1 = engine.registry.weights_stats()
     row.update(tbt_p50_ms=1e3 * _pct(gaps, 50), tbt_p99_ms=1e3 * _pct(gaps, 99), tbt_samples=len(gaps),
-               swaps_in_during_decode=swaps1.swaps_in - swaps0.swaps_in)
+               swaps_in_during_decode=swaps1.swaps_in - swaps0.swaps_in, compiles_in_window=_compiles() - compiles0,
+               **busy)
     row["cold_start"] = cold_start(llm, names, prompt_len)
     if mode == "crosspool" and engine.registry.arena is not None:
         runner = engine.runner
@@ -274,11 +338,29 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     return row
 
 
+def _run_fresh(mode: str) -> dict:
+    """run_mode in a child process of this script with the same flags; its row."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "row.json")
+        argv = [a for a in sys.argv[1:] if not a.startswith(("--modes", "--row_out", "--out"))]
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--modes={mode}",
+                               f"--row_out={path}"])
+        if proc.returncode != 0 or not os.path.exists(path):
+            raise RuntimeError(f"mode {mode} exited with status {proc.returncode}")
+        with open(path) as f:
+            return json.load(f)
+
+
 def main(argv):
     del argv
     import jax
 
-    from crosspool_jax.models.random_models import SHAPES, random_model_dirs
+    try:
+        from crosspool_jax.models.random_models import SHAPES, random_model_dirs
+    except ImportError:                              # a tree from before the runtime layer (run_redesign_gpu.sh)
+        from crosspool_jax.engine.random_models import SHAPES, random_model_dirs
     from crosspool_jax.models import ModelConfig
     from crosspool_jax.models.params import side_bytes
 
@@ -299,10 +381,16 @@ def main(argv):
             "prompt_len": _PROMPT_LEN.value, "max_tokens": _MAX_TOKENS.value,
             "requests_per_model": _PER_MODEL.value, "crosspool_split": f"{n_kv}+{n - n_kv}",
             "max_decode_steps": _DECODE_STEPS.value}
+    modes = [m for m in _MODES.value.split(",") if m]
+    if _ROW_OUT.value:                               # the child of one mode
+        row = run_mode(modes[0], folders, sizes, n, n_kv, budget)
+        with open(_ROW_OUT.value, "w") as f:
+            json.dump(row, f, default=str)
+        return
     rows = []
-    for mode in [m for m in _MODES.value.split(",") if m]:
+    for mode in modes:
         try:
-            rows.append(run_mode(mode, folders, sizes, n, n_kv, budget))
+            rows.append(_run_fresh(mode) if _FRESH.value else run_mode(mode, folders, sizes, n, n_kv, budget))
         except Exception as e:                       # one mode failing must not lose the others
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {e}"})
         print(json.dumps(rows[-1], default=str), flush=True)
@@ -313,20 +401,29 @@ def main(argv):
     lines = [f"bench_modes: {head['card']}, JAX {head['jax']}, {head['date']}, {head['device_gib']} GiB per device, "
              f"models {list(head['models'].values())}, {head['requests_per_model']} requests/model, "
              f"prompt {head['prompt_len']}, {head['max_tokens']} new tokens, crosspool split {head['crosspool_split']}",
-             "", "| mode | models resident | KV tokens, one request (min over models) | TBT P50 ms | TBT P99 ms | "
-             "cold TTFT ms (mean) | swap-in s (mean) | transfer hidden |", "|---|---|---|---|---|---|---|---|"]
+             "", "| mode | models resident | KV tokens total (first model) | KV tokens, one request (min over models) | "
+             "TBT P50 ms | TBT P99 ms | compiles in window | GPU busy | cold TTFT ms (mean) | swap-in s (mean) | "
+             "transfer hidden |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | error: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| {r['mode']} | error: {r['error'][:120]} | | | | | | | | | |")
+            continue
+        if "tbt_p50_ms" not in r:                    # --quick: capacity only
+            lines.append(f"| {r['mode']} | {r['models_resident']}/{r['models']} | "
+                         f"{next(iter(r['kv_tokens_total'].values()))} | "
+                         f"{min(r['kv_capacity_tokens_one_request'].values())} | | | | | | | |")
             continue
         cold = r["cold_start"]
         ttft = statistics.mean(c["ttft_s"] for c in cold) * 1e3 if cold else float("nan")
         swap = (statistics.mean(c["swap_in_seconds"] for c in cold)
                 if cold and all("swap_in_seconds" in c for c in cold) else float("nan"))
         hidden = r.get("hidden_fraction")
+        busy = r.get("device_busy_fraction")
         lines.append(f"| {r['mode']} | {r['models_resident']}/{r['models']} | "
+                     f"{next(iter(r['kv_tokens_total'].values()))} | "
                      f"{min(r['kv_capacity_tokens_one_request'].values())} | {r['tbt_p50_ms']:.2f} | "
-                     f"{r['tbt_p99_ms']:.2f} | {ttft:.1f} | {swap:.3f} | "
+                     f"{r['tbt_p99_ms']:.2f} | {r.get('compiles_in_window')} | "
+                     f"{'-' if busy is None else f'{busy:.0%}'} | {ttft:.1f} | {swap:.3f} | "
                      f"{'-' if hidden is None else f'{hidden:.2f}'} |")
     table = "\n".join(lines)
     print(table)

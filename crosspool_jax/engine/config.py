@@ -30,6 +30,10 @@ class EngineConfig:
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
     min_token_bucket: a step's tokens are padded to a power of two at least this; larger
       values mean fewer compiled step programs and more padding.
+    decode_step_prefill_tokens: the most prefill tokens an engine step that also carries decode
+      tokens may take (chunked prefill sized for the decodes' time between tokens: a long
+      prompt of one model then stretches no other model's decode step beyond it); None = the
+      whole max_num_batched_tokens.
     max_logprobs: the most `logprobs` a request may ask for (programs that report logprobs
       compute this many for every row; vLLM's option of the same name).
     """
@@ -49,6 +53,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_decode_steps: int = 8
     max_logprobs: int = 20
+    decode_step_prefill_tokens: Optional[int] = None
     min_token_bucket: int = 16
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
@@ -77,7 +82,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("kv_pool_bytes", "weights_pool_bytes", "attention_pool_bytes", "max_model_len", "page_elems"):
+        for name in ("kv_pool_bytes", "weights_pool_bytes", "attention_pool_bytes", "max_model_len", "page_elems",
+                     "decode_step_prefill_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")

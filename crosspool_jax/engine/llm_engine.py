@@ -120,7 +120,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                             max_decode_steps=config.max_decode_steps,
-                            enable_prefix_caching=config.enable_prefix_caching),
+                            enable_prefix_caching=config.enable_prefix_caching,
+                            decode_step_prefill_tokens=config.decode_step_prefill_tokens),
             self.kv_manager, fit_together=self.registry.fit_together if self.registry.has_budgets else None)
         if disaggregated:         # multi-step decode: disagg_decode (one program per max_decode_steps tokens)
             self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket,

@@ -10,7 +10,10 @@ ragged batch.
 1. Running requests first: their decode tokens (oldest arrival first), then their
    unfinished prefill chunks (oldest first), each chunk the whole gap or what is left of
    the budget (chunked prefill). Decodes go first so that a long prefill never stalls the
-   other requests' next tokens (time between tokens). If the pool cannot hold a request's
+   other requests' next tokens (time between tokens), and a step that carries decodes takes
+   at most `decode_step_prefill_tokens` prefill tokens (running chunks and admissions
+   together), so a long prompt of one model stretches no other model's decode step beyond
+   that. If the pool cannot hold a request's
    new tokens, the latest-arrived running request (any model; if it was already scheduled
    in this step, it is unscheduled) is preempted by recompute: its pages are freed,
    num_computed_tokens goes back to 0, its output tokens are kept (they are recomputed with
@@ -73,12 +76,17 @@ class SchedulerConfig:
     max_decode_steps: int = 8
     enable_prefix_caching: bool = True
     residency_quantum: int = 8          # steps a model leads the residency order before the next one
+    decode_step_prefill_tokens: Optional[int] = None   # prefill tokens of a step with decodes (None: budget)
 
     def __post_init__(self):
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_decode_steps", "residency_quantum"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be an integer >= 1, got {value!r}")
+        value = self.decode_step_prefill_tokens
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"SchedulerConfig.decode_step_prefill_tokens must be an integer >= 1 or None, "
+                             f"got {value!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"SchedulerConfig.enable_prefix_caching must be a bool, "
                              f"got {self.enable_prefix_caching!r}")
@@ -238,9 +246,15 @@ class Scheduler:
             rank = {m: i for i, m in enumerate(self._lead)}
             order.sort(key=lambda r: rank[r.model])          # stable: decode-first, oldest within a model
         scheduled: dict[Request, int] = {}
+        prefill_cap = self.config.decode_step_prefill_tokens
+        capped = False
         for request in order:
             if request.status != RequestStatus.RUNNING:          # preempted earlier in this loop
                 continue
+            if prefill_cap is not None and gaps[request] != 1 and scheduled and not capped:
+                # the decodes of this step are in (they come first): the prefill it carries is
+                # bounded, for their time between tokens
+                budget, capped = min(budget, prefill_cap), True
             if not fits(request.model):      # its weights cannot be resident beside this step's models
                 all_running_scheduled = False
                 continue
@@ -269,7 +283,11 @@ class Scheduler:
                 all_running_scheduled = False
         planned.extend(scheduled.items())
 
-        # 2. admissions, unless this step preempted.
+        # 2. admissions, unless this step preempted (bounded like the prefills above when the
+        #    step carries decodes).
+        if prefill_cap is not None and any(n == 1 and gaps.get(r) == 1 for r, n in scheduled.items()):
+            prefill_so_far = sum(n for r, n in scheduled.items() if gaps.get(r) != 1)
+            budget = min(budget, max(prefill_cap - prefill_so_far, 0))
         if not preempted:
             budget = self._admit(budget, planned, fits)
 

@@ -656,3 +656,34 @@ def test_weights_residency_keeps_each_step_to_models_that_fit_together():
     for r in [make_request(f"{m}{i}", m, 5 + i, rng, max_tokens=4) for i in range(2) for m in ("a", "b")]:
         free.add_request(r)
     assert len(free.schedule().chunks_by_model) == 2
+
+
+def test_steps_with_decodes_bound_their_prefill_tokens():
+    """decode_step_prefill_tokens: once requests decode, a step carries at most that many prefill
+    tokens (running chunks and admissions together), so a long prompt arriving later is
+    chunked finely; a step without decodes still takes the whole token budget; outputs equal
+    the reference."""
+    rng = random.Random(4)
+    sched = make_scheduler(pages_per_device=256, max_num_batched_tokens=32, max_decode_steps=1,
+                           decode_step_prefill_tokens=8)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    short = [make_request(f"s{i}", "a", 3, rng, max_tokens=12) for i in range(2)]
+    for r in short:
+        sched.add_request(r)
+    assert engine.step().num_batched_tokens == 6           # no decodes yet: whole prompts
+    long = [make_request("long", "b", 40, rng, max_tokens=4), make_request("long2", "a", 30, rng, max_tokens=3)]
+    for r in long:
+        sched.add_request(r)
+    engine.run()
+    with_decodes = 0
+    for out in engine.outputs[1:]:
+        decodes = [c for c in out.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids)]
+        prefill = sum(c.num_tokens for c in out.chunks if c.start < len(c.request.prompt_token_ids))
+        if decodes:
+            with_decodes += 1
+            assert prefill <= 8, (len(decodes), prefill)
+    assert with_decodes >= 5
+    check_outputs(engine, short + long, stop_at_eos=False)
+    assert_pool_empty(sched)
+    with pytest.raises(ValueError, match="decode_step_prefill_tokens"):
+        SchedulerConfig(decode_step_prefill_tokens=0)
