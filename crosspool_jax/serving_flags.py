@@ -35,7 +35,8 @@ flags.DEFINE_integer("max_num_seqs", None, "Most sequences in one engine step.")
 flags.DEFINE_integer("max_num_batched_tokens", None, "Most tokens in one engine step.")
 flags.DEFINE_integer("max_decode_steps", None, "Most tokens a decode-only step samples per "
                      "sequence on the device (multi-step decode); 1 turns it off.")
-flags.DEFINE_integer("seed", None, "Engine seed for requests that give none.")
+flags.DEFINE_integer("seed", None, "Engine seed for requests that give none (in `bench.trace "
+                     "generate/sweep`: the trace's seed, default 0).")
 flags.DEFINE_integer("max_queue", 1024, "Most unfinished requests the async engine holds; beyond "
                      "it new requests are refused (HTTP 429 from the server).", lower_bound=1)
 flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache folder: "
