@@ -140,10 +140,8 @@ async def drive(requests: Sequence[TraceRequest], backend: Backend, *, clock: Op
     bar = _progress(len(results), label, progress)
     now_rel = lambda: clock.now() - start                  # noqa: E731 - every stamp is relative
 
-    async def one(res: RequestResult) -> None:
+    async def one(res: RequestResult, ids: list[int]) -> None:
         r = res.request
-        ids = prompt_ids(prompt_seed, res.index, r.prompt_tokens, backend.token_id_limit(r.model))
-        res.timing.sent = now_rel()
         try:
             outcome = await backend.send(f"{run_id}-{res.index}", r.model, ids, r.output_tokens,
                                          res.timing, now_rel)
@@ -169,9 +167,13 @@ async def drive(requests: Sequence[TraceRequest], backend: Backend, *, clock: Op
     tasks, max_lag = [], 0.0
     try:
         for res in results:
-            await clock.sleep_until(start + res.request.arrival_s)
-            max_lag = max(max_lag, now_rel() - res.request.arrival_s)
-            tasks.append(asyncio.create_task(one(res)))
+            r = res.request
+            ids = prompt_ids(prompt_seed, res.index, r.prompt_tokens, backend.token_id_limit(r.model))
+            await clock.sleep_until(start + r.arrival_s)
+            res.timing.sent = now_rel()
+            max_lag = max(max_lag, res.timing.sent - r.arrival_s)
+            tasks.append(asyncio.create_task(one(res, ids)))
+            await asyncio.sleep(0)                         # the request goes out before the next wait
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=drain_timeout_s)
             for task in pending:

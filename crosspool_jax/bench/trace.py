@@ -196,7 +196,7 @@ def _run_in_process(trace, warmup, rates, slo, model_map) -> int:
         info = {"mode": engine.config.mode, "label": FLAGS.label or engine.config.mode,
                 "engine_options": {k: v for k, v in options.items()}, "models": models,
                 "backend": backend.description}
-        return asyncio.run(_measure(backend, engine.model_names, trace, warmup, rates, slo, model_map, info))
+        return asyncio.run(_measure(backend, list(models), trace, warmup, rates, slo, model_map, info))
     finally:
         async_engine.shutdown()
 
