@@ -151,3 +151,16 @@ def test_scale_to_rate_keeps_the_shape(trace):
     for a, b in zip(trace, scaled):
         assert b.arrival_s * ratio == pytest.approx(a.arrival_s)
         assert (a.model, a.prompt_tokens, a.output_tokens) == (b.model, b.prompt_tokens, b.output_tokens)
+
+
+def test_the_shipped_samples_load():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
+    conv = load_trace(str(root / "azure_conv_sample.csv"))
+    assert conv.format == "azure" and len(conv.requests) > 100
+    assert {r.model for r in conv.requests} == {"azure_conv_sample"}
+    burst = load_trace(str(root / "burstgpt_sample.csv"))
+    assert burst.format == "burstgpt" and {r.model for r in burst.requests} == {"ChatGPT", "GPT-4"}
+    native = load_trace(str(root / "chat_8models_cv4.jsonl"))
+    assert native.format == "jsonl" and {r.model for r in native.requests} == {f"m{i}" for i in range(8)}
