@@ -11,7 +11,8 @@ requests that completed with TTFT <= the TTFT limit and the 99th percentile of t
 <= the TBT limit), `goodput_rps` (those requests per second of the run), `throughput_tok_s`
 (tokens streamed per second) and `request_throughput_rps`. `overall` adds the engine's
 counters over the measured window (`compiles_in_window`, which should be 0, `preemptions`,
-`swaps_in`, `swaps_out`), the KV pages (`kv_pages_total`, `kv_pages_peak`), the run's length
+`swaps_in`, `swaps_out`), the KV pages (`kv_pages_total`, `kv_pages_peak`, `kv_pages_peak_by_model` and
+`kv_pages_equal_share`, the pool over the served models: static mode's share), the run's length
 and offered rate, the driver's largest send lag, and `notes` (plain sentences about anything
 that makes the numbers less than clean: compiles in the window, clipped, failed or unfinished
 requests, a late driver). `run` is what was run (mode, options, trace, SLO limits, card, JAX
@@ -75,15 +76,24 @@ def build(record: RunRecord, slo: Slo, *, run_info: dict, clipped: int = 0) -> d
     compiles = int(after.compiles - before.compiles)
     span = max((r.request.arrival_s for r in results), default=0.0)
     peak = max((s.kv_pages_used for s in record.samples), default=0.0)
+    models = sorted({r.request.model for r in results})
+    peak_by_model = {m: int(max((s.kv_pages_used_by_model.get(m, 0.0) for s in record.samples), default=0.0))
+                     for m in models}
+    total = int(after.kv_pages_total or before.kv_pages_total)
+    share = total // max(len(run_info.get("models") or models), 1)
     overall.update(
         compiles_in_window=compiles, preemptions=int(after.preemptions - before.preemptions),
         swaps_in=int(after.swaps_in - before.swaps_in), swaps_out=int(after.swaps_out - before.swaps_out),
-        kv_pages_total=int(after.kv_pages_total or before.kv_pages_total), kv_pages_peak=int(peak),
+        kv_pages_total=total, kv_pages_peak=int(peak), kv_pages_peak_by_model=peak_by_model,
+        kv_pages_equal_share=share,
         duration_s=round(record.duration_s, 6),
         offered_rate_rps=len(results) / span if span > 0 else None,
         max_send_lag_ms=round(1e3 * record.max_send_lag_s, 3), clipped_requests=clipped,
         notes=_notes(record, compiles, clipped))
-    models = sorted({r.request.model for r in results})
+    above = [m for m, p in peak_by_model.items() if p > share]
+    if above:
+        overall["notes"].append(f"KV pages of {', '.join(above)} peaked above an equal share of the pool "
+                                f"({share} of {total} pages; what static mode reserves per model)")
     per_model = {m: summarize([r for r in results if r.request.model == m], record.duration_s, slo)
                  for m in models}
     timeline = {"t": [round(s.t, 4) for s in record.samples],

@@ -20,7 +20,7 @@ inference trace or a BurstGPT file, told apart by their columns), map its models
 served ones (trace models m0, m1, ... most popular first take the served models in the order
 given, unless --model_map), clip each request to its model's max_model_len, warm up by
 replaying a separate shorter trace (--warmup_trace, or the first --warmup_s seconds of the
-measured trace with other prompts), then drive the trace once per --rates entry (the trace's
+measured trace with other prompts) followed by each model's longest request, then drive the trace once per --rates entry (the trace's
 arrival times scaled to that mean rate; no --rates: as it is) and write results.json,
 results.md, requests.jsonl and PNG plots per rate (`results.py` says what each field means).
 In process, the served models and the engine are the server's flags (--model, --mode,
@@ -80,10 +80,12 @@ flags.DEFINE_string("server_url", None, "run: drive this running server over HTT
 flags.DEFINE_list("rates", None, "run/sweep: request rates (req/s); the trace is time-scaled to each, "
                   "one measured window and results folder rate_<r> per rate.")
 flags.DEFINE_integer("max_requests", None, "run: measure only the first N requests of the trace.")
+flags.DEFINE_float("window_s", None, "run: measure only the arrivals of the first N seconds of each rate's "
+                   "(scaled) trace. sweep: default --duration_s (every rate point lasts as long).")
 flags.DEFINE_string("warmup_trace", None, "run: trace replayed before measuring (not measured).")
 flags.DEFINE_float("warmup_s", 30.0, "run without --warmup_trace: replay the measured trace's first N seconds "
-                   "(at the highest rate, other prompts) as warm-up; 0 = no warm-up. sweep: the warm-up "
-                   "trace's duration.")
+                   "(at the highest rate, other prompts) as warm-up, then each model's longest request; "
+                   "0 = no warm-up. sweep: the warm-up trace's duration.")
 flags.DEFINE_float("ttft_slo_ms", 1000.0, "run: SLO limit on time to first token (ms).")
 flags.DEFINE_float("tbt_slo_ms", 100.0, "run: SLO limit on each request's P99 time between tokens (ms).")
 flags.DEFINE_float("sample_interval_s", 0.25, "run: seconds between samples of the engine's state.")
@@ -103,7 +105,7 @@ flags.DEFINE_list("model_counts", None, "sweep: several numbers of models (trace
                   "first N of --model; default: --num_models).")
 flags.DEFINE_float("run_timeout_s", None, "sweep: kill a run process after this many seconds.")
 
-_RUN_FLAGS = ("time_scale", "model_map", "max_requests", "warmup_s", "ttft_slo_ms", "tbt_slo_ms",
+_RUN_FLAGS = ("time_scale", "model_map", "max_requests", "window_s", "warmup_s", "ttft_slo_ms", "tbt_slo_ms",
               "sample_interval_s", "drain_timeout_s", "prompt_seed", "token_id_max", "plots", "progress")
 
 
@@ -140,16 +142,19 @@ def _load(paths, fmt: str, time_scale: float) -> list[traces.TraceRequest]:
     return traces.sort(merged)
 
 
-def _warmup_requests(measured: list[traces.TraceRequest], seconds: float) -> list[traces.TraceRequest]:
-    """The measured trace's first `seconds`, plus the first request of every model missing there."""
-    head = [r for r in measured if r.arrival_s < seconds]
-    seen = {r.model for r in head}
-    end = head[-1].arrival_s if head else 0.0
+def _warmup_requests(warm: list[traces.TraceRequest], measured: list[traces.TraceRequest]
+                     ) -> list[traces.TraceRequest]:
+    """The warm-up trace, then (all at its end) the longest-context request of every model of the
+    measured trace, so that the widest programs (page tables of the longest contexts) are built
+    before the measured window too."""
+    end = warm[-1].arrival_s if warm else 0.0
+    longest: dict[str, traces.TraceRequest] = {}
     for r in measured:
-        if r.model not in seen:
-            seen.add(r.model)
-            head.append(traces.TraceRequest(end, r.model, r.prompt_tokens, r.output_tokens))
-    return head
+        best = longest.get(r.model)
+        if best is None or r.prompt_tokens + r.output_tokens > best.prompt_tokens + best.output_tokens:
+            longest[r.model] = r
+    return list(warm) + [traces.TraceRequest(end, r.model, r.prompt_tokens, r.output_tokens)
+                         for _, r in sorted(longest.items())]
 
 
 def _device_info() -> dict:
@@ -219,11 +224,15 @@ async def _measure(backend, served, trace, warmup, rates, slo, model_map, info) 
     trace, mapping = traces.map_models(trace, served, model_map)
     trace, clipped = traces.clip_to_context(trace, backend.max_model_len())
     windows = [(r, traces.scale_to_rate(trace, r)) for r in rates] if rates else [(None, trace)]
+    if FLAGS.window_s:
+        windows = [(r, [q for q in w if q.arrival_s < FLAGS.window_s]) for r, w in windows]
+    fastest = max(windows, key=lambda w: w[0] or 0.0)[1]
     if warmup is not None:
         warm = traces.clip_to_context(traces.map_models(warmup, served, model_map)[0], backend.max_model_len())[0]
-    else:
-        fastest = max(windows, key=lambda w: w[0] or 0.0)[1]
-        warm = _warmup_requests(fastest, FLAGS.warmup_s) if FLAGS.warmup_s > 0 else []
+    else:                   # the measured trace's first seconds at the highest rate (other prompts)
+        warm = [r for r in fastest if r.arrival_s < FLAGS.warmup_s]
+    no_warmup = warmup is None and FLAGS.warmup_s <= 0
+    warm = [] if no_warmup else _warmup_requests(warm, [r for _, w in windows for r in w])
     base = dict(info, setting=FLAGS.setting, trace=list(FLAGS.trace), model_map=mapping,
                 trace_stats={k: v for k, v in traces.describe(trace).items()}, **_device_info(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"))
@@ -281,6 +290,8 @@ def cmd_sweep() -> int:
     if FLAGS.trace and (FLAGS.model_counts or FLAGS.cvs):
         raise app.UsageError("sweep: --cvs and --model_counts make generated traces; not with --trace")
     passthrough = _passthrough()
+    if not FLAGS.trace and not FLAGS.window_s:
+        passthrough.append(f"--window_s={FLAGS.duration_s:g}")
     jobs = []
     for n in counts:
         for cv in cvs:
