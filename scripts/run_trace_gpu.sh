@@ -29,6 +29,8 @@ WARMUP_S="${WARMUP_S:-10}"           # the warm-up trace's seconds (at the highe
 DRAIN_S="${DRAIN_S:-10}"             # after the last arrival, wait this long, then cancel (= SLO miss)
 TTFT_SLO_MS="${TTFT_SLO_MS:-1000}"
 TBT_SLO_MS="${TBT_SLO_MS:-100}"
+DECODE_STEPS="${DECODE_STEPS:-1}"    # tokens per decode dispatch: 1 = every token its own chunk, so
+                                     # each gap is measured, not averaged over a multi-step chunk
 RUN_TIMEOUT="${RUN_TIMEOUT:-170}"    # per mode process
 EXTRA_ARGS="${EXTRA_ARGS:-}"         # more flags of `trace sweep`, e.g. "--max_decode_steps=1 --prompt_len_median=512"
 CACHE="${CACHE:-/tmp/crosspool-jax-cache}"
@@ -67,7 +69,7 @@ python3 -m crosspool_jax.bench.trace sweep --out "$LOG/trace" --modes "$MODES" -
   --num_models "$NUM_MODELS" --cv "$CV" --zipf "$ZIPF" --profile "$PROFILE" --duration_s "$DURATION_S" \
   --warmup_s "$WARMUP_S" --drain_timeout_s "$DRAIN_S" --ttft_slo_ms "$TTFT_SLO_MS" --tbt_slo_ms "$TBT_SLO_MS" \
   --kv_pool_bytes "$KV_POOL" --compilation_cache_dir "$CACHE" --run_timeout_s "$RUN_TIMEOUT" \
-  --sample_interval_s 0.1 --noprogress $EXTRA_ARGS $MODEL_FLAGS 2>&1 \
+  --max_decode_steps "$DECODE_STEPS" --sample_interval_s 0.1 --noprogress $EXTRA_ARGS $MODEL_FLAGS 2>&1 \
   | grep --line-buffered -v "^[IW][0-9]\{4\} " | tee "$LOG/trace.log"
 rc=${PIPESTATUS[0]}
 echo "sweep rc=$rc"

@@ -142,18 +142,17 @@ def generate(spec: TraceSpec) -> list[TraceRequest]:
         n = len(times)
         # Draw lengths in blocks of a fixed size so that request j of a model gets the same
         # lengths whatever the rate (a faster trace only appends requests).
-        prompts, outputs, tails = [], [], []
+        prompts, outputs = [], []
         block = 1024
         for _ in range(-(-n // block)):
-            prompts.append(_lognormal(length_rng, profile.prompt_median, profile.prompt_sigma, block,
-                                      MAX_PROMPT_TOKENS))
+            body = _lognormal(length_rng, profile.prompt_median, profile.prompt_sigma, block, MAX_PROMPT_TOKENS)
             outputs.append(_lognormal(length_rng, profile.output_median, profile.output_sigma, block,
                                       MAX_OUTPUT_TOKENS))
-            tail = length_rng.random(block) < profile.long_tail_fraction
-            long = _lognormal(length_rng, profile.long_tail_median, profile.long_tail_sigma, block,
+            in_tail = length_rng.random(block) < profile.long_tail_fraction
+            tail = _lognormal(length_rng, profile.long_tail_median, profile.long_tail_sigma, block,
                               MAX_PROMPT_TOKENS)
-            tails.append(np.where(tail, long, prompts[-1]))
-        prompt = np.concatenate(tails)[:n] if n else np.zeros(0, np.int64)
+            prompts.append(np.where(in_tail, tail, body))
+        prompt = np.concatenate(prompts)[:n] if n else np.zeros(0, np.int64)
         output = np.concatenate(outputs)[:n] if n else np.zeros(0, np.int64)
         out.extend(TraceRequest(round(float(t), 6), name, int(p), int(o))
                    for t, p, o in zip(times, prompt, output))

@@ -199,7 +199,7 @@ def _run_in_process(trace, warmup, rates, slo, model_map) -> int:
     try:
         backend = InProcessBackend(async_engine, vocab, token_id_max=FLAGS.token_id_max)
         info = {"mode": engine.config.mode, "label": FLAGS.label or engine.config.mode,
-                "engine_options": {k: v for k, v in options.items()}, "models": models,
+                "engine_options": dict(options), "models": models,
                 "backend": backend.description}
         return asyncio.run(_measure(backend, list(models), trace, warmup, rates, slo, model_map, info))
     finally:
@@ -234,7 +234,7 @@ async def _measure(backend, served, trace, warmup, rates, slo, model_map, info) 
     no_warmup = warmup is None and FLAGS.warmup_s <= 0
     warm = [] if no_warmup else _warmup_requests(warm, [r for _, w in windows for r in w])
     base = dict(info, setting=FLAGS.setting, trace=list(FLAGS.trace), model_map=mapping,
-                trace_stats={k: v for k, v in traces.describe(trace).items()}, **_device_info(),
+                trace_stats=traces.describe(trace), **_device_info(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"))
     if warm:
         record = await drive(warm, backend, sample_interval_s=FLAGS.sample_interval_s,
