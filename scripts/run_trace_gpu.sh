@@ -10,8 +10,10 @@
 # Every size is an environment variable (below); the whole run must stay under ~6 minutes:
 # each mode costs start-up + warm-up (compiles; the second mode reads the persistent compilation
 # cache in /tmp, so does a later call on the same warm machine) + per rate DURATION_S + up to DRAIN_S.
-# Without matplotlib on the machine the tables and JSON are still written; draw the plots later with
-#   python -m crosspool_jax.bench.trace report --out <the fetched trace folder>
+# If the first mode's warm-up (compiles) eats its RUN_TIMEOUT, fill the cache first with a short call
+# on the same machine (MODES=shared RATES=16 DURATION_S=2), then run the full one while it stays warm.
+# Plots, tables and JSON land under $OUT/trace (`python -m crosspool_jax.bench.trace report --out DIR`
+# redraws them from the JSON files anywhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"
@@ -32,15 +34,17 @@ TBT_SLO_MS="${TBT_SLO_MS:-100}"
 DECODE_STEPS="${DECODE_STEPS:-1}"    # tokens per decode dispatch: 1 = every token its own chunk, so
                                      # each gap is measured, not averaged over a multi-step chunk
 RUN_TIMEOUT="${RUN_TIMEOUT:-170}"    # per mode process
-EXTRA_ARGS="${EXTRA_ARGS:-}"         # more flags of `trace sweep`, e.g. "--max_decode_steps=1 --prompt_len_median=512"
+EXTRA_ARGS="${EXTRA_ARGS:-}"         # more flags of `trace sweep`, e.g. "--max_num_batched_tokens=1024 --prompt_len_median=512"
 CACHE="${CACHE:-/tmp/crosspool-jax-cache}"
 
-# plots need matplotlib; where the image lacks it, install it from wheels carried in .whl/ if there
-if ! python3 -c "import matplotlib" 2>/dev/null && ls .whl/matplotlib-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/matplotlib-*.whl .whl/contourpy-*.whl .whl/cycler-*.whl .whl/fonttools-*.whl \
-    .whl/kiwisolver-*.whl .whl/pyparsing-*.whl .whl/pillow-*.whl .whl/python_dateutil-*.whl \
-    .whl/six-*.whl 2>&1 | tail -2 && export PYTHONPATH=.:/tmp/site
+# the image has matplotlib, tqdm, httpx and prometheus-client but not fastapi, which the server
+# package (AsyncEngine's home) imports: install it and its friends from wheels carried in .whl/
+if ! python3 -c "import fastapi" 2>/dev/null; then
+  wheels=$(ls .whl/fastapi-*.whl .whl/starlette-*.whl .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
+    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/uvicorn-*.whl 2>/dev/null)
+  [ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site $wheels && export PYTHONPATH=.:/tmp/site
+  python3 -c "import fastapi" || { echo "fastapi is missing: carry .whl/ (carry=[\".whl\"])"; exit 1; }
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG/gpu.txt"
