@@ -91,7 +91,8 @@ flags.DEFINE_float("tbt_slo_ms", 100.0, "run: SLO limit on each request's P99 ti
 flags.DEFINE_float("sample_interval_s", 0.25, "run: seconds between samples of the engine's state.")
 flags.DEFINE_float("drain_timeout_s", 300.0, "run: after the last arrival, wait this long for running "
                    "requests, then cancel them (counted unfinished).")
-flags.DEFINE_integer("prompt_seed", 0, "run: seed of the random prompt token ids.")
+flags.DEFINE_integer("prompt_seed", 0, "run: seed of the random prompt token ids (the warm-up and each rate "
+                     "window draw prompts of their own from it: no prefix-cache hits between them).")
 flags.DEFINE_integer("token_id_max", 1000, "run: prompt token ids are drawn below min(this, vocab size).")
 flags.DEFINE_string("label", None, "run: name of the run in tables and plots (default: the engine mode, "
                     "or 'server' over HTTP).")
@@ -222,33 +223,34 @@ async def _measure(backend, served, trace, warmup, rates, slo, model_map, info) 
     from crosspool_jax.bench.driver import drive  # noqa: PLC0415
 
     trace, mapping = traces.map_models(trace, served, model_map)
-    trace, clipped = traces.clip_to_context(trace, backend.max_model_len())
     windows = [(r, traces.scale_to_rate(trace, r)) for r in rates] if rates else [(None, trace)]
     if FLAGS.window_s:
         windows = [(r, [q for q in w if q.arrival_s < FLAGS.window_s]) for r, w in windows]
+    windows = [(r, *traces.clip_to_context(w, backend.max_model_len())) for r, w in windows]
     fastest = max(windows, key=lambda w: w[0] or 0.0)[1]
     if warmup is not None:
         warm = traces.clip_to_context(traces.map_models(warmup, served, model_map)[0], backend.max_model_len())[0]
     else:                   # the measured trace's first seconds at the highest rate (other prompts)
         warm = [r for r in fastest if r.arrival_s < FLAGS.warmup_s]
     no_warmup = warmup is None and FLAGS.warmup_s <= 0
-    warm = [] if no_warmup else _warmup_requests(warm, [r for _, w in windows for r in w])
+    warm = [] if no_warmup else _warmup_requests(warm, [r for _, w, _ in windows for r in w])
     base = dict(info, setting=FLAGS.setting, trace=list(FLAGS.trace), model_map=mapping,
                 trace_stats=traces.describe(trace), **_device_info(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"))
     if warm:
+        # every drive gets prompts of its own (no prefix-cache hit across windows): seed, window
         record = await drive(warm, backend, sample_interval_s=FLAGS.sample_interval_s,
-                             drain_timeout_s=FLAGS.drain_timeout_s, prompt_seed=FLAGS.prompt_seed + 1,
+                             drain_timeout_s=FLAGS.drain_timeout_s, prompt_seed=1000 * FLAGS.prompt_seed,
                              run_id="warmup", progress=FLAGS.progress, label="warm-up")
         base["warmup"] = {"requests": len(warm), "seconds": round(record.duration_s, 3),
                           "compiles": int(record.after.compiles - record.before.compiles),
                           "completed": sum(r.ok for r in record.results)}
         print(f"warm-up: {len(warm)} requests in {record.duration_s:.1f} s, "
               f"{base['warmup']['compiles']} compiles", flush=True)
-    for rate, window in windows:
+    for k, (rate, window, clipped) in enumerate(windows):
         folder = FLAGS.out if rate is None else os.path.join(FLAGS.out, f"rate_{rate:g}")
         record = await drive(window, backend, sample_interval_s=FLAGS.sample_interval_s,
-                             drain_timeout_s=FLAGS.drain_timeout_s, prompt_seed=FLAGS.prompt_seed,
+                             drain_timeout_s=FLAGS.drain_timeout_s, prompt_seed=1000 * FLAGS.prompt_seed + k + 1,
                              run_id=f"rate{rate:g}" if rate else "run", progress=FLAGS.progress,
                              label=f"{base['label']} {rate:g} req/s" if rate else base["label"])
         run_info = dict(base, rate_rps=rate if rate else traces.offered_rate(window))
