@@ -6,10 +6,11 @@
 # Defaults: 8 random-weight models of real layer shapes (3 Qwen3-30B-A3B 4-layer, 2 Mixtral-8x7B
 # 2-layer, 3 OLMoE 4-layer: ~40 GiB of weights in bf16), a 2 GiB KV pool (static gives each model
 # 1/8 of it, 256 MiB: 32k tokens of Qwen3/Mixtral, 8k of OLMoE), a chat trace with CV 4 and Zipf 1.0
-# popularity (2% long-context prompts around 16k tokens), rates 2,4,8,16 req/s, 15 s per rate.
+# popularity (2% long-context prompts around 16k tokens), rates 2,4,8,16 req/s, 12 s per rate.
 # Every size is an environment variable (below); the whole run must stay under ~6 minutes:
-# each mode costs start-up + warm-up (compiles; the second mode reads the persistent compilation
-# cache in /tmp, so does a later call on the same warm machine) + per rate DURATION_S + up to DRAIN_S.
+# each mode costs start-up + per rate WARMUP_S of warm-up (+ compiles; the second mode reads the
+# persistent compilation cache in /tmp, so does a later call on the same warm machine) + per rate
+# DURATION_S + up to DRAIN_S.
 # If the first mode's warm-up (compiles) eats its RUN_TIMEOUT, fill the cache first with a short call
 # on the same machine (MODES=shared RATES=16 DURATION_S=2), then run the full one while it stays warm.
 # Plots, tables and JSON land under $OUT/trace (`python -m crosspool_jax.bench.trace report --out DIR`
@@ -26,8 +27,8 @@ RATES="${RATES:-2,4,8,16}"
 CV="${CV:-4}"
 ZIPF="${ZIPF:-1.0}"
 PROFILE="${PROFILE:-chat}"
-DURATION_S="${DURATION_S:-15}"       # arrivals per rate point (the trace is made at the highest rate)
-WARMUP_S="${WARMUP_S:-10}"           # the warm-up trace's seconds (at the highest rate, other draws)
+DURATION_S="${DURATION_S:-12}"       # arrivals per rate point (the trace is made at the highest rate)
+WARMUP_S="${WARMUP_S:-6}"            # warm-up seconds per rate (a separate trace: same shape, other draws)
 DRAIN_S="${DRAIN_S:-10}"             # after the last arrival, wait this long, then cancel (= SLO miss)
 TTFT_SLO_MS="${TTFT_SLO_MS:-1000}"
 TBT_SLO_MS="${TBT_SLO_MS:-100}"

@@ -93,7 +93,7 @@ def build(record: RunRecord, slo: Slo, *, run_info: dict, clipped: int = 0) -> d
     above = [m for m, p in peak_by_model.items() if p > share]
     if above:
         overall["notes"].append(f"KV pages of {', '.join(above)} peaked above an equal share of the pool "
-                                f"({share} of {total} pages; what static mode reserves per model)")
+                                f"({share} of {total} pages: about what static mode reserves per model)")
     per_model = {m: summarize([r for r in results if r.request.model == m], record.duration_s, slo)
                  for m in models}
     timeline = {"t": [round(s.t, 4) for s in record.samples],

@@ -19,8 +19,8 @@ BurstGPT column format (`--format`). run: read a trace (this project's JSONL, an
 inference trace or a BurstGPT file, told apart by their columns), map its models onto the
 served ones (trace models m0, m1, ... most popular first take the served models in the order
 given, unless --model_map), clip each request to its model's max_model_len, warm up by
-replaying a separate shorter trace (--warmup_trace, or the first --warmup_s seconds of the
-measured trace with other prompts) followed by each model's longest request, then drive the trace once per --rates entry (the trace's
+replaying a separate shorter trace at every rate (--warmup_trace, or the first --warmup_s seconds
+of the measured trace with other prompts) and each model's longest request, then drive the trace once per --rates entry (the trace's
 arrival times scaled to that mean rate; no --rates: as it is) and write results.json,
 results.md, requests.jsonl and PNG plots per rate (`results.py` says what each field means).
 In process, the served models and the engine are the server's flags (--model, --mode,
@@ -83,9 +83,10 @@ flags.DEFINE_integer("max_requests", None, "run: measure only the first N reques
 flags.DEFINE_float("window_s", None, "run: measure only the arrivals of the first N seconds of each rate's "
                    "(scaled) trace. sweep: default --duration_s (every rate point lasts as long).")
 flags.DEFINE_string("warmup_trace", None, "run: trace replayed before measuring (not measured).")
-flags.DEFINE_float("warmup_s", 30.0, "run without --warmup_trace: replay the measured trace's first N seconds "
-                   "(at the highest rate, other prompts) as warm-up, then each model's longest request; "
-                   "0 = no warm-up. sweep: the warm-up trace's duration.")
+flags.DEFINE_float("warmup_s", 30.0, "run: seconds of warm-up at each rate of --rates: --warmup_trace (scaled to "
+                   "the rate) or else the measured trace's first N seconds (other prompts); the last warm-up "
+                   "ends with each model's longest request. 0 without --warmup_trace: no warm-up. sweep: the "
+                   "generated warm-up trace's duration.")
 flags.DEFINE_float("ttft_slo_ms", 1000.0, "run: SLO limit on time to first token (ms).")
 flags.DEFINE_float("tbt_slo_ms", 100.0, "run: SLO limit on each request's P99 time between tokens (ms).")
 flags.DEFINE_float("sample_interval_s", 0.25, "run: seconds between samples of the engine's state.")
@@ -158,6 +159,22 @@ def _warmup_requests(warm: list[traces.TraceRequest], measured: list[traces.Trac
                          for _, r in sorted(longest.items())]
 
 
+def _warmup_plan(backend, served, warmup, model_map, windows) -> list[tuple]:
+    """[(rate, requests)]: the warm-up replayed at every rate of the run (each load level builds
+    its own batch shapes), cut to --warmup_s seconds each; the last one ends with each model's
+    longest request. The warm-up trace is --warmup_trace, else the measured trace's first seconds."""
+    if warmup is None and FLAGS.warmup_s <= 0:
+        return []
+    if warmup is not None:
+        warm = traces.clip_to_context(traces.map_models(warmup, served, model_map)[0], backend.max_model_len())[0]
+    plan = []
+    for rate, window, _ in windows:
+        source = window if warmup is None else (traces.scale_to_rate(warm, rate) if rate else warm)
+        plan.append((rate, [r for r in source if r.arrival_s < FLAGS.warmup_s]))
+    plan[-1] = (plan[-1][0], _warmup_requests(plan[-1][1], [r for _, w, _ in windows for r in w]))
+    return [(rate, reqs) for rate, reqs in plan if reqs]
+
+
 def _device_info() -> dict:
     import jax  # noqa: PLC0415
 
@@ -227,26 +244,23 @@ async def _measure(backend, served, trace, warmup, rates, slo, model_map, info) 
     if FLAGS.window_s:
         windows = [(r, [q for q in w if q.arrival_s < FLAGS.window_s]) for r, w in windows]
     windows = [(r, *traces.clip_to_context(w, backend.max_model_len())) for r, w in windows]
-    fastest = max(windows, key=lambda w: w[0] or 0.0)[1]
-    if warmup is not None:
-        warm = traces.clip_to_context(traces.map_models(warmup, served, model_map)[0], backend.max_model_len())[0]
-    else:                   # the measured trace's first seconds at the highest rate (other prompts)
-        warm = [r for r in fastest if r.arrival_s < FLAGS.warmup_s]
-    no_warmup = warmup is None and FLAGS.warmup_s <= 0
-    warm = [] if no_warmup else _warmup_requests(warm, [r for _, w, _ in windows for r in w])
     base = dict(info, setting=FLAGS.setting, trace=list(FLAGS.trace), model_map=mapping,
                 trace_stats=traces.describe(trace), **_device_info(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"))
-    if warm:
+    warmups = _warmup_plan(backend, served, warmup, model_map, windows)
+    if warmups:
+        base["warmup"] = {"requests": 0, "seconds": 0.0, "compiles": 0, "completed": 0}
+    for j, (rate, warm) in enumerate(warmups):
         # every drive gets prompts of its own (no prefix-cache hit across windows): seed, window
         record = await drive(warm, backend, sample_interval_s=FLAGS.sample_interval_s,
-                             drain_timeout_s=FLAGS.drain_timeout_s, prompt_seed=1000 * FLAGS.prompt_seed,
-                             run_id="warmup", progress=FLAGS.progress, label="warm-up")
-        base["warmup"] = {"requests": len(warm), "seconds": round(record.duration_s, 3),
-                          "compiles": int(record.after.compiles - record.before.compiles),
-                          "completed": sum(r.ok for r in record.results)}
-        print(f"warm-up: {len(warm)} requests in {record.duration_s:.1f} s, "
-              f"{base['warmup']['compiles']} compiles", flush=True)
+                             drain_timeout_s=FLAGS.drain_timeout_s, prompt_seed=1000 * FLAGS.prompt_seed + 500 + j,
+                             run_id=f"warmup{j}", progress=FLAGS.progress, label="warm-up")
+        compiles = int(record.after.compiles - record.before.compiles)
+        for key, value in (("requests", len(warm)), ("seconds", record.duration_s), ("compiles", compiles),
+                           ("completed", sum(r.ok for r in record.results))):
+            base["warmup"][key] += value
+        print(f"warm-up{f' at {rate:g} req/s' if rate else ''}: {len(warm)} requests in "
+              f"{record.duration_s:.1f} s, {compiles} compiles", flush=True)
     for k, (rate, window, clipped) in enumerate(windows):
         folder = FLAGS.out if rate is None else os.path.join(FLAGS.out, f"rate_{rate:g}")
         record = await drive(window, backend, sample_interval_s=FLAGS.sample_interval_s,
