@@ -224,8 +224,9 @@ def jax_itemsize(dtype: str) -> int:
 
 
 def _pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+    from crosspool_jax.bench.latency import percentile
+    value = percentile(xs, q)
+    return float("nan") if value is None else value
 
 
 def _compiles():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
+import os
 import random
 import statistics
 import sys
@@ -23,6 +23,11 @@ import time
 from typing import Optional
 
 import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from crosspool_jax.bench.http_client import MetricsScrape, completion_body, stream_completion  # noqa: E402
+from crosspool_jax.bench.latency import StreamTiming, percentile  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -32,7 +37,7 @@ class LoadReport:
     cancelled: int
     failed: list[str]
     ttft_s: list[float]
-    tbt_s: list[float]  # per completed request: (last chunk - first chunk) / (tokens - 1)
+    tbt_s: list[float]  # per completed request: its mean gap, (last token - first) / (tokens - 1)
     completion_tokens: int
     healthy: bool
     kv_pages_used: dict[str, float]
@@ -43,19 +48,17 @@ class LoadReport:
 
     def summary(self) -> str:
         def pct(xs, q):
-            if not xs:
-                return float("nan")
-            xs = sorted(xs)
-            return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+            value = percentile(xs, q)
+            return float("nan") if value is None else value
 
         done = self.completed + self.cancelled
         lines = [
             f"requests: {self.completed} completed, {self.cancelled} cancelled, "
             f"{len(self.failed)} failed in {self.wall_s:.2f} s -> {done / self.wall_s:.2f} req/s, "
             f"{self.completion_tokens / self.wall_s:.1f} generated tok/s (completed requests)",
-            f"TTFT ms: P50 {1e3 * pct(self.ttft_s, 0.5):.1f}  P99 {1e3 * pct(self.ttft_s, 0.99):.1f}"
+            f"TTFT ms: P50 {1e3 * pct(self.ttft_s, 50):.1f}  P99 {1e3 * pct(self.ttft_s, 99):.1f}"
             f"  mean {1e3 * (statistics.fmean(self.ttft_s) if self.ttft_s else float('nan')):.1f}",
-            f"TBT ms:  P50 {1e3 * pct(self.tbt_s, 0.5):.2f}  P99 {1e3 * pct(self.tbt_s, 0.99):.2f}",
+            f"TBT ms:  P50 {1e3 * pct(self.tbt_s, 50):.2f}  P99 {1e3 * pct(self.tbt_s, 99):.2f}",
             f"server healthy: {self.healthy}; KV pages used after drain: {self.kv_pages_used}",
         ]
         lines += [f"FAILED: {f}" for f in self.failed[:10]]
@@ -64,61 +67,27 @@ class LoadReport:
 
 def kv_pages_used(metrics_text: str) -> dict[str, float]:
     """crosspool_kv_pages_used{model="..."} values of a /metrics page."""
-    used = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("crosspool_kv_pages_used{"):
-            labels, value = line.rsplit(" ", 1)
-            used[labels.split('model="', 1)[1].split('"', 1)[0]] = float(value)
-    return used
+    return MetricsScrape.parse(metrics_text).kv_pages_used_by_model
 
 
 async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
                cancel_after: Optional[int], report: LoadReport) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = last = None
-    chunks = 0
-    usage = None
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                report.failed.append(f"{model}: HTTP {r.status_code} {(await r.aread())[:200]!r}")
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    report.failed.append(f"{model}: {event['error']['message']}")
-                    return
-                if event.get("usage"):
-                    usage = event["usage"]
-                if event.get("choices"):  # a choice that moved (its text may be empty
-                    # for a model without a tokenizer)
-                    now = time.perf_counter()
-                    first = now if first is None else first
-                    last = now
-                    chunks += 1
-                    if cancel_after is not None and chunks >= cancel_after:
-                        report.cancelled += 1
-                        return  # leaving the block closes the connection mid-stream
-    except httpx.HTTPError as e:
-        report.failed.append(f"{model}: {type(e).__name__}: {e}")
+    timing = StreamTiming(sent=time.perf_counter())
+    body = completion_body(model, prompt, max_tokens, ignore_eos=False)   # EOS may end it early
+    outcome = await stream_completion(client, body, timing, cancel_after=cancel_after)
+    if outcome.status == "cancelled":
+        report.cancelled += 1
         return
-    if usage is None:
-        report.failed.append(f"{model}: stream ended without usage")
+    if outcome.status == "failed":
+        report.failed.append(f"{model}: {outcome.error}")
         return
     report.completed += 1
-    n = usage["completion_tokens"]
-    report.completion_tokens += n
-    if first is not None:
-        report.ttft_s.append(first - t0)
-        if n > 1:
-            report.tbt_s.append((last - first) / (n - 1))
+    report.completion_tokens += outcome.completion_tokens
+    if timing.chunks:
+        report.ttft_s.append(timing.ttft())
+        gaps = timing.tbt_gaps()
+        if gaps:
+            report.tbt_s.append(statistics.fmean(gaps))
 
 
 async def _run(url: str, *, num_requests: int, concurrency: int, max_tokens: tuple[int, int],
