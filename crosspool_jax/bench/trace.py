@@ -209,6 +209,7 @@ def _run_in_process(trace, warmup, rates, slo, model_map) -> int:
     from crosspool_jax.engine import LLMEngine  # noqa: PLC0415
     from crosspool_jax.server import AsyncEngine  # noqa: PLC0415
 
+    traces.map_models(trace, list(models), model_map)     # a bad mapping fails before the engine starts
     engine = LLMEngine.from_options(models, **options)
     compiled = engine.warm_up()          # every program of every model's shape menu, before any request
     vocab = {m: engine.registry.get(m).config.vocab_size for m in engine.model_names}
