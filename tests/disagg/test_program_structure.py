@@ -1,0 +1,108 @@
+"""What the lowered step programs are made of (simulated CPU devices; the structure, not the numbers).
+
+- The forward of a placed step and the CrossPool split's common step have no conditional: on a
+  GPU a conditional reads its predicate back to the host, which stalls dispatch.
+- Every loop of a multi-step decode has a trip count XLA knows (a fixed max_decode_steps: no
+  predicate read back per token).
+- The split's step exchanges exactly max(n_kv, n_w) collective permutes per direction per stage.
+- The KV buffers (placed) and the arena (split) are parameters aliased to outputs: updated in
+  place.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crosspool_jax.disagg import build_disagg_inputs, disagg_step, make_layout
+from crosspool_jax.disagg.pipeline import p2p_rounds
+from crosspool_jax.runtime import sampling_metadata as smeta
+from crosspool_jax.runtime.packed_inputs import PackedInt32
+from crosspool_jax.runtime.shapes import STOP_IDS, StepShape
+from crosspool_jax.runtime.step_inputs import build_step_inputs
+from crosspool_jax.runtime.step_program import _forward_logits, multi_decode, ragged_step
+from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, model
+
+P = 32                                   # pages of the placed pool
+
+
+def _placed_args(config, kv, ffn, shape: StepShape):
+    G = PAGE_ELEMS // (config.num_kv_heads * config.head_dim)
+    k_buf = jnp.zeros((P, PAGE_ELEMS), jnp.float32)
+    v_buf = jnp.zeros((P, PAGE_ELEMS), jnp.float32)
+    inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=G, num_pages=P)
+    return k_buf, v_buf, inputs
+
+
+def _conditionals(hlo_text: str) -> int:
+    return len(re.findall(r"\bconditional\(", hlo_text))
+
+
+def _aliased_params(hlo_text: str) -> list[int]:
+    """Parameters the compiled module's outputs alias (updated in place)."""
+    header = hlo_text.split("\n", 1)[0]
+    return [int(p) for p in re.findall(r"\{[\d,]*\}: \((\d+), \{\}", header)]
+
+
+def test_placed_forward_has_no_conditional_and_writes_kv_in_place():
+    config, kv, ffn = model("qwen3_moe", 0)
+    k_buf, v_buf, x = _placed_args(config, kv, ffn, StepShape(16, 8, 4))
+    forward = jax.jit(_forward_logits, static_argnums=(2, 13, 14), donate_argnums=(3, 4))
+    compiled = forward.lower(kv, ffn, config, k_buf, v_buf, x.token_ids_T, x.positions_T, x.slots_LT,
+                             x.page_indices_LSP, x.kv_lens_S, x.cu_q_lens_S1, x.num_seqs_1, x.logits_indices_S,
+                             "reference", "reference").compile()
+    text = compiled.as_text()
+    assert _conditionals(text) == 0
+    # the two K/V buffers (the parameters right after the weight leaves) are aliased to outputs
+    n_weights = len(jax.tree.leaves((kv, ffn)))
+    assert _aliased_params(text) == [n_weights, n_weights + 1]
+
+
+def test_placed_ragged_step_donates_the_pool():
+    config, kv, ffn = model("qwen3_moe", 0)
+    k_buf, v_buf, x = _placed_args(config, kv, ffn, StepShape(16, 8, 4))
+    meta = smeta.build_sampling_metadata([], pad_rows_to=8)
+    counts, mask = smeta.build_token_history([], 8, config.vocab_size, length=16)
+    text = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedInt32.pack(x), meta, counts, mask, config=config,
+                             num_logprobs=0, attention_backend="reference",
+                             moe_backend="reference").compile().as_text()
+    n_weights = len(jax.tree.leaves((kv, ffn)))
+    assert _aliased_params(text) == [n_weights, n_weights + 1]
+
+
+def test_multi_decode_loops_have_known_trip_counts():
+    config, kv, ffn = model("qwen3_moe", 0)
+    S, Pp, steps = 8, 4, 3
+    k_buf = jnp.zeros((P, PAGE_ELEMS), jnp.float32)
+    v_buf = jnp.zeros((P, PAGE_ELEMS), jnp.float32)
+    meta = smeta.build_sampling_metadata([], pad_rows_to=S)
+    counts, mask = smeta.build_token_history([], S, config.vocab_size, length=16)
+    i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    text = multi_decode.lower(kv, ffn, k_buf, v_buf, i32(S), np.ones(S, np.int32), i32(config.num_layers, S, Pp),
+                              np.array([1], np.int32), meta, counts, mask, np.full((S, STOP_IDS), -1, np.int32),
+                              np.ones(S, np.int32), config=config, num_steps=steps, num_logprobs=0,
+                              attention_backend="reference", moe_backend="reference").compile().as_text()
+    whiles = re.findall(r"= [^\n]*\bwhile\([^\n]*", text)
+    assert whiles, "expected the decode loop and the layer scan"
+    for line in whiles:
+        assert "known_trip_count" in line, line
+    assert any(f'"n":"{steps}"' in line for line in whiles)          # the decode loop: max_decode_steps
+
+
+@pytest.mark.parametrize("n_kv,n_w", [(1, 1), (2, 2), (6, 2)])
+def test_split_step_has_no_conditional_and_the_expected_exchange(n_kv, n_w):
+    config, kv, ffn = model("qwen3_moe", 0)
+    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    inputs, _ = build_disagg_inputs([[] for _ in range(n_kv)], layout=layout, num_layers=config.num_layers,
+                                    num_microbatches=2, shape=StepShape(16, 8, 4))
+    arena = jax.ShapeDtypeStruct((n_kv + n_w, layout.arena_elems), jnp.float32, sharding=layout.sharding())
+    lowered = disagg_step.lower(arena, PackedInt32.pack(inputs), layout=layout, config=config, num_microbatches=2)
+    stablehlo = lowered.as_text()
+    assert "stablehlo.case" not in stablehlo and "stablehlo.if" not in stablehlo
+    rounds = len(p2p_rounds(n_kv, n_w))
+    # the ping-pong stage (a scan body): `rounds` permutes to the weights pool, `rounds` back
+    assert stablehlo.count("stablehlo.collective_permute") == 2 * rounds
+    text = lowered.compile().as_text()
+    assert _conditionals(text) == 0
+    assert _aliased_params(text) == [0]                                    # the arena, in place
