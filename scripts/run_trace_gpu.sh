@@ -54,7 +54,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee
 # the most popular trace models (m0, m1, ...) cover every shape
 MODEL_FLAGS=$(python3 - "$MODELS" <<'EOF'
 import sys
-from crosspool_jax.engine.random_models import random_model_dirs
+from crosspool_jax.models.random_models import random_model_dirs
 wanted = [(s.split(":")[0], int(s.split(":")[1]) if ":" in s else 1) for s in sys.argv[1].split(",") if s]
 folders = random_model_dirs(sorted({s for s, _ in wanted}))
 left = dict(wanted)

@@ -161,10 +161,11 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
 
 
 def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference",
-                 on=True):
+                 on=True, token_mask_T=None):
     """Weight device: this device's share of layer `layer`'s FFN output (no residual), float32;
     the sum over the weight devices is the full FFN output. `on` False (traced): no expert is
-    read (empty groups); the caller discards the output.
+    read (empty groups); the caller discards the output. token_mask_T: the inbox's real tokens
+    (padding reads no expert).
 
     A model with one FFN kind reads that stack at `layer` (a MoE-only model compiles exactly as
     without dense support); a model mixing kinds picks the branch and the index into its stack
@@ -174,13 +175,13 @@ def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: Model
     c = config
     kinds = c.ffn_kinds
     if len(kinds) == 1:
-        return _ffn_shard(row_X, h_TD, layer, w_index, layout, c, backend, on, kind=kinds[0])
+        return _ffn_shard(row_X, h_TD, layer, w_index, layout, c, backend, on, token_mask_T, kind=kinds[0])
     L = c.num_layers
     kind_L = jnp.asarray([kinds.index(c.ffn_kind(l)) for l in range(L)], jnp.int32)
     index_L = jnp.asarray([c.ffn_index(l) for l in range(L)], jnp.int32)
     index = index_L[layer]
     branches = [functools.partial(_ffn_shard, row_X, index=index, w_index=w_index, layout=layout, config=c,
-                                  backend=backend, on=on, kind=k) for k in kinds]
+                                  backend=backend, on=on, token_mask_T=token_mask_T, kind=k) for k in kinds]
     return jax.lax.switch(kind_L[layer], branches, h_TD)
 
 
@@ -192,8 +193,8 @@ def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
             for s in layout.w_slots if s.name.startswith(prefix) and s.name not in EXPERT_STACKS}
 
 
-def _ffn_shard(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on, *,
-               kind: str):
+def _ffn_shard(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on,
+               token_mask_T=None, *, kind: str):
     """Weight device: its share of layer `index` of the model's `kind` stack, float32
     (`models.ffn_partial` on the row's shards: its experts, or its block of F of a dense layer
     and of a shared expert; routers and FFN norms replicated). Expert stacks are read in place
@@ -207,7 +208,7 @@ def _ffn_shard(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelCo
             p[name[len("moe/"):]] = layout.expert_rows(row_X, name, index)
         E_loc = p["w1_LEDF2"].shape[0]
         offset = jnp.where(on, (w_index // layout.tp) * E_loc, c.num_experts)
-    return ffn_partial(p, c, kind, h_TD, moe_backend=backend, expert_offset=offset)
+    return ffn_partial(p, c, kind, h_TD, moe_backend=backend, expert_offset=offset, token_mask_T=token_mask_T)
 
 
 def p2p_rounds(n_kv: int, n_w: int) -> list[list[tuple]]:
@@ -345,15 +346,22 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
 
         attend = attention if sharded is None else attention_sharded
 
-        def ffn(row_X, inbox_TD, layer, on):
-            y_TD = _ffn_partial(row_X, inbox_TD, layer, d - n_kv, layout, c, moe_backend, on).astype(dtype)
+        # the real tokens of every KV device's micro-batches (inputs are replicated): the
+        # weight devices route the padding of their inbox to no expert
+        ends_NM1 = jnp.take_along_axis(inputs.cu_q_lens_S1, inputs.num_seqs_1, axis=2)
+        real_NMT = jnp.arange(Tm, dtype=jnp.int32)[None, None, :] < ends_NM1
+
+        def ffn(row_X, inbox_TD, layer, on, m):
+            mask_T = jnp.moveaxis(real_NMT, 1, 0)[m].reshape(n_kv * Tm)
+            y_TD = _ffn_partial(row_X, inbox_TD, layer, d - n_kv, layout, c, moe_backend, on,
+                                token_mask_T=mask_T).astype(dtype)
             return jnp.where(on, y_TD, jnp.zeros_like(y_TD))
 
         if M == 1:
             def stage(carry, layer):
                 x_MTD, row_X = carry
                 h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv)
-                y_TD = to_kv(ffn(row_X, to_weights(h_TD), layer, ~is_kv))
+                y_TD = to_kv(ffn(row_X, to_weights(h_TD), layer, ~is_kv, 0))
                 return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
 
             (x_MTD, row_X), _ = jax.lax.scan(stage, (x_MTD, row_X), jnp.arange(L, dtype=jnp.int32))
@@ -365,7 +373,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
                 m_f, i_f = (t + 1) % 2, jnp.maximum(t - 1, 0) // 2
                 ffn_on = t >= 1
                 h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on)
-                y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on)
+                y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on, m_f)
                 inbox_TD = to_weights(h_TD)                    # the exchange: every device runs it
                 y_back_TD = to_kv(y_TD)
                 x_MTD = jnp.where(attn_on, x_MTD.at[m_a].set(h_TD), x_MTD)

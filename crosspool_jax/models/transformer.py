@@ -87,17 +87,18 @@ def _swiglu_f32(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Arr
     return jnp.dot(act_TF, w2_FD, preferred_element_type=jnp.float32)
 
 
-def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend, expert_offset):
+def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend, expert_offset,
+               token_mask):
     if backend == "reference":
         return fused_moe_reference(x_TD, router_logits_TE, as_array(w1_EDF2), as_array(w2_EFD), top_k,
-                                   renormalize=renormalize, expert_offset=expert_offset)
+                                   renormalize=renormalize, expert_offset=expert_offset, token_mask=token_mask)
     from pallas_kernels.fused_moe import fused_moe
     return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, renormalize=renormalize, backend=backend,
-                     expert_offset=expert_offset)
+                     expert_offset=expert_offset, token_mask=token_mask)
 
 
 def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
-                moe_backend: str = "reference", expert_offset=None) -> jax.Array:
+                moe_backend: str = "reference", expert_offset=None, token_mask_T=None) -> jax.Array:
     """One layer's FFN output (post-attention norm, then MoE with optional shared expert, or a
     dense SwiGLU; no residual), float32.
 
@@ -116,7 +117,8 @@ def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: ja
         raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
     router_logits_TE = x_TD @ p["router_LDE"]
     y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k, renormalize=c.norm_topk_prob,
-                      backend=moe_backend, expert_offset=expert_offset).astype(jnp.float32)
+                      backend=moe_backend, expert_offset=expert_offset,
+                      token_mask=token_mask_T).astype(jnp.float32)
     if c.shared_expert_intermediate_size:
         gate_T1 = jax.nn.sigmoid(jnp.dot(x_TD, p["shared_gate_LD1"], preferred_element_type=jnp.float32))
         y_TD = y_TD + gate_T1 * _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
@@ -124,9 +126,10 @@ def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: ja
 
 
 def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
-              moe_backend: str = "reference") -> jax.Array:
+              moe_backend: str = "reference", token_mask_T=None) -> jax.Array:
     """One layer's FFN half with the residual -> out_TD (whole weights; `ffn_partial`)."""
-    return h_TD + ffn_partial(layer_ffn_params, config, kind, h_TD, moe_backend=moe_backend).astype(h_TD.dtype)
+    return h_TD + ffn_partial(layer_ffn_params, config, kind, h_TD, moe_backend=moe_backend,
+                              token_mask_T=token_mask_T).astype(h_TD.dtype)
 
 
 _EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
@@ -139,8 +142,9 @@ def _layer_slice(stack: dict, i) -> dict:
 
 def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T: jax.Array,
             positions_T: jax.Array, attention_fn: AttentionFn, kv_cache, *,
-            moe_backend: str = "reference"):
-    """All layers over one packed ragged batch -> (kv_cache, hidden_TD after the final norm)."""
+            moe_backend: str = "reference", token_mask_T=None):
+    """All layers over one packed ragged batch -> (kv_cache, hidden_TD after the final norm).
+    token_mask_T (bool [T], optional): the real tokens; padding routes to no expert."""
     c = config
     x_TD = kv_params["embed"]["embedding_VD"][token_ids_T]
     kinds = c.ffn_kinds
@@ -154,7 +158,7 @@ def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T:
             attn_p, ffn_p, l = xs
             ffn_p = {**ffn_p, **{k: ExpertRows.of_stack(a, l) for k, a in stacked.items()}}
             cache, h = attention_block(attn_p, c, x, positions_T, l, attention_fn, cache)
-            return (ffn_block(ffn_p, c, kind, h, moe_backend=moe_backend), cache), None
+            return (ffn_block(ffn_p, c, kind, h, moe_backend=moe_backend, token_mask_T=token_mask_T), cache), None
 
         per_layer = {k: a for k, a in ffn_params[kind].items() if k not in _EXPERT_LEAVES}
         xs = (kv_params["attn"], per_layer, jnp.arange(c.num_layers, dtype=jnp.int32))
@@ -165,7 +169,7 @@ def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T:
             kv_cache, h_TD = attention_block(_layer_slice(kv_params["attn"], l), c, x_TD, positions_T,
                                              l, attention_fn, kv_cache)
             x_TD = ffn_block(_layer_slice(ffn_params[kind], c.ffn_index(l)), c, kind, h_TD,
-                             moe_backend=moe_backend)
+                             moe_backend=moe_backend, token_mask_T=token_mask_T)
     return kv_cache, rms_norm(x_TD, kv_params["final"]["norm_D"], c.rms_norm_eps)
 
 

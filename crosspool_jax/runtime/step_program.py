@@ -41,13 +41,16 @@ def _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens
 
 def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, positions_T, slots_LT,
                     page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, logits_indices_S,
-                    attention_backend, moe_backend):
+                    attention_backend, moe_backend, token_mask_T=None):
     k_pages = page_view(k_buf, config.num_kv_heads, config.head_dim)
     v_pages = page_view(v_buf, config.num_kv_heads, config.head_dim)
     attention_fn = _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1,
                                        num_seqs_1, attention_backend)
+    if token_mask_T is None:          # the tokens of the step's sequences; the rest is padding
+        token_mask_T = jnp.arange(token_ids_T.shape[0], dtype=jnp.int32) < cu_q_lens_S1[num_seqs_1[0]]
     (k_pages, v_pages), hidden_TD = models.forward(kv_params, ffn_params, config, token_ids_T, positions_T,
-                                                   attention_fn, (k_pages, v_pages), moe_backend=moe_backend)
+                                                   attention_fn, (k_pages, v_pages), moe_backend=moe_backend,
+                                                   token_mask_T=token_mask_T)
     logits_SV = models.compute_logits(kv_params, config, hidden_TD[logits_indices_S])
     return k_pages.reshape(k_buf.shape), v_pages.reshape(v_buf.shape), logits_SV
 
@@ -97,7 +100,7 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
         slots_LS = token_slots(page_indices_LSP, rows, pos_S, live_S & ~done_S, tokens_per_page=G, num_pages=P)
         k_buf, v_buf, logits_SV = _forward_logits(
             kv_params, ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, page_indices_LSP, kv_lens,
-            cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend)
+            cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend, token_mask_T=live_S & ~done_S)
         meta = sampler_lib.advance_metadata(sampling, j)
         out = sampler_lib.sample(logits_SV, meta, counts, prompt_mask_SV, num_logprobs=num_logprobs)
         new_S = out.token_ids_S

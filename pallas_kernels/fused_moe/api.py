@@ -83,9 +83,12 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
 def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
               activation: str = "silu", backend: str = "auto", interpret: bool = False,
               config: tuning.BlockConfig | tuple[tuning.BlockConfig, tuning.BlockConfig]
-              | None = None, expert_offset=None):
+              | None = None, expert_offset=None, token_mask=None):
     """Mixture of experts: x [T, D], router_logits [T, E], w1 [E, D, 2F] (gate|up),
     w2 [E, F, D] (arrays or ExpertRows) -> [T, D] in x's dtype (float32 accumulation).
+
+    token_mask (bool [T], traced ok): tokens where it is False (a step's padding) are routed
+    to no expert: they read no weights and their output is zero.
 
     expert_offset (int32 scalar, traced ok; expert parallelism): w1/w2 hold only experts
     [expert_offset, expert_offset + E_local) of the router's E; (token, k) pairs routed to
@@ -97,12 +100,15 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     multiple of 16 falls back to the reference.
     """
     check_fused_moe(x, router_logits, w1, w2, top_k, activation, expert_slice=expert_offset is not None)
+    if token_mask is not None and getattr(token_mask, "shape", None) != (x.shape[0],):
+        raise ValueError(f"fused_moe: token_mask must be [T] = [{x.shape[0]}], got shape "
+                         f"{getattr(token_mask, 'shape', None)}")
     backend = _choose(backend, w2.shape[1], w2.shape[2])
     if backend == "reference" or x.shape[0] == 0:
         return fused_moe_reference(x, router_logits, as_array(w1), as_array(w2), top_k,
                                    renormalize=renormalize, activation=activation,
-                                   expert_offset=expert_offset)
-    return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, top_k=top_k,
+                                   expert_offset=expert_offset, token_mask=token_mask)
+    return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, token_mask, top_k=top_k,
                              renormalize=renormalize, activation=activation, backend=backend,
                              interpret=interpret, config=config)
 
@@ -121,8 +127,8 @@ def _combine_xla(y_PD, layout, top_k: int, dtype):
 
 @functools.partial(jax.jit, static_argnames=("top_k", "renormalize", "activation", "backend",
                                              "interpret", "config", "gpu_glue"))
-def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *, top_k, renormalize,
-                      activation, backend, interpret, config, gpu_glue=GPU_GLUE):
+def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, token_mask_T=None, *, top_k,
+                      renormalize, activation, backend, interpret, config, gpu_glue=GPU_GLUE):
     T, D = x_TD.shape
     E, _, F2 = w1_EDF2.shape
     F = F2 // 2
@@ -144,10 +150,10 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, *,
                                             interpret=interpret)
     else:
         weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
-    ids_TK = local_expert_ids(ids_TK, expert_offset, E)     # E: routed to another slice, dropped
+    ids_TK = local_expert_ids(ids_TK, expert_offset, E, token_mask_T)   # E: another slice's or padding
     if T == 1:      # one token: its top_k experts are distinct, one tile each, no sorting
-        layout = single_token_layout(ids_TK.reshape(R), cfg1.block_m,
-                                     num_groups=None if expert_offset is None else E)
+        dropping = expert_offset is not None or token_mask_T is not None
+        layout = single_token_layout(ids_TK.reshape(R), cfg1.block_m, num_groups=E if dropping else None)
     else:
         layout = build_layout(ids_TK.reshape(R), E, cfg1.block_m)
     weights_R = weights_TK.reshape(R)

@@ -40,30 +40,35 @@ def _activate(gate, activation: str):
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def local_expert_ids(ids_TK: jax.Array, expert_offset, num_local: int) -> jax.Array:
+def local_expert_ids(ids_TK: jax.Array, expert_offset, num_local: int, token_mask_T=None) -> jax.Array:
     """Expert ids relative to the local slice [expert_offset, expert_offset + num_local);
-    ids outside it become num_local (no local expert: the pair is dropped)."""
-    if expert_offset is None:
-        return ids_TK
-    local_TK = ids_TK - jnp.asarray(expert_offset, jnp.int32)
-    return jnp.where((local_TK >= 0) & (local_TK < num_local), local_TK, num_local).astype(jnp.int32)
+    ids outside it, and every id of a token whose token_mask_T is False (padding), become
+    num_local (no local expert: the pair is dropped)."""
+    if expert_offset is not None:
+        local_TK = ids_TK - jnp.asarray(expert_offset, jnp.int32)
+        ids_TK = jnp.where((local_TK >= 0) & (local_TK < num_local), local_TK, num_local)
+    if token_mask_T is not None:
+        ids_TK = jnp.where(token_mask_T[:, None], ids_TK, num_local)
+    return ids_TK.astype(jnp.int32)
 
 
 def fused_moe_reference(x_TD: jax.Array, router_logits_TE: jax.Array, w1_EDF2: jax.Array,
                         w2_EFD: jax.Array, top_k: int, *, renormalize: bool = True,
-                        activation: str = "silu", expert_offset=None) -> jax.Array:
+                        activation: str = "silu", expert_offset=None, token_mask=None) -> jax.Array:
     """Sort (token, k) pairs by expert, two grouped matmuls, weighted combine.
 
     w1 holds [gate | up] along its last axis: w1[e] = concat(gate_e, up_e) of shape [D, 2F].
     Accumulates in float32; the result has x's dtype. expert_offset (int, traced ok): w1/w2
     hold experts [expert_offset, expert_offset + E_local) of the router's E; pairs routed
     elsewhere contribute nothing (expert parallelism: the sum over the slices is the layer).
+    token_mask (bool [T], traced ok): tokens where it is False (padding) read no expert and
+    their output is zero.
     """
     T, D = x_TD.shape
     E = w1_EDF2.shape[0]
     F = w2_EFD.shape[1]
     weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
-    ids_TK = local_expert_ids(ids_TK, expert_offset, E)            # E: not local, dropped below
+    ids_TK = local_expert_ids(ids_TK, expert_offset, E, token_mask)    # E: not local or padding, dropped
     flat_ids = ids_TK.reshape(-1)                                  # [T*K]
     order = jnp.argsort(flat_ids, stable=True)                     # [T*K]
     token_of_row = order // top_k                                  # [T*K]

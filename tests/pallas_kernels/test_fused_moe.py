@@ -121,6 +121,26 @@ def test_expert_slices_sum_to_the_layer(T):
         fused_moe(x, logits[:, :E_loc], w1, w2, top_k, expert_offset=0)
 
 
+@pytest.mark.parametrize("T", [1, 7])
+def test_masked_tokens_read_no_expert(T):
+    """token_mask: a masked (padding) token's output is zero and reads no expert weight, the
+    other tokens' outputs are unchanged, with or without an expert slice."""
+    E, top_k, D, F = 8, 2, 64, 32
+    x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
+    mask = np.arange(T) % 3 != 1 if T > 1 else np.array([False])
+    want = np.where(mask[:, None], np.asarray(fused_moe_reference(x, logits, w1, w2, top_k)), 0.0)
+    for backend in ("gpu", "tpu", "reference"):
+        got = fused_moe(x, logits, w1, w2, top_k, backend=backend, interpret=True, token_mask=jnp.asarray(mask))
+        _assert_close(got, want, jnp.float32)
+        # only masked tokens: no expert is read (the kernels see NaN weights and still give zeros)
+        fill = 0.5 if backend == "reference" else jnp.nan
+        none = fused_moe(x, logits, jnp.full_like(w1, fill), jnp.full_like(w2, fill), top_k, backend=backend,
+                         interpret=True, token_mask=jnp.zeros(T, bool), expert_offset=0)
+        assert np.all(np.asarray(none) == 0.0), backend
+    with pytest.raises(ValueError, match="token_mask must be"):
+        fused_moe(x, logits, w1, w2, top_k, token_mask=jnp.ones(T + 1, bool))
+
+
 def test_layout_gives_each_active_expert_one_tile_in_decode():
     T, E, top_k, bm = 7, 128, 8, 16
     _, ids = route_topk(_logits(T, E), top_k, renormalize=True)
