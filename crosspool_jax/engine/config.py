@@ -76,5 +76,21 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+        for name in ("kv_devices", "weight_devices"):
+            _check_devices(name, getattr(self, name))
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+def _check_devices(name: str, spec) -> None:
+    """None, a count >= 1, or a non-empty list of device indices (>= 0) or jax devices."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if spec is None or (is_int(spec) and spec >= 1):
+        return
+    if isinstance(spec, (list, tuple)) and spec and all(
+            (is_int(d) and d >= 0) or hasattr(d, "platform") for d in spec):
+        return
+    raise ValueError(f"EngineConfig.{name} must be None, a device count >= 1 or a non-empty list of "
+                     f"device indices, got {spec!r}")
