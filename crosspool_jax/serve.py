@@ -1,192 +1,162 @@
-"""`python -m crosspool_jax.serve`: the OpenAI-compatible HTTP server for many models on one port.
+"""crosspool-serve: an OpenAI-compatible HTTP server for many Mixture-of-Experts models on one port.
 
-    python -m crosspool_jax.serve --model mixtral-tiny=/path/to/hf_dir --model olmoe-tiny=/p2
-        --host 127.0.0.1 --port 8000 --dtype float32 --kv_pool_bytes 2GiB   (one command line)
+    crosspool-serve --model mixtral=/path/to/hf_dir --model olmoe=/path/to/other --port 8000
+    (or: python -m crosspool_jax.serve ...)
 
-With no --model it serves every model folder (one holding config.json) under the repository's
-checkpoints/. absl flags are mapped into `LLMEngine.from_options` keywords in one place,
-`engine_options()`; only flags given on the command line are passed, so the engine's own
-defaults apply to the rest. SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight
-requests finish for up to --shutdown_timeout_s, aborts the rest, and exits 0.
+Every model is served from one engine: one global paged KV pool, a weights pool that swaps
+cold models' expert weights to host memory, routing by the request's "model" field. Routes:
+/v1/completions, /v1/chat/completions (streaming by server-sent events), /v1/models,
+/tokenize, /detokenize, /version, /health and /metrics (Prometheus). With no --model it
+serves the small models shipped in the repository's checkpoints/.
+
+SIGTERM or Ctrl-C stops accepting connections and lets open requests finish for up to
+--shutdown_timeout_s; then each gets an error (a stream an error event and [DONE]) and the
+process exits 0. During start-up (loading, warm-up) it exits at once.
 """
 from __future__ import annotations
 
 import logging
-import re
+import os
 import signal
 import sys
-from typing import Union
+import time
+from typing import Optional
 
-from absl import app, flags
+from absl import flags
 
+from crosspool_jax import config_flags
+from crosspool_jax.config_flags import parse_bytes, parse_devices  # noqa: F401 (re-exported)
+from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.model_specs import models_from_specs, parse_models, shipped_models  # noqa: F401 (re-exported)
+from crosspool_jax.server.config import ServerConfig
 
-FLAGS = flags.FLAGS
-
-flags.DEFINE_multi_string("model", [], "A served model as NAME=PATH (repeatable). PATH is a "
-                          "Hugging Face model folder or an orbax checkpoint. None: every model "
-                          "folder under the repository's checkpoints/.")
-flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
-flags.DEFINE_integer("port", 8000, "Port to listen on.")
-flags.DEFINE_string("dtype", None, "Engine dtype (e.g. bfloat16, float32); default: the engine's.")
-flags.DEFINE_enum("mode", None, ["crosspool", "shared", "static"],
-                  "Memory mode: crosspool (weights pool + KV pool), shared (kvcached-style "
-                  "elastic shared KV), static (per-model KV reservation).")
-flags.DEFINE_string("kv_devices", None, "KV-pool devices: a count (2) or device indices (0,1).")
-flags.DEFINE_string("weight_devices", None, "Weights-pool devices: a count or device indices.")
-flags.DEFINE_string("kv_pool_bytes", None, "KV pool budget in bytes (suffixes K/M/G/KiB/MiB/GiB).")
-flags.DEFINE_string("weights_pool_bytes", None, "Weights pool budget in bytes; beyond it, "
-                    "parameter pytrees are swapped to host memory.")
-flags.DEFINE_string("attention_pool_bytes", None, "Budget of the attention side (embeddings, "
-                    "attention weights) on the KV device; beyond it, swapped to host memory.")
-flags.DEFINE_integer("max_model_len", None, "Context length cap for every model.")
-flags.DEFINE_integer("max_num_seqs", None, "Most sequences in one engine step.")
-flags.DEFINE_integer("max_num_batched_tokens", None, "Most tokens in one engine step.")
-flags.DEFINE_integer("max_decode_steps", None, "Most tokens a decode-only step samples per "
-                     "sequence on the device (multi-step decode); 1 turns it off.")
-flags.DEFINE_integer("seed", None, "Engine seed for requests that give none.")
-flags.DEFINE_integer("max_queue", 1024, "Most unfinished requests the server holds; beyond "
-                     "it new requests get HTTP 429.", lower_bound=1)
-flags.DEFINE_string("api_key", None, "If set, /v1/* requests need 'Authorization: Bearer KEY'.")
-flags.DEFINE_float("shutdown_timeout_s", 30.0, "On SIGTERM, how long in-flight requests may "
-                   "run before they are aborted.", lower_bound=0.0)
-flags.DEFINE_bool("warmup", True, "Before accepting requests, run one short greedy request per "
-                  "model so its first prefill and decode programs are compiled (first requests "
-                  "then do not wait for compiles).")
-flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache folder: "
-                    "compiled step programs are kept there and reused by the next start.")
-flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
-                  "Log level of the server and of uvicorn.")
-
-_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+PROG = "crosspool-serve"
+FLAGS = flags.FlagValues()
+flags.DEFINE_multi_string("model", [], "A served model as NAME=PATH. PATH is a Hugging Face model folder or "
+                          "an orbax checkpoint written by `python -m crosspool_jax.checkpoints convert`. Unset: "
+                          "every model folder under the repository's checkpoints/.",
+                          flag_values=FLAGS)
+SERVER_FLAGS = config_flags.define_flags(ServerConfig, flag_values=FLAGS)
+ENGINE_FLAGS = config_flags.define_flags(EngineConfig, skip=("models",), flag_values=FLAGS)
 
 
-def parse_bytes(text: str, *, name: str) -> int:
-    """'1073741824', '512MiB', '2G', '1.5GiB' -> bytes (K/M/G/T and KiB/MiB/... are powers of 1024,
-    KB/MB/... of 1000)."""
-    m = _BYTES_RE.match(text)
-    if not m:
-        raise ValueError(f"--{name}: cannot read {text!r} as a byte count (e.g. 4GiB, 512MB)")
-    number, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
-    power = "kmgt".index(unit) + 1 if unit else 0
-    base = 1000 if suffix == "b" and unit else 1024
-    return int(number * base ** power)
+def help_text() -> str:
+    return config_flags.format_help(
+        f"{PROG} [--model NAME=PATH ...] [options]", __doc__.split("\n\n", 1)[0] + "\n\n" +
+        __doc__.split("\n\n", 2)[2],
+        [("Models", ["model"]), ("Server options", SERVER_FLAGS), ("Engine options", ENGINE_FLAGS)], FLAGS)
 
 
-def parse_devices(text: str, *, name: str) -> Union[int, list[int]]:
-    """'2' -> 2 (a count); '0,1' -> [0, 1] (device indices)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(f"--{name}: expected a count (2) or device indices (0,1), got {text!r}")
-    if len(parts) == 1 and "," not in text:
-        return int(parts[0])
-    return [int(p) for p in parts]
+def engine_options(flag_values=FLAGS) -> dict:
+    """The engine flags given on the command line as `EngineConfig` keywords (the engine's own
+    defaults apply to the rest)."""
+    return config_flags.config_kwargs(EngineConfig, skip=("models",), flag_values=flag_values,
+                                      only_present=True)
 
 
-def engine_options(values: dict) -> dict:
-    """Flag values (None = not given) -> `LLMEngine.from_options` keywords. The one mapping."""
-    options = {}
-    for key in ("dtype", "mode", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                "max_decode_steps", "seed"):
-        if values.get(key) is not None:
-            options[key] = values[key]
-    for key in ("kv_devices", "weight_devices"):
-        if values.get(key) is not None:
-            options[key] = parse_devices(values[key], name=key)
-    for key in ("kv_pool_bytes", "weights_pool_bytes", "attention_pool_bytes"):
-        if values.get(key) is not None:
-            options[key] = parse_bytes(values[key], name=key)
-    return options
+def server_config(flag_values=FLAGS) -> ServerConfig:
+    return ServerConfig(**config_flags.config_kwargs(ServerConfig, flag_values=flag_values))
 
 
-def _flag_values() -> dict:
-    return {name: FLAGS[name].value for name in (
-        "dtype", "mode", "kv_devices", "weight_devices", "kv_pool_bytes", "weights_pool_bytes",
-        "attention_pool_bytes", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-        "max_decode_steps", "seed")}
-
-
-def warm_up(engine, *, prompt_tokens: int = 8, max_tokens: int = 2) -> float:
+def warm_up(engine, *, prompt_tokens: int = 8, max_tokens: int = 2, progress: bool = False) -> float:
     """One short greedy request per model through the engine (compiles its first programs);
     returns the seconds it took. Uses token ids, so models without a tokenizer warm up too."""
-    import time  # noqa: PLC0415
-
     from crosspool_jax.sampling_params import SamplingParams  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+        bar = tqdm(total=len(engine.model_names), desc="warm-up", unit="model")
     for name in engine.model_names:
+        if bar is not None:
+            bar.set_postfix_str(name)
+        limit = engine.max_model_len(name)
+        n_prompt = max(1, min(prompt_tokens, limit - 1 - max_tokens))
+        n_new = max(1, min(max_tokens, limit - n_prompt))
         vocab = engine.registry.get(name).config.vocab_size
-        ids = [(7 * i + 1) % vocab for i in range(min(prompt_tokens, engine.max_model_len(name) - max_tokens))]
+        ids = [(7 * i + 1) % vocab for i in range(n_prompt)]
+        params = SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True)
         engine.add_request(f"warmup-{name}", name, {"prompt_token_ids": ids}, params)
-    while engine.has_unfinished_requests():
-        engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     engine.kv_manager.reset_prefix_cache()
     return time.perf_counter() - t0
 
 
-def _exit_now(signum, _frame):
-    raise SystemExit(0)
+def _exit_during_start_up(signum, _frame):
+    # Nothing is in flight while models load or compile; leaving at once avoids unwinding
+    # through XLA's compiler threads (which can crash the interpreter on the way out).
+    name = signal.Signals(signum).name
+    os.write(2, f"{PROG}: {name} during start-up; exiting\n".encode())
+    os._exit(0 if signum == signal.SIGTERM else 128 + signum)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    level = getattr(logging, FLAGS.log_level.upper())
+def main(argv: Optional[list[str]] = None) -> int:
+    config_flags.parse_command_line(FLAGS, list(sys.argv if argv is None else argv), prog=PROG,
+                                    help_text=help_text)
+    signal.signal(signal.SIGTERM, _exit_during_start_up)
+    signal.signal(signal.SIGINT, _exit_during_start_up)
+    try:
+        server = server_config()
+        api_key = server.resolved_api_key()
+        models = models_from_specs(FLAGS.model)
+        options = engine_options()
+        EngineConfig(models=models, **options)          # every option checked before anything loads
+    except ValueError as e:
+        config_flags.usage_error(PROG, str(e))
+    level = getattr(logging, server.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
     log = logging.getLogger("crosspool_jax.serve")
-    # Nothing is in flight while the models load: a SIGTERM then simply exits 0.
-    signal.signal(signal.SIGTERM, _exit_now)
-
-    try:
-        models = models_from_specs(FLAGS.model)
-        options = engine_options(_flag_values())
-    except ValueError as e:
-        raise app.UsageError(str(e))
-    if not models:
-        raise app.UsageError("no models: pass --model NAME=PATH (no model folder found under "
-                             "checkpoints/)")
 
     import uvicorn  # noqa: PLC0415 - keep --help fast
 
-    if FLAGS.compilation_cache_dir:
+    if server.compilation_cache_dir:
         import jax  # noqa: PLC0415
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+        jax.config.update("jax_compilation_cache_dir", server.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     from crosspool_jax.engine import LLMEngine  # noqa: PLC0415
-    from crosspool_jax.server import AsyncEngine, ServerMetrics, build_app  # noqa: PLC0415
+    from crosspool_jax.server import AsyncEngine, GracefulServer, ServerMetrics, build_app  # noqa: PLC0415
 
     log.info("loading %d model(s): %s; engine options %s", len(models),
              ", ".join(f"{k}={v}" for k, v in models.items()), options)
+    t0 = time.perf_counter()
     try:
         engine = LLMEngine.from_options(models, **options)
-    except ValueError as e:  # a bad option or checkpoint: say which, without a traceback
-        raise app.UsageError(f"cannot start the engine: {e}")
-    if FLAGS.warmup:
-        log.info("warm-up: one short request per model took %.1f s", warm_up(engine))
+    except ValueError as e:  # a bad checkpoint: say which, without a traceback
+        config_flags.usage_error(PROG, f"cannot start the engine: {e}")
+    log.info("loaded in %.1f s", time.perf_counter() - t0)
+    if server.warmup:
+        log.info("warm-up: compiling each model's first programs (--nowarmup skips this)")
+        log.info("warm-up took %.1f s", warm_up(engine, progress=level <= logging.INFO))
     metrics = ServerMetrics()
-    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=FLAGS.max_queue)
-    web = build_app(async_engine, metrics, api_key=FLAGS.api_key)
-    config = uvicorn.Config(web, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
-                            lifespan="on", timeout_graceful_shutdown=FLAGS.shutdown_timeout_s)
-    server = uvicorn.Server(config)
+    async_engine = AsyncEngine(engine, metrics=metrics, max_queue=server.max_queue)
+    web = build_app(async_engine, metrics, server)
+    config = uvicorn.Config(web, host=server.host, port=server.port, log_level=server.log_level,
+                            lifespan="on")
+    http = GracefulServer(config, grace_s=server.shutdown_timeout_s, on_grace_expired=async_engine.stop)
     # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then restores these handlers and
     # re-raises the signal into them: no-ops, so the process ends normally with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    log.info("serving %s on http://%s:%d", ", ".join(async_engine.model_names), FLAGS.host,
-             FLAGS.port)
-    server.run()
+    log.info("serving %s on http://%s:%d%s", ", ".join(async_engine.model_names), server.host,
+             server.port, " (API key required)" if api_key else "")
+    http.run()
     async_engine.shutdown()
     log.info("server stopped")
     return 0
 
 
 def run() -> None:
-    app.run(main)
+    """The `crosspool-serve` console command."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    run()

@@ -1,4 +1,5 @@
 """Request parsing and response shapes, without a server."""
+import copy
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 from crosspool_jax.outputs import Logprob
 from crosspool_jax.server import protocol, responses
 from crosspool_jax.server.protocol import ApiError
-from crosspool_jax.serve import engine_options, parse_bytes, parse_devices, parse_models
+from crosspool_jax.serve import FLAGS, engine_options, parse_bytes, parse_devices, parse_models
 from server_fake_engine import FakeTokenizer
 
 
@@ -96,10 +97,12 @@ def test_flag_parsing(tmp_path):
     assert parse_devices("4", name="x") == 4 and parse_devices("0,2", name="x") == [0, 2]
     with pytest.raises(ValueError, match="kv_pool_bytes"):
         parse_bytes("lots", name="kv_pool_bytes")
-    opts = engine_options({"dtype": "float32", "mode": None, "kv_devices": "2",
-                           "kv_pool_bytes": "1MiB", "max_model_len": 128, "max_decode_steps": 1})
+    flag_values = copy.deepcopy(FLAGS)
+    flag_values(["serve", "--dtype=float32", "--kv_devices=2", "--kv_pool_bytes=1MiB",
+                 "--max_model_len=128", "--max_decode_steps=1", "--noenable_prefix_caching"])
+    opts = engine_options(flag_values)
     assert opts == {"dtype": "float32", "kv_devices": 2, "kv_pool_bytes": 1 << 20,
-                    "max_model_len": 128, "max_decode_steps": 1}
+                    "max_model_len": 128, "max_decode_steps": 1, "enable_prefix_caching": False}
     assert parse_models([f"a={tmp_path}"]) == {"a": str(tmp_path)}
     with pytest.raises(ValueError, match="NAME=PATH"):
         parse_models(["nopath"])
