@@ -220,7 +220,7 @@ def test_client_disconnect_aborts(fake_server, rng):
     engine.step_s = 0.01
     try:
         with httpx.stream("POST", fake_server.url + "/v1/completions", json={
-                "model": "alpha", "prompt": random_text(rng), "max_tokens": 50,
+                "model": "alpha", "prompt": random_text(rng), "max_tokens": 40,
                 "stream": True}, timeout=10) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
