@@ -103,6 +103,7 @@ class _Live:
     text_len: dict[int, int] = dataclasses.field(default_factory=dict)
     token_len: dict[int, int] = dataclasses.field(default_factory=dict)
     logprob_len: dict[int, int] = dataclasses.field(default_factory=dict)
+    t_first_token: Optional[float] = None
     t_last_token: Optional[float] = None
     latency_tokens: int = 0  # tokens of the first completion already timed
 
@@ -143,10 +144,11 @@ class AsyncEngine:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self._stats = None
+        self._requests_by_model: dict[str, tuple[int, int]] = {}   # model -> (running, waiting)
         self._stats_time = 0.0
         self._dead_reason: Optional[str] = None
         if metrics is not None:
-            metrics.set_stats_source(lambda: (self._stats, self._in_flight))
+            metrics.set_stats_source(lambda: (self._stats, self._in_flight, self._requests_by_model))
 
     # ----------------------------------------------------------------- any thread
     def max_model_len(self, model: str) -> int:
@@ -332,8 +334,11 @@ class AsyncEngine:
             del self._live[rid]
             self._release(live)
             if self.metrics is not None:
-                self.metrics.count_tokens(live.sub.model, len(out.prompt_token_ids),
-                                          sum(live.token_len.values()))
+                self.metrics.observe_finished(
+                    live.sub.model, prompt_tokens=len(out.prompt_token_ids),
+                    generation_tokens=sum(live.token_len.values()),
+                    finish_reasons=[c.finish_reason for c in out.outputs], e2e_s=now - live.t_arrival,
+                    decode_s=None if live.t_first_token is None else now - live.t_first_token)
         self._send(live, event)
 
     def _observe_latency(self, live: _Live, out, now: float) -> None:
@@ -346,6 +351,7 @@ class AsyncEngine:
             return
         live.latency_tokens = len(first.token_ids)
         if live.t_last_token is None:
+            live.t_first_token = now
             self.metrics.observe_ttft(live.sub.model, now - live.t_arrival)
             if new > 1:
                 self.metrics.observe_tbt(live.sub.model, 0.0, new - 1)
@@ -384,4 +390,8 @@ class AsyncEngine:
             self._stats = self._engine.stats()
         except Exception:  # noqa: BLE001 - stats are best effort
             log.exception("engine.stats() failed")
+        counts: dict[str, list[int]] = {m: [0, 0] for m in self.model_names}
+        for live in self._live.values():
+            counts[live.sub.model][live.t_first_token is None] += 1
+        self._requests_by_model = {m: (c[0], c[1]) for m, c in counts.items()}
         self._stats_time = now

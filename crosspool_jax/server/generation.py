@@ -1,5 +1,11 @@
 """`Generation`: the events of one HTTP request's engine requests, turned into OpenAI bodies
-(whole, or as server-sent event chunks)."""
+(whole, or as server-sent event chunks).
+
+Streams carry one token per chunk, as vLLM's do: a multi-step decode hands over several
+tokens of a choice at once, and `split_delta` cuts them into single-token pieces (each
+token's text decoded from a short window of the tokens before it; any text that cannot be
+assigned to one token, such as an unfinished UTF-8 character, moves to a later piece, so the
+pieces' texts always add up to the engine's text)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +14,44 @@ import time
 from typing import AsyncIterator, Optional
 
 from crosspool_jax.server import responses
-from crosspool_jax.server.async_engine import AsyncEngine, StreamEvent, SubRequest
+from crosspool_jax.server.async_engine import AsyncEngine, ChoiceDelta, StreamEvent, SubRequest
 from crosspool_jax.server.protocol import ApiError
 from crosspool_jax.server.sse import DONE, encode_event
 
 log = logging.getLogger(__name__)
+_DECODE_WINDOW = 4           # tokens before a piece decoded with it (spaces and merges depend on them)
+
+
+def split_delta(delta: ChoiceDelta, prev_ids: list[int], tokenizer) -> list[ChoiceDelta]:
+    """One ChoiceDelta per token of `delta` (prev_ids: the choice's tokens before it)."""
+    ids = delta.token_ids
+    if len(ids) <= 1:
+        return [delta]
+    pieces = _token_texts(tokenizer, prev_ids, ids)
+    out, pos = [], 0
+    for j, tid in enumerate(ids):
+        last = j == len(ids) - 1
+        if last:
+            text = delta.text[pos:]
+        else:
+            text = pieces[j] if pieces and delta.text.startswith(pieces[j], pos) else ""
+            pos += len(text)
+        lps = [delta.logprobs[j]] if delta.logprobs and j < len(delta.logprobs) else None
+        out.append(ChoiceDelta(delta.index, text, [tid], lps, delta.finish_reason if last else None,
+                               delta.stop_reason if last else None))
+    return out
+
+
+def _token_texts(tokenizer, prev_ids: list[int], ids: list[int]) -> Optional[list[str]]:
+    if tokenizer is None:
+        return None
+    window = list(prev_ids[-_DECODE_WINDOW:])
+    try:
+        texts = [tokenizer.decode(window + ids[:j]) for j in range(len(ids) + 1)]
+    except Exception:  # noqa: BLE001 - a token the tokenizer cannot spell: text goes to the last piece
+        return None
+    return [texts[j + 1][len(texts[j]):] if texts[j + 1].startswith(texts[j]) else ""
+            for j in range(len(ids))]
 
 
 class Generation:
@@ -69,6 +108,18 @@ class Generation:
     def _choice_index(self, event: StreamEvent, choice_index: int) -> int:
         return self.sub_index[event.request_id] * self.n + choice_index
 
+    async def pieces(self) -> AsyncIterator[tuple[int, ChoiceDelta, int]]:
+        """(choice index, delta of at most one token, the choice's text length before it) in
+        order; the states are updated."""
+        async for event in self.events():
+            for c in event.choices:
+                idx = self._choice_index(event, c.index)
+                state = self.states[idx]
+                for piece in split_delta(c, state.token_ids, self.tokenizer):
+                    text_offset = len(state.text)
+                    state.add(piece)
+                    yield idx, piece, text_offset
+
     async def run_to_end(self) -> None:
         async for event in self.events():
             for c in event.choices:
@@ -101,23 +152,17 @@ class Generation:
     async def completion_chunks(self, include_usage: bool,
                                 logprobs_k: Optional[int]) -> AsyncIterator[bytes]:
         try:
-            async for event in self.events():
-                choices = []
-                for c in event.choices:
-                    idx = self._choice_index(event, c.index)
-                    state = self.states[idx]
-                    lps = None
-                    if logprobs_k is not None and c.logprobs:
-                        lps = responses.completion_logprobs(self.tokenizer, c.token_ids,
-                                                            c.logprobs, logprobs_k, len(state.text))
-                    state.add(c)
-                    if c.text or c.token_ids or c.finish_reason is not None:
-                        choices.append(responses.completion_choice(
-                            idx, c.text, lps, c.finish_reason, c.stop_reason,
-                            self._ids(c.token_ids)))
-                if choices:
-                    yield encode_event(responses.completion_body(
-                        self.id, self.created, self.model, choices, None, chunk=True))
+            async for idx, c, text_offset in self.pieces():
+                if not (c.text or c.token_ids or c.finish_reason is not None):
+                    continue
+                lps = None
+                if logprobs_k is not None and c.logprobs:
+                    lps = responses.completion_logprobs(self.tokenizer, c.token_ids, c.logprobs,
+                                                        logprobs_k, text_offset)
+                choice = responses.completion_choice(idx, c.text, lps, c.finish_reason, c.stop_reason,
+                                                     self._ids(c.token_ids))
+                yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
+                                                             None, chunk=True))
             if include_usage:
                 yield encode_event(responses.completion_body(
                     self.id, self.created, self.model, [], self.usage(), chunk=True))
@@ -135,22 +180,15 @@ class Generation:
             first = [responses.chat_chunk_choice(i, {"role": "assistant", "content": ""}, None, None)
                      for i in sorted(self.states)]
             yield encode_event(responses.chat_chunk(self.id, self.created, self.model, first))
-            async for event in self.events():
-                choices = []
-                for c in event.choices:
-                    idx = self._choice_index(event, c.index)
-                    self.states[idx].add(c)
-                    lps = None
-                    if top_logprobs is not None and c.logprobs:
-                        lps = responses.chat_logprobs(self.tokenizer, c.token_ids, c.logprobs,
-                                                      top_logprobs)
-                    if c.text or c.token_ids or c.finish_reason is not None:
-                        delta = {"content": c.text} if c.text else {}
-                        choices.append(responses.chat_chunk_choice(
-                            idx, delta, lps, c.finish_reason, self._ids(c.token_ids)))
-                if choices:
-                    yield encode_event(responses.chat_chunk(self.id, self.created, self.model,
-                                                            choices))
+            async for idx, c, _ in self.pieces():
+                if not (c.text or c.token_ids or c.finish_reason is not None):
+                    continue
+                lps = None
+                if top_logprobs is not None and c.logprobs:
+                    lps = responses.chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, top_logprobs)
+                delta = {"content": c.text} if c.text else {}
+                choice = responses.chat_chunk_choice(idx, delta, lps, c.finish_reason, self._ids(c.token_ids))
+                yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [choice]))
             if include_usage:
                 yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [],
                                                         self.usage()))

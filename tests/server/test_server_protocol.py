@@ -108,3 +108,25 @@ def test_flag_parsing(tmp_path):
         parse_models(["nopath"])
     with pytest.raises(ValueError, match="does not exist"):
         parse_models([f"a={tmp_path}/missing"])
+
+
+def test_split_delta_one_token_per_piece_with_a_real_tokenizer():
+    import os
+
+    from crosspool_jax.checkpoints.tokenizer import load_tokenizer
+    from crosspool_jax.server.async_engine import ChoiceDelta
+    from crosspool_jax.server.generation import split_delta
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tok = load_tokenizer(os.path.join(repo, "checkpoints", "mixtral-tiny"))
+    ids = tok.encode("Hello there, wonderful world of experts", add_special_tokens=False)
+    prev, new = ids[:3], ids[3:]
+    text = tok.decode(ids)[len(tok.decode(prev)):]
+    lps = [{t: Logprob(-1.0, 1)} for t in new]
+    pieces = split_delta(ChoiceDelta(0, text, new, lps, "length", None), prev, tok)
+    assert [p.token_ids for p in pieces] == [[t] for t in new]
+    assert "".join(p.text for p in pieces) == text and sum(bool(p.text) for p in pieces) >= len(new) - 1
+    assert [p.finish_reason for p in pieces] == [None] * (len(new) - 1) + ["length"]
+    assert [p.logprobs for p in pieces] == [[lp] for lp in lps]
+    one = ChoiceDelta(0, "x", [5], None, None, None)
+    assert split_delta(one, [], tok) == [one]
