@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--max_tokens", type=int, default=8)
     parser.add_argument("--models", type=int, default=2, help="how many shipped models the lines use")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--max_in_flight", type=int, default=512)
+    parser.add_argument("--max_in_flight", type=int, default=1024)
     args = parser.parse_args()
     models = dict(list(shipped_models().items())[:args.models])
     llm = LLM(models, dtype="float32", kv_pool_bytes=64 << 20)
