@@ -56,16 +56,28 @@ def test_generated_flags_follow_new_fields():
     assert values["ratio"].help == "Options.ratio"
 
 
-@pytest.mark.parametrize("module,prog", [("crosspool_jax.serve", "crosspool-serve"),
-                                         ("crosspool_jax.batch", "crosspool-batch")])
-def test_help_exits_zero_and_lists_every_engine_option(module, prog):
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+def test_serve_help_exits_zero_and_lists_every_engine_option():
+    proc = subprocess.run([sys.executable, "-m", "crosspool_jax.serve", "--help"], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith(f"usage: {prog}")
+    _check_help(proc.stdout, "crosspool-serve")
+
+
+def _check_help(text: str, prog: str) -> None:
+    assert text.startswith(f"usage: {prog}")
     for field in _fields(EngineConfig, ("models",)):
-        assert f"--{field.name} " in proc.stdout or f"--[no]{field.name}" in proc.stdout, field.name
-    assert "(default: 512)" in proc.stdout                          # max_num_batched_tokens
-    bad = subprocess.run([sys.executable, "-m", module, "--max_num_seqs=lots"], capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 2
-    assert bad.stderr.startswith(f"{prog}: error: ") and "max_num_seqs" in bad.stderr
+        assert f"--{field.name} " in text or f"--[no]{field.name}" in text, field.name
+    assert "(default: 512)" in text                                 # max_num_batched_tokens
+
+
+@pytest.mark.parametrize("module", [serve, batch])
+def test_help_and_usage_errors_in_process(module, capsys):
+    with pytest.raises(SystemExit) as info:
+        module.main([module.PROG, "--help"])
+    assert info.value.code == 0
+    _check_help(capsys.readouterr().out, module.PROG)
+    with pytest.raises(SystemExit) as info:
+        module.main([module.PROG, "--max_num_seqs=lots"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.splitlines()) == 2
+    assert err.startswith(f"{module.PROG}: error: ") and "max_num_seqs" in err
