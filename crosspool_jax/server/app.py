@@ -208,6 +208,8 @@ class _Routes:
             model = self._check_model(req.model)
             self._check_n(req.params.n)
             prompts = [await self._prompt_ids(model, p, req.params) for p in req.prompts]
+            echo = ([await self._echo_text(model, p, ids, req.params) for p, ids in zip(req.prompts, prompts)]
+                    if req.echo else None)
             base = f"cmpl-{uuid.uuid4().hex}"
             subs = [SubRequest(f"{base}-{i}", model, ids, req.params) for i, ids in enumerate(prompts)]
             sink, early = await self._start(subs)
@@ -216,7 +218,7 @@ class _Routes:
         except ApiError as e:
             return self._error(e, model)
         gen = Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model),
-                         req.return_token_ids)
+                         req.return_token_ids, echo=echo, continuous_usage=req.continuous_usage)
         if req.stream:
             return self._stream(gen, gen.completion_chunks(req.include_usage, req.logprobs))
         return await self._collect(request, gen, lambda: gen.completion_body(req.logprobs))
@@ -241,7 +243,7 @@ class _Routes:
             return self._error(e, model)
         top = req.top_logprobs if req.logprobs else None
         gen = Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model),
-                         req.return_token_ids)
+                         req.return_token_ids, continuous_usage=req.continuous_usage)
         if req.stream:
             return self._stream(gen, gen.chat_chunks(req.include_usage, top))
         return await self._collect(request, gen, lambda: gen.chat_body(top))
@@ -333,6 +335,14 @@ class _Routes:
         else:
             ids = list(prompt)
         return self._check_lengths(model, ids, params)
+
+    async def _echo_text(self, model: str, prompt, ids: list[int], params) -> str:
+        """The prompt as text, for `echo` (token-id prompts and truncated prompts are decoded)."""
+        if isinstance(prompt, str) and params.truncate_prompt_tokens is None:
+            return prompt
+        tokenizer = self._tokenizer(model, "echo")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, tokenizer.decode, ids)
 
     def _check_lengths(self, model: str, ids: list[int], params) -> list[int]:
         """The prompt (truncated as asked) against the context: vLLM's 400s."""

@@ -58,7 +58,10 @@ class Generation:
     """The events of one HTTP request's engine requests, turned into OpenAI bodies."""
 
     def __init__(self, base_id: str, model: str, subs: list[SubRequest], sink: asyncio.Queue,
-                 early: list[StreamEvent], tokenizer, return_token_ids: bool = False):
+                 early: list[StreamEvent], tokenizer, return_token_ids: bool = False,
+                 echo: Optional[list[str]] = None, continuous_usage: bool = False):
+        """echo: per sub-request, prompt text that each of its choices starts with (completions'
+        `echo`); continuous_usage: every stream chunk carries the usage so far."""
         self.id = base_id
         self.model = model
         self.subs = subs
@@ -74,6 +77,11 @@ class Generation:
                        for i in range(len(subs)) for j in range(self.n)}
         self.unfinished = {s.request_id for s in subs}
         self.status = 200
+        self.echo = echo
+        self.continuous_usage = continuous_usage
+
+    def _echo(self, idx: int) -> str:
+        return self.echo[idx // self.n] if self.echo is not None else ""
 
     @property
     def finished(self) -> bool:
@@ -101,6 +109,9 @@ class Generation:
             if event.finished:
                 self.unfinished.discard(event.request_id)
             yield event
+
+    def _running_usage(self) -> Optional[dict]:
+        return self.usage() if self.continuous_usage else None
 
     def _ids(self, token_ids: list[int]) -> Optional[list[int]]:
         return list(token_ids) if self.return_token_ids else None
@@ -133,7 +144,7 @@ class Generation:
             lps = (responses.completion_logprobs(self.tokenizer, s.token_ids, s.logprobs,
                                                  logprobs_k, 0)
                    if logprobs_k is not None else None)
-            choices.append(responses.completion_choice(idx, s.text, lps, s.finish_reason,
+            choices.append(responses.completion_choice(idx, self._echo(idx) + s.text, lps, s.finish_reason,
                                                        s.stop_reason, self._ids(s.token_ids)))
         return responses.completion_body(self.id, self.created, self.model, choices,
                                          self.usage(), chunk=False)
@@ -152,6 +163,10 @@ class Generation:
     async def completion_chunks(self, include_usage: bool,
                                 logprobs_k: Optional[int]) -> AsyncIterator[bytes]:
         try:
+            for idx in sorted(self.states) if self.echo is not None else ():
+                choice = responses.completion_choice(idx, self._echo(idx), None, None, None, None)
+                yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
+                                                             None, chunk=True))
             async for idx, c, text_offset in self.pieces():
                 if not (c.text or c.token_ids or c.finish_reason is not None):
                     continue
@@ -162,7 +177,7 @@ class Generation:
                 choice = responses.completion_choice(idx, c.text, lps, c.finish_reason, c.stop_reason,
                                                      self._ids(c.token_ids))
                 yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
-                                                             None, chunk=True))
+                                                             self._running_usage(), chunk=True))
             if include_usage:
                 yield encode_event(responses.completion_body(
                     self.id, self.created, self.model, [], self.usage(), chunk=True))
@@ -188,7 +203,8 @@ class Generation:
                     lps = responses.chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, top_logprobs)
                 delta = {"content": c.text} if c.text else {}
                 choice = responses.chat_chunk_choice(idx, delta, lps, c.finish_reason, self._ids(c.token_ids))
-                yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [choice]))
+                yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [choice],
+                                                        self._running_usage()))
             if include_usage:
                 yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [],
                                                         self.usage()))

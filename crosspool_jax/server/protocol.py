@@ -4,8 +4,8 @@
 
 Validation is strict, like OpenAI's and vLLM's: a field of the wrong type (no "10" for an
 integer, no 1 for a boolean) or a field that is not part of the request is a 400 naming the
-field; OpenAI and vLLM fields that this engine cannot honour (`echo`, `suffix`, `logit_bias`,
-`response_format` other than text, tools, `prompt_logprobs`, ...) are a 400 naming the field
+field; OpenAI and vLLM fields that this engine cannot honour (`suffix`, `logit_bias`,
+`response_format` other than text, tools, `prompt_logprobs`, `echo` with logprobs or in chat, ...) are a 400 naming the field
 as soon as they are set to anything but their neutral value. Sampling values are checked by
 `SamplingParams` itself (its ValueError message is passed through, naming the field).
 Bounds that depend on the model (prompt length, token ids, `max_tokens` against the context)
@@ -242,6 +242,8 @@ class CompletionRequest:
     include_usage: bool
     logprobs: Optional[int]
     return_token_ids: bool = False  # extension (as in vLLM): each choice also lists its token ids
+    echo: bool = False
+    continuous_usage: bool = False
 
 
 @dataclasses.dataclass
@@ -257,6 +259,7 @@ class ChatRequest:
     top_logprobs: int
     return_token_ids: bool = False
     add_generation_prompt: bool = True
+    continuous_usage: bool = False
 
 
 def parse_json_body(raw: bytes, *, max_depth: int = 64) -> dict:
@@ -328,15 +331,16 @@ def _is_type_tag(part: str) -> bool:
 
 def parse_completion_request(body: dict) -> CompletionRequest:
     req: CompletionBody = validate_body(CompletionBody, body)
-    if req.echo:
-        raise ApiError(400, "echo is not supported", param="echo")
+    if req.echo and req.logprobs is not None:
+        raise ApiError(400, "echo with logprobs needs the prompt's logprobs, which this engine does not "
+                            "compute yet", param="echo")
     if req.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     _refuse_unsupported(req)
     params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
     stream, include_usage = _stream(req)
     return CompletionRequest(req.model, req.prompt, params, stream, include_usage, req.logprobs,
-                             bool(req.return_token_ids))
+                             bool(req.return_token_ids), bool(req.echo), _continuous_usage(req))
 
 
 def parse_chat_request(body: dict) -> ChatRequest:
@@ -360,7 +364,11 @@ def parse_chat_request(body: dict) -> ChatRequest:
     stream, include_usage = _stream(req)
     messages = message_dicts(req.messages)
     return ChatRequest(req.model, messages, params, stream, include_usage, logprobs, top_logprobs,
-                       bool(req.return_token_ids), req.add_generation_prompt)
+                       bool(req.return_token_ids), req.add_generation_prompt, _continuous_usage(req))
+
+
+def _continuous_usage(req: _SamplingFields) -> bool:
+    return bool(req.stream and req.stream_options is not None and req.stream_options.continuous_usage_stats)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:

@@ -387,3 +387,23 @@ def test_engine_loop_crash_makes_server_unhealthy(rng):
                       contains=["engine is not running"])
     finally:
         live.__exit__(None, None, None)
+
+
+def test_echo_and_continuous_usage(fake_server, rng):
+    text = random_text(rng)
+    p = len(TOK.encode(text))
+    body = _post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text, "max_tokens": 3,
+                                                  "echo": True}).json()
+    assert body["choices"][0]["text"] == text + expected_text(p, 3)
+    ids = [ord(c) for c in "Hey"]
+    body = _post(fake_server, "/v1/completions", {"model": "alpha", "prompt": ids, "max_tokens": 2,
+                                                  "echo": True}).json()
+    assert body["choices"][0]["text"] == "Hey" + expected_text(3, 2)
+    events = _sse(fake_server, "/v1/completions", {
+        "model": "alpha", "prompt": text, "max_tokens": 3, "echo": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert "".join(c["text"] for e in chunks for c in e["choices"]) == text + expected_text(p, 3)
+    assert [e["usage"]["completion_tokens"] for e in chunks[1:]] == [1, 2, 3]
+    _assert_error(_post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text, "echo": True,
+                                                         "logprobs": 1}), 400, param="echo")
