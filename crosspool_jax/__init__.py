@@ -3,8 +3,15 @@
 `LLM` and `SamplingParams` are the Python API; `python -m crosspool_jax.serve` the HTTP
 server; `python -m crosspool_jax.batch` JSONL batch generation. See WORKSPACE.md.
 """
+import importlib.metadata
+
 from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
 from crosspool_jax.sampling_params import SamplingParams
+
+try:
+    __version__ = importlib.metadata.version("crosspool-jax")
+except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 

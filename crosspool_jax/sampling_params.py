@@ -1,4 +1,15 @@
-"""`SamplingParams`: how one request is decoded. Shaped like vLLM's, validated on construction."""
+"""`SamplingParams`: how one request is decoded. Shaped like vLLM's, validated on construction.
+
+Every integer the engine hands to its step programs (`n`, `top_k`, `max_tokens`,
+`min_tokens`, `stop_token_ids`) must fit int32, so a value no model can use fails here with
+a ValueError naming the field instead of overflowing inside a step. Model-dependent bounds
+(token ids within the vocabulary, lengths within the context) are checked by
+`LLMEngine.add_request`, which knows the model.
+
+vLLM fields this engine cannot honour yet (`prompt_logprobs`, `logit_bias`,
+`allowed_token_ids`, `bad_words`) are accepted as keywords, so code written for vLLM gets a
+ValueError naming the field rather than a TypeError, and only when a value is set.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +17,10 @@ import math
 import numbers
 from typing import Optional, Sequence, Union
 
-_MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20
+INT32_MAX = 2 ** 31 - 1
+# Fields vLLM's SamplingParams has that need logits processing inside the step program.
+UNSUPPORTED_FIELDS = ("prompt_logprobs", "logit_bias", "allowed_token_ids", "bad_words")
 
 
 @dataclasses.dataclass
@@ -16,6 +30,7 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 or -1 disables top-k; top_p 1 disables top-p;
     min_p 0 disables min-p. seed makes sampling reproducible per request. logprobs=k
     returns the sampled token's log-probability and the k most likely tokens' at each step.
+    truncate_prompt_tokens=k keeps only the last k prompt tokens (as vLLM).
     """
 
     n: int = 1
@@ -35,6 +50,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    truncate_prompt_tokens: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    logit_bias: Optional[dict] = None
+    allowed_token_ids: Optional[Sequence[int]] = None
+    bad_words: Optional[Sequence[str]] = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -47,12 +67,17 @@ class SamplingParams:
                                 or not all(_is_int(t) for t in ids)):
             raise ValueError(f"SamplingParams.stop_token_ids: must be a list of integers (got {ids!r})")
         self.stop_token_ids = [int(t) for t in (ids or [])]
-        self._check()
+        self.validate()
 
-    def _check(self):
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field (runs on construction)."""
         def bad(field, why):
-            raise ValueError(f"SamplingParams.{field}: {why} (got {getattr(self, field)!r})")
+            raise ValueError(f"SamplingParams.{field}: {why} (got {_short(getattr(self, field))})")
 
+        for field in UNSUPPORTED_FIELDS:
+            if getattr(self, field) is not None:
+                bad(field, "is not supported by this engine (it needs logits processing in the "
+                           "step program); leave it unset")
         for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                       "repetition_penalty"):
             value = getattr(self, field)
@@ -65,37 +90,44 @@ class SamplingParams:
         for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, field), bool):
                 bad(field, "must be a boolean")
-        if self.n < 1:
-            bad("n", "must be an integer >= 1")
+        if not 1 <= self.n <= INT32_MAX:
+            bad("n", f"must be an integer in [1, {INT32_MAX}]")
         if self.temperature < 0:
             bad("temperature", "must be >= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
-        if self.top_k < -1:
-            bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
+        if not -1 <= self.top_k <= INT32_MAX:
+            bad("top_k", f"must be -1 or 0 (disabled) or a positive integer <= {INT32_MAX}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "must be in [0, 1]")
         if not -2.0 <= self.presence_penalty <= 2.0:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            bad("repetition_penalty", "must be in (0, 2]")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            bad("max_tokens", "must be an integer >= 1 or None")
-        if self.min_tokens < 0:
-            bad("min_tokens", "must be an integer >= 0")
+        if not self.repetition_penalty > 0.0:
+            bad("repetition_penalty", "must be > 0 (1 disables it)")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens)
+                                            or not 1 <= self.max_tokens <= INT32_MAX):
+            bad("max_tokens", f"must be an integer in [1, {INT32_MAX}] or None")
+        if not 0 <= self.min_tokens <= INT32_MAX:
+            bad("min_tokens", f"must be an integer in [0, {INT32_MAX}]")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", "must be an integer or None")
+        if self.seed is not None and (not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64):
+            bad("seed", "must be a 64-bit integer or None")
         if self.logprobs is not None and (not _is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= _MAX_LOGPROBS):
-            bad("logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}] or None")
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.truncate_prompt_tokens is not None and (
+                not _is_int(self.truncate_prompt_tokens)
+                or not 1 <= self.truncate_prompt_tokens <= INT32_MAX):
+            bad("truncate_prompt_tokens", f"must be an integer in [1, {INT32_MAX}] or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of non-empty strings")
-        if any(t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be non-negative token ids")
+        if any(not _is_utf8(s) for s in self.stop):
+            bad("stop", "must be valid Unicode text (no lone surrogates)")
+        if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            bad("stop_token_ids", f"must be token ids in [0, {INT32_MAX}]")
 
     @property
     def greedy(self) -> bool:
@@ -110,3 +142,17 @@ class SamplingParams:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value) -> str:
+    """repr of a value, cut to 80 characters (a rejected value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -7,14 +7,18 @@ without a tokenizer work too) spread uniformly over the served models, at most `
 at a time; a `disconnect_fraction` of the clients hang up after a few chunks. Then it checks
 that every non-cancelled request completed, that the server is healthy, and that the KV pool
 drains back to zero pages (read from /metrics), and prints requests/s, TTFT and TBT P50/P99.
-Exit status 1 if any check fails. `run_load()` is the same thing as a function (the tests
-call it with small numbers).
+`--malformed_fraction 0.1` mixes in malformed requests (out-of-range sampling values, unknown
+fields, bad prompts, context overflows: `MALFORMED`) beside the same well-formed ones: each must
+be refused with a 4xx, and the well-formed requests' token ids (`LoadReport.outputs`) must equal
+a run without them. Exit status 1 if any check fails. `run_load()` is the same thing as a
+function (the tests call it with small numbers).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import statistics
@@ -41,6 +45,8 @@ class LoadReport:
     completion_tokens: int
     healthy: bool
     kv_pages_used: dict[str, float]
+    outputs: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # well-formed request -> token ids
+    malformed_refused: int = 0
 
     @property
     def ok(self) -> bool:
@@ -65,12 +71,44 @@ class LoadReport:
         return "\n".join(lines)
 
 
+# Malformed bodies (the model is filled in): every one must be refused with a 4xx, none may hurt
+# a neighbour. Values that overflow int32, unknown fields, unsupported features, bad prompts.
+MALFORMED: list[dict] = [
+    {"prompt": [5, 6], "max_tokens": 3, "top_k": 2 ** 31},
+    {"prompt": [5, 6], "max_tokens": 3, "min_tokens": 2 ** 31},
+    {"prompt": [5, 6], "max_tokens": 3, "stop_token_ids": [2 ** 31]},
+    {"prompt": [5, 6], "max_tokens": 3, "stop_token_ids": [10 ** 7]},
+    {"prompt": [10 ** 7], "max_tokens": 3},
+    {"prompt": 5, "max_tokens": 3},
+    {"prompt": [5, 6], "max_token": 3},
+    {"prompt": [5, 6], "max_tokens": 10 ** 9},
+    {"prompt": [5, 6], "n": 10 ** 6},
+    {"prompt": [5, 6], "temperature": -1},
+    {"prompt": [5, 6], "response_format": {"type": "json_object"}},
+    {"prompt": "\ud800"},
+]
+
+
 def kv_pages_used(metrics_text: str) -> dict[str, float]:
     """crosspool_kv_pages_used{model="..."} values of a /metrics page."""
     return MetricsScrape.parse(metrics_text).kv_pages_used_by_model
 
 
-async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+async def _malformed(client: httpx.AsyncClient, model: str, body: dict, report: LoadReport) -> None:
+    try:
+        # json.dumps escapes a lone surrogate ("\\ud800"), which is how a client can send one
+        r = await client.post("/v1/completions", content=json.dumps({"model": model, **body}).encode(),
+                              headers={"content-type": "application/json"})
+    except httpx.HTTPError as e:
+        report.failed.append(f"malformed {body}: {type(e).__name__}: {e}")
+        return
+    if 400 <= r.status_code < 500 and "error" in r.json():
+        report.malformed_refused += 1
+    else:
+        report.failed.append(f"malformed {body}: HTTP {r.status_code} {r.text[:200]!r}")
+
+
+async def _one(client: httpx.AsyncClient, index: int, model: str, prompt: list[int], max_tokens: int,
                cancel_after: Optional[int], report: LoadReport) -> None:
     timing = StreamTiming(sent=time.perf_counter())
     body = completion_body(model, prompt, max_tokens, ignore_eos=False)   # EOS may end it early
@@ -82,6 +120,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tok
         report.failed.append(f"{model}: {outcome.error}")
         return
     report.completed += 1
+    report.outputs[index] = outcome.token_ids
     report.completion_tokens += outcome.completion_tokens
     if timing.chunks:
         report.ttft_s.append(timing.ttft())
@@ -92,8 +131,10 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tok
 
 async def _run(url: str, *, num_requests: int, concurrency: int, max_tokens: tuple[int, int],
                prompt_len: tuple[int, int], disconnect_fraction: float, seed: int,
-               api_key: Optional[str], timeout_s: float, models: Optional[list[str]]) -> LoadReport:
+               api_key: Optional[str], timeout_s: float, models: Optional[list[str]],
+               malformed_fraction: float = 0.0) -> LoadReport:
     rng = random.Random(seed)
+    bad_rng = random.Random(seed + 1)           # the well-formed requests do not depend on it
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s,
@@ -103,16 +144,22 @@ async def _run(url: str, *, num_requests: int, concurrency: int, max_tokens: tup
         report = LoadReport(0.0, 0, 0, [], [], [], 0, False, {})
         sem = asyncio.Semaphore(concurrency)
 
-        async def job(i: int):
+        jobs = []
+        for i in range(num_requests):
             model = models[i % len(models)]
             prompt = [rng.randrange(3, 100) for _ in range(rng.randint(*prompt_len))]
             n_tokens = rng.randint(*max_tokens)
             cancel = rng.randint(1, 3) if rng.random() < disconnect_fraction else None
+            jobs.append(_one(client, i, model, prompt, n_tokens, cancel, report))
+            if bad_rng.random() < malformed_fraction:
+                jobs.append(_malformed(client, model, bad_rng.choice(MALFORMED), report))
+
+        async def job(coro):
             async with sem:
-                await _one(client, model, prompt, n_tokens, cancel, report)
+                await coro
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(job(i) for i in range(num_requests)))
+        await asyncio.gather(*(job(c) for c in jobs))
         report.wall_s = time.perf_counter() - t0
         deadline = time.monotonic() + 10
         while True:  # cancelled requests are aborted asynchronously: let the pool drain
@@ -127,11 +174,12 @@ async def _run(url: str, *, num_requests: int, concurrency: int, max_tokens: tup
 def run_load(url: str, *, num_requests: int = 200, concurrency: int = 32,
              max_tokens: tuple[int, int] = (4, 64), prompt_len: tuple[int, int] = (4, 128),
              disconnect_fraction: float = 0.2, seed: int = 0, api_key: Optional[str] = None,
-             timeout_s: float = 600.0, models: Optional[list[str]] = None) -> LoadReport:
+             timeout_s: float = 600.0, models: Optional[list[str]] = None,
+             malformed_fraction: float = 0.0) -> LoadReport:
     return asyncio.run(_run(url, num_requests=num_requests, concurrency=concurrency,
                             max_tokens=max_tokens, prompt_len=prompt_len,
                             disconnect_fraction=disconnect_fraction, seed=seed, api_key=api_key,
-                            timeout_s=timeout_s, models=models))
+                            timeout_s=timeout_s, models=models, malformed_fraction=malformed_fraction))
 
 
 def main() -> int:
@@ -144,6 +192,7 @@ def main() -> int:
     parser.add_argument("--min_prompt", type=int, default=4)
     parser.add_argument("--max_prompt", type=int, default=128)
     parser.add_argument("--disconnect_fraction", type=float, default=0.2)
+    parser.add_argument("--malformed_fraction", type=float, default=0.0)
     parser.add_argument("--models", default="", help="comma-separated; default: all served")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api_key", default=None)
@@ -154,8 +203,11 @@ def main() -> int:
                       prompt_len=(args.min_prompt, args.max_prompt),
                       disconnect_fraction=args.disconnect_fraction, seed=args.seed,
                       api_key=args.api_key, timeout_s=args.timeout_s,
-                      models=[m for m in args.models.split(",") if m] or None)
+                      models=[m for m in args.models.split(",") if m] or None,
+                      malformed_fraction=args.malformed_fraction)
     print(report.summary())
+    if args.malformed_fraction:
+        print(f"malformed requests refused with a 4xx: {report.malformed_refused}")
     return 0 if report.ok else 1
 
 

@@ -13,7 +13,11 @@ _INVALID = [
     ("min_p", -0.01), ("min_p", 1.5),
     ("presence_penalty", 2.5), ("presence_penalty", -2.01),
     ("frequency_penalty", -3.0), ("frequency_penalty", float("nan")),
-    ("repetition_penalty", 0.0), ("repetition_penalty", 2.5),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("n", 2 ** 31), ("top_k", 2 ** 31), ("min_tokens", 2 ** 31), ("max_tokens", 2 ** 31),
+    ("stop_token_ids", [2 ** 31]), ("seed", 2 ** 64), ("stop", ["\ud800"]),
+    ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 1.5),
+    ("prompt_logprobs", 1), ("logit_bias", {1: 2.0}), ("allowed_token_ids", [1]), ("bad_words", ["x"]),
     ("max_tokens", 0), ("max_tokens", 3.0),
     ("min_tokens", -1), ("min_tokens", 1.0),
     ("seed", 1.5), ("seed", "7"),
@@ -45,3 +49,16 @@ def test_valid_params_normalised():
     assert not sp.greedy and sp.needs_penalties
     assert SamplingParams(temperature=0).greedy and not SamplingParams().needs_penalties
     assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+
+
+def test_int32_edges_accepted_and_vllm_values():
+    sp = SamplingParams(top_k=2 ** 31 - 1, min_tokens=2 ** 31 - 1, max_tokens=None,
+                        stop_token_ids=[2 ** 31 - 1], repetition_penalty=3.0, seed=2 ** 64 - 1)
+    assert sp.top_k == 2 ** 31 - 1 and sp.repetition_penalty == 3.0
+
+
+def test_values_changed_after_construction_are_caught_by_validate():
+    sp = SamplingParams()
+    sp.top_k = 2 ** 31
+    with pytest.raises(ValueError, match=r"SamplingParams\.top_k:"):
+        sp.validate()

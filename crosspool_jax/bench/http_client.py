@@ -43,6 +43,7 @@ async def stream_completion(client: httpx.AsyncClient, body: dict, timing: Strea
     `clock`). `cancel_after`: hang up after that many chunks with tokens."""
     usage = None
     chunks = 0
+    token_ids: list[int] = []
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -59,6 +60,8 @@ async def stream_completion(client: httpx.AsyncClient, body: dict, timing: Strea
                     return StreamOutcome("failed", str(event["error"].get("message", event["error"])))
                 if event.get("usage"):
                     usage = event["usage"]
+                for choice in event.get("choices") or ():
+                    token_ids += choice.get("token_ids") or []
                 n = sum(_chunk_tokens(c) for c in event.get("choices") or ())
                 if n:
                     timing.add(clock(), n)
@@ -69,7 +72,7 @@ async def stream_completion(client: httpx.AsyncClient, body: dict, timing: Strea
         return StreamOutcome("failed", f"{type(e).__name__}: {e}")
     if usage is None:
         return StreamOutcome("failed", "stream ended without usage")
-    return StreamOutcome("completed", completion_tokens=int(usage["completion_tokens"]))
+    return StreamOutcome("completed", completion_tokens=int(usage["completion_tokens"]), token_ids=token_ids)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")

@@ -57,11 +57,13 @@ class StreamTiming:
 @dataclasses.dataclass
 class StreamOutcome:
     """How a streamed request ended: "completed", "cancelled" (the client hung up on purpose)
-    or "failed" (`error` says why); `completion_tokens` as the server counted them, when known."""
+    or "failed" (`error` says why); `completion_tokens` as the server counted them, when known;
+    `token_ids` the generated ids the stream carried (when the body asked `return_token_ids`)."""
 
     status: str
     error: Optional[str] = None
     completion_tokens: Optional[int] = None
+    token_ids: list = dataclasses.field(default_factory=list)
 
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:

@@ -40,6 +40,7 @@ from typing import Optional
 from absl import app, flags
 
 from crosspool_jax import serving_flags
+from crosspool_jax.runtime.compiles import use_compilation_cache
 from crosspool_jax.bench import generator, results as results_lib, sweep as sweep_lib, traces
 from crosspool_jax.bench.public_traces import load_trace, write_azure_csv, write_burstgpt_csv
 
@@ -57,7 +58,7 @@ flags.DEFINE_float("zipf", 1.0, "generate/sweep: Zipf exponent of model populari
 flags.DEFINE_enum("profile", "chat", list(generator.PROFILES), "generate/sweep: length profile: " + "; ".join(
     f"{k}: {p.about}" for k, p in generator.PROFILES.items()) + ".")
 flags.DEFINE_float("duration_s", 600.0, "generate/sweep: seconds of arrivals.")
-# --seed (serving_flags: the engine's seed) is also the trace's seed in generate/sweep (unset: 0)
+# --seed (serving_flags: the engine's seed) is also the trace's seed in generate/sweep
 flags.DEFINE_integer("prompt_len_median", None, "generate/sweep: override the profile's prompt length median.")
 flags.DEFINE_integer("output_len_median", None, "generate/sweep: override the profile's output length median.")
 flags.DEFINE_float("long_tail_fraction", None, "generate/sweep: fraction of requests with a long-context "
@@ -203,8 +204,8 @@ def _run_in_process(trace, warmup, rates, slo, model_map) -> int:
     from crosspool_jax.model_specs import models_from_specs  # noqa: PLC0415
 
     models = models_from_specs(FLAGS.model)
-    options = serving_flags.engine_options(serving_flags.flag_values())
-    serving_flags.use_compilation_cache(FLAGS.compilation_cache_dir)
+    options = serving_flags.engine_options()
+    use_compilation_cache(FLAGS.compilation_cache_dir)
     from crosspool_jax.bench.driver import InProcessBackend  # noqa: PLC0415
     from crosspool_jax.engine import LLMEngine  # noqa: PLC0415
     from crosspool_jax.server import AsyncEngine  # noqa: PLC0415

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -29,6 +30,7 @@ Placement = Union[None, jax.Device, jax.sharding.Sharding, Callable[[str, tuple]
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 ORBAX_MARKER = "crosspool_orbax.json"
 _MAX_LISTED = 8
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclasses.dataclass
@@ -86,9 +88,11 @@ def read_config(path: str) -> tuple[dict, ModelConfig]:
             raw = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot parse {config_path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path}: must hold a JSON object")
     try:
         return raw, ModelConfig.from_hf_dict(raw)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{config_path}: {e}") from e
 
 
@@ -125,8 +129,12 @@ def _leaf_shape(shapes: tuple[dict, dict], slot: Slot) -> tuple:
 
 def check_tensors(st: SafetensorsSet, config: ModelConfig, path: str) -> dict[str, Slot]:
     """Names, shapes and dtypes of the checkpoint against the config; returns the slots."""
-    slots = tensor_slots(config)
     names = set(st.keys())
+    layers = {int(m.group(1)) for m in map(_LAYER_RE.search, names) if m}
+    if layers and config.num_layers > max(layers) + 1:    # before building a slot per tensor
+        raise CheckpointError(f"{path}: config.json says num_hidden_layers={config.num_layers} but the "
+                              f"weights hold layers 0..{max(layers)} only")
+    slots = tensor_slots(config)
     missing = set(slots) - names
     if missing:
         raise CheckpointError(f"{path}: missing tensors {_listing(missing)} "

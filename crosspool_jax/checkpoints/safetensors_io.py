@@ -32,12 +32,23 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise CheckpointError(f"safetensors header of {path} claims {n} bytes but the file "
+                                          f"has {size} bytes: the file is truncated or not safetensors")
                 header = json.loads(f.read(n))
         except (OSError, struct.error, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"cannot read safetensors header of {path}: {e}") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"safetensors header of {path} is not a JSON object")
         header.pop("__metadata__", None)
+        data_size = size - 8 - n
+        for name, entry in header.items():
+            _check_entry(path, name, entry, data_size)
         self._header = header
         self._data_start = 8 + n
         self._mmap = None
@@ -60,6 +71,42 @@ class SafetensorsFile:
         return raw.view(_DTYPES[dtype_name]).reshape(shape)
 
 
+def _check_entry(path: str, name: str, entry, data_size: int) -> None:
+    """One tensor's header entry: known dtype, shape, and a byte range inside the file that
+    holds exactly shape x itemsize bytes."""
+    def bad(why):
+        raise CheckpointError(f"tensor {name!r} in {path}: {why}")
+
+    if not isinstance(entry, dict):
+        bad("header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPES:
+        bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        bad(f"shape {shape!r} is not a list of sizes")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        bad(f"data_offsets {offsets!r} are not [start, end]")
+    if offsets[1] > data_size:
+        bad(f"its data ends at byte {offsets[1]} but the file holds {data_size} data bytes: "
+            "the file is truncated")
+    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != expected:
+        bad(f"{offsets[1] - offsets[0]} data bytes for shape {tuple(shape)} of {dtype} "
+            f"({expected} expected)")
+
+
+def _inside(folder: str, name) -> str:
+    """The path of an index's weights file, which must lie inside the checkpoint folder."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{INDEX_NAME} in {folder}: weight_map values must be file names, got {name!r}")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, path]) != root:
+        raise CheckpointError(f"{INDEX_NAME} in {folder} points to {name!r}, outside the checkpoint folder")
+    return name
+
+
 class SafetensorsSet:
     """All weights of a Hugging Face folder: model.safetensors, or shards listed by the index."""
 
@@ -71,7 +118,9 @@ class SafetensorsSet:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError) as e:
                 raise CheckpointError(f"cannot read weight_map from {index_path}: {e}") from e
-            files = sorted(set(weight_map.values()))
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"weight_map in {index_path} is not an object")
+            files = sorted({_inside(folder, name) for name in weight_map.values()})
             for name in files:
                 if not os.path.exists(os.path.join(folder, name)):
                     raise CheckpointError(f"weights file {name} listed in {index_path} is missing")

@@ -11,6 +11,17 @@ BACKENDS = ("auto", "reference", "gpu", "tpu")
 DeviceSpec = Union[int, Sequence, None]
 
 
+def _opt(default, help: str, *, choices: Optional[tuple] = None, kind: Optional[str] = None):
+    """A field with its help text for the generated command-line flags (`crosspool_jax.config_flags`):
+    `choices` for an enum, `kind` "bytes" (512MiB, 4GiB) or "devices" (2 or 0,1) for how a flag is read."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if kind is not None:
+        metadata["kind"] = kind
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class EngineConfig:
     """Options of one engine serving many models.
@@ -38,27 +49,52 @@ class EngineConfig:
       compute this many for every row; vLLM's option of the same name).
     """
 
-    models: dict
-    dtype: str = "bfloat16"
-    mode: str = "crosspool"
-    kv_devices: DeviceSpec = None
-    weight_devices: DeviceSpec = None
-    kv_pool_bytes: Optional[int] = None
-    kv_memory_fraction: float = 0.5
-    weights_pool_bytes: Optional[int] = None
-    attention_pool_bytes: Optional[int] = None
-    page_elems: Optional[int] = None
-    max_model_len: Optional[int] = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_decode_steps: int = 8
-    max_logprobs: int = 20
-    decode_step_prefill_tokens: Optional[int] = None
-    min_token_bucket: int = 16
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    moe_backend: str = "auto"
-    seed: int = 0
+    models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
+    dtype: str = _opt("bfloat16", "Parameter and KV cache dtype.", choices=("float32", "bfloat16", "float16"))
+    mode: str = _opt("crosspool", "Memory mode: crosspool (weights pool + global KV pool; with disjoint "
+                     "kv_devices/weight_devices the disaggregated step), shared (kvcached-style elastic KV "
+                     "shared by the models of a device), static (an equal, fixed KV share per model).",
+                     choices=MODES)
+    kv_devices: DeviceSpec = _opt(None, "KV-pool devices: a count (2) or device indices (0,1); unset: one "
+                                  "device.", kind="devices")
+    weight_devices: DeviceSpec = _opt(None, "Weights-pool devices: a count or device indices; with mode "
+                                      "crosspool and devices disjoint from kv_devices, experts live there.",
+                                      kind="devices")
+    kv_pool_bytes: Optional[int] = _opt(None, "KV pool budget over all KV devices (K and V together; "
+                                        "suffixes KiB/MiB/GiB or KB/MB/GB); unset: kv_memory_fraction of "
+                                        "the free device memory where the platform reports it, else 256 MiB "
+                                        "per KV device.", kind="bytes")
+    kv_memory_fraction: float = _opt(0.5, "Fraction of the KV devices' free memory the KV pool takes when "
+                                     "kv_pool_bytes is unset.")
+    weights_pool_bytes: Optional[int] = _opt(None, "Weights pool budget; beyond it the least recently used "
+                                             "models' expert weights are swapped to host memory. shared/static: "
+                                             "per device; a crosspool split: over all weight devices. Unset: "
+                                             "no limit.", kind="bytes")
+    attention_pool_bytes: Optional[int] = _opt(None, "Budget of the attention side (embeddings, attention "
+                                               "weights, norms, lm head) on the KV devices, swapped like the "
+                                               "weights pool. Unset: no limit.", kind="bytes")
+    page_elems: Optional[int] = _opt(None, "Elements of one KV page (one layer's K or V for G tokens); unset: "
+                                     "chosen so that every model gets at least 16 tokens per page.")
+    max_model_len: Optional[int] = _opt(None, "Cap on any model's context (prompt + output tokens); unset: "
+                                        "each model's own max_position_embeddings.")
+    max_num_seqs: int = _opt(64, "Most sequences in one engine step.")
+    max_num_batched_tokens: int = _opt(512, "Most tokens (prefill chunks + decode tokens) in one engine step.")
+    max_decode_steps: int = _opt(8, "Most tokens a decode-only step samples per sequence in one device "
+                                 "program (multi-step decode); 1 turns it off.")
+    max_logprobs: int = _opt(20, "The most logprobs a request may ask for (programs that report logprobs "
+                             "compute this many for every row); vLLM's option of the same name.")
+    decode_step_prefill_tokens: Optional[int] = _opt(None, "The most prefill tokens an engine step that also "
+                                                     "carries decode tokens may take (chunked prefill sized for "
+                                                     "the decodes' time between tokens); unset: the whole "
+                                                     "max_num_batched_tokens.")
+    min_token_bucket: int = _opt(16, "A step's tokens are padded to a power of two at least this: larger "
+                                 "means fewer compiled programs and more padding.")
+    enable_prefix_caching: bool = _opt(True, "Reuse the KV pages of a shared prompt prefix.")
+    attention_backend: str = _opt("auto", "Attention kernel: auto (Pallas on GPU/TPU where the shapes "
+                                  "allow, the jnp reference otherwise), reference, gpu or tpu.", choices=BACKENDS)
+    moe_backend: str = _opt("auto", "MoE kernel: auto, reference, gpu or tpu (as attention_backend).",
+                            choices=BACKENDS)
+    seed: int = _opt(0, "Engine seed: draws the seeds of requests that give none.")
 
     def __post_init__(self):
         if not isinstance(self.models, dict) or not self.models:
@@ -87,5 +123,21 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+        for name in ("kv_devices", "weight_devices"):
+            _check_devices(name, getattr(self, name))
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+def _check_devices(name: str, spec) -> None:
+    """None, a count >= 1, or a non-empty list of device indices (>= 0) or jax devices."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if spec is None or (is_int(spec) and spec >= 1):
+        return
+    if isinstance(spec, (list, tuple)) and spec and all(
+            (is_int(d) and d >= 0) or hasattr(d, "platform") for d in spec):
+        return
+    raise ValueError(f"EngineConfig.{name} must be None, a device count >= 1 or a non-empty list of "
+                     f"device indices, got {spec!r}")

@@ -22,12 +22,21 @@ How a request travels:
    lengths), reports finished children to the scheduler (which frees their pages), and
    returns `RequestOutput`s with the cumulative text of every request that moved.
 
+Request isolation (`_run_isolated`): whatever one request does that still fails inside a
+step fails that request alone. The step runs all its models at once; when that raises, it
+runs each model alone, and a model that still raises each of its requests alone. A request
+whose own run raises (or whose tokens cannot be accepted) finishes with finish_reason
+"error" and `RequestOutput.error` set, its pages freed by the scheduler; the others go on.
+Re-running is safe: nothing has advanced the scheduler yet, so a run whose results were
+dropped is repeated from the same state and writes the same K/V again.
+
 The engine is not thread-safe: one thread calls it (the server runs it in its own loop).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import os
 import random
 import time
@@ -53,6 +62,8 @@ from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
 from crosspool_jax.sampling_params import SamplingParams
 
 Prompt = Union[str, Sequence[int], dict]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -196,17 +207,34 @@ class LLMEngine:
     # ----- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,
                     arrival_time: Optional[float] = None) -> None:
-        """Validate and queue one request. Raises ValueError naming what is wrong."""
+        """Validate and queue one request. Raises ValueError naming what is wrong; nothing is
+        queued then."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()                        # fields may have been changed since construction
         entry = self.registry.get(model)
-        prompt_text, token_ids = entry.encode_prompt(prompt)
+        _check_prompt(prompt)
+        try:
+            prompt_text, token_ids = entry.encode_prompt(prompt)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a tokenizer error is this prompt's fault alone
+            raise ValueError(f"cannot tokenize the prompt for model {model!r}: {type(e).__name__}: {e}") from None
+        vocab = entry.config.vocab_size
         for t in token_ids:
-            if not 0 <= t < entry.config.vocab_size:
+            if not 0 <= t < vocab:
                 raise ValueError(f"prompt token id {t} is outside the vocabulary of model {model!r} "
-                                 f"(size {entry.config.vocab_size})")
+                                 f"(size {vocab})")
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"SamplingParams.stop_token_ids: token id {t} is outside the vocabulary "
+                                 f"of model {model!r} (size {vocab})")
+        if params.truncate_prompt_tokens is not None:
+            token_ids = list(token_ids)[-params.truncate_prompt_tokens:]
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs = {params.logprobs} exceeds the engine's max_logprobs = "
                              f"{self.config.max_logprobs}")
@@ -250,26 +278,25 @@ class LLMEngine:
         out = self.scheduler.schedule()
         moved: set[str] = set()
         for child_id, message in out.rejected:
-            owner = self._child_owner.get(child_id)
-            if owner is None:
-                continue
-            parent = self._parents[owner[0]]
-            parent.error = message
-            for child in parent.children:
-                child.finish_reason = child.finish_reason or "error"
-                if child.request.request_id != child_id:
-                    self.scheduler.abort_request(child.request.request_id)
-            moved.add(parent.request_id)
+            self._fail_request(child_id, message, moved)
+        ran, failed = self._run_isolated(out.chunks_by_model)
+        for child_id, message in failed.items():
+            self._fail_request(child_id, message, moved)
         sampled: dict[str, list[int]] = {}
         stopped: list[tuple[_Child, RequestStatus]] = []
-        for entry, chunks, results in self._run_models(out.chunks_by_model):
+        for entry, chunks, results in ran:
             for chunk, tokens in zip(chunks, results):
                 if not chunk.samples:
                     continue
                 child = self._child_of(chunk.request.request_id)
                 if child is None:
                     continue
-                kept, status = self._accept_tokens(entry, child, tokens)
+                try:
+                    kept, status = self._accept_tokens(entry, child, tokens)
+                except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request only
+                    log.exception("accepting tokens of %s failed", chunk.request.request_id)
+                    self._fail_request(chunk.request.request_id, _step_error(e), moved)
+                    continue
                 sampled[chunk.request.request_id] = kept
                 if status is not None:
                     stopped.append((child, status))
@@ -292,6 +319,44 @@ class LLMEngine:
                 for child in parent.children:
                     self._child_owner.pop(child.request.request_id, None)
         return results
+
+    # ----- request isolation -----------------------------------------------------------
+    def _run_isolated(self, chunks_by_model: dict) -> tuple[list[tuple], dict[str, str]]:
+        """(`_run_models` results, {child id: error} of the requests that failed alone).
+
+        All models at once; on an exception each model alone; a model that still raises,
+        each of its chunks alone. Only a chunk whose own run raises is reported failed."""
+        try:
+            return self._run_models(chunks_by_model), {}
+        except Exception:  # noqa: BLE001 - find who it belongs to below
+            log.exception("a step of %d model(s) failed; running them one by one", len(chunks_by_model))
+        ran: list[tuple] = []
+        failed: dict[str, str] = {}
+        for model, chunks in chunks_by_model.items():
+            groups = [chunks]
+            while groups:
+                group = groups.pop()
+                try:
+                    ran += self._run_models({model: group})
+                except Exception as e:  # noqa: BLE001
+                    if len(group) > 1:
+                        groups += [[chunk] for chunk in group]
+                    else:
+                        log.exception("request %s failed alone in its step", group[0].request_id)
+                        failed[group[0].request_id] = _step_error(e)
+        return ran, failed
+
+    def _fail_request(self, child_id: str, message: str, moved: set) -> None:
+        """Finish every completion of the request owning `child_id` with an error (pages freed)."""
+        owner = self._child_owner.get(child_id)
+        if owner is None:
+            return
+        parent = self._parents[owner[0]]
+        parent.error = parent.error or message
+        for child in parent.children:
+            child.finish_reason = child.finish_reason or "error"
+            self.scheduler.finish_request(child.request.request_id, RequestStatus.FINISHED_ERROR)
+        moved.add(parent.request_id)
 
     def _child_of(self, child_id: str) -> Optional[_Child]:
         owner = self._child_owner.get(child_id)
@@ -408,3 +473,34 @@ class LLMEngine:
         return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
                              finished=finished, error=parent.error, metrics=metrics)
+
+
+def _step_error(e: Exception) -> str:
+    return f"request failed in the engine step: {type(e).__name__}: {e}"
+
+
+def _check_prompt(prompt) -> None:
+    """A prompt's type and text, before any tokenizer sees it (ValueError naming the problem)."""
+    if isinstance(prompt, dict):
+        keys = set(prompt) & {"prompt", "prompt_token_ids"}
+        if not keys:
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in keys else prompt["prompt"]
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt is not valid Unicode text: {e.reason} at position {e.start}") from None
+        return
+    if isinstance(prompt, (list, tuple)):
+        for t in prompt:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"prompt token ids must be integers, got {_short(t)}")
+        return
+    raise ValueError(f"prompt must be a string, a list of token ids or a dict with 'prompt' or "
+                     f"'prompt_token_ids', got {type(prompt).__name__}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -7,6 +7,8 @@ the newer `rope_parameters` dict) to the fields the forward pass needs, and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -94,11 +96,11 @@ class ModelConfig:
             if self.moe_intermediate_size <= 0:
                 raise ValueError(f"ModelConfig.moe_intermediate_size must be positive, "
                                  f"got {self.moe_intermediate_size}")
-        if any(self.ffn_kind(l) == "dense" for l in range(self.num_layers)) and self.intermediate_size <= 0:
-            raise ValueError(f"ModelConfig.intermediate_size must be positive when there are dense layers, "
-                             f"got {self.intermediate_size}")
         if self.decoder_sparse_step <= 0:
             raise ValueError(f"ModelConfig.decoder_sparse_step must be positive, got {self.decoder_sparse_step}")
+        if self.num_layers_of_kind("dense") and self.intermediate_size <= 0:
+            raise ValueError(f"ModelConfig.intermediate_size must be positive when there are dense layers, "
+                             f"got {self.intermediate_size}")
 
     # ----- derived -----
     @property
@@ -117,23 +119,32 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @functools.cached_property
+    def _ffn_plan(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(kind of each layer, its index within its kind's stack): built once, in O(layers)."""
+        kinds, indices, counts = [], [], {"moe": 0, "dense": 0}
+        only = set(self.mlp_only_layers)
+        for l in range(self.num_layers):
+            moe = self.family in _MOE_FAMILIES and l not in only and not (l + 1) % self.decoder_sparse_step
+            kind = "moe" if moe else "dense"
+            kinds.append(kind)
+            indices.append(counts[kind])
+            counts[kind] += 1
+        return tuple(kinds), tuple(indices)
+
     def ffn_kind(self, l: int) -> str:
         """"moe" or "dense" for layer l (Qwen's mlp_only_layers / decoder_sparse_step rule)."""
         if not 0 <= l < self.num_layers:
             raise ValueError(f"layer index {l} out of range [0, {self.num_layers})")
-        if self.family not in _MOE_FAMILIES:
-            return "dense"
-        if l in self.mlp_only_layers or (l + 1) % self.decoder_sparse_step:
-            return "dense"
-        return "moe"
+        return self._ffn_plan[0][l]
 
     def ffn_index(self, l: int) -> int:
         """Index of layer l within the stack of its FFN kind."""
-        kind = self.ffn_kind(l)
-        return sum(1 for j in range(l) if self.ffn_kind(j) == kind)
+        self.ffn_kind(l)
+        return self._ffn_plan[1][l]
 
     def num_layers_of_kind(self, kind: str) -> int:
-        return sum(1 for l in range(self.num_layers) if self.ffn_kind(l) == kind)
+        return self._ffn_plan[0].count(kind)
 
     @property
     def ffn_kinds(self) -> tuple:
@@ -152,6 +163,9 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         """Build from a Hugging Face config.json dict; ValueError on anything unsupported."""
         archs = d.get("architectures") or []
+        if isinstance(archs, str) or not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ValueError(f"config.json field 'architectures' must be a list of names, e.g. "
+                             f"[\"MixtralForCausalLM\"], got {archs!r}")
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; " + _supported_list())
         arch = archs[0]
@@ -162,35 +176,40 @@ class ModelConfig:
         def req(key, *alts):
             for k in (key,) + alts:
                 if d.get(k) is not None:
-                    return d[k]
+                    return _number(d, k, int)
             raise ValueError(f"config.json for {arch} is missing required field {key!r}")
 
-        hidden = int(req("hidden_size"))
-        num_heads = int(req("num_attention_heads"))
-        head_dim = d.get("head_dim") if family != "olmoe" else None
-        head_dim = int(head_dim) if head_dim else hidden // num_heads
+        def opt(key, default, kind=int):
+            return default if d.get(key) is None else _number(d, key, kind)
+
+        hidden = req("hidden_size")
+        num_heads = req("num_attention_heads")
+        if num_heads <= 0:
+            raise ValueError(f"config.json field 'num_attention_heads' must be positive, got {num_heads}")
+        head_dim = opt("head_dim", 0) if family != "olmoe" else 0
+        head_dim = head_dim or hidden // num_heads
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
         rope_theta, rope_scaling = _rope_from_hf(d, arch)
         eos = d.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (
-            (int(eos),) if eos is not None else ())
+        eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        eos_ids = tuple(_number({"eos_token_id": e}, "eos_token_id", int) for e in eos_list)
         kw = dict(
             architecture=arch, family=family,
-            vocab_size=int(req("vocab_size")), hidden_size=hidden,
-            num_layers=int(req("num_hidden_layers")), num_heads=num_heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or num_heads), head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+            vocab_size=req("vocab_size"), hidden_size=hidden,
+            num_layers=req("num_hidden_layers"), num_heads=num_heads,
+            num_kv_heads=opt("num_key_value_heads", 0) or num_heads, head_dim=head_dim,
+            rms_norm_eps=opt("rms_norm_eps", 1e-6, float), rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=opt("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_window=_sliding_window_from_hf(d, family, arch),
             attention_bias=bool(d.get("qkv_bias", True) if family == "qwen2_moe"
                                 else d.get("attention_bias", False)),
             qk_norm=_QK_NORM_OF_FAMILY[family],
-            clip_qkv=float(d["clip_qkv"]) if d.get("clip_qkv") is not None else None,
-            intermediate_size=int(d.get("intermediate_size") or 0),
-            bos_token_id=int(d["bos_token_id"]) if d.get("bos_token_id") is not None else None,
+            clip_qkv=opt("clip_qkv", None, float),
+            intermediate_size=opt("intermediate_size", 0),
+            bos_token_id=opt("bos_token_id", None),
             eos_token_ids=eos_ids,
         )
         if family == "llama" and d.get("mlp_bias"):
@@ -206,11 +225,24 @@ class ModelConfig:
             else:
                 kw.update(norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                           moe_intermediate_size=int(req("moe_intermediate_size")),
-                          decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
-                          mlp_only_layers=tuple(sorted(int(i) for i in d.get("mlp_only_layers") or ())))
+                          decoder_sparse_step=opt("decoder_sparse_step", 0) or 1,
+                          mlp_only_layers=tuple(sorted(_number({"mlp_only_layers": i}, "mlp_only_layers", int)
+                                                       for i in d.get("mlp_only_layers") or ())))
                 if family == "qwen2_moe":
-                    kw["shared_expert_intermediate_size"] = int(d.get("shared_expert_intermediate_size") or 0)
+                    kw["shared_expert_intermediate_size"] = opt("shared_expert_intermediate_size", 0)
         return cls(**kw)
+
+
+def _number(d: dict, key: str, kind):
+    """config.json's d[key] as an int (kind=int: an integral number) or a float; ValueError naming it."""
+    value = d[key]
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = float(value).is_integer()
+    if not ok:
+        raise ValueError(f"config.json field {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}")
+    return kind(value)
 
 
 def _supported_list() -> str:

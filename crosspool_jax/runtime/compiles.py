@@ -1,4 +1,5 @@
-"""Counting XLA compiles in this process (the "no compiles while serving" check).
+"""Counting XLA compiles in this process (the "no compiles while serving" check), and the
+persistent compilation cache that makes a restart's warm-up fast.
 
 JAX records one `/jax/core/compile/backend_compile_duration` event per executable it builds,
 whether XLA compiled it or it came from the persistent compilation cache; a listener counts
@@ -7,6 +8,7 @@ them. JAX's listeners are process-wide, so there is one `CompileCounter` per pro
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -42,3 +44,17 @@ def compile_counter() -> CompileCounter:
             _COUNTER = CompileCounter()
             monitoring.register_event_duration_secs_listener(_COUNTER._on_event)
         return _COUNTER
+
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "crosspool_jax", "jax_cache")
+
+
+def use_compilation_cache(folder: Optional[str]) -> None:
+    """Point JAX's persistent compilation cache at `folder` (nothing when empty or None): the
+    programs a warm-up compiles are kept there and read back by the next start."""
+    if not folder:
+        return
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

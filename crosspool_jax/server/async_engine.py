@@ -3,9 +3,11 @@
 How a request flows:
 
 1. An HTTP handler (on the asyncio event loop) calls `submit(...)` with one or more
-   `SubRequest`s and one `asyncio.Queue` (the sink). `submit` only counts the requests
-   against `max_queue` (raising `Overloaded` beyond it) and puts an "add" command on a
-   thread-safe command queue; it never touches the engine, which is not thread-safe.
+   `SubRequest`s and one `asyncio.Queue` (the sink). `submit` only counts the requests'
+   sequences (`n` per request) against `max_queue` (raising `Overloaded` beyond it) and puts
+   an "add" command on a thread-safe command queue; it never touches the engine, which is
+   not thread-safe. Prompts arrive tokenized (the app tokenizes in its worker pool), so the
+   engine thread never spends long on one request.
 2. The engine thread drains the command queue at the top of each loop iteration: it calls
    `engine.add_request` (a `ValueError` comes back to the sink as an error event; success as
    an "accepted" event) and `engine.abort_request` for aborts. When the engine has nothing to
@@ -19,7 +21,8 @@ How a request flows:
    `/metrics` and `/v1/models` read without touching the engine.
 
 A request leaves the engine thread's books when it finishes, fails, or is aborted; only then
-does it stop counting against `max_queue`.
+do its sequences stop counting against `max_queue`. `stop()` (the server's shutdown grace
+ran out) ends every live request with an error event.
 """
 from __future__ import annotations
 
@@ -100,8 +103,14 @@ class _Live:
     text_len: dict[int, int] = dataclasses.field(default_factory=dict)
     token_len: dict[int, int] = dataclasses.field(default_factory=dict)
     logprob_len: dict[int, int] = dataclasses.field(default_factory=dict)
+    t_first_token: Optional[float] = None
     t_last_token: Optional[float] = None
     latency_tokens: int = 0  # tokens of the first completion already timed
+
+    @property
+    def weight(self) -> int:
+        """Sequences it counts against max_queue."""
+        return self.sub.params.n
 
     @property
     def stop_holdback(self) -> int:
@@ -135,10 +144,11 @@ class AsyncEngine:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self._stats = None
+        self._requests_by_model: dict[str, tuple[int, int]] = {}   # model -> (running, waiting)
         self._stats_time = 0.0
         self._dead_reason: Optional[str] = None
         if metrics is not None:
-            metrics.set_stats_source(lambda: (self._stats, self._in_flight))
+            metrics.set_stats_source(lambda: (self._stats, self._in_flight, self._requests_by_model))
 
     # ----------------------------------------------------------------- any thread
     def max_model_len(self, model: str) -> int:
@@ -169,20 +179,25 @@ class AsyncEngine:
     def submit(self, subs: list[SubRequest], sink: asyncio.Queue) -> None:
         """Queue requests for the engine; events about them arrive on `sink`.
 
-        All or nothing: raises `Overloaded` (nothing queued) if they do not fit under
-        `max_queue`, RuntimeError if the engine thread is not running. Call it from the
-        event loop that reads `sink`.
+        All or nothing: raises `Overloaded` (nothing queued) if their sequences (`n` each) do
+        not fit under `max_queue` beside those in flight, ValueError if they could never fit,
+        RuntimeError if the engine thread is not running. Call it from the event loop that
+        reads `sink`.
         """
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        weight = sum(sub.params.n for sub in subs)
+        if weight > self.max_queue:
+            raise ValueError(f"the request needs {weight} sequences (prompts x n), more than the "
+                             f"server ever holds (max_queue={self.max_queue})")
         with self._cv:
             if self._stop or not self.healthy:
                 raise RuntimeError(f"engine is not running ({self._dead_reason or 'stopped'})")
-            if self._in_flight + len(subs) > self.max_queue:
+            if self._in_flight + weight > self.max_queue:
                 raise Overloaded(
-                    f"server is at capacity ({self._in_flight} unfinished requests, "
+                    f"server is at capacity ({self._in_flight} unfinished sequences, "
                     f"max_queue={self.max_queue}); retry later")
-            self._in_flight += len(subs)
+            self._in_flight += weight
             for sub in subs:
                 self._commands.append(("add", _Live(sub=sub, sink=sink, loop=loop, t_arrival=now)))
             self._cv.notify()
@@ -193,11 +208,16 @@ class AsyncEngine:
             self._commands.append(("abort", request_id))
             self._cv.notify()
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Abort what is still running, stop the engine thread and wait for it."""
+    def stop(self) -> None:
+        """Ask the engine thread to stop without waiting: every live request ends with an
+        error event ("the server is shutting down") and is aborted."""
         with self._cv:
             self._stop = True
             self._cv.notify()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Abort what is still running, stop the engine thread and wait for it."""
+        self.stop()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -231,7 +251,7 @@ class AsyncEngine:
             with self._cv:
                 for kind, item in self._commands:
                     if kind == "add":
-                        self._in_flight -= 1
+                        self._in_flight -= item.weight
                         self._send(item, StreamEvent(item.sub.request_id, "error", finished=True,
                                                      error=why, status=503))
                 self._commands.clear()
@@ -252,20 +272,20 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - an abort that fails must not stop the loop
                 log.exception("abort_request(%s) failed", item)
             if live is not None:
-                self._release()
+                self._release(live)
             return
         live: _Live = item
         sub = live.sub
         try:
             self._engine.add_request(sub.request_id, sub.model, sub.prompt, sub.params)
         except ValueError as e:
-            self._release()
+            self._release(live)
             self._send(live, StreamEvent(sub.request_id, "error", finished=True, error=str(e),
                                          status=400))
             return
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
             log.exception("add_request(%s) failed", sub.request_id)
-            self._release()
+            self._release(live)
             self._send(live, StreamEvent(sub.request_id, "error", finished=True,
                                          error=f"{type(e).__name__}: {e}", status=500))
             return
@@ -312,10 +332,13 @@ class AsyncEngine:
                             choices=choices, finished=bool(out.finished))
         if out.finished:
             del self._live[rid]
-            self._release()
+            self._release(live)
             if self.metrics is not None:
-                self.metrics.count_tokens(live.sub.model, len(out.prompt_token_ids),
-                                          sum(live.token_len.values()))
+                self.metrics.observe_finished(
+                    live.sub.model, prompt_tokens=len(out.prompt_token_ids),
+                    generation_tokens=sum(live.token_len.values()),
+                    finish_reasons=[c.finish_reason for c in out.outputs], e2e_s=now - live.t_arrival,
+                    decode_s=None if live.t_first_token is None else now - live.t_first_token)
         self._send(live, event)
 
     def _observe_latency(self, live: _Live, out, now: float) -> None:
@@ -328,6 +351,7 @@ class AsyncEngine:
             return
         live.latency_tokens = len(first.token_ids)
         if live.t_last_token is None:
+            live.t_first_token = now
             self.metrics.observe_ttft(live.sub.model, now - live.t_arrival)
             if new > 1:
                 self.metrics.observe_tbt(live.sub.model, 0.0, new - 1)
@@ -344,12 +368,12 @@ class AsyncEngine:
                 log.exception("abort_request(%s) failed", rid)
         if live is None:
             return
-        self._release()
+        self._release(live)
         self._send(live, StreamEvent(rid, "error", finished=True, error=error, status=status))
 
-    def _release(self) -> None:
+    def _release(self, live: _Live) -> None:
         with self._cv:
-            self._in_flight -= 1
+            self._in_flight -= live.weight
 
     @staticmethod
     def _send(live: _Live, event: StreamEvent) -> None:
@@ -366,4 +390,8 @@ class AsyncEngine:
             self._stats = self._engine.stats()
         except Exception:  # noqa: BLE001 - stats are best effort
             log.exception("engine.stats() failed")
+        counts: dict[str, list[int]] = {m: [0, 0] for m in self.model_names}
+        for live in self._live.values():
+            counts[live.sub.model][live.t_first_token is None] += 1
+        self._requests_by_model = {m: (c[0], c[1]) for m, c in counts.items()}
         self._stats_time = now

@@ -1,13 +1,22 @@
 """Prometheus metrics of the server, held in a registry owned by one `ServerMetrics` object.
 
-Two kinds of series:
+Request metrics carry vLLM's names and its `model_name` label, so vLLM's Grafana dashboard
+reads them: `vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
+`vllm:time_per_output_token_seconds`, `vllm:e2e_request_latency_seconds` (histograms),
+`vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total`
+(by `finished_reason`), `vllm:num_preemptions_total`, and the gauges
+`vllm:num_requests_running` / `vllm:num_requests_waiting` (as the server sees them: waiting
+until a request's first token) and `vllm:kv_cache_usage_perc` (the model's share of the
+one KV pool, in [0, 1]; `vllm:gpu_cache_usage_perc` is the older name of the same gauge).
 
-- events the server sees (requests by model and status, time to first token, time between
-  tokens, tokens in and out): counters and histograms updated as they happen, from the HTTP
-  event loop or the engine thread (prometheus-client metrics are thread-safe);
-- engine state (KV pages used by model, weights resident by model, swaps, preemptions, queue
-  depth): read at scrape time from the latest `EngineStats` snapshot through a collector, so
-  a scrape never touches the engine itself.
+The engine's own extras keep the `crosspool_` prefix: HTTP requests by model and status
+(`crosspool_requests_total`), requests in flight, KV pages used by model and in the pool,
+weights residency and bytes by model, swaps in and out, and XLA compiles
+(`crosspool_xla_compiles_total`, flat while serving after warm-up).
+
+Events are recorded as they happen (from the event loop or the engine thread;
+prometheus-client metrics are thread-safe); engine state is read at scrape time from the
+latest `EngineStats` snapshot through a collector, so a scrape never touches the engine.
 """
 from __future__ import annotations
 
@@ -20,10 +29,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 # Latency buckets (seconds) wide enough for a CPU test run and a GPU deployment alike.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+VLLM = "vllm:"
 
-# What a stats source returns: the latest engine stats snapshot (None before the first one)
-# and the number of requests the server has accepted and not yet finished.
-StatsSource = Callable[[], tuple[Optional[object], int]]
+# What a stats source returns: the latest engine stats snapshot (None before the first one),
+# the number of sequences the server has accepted and not yet finished, and
+# {model: (running, waiting)} requests as the server sees them.
+StatsSource = Callable[[], tuple[Optional[object], int, dict]]
 
 
 class ServerMetrics:
@@ -32,25 +44,29 @@ class ServerMetrics:
     def __init__(self, namespace: str = "crosspool"):
         self.namespace = namespace
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            f"{namespace}_requests", "Finished HTTP requests by model and status code.",
-            ["model", "status"], registry=self.registry)
-        self._ttft = Histogram(
-            f"{namespace}_time_to_first_token_seconds",
-            "Time from a request's arrival to its first generated token.",
-            ["model"], buckets=_TTFT_BUCKETS, registry=self.registry)
-        self._tbt = Histogram(
-            f"{namespace}_time_between_tokens_seconds",
-            "Time between consecutive generated tokens of a request (inter-token latency).",
-            ["model"], buckets=_TBT_BUCKETS, registry=self.registry)
-        self._prompt_tokens = Counter(
-            f"{namespace}_prompt_tokens", "Prompt tokens of finished requests.",
-            ["model"], registry=self.registry)
-        self._generation_tokens = Counter(
-            f"{namespace}_generation_tokens", "Generated tokens of finished requests.",
-            ["model"], registry=self.registry)
+        r = self.registry
+        self._requests = Counter(f"{namespace}_requests", "Finished HTTP requests by model and status code.",
+                                 ["model", "status"], registry=r)
+        self._ttft = Histogram(f"{VLLM}time_to_first_token_seconds",
+                               "Time from a request's arrival to its first generated token.",
+                               ["model_name"], buckets=_TTFT_BUCKETS, registry=r)
+        self._itl = Histogram(f"{VLLM}inter_token_latency_seconds",
+                              "Time between consecutive generated tokens of a request.",
+                              ["model_name"], buckets=_TBT_BUCKETS, registry=r)
+        self._tpot = Histogram(f"{VLLM}time_per_output_token_seconds",
+                               "Per finished request: (finish - first token) / (generated tokens - 1).",
+                               ["model_name"], buckets=_TBT_BUCKETS, registry=r)
+        self._e2e = Histogram(f"{VLLM}e2e_request_latency_seconds",
+                              "Time from a request's arrival to its last token.",
+                              ["model_name"], buckets=_E2E_BUCKETS, registry=r)
+        self._prompt_tokens = Counter(f"{VLLM}prompt_tokens", "Prompt tokens of finished requests.",
+                                      ["model_name"], registry=r)
+        self._generation_tokens = Counter(f"{VLLM}generation_tokens", "Generated tokens of finished requests.",
+                                          ["model_name"], registry=r)
+        self._success = Counter(f"{VLLM}request_success", "Finished completions by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
         self._engine_collector = _EngineStatsCollector(namespace)
-        self.registry.register(self._engine_collector)
+        r.register(self._engine_collector)
 
     def set_stats_source(self, source: StatsSource) -> None:
         """Where scrapes read engine state from (the async engine's snapshot)."""
@@ -60,18 +76,26 @@ class ServerMetrics:
         self._requests.labels(model=model, status=str(status)).inc()
 
     def observe_ttft(self, model: str, seconds: float) -> None:
-        self._ttft.labels(model=model).observe(seconds)
+        self._ttft.labels(model_name=model).observe(seconds)
 
     def observe_tbt(self, model: str, seconds: float, num_tokens: int = 1) -> None:
         """`num_tokens` tokens arrived together after `seconds`: each counts seconds/num_tokens."""
-        child = self._tbt.labels(model=model)
+        child = self._itl.labels(model_name=model)
         per_token = seconds / max(num_tokens, 1)
         for _ in range(num_tokens):
             child.observe(per_token)
 
-    def count_tokens(self, model: str, prompt_tokens: int, generation_tokens: int) -> None:
-        self._prompt_tokens.labels(model=model).inc(prompt_tokens)
-        self._generation_tokens.labels(model=model).inc(generation_tokens)
+    def observe_finished(self, model: str, *, prompt_tokens: int, generation_tokens: int,
+                         finish_reasons: list[str], e2e_s: float, decode_s: Optional[float]) -> None:
+        """A request finished: its tokens, finish reasons, end-to-end latency, and the time
+        from its first to its last token (None when it made fewer than two tokens)."""
+        self._prompt_tokens.labels(model_name=model).inc(prompt_tokens)
+        self._generation_tokens.labels(model_name=model).inc(generation_tokens)
+        for reason in finish_reasons:
+            self._success.labels(model_name=model, finished_reason=reason or "unknown").inc()
+        self._e2e.labels(model_name=model).observe(e2e_s)
+        if decode_s is not None and generation_tokens > 1:
+            self._tpot.labels(model_name=model).observe(decode_s / (generation_tokens - 1))
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
@@ -90,27 +114,37 @@ class _EngineStatsCollector:
 
     def collect(self):
         ns = self.namespace
-        stats, in_flight = self.source() if self.source is not None else (None, 0)
+        stats, in_flight, requests = self.source() if self.source is not None else (None, 0, {})
         in_flight_g = GaugeMetricFamily(
-            f"{ns}_requests_in_flight", "Requests accepted by the server and not yet finished.")
+            f"{ns}_requests_in_flight", "Sequences accepted by the server and not yet finished.")
         in_flight_g.add_metric([], in_flight)
         yield in_flight_g
+        running = GaugeMetricFamily(f"{VLLM}num_requests_running", "Requests that have produced a token "
+                                    "and are not finished.", labels=["model_name"])
+        waiting = GaugeMetricFamily(f"{VLLM}num_requests_waiting", "Requests accepted and still waiting for "
+                                    "their first token.", labels=["model_name"])
+        for model, (n_running, n_waiting) in sorted(requests.items()):
+            running.add_metric([model], n_running)
+            waiting.add_metric([model], n_waiting)
+        yield running
+        yield waiting
         if stats is None:
             return
-        waiting = GaugeMetricFamily(f"{ns}_queue_depth", "Requests waiting in the engine's queue.")
-        waiting.add_metric([], getattr(stats, "num_waiting", 0))
-        yield waiting
-        running = GaugeMetricFamily(f"{ns}_requests_running", "Requests running in the engine.")
-        running.add_metric([], getattr(stats, "num_running", 0))
-        yield running
-        pages_total = GaugeMetricFamily(f"{ns}_kv_pages_total", "Pages of the global KV pool.")
-        pages_total.add_metric([], getattr(stats, "kv_pages_total", 0))
-        yield pages_total
-        pages_used = GaugeMetricFamily(
-            f"{ns}_kv_pages_used", "KV pool pages in use, by model.", labels=["model"])
-        for model, pages in sorted((getattr(stats, "kv_pages_used_by_model", None) or {}).items()):
+        pages_total = getattr(stats, "kv_pages_total", 0)
+        pages_total_g = GaugeMetricFamily(f"{ns}_kv_pages_total", "Pages of the global KV pool.")
+        pages_total_g.add_metric([], pages_total)
+        yield pages_total_g
+        used = getattr(stats, "kv_pages_used_by_model", None) or {}
+        pages_used = GaugeMetricFamily(f"{ns}_kv_pages_used", "KV pool pages in use, by model.", labels=["model"])
+        for model, pages in sorted(used.items()):
             pages_used.add_metric([model], pages)
         yield pages_used
+        for name in ("kv_cache_usage_perc", "gpu_cache_usage_perc"):
+            usage = GaugeMetricFamily(f"{VLLM}{name}", "The model's share of the KV pool in use (1 = the "
+                                      "whole pool).", labels=["model_name"])
+            for model, pages in sorted(used.items()):
+                usage.add_metric([model], pages / pages_total if pages_total else 0.0)
+            yield usage
         resident = GaugeMetricFamily(
             f"{ns}_weights_resident", "1 if the model's weights are on device, 0 if swapped out.",
             labels=["model"])
@@ -121,10 +155,12 @@ class _EngineStatsCollector:
             weights_bytes.add_metric([model], float(info.get("weights_bytes", 0)))
         yield resident
         yield weights_bytes
+        preemptions = CounterMetricFamily(f"{VLLM}num_preemptions", "Requests preempted by the scheduler.")
+        preemptions.add_metric([], getattr(stats, "num_preemptions", 0))
+        yield preemptions
         for name, field, doc in (
                 ("swaps_in", "swaps_in", "Model weights swapped into device memory."),
                 ("swaps_out", "swaps_out", "Model weights swapped out to host memory."),
-                ("preemptions", "num_preemptions", "Requests preempted by the scheduler."),
                 ("xla_compiles", "compiles", "XLA executables built in this process (compiled or read from the "
                                              "persistent compilation cache); flat while serving after warm-up.")):
             family = CounterMetricFamily(f"{ns}_{name}", doc)

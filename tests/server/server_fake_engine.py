@@ -7,7 +7,7 @@ Generation: choice j of a request whose prompt has P tokens emits, at its k-th t
 token ord('a') + (P + j + k) % 26, `tokens_per_step` tokens per step (1 by default) for every
 running request. A request finishes with "length" at max_tokens (or the model's context),
 with "stop" when a stop string appears (text cut before it). A prompt containing "FAIL"
-fails alone at its first step.
+(as text, or as the token ids of those characters) fails alone at its first step.
 KV pages: ceil(tokens / 4) per choice while running, freed on finish or abort.
 
 It also records the threads that call it (the contract: only one), its aborts, and has
@@ -153,7 +153,7 @@ class FakeEngine:
             return []
         outs = []
         for rid, r in list(self.requests.items()):
-            if r.prompt is not None and "FAIL" in r.prompt:
+            if "FAIL" in self._tokenizer.decode(r.prompt_ids):
                 del self.requests[rid]
                 outs.append(RequestOutput(rid, r.model, r.prompt, r.prompt_ids, [], finished=True,
                                           error="fake failure"))

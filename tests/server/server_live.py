@@ -11,20 +11,20 @@ import time
 
 import uvicorn
 
-from crosspool_jax.server import AsyncEngine, ServerMetrics, build_app
+from crosspool_jax.server import AsyncEngine, GracefulServer, ServerConfig, ServerMetrics, build_app
 from server_fake_engine import FakeEngine
 
 
 class LiveServer:
-    def __init__(self, app, *, timeout_graceful_shutdown: float = 5.0):
+    def __init__(self, app, *, timeout_graceful_shutdown: float = 5.0, on_grace_expired=None):
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=timeout_graceful_shutdown)
-        self.server = uvicorn.Server(config)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        self.server = GracefulServer(config, grace_s=timeout_graceful_shutdown,
+                                     on_grace_expired=on_grace_expired or (lambda: None))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         daemon=True)
 
@@ -61,12 +61,14 @@ class FakeServer:
 
 
 def start_fake_server(*, step_s: float = 0.002, max_queue: int = 64, shutdown_timeout_s: float = 5.0,
-                      tokens_per_step: int = 1, **app_kwargs) -> tuple[LiveServer, FakeServer]:
+                      tokens_per_step: int = 1, **config) -> tuple[LiveServer, FakeServer]:
+    """A live server over a new FakeEngine; `config`: more `ServerConfig` fields."""
     engine = FakeEngine(step_s=step_s, tokens_per_step=tokens_per_step)
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics=metrics, max_queue=max_queue, stats_interval_s=0.01)
-    live = LiveServer(build_app(async_engine, metrics, **app_kwargs),
-                      timeout_graceful_shutdown=shutdown_timeout_s).__enter__()
+    app = build_app(async_engine, metrics, ServerConfig(max_queue=max_queue, **config))
+    live = LiveServer(app, timeout_graceful_shutdown=shutdown_timeout_s,
+                      on_grace_expired=async_engine.stop).__enter__()
     return live, FakeServer(live.url, engine, async_engine, metrics)
 
 

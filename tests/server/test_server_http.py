@@ -220,7 +220,7 @@ def test_client_disconnect_aborts(fake_server, rng):
     engine.step_s = 0.01
     try:
         with httpx.stream("POST", fake_server.url + "/v1/completions", json={
-                "model": "alpha", "prompt": random_text(rng), "max_tokens": 50,
+                "model": "alpha", "prompt": random_text(rng), "max_tokens": 40,
                 "stream": True}, timeout=10) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
@@ -252,10 +252,14 @@ def test_metrics(fake_server, rng):
              for line in text.splitlines() if line and not line.startswith("#")}
     assert lines['crosspool_requests_total{model="alpha",status="200"}'] >= 1
     assert lines['crosspool_requests_total{model="",status="404"}'] >= 1
-    assert lines['crosspool_time_to_first_token_seconds_count{model="alpha"}'] >= 1
-    assert lines['crosspool_time_between_tokens_seconds_count{model="alpha"}'] >= 4
+    assert lines['vllm:time_to_first_token_seconds_count{model_name="alpha"}'] >= 1
+    assert lines['vllm:inter_token_latency_seconds_count{model_name="alpha"}'] >= 4
+    assert lines['vllm:time_per_output_token_seconds_count{model_name="alpha"}'] >= 1
+    assert lines['vllm:e2e_request_latency_seconds_count{model_name="alpha"}'] >= 1
+    assert lines['vllm:request_success_total{finished_reason="length",model_name="alpha"}'] >= 1
     for name in ('crosspool_kv_pages_used{model="alpha"}', 'crosspool_weights_resident{model="beta"}',
-                 "crosspool_swaps_in_total", "crosspool_queue_depth", "crosspool_preemptions_total",
+                 "crosspool_swaps_in_total", "vllm:num_preemptions_total", 'vllm:num_requests_waiting{model_name="alpha"}',
+                 'vllm:num_requests_running{model_name="beta"}', 'vllm:kv_cache_usage_perc{model_name="alpha"}',
                  "crosspool_kv_pages_total", "crosspool_requests_in_flight"):
         assert name in lines, name
     # All engine calls came from one thread.
@@ -311,24 +315,29 @@ def test_graceful_shutdown_finishes_short_requests_and_aborts_long_ones(rng):
             pass  # the long request's connection may be cut
         results[name] = lines
 
+    def plain():
+        results["plain"] = httpx.post(server.url + "/v1/completions", timeout=10, json={
+            "model": "alpha", "prompt": random_text(rng), "max_tokens": 40})
+
     threads = [threading.Thread(target=stream, args=("short", 5)),
-               threading.Thread(target=stream, args=("long", 200))]
+               threading.Thread(target=stream, args=("long", 40)), threading.Thread(target=plain)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 5
-    while len(server.engine.added) < 2:
+    while len(server.engine.added) < 3:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     live.__exit__(None, None, None)  # what SIGTERM does: stop accepting, wait, then cancel
     for t in threads:
         t.join(10)
     assert results["short"][-1] == "data: [DONE]"
-    # The long one is aborted when the wait runs out: its stream is cut, or told so in an
-    # error event (whichever of uvicorn's cancellation and the engine shutdown comes first).
-    events = [json.loads(line[6:]) for line in results["long"] if line != "data: [DONE]"]
+    # The long one is ended when the grace runs out: an error event, then [DONE].
+    assert results["long"][-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in results["long"][:-1]]
     assert not any(c["finish_reason"] for e in events for c in e.get("choices", []))
-    if "data: [DONE]" in results["long"]:
-        assert "shutting down" in events[-1]["error"]["message"]
+    assert "shutting down" in events[-1]["error"]["message"]
+    assert results["plain"].status_code == 503                   # a JSON error, not a cut connection
+    assert "shutting down" in results["plain"].json()["error"]["message"]
     long_id = json.loads(results["long"][0][6:])["id"] + "-0"
     assert long_id in server.engine.aborted and not server.engine.requests
     assert not server.async_engine.healthy  # the engine thread has stopped
@@ -345,14 +354,15 @@ def test_several_tokens_per_step_stream_and_latency_metrics(rng):
                                                   "max_tokens": 7, "stream": True,
                                                   "return_token_ids": True})
         pieces = [c["token_ids"] for e in events[:-1] for c in e["choices"]]
-        assert [len(piece) for piece in pieces] == [3, 3, 1]
+        assert [len(piece) for piece in pieces] == [1] * 7       # one token per chunk, as vLLM
+        assert all(len(e["choices"]) == 1 for e in events[:-1])
         assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == expected_text(p, 7)
         metrics = httpx.get(server.url + "/metrics").text
         # One first token, then 6 later tokens, each timed as its share of its step's gap.
-        assert 'crosspool_time_to_first_token_seconds_count{model="alpha"} 1.0' in metrics
-        assert 'crosspool_time_between_tokens_seconds_count{model="alpha"} 6.0' in metrics
-        assert 'crosspool_generation_tokens_total{model="alpha"} 7.0' in metrics
-        assert f'crosspool_prompt_tokens_total{{model="alpha"}} {float(p)}' in metrics
+        assert 'vllm:time_to_first_token_seconds_count{model_name="alpha"} 1.0' in metrics
+        assert 'vllm:inter_token_latency_seconds_count{model_name="alpha"} 6.0' in metrics
+        assert 'vllm:generation_tokens_total{model_name="alpha"} 7.0' in metrics
+        assert f'vllm:prompt_tokens_total{{model_name="alpha"}} {float(p)}' in metrics
     finally:
         live.__exit__(None, None, None)
 
@@ -377,3 +387,23 @@ def test_engine_loop_crash_makes_server_unhealthy(rng):
                       contains=["engine is not running"])
     finally:
         live.__exit__(None, None, None)
+
+
+def test_echo_and_continuous_usage(fake_server, rng):
+    text = random_text(rng)
+    p = len(TOK.encode(text))
+    body = _post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text, "max_tokens": 3,
+                                                  "echo": True}).json()
+    assert body["choices"][0]["text"] == text + expected_text(p, 3)
+    ids = [ord(c) for c in "Hey"]
+    body = _post(fake_server, "/v1/completions", {"model": "alpha", "prompt": ids, "max_tokens": 2,
+                                                  "echo": True}).json()
+    assert body["choices"][0]["text"] == "Hey" + expected_text(3, 2)
+    events = _sse(fake_server, "/v1/completions", {
+        "model": "alpha", "prompt": text, "max_tokens": 3, "echo": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert "".join(c["text"] for e in chunks for c in e["choices"]) == text + expected_text(p, 3)
+    assert [e["usage"]["completion_tokens"] for e in chunks[1:]] == [1, 2, 3]
+    _assert_error(_post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text, "echo": True,
+                                                         "logprobs": 1}), 400, param="echo")

@@ -1,6 +1,8 @@
 """The official `openai` client against the server over the fake engine."""
 import asyncio
 
+import httpx
+
 import openai
 import pytest
 
@@ -99,3 +101,36 @@ async def _stream_text(aclient, model, prompt, n_tokens):
     stream = await aclient.completions.create(model=model, prompt=prompt, max_tokens=n_tokens,
                                               stream=True)
     return "".join([c.choices[0].text async for c in stream if c.choices])
+
+
+def test_vllm_compatible_surface_through_the_openai_client(fake_server, client):
+    with pytest.raises(openai.BadRequestError, match="unknown field 'max_token'"):
+        client.completions.create(model="alpha", prompt="x", extra_body={"max_token": 3})
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 64 tokens"):
+        client.completions.create(model="alpha", prompt="hello", max_tokens=100)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
+    ids = client.post("/../tokenize", cast_to=object, body={"model": "alpha", "prompt": "Hello"})["tokens"]
+    assert ids == TOK.encode("Hello")
+    assert client.post("/../detokenize", cast_to=object,
+                       body={"model": "alpha", "tokens": ids})["prompt"] == "Hello"
+    metrics = httpx.get(fake_server.url + "/metrics").text
+    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
+                 "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:request_success_total",
+                 "vllm:prompt_tokens_total", "crosspool_xla_compiles_total"):
+        assert name in metrics, name
+
+
+def test_one_token_per_stream_chunk_under_multi_step_decode(rng):
+    live, server = start_fake_server(tokens_per_step=4)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        text = random_text(rng)
+        stream = client.completions.create(model="alpha", prompt=text, max_tokens=9, stream=True,
+                                           extra_body={"return_token_ids": True})
+        chunks = [c for c in stream if c.choices]
+        assert [len(c.choices[0].model_extra["token_ids"]) for c in chunks] == [1] * 9
+        assert "".join(c.choices[0].text for c in chunks) == expected_text(len(TOK.encode(text)), 9)
+    finally:
+        live.__exit__(None, None, None)

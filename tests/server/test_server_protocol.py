@@ -1,4 +1,5 @@
 """Request parsing and response shapes, without a server."""
+import copy
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 from crosspool_jax.outputs import Logprob
 from crosspool_jax.server import protocol, responses
 from crosspool_jax.server.protocol import ApiError
-from crosspool_jax.serve import engine_options, parse_bytes, parse_devices, parse_models
+from crosspool_jax.serve import FLAGS, engine_options, parse_bytes, parse_devices, parse_models
 from server_fake_engine import FakeTokenizer
 
 
@@ -96,12 +97,36 @@ def test_flag_parsing(tmp_path):
     assert parse_devices("4", name="x") == 4 and parse_devices("0,2", name="x") == [0, 2]
     with pytest.raises(ValueError, match="kv_pool_bytes"):
         parse_bytes("lots", name="kv_pool_bytes")
-    opts = engine_options({"dtype": "float32", "mode": None, "kv_devices": "2",
-                           "kv_pool_bytes": "1MiB", "max_model_len": 128, "max_decode_steps": 1})
+    flag_values = copy.deepcopy(FLAGS)
+    flag_values(["serve", "--dtype=float32", "--kv_devices=2", "--kv_pool_bytes=1MiB",
+                 "--max_model_len=128", "--max_decode_steps=1", "--noenable_prefix_caching"])
+    opts = engine_options(flag_values)
     assert opts == {"dtype": "float32", "kv_devices": 2, "kv_pool_bytes": 1 << 20,
-                    "max_model_len": 128, "max_decode_steps": 1}
+                    "max_model_len": 128, "max_decode_steps": 1, "enable_prefix_caching": False}
     assert parse_models([f"a={tmp_path}"]) == {"a": str(tmp_path)}
     with pytest.raises(ValueError, match="NAME=PATH"):
         parse_models(["nopath"])
     with pytest.raises(ValueError, match="does not exist"):
         parse_models([f"a={tmp_path}/missing"])
+
+
+def test_split_delta_one_token_per_piece_with_a_real_tokenizer():
+    import os
+
+    from crosspool_jax.checkpoints.tokenizer import load_tokenizer
+    from crosspool_jax.server.async_engine import ChoiceDelta
+    from crosspool_jax.server.generation import split_delta
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tok = load_tokenizer(os.path.join(repo, "checkpoints", "mixtral-tiny"))
+    ids = tok.encode("Hello there, wonderful world of experts", add_special_tokens=False)
+    prev, new = ids[:3], ids[3:]
+    text = tok.decode(ids)[len(tok.decode(prev)):]
+    lps = [{t: Logprob(-1.0, 1)} for t in new]
+    pieces = split_delta(ChoiceDelta(0, text, new, lps, "length", None), prev, tok)
+    assert [p.token_ids for p in pieces] == [[t] for t in new]
+    assert "".join(p.text for p in pieces) == text and sum(bool(p.text) for p in pieces) >= len(new) - 1
+    assert [p.finish_reason for p in pieces] == [None] * (len(new) - 1) + ["length"]
+    assert [p.logprobs for p in pieces] == [[lp] for lp in lps]
+    one = ChoiceDelta(0, "x", [5], None, None, None)
+    assert split_delta(one, [], tok) == [one]

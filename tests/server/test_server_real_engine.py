@@ -238,8 +238,6 @@ def test_served_run_compiles_nothing_after_warm_up(models):
     """After the server's warm-up, a served mix of requests (greedy and sampled, logprobs,
     penalties, n > 1, streamed, prefill chunks and multi-step decode, two models) compiles no
     XLA program: /metrics' compile counter and the process's counter stay flat."""
-    import logging
-
     from crosspool_jax.runtime.compiles import compile_counter
     from crosspool_jax.serve import warm_up
 
@@ -247,7 +245,7 @@ def test_served_run_compiles_nothing_after_warm_up(models):
     engine = LLMEngine.from_options({n: models[n] for n in names}, dtype="float32", kv_pool_bytes=4 << 20,
                                     max_num_seqs=4, max_num_batched_tokens=16, max_decode_steps=2,
                                     max_model_len=48, max_logprobs=3)
-    done = warm_up(engine, logging.getLogger("test"))
+    done = warm_up(engine)
     assert done["programs"] > 0 and done["compiles"] > 0
     stats = engine.stats()
     assert stats.kv_pages_free == stats.kv_pages_total and not engine.has_unfinished_requests()
