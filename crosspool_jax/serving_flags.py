@@ -23,6 +23,8 @@ flags.DEFINE_multi_string("model", [], "A served model as NAME=PATH (repeatable)
                           "Hugging Face model folder or an orbax checkpoint. None: every model "
                           "folder under the repository's checkpoints/.")
 ENGINE_FLAGS = tuple(config_flags.define_flags(EngineConfig, skip=("models",)))
+for _name in ENGINE_FLAGS:              # key flags of this module: a program adopting them lists them in --help
+    flags.declare_key_flag(_name)
 flags.DEFINE_integer("max_queue", 1024, "Most unfinished requests the async engine holds; beyond "
                      "it new requests are refused (HTTP 429 from the server).", lower_bound=1)
 flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR,

@@ -30,10 +30,10 @@ def test_step_failure_of_one_request_fails_it_alone(llm, monkeypatch):
     want = [_ids(o) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     dispatch = llm.engine.runner.dispatch
 
-    def poisoned(model, config, kv, ffn, tpp, chunks, *args, **kwargs):
-        if any(c.request.prompt_token_ids == [9, 10, 11, 12] for c in chunks):
+    def poisoned(step):
+        if any(c.request.prompt_token_ids == [9, 10, 11, 12] for c in step.chunks):
             raise OverflowError("poisoned request")
-        return dispatch(model, config, kv, ffn, tpp, chunks, *args, **kwargs)
+        return dispatch(step)
 
     monkeypatch.setattr(llm.engine.runner, "dispatch", poisoned)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)

@@ -97,7 +97,7 @@ def _sse(*events):
       '{"choices": [{"index": 0, "text": "", "token_ids": [7]}]}',
       '{"choices": [{"index": 0, "text": "", "token_ids": [8, 9, 10], "finish_reason": "length"}]}',
       '{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 6}}', "[DONE]"],
-     StreamOutcome("completed", completion_tokens=6)),
+     StreamOutcome("completed", completion_tokens=6, token_ids=[5, 6, 7, 8, 9, 10])),
 ])
 def test_http_stream_timing_is_exact(chunks, want):
     times = iter([10.5, 10.75, 11.5])

@@ -28,7 +28,7 @@ def test_help_explains_every_flag_and_exits_zero():
 
     import crosspool_jax.bench.trace as trace_cli
     names = {f.name for f in flags.FLAGS.get_flags_for_module(trace_cli.__name__)}
-    names |= {f.name for f in flags.FLAGS.get_flags_for_module("crosspool_jax.serving_flags")}
+    names |= {f.name for f in flags.FLAGS.get_key_flags_for_module("crosspool_jax.serving_flags")}
     assert {"rate", "cv", "zipf", "profile", "model_map", "server_url", "kv_pool_bytes", "model"} <= names
     for name in names:
         assert f"--{name}:" in out.stdout or f"--[no]{name}:" in out.stdout, name

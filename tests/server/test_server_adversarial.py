@@ -149,10 +149,10 @@ def test_adversarial_request_fails_alone(served, neighbour_ids, case):
 def test_failure_inside_the_step_fails_that_request_alone(served, engine, neighbour_ids, monkeypatch):
     dispatch = engine.runner.dispatch
 
-    def poisoned(model, config, kv, ffn, tpp, chunks, *args, **kwargs):
-        if any(c.request.prompt_token_ids == [66, 77, 88] for c in chunks):
+    def poisoned(step):
+        if any(c.request.prompt_token_ids == [66, 77, 88] for c in step.chunks):
             raise OverflowError("poisoned request")
-        return dispatch(model, config, kv, ffn, tpp, chunks, *args, **kwargs)
+        return dispatch(step)
 
     monkeypatch.setattr(engine.runner, "dispatch", poisoned)
     got = {}
