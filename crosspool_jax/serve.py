@@ -59,9 +59,10 @@ def server_config(flag_values=FLAGS) -> ServerConfig:
     return ServerConfig(**config_flags.config_kwargs(ServerConfig, flag_values=flag_values))
 
 
-def warm_up(engine, *, progress: bool = False) -> dict:
-    """Compile every program the engine may run while serving (`LLMEngine.warm_up`), with a
-    progress bar over the models; returns the engine's summary (programs, compiles, seconds)."""
+def warm_up(engine, *, progress: bool = False, variants=None) -> dict:
+    """Compile every program the engine may run while serving (`LLMEngine.warm_up`, `variants`
+    as there), with a progress bar over the models; returns the engine's summary (programs,
+    compiles, seconds)."""
     bar = None
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415
@@ -73,7 +74,7 @@ def warm_up(engine, *, progress: bool = False) -> dict:
             bar.update(1)
 
     try:
-        return engine.warm_up(progress=done)
+        return engine.warm_up(progress=done, variants=variants)
     finally:
         if bar is not None:
             bar.close()

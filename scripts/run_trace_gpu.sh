@@ -42,7 +42,8 @@ CACHE="${CACHE:-/tmp/crosspool-jax-cache}"
 # package (AsyncEngine's home) imports: install it and its friends from wheels carried in .whl/
 if ! python3 -c "import fastapi" 2>/dev/null; then
   wheels=$(ls .whl/fastapi-*.whl .whl/starlette-*.whl .whl/pydantic-*.whl .whl/pydantic_core-*.whl \
-    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/uvicorn-*.whl 2>/dev/null)
+    .whl/annotated_types-*.whl .whl/typing_inspection-*.whl .whl/uvicorn-*.whl .whl/opentelemetry_api-*.whl \
+    .whl/importlib_metadata-*.whl .whl/zipp-*.whl .whl/annotated_doc-*.whl 2>/dev/null)
   [ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site $wheels && export PYTHONPATH=.:/tmp/site
   python3 -c "import fastapi" || { echo "fastapi is missing: carry .whl/ (carry=[\".whl\"])"; exit 1; }

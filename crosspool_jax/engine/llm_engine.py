@@ -42,6 +42,8 @@ import random
 import time
 from typing import Optional, Sequence, Union
 
+import jax
+
 
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
@@ -175,13 +177,18 @@ class LLMEngine:
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
             compiles=self._compiles.count, compile_seconds=self._compiles.seconds)
 
-    def warm_up(self, *, progress=None, max_workers: Optional[int] = None) -> dict:
+    def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
-        shape of its menu (`runtime/shapes.py`) and sampling variant, on `max_workers` threads
-        (default: the CPU count; XLA compiles without holding the GIL). Models whose programs
-        are the same (equal configs on one device) compile once. Returns {"programs": jobs
-        run, "compiles": XLA compiles, "seconds": wall time}. `progress(model, done, total)` is
-        called as each model's programs are ready."""
+        shape of its menu (`runtime/shapes.py`) and, with `variants`, both logprobs variants,
+        on `max_workers` threads (default: the CPU count; XLA compiles without holding the
+        GIL). Models whose programs are the same (equal configs on one device) compile once.
+        `variants` None: both on accelerators, only the plain one on a CPU, where every
+        executable costs ~300 memory mappings and a process may hold 65,530 (the logprobs
+        programs then compile on first use). Returns {"programs": jobs run, "compiles": XLA
+        compiles, "seconds": wall time}. `progress(model, done, total)` is called as each
+        model's programs are ready."""
+        if variants is None:
+            variants = jax.devices()[0].platform != "cpu"
         t0 = time.perf_counter()
         c0 = self._compiles.count
         names = self.model_names
@@ -190,7 +197,8 @@ class LLMEngine:
             entry = self.registry.get(name)
             weights = self.registry.acquire(name)          # resident while lowering
             try:
-                jobs[name] = self.runner.compile_jobs(entry.config, entry.menu, weights, model=name)
+                menu = entry.menu if variants else dataclasses.replace(entry.menu, logprob_variants=(0,))
+                jobs[name] = self.runner.compile_jobs(entry.config, menu, weights, model=name)
             finally:
                 self.registry.release(name)
         workers = max_workers or os.cpu_count() or 1

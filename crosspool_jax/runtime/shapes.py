@@ -13,9 +13,9 @@ step is padded to the smallest entry that fits, and the warm-up compiles every e
 - page tables: Pp blocks per sequence, three sizes an eighth apart, the largest holding the
   model's longest context (the attention kernels walk only each sequence's real pages, so a
   larger table costs its transfer, not attention work);
-- token history (repetition, frequency and presence penalties, data of every program):
-  lengths in powers of four from `MIN_HISTORY` up to max_model_len, built by a small program
-  of their own.
+- token history (repetition, frequency and presence penalties, data of every program): one
+  length, max_model_len rounded up to a power of two, built by a small program of its own
+  (a step with penalties sends its rows' ids padded to it).
 
 The one sampling variant (a static flag of a program) is `num_logprobs`: 0, or the engine's
 `max_logprobs` (every row that asks gets its top-k out of that one computation). Stop and
@@ -105,7 +105,7 @@ class ShapeMenu:
         return cls(token_buckets=tokens, max_seqs=max_seqs,
                    decode_seq_buckets=_powers(MIN_SEQS, max_seqs, 4),
                    page_buckets=_from_top(MIN_PAGES, max_blocks_per_seq, 8, 3),
-                   history_buckets=_powers(MIN_HISTORY, max_model_len, 4),
+                   history_buckets=(next_pow2(max(max_model_len, MIN_HISTORY)),),
                    logprob_variants=tuple(sorted({0, top})))
 
     def num_logprobs(self, asked: int) -> int:
