@@ -17,16 +17,11 @@ timestamps): one jitted call of f dispatched `calls` times back to back, cycling
 `copies` distinct copies of every input (so consecutive calls read different memory and no
 call finds its operands in L2); per call the span from its first kernel's start to its last
 kernel's end (its kernels and the gaps between them, never the host), the median over calls.
-`time_step` measures the same from the host's clock and was wrong for calls shorter than their
-host dispatch: its program of 5 calls took longer to dispatch (~35 input buffers) than to run
-at the small shapes, so it reported host time (device run 1 of 2026-11-28 session 4: our
-attention kernel at B=8 / 2k ran 24.7 us per call on the device where time_step had said
-34.3). The benchmarks use device_time wherever a GPU trace is available (`timer` in each row).
-
-History: the first version chained the calls (each call's first input plus a zero-valued term
-of the previous output), which added two small launches per call; the second copied only the
-first input (device run 2 of 2026-11-28: valid for our kernels and JAX's Pallas/Mosaic
-kernels, not for the XLA-native peers, see RESULTS.md); this third one copies every input.
+`time_step` measures the same from the host's clock and is wrong for calls shorter than their
+host dispatch (a program of 5 calls with ~35 input buffers takes longer to dispatch than to
+run at small shapes, so it reports host time). The benchmarks use device_time wherever a GPU
+trace is available (`timer` in each row). Every input is copied, not only the first: XLA's
+native peers otherwise read some operands from L2 (RESULTS.md).
 """
 from __future__ import annotations
 

@@ -41,8 +41,8 @@ DECODE_SHAPES = [
 PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
 MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
 # Alternates to the tuning table tried per decode shape: (block_n, block_k, warps, stages),
-# one config for both matmuls. Session 4 (trace timer): narrower and deeper tiles for the
-# one-token shape, whose gate/up grid is 96 programs on 132 SMs at 64 columns.
+# one config for both matmuls: narrower and deeper tiles for the one-token shape, whose
+# gate/up grid is 96 programs on 132 SMs at 64 columns (results: RESULTS.md).
 SWEEP = [(32, 128, 4, 3), (32, 128, 4, 4), (32, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 6),
          (32, 128, 2, 4)]
 

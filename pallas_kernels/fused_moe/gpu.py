@@ -5,10 +5,8 @@ Why: it runs on JAX 0.10 and 0.11.2 (deprecated in 0.11 but working), it can be 
 a CPU so every kernel here is tested against the reference without a GPU, and decode MoE is
 weight-bandwidth bound (a few rows per expert), where the win comes from the tiling (one M
 tile per expert, the weight's N dim spread over the grid, empty experts skipped), not from
-the instruction set. Measured on an H200 (RESULTS.md, session 4, GPU-clock timer): the fused
-MoE at 99.9% of the copy ceiling on Mixtral decode, 83-88% on Qwen3-30B-A3B at 16-256 tokens
-and OLMoE, 58% at one token, and 66.5% of the bf16 matmul rate on a prefill grouped matmul
-(Triton emits wgmma itself), ahead of JAX's Mosaic GPU `ragged_dot_mgpu` (44%). Mosaic GPU cannot be interpreted on CPU. The choice lives here: api.py maps
+the instruction set (measured shares of the copy ceiling and of the matmul rate, against JAX's
+Mosaic GPU `ragged_dot_mgpu`: RESULTS.md). Mosaic GPU cannot be interpreted on CPU. The choice lives here: api.py maps
 backend "gpu" to this module and nothing else imports it.
 
 Both kernels run over the padded tile layout of layout.py: grid (tile i, column block j);
@@ -197,8 +195,8 @@ def gate_up_gathered(x_TD: jax.Array, top_k: int, w1: ExpertRows, layout: TileLa
 
 
 # One token per combine program, 128 columns (512 from 64 tokens up): enough programs to
-# cover the GPU at every batch. 16 tokens x 256 columns per program left a 16-token Qwen3
-# call with 8 programs, 22 us for 1 MB (H200, session 4 run 4).
+# cover the GPU at every batch (16 tokens per program left a 16-token call with 8 programs;
+# RESULTS.md has the timings).
 _COMBINE_TOKENS = 1
 
 

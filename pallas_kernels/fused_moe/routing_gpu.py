@@ -26,9 +26,9 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.fused_moe.gpu import cells_shape, store_cells
 from pallas_kernels.pow2 import next_pow2
 
-# Tokens per program: one. The k rounds of reductions over a row are latency-bound; with 16
-# rows per program a 16- or 256-token call took 11.6 us (one or 16 programs of serial
-# rounds), one row took 3.0 us (H200, session 4 run 4), so rows go to programs of their own.
+# Tokens per program: one. The k rounds of reductions over a row are latency-bound, so rows
+# of one program run their rounds serially; a row per program lets them run in parallel
+# (RESULTS.md has the timings).
 BLOCK_T = 1
 
 

@@ -41,7 +41,7 @@ SWEEP = [
     {"splits": 0.5},
     {"num_stages": 4},
 ]
-# ncu (session 4 run 8) showed B=8 / 2k at half a wave (256 programs, 4 per SM by registers)
+# shapes near a wave boundary (B=8 / 2k: 256 programs, 4 per SM by registers), where the split count matters
 SWEEP_SHAPES = [(8, 2048, 16), (8, 4096, 16), (1, 32768, 16)]
 # (q_tokens, block_k, num_warps, num_stages, the four flags) tried on the mixed shapes by
 # --sweep (R=4); the first is the previous default

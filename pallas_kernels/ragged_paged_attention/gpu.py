@@ -9,9 +9,8 @@ Triton's software pipeliner does for us (num_stages). Mosaic GPU (wgmma, TMA,
 emit_pipeline) would buy tensor-core throughput for long prefill chunks, but it cannot be
 interpreted on a CPU and paged (gathered) KV does not map onto TMA tiles without a
 per-page descriptor; that is the next step if prefill becomes the bottleneck.
-Measured on an H200 with JAX 0.11.2 (RESULTS.md, session 4, GPU-clock timer): 1.86-2.95x
-JAX's Pallas GPU `paged_attention` on decode, 98-102% of the copy ceiling (the HBM read
-limit) from 537 MB of KV up, 80% at batch 8 / context 4k.
+Its decode speed against JAX's Pallas GPU `paged_attention` and the copy ceiling (the HBM
+read limit) is in RESULTS.md.
 
 Layout and grid. The engine's pool [P, G, K, H] is viewed as [P * G, K * H] rows (or, without
 `row_gather`, [P, G, K * H]; free reshapes); one program handles one work item (<= BQ query

@@ -14,10 +14,8 @@ from pallas_kernels.pow2 import next_pow2, prev_pow2  # noqa: F401 - tuning.next
 GPU_NUM_SMS = 132                 # H100 SXM / H200; only used to size the split-KV grid
 _CTAS_PER_SM = 4                  # enough resident CTAs to keep HBM busy
 # Splits of at least 256 keys, and no more than one wave of programs (4 per SM: the kernel's
-# 128 registers per thread allow 4 CTAs of 4 warps). ncu on an H200 (session 4 run 8) found
-# B=8 / 2k at half a wave with 512-key splits (4 splits); 8 splits ran 24.2 vs 24.8 us, while
-# rounding the split count UP past one wave lost 8-12% (B=8 / 4k: 16 splits 43.6 vs 8 splits
-# 38.9 us; B=1 / 32k: 128 vs 64 splits 46.5 vs 42.7 us; run 9).
+# 128 registers per thread allow 4 CTAs of 4 warps): larger splits leave small batches at
+# half a wave, and rounding the split count past one wave is slower (RESULTS.md: the sweep).
 _MIN_KEYS_PER_SPLIT = 256
 
 
@@ -100,7 +98,7 @@ def gpu_config(*, T: int, S: int, R: int, H: int, G: int, C: int, K: int,
     # One pool row per key with V masked in the load (1.2-1.3x on decode, RESULTS.md), the
     # KV heads of an item launched together, work items derived inside the kernel. The split
     # merge stays in XLA (one fused op): merging in the kernel measured 1.0-1.7x slower on
-    # every split shape (RESULTS.md, session 4 runs 3 and 10: 40.4 vs 24.0 us at B=8 / 2k).
+    # every split shape (RESULTS.md).
     return BlockConfig(q_tokens=q_tokens, block_k=block_k, num_splits=num_splits,
                        num_warps=4, num_stages=num_stages, heads_fastest=True,
                        row_gather=True, mask_v_load=True, items_in_kernel=True)
