@@ -2,8 +2,8 @@
 
 Interpret mode runs the kernels' semantics but skips the Triton lowering, so what only the
 lowering reads (cache modifiers, atomics' forms, barriers, masked gathers' layouts) is
-unchecked by the interpret tests; a lowering error would first show on the GPU (session 4's
-run 2 failed to compile a `.cg` cache modifier that no interpret test could catch). `jit(...).trace(...).lower(
+unchecked by the interpret tests; a lowering error (e.g. a `.cg` cache modifier the Triton
+lowering cannot emit) would first show on the GPU. `jit(...).trace(...).lower(
 lowering_platforms=("cuda",))` runs the Pallas Triton lowering rules in Python without a GPU
 (the Triton compile to PTX happens later, on the device), so this catches them here. The
 numbers are checked by the interpret tests and, on a GPU, by the gpu-marked classes.

@@ -1,7 +1,7 @@
 """The benchmarks' step timer (pallas_kernels/timing.py): every call of a timed program must
 really run. With inputs shared between the calls, XLA computes shared work once (CSE) or
-merges dots on a shared operand (device run 2 of 2026-11-28 read 130% of the copy ceiling
-that way), so the timer hands each call its own copy of every input."""
+merges dots on a shared operand (which then reads more than the copy ceiling allows), so the
+timer hands each call its own copy of every input."""
 import re
 
 import jax
