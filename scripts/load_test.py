@@ -30,7 +30,7 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from crosspool_jax.bench.http_client import MetricsScrape, completion_body, stream_completion  # noqa: E402
+from crosspool_jax.bench.http_client import EngineSample, completion_body, stream_completion  # noqa: E402
 from crosspool_jax.bench.latency import StreamTiming, percentile  # noqa: E402
 
 
@@ -91,7 +91,7 @@ MALFORMED: list[dict] = [
 
 def kv_pages_used(metrics_text: str) -> dict[str, float]:
     """crosspool_kv_pages_used{model="..."} values of a /metrics page."""
-    return MetricsScrape.parse(metrics_text).kv_pages_used_by_model
+    return EngineSample.parse(metrics_text).kv_pages_used_by_model
 
 
 async def _malformed(client: httpx.AsyncClient, model: str, body: dict, report: LoadReport) -> None:

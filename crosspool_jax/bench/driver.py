@@ -25,6 +25,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from crosspool_jax.bench.http_client import EngineSample
 from crosspool_jax.bench.latency import StreamOutcome, StreamTiming
 from crosspool_jax.bench.traces import TraceRequest
 
@@ -61,25 +62,6 @@ class VirtualClock:
     async def sleep_until(self, t: float) -> None:
         self.t = max(self.t, t)
         await asyncio.sleep(0)
-
-
-@dataclasses.dataclass
-class EngineSample:
-    """The engine's state at `t` (seconds since the run's start; counters are cumulative)."""
-
-    t: float
-    kv_pages_total: float
-    kv_pages_used_by_model: dict[str, float]
-    preemptions: float
-    swaps_in: float
-    swaps_out: float
-    compiles: float
-    waiting: float = 0.0
-    running: float = 0.0
-
-    @property
-    def kv_pages_used(self) -> float:
-        return float(sum(self.kv_pages_used_by_model.values()))
 
 
 class Backend(Protocol):
@@ -250,7 +232,7 @@ class InProcessBackend:
                 break
             await asyncio.sleep(0.02)
         s = self.engine.stats_snapshot()
-        return EngineSample(0.0, float(getattr(s, "kv_pages_total", 0)),
+        return EngineSample(float(getattr(s, "kv_pages_total", 0)),
                             dict(getattr(s, "kv_pages_used_by_model", None) or {}),
                             getattr(s, "num_preemptions", 0), getattr(s, "swaps_in", 0),
                             getattr(s, "swaps_out", 0), compile_counter().count,
@@ -298,12 +280,8 @@ class HttpBackend:
                                        clock=clock)
 
     async def probe(self) -> EngineSample:
-        from crosspool_jax.bench.http_client import MetricsScrape  # noqa: PLC0415
-
         try:
             r = await self.client.get("/metrics")
-            m = MetricsScrape.parse(r.text if r.status_code == 200 else "")
+            return EngineSample.parse(r.text if r.status_code == 200 else "")
         except Exception:  # noqa: BLE001 - a server without /metrics: zeros
-            m = MetricsScrape.parse("")
-        return EngineSample(0.0, m.kv_pages_total, m.kv_pages_used_by_model, m.preemptions, m.swaps_in,
-                            m.swaps_out, m.compiles, m.waiting, m.running)
+            return EngineSample.parse("")

@@ -7,7 +7,7 @@ for models without a tokenizer; a server that ignores it is counted one token pe
 choice moved. `stream_options.include_usage` gives the final token count.
 
 `parse_metrics` reads a Prometheus text page into {metric name: {labels: value}};
-`MetricsScrape` picks out the crosspool series the benchmarks use.
+`EngineSample.parse` picks out the crosspool series the benchmarks use.
 """
 from __future__ import annotations
 
@@ -102,8 +102,10 @@ def labelled(series: dict[tuple, float], label: str) -> dict[str, float]:
 
 
 @dataclasses.dataclass
-class MetricsScrape:
-    """The crosspool series of one /metrics page (0 where the server does not export one)."""
+class EngineSample:
+    """The engine's state at `t` (seconds since a run's start; counters cumulative): from its
+    stats snapshot in process, or from one /metrics page (`parse`; 0 where the server does
+    not export a series)."""
 
     kv_pages_total: float
     kv_pages_used_by_model: dict[str, float]
@@ -111,11 +113,16 @@ class MetricsScrape:
     swaps_in: float
     swaps_out: float
     compiles: float
-    waiting: float
-    running: float
+    waiting: float = 0.0
+    running: float = 0.0
+    t: float = 0.0
+
+    @property
+    def kv_pages_used(self) -> float:
+        return float(sum(self.kv_pages_used_by_model.values()))
 
     @classmethod
-    def parse(cls, text: str, namespace: str = "crosspool") -> "MetricsScrape":
+    def parse(cls, text: str, namespace: str = "crosspool") -> "EngineSample":
         m = parse_metrics(text)
 
         def one(name: str) -> float:

@@ -53,8 +53,8 @@ class ScriptedBackend:
 
     async def probe(self):
         self.probes += 1
-        return EngineSample(0.0, 100, {"a": 2.0, "b": 1.0}, preemptions=self.probes, swaps_in=0,
-                            swaps_out=0, compiles=5 * self.probes)
+        return EngineSample(kv_pages_total=100, kv_pages_used_by_model={"a": 2.0, "b": 1.0},
+                            preemptions=self.probes, swaps_in=0, swaps_out=0, compiles=5 * self.probes)
 
 
 def test_sends_at_the_trace_arrival_times_with_the_trace_lengths():
@@ -147,9 +147,9 @@ def _record():
                res(1, "a", 1.0, [(2.5, 1), (2.55, 1)]),                      # TTFT 1500 ms: misses
                res(2, "b", 2.0, [(2.1, 1), (2.3, 1), (2.35, 1)]),            # a 200 ms gap: misses
                res(3, "b", 3.0, [], status="failed")]
-    before = EngineSample(0.0, 100, {}, preemptions=1, swaps_in=2, swaps_out=0, compiles=40)
-    after = EngineSample(4.0, 100, {}, preemptions=4, swaps_in=3, swaps_out=1, compiles=41)
-    samples = [EngineSample(t, 100, {"a": a, "b": b}, 0, 0, 0, 40) for t, a, b in
+    before = EngineSample(t=0.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=1, swaps_in=2, swaps_out=0, compiles=40)
+    after = EngineSample(t=4.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=4, swaps_in=3, swaps_out=1, compiles=41)
+    samples = [EngineSample(100, {"a": a, "b": b}, 0, 0, 0, 40, t=t) for t, a, b in
                ((0.0, 0, 0), (1.0, 3, 0), (2.0, 3, 5))]
     return RunRecord(results, samples, before, after, duration_s=4.0, max_send_lag_s=0.2)
 
