@@ -165,16 +165,36 @@ class DisaggRunner(DispatchingRunner):
                                   None if sharded is None else ("sharded", sharded.pages_LSB.shape)))
         self.stats.count_program(("sample", S, config.vocab_size, R * layout.n_kv, num_logprobs, penalties))
         t1 = time.perf_counter()
-        arena = self.arena.take()
-        try:
-            arena, logits_NRV = disagg_pipeline.disagg_step(
-                arena, PackedInt32.pack(inputs), sharded, layout=layout, config=config, num_microbatches=M, exchange=self.exchange,
-                attention_backend=self.attention_backend, moe_backend=self.moe_backend, bases=kv_params)
-        finally:
-            self.arena.put(arena)
+        logits_NRV = self._step(layout, config, inputs, sharded, M, kv_params)
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep((out, None), len(chunks), num_logprobs, t1, self.stats)
+
+    def _step(self, layout, config, inputs, sharded, M: int, bases):
+        """`disagg_step` on the arena (taken and put back: the step donates it) -> logits."""
+        arena = self.arena.take()
+        try:
+            arena, logits_NRV = disagg_pipeline.disagg_step(
+                arena, PackedInt32.pack(inputs), sharded, layout=layout, config=config, num_microbatches=M,
+                exchange=self.exchange, attention_backend=self.attention_backend, moe_backend=self.moe_backend,
+                bases=bases)
+        finally:
+            self.arena.put(arena)
+        return logits_NRV
+
+    def _decode(self, layout, config, inputs, allowance_NMT, meta, history, M: int, num_logprobs: int, bases):
+        """`disagg_decode` of max_decode_steps tokens on the arena -> its SamplerOutput."""
+        counts, prompt_mask = history
+        arena = self.arena.take()
+        try:
+            arena, out = disagg_pipeline.disagg_decode(
+                arena, PackedInt32.pack(inputs), allowance_NMT, meta, counts, prompt_mask, layout=layout,
+                config=config, num_microbatches=M, num_steps=self.max_decode_steps, num_logprobs=num_logprobs,
+                exchange=self.exchange, attention_backend=self.attention_backend, moe_backend=self.moe_backend,
+                bases=bases)
+        finally:
+            self.arena.put(arena)
+        return out
 
     def compile_jobs(self, config, menu: ShapeMenu, weights: ArenaWeights, *, model: str) -> list:
         """The model's programs as one job (`_run_every_program`; the jobs of all models take turns
@@ -207,14 +227,7 @@ class DisaggRunner(DispatchingRunner):
             for shape in menu.ragged_shapes():
                 inputs, _ = disagg_inputs.build_disagg_inputs(empty, layout=layout, num_layers=config.num_layers,
                                                               num_microbatches=M, shape=shape)
-                arena = self.arena.take()
-                try:
-                    arena, logits_NRV = disagg_pipeline.disagg_step(
-                        arena, PackedInt32.pack(inputs), None, layout=layout, config=config, num_microbatches=M,
-                        exchange=self.exchange, attention_backend=self.attention_backend,
-                        moe_backend=self.moe_backend, bases=weights.bases)
-                finally:
-                    self.arena.put(arena)
+                logits_NRV = self._step(layout, config, inputs, None, M, weights.bases)
                 done += 1
                 for S in menu.decode_seq_buckets:
                     sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
@@ -232,16 +245,8 @@ class DisaggRunner(DispatchingRunner):
                     meta = smeta.build_sampling_metadata([], pad_rows_to=n_rows)
                     for num_logprobs in lp_variants:
                         for penalties in pen_variants:
-                            arena = self.arena.take()
-                            try:
-                                arena, out = disagg_pipeline.disagg_decode(
-                                    arena, PackedInt32.pack(inputs), np.zeros(inputs.token_ids_T.shape, np.int32),
-                                    meta, *history(penalties, n_rows), layout=layout, config=config,
-                                    num_microbatches=M, num_steps=self.max_decode_steps, num_logprobs=num_logprobs,
-                                    exchange=self.exchange, attention_backend=self.attention_backend,
-                                    moe_backend=self.moe_backend, bases=weights.bases)
-                            finally:
-                                self.arena.put(arena)
+                            out = self._decode(layout, config, inputs, np.zeros(inputs.token_ids_T.shape, np.int32),
+                                               meta, history(penalties, n_rows), M, num_logprobs, weights.bases)
                             for S in menu.decode_seq_buckets:
                                 jax.block_until_ready(_steps_of_rows(out, np.zeros(S, np.int32)))
                                 done += 1
@@ -271,14 +276,7 @@ class DisaggRunner(DispatchingRunner):
         self.stats.count_program((model_name, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
                                   inputs.page_indices_LSP.shape, num_logprobs, penalties))
         t1 = time.perf_counter()
-        arena = self.arena.take()
-        try:
-            arena, out = disagg_pipeline.disagg_decode(
-                arena, PackedInt32.pack(inputs), allowance_NMT, meta, counts, prompt_mask, layout=layout, config=config,
-                num_microbatches=M, num_steps=num_steps, num_logprobs=num_logprobs, exchange=self.exchange,
-                attention_backend=self.attention_backend, moe_backend=self.moe_backend, bases=bases)
-        finally:
-            self.arena.put(arena)
+        out = self._decode(layout, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M, num_logprobs, bases)
         outs = _steps_of_rows(out, rows_S)
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep((outs, num_steps), len(rows), num_logprobs, t1, self.stats, limits)
