@@ -160,58 +160,65 @@ class Generation:
         return responses.chat_body(self.id, self.created, self.model, choices, self.usage())
 
     # ---------------------------------------------------------------- streams
-    async def completion_chunks(self, include_usage: bool,
-                                logprobs_k: Optional[int]) -> AsyncIterator[bytes]:
+    def completion_chunks(self, include_usage: bool, logprobs_k: Optional[int]) -> AsyncIterator[bytes]:
+        """The SSE events of a streamed completion, ending with [DONE]."""
+        return self._ended(self._completion_events(include_usage, logprobs_k))
+
+    def chat_chunks(self, include_usage: bool, top_logprobs: Optional[int]) -> AsyncIterator[bytes]:
+        """The SSE events of a streamed chat completion, ending with [DONE]."""
+        return self._ended(self._chat_events(include_usage, top_logprobs))
+
+    async def _ended(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """`events`, then [DONE]; an error ends the stream with an error event (a bug too: logged,
+        status 500), never a hang."""
         try:
-            for idx in sorted(self.states) if self.echo is not None else ():
-                choice = responses.completion_choice(idx, self._echo(idx), None, None, None, None)
-                yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
-                                                             None, chunk=True))
-            async for idx, c, text_offset in self.pieces():
-                if not (c.text or c.token_ids or c.finish_reason is not None):
-                    continue
-                lps = None
-                if logprobs_k is not None and c.logprobs:
-                    lps = responses.completion_logprobs(self.tokenizer, c.token_ids, c.logprobs,
-                                                        logprobs_k, text_offset)
-                choice = responses.completion_choice(idx, c.text, lps, c.finish_reason, c.stop_reason,
-                                                     self._ids(c.token_ids))
-                yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
-                                                             self._running_usage(), chunk=True))
-            if include_usage:
-                yield encode_event(responses.completion_body(
-                    self.id, self.created, self.model, [], self.usage(), chunk=True))
+            async for event in events:
+                yield event
         except ApiError as e:
             yield encode_event(e.body())
         except Exception as e:  # noqa: BLE001 - a bug here must end the stream, not hang it
             log.exception("stream of %s failed", self.id)
             self.status = 500
             yield encode_event(ApiError(500, f"internal error: {type(e).__name__}").body())
+        finally:
+            await events.aclose()              # a client that left closes the inner stream at once
         yield DONE
 
-    async def chat_chunks(self, include_usage: bool,
-                          top_logprobs: Optional[int]) -> AsyncIterator[bytes]:
-        try:
-            first = [responses.chat_chunk_choice(i, {"role": "assistant", "content": ""}, None, None)
-                     for i in sorted(self.states)]
-            yield encode_event(responses.chat_chunk(self.id, self.created, self.model, first))
-            async for idx, c, _ in self.pieces():
-                if not (c.text or c.token_ids or c.finish_reason is not None):
-                    continue
-                lps = None
-                if top_logprobs is not None and c.logprobs:
-                    lps = responses.chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, top_logprobs)
-                delta = {"content": c.text} if c.text else {}
-                choice = responses.chat_chunk_choice(idx, delta, lps, c.finish_reason, self._ids(c.token_ids))
-                yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [choice],
-                                                        self._running_usage()))
-            if include_usage:
-                yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [],
-                                                        self.usage()))
-        except ApiError as e:
-            yield encode_event(e.body())
-        except Exception as e:  # noqa: BLE001 - a bug here must end the stream, not hang it
-            log.exception("stream of %s failed", self.id)
-            self.status = 500
-            yield encode_event(ApiError(500, f"internal error: {type(e).__name__}").body())
-        yield DONE
+    async def _completion_events(self, include_usage: bool, logprobs_k: Optional[int]) -> AsyncIterator[bytes]:
+        for idx in sorted(self.states) if self.echo is not None else ():
+            choice = responses.completion_choice(idx, self._echo(idx), None, None, None, None)
+            yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
+                                                         None, chunk=True))
+        async for idx, c, text_offset in self.pieces():
+            if not (c.text or c.token_ids or c.finish_reason is not None):
+                continue
+            lps = None
+            if logprobs_k is not None and c.logprobs:
+                lps = responses.completion_logprobs(self.tokenizer, c.token_ids, c.logprobs,
+                                                    logprobs_k, text_offset)
+            choice = responses.completion_choice(idx, c.text, lps, c.finish_reason, c.stop_reason,
+                                                 self._ids(c.token_ids))
+            yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
+                                                         self._running_usage(), chunk=True))
+        if include_usage:
+            yield encode_event(responses.completion_body(
+                self.id, self.created, self.model, [], self.usage(), chunk=True))
+
+
+    async def _chat_events(self, include_usage: bool, top_logprobs: Optional[int]) -> AsyncIterator[bytes]:
+        first = [responses.chat_chunk_choice(i, {"role": "assistant", "content": ""}, None, None)
+                 for i in sorted(self.states)]
+        yield encode_event(responses.chat_chunk(self.id, self.created, self.model, first))
+        async for idx, c, _ in self.pieces():
+            if not (c.text or c.token_ids or c.finish_reason is not None):
+                continue
+            lps = None
+            if top_logprobs is not None and c.logprobs:
+                lps = responses.chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, top_logprobs)
+            delta = {"content": c.text} if c.text else {}
+            choice = responses.chat_chunk_choice(idx, delta, lps, c.finish_reason, self._ids(c.token_ids))
+            yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [choice],
+                                                    self._running_usage()))
+        if include_usage:
+            yield encode_event(responses.chat_chunk(self.id, self.created, self.model, [],
+                                                    self.usage()))
