@@ -434,7 +434,7 @@ def _decode_inputs(mine: StepInputs, allowance_MT, j, *, num_pages: int, G: int)
 
 
 def _device_decode(arena_1X, inputs: StepInputs, bases, allowance_NMT, meta, counts_RV, prompt_mask_RV, *,
-                   num_steps: int, num_logprobs: int, **kw):
+                   num_steps: int, num_logprobs: int, all_greedy: bool, **kw):
     """num_steps decode tokens in one program: forward, sample on the device (rows of this KV
     device: meta leaves [n_kv * M*S, ...], this device's slice), feed the tokens back."""
     kv_index, mine, run = _device_program(arena_1X, inputs, None, bases, **kw)
@@ -458,7 +458,7 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, allowance_NMT, meta, cou
                                    token_ids_T=tokens_MT)
         row_X, logits_RV = run(row_X, step)
         out = sampler_lib.sample(logits_RV, sampler_lib.advance_metadata(meta_R, j), counts, mask_R,
-                                 num_logprobs=num_logprobs)
+                                 num_logprobs=num_logprobs, all_greedy=all_greedy)
         out_buf = jax.tree_util.tree_map(lambda b, x: b.at[j].set(x), out_buf, out)
         if counts is not None:
             counts = sampler_lib.update_counts(counts, out.token_ids_S)
@@ -474,11 +474,11 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, allowance_NMT, meta, cou
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "num_steps", "num_logprobs",
-                                             "exchange", "attention_backend", "moe_backend"),
+                                             "all_greedy", "exchange", "attention_backend", "moe_backend"),
                    donate_argnums=0)
 def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_RV=None, prompt_mask_RV=None, *,
                   layout: ArenaLayout, config: ModelConfig, num_microbatches: int, num_steps: int,
-                  num_logprobs: int = 0, exchange="p2p", attention_backend: str = "auto",
+                  num_logprobs: int = 0, all_greedy: bool = False, exchange="p2p", attention_backend: str = "auto",
                   moe_backend: str = "auto", bases=None):
     """`num_steps` decode tokens of a pure-decode batch in ONE program -> (arena, SamplerOutput
     with leaves [n_kv, num_steps, M*S, ...]).
@@ -490,7 +490,8 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
     its logit row m*S+s); output_counts_RV / prompt_mask_RV: the penalties' history in the same
     rows, or None. Step j samples with `advance_metadata(meta, j)` and feeds the tokens to step
     j + 1; every step runs (no early exit) and the host applies stop rules to what it reads.
-    Other arguments as `disagg_step`.
+    num_logprobs, all_greedy: the sampling variant (`sampler.sample`). Other arguments as
+    `disagg_step`.
     """
     inputs = _checked_inputs(inputs, layout, exchange, num_microbatches)
     if num_steps < 1:
@@ -499,7 +500,7 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
     fn = jax.shard_map(
         functools.partial(_device_decode, layout=layout, config=config, M=num_microbatches, exchange=exchange,
                           attention_backend=attention_backend, moe_backend=moe_backend, num_steps=num_steps,
-                          num_logprobs=num_logprobs),
+                          num_logprobs=num_logprobs, all_greedy=all_greedy),
         mesh=layout.mesh(),
         in_specs=(PartitionSpec(AXIS, None), replicated, replicated, replicated, replicated, replicated,
                   replicated),

@@ -66,11 +66,12 @@ class Grouped:
     sharded: bool                 # some chunk has pages off its home: the sequence-sharded program
 
 
-@functools.partial(jax.jit, static_argnames=("num_logprobs",))
-def _sample_rows(logits_NRV, rows_S, meta, output_counts_SV, prompt_mask_SV, *, num_logprobs):
+@functools.partial(jax.jit, static_argnames=("num_logprobs", "all_greedy"))
+def _sample_rows(logits_NRV, rows_S, meta, output_counts_SV, prompt_mask_SV, *, num_logprobs, all_greedy):
     """Sample the flat rows `rows_S` of the step's logits [n_kv, M*S, V] (one dispatch)."""
     logits_SV = logits_NRV.reshape(-1, logits_NRV.shape[-1])[rows_S]
-    return sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
+    return sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs,
+                              all_greedy=all_greedy)
 
 
 @jax.jit
@@ -152,21 +153,23 @@ class DisaggRunner(DispatchingRunner):
         for i, (d, j) in enumerate(grouped.where):
             rows_S[i] = d * R + logit_rows[d][j]
         num_logprobs = step.menu.num_logprobs(smeta.max_logprobs(rows))
+        variant = (num_logprobs, step.menu.all_greedy(smeta.all_greedy(rows)))
         penalties = smeta.needs_penalties(rows)
         history_len = step.menu.history(smeta.history_length(rows))
         if num_steps > 1 and sharded is None and all(c.num_tokens == 1 for c in chunks):
             limits = [min(a, num_steps) for a in step.allowances]
             return self._dispatch_decode(model_name, config, kv_params, layout, inputs, grouped, logit_rows, rows_S,
-                                         rows, limits, M, R, num_logprobs, penalties, history_len, t0)
+                                         rows, limits, M, R, variant, penalties, history_len, t0)
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size, length=history_len)
                                if penalties else (None, None))
         self.stats.count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape,
                                   None if sharded is None else ("sharded", sharded.pages_LSB.shape)))
-        self.stats.count_program(("sample", S, config.vocab_size, R * layout.n_kv, num_logprobs, penalties))
+        self.stats.count_program(("sample", S, config.vocab_size, R * layout.n_kv, variant, penalties))
         t1 = time.perf_counter()
         logits_NRV = self._step(layout, config, inputs, sharded, M, kv_params)
-        out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs)
+        out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs,
+                           all_greedy=variant[1])
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep((out, None), len(chunks), num_logprobs, t1, self.stats)
 
@@ -182,15 +185,17 @@ class DisaggRunner(DispatchingRunner):
             self.arena.put(arena)
         return logits_NRV
 
-    def _decode(self, layout, config, inputs, allowance_NMT, meta, history, M: int, num_logprobs: int, bases):
-        """`disagg_decode` of max_decode_steps tokens on the arena -> its SamplerOutput."""
+    def _decode(self, layout, config, inputs, allowance_NMT, meta, history, M: int, variant, bases):
+        """`disagg_decode` of max_decode_steps tokens on the arena with sampling `variant`
+        (num_logprobs, all_greedy) -> its SamplerOutput."""
         counts, prompt_mask = history
+        num_logprobs, all_greedy = variant
         arena = self.arena.take()
         try:
             arena, out = disagg_pipeline.disagg_decode(
                 arena, PackedInt32.pack(inputs), allowance_NMT, meta, counts, prompt_mask, layout=layout,
                 config=config, num_microbatches=M, num_steps=self.max_decode_steps, num_logprobs=num_logprobs,
-                exchange=self.exchange, attention_backend=self.attention_backend, moe_backend=self.moe_backend,
+                all_greedy=all_greedy, exchange=self.exchange, attention_backend=self.attention_backend, moe_backend=self.moe_backend,
                 bases=bases)
         finally:
             self.arena.put(arena)
@@ -214,7 +219,7 @@ class DisaggRunner(DispatchingRunner):
     def _run_programs(self, model: str, config, menu: ShapeMenu, weights: ArenaWeights) -> int:
         layout = self.arena.layout.model(model)
         n_kv = layout.n_kv
-        lp_variants = menu.logprob_variants
+        variants = menu.sampling_variants()
         pen_variants = (False, True)
         empty = [[] for _ in range(n_kv)]
         done = 0
@@ -231,10 +236,11 @@ class DisaggRunner(DispatchingRunner):
                 done += 1
                 for S in menu.decode_seq_buckets:
                     sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
-                    for num_logprobs in lp_variants:
+                    for num_logprobs, all_greedy in variants:
                         for penalties in pen_variants:
                             jax.block_until_ready(_sample_rows(logits_NRV, np.zeros(S, np.int32), sampling,
-                                                               *history(penalties, S), num_logprobs=num_logprobs))
+                                                               *history(penalties, S), num_logprobs=num_logprobs,
+                                                               all_greedy=all_greedy))
                             done += 1
             if self.max_decode_steps > 1:
                 for dshape in menu.decode_shapes():
@@ -243,17 +249,17 @@ class DisaggRunner(DispatchingRunner):
                                                                   num_microbatches=M, shape=shape)
                     n_rows = n_kv * M * shape.num_seqs
                     meta = smeta.build_sampling_metadata([], pad_rows_to=n_rows)
-                    for num_logprobs in lp_variants:
+                    for variant in variants:
                         for penalties in pen_variants:
                             out = self._decode(layout, config, inputs, np.zeros(inputs.token_ids_T.shape, np.int32),
-                                               meta, history(penalties, n_rows), M, num_logprobs, weights.bases)
+                                               meta, history(penalties, n_rows), M, variant, weights.bases)
                             for S in menu.decode_seq_buckets:
                                 jax.block_until_ready(_steps_of_rows(out, np.zeros(S, np.int32)))
                                 done += 1
         return done
 
     def _dispatch_decode(self, model_name, config, bases, layout, inputs, grouped: Grouped, logit_rows, rows_S,
-                         rows, limits, M, R, num_logprobs, penalties, history_len, t0) -> DispatchedStep:
+                         rows, limits, M, R, variant, penalties, history_len, t0) -> DispatchedStep:
         """max_decode_steps decode tokens in one program (one compiled trip count); chunk i keeps
         limits[i] of them (its pages cover those). Sampling runs on the KV devices, so the
         sampling rows go in device-row order (chunk i at flat row rows_S[i], padding rows
@@ -274,9 +280,9 @@ class DisaggRunner(DispatchingRunner):
                                                          row_order=src)
                                if penalties else (None, None))
         self.stats.count_program((model_name, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
-                                  inputs.page_indices_LSP.shape, num_logprobs, penalties))
+                                  inputs.page_indices_LSP.shape, variant, penalties))
         t1 = time.perf_counter()
-        out = self._decode(layout, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M, num_logprobs, bases)
+        out = self._decode(layout, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M, variant, bases)
         outs = _steps_of_rows(out, rows_S)
         self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep((outs, num_steps), len(rows), num_logprobs, t1, self.stats, limits)
+        return DispatchedStep((outs, num_steps), len(rows), variant[0], t1, self.stats, limits)

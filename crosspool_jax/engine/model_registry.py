@@ -137,7 +137,8 @@ class ModelRegistry:
             entry.menu = ShapeMenu.build(max_num_batched_tokens=config.max_num_batched_tokens,
                                          max_num_seqs=config.max_num_seqs, max_blocks_per_seq=max_blocks,
                                          max_model_len=entry.max_model_len, min_token_bucket=config.min_token_bucket,
-                                         max_logprobs=config.max_logprobs, vocab_size=entry.config.vocab_size)
+                                         max_logprobs=config.max_logprobs, vocab_size=entry.config.vocab_size,
+                                         greedy_programs=self.kv_devices[0].platform != "cpu")
         layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
         self.max_pages_per_device = self._kernel_page_cap(page_elems)
         if self.max_pages_per_device is not None and layout.pages_per_device > self.max_pages_per_device:

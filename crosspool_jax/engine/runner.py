@@ -106,6 +106,7 @@ class StepRunner(DispatchingRunner):
             shape = menu.decode(len(step.chunks), step.max_blocks)
             S = shape.num_seqs
         num_logprobs = menu.num_logprobs(smeta.max_logprobs(rows))
+        all_greedy = menu.all_greedy(smeta.all_greedy(rows))
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         if smeta.needs_penalties(rows):
             with jax.default_device(self.device):
@@ -122,11 +123,12 @@ class StepRunner(DispatchingRunner):
             allowances = [min(a, step.num_steps) for a in step.allowances]
             program_inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, allowances)
         t1 = time.perf_counter()
-        self.stats.count_program((step.model, type(shape).__name__, shape, num_logprobs, self.device_index))
+        self.stats.count_program((step.model, type(shape).__name__, shape, num_logprobs, all_greedy,
+                                  self.device_index))
         k_buf, v_buf = self.pool.take(self.device_index)
         try:
             program, args, static = self._call(step.config, step.weights, shape, program_inputs, sampling, history,
-                                               num_logprobs, k_buf, v_buf)
+                                               (num_logprobs, all_greedy), k_buf, v_buf)
             # numpy inputs go to the jitted program as they are: its C++ dispatch moves them to
             # the device of the committed arguments, ~5x cheaper than jax.device_put
             k_buf, v_buf, outs = program(*args, **static)
@@ -145,13 +147,15 @@ class StepRunner(DispatchingRunner):
                 self._zero_history[key] = smeta.build_token_history([], S, vocab_size, length=MIN_HISTORY)
         return self._zero_history[key]
 
-    def _call(self, config, weights: PlacedWeights, shape, program_inputs, sampling, history, num_logprobs: int,
+    def _call(self, config, weights: PlacedWeights, shape, program_inputs, sampling, history, variant,
               k_buf, v_buf):
         """(jitted program, arguments, static arguments) of the step of `shape` (a StepShape:
-        ragged_step; a DecodeShape: multi_decode), K/V buffers donated."""
+        ragged_step; a DecodeShape: multi_decode) and sampling `variant` (num_logprobs,
+        all_greedy), K/V buffers donated."""
         counts, prompt_mask = history
-        static = dict(config=config, num_logprobs=num_logprobs, attention_backend=self.attention_backend,
-                      moe_backend=self.moe_backend)
+        num_logprobs, all_greedy = variant
+        static = dict(config=config, num_logprobs=num_logprobs, all_greedy=all_greedy,
+                      attention_backend=self.attention_backend, moe_backend=self.moe_backend)
         params = (weights.kv_params, weights.ffn_params, k_buf, v_buf)
         if isinstance(shape, StepShape):
             return ragged_step, params + (program_inputs, sampling, counts, prompt_mask), static
@@ -161,8 +165,8 @@ class StepRunner(DispatchingRunner):
 
     def compile_jobs(self, config, menu: ShapeMenu, weights: PlacedWeights, *, model: str = "") -> list:
         """One callable per program a step of this model can run here (every shape of `menu`,
-        multi-step decodes when the engine decodes several tokens per dispatch, both logprobs
-        variants, and the token-history programs of penalties), each compiling its program
+        multi-step decodes when the engine decodes several tokens per dispatch, every sampling
+        variant of the menu, and the token-history programs of penalties), each compiling its program
         ahead of time (`lower(...).compile()` fills the jit's cache: serving then compiles
         nothing). The callables may run in parallel threads."""
         shapes = list(menu.ragged_shapes()) + (list(menu.decode_shapes()) if self.max_decode_steps > 1 else [])
@@ -178,9 +182,9 @@ class StepRunner(DispatchingRunner):
                 program_inputs = PackedInt32.pack(inputs)
             else:
                 program_inputs = _decode_args(config, [], shape, [], [])
-            for num_logprobs in menu.logprob_variants:
+            for variant in menu.sampling_variants():
                 program, args, static = self._call(config, weights, shape, program_inputs, sampling,
-                                                   self._no_history(S, config.vocab_size), num_logprobs, k_buf, v_buf)
+                                                   self._no_history(S, config.vocab_size), variant, k_buf, v_buf)
                 jobs.append(functools.partial(_compile, program, args, static))
         device = self.device
         for S in menu.sampling_rows():

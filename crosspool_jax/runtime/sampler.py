@@ -11,6 +11,11 @@ Owns `sample` and `update_counts`. Order of operations on the float32 logits of 
    largest, and draw by Gumbel-max with the row's key `fold_in(base_key, output_index)`.
 Log-probabilities reported are those of the raw model distribution (log_softmax of the
 unprocessed logits), as vLLM reports by default.
+
+No conditional: on a GPU a `lax.cond` reads its predicate back to the host, which makes the
+host wait for the device in the middle of every step. What a step needs is chosen by the
+host as a static flag instead: `all_greedy` programs take the argmax only; the others run the
+draw and every filter for every row, a row whose filter is off passing through it unchanged.
 """
 from __future__ import annotations
 
@@ -102,10 +107,8 @@ def apply_min_p(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
 
 
 def apply_filters(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
-    """Top-k, top-p, then min-p, each skipped (lax.cond) when no row uses it."""
-    use_kp = jnp.any((meta.top_k > 0) | (meta.top_p < 1.0))
-    logits_SV = jax.lax.cond(use_kp, apply_top_k_top_p, lambda x, m: x, logits_SV, meta)
-    return jax.lax.cond(jnp.any(meta.min_p > 0), apply_min_p, lambda x, m: x, logits_SV, meta)
+    """Top-k, top-p, then min-p; a row with a filter off (top_k 0, top_p 1, min_p 0) keeps its logits."""
+    return apply_min_p(apply_top_k_top_p(logits_SV, meta), meta)
 
 
 def _row_keys(meta: SamplingMetadata) -> jax.Array:
@@ -125,15 +128,17 @@ def _draw(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
     return jnp.argmax(logits_SV + gumbel_SV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_logprobs",))
+@functools.partial(jax.jit, static_argnames=("num_logprobs", "all_greedy"))
 def sample(logits_SV: jax.Array, meta: SamplingMetadata,
            output_counts_SV: Optional[jax.Array] = None,
            prompt_mask_SV: Optional[jax.Array] = None, *,
-           num_logprobs: int = 0) -> SamplerOutput:
+           num_logprobs: int = 0, all_greedy: bool = False) -> SamplerOutput:
     """Sample one token per row of `logits_SV` [S, V] (any float dtype; math in float32).
 
     output_counts_SV (int [S, V]) and prompt_mask_SV (bool [S, V]) are the token history
     from `build_token_history`; pass None for both when no row has penalties.
+    all_greedy: every row has temperature 0 (`ShapeMenu.all_greedy` decides): argmax only, no
+    draw; False serves any rows (greedy rows still take the argmax).
     """
     if num_logprobs < 0:
         raise ValueError(f"num_logprobs: must be >= 0, got {num_logprobs}")
@@ -147,8 +152,10 @@ def sample(logits_SV: jax.Array, meta: SamplingMetadata,
     logits_SV = apply_suppression(logits_SV, meta)
     greedy_S = jnp.argmax(logits_SV, axis=-1).astype(jnp.int32)
     is_greedy_S = meta.temperature <= 0
-    drawn_S = jax.lax.cond(jnp.all(is_greedy_S), lambda x, m: greedy_S, _draw, logits_SV, meta)
-    token_ids_S = jnp.where(is_greedy_S, greedy_S, drawn_S)
+    if all_greedy:
+        token_ids_S = greedy_S
+    else:
+        token_ids_S = jnp.where(is_greedy_S, greedy_S, _draw(logits_SV, meta))
 
     logprob_S = jnp.take_along_axis(raw_logprobs_SV, token_ids_S[:, None], axis=-1)[:, 0]
     if num_logprobs > 0:

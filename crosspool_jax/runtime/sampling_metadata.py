@@ -213,3 +213,8 @@ def needs_penalties(rows: Sequence[SamplingRow]) -> bool:
 def max_logprobs(rows: Sequence[SamplingRow]) -> int:
     """The largest `logprobs` asked for by any row (0 when none): `sample`'s num_logprobs."""
     return max([0] + [r.params.logprobs or 0 for r in rows])
+
+
+def all_greedy(rows: Sequence[SamplingRow]) -> bool:
+    """Every row samples greedily (temperature below 1e-5, as `build_sampling_metadata` makes it 0)."""
+    return all(r.params.temperature < _MIN_TEMPERATURE for r in rows)

@@ -17,8 +17,11 @@ step is padded to the smallest entry that fits, and the warm-up compiles every e
   length, max_model_len rounded up to a power of two, built by a small program of its own
   (a step with penalties sends its rows' ids padded to it).
 
-The one sampling variant (a static flag of a program) is `num_logprobs`: 0, or the engine's
-`max_logprobs` (every row that asks gets its top-k out of that one computation). Stop and
+Two sampling flags are static (a program each): `num_logprobs`, 0 or the engine's
+`max_logprobs` (every row that asks gets its top-k out of that one computation), and
+`all_greedy` (argmax only; the other programs draw and filter for every row, branch-free),
+whose True variant a menu has on accelerators only (`greedy_variants`: on a CPU every
+program costs memory mappings and the draw is cheap, so greedy steps run the general one). Stop and
 suppressed token ids per row are a fixed `STOP_IDS` columns. Coarse buckets keep the menu
 small (a 512-token budget, 64 sequences and 4k contexts: 21 shapes, 42 programs a model).
 """
@@ -87,11 +90,12 @@ class ShapeMenu:
     page_buckets: tuple[int, ...]          # Pp
     history_buckets: tuple[int, ...]       # token-history lengths
     logprob_variants: tuple[int, ...] = (0, 20)   # num_logprobs of the programs: 0 and max_logprobs
+    greedy_variants: tuple[bool, ...] = (False, True)   # all_greedy of the programs
 
     @classmethod
     def build(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
               max_model_len: int, min_token_bucket: int = 16, max_logprobs: int = 20,
-              vocab_size: int | None = None) -> "ShapeMenu":
+              vocab_size: int | None = None, greedy_programs: bool = True) -> "ShapeMenu":
         for name, v in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs),
                         ("max_blocks_per_seq", max_blocks_per_seq), ("max_model_len", max_model_len),
                         ("min_token_bucket", min_token_bucket)):
@@ -106,7 +110,8 @@ class ShapeMenu:
                    decode_seq_buckets=_powers(MIN_SEQS, max_seqs, 4),
                    page_buckets=_from_top(MIN_PAGES, max_blocks_per_seq, 8, 3),
                    history_buckets=(next_pow2(max(max_model_len, MIN_HISTORY)),),
-                   logprob_variants=tuple(sorted({0, top})))
+                   logprob_variants=tuple(sorted({0, top})),
+                   greedy_variants=(False, True) if greedy_programs else (False,))
 
     def num_logprobs(self, asked: int) -> int:
         """The num_logprobs of the program serving rows that ask for at most `asked` (0: none)."""
@@ -116,6 +121,14 @@ class ShapeMenu:
         if asked > top:
             raise ValueError(f"logprobs = {asked} exceeds max_logprobs = {top}")
         return top
+
+    def all_greedy(self, greedy_rows: bool) -> bool:
+        """The all_greedy flag of the program serving rows that are all greedy (or not)."""
+        return bool(greedy_rows) and True in self.greedy_variants
+
+    def sampling_variants(self) -> list[tuple[int, bool]]:
+        """Every (num_logprobs, all_greedy) pair the menu's programs are compiled for."""
+        return list(itertools.product(self.logprob_variants, self.greedy_variants))
 
     def ragged(self, num_tokens: int, num_seqs: int, num_blocks: int) -> StepShape:
         """The smallest ragged shape holding num_tokens tokens of num_seqs sequences whose

@@ -55,27 +55,30 @@ def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, po
     return k_pages.reshape(k_buf.shape), v_pages.reshape(v_buf.shape), logits_SV
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_logprobs", "attention_backend", "moe_backend"),
+@functools.partial(jax.jit, static_argnames=("config", "num_logprobs", "all_greedy", "attention_backend",
+                                             "moe_backend"),
                    donate_argnames=("k_buf", "v_buf"))
 def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV, *,
-                config, num_logprobs, attention_backend, moe_backend):
+                config, num_logprobs, attention_backend, moe_backend, all_greedy=False):
     """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row). `inputs`: a
-    StepInputs or it packed (`PackedInt32`: one host-to-device transfer)."""
+    StepInputs or it packed (`PackedInt32`: one host-to-device transfer). num_logprobs,
+    all_greedy: the sampling variant (`sampler.sample`)."""
     inputs = unpacked(inputs)
     k_buf, v_buf, logits_SV = _forward_logits(
         kv_params, ffn_params, config, k_buf, v_buf, inputs.token_ids_T, inputs.positions_T, inputs.slots_LT,
         inputs.page_indices_LSP, inputs.kv_lens_S, inputs.cu_q_lens_S1, inputs.num_seqs_1,
         inputs.logits_indices_S, attention_backend, moe_backend)
-    out = sampler_lib.sample(logits_SV, sampling, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs)
+    out = sampler_lib.sample(logits_SV, sampling, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs,
+                             all_greedy=all_greedy)
     return k_buf, v_buf, out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_steps", "num_logprobs", "attention_backend",
-                                             "moe_backend"),
+@functools.partial(jax.jit, static_argnames=("config", "num_steps", "num_logprobs", "all_greedy",
+                                             "attention_backend", "moe_backend"),
                    donate_argnames=("k_buf", "v_buf"))
 def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, page_indices_LSP, num_seqs_1,
                  sampling, output_counts_SV, prompt_mask_SV, stop_ids_SZ, allowance_S, *,
-                 config, num_steps, num_logprobs, attention_backend, moe_backend):
+                 config, num_steps, num_logprobs, attention_backend, moe_backend, all_greedy=False):
     """num_steps decode tokens per sequence in one dispatch (a fixed trip count).
 
     token_ids_S: the last known token of each sequence (its KV not yet computed);
@@ -102,7 +105,8 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
             kv_params, ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, page_indices_LSP, kv_lens,
             cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend, token_mask_T=live_S & ~done_S)
         meta = sampler_lib.advance_metadata(sampling, j)
-        out = sampler_lib.sample(logits_SV, meta, counts, prompt_mask_SV, num_logprobs=num_logprobs)
+        out = sampler_lib.sample(logits_SV, meta, counts, prompt_mask_SV, num_logprobs=num_logprobs,
+                                 all_greedy=all_greedy)
         new_S = out.token_ids_S
         out_buf = jax.tree.map(lambda buf, x: buf.at[j].set(x), out_buf, out)
         if counts is not None:

@@ -1,7 +1,7 @@
 """What the lowered step programs are made of (simulated CPU devices; the structure, not the numbers).
 
-- The forward of a placed step and the CrossPool split's common step have no conditional: on a
-  GPU a conditional reads its predicate back to the host, which stalls dispatch.
+- The placed step programs (forward and sampling) and the CrossPool split's common step have no
+  conditional: on a GPU a conditional reads its predicate back to the host, which stalls dispatch.
 - Every loop of a multi-step decode has a trip count XLA knows (a fixed max_decode_steps: no
   predicate read back per token).
 - The split's step exchanges exactly max(n_kv, n_w) collective permutes per direction per stage.
@@ -59,19 +59,21 @@ def test_placed_forward_has_no_conditional_and_writes_kv_in_place():
     assert _aliased_params(text) == [n_weights, n_weights + 1]
 
 
-def test_placed_ragged_step_donates_the_pool():
+@pytest.mark.parametrize("num_logprobs,all_greedy", [(0, False), (0, True), (4, False)])
+def test_placed_ragged_step_has_no_conditional_and_donates_the_pool(num_logprobs, all_greedy):
     config, kv, ffn = model("qwen3_moe", 0)
     k_buf, v_buf, x = _placed_args(config, kv, ffn, StepShape(16, 8, 4))
     meta = smeta.build_sampling_metadata([], pad_rows_to=8)
     counts, mask = smeta.build_token_history([], 8, config.vocab_size, length=16)
     text = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedInt32.pack(x), meta, counts, mask, config=config,
-                             num_logprobs=0, attention_backend="reference",
+                             num_logprobs=num_logprobs, all_greedy=all_greedy, attention_backend="reference",
                              moe_backend="reference").compile().as_text()
+    assert _conditionals(text) == 0          # sampling included: the variant is static, the filters branch-free
     n_weights = len(jax.tree.leaves((kv, ffn)))
     assert _aliased_params(text) == [n_weights, n_weights + 1]
 
 
-def test_multi_decode_loops_have_known_trip_counts():
+def test_multi_decode_loops_have_known_trip_counts_and_no_conditional():
     config, kv, ffn = model("qwen3_moe", 0)
     S, Pp, steps = 8, 4, 3
     k_buf = jnp.zeros((P, PAGE_ELEMS), jnp.float32)
@@ -88,6 +90,7 @@ def test_multi_decode_loops_have_known_trip_counts():
     for line in whiles:
         assert "known_trip_count" in line, line
     assert any(f'"n":"{steps}"' in line for line in whiles)          # the decode loop: max_decode_steps
+    assert _conditionals(text) == 0                                  # its sampling included
 
 
 @pytest.mark.parametrize("n_kv,n_w", [(1, 1), (2, 2), (6, 2)])

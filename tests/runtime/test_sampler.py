@@ -47,6 +47,27 @@ def test_greedy_is_argmax_and_padding_rows_are_greedy():
     assert out.top_ids_SX.shape == (S, 0) and out.top_logprobs_SX.shape == (S, 0)
 
 
+def test_all_greedy_program_equals_the_general_one_on_greedy_rows():
+    logits = _rng(11).normal(size=(S, V)).astype(np.float32) * 2
+    greedy = [_row(temperature=0.0, seed=s, logprobs=3) for s in range(6)]
+    fast = sample(logits, _meta(greedy), num_logprobs=3, all_greedy=True)
+    general = sample(logits, _meta(greedy), num_logprobs=3)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(general)):
+        np.testing.assert_array_equal(a, b)
+    # a mixed batch in the general program: greedy rows take the argmax, the others draw
+    mixed = greedy[:3] + [_row(temperature=5.0, seed=s) for s in range(3)]
+    out = np.asarray(sample(logits, _meta(mixed)).token_ids_S)
+    np.testing.assert_array_equal(out[:3], logits[:3].argmax(-1))
+    assert (out[3:6] != logits[3:6].argmax(-1)).any()     # hot rows drew (a fixed seed: deterministic)
+
+
+def test_sampling_programs_have_no_conditional():
+    meta = _meta([_row(temperature=1.0, top_k=3, top_p=0.5, min_p=0.1)])
+    for all_greedy in (False, True):
+        text = sample.lower(jnp.zeros((S, V)), meta, num_logprobs=2, all_greedy=all_greedy).as_text()
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text
+
+
 def test_top_k_1_equals_greedy_at_any_temperature():
     logits = _rng(2).normal(size=(S, V)).astype(np.float32)
     rows = [_row(temperature=t, top_k=1, seed=s) for s, t in enumerate([0.5, 1.0, 2.0, 7.0] * 2)]
