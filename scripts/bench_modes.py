@@ -54,6 +54,8 @@ _PER_MODEL = flags.DEFINE_integer("requests_per_model", 2, "Concurrent requests 
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Engine dtype.")
 _DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "Decode tokens per dispatch in every mode (1: the "
                                      "side-by-side default; >1 times multi-step decode, the engine's default is 8).")
+_MAX_LOGPROBS = flags.DEFINE_integer("max_logprobs", None, "The engine's max_logprobs (default: the engine's); 0 "
+                                     "leaves the logprobs programs out of the warm-up (the bench asks for none).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no decode-latency rounds.")
 _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
 _FRESH = flags.DEFINE_bool("fresh_process", True, "Run each mode in a fresh Python process (no compiled program "
@@ -276,6 +278,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     from crosspool_jax import LLM
 
     opts = engine_options(mode, n, n_kv, budget, sizes)
+    if _MAX_LOGPROBS.value is not None:
+        opts["max_logprobs"] = _MAX_LOGPROBS.value
     t0 = time.perf_counter()
     llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=_DECODE_STEPS.value, max_num_seqs=64,
               max_num_batched_tokens=max(512, _PROMPT_LEN.value), **opts)
