@@ -179,11 +179,11 @@ class LLMEngine:
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
-        shape of its menu (`runtime/shapes.py`) and, with `variants`, both logprobs variants,
-        on `max_workers` threads (default: the CPU count; XLA compiles without holding the
-        GIL). Models whose programs are the same (equal configs on one device) compile once.
-        `variants` None: both on accelerators, only the plain one on a CPU, where every
-        executable costs ~300 memory mappings and a process may hold 65,530 (the logprobs
+        shape of its menu (`runtime/shapes.py`) with its sampling variants (`variants` False:
+        without the logprobs ones), on `max_workers` threads (default: the CPU count; XLA
+        compiles without holding the GIL). Models whose programs are the same (equal configs on
+        one device) compile once. `variants` None: True on accelerators, False on a CPU, where
+        every executable costs ~300 memory mappings and a process may hold 65,530 (the logprobs
         programs then compile on first use). Returns {"programs": jobs run, "compiles": XLA
         compiles, "seconds": wall time}. `progress(model, done, total)` is called as each
         model's programs are ready."""

@@ -46,7 +46,7 @@ class ServerConfig:
                                      "then each gets an error (streams: an error event and [DONE]).")
     enable_docs: bool = _opt(False, "Serve the API docs (/docs, /openapi.json), behind the API key if set.")
     warmup: bool = _opt(True, "Before listening, compile every step program a request can need (every "
-                        "shape of every model's shape menu, both logprobs variants), so that nothing "
+                        "shape of every model's shape menu, every sampling variant), so that nothing "
                         "compiles while serving.")
     compilation_cache_dir: Optional[str] = _opt(DEFAULT_CACHE_DIR, "JAX persistent compilation cache folder "
                                                 "('' turns it off): the warm-up's programs are kept there and "
