@@ -51,12 +51,13 @@ from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.engine.placed_runner import PlacedRunner
+from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
 from crosspool_jax.engine.step_plan import ModelStep
 from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter
-from crosspool_jax.runtime.shapes import STOP_IDS
+from crosspool_jax.runtime.shapes import BIASED_IDS, STOP_IDS
 from crosspool_jax.weights.budget import WeightsPoolBusyError
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
@@ -241,6 +242,7 @@ class LLMEngine:
             if t >= vocab:
                 raise ValueError(f"SamplingParams.stop_token_ids: token id {t} is outside the vocabulary "
                                  f"of model {model!r} (size {vocab})")
+        bad_words_ids = self._check_logits_processors(entry, params)
         if params.truncate_prompt_tokens is not None:
             token_ids = list(token_ids)[-params.truncate_prompt_tokens:]
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
@@ -263,6 +265,7 @@ class LLMEngine:
             request = Request(request_id=child_id, model=model, prompt_token_ids=list(token_ids),
                               sampling_params=params, arrival_time=arrival + 1e-9 * i, max_tokens=max_tokens)
             request.base_seed = (base_seed + 7919 * i) % (2 ** 31)
+            request.bad_words_ids = bad_words_ids
             detok = (IncrementalDetokenizer(entry.tokenizer, list(token_ids), params.skip_special_tokens)
                      if entry.tokenizer is not None else None)
             child = _Child(request, i, detok, logprobs=[] if params.logprobs is not None else None)
@@ -272,6 +275,26 @@ class LLMEngine:
         self.registry.prefetch(model)
         for child in parent.children:
             self.scheduler.add_request(child.request)
+
+    def _check_logits_processors(self, entry, params: SamplingParams) -> list[list[int]]:
+        """The token ids of params.bad_words, after checking logit_bias, allowed_token_ids and
+        the bad words against the model (ValueError naming the field)."""
+        vocab = entry.config.vocab_size
+        for field, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = sorted(t for t in ids if t >= vocab)
+            if outside:
+                raise ValueError(f"SamplingParams.{field}: token id {outside[0]} is outside the vocabulary of "
+                                 f"model {entry.name!r} (size {vocab})")
+        bad_words_ids = entry.encode_bad_words(params.bad_words)
+        for ids in bad_words_ids:
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"SamplingParams.bad_words: the tokenizer of model {entry.name!r} gives token ids "
+                                 f"outside its vocabulary (size {vocab})")
+        entries = smeta.logits_table_capacity(params, bad_words_ids)
+        if entries > BIASED_IDS:
+            raise ValueError(f"SamplingParams.logit_bias, allowed_token_ids and bad_words together make {entries} "
+                             f"biased or banned token ids; at most {BIASED_IDS} are supported per request")
+        return bad_words_ids
 
     def abort_request(self, request_id: str) -> None:
         parent = self._parents.pop(request_id, None)
@@ -420,7 +443,8 @@ class LLMEngine:
             params = req.sampling_params
             rows.append(SamplingRow(params=params, base_seed=req.base_seed,
                                     output_index=len(req.output_token_ids), eos_token_ids=entry.eos_token_ids,
-                                    prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids))
+                                    prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
+                                    bad_words_ids=req.bad_words_ids))
             ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(entry.eos_token_ids))
             stop_ids.append(ids)
             allowances.append(max(1, req.max_tokens - len(req.output_token_ids)))
@@ -439,12 +463,9 @@ class LLMEngine:
             if child.detok:
                 child.detok.add([tok.token_id])
             if child.logprobs is not None:
-                entry_lp = {tok.token_id: Logprob(tok.logprob)}
+                entry_lp = {tok.token_id: Logprob(tok.logprob, tok.rank)}
                 for rank, (tid, lp) in enumerate(tok.top[:params.logprobs], start=1):   # the program may report more
-                    if tid == tok.token_id:
-                        entry_lp[tid] = Logprob(lp, rank)
-                    else:
-                        entry_lp.setdefault(tid, Logprob(lp, rank))
+                    entry_lp.setdefault(tid, Logprob(lp, rank))
                 if entry.tokenizer is not None:
                     for tid, lp in entry_lp.items():
                         lp.decoded_token = entry.tokenizer.decode([tid], skip_special_tokens=False)

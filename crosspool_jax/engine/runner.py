@@ -34,6 +34,7 @@ from crosspool_jax.runtime.step_program import multi_decode, ragged_step
 class SampledToken:
     token_id: int
     logprob: float
+    rank: int                      # its rank under the raw logits (1 = most likely)
     top: list[tuple[int, float]]   # (token_id, logprob) of the top tokens, when asked
 
 
@@ -253,6 +254,7 @@ def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int,
     (chunk s: at most limits[s])."""
     tokens = np.asarray(outs.token_ids_S)
     logprobs = np.asarray(outs.logprob_S)
+    ranks = np.asarray(outs.rank_S)
     top_ids = np.asarray(outs.top_ids_SX) if num_logprobs else None
     top_lps = np.asarray(outs.top_logprobs_SX) if num_logprobs else None
     result = []
@@ -260,6 +262,6 @@ def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int,
         seq = []
         for j in range(steps_run if limits is None else min(steps_run, limits[s])):
             top = ([(int(i), float(p)) for i, p in zip(top_ids[j, s], top_lps[j, s])] if num_logprobs else [])
-            seq.append(SampledToken(int(tokens[j, s]), float(logprobs[j, s]), top))
+            seq.append(SampledToken(int(tokens[j, s]), float(logprobs[j, s]), int(ranks[j, s]), top))
         result.append(seq)
     return result

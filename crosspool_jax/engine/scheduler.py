@@ -36,7 +36,8 @@ ragged batch.
 3. Multi-step decode: when every scheduled chunk is a single-token decode, every running
    request is scheduled and nothing waits, all chunks get num_steps =
    min(max_decode_steps, each request's tokens left before max_tokens / max_model_len),
-   with their pages allocated up front (num_steps 1 if the pool is short).
+   with their pages allocated up front (num_steps 1 if the pool is short, or if a request's
+   banned tokens change with each token it makes: `Request.needs_host_per_token`).
 
 4. Weights residency (only with `fit_together`, i.e. when a weights budget holds fewer than
    all models): a step's models must fit in the weights pools together, so the engine never
@@ -430,6 +431,8 @@ class Scheduler:
     def _multi_step(self, planned: list) -> int:
         """num_steps for an all-decode step (allocating its pages), or 1."""
         if not all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in planned):
+            return 1
+        if any(r.needs_host_per_token for r, _ in planned):
             return 1
         steps = self.config.max_decode_steps
         for request, _ in planned:

@@ -1,6 +1,8 @@
 """The device-side sampler: next tokens and their log-probabilities from one step's logits.
 
 Owns `sample` and `update_counts`. Order of operations on the float32 logits of each row:
+0. the logits table (logit_bias, allowed_token_ids, bad_words; as vLLM, before penalties):
+   each listed id gets its bias (-inf bans it), and an allowed-only row masks every other id;
 1. penalties (when token history is passed): repetition on tokens seen in the prompt or the
    output (positive logits divided, negative multiplied, as HF and vLLM do), then frequency
    (times the output count) and presence (once per token seen in the output);
@@ -10,7 +12,8 @@ Owns `sample` and `update_counts`. Order of operations on the float32 logits of 
    top_p (after top-k), then the tokens whose probability is at least min_p times the
    largest, and draw by Gumbel-max with the row's key `fold_in(base_key, output_index)`.
 Log-probabilities reported are those of the raw model distribution (log_softmax of the
-unprocessed logits), as vLLM reports by default.
+unprocessed logits), as vLLM reports by default; the sampled token's rank is the number of
+tokens whose raw log-probability is at least its own (1 = the most likely), as vLLM counts.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ _NEG_INF = float("-inf")
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["token_ids_S", "logprob_S", "top_ids_SX", "top_logprobs_SX"],
+    data_fields=["token_ids_S", "logprob_S", "rank_S", "top_ids_SX", "top_logprobs_SX"],
     meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
@@ -36,8 +39,31 @@ class SamplerOutput:
 
     token_ids_S: jax.Array      # i32 [S]; the sampled tokens
     logprob_S: jax.Array        # f32 [S]; their log-probability under the raw logits
+    rank_S: jax.Array           # i32 [S]; their rank under the raw logits (1 = most likely)
     top_ids_SX: jax.Array       # i32 [S, X]; the X most likely tokens, most likely first
     top_logprobs_SX: jax.Array  # f32 [S, X]; their raw log-probabilities
+
+
+def apply_logits_table(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Each row's table scattered onto its logits: bias_SW added at bias_ids_SW (-inf bans),
+    and on allowed_only_S rows every id outside the table set to -inf. Rows without a table
+    (ids all -1) are unchanged."""
+    S, V = logits_SV.shape
+    ids_SW = meta.bias_ids_SW
+    ids_SW = jnp.where((ids_SW >= 0) & (ids_SW < V), ids_SW, V)  # padding and out of range: dropped
+    rows_SW = jnp.broadcast_to(jnp.arange(S)[:, None], ids_SW.shape)
+    bias_SV = jnp.zeros((S, V), jnp.float32).at[rows_SW, ids_SW].add(meta.bias_SW, mode="drop")
+    listed_SV = jnp.zeros((S, V), bool).at[rows_SW, ids_SW].set(True, mode="drop")
+    masked_SV = meta.allowed_only_S[:, None] & ~listed_SV
+    return jnp.where(masked_SV, _NEG_INF, logits_SV + bias_SV)
+
+
+def token_ranks(logprobs_SV: jax.Array, token_ids_S: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log-probability, rank) of token_ids_S in each row: rank = how many tokens have a
+    log-probability at least the token's (vLLM's count; 1 = the most likely)."""
+    logprob_S = jnp.take_along_axis(logprobs_SV, token_ids_S[:, None], axis=-1)[:, 0]
+    rank_S = jnp.sum(logprobs_SV >= logprob_S[:, None], axis=-1, dtype=jnp.int32)
+    return logprob_S, rank_S
 
 
 def apply_penalties(logits_SV: jax.Array, meta: SamplingMetadata,
@@ -143,21 +169,22 @@ def sample(logits_SV: jax.Array, meta: SamplingMetadata,
     raw_SV = logits_SV.astype(jnp.float32)
     raw_logprobs_SV = jax.nn.log_softmax(raw_SV, axis=-1)
 
-    logits_SV = apply_penalties(raw_SV, meta, output_counts_SV, prompt_mask_SV)
+    logits_SV = apply_logits_table(raw_SV, meta)
+    logits_SV = apply_penalties(logits_SV, meta, output_counts_SV, prompt_mask_SV)
     logits_SV = apply_suppression(logits_SV, meta)
     greedy_S = jnp.argmax(logits_SV, axis=-1).astype(jnp.int32)
     is_greedy_S = meta.temperature <= 0
     drawn_S = jax.lax.cond(jnp.all(is_greedy_S), lambda x, m: greedy_S, _draw, logits_SV, meta)
     token_ids_S = jnp.where(is_greedy_S, greedy_S, drawn_S)
 
-    logprob_S = jnp.take_along_axis(raw_logprobs_SV, token_ids_S[:, None], axis=-1)[:, 0]
+    logprob_S, rank_S = token_ranks(raw_logprobs_SV, token_ids_S)
     if num_logprobs > 0:
         top_logprobs_SX, top_ids_SX = jax.lax.top_k(raw_logprobs_SV, min(num_logprobs, V))
         top_ids_SX = top_ids_SX.astype(jnp.int32)
     else:
         top_logprobs_SX = jnp.zeros((S, 0), jnp.float32)
         top_ids_SX = jnp.zeros((S, 0), jnp.int32)
-    return SamplerOutput(token_ids_S=token_ids_S, logprob_S=logprob_S,
+    return SamplerOutput(token_ids_S=token_ids_S, logprob_S=logprob_S, rank_S=rank_S,
                          top_ids_SX=top_ids_SX, top_logprobs_SX=top_logprobs_SX)
 
 

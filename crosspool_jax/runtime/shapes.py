@@ -19,7 +19,9 @@ step is padded to the smallest entry that fits, and the warm-up compiles every e
 
 The one sampling variant (a static flag of a program) is `num_logprobs`: 0, or the engine's
 `max_logprobs` (every row that asks gets its top-k out of that one computation). Stop and
-suppressed token ids per row are a fixed `STOP_IDS` columns. Coarse buckets keep the menu
+suppressed token ids per row are a fixed `STOP_IDS` columns, and the logits processors
+(logit_bias, allowed_token_ids, bad_words) a fixed `BIASED_IDS` columns of (token id, bias)
+per row: data, never a program variant. Coarse buckets keep the menu
 small (a 512-token budget, 64 sequences and 4k contexts: 21 shapes, 42 programs a model).
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ MIN_SEQS = 8             # sequence rows of the smallest program
 MIN_PAGES = 4            # page-table blocks of the smallest program
 MIN_HISTORY = 16         # token-history length of the smallest penalties program
 STOP_IDS = 32            # stop / suppressed token ids per row (EOS included), a fixed width
+BIASED_IDS = 128         # (token id, bias) entries per row: logit_bias, allowed and banned ids
 
 
 def _from_top(start: int, stop: int, ratio: int, levels: int) -> tuple[int, ...]:
