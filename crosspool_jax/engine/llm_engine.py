@@ -111,6 +111,7 @@ class _Parent:
     arrival_time: float
     first_token_time: Optional[float] = None
     error: Optional[str] = None
+    prompt_logprobs: Optional[list] = None     # [None, {token id: Logprob} or None while not computed, ...]
 
 
 class LLMEngine:
@@ -180,12 +181,12 @@ class LLMEngine:
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
-        shape of its menu (`runtime/shapes.py`) and, with `variants`, both logprobs variants,
-        on `max_workers` threads (default: the CPU count; XLA compiles without holding the
+        shape of its menu (`runtime/shapes.py`) and, with `variants`, the logprobs and
+        prompt-logprobs variants, on `max_workers` threads (default: the CPU count; XLA compiles without holding the
         GIL). Models whose programs are the same (equal configs on one device) compile once.
         `variants` None: both on accelerators, only the plain one on a CPU, where every
         executable costs ~300 memory mappings and a process may hold 65,530 (the logprobs
-        programs then compile on first use). Returns {"programs": jobs run, "compiles": XLA
+        variants then compile on first use). Returns {"programs": jobs run, "compiles": XLA
         compiles, "seconds": wall time}. `progress(model, done, total)` is called as each
         model's programs are ready."""
         if variants is None:
@@ -198,7 +199,8 @@ class LLMEngine:
             entry = self.registry.get(name)
             weights = self.registry.acquire(name)          # resident while lowering
             try:
-                menu = entry.menu if variants else dataclasses.replace(entry.menu, logprob_variants=(0,))
+                menu = (entry.menu if variants else
+                        dataclasses.replace(entry.menu, logprob_variants=(0,), prompt_logprobs=False))
                 jobs[name] = self.runner.compile_jobs(entry.config, menu, weights, model=name)
             finally:
                 self.registry.release(name)
@@ -245,9 +247,14 @@ class LLMEngine:
         bad_words_ids = self._check_logits_processors(entry, params)
         if params.truncate_prompt_tokens is not None:
             token_ids = list(token_ids)[-params.truncate_prompt_tokens:]
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs = {params.logprobs} exceeds the engine's max_logprobs = "
-                             f"{self.config.max_logprobs}")
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, field)
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"SamplingParams.{field}: {value} exceeds the engine's max_logprobs = "
+                                 f"{self.config.max_logprobs}")
+        if params.prompt_logprobs is not None and self.registry.arena is not None:
+            raise ValueError("SamplingParams.prompt_logprobs: not supported with a crosspool device split "
+                             "(kv_devices / weight_devices): its step returns the logits of sampled rows only")
         num_stop_ids = len(set(params.stop_token_ids) | (set() if params.ignore_eos else set(entry.eos_token_ids)))
         if num_stop_ids > STOP_IDS:
             raise ValueError(f"stop_token_ids: {len(params.stop_token_ids)} ids (with the model's EOS ids: "
@@ -256,7 +263,8 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(token_ids)} tokens is too long for model {model!r}: "
                              f"max_model_len is {entry.max_model_len} (prompt + at least one new token)")
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival)
+        parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival,
+                         prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None)
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -316,14 +324,16 @@ class LLMEngine:
         sampled: dict[str, list[int]] = {}
         stopped: list[tuple[_Child, RequestStatus]] = []
         for entry, chunks, results in ran:
-            for chunk, tokens in zip(chunks, results):
-                if not chunk.samples:
-                    continue
+            for chunk, result in zip(chunks, results):
                 child = self._child_of(chunk.request.request_id)
                 if child is None:
                     continue
+                if result.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(entry, chunk.request.request_id, result.prompt_logprobs)
+                if not chunk.samples:
+                    continue
                 try:
-                    kept, status = self._accept_tokens(entry, child, tokens)
+                    kept, status = self._accept_tokens(entry, child, result.tokens)
                 except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request only
                     log.exception("accepting tokens of %s failed", chunk.request.request_id)
                     self._fail_request(chunk.request.request_id, _step_error(e), moved)
@@ -451,6 +461,24 @@ class LLMEngine:
         return self.runner.dispatch(ModelStep(entry.name, entry.config, entry.tokens_per_page, entry.menu, weights,
                                               chunks, rows, stop_ids, allowances, num_steps=chunks[0].num_steps))
 
+    def _record_prompt_logprobs(self, entry, child_id: str, scores) -> None:
+        """Fill the prompt positions `scores` covers that no earlier chunk (another completion,
+        a recompute after preemption) filled: {prompt token: Logprob} plus the top tokens."""
+        parent = self._parents[self._child_owner[child_id][0]]
+        k = parent.params.prompt_logprobs
+        for i in range(len(scores.logprob)):
+            pos = scores.first_position + i
+            if parent.prompt_logprobs[pos] is not None:
+                continue
+            target = parent.prompt_token_ids[pos]
+            entry_lp = {target: Logprob(float(scores.logprob[i]), int(scores.rank[i]))}
+            for rank, (tid, lp) in enumerate(zip(scores.top_ids[i][:k], scores.top_logprobs[i][:k]), start=1):
+                entry_lp.setdefault(int(tid), Logprob(float(lp), rank))
+            if entry.tokenizer is not None:
+                for tid, lp in entry_lp.items():
+                    lp.decoded_token = entry.tokenizer.decode([tid], skip_special_tokens=False)
+            parent.prompt_logprobs[pos] = entry_lp
+
     def _accept_tokens(self, entry, child: _Child, tokens):
         """Append sampled tokens one by one until a stop rule hits; return the kept ids."""
         req = child.request
@@ -501,7 +529,8 @@ class LLMEngine:
         metrics = {"arrival_time": parent.arrival_time, "first_token_time": parent.first_token_time}
         return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
-                             finished=finished, error=parent.error, metrics=metrics)
+                             finished=finished, error=parent.error, metrics=metrics,
+                             prompt_logprobs=None if parent.prompt_logprobs is None else list(parent.prompt_logprobs))
 
 
 def _step_error(e: Exception) -> str:

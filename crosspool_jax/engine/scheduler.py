@@ -23,7 +23,8 @@ ragged batch.
    holds pages that could make room, in which case it can never grow and fails with
    FINISHED_ERROR.
 2. Then, unless this step preempted, waiting requests are admitted (prefix-cache hits
-   skip their cached blocks). Fairness rule: each model has a FCFS queue; models take
+   skip their cached blocks, except for requests asking prompt_logprobs, which compute
+   their whole prompt). Fairness rule: each model has a FCFS queue; models take
    turns, one admission per model per turn, until the budget, `max_num_seqs` or the pool
    stops it. The turn order rotates across steps: the model admitted first in a step goes
    to the back of the line, so a burst of one model cannot starve another model's
@@ -394,7 +395,8 @@ class Scheduler:
                     done.add(model)
                     continue
                 computed, num_cached = ([], 0)
-                if self.config.enable_prefix_caching:
+                if self.config.enable_prefix_caching and request.sampling_params.prompt_logprobs is None:
+                    # (prompt logprobs need every prompt token computed, as vLLM does it)
                     computed, num_cached = self.kv.get_computed_blocks(request)
                 g = self.kv.geometry(request.model)
                 n = min(min(request.num_tokens, g.max_model_len) - num_cached, budget)

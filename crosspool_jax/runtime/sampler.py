@@ -44,6 +44,33 @@ class SamplerOutput:
     top_logprobs_SX: jax.Array  # f32 [S, X]; their raw log-probabilities
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["logprob_T", "rank_T", "top_ids_TX", "top_logprobs_TX"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TokenScores:
+    """Raw log-probabilities of given tokens (prompt logprobs); X = num_logprobs."""
+
+    logprob_T: jax.Array        # f32 [T]; the target token's log-probability
+    rank_T: jax.Array           # i32 [T]; its rank (as `token_ranks`)
+    top_ids_TX: jax.Array       # i32 [T, X]; the X most likely tokens, most likely first
+    top_logprobs_TX: jax.Array  # f32 [T, X]
+
+
+def score_tokens(logits_TV: jax.Array, target_ids_T: jax.Array, *, num_logprobs: int) -> TokenScores:
+    """The raw log-probability and rank of target_ids_T (negative ids score token 0: the
+    caller drops them) and the num_logprobs most likely tokens of each row."""
+    T, V = logits_TV.shape
+    logprobs_TV = jax.nn.log_softmax(logits_TV.astype(jnp.float32), axis=-1)
+    logprob_T, rank_T = token_ranks(logprobs_TV, jnp.clip(target_ids_T, 0, V - 1))
+    X = min(num_logprobs, V)
+    if X > 0:
+        top_logprobs_TX, top_ids_TX = jax.lax.top_k(logprobs_TV, X)
+    else:
+        top_logprobs_TX, top_ids_TX = jnp.zeros((T, 0), jnp.float32), jnp.zeros((T, 0), jnp.int32)
+    return TokenScores(logprob_T, rank_T, top_ids_TX.astype(jnp.int32), top_logprobs_TX)
+
+
 def apply_logits_table(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
     """Each row's table scattered onto its logits: bias_SW added at bias_ids_SW (-inf bans),
     and on allowed_only_S rows every id outside the table set to -inf. Rows without a table

@@ -18,7 +18,9 @@ step is padded to the smallest entry that fits, and the warm-up compiles every e
   (a step with penalties sends its rows' ids padded to it).
 
 The one sampling variant (a static flag of a program) is `num_logprobs`: 0, or the engine's
-`max_logprobs` (every row that asks gets its top-k out of that one computation). Stop and
+`max_logprobs` (every row that asks gets its top-k out of that one computation), and the
+ragged programs' prompt-logprobs variant (`prompt_logprobs`: the step also scores every
+token's next prompt token, with max_logprobs top tokens). Stop and
 suppressed token ids per row are a fixed `STOP_IDS` columns, and the logits processors
 (logit_bias, allowed_token_ids, bad_words) a fixed `BIASED_IDS` columns of (token id, bias)
 per row: data, never a program variant. Coarse buckets keep the menu
@@ -90,6 +92,7 @@ class ShapeMenu:
     page_buckets: tuple[int, ...]          # Pp
     history_buckets: tuple[int, ...]       # token-history lengths
     logprob_variants: tuple[int, ...] = (0, 20)   # num_logprobs of the programs: 0 and max_logprobs
+    prompt_logprobs: bool = True                  # ragged programs have the prompt-logprobs variant
 
     @classmethod
     def build(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
