@@ -81,6 +81,7 @@ class StreamEvent:
 
     kind "accepted": the engine took the request; "delta": progress (choices); "error": the
     request failed alone (`error` says why, `status` is the HTTP status it maps to).
+    prompt_logprobs: the request's `RequestOutput.prompt_logprobs`, on its first delta only.
     """
 
     request_id: str
@@ -90,6 +91,7 @@ class StreamEvent:
     finished: bool = False
     error: Optional[str] = None
     status: int = 200
+    prompt_logprobs: Optional[list] = None
 
 
 @dataclasses.dataclass
@@ -106,6 +108,7 @@ class _Live:
     t_first_token: Optional[float] = None
     t_last_token: Optional[float] = None
     latency_tokens: int = 0  # tokens of the first completion already timed
+    prompt_logprobs_sent: bool = False
 
     @property
     def weight(self) -> int:
@@ -330,6 +333,8 @@ class AsyncEngine:
         self._observe_latency(live, out, now)
         event = StreamEvent(rid, "delta", num_prompt_tokens=len(out.prompt_token_ids),
                             choices=choices, finished=bool(out.finished))
+        if out.prompt_logprobs is not None and not live.prompt_logprobs_sent:
+            event.prompt_logprobs, live.prompt_logprobs_sent = out.prompt_logprobs, True
         if out.finished:
             del self._live[rid]
             self._release(live)

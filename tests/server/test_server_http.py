@@ -406,4 +406,4 @@ def test_echo_and_continuous_usage(fake_server, rng):
     assert "".join(c["text"] for e in chunks for c in e["choices"]) == text + expected_text(p, 3)
     assert [e["usage"]["completion_tokens"] for e in chunks[1:]] == [1, 2, 3]
     _assert_error(_post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text, "echo": True,
-                                                         "logprobs": 1}), 400, param="echo")
+                                                         "logprobs": 1, "stream": True}), 400, param="echo")
