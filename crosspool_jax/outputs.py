@@ -45,6 +45,8 @@ class RequestOutput:
     SamplingParams.prompt_logprobs=k): per prompt token, None for the first, then
     {token id: Logprob} of the prompt token given the tokens before it and the k most likely
     tokens there (vLLM's shape); complete from the first output with a generated token.
+    metrics: {"arrival_time", "first_scheduled_time", "first_token_time"} (time.monotonic()
+    seconds; None until it happened).
     """
 
     request_id: str

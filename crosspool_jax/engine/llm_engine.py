@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EngineStats:
+    """A snapshot of the engine. requests_by_model: {model: (running, waiting)} sequences
+    (every served model listed)."""
+
     num_waiting: int
     num_running: int
     num_preemptions: int
@@ -84,6 +87,7 @@ class EngineStats:
     steps: int
     compiles: int = 0             # XLA executables built in this process (runtime.compiles)
     compile_seconds: float = 0.0
+    requests_by_model: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -109,6 +113,7 @@ class _Parent:
     params: SamplingParams
     children: list
     arrival_time: float
+    first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
     error: Optional[str] = None
     prompt_logprobs: Optional[list] = None     # [None, {token id: Logprob} or None while not computed, ...]
@@ -170,6 +175,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         wstats = self.registry.weights_stats()
+        by_model = {name: (0, 0) for name in self.model_names}
+        by_model.update(self.scheduler.requests_by_model())
         return EngineStats(
             num_waiting=self.scheduler.num_waiting(), num_running=self.scheduler.num_running(),
             num_preemptions=self.scheduler.num_preemptions,
@@ -177,7 +184,7 @@ class LLMEngine:
             kv_pages_used_by_model=self.kv_manager.pages_used_by_model(),
             models=self.registry.model_stats(), swaps_in=wstats.swaps_in, swaps_out=wstats.swaps_out,
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
-            compiles=self._compiles.count, compile_seconds=self._compiles.seconds)
+            compiles=self._compiles.count, compile_seconds=self._compiles.seconds, requests_by_model=by_model)
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
@@ -315,6 +322,12 @@ class LLMEngine:
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        scheduled_at = time.monotonic()
+        for chunks in out.chunks_by_model.values():
+            for chunk in chunks:
+                parent = self._parent_of(chunk.request.request_id)
+                if parent is not None and parent.first_scheduled_time is None:
+                    parent.first_scheduled_time = scheduled_at
         moved: set[str] = set()
         for child_id, message in out.rejected:
             self._fail_request(child_id, message, moved)
@@ -398,6 +411,10 @@ class LLMEngine:
             child.finish_reason = child.finish_reason or "error"
             self.scheduler.finish_request(child.request.request_id, RequestStatus.FINISHED_ERROR)
         moved.add(parent.request_id)
+
+    def _parent_of(self, child_id: str) -> Optional[_Parent]:
+        owner = self._child_owner.get(child_id)
+        return None if owner is None else self._parents.get(owner[0])
 
     def _child_of(self, child_id: str) -> Optional[_Child]:
         owner = self._child_owner.get(child_id)
@@ -526,7 +543,8 @@ class LLMEngine:
                 logprobs=list(child.logprobs) if child.logprobs is not None else None,
                 finish_reason=child.finish_reason, stop_reason=child.stop_reason))
         finished = all(c.finish_reason is not None for c in parent.children)
-        metrics = {"arrival_time": parent.arrival_time, "first_token_time": parent.first_token_time}
+        metrics = {"arrival_time": parent.arrival_time, "first_scheduled_time": parent.first_scheduled_time,
+                   "first_token_time": parent.first_token_time}
         return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
                              finished=finished, error=parent.error, metrics=metrics,

@@ -231,6 +231,13 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    def requests_by_model(self) -> dict[str, tuple[int, int]]:
+        """{model: (running, waiting)} sequences of every model with a queue."""
+        out = {model: [0, len(queue)] for model, queue in self._waiting.items()}
+        for request in self._running:
+            out.setdefault(request.model, [0, 0])[0] += 1
+        return {model: (running, waiting) for model, (running, waiting) in out.items()}
+
     # ----- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens

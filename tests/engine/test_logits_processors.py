@@ -143,6 +143,8 @@ def test_prompt_logprobs_match_transformers_with_chunked_prefill(llm, hf):
         for c in out.outputs:
             assert all(lp[t].rank is not None for t, lp in zip(c.token_ids, c.logprobs))
     assert outs[2].prompt_logprobs == [None]
+    times = outs[0].metrics
+    assert times["arrival_time"] <= times["first_scheduled_time"] <= times["first_token_time"]
 
 
 def test_requests_beyond_the_table_width_or_vocabulary_are_refused_by_field(llm):
@@ -156,3 +158,4 @@ def test_requests_beyond_the_table_width_or_vocabulary_are_refused_by_field(llm)
     with pytest.raises(ValueError, match=r"logit_bias, allowed_token_ids and bad_words together make \d+ .* at most 128"):
         engine.add_request("c", "m", [1, 2], too_many)
     assert not engine.has_unfinished_requests()
+    assert engine.stats().requests_by_model == {"m": (0, 0)}
