@@ -24,7 +24,7 @@ token's next prompt token, with max_logprobs top tokens). Stop and
 suppressed token ids per row are a fixed `STOP_IDS` columns, and the logits processors
 (logit_bias, allowed_token_ids, bad_words) a fixed `BIASED_IDS` columns of (token id, bias)
 per row: data, never a program variant. Coarse buckets keep the menu
-small (a 512-token budget, 64 sequences and 4k contexts: 21 shapes, 42 programs a model).
+small (a 512-token budget, 64 sequences and 4k contexts: 21 shapes, 54 programs a model).
 """
 from __future__ import annotations
 
