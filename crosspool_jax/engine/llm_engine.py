@@ -483,6 +483,7 @@ class LLMEngine:
         a recompute after preemption) filled: {prompt token: Logprob} plus the top tokens."""
         parent = self._parents[self._child_owner[child_id][0]]
         k = parent.params.prompt_logprobs
+        spelled: dict[int, str] = {}
         for i in range(len(scores.logprob)):
             pos = scores.first_position + i
             if parent.prompt_logprobs[pos] is not None:
@@ -493,7 +494,9 @@ class LLMEngine:
                 entry_lp.setdefault(int(tid), Logprob(float(lp), rank))
             if entry.tokenizer is not None:
                 for tid, lp in entry_lp.items():
-                    lp.decoded_token = entry.tokenizer.decode([tid], skip_special_tokens=False)
+                    if tid not in spelled:
+                        spelled[tid] = entry.tokenizer.decode([tid], skip_special_tokens=False)
+                    lp.decoded_token = spelled[tid]
             parent.prompt_logprobs[pos] = entry_lp
 
     def _accept_tokens(self, entry, child: _Child, tokens):
