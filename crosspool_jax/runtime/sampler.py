@@ -72,17 +72,16 @@ def score_tokens(logits_TV: jax.Array, target_ids_T: jax.Array, *, num_logprobs:
 
 
 def apply_logits_table(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
-    """Each row's table scattered onto its logits: bias_SW added at bias_ids_SW (-inf bans),
-    and on allowed_only_S rows every id outside the table set to -inf. Rows without a table
-    (ids all -1) are unchanged."""
+    """Each row's table applied to its logits: bias_SW added at bias_ids_SW (-inf bans), and on
+    allowed_only_S rows every id outside the table set to -inf. Rows without a table (ids all
+    -1) are unchanged. One gather and one scatter of S*W entries (no dense [S, V] table)."""
     S, V = logits_SV.shape
     ids_SW = meta.bias_ids_SW
-    ids_SW = jnp.where((ids_SW >= 0) & (ids_SW < V), ids_SW, V)  # padding and out of range: dropped
+    listed_SW = (ids_SW >= 0) & (ids_SW < V)
     rows_SW = jnp.broadcast_to(jnp.arange(S)[:, None], ids_SW.shape)
-    bias_SV = jnp.zeros((S, V), jnp.float32).at[rows_SW, ids_SW].add(meta.bias_SW, mode="drop")
-    listed_SV = jnp.zeros((S, V), bool).at[rows_SW, ids_SW].set(True, mode="drop")
-    masked_SV = meta.allowed_only_S[:, None] & ~listed_SV
-    return jnp.where(masked_SV, _NEG_INF, logits_SV + bias_SV)
+    biased_SW = logits_SV[rows_SW, jnp.clip(ids_SW, 0, V - 1)] + meta.bias_SW
+    base_SV = jnp.where(meta.allowed_only_S[:, None], _NEG_INF, logits_SV)
+    return base_SV.at[rows_SW, jnp.where(listed_SW, ids_SW, V)].set(biased_SW, mode="drop")
 
 
 def token_ranks(logprobs_SV: jax.Array, token_ids_S: jax.Array) -> tuple[jax.Array, jax.Array]:
