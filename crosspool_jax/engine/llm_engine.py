@@ -19,8 +19,9 @@ How a request travels:
    placement, sequence-sharded attention for a request spilled over several KV devices; one
    token per dispatch).
 4. The engine detokenizes incrementally, applies stop rules (EOS, stop ids, stop strings,
-   lengths), reports finished children to the scheduler (which frees their pages), and
-   returns `RequestOutput`s with the cumulative text of every request that moved.
+   lengths), reports finished children to the scheduler (which frees their pages), gathers
+   the prompt logprobs each prefill chunk scored, and returns `RequestOutput`s with the
+   cumulative text of every request that moved.
 
 Request isolation (`_run_isolated`): whatever one request does that still fails inside a
 step fails that request alone. The step runs all its models at once; when that raises, it
@@ -189,8 +190,9 @@ class LLMEngine:
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
         shape of its menu (`runtime/shapes.py`) and, with `variants`, the logprobs and
-        prompt-logprobs variants, on `max_workers` threads (default: the CPU count; XLA compiles without holding the
-        GIL). Models whose programs are the same (equal configs on one device) compile once.
+        prompt-logprobs variants, on `max_workers` threads (default: the CPU count; XLA
+        compiles without holding the GIL). Models whose programs are the same (equal configs
+        on one device) compile once.
         `variants` None: both on accelerators, only the plain one on a CPU, where every
         executable costs ~300 memory mappings and a process may hold 65,530 (the logprobs
         variants then compile on first use). Returns {"programs": jobs run, "compiles": XLA
