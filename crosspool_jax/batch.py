@@ -9,7 +9,8 @@ Each input line is one JSON object: "prompt" (text), "prompt_token_ids" (a list 
 ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs", ...). Each
 output line has the input's "index" (0-based among non-blank lines), "line" (its line number
 in the file) and "id", then "model", "prompt_token_ids" and "outputs" (text, token_ids,
-finish_reason, stop_reason, and logprobs when asked for), or "error" naming what was wrong
+finish_reason, stop_reason, and logprobs when asked for; "prompt_logprobs" beside them when
+asked for; "logit_bias" keys are token ids as strings, as JSON has them), or "error" naming what was wrong
 with that line: a bad line never ends the run. Re-running with the same --output resumes after
 the lines already written (a torn last line is redone), and refuses an input file that is not
 the one the output was started on.
@@ -95,7 +96,14 @@ def parse_record(record: dict, default_model: Optional[str], *, tokenizer_of=Non
     unknown = set(record) - _SAMPLING_FIELDS - set(_PROMPT_FIELDS) - {"model", "id", "_index", "_line"}
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}")
-    params = SamplingParams(**{k: v for k, v in record.items() if k in _SAMPLING_FIELDS})
+    fields = {k: v for k, v in record.items() if k in _SAMPLING_FIELDS}
+    bias = fields.get("logit_bias")
+    if isinstance(bias, dict):           # JSON object keys are strings: {"token id": bias}
+        try:
+            fields["logit_bias"] = {int(t): b for t, b in bias.items()}
+        except ValueError:
+            raise ValueError(f"SamplingParams.logit_bias: keys must be token ids, got {_short(list(bias))}") from None
+    params = SamplingParams(**fields)
     if max_n is not None and params.n > max_n:
         raise ValueError(f"'n' is {params.n}, more than --max_n={max_n}")
     if "prompt" in record:
@@ -149,6 +157,8 @@ def result_line(record: dict, out=None, error: Optional[str] = None) -> dict:
         return line
     line["model"] = out.model
     line["prompt_token_ids"] = out.prompt_token_ids
+    if out.prompt_logprobs is not None:
+        line["prompt_logprobs"] = [None] + _logprobs(out.prompt_logprobs[1:])
     outputs = []
     for c in out.outputs:
         entry = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,

@@ -41,7 +41,12 @@ class RequestOutput:
     """The state of one request: its prompt and its completions so far.
 
     error is set (and finished True) when the request failed alone, e.g. a prompt longer
-    than the model's context or the whole KV pool.
+    than the model's context or the whole KV pool. prompt_logprobs (with
+    SamplingParams.prompt_logprobs=k): per prompt token, None for the first, then
+    {token id: Logprob} of the prompt token given the tokens before it and the k most likely
+    tokens there (vLLM's shape); complete from the first output with a generated token.
+    metrics: {"arrival_time", "first_scheduled_time", "first_token_time"} (time.monotonic()
+    seconds; None until it happened).
     """
 
     request_id: str
@@ -52,3 +57,4 @@ class RequestOutput:
     finished: bool = False
     error: Optional[str] = None
     metrics: Optional[dict] = None
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None

@@ -6,9 +6,12 @@ a ValueError naming the field instead of overflowing inside a step. Model-depend
 (token ids within the vocabulary, lengths within the context) are checked by
 `LLMEngine.add_request`, which knows the model.
 
-vLLM fields this engine cannot honour yet (`prompt_logprobs`, `logit_bias`,
-`allowed_token_ids`, `bad_words`) are accepted as keywords, so code written for vLLM gets a
-ValueError naming the field rather than a TypeError, and only when a value is set.
+The logits processors vLLM users pass are data of a fixed width per sampling row
+(`runtime/shapes.py` `BIASED_IDS`): `logit_bias` (token id -> additive bias),
+`allowed_token_ids` (every other id masked) and `bad_words` (banned words, tokenized by the
+engine) each hold at most `BIASED_IDS` entries (the engine checks them together against the
+model). `prompt_logprobs=k` returns each prompt token's log-probability and the k most likely
+tokens at each prompt position.
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ import math
 import numbers
 from typing import Optional, Sequence, Union
 
+from crosspool_jax.runtime.shapes import BIASED_IDS
+
 MAX_LOGPROBS = 20
 INT32_MAX = 2 ** 31 - 1
-# Fields vLLM's SamplingParams has that need logits processing inside the step program.
-UNSUPPORTED_FIELDS = ("prompt_logprobs", "logit_bias", "allowed_token_ids", "bad_words")
+MAX_BAD_WORD_CHARS = 256     # characters of one bad word (its token ids are found by the engine)
 
 
 @dataclasses.dataclass
@@ -31,6 +35,11 @@ class SamplingParams:
     min_p 0 disables min-p. seed makes sampling reproducible per request. logprobs=k
     returns the sampled token's log-probability and the k most likely tokens' at each step.
     truncate_prompt_tokens=k keeps only the last k prompt tokens (as vLLM).
+    prompt_logprobs=k returns, for every prompt token after the first, its log-probability
+    and the k most likely tokens there (`RequestOutput.prompt_logprobs`).
+    logit_bias {token id: bias} adds each bias to that token's logit; allowed_token_ids
+    masks every other token; bad_words bans each word (its last token is masked wherever the
+    tokens before it were just generated), all before the penalties and the other filters.
     """
 
     n: int = 1
@@ -74,10 +83,6 @@ class SamplingParams:
         def bad(field, why):
             raise ValueError(f"SamplingParams.{field}: {why} (got {_short(getattr(self, field))})")
 
-        for field in UNSUPPORTED_FIELDS:
-            if getattr(self, field) is not None:
-                bad(field, "is not supported by this engine (it needs logits processing in the "
-                           "step program); leave it unset")
         for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                       "repetition_penalty"):
             value = getattr(self, field)
@@ -122,12 +127,53 @@ class SamplingParams:
                 not _is_int(self.truncate_prompt_tokens)
                 or not 1 <= self.truncate_prompt_tokens <= INT32_MAX):
             bad("truncate_prompt_tokens", f"must be an integer in [1, {INT32_MAX}] or None")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        self._validate_logits_processors(bad)
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not _is_utf8(s) for s in self.stop):
             bad("stop", "must be valid Unicode text (no lone surrogates)")
         if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
             bad("stop_token_ids", f"must be token ids in [0, {INT32_MAX}]")
+
+    def _validate_logits_processors(self, bad) -> None:
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict) or not all(
+                    _is_int(t) and isinstance(b, numbers.Real) and not isinstance(b, bool)
+                    for t, b in bias.items()):
+                bad("logit_bias", "must be a dict of integer token ids to numbers")
+            if any(not 0 <= t <= INT32_MAX for t in bias):
+                bad("logit_bias", f"token ids must be in [0, {INT32_MAX}]")
+            if any(not math.isfinite(b) for b in bias.values()):
+                bad("logit_bias", "biases must be finite numbers")
+            if len(bias) > BIASED_IDS:
+                bad("logit_bias", f"at most {BIASED_IDS} token ids per request")
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, (list, tuple)) or not all(_is_int(t) for t in allowed):
+                bad("allowed_token_ids", "must be a list of integer token ids")
+            if not allowed:
+                bad("allowed_token_ids", "must not be empty (None allows every token)")
+            if any(not 0 <= t <= INT32_MAX for t in allowed):
+                bad("allowed_token_ids", f"token ids must be in [0, {INT32_MAX}]")
+            if len(set(allowed)) > BIASED_IDS:
+                bad("allowed_token_ids", f"at most {BIASED_IDS} token ids per request")
+        words = self.bad_words
+        if words is not None:
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                bad("bad_words", "must be a list of non-blank strings")
+            if any(len(w) > MAX_BAD_WORD_CHARS or not _is_utf8(w) for w in words):
+                bad("bad_words", f"each word must be valid Unicode text of at most {MAX_BAD_WORD_CHARS} characters")
+            if 2 * len(words) > BIASED_IDS:
+                bad("bad_words", f"at most {BIASED_IDS // 2} words per request")
+
+    @property
+    def has_logits_processors(self) -> bool:
+        """Whether logit_bias, allowed_token_ids or bad_words is set."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or bool(self.bad_words)
 
     @property
     def greedy(self) -> bool:

@@ -37,7 +37,8 @@ def test_results_in_order_with_per_line_errors(tmp_path, llm):
         {"id": "a", "prompt": "Hello there", "max_tokens": 4, "temperature": 0.0, "logprobs": 2},
         "",                                                          # blank: skipped, still counted
         "{not json",
-        {"prompt_token_ids": [5, 6, 7], "max_tokens": 3, "temperature": 0.0},
+        {"prompt_token_ids": [5, 6, 7], "max_tokens": 3, "temperature": 0.0, "logit_bias": {"9": 100.0},
+         "prompt_logprobs": 1},
         {"prompt": "x", "temperature": -1},
         {"prompt": "y", "model": "nope"},
         {"prompt_token_ids": "abc"},
@@ -47,19 +48,22 @@ def test_results_in_order_with_per_line_errors(tmp_path, llm):
         {"prompt_token_ids": [1, 2], "stop_token_ids": [10 ** 7]},
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0.0},
         {"prompt": "The end", "max_tokens": 2, "temperature": 0.0, "id": "z", "max_token": 3},
+        {"prompt": "x", "logit_bias": {"nine": 1.0}},
     ])
     report = run_batch(llm, str(src), str(dst), use_tqdm=False, max_n=16, max_in_flight=2)
     out = _read(dst)
-    assert report.written == len(out) == 13 and report.errors == 10
-    assert [o["index"] for o in out] == list(range(13))
-    assert [o["line"] for o in out] == [1, 2] + list(range(4, 15))
+    assert report.written == len(out) == 14 and report.errors == 11
+    assert [o["index"] for o in out] == list(range(14))
+    assert [o["line"] for o in out] == [1, 2] + list(range(4, 16))
     assert "line 1:" in out[0]["error"] and "'prompt' must be a string" in out[0]["error"]
     assert out[1]["id"] == "a" and len(out[1]["outputs"][0]["token_ids"]) == 4
     lps = out[1]["outputs"][0]["logprobs"]
     assert len(lps) == 4 and all(any(e["token_id"] == t for e in pos)
                                  for pos, t in zip(lps, out[1]["outputs"][0]["token_ids"]))
     assert "line 4: invalid JSON" in out[2]["error"]
-    assert out[3]["prompt_token_ids"] == [5, 6, 7]
+    assert out[3]["prompt_token_ids"] == [5, 6, 7] and out[3]["outputs"][0]["token_ids"] == [9, 9, 9]
+    plps = out[3]["prompt_logprobs"]
+    assert plps[0] is None and [any(e["token_id"] == t for e in pos) for pos, t in zip(plps[1:], [6, 7])] == [True] * 2
     assert "temperature" in out[4]["error"]
     assert "nope" in out[5]["error"]
     assert "'prompt_token_ids' must be a list of integers" in out[6]["error"]
@@ -69,6 +73,7 @@ def test_results_in_order_with_per_line_errors(tmp_path, llm):
     assert "stop_token_ids" in out[10]["error"]
     assert len(out[11]["outputs"][0]["token_ids"]) == 2
     assert "unknown fields ['max_token']" in out[12]["error"]
+    assert "SamplingParams.logit_bias" in out[13]["error"]
     direct = llm.generate(["Hello there"], SamplingParams(max_tokens=4, temperature=0.0))[0]
     assert out[1]["outputs"][0]["token_ids"] == direct.outputs[0].token_ids
     assert not llm.engine.has_unfinished_requests()

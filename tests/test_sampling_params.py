@@ -17,7 +17,12 @@ _INVALID = [
     ("n", 2 ** 31), ("top_k", 2 ** 31), ("min_tokens", 2 ** 31), ("max_tokens", 2 ** 31),
     ("stop_token_ids", [2 ** 31]), ("seed", 2 ** 64), ("stop", ["\ud800"]),
     ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 1.5),
-    ("prompt_logprobs", 1), ("logit_bias", {1: 2.0}), ("allowed_token_ids", [1]), ("bad_words", ["x"]),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", 1.0),
+    ("logit_bias", {"1": 2.0}), ("logit_bias", {1: float("nan")}), ("logit_bias", {-1: 1.0}),
+    ("logit_bias", [1, 2]), ("logit_bias", {i: 1.0 for i in range(129)}),
+    ("allowed_token_ids", []), ("allowed_token_ids", [1.5]), ("allowed_token_ids", [-3]),
+    ("allowed_token_ids", list(range(129))), ("allowed_token_ids", 5),
+    ("bad_words", ["x", " "]), ("bad_words", "x"), ("bad_words", ["a" * 257]), ("bad_words", ["w"] * 65),
     ("max_tokens", 0), ("max_tokens", 3.0),
     ("min_tokens", -1), ("min_tokens", 1.0),
     ("seed", 1.5), ("seed", "7"),
@@ -32,6 +37,13 @@ _INVALID = [
 def test_invalid_field_raises_naming_it(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}:"):
         SamplingParams(**{field: value})
+
+
+def test_vllm_logits_processor_fields_accepted():
+    sp = SamplingParams(prompt_logprobs=0, logit_bias={3: -100.0, 7: 2.5}, allowed_token_ids=list(range(128)),
+                        bad_words=["w"] * 64)
+    assert sp.has_logits_processors and sp.prompt_logprobs == 0
+    assert not SamplingParams().has_logits_processors
 
 
 def test_min_tokens_above_max_tokens():

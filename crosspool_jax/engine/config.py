@@ -45,8 +45,8 @@ class EngineConfig:
       tokens may take (chunked prefill sized for the decodes' time between tokens: a long
       prompt of one model then stretches no other model's decode step beyond it); None = the
       whole max_num_batched_tokens.
-    max_logprobs: the most `logprobs` a request may ask for (programs that report logprobs
-      compute this many for every row; vLLM's option of the same name).
+    max_logprobs: the most `logprobs` or `prompt_logprobs` a request may ask for (programs
+      that report logprobs compute this many for every row; vLLM's option of the same name).
     """
 
     models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
@@ -81,8 +81,8 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(512, "Most tokens (prefill chunks + decode tokens) in one engine step.")
     max_decode_steps: int = _opt(8, "Most tokens a decode-only step samples per sequence in one device "
                                  "program (multi-step decode); 1 turns it off.")
-    max_logprobs: int = _opt(20, "The most logprobs a request may ask for (programs that report logprobs "
-                             "compute this many for every row); vLLM's option of the same name.")
+    max_logprobs: int = _opt(20, "The most logprobs or prompt_logprobs a request may ask for (programs that "
+                             "report logprobs compute this many for every row); vLLM's option of the same name.")
     decode_step_prefill_tokens: Optional[int] = _opt(None, "The most prefill tokens an engine step that also "
                                                      "carries decode tokens may take (chunked prefill sized for "
                                                      "the decodes' time between tokens); unset: the whole "

@@ -19,8 +19,9 @@ How a request travels:
    placement, sequence-sharded attention for a request spilled over several KV devices; one
    token per dispatch).
 4. The engine detokenizes incrementally, applies stop rules (EOS, stop ids, stop strings,
-   lengths), reports finished children to the scheduler (which frees their pages), and
-   returns `RequestOutput`s with the cumulative text of every request that moved.
+   lengths), reports finished children to the scheduler (which frees their pages), gathers
+   the prompt logprobs each prefill chunk scored, and returns `RequestOutput`s with the
+   cumulative text of every request that moved.
 
 Request isolation (`_run_isolated`): whatever one request does that still fails inside a
 step fails that request alone. The step runs all its models at once; when that raises, it
@@ -51,12 +52,13 @@ from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.engine.placed_runner import PlacedRunner
+from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
 from crosspool_jax.engine.step_plan import ModelStep
 from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter
-from crosspool_jax.runtime.shapes import STOP_IDS
+from crosspool_jax.runtime.shapes import BIASED_IDS, STOP_IDS
 from crosspool_jax.weights.budget import WeightsPoolBusyError
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
@@ -70,6 +72,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EngineStats:
+    """A snapshot of the engine. requests_by_model: {model: (running, waiting)} sequences
+    (every served model listed)."""
+
     num_waiting: int
     num_running: int
     num_preemptions: int
@@ -83,6 +88,7 @@ class EngineStats:
     steps: int
     compiles: int = 0             # XLA executables built in this process (runtime.compiles)
     compile_seconds: float = 0.0
+    requests_by_model: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -108,8 +114,10 @@ class _Parent:
     params: SamplingParams
     children: list
     arrival_time: float
+    first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
     error: Optional[str] = None
+    prompt_logprobs: Optional[list] = None     # [None, {token id: Logprob} or None while not computed, ...]
 
 
 class LLMEngine:
@@ -168,6 +176,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         wstats = self.registry.weights_stats()
+        by_model = {name: (0, 0) for name in self.model_names}
+        by_model.update(self.scheduler.requests_by_model())
         return EngineStats(
             num_waiting=self.scheduler.num_waiting(), num_running=self.scheduler.num_running(),
             num_preemptions=self.scheduler.num_preemptions,
@@ -175,16 +185,16 @@ class LLMEngine:
             kv_pages_used_by_model=self.kv_manager.pages_used_by_model(),
             models=self.registry.model_stats(), swaps_in=wstats.swaps_in, swaps_out=wstats.swaps_out,
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
-            compiles=self._compiles.count, compile_seconds=self._compiles.seconds)
+            compiles=self._compiles.count, compile_seconds=self._compiles.seconds, requests_by_model=by_model)
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
         shape of its menu (`runtime/shapes.py`) with its sampling variants (`variants` False:
-        without the logprobs ones), on `max_workers` threads (default: the CPU count; XLA
-        compiles without holding the GIL). Models whose programs are the same (equal configs on
-        one device) compile once. `variants` None: True on accelerators, False on a CPU, where
-        every executable costs ~300 memory mappings and a process may hold 65,530 (the logprobs
-        programs then compile on first use). Returns {"programs": jobs run, "compiles": XLA
+        without the logprobs and prompt-logprobs ones), on `max_workers` threads (default: the
+        CPU count; XLA compiles without holding the GIL). Models whose programs are the same
+        (equal configs on one device) compile once. `variants` None: True on accelerators,
+        False on a CPU, where every executable costs ~300 memory mappings and a process may hold
+        65,530 (the logprobs variants then compile on first use). Returns {"programs": jobs run, "compiles": XLA
         compiles, "seconds": wall time}. `progress(model, done, total)` is called as each
         model's programs are ready."""
         if variants is None:
@@ -197,7 +207,8 @@ class LLMEngine:
             entry = self.registry.get(name)
             weights = self.registry.acquire(name)          # resident while lowering
             try:
-                menu = entry.menu if variants else dataclasses.replace(entry.menu, logprob_variants=(0,))
+                menu = (entry.menu if variants else
+                        dataclasses.replace(entry.menu, logprob_variants=(0,), prompt_logprobs=False))
                 jobs[name] = self.runner.compile_jobs(entry.config, menu, weights, model=name)
             finally:
                 self.registry.release(name)
@@ -241,11 +252,17 @@ class LLMEngine:
             if t >= vocab:
                 raise ValueError(f"SamplingParams.stop_token_ids: token id {t} is outside the vocabulary "
                                  f"of model {model!r} (size {vocab})")
+        bad_words_ids = self._check_logits_processors(entry, params)
         if params.truncate_prompt_tokens is not None:
             token_ids = list(token_ids)[-params.truncate_prompt_tokens:]
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs = {params.logprobs} exceeds the engine's max_logprobs = "
-                             f"{self.config.max_logprobs}")
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, field)
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"SamplingParams.{field}: {value} exceeds the engine's max_logprobs = "
+                                 f"{self.config.max_logprobs}")
+        if params.prompt_logprobs is not None and self.registry.arena is not None:
+            raise ValueError("SamplingParams.prompt_logprobs: not supported with a crosspool device split "
+                             "(kv_devices / weight_devices): its step returns the logits of sampled rows only")
         num_stop_ids = len(set(params.stop_token_ids) | (set() if params.ignore_eos else set(entry.eos_token_ids)))
         if num_stop_ids > STOP_IDS:
             raise ValueError(f"stop_token_ids: {len(params.stop_token_ids)} ids (with the model's EOS ids: "
@@ -254,7 +271,8 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(token_ids)} tokens is too long for model {model!r}: "
                              f"max_model_len is {entry.max_model_len} (prompt + at least one new token)")
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival)
+        parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival,
+                         prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None)
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -263,6 +281,7 @@ class LLMEngine:
             request = Request(request_id=child_id, model=model, prompt_token_ids=list(token_ids),
                               sampling_params=params, arrival_time=arrival + 1e-9 * i, max_tokens=max_tokens)
             request.base_seed = (base_seed + 7919 * i) % (2 ** 31)
+            request.bad_words_ids = bad_words_ids
             detok = (IncrementalDetokenizer(entry.tokenizer, list(token_ids), params.skip_special_tokens)
                      if entry.tokenizer is not None else None)
             child = _Child(request, i, detok, logprobs=[] if params.logprobs is not None else None)
@@ -272,6 +291,26 @@ class LLMEngine:
         self.registry.prefetch(model)
         for child in parent.children:
             self.scheduler.add_request(child.request)
+
+    def _check_logits_processors(self, entry, params: SamplingParams) -> list[list[int]]:
+        """The token ids of params.bad_words, after checking logit_bias, allowed_token_ids and
+        the bad words against the model (ValueError naming the field)."""
+        vocab = entry.config.vocab_size
+        for field, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = sorted(t for t in ids if t >= vocab)
+            if outside:
+                raise ValueError(f"SamplingParams.{field}: token id {outside[0]} is outside the vocabulary of "
+                                 f"model {entry.name!r} (size {vocab})")
+        bad_words_ids = entry.encode_bad_words(params.bad_words)
+        for ids in bad_words_ids:
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"SamplingParams.bad_words: the tokenizer of model {entry.name!r} gives token ids "
+                                 f"outside its vocabulary (size {vocab})")
+        entries = smeta.logits_table_capacity(params, bad_words_ids)
+        if entries > BIASED_IDS:
+            raise ValueError(f"SamplingParams.logit_bias, allowed_token_ids and bad_words together make {entries} "
+                             f"biased or banned token ids; at most {BIASED_IDS} are supported per request")
+        return bad_words_ids
 
     def abort_request(self, request_id: str) -> None:
         parent = self._parents.pop(request_id, None)
@@ -284,6 +323,12 @@ class LLMEngine:
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        scheduled_at = time.monotonic()
+        for chunks in out.chunks_by_model.values():
+            for chunk in chunks:
+                parent = self._parent_of(chunk.request.request_id)
+                if parent is not None and parent.first_scheduled_time is None:
+                    parent.first_scheduled_time = scheduled_at
         moved: set[str] = set()
         for child_id, message in out.rejected:
             self._fail_request(child_id, message, moved)
@@ -293,14 +338,16 @@ class LLMEngine:
         sampled: dict[str, list[int]] = {}
         stopped: list[tuple[_Child, RequestStatus]] = []
         for entry, chunks, results in ran:
-            for chunk, tokens in zip(chunks, results):
-                if not chunk.samples:
-                    continue
+            for chunk, result in zip(chunks, results):
                 child = self._child_of(chunk.request.request_id)
                 if child is None:
                     continue
+                if result.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(entry, chunk.request.request_id, result.prompt_logprobs)
+                if not chunk.samples:
+                    continue
                 try:
-                    kept, status = self._accept_tokens(entry, child, tokens)
+                    kept, status = self._accept_tokens(entry, child, result.tokens)
                 except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request only
                     log.exception("accepting tokens of %s failed", chunk.request.request_id)
                     self._fail_request(chunk.request.request_id, _step_error(e), moved)
@@ -366,6 +413,10 @@ class LLMEngine:
             self.scheduler.finish_request(child.request.request_id, RequestStatus.FINISHED_ERROR)
         moved.add(parent.request_id)
 
+    def _parent_of(self, child_id: str) -> Optional[_Parent]:
+        owner = self._child_owner.get(child_id)
+        return None if owner is None else self._parents.get(owner[0])
+
     def _child_of(self, child_id: str) -> Optional[_Child]:
         owner = self._child_owner.get(child_id)
         if owner is None:
@@ -420,12 +471,34 @@ class LLMEngine:
             params = req.sampling_params
             rows.append(SamplingRow(params=params, base_seed=req.base_seed,
                                     output_index=len(req.output_token_ids), eos_token_ids=entry.eos_token_ids,
-                                    prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids))
+                                    prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
+                                    bad_words_ids=req.bad_words_ids))
             ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(entry.eos_token_ids))
             stop_ids.append(ids)
             allowances.append(max(1, req.max_tokens - len(req.output_token_ids)))
         return self.runner.dispatch(ModelStep(entry.name, entry.config, entry.tokens_per_page, entry.menu, weights,
                                               chunks, rows, stop_ids, allowances, num_steps=chunks[0].num_steps))
+
+    def _record_prompt_logprobs(self, entry, child_id: str, scores) -> None:
+        """Fill the prompt positions `scores` covers that no earlier chunk (another completion,
+        a recompute after preemption) filled: {prompt token: Logprob} plus the top tokens."""
+        parent = self._parents[self._child_owner[child_id][0]]
+        k = parent.params.prompt_logprobs
+        spelled: dict[int, str] = {}
+        for i in range(len(scores.logprob)):
+            pos = scores.first_position + i
+            if parent.prompt_logprobs[pos] is not None:
+                continue
+            target = parent.prompt_token_ids[pos]
+            entry_lp = {target: Logprob(float(scores.logprob[i]), int(scores.rank[i]))}
+            for rank, (tid, lp) in enumerate(zip(scores.top_ids[i][:k], scores.top_logprobs[i][:k]), start=1):
+                entry_lp.setdefault(int(tid), Logprob(float(lp), rank))
+            if entry.tokenizer is not None:
+                for tid, lp in entry_lp.items():
+                    if tid not in spelled:
+                        spelled[tid] = entry.tokenizer.decode([tid], skip_special_tokens=False)
+                    lp.decoded_token = spelled[tid]
+            parent.prompt_logprobs[pos] = entry_lp
 
     def _accept_tokens(self, entry, child: _Child, tokens):
         """Append sampled tokens one by one until a stop rule hits; return the kept ids."""
@@ -439,12 +512,9 @@ class LLMEngine:
             if child.detok:
                 child.detok.add([tok.token_id])
             if child.logprobs is not None:
-                entry_lp = {tok.token_id: Logprob(tok.logprob)}
+                entry_lp = {tok.token_id: Logprob(tok.logprob, tok.rank)}
                 for rank, (tid, lp) in enumerate(tok.top[:params.logprobs], start=1):   # the program may report more
-                    if tid == tok.token_id:
-                        entry_lp[tid] = Logprob(lp, rank)
-                    else:
-                        entry_lp.setdefault(tid, Logprob(lp, rank))
+                    entry_lp.setdefault(tid, Logprob(lp, rank))
                 if entry.tokenizer is not None:
                     for tid, lp in entry_lp.items():
                         lp.decoded_token = entry.tokenizer.decode([tid], skip_special_tokens=False)
@@ -477,10 +547,12 @@ class LLMEngine:
                 logprobs=list(child.logprobs) if child.logprobs is not None else None,
                 finish_reason=child.finish_reason, stop_reason=child.stop_reason))
         finished = all(c.finish_reason is not None for c in parent.children)
-        metrics = {"arrival_time": parent.arrival_time, "first_token_time": parent.first_token_time}
+        metrics = {"arrival_time": parent.arrival_time, "first_scheduled_time": parent.first_scheduled_time,
+                   "first_token_time": parent.first_token_time}
         return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
-                             finished=finished, error=parent.error, metrics=metrics)
+                             finished=finished, error=parent.error, metrics=metrics,
+                             prompt_logprobs=None if parent.prompt_logprobs is None else list(parent.prompt_logprobs))
 
 
 def _step_error(e: Exception) -> str:

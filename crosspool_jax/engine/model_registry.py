@@ -95,6 +95,26 @@ class ModelEntry:
             raise ValueError("prompt is empty: at least one token is needed")
         return text, ids
 
+    def encode_bad_words(self, words) -> list[list[int]]:
+        """The token ids of each bad word, as vLLM finds them: the word (leading spaces
+        stripped) alone, and again after a space when that starts with another token and has
+        as many tokens (so the word is banned at the start of a text and inside it)."""
+        if not words:
+            return []
+        if self.tokenizer is None:
+            raise ValueError(f"SamplingParams.bad_words: model {self.name!r} has no tokenizer to find the "
+                             f"words' token ids")
+        out: list[list[int]] = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            for ids in ([plain] if plain else []) + (
+                    [spaced] if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain)))
+                    else []):
+                if ids not in out:
+                    out.append(ids)
+        return out
+
 
 class ModelRegistry:
     """Owns the loaded models, the KV pool, and the weights' residency."""

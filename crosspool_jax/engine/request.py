@@ -24,6 +24,12 @@ class RequestStatus(enum.Enum):
     FINISHED_ERROR = "finished_error"
 
     @property
+    def needs_host_per_token(self) -> bool:
+        """A bad word of several tokens: the ids it bans depend on the last tokens generated,
+        which the host rebuilds each step, so this request decodes one token per dispatch."""
+        return any(len(ids) > 1 for ids in self.bad_words_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.name.startswith("FINISHED_")
 
@@ -38,6 +44,7 @@ class RequestStatus(enum.Enum):
 class Request:
     """One sequence of one model.
 
+    bad_words_ids: the token ids of each of `sampling_params.bad_words` (the engine finds them).
     max_tokens: the resolved output cap; None takes `sampling_params.max_tokens`, and when
       that is None too the scheduler sets it from the model's max_model_len on add_request.
     num_computed_tokens: tokens of all_token_ids whose K/V are in the pool. After a sampled
@@ -55,6 +62,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     error: Optional[str] = None
+    bad_words_ids: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -110,6 +118,12 @@ class Request:
         if start >= p:
             return self.output_token_ids[start - p:stop - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
+    @property
+    def needs_host_per_token(self) -> bool:
+        """A bad word of several tokens: the ids it bans depend on the last tokens generated,
+        which the host rebuilds each step, so this request decodes one token per dispatch."""
+        return any(len(ids) > 1 for ids in self.bad_words_ids)
 
     @property
     def is_finished(self) -> bool:

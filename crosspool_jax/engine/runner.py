@@ -26,7 +26,7 @@ from crosspool_jax.kv.pool import KVPool
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_inputs import PackedInt32
 from crosspool_jax.runtime.shapes import MIN_HISTORY, STOP_IDS, DecodeShape, ShapeMenu, StepShape
-from crosspool_jax.runtime.step_inputs import build_step_inputs
+from crosspool_jax.runtime.step_inputs import build_prompt_targets, build_step_inputs
 from crosspool_jax.runtime.step_program import multi_decode, ragged_step
 
 
@@ -34,7 +34,30 @@ from crosspool_jax.runtime.step_program import multi_decode, ragged_step
 class SampledToken:
     token_id: int
     logprob: float
+    rank: int                      # its rank under the raw logits (1 = most likely)
     top: list[tuple[int, float]]   # (token_id, logprob) of the top tokens, when asked
+
+
+@dataclasses.dataclass
+class PromptLogprobs:
+    """Raw log-probabilities of the prompt tokens at positions first_position ..
+    first_position + n - 1, each given the tokens before it; X = the program's num_logprobs."""
+
+    first_position: int
+    logprob: np.ndarray            # f32 [n]
+    rank: np.ndarray               # i32 [n]
+    top_ids: np.ndarray            # i32 [n, X]
+    top_logprobs: np.ndarray       # f32 [n, X]
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    """What a step produced for one chunk: its sampled tokens (one for a ragged step, up to
+    num_steps for a multi-step decode; meaningless for a chunk that does not sample) and, for a
+    request with prompt_logprobs, the scores of the prompt tokens its tokens predict."""
+
+    tokens: list[SampledToken]
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 @dataclasses.dataclass
@@ -58,13 +81,12 @@ class DispatchingRunner:
     (prepare inputs, dispatch the step program, return a `DispatchedStep` without waiting) and
     `compile_jobs` (one callable per program of a model's shape menu, compiling it ahead)."""
 
-    def run(self, step: ModelStep) -> list[list["SampledToken"]]:
-        """Run one model's step. Returns, per chunk, its sampled tokens (one for a ragged step;
-        up to step.num_steps for a multi-step decode)."""
+    def run(self, step: ModelStep) -> list[ChunkResult]:
+        """Run one model's step. Returns, per chunk, its `ChunkResult`."""
         return self.collect(self.dispatch(step))
 
-    def collect(self, step: "DispatchedStep") -> list[list["SampledToken"]]:
-        """Wait for a dispatched step; per chunk, its sampled tokens."""
+    def collect(self, step: "DispatchedStep") -> list[ChunkResult]:
+        """Wait for a dispatched step; per chunk, its `ChunkResult`."""
         return collect_sampled(step)
 
 
@@ -96,17 +118,24 @@ class StepRunner(DispatchingRunner):
 
         The program's shape is the smallest entry of the model's shape menu that fits; a
         multi-step decode always runs the engine's max_decode_steps iterations (one compiled
-        trip count), each row stopping at its allowance (the pages of the scheduled steps)."""
+        trip count), each row stopping at its allowance (the pages of the scheduled steps).
+        A ragged step with a chunk of a request asking prompt_logprobs runs the prompt-logprobs
+        variant (with the menu's largest num_logprobs)."""
         t0 = time.perf_counter()
         rows, menu = step.rows, step.menu
+        targets, spans = None, None
         if step.num_steps == 1:
             shape = menu.ragged(step.num_tokens, len(step.chunks), step.max_blocks)
             S = shape.num_seqs
+            targets, spans = build_prompt_targets(step.chunks, shape.num_tokens)
         else:
             shape = menu.decode(len(step.chunks), step.max_blocks)
             S = shape.num_seqs
-        num_logprobs = menu.num_logprobs(smeta.max_logprobs(rows))
-        all_greedy = menu.all_greedy(smeta.all_greedy(rows))
+        if targets is not None:                 # prompt logprobs: the general sampling program, top tokens
+            variant = (menu.logprob_variants[-1], False)
+        else:
+            variant = (menu.num_logprobs(smeta.max_logprobs(rows)), menu.all_greedy(smeta.all_greedy(rows)))
+        num_logprobs = variant[0]
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         if smeta.needs_penalties(rows):
             with jax.default_device(self.device):
@@ -123,21 +152,25 @@ class StepRunner(DispatchingRunner):
             allowances = [min(a, step.num_steps) for a in step.allowances]
             program_inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, allowances)
         t1 = time.perf_counter()
-        self.stats.count_program((step.model, type(shape).__name__, shape, num_logprobs, all_greedy,
+        self.stats.count_program((step.model, type(shape).__name__, shape, variant, targets is not None,
                                   self.device_index))
         k_buf, v_buf = self.pool.take(self.device_index)
         try:
             program, args, static = self._call(step.config, step.weights, shape, program_inputs, sampling, history,
-                                               (num_logprobs, all_greedy), k_buf, v_buf)
+                                               variant, k_buf, v_buf, targets)
             # numpy inputs go to the jitted program as they are: its C++ dispatch moves them to
             # the device of the committed arguments, ~5x cheaper than jax.device_put
-            k_buf, v_buf, outs = program(*args, **static)
+            k_buf, v_buf, *outs = program(*args, **static)
         finally:
             self.pool.put(k_buf, v_buf, self.device_index)
         self.stats.host_prepare_seconds += t1 - t0
-        steps = None if isinstance(shape, StepShape) else self.max_decode_steps   # None: collect adds the axis
-        limits = None if step.num_steps == 1 else [min(a, step.num_steps) for a in step.allowances]
-        return DispatchedStep((outs, steps), len(step.chunks), num_logprobs, t1, self.stats, limits)
+        if isinstance(shape, StepShape):
+            outs, scores = outs
+            return DispatchedStep((outs, None), len(step.chunks), num_logprobs, t1, self.stats,   # None: collect adds the axis
+                                  prompt=None if scores is None else (scores, spans))
+        limits = [min(a, step.num_steps) for a in step.allowances]
+        return DispatchedStep((outs[0], self.max_decode_steps), len(step.chunks), num_logprobs, t1, self.stats,
+                              limits)
 
     def _no_history(self, S: int, vocab_size: int):
         """The token history of rows without penalties (zeros), kept on this device per shape."""
@@ -148,17 +181,17 @@ class StepRunner(DispatchingRunner):
         return self._zero_history[key]
 
     def _call(self, config, weights: PlacedWeights, shape, program_inputs, sampling, history, variant,
-              k_buf, v_buf):
+              k_buf, v_buf, prompt_targets=None):
         """(jitted program, arguments, static arguments) of the step of `shape` (a StepShape:
-        ragged_step; a DecodeShape: multi_decode) and sampling `variant` (num_logprobs,
-        all_greedy), K/V buffers donated."""
+        ragged_step, its prompt-logprobs variant with prompt_targets; a DecodeShape:
+        multi_decode) and sampling `variant` (num_logprobs, all_greedy), K/V buffers donated."""
         counts, prompt_mask = history
         num_logprobs, all_greedy = variant
         static = dict(config=config, num_logprobs=num_logprobs, all_greedy=all_greedy,
                       attention_backend=self.attention_backend, moe_backend=self.moe_backend)
         params = (weights.kv_params, weights.ffn_params, k_buf, v_buf)
         if isinstance(shape, StepShape):
-            return ragged_step, params + (program_inputs, sampling, counts, prompt_mask), static
+            return ragged_step, params + (program_inputs, sampling, counts, prompt_mask, prompt_targets), static
         token_ids, kv_lens, pages, num_seqs, stops, allowance = program_inputs
         return (multi_decode, params + (token_ids, kv_lens, pages, num_seqs, sampling, counts, prompt_mask, stops,
                                         allowance), dict(static, num_steps=self.max_decode_steps))
@@ -166,7 +199,8 @@ class StepRunner(DispatchingRunner):
     def compile_jobs(self, config, menu: ShapeMenu, weights: PlacedWeights, *, model: str = "") -> list:
         """One callable per program a step of this model can run here (every shape of `menu`,
         multi-step decodes when the engine decodes several tokens per dispatch, every sampling
-        variant of the menu, and the token-history programs of penalties), each compiling its program
+        variant of the menu, the ragged shapes' prompt-logprobs variant when the menu has it,
+        and the token-history programs of penalties), each compiling its program
         ahead of time (`lower(...).compile()` fills the jit's cache: serving then compiles
         nothing). The callables may run in parallel threads."""
         shapes = list(menu.ragged_shapes()) + (list(menu.decode_shapes()) if self.max_decode_steps > 1 else [])
@@ -182,9 +216,13 @@ class StepRunner(DispatchingRunner):
                 program_inputs = PackedInt32.pack(inputs)
             else:
                 program_inputs = _decode_args(config, [], shape, [], [])
-            for variant in menu.sampling_variants():
+            variants = [(variant, None) for variant in menu.sampling_variants()]
+            if isinstance(shape, StepShape) and menu.prompt_logprobs:
+                variants.append(((menu.logprob_variants[-1], False), np.full(shape.num_tokens, -1, np.int32)))
+            for variant, targets in variants:
                 program, args, static = self._call(config, weights, shape, program_inputs, sampling,
-                                                   self._no_history(S, config.vocab_size), variant, k_buf, v_buf)
+                                                   self._no_history(S, config.vocab_size), variant, k_buf, v_buf,
+                                                   targets)
                 jobs.append(functools.partial(_compile, program, args, static))
         device = self.device
         for S in menu.sampling_rows():
@@ -223,7 +261,8 @@ def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
 class DispatchedStep:
     """A step program in flight: its device outputs ((SamplerOutputs stacked [steps, S, ...],
     steps run) or (SamplerOutputs [S, ...] of one step, None)) until collected. Chunk i keeps
-    at most limits[i] of the steps' tokens (None: all)."""
+    at most limits[i] of the steps' tokens (None: all). prompt: (TokenScores [T, ...] of the
+    prompt-logprobs variant, each chunk's span from `build_prompt_targets`), or None."""
 
     outputs: tuple
     num_chunks: int
@@ -231,25 +270,35 @@ class DispatchedStep:
     dispatched_at: float          # perf_counter when the program was dispatched
     stats: RunnerStats            # of the runner that dispatched it: counted when collected
     limits: Optional[Sequence[int]] = None
+    prompt: Optional[tuple] = None
 
     def __post_init__(self):
         # start the outputs' device-to-host copies now: they run when the program finishes,
         # so `collect` finds them on the host
-        for leaf in jax.tree.leaves(self.outputs):
+        for leaf in jax.tree.leaves((self.outputs, self.prompt)):
             if isinstance(leaf, jax.Array):
                 leaf.copy_to_host_async()
 
 
-def collect_sampled(step: DispatchedStep) -> list[list[SampledToken]]:
-    """Fetch a dispatched step's sampled tokens to the host and count it in its runner's stats."""
+def collect_sampled(step: DispatchedStep) -> list[ChunkResult]:
+    """Fetch a dispatched step's results to the host and count it in its runner's stats."""
     stats = step.stats
     outs, steps_run = jax.device_get(step.outputs)
+    prompt = [None] * step.num_chunks
+    if step.prompt is not None:
+        scores, spans = jax.device_get(step.prompt)
+        prompt = [None if span is None else PromptLogprobs(
+            span[1], *(np.asarray(a)[span[0]:span[0] + span[2]] for a in
+                       (scores.logprob_T, scores.rank_T, scores.top_ids_TX, scores.top_logprobs_TX)))
+            for span in spans]
     if steps_run is None:                    # one step: add the steps axis here (no device op)
         outs, steps_run = jax.tree.map(lambda a: np.asarray(a)[None], outs), 1
     stats.steps += 1
     stats.device_seconds += time.perf_counter() - step.dispatched_at
     stats.decode_tokens_per_dispatch_max = max(stats.decode_tokens_per_dispatch_max, int(steps_run))
-    return unpack_sampled(outs, int(steps_run), step.num_chunks, step.num_logprobs, step.limits)
+    tokens = unpack_sampled(outs, int(steps_run), step.num_chunks, step.num_logprobs, step.limits)
+    return [ChunkResult(t, p) for t, p in zip(tokens, prompt)]
+
 
 def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int,
                    limits: Optional[Sequence[int]] = None) -> list[list[SampledToken]]:
@@ -257,6 +306,7 @@ def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int,
     (chunk s: at most limits[s])."""
     tokens = np.asarray(outs.token_ids_S)
     logprobs = np.asarray(outs.logprob_S)
+    ranks = np.asarray(outs.rank_S)
     top_ids = np.asarray(outs.top_ids_SX) if num_logprobs else None
     top_lps = np.asarray(outs.top_logprobs_SX) if num_logprobs else None
     result = []
@@ -264,6 +314,6 @@ def unpack_sampled(outs, steps_run: int, num_chunks: int, num_logprobs: int,
         seq = []
         for j in range(steps_run if limits is None else min(steps_run, limits[s])):
             top = ([(int(i), float(p)) for i, p in zip(top_ids[j, s], top_lps[j, s])] if num_logprobs else [])
-            seq.append(SampledToken(int(tokens[j, s]), float(logprobs[j, s]), top))
+            seq.append(SampledToken(int(tokens[j, s]), float(logprobs[j, s]), int(ranks[j, s]), top))
         result.append(seq)
     return result

@@ -23,7 +23,8 @@ ragged batch.
    holds pages that could make room, in which case it can never grow and fails with
    FINISHED_ERROR.
 2. Then, unless this step preempted, waiting requests are admitted (prefix-cache hits
-   skip their cached blocks). Fairness rule: each model has a FCFS queue; models take
+   skip their cached blocks, except for requests asking prompt_logprobs, which compute
+   their whole prompt). Fairness rule: each model has a FCFS queue; models take
    turns, one admission per model per turn, until the budget, `max_num_seqs` or the pool
    stops it. The turn order rotates across steps: the model admitted first in a step goes
    to the back of the line, so a burst of one model cannot starve another model's
@@ -36,7 +37,8 @@ ragged batch.
 3. Multi-step decode: when every scheduled chunk is a single-token decode, every running
    request is scheduled and nothing waits, all chunks get num_steps =
    min(max_decode_steps, each request's tokens left before max_tokens / max_model_len),
-   with their pages allocated up front (num_steps 1 if the pool is short).
+   with their pages allocated up front (num_steps 1 if the pool is short, or if a request's
+   banned tokens change with each token it makes: `Request.needs_host_per_token`).
 
 4. Weights residency (only with `fit_together`, i.e. when a weights budget holds fewer than
    all models): a step's models must fit in the weights pools together, so the engine never
@@ -229,6 +231,13 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    def requests_by_model(self) -> dict[str, tuple[int, int]]:
+        """{model: (running, waiting)} sequences of every model with a queue."""
+        out = {model: [0, len(queue)] for model, queue in self._waiting.items()}
+        for request in self._running:
+            out.setdefault(request.model, [0, 0])[0] += 1
+        return {model: (running, waiting) for model, (running, waiting) in out.items()}
+
     # ----- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -393,7 +402,8 @@ class Scheduler:
                     done.add(model)
                     continue
                 computed, num_cached = ([], 0)
-                if self.config.enable_prefix_caching:
+                if self.config.enable_prefix_caching and request.sampling_params.prompt_logprobs is None:
+                    # (prompt logprobs need every prompt token computed, as vLLM does it)
                     computed, num_cached = self.kv.get_computed_blocks(request)
                 g = self.kv.geometry(request.model)
                 n = min(min(request.num_tokens, g.max_model_len) - num_cached, budget)
@@ -430,6 +440,8 @@ class Scheduler:
     def _multi_step(self, planned: list) -> int:
         """num_steps for an all-decode step (allocating its pages), or 1."""
         if not all(n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in planned):
+            return 1
+        if any(r.needs_host_per_token for r, _ in planned):
             return 1
         steps = self.config.max_decode_steps
         for request, _ in planned:

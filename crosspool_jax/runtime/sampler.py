@@ -1,6 +1,8 @@
 """The device-side sampler: next tokens and their log-probabilities from one step's logits.
 
 Owns `sample` and `update_counts`. Order of operations on the float32 logits of each row:
+0. the logits table (logit_bias, allowed_token_ids, bad_words; as vLLM, before penalties):
+   each listed id gets its bias (-inf bans it), and an allowed-only row masks every other id;
 1. penalties (when token history is passed): repetition on tokens seen in the prompt or the
    output (positive logits divided, negative multiplied, as HF and vLLM do), then frequency
    (times the output count) and presence (once per token seen in the output);
@@ -10,7 +12,8 @@ Owns `sample` and `update_counts`. Order of operations on the float32 logits of 
    top_p (after top-k), then the tokens whose probability is at least min_p times the
    largest, and draw by Gumbel-max with the row's key `fold_in(base_key, output_index)`.
 Log-probabilities reported are those of the raw model distribution (log_softmax of the
-unprocessed logits), as vLLM reports by default.
+unprocessed logits), as vLLM reports by default; the sampled token's rank is the number of
+tokens whose raw log-probability is at least its own (1 = the most likely), as vLLM counts.
 
 No conditional: on a GPU a `lax.cond` reads its predicate back to the host, which makes the
 host wait for the device in the middle of every step. What a step needs is chosen by the
@@ -33,7 +36,7 @@ _NEG_INF = float("-inf")
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["token_ids_S", "logprob_S", "top_ids_SX", "top_logprobs_SX"],
+    data_fields=["token_ids_S", "logprob_S", "rank_S", "top_ids_SX", "top_logprobs_SX"],
     meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SamplerOutput:
@@ -41,8 +44,57 @@ class SamplerOutput:
 
     token_ids_S: jax.Array      # i32 [S]; the sampled tokens
     logprob_S: jax.Array        # f32 [S]; their log-probability under the raw logits
+    rank_S: jax.Array           # i32 [S]; their rank under the raw logits (1 = most likely)
     top_ids_SX: jax.Array       # i32 [S, X]; the X most likely tokens, most likely first
     top_logprobs_SX: jax.Array  # f32 [S, X]; their raw log-probabilities
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["logprob_T", "rank_T", "top_ids_TX", "top_logprobs_TX"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TokenScores:
+    """Raw log-probabilities of given tokens (prompt logprobs); X = num_logprobs."""
+
+    logprob_T: jax.Array        # f32 [T]; the target token's log-probability
+    rank_T: jax.Array           # i32 [T]; its rank (as `token_ranks`)
+    top_ids_TX: jax.Array       # i32 [T, X]; the X most likely tokens, most likely first
+    top_logprobs_TX: jax.Array  # f32 [T, X]
+
+
+def score_tokens(logits_TV: jax.Array, target_ids_T: jax.Array, *, num_logprobs: int) -> TokenScores:
+    """The raw log-probability and rank of target_ids_T (negative ids score token 0: the
+    caller drops them) and the num_logprobs most likely tokens of each row."""
+    T, V = logits_TV.shape
+    logprobs_TV = jax.nn.log_softmax(logits_TV.astype(jnp.float32), axis=-1)
+    logprob_T, rank_T = token_ranks(logprobs_TV, jnp.clip(target_ids_T, 0, V - 1))
+    X = min(num_logprobs, V)
+    if X > 0:
+        top_logprobs_TX, top_ids_TX = jax.lax.top_k(logprobs_TV, X)
+    else:
+        top_logprobs_TX, top_ids_TX = jnp.zeros((T, 0), jnp.float32), jnp.zeros((T, 0), jnp.int32)
+    return TokenScores(logprob_T, rank_T, top_ids_TX.astype(jnp.int32), top_logprobs_TX)
+
+
+def apply_logits_table(logits_SV: jax.Array, meta: SamplingMetadata) -> jax.Array:
+    """Each row's table applied to its logits: bias_SW added at bias_ids_SW (-inf bans), and on
+    allowed_only_S rows every id outside the table set to -inf. Rows without a table (ids all
+    -1) are unchanged. One gather and one scatter of S*W entries (no dense [S, V] table)."""
+    S, V = logits_SV.shape
+    ids_SW = meta.bias_ids_SW
+    listed_SW = (ids_SW >= 0) & (ids_SW < V)
+    rows_SW = jnp.broadcast_to(jnp.arange(S)[:, None], ids_SW.shape)
+    biased_SW = logits_SV[rows_SW, jnp.clip(ids_SW, 0, V - 1)] + meta.bias_SW
+    base_SV = jnp.where(meta.allowed_only_S[:, None], _NEG_INF, logits_SV)
+    return base_SV.at[rows_SW, jnp.where(listed_SW, ids_SW, V)].set(biased_SW, mode="drop")
+
+
+def token_ranks(logprobs_SV: jax.Array, token_ids_S: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log-probability, rank) of token_ids_S in each row: rank = how many tokens have a
+    log-probability at least the token's (vLLM's count; 1 = the most likely)."""
+    logprob_S = jnp.take_along_axis(logprobs_SV, token_ids_S[:, None], axis=-1)[:, 0]
+    rank_S = jnp.sum(logprobs_SV >= logprob_S[:, None], axis=-1, dtype=jnp.int32)
+    return logprob_S, rank_S
 
 
 def apply_penalties(logits_SV: jax.Array, meta: SamplingMetadata,
@@ -148,7 +200,8 @@ def sample(logits_SV: jax.Array, meta: SamplingMetadata,
     raw_SV = logits_SV.astype(jnp.float32)
     raw_logprobs_SV = jax.nn.log_softmax(raw_SV, axis=-1)
 
-    logits_SV = apply_penalties(raw_SV, meta, output_counts_SV, prompt_mask_SV)
+    logits_SV = apply_logits_table(raw_SV, meta)
+    logits_SV = apply_penalties(logits_SV, meta, output_counts_SV, prompt_mask_SV)
     logits_SV = apply_suppression(logits_SV, meta)
     greedy_S = jnp.argmax(logits_SV, axis=-1).astype(jnp.int32)
     is_greedy_S = meta.temperature <= 0
@@ -157,14 +210,14 @@ def sample(logits_SV: jax.Array, meta: SamplingMetadata,
     else:
         token_ids_S = jnp.where(is_greedy_S, greedy_S, _draw(logits_SV, meta))
 
-    logprob_S = jnp.take_along_axis(raw_logprobs_SV, token_ids_S[:, None], axis=-1)[:, 0]
+    logprob_S, rank_S = token_ranks(raw_logprobs_SV, token_ids_S)
     if num_logprobs > 0:
         top_logprobs_SX, top_ids_SX = jax.lax.top_k(raw_logprobs_SV, min(num_logprobs, V))
         top_ids_SX = top_ids_SX.astype(jnp.int32)
     else:
         top_logprobs_SX = jnp.zeros((S, 0), jnp.float32)
         top_ids_SX = jnp.zeros((S, 0), jnp.int32)
-    return SamplerOutput(token_ids_S=token_ids_S, logprob_S=logprob_S,
+    return SamplerOutput(token_ids_S=token_ids_S, logprob_S=logprob_S, rank_S=rank_S,
                          top_ids_SX=top_ids_SX, top_logprobs_SX=top_logprobs_SX)
 
 

@@ -5,6 +5,13 @@ Owns `SamplingRow` (one running sequence's sampling state, plain Python), `Sampl
 need (`build_token_history`). The metadata is built in numpy and handed to the jitted step
 as it is (its dispatch moves it); rows past the live ones are padding and sample greedily.
 
+Logits processors are data of a fixed width: each row's `logits_table` (logit_bias entries,
+allowed ids, the last token of each bad word whose other tokens were just generated, -inf
+for a banned id) becomes `BIASED_IDS` (token id, bias) columns and an allowed-only flag,
+which `sampler.apply_logits_table` scatters onto the logits. Bad words of several tokens
+depend on the tokens generated so far: the host rebuilds them each step, so the scheduler
+decodes their requests one token per dispatch (`Request.needs_host_per_token`).
+
 Reproducibility: a row's key for its k-th generated token is
 `fold_in(key(base_seed), k)`, so a seeded request samples the same tokens whatever batch,
 step or preemption it goes through. `key(seed)` is threefry key data [seed >> 32, seed & 0xFFFFFFFF]
@@ -21,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.runtime.shapes import STOP_IDS
+from crosspool_jax.runtime.shapes import BIASED_IDS, STOP_IDS
 from crosspool_jax.sampling_params import SamplingParams
 
 _MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (dividing by it would overflow)
@@ -31,7 +38,8 @@ _MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (dividing by it wou
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "top_k", "top_p", "min_p", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "rng_key_S2", "output_index",
-                 "suppress_S", "suppress_ids_SZ", "min_tokens"],
+                 "suppress_S", "suppress_ids_SZ", "min_tokens", "bias_ids_SW", "bias_SW",
+                 "allowed_only_S"],
     meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SamplingMetadata:
@@ -49,6 +57,9 @@ class SamplingMetadata:
     suppress_S: jax.Array          # bool [S]; min_tokens not reached: mask suppress_ids_SZ
     suppress_ids_SZ: jax.Array     # i32 [S, Z]; EOS and stop token ids, padded with -1 (Z = shapes.STOP_IDS)
     min_tokens: jax.Array          # i32 [S]; params.min_tokens (sampler.advance_metadata uses it)
+    bias_ids_SW: jax.Array         # i32 [S, W]; token ids of the row's logits table, -1 padded (W = BIASED_IDS)
+    bias_SW: jax.Array             # f32 [S, W]; each id's additive bias (-inf: banned)
+    allowed_only_S: jax.Array      # bool [S]; every id outside the row's table is masked
 
     @property
     def num_rows(self) -> int:
@@ -61,6 +72,7 @@ class SamplingRow:
 
     base_seed: the request's seed (params.seed, or one the engine drew for it; each of the
     n completions needs its own). output_index: tokens generated so far.
+    bad_words_ids: the token ids of params.bad_words (the engine tokenizes them).
     """
 
     params: SamplingParams
@@ -69,6 +81,7 @@ class SamplingRow:
     eos_token_ids: Sequence[int] = ()
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    bad_words_ids: Sequence[Sequence[int]] = ()
 
     def __post_init__(self):
         if not isinstance(self.params, SamplingParams):
@@ -87,6 +100,43 @@ class SamplingRow:
         ids = [] if self.params.ignore_eos else [int(t) for t in self.eos_token_ids]
         ids += [t for t in self.params.stop_token_ids if t not in ids]
         return ids
+
+    def logits_table(self) -> tuple[dict[int, float], bool]:
+        """This step's logits table: `logits_table` of the row's params and tokens."""
+        return logits_table(self.params, self.bad_words_ids, self.output_token_ids)
+
+
+def logits_table(params: SamplingParams, bad_words_ids: Sequence[Sequence[int]],
+                 output_ids: Sequence[int]) -> tuple[dict[int, float], bool]:
+    """({token id: additive bias}, allowed only) of one row at the step after `output_ids`.
+
+    Allowed ids get bias 0 (plus their logit_bias), and with allowed_token_ids set the ids
+    outside it are dropped from the table (the mask removes them anyway). A bad word bans
+    (-inf) its last token when the tokens before it end `output_ids` (as vLLM: a word of
+    one token always; the prompt does not count).
+    """
+    allowed_only = params.allowed_token_ids is not None
+    table: dict[int, float] = {int(t): 0.0 for t in params.allowed_token_ids or ()}
+    for t, b in (params.logit_bias or {}).items():
+        if not allowed_only or int(t) in table:
+            table[int(t)] = float(b)
+    n_out = len(output_ids)
+    for ids in bad_words_ids:
+        prefix = len(ids) - 1
+        if prefix > n_out or (prefix and list(output_ids[n_out - prefix:]) != list(ids[:-1])):
+            continue
+        if not allowed_only or ids[-1] in table:
+            table[int(ids[-1])] = float("-inf")
+    return table, allowed_only
+
+
+def logits_table_capacity(params: SamplingParams, bad_words_ids: Sequence[Sequence[int]]) -> int:
+    """The most entries `logits_table` can hold for these params at any step."""
+    always, allowed_only = logits_table(params, [w for w in bad_words_ids if len(w) == 1], [])
+    later = {w[-1] for w in bad_words_ids if len(w) > 1} - set(always)
+    if allowed_only:
+        later &= {int(t) for t in params.allowed_token_ids}
+    return len(always) + len(later)
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -128,6 +178,10 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], pad_rows_to: int) -> Sa
     suppress = np.zeros(S, bool)
     suppress_ids = np.full((S, Z), -1, np.int32)
     min_tokens = np.zeros(S, np.int32)
+    W = BIASED_IDS
+    bias_ids = np.full((S, W), -1, np.int32)
+    bias = np.zeros((S, W), np.float32)
+    allowed_only = np.zeros(S, bool)
     for s, (row, ids) in enumerate(zip(rows, suppress_lists)):
         p = row.params
         temperature[s] = p.temperature if p.temperature >= _MIN_TEMPERATURE else 0.0
@@ -142,11 +196,19 @@ def build_sampling_metadata(rows: Sequence[SamplingRow], pad_rows_to: int) -> Sa
         min_tokens[s] = p.min_tokens
         suppress[s] = row.output_index < p.min_tokens and bool(ids)
         suppress_ids[s, :len(ids)] = ids
+        if p.has_logits_processors:
+            table, allowed_only[s] = row.logits_table()
+            if len(table) > W:
+                raise ValueError(f"a request's logit_bias, allowed_token_ids and bad_words make {len(table)} "
+                                 f"entries; at most {W} are supported")
+            bias_ids[s, :len(table)] = list(table)
+            bias[s, :len(table)] = list(table.values())
     meta = SamplingMetadata(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         presence_penalty=presence, frequency_penalty=frequency,
         repetition_penalty=repetition, rng_key_S2=keys, output_index=output_index,
-        suppress_S=suppress, suppress_ids_SZ=suppress_ids, min_tokens=min_tokens)
+        suppress_S=suppress, suppress_ids_SZ=suppress_ids, min_tokens=min_tokens, bias_ids_SW=bias_ids,
+        bias_SW=bias, allowed_only_S=allowed_only)
     return meta
 
 

@@ -17,13 +17,17 @@ step is padded to the smallest entry that fits, and the warm-up compiles every e
   length, max_model_len rounded up to a power of two, built by a small program of its own
   (a step with penalties sends its rows' ids padded to it).
 
-Two sampling flags are static (a program each): `num_logprobs`, 0 or the engine's
-`max_logprobs` (every row that asks gets its top-k out of that one computation), and
+Sampling variants (static flags of a program): `num_logprobs`, 0 or the engine's
+`max_logprobs` (every row that asks gets its top-k out of that one computation);
 `all_greedy` (argmax only; the other programs draw and filter for every row, branch-free),
 whose True variant a menu has on accelerators only (`greedy_variants`: on a CPU every
-program costs memory mappings and the draw is cheap, so greedy steps run the general one). Stop and
-suppressed token ids per row are a fixed `STOP_IDS` columns. Coarse buckets keep the menu
-small (a 512-token budget, 64 sequences and 4k contexts: 21 shapes, 42 programs a model).
+program costs memory mappings and the draw is cheap, so greedy steps run the general one);
+and the ragged programs' prompt-logprobs variant (`prompt_logprobs`: the step also scores
+every token's next prompt token, with max_logprobs top tokens; general sampling). Stop and
+suppressed token ids per row are a fixed `STOP_IDS` columns, and the logits processors
+(logit_bias, allowed_token_ids, bad_words) a fixed `BIASED_IDS` columns of (token id, bias)
+per row: data, never a program variant. Coarse buckets keep the menu small (a 512-token
+budget, 64 sequences and 4k contexts on an accelerator: 21 shapes, 96 programs a model).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ MIN_SEQS = 8             # sequence rows of the smallest program
 MIN_PAGES = 4            # page-table blocks of the smallest program
 MIN_HISTORY = 16         # token-history length of the smallest penalties program
 STOP_IDS = 32            # stop / suppressed token ids per row (EOS included), a fixed width
+BIASED_IDS = 128         # (token id, bias) entries per row: logit_bias, allowed and banned ids
 
 
 def _from_top(start: int, stop: int, ratio: int, levels: int) -> tuple[int, ...]:
@@ -91,6 +96,7 @@ class ShapeMenu:
     history_buckets: tuple[int, ...]       # token-history lengths
     logprob_variants: tuple[int, ...] = (0, 20)   # num_logprobs of the programs: 0 and max_logprobs
     greedy_variants: tuple[bool, ...] = (False, True)   # all_greedy of the programs
+    prompt_logprobs: bool = True                  # ragged programs have the prompt-logprobs variant
 
     @classmethod
     def build(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,

@@ -93,3 +93,28 @@ def build_step_inputs(chunks: Sequence, *, num_layers: int, tokens_per_page: int
     inputs = StepInputs(token_ids, positions, slots, page_indices, kv_lens, cu_q_lens,
                         np.array([len(chunks)], np.int32), logits_indices)
     return inputs, shape
+
+
+def build_prompt_targets(chunks: Sequence, num_tokens: int) -> tuple[np.ndarray | None, list]:
+    """(targets int32 [num_tokens] or None, spans) for the prompt-logprobs program.
+
+    A chunk of a request with prompt_logprobs scores, for each of its tokens at position p,
+    the prompt token at p + 1 (-1 where p + 1 is past the prompt: the step samples that one).
+    spans[i]: (first row in the step, prompt position of the first scored token, tokens
+    scored) of chunk i, or None. targets is None when no chunk asks (the plain program).
+    """
+    targets = np.full(num_tokens, -1, np.int32)
+    spans: list = []
+    offset, asked = 0, False
+    for c in chunks:
+        request = c.request
+        prompt = request.prompt_token_ids
+        n_scored = min(c.start + c.num_tokens, len(prompt) - 1) - c.start
+        if request.sampling_params.prompt_logprobs is not None and n_scored > 0:
+            targets[offset:offset + n_scored] = prompt[c.start + 1:c.start + 1 + n_scored]
+            spans.append((offset, c.start + 1, n_scored))
+            asked = True
+        else:
+            spans.append(None)
+        offset += c.num_tokens
+    return (targets if asked else None), spans

@@ -4,7 +4,9 @@ Two pure functions, each compiled once per (model, bucketed shape, flags):
 
 - `ragged_step`: one ragged batch of prefill chunks and decode tokens; runs every layer
   (scan over stacked layer params inside `models.forward`), writes the new K/V into the
-  global pool, and samples one token for every sequence.
+  global pool, and samples one token for every sequence. Its prompt-logprobs variant (given
+  `prompt_targets_T`) also scores every token's next prompt token (`sampler.score_tokens`
+  over the logits of ALL the step's tokens, `PROMPT_BLOCK` tokens at a time).
 - `multi_decode`: num_steps decode tokens per dispatch. A `lax.fori_loop` with a fixed trip
   count (a data-dependent loop would read its predicate back to the host every iteration on
   a GPU) feeds each sampled token back and computes its slots from the page tables; a row
@@ -26,6 +28,8 @@ from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime.packed_inputs import unpacked
 from crosspool_jax.kv.pool import page_view, token_slots, write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+PROMPT_BLOCK = 128        # tokens whose logits [B, V] the prompt-logprobs variant holds at once
 
 
 def _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, backend):
@@ -52,25 +56,47 @@ def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, po
                                                    attention_fn, (k_pages, v_pages), moe_backend=moe_backend,
                                                    token_mask_T=token_mask_T)
     logits_SV = models.compute_logits(kv_params, config, hidden_TD[logits_indices_S])
-    return k_pages.reshape(k_buf.shape), v_pages.reshape(v_buf.shape), logits_SV
+    return k_pages.reshape(k_buf.shape), v_pages.reshape(v_buf.shape), logits_SV, hidden_TD
+
+
+def _prompt_scores(kv_params, config, hidden_TD, targets_T, num_logprobs: int) -> sampler_lib.TokenScores:
+    """`score_tokens` of every token's hidden state against targets_T, PROMPT_BLOCK rows of
+    logits at a time (a `lax.map`: the [T, V] logits are never whole)."""
+    T, D = hidden_TD.shape
+    B = min(T, PROMPT_BLOCK)
+    pad = -T % B
+    hidden_TD = jnp.pad(hidden_TD, ((0, pad), (0, 0)))
+    targets_T = jnp.pad(targets_T, (0, pad), constant_values=-1)
+
+    def block(args):
+        h_BD, t_B = args
+        return sampler_lib.score_tokens(models.compute_logits(kv_params, config, h_BD), t_B,
+                                        num_logprobs=num_logprobs)
+
+    scores = jax.lax.map(block, (hidden_TD.reshape(-1, B, D), targets_T.reshape(-1, B)))
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:T], scores)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_logprobs", "all_greedy", "attention_backend",
                                              "moe_backend"),
                    donate_argnames=("k_buf", "v_buf"))
-def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV, *,
-                config, num_logprobs, attention_backend, moe_backend, all_greedy=False):
-    """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row). `inputs`: a
-    StepInputs or it packed (`PackedInt32`: one host-to-device transfer). num_logprobs,
-    all_greedy: the sampling variant (`sampler.sample`)."""
+def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV,
+                prompt_targets_T=None, *, config, num_logprobs, attention_backend, moe_backend, all_greedy=False):
+    """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row, TokenScores or
+    None). `inputs`: a StepInputs or it packed (`PackedInt32`: one host-to-device transfer).
+    num_logprobs, all_greedy: the sampling variant (`sampler.sample`). prompt_targets_T (int32
+    [T], -1 where none; None: the plain program): the token each token of the step predicts,
+    scored with the top num_logprobs tokens."""
     inputs = unpacked(inputs)
-    k_buf, v_buf, logits_SV = _forward_logits(
+    k_buf, v_buf, logits_SV, hidden_TD = _forward_logits(
         kv_params, ffn_params, config, k_buf, v_buf, inputs.token_ids_T, inputs.positions_T, inputs.slots_LT,
         inputs.page_indices_LSP, inputs.kv_lens_S, inputs.cu_q_lens_S1, inputs.num_seqs_1,
         inputs.logits_indices_S, attention_backend, moe_backend)
     out = sampler_lib.sample(logits_SV, sampling, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs,
                              all_greedy=all_greedy)
-    return k_buf, v_buf, out
+    scores = (None if prompt_targets_T is None else
+              _prompt_scores(kv_params, config, hidden_TD, prompt_targets_T, num_logprobs))
+    return k_buf, v_buf, out, scores
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "num_logprobs", "all_greedy",
@@ -101,7 +127,7 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
         tokens_S, kv_lens, done_S, k_buf, v_buf, counts, out_buf = state
         pos_S = kv_lens - 1
         slots_LS = token_slots(page_indices_LSP, rows, pos_S, live_S & ~done_S, tokens_per_page=G, num_pages=P)
-        k_buf, v_buf, logits_SV = _forward_logits(
+        k_buf, v_buf, logits_SV, _ = _forward_logits(
             kv_params, ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, page_indices_LSP, kv_lens,
             cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend, token_mask_T=live_S & ~done_S)
         meta = sampler_lib.advance_metadata(sampling, j)

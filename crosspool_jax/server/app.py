@@ -218,7 +218,8 @@ class _Routes:
         except ApiError as e:
             return self._error(e, model)
         gen = Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model),
-                         req.return_token_ids, echo=echo, continuous_usage=req.continuous_usage)
+                         req.return_token_ids, echo=echo, continuous_usage=req.continuous_usage,
+                         prompt_logprobs=req.prompt_logprobs)
         if req.stream:
             return self._stream(gen, gen.completion_chunks(req.include_usage, req.logprobs))
         return await self._collect(request, gen, lambda: gen.completion_body(req.logprobs))
@@ -243,7 +244,8 @@ class _Routes:
             return self._error(e, model)
         top = req.top_logprobs if req.logprobs else None
         gen = Generation(base, model, subs, sink, early, self.engine.get_tokenizer(model),
-                         req.return_token_ids, continuous_usage=req.continuous_usage)
+                         req.return_token_ids, continuous_usage=req.continuous_usage,
+                         prompt_logprobs=req.prompt_logprobs)
         if req.stream:
             return self._stream(gen, gen.chat_chunks(req.include_usage, top))
         return await self._collect(request, gen, lambda: gen.chat_body(top))

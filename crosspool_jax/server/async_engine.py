@@ -81,6 +81,7 @@ class StreamEvent:
 
     kind "accepted": the engine took the request; "delta": progress (choices); "error": the
     request failed alone (`error` says why, `status` is the HTTP status it maps to).
+    prompt_logprobs: the request's `RequestOutput.prompt_logprobs`, on its first delta only.
     """
 
     request_id: str
@@ -90,6 +91,7 @@ class StreamEvent:
     finished: bool = False
     error: Optional[str] = None
     status: int = 200
+    prompt_logprobs: Optional[list] = None
 
 
 @dataclasses.dataclass
@@ -106,6 +108,7 @@ class _Live:
     t_first_token: Optional[float] = None
     t_last_token: Optional[float] = None
     latency_tokens: int = 0  # tokens of the first completion already timed
+    prompt_logprobs_sent: bool = False
 
     @property
     def weight(self) -> int:
@@ -144,11 +147,10 @@ class AsyncEngine:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self._stats = None
-        self._requests_by_model: dict[str, tuple[int, int]] = {}   # model -> (running, waiting)
         self._stats_time = 0.0
         self._dead_reason: Optional[str] = None
         if metrics is not None:
-            metrics.set_stats_source(lambda: (self._stats, self._in_flight, self._requests_by_model))
+            metrics.set_stats_source(lambda: (self._stats, self._in_flight))
 
     # ----------------------------------------------------------------- any thread
     def max_model_len(self, model: str) -> int:
@@ -330,15 +332,23 @@ class AsyncEngine:
         self._observe_latency(live, out, now)
         event = StreamEvent(rid, "delta", num_prompt_tokens=len(out.prompt_token_ids),
                             choices=choices, finished=bool(out.finished))
+        if out.prompt_logprobs is not None and not live.prompt_logprobs_sent:
+            event.prompt_logprobs, live.prompt_logprobs_sent = out.prompt_logprobs, True
         if out.finished:
             del self._live[rid]
             self._release(live)
             if self.metrics is not None:
+                times = out.metrics or {}
+                arrived, scheduled, first = (times.get(k) for k in ("arrival_time", "first_scheduled_time",
+                                                                     "first_token_time"))
+                first = first if first is not None else live.t_first_token
                 self.metrics.observe_finished(
                     live.sub.model, prompt_tokens=len(out.prompt_token_ids),
-                    generation_tokens=sum(live.token_len.values()),
+                    generation_tokens=[len(c.token_ids) for c in out.outputs],
                     finish_reasons=[c.finish_reason for c in out.outputs], e2e_s=now - live.t_arrival,
-                    decode_s=None if live.t_first_token is None else now - live.t_first_token)
+                    decode_s=None if first is None else now - first,
+                    queue_s=None if arrived is None or scheduled is None else scheduled - arrived,
+                    prefill_s=None if scheduled is None or first is None else first - scheduled)
         self._send(live, event)
 
     def _observe_latency(self, live: _Live, out, now: float) -> None:
@@ -390,8 +400,4 @@ class AsyncEngine:
             self._stats = self._engine.stats()
         except Exception:  # noqa: BLE001 - stats are best effort
             log.exception("engine.stats() failed")
-        counts: dict[str, list[int]] = {m: [0, 0] for m in self.model_names}
-        for live in self._live.values():
-            counts[live.sub.model][live.t_first_token is None] += 1
-        self._requests_by_model = {m: (c[0], c[1]) for m, c in counts.items()}
         self._stats_time = now

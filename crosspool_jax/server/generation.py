@@ -59,9 +59,11 @@ class Generation:
 
     def __init__(self, base_id: str, model: str, subs: list[SubRequest], sink: asyncio.Queue,
                  early: list[StreamEvent], tokenizer, return_token_ids: bool = False,
-                 echo: Optional[list[str]] = None, continuous_usage: bool = False):
+                 echo: Optional[list[str]] = None, continuous_usage: bool = False,
+                 prompt_logprobs: Optional[int] = None):
         """echo: per sub-request, prompt text that each of its choices starts with (completions'
-        `echo`); continuous_usage: every stream chunk carries the usage so far."""
+        `echo`); continuous_usage: every stream chunk carries the usage so far; prompt_logprobs:
+        the k of the request's `prompt_logprobs` (each body then carries them)."""
         self.id = base_id
         self.model = model
         self.subs = subs
@@ -79,6 +81,8 @@ class Generation:
         self.status = 200
         self.echo = echo
         self.continuous_usage = continuous_usage
+        self.prompt_logprobs_k = prompt_logprobs
+        self.prompt_logprobs: dict[str, list] = {}       # sub-request id -> RequestOutput.prompt_logprobs
 
     def _echo(self, idx: int) -> str:
         return self.echo[idx // self.n] if self.echo is not None else ""
@@ -106,6 +110,8 @@ class Generation:
                 self.status = event.status
                 raise ApiError(event.status, event.error or "request failed")
             self.prompt_tokens[event.request_id] = event.num_prompt_tokens
+            if event.prompt_logprobs is not None:
+                self.prompt_logprobs[event.request_id] = event.prompt_logprobs
             if event.finished:
                 self.unfinished.discard(event.request_id)
             yield event
@@ -137,15 +143,31 @@ class Generation:
                 self.states[self._choice_index(event, c.index)].add(c)
 
     # ---------------------------------------------------------------- whole bodies
+    def _prompt_of(self, idx: int) -> tuple[list[int], list]:
+        """(prompt token ids, prompt logprobs from the engine) of choice idx's sub-request."""
+        sub = self.subs[idx // self.n]
+        return list(sub.prompt), self.prompt_logprobs.get(sub.request_id) or [None] * len(sub.prompt)
+
+    def _prompt_logprobs_body(self, idx: int) -> Optional[list]:
+        if self.prompt_logprobs_k is None:
+            return None
+        return responses.prompt_logprobs(*self._prompt_of(idx), self.prompt_logprobs_k)
+
     def completion_body(self, logprobs_k: Optional[int]) -> dict:
+        """The whole completion; with echo and logprobs, each choice's logprobs start with the
+        prompt's."""
         choices = []
         for idx in sorted(self.states):
             s = self.states[idx]
-            lps = (responses.completion_logprobs(self.tokenizer, s.token_ids, s.logprobs,
-                                                 logprobs_k, 0)
-                   if logprobs_k is not None else None)
-            choices.append(responses.completion_choice(idx, self._echo(idx) + s.text, lps, s.finish_reason,
-                                                       s.stop_reason, self._ids(s.token_ids)))
+            echo = self._echo(idx)
+            lps = None
+            if logprobs_k is not None:
+                lps = responses.completion_logprobs(self.tokenizer, s.token_ids, s.logprobs, logprobs_k, len(echo))
+                if self.echo is not None:
+                    lps = responses.join_logprobs(
+                        responses.echo_logprobs(self.tokenizer, *self._prompt_of(idx), logprobs_k), lps)
+            choices.append(responses.completion_choice(idx, echo + s.text, lps, s.finish_reason, s.stop_reason,
+                                                       self._ids(s.token_ids), self._prompt_logprobs_body(idx)))
         return responses.completion_body(self.id, self.created, self.model, choices,
                                          self.usage(), chunk=False)
 
@@ -157,7 +179,8 @@ class Generation:
                    if top_logprobs is not None else None)
             choices.append(responses.chat_choice(idx, s.text, lps, s.finish_reason,
                                                  self._ids(s.token_ids)))
-        return responses.chat_body(self.id, self.created, self.model, choices, self.usage())
+        return responses.chat_body(self.id, self.created, self.model, choices, self.usage(),
+                                   self._prompt_logprobs_body(0))
 
     # ---------------------------------------------------------------- streams
     def completion_chunks(self, include_usage: bool, logprobs_k: Optional[int]) -> AsyncIterator[bytes]:

@@ -2,12 +2,19 @@
 
 Request metrics carry vLLM's names and its `model_name` label, so vLLM's Grafana dashboard
 reads them: `vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
-`vllm:time_per_output_token_seconds`, `vllm:e2e_request_latency_seconds` (histograms),
+`vllm:time_per_output_token_seconds`, `vllm:e2e_request_latency_seconds`, and the phases of
+a finished request as vLLM splits them (`vllm:request_queue_time_seconds`: arrival in the
+engine to first scheduled; `vllm:request_prefill_time_seconds`: first scheduled to first
+token; `vllm:request_decode_time_seconds`: first to last token;
+`vllm:request_inference_time_seconds`: first scheduled to last token) (histograms); the
+length histograms `vllm:request_prompt_tokens`, `vllm:request_generation_tokens` (per
+completion) and `vllm:request_max_num_generation_tokens` (the longest of a request's n);
 `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total`
 (by `finished_reason`), `vllm:num_preemptions_total`, and the gauges
-`vllm:num_requests_running` / `vllm:num_requests_waiting` (as the server sees them: waiting
-until a request's first token) and `vllm:kv_cache_usage_perc` (the model's share of the
-one KV pool, in [0, 1]; `vllm:gpu_cache_usage_perc` is the older name of the same gauge).
+`vllm:num_requests_running` / `vllm:num_requests_waiting` (the scheduler's sequences of the
+model, from `EngineStats.requests_by_model`) and `vllm:kv_cache_usage_perc` (the model's
+share of the one KV pool, in [0, 1]; `vllm:gpu_cache_usage_perc` is the older name of the
+same gauge).
 
 The engine's own extras keep the `crosspool_` prefix: HTTP requests by model and status
 (`crosspool_requests_total`), requests in flight, KV pages used by model and in the pool,
@@ -30,12 +37,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+_PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                  300.0, 600.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 VLLM = "vllm:"
 
-# What a stats source returns: the latest engine stats snapshot (None before the first one),
-# the number of sequences the server has accepted and not yet finished, and
-# {model: (running, waiting)} requests as the server sees them.
-StatsSource = Callable[[], tuple[Optional[object], int, dict]]
+# What a stats source returns: the latest engine stats snapshot (None before the first one)
+# and the number of sequences the server has accepted and not yet finished.
+StatsSource = Callable[[], tuple[Optional[object], int]]
 
 
 class ServerMetrics:
@@ -65,6 +74,20 @@ class ServerMetrics:
                                           ["model_name"], registry=r)
         self._success = Counter(f"{VLLM}request_success", "Finished completions by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
+        self._phases = {phase: Histogram(f"{VLLM}request_{phase}_time_seconds", doc, ["model_name"],
+                                         buckets=_PHASE_BUCKETS, registry=r)
+                        for phase, doc in (
+                            ("queue", "Time from a request's arrival in the engine to its first scheduling."),
+                            ("prefill", "Time from a request's first scheduling to its first token."),
+                            ("decode", "Time from a request's first token to its last."),
+                            ("inference", "Time from a request's first scheduling to its last token."))}
+        self._lengths = {name: Histogram(f"{VLLM}request_{name}", doc, ["model_name"], buckets=_TOKEN_BUCKETS,
+                                         registry=r)
+                         for name, doc in (
+                             ("prompt_tokens", "Prompt tokens of each finished request."),
+                             ("generation_tokens", "Generated tokens of each finished completion."),
+                             ("max_num_generation_tokens", "Generated tokens of the longest completion of "
+                                                           "each finished request."))}
         self._engine_collector = _EngineStatsCollector(namespace)
         r.register(self._engine_collector)
 
@@ -85,17 +108,29 @@ class ServerMetrics:
         for _ in range(num_tokens):
             child.observe(per_token)
 
-    def observe_finished(self, model: str, *, prompt_tokens: int, generation_tokens: int,
-                         finish_reasons: list[str], e2e_s: float, decode_s: Optional[float]) -> None:
-        """A request finished: its tokens, finish reasons, end-to-end latency, and the time
-        from its first to its last token (None when it made fewer than two tokens)."""
+    def observe_finished(self, model: str, *, prompt_tokens: int, generation_tokens: list[int],
+                         finish_reasons: list[str], e2e_s: float, decode_s: Optional[float],
+                         queue_s: Optional[float] = None, prefill_s: Optional[float] = None) -> None:
+        """A request finished: its prompt tokens, each completion's generated tokens and finish
+        reason, end-to-end latency, its queue time and prefill time (None when it never got
+        there), and the time from its first to its last token (None without a token)."""
+        total = sum(generation_tokens)
         self._prompt_tokens.labels(model_name=model).inc(prompt_tokens)
-        self._generation_tokens.labels(model_name=model).inc(generation_tokens)
+        self._generation_tokens.labels(model_name=model).inc(total)
+        self._lengths["prompt_tokens"].labels(model_name=model).observe(prompt_tokens)
+        for n in generation_tokens:
+            self._lengths["generation_tokens"].labels(model_name=model).observe(n)
+        self._lengths["max_num_generation_tokens"].labels(model_name=model).observe(max(generation_tokens, default=0))
         for reason in finish_reasons:
             self._success.labels(model_name=model, finished_reason=reason or "unknown").inc()
         self._e2e.labels(model_name=model).observe(e2e_s)
-        if decode_s is not None and generation_tokens > 1:
-            self._tpot.labels(model_name=model).observe(decode_s / (generation_tokens - 1))
+        phases = {"queue": queue_s, "prefill": prefill_s, "decode": decode_s,
+                  "inference": None if prefill_s is None or decode_s is None else prefill_s + decode_s}
+        for phase, seconds in phases.items():
+            if seconds is not None:
+                self._phases[phase].labels(model_name=model).observe(max(seconds, 0.0))
+        if decode_s is not None and total > 1:
+            self._tpot.labels(model_name=model).observe(decode_s / (total - 1))
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
@@ -114,22 +149,22 @@ class _EngineStatsCollector:
 
     def collect(self):
         ns = self.namespace
-        stats, in_flight, requests = self.source() if self.source is not None else (None, 0, {})
+        stats, in_flight = self.source() if self.source is not None else (None, 0)
         in_flight_g = GaugeMetricFamily(
             f"{ns}_requests_in_flight", "Sequences accepted by the server and not yet finished.")
         in_flight_g.add_metric([], in_flight)
         yield in_flight_g
-        running = GaugeMetricFamily(f"{VLLM}num_requests_running", "Requests that have produced a token "
-                                    "and are not finished.", labels=["model_name"])
-        waiting = GaugeMetricFamily(f"{VLLM}num_requests_waiting", "Requests accepted and still waiting for "
-                                    "their first token.", labels=["model_name"])
-        for model, (n_running, n_waiting) in sorted(requests.items()):
+        if stats is None:
+            return
+        running = GaugeMetricFamily(f"{VLLM}num_requests_running", "Sequences the scheduler is running "
+                                    "(prefilling or decoding).", labels=["model_name"])
+        waiting = GaugeMetricFamily(f"{VLLM}num_requests_waiting", "Sequences waiting in the scheduler's "
+                                    "queue (new or preempted).", labels=["model_name"])
+        for model, (n_running, n_waiting) in sorted((getattr(stats, "requests_by_model", None) or {}).items()):
             running.add_metric([model], n_running)
             waiting.add_metric([model], n_waiting)
         yield running
         yield waiting
-        if stats is None:
-            return
         pages_total = getattr(stats, "kv_pages_total", 0)
         pages_total_g = GaugeMetricFamily(f"{ns}_kv_pages_total", "Pages of the global KV pool.")
         pages_total_g.add_metric([], pages_total)

@@ -4,9 +4,11 @@
 
 Validation is strict, like OpenAI's and vLLM's: a field of the wrong type (no "10" for an
 integer, no 1 for a boolean) or a field that is not part of the request is a 400 naming the
-field; OpenAI and vLLM fields that this engine cannot honour (`suffix`, `logit_bias`,
-`response_format` other than text, tools, `prompt_logprobs`, `echo` with logprobs or in chat, ...) are a 400 naming the field
-as soon as they are set to anything but their neutral value. Sampling values are checked by
+field; OpenAI and vLLM fields that this engine cannot honour (`suffix`, `response_format`
+other than text, tools, `echo` in chat, `prompt_logprobs` or `echo` with logprobs in a stream,
+...) are a 400 naming the field as soon as they are set to anything but their neutral value.
+`logit_bias` takes OpenAI's {"token id": bias} (biases clamped to [-100, 100], as vLLM does);
+completions' `echo` with `logprobs` returns the prompt tokens' logprobs first (as OpenAI). Sampling values are checked by
 `SamplingParams` itself (its ValueError message is passed through, naming the field).
 Bounds that depend on the model (prompt length, token ids, `max_tokens` against the context)
 are checked by the app once the prompt is tokenized.
@@ -100,12 +102,12 @@ class _SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     return_token_ids: Optional[bool] = None
     user: Optional[str] = None
-    # fields accepted by name so that setting them is refused with a clear message
     logit_bias: Optional[dict[str, float]] = None
-    response_format: Optional[dict[str, Any]] = None
     prompt_logprobs: Optional[int] = None
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
+    # fields accepted by name so that setting them is refused with a clear message
+    response_format: Optional[dict[str, Any]] = None
     best_of: Optional[int] = None
 
     @field_validator("model")
@@ -129,6 +131,19 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _stop_ids(cls, v):
         return None if v is None else _token_ids(v, "stop_token_ids")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v is None:
+            return None
+        out = {}
+        for key, bias in v.items():
+            if not re.fullmatch(r"[0-9]{1,10}", key) or int(key) > INT32_MAX:
+                raise ValueError(f"logit_bias: keys must be token ids (decimal integers in [0, {INT32_MAX}]), "
+                                 f"got {key[:20]!r}")
+            out[int(key)] = min(100.0, max(-100.0, bias))
+        return out
 
 
 class CompletionBody(_SamplingFields):
@@ -244,6 +259,7 @@ class CompletionRequest:
     return_token_ids: bool = False  # extension (as in vLLM): each choice also lists its token ids
     echo: bool = False
     continuous_usage: bool = False
+    prompt_logprobs: Optional[int] = None   # as asked (echo with logprobs also makes the engine compute them)
 
 
 @dataclasses.dataclass
@@ -260,6 +276,7 @@ class ChatRequest:
     return_token_ids: bool = False
     add_generation_prompt: bool = True
     continuous_usage: bool = False
+    prompt_logprobs: Optional[int] = None
 
 
 def parse_json_body(raw: bytes, *, max_depth: int = 64) -> dict:
@@ -331,16 +348,18 @@ def _is_type_tag(part: str) -> bool:
 
 def parse_completion_request(body: dict) -> CompletionRequest:
     req: CompletionBody = validate_body(CompletionBody, body)
-    if req.echo and req.logprobs is not None:
-        raise ApiError(400, "echo with logprobs needs the prompt's logprobs, which this engine does not "
-                            "compute yet", param="echo")
+    if req.echo and req.logprobs is not None and req.stream:
+        raise ApiError(400, "echo with logprobs is not supported in a stream", param="echo")
     if req.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     _refuse_unsupported(req)
-    params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    prompt_logprobs = req.prompt_logprobs
+    if req.echo and req.logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
+    params = _sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
     stream, include_usage = _stream(req)
     return CompletionRequest(req.model, req.prompt, params, stream, include_usage, req.logprobs,
-                             bool(req.return_token_ids), bool(req.echo), _continuous_usage(req))
+                             bool(req.return_token_ids), bool(req.echo), _continuous_usage(req), req.prompt_logprobs)
 
 
 def parse_chat_request(body: dict) -> ChatRequest:
@@ -359,12 +378,13 @@ def parse_chat_request(body: dict) -> ChatRequest:
     if top_logprobs and not logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = _sampling_params(req, max_tokens=max_tokens,
-                              logprobs=top_logprobs if logprobs else None)
+    params = _sampling_params(req, max_tokens=max_tokens, logprobs=top_logprobs if logprobs else None,
+                              prompt_logprobs=req.prompt_logprobs)
     stream, include_usage = _stream(req)
     messages = message_dicts(req.messages)
     return ChatRequest(req.model, messages, params, stream, include_usage, logprobs, top_logprobs,
-                       bool(req.return_token_ids), req.add_generation_prompt, _continuous_usage(req))
+                       bool(req.return_token_ids), req.add_generation_prompt, _continuous_usage(req),
+                       req.prompt_logprobs)
 
 
 def _continuous_usage(req: _SamplingFields) -> bool:
@@ -380,8 +400,9 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
 
 
 def _refuse_unsupported(req: _SamplingFields) -> None:
-    if req.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+    if req.prompt_logprobs is not None and req.stream:
+        raise ApiError(400, "prompt_logprobs is not available with stream: true (as in vLLM)",
+                       param="prompt_logprobs")
     fmt = req.response_format
     if fmt is not None and fmt.get("type", "text") != "text":
         raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported (only 'text': "
@@ -403,13 +424,13 @@ def _stream(req: _SamplingFields) -> tuple[bool, bool]:
 _SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                   "frequency_penalty", "repetition_penalty", "min_tokens", "stop",
                   "stop_token_ids", "ignore_eos", "skip_special_tokens",
-                  "include_stop_str_in_output", "truncate_prompt_tokens", "prompt_logprobs",
+                  "include_stop_str_in_output", "truncate_prompt_tokens", "logit_bias",
                   "allowed_token_ids", "bad_words")
 
 
-def _sampling_params(req: _SamplingFields, *, max_tokens: Optional[int],
-                     logprobs: Optional[int]) -> SamplingParams:
-    kwargs = {"max_tokens": max_tokens, "logprobs": logprobs}
+def _sampling_params(req: _SamplingFields, *, max_tokens: Optional[int], logprobs: Optional[int],
+                     prompt_logprobs: Optional[int]) -> SamplingParams:
+    kwargs = {"max_tokens": max_tokens, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
     for key in _SAMPLING_KEYS:
         value = getattr(req, key)
         if value is not None:

@@ -73,6 +73,32 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict], k
             "text_offset": offsets}
 
 
+def prompt_logprobs(prompt_ids: list[int], entries: list, k: int) -> list:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token
+    {"token id": {logprob, rank, decoded_token}} of the prompt token and the k most likely
+    (logprobs floored at -9999, as vLLM, so the JSON stays finite)."""
+    out: list = [None]
+    for tid, position in zip(prompt_ids[1:], entries[1:]):
+        keep = {t: lp for t, lp in (position or {}).items() if t == tid or (lp.rank is not None and lp.rank <= k)}
+        out.append({str(t): {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank, "decoded_token": lp.decoded_token}
+                    for t, lp in keep.items()})
+    return out
+
+
+def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list, k: int) -> dict:
+    """Completions logprobs of an echoed prompt (OpenAI's shape: the first token has no logprob
+    and no top_logprobs), text offsets from 0."""
+    first = token_text(tokenizer, prompt_ids[0])
+    rest = completion_logprobs(tokenizer, prompt_ids[1:], [e or {} for e in entries[1:]], k, len(first))
+    return {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+
+
+def join_logprobs(a: dict, b: dict) -> dict:
+    """Two completions logprobs one after the other."""
+    return {key: a[key] + b[key] for key in a}
+
+
 def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict], k: int) -> dict:
     """Chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
     content = []
@@ -100,18 +126,23 @@ def completion_body(request_id: str, created: int, model: str, choices: list[dic
 
 def completion_choice(index: int, text: str, logprobs: Optional[dict],
                       finish_reason: Optional[str], stop_reason=None,
-                      token_ids: Optional[list[int]] = None) -> dict:
+                      token_ids: Optional[list[int]] = None, prompt_logprobs_: Optional[list] = None) -> dict:
     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
               "stop_reason": stop_reason if isinstance(stop_reason, (str, int)) else None}
     if token_ids is not None:
         choice["token_ids"] = token_ids
+    if prompt_logprobs_ is not None:
+        choice["prompt_logprobs"] = prompt_logprobs_
     return choice
 
 
 def chat_body(request_id: str, created: int, model: str, choices: list[dict],
-              usage_: Optional[dict]) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+              usage_: Optional[dict], prompt_logprobs_: Optional[list] = None) -> dict:
+    body = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage_}
+    if prompt_logprobs_ is not None:
+        body["prompt_logprobs"] = prompt_logprobs_
+    return body
 
 
 def chat_choice(index: int, text: str, logprobs: Optional[dict],

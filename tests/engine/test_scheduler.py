@@ -687,3 +687,33 @@ def test_steps_with_decodes_bound_their_prefill_tokens():
     assert_pool_empty(sched)
     with pytest.raises(ValueError, match="decode_step_prefill_tokens"):
         SchedulerConfig(decode_step_prefill_tokens=0)
+
+
+def test_requests_by_model_and_one_token_steps_for_bad_words_of_several_tokens():
+    """Per-model (running, waiting) counts; a request whose banned ids follow its last tokens
+    (a bad word of two tokens) keeps every step at one token, and prompt_logprobs skips the
+    prefix cache."""
+    rng = random.Random(7)
+    sched = make_scheduler(max_num_batched_tokens=64, max_num_seqs=2, max_decode_steps=4)
+    a0, a1, b0 = (make_request(r, m, 5, rng) for r, m in (("a0", "a", ), ("a1", "a"), ("b0", "b")))
+    for r in (a0, a1, b0):
+        sched.add_request(r)
+    assert sched.requests_by_model() == {"a": (0, 2), "b": (0, 1)}
+    engine = FakeEngine(sched)
+    engine.step()
+    assert sched.requests_by_model() == {"a": (1, 1), "b": (1, 0)}          # max_num_seqs=2, models take turns
+    engine.run()
+    assert sched.requests_by_model() == {"a": (0, 0), "b": (0, 0)}
+
+    sched = make_scheduler(max_num_batched_tokens=64, max_decode_steps=4)
+    plain, banned = make_request("p", "a", 5, rng), make_request("w", "a", 5, rng)
+    banned.bad_words_ids = [[3], [4, 5]]
+    assert banned.needs_host_per_token and not plain.needs_host_per_token
+    for r in (plain, banned):
+        sched.add_request(r)
+    sched.update_from_output(sched.schedule(), {"p": [9], "w": [9]})          # the prompts
+    out = sched.schedule()                                                       # two decodes: one token
+    assert out.num_steps == 1 and len(out.chunks_by_model["a"]) == 2
+    sched.update_from_output(out, {"p": [9], "w": [4]})
+    sched.finish_request("w", RequestStatus.FINISHED_ABORTED)
+    assert sched.schedule().num_steps == 4                                       # the plain one alone: 4

@@ -322,3 +322,60 @@ def test_metadata_padding_and_validation():
     with pytest.raises(ValueError, match="vocab_size"):
         build_token_history([_row()], S, 0, length=64)
     assert dataclasses.replace(meta, output_index=meta.output_index + 1).num_rows == S
+
+
+def _np_logits_table(logits_V, table, allowed_only):
+    """The logits table in numpy: bias added at each id (-inf bans), others masked if allowed_only."""
+    out = logits_V.copy()
+    keep = np.zeros(len(out), bool)
+    for t, b in table.items():
+        out[t] += b
+        keep[t] = True
+    if allowed_only:
+        out[~keep] = -np.inf
+    return out
+
+
+def test_logits_table_matches_numpy_and_drives_greedy_and_draws():
+    """logit_bias, allowed_token_ids and bad words (one token and several) against numpy."""
+    rng = _rng(13)
+    logits = rng.normal(size=(S, V)).astype(np.float32) * 3
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logit_bias={5: 30.0, 6: -2.5}), 0, 0),
+        SamplingRow(SamplingParams(temperature=0.0, allowed_token_ids=[1, 2, 9], logit_bias={9: 1.5, 4: 50.0}), 0, 0),
+        SamplingRow(SamplingParams(temperature=0.0, bad_words=["x", "yz"]), 0, 2, output_token_ids=[7, 11],
+                    bad_words_ids=[[int(logits[2].argmax())], [11, 12], [10, 13]]),
+        SamplingRow(SamplingParams(temperature=50.0, seed=4, allowed_token_ids=[3, 8, 20]), 4, 0),
+        _row(temperature=0.0),
+    ]
+    meta = _meta(rows)
+    got = np.asarray(jax.jit(sampler.apply_logits_table)(jnp.asarray(logits), meta))
+    for s, r in enumerate(rows):
+        np.testing.assert_allclose(got[s], _np_logits_table(logits[s], *r.logits_table()), rtol=1e-6)
+    np.testing.assert_array_equal(got[5:], logits[5:])                    # padding rows untouched
+    # the tables: the bias of an id outside allowed_token_ids is dropped; a bad word of two
+    # tokens bans its last one only after its first (11 was just generated, 10 was not)
+    assert rows[1].logits_table() == ({1: 0.0, 2: 0.0, 9: 1.5}, True)
+    assert rows[2].logits_table() == ({int(logits[2].argmax()): -np.inf, 12: -np.inf}, False)
+    out = sample(logits, meta)
+    tokens = np.asarray(out.token_ids_S)
+    assert tokens[0] == 5 and tokens[1] == 9 and tokens[4] == logits[4].argmax()
+    assert tokens[2] == np.where(np.isin(np.arange(V), [logits[2].argmax(), 12]), -np.inf, logits[2]).argmax()
+    draws = {int(sample(logits, _meta([dataclasses.replace(rows[3], base_seed=k)])).token_ids_S[0])
+             for k in range(40)}
+    assert draws <= {3, 8, 20} and len(draws) >= 2
+
+
+def test_sampled_rank_counts_logprobs_at_least_its_own():
+    rng = _rng(14)
+    logits = rng.normal(size=(S, V)).astype(np.float32)
+    rows = [_row(seed=s, temperature=5.0) for s in range(S)]        # hot: mostly outside the top few
+    out = sample(logits, _meta(rows), num_logprobs=2)
+    raw = _np_log_softmax(logits.astype(np.float64))
+    toks = np.asarray(out.token_ids_S)
+    want = (logits >= logits[np.arange(S), toks][:, None]).sum(-1)
+    np.testing.assert_array_equal(out.rank_S, want)
+    assert (want > 2).any()                                          # some ranks outside the top-2
+    np.testing.assert_allclose(out.logprob_S, raw[np.arange(S), toks], rtol=1e-5, atol=1e-6)
+    greedy = sample(logits, _meta([_row(temperature=0.0)] * S))
+    np.testing.assert_array_equal(greedy.rank_S, np.ones(S))

@@ -61,6 +61,7 @@ class FakeStats:
     models: dict
     swaps_in: int
     swaps_out: int
+    requests_by_model: dict
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class _Req:
     finish: list[Optional[str]]
     stop_reason: list[Optional[str]]
     logprobs: list[list[dict]]
+    times: dict = dataclasses.field(default_factory=dict)   # RequestOutput.metrics
 
 
 class FakeEngine:
@@ -152,7 +154,11 @@ class FakeEngine:
         if self.paused.is_set():
             return []
         outs = []
+        now = time.monotonic()
         for rid, r in list(self.requests.items()):
+            r.times.setdefault("arrival_time", now - self.step_s)
+            r.times.setdefault("first_scheduled_time", now)
+            r.times.setdefault("first_token_time", now)
             if "FAIL" in self._tokenizer.decode(r.prompt_ids):
                 del self.requests[rid]
                 outs.append(RequestOutput(rid, r.model, r.prompt, r.prompt_ids, [], finished=True,
@@ -184,7 +190,7 @@ class FakeEngine:
                 [CompletionOutput(j, r.texts[j], list(r.tokens[j]), None,
                                   list(r.logprobs[j]) if r.params.logprobs is not None else None,
                                   r.finish[j], r.stop_reason[j]) for j in range(r.params.n)],
-                finished=finished))
+                finished=finished, metrics=dict(r.times)))
             if finished:
                 del self.requests[rid]
         return outs
@@ -198,8 +204,9 @@ class FakeEngine:
 
     def stats(self):
         self._enter()
+        running = {m: (sum(r.model == m for r in self.requests.values()), 0) for m in self.model_names}
         return FakeStats(num_waiting=0, num_running=len(self.requests), num_preemptions=0,
                          kv_pages_total=1000, kv_pages_used_by_model=self.pages_used(),
                          models={m: {"resident": self.resident[m], "weights_bytes": 1000}
                                  for m in self.model_names},
-                         swaps_in=self.swaps_in, swaps_out=0)
+                         swaps_in=self.swaps_in, swaps_out=0, requests_by_model=running)

@@ -257,6 +257,12 @@ def test_metrics(fake_server, rng):
     assert lines['vllm:time_per_output_token_seconds_count{model_name="alpha"}'] >= 1
     assert lines['vllm:e2e_request_latency_seconds_count{model_name="alpha"}'] >= 1
     assert lines['vllm:request_success_total{finished_reason="length",model_name="alpha"}'] >= 1
+    for phase in ("queue", "prefill", "decode", "inference"):          # what vLLM's Grafana dashboard reads
+        assert lines[f'vllm:request_{phase}_time_seconds_count{{model_name="alpha"}}'] >= 1, phase
+    assert lines['vllm:request_queue_time_seconds_sum{model_name="alpha"}'] >= 0
+    assert lines['vllm:request_prompt_tokens_bucket{le="+Inf",model_name="alpha"}'] >= 1
+    assert lines['vllm:request_generation_tokens_sum{model_name="alpha"}'] >= 5
+    assert lines['vllm:request_max_num_generation_tokens_count{model_name="alpha"}'] >= 1
     for name in ('crosspool_kv_pages_used{model="alpha"}', 'crosspool_weights_resident{model="beta"}',
                  "crosspool_swaps_in_total", "vllm:num_preemptions_total", 'vllm:num_requests_waiting{model_name="alpha"}',
                  'vllm:num_requests_running{model_name="beta"}', 'vllm:kv_cache_usage_perc{model_name="alpha"}',
@@ -406,4 +412,4 @@ def test_echo_and_continuous_usage(fake_server, rng):
     assert "".join(c["text"] for e in chunks for c in e["choices"]) == text + expected_text(p, 3)
     assert [e["usage"]["completion_tokens"] for e in chunks[1:]] == [1, 2, 3]
     _assert_error(_post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text, "echo": True,
-                                                         "logprobs": 1}), 400, param="echo")
+                                                         "logprobs": 1, "stream": True}), 400, param="echo")

@@ -83,15 +83,21 @@ class _Served:
 
 def _run_engine(engine, model, prompt, max_tokens) -> tuple[list[int], str]:
     """Greedy generation by calling the engine directly (no server in between)."""
+    final = _engine_output(engine, model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return list(final.outputs[0].token_ids), final.outputs[0].text
+
+
+def _engine_output(engine, model, prompt, params):
+    """The finished RequestOutput of one request run on the engine directly."""
     rid = f"direct-{random.randrange(1 << 30)}"
-    engine.add_request(rid, model, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    engine.add_request(rid, model, prompt, params)
     final = None
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.request_id == rid and out.finished:
                 final = out
     assert final is not None and final.error is None
-    return list(final.outputs[0].token_ids), final.outputs[0].text
+    return final
 
 
 def test_greedy_through_server_equals_engine(engine, driven, rng):
@@ -142,6 +148,59 @@ def test_greedy_through_server_equals_engine(engine, driven, rng):
         prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True),
                                 add_special_tokens=False)
         assert chat_ids == _run_engine(engine, chat_model, prompt_ids, 4)[0]
+
+
+def test_logits_processors_prompt_logprobs_and_echo_through_the_openai_client(engine, driven):
+    """logit_bias, allowed_token_ids, bad_words and prompt_logprobs (completions and chat), and
+    echo with logprobs, through the official client: each equals the engine run directly."""
+    model = next(m for m in driven if engine.get_tokenizer(m) is not None)
+    tok = engine.get_tokenizer(model)
+    prompt = [5, 61, 17, 300, 42, 9, 77, 8, 120, 33, 4, 250, 19, 64, 90, 3, 7, 11, 13, 21, 34, 55, 89, 144,
+              233, 377, 610, 2, 6, 10, 14, 18, 22, 26, 30, 38, 46, 50]       # 38 tokens: two prefill chunks
+    greedy = dict(max_tokens=5, temperature=0.0, ignore_eos=True)
+    plain = _engine_output(engine, model, prompt, SamplingParams(**greedy)).outputs[0].token_ids
+    word = tok.decode([plain[0]])
+    cases = [dict(logit_bias={plain[0]: -100.0, 77: 4.0}), dict(allowed_token_ids=[3, 77, 300, 500]),
+             dict(bad_words=[word])]
+    with _Served(engine) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+        got = []
+        for kw in cases:
+            body = dict(kw)
+            logit_bias = {str(t): b for t, b in body.pop("logit_bias", {}).items()} or None
+            out = client.completions.create(model=model, prompt=prompt, logit_bias=logit_bias,
+                                            extra_body={"return_token_ids": True, "ignore_eos": True, **body},
+                                            max_tokens=5, temperature=0.0)
+            got.append(out.choices[0].model_extra["token_ids"])
+        scored = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0.0, echo=True,
+                                           logprobs=2, extra_body={"prompt_logprobs": 1, "return_token_ids": True})
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi there"}],
+                                              max_tokens=2, temperature=0.0, extra_body={"prompt_logprobs": 0})
+        with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+            client.completions.create(model=model, prompt=prompt, extra_body={"allowed_token_ids": [1, 10 ** 6]})
+    for kw, ids in zip(cases, got):
+        assert ids == _engine_output(engine, model, prompt, SamplingParams(**greedy, **kw)).outputs[0].token_ids, kw
+        assert ids != plain, kw
+    assert set(got[1]) <= {3, 77, 300, 500}
+    want = _engine_output(engine, model, prompt, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2,
+                                                                logprobs=2))
+    choice = scored.choices[0]
+    plps = choice.model_extra["prompt_logprobs"]
+    assert len(plps) == len(prompt) and plps[0] is None
+    for p in range(1, len(prompt)):
+        entry = want.prompt_logprobs[p][prompt[p]]
+        assert plps[p][str(prompt[p])]["logprob"] == pytest.approx(entry.logprob, abs=1e-5)
+        assert plps[p][str(prompt[p])]["rank"] == entry.rank
+        assert all(v["rank"] <= 1 or int(t) == prompt[p] for t, v in plps[p].items())
+    lps = choice.logprobs                           # echo: the prompt's tokens, then the generated ones
+    assert len(lps.tokens) == len(prompt) + 2 and lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    assert lps.token_logprobs[1:len(prompt)] == pytest.approx(
+        [want.prompt_logprobs[p][prompt[p]].logprob for p in range(1, len(prompt))], abs=1e-5)
+    assert lps.token_logprobs[len(prompt):] == pytest.approx(
+        [lp[t].logprob for t, lp in zip(want.outputs[0].token_ids, want.outputs[0].logprobs)], abs=1e-5)
+    assert choice.text.startswith(tok.decode(prompt)) and lps.text_offset[0] == 0
+    chat_plps = chat.model_extra["prompt_logprobs"]
+    assert chat_plps[0] is None and all(len(e) == 1 for e in chat_plps[1:])
 
 
 def test_bounded_load_across_models(engine, driven):
@@ -236,8 +295,8 @@ def _compiles_metric(url: str) -> float:
 
 def test_served_run_compiles_nothing_after_warm_up(models):
     """After the server's warm-up, a served mix of requests (greedy and sampled, logprobs,
-    penalties, n > 1, streamed, prefill chunks and multi-step decode, two models) compiles no
-    XLA program: /metrics' compile counter and the process's counter stay flat."""
+    penalties, n > 1, streamed, prefill chunks and multi-step decode, logit_bias,
+    allowed_token_ids, bad_words, prompt_logprobs, two models) compiles no XLA program: /metrics' compile counter and the process's counter stay flat."""
     from crosspool_jax.runtime.compiles import compile_counter
     from crosspool_jax.serve import warm_up
 
@@ -257,7 +316,7 @@ def test_served_run_compiles_nothing_after_warm_up(models):
             client = openai.OpenAI(base_url=live.url + "/v1", api_key="x")
             before, before_metric = counter.count, _compiles_metric(live.url)
             rng = random.Random(5)
-            for i in range(6):
+            for i in range(9):
                 model = names[i % 2]
                 prompt = [rng.randrange(1, 200) for _ in range(rng.randrange(3, 30))]
                 extra = {}
@@ -265,6 +324,10 @@ def test_served_run_compiles_nothing_after_warm_up(models):
                     extra = dict(temperature=0.9, top_p=0.8, logprobs=2, n=2, seed=i)
                 if i % 3 == 2:
                     extra = dict(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, seed=i)
+                if i == 6:
+                    extra = dict(logit_bias={"7": 5.0}, extra_body={"allowed_token_ids": [7, 8, 9], "prompt_logprobs": 2})
+                if i == 7:
+                    extra = dict(temperature=0.5, extra_body={"bad_words": ["a b", "c"]})
                 if i == 4:
                     chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=7, stream=True,
                                                             **extra))
