@@ -20,9 +20,10 @@ the weight devices; there is no `KVPool` (`kv_pool` is None; `kv_layout` sizes t
 `kv_pool_bytes` split over the KV devices, plus whatever the KV rows have spare when the
 weight rows are longer). There `weights_pool_bytes` (over all weight devices) and
 `attention_pool_bytes` (over all KV devices, the attention side counted once per KV device)
-budget slot regions of the arena (`disagg/residency.py`, `self.residency`): beyond them the
-least recently used models are swapped out to host memory and written back in place on
-demand; `acquire` returns the model's slot shifts (`bases`) as its kv_params.
+budget slot regions of the arena (`disagg/residency.py`): beyond them the least recently used
+models are swapped out to host memory and written back in place on demand. Both organisations
+sit behind one residency interface (`engine/residency.py`, `self.residency`), whose `acquire`
+hands back the typed weights handle a runner reads (`PlacedWeights` or `ArenaWeights`).
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
 from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.layout import make_multi_layout
-from crosspool_jax.disagg.residency import ArenaResidency, build_residency
+from crosspool_jax.disagg.residency import build_residency
 from crosspool_jax.engine.config import EngineConfig
-from crosspool_jax.engine.step_plan import ArenaWeights, PlacedWeights, Weights
+from crosspool_jax.engine.residency import ArenaSlots, PlacedResidency, Residency
+from crosspool_jax.engine.step_plan import Weights
 from crosspool_jax.models.random_models import RANDOM_WEIGHTS_MARKER
 from crosspool_jax.kv.kv_cache_manager import ModelKVGeometry
 from crosspool_jax.models import init_random_params
@@ -124,7 +126,6 @@ class ModelRegistry:
         self.kv_devices, self.weight_devices = _engine_devices(config)
         self.disaggregated = not set(self.kv_devices) & set(self.weight_devices)
         self.arena: Optional[Arena] = None
-        self.residency: Optional[ArenaResidency] = None     # the arena's budgeted regions (crosspool split)
         # "auto" is resolved inside each kernel seam, per call: the Pallas kernel where the
         # platform and the model's geometry allow it, the reference otherwise.
         self.attention_backend = config.attention_backend
@@ -133,15 +134,15 @@ class ModelRegistry:
         # model -> index of its device in kv_devices (== weight_devices here); empty with a
         # crosspool split, where every model spans all devices
         self.model_devices: dict[str, int] = {} if self.disaggregated else self._place()
-        # Per device, every FFN pytree placed there lives in its weights pool and every
-        # attention side in its attention pool; beyond each pool's budget the least recently
-        # used models' pytrees are swapped to host memory and come back on demand.
-        n_placed = 1 if self.disaggregated else len(self.kv_devices)
-        self.weights_pools = [WeightsPool(config.weights_pool_bytes, _on_device(self.weight_devices[d]))
-                              for d in range(n_placed)]
-        self.attention_pools = [WeightsPool(config.attention_pool_bytes, _on_device(self.kv_devices[d]))
-                                for d in range(n_placed)]
-        self.weights, self.attention_weights = self.weights_pools[0], self.attention_pools[0]   # device 0's
+        # Which models' weights are on the devices (`engine/residency.py`). Placed: per device,
+        # every FFN pytree placed there lives in its weights pool and every attention side in
+        # its attention pool; beyond each pool's budget the least recently used models' pytrees
+        # are swapped to host memory and come back on demand. A crosspool split: the arena's
+        # slots (set by _build_arena).
+        self.residency: Optional[Residency] = None if self.disaggregated else PlacedResidency(
+            [WeightsPool(config.attention_pool_bytes, _on_device(d)) for d in self.kv_devices],
+            [WeightsPool(config.weights_pool_bytes, _on_device(d)) for d in self.weight_devices],
+            self.model_devices)
         loaded = {}                                           # kept only to build the arena
         for name, path in config.models.items():
             model = self._load(name, str(path))
@@ -186,7 +187,8 @@ class ModelRegistry:
                                          attention_pool_bytes=self.config.attention_pool_bytes,
                                          weights_pool_bytes=self.config.weights_pool_bytes, fill_pages=True,
                                          max_pages_per_device=self.max_pages_per_device)
-        self.residency = build_residency({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()}, arena_layout)
+        self.residency = ArenaSlots(build_residency({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()},
+                                                    arena_layout))
         self.kv_layout = dataclasses.replace(layout, pages_per_device=arena_layout.pages_per_device)
         log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row, %d pages per KV device, "
                  "model slots %s; the weight rows' unused tail: %d elements per device (a budgeted "
@@ -248,8 +250,7 @@ class ModelRegistry:
         self._entries[name] = ModelEntry(name, path, cfg, loaded.tokenizer, gen, tuple(sorted(eos)), max_len,
                                          weights_bytes=weights_bytes)
         if not self.disaggregated:                        # else the arena takes both halves
-            self.attention_pools[self.model_devices[name]].register(name, loaded.kv_params)
-            self.weights_pools[self.model_devices[name]].register(name, loaded.ffn_params)
+            self.residency.register(name, loaded.kv_params, loaded.ffn_params)
 
     def _pool_bytes(self) -> int:
         """kv_pool_bytes, else kv_memory_fraction of the free memory of the KV device with the
@@ -298,45 +299,31 @@ class ModelRegistry:
 
     def prefetch(self, name: str) -> None:
         """Start bringing a swapped-out model's weights back (a request for it was admitted)."""
-        if self.disaggregated:
-            self.residency.prefetch(name)
-        else:
-            self._pools_of(name)[0].prefetch(name)
-            self._pools_of(name)[1].prefetch(name)
+        self.residency.prefetch(self.get(name).name)
 
     def acquire(self, name: str) -> Weights:
-        """The model's resident weights for one step (`release` them after it), swapping either
-        half in if it is out: `PlacedWeights` (its pytrees on its device) or, on the
-        disaggregated path where both halves live in the arena, `ArenaWeights` (its slot
-        shifts for `disagg_step`; None when no budget is set)."""
-        if self.disaggregated:
-            return ArenaWeights(self.residency.acquire(name))
-        attention, weights = self._pools_of(name)
-        kv_params = attention.acquire(name)
-        try:
-            return PlacedWeights(kv_params, weights.acquire(name))
-        except Exception:
-            attention.release(name)
-            raise
+        """The model's resident weights for one step (`release` them after it), swapping them in
+        if they are out: `PlacedWeights` (its pytrees on its device) or, on a crosspool split,
+        `ArenaWeights` (its slot shifts for the arena step; None when no budget is set)."""
+        return self.residency.acquire(self.get(name).name)
 
     def release(self, name: str) -> None:
-        if self.disaggregated:
-            self.residency.release(name)
-        else:
-            self._pools_of(name)[1].release(name)
-            self._pools_of(name)[0].release(name)
+        self.residency.release(self.get(name).name)
 
-    def _pools_of(self, name: str) -> tuple[WeightsPool, WeightsPool]:
-        """(attention pool, weights pool) of the device a model is placed on."""
-        d = self.model_devices[self.get(name).name]
-        return self.attention_pools[d], self.weights_pools[d]
+    @property
+    def weights(self) -> WeightsPool:
+        """Device 0's weights pool (placed modes)."""
+        return self.residency.weights_pools[0]
+
+    @property
+    def attention_weights(self) -> WeightsPool:
+        """Device 0's attention pool (placed modes)."""
+        return self.residency.attention_pools[0]
 
     def weights_stats(self) -> "SwapCounts":
         """Swaps of every pool (FFN side and attention side, every device; the arena's budgeted
         regions on a crosspool split) added up."""
-        stats = [p.stats() for p in self.attention_pools + self.weights_pools]
-        if self.residency is not None:
-            stats += list(self.residency.stats().values())
+        stats = self.residency.pool_stats()
         return SwapCounts(sum(s.swaps_in for s in stats), sum(s.swaps_out for s in stats),
                           sum(s.bytes_swapped_in for s in stats), sum(s.bytes_swapped_out for s in stats),
                           sum(s.swap_in_seconds for s in stats), sum(s.acquire_wait_seconds for s in stats))
@@ -345,41 +332,21 @@ class ModelRegistry:
         """Whether the models `names` can all be resident at once (each pool's budget holds the
         ones it serves; the arena's budgeted regions have a slot for each). The scheduler keeps a
         step's models to such a set, so a step never swaps out a model it is about to run."""
-        names = set(names)
-        if self.disaggregated:
-            return all(len(names) <= pool.region.num_slots for pool in self.residency.pools.values())
-        for pools in (self.weights_pools, self.attention_pools):
-            for d, pool in enumerate(pools):
-                budget = pool.budget_bytes
-                if budget is not None and sum(pool.model_bytes(n) for n in names
-                                              if self.model_devices[n] == d) > budget:
-                    return False
-        return True
+        return self.residency.fit_together(names)
 
     @property
     def has_budgets(self) -> bool:
         """Whether some pool may hold fewer than all models (then residency constrains steps)."""
-        if self.disaggregated:
-            return bool(self.residency.pools)
-        return any(p.budget_bytes is not None for p in self.weights_pools + self.attention_pools)
+        return self.residency.has_budgets
 
     def is_resident(self, name: str) -> bool:
-        if self.disaggregated:
-            return self.residency.is_resident(name)
-        attention, weights = self._pools_of(name)
-        return weights.is_resident(name) and attention.is_resident(name)
+        return self.residency.is_resident(self.get(name).name)
 
     def model_stats(self) -> dict:
         """Per model: residency, bytes, context, and `device`: the id of the device it is placed
         on (None with a crosspool split, where it spans the KV and weight devices). With budgeted
         arena regions also `last_swap_in_seconds` per role ("kv": attention side, "w": experts)."""
-        if self.residency is not None and self.residency.pools:
-            swap = self.residency.stats()
-            extra = {n: {"last_swap_in_seconds": {r: st.last_swap_in_seconds.get(n) for r, st in swap.items()}}
-                     for n in self._entries}
-        else:
-            extra = {n: {} for n in self._entries}
-        return {e.name: {**extra[e.name], "resident": self.is_resident(e.name),
+        return {e.name: {**self.residency.swap_details(e.name), "resident": self.is_resident(e.name),
                          "weights_bytes": e.weights_bytes,
                          "max_model_len": e.max_model_len,
                          "device": (self.kv_devices[self.model_devices[e.name]].id
