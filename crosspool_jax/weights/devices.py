@@ -1,44 +1,18 @@
 """Device roles of the engine: which devices hold KV (and attention), which hold FFN weights.
 
 Owns `DeviceRoles`, `resolve_device_roles` (the engine options `mode`, `kv_devices`,
-`weight_devices` of ../shared/CROSSPOOL.md), the two meshes (`kv_mesh`, axis "kv";
-`weights_mesh`, axis "expert"), the FFN leaf sharding rule `ffn_sharding_for`, and the
-placement of whole models on devices for the multi-device shared/static baselines
-(`place_models`).
-
-Sharding of FFN leaves over the "expert" axis of size n. Leaves are named by their pytree path
-("moe/w1_LEDF2"); the axes come from the name's dimension letters (models/params.py), else
-from positions: expert weights `w1 [..., E, D, 2F]`, `w2 [..., E, F, D]`, the leading "..."
-being the stacked-layers axis; dense and shared-expert FFNs `[..., D, 2F]`, `[..., F, D]`.
-
-- expert-parallel (EP) when E % n == 0 and E >= n: axis E is split, each device holds E/n whole
-  experts;
-- otherwise tensor-parallel (TP) over the expert hidden dim F when F % n == 0: w2 is split on
-  its F axis, w1 on its 2F axis into n contiguous blocks;
-- otherwise replicated. Small leaves (norms, router, shared-expert gate, biases) are replicated.
-
-Gate/up alignment under TP. A contiguous split of the stacked `[gate | up]` 2F axis gives
-device i columns [i*2F/n, (i+1)*2F/n): for n=2 device 0 holds all of gate and device 1 all of
-up, so `silu(gate) * up` is not local. Two ways out, both supported:
-
-1. store w1 gate/up-interleaved per shard with `interleave_gate_up(w1, n)`: block i of the
-   2F axis is `[gate_i | up_i]` where gate_i, up_i are the i-th F/n columns, exactly the rows
-   of w2's block i. A shard_map FFN then splits its local block in half and needs one psum
-   after w2, no other communication. `deinterleave_gate_up` restores the contract layout.
-2. keep the contract layout under plain jit: GSPMD keeps the math exact (sharding never changes
-   results) and moves the [T, F] activation halves between devices, which is cheap in decode.
-
-`ffn_sharding_for` returns the same sharding in both cases; the layout is the caller's choice.
+`weight_devices` of ../shared/CROSSPOOL.md), `parse_split` ("2+2"), and the placement of
+whole models on devices for the multi-device shared/static baselines (`place_models`). How a
+CrossPool split shards the experts over its weight devices is the arena's rule
+(`disagg/layout.py`).
 """
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MODES = ("crosspool", "shared", "static")
 DeviceSpec = Union[int, Sequence[Union[jax.Device, int]], None]
@@ -204,119 +178,3 @@ def place_models(model_bytes: Mapping[str, int], num_devices: int) -> dict[str, 
         out[name] = d
         load[d] += int(model_bytes[name])
     return {name: out[name] for name in model_bytes}
-
-
-def kv_mesh(roles: DeviceRoles) -> Mesh:
-    """1-D mesh over the KV devices, axis "kv"."""
-    return Mesh(np.array(roles.kv_devices, dtype=object), ("kv",))
-
-
-def weights_mesh(roles: DeviceRoles) -> Mesh:
-    """1-D mesh over the weight devices, axis "expert"."""
-    return Mesh(np.array(roles.weight_devices, dtype=object), ("expert",))
-
-
-def _dims_from_suffix(name: str, ndim: int) -> Optional[list]:
-    """["L", "E", "D", "F2"] from a leaf name like "w1_LEDF2" when its letters match ndim."""
-    if "_" not in name:
-        return None
-    suffix = name.rsplit("_", 1)[1]
-    dims = re.findall(r"[A-Z][0-9]*", suffix)
-    return dims if "".join(dims) == suffix and len(dims) == ndim else None
-
-
-def _ffn_axes(path: str, shape: tuple, num_experts: Optional[int]):
-    """(which, expert_axis, f_axis) of an FFN leaf: which is "w1", "w2" or None (small leaf).
-
-    Axes come from the dimension letters of the leaf name when it carries them ("w1_LEDF2",
-    "shared_w2_LFD", as models/params.py names them), else from the position rules
-    `[..., E, D, 2F]` / `[..., E, F, D]` (expert weights: E == num_experts at axis -3 and no
-    "dense"/"shared" in the path) and `[..., D, 2F]` / `[..., F, D]` (dense and shared FFNs).
-    """
-    parts = [p for p in path.replace(".", "/").split("/") if p]
-    name = parts[-1] if parts else ""
-    tokens = name.split("_")
-    which = "w1" if "w1" in tokens else "w2" if "w2" in tokens else None
-    if which is None or len(shape) < 2:
-        return None, None, None
-    dims = _dims_from_suffix(name, len(shape))
-    if dims is not None:
-        e_axis = dims.index("E") if "E" in dims else None
-        f_letter = "F2" if which == "w1" else "F"
-        f_axis = dims.index(f_letter) if f_letter in dims else None
-        return which, e_axis, f_axis
-    dense = any(("dense" in p or "shared" in p) for p in parts[:-1]) or "shared" in tokens
-    expert = not dense and bool(num_experts) and len(shape) >= 3 and shape[-3] == num_experts
-    return which, (len(shape) - 3 if expert else None), (len(shape) - 1 if which == "w1" else len(shape) - 2)
-
-
-def ffn_sharding_for(path: str, shape: Sequence[int], mesh: Mesh,
-                     num_experts: Optional[int]) -> NamedSharding:
-    """Placement of one FFN leaf on the weights mesh (rules in the module docstring)."""
-    shape = tuple(int(s) for s in shape)
-    if "expert" not in mesh.axis_names:
-        raise ValueError(f"mesh must have an 'expert' axis (axes: {mesh.axis_names})")
-    n = mesh.shape["expert"]
-    spec = [None] * len(shape)
-    which, e_axis, f_axis = _ffn_axes(path, shape, num_experts)
-    if which is None or n == 1:
-        return NamedSharding(mesh, PartitionSpec(*spec))
-    if e_axis is not None and shape[e_axis] % n == 0 and shape[e_axis] >= n:
-        spec[e_axis] = "expert"
-    elif f_axis is not None:
-        f = shape[f_axis]
-        if which == "w1":
-            if f % 2:
-                raise ValueError(f"FFN leaf {path!r}: the 2F axis of w1 must be even, got shape {shape}")
-            f //= 2
-        if f % n == 0:
-            spec[f_axis] = "expert"
-    return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def interleave_gate_up(w1, num_shards: int):
-    """[..., D, 2F] stacked [gate | up] -> block i of the 2F axis = [gate_i | up_i] (F/n each)."""
-    f2 = w1.shape[-1]
-    if f2 % (2 * num_shards):
-        raise ValueError(f"w1's 2F axis ({f2}) must split into {num_shards} gate/up pairs")
-    f = f2 // 2
-    gate = w1[..., :f].reshape(*w1.shape[:-1], num_shards, f // num_shards)
-    up = w1[..., f:].reshape(*w1.shape[:-1], num_shards, f // num_shards)
-    xp = np if isinstance(w1, np.ndarray) else jax.numpy
-    return xp.concatenate([gate, up], axis=-1).reshape(w1.shape)
-
-
-def deinterleave_gate_up(w1, num_shards: int):
-    """Inverse of `interleave_gate_up`."""
-    f2 = w1.shape[-1]
-    if f2 % (2 * num_shards):
-        raise ValueError(f"w1's 2F axis ({f2}) must split into {num_shards} gate/up pairs")
-    blocks = w1.reshape(*w1.shape[:-1], num_shards, f2 // num_shards)
-    half = f2 // num_shards // 2
-    gate = blocks[..., :half].reshape(*w1.shape[:-1], f2 // 2)
-    up = blocks[..., half:].reshape(*w1.shape[:-1], f2 // 2)
-    xp = np if isinstance(w1, np.ndarray) else jax.numpy
-    return xp.concatenate([gate, up], axis=-1)
-
-
-def ffn_sharding_fn(mesh: Mesh, num_experts: Union[int, dict, None]):
-    """A `WeightsPool` sharding_fn placing FFN leaves by `ffn_sharding_for`.
-
-    num_experts: one count for every model, or {model_name: count} (None/0: dense model).
-    """
-    def fn(model: str, path: str, shape: tuple) -> NamedSharding:
-        if isinstance(num_experts, dict):
-            if model not in num_experts:
-                raise ValueError(f"ffn_sharding_fn: no expert count for model {model!r} "
-                                 f"(known: {sorted(num_experts)})")
-            return ffn_sharding_for(path, shape, mesh, num_experts[model])
-        return ffn_sharding_for(path, shape, mesh, num_experts)
-    return fn
-
-
-def replicated_sharding_fn(mesh: Mesh):
-    """A `WeightsPool` sharding_fn replicating every leaf over `mesh` (e.g. attention weights on
-    the KV devices)."""
-    def fn(model: str, path: str, shape: tuple) -> NamedSharding:
-        return NamedSharding(mesh, PartitionSpec())
-    return fn

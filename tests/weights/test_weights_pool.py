@@ -2,15 +2,9 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from crosspool_jax.weights import (
-    WeightsPool,
-    WeightsPoolBusyError,
-    ffn_sharding_fn,
-    resolve_device_roles,
-    weights_mesh,
-)
+from crosspool_jax.weights import WeightsPool, WeightsPoolBusyError, resolve_device_roles
 
 DEV = jax.devices()[0]
 E, D, F, L = 4, 8, 6, 2
@@ -175,10 +169,16 @@ def test_prefetch_then_acquire(models):
 def test_multi_device_sharding_is_kept():
     rng = np.random.default_rng()
     roles = resolve_device_roles("crosspool", 4, 4)
-    mesh = weights_mesh(roles)
+    mesh = Mesh(np.array(roles.weight_devices, dtype=object), ("expert",))
     params = {"a": _ffn_params(rng), "b": _ffn_params(rng, e=6, f=8)}
-    # a: 4 experts over 4 devices (EP); b: 6 experts over 4 devices -> TP over F = 8
-    pool = WeightsPool(None, ffn_sharding_fn(mesh, {"a": 4, "b": 6}))
+    # a: 4 experts over 4 devices (expert axis split); b: 6 experts -> its F axis split (F = 8)
+    split = {"a": {"w1_LEDF2": P(None, "expert", None, None), "w2_LEFD": P(None, "expert", None, None)},
+             "b": {"w1_LEDF2": P(None, None, None, "expert"), "w2_LEFD": P(None, None, "expert", None)}}
+
+    def sharding_fn(model, path, shape):     # a placement the pool must keep across swaps
+        return NamedSharding(mesh, split[model].get(path.rsplit("/", 1)[-1], P()))
+
+    pool = WeightsPool(None, sharding_fn)
     pool.register("a", params["a"])
     pool.register("b", jax.device_put(params["b"], NamedSharding(mesh, P())), resident=False)
     pool.evict("a")
