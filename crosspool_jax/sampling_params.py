@@ -7,7 +7,7 @@ a ValueError naming the field instead of overflowing inside a step. Model-depend
 `LLMEngine.add_request`, which knows the model.
 
 The logits processors vLLM users pass are data of a fixed width per sampling row
-(`runtime/shapes.py` `BIASED_IDS`): `logit_bias` (token id -> additive bias),
+(`BIASED_IDS`, the width of the sampler's logits table): `logit_bias` (token id -> additive bias),
 `allowed_token_ids` (every other id masked) and `bad_words` (banned words, tokenized by the
 engine) each hold at most `BIASED_IDS` entries (the engine checks them together against the
 model). `prompt_logprobs=k` returns each prompt token's log-probability and the k most likely
@@ -20,8 +20,7 @@ import math
 import numbers
 from typing import Optional, Sequence, Union
 
-from crosspool_jax.runtime.shapes import BIASED_IDS
-
+BIASED_IDS = 128    # logit_bias, allowed and banned token ids per request: the logits table's width
 MAX_LOGPROBS = 20
 INT32_MAX = 2 ** 31 - 1
 MAX_BAD_WORD_CHARS = 256     # characters of one bad word (its token ids are found by the engine)

@@ -34,13 +34,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+from crosspool_jax.sampling_params import BIASED_IDS  # noqa: F401  (the logits table's width, a request limit)
 from pallas_kernels.pow2 import next_pow2
 
 MIN_SEQS = 8             # sequence rows of the smallest program
 MIN_PAGES = 4            # page-table blocks of the smallest program
 MIN_HISTORY = 16         # token-history length of the smallest penalties program
 STOP_IDS = 32            # stop / suppressed token ids per row (EOS included), a fixed width
-BIASED_IDS = 128         # (token id, bias) entries per row: logit_bias, allowed and banned ids
 
 
 def _from_top(start: int, stop: int, ratio: int, levels: int) -> tuple[int, ...]:
