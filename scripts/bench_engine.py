@@ -1,4 +1,4 @@
-"""Engine throughput: tokens/s, and host time per step against device time.
+"""Engine throughput: tokens/s, host time per step against device time, and the roofline.
 
     python scripts/bench_engine.py                      # the shipped models, on whatever JAX finds
     python scripts/bench_engine.py --random_config qwen3moe-mini --num_prompts 32 --max_tokens 64
@@ -6,6 +6,12 @@
 Each run prints one table and appends it, with the card, JAX version and date, to
 --results (default: stdout only). "host" is the time the runner spends preparing inputs
 (per step), "device" the time from dispatch until the sampled tokens are on the host.
+"roofline tok/s": what the decode would reach if every step only read the bytes it must
+(`bench/roofline.py`: weights once, the experts the batch reaches under uniform routing, the
+K/V cache at the average decode context) at the copy ceiling measured in the same run (a GPU
+with PyTorch: `pallas_kernels.anchors.torch_copy_gbps`; elsewhere no ceiling, no roofline);
+"x roofline" is the roofline over the measured rate (1.0 = at the limit; the measured rate
+includes the prompts' prefill, so short outputs overstate the decode's gap).
 """
 from __future__ import annotations
 
@@ -73,13 +79,44 @@ def run_once(models: dict, max_decode_steps: int) -> dict:
     s = llm.engine.runner.stats
     steps = s.steps - base[0]
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"models": len(names), "prompts": len(prompts), "decode_steps": max_decode_steps,
+    row = {"models": len(names), "prompts": len(prompts), "decode_steps": max_decode_steps,
             "gen_tokens": gen, "wall_s": wall, "tok_per_s": gen / wall, "steps": steps,
             "host_ms_per_step": 1e3 * (s.host_prepare_seconds - base[1]) / max(steps, 1),
             "device_ms_per_step": 1e3 * (s.device_seconds - base[2]) / max(steps, 1),
             "other_ms_per_step": 1e3 * (wall - (s.host_prepare_seconds - base[1]) - (s.device_seconds - base[2]))
             / max(steps, 1),
             "programs": s.compiled_programs}
+    row.update(_roofline(llm, names, gen / wall))
+    return row
+
+
+def _roofline(llm, names, tok_per_s: float) -> dict:
+    """Roofline tok/s of the run's decode (each model's prompts decoding together, models one
+    after another) and its ratio to the measured rate; empty without a copy ceiling."""
+    import jax.numpy as jnp
+
+    from crosspool_jax.bench.roofline import decode_step_bytes
+    from pallas_kernels.anchors import torch_copy_gbps
+
+    global _CEILING
+    if _CEILING is None:
+        _CEILING = torch_copy_gbps() if jax_platform() == "gpu" else 0.0
+    if not _CEILING:
+        return {}
+    context = _PROMPT_LEN.value + _MAX_TOKENS.value // 2
+    seconds = sum(decode_step_bytes(llm.engine.registry.get(n).config, batch=_NUM_PROMPTS.value, context=context,
+                                    itemsize=jnp.dtype(_DTYPE.value).itemsize)["total"] / (_CEILING * 1e9)
+                  for n in names)                 # one decode token for every prompt of every model
+    roofline = _NUM_PROMPTS.value * len(names) / seconds
+    return {"copy_gbps": _CEILING, "roofline_tok_per_s": roofline, "x_roofline": roofline / tok_per_s}
+
+
+_CEILING = None
+
+
+def jax_platform() -> str:
+    import jax
+    return jax.devices()[0].platform
 
 
 def main(argv):
