@@ -208,17 +208,23 @@ class Generation:
         yield DONE
 
     async def _completion_events(self, include_usage: bool, logprobs_k: Optional[int]) -> AsyncIterator[bytes]:
-        for idx in sorted(self.states) if self.echo is not None else ():
-            choice = responses.completion_choice(idx, self._echo(idx), None, None, None, None)
-            yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
-                                                         None, chunk=True))
+        """With echo, each choice's first chunk is its prompt (with the prompt's logprobs when
+        logprobs are asked: they come with the request's first event)."""
+        echoed: set[int] = set()
         async for idx, c, text_offset in self.pieces():
+            if self.echo is not None and idx not in echoed:
+                echoed.add(idx)
+                lps = (responses.echo_logprobs(self.tokenizer, *self._prompt_of(idx), logprobs_k)
+                       if logprobs_k is not None else None)
+                choice = responses.completion_choice(idx, self._echo(idx), lps, None, None, None)
+                yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],
+                                                             None, chunk=True))
             if not (c.text or c.token_ids or c.finish_reason is not None):
                 continue
             lps = None
             if logprobs_k is not None and c.logprobs:
                 lps = responses.completion_logprobs(self.tokenizer, c.token_ids, c.logprobs,
-                                                    logprobs_k, text_offset)
+                                                    logprobs_k, len(self._echo(idx)) + text_offset)
             choice = responses.completion_choice(idx, c.text, lps, c.finish_reason, c.stop_reason,
                                                  self._ids(c.token_ids))
             yield encode_event(responses.completion_body(self.id, self.created, self.model, [choice],

@@ -5,8 +5,7 @@
 Validation is strict, like OpenAI's and vLLM's: a field of the wrong type (no "10" for an
 integer, no 1 for a boolean) or a field that is not part of the request is a 400 naming the
 field; OpenAI and vLLM fields that this engine cannot honour (`suffix`, `response_format`
-other than text, tools, `echo` in chat, `prompt_logprobs` or `echo` with logprobs in a stream,
-...) are a 400 naming the field as soon as they are set to anything but their neutral value.
+other than text, tools, `echo` in chat, `prompt_logprobs` in a stream, ...) are a 400 naming the field as soon as they are set to anything but their neutral value.
 `logit_bias` takes OpenAI's {"token id": bias} (biases clamped to [-100, 100], as vLLM does);
 completions' `echo` with `logprobs` returns the prompt tokens' logprobs first (as OpenAI). Sampling values are checked by
 `SamplingParams` itself (its ValueError message is passed through, naming the field).
@@ -348,8 +347,6 @@ def _is_type_tag(part: str) -> bool:
 
 def parse_completion_request(body: dict) -> CompletionRequest:
     req: CompletionBody = validate_body(CompletionBody, body)
-    if req.echo and req.logprobs is not None and req.stream:
-        raise ApiError(400, "echo with logprobs is not supported in a stream", param="echo")
     if req.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix")
     _refuse_unsupported(req)

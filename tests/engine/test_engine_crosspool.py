@@ -23,8 +23,10 @@ from crosspool_jax.engine.request import Request
 FAMILIES = ["mixtral", "qwen3_moe"]
 MAX_TOKENS = 6
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+ALLOWED = set(range(1, 250, 3)) | {5, 17}
 SEEDED = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed=7, logprobs=2, ignore_eos=True,
-                        repetition_penalty=1.2, presence_penalty=0.3)          # the token history too
+                        repetition_penalty=1.2, presence_penalty=0.3,          # the token history too
+                        allowed_token_ids=sorted(ALLOWED), logit_bias={5: 3.0, 17: -2.0})   # and the logits table
 # one token bucket (64) and prompts under 58 tokens: one program shape per model and split
 ENGINE = dict(dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64,
               max_decode_steps=4)
@@ -120,6 +122,7 @@ def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected
     # the single-device engine's tokens and logprobs
     got_seeded = llm.generate(prompts, SEEDED, model=models)
     assert _tokens(got_seeded) == _tokens(want_seeded)
+    assert set(sum(_tokens(got_seeded), [])) <= ALLOWED
     for g, w in zip(got_seeded, want_seeded):
         for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
             assert lg.keys() == lw.keys()

@@ -110,7 +110,6 @@ CASES = [  # (id, path, body (dict or raw bytes), status, fragments of the messa
     ("prompt_logprobs_stream", C, {"prompt": "Hi", "prompt_logprobs": 1, "stream": True}, 400,
      ["prompt_logprobs", "stream"]),
     ("prompt_logprobs_over", C, {"prompt": "Hi", "prompt_logprobs": 21}, 400, ["prompt_logprobs", "[0, 20]"]),
-    ("echo_logprobs_stream", C, {"prompt": "Hi", "echo": True, "logprobs": 1, "stream": True}, 400, ["echo"]),
     ("logit_bias_key", CHAT, {"messages": USER, "logit_bias": {"five": 1.0}}, 400, ["logit_bias", "token ids"]),
     ("logit_bias_vocab", C, {"prompt": "Hi", "logit_bias": {"5000": 1.0}}, 400,
      ["SamplingParams.logit_bias", "token id 5000", "outside the vocabulary"]),

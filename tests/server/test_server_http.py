@@ -411,5 +411,9 @@ def test_echo_and_continuous_usage(fake_server, rng):
     chunks = [e for e in events[:-1] if e["choices"]]
     assert "".join(c["text"] for e in chunks for c in e["choices"]) == text + expected_text(p, 3)
     assert [e["usage"]["completion_tokens"] for e in chunks[1:]] == [1, 2, 3]
-    _assert_error(_post(fake_server, "/v1/completions", {"model": "alpha", "prompt": text, "echo": True,
-                                                         "logprobs": 1, "stream": True}), 400, param="echo")
+    events = _sse(fake_server, "/v1/completions", {"model": "alpha", "prompt": ids, "max_tokens": 2, "echo": True,
+                                                   "logprobs": 1, "stream": True})
+    chunks = [e["choices"][0] for e in events[:-1] if e["choices"]]
+    assert chunks[0]["text"] == "Hey" and len(chunks[0]["logprobs"]["tokens"]) == 3    # the prompt first
+    assert chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert [c["logprobs"]["text_offset"][0] for c in chunks[1:3]] == [3, 4]        # after the echoed text

@@ -174,6 +174,9 @@ def test_logits_processors_prompt_logprobs_and_echo_through_the_openai_client(en
             got.append(out.choices[0].model_extra["token_ids"])
         scored = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0.0, echo=True,
                                            logprobs=2, extra_body={"prompt_logprobs": 1, "return_token_ids": True})
+        streamed = [c.choices[0] for c in client.completions.create(
+            model=model, prompt=prompt, max_tokens=2, temperature=0.0, echo=True, logprobs=2, stream=True)
+            if c.choices]
         chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi there"}],
                                               max_tokens=2, temperature=0.0, extra_body={"prompt_logprobs": 0})
         with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
@@ -199,6 +202,9 @@ def test_logits_processors_prompt_logprobs_and_echo_through_the_openai_client(en
     assert lps.token_logprobs[len(prompt):] == pytest.approx(
         [lp[t].logprob for t, lp in zip(want.outputs[0].token_ids, want.outputs[0].logprobs)], abs=1e-5)
     assert choice.text.startswith(tok.decode(prompt)) and lps.text_offset[0] == 0
+    assert "".join(c.text for c in streamed) == choice.text                      # the stream: echo chunk first
+    assert sum((c.logprobs.token_logprobs for c in streamed), []) == pytest.approx(lps.token_logprobs, abs=1e-6)
+    assert sum((c.logprobs.text_offset for c in streamed), []) == lps.text_offset
     chat_plps = chat.model_extra["prompt_logprobs"]
     assert chat_plps[0] is None and all(len(e) == 1 for e in chat_plps[1:])
 
