@@ -23,6 +23,13 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
     "llama": ("LlamaConfig", dict(intermediate_size=48)),
     "qwen3": ("Qwen3Config", dict(intermediate_size=48, head_dim=16)),
+    # MLA with the query LoRA, a dense first layer, 8 experts in 4 groups (best 2), a shared
+    # expert, scaled routing; every geometry distinct (latent 16, rope 4, nope 8, v 12)
+    "deepseek_v2": ("DeepseekV2Config", dict(
+        num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, routed_scaling_factor=1.5)),
 }
 
 
@@ -41,11 +48,13 @@ def build_hf_config(family: str, **overrides) -> Any:
 
 
 def randomize_(model, seed: int, *, std: float = 0.1, norm_std: float = 0.2) -> None:
-    """Overwrite every parameter in place from a seeded generator (norms around 1)."""
+    """Overwrite every parameter in place from a seeded generator (norms around 1), and the
+    learnt buffers a checkpoint carries (DeepSeek-V3's e_score_correction_bias)."""
     import torch
     gen = torch.Generator().manual_seed(seed)
+    learnt = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for name, p in sorted(list(model.named_parameters()) + learnt, key=lambda kv: kv[0]):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if "norm" in name:
                 value = 1.0 + norm_std * noise

@@ -478,6 +478,10 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
     page_elems = choose_page_elems(kv_rows) if page_elems is None else int(page_elems)
     entries = {}
     for name, c in configs.items():
+        if c.is_mla:
+            raise ValueError(f"model {name!r} ({c.architecture}) cannot run on the disaggregated step: it uses "
+                             f"multi-head latent attention, and the crosspool split's arena step attends "
+                             f"per-head K/V only; serve it with mode='shared' or 'static'")
         try:
             tokens_per_page(page_elems, c.num_kv_heads, c.head_dim)
             entries[name] = _model_entries(c, n_w)

@@ -3,7 +3,9 @@
 `dense_causal_attention(segment_ids_T, positions_T)` returns an `attention_fn` for a packed
 batch of whole sequences: token t attends to token s when they share a segment and
 pos[s] <= pos[t] (and pos[t] - pos[s] < sliding_window when one is given). The kv_cache
-argument passes through untouched. Softmax in float32, sm_scale = head_dim ** -0.5.
+argument passes through untouched. Softmax in float32, sm_scale = head_dim ** -0.5 unless
+given. latent_value_dim (MLA, as `ragged_paged_attention`): the key is concat(k, v) along the
+head dim and the value its first latent_value_dim entries.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import jax.numpy as jnp
 _MASK = -1e30
 
 
-def dense_causal_attention(segment_ids_T: jax.Array, positions_T: jax.Array, *, sliding_window=None):
+def dense_causal_attention(segment_ids_T: jax.Array, positions_T: jax.Array, *, sliding_window=None,
+                           sm_scale=None, latent_value_dim=None):
     """Build attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache) -> (out_TNH, kv_cache)."""
     seg_T = jnp.asarray(segment_ids_T)
     pos_T = jnp.asarray(positions_T)
@@ -23,13 +26,17 @@ def dense_causal_attention(segment_ids_T: jax.Array, positions_T: jax.Array, *, 
 
     def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache):
         del layer_idx
+        if latent_value_dim is not None:
+            k_TKH = jnp.concatenate([k_TKH, v_TKH], axis=-1)
+            v_TKH = k_TKH[..., :latent_value_dim]
         T, N, H = q_TNH.shape
-        K = k_TKH.shape[1]
+        K, Hv = k_TKH.shape[1], v_TKH.shape[-1]
+        scale = H ** -0.5 if sm_scale is None else sm_scale
         q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
-        s_KRTS = jnp.einsum("tkrh,skh->krts", q_TKRH, k_TKH.astype(jnp.float32)) * (H ** -0.5)
+        s_KRTS = jnp.einsum("tkrh,skh->krts", q_TKRH, k_TKH.astype(jnp.float32)) * scale
         s_KRTS = jnp.where(mask_TS, s_KRTS, _MASK)
         p_KRTS = jax.nn.softmax(s_KRTS, axis=-1)
         out_TKRH = jnp.einsum("krts,skh->tkrh", p_KRTS, v_TKH.astype(jnp.float32))
-        return out_TKRH.reshape(T, N, H).astype(q_TNH.dtype), kv_cache
+        return out_TKRH.reshape(T, N, Hv).astype(q_TNH.dtype), kv_cache
 
     return attention_fn

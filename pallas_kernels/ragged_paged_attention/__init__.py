@@ -44,22 +44,31 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale=None, soft_cap=None, sliding_window=None, backend="auto",
-                           interpret=False, k_page_offset=0, v_page_offset=0):
+                           interpret=False, k_page_offset=0, v_page_offset=0, latent_value_dim=None):
     """Attention of packed ragged queries q [T, N, H] over a paged KV pool [P, G, K, H].
 
     See ../shared/CROSSPOOL.md for the contract. Rows of q past cu_q_lens[num_seqs] come back
     as zeros on every backend. `interpret=True` runs a Pallas kernel in interpret mode (CPU).
     k_page_offset / v_page_offset (static non-negative ints < P): page id p's K is
     k_pages[p + k_page_offset], its V v_pages[p + v_page_offset] (module docstring).
+    latent_value_dim (static int, MLA's absorbed form): the pages hold one latent row per token,
+    its first half in k_pages and its second in v_pages (K = 1, q's head dim twice theirs);
+    key = the whole row, value = its first latent_value_dim entries; out [T, N,
+    latent_value_dim]. The reference runs it ("auto" picks it; the kernels do not take it yet).
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-                  backend=backend, k_page_offset=k_page_offset, v_page_offset=v_page_offset)
+                  backend=backend, k_page_offset=k_page_offset, v_page_offset=v_page_offset,
+                  latent_value_dim=latent_value_dim)
     offsets = dict(k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
     requested = backend
     backend = resolve_backend(backend)
-    if requested == "auto" and backend != "reference" and not kernel_supports(q, k_pages, backend):
+    if requested == "auto" and backend != "reference" and (latent_value_dim is not None
+                                                           or not kernel_supports(q, k_pages, backend)):
         backend = "reference"
+    if latent_value_dim is not None and backend != "reference":
+        raise ValueError(f"the {backend} kernel does not run MLA's latent attention (latent_value_dim) yet; "
+                         f"use backend='reference' or 'auto'")
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     sm_scale = float(sm_scale)
@@ -69,7 +78,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     if backend == "reference":
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            soft_cap=soft_cap, sliding_window=sliding_window, **offsets)
+            soft_cap=soft_cap, sliding_window=sliding_window, latent_value_dim=latent_value_dim, **offsets)
     validate_kernel_geometry(q, k_pages, backend)
     if backend == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu

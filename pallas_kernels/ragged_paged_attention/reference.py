@@ -9,6 +9,11 @@ cu_q_lens[num_seqs] are padding and come back as zeros. Page id p's K is
 k_pages[p + k_page_offset] and its V v_pages[p + v_page_offset] (static ints, default 0), so K
 and V may be two windows of one buffer; ids outside the buffer are clamped into it (jnp
 gather), and whatever they read is masked.
+
+latent_value_dim (MLA's absorbed form, static): the pages hold one latent row per token split
+in two halves, the first in k_pages and the second in v_pages (K = 1); the key is their
+concatenation (q's head dim = 2 * the pages' head dim) and the value its first
+latent_value_dim entries; the output is [T, N, latent_value_dim].
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ _MASK = -1e30
 
 def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                      cu_q_lens_S1, num_seqs, *, sm_scale=None, soft_cap=None,
-                                     sliding_window=None, k_page_offset=0, v_page_offset=0):
+                                     sliding_window=None, k_page_offset=0, v_page_offset=0,
+                                     latent_value_dim=None):
     T, N, H = q_TNH.shape
-    _, G, K, _ = k_pages_PGKH.shape
+    _, G, K, Hp = k_pages_PGKH.shape
     S, pages_per_seq = page_indices_SP.shape
     C = pages_per_seq * G                                           # context capacity
     if sm_scale is None:
@@ -36,8 +42,12 @@ def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_
     kv_len_T = kv_lens_S[seq_T]
     pos_T = kv_len_T - q_len_T + (t - cu_q_lens_S1[seq_T])          # absolute position of the query
     pages_TP = page_indices_SP[seq_T]                               # [T, pages_per_seq]
-    k_TCKH = k_pages_PGKH[pages_TP + k_page_offset].reshape(T, C, K, H)
-    v_TCKH = v_pages_PGKH[pages_TP + v_page_offset].reshape(T, C, K, H)
+    k_TCKH = k_pages_PGKH[pages_TP + k_page_offset].reshape(T, C, K, Hp)
+    v_TCKH = v_pages_PGKH[pages_TP + v_page_offset].reshape(T, C, K, Hp)
+    if latent_value_dim is not None:           # one latent row: key = both halves, value = its head
+        k_TCKH = jnp.concatenate([k_TCKH, v_TCKH], axis=-1)
+        v_TCKH = k_TCKH[..., :latent_value_dim]
+    Hv = v_TCKH.shape[-1]
     q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
     s = jnp.einsum("tkrh,tckh->tkrc", q_TKRH, k_TCKH.astype(jnp.float32)) * sm_scale
     if soft_cap is not None:
@@ -53,4 +63,4 @@ def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_
     # NaN-safe: masked-out (possibly NaN) values never reach the product
     v_safe = jnp.where(mask_TC[:, :, None, None], v_TCKH.astype(jnp.float32), 0.0)
     out = jnp.einsum("tkrc,tckh->tkrh", p, v_safe)
-    return out.reshape(T, N, H).astype(q_TNH.dtype)
+    return out.reshape(T, N, Hv).astype(q_TNH.dtype)

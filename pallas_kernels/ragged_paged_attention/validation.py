@@ -34,7 +34,7 @@ def _int32(name, x):
 
 def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP, cu_q_lens_S1,
                   num_seqs, *, sm_scale, soft_cap, sliding_window, backend, k_page_offset=0,
-                  v_page_offset=0):
+                  v_page_offset=0, latent_value_dim=None):
     """Checks the contract's ranks, dtypes, shapes and static options; returns the backend name
     unchanged."""
     if backend not in BACKENDS:
@@ -44,7 +44,15 @@ def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
     if tuple(v_pages_PGKH.shape) != (P, G, K, Hk):
         raise ValueError(f"v_pages shape {tuple(v_pages_PGKH.shape)} must equal k_pages shape "
                          f"{(P, G, K, Hk)}")
-    if Hk != H:
+    if latent_value_dim is not None:
+        if (isinstance(latent_value_dim, bool) or not isinstance(latent_value_dim, numbers.Integral)
+                or not 1 <= latent_value_dim <= 2 * Hk):
+            raise ValueError(f"latent_value_dim must be an int in [1, {2 * Hk}] (the latent row is 2 * "
+                             f"the pages' head dim), got {latent_value_dim!r}")
+        if K != 1 or H != 2 * Hk:
+            raise ValueError(f"latent attention (latent_value_dim) needs one KV head and q's head dim "
+                             f"({H}) twice the pages' ({Hk}); k_pages shape {(P, G, K, Hk)}")
+    elif Hk != H:
         raise ValueError(f"head dim of q ({H}) must equal head dim of k_pages/v_pages ({Hk})")
     if K == 0 or N % K:
         raise ValueError(f"query heads N={N} must be divisible by KV heads K={K}")
