@@ -134,6 +134,57 @@ class TestReference:
                                       np.asarray(ragged_paged_attention_reference(*args)))
 
 
+def loop_latent_attention(args, *, latent_value_dim, sm_scale):
+    """MLA's absorbed attention as a float64 numpy loop: each token's cached row is its K page
+    row then its V page row (one head); the scores read the whole row, the values its first
+    latent_value_dim entries."""
+    q, k, v, kl, table, cu, ns = [np.asarray(a, np.float64) if a.dtype != jnp.int32
+                                  else np.asarray(a) for a in args]
+    T, N, _ = q.shape
+    G = k.shape[1]
+    out = np.zeros((T, N, latent_value_dim))
+    for s in range(int(ns[0])):
+        q_len, kv_len = cu[s + 1] - cu[s], kl[s]
+        pages = table[s, :-(-kv_len // G)]
+        rows = np.concatenate([k[pages].reshape(-1, k.shape[-1]), v[pages].reshape(-1, v.shape[-1])],
+                              axis=-1)[:kv_len]
+        for i in range(q_len):
+            pos = kv_len - q_len + i
+            for h in range(N):
+                sc = rows[:pos + 1] @ q[cu[s] + i, h] * sm_scale
+                p = np.exp(sc - sc.max())
+                out[cu[s] + i, h] = p @ rows[:pos + 1, :latent_value_dim] / p.sum()
+    return out
+
+
+def latent_case(seed, q_lens, kv_lens, *, N=4, half=20, **kw):
+    """make_case with one KV head of `half` dims per buffer and a fresh q of the whole row."""
+    q, k, v, *rest = make_case(seed, q_lens, kv_lens, N=N, K=1, H=half, **kw)
+    q = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((q.shape[0], N, 2 * half)), q.dtype)
+    return (q, k, v, *rest)
+
+
+class TestLatentAttention:
+    """MLA (latent_value_dim): the cached row split over the K and V pages, one head."""
+
+    @pytest.mark.parametrize("value_dim", [32, 20, 7])
+    def test_matches_numpy_loop(self, value_dim):
+        args = latent_case(11, *MIXED, S_cap=8, T_pad=3)
+        out = ragged_paged_attention(*args, sm_scale=0.3, latent_value_dim=value_dim)   # auto: the reference
+        assert out.shape == (args[0].shape[0], 4, value_dim)
+        assert_close(out, loop_latent_attention(args, latent_value_dim=value_dim, sm_scale=0.3), 1e-5)
+        assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
+
+    def test_geometry_is_checked_and_kernels_refuse(self):
+        args = latent_case(12, *DECODE)
+        with pytest.raises(ValueError, match="latent_value_dim must be an int"):
+            ragged_paged_attention(*args, latent_value_dim=41)
+        with pytest.raises(ValueError, match="one KV head"):
+            ragged_paged_attention(*make_case(3, *DECODE, N=4, K=2, H=64), latent_value_dim=32)
+        with pytest.raises(ValueError, match="does not run MLA"):
+            ragged_paged_attention(*args, latent_value_dim=32, backend="gpu", interpret=True)
+
+
 class TestGpuKernelInterpret:
     """The Triton-lowered kernel under Pallas' interpret mode."""
 
