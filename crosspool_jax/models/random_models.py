@@ -31,6 +31,19 @@ SHAPES = {
         "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
         "rope_theta": 10000.0, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False},
+    # DeepSeek-V2-Lite (MLA: latent 512 + rope key 64 cached per token and layer; no q LoRA;
+    # layer 0 dense, then 64 routed experts top-6 + 2 shared; YaRN x40 with mscale), all 27 layers
+    "deepseek-v2-lite-27l": {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+        "num_experts_per_tok": 6, "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy",
+        "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+        "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                                "mscale_all_dim": 0.707},
+        "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "qwen3moe-mini-2l": {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 4096,
         "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 2,
