@@ -49,7 +49,8 @@ _MLA_Q_LORA = {
 _MLA_BIAS = {"self_attn.kv_a_proj_with_mqa.bias": ("bkv_a_LRY", False), "self_attn.o_proj.bias": ("bo_LD", False)}
 _MLA_Q_LORA_BIAS = {"self_attn.q_a_proj.bias": ("bq_a_LA", False)}
 # the shared expert's module name per family
-_SHARED = {"qwen2_moe": "shared_expert", "deepseek_v2": "shared_experts"}
+_SHARED = {"qwen2_moe": "shared_expert", "deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts",
+           "glm4_moe_lite": "shared_experts"}
 # MoE tensors per family: (router, per-expert gate, up, down, prefix of the MoE block)
 _MOE = {
     "mixtral": ("block_sparse_moe", "gate.weight", "w1.weight", "w3.weight", "w2.weight"),
@@ -57,6 +58,8 @@ _MOE = {
     "qwen3_moe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "olmoe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "deepseek_v2": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    "deepseek_v3": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    "glm4_moe_lite": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
 }
 # tensors that may appear in older checkpoints and carry nothing we need
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -30,6 +30,18 @@ FAMILIES = {
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, topk_method="group_limited_greedy", n_group=4,
         topk_group=2, routed_scaling_factor=1.5)),
+    # MLA with DeepSeek-V3 routing: sigmoid scores, a learnt choice bias (randomized below),
+    # 8 experts in 4 groups scored by their two best (best 2 kept), renormalised, scaled
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(
+        num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+        norm_topk_prob=True)),
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True)),
 }
 
 

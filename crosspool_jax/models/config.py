@@ -22,15 +22,18 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen3ForCausalLM": "qwen3",
     "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
 }
 QK_NORMS = ("none", "per_head", "full")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
 GROUP_SCORES = ("max", "top2_sum")
 _QK_NORM_OF_FAMILY = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "per_head",
-                      "olmoe": "full", "llama": "none", "qwen3": "per_head", "deepseek_v2": "none"}
-_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
-_MLA_FAMILIES = ("deepseek_v2",)
+                      "olmoe": "full", "llama": "none", "qwen3": "per_head", "deepseek_v2": "none",
+                      "deepseek_v3": "none", "glm4_moe_lite": "none"}
+_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+_MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # the RMSNorm eps of MLA's q_a_layernorm and kv_a_layernorm (transformers builds them with
 # the RMSNorm default, not the config's rms_norm_eps)
 MLA_NORM_EPS = 1e-6
@@ -318,12 +321,15 @@ class ModelConfig:
         if family in _MLA_FAMILIES:
             kw.update(head_dim=req("v_head_dim"), q_lora_rank=opt("q_lora_rank", 0), kv_lora_rank=req("kv_lora_rank"),
                       qk_nope_head_dim=req("qk_nope_head_dim"), qk_rope_head_dim=req("qk_rope_head_dim"),
-                      num_kv_heads=num_heads, rope_interleave=True)
+                      num_kv_heads=num_heads,
+                      rope_interleave=family == "deepseek_v2" or bool(d.get("rope_interleave", True)))
         if family in _MOE_FAMILIES:
             kw.update(num_experts=int(req("num_local_experts", "num_experts", "n_routed_experts")),
                       top_k=int(req("num_experts_per_tok")))
             if family == "deepseek_v2":
                 kw.update(_deepseek_moe(d, arch, req, opt))
+            elif family in ("deepseek_v3", "glm4_moe_lite"):
+                kw.update(_deepseek_v3_moe(d, arch, req, opt, family))
             elif family == "mixtral":
                 kw.update(norm_topk_prob=True, moe_intermediate_size=int(req("intermediate_size")))
             elif family == "olmoe":
@@ -359,6 +365,29 @@ def _deepseek_moe(d: dict, arch: str, req, opt) -> dict:
                 shared_expert_intermediate_size=F * opt("n_shared_experts", 0), shared_expert_gate=False,
                 routed_scaling_factor=opt("routed_scaling_factor", 1.0, float), group_score="max",
                 mlp_only_layers=tuple(range(opt("first_k_dense_replace", 0))), **groups)
+
+
+def _deepseek_v3_moe(d: dict, arch: str, req, opt, family: str) -> dict:
+    """The MoE fields of DeepseekV3ForCausalLM and Glm4MoeLiteForCausalLM (DeepSeek-V3 routing):
+    sigmoid scores, e_score_correction_bias for the choice only, n_group groups scored by the
+    sum of their two best, the topk_group best kept, norm_topk_prob, routed_scaling_factor;
+    shared experts without a gate; dense layers: DeepSeek-V3's first first_k_dense_replace,
+    GLM's mlp_layer_types "dense" entries (default: layer 0 only)."""
+    F = req("moe_intermediate_size")
+    L = req("num_hidden_layers")
+    if family == "deepseek_v3":
+        dense = tuple(range(opt("first_k_dense_replace", 3)))
+    else:
+        types = d.get("mlp_layer_types") or ["dense"] + ["sparse"] * (L - 1)
+        if len(types) != L or set(types) - {"dense", "sparse"}:
+            raise ValueError(f"config.json for {arch}: mlp_layer_types must list 'dense' or 'sparse' for each "
+                             f"of the {L} layers, got {types!r}")
+        dense = tuple(l for l, t in enumerate(types) if t == "dense")
+    return dict(norm_topk_prob=bool(d.get("norm_topk_prob", True)), moe_intermediate_size=F,
+                shared_expert_intermediate_size=F * opt("n_shared_experts", 0), shared_expert_gate=False,
+                router_scoring="sigmoid", router_score_bias=True, group_score="top2_sum",
+                n_group=opt("n_group", 1), topk_group=opt("topk_group", 1),
+                routed_scaling_factor=opt("routed_scaling_factor", 1.0, float), mlp_only_layers=dense)
 
 
 def _number(d: dict, key: str, kind):

@@ -44,6 +44,16 @@ SHAPES = {
                                                 "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                                                 "mscale_all_dim": 0.707},
         "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    # GLM-4.7-Flash (MLA with a q LoRA; DeepSeek-V3 routing: sigmoid, choice bias, top-4 of 64
+    # + 1 shared, scaled 1.8; layer 0 dense), all 47 layers
+    "glm-4.7-flash-47l": {
+        "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "vocab_size": 154880,
+        "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536, "num_hidden_layers": 47,
+        "num_attention_heads": 20, "num_key_value_heads": 20, "n_routed_experts": 64, "n_shared_experts": 1,
+        "num_experts_per_tok": 4, "kv_lora_rank": 512, "q_lora_rank": 768, "qk_nope_head_dim": 192,
+        "qk_rope_head_dim": 64, "v_head_dim": 256, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.8,
+        "norm_topk_prob": True, "rope_interleave": True, "rope_theta": 1000000.0,
+        "max_position_embeddings": 202752, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
     "qwen3moe-mini-2l": {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 4096,
         "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 2,

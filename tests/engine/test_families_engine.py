@@ -13,7 +13,7 @@ import transformers
 from crosspool_jax import LLM, SamplingParams
 from crosspool_jax.engine.request import Request
 
-NEW = ["deepseek_v2"]
+NEW = ["deepseek_v2", "glm4_moe_lite"]
 MAX_TOKENS = 6
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 ENGINE = dict(max_num_batched_tokens=64, min_token_bucket=64, max_decode_steps=4)

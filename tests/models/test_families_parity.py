@@ -2,8 +2,10 @@
 
 Each case is a tiny random checkpoint written by transformers (`tiny_models`) whose options
 together cover the family: with and without the query LoRA, attention biases, YaRN with
-mscale / mscale_all_dim (positions past the pretraining length), dense first layers, shared
-experts, greedy and group-limited top-k, scaled routing. Our forward (loaded by our loader,
+mscale / mscale_all_dim (positions past the pretraining length), interleaved and rotate-half
+RoPE, dense first (or mixed) layers, shared experts, greedy and group-limited top-k, softmax
+and sigmoid scores with a learnt choice bias (randomized, so it changes choices), with and
+without renormalisation, scaled routing. Our forward (loaded by our loader,
 dense attention seam) must give logits within 1e-4 of max |logit| of transformers' float32
 logits for prompts of 1, 7 and 33 tokens.
 """
@@ -31,6 +33,12 @@ CASES = [
           first_k_dense_replace=0, num_hidden_layers=3, tie_word_embeddings=True)),
     ("dsv2-qlora-bias-yarn-2dense", "deepseek_v2",
      dict(attention_bias=True, rope_parameters=YARN, first_k_dense_replace=2, num_hidden_layers=3)),
+    # DeepSeek-V3 routing: sigmoid, learnt choice bias, groups by top-2 sums, renormalised, scaled
+    ("glm-qlora-grouped-bias-interleave", "glm4_moe_lite", dict()),
+    ("glm-noqlora-rotatehalf-bias-yarn-mixed-nonorm", "glm4_moe_lite",
+     dict(q_lora_rank=None, rope_interleave=False, attention_bias=True, rope_parameters=YARN, n_group=1,
+          topk_group=1, norm_topk_prob=False, num_hidden_layers=3, mlp_layer_types=["sparse", "dense", "sparse"])),
+    ("dsv3-qlora-grouped-bias-dense1", "deepseek_v3", dict()),
 ]
 
 
