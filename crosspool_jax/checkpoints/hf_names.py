@@ -2,8 +2,9 @@
 
 A `Slot` says where one checkpoint tensor lands: the tree ("kv" or "ffn"), the path inside it
 (e.g. ("attn", "wq_LDQ")), the leading indices (layer, or layer and expert), an optional
-column range of the last axis (gate | up halves of w1) and whether to transpose (HF linear
-weights are [out, in]; ours are [in, out]).
+column range of the last axis (gate | up halves of w1), whether to transpose (HF linear
+weights are [out, in]; ours are [in, out]) and whether the last axis alternates gate and up
+(GPT-OSS's fused experts: it lands as [gate | up]).
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class Slot:
     index: tuple = ()              # leading indices into the stacked leaf
     cols: Optional[tuple] = None   # (start, stop) on the last axis
     transpose: bool = False
+    interleaved: bool = False      # last axis gate0, up0, gate1, up1, ... -> [gate | up]
 
 
 def tensor_slots(config: ModelConfig) -> dict[str, Slot]:
@@ -95,6 +97,9 @@ def tensor_slots(config: ModelConfig) -> dict[str, Slot]:
             slots[pre + "mlp.gate_proj.weight"] = Slot("ffn", ("dense", "w1_LDF2"), (i,), (0, F), True)
             slots[pre + "mlp.up_proj.weight"] = Slot("ffn", ("dense", "w1_LDF2"), (i,), (F, 2 * F), True)
             slots[pre + "mlp.down_proj.weight"] = Slot("ffn", ("dense", "w2_LFD"), (i,), transpose=True)
+            continue
+        if c.family == "gpt_oss":
+            slots.update(_gpt_oss_moe(pre, i))
             continue
         block, router, gate, up, down = _MOE[c.family]
         F = c.moe_intermediate_size
@@ -118,6 +123,18 @@ def tensor_slots(config: ModelConfig) -> dict[str, Slot]:
     return slots
 
 
+def _gpt_oss_moe(pre: str, i: int) -> dict[str, Slot]:
+    """GPT-OSS's router (with bias) and fused experts: [E, D, 2F] gate/up interleaved, [E, F, D]
+    down, and their biases (MXFP4 checkpoints hold blocks + scales, `checkpoints.mxfp4`)."""
+    ex = f"{pre}mlp.experts."
+    return {f"{pre}mlp.router.weight": Slot("ffn", ("moe", "router_LDE"), (i,), transpose=True),
+            f"{pre}mlp.router.bias": Slot("ffn", ("moe", "router_bias_LE"), (i,)),
+            ex + "gate_up_proj": Slot("ffn", ("moe", "w1_LEDF2"), (i,), interleaved=True),
+            ex + "gate_up_proj_bias": Slot("ffn", ("moe", "b1_LEF2"), (i,), interleaved=True),
+            ex + "down_proj": Slot("ffn", ("moe", "w2_LEFD"), (i,)),
+            ex + "down_proj_bias": Slot("ffn", ("moe", "b2_LED"), (i,))}
+
+
 def _attention_names(c: ModelConfig) -> dict:
     """HF attention suffix -> (leaf, transpose) for one layer of this model."""
     if c.is_mla:
@@ -130,6 +147,10 @@ def _attention_names(c: ModelConfig) -> dict:
     attn = dict(_ATTN)
     if c.attention_bias:
         attn.update(_ATTN_BIAS)
+    if c.attention_out_bias:
+        attn["self_attn.o_proj.bias"] = ("bo_LD", False)
+    if c.attention_sinks:
+        attn["self_attn.sinks"] = ("sinks_LN", False)
     attn.update(_QK_NORM[c.qk_norm])
     return attn
 

@@ -42,6 +42,13 @@ FAMILIES = {
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # sliding (window 5) / full layers alternating, sinks, q/k/v/o biases, router and expert
+    # biases, a SwiGLU limit low enough to clamp, YaRN past a pretraining length of 16
+    "gpt_oss": ("GptOssConfig", dict(
+        head_dim=16, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=5,
+        num_hidden_layers=3, swiglu_limit=0.3,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})),
 }
 
 

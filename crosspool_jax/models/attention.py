@@ -5,7 +5,9 @@ batch of whole sequences: token t attends to token s when they share a segment a
 pos[s] <= pos[t] (and pos[t] - pos[s] < sliding_window when one is given). The kv_cache
 argument passes through untouched. Softmax in float32, sm_scale = head_dim ** -0.5 unless
 given. latent_value_dim (MLA, as `ragged_paged_attention`): the key is concat(k, v) along the
-head dim and the value its first latent_value_dim entries.
+head dim and the value its first latent_value_dim entries. Per call (a layer's options, as
+`models.transformer.layer_attention_options` gives them): sinks (float [N], a logit per head
+in every softmax denominator) and a sliding_window overriding the static one (traced ok).
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ def dense_causal_attention(segment_ids_T: jax.Array, positions_T: jax.Array, *, 
     """Build attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache) -> (out_TNH, kv_cache)."""
     seg_T = jnp.asarray(segment_ids_T)
     pos_T = jnp.asarray(positions_T)
-    mask_TS = (seg_T[:, None] == seg_T[None, :]) & (pos_T[None, :] <= pos_T[:, None])
-    if sliding_window is not None:
-        mask_TS &= pos_T[:, None] - pos_T[None, :] < sliding_window
+    causal_TS = (seg_T[:, None] == seg_T[None, :]) & (pos_T[None, :] <= pos_T[:, None])
+    static_window = sliding_window
 
-    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache):
+    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache, *, sinks=None, sliding_window=static_window):
         del layer_idx
+        mask_TS = causal_TS
+        if sliding_window is not None:
+            mask_TS = mask_TS & (pos_T[:, None] - pos_T[None, :] < sliding_window)
         if latent_value_dim is not None:
             k_TKH = jnp.concatenate([k_TKH, v_TKH], axis=-1)
             v_TKH = k_TKH[..., :latent_value_dim]
@@ -35,7 +39,13 @@ def dense_causal_attention(segment_ids_T: jax.Array, positions_T: jax.Array, *, 
         q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
         s_KRTS = jnp.einsum("tkrh,skh->krts", q_TKRH, k_TKH.astype(jnp.float32)) * scale
         s_KRTS = jnp.where(mask_TS, s_KRTS, _MASK)
-        p_KRTS = jax.nn.softmax(s_KRTS, axis=-1)
+        if sinks is None:
+            p_KRTS = jax.nn.softmax(s_KRTS, axis=-1)
+        else:
+            sink_KR11 = sinks.astype(jnp.float32).reshape(K, N // K, 1, 1)
+            m = jnp.maximum(jnp.max(s_KRTS, axis=-1, keepdims=True), sink_KR11)
+            e = jnp.exp(s_KRTS - m)
+            p_KRTS = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink_KR11 - m))
         out_TKRH = jnp.einsum("krts,skh->tkrh", p_KRTS, v_TKH.astype(jnp.float32))
         return out_TKRH.reshape(T, N, Hv).astype(q_TNH.dtype), kv_cache
 

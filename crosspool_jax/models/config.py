@@ -24,15 +24,18 @@ SUPPORTED_ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+    "GptOssForCausalLM": "gpt_oss",
 }
 QK_NORMS = ("none", "per_head", "full")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
+MOE_ACTIVATIONS = ("silu", "clamped_swiglu")
 GROUP_SCORES = ("max", "top2_sum")
 _QK_NORM_OF_FAMILY = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "per_head",
                       "olmoe": "full", "llama": "none", "qwen3": "per_head", "deepseek_v2": "none",
-                      "deepseek_v3": "none", "glm4_moe_lite": "none"}
-_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+                      "deepseek_v3": "none", "glm4_moe_lite": "none", "gpt_oss": "none"}
+_MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
+                 "gpt_oss")
 _MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # the RMSNorm eps of MLA's q_a_layernorm and kv_a_layernorm (transformers builds them with
 # the RMSNorm default, not the config's rms_norm_eps)
@@ -62,6 +65,12 @@ class ModelConfig:
     the topk_group best (group score: "max" of its scores or "top2_sum" of its two best);
     routed_scaling_factor multiplies the routing weights. The shared expert has a sigmoid
     gate (Qwen2-MoE) unless shared_expert_gate is False (DeepSeek).
+
+    GPT-OSS: attention_out_bias (the o projection's bias), attention_sinks (a learnt logit per
+    head in every softmax denominator), sliding_window_layers (the layers the sliding window
+    applies to; None: every layer), router_bias (added to the router logits), expert_bias
+    (gate/up and down biases per expert), moe_activation "clamped_swiglu": (clip(up, -limit,
+    limit) + 1) * g * sigmoid(swiglu_alpha * g), g = min(gate, limit).
     """
 
     architecture: str
@@ -103,6 +112,14 @@ class ModelConfig:
     group_score: str = "max"
     routed_scaling_factor: float = 1.0
     shared_expert_gate: bool = True
+    attention_out_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window_layers: Optional[tuple] = None
+    router_bias: bool = False
+    expert_bias: bool = False
+    moe_activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -143,6 +160,12 @@ class ModelConfig:
                                  f"latent is split in two halves), got {self.kv_lora_rank} and {self.qk_rope_head_dim}")
             if self.q_lora_rank < 0:
                 raise ValueError(f"ModelConfig.q_lora_rank must be >= 0, got {self.q_lora_rank}")
+        if self.moe_activation not in MOE_ACTIVATIONS:
+            raise ValueError(f"ModelConfig.moe_activation must be one of {MOE_ACTIVATIONS}, got {self.moe_activation!r}")
+        if self.sliding_window_layers is not None and not all(
+                0 <= l < self.num_layers for l in self.sliding_window_layers):
+            raise ValueError(f"ModelConfig.sliding_window_layers must be layer indices in [0, {self.num_layers}), "
+                             f"got {self.sliding_window_layers}")
         if self.router_scoring not in ROUTER_SCORINGS:
             raise ValueError(f"ModelConfig.router_scoring must be one of {ROUTER_SCORINGS}, got {self.router_scoring!r}")
         if self.group_score not in GROUP_SCORES:
@@ -209,6 +232,12 @@ class ModelConfig:
     def kv_cache_row(self) -> int:
         """Elements of one token of one layer in the K buffer (the V buffer holds as many)."""
         return self.kv_cache_heads * self.kv_cache_head_dim
+
+    def layer_sliding_window(self, l: int) -> Optional[int]:
+        """The sliding window of layer l (None: full causal attention)."""
+        if self.sliding_window_layers is None or l in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
     @property
     def attention_scale(self) -> float:
@@ -318,6 +347,9 @@ class ModelConfig:
         )
         if family == "llama" and d.get("mlp_bias"):
             raise ValueError("config.json: LlamaForCausalLM with mlp_bias=true is not supported")
+        if family == "gpt_oss":
+            kw.update(attention_out_bias=kw["attention_bias"], attention_sinks=True,
+                      sliding_window_layers=_sliding_layers(d, arch))
         if family in _MLA_FAMILIES:
             kw.update(head_dim=req("v_head_dim"), q_lora_rank=opt("q_lora_rank", 0), kv_lora_rank=req("kv_lora_rank"),
                       qk_nope_head_dim=req("qk_nope_head_dim"), qk_rope_head_dim=req("qk_rope_head_dim"),
@@ -326,7 +358,11 @@ class ModelConfig:
         if family in _MOE_FAMILIES:
             kw.update(num_experts=int(req("num_local_experts", "num_experts", "n_routed_experts")),
                       top_k=int(req("num_experts_per_tok")))
-            if family == "deepseek_v2":
+            if family == "gpt_oss":
+                kw.update(norm_topk_prob=True, moe_intermediate_size=int(req("intermediate_size")), intermediate_size=0,
+                          router_bias=True, expert_bias=True, moe_activation="clamped_swiglu",
+                          swiglu_alpha=opt("swiglu_alpha", 1.702, float), swiglu_limit=opt("swiglu_limit", 7.0, float))
+            elif family == "deepseek_v2":
                 kw.update(_deepseek_moe(d, arch, req, opt))
             elif family in ("deepseek_v3", "glm4_moe_lite"):
                 kw.update(_deepseek_v3_moe(d, arch, req, opt, family))
@@ -344,6 +380,17 @@ class ModelConfig:
                 if family == "qwen2_moe":
                     kw["shared_expert_intermediate_size"] = opt("shared_expert_intermediate_size", 0)
         return cls(**kw)
+
+
+def _sliding_layers(d: dict, arch: str) -> Optional[tuple]:
+    """GPT-OSS's layer_types -> the indices of its "sliding_attention" layers (None: no list)."""
+    types = d.get("layer_types")
+    if types is None:
+        return None
+    if set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"config.json for {arch}: layer_types must be 'sliding_attention' or 'full_attention', "
+                         f"got {sorted(set(types))}")
+    return tuple(l for l, t in enumerate(types) if t == "sliding_attention")
 
 
 def _deepseek_moe(d: dict, arch: str, req, opt) -> dict:

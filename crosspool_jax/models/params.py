@@ -13,6 +13,7 @@ checkpoints against `param_shapes`):
         # qk_norm "per_head":   "q_norm_LH": [L, H], "k_norm_LH": [L, H]
         # qk_norm "full":       "q_norm_LQ": [L, N*H], "k_norm_LKH": [L, K*H]
       },
+      # attention_out_bias: "bo_LD": [L, D]; attention_sinks: "sinks_LN": [L, N]
       # MLA (config.is_mla) replaces wq/wk/wv (and their biases) by:
       #   "wq_LDNI": [L, D, N*I] (q_lora_rank 0) | "wq_a_LDA": [L, D, A], "q_a_norm_LA": [L, A],
       #   "wq_b_LANI": [L, A, N*I]; "wkv_a_LDRY": [L, D, R+Y] (latent | rope key),
@@ -28,6 +29,8 @@ checkpoints against `param_shapes`):
         # shared expert: "shared_w1_LDF2": [L, D, 2Fs], "shared_w2_LFD": [L, Fs, D],
         #                "shared_gate_LD1": [L, D, 1] (config.shared_expert_gate)
         # router_score_bias: "score_bias_LE": [L, E] (added to the scores for the choice only)
+        # router_bias: "router_bias_LE": [L, E] (added to the logits)
+        # expert_bias: "b1_LEF2": [L, E, 2F] (gate | up), "b2_LED": [L, E, D]
       },
       "dense": {"norm_LD": [L, D], "w1_LDF2": [L, D, 2F], "w2_LFD": [L, F, D]},
     }
@@ -57,6 +60,10 @@ def param_shapes(config: ModelConfig) -> tuple[dict, dict]:
                 "wv_LDKH": (L, D, KH), "wo_LQD": (L, Q, D)}
     if c.attention_bias and not c.is_mla:
         attn.update(bq_LQ=(L, Q), bk_LKH=(L, KH), bv_LKH=(L, KH))
+    if c.attention_out_bias:
+        attn.update(bo_LD=(L, D))
+    if c.attention_sinks:
+        attn.update(sinks_LN=(L, c.num_heads))
     if c.qk_norm == "per_head":
         attn.update(q_norm_LH=(L, H), k_norm_LH=(L, H))
     elif c.qk_norm == "full":
@@ -79,6 +86,10 @@ def param_shapes(config: ModelConfig) -> tuple[dict, dict]:
                 moe.update(shared_gate_LD1=(Lm, D, 1))
         if c.router_score_bias:
             moe.update(score_bias_LE=(Lm, E))
+        if c.router_bias:
+            moe.update(router_bias_LE=(Lm, E))
+        if c.expert_bias:
+            moe.update(b1_LEF2=(Lm, E, 2 * F), b2_LED=(Lm, E, D))
         ffn["moe"] = moe
     Ld = c.num_layers_of_kind("dense")
     if Ld:

@@ -33,17 +33,38 @@ import jax.numpy as jnp
 from crosspool_jax.models.config import MLA_NORM_EPS, ModelConfig
 from crosspool_jax.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array
-from pallas_kernels.fused_moe.reference import Routing, fused_moe_reference
+from pallas_kernels.fused_moe.reference import ClampedSwiGLU, Routing, fused_moe_reference
 
-# attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache) -> (out_TNH, kv_cache)
-# (MLA: q_TNX [T, N, R+Y], k/v the halves of the cached row [T, 1, (R+Y)/2], out [T, N, R])
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]
+# attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache, **layer_options) -> (out_TNH, kv_cache)
+# (MLA: q_TNX [T, N, R+Y], k/v the halves of the cached row [T, 1, (R+Y)/2], out [T, N, R];
+# layer_options: `layer_attention_options`, which override the function's static options)
+AttentionFn = Callable[..., tuple[jax.Array, Any]]
+FULL_WINDOW = 1 << 30          # a sliding window past every position: full causal attention
 
 
 def attention_options(config: ModelConfig) -> dict:
-    """The static options of `ragged_paged_attention` (and the dense seam) for this model."""
-    return dict(sm_scale=config.attention_scale, sliding_window=config.sliding_window,
+    """The static options of `ragged_paged_attention` (and the dense seam) for this model; a
+    window that differs by layer comes per layer (`layer_attention_options`)."""
+    per_layer = config.sliding_window_layers is not None
+    return dict(sm_scale=config.attention_scale, sliding_window=None if per_layer else config.sliding_window,
                 latent_value_dim=config.kv_lora_rank if config.is_mla else None)
+
+
+def layer_attention_options(layer_attn_params: dict, config: ModelConfig, layer_idx) -> dict:
+    """What one layer adds to the attention call: its sinks (`sinks_LN`'s row, GPT-OSS) and, when
+    the window differs by layer, its sliding window (a traced scalar when layer_idx is traced:
+    FULL_WINDOW for full-attention layers)."""
+    c, out = config, {}
+    if c.attention_sinks:
+        out["sinks"] = layer_attn_params["sinks_LN"]
+    if c.sliding_window_layers is not None and c.sliding_window is not None:
+        if isinstance(layer_idx, int):
+            out["sliding_window"] = c.layer_sliding_window(layer_idx)
+        else:
+            windows_L = jnp.asarray([c.layer_sliding_window(l) or FULL_WINDOW for l in range(c.num_layers)],
+                                    jnp.int32)
+            out["sliding_window"] = windows_L[layer_idx]
+    return out
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -133,7 +154,8 @@ def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Arra
                     positions_T: jax.Array, layer_idx, attention_fn: AttentionFn, kv_cache):
     """One layer's attention half (residual included) -> (kv_cache, h_TD)."""
     q_TNH, k_TKH, v_TKH = qkv_projection(layer_attn_params, config, x_TD, positions_T)
-    out_TNH, kv_cache = attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache)
+    out_TNH, kv_cache = attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache,
+                                     **layer_attention_options(layer_attn_params, config, layer_idx))
     return kv_cache, output_projection(layer_attn_params, config, x_TD, out_TNH)
 
 
@@ -153,10 +175,17 @@ def routing_of(config: ModelConfig) -> Routing:
                    group_score=c.group_score, scale=c.routed_scaling_factor)
 
 
+def moe_activation_of(config: ModelConfig):
+    """The experts' gated activation as `fused_moe` takes it ("silu" or a `ClampedSwiGLU`)."""
+    if config.moe_activation == "clamped_swiglu":
+        return ClampedSwiGLU(alpha=config.swiglu_alpha, limit=config.swiglu_limit)
+    return config.moe_activation
+
+
 def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend, expert_offset,
-               token_mask, routing, score_bias):
+               token_mask, routing, score_bias, activation, b1, b2):
     kw = dict(renormalize=renormalize, expert_offset=expert_offset, token_mask=token_mask, routing=routing,
-              score_bias=score_bias)
+              score_bias=score_bias, activation=activation, b1=b1, b2=b2)
     if backend == "reference":
         return fused_moe_reference(x_TD, router_logits_TE, as_array(w1_EDF2), as_array(w2_EFD), top_k, **kw)
     from pallas_kernels.fused_moe import fused_moe
@@ -182,9 +211,12 @@ def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: ja
     if kind != "moe":
         raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
     router_logits_TE = x_TD @ p["router_LDE"]
+    if c.router_bias:
+        router_logits_TE = router_logits_TE + p["router_bias_LE"]
     y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k, renormalize=c.norm_topk_prob,
                       backend=moe_backend, expert_offset=expert_offset, token_mask=token_mask_T,
-                      routing=routing_of(c), score_bias=p.get("score_bias_LE")).astype(jnp.float32)
+                      routing=routing_of(c), score_bias=p.get("score_bias_LE"), activation=moe_activation_of(c),
+                      b1=p.get("b1_LEF2"), b2=p.get("b2_LED")).astype(jnp.float32)
     if c.shared_expert_intermediate_size:
         shared_TD = _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
         if c.shared_expert_gate:

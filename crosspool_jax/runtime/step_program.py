@@ -29,12 +29,12 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
 def _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, backend):
-    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, cache):
+    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, cache, **layer_options):
         k_pages, v_pages = cache
         k_pages, v_pages = write_kv(k_pages, v_pages, k_TKH, v_TKH, slots_LT[layer_idx])
         out = ragged_paged_attention(q_TNH, k_pages, v_pages, kv_lens_S, page_indices_LSP[layer_idx],
                                      cu_q_lens_S1, num_seqs_1, backend=backend,
-                                     **models.attention_options(config))
+                                     **{**models.attention_options(config), **layer_options})
         return out, (k_pages, v_pages)
     return attention_fn
 

@@ -25,7 +25,7 @@ from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
 from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
-from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, Routing, fused_moe_reference,
+from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, ClampedSwiGLU, Routing, fused_moe_reference,
                                                 grouped_matmul_reference, local_expert_ids, route)
 from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
                                                  check_grouped_matmul, resolve_backend)
@@ -84,7 +84,7 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
               activation: str = "silu", backend: str = "auto", interpret: bool = False,
               config: tuning.BlockConfig | tuple[tuning.BlockConfig, tuning.BlockConfig]
               | None = None, expert_offset=None, token_mask=None, routing: Routing = SOFTMAX_TOPK,
-              score_bias=None):
+              score_bias=None, b1=None, b2=None):
     """Mixture of experts: x [T, D], router_logits [T, E], w1 [E, D, 2F] (gate|up),
     w2 [E, F, D] (arrays or ExpertRows) -> [T, D] in x's dtype (float32 accumulation).
 
@@ -101,6 +101,9 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     the kernel path computes such routing with the reference's `route` (XLA ops), the GPU
     routing kernel serves the plain softmax top-k.
 
+    b1 [E, 2F] / b2 [E, D] (the experts' biases) and activation=ClampedSwiGLU(alpha, limit)
+    (GPT-OSS) run on the reference: "auto" picks it for them, an explicit kernel backend raises.
+
     `config` overrides the tuning table: one BlockConfig for both grouped matmuls or a
     (gate_up, down) pair with the same block_m. With backend="auto" on a GPU, D or F not a
     multiple of 16 falls back to the reference.
@@ -109,12 +112,16 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     if token_mask is not None and getattr(token_mask, "shape", None) != (x.shape[0],):
         raise ValueError(f"fused_moe: token_mask must be [T] = [{x.shape[0]}], got shape "
                          f"{getattr(token_mask, 'shape', None)}")
-    backend = _choose(backend, w2.shape[1], w2.shape[2])
+    reference_only = b1 is not None or b2 is not None or isinstance(activation, ClampedSwiGLU)
+    if reference_only and backend not in ("auto", "reference"):
+        raise ValueError(f"fused_moe: the {backend} kernels do not take expert biases or the clamped SwiGLU "
+                         f"yet; use backend='reference' or 'auto'")
+    backend = "reference" if reference_only else _choose(backend, w2.shape[1], w2.shape[2])
     if backend == "reference" or x.shape[0] == 0:
         return fused_moe_reference(x, router_logits, as_array(w1), as_array(w2), top_k,
                                    renormalize=renormalize, activation=activation,
                                    expert_offset=expert_offset, token_mask=token_mask, routing=routing,
-                                   score_bias=score_bias)
+                                   score_bias=score_bias, b1=b1, b2=b2)
     return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, token_mask, score_bias, top_k=top_k,
                              renormalize=renormalize, activation=activation, backend=backend,
                              interpret=interpret, config=config, routing=routing)

@@ -100,12 +100,25 @@ def grouped_matmul_reference(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_
                               preferred_element_type=preferred_element_type)
 
 
-def _activate(gate, activation: str):
+@dataclasses.dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's gated activation (transformers' GptOssExperts): g = min(gate, limit),
+    (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g). Hashable: a static activation."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+def gated_activation(gate, up, activation):
+    """act(gate) * up for "silu" / exact "gelu", or a `ClampedSwiGLU`."""
+    if isinstance(activation, ClampedSwiGLU):
+        g = jnp.minimum(gate, activation.limit)
+        return (jnp.clip(up, -activation.limit, activation.limit) + 1) * g * jax.nn.sigmoid(activation.alpha * g)
     if activation == "silu":
-        return jax.nn.silu(gate)
+        return jax.nn.silu(gate) * up
     if activation == "gelu":
-        return jax.nn.gelu(gate, approximate=False)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        return jax.nn.gelu(gate, approximate=False) * up
+    raise ValueError(f"activation must be one of {ACTIVATIONS} or a ClampedSwiGLU, got {activation!r}")
 
 
 def local_expert_ids(ids_TK: jax.Array, expert_offset, num_local: int, token_mask_T=None) -> jax.Array:
@@ -123,7 +136,7 @@ def local_expert_ids(ids_TK: jax.Array, expert_offset, num_local: int, token_mas
 def fused_moe_reference(x_TD: jax.Array, router_logits_TE: jax.Array, w1_EDF2: jax.Array,
                         w2_EFD: jax.Array, top_k: int, *, renormalize: bool = True,
                         activation: str = "silu", expert_offset=None, token_mask=None,
-                        routing: Routing = SOFTMAX_TOPK, score_bias=None) -> jax.Array:
+                        routing: Routing = SOFTMAX_TOPK, score_bias=None, b1=None, b2=None) -> jax.Array:
     """Sort (token, k) pairs by expert, two grouped matmuls, weighted combine.
 
     w1 holds [gate | up] along its last axis: w1[e] = concat(gate_e, up_e) of shape [D, 2F].
@@ -132,6 +145,8 @@ def fused_moe_reference(x_TD: jax.Array, router_logits_TE: jax.Array, w1_EDF2: j
     elsewhere contribute nothing (expert parallelism: the sum over the slices is the layer).
     token_mask (bool [T], traced ok): tokens where it is False (padding) read no expert and
     their output is zero. routing / score_bias (float [E]): see `Routing` and `route`.
+    b1 [E, 2F] (gate | up) and b2 [E, D] (optional, the experts' biases, sliced like w1/w2)
+    are added after each grouped matmul, before the activation and the routing weight.
     """
     T, D = x_TD.shape
     E = w1_EDF2.shape[0]
@@ -146,9 +161,14 @@ def fused_moe_reference(x_TD: jax.Array, router_logits_TE: jax.Array, w1_EDF2: j
     x_sorted = x_TD[token_of_row]                                  # [T*K, D]
     h = grouped_matmul_reference(x_sorted, w1_EDF2, group_sizes_E,
                                  preferred_element_type=jnp.float32)
+    expert_of_row = flat_ids[order]                                # E: dropped pair
+    if b1 is not None:
+        h = h + jnp.take(b1, expert_of_row, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
     gate, up = h[:, :F], h[:, F:]
-    act = (_activate(gate, activation) * up).astype(x_TD.dtype)
+    act = gated_activation(gate, up, activation).astype(x_TD.dtype)
     y = grouped_matmul_reference(act, w2_EFD, group_sizes_E, preferred_element_type=jnp.float32)
+    if b2 is not None:
+        y = y + jnp.take(b2, expert_of_row, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
     w_rows = jnp.where(flat_ids < E, weights_TK.reshape(-1), 0.0)[order]
     out = jnp.zeros((T, D), jnp.float32).at[token_of_row].add(y * w_rows[:, None])
     return out.astype(x_TD.dtype)

@@ -44,7 +44,8 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale=None, soft_cap=None, sliding_window=None, backend="auto",
-                           interpret=False, k_page_offset=0, v_page_offset=0, latent_value_dim=None):
+                           interpret=False, k_page_offset=0, v_page_offset=0, latent_value_dim=None,
+                           sinks=None):
     """Attention of packed ragged queries q [T, N, H] over a paged KV pool [P, G, K, H].
 
     See ../shared/CROSSPOOL.md for the contract. Rows of q past cu_q_lens[num_seqs] come back
@@ -55,30 +56,37 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     its first half in k_pages and its second in v_pages (K = 1, q's head dim twice theirs);
     key = the whole row, value = its first latent_value_dim entries; out [T, N,
     latent_value_dim]. The reference runs it ("auto" picks it; the kernels do not take it yet).
+    sinks (float [N], traced ok; GPT-OSS): a learnt logit per head in every softmax
+    denominator. sliding_window may be a traced int32 scalar (a per-layer window). Both run on
+    the reference only, like latent_value_dim.
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
                   backend=backend, k_page_offset=k_page_offset, v_page_offset=v_page_offset,
-                  latent_value_dim=latent_value_dim)
+                  latent_value_dim=latent_value_dim, sinks=sinks)
     offsets = dict(k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
     requested = backend
     backend = resolve_backend(backend)
-    if requested == "auto" and backend != "reference" and (latent_value_dim is not None
+    traced_window = isinstance(sliding_window, jax.Array)
+    reference_only = latent_value_dim is not None or sinks is not None or traced_window
+    if requested == "auto" and backend != "reference" and (reference_only
                                                            or not kernel_supports(q, k_pages, backend)):
         backend = "reference"
-    if latent_value_dim is not None and backend != "reference":
-        raise ValueError(f"the {backend} kernel does not run MLA's latent attention (latent_value_dim) yet; "
-                         f"use backend='reference' or 'auto'")
+    if reference_only and backend != "reference":
+        raise ValueError(f"the {backend} kernel does not run MLA's latent attention (latent_value_dim), "
+                         f"attention sinks or a traced sliding window yet; use backend='reference' or 'auto'")
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     sm_scale = float(sm_scale)
     soft_cap = None if soft_cap is None else float(soft_cap)
-    sliding_window = None if sliding_window is None else int(sliding_window)
+    if not traced_window:
+        sliding_window = None if sliding_window is None else int(sliding_window)
     num_seqs = num_seqs.reshape(1)
     if backend == "reference":
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            soft_cap=soft_cap, sliding_window=sliding_window, latent_value_dim=latent_value_dim, **offsets)
+            soft_cap=soft_cap, sliding_window=sliding_window, latent_value_dim=latent_value_dim, sinks=sinks,
+            **offsets)
     validate_kernel_geometry(q, k_pages, backend)
     if backend == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu

@@ -14,6 +14,10 @@ latent_value_dim (MLA's absorbed form, static): the pages hold one latent row pe
 in two halves, the first in k_pages and the second in v_pages (K = 1); the key is their
 concatenation (q's head dim = 2 * the pages' head dim) and the value its first
 latent_value_dim entries; the output is [T, N, latent_value_dim].
+
+sinks (float [N], optional, GPT-OSS): one learnt logit per head that joins every softmax
+denominator and attends to nothing. sliding_window may be a traced int32 scalar (a per-layer
+window inside a scan over layers; a window past every position is full attention).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ _MASK = -1e30
 def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                      cu_q_lens_S1, num_seqs, *, sm_scale=None, soft_cap=None,
                                      sliding_window=None, k_page_offset=0, v_page_offset=0,
-                                     latent_value_dim=None):
+                                     latent_value_dim=None, sinks=None):
     T, N, H = q_TNH.shape
     _, G, K, Hp = k_pages_PGKH.shape
     S, pages_per_seq = page_indices_SP.shape
@@ -58,7 +62,13 @@ def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_
         mask_TC &= c[None, :] > pos_T[:, None] - sliding_window
     mask_TC &= valid_T[:, None]
     s = jnp.where(mask_TC[:, None, None, :], s, _MASK)
-    p = jax.nn.softmax(s, axis=-1)
+    if sinks is None:
+        p = jax.nn.softmax(s, axis=-1)
+    else:                                    # the sink joins the denominator, attends to nothing
+        sink_KR1 = sinks.astype(jnp.float32).reshape(K, N // K, 1)
+        m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), sink_KR1)
+        e = jnp.exp(s - m)
+        p = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink_KR1 - m))
     p = jnp.where(mask_TC[:, None, None, :], p, 0.0)
     # NaN-safe: masked-out (possibly NaN) values never reach the product
     v_safe = jnp.where(mask_TC[:, :, None, None], v_TCKH.astype(jnp.float32), 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
 
 BACKENDS = ("reference", "gpu", "tpu", "auto")
@@ -34,7 +35,7 @@ def _int32(name, x):
 
 def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP, cu_q_lens_S1,
                   num_seqs, *, sm_scale, soft_cap, sliding_window, backend, k_page_offset=0,
-                  v_page_offset=0, latent_value_dim=None):
+                  v_page_offset=0, latent_value_dim=None, sinks=None):
     """Checks the contract's ranks, dtypes, shapes and static options; returns the backend name
     unchanged."""
     if backend not in BACKENDS:
@@ -78,10 +79,18 @@ def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                          f"got {sm_scale!r}")
     if soft_cap is not None and (not isinstance(soft_cap, numbers.Real) or soft_cap <= 0):
         raise ValueError(f"soft_cap must be a positive number or None, got {soft_cap!r}")
-    if sliding_window is not None and (isinstance(sliding_window, bool)
-                                       or not isinstance(sliding_window, numbers.Integral)
-                                       or sliding_window < 1):
+    if isinstance(sliding_window, jax.Array):
+        if sliding_window.shape != () or not jnp.issubdtype(sliding_window.dtype, jnp.integer):
+            raise ValueError(f"a traced sliding_window must be an integer scalar, got {sliding_window.dtype}"
+                             f"{list(sliding_window.shape)}")
+    elif sliding_window is not None and (isinstance(sliding_window, bool)
+                                         or not isinstance(sliding_window, numbers.Integral)
+                                         or sliding_window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if sinks is not None and (getattr(sinks, "shape", None) != (N,)
+                              or not jnp.issubdtype(sinks.dtype, jnp.floating)):
+        raise ValueError(f"sinks must be a float array [N] = [{N}], got {getattr(sinks, 'dtype', None)}"
+                         f"{list(getattr(sinks, 'shape', ()))}")
     for name, off in (("k_page_offset", k_page_offset), ("v_page_offset", v_page_offset)):
         if isinstance(off, bool) or not isinstance(off, numbers.Integral) or off < 0:
             raise ValueError(f"{name} must be a non-negative int (static, not traced), got {off!r}")

@@ -5,7 +5,9 @@ together cover the family: with and without the query LoRA, attention biases, Ya
 mscale / mscale_all_dim (positions past the pretraining length), interleaved and rotate-half
 RoPE, dense first (or mixed) layers, shared experts, greedy and group-limited top-k, softmax
 and sigmoid scores with a learnt choice bias (randomized, so it changes choices), with and
-without renormalisation, scaled routing. Our forward (loaded by our loader,
+without renormalisation, scaled routing; GPT-OSS's attention sinks, alternating sliding and
+full layers (window 5 < 33 tokens), q/k/v/o, router and expert biases, and the clamped SwiGLU
+(a limit the tiny activations reach). Our forward (loaded by our loader,
 dense attention seam) must give logits within 1e-4 of max |logit| of transformers' float32
 logits for prompts of 1, 7 and 33 tokens.
 """
@@ -39,6 +41,11 @@ CASES = [
      dict(q_lora_rank=None, rope_interleave=False, attention_bias=True, rope_parameters=YARN, n_group=1,
           topk_group=1, norm_topk_prob=False, num_hidden_layers=3, mlp_layer_types=["sparse", "dense", "sparse"])),
     ("dsv3-qlora-grouped-bias-dense1", "deepseek_v3", dict()),
+    # GPT-OSS: sinks, q/k/v/o biases, router and expert biases, clamped SwiGLU, YaRN (no truncation)
+    ("gptoss-sliding-full-sliding-clamped", "gpt_oss", dict()),
+    ("gptoss-full-first-gqa4-top4-limit7", "gpt_oss",
+     dict(num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"], num_attention_heads=8,
+          num_key_value_heads=2, num_experts_per_tok=4, swiglu_limit=7.0, swiglu_alpha=1.3)),
 ]
 
 
