@@ -1,5 +1,5 @@
-"""Model families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama, Qwen3, DeepSeek-V2/V3, GLM-4.7-Flash)
-as pure functions over parameter pytrees split into a KV side (embeddings, attention, final
+"""Model families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama, Qwen3, DeepSeek-V2/V3, GLM-4.7-Flash,
+GPT-OSS) as pure functions over parameter pytrees split into a KV side (embeddings, attention, final
 norm, lm head) and an FFN side (MoE or dense MLP stacks). See WORKSPACE.md "Model forward" and `params.py`."""
 from crosspool_jax.models.attention import dense_causal_attention
 from crosspool_jax.models.config import SUPPORTED_ARCHITECTURES, ModelConfig

@@ -54,6 +54,17 @@ SHAPES = {
         "qk_rope_head_dim": 64, "v_head_dim": 256, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.8,
         "norm_topk_prob": True, "rope_interleave": True, "rope_theta": 1000000.0,
         "max_position_embeddings": 202752, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+    # GPT-OSS-20B (sinks, sliding window 128 on every other layer, biased experts with the
+    # clamped SwiGLU, YaRN x32), all 24 layers; its experts dequantised (the engine runs bf16)
+    "gpt-oss-20b-24l": {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": 201088,
+        "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4,
+        "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 12, "attention_bias": True,
+        "swiglu_limit": 7.0, "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                 "original_max_position_embeddings": 4096},
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
     "qwen3moe-mini-2l": {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 4096,
         "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 2,

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fused_moe import ExpertRows, Routing, fused_moe, fused_moe_reference, route, route_topk
+from pallas_kernels.fused_moe import (ClampedSwiGLU, ExpertRows, Routing, fused_moe, fused_moe_reference, route,
+                                     route_topk)
 from pallas_kernels.fused_moe.layout import build_layout
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
 
@@ -327,12 +328,19 @@ def test_route_matches_transformers_routers(kind, overrides, routing, renormaliz
     np.testing.assert_allclose(got_w, np.take_along_axis(want_w.numpy(), order, 1), rtol=1e-5, atol=1e-6)
 
 
-def _dense_moe(x, w1, w2, weights_TK, ids_TK):
-    """Every chosen expert applied to its token by plain jnp, weighted and summed."""
+def _dense_moe(x, w1, w2, weights_TK, ids_TK, b1=None, b2=None, clamp=None):
+    """Every chosen expert applied to its token by plain jnp, weighted and summed (clamp:
+    (alpha, limit) of GPT-OSS's clamped SwiGLU, else SiLU)."""
     F = w2.shape[1]
-    h = jnp.einsum("td,tkdf->tkf", x, w1[ids_TK])
-    act = jax.nn.silu(h[..., :F]) * h[..., F:]
-    y = jnp.einsum("tkf,tkfd->tkd", act, w2[ids_TK])
+    h = jnp.einsum("td,tkdf->tkf", x, w1[ids_TK]) + (0 if b1 is None else b1[ids_TK])
+    gate, up = h[..., :F], h[..., F:]
+    if clamp is None:
+        act = jax.nn.silu(gate) * up
+    else:
+        alpha, limit = clamp
+        gate = jnp.minimum(gate, limit)
+        act = (jnp.clip(up, -limit, limit) + 1) * gate * jax.nn.sigmoid(alpha * gate)
+    y = jnp.einsum("tkf,tkfd->tkd", act, w2[ids_TK]) + (0 if b2 is None else b2[ids_TK])
     return jnp.sum(y * weights_TK[..., None], axis=1)
 
 
@@ -349,3 +357,25 @@ def test_fused_moe_with_routing_kinds(backend):
     _assert_close(got, _dense_moe(x, w1, w2, w, ids), jnp.float32)
     plain_w, plain_ids = route(logits, top_k, renormalize=True, routing=routing)
     assert not np.array_equal(np.asarray(plain_ids), np.asarray(ids)), "the bias should change some choice"
+
+
+def test_biased_experts_with_clamped_swiglu():
+    """GPT-OSS's experts (biases, clamped SwiGLU) on the reference ("auto" picks it) equal the
+    dense oracle, also for an expert slice; the kernels refuse them."""
+    T, E, D, F, top_k = 11, 8, 32, 16, 3
+    x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
+    x = 3 * x                                                  # activations past the limit
+    b1 = jnp.asarray(_rng.standard_normal((E, 2 * F)).astype(np.float32))
+    b2 = jnp.asarray(_rng.standard_normal((E, D)).astype(np.float32))
+    act = ClampedSwiGLU(alpha=1.702, limit=0.8)
+    got = fused_moe(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
+    w, ids = route(logits, top_k, renormalize=True)
+    want = _dense_moe(x, w1, w2, w, ids, b1, b2, clamp=(1.702, 0.8))
+    _assert_close(got, want, jnp.float32)
+    h = np.asarray(jnp.einsum("td,tkdf->tkf", x, w1[ids]) + b1[ids])
+    assert (h[..., :F] > 0.8).any() and (np.abs(h[..., F:]) > 0.8).any(), "the clamp should bite"
+    halves = [fused_moe(x, logits, w1[e0:e0 + 4], w2[e0:e0 + 4], top_k, activation=act, b1=b1[e0:e0 + 4],
+                        b2=b2[e0:e0 + 4], expert_offset=e0, backend="reference") for e0 in (0, 4)]
+    _assert_close(halves[0] + halves[1], want, jnp.float32)
+    with pytest.raises(ValueError, match="expert biases or the clamped SwiGLU"):
+        fused_moe(x, logits, w1, w2, top_k, b1=b1, backend="gpu", interpret=True)

@@ -81,8 +81,9 @@ def make_case(seed, q_lens, kv_lens, *, N=8, K=2, H=64, G=16, S_cap=None, T_pad=
     return args
 
 
-def loop_attention(args, *, sm_scale=None, soft_cap=None, sliding_window=None):
-    """A float64 numpy loop over sequences, tokens and heads: the reference's own oracle."""
+def loop_attention(args, *, sm_scale=None, soft_cap=None, sliding_window=None, sinks=None):
+    """A float64 numpy loop over sequences, tokens and heads: the reference's own oracle
+    (sinks: a logit per head added to each softmax denominator)."""
     q, k, v, kl, table, cu, ns = [np.asarray(a, np.float64) if a.dtype != jnp.int32
                                   else np.asarray(a) for a in args]
     T, N, H = q.shape
@@ -101,8 +102,10 @@ def loop_attention(args, *, sm_scale=None, soft_cap=None, sliding_window=None):
                 sc = ks[lo:pos + 1, h // (N // K)] @ q[cu[s] + i, h] * scale
                 if soft_cap is not None:
                     sc = soft_cap * np.tanh(sc / soft_cap)
-                p = np.exp(sc - sc.max())
-                out[cu[s] + i, h] = p @ vs[lo:pos + 1, h // (N // K)] / p.sum()
+                m = sc.max() if sinks is None else max(sc.max(), float(sinks[h]))
+                p = np.exp(sc - m)
+                denom = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[h]) - m))
+                out[cu[s] + i, h] = p @ vs[lo:pos + 1, h // (N // K)] / denom
     return out
 
 
@@ -162,6 +165,31 @@ def latent_case(seed, q_lens, kv_lens, *, N=4, half=20, **kw):
     q, k, v, *rest = make_case(seed, q_lens, kv_lens, N=N, K=1, H=half, **kw)
     q = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((q.shape[0], N, 2 * half)), q.dtype)
     return (q, k, v, *rest)
+
+
+class TestSinksAndTracedWindow:
+    """GPT-OSS: a sink logit per head; a per-layer window arrives traced inside a scan."""
+
+    def test_sinks_match_numpy_loop(self):
+        args = make_case(21, *MIXED, N=8, K=2, H=32, S_cap=8, T_pad=3)
+        sinks = jnp.asarray(np.random.default_rng(22).standard_normal(8) * 2, jnp.float32)
+        out = ragged_paged_attention(*args, sinks=sinks, sliding_window=5)
+        assert_close(out, loop_attention(args, sinks=np.asarray(sinks), sliding_window=5), 1e-5)
+        assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
+
+    def test_traced_window_equals_static_window(self):
+        args = make_case(23, *MIXED, N=4, K=2, H=32)
+        windows = jnp.asarray([7, 1 << 30], jnp.int32)
+        per_layer = jax.jit(lambda i: ragged_paged_attention(*args, sliding_window=windows[i]))
+        assert_close(per_layer(0), loop_attention(args, sliding_window=7), 1e-5)
+        assert_close(per_layer(1), loop_attention(args), 1e-5)
+
+    def test_kernels_refuse_sinks(self):
+        args = make_case(24, *DECODE, N=4, K=4, H=64)
+        with pytest.raises(ValueError, match="sinks"):
+            ragged_paged_attention(*args, sinks=jnp.zeros(4), backend="gpu", interpret=True)
+        with pytest.raises(ValueError, match=r"sinks must be a float array \[N\]"):
+            ragged_paged_attention(*args, sinks=jnp.zeros(3))
 
 
 class TestLatentAttention:
