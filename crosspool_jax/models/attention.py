@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.ragged_paged_attention.reference import latent_key_value, softmax_with_sinks
+
 _MASK = -1e30
 
 
@@ -30,22 +32,15 @@ def dense_causal_attention(segment_ids_T: jax.Array, positions_T: jax.Array, *, 
         mask_TS = causal_TS
         if sliding_window is not None:
             mask_TS = mask_TS & (pos_T[:, None] - pos_T[None, :] < sliding_window)
-        if latent_value_dim is not None:
-            k_TKH = jnp.concatenate([k_TKH, v_TKH], axis=-1)
-            v_TKH = k_TKH[..., :latent_value_dim]
+        k_TKH, v_TKH = latent_key_value(k_TKH, v_TKH, latent_value_dim)
         T, N, H = q_TNH.shape
         K, Hv = k_TKH.shape[1], v_TKH.shape[-1]
         scale = H ** -0.5 if sm_scale is None else sm_scale
         q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
         s_KRTS = jnp.einsum("tkrh,skh->krts", q_TKRH, k_TKH.astype(jnp.float32)) * scale
         s_KRTS = jnp.where(mask_TS, s_KRTS, _MASK)
-        if sinks is None:
-            p_KRTS = jax.nn.softmax(s_KRTS, axis=-1)
-        else:
-            sink_KR11 = sinks.astype(jnp.float32).reshape(K, N // K, 1, 1)
-            m = jnp.maximum(jnp.max(s_KRTS, axis=-1, keepdims=True), sink_KR11)
-            e = jnp.exp(s_KRTS - m)
-            p_KRTS = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink_KR11 - m))
+        p_KRTS = softmax_with_sinks(s_KRTS, None if sinks is None
+                                    else sinks.astype(jnp.float32).reshape(K, N // K, 1, 1))
         out_TKRH = jnp.einsum("krts,skh->tkrh", p_KRTS, v_TKH.astype(jnp.float32))
         return out_TKRH.reshape(T, N, Hv).astype(q_TNH.dtype), kv_cache
 

@@ -27,6 +27,25 @@ import jax.numpy as jnp
 _MASK = -1e30
 
 
+def latent_key_value(k, v, latent_value_dim):
+    """MLA's cached row from its halves: (key = concat(k, v) on the last axis, value = the key's
+    first latent_value_dim entries); (k, v) unchanged when latent_value_dim is None."""
+    if latent_value_dim is None:
+        return k, v
+    key = jnp.concatenate([k, v], axis=-1)
+    return key, key[..., :latent_value_dim]
+
+
+def softmax_with_sinks(s, sinks=None):
+    """Softmax over the last axis (float32); sinks (broadcastable to s's shape with a last axis
+    of 1) join each denominator as one more logit that attends to nothing (GPT-OSS)."""
+    if sinks is None:
+        return jax.nn.softmax(s, axis=-1)
+    m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), sinks)
+    e = jnp.exp(s - m)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - m))
+
+
 def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                      cu_q_lens_S1, num_seqs, *, sm_scale=None, soft_cap=None,
                                      sliding_window=None, k_page_offset=0, v_page_offset=0,
@@ -48,9 +67,7 @@ def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_
     pages_TP = page_indices_SP[seq_T]                               # [T, pages_per_seq]
     k_TCKH = k_pages_PGKH[pages_TP + k_page_offset].reshape(T, C, K, Hp)
     v_TCKH = v_pages_PGKH[pages_TP + v_page_offset].reshape(T, C, K, Hp)
-    if latent_value_dim is not None:           # one latent row: key = both halves, value = its head
-        k_TCKH = jnp.concatenate([k_TCKH, v_TCKH], axis=-1)
-        v_TCKH = k_TCKH[..., :latent_value_dim]
+    k_TCKH, v_TCKH = latent_key_value(k_TCKH, v_TCKH, latent_value_dim)   # MLA: one latent row
     Hv = v_TCKH.shape[-1]
     q_TKRH = q_TNH.reshape(T, K, N // K, H).astype(jnp.float32)
     s = jnp.einsum("tkrh,tckh->tkrc", q_TKRH, k_TCKH.astype(jnp.float32)) * sm_scale
@@ -62,13 +79,7 @@ def ragged_paged_attention_reference(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_
         mask_TC &= c[None, :] > pos_T[:, None] - sliding_window
     mask_TC &= valid_T[:, None]
     s = jnp.where(mask_TC[:, None, None, :], s, _MASK)
-    if sinks is None:
-        p = jax.nn.softmax(s, axis=-1)
-    else:                                    # the sink joins the denominator, attends to nothing
-        sink_KR1 = sinks.astype(jnp.float32).reshape(K, N // K, 1)
-        m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), sink_KR1)
-        e = jnp.exp(s - m)
-        p = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink_KR1 - m))
+    p = softmax_with_sinks(s, None if sinks is None else sinks.astype(jnp.float32).reshape(K, N // K, 1))
     p = jnp.where(mask_TC[:, None, None, :], p, 0.0)
     # NaN-safe: masked-out (possibly NaN) values never reach the product
     v_safe = jnp.where(mask_TC[:, :, None, None], v_TCKH.astype(jnp.float32), 0.0)
