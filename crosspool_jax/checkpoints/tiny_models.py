@@ -100,6 +100,18 @@ def make_tiny_hf_model(family: str, out_dir: str, *, seed: int = 0, dtype: str =
     return model.to(torch.float32)
 
 
+def transformers_greedy(path: str, ids, max_new: int) -> list:
+    """transformers' float32 greedy `generate` of max_new tokens after `ids` (no EOS stop): the
+    engine tests' reference."""
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
 # ----- tokenizer for the tiny models -----
 BOS_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (BOS_TOKEN, IM_START, IM_END)

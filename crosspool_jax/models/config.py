@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from pallas_kernels.fused_moe.reference import ClampedSwiGLU, Routing
+
 # architecture name in config.json -> family
 SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
@@ -28,9 +30,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 QK_NORMS = ("none", "per_head", "full")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-ROUTER_SCORINGS = ("softmax", "sigmoid")
 MOE_ACTIVATIONS = ("silu", "clamped_swiglu")
-GROUP_SCORES = ("max", "top2_sum")
 _QK_NORM_OF_FAMILY = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "per_head",
                       "olmoe": "full", "llama": "none", "qwen3": "per_head", "deepseek_v2": "none",
                       "deepseek_v3": "none", "glm4_moe_lite": "none", "gpt_oss": "none"}
@@ -166,13 +166,7 @@ class ModelConfig:
                 0 <= l < self.num_layers for l in self.sliding_window_layers):
             raise ValueError(f"ModelConfig.sliding_window_layers must be layer indices in [0, {self.num_layers}), "
                              f"got {self.sliding_window_layers}")
-        if self.router_scoring not in ROUTER_SCORINGS:
-            raise ValueError(f"ModelConfig.router_scoring must be one of {ROUTER_SCORINGS}, got {self.router_scoring!r}")
-        if self.group_score not in GROUP_SCORES:
-            raise ValueError(f"ModelConfig.group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
-        if self.n_group < 1 or not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"ModelConfig: need 1 <= topk_group <= n_group, got topk_group={self.topk_group}, "
-                             f"n_group={self.n_group}")
+        self.routing                                     # Routing validates scoring and groups
         if self.num_experts and (self.num_experts % self.n_group
                                  or self.top_k > self.topk_group * (self.num_experts // self.n_group)):
             raise ValueError(f"ModelConfig: {self.num_experts} experts must split into n_group={self.n_group} "
@@ -232,6 +226,19 @@ class ModelConfig:
     def kv_cache_row(self) -> int:
         """Elements of one token of one layer in the K buffer (the V buffer holds as many)."""
         return self.kv_cache_heads * self.kv_cache_head_dim
+
+    @property
+    def routing(self) -> Routing:
+        """The MoE routing rule beyond top_k and renormalisation, as `fused_moe` takes it."""
+        return Routing(scoring=self.router_scoring, num_groups=self.n_group, topk_groups=self.topk_group,
+                       group_score=self.group_score, scale=self.routed_scaling_factor)
+
+    @property
+    def expert_activation(self):
+        """The experts' gated activation as `fused_moe` takes it ("silu" or a `ClampedSwiGLU`)."""
+        if self.moe_activation == "clamped_swiglu":
+            return ClampedSwiGLU(alpha=self.swiglu_alpha, limit=self.swiglu_limit)
+        return self.moe_activation
 
     def layer_sliding_window(self, l: int) -> Optional[int]:
         """The sliding window of layer l (None: full causal attention)."""

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from crosspool_jax.models.config import MLA_NORM_EPS, ModelConfig
 from crosspool_jax.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array
-from pallas_kernels.fused_moe.reference import ClampedSwiGLU, Routing, fused_moe_reference
+from pallas_kernels.fused_moe.reference import fused_moe_reference
 
 # attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache, **layer_options) -> (out_TNH, kv_cache)
 # (MLA: q_TNX [T, N, R+Y], k/v the halves of the cached row [T, 1, (R+Y)/2], out [T, N, R];
@@ -168,20 +168,6 @@ def _swiglu_f32(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Arr
     return jnp.dot(act_TF, w2_FD, preferred_element_type=jnp.float32)
 
 
-def routing_of(config: ModelConfig) -> Routing:
-    """The model's routing rule beyond top_k and renormalisation (`fused_moe.Routing`)."""
-    c = config
-    return Routing(scoring=c.router_scoring, num_groups=c.n_group, topk_groups=c.topk_group,
-                   group_score=c.group_score, scale=c.routed_scaling_factor)
-
-
-def moe_activation_of(config: ModelConfig):
-    """The experts' gated activation as `fused_moe` takes it ("silu" or a `ClampedSwiGLU`)."""
-    if config.moe_activation == "clamped_swiglu":
-        return ClampedSwiGLU(alpha=config.swiglu_alpha, limit=config.swiglu_limit)
-    return config.moe_activation
-
-
 def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend, expert_offset,
                token_mask, routing, score_bias, activation, b1, b2):
     kw = dict(renormalize=renormalize, expert_offset=expert_offset, token_mask=token_mask, routing=routing,
@@ -215,7 +201,7 @@ def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: ja
         router_logits_TE = router_logits_TE + p["router_bias_LE"]
     y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k, renormalize=c.norm_topk_prob,
                       backend=moe_backend, expert_offset=expert_offset, token_mask=token_mask_T,
-                      routing=routing_of(c), score_bias=p.get("score_bias_LE"), activation=moe_activation_of(c),
+                      routing=c.routing, score_bias=p.get("score_bias_LE"), activation=c.expert_activation,
                       b1=p.get("b1_LEF2"), b2=p.get("b2_LED")).astype(jnp.float32)
     if c.shared_expert_intermediate_size:
         shared_TD = _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])

@@ -8,10 +8,9 @@ pool holds about half of the batch). The crosspool device split refuses these mo
 """
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from crosspool_jax import LLM, SamplingParams
+from crosspool_jax.checkpoints.tiny_models import transformers_greedy
 from crosspool_jax.engine.request import Request
 
 NEW = ["deepseek_v2", "glm4_moe_lite", "gpt_oss"]
@@ -29,14 +28,6 @@ def model_dirs(tiny_model_dirs):
 def _prompts(seed, lengths, vocab=250):
     rng = np.random.default_rng(seed)
     return [rng.integers(1, vocab, n).tolist() for n in lengths]
-
-
-def _hf_greedy(path, ids, max_new):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 def _pool_bytes(model_dirs, pages):
@@ -65,7 +56,7 @@ def test_greedy_matches_transformers_with_prefix_cache_chunks_and_preemption(mod
     outs = llm.generate(prompts, GREEDY, model=models)
     for prompt, name, out in zip(prompts, models, outs):
         assert out.error is None
-        assert out.outputs[0].token_ids == _hf_greedy(dirs[name], prompt, MAX_TOKENS), (name, len(prompt))
+        assert out.outputs[0].token_ids == transformers_greedy(dirs[name], prompt, MAX_TOKENS), (name, len(prompt))
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0
     assert stats.kv_pages_free == stats.kv_pages_total
