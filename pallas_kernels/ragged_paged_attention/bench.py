@@ -1,5 +1,6 @@
 """Benchmark of ragged paged attention on a GPU: our kernel beside JAX's Pallas GPU
-`paged_attention` and an XLA baseline (gather pages to dense, then attend).
+`paged_attention` and an XLA baseline (gather pages to dense, then attend); MLA decode at
+DeepSeek-V2-Lite's shapes on the reference path (`bench_mla_decode`, section "mla_decode").
 
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
@@ -220,8 +221,42 @@ def sweep(rows_out, copy_gbps, shapes=SWEEP_SHAPES):
         del args
 
 
+# MLA decode at DeepSeek-V2-Lite's shapes: 16 heads over one cached row per token (latent 512 +
+# rope key 64, halves of 288 in the K and V pages, G = 16 as choose_page_elems gives alone)
+MLA_HEADS, MLA_LATENT, MLA_ROPE, MLA_G = 16, 512, 64, 16
+MLA_DECODE_SHAPES = [(B, ctx) for B in (1, 8, 32) for ctx in (2048, 4096, 16384)]
+
+
+def mla_decode_inputs(key, B, ctx, G=MLA_G, dtype=jnp.bfloat16):
+    """Decode inputs of MLA's absorbed attention: q [B, N, 576], pages [P, G, 1, 288] twice."""
+    half = (MLA_LATENT + MLA_ROPE) // 2
+    pps = ctx // G
+    P = B * pps + 8
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, MLA_HEADS, 2 * half), dtype)
+    kp = jax.random.normal(k2, (P, G, 1, half), dtype)
+    vp = jax.random.normal(k3, (P, G, 1, half), dtype)
+    table = jax.random.permutation(k1, P)[:B * pps].reshape(B, pps).astype(jnp.int32)
+    return (q, kp, vp, jnp.full((B,), ctx, jnp.int32), table, jnp.arange(B + 1, dtype=jnp.int32),
+            jnp.asarray([B], jnp.int32))
+
+
+def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
+    """MLA decode through ragged_paged_attention(latent_value_dim=512): the reference path
+    ("auto" on a GPU; no MLA kernel yet), GB/s of the latent rows read against the copy ceiling."""
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    mla = jax.jit(functools.partial(ragged_paged_attention, latent_value_dim=MLA_LATENT, backend="reference",
+                                    sm_scale=(128 + MLA_ROPE) ** -0.5))
+    for B, ctx in shapes:
+        args = mla_decode_inputs(jax.random.PRNGKey(B * ctx), B, ctx, G)
+        gb = B * ctx * (MLA_LATENT + MLA_ROPE) * args[1].dtype.itemsize / 1e9
+        _row(rows_out, "mla_decode", f"B={B} ctx={ctx} G={G}", "reference", _time(mla, *args), gbytes=gb,
+             copy_gbps=copy_gbps, note="DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64")
+        del args
+
+
 def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False,
-         decode=True, mixed=True):
+         decode=True, mixed=True, mla=True):
     rows_out = [] if rows_out is None else rows_out
     print("jax", jax.__version__, jax.devices(), flush=True)
     if copy_gbps is None:
@@ -235,6 +270,8 @@ def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_swe
         bench_decode(rows_out, copy_gbps)
     if mixed:
         bench_mixed(rows_out, do_sweep=do_sweep)
+    if mla:
+        bench_mla_decode(rows_out, copy_gbps)
     return rows_out
 
 

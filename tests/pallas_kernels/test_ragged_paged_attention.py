@@ -567,3 +567,13 @@ def test_operand_size_rule():
     assert not kernel_supports(q64, rows_over, "gpu")
     with pytest.raises(ValueError, match="at most 2147483647 pool rows P [*] G"):
         validate_kernel_geometry(q64, rows_over, "gpu")
+
+
+def test_mla_decode_benchmark_runs_and_counts_the_latent_bytes():
+    """The MLA decode rows of the attention benchmark at a toy shape on CPU (host timer)."""
+    from pallas_kernels.ragged_paged_attention import bench
+    rows = []
+    bench.bench_mla_decode(rows, copy_gbps=100.0, shapes=[(2, 64)])
+    (row,) = rows
+    assert row["section"] == "mla_decode" and row["impl"] == "reference"
+    assert abs(row["GBps"] * row["us"] * 1e-6 - 2 * 64 * 576 * 2 / 1e9) < 1e-12
