@@ -3,17 +3,7 @@
 One layer is two halves that may live on different devices:
 `attention_block` (`qkv_projection`: input norm, q/k/v, q/k norms, RoPE; the attention seam;
 `output_projection`: o projection, residual) and `ffn_block` (`ffn_partial`: post-attention
-norm, then MoE with optional shared expert, or a dense SwiGLU MLP; then the residual).
-
-Multi-head latent attention (`config.is_mla`, DeepSeek-V2) runs in its absorbed form, for
-prefill and decode alike: the per-head key up-projection is folded into the query
-(q_nope @ W_uk: one latent "head" of kv_lora_rank, plus the rope part), so attention is
-MQA over one cached row per token, the latent c_kv (kv_lora_rank) and the rope key
-(qk_rope_head_dim), with the values the latent itself; the value up-projection W_uv is
-applied to the attention output before the o projection. The cached row reaches the seam as
-its two halves (k_TKH = first half, v_TKH = second half, K = 1), which the paged pool stores
-in its K and V buffers; the attention takes key = concat(k, v) and value = its first
-kv_lora_rank entries (`ragged_paged_attention(..., latent_value_dim=)`). The
+norm, then MoE with optional shared expert, or a dense SwiGLU MLP; then the residual). The
 placed step programs and the CrossPool split program both call these (the split's weight
 devices call `ffn_partial` on their shard). `forward` chains them over all layers (a `lax.scan` when every
 layer has the same FFN kind) and returns the hidden states after the final norm;
@@ -21,6 +11,23 @@ layer has the same FFN kind) and returns the hidden states after the final norm;
 sliced per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, which
 the GPU kernels read in place (a sliced layer would be copied into the kernel call: one
 layer of Mixtral-8x7B's experts is 2.8 GB).
+
+The families differ by config-driven branches resolved at trace time, in this one forward:
+
+- Multi-head latent attention (`config.is_mla`: DeepSeek-V2/V3, GLM-4.7-Flash) runs in its
+  absorbed form, for prefill and decode alike: the per-head key up-projection is folded into
+  the query (q_nope @ W_uk: one latent "head" of kv_lora_rank, plus the rope part), so
+  attention is MQA over one cached row per token, the latent c_kv (kv_lora_rank) and the rope
+  key (qk_rope_head_dim), with the values the latent itself; the value up-projection W_uv is
+  applied to the attention output before the o projection. The cached row reaches the seam
+  as its two halves (k_TKH = first half, v_TKH = second half, K = 1), which the paged pool
+  stores in its K and V buffers; the attention takes key = concat(k, v) and value = its first
+  kv_lora_rank entries (`ragged_paged_attention(..., latent_value_dim=)`).
+- What differs per layer reaches the seam as keywords (`layer_attention_options`): GPT-OSS's
+  attention sinks and, for alternating sliding/full layers, the layer's window.
+- The MoE's routing (`config.routing`: softmax or sigmoid scores, group-limited top-k, a
+  choice-only score bias, scaling), router bias, expert biases and activation
+  (`config.expert_activation`) go to `fused_moe`; a shared expert's gate is optional.
 """
 from __future__ import annotations
 
