@@ -50,8 +50,8 @@ class ModelConfig:
     other than rope_theta (e.g. (("factor", 8.0), ..., ("rope_type", "llama3"))); see
     `rope_scaling_dict`. sliding_window applies to every layer (None: full causal).
 
-    Multi-head latent attention (MLA, DeepSeek-V2; `is_mla`: kv_lora_rank > 0): queries from
-    x (q_lora_rank 0) or through a LoRA of rank q_lora_rank; keys and values from one latent
+    Multi-head latent attention (MLA: DeepSeek-V2/V3, GLM-4.7-Flash; `is_mla`: kv_lora_rank > 0):
+    queries from x (q_lora_rank 0) or through a LoRA of rank q_lora_rank; keys and values from one latent
     of kv_lora_rank values per token plus a shared rope key of qk_rope_head_dim; per head a
     no-rope part of qk_nope_head_dim for scores and v_head_dim for values. There head_dim is
     v_head_dim (the attention output per head), num_kv_heads = num_heads (as config.json
