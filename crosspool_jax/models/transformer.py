@@ -43,7 +43,7 @@ from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array
 from pallas_kernels.fused_moe.reference import fused_moe_reference
 
 # attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache, **layer_options) -> (out_TNH, kv_cache)
-# (MLA: q_TNX [T, N, R+Y], k/v the halves of the cached row [T, 1, (R+Y)/2], out [T, N, R];
+# (MLA: q_TNRY [T, N, R+Y], k/v the halves of the cached row [T, 1, (R+Y)/2], out [T, N, R];
 # layer_options: `layer_attention_options`, which override the function's static options)
 AttentionFn = Callable[..., tuple[jax.Array, Any]]
 FULL_WINDOW = 1 << 30          # a sliding window past every position: full causal attention
@@ -117,8 +117,8 @@ def _mla_up_proj(p: dict, c: ModelConfig):
 
 
 def _mla_qkv(p: dict, c: ModelConfig, xn_TD: jax.Array, positions_T: jax.Array):
-    """MLA's absorbed q and the cached row's halves: (q_TNX [T, N, R+Y] = (q_nope @ W_uk | rope q),
-    k_T1C, v_T1C [T, 1, (R+Y)/2]: the halves of (kv_a_norm(c_kv) | rope k))."""
+    """MLA's absorbed q and the cached row's halves: (q_TNRY [T, N, R+Y] = (q_nope @ W_uk | rope q),
+    k, v [T, 1, (R+Y)/2]: the halves of (kv_a_norm(c_kv) | rope k))."""
     T, N, R, Y = xn_TD.shape[0], c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
     if c.q_lora_rank:
         qa_TA = xn_TD @ p["wq_a_LDA"]
@@ -136,10 +136,10 @@ def _mla_qkv(p: dict, c: ModelConfig, xn_TD: jax.Array, positions_T: jax.Array):
     k_rope_T1Y = apply_rope(kv_TRY[:, None, R:], cos_TY, sin_TY, interleaved=c.rope_interleave)
     w_uk_RNH, _ = _mla_up_proj(p, c)
     q_lat_TNR = jnp.einsum("tnh,rnh->tnr", q_TNI[..., :c.qk_nope_head_dim], w_uk_RNH)
-    q_TNX = jnp.concatenate([q_lat_TNR, q_rope_TNY], axis=-1)
-    row_T1X = jnp.concatenate([latent_TR[:, None, :], k_rope_T1Y], axis=-1)
+    q_TNRY = jnp.concatenate([q_lat_TNR, q_rope_TNY], axis=-1)
+    row_T1RY = jnp.concatenate([latent_TR[:, None, :], k_rope_T1Y], axis=-1)
     half = c.kv_cache_head_dim
-    return q_TNX, row_T1X[..., :half], row_T1X[..., half:]
+    return q_TNRY, row_T1RY[..., :half], row_T1RY[..., half:]
 
 
 def output_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
