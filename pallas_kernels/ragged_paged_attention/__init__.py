@@ -55,10 +55,11 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     latent_value_dim (static int, MLA's absorbed form): the pages hold one latent row per token,
     its first half in k_pages and its second in v_pages (K = 1, q's head dim twice theirs);
     key = the whole row, value = its first latent_value_dim entries; out [T, N,
-    latent_value_dim]. The reference runs it ("auto" picks it; the kernels do not take it yet).
+    latent_value_dim]. "auto" runs it on the reference; backend="gpu" runs mla_gpu.py's kernel
+    (unmeasured so far; column pieces of >= 16, no page offsets), "tpu" raises.
     sinks (float [N], traced ok; GPT-OSS): a learnt logit per head in every softmax
     denominator. sliding_window may be a traced int32 scalar (a per-layer window). Both run on
-    the reference only, like latent_value_dim.
+    the reference only.
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
@@ -68,13 +69,18 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     requested = backend
     backend = resolve_backend(backend)
     traced_window = isinstance(sliding_window, jax.Array)
-    reference_only = latent_value_dim is not None or sinks is not None or traced_window
-    if requested == "auto" and backend != "reference" and (reference_only
+    latent = latent_value_dim is not None
+    reference_only = sinks is not None or traced_window
+    # "auto" keeps MLA on the reference until the GPU MLA kernel (mla_gpu.py) has measurements
+    if requested == "auto" and backend != "reference" and (reference_only or latent
                                                            or not kernel_supports(q, k_pages, backend)):
         backend = "reference"
     if reference_only and backend != "reference":
-        raise ValueError(f"the {backend} kernel does not run MLA's latent attention (latent_value_dim), "
-                         f"attention sinks or a traced sliding window yet; use backend='reference' or 'auto'")
+        raise ValueError(f"the {backend} kernel does not run attention sinks or a traced sliding window yet; "
+                         f"use backend='reference' or 'auto'")
+    if latent and backend == "tpu":
+        raise ValueError("the tpu kernel does not run MLA's latent attention (latent_value_dim) yet; "
+                         "use backend='reference', 'gpu' or 'auto'")
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     sm_scale = float(sm_scale)
@@ -87,6 +93,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
             soft_cap=soft_cap, sliding_window=sliding_window, latent_value_dim=latent_value_dim, sinks=sinks,
             **offsets)
+    if latent:
+        from pallas_kernels.ragged_paged_attention import mla_gpu
+        problem = mla_gpu.kernel_problem(k_pages.shape[-1], latent_value_dim)
+        if problem or offsets != dict(k_page_offset=0, v_page_offset=0):
+            raise ValueError(f"the gpu MLA kernel: {problem or 'no page offsets yet'}; use backend='reference'")
+        return mla_gpu.ragged_paged_mla_gpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                            latent_value_dim=latent_value_dim, sm_scale=sm_scale,
+                                            sliding_window=sliding_window, interpret=interpret)
     validate_kernel_geometry(q, k_pages, backend)
     if backend == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu

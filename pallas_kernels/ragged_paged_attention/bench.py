@@ -1,6 +1,7 @@
 """Benchmark of ragged paged attention on a GPU: our kernel beside JAX's Pallas GPU
 `paged_attention` and an XLA baseline (gather pages to dense, then attend); MLA decode at
-DeepSeek-V2-Lite's shapes on the reference path (`bench_mla_decode`, section "mla_decode").
+DeepSeek-V2-Lite's shapes, the reference path beside the MLA kernel (`bench_mla_decode`,
+section "mla_decode").
 
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
@@ -243,16 +244,26 @@ def mla_decode_inputs(key, B, ctx, G=MLA_G, dtype=jnp.bfloat16):
 
 def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
     """MLA decode through ragged_paged_attention(latent_value_dim=512): the reference path
-    ("auto" on a GPU; no MLA kernel yet), GB/s of the latent rows read against the copy ceiling."""
+    ("auto") and, on a GPU, the MLA kernel (mla_gpu.py; its max error against the reference in
+    the note), GB/s of the latent rows read against the copy ceiling."""
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-    mla = jax.jit(functools.partial(ragged_paged_attention, latent_value_dim=MLA_LATENT, backend="reference",
-                                    sm_scale=(128 + MLA_ROPE) ** -0.5))
+    kw = dict(latent_value_dim=MLA_LATENT, sm_scale=(128 + MLA_ROPE) ** -0.5)
+    impls = {"reference": jax.jit(functools.partial(ragged_paged_attention, backend="reference", **kw))}
+    if jax.default_backend() == "gpu":
+        impls["ours_mla"] = jax.jit(functools.partial(ragged_paged_attention, backend="gpu", **kw))
     for B, ctx in shapes:
         args = mla_decode_inputs(jax.random.PRNGKey(B * ctx), B, ctx, G)
         gb = B * ctx * (MLA_LATENT + MLA_ROPE) * args[1].dtype.itemsize / 1e9
-        _row(rows_out, "mla_decode", f"B={B} ctx={ctx} G={G}", "reference", _time(mla, *args), gbytes=gb,
-             copy_gbps=copy_gbps, note="DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64")
-        del args
+        outs = {}
+        for impl, f in impls.items():
+            outs[impl] = f(*args)
+            note = "DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64"
+            if impl != "reference":
+                err = float(jnp.max(jnp.abs(outs[impl].astype(jnp.float32) - outs["reference"].astype(jnp.float32))))
+                note += f"; max |err| vs reference {err:.3g}"
+            _row(rows_out, "mla_decode", f"B={B} ctx={ctx} G={G}", impl, _time(f, *args), gbytes=gb,
+                 copy_gbps=copy_gbps, note=note)
+        del args, outs
 
 
 def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False,

@@ -209,8 +209,21 @@ class TestLatentAttention:
             ragged_paged_attention(*args, latent_value_dim=41)
         with pytest.raises(ValueError, match="one KV head"):
             ragged_paged_attention(*make_case(3, *DECODE, N=4, K=2, H=64), latent_value_dim=32)
-        with pytest.raises(ValueError, match="does not run MLA"):
+        with pytest.raises(ValueError, match="narrower than 16"):        # halves of 20: pieces of 4 and 8
             ragged_paged_attention(*args, latent_value_dim=32, backend="gpu", interpret=True)
+        with pytest.raises(ValueError, match="tpu kernel does not run MLA"):
+            ragged_paged_attention(*args, latent_value_dim=32, backend="tpu", interpret=True)
+
+    @pytest.mark.parametrize("lengths,window", [(MIXED, None), (DECODE, 40)])
+    def test_gpu_kernel_interpret_matches_reference(self, lengths, window):
+        """mla_gpu.py in interpret mode: halves of 32, 48 value columns (pieces 32 | 16 | 16),
+        mixed prefill + decode and a sliding window, NaN poison in every unowned slot."""
+        args = latent_case(13, *lengths, N=4, half=32, S_cap=8, T_pad=3)
+        out = ragged_paged_attention(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48,
+                                     backend="gpu", interpret=True)
+        ref = ragged_paged_attention_reference(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48)
+        assert_close(out, ref, 2e-5)
+        assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
 
 
 class TestGpuKernelInterpret:
