@@ -7,10 +7,12 @@ rope key, 2 * Hh values) is split in two halves, the first in k_pages and the se
 v_pages ([P, G, 1, Hh] each); a query row of 2 * Hh values scores against the whole row, and
 the values are the row's first R entries; out [T, N, R].
 
-Layout and grid. One program per query token (grid (T,)): its N query heads are the tile's
-rows (padded to a power of two, at least 16 for tl.dot), so every key row is read once for
-all heads; a prefill chunk's tokens each walk their own causal range (decode is the case it
-is built for). The pool is viewed [P * G, Hh] (free reshapes) and each block of `block_k`
+Layout and grid. One program per query token and KV split (grid (T, num_splits)): its N
+query heads are the tile's rows (padded to a power of two, at least 16 for tl.dot), so every
+key row is read once for all heads; a prefill chunk's tokens each walk their own causal range
+(decode is the case it is built for). With num_splits > 1 (the default gives few tokens more
+splits: `default_splits`) each program covers an equal share of its token's key blocks and
+writes an unnormalised partial and its log-sum-exp, merged in jnp (flash-decoding, as gpu.py). The pool is viewed [P * G, Hh] (free reshapes) and each block of `block_k`
 keys is gathered by pool row through the page table. Triton tiles have power-of-two sides
 and Hh (288 for DeepSeek-V2-Lite) is not one, so the row is read as a few column pieces of
 power-of-two widths (`column_pieces`: 256 + 32 of the K half, 128 + 64 + 32 + 64 of the V
@@ -20,8 +22,8 @@ Online softmax in float32; key columns outside the token's range are masked in t
 and zeroed by the loads, so freed pages (NaN included) never reach the output; page ids and
 table slots are clamped. Padding rows of q (past cu_q_lens[num_seqs]) come back as zeros.
 
-Not yet: KV splits (flash-decoding) for few long sequences, a tile of several tokens for
-prefill chunks, page offsets (the crosspool arena does not run MLA). Its speed is unmeasured
+Not yet: a tile of several tokens for prefill chunks, page offsets (the crosspool arena does
+not run MLA), a tuning table. Its speed is unmeasured
 (no GPU in the session that wrote it): "auto" keeps MLA on the reference until
 `bench.bench_mla_decode` has numbers for it (RESULTS.md).
 """
@@ -39,6 +41,13 @@ from pallas_kernels.pow2 import next_pow2, prev_pow2
 
 _MASK = -1e30
 BLOCK_K, NUM_WARPS, NUM_STAGES = 32, 4, 2
+TARGET_PROGRAMS, MAX_SPLITS = 256, 16
+
+
+def default_splits(T: int) -> int:
+    """KV splits per token: enough programs to fill a GPU (about TARGET_PROGRAMS) when few
+    tokens decode, 1 once T alone gives that many."""
+    return max(1, min(MAX_SPLITS, prev_pow2(max(1, TARGET_PROGRAMS // max(T, 1)))))
 
 
 def column_pieces(half: int, value_dim: int) -> tuple:
@@ -68,12 +77,14 @@ def _cols(start, width):
     return start + jnp.arange(width, dtype=jnp.int32)
 
 
-def _kernel(cu_ref, kvl_ref, ns_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *, sm_scale, sliding_window,
-            N, M, BK, G, pages_per_seq, table_len, num_pages, pieces, value_dim, precision):
+def _kernel(cu_ref, kvl_ref, ns_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, sliding_window,
+            N, M, BK, G, pages_per_seq, table_len, num_pages, pieces, value_dim, precision, num_splits, out_rows):
     # cu_ref [S + 1], kvl_ref [S], ns_ref [1] int32; q_ref [T * N, 2 * Hh] (heads of a token
     # adjacent); k_ref / v_ref [P * G, Hh] (one pool row per key); pt_ref [S * pages_per_seq];
-    # o_ref [T * N + M, value_dim]: q's rows, then M scratch rows for masked-off tile rows.
+    # o_ref [NS * out_rows, value_dim] and, with splits, lse_ref [NS * out_rows]: per split,
+    # q's rows then M scratch rows that masked-off tile rows point at.
     t = pl.program_id(0)
+    sp = pl.program_id(1)
     T = q_ref.shape[0] // N
     S = kvl_ref.shape[0]
     s = jnp.arange(next_pow2(S), dtype=jnp.int32)
@@ -119,12 +130,18 @@ def _kernel(cu_ref, kvl_ref, ns_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *, sm_s
     m0 = jnp.full((M,), _MASK, jnp.float32)
     l0 = jnp.zeros((M,), jnp.float32)
     acc0 = tuple(jnp.zeros((M, w), jnp.float32) for w, _ in value_pieces)
-    _, l, accs = lax.fori_loop(lo // BK, (hi + BK - 1) // BK, body, (m0, l0, acc0))
+    blk_lo, blk_hi = lo // BK, (hi + BK - 1) // BK
+    per = (blk_hi - blk_lo + num_splits - 1) // num_splits
+    b0 = blk_lo + sp * per
+    m, l, accs = lax.fori_loop(b0, jnp.minimum(b0 + per, blk_hi), body, (m0, l0, acc0))
     l_safe = jnp.where(l > 0, l, 1.0)
-    o_rows = jnp.where(row_ok, q_rows, T * N + r)        # masked rows: distinct scratch rows
+    o_rows = sp * out_rows + jnp.where(row_ok, q_rows, T * N + r)      # masked rows: distinct scratch rows
     for acc, (w, g) in zip(accs, value_pieces):
         plgpu.store(o_ref.at[o_rows[:, None], _cols(g, w)[None, :]], (acc / l_safe[:, None]).astype(o_ref.dtype),
                     mask=jnp.broadcast_to(row_ok[:, None], (M, w)))
+    if lse_refs:
+        (lse_ref,) = lse_refs
+        plgpu.store(lse_ref.at[o_rows], jnp.where(l > 0, m + jnp.log(l_safe), _MASK), mask=row_ok)
 
 
 def _whole(shape):
@@ -133,11 +150,13 @@ def _whole(shape):
 
 
 @functools.partial(jax.jit, static_argnames=("latent_value_dim", "sm_scale", "sliding_window", "interpret",
-                                             "block_k"))
+                                             "block_k", "num_splits"))
 def ragged_paged_mla_gpu(q_TNH, k_pages_PG1H, v_pages_PG1H, kv_lens_S, page_indices_SP, cu_q_lens_S1, num_seqs, *,
-                         latent_value_dim, sm_scale, sliding_window=None, interpret=False, block_k=BLOCK_K):
+                         latent_value_dim, sm_scale, sliding_window=None, interpret=False, block_k=BLOCK_K,
+                         num_splits=None):
     """The kernel; arguments as `ragged_paged_attention(..., latent_value_dim=)` (validated
-    there: one KV head, q's head dim twice the pages'). -> [T, N, latent_value_dim]."""
+    there: one KV head, q's head dim twice the pages'). -> [T, N, latent_value_dim].
+    num_splits: KV splits per token (None: `default_splits(T)`)."""
     T, N, H2 = q_TNH.shape
     P, G, _, Hh = k_pages_PG1H.shape
     S, pages_per_seq = page_indices_SP.shape
@@ -146,24 +165,36 @@ def ragged_paged_mla_gpu(q_TNH, k_pages_PG1H, v_pages_PG1H, kv_lens_S, page_indi
     table = page_indices_SP.reshape(-1)
     precision = lax.Precision.HIGHEST if q_TNH.dtype == jnp.float32 else None
     out_rows = T * N + M
+    NS = default_splits(T) if num_splits is None else int(num_splits)
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, sliding_window=sliding_window, N=N, M=M, BK=block_k, G=G,
         pages_per_seq=pages_per_seq, table_len=table.shape[0], num_pages=P, pieces=pieces,
-        value_dim=latent_value_dim, precision=precision)
+        value_dim=latent_value_dim, precision=precision, num_splits=NS, out_rows=out_rows)
     args = (cu_q_lens_S1, kv_lens_S, jnp.reshape(num_seqs, (1,)).astype(jnp.int32), q_TNH.reshape(T * N, H2),
             k_pages_PG1H.reshape(P * G, Hh), v_pages_PG1H.reshape(P * G, Hh), table)
     cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    out = pl.pallas_call(
+    o_dtype = q_TNH.dtype if NS == 1 else jnp.float32
+    out_shape = [jax.ShapeDtypeStruct((NS * out_rows, latent_value_dim), o_dtype)]
+    if NS > 1:
+        out_shape.append(jax.ShapeDtypeStruct((NS * out_rows,), jnp.float32))
+    outs = pl.pallas_call(
         kernel,
-        grid=(T,),
+        grid=(T, NS),
         in_specs=[_whole(a.shape) for a in args],
-        out_specs=_whole((out_rows, latent_value_dim)),
-        out_shape=jax.ShapeDtypeStruct((out_rows, latent_value_dim), q_TNH.dtype),
+        out_specs=[_whole(o.shape) for o in out_shape],
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=cls(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
-        name=f"ragged_paged_mla_bk{block_k}",
+        name=f"ragged_paged_mla_bk{block_k}_ns{NS}",
     )(*args)
+    if NS == 1:
+        o_RV = outs[0][:T * N]
+    else:                        # merge the splits' partials by their log-sum-exps
+        o_SRV = outs[0].reshape(NS, out_rows, latent_value_dim)[:, :T * N]
+        lse_SR = outs[1].reshape(NS, out_rows)[:, :T * N]
+        wgt = jnp.exp(lse_SR - jnp.max(lse_SR, axis=0)[None])
+        o_RV = jnp.sum(wgt[..., None] * o_SRV, axis=0) / jnp.sum(wgt, axis=0)[..., None]
     n = jnp.reshape(num_seqs, ()).astype(jnp.int32)
     valid_T = jnp.arange(T, dtype=jnp.int32) < cu_q_lens_S1[n]
-    o = out[:T * N].reshape(T, N, latent_value_dim)
-    return jnp.where(valid_T[:, None, None], o, jnp.zeros_like(o))
+    o = o_RV.reshape(T, N, latent_value_dim)
+    return jnp.where(valid_T[:, None, None], o, jnp.zeros_like(o)).astype(q_TNH.dtype)

@@ -214,13 +214,15 @@ class TestLatentAttention:
         with pytest.raises(ValueError, match="tpu kernel does not run MLA"):
             ragged_paged_attention(*args, latent_value_dim=32, backend="tpu", interpret=True)
 
-    @pytest.mark.parametrize("lengths,window", [(MIXED, None), (DECODE, 40)])
-    def test_gpu_kernel_interpret_matches_reference(self, lengths, window):
+    @pytest.mark.parametrize("lengths,window,splits", [(MIXED, None, 1), (DECODE, 40, 3)])
+    def test_gpu_kernel_interpret_matches_reference(self, lengths, window, splits):
         """mla_gpu.py in interpret mode: halves of 32, 48 value columns (pieces 32 | 16 | 16),
-        mixed prefill + decode and a sliding window, NaN poison in every unowned slot."""
+        mixed prefill + decode, a sliding window, KV splits merged by log-sum-exp, NaN poison
+        in every unowned slot."""
+        from pallas_kernels.ragged_paged_attention.mla_gpu import ragged_paged_mla_gpu
         args = latent_case(13, *lengths, N=4, half=32, S_cap=8, T_pad=3)
-        out = ragged_paged_attention(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48,
-                                     backend="gpu", interpret=True)
+        out = ragged_paged_mla_gpu(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48,
+                                   interpret=True, block_k=16, num_splits=splits)
         ref = ragged_paged_attention_reference(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48)
         assert_close(out, ref, 2e-5)
         assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
