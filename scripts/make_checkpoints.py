@@ -41,6 +41,15 @@ MODELS = {
                        dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
                             moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8,
                             num_experts_per_tok=2, num_hidden_layers=3, mlp_only_layers=[1])),
+    # MLA: its cached row (latent 48 + rope key 16) splits into two halves of 32, which divide
+    # the others' page size, so adding it keeps every model's tokens per page a power of two
+    "deepseek-v2-tiny": ("deepseek_v2", 5, "float32", None,
+                         dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                              moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=48, q_lora_rank=32,
+                              qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                              topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                              routed_scaling_factor=1.5)),
 }
 
 

@@ -74,7 +74,7 @@ def decode_step_bytes(config: ModelConfig, *, batch: int, context: int, itemsize
             parts["router_and_norms"] += size(shape)
         else:
             parts["dense_and_shared"] += size(shape)
-    parts["kv_cache"] = float(batch) * context * config.num_layers * 2 * config.kv_size * itemsize
+    parts["kv_cache"] = float(batch) * context * config.num_layers * 2 * config.kv_cache_row * itemsize  # K and V rows
     parts["total"] = sum(parts.values())
     parts["experts_touched_per_layer"] = touched
     return parts

@@ -4,7 +4,9 @@ Tensors stream one stacked leaf at a time: the leaf's numpy buffer is allocated 
 target dtype, every checkpoint tensor that belongs to it is copied in (transposed, split into
 gate | up columns, placed at its layer/expert index) straight from the memory-mapped file,
 then the buffer goes to its placement and is dropped. Every name, shape and dtype is checked
-against `tensor_slots` before any data is read.
+against `tensor_slots` before any data is read. MXFP4-quantised tensors (NAME_blocks +
+NAME_scales, GPT-OSS's released experts) are dequantised one tensor at a time as they are
+read (`mxfp4.Mxfp4Tensors`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from crosspool_jax.checkpoints.errors import CheckpointError
 from crosspool_jax.checkpoints.hf_names import Slot, is_ignorable, tensor_slots
+from crosspool_jax.checkpoints.mxfp4 import Mxfp4Tensors
 from crosspool_jax.checkpoints.safetensors_io import FLOAT_DTYPES, SafetensorsSet
 from crosspool_jax.checkpoints.tokenizer import Tokenizer, load_tokenizer
 from crosspool_jax.models import ModelConfig, param_shapes
@@ -127,7 +130,7 @@ def _leaf_shape(shapes: tuple[dict, dict], slot: Slot) -> tuple:
     return node
 
 
-def check_tensors(st: SafetensorsSet, config: ModelConfig, path: str) -> dict[str, Slot]:
+def check_tensors(st: SafetensorsSet | Mxfp4Tensors, config: ModelConfig, path: str) -> dict[str, Slot]:
     """Names, shapes and dtypes of the checkpoint against the config; returns the slots."""
     names = set(st.keys())
     layers = {int(m.group(1)) for m in map(_LAYER_RE.search, names) if m}
@@ -159,6 +162,8 @@ def check_tensors(st: SafetensorsSet, config: ModelConfig, path: str) -> dict[st
 def _fill(buf: np.ndarray, slot: Slot, tensor: np.ndarray) -> None:
     if slot.transpose:
         tensor = tensor.T
+    if slot.interleaved:
+        tensor = np.concatenate([tensor[..., 0::2], tensor[..., 1::2]], axis=-1)
     target = buf[slot.index] if slot.index else buf
     if slot.cols is not None:
         target[..., slot.cols[0]:slot.cols[1]] = tensor
@@ -176,7 +181,7 @@ def load_hf_params(path: str, config: ModelConfig, *, dtype="bfloat16",
                    kv_placement: Placement = None, ffn_placement: Placement = None):
     """(kv_params, ffn_params) from the safetensors of a Hugging Face folder, one leaf at a time."""
     np_dtype = parse_dtype(dtype)
-    st = SafetensorsSet(path)
+    st = Mxfp4Tensors(SafetensorsSet(path))       # MXFP4 blocks + scales read as float32 tensors
     slots = check_tensors(st, config, path)
     shapes = param_shapes(config)
     by_leaf: dict[tuple, list[str]] = {}

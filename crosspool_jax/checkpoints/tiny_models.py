@@ -23,6 +23,32 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2)),
     "llama": ("LlamaConfig", dict(intermediate_size=48)),
     "qwen3": ("Qwen3Config", dict(intermediate_size=48, head_dim=16)),
+    # MLA with the query LoRA, a dense first layer, 8 experts in 4 groups (best 2), a shared
+    # expert, scaled routing; every geometry distinct (latent 16, rope 4, nope 8, v 12)
+    "deepseek_v2": ("DeepseekV2Config", dict(
+        num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, routed_scaling_factor=1.5)),
+    # MLA with DeepSeek-V3 routing: sigmoid scores, a learnt choice bias (randomized below),
+    # 8 experts in 4 groups scored by their two best (best 2 kept), renormalised, scaled
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(
+        num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+        norm_topk_prob=True)),
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # sliding (window 5) / full layers alternating, sinks, q/k/v/o biases, router and expert
+    # biases, a SwiGLU limit low enough to clamp, YaRN past a pretraining length of 16
+    "gpt_oss": ("GptOssConfig", dict(
+        head_dim=16, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=5,
+        num_hidden_layers=3, swiglu_limit=0.3,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})),
 }
 
 
@@ -41,11 +67,13 @@ def build_hf_config(family: str, **overrides) -> Any:
 
 
 def randomize_(model, seed: int, *, std: float = 0.1, norm_std: float = 0.2) -> None:
-    """Overwrite every parameter in place from a seeded generator (norms around 1)."""
+    """Overwrite every parameter in place from a seeded generator (norms around 1), and the
+    learnt buffers a checkpoint carries (DeepSeek-V3's e_score_correction_bias)."""
     import torch
     gen = torch.Generator().manual_seed(seed)
+    learnt = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for name, p in sorted(list(model.named_parameters()) + learnt, key=lambda kv: kv[0]):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if "norm" in name:
                 value = 1.0 + norm_std * noise
@@ -70,6 +98,18 @@ def make_tiny_hf_model(family: str, out_dir: str, *, seed: int = 0, dtype: str =
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     to_save.save_pretrained(out_dir, **kwargs)
     return model.to(torch.float32)
+
+
+def transformers_greedy(path: str, ids, max_new: int) -> list:
+    """transformers' float32 greedy `generate` of max_new tokens after `ids` (no EOS stop): the
+    engine tests' reference."""
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
 
 
 # ----- tokenizer for the tiny models -----

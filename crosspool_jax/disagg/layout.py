@@ -454,6 +454,18 @@ def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: in
     return Region(start, slot_elems, min(len(extents), int(budget) // slot_bytes))
 
 
+def _split_unsupported(c) -> Optional[str]:
+    """Why the arena step cannot run this model yet (None: it can)."""
+    if c.is_mla:
+        return ("it uses multi-head latent attention, and the crosspool split's arena step attends "
+                "per-head K/V only")
+    if c.attention_sinks or c.sliding_window_layers is not None or c.attention_out_bias:
+        return "the arena step has no attention sinks, per-layer sliding windows or o-projection bias yet"
+    if c.expert_bias or c.router_bias or c.moe_activation != "silu":
+        return "the arena's expert shards carry no router or expert biases nor the clamped SwiGLU yet"
+    return None
+
+
 def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, page_elems: Optional[int] = None,
                       dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
                       attention_pool_bytes: Optional[int] = None, weights_pool_bytes: Optional[int] = None,
@@ -478,6 +490,10 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
     page_elems = choose_page_elems(kv_rows) if page_elems is None else int(page_elems)
     entries = {}
     for name, c in configs.items():
+        reason = _split_unsupported(c)
+        if reason:
+            raise ValueError(f"model {name!r} ({c.architecture}) cannot run on the disaggregated step: {reason}; "
+                             f"serve it with mode='shared' or 'static'")
         try:
             tokens_per_page(page_elems, c.num_kv_heads, c.head_dim)
             entries[name] = _model_entries(c, n_w)

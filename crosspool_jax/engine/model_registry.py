@@ -149,10 +149,11 @@ class ModelRegistry:
             self._add(name, str(path), model)
             if self.disaggregated:
                 loaded[name] = model
-        kv_rows = [e.config.num_kv_heads * e.config.head_dim for e in self._entries.values()]
+        kv_rows = [e.config.kv_cache_row for e in self._entries.values()]
         page_elems = config.page_elems or choose_page_elems(kv_rows)
         for entry in self._entries.values():
-            entry.tokens_per_page = tokens_per_page(page_elems, entry.config.num_kv_heads, entry.config.head_dim)
+            entry.tokens_per_page = tokens_per_page(page_elems, entry.config.kv_cache_heads,
+                                                    entry.config.kv_cache_head_dim)
             # page tables hold up to max_model_len tokens plus the decode steps allocated ahead
             max_blocks = -(-(entry.max_model_len + config.max_decode_steps) // entry.tokens_per_page)
             entry.menu = ShapeMenu.build(max_num_batched_tokens=config.max_num_batched_tokens,

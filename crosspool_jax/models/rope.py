@@ -5,7 +5,11 @@ YaRN (https://arxiv.org/abs/2309.00071, as transformers computes it): each frequ
 of the original (extrapolated) and the factor-interpolated one, by a linear ramp over the
 dimensions between the correction dims of beta_fast and beta_slow rotations at the pretraining
 length; cos and sin are then scaled by the attention factor (0.1 ln(factor) + 1 unless given,
-or the mscale / mscale_all_dim ratio)."""
+or the mscale / mscale_all_dim ratio). RoPE rotates `config.rope_dim` dims per head (MLA: the
+rope part only); with `config.rope_interleave` (DeepSeek) it rotates the pairs (x0, x1),
+(x2, x3), ... and returns the rotated evens then the rotated odds (transformers'
+`apply_rotary_pos_emb_interleave`: a fixed permutation of the pairs' output, the same for q
+and k, so q.k is that of DeepSeek's complex-number form)."""
 from __future__ import annotations
 
 import math
@@ -18,8 +22,8 @@ from crosspool_jax.models.config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """float32[H/2] inverse frequencies, computed on the host like transformers does."""
-    H = config.head_dim
+    """float32[H/2] inverse frequencies (H = config.rope_dim), computed on the host like transformers does."""
+    H = config.rope_dim
     inv_freq = (1.0 / (np.float32(config.rope_theta)
                        ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / np.float32(H))))
     inv_freq = inv_freq.astype(np.float32)
@@ -96,8 +100,13 @@ def rope_cos_sin(config: ModelConfig, positions_T: jax.Array, dtype):
     return cos.astype(dtype), sin.astype(dtype)
 
 
-def apply_rope(x_TNH: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:
-    """x*cos + rotate_half(x)*sin, broadcast over the head axis."""
+def apply_rope(x_TNH: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array, *, interleaved: bool = False) -> jax.Array:
+    """x*cos + rotate_half(x)*sin, broadcast over the head axis; interleaved: the pairs
+    (x[2i], x[2i+1]) rotated by frequency i, evens first then odds in the output."""
     half = x_TNH.shape[-1] // 2
+    if interleaved:
+        cos_h, sin_h = cos_TH[:, None, :half], sin_TH[:, None, :half]
+        x1, x2 = x_TNH[..., 0::2], x_TNH[..., 1::2]
+        return jnp.concatenate([x1 * cos_h - x2 * sin_h, x2 * cos_h + x1 * sin_h], axis=-1)
     rotated = jnp.concatenate([-x_TNH[..., half:], x_TNH[..., :half]], axis=-1)
     return x_TNH * cos_TH[:, None, :] + rotated * sin_TH[:, None, :]

@@ -11,6 +11,23 @@ layer has the same FFN kind) and returns the hidden states after the final norm;
 sliced per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, which
 the GPU kernels read in place (a sliced layer would be copied into the kernel call: one
 layer of Mixtral-8x7B's experts is 2.8 GB).
+
+The families differ by config-driven branches resolved at trace time, in this one forward:
+
+- Multi-head latent attention (`config.is_mla`: DeepSeek-V2/V3, GLM-4.7-Flash) runs in its
+  absorbed form, for prefill and decode alike: the per-head key up-projection is folded into
+  the query (q_nope @ W_uk: one latent "head" of kv_lora_rank, plus the rope part), so
+  attention is MQA over one cached row per token, the latent c_kv (kv_lora_rank) and the rope
+  key (qk_rope_head_dim), with the values the latent itself; the value up-projection W_uv is
+  applied to the attention output before the o projection. The cached row reaches the seam
+  as its two halves (k_TKH = first half, v_TKH = second half, K = 1), which the paged pool
+  stores in its K and V buffers; the attention takes key = concat(k, v) and value = its first
+  kv_lora_rank entries (`ragged_paged_attention(..., latent_value_dim=)`).
+- What differs per layer reaches the seam as keywords (`layer_attention_options`): GPT-OSS's
+  attention sinks and, for alternating sliding/full layers, the layer's window.
+- The MoE's routing (`config.routing`: softmax or sigmoid scores, group-limited top-k, a
+  choice-only score bias, scaling), router bias, expert biases and activation
+  (`config.expert_activation`) go to `fused_moe`; a shared expert's gate is optional.
 """
 from __future__ import annotations
 
@@ -20,13 +37,41 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.config import MLA_NORM_EPS, ModelConfig
 from crosspool_jax.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array
 from pallas_kernels.fused_moe.reference import fused_moe_reference
 
-# attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache) -> (out_TNH, kv_cache)
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]
+# attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache, **layer_options) -> (out_TNH, kv_cache)
+# (MLA: q_TNRY [T, N, R+Y], k/v the halves of the cached row [T, 1, (R+Y)/2], out [T, N, R];
+# layer_options: `layer_attention_options`, which override the function's static options)
+AttentionFn = Callable[..., tuple[jax.Array, Any]]
+FULL_WINDOW = 1 << 30          # a sliding window past every position: full causal attention
+
+
+def attention_options(config: ModelConfig) -> dict:
+    """The static options of `ragged_paged_attention` (and the dense seam) for this model; a
+    window that differs by layer comes per layer (`layer_attention_options`)."""
+    per_layer = config.sliding_window_layers is not None
+    return dict(sm_scale=config.attention_scale, sliding_window=None if per_layer else config.sliding_window,
+                latent_value_dim=config.kv_lora_rank if config.is_mla else None)
+
+
+def layer_attention_options(layer_attn_params: dict, config: ModelConfig, layer_idx) -> dict:
+    """What one layer adds to the attention call: its sinks (`sinks_LN`'s row, GPT-OSS) and, when
+    the window differs by layer, its sliding window (a traced scalar when layer_idx is traced:
+    FULL_WINDOW for full-attention layers)."""
+    c, out = config, {}
+    if c.attention_sinks:
+        out["sinks"] = layer_attn_params["sinks_LN"]
+    if c.sliding_window_layers is not None and c.sliding_window is not None:
+        if isinstance(layer_idx, int):
+            out["sliding_window"] = c.layer_sliding_window(layer_idx)
+        else:
+            windows_L = jnp.asarray([c.layer_sliding_window(l) or FULL_WINDOW for l in range(c.num_layers)],
+                                    jnp.int32)
+            out["sliding_window"] = windows_L[layer_idx]
+    return out
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -39,10 +84,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def qkv_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
                    positions_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One layer's q/k/v (input norm, projections, biases, q/k norms, clipping, RoPE)
-    -> (q_TNH, k_TKH, v_TKH), as the attention seam receives them."""
+    -> (q_TNH, k_TKH, v_TKH), as the attention seam receives them (MLA: `_mla_qkv`)."""
     p, c = layer_attn_params, config
     T = x_TD.shape[0]
     xn_TD = rms_norm(x_TD, p["input_norm_LD"], c.rms_norm_eps)
+    if c.is_mla:
+        return _mla_qkv(p, c, xn_TD, positions_T)
     q_TQ = xn_TD @ p["wq_LDQ"]
     k_TKH = xn_TD @ p["wk_LDKH"]
     v_TKH = xn_TD @ p["wv_LDKH"]
@@ -63,18 +110,59 @@ def qkv_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array
     return apply_rope(q_TNH, cos_TH, sin_TH), apply_rope(k_TKH, cos_TH, sin_TH), v_TKH
 
 
+def _mla_up_proj(p: dict, c: ModelConfig):
+    """kv_b_proj per head -> (W_uk [R, N, qk_nope], W_uv [R, N, v_head_dim])."""
+    w_RNU = p["wkv_b_LRNU"].reshape(c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.head_dim)
+    return w_RNU[..., :c.qk_nope_head_dim], w_RNU[..., c.qk_nope_head_dim:]
+
+
+def _mla_qkv(p: dict, c: ModelConfig, xn_TD: jax.Array, positions_T: jax.Array):
+    """MLA's absorbed q and the cached row's halves: (q_TNRY [T, N, R+Y] = (q_nope @ W_uk | rope q),
+    k, v [T, 1, (R+Y)/2]: the halves of (kv_a_norm(c_kv) | rope k))."""
+    T, N, R, Y = xn_TD.shape[0], c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    if c.q_lora_rank:
+        qa_TA = xn_TD @ p["wq_a_LDA"]
+        if c.attention_bias:
+            qa_TA = qa_TA + p["bq_a_LA"]
+        q_TNI = (rms_norm(qa_TA, p["q_a_norm_LA"], MLA_NORM_EPS) @ p["wq_b_LANI"]).reshape(T, N, c.qk_head_dim)
+    else:
+        q_TNI = (xn_TD @ p["wq_LDNI"]).reshape(T, N, c.qk_head_dim)
+    kv_TRY = xn_TD @ p["wkv_a_LDRY"]
+    if c.attention_bias:
+        kv_TRY = kv_TRY + p["bkv_a_LRY"]
+    latent_TR = rms_norm(kv_TRY[:, :R], p["kv_a_norm_LR"], MLA_NORM_EPS)
+    cos_TY, sin_TY = rope_cos_sin(c, positions_T, xn_TD.dtype)
+    q_rope_TNY = apply_rope(q_TNI[..., c.qk_nope_head_dim:], cos_TY, sin_TY, interleaved=c.rope_interleave)
+    k_rope_T1Y = apply_rope(kv_TRY[:, None, R:], cos_TY, sin_TY, interleaved=c.rope_interleave)
+    w_uk_RNH, _ = _mla_up_proj(p, c)
+    q_lat_TNR = jnp.einsum("tnh,rnh->tnr", q_TNI[..., :c.qk_nope_head_dim], w_uk_RNH)
+    q_TNRY = jnp.concatenate([q_lat_TNR, q_rope_TNY], axis=-1)
+    row_T1RY = jnp.concatenate([latent_TR[:, None, :], k_rope_T1Y], axis=-1)
+    half = c.kv_cache_head_dim
+    return q_TNRY, row_T1RY[..., :half], row_T1RY[..., half:]
+
+
 def output_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
                       out_TNH: jax.Array) -> jax.Array:
-    """The attention output's o projection plus the residual x_TD -> h_TD."""
+    """The attention output's o projection (and bias) plus the residual x_TD -> h_TD. MLA:
+    out is the latent [T, N, R], brought to v_head_dim per head by W_uv first."""
+    p, c = layer_attn_params, config
     T = x_TD.shape[0]
-    return x_TD + out_TNH.reshape(T, config.q_size).astype(x_TD.dtype) @ layer_attn_params["wo_LQD"]
+    if c.is_mla:
+        _, w_uv_RNH = _mla_up_proj(p, c)
+        out_TNH = jnp.einsum("tnr,rnh->tnh", out_TNH.astype(x_TD.dtype), w_uv_RNH)
+    y_TD = out_TNH.reshape(T, c.q_size).astype(x_TD.dtype) @ p["wo_LQD"]
+    if "bo_LD" in p:
+        y_TD = y_TD + p["bo_LD"]
+    return x_TD + y_TD
 
 
 def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
                     positions_T: jax.Array, layer_idx, attention_fn: AttentionFn, kv_cache):
     """One layer's attention half (residual included) -> (kv_cache, h_TD)."""
     q_TNH, k_TKH, v_TKH = qkv_projection(layer_attn_params, config, x_TD, positions_T)
-    out_TNH, kv_cache = attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache)
+    out_TNH, kv_cache = attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache,
+                                     **layer_attention_options(layer_attn_params, config, layer_idx))
     return kv_cache, output_projection(layer_attn_params, config, x_TD, out_TNH)
 
 
@@ -88,13 +176,13 @@ def _swiglu_f32(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Arr
 
 
 def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend, expert_offset,
-               token_mask):
+               token_mask, routing, score_bias, activation, b1, b2):
+    kw = dict(renormalize=renormalize, expert_offset=expert_offset, token_mask=token_mask, routing=routing,
+              score_bias=score_bias, activation=activation, b1=b1, b2=b2)
     if backend == "reference":
-        return fused_moe_reference(x_TD, router_logits_TE, as_array(w1_EDF2), as_array(w2_EFD), top_k,
-                                   renormalize=renormalize, expert_offset=expert_offset, token_mask=token_mask)
+        return fused_moe_reference(x_TD, router_logits_TE, as_array(w1_EDF2), as_array(w2_EFD), top_k, **kw)
     from pallas_kernels.fused_moe import fused_moe
-    return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, renormalize=renormalize, backend=backend,
-                     expert_offset=expert_offset, token_mask=token_mask)
+    return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, backend=backend, **kw)
 
 
 def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
@@ -116,12 +204,17 @@ def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: ja
     if kind != "moe":
         raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
     router_logits_TE = x_TD @ p["router_LDE"]
+    if c.router_bias:
+        router_logits_TE = router_logits_TE + p["router_bias_LE"]
     y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k, renormalize=c.norm_topk_prob,
-                      backend=moe_backend, expert_offset=expert_offset,
-                      token_mask=token_mask_T).astype(jnp.float32)
+                      backend=moe_backend, expert_offset=expert_offset, token_mask=token_mask_T,
+                      routing=c.routing, score_bias=p.get("score_bias_LE"), activation=c.expert_activation,
+                      b1=p.get("b1_LEF2"), b2=p.get("b2_LED")).astype(jnp.float32)
     if c.shared_expert_intermediate_size:
-        gate_T1 = jax.nn.sigmoid(jnp.dot(x_TD, p["shared_gate_LD1"], preferred_element_type=jnp.float32))
-        y_TD = y_TD + gate_T1 * _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
+        shared_TD = _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
+        if c.shared_expert_gate:
+            shared_TD = jax.nn.sigmoid(jnp.dot(x_TD, p["shared_gate_LD1"], preferred_element_type=jnp.float32)) * shared_TD
+        y_TD = y_TD + shared_TD
     return y_TD
 
 
@@ -188,10 +281,10 @@ def dense_logits(kv_params: dict, ffn_params: dict, config: ModelConfig, token_i
                  moe_backend: str = "reference") -> jax.Array:
     """float32 logits_TV of whole packed sequences, no KV cache (tests, scoring, demos).
 
-    Uses `dense_causal_attention` with the config's sliding window; one compile per shape.
+    Uses `dense_causal_attention` with the config's `attention_options`; one compile per shape.
     """
     from crosspool_jax.models.attention import dense_causal_attention
-    attn = dense_causal_attention(segment_ids_T, positions_T, sliding_window=config.sliding_window)
+    attn = dense_causal_attention(segment_ids_T, positions_T, **attention_options(config))
     _, hidden_TD = forward(kv_params, ffn_params, config, token_ids_T, positions_T, attn, None,
                            moe_backend=moe_backend)
     return compute_logits(kv_params, config, hidden_TD)

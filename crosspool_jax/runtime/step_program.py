@@ -33,12 +33,12 @@ PROMPT_BLOCK = 128        # tokens whose logits [B, V] the prompt-logprobs varia
 
 
 def _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, backend):
-    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, cache):
+    def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, cache, **layer_options):
         k_pages, v_pages = cache
         k_pages, v_pages = write_kv(k_pages, v_pages, k_TKH, v_TKH, slots_LT[layer_idx])
         out = ragged_paged_attention(q_TNH, k_pages, v_pages, kv_lens_S, page_indices_LSP[layer_idx],
-                                     cu_q_lens_S1, num_seqs_1, sliding_window=config.sliding_window,
-                                     backend=backend)
+                                     cu_q_lens_S1, num_seqs_1, backend=backend,
+                                     **{**models.attention_options(config), **layer_options})
         return out, (k_pages, v_pages)
     return attention_fn
 
@@ -46,8 +46,8 @@ def _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens
 def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, positions_T, slots_LT,
                     page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, logits_indices_S,
                     attention_backend, moe_backend, token_mask_T=None):
-    k_pages = page_view(k_buf, config.num_kv_heads, config.head_dim)
-    v_pages = page_view(v_buf, config.num_kv_heads, config.head_dim)
+    k_pages = page_view(k_buf, config.kv_cache_heads, config.kv_cache_head_dim)
+    v_pages = page_view(v_buf, config.kv_cache_heads, config.kv_cache_head_dim)
     attention_fn = _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1,
                                        num_seqs_1, attention_backend)
     if token_mask_T is None:          # the tokens of the step's sequences; the rest is padding
@@ -116,7 +116,7 @@ def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, pa
     """
     S = token_ids_S.shape[0]
     P, X = k_buf.shape
-    G = X // (config.num_kv_heads * config.head_dim)
+    G = X // config.kv_cache_row
     rows = jnp.arange(S, dtype=jnp.int32)
     live_S = rows < num_seqs_1[0]
     cu_q_lens_S1 = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), num_seqs_1[0])

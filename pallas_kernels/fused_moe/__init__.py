@@ -2,9 +2,9 @@
 (Mosaic TPU Pallas) kernels behind one backend seam (api.py)."""
 from pallas_kernels.fused_moe.api import fused_moe, grouped_matmul
 from pallas_kernels.fused_moe.expert_rows import ExpertRows
-from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
-                                                route_topk)
+from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, ClampedSwiGLU, Routing, fused_moe_reference,
+                                                grouped_matmul_reference, route, route_topk)
 from pallas_kernels.fused_moe.tuning import BlockConfig
 
-__all__ = ["fused_moe", "grouped_matmul", "ExpertRows", "route_topk", "fused_moe_reference",
-           "grouped_matmul_reference", "BlockConfig"]
+__all__ = ["fused_moe", "grouped_matmul", "ExpertRows", "ClampedSwiGLU", "Routing", "SOFTMAX_TOPK", "route",
+           "route_topk", "fused_moe_reference", "grouped_matmul_reference", "BlockConfig"]

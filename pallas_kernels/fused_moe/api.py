@@ -25,8 +25,8 @@ from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
 from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
-from pallas_kernels.fused_moe.reference import (fused_moe_reference, grouped_matmul_reference,
-                                                local_expert_ids, route_topk)
+from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, ClampedSwiGLU, Routing, fused_moe_reference,
+                                                grouped_matmul_reference, local_expert_ids, route)
 from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
                                                  check_grouped_matmul, resolve_backend)
 
@@ -83,7 +83,8 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
 def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
               activation: str = "silu", backend: str = "auto", interpret: bool = False,
               config: tuning.BlockConfig | tuple[tuning.BlockConfig, tuning.BlockConfig]
-              | None = None, expert_offset=None, token_mask=None):
+              | None = None, expert_offset=None, token_mask=None, routing: Routing = SOFTMAX_TOPK,
+              score_bias=None, b1=None, b2=None):
     """Mixture of experts: x [T, D], router_logits [T, E], w1 [E, D, 2F] (gate|up),
     w2 [E, F, D] (arrays or ExpertRows) -> [T, D] in x's dtype (float32 accumulation).
 
@@ -95,6 +96,14 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     other experts contribute nothing and read no weights, so the sum of the outputs over the
     slices is the whole layer. An offset with no local expert (e.g. E) reads no expert.
 
+    routing (static `Routing`) and score_bias (float [E], traced ok) generalise the softmax
+    top-k (sigmoid scores, group-limited top-k, a choice-only bias, scaling: DeepSeek-V2/V3);
+    the kernel path computes such routing with the reference's `route` (XLA ops), the GPU
+    routing kernel serves the plain softmax top-k.
+
+    b1 [E, 2F] / b2 [E, D] (the experts' biases) and activation=ClampedSwiGLU(alpha, limit)
+    (GPT-OSS) run on the reference: "auto" picks it for them, an explicit kernel backend raises.
+
     `config` overrides the tuning table: one BlockConfig for both grouped matmuls or a
     (gate_up, down) pair with the same block_m. With backend="auto" on a GPU, D or F not a
     multiple of 16 falls back to the reference.
@@ -103,14 +112,19 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     if token_mask is not None and getattr(token_mask, "shape", None) != (x.shape[0],):
         raise ValueError(f"fused_moe: token_mask must be [T] = [{x.shape[0]}], got shape "
                          f"{getattr(token_mask, 'shape', None)}")
-    backend = _choose(backend, w2.shape[1], w2.shape[2])
+    reference_only = b1 is not None or b2 is not None or isinstance(activation, ClampedSwiGLU)
+    if reference_only and backend not in ("auto", "reference"):
+        raise ValueError(f"fused_moe: the {backend} kernels do not take expert biases or the clamped SwiGLU "
+                         f"yet; use backend='reference' or 'auto'")
+    backend = "reference" if reference_only else _choose(backend, w2.shape[1], w2.shape[2])
     if backend == "reference" or x.shape[0] == 0:
         return fused_moe_reference(x, router_logits, as_array(w1), as_array(w2), top_k,
                                    renormalize=renormalize, activation=activation,
-                                   expert_offset=expert_offset, token_mask=token_mask)
-    return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, token_mask, top_k=top_k,
+                                   expert_offset=expert_offset, token_mask=token_mask, routing=routing,
+                                   score_bias=score_bias, b1=b1, b2=b2)
+    return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, token_mask, score_bias, top_k=top_k,
                              renormalize=renormalize, activation=activation, backend=backend,
-                             interpret=interpret, config=config)
+                             interpret=interpret, config=config, routing=routing)
 
 
 # What the GPU path does in kernels instead of XLA ops: "routing" (routing_gpu.py instead of
@@ -126,9 +140,10 @@ def _combine_xla(y_PD, layout, top_k: int, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("top_k", "renormalize", "activation", "backend",
-                                             "interpret", "config", "gpu_glue"))
-def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, token_mask_T=None, *, top_k,
-                      renormalize, activation, backend, interpret, config, gpu_glue=GPU_GLUE):
+                                             "interpret", "config", "gpu_glue", "routing"))
+def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, token_mask_T=None, score_bias_E=None,
+                      *, top_k, renormalize, activation, backend, interpret, config, gpu_glue=GPU_GLUE,
+                      routing=SOFTMAX_TOPK):
     T, D = x_TD.shape
     E, _, F2 = w1_EDF2.shape
     F = F2 // 2
@@ -145,11 +160,13 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, to
     check_config(cfg1, D, F, backend, "fused_moe gate/up")
     check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
-    if backend == "gpu" and "routing" in gpu_glue:   # one kernel: softmax, top-k, renormalise
+    plain = routing == SOFTMAX_TOPK and score_bias_E is None
+    if backend == "gpu" and "routing" in gpu_glue and plain:   # one kernel: softmax, top-k, renormalise
         weights_TK, ids_TK = route_topk_gpu(router_logits_TE, top_k, renormalize=renormalize,
                                             interpret=interpret)
     else:
-        weights_TK, ids_TK = route_topk(router_logits_TE, top_k, renormalize=renormalize)
+        weights_TK, ids_TK = route(router_logits_TE, top_k, renormalize=renormalize, routing=routing,
+                                   score_bias_E=score_bias_E)
     ids_TK = local_expert_ids(ids_TK, expert_offset, E, token_mask_T)   # E: another slice's or padding
     if T == 1:      # one token: its top_k experts are distinct, one tile each, no sorting
         dropping = expert_offset is not None or token_mask_T is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.fused_moe.reference import ACTIVATIONS
+from pallas_kernels.fused_moe.reference import ACTIVATIONS, ClampedSwiGLU
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
 
@@ -72,8 +72,8 @@ def check_fused_moe(x, router_logits, w1, w2, top_k, activation, expert_slice: b
     E_router = router_logits.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E_router:
         raise ValueError(f"fused_moe: top_k must be an int in [1, E={E_router}], got {top_k!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"fused_moe: activation must be one of {ACTIVATIONS}, "
+    if not isinstance(activation, ClampedSwiGLU) and activation not in ACTIVATIONS:
+        raise ValueError(f"fused_moe: activation must be one of {ACTIVATIONS} or a ClampedSwiGLU, "
                          f"got {activation!r}")
 
 

@@ -44,32 +44,63 @@ def resolve_backend(backend: str = "auto") -> str:
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale=None, soft_cap=None, sliding_window=None, backend="auto",
-                           interpret=False, k_page_offset=0, v_page_offset=0):
+                           interpret=False, k_page_offset=0, v_page_offset=0, latent_value_dim=None,
+                           sinks=None):
     """Attention of packed ragged queries q [T, N, H] over a paged KV pool [P, G, K, H].
 
     See ../shared/CROSSPOOL.md for the contract. Rows of q past cu_q_lens[num_seqs] come back
     as zeros on every backend. `interpret=True` runs a Pallas kernel in interpret mode (CPU).
     k_page_offset / v_page_offset (static non-negative ints < P): page id p's K is
     k_pages[p + k_page_offset], its V v_pages[p + v_page_offset] (module docstring).
+    latent_value_dim (static int, MLA's absorbed form): the pages hold one latent row per token,
+    its first half in k_pages and its second in v_pages (K = 1, q's head dim twice theirs);
+    key = the whole row, value = its first latent_value_dim entries; out [T, N,
+    latent_value_dim]. "auto" runs it on the reference; backend="gpu" runs mla_gpu.py's kernel
+    (unmeasured so far; column pieces of >= 16, no page offsets), "tpu" raises.
+    sinks (float [N], traced ok; GPT-OSS): a learnt logit per head in every softmax
+    denominator. sliding_window may be a traced int32 scalar (a per-layer window). Both run on
+    the reference only.
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-                  backend=backend, k_page_offset=k_page_offset, v_page_offset=v_page_offset)
+                  backend=backend, k_page_offset=k_page_offset, v_page_offset=v_page_offset,
+                  latent_value_dim=latent_value_dim, sinks=sinks)
     offsets = dict(k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
     requested = backend
     backend = resolve_backend(backend)
-    if requested == "auto" and backend != "reference" and not kernel_supports(q, k_pages, backend):
+    traced_window = isinstance(sliding_window, jax.Array)
+    latent = latent_value_dim is not None
+    reference_only = sinks is not None or traced_window
+    # "auto" keeps MLA on the reference until the GPU MLA kernel (mla_gpu.py) has measurements
+    if requested == "auto" and backend != "reference" and (reference_only or latent
+                                                           or not kernel_supports(q, k_pages, backend)):
         backend = "reference"
+    if reference_only and backend != "reference":
+        raise ValueError(f"the {backend} kernel does not run attention sinks or a traced sliding window yet; "
+                         f"use backend='reference' or 'auto'")
+    if latent and backend == "tpu":
+        raise ValueError("the tpu kernel does not run MLA's latent attention (latent_value_dim) yet; "
+                         "use backend='reference', 'gpu' or 'auto'")
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     sm_scale = float(sm_scale)
     soft_cap = None if soft_cap is None else float(soft_cap)
-    sliding_window = None if sliding_window is None else int(sliding_window)
+    if not traced_window:
+        sliding_window = None if sliding_window is None else int(sliding_window)
     num_seqs = num_seqs.reshape(1)
     if backend == "reference":
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            soft_cap=soft_cap, sliding_window=sliding_window, **offsets)
+            soft_cap=soft_cap, sliding_window=sliding_window, latent_value_dim=latent_value_dim, sinks=sinks,
+            **offsets)
+    if latent:
+        from pallas_kernels.ragged_paged_attention import mla_gpu
+        problem = mla_gpu.kernel_problem(k_pages.shape[-1], latent_value_dim)
+        if problem or offsets != dict(k_page_offset=0, v_page_offset=0):
+            raise ValueError(f"the gpu MLA kernel: {problem or 'no page offsets yet'}; use backend='reference'")
+        return mla_gpu.ragged_paged_mla_gpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                            latent_value_dim=latent_value_dim, sm_scale=sm_scale,
+                                            sliding_window=sliding_window, interpret=interpret)
     validate_kernel_geometry(q, k_pages, backend)
     if backend == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu

@@ -1,5 +1,7 @@
 """Benchmark of ragged paged attention on a GPU: our kernel beside JAX's Pallas GPU
-`paged_attention` and an XLA baseline (gather pages to dense, then attend).
+`paged_attention` and an XLA baseline (gather pages to dense, then attend); MLA decode at
+DeepSeek-V2-Lite's shapes, the reference path beside the MLA kernel (`bench_mla_decode`,
+section "mla_decode").
 
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
@@ -220,8 +222,52 @@ def sweep(rows_out, copy_gbps, shapes=SWEEP_SHAPES):
         del args
 
 
+# MLA decode at DeepSeek-V2-Lite's shapes: 16 heads over one cached row per token (latent 512 +
+# rope key 64, halves of 288 in the K and V pages, G = 16 as choose_page_elems gives alone)
+MLA_HEADS, MLA_LATENT, MLA_ROPE, MLA_G = 16, 512, 64, 16
+MLA_DECODE_SHAPES = [(B, ctx) for B in (1, 8, 32) for ctx in (2048, 4096, 16384)]
+
+
+def mla_decode_inputs(key, B, ctx, G=MLA_G, dtype=jnp.bfloat16):
+    """Decode inputs of MLA's absorbed attention: q [B, N, 576], pages [P, G, 1, 288] twice."""
+    half = (MLA_LATENT + MLA_ROPE) // 2
+    pps = ctx // G
+    P = B * pps + 8
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, MLA_HEADS, 2 * half), dtype)
+    kp = jax.random.normal(k2, (P, G, 1, half), dtype)
+    vp = jax.random.normal(k3, (P, G, 1, half), dtype)
+    table = jax.random.permutation(k1, P)[:B * pps].reshape(B, pps).astype(jnp.int32)
+    return (q, kp, vp, jnp.full((B,), ctx, jnp.int32), table, jnp.arange(B + 1, dtype=jnp.int32),
+            jnp.asarray([B], jnp.int32))
+
+
+def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
+    """MLA decode through ragged_paged_attention(latent_value_dim=512): the reference path
+    ("auto") and, on a GPU, the MLA kernel (mla_gpu.py; its max error against the reference in
+    the note), GB/s of the latent rows read against the copy ceiling."""
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    kw = dict(latent_value_dim=MLA_LATENT, sm_scale=(128 + MLA_ROPE) ** -0.5)
+    impls = {"reference": jax.jit(functools.partial(ragged_paged_attention, backend="reference", **kw))}
+    if jax.default_backend() == "gpu":
+        impls["ours_mla"] = jax.jit(functools.partial(ragged_paged_attention, backend="gpu", **kw))
+    for B, ctx in shapes:
+        args = mla_decode_inputs(jax.random.PRNGKey(B * ctx), B, ctx, G)
+        gb = B * ctx * (MLA_LATENT + MLA_ROPE) * args[1].dtype.itemsize / 1e9
+        outs = {}
+        for impl, f in impls.items():
+            outs[impl] = f(*args)
+            note = "DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64"
+            if impl != "reference":
+                err = float(jnp.max(jnp.abs(outs[impl].astype(jnp.float32) - outs["reference"].astype(jnp.float32))))
+                note += f"; max |err| vs reference {err:.3g}"
+            _row(rows_out, "mla_decode", f"B={B} ctx={ctx} G={G}", impl, _time(f, *args), gbytes=gb,
+                 copy_gbps=copy_gbps, note=note)
+        del args, outs
+
+
 def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False,
-         decode=True, mixed=True):
+         decode=True, mixed=True, mla=True):
     rows_out = [] if rows_out is None else rows_out
     print("jax", jax.__version__, jax.devices(), flush=True)
     if copy_gbps is None:
@@ -235,6 +281,8 @@ def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_swe
         bench_decode(rows_out, copy_gbps)
     if mixed:
         bench_mixed(rows_out, do_sweep=do_sweep)
+    if mla:
+        bench_mla_decode(rows_out, copy_gbps)
     return rows_out
 
 

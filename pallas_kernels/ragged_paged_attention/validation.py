@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
 
 BACKENDS = ("reference", "gpu", "tpu", "auto")
@@ -34,7 +35,7 @@ def _int32(name, x):
 
 def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP, cu_q_lens_S1,
                   num_seqs, *, sm_scale, soft_cap, sliding_window, backend, k_page_offset=0,
-                  v_page_offset=0):
+                  v_page_offset=0, latent_value_dim=None, sinks=None):
     """Checks the contract's ranks, dtypes, shapes and static options; returns the backend name
     unchanged."""
     if backend not in BACKENDS:
@@ -44,7 +45,15 @@ def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
     if tuple(v_pages_PGKH.shape) != (P, G, K, Hk):
         raise ValueError(f"v_pages shape {tuple(v_pages_PGKH.shape)} must equal k_pages shape "
                          f"{(P, G, K, Hk)}")
-    if Hk != H:
+    if latent_value_dim is not None:
+        if (isinstance(latent_value_dim, bool) or not isinstance(latent_value_dim, numbers.Integral)
+                or not 1 <= latent_value_dim <= 2 * Hk):
+            raise ValueError(f"latent_value_dim must be an int in [1, {2 * Hk}] (the latent row is 2 * "
+                             f"the pages' head dim), got {latent_value_dim!r}")
+        if K != 1 or H != 2 * Hk:
+            raise ValueError(f"latent attention (latent_value_dim) needs one KV head and q's head dim "
+                             f"({H}) twice the pages' ({Hk}); k_pages shape {(P, G, K, Hk)}")
+    elif Hk != H:
         raise ValueError(f"head dim of q ({H}) must equal head dim of k_pages/v_pages ({Hk})")
     if K == 0 or N % K:
         raise ValueError(f"query heads N={N} must be divisible by KV heads K={K}")
@@ -70,10 +79,18 @@ def validate_args(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                          f"got {sm_scale!r}")
     if soft_cap is not None and (not isinstance(soft_cap, numbers.Real) or soft_cap <= 0):
         raise ValueError(f"soft_cap must be a positive number or None, got {soft_cap!r}")
-    if sliding_window is not None and (isinstance(sliding_window, bool)
-                                       or not isinstance(sliding_window, numbers.Integral)
-                                       or sliding_window < 1):
+    if isinstance(sliding_window, jax.Array):
+        if sliding_window.shape != () or not jnp.issubdtype(sliding_window.dtype, jnp.integer):
+            raise ValueError(f"a traced sliding_window must be an integer scalar, got {sliding_window.dtype}"
+                             f"{list(sliding_window.shape)}")
+    elif sliding_window is not None and (isinstance(sliding_window, bool)
+                                         or not isinstance(sliding_window, numbers.Integral)
+                                         or sliding_window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if sinks is not None and (getattr(sinks, "shape", None) != (N,)
+                              or not jnp.issubdtype(sinks.dtype, jnp.floating)):
+        raise ValueError(f"sinks must be a float array [N] = [{N}], got {getattr(sinks, 'dtype', None)}"
+                         f"{list(getattr(sinks, 'shape', ()))}")
     for name, off in (("k_page_offset", k_page_offset), ("v_page_offset", v_page_offset)):
         if isinstance(off, bool) or not isinstance(off, numbers.Integral) or off < 0:
             raise ValueError(f"{name} must be a non-negative int (static, not traced), got {off!r}")

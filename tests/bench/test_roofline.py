@@ -41,6 +41,12 @@ def test_one_token_reads_top_k_experts_per_layer():
     assert tok_s == pytest.approx(3000e9 / one["total"])
 
 
+def test_an_mla_model_reads_its_latent_rows():
+    c = _config("deepseek-v2-lite-27l")
+    parts = decode_step_bytes(c, batch=2, context=10, itemsize=2)
+    assert parts["kv_cache"] == 2 * 10 * c.num_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 2   # 576 a token
+
+
 def test_tied_embedding_counts_as_the_lm_head():
     c = _config()
     tied = dataclasses.replace(c, tie_word_embeddings=True)

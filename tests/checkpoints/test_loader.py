@@ -105,9 +105,9 @@ def _assert_error(path, *fragments, dtype="float32"):
 def test_unsupported_architecture(work_dir):
     cfg_path = os.path.join(work_dir, "config.json")
     cfg = json.load(open(cfg_path))
-    cfg["architectures"] = ["DeepseekV3ForCausalLM"]
+    cfg["architectures"] = ["Qwen3NextForCausalLM"]
     json.dump(cfg, open(cfg_path, "w"))
-    _assert_error(work_dir, "config.json", "unsupported architecture 'DeepseekV3ForCausalLM'",
+    _assert_error(work_dir, "config.json", "unsupported architecture 'Qwen3NextForCausalLM'",
                   "MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "LlamaForCausalLM")
 
 

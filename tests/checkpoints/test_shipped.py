@@ -11,7 +11,7 @@ from crosspool_jax.checkpoints import load_model
 from crosspool_jax.models import dense_logits
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "checkpoints")
-SHIPPED = ["mixtral-tiny", "qwen3-moe-tiny", "olmoe-tiny", "qwen2-moe-tiny"]
+SHIPPED = ["mixtral-tiny", "qwen3-moe-tiny", "olmoe-tiny", "qwen2-moe-tiny", "deepseek-v2-tiny"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -6,10 +6,9 @@ on chunked prefill, on multi-step decode, on page size, or on preemption.
 """
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from crosspool_jax import LLM, SamplingParams
+from crosspool_jax.checkpoints.tiny_models import transformers_greedy
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen3"]
 MAX_TOKENS = 6
@@ -35,14 +34,6 @@ def _prompts(seed, lengths, vocab=250):
     return [rng.integers(1, vocab, n).tolist() for n in lengths]
 
 
-def _hf_greedy(path, ids, max_new):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
-
-
 def test_greedy_matches_transformers_in_one_mixed_batch(llm, model_dirs):
     lengths = [1, 5, 17, 40, 3, 56, 33, 50]      # several prompts per step: chunked prefill
     prompts = _prompts(0, lengths)
@@ -51,7 +42,7 @@ def test_greedy_matches_transformers_in_one_mixed_batch(llm, model_dirs):
     for prompt, name, out in zip(prompts, models, outs):
         assert out.error is None
         assert out.outputs[0].finish_reason == "length"
-        want = _hf_greedy(model_dirs[name], prompt, MAX_TOKENS)
+        want = transformers_greedy(model_dirs[name], prompt, MAX_TOKENS)
         assert out.outputs[0].token_ids == want, (name, len(prompt))
 
 

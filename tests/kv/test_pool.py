@@ -81,3 +81,24 @@ def test_write_kv_hits_slots_and_drops_padding():
     untouched = np.ones((P, G), bool)
     untouched[3, 1] = untouched[0, 3] = False
     np.testing.assert_array_equal(np.asarray(k2)[untouched], np.asarray(k_pages)[untouched])
+
+
+def test_mla_capacity_in_tokens_against_per_head_kv():
+    """DeepSeek-V2-Lite caches 576 values per token and layer (latent 512 + rope key 64, half
+    in the K buffer, half in the V buffer): bytes per token = the formula, and the same pool
+    holds 16 heads x (192 + 128) / 576 = 8.9x the tokens of a per-head K/V layout."""
+    from crosspool_jax.models import ModelConfig
+    from crosspool_jax.models.random_models import SHAPES
+    c = ModelConfig.from_hf_dict(SHAPES["deepseek-v2-lite-27l"])
+    assert (c.kv_cache_heads, c.kv_cache_head_dim) == (1, 288)
+    assert 2 * c.kv_bytes_per_token_per_layer("bfloat16") == (512 + 64) * 2
+    page_elems = choose_page_elems([c.kv_cache_row])
+    G = tokens_per_page(page_elems, c.kv_cache_heads, c.kv_cache_head_dim)
+    pool_bytes = 1 << 30
+    layout = KVPoolLayout.from_bytes(pool_bytes, page_elems, 1, "bfloat16")
+    mla_tokens = layout.num_pages // c.num_layers * G
+    per_head_values = c.num_heads * (c.qk_head_dim + c.head_dim)           # 16 x (192 + 128) = 5120
+    per_head_tokens = pool_bytes // (c.num_layers * per_head_values * 2)
+    assert per_head_values == 5120
+    assert 8.8 < mla_tokens / per_head_tokens < 8.9 + 1e-9
+    assert abs(mla_tokens / per_head_tokens - 5120 / 576) < 0.01

@@ -187,3 +187,16 @@ def test_moe_backend_goes_through_the_kernel_dispatcher():
     np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     with pytest.raises(ValueError, match="backend"):
         dense_logits(kv, ffn, c, ids, *_whole(T), moe_backend="no-such-backend")
+
+
+def test_benchmark_shapes_parse_and_match_published_sizes():
+    """Every random-weight benchmark shape is a valid config; the full-depth ones have the
+    parameter counts their model cards give (DeepSeek-V2-Lite: 15.7B; GLM-4.7-Flash: 30B-A3B,
+    its multi-token-prediction layer not counted; GPT-OSS-20B: 20.9B)."""
+    from crosspool_jax.models import ModelConfig
+    from crosspool_jax.models.params import side_bytes
+    from crosspool_jax.models.random_models import SHAPES
+    params = {name: sum(side_bytes(ModelConfig.from_hf_dict(d), "float32")) // 4 for name, d in SHAPES.items()}
+    assert abs(params["deepseek-v2-lite-27l"] / 1e9 - 15.7) < 0.05
+    assert abs(params["glm-4.7-flash-47l"] / 1e9 - 30) < 0.1
+    assert abs(params["gpt-oss-20b-24l"] / 1e9 - 20.91) < 0.01

@@ -10,12 +10,15 @@ down projection; a different f32 accumulation order can move h by one bf16 ulp (
 which the F-term down projection carries to the output, then rounded once more to bf16:
 2e-2 of the output scale (several ulps, far below the error of routing to a wrong expert).
 """
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fused_moe import ExpertRows, fused_moe, fused_moe_reference, route_topk
+from pallas_kernels.fused_moe import (ClampedSwiGLU, ExpertRows, Routing, fused_moe, fused_moe_reference, route,
+                                     route_topk)
 from pallas_kernels.fused_moe.layout import build_layout
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
 
@@ -282,3 +285,97 @@ def test_gpu_configs_fit_shared_memory():
             assert tuning.gpu_smem_bytes(gate_up, 2) <= tuning.GPU_SMEM_BUDGET
             assert tuning.gpu_smem_bytes(down, 1) <= tuning.GPU_SMEM_BUDGET
             assert F % gate_up.block_n == 0 and D % gate_up.block_k == 0
+
+
+# ----- routing kinds: DeepSeek-V2 (softmax, group max), DeepSeek-V3 / GLM (sigmoid, bias, top-2 sums) -----
+
+ROUTERS = [  # (transformers router, config overrides, our Routing, renormalize)
+    ("DeepseekV2", dict(topk_method="greedy", routed_scaling_factor=1.0), Routing(), False),
+    ("DeepseekV2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.5),
+     Routing(num_groups=4, topk_groups=2, group_score="max", scale=2.5), False),
+    ("Glm4MoeLite", dict(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.8),
+     Routing(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum", scale=1.8), True),
+    ("Glm4MoeLite", dict(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0),
+     Routing(scoring="sigmoid", group_score="top2_sum"), False),
+]
+
+
+@pytest.mark.parametrize("kind,overrides,routing,renormalize", ROUTERS)
+def test_route_matches_transformers_routers(kind, overrides, routing, renormalize):
+    """`route` picks the experts and weights transformers' routers pick, bias included."""
+    import torch
+    import transformers
+    T, E, D, top_k = 19, 16, 32, 3
+    cfg = getattr(transformers, f"{kind}Config")(hidden_size=D, n_routed_experts=E, num_experts_per_tok=top_k,
+                                                 **overrides)
+    folder = {"DeepseekV2": "deepseek_v2", "Glm4MoeLite": "glm4_moe_lite"}[kind]
+    module = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    router = getattr(module, f"{kind}TopkRouter")(cfg)
+    gen = torch.Generator().manual_seed(int(_rng.integers(1 << 30)))
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(E, D, generator=gen))
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is not None:
+            bias.copy_(0.3 * torch.randn(E, generator=gen))
+        x = torch.randn(T, D, generator=gen)
+        logits, want_w, want_ids = router(x)
+    score_bias = None if bias is None else jnp.asarray(bias.numpy())
+    w, ids = route(jnp.asarray(logits.numpy()), top_k, renormalize=renormalize, routing=routing,
+                   score_bias_E=score_bias)
+    order = np.argsort(want_ids.numpy(), axis=1)
+    np.testing.assert_array_equal(np.sort(np.asarray(ids), axis=1), np.take_along_axis(want_ids.numpy(), order, 1))
+    got_w = np.take_along_axis(np.asarray(w), np.argsort(np.asarray(ids), axis=1), 1)
+    np.testing.assert_allclose(got_w, np.take_along_axis(want_w.numpy(), order, 1), rtol=1e-5, atol=1e-6)
+
+
+def _dense_moe(x, w1, w2, weights_TK, ids_TK, b1=None, b2=None, clamp=None):
+    """Every chosen expert applied to its token by plain jnp, weighted and summed (clamp:
+    (alpha, limit) of GPT-OSS's clamped SwiGLU, else SiLU)."""
+    F = w2.shape[1]
+    h = jnp.einsum("td,tkdf->tkf", x, w1[ids_TK]) + (0 if b1 is None else b1[ids_TK])
+    gate, up = h[..., :F], h[..., F:]
+    if clamp is None:
+        act = jax.nn.silu(gate) * up
+    else:
+        alpha, limit = clamp
+        gate = jnp.minimum(gate, limit)
+        act = (jnp.clip(up, -limit, limit) + 1) * gate * jax.nn.sigmoid(alpha * gate)
+    y = jnp.einsum("tkf,tkfd->tkd", act, w2[ids_TK]) + (0 if b2 is None else b2[ids_TK])
+    return jnp.sum(y * weights_TK[..., None], axis=1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "gpu"])
+def test_fused_moe_with_routing_kinds(backend):
+    """Sigmoid + bias + groups + scale through fused_moe equals the dense oracle on `route`'s choice."""
+    T, E, D, F, top_k = 9, 16, 64, 32, 4
+    x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
+    routing = Routing(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum", scale=2.0)
+    bias = jnp.asarray(_rng.standard_normal(E).astype(np.float32))
+    got = fused_moe(x, logits, w1, w2, top_k, renormalize=True, routing=routing, score_bias=bias,
+                    backend=backend, interpret=True)
+    w, ids = route(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
+    _assert_close(got, _dense_moe(x, w1, w2, w, ids), jnp.float32)
+    plain_w, plain_ids = route(logits, top_k, renormalize=True, routing=routing)
+    assert not np.array_equal(np.asarray(plain_ids), np.asarray(ids)), "the bias should change some choice"
+
+
+def test_biased_experts_with_clamped_swiglu():
+    """GPT-OSS's experts (biases, clamped SwiGLU) on the reference ("auto" picks it) equal the
+    dense oracle, also for an expert slice; the kernels refuse them."""
+    T, E, D, F, top_k = 11, 8, 32, 16, 3
+    x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
+    x = 3 * x                                                  # activations past the limit
+    b1 = jnp.asarray(_rng.standard_normal((E, 2 * F)).astype(np.float32))
+    b2 = jnp.asarray(_rng.standard_normal((E, D)).astype(np.float32))
+    act = ClampedSwiGLU(alpha=1.702, limit=0.8)
+    got = fused_moe(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
+    w, ids = route(logits, top_k, renormalize=True)
+    want = _dense_moe(x, w1, w2, w, ids, b1, b2, clamp=(1.702, 0.8))
+    _assert_close(got, want, jnp.float32)
+    h = np.asarray(jnp.einsum("td,tkdf->tkf", x, w1[ids]) + b1[ids])
+    assert (h[..., :F] > 0.8).any() and (np.abs(h[..., F:]) > 0.8).any(), "the clamp should bite"
+    halves = [fused_moe(x, logits, w1[e0:e0 + 4], w2[e0:e0 + 4], top_k, activation=act, b1=b1[e0:e0 + 4],
+                        b2=b2[e0:e0 + 4], expert_offset=e0, backend="reference") for e0 in (0, 4)]
+    _assert_close(halves[0] + halves[1], want, jnp.float32)
+    with pytest.raises(ValueError, match="expert biases or the clamped SwiGLU"):
+        fused_moe(x, logits, w1, w2, top_k, b1=b1, backend="gpu", interpret=True)

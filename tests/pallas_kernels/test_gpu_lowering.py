@@ -63,3 +63,13 @@ def test_grouped_matmul_lowers_for_cuda():
     gs = jnp.asarray([10, 0, 25, 5], jnp.int32)
     f = functools.partial(grouped_matmul, backend="gpu")
     assert _lowered_kernels(f, lhs, rhs, gs).count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_mla_attention_lowers_for_cuda(dtype):
+    """MLA at DeepSeek-V2-Lite's row (halves of 288: column pieces 256 + 32 and 128 + 64 + 32 + 64)."""
+    from pallas_kernels.ragged_paged_attention.mla_gpu import ragged_paged_mla_gpu
+    from tests.pallas_kernels.test_ragged_paged_attention import latent_case
+    args = latent_case(2, [1, 1, 5], [20, 600, 70], N=16, half=288, G=16, S_cap=4, T_pad=2, dtype=dtype)
+    f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=512, sm_scale=0.1)
+    assert _lowered_kernels(f, *args) == ["__gpu$xla.gpu.triton"]

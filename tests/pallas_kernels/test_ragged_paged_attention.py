@@ -81,8 +81,9 @@ def make_case(seed, q_lens, kv_lens, *, N=8, K=2, H=64, G=16, S_cap=None, T_pad=
     return args
 
 
-def loop_attention(args, *, sm_scale=None, soft_cap=None, sliding_window=None):
-    """A float64 numpy loop over sequences, tokens and heads: the reference's own oracle."""
+def loop_attention(args, *, sm_scale=None, soft_cap=None, sliding_window=None, sinks=None):
+    """A float64 numpy loop over sequences, tokens and heads: the reference's own oracle
+    (sinks: a logit per head added to each softmax denominator)."""
     q, k, v, kl, table, cu, ns = [np.asarray(a, np.float64) if a.dtype != jnp.int32
                                   else np.asarray(a) for a in args]
     T, N, H = q.shape
@@ -101,8 +102,10 @@ def loop_attention(args, *, sm_scale=None, soft_cap=None, sliding_window=None):
                 sc = ks[lo:pos + 1, h // (N // K)] @ q[cu[s] + i, h] * scale
                 if soft_cap is not None:
                     sc = soft_cap * np.tanh(sc / soft_cap)
-                p = np.exp(sc - sc.max())
-                out[cu[s] + i, h] = p @ vs[lo:pos + 1, h // (N // K)] / p.sum()
+                m = sc.max() if sinks is None else max(sc.max(), float(sinks[h]))
+                p = np.exp(sc - m)
+                denom = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[h]) - m))
+                out[cu[s] + i, h] = p @ vs[lo:pos + 1, h // (N // K)] / denom
     return out
 
 
@@ -132,6 +135,97 @@ class TestReference:
         out = ragged_paged_attention(*args)          # auto -> reference on CPU
         np.testing.assert_array_equal(np.asarray(out),
                                       np.asarray(ragged_paged_attention_reference(*args)))
+
+
+def loop_latent_attention(args, *, latent_value_dim, sm_scale):
+    """MLA's absorbed attention as a float64 numpy loop: each token's cached row is its K page
+    row then its V page row (one head); the scores read the whole row, the values its first
+    latent_value_dim entries."""
+    q, k, v, kl, table, cu, ns = [np.asarray(a, np.float64) if a.dtype != jnp.int32
+                                  else np.asarray(a) for a in args]
+    T, N, _ = q.shape
+    G = k.shape[1]
+    out = np.zeros((T, N, latent_value_dim))
+    for s in range(int(ns[0])):
+        q_len, kv_len = cu[s + 1] - cu[s], kl[s]
+        pages = table[s, :-(-kv_len // G)]
+        rows = np.concatenate([k[pages].reshape(-1, k.shape[-1]), v[pages].reshape(-1, v.shape[-1])],
+                              axis=-1)[:kv_len]
+        for i in range(q_len):
+            pos = kv_len - q_len + i
+            for h in range(N):
+                sc = rows[:pos + 1] @ q[cu[s] + i, h] * sm_scale
+                p = np.exp(sc - sc.max())
+                out[cu[s] + i, h] = p @ rows[:pos + 1, :latent_value_dim] / p.sum()
+    return out
+
+
+def latent_case(seed, q_lens, kv_lens, *, N=4, half=20, **kw):
+    """make_case with one KV head of `half` dims per buffer and a fresh q of the whole row."""
+    q, k, v, *rest = make_case(seed, q_lens, kv_lens, N=N, K=1, H=half, **kw)
+    q = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((q.shape[0], N, 2 * half)), q.dtype)
+    return (q, k, v, *rest)
+
+
+class TestSinksAndTracedWindow:
+    """GPT-OSS: a sink logit per head; a per-layer window arrives traced inside a scan."""
+
+    def test_sinks_match_numpy_loop(self):
+        args = make_case(21, *MIXED, N=8, K=2, H=32, S_cap=8, T_pad=3)
+        sinks = jnp.asarray(np.random.default_rng(22).standard_normal(8) * 2, jnp.float32)
+        out = ragged_paged_attention(*args, sinks=sinks, sliding_window=5)
+        assert_close(out, loop_attention(args, sinks=np.asarray(sinks), sliding_window=5), 1e-5)
+        assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
+
+    def test_traced_window_equals_static_window(self):
+        args = make_case(23, *MIXED, N=4, K=2, H=32)
+        windows = jnp.asarray([7, 1 << 30], jnp.int32)
+        per_layer = jax.jit(lambda i: ragged_paged_attention(*args, sliding_window=windows[i]))
+        assert_close(per_layer(0), loop_attention(args, sliding_window=7), 1e-5)
+        assert_close(per_layer(1), loop_attention(args), 1e-5)
+
+    def test_kernels_refuse_sinks(self):
+        args = make_case(24, *DECODE, N=4, K=4, H=64)
+        with pytest.raises(ValueError, match="sinks"):
+            ragged_paged_attention(*args, sinks=jnp.zeros(4), backend="gpu", interpret=True)
+        with pytest.raises(ValueError, match=r"sinks must be a float array \[N\]"):
+            ragged_paged_attention(*args, sinks=jnp.zeros(3))
+
+
+class TestLatentAttention:
+    """MLA (latent_value_dim): the cached row split over the K and V pages, one head."""
+
+    @pytest.mark.parametrize("value_dim", [32, 20, 7])
+    def test_matches_numpy_loop(self, value_dim):
+        args = latent_case(11, *MIXED, S_cap=8, T_pad=3)
+        out = ragged_paged_attention(*args, sm_scale=0.3, latent_value_dim=value_dim)   # auto: the reference
+        assert out.shape == (args[0].shape[0], 4, value_dim)
+        assert_close(out, loop_latent_attention(args, latent_value_dim=value_dim, sm_scale=0.3), 1e-5)
+        assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
+
+    def test_geometry_is_checked_and_kernels_refuse(self):
+        args = latent_case(12, *DECODE)
+        with pytest.raises(ValueError, match="latent_value_dim must be an int"):
+            ragged_paged_attention(*args, latent_value_dim=41)
+        with pytest.raises(ValueError, match="one KV head"):
+            ragged_paged_attention(*make_case(3, *DECODE, N=4, K=2, H=64), latent_value_dim=32)
+        with pytest.raises(ValueError, match="narrower than 16"):        # halves of 20: pieces of 4 and 8
+            ragged_paged_attention(*args, latent_value_dim=32, backend="gpu", interpret=True)
+        with pytest.raises(ValueError, match="tpu kernel does not run MLA"):
+            ragged_paged_attention(*args, latent_value_dim=32, backend="tpu", interpret=True)
+
+    @pytest.mark.parametrize("lengths,window,splits", [(MIXED, None, 1), (DECODE, 40, 3)])
+    def test_gpu_kernel_interpret_matches_reference(self, lengths, window, splits):
+        """mla_gpu.py in interpret mode: halves of 32, 48 value columns (pieces 32 | 16 | 16),
+        mixed prefill + decode, a sliding window, KV splits merged by log-sum-exp, NaN poison
+        in every unowned slot."""
+        from pallas_kernels.ragged_paged_attention.mla_gpu import ragged_paged_mla_gpu
+        args = latent_case(13, *lengths, N=4, half=32, S_cap=8, T_pad=3)
+        out = ragged_paged_mla_gpu(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48,
+                                   interpret=True, block_k=16, num_splits=splits)
+        ref = ragged_paged_attention_reference(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48)
+        assert_close(out, ref, 2e-5)
+        assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
 
 
 class TestGpuKernelInterpret:
@@ -488,3 +582,13 @@ def test_operand_size_rule():
     assert not kernel_supports(q64, rows_over, "gpu")
     with pytest.raises(ValueError, match="at most 2147483647 pool rows P [*] G"):
         validate_kernel_geometry(q64, rows_over, "gpu")
+
+
+def test_mla_decode_benchmark_runs_and_counts_the_latent_bytes():
+    """The MLA decode rows of the attention benchmark at a toy shape on CPU (host timer)."""
+    from pallas_kernels.ragged_paged_attention import bench
+    rows = []
+    bench.bench_mla_decode(rows, copy_gbps=100.0, shapes=[(2, 64)])
+    (row,) = rows
+    assert row["section"] == "mla_decode" and row["impl"] == "reference"
+    assert abs(row["GBps"] * row["us"] * 1e-6 - 2 * 64 * 576 * 2 / 1e9) < 1e-12
