@@ -5,7 +5,7 @@
 # Extra arguments go to scripts/bench_kernels.py (its docstring lists the flags). Budget: the
 # kernel GPU tests take ~130 s and the whole table over 300 s, so under a 300 s limit split it,
 # e.g. TESTS=<a few test ids> ... --skip-mixed --moe-no-prefill, then, in the same command,
-# python3 scripts/bench_kernels.py --sweep --skip-decode --skip-moe (RESULTS.md, run 2).
+# python3 scripts/bench_kernels.py --sweep --skip-decode --skip-moe.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-gpu_logs}"

@@ -23,8 +23,7 @@ and zeroed by the loads, so freed pages (NaN included) never reach the output; p
 table slots are clamped. Padding rows of q (past cu_q_lens[num_seqs]) come back as zeros.
 
 Not yet: a tile of several tokens for prefill chunks, page offsets (the crosspool arena does
-not run MLA), a tuning table. Its speed is unmeasured
-(no GPU in the session that wrote it): "auto" keeps MLA on the reference until
+not run MLA), a tuning table. Its speed is unmeasured: "auto" keeps MLA on the reference until
 `bench.bench_mla_decode` has numbers for it (RESULTS.md).
 """
 from __future__ import annotations
