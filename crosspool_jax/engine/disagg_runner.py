@@ -152,8 +152,8 @@ class DisaggRunner(DispatchingRunner):
         rows_S = np.zeros(S, np.int32)
         for i, (d, j) in enumerate(grouped.where):
             rows_S[i] = d * R + logit_rows[d][j]
-        num_logprobs = step.menu.num_logprobs(smeta.max_logprobs(rows))
-        variant = (num_logprobs, step.menu.all_greedy(smeta.all_greedy(rows)))
+        variant = smeta.sampling_variant(step.menu, rows)
+        num_logprobs = variant[0]
         penalties = smeta.needs_penalties(rows)
         history_len = step.menu.history(smeta.history_length(rows))
         if num_steps > 1 and sharded is None and all(c.num_tokens == 1 for c in chunks):

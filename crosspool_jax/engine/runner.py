@@ -134,7 +134,7 @@ class StepRunner(DispatchingRunner):
         if targets is not None:                 # prompt logprobs: the general sampling program, top tokens
             variant = (menu.logprob_variants[-1], False)
         else:
-            variant = (menu.num_logprobs(smeta.max_logprobs(rows)), menu.all_greedy(smeta.all_greedy(rows)))
+            variant = smeta.sampling_variant(menu, rows)
         num_logprobs = variant[0]
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         if smeta.needs_penalties(rows):

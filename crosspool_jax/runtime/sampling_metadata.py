@@ -280,3 +280,8 @@ def max_logprobs(rows: Sequence[SamplingRow]) -> int:
 def all_greedy(rows: Sequence[SamplingRow]) -> bool:
     """Every row samples greedily (temperature below 1e-5, as `build_sampling_metadata` makes it 0)."""
     return all(r.params.temperature < _MIN_TEMPERATURE for r in rows)
+
+
+def sampling_variant(menu, rows: Sequence[SamplingRow]) -> tuple[int, bool]:
+    """(num_logprobs, all_greedy): the sampling variant of `menu` (a `ShapeMenu`) that serves `rows`."""
+    return menu.num_logprobs(max_logprobs(rows)), menu.all_greedy(all_greedy(rows))
