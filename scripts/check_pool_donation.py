@@ -25,6 +25,7 @@ _RANDOM = flags.DEFINE_string("random_config", "olmoe-1b-7b-4l", "random-weight 
 _KV = flags.DEFINE_integer("kv_pool_bytes", 8 << 30, "KV pool bytes")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
 _ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu")
+_WARM = flags.DEFINE_bool("warm_up", True, "compile the menu's programs (LLMEngine.warm_up) before the requests")
 
 
 def main(argv):
@@ -36,6 +37,9 @@ def main(argv):
     from crosspool_jax.model_specs import models_from_specs
     from crosspool_jax.models.random_models import random_model_dirs
     from crosspool_jax.runtime import step_program
+    from crosspool_jax.runtime.compiles import compile_counter
+
+    compiles = compile_counter()
 
     device = jax.devices()[0]
 
@@ -45,7 +49,7 @@ def main(argv):
             return
         gib = 2 ** 30
         print(f"{tag}: in use {s.get('bytes_in_use', 0) / gib:.2f} GiB, peak {s.get('peak_bytes_in_use', 0) / gib:.2f}"
-              f" GiB, limit {s.get('bytes_limit', 0) / gib:.2f} GiB", flush=True)
+              f" GiB, limit {s.get('bytes_limit', 0) / gib:.2f} GiB, compiles so far {compiles.count}", flush=True)
 
     captured = {}
 
@@ -53,6 +57,7 @@ def main(argv):
         captured.setdefault("call", (args, kwargs))
         return step_program.ragged_step(*args, **kwargs)
 
+    capture.lower = step_program.ragged_step.lower        # the warm-up lowers the real program
     runner_mod.ragged_step = capture
     if _MODEL.value:
         models = models_from_specs(_MODEL.value)
@@ -68,8 +73,11 @@ def main(argv):
         pool.put(k, v, 0)
         return k.unsafe_buffer_pointer(), v.unsafe_buffer_pointer()
 
-    start = addresses()
     memory("loaded")
+    if _WARM.value:
+        print("warm-up", llm.engine.warm_up(), flush=True)
+        memory("warmed up")
+    start = addresses()
     print("pool addresses", start)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     names = llm.model_names
