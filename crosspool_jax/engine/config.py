@@ -47,6 +47,8 @@ class EngineConfig:
       whole max_num_batched_tokens.
     max_logprobs: the most `logprobs` or `prompt_logprobs` a request may ask for (programs
       that report logprobs compute this many for every row; vLLM's option of the same name).
+    max_lanes: the most models of one architecture on one device whose decodes one program
+      serves per engine step (lanes; shared/static). None = 4 on accelerators, 1 on a CPU.
     """
 
     models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
@@ -81,6 +83,11 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(512, "Most tokens (prefill chunks + decode tokens) in one engine step.")
     max_decode_steps: int = _opt(8, "Most tokens a decode-only step samples per sequence in one device "
                                  "program (multi-step decode); 1 turns it off.")
+    max_lanes: Optional[int] = _opt(None, "Most models of one architecture on one device whose decodes run "
+                                    "as lanes of ONE program per engine step (shared/static; their weights "
+                                    "are data of the program); 1 turns lanes off. Unset: 4 on GPU/TPU, 1 on "
+                                    "CPU (every lane count is a set of programs to compile, and a CPU "
+                                    "host keeps up with per-model dispatch).")
     max_logprobs: int = _opt(20, "The most logprobs or prompt_logprobs a request may ask for (programs that "
                              "report logprobs compute this many for every row); vLLM's option of the same name.")
     decode_step_prefill_tokens: Optional[int] = _opt(None, "The most prefill tokens an engine step that also "
@@ -119,7 +126,7 @@ class EngineConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("kv_pool_bytes", "weights_pool_bytes", "attention_pool_bytes", "max_model_len", "page_elems",
-                     "decode_step_prefill_tokens"):
+                     "decode_step_prefill_tokens", "max_lanes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")

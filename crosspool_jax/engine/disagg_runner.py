@@ -171,6 +171,7 @@ class DisaggRunner(DispatchingRunner):
         out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs,
                            all_greedy=variant[1])
         self.stats.host_prepare_seconds += t1 - t0
+        self.stats.dispatches += 1
         return DispatchedStep((out, None), len(chunks), num_logprobs, t1, self.stats)
 
     def _step(self, layout, config, inputs, sharded, M: int, bases):
@@ -285,4 +286,5 @@ class DisaggRunner(DispatchingRunner):
         out = self._decode(layout, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M, variant, bases)
         outs = _steps_of_rows(out, rows_S)
         self.stats.host_prepare_seconds += t1 - t0
+        self.stats.dispatches += 1
         return DispatchedStep((outs, num_steps), len(rows), variant[0], t1, self.stats, limits)

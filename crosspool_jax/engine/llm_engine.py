@@ -10,7 +10,9 @@ How a request travels:
    one global pool on demand, and requests are preempted (recompute) when it runs out.
 3. For each model in the batch, the runner dispatches ONE jitted program that runs all
    layers (paged attention against the shared pool, MoE FFN), writes the new K/V in place
-   and samples on device; a decode-only batch may produce several tokens per dispatch.
+   and samples on device; a decode-only batch may produce several tokens per dispatch, and
+   the decodes of models of one architecture on one device run as lanes of one program
+   (`EngineConfig.max_lanes`: one dispatch for all of them).
    Without a device split (`PlacedRunner`) each model is placed on one device (mode
    shared/static on several devices, or the one device) and its program runs there against
    that device's pages (the KV manager pins the model's blocks to it).
@@ -86,6 +88,7 @@ class EngineStats:
     swaps_out: int
     compiled_programs: int
     steps: int
+    dispatches: int = 0           # step programs dispatched (lanes: one program serves several model steps)
     compiles: int = 0             # XLA executables built in this process (runtime.compiles)
     compile_seconds: float = 0.0
     requests_by_model: dict = dataclasses.field(default_factory=dict)
@@ -185,6 +188,7 @@ class LLMEngine:
             kv_pages_used_by_model=self.kv_manager.pages_used_by_model(),
             models=self.registry.model_stats(), swaps_in=wstats.swaps_in, swaps_out=wstats.swaps_out,
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
+            dispatches=self.runner.stats.dispatches,
             compiles=self._compiles.count, compile_seconds=self._compiles.seconds, requests_by_model=by_model)
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
@@ -426,15 +430,24 @@ class LLMEngine:
     def _run_models(self, chunks_by_model: dict) -> list[tuple]:
         """[(entry, chunks, sampled tokens per chunk)] of every model of the step.
 
-        Every model's program is dispatched before any result is fetched, so models on different
-        devices run at the same time and the host prepares the next model while the device
-        runs the last. Each model stays acquired (its weights pinned in their pools) until its
-        result is in; when the pools cannot hold the next model beside those in flight
-        (WeightsPoolBusyError), the ones in flight are collected and released first."""
+        Every model is acquired (its weights pinned in their pools) and its step prepared, then
+        the runner dispatches them all at once (`dispatch_all`: decodes of models of one
+        architecture on one device run as lanes of one program) before any result is fetched,
+        so models on different devices run at the same time and the host prepares the next
+        program while the device runs the last. Each model stays acquired until its result is
+        in; when the pools cannot hold the next model beside those acquired
+        (WeightsPoolBusyError), the acquired ones are dispatched, collected and released first."""
+        pending: list[tuple] = []                    # (entry, chunks, ModelStep): acquired, not dispatched
         in_flight: list[tuple] = []                  # (entry, chunks, DispatchedStep)
         done: list[tuple] = []
 
+        def dispatch_pending():
+            steps = self.runner.dispatch_all([step for _, _, step in pending])
+            in_flight.extend((entry, chunks, step) for (entry, chunks, _), step in zip(pending, steps))
+            pending.clear()
+
         def collect_all():
+            dispatch_pending()
             while in_flight:
                 entry, chunks, step = in_flight.pop(0)
                 try:
@@ -448,23 +461,23 @@ class LLMEngine:
                 try:
                     weights = self.registry.acquire(model)
                 except WeightsPoolBusyError:
-                    if not in_flight:
+                    if not (pending or in_flight):
                         raise
                     collect_all()
                     weights = self.registry.acquire(model)
                 try:
-                    step = self._dispatch_model(entry, weights, chunks)
+                    step = self._model_step(entry, weights, chunks)
                 except Exception:
                     self.registry.release(model)
                     raise
-                in_flight.append((entry, chunks, step))
+                pending.append((entry, chunks, step))
             collect_all()
         finally:
-            for entry, _, _ in in_flight:            # an error left these dispatched: release them
+            for entry, _, _ in pending + in_flight:  # an error left these acquired: release them
                 self.registry.release(entry.name)
         return done
 
-    def _dispatch_model(self, entry, weights, chunks):
+    def _model_step(self, entry, weights, chunks) -> ModelStep:
         rows, stop_ids, allowances = [], [], []
         for chunk in chunks:
             req = chunk.request
@@ -476,8 +489,8 @@ class LLMEngine:
             ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(entry.eos_token_ids))
             stop_ids.append(ids)
             allowances.append(max(1, req.max_tokens - len(req.output_token_ids)))
-        return self.runner.dispatch(ModelStep(entry.name, entry.config, entry.tokens_per_page, entry.menu, weights,
-                                              chunks, rows, stop_ids, allowances, num_steps=chunks[0].num_steps))
+        return ModelStep(entry.name, entry.config, entry.tokens_per_page, entry.menu, weights,
+                         chunks, rows, stop_ids, allowances, num_steps=chunks[0].num_steps)
 
     def _record_prompt_logprobs(self, entry, child_id: str, scores) -> None:
         """Fill the prompt positions `scores` covers that no earlier chunk (another completion,

@@ -161,6 +161,7 @@ class ModelRegistry:
                                          max_model_len=entry.max_model_len, min_token_bucket=config.min_token_bucket,
                                          max_logprobs=config.max_logprobs, vocab_size=entry.config.vocab_size,
                                          greedy_programs=self.kv_devices[0].platform != "cpu")
+        self._set_lane_counts(config.max_lanes)
         layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
         self.max_pages_per_device = self._kernel_page_cap(page_elems)
         if self.max_pages_per_device is not None and layout.pages_per_device > self.max_pages_per_device:
@@ -252,6 +253,22 @@ class ModelRegistry:
                                          weights_bytes=weights_bytes)
         if not self.disaggregated:                        # else the arena takes both halves
             self.residency.register(name, loaded.kv_params, loaded.ffn_params)
+
+    def _set_lane_counts(self, max_lanes: Optional[int]) -> None:
+        """Each model's menu gets lane counts 1 .. min(max_lanes, models with its architecture
+        and menu on its device) (shared/static; the CrossPool split runs one model per step).
+        max_lanes None: 4 on accelerators, 1 on a CPU."""
+        if max_lanes is None:
+            max_lanes = 1 if self.kv_devices[0].platform == "cpu" else 4
+        if self.disaggregated or max_lanes < 2:
+            return
+        groups: dict = {}
+        for name, entry in self._entries.items():
+            groups.setdefault((self.model_devices.get(name), entry.config, entry.menu), []).append(entry)
+        for members in groups.values():
+            lanes = tuple(range(1, min(max_lanes, len(members)) + 1))
+            for entry in members:
+                entry.menu = dataclasses.replace(entry.menu, lane_counts=lanes)
 
     def _pool_bytes(self) -> int:
         """kv_pool_bytes, else kv_memory_fraction of the free memory of the KV device with the

@@ -16,7 +16,7 @@ once per (shape, device); each model uses only its own device's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats, StepRunner
 from crosspool_jax.engine.step_plan import ModelStep, PlacedWeights
@@ -44,7 +44,7 @@ class PlacedRunner(DispatchingRunner):
         """The devices' counters added up (program keys carry the device: the sum counts distinct ones)."""
         parts = [r.stats for r in self.runners]
         return RunnerStats(compiled_programs=sum(p.compiled_programs for p in parts),
-                           steps=sum(p.steps for p in parts),
+                           steps=sum(p.steps for p in parts), dispatches=sum(p.dispatches for p in parts),
                            decode_tokens_per_dispatch_max=max(p.decode_tokens_per_dispatch_max for p in parts),
                            host_prepare_seconds=sum(p.host_prepare_seconds for p in parts),
                            device_seconds=sum(p.device_seconds for p in parts))
@@ -52,6 +52,33 @@ class PlacedRunner(DispatchingRunner):
     def dispatch(self, step: ModelStep) -> DispatchedStep:
         """Dispatch one model's step on its device without waiting (`collect` it)."""
         d = self._device_of(step.model)
+        return self.runners[d].dispatch(self._local(step, d))
+
+    def dispatch_all(self, steps: Sequence[ModelStep]) -> list[DispatchedStep]:
+        """Dispatch one engine step's models: the decodes of models of one architecture on one
+        device (equal `StepRunner.lane_key`) as lanes of one program, as many lanes a program as
+        the menu's largest lane count, every other step alone. One DispatchedStep per step, in
+        order."""
+        local = [self._local(s, self._device_of(s.model)) for s in steps]
+        groups: dict = {}
+        for i, step in enumerate(local):
+            d = self._device_of(step.model)
+            key = self.runners[d].lane_key(step)
+            groups.setdefault((d, key) if key is not None else (d, i), []).append(i)
+        out: list = [None] * len(steps)
+        for (d, key), members in groups.items():
+            width = max(local[members[0]].menu.lane_counts)
+            for lo in range(0, len(members), width):
+                part = members[lo:lo + width]
+                if len(part) == 1:
+                    out[part[0]] = self.runners[d].dispatch(local[part[0]])
+                else:
+                    for i, dispatched in zip(part, self.runners[d].dispatch_lanes([local[i] for i in part])):
+                        out[i] = dispatched
+        return out
+
+    def _local(self, step: ModelStep, d: int) -> ModelStep:
+        """`step` with its chunks' page tables in device d's local page ids."""
         P = self.pool.layout.pages_per_device
         local = []
         for c in step.chunks:
@@ -63,7 +90,7 @@ class PlacedRunner(DispatchingRunner):
                 raise ValueError(f"request {c.request.request_id} of model {step.model!r} has pages on KV device "
                                  f"{device}; the model is placed on device {d}")
             local.append(dataclasses.replace(c, page_table=table))
-        return self.runners[d].dispatch(dataclasses.replace(step, chunks=local))
+        return dataclasses.replace(step, chunks=local)
 
     def compile_jobs(self, config, menu: ShapeMenu, weights: PlacedWeights, *, model: str) -> list:
         """The model's programs on its device (`StepRunner.compile_jobs`)."""

@@ -27,7 +27,7 @@ from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_inputs import PackedInt32
 from crosspool_jax.runtime.shapes import MIN_HISTORY, STOP_IDS, DecodeShape, ShapeMenu, StepShape
 from crosspool_jax.runtime.step_inputs import build_prompt_targets, build_step_inputs
-from crosspool_jax.runtime.step_program import multi_decode, ragged_step
+from crosspool_jax.runtime.step_program import DecodeLane, multi_decode, ragged_step
 
 
 @dataclasses.dataclass
@@ -62,10 +62,13 @@ class ChunkResult:
 
 @dataclasses.dataclass
 class RunnerStats:
-    """Counters of a runner; compiled_programs counts distinct (model, program, shape, flags[, device]) keys."""
+    """Counters of a runner; compiled_programs counts distinct (model, program, shape, flags[, device])
+    keys; steps counts the model steps collected, dispatches the step programs dispatched (a
+    program of K lanes serves K model steps)."""
 
     compiled_programs: int = 0
     steps: int = 0
+    dispatches: int = 0
     decode_tokens_per_dispatch_max: int = 0
     host_prepare_seconds: float = 0.0
     device_seconds: float = 0.0
@@ -77,9 +80,15 @@ class RunnerStats:
 
 
 class DispatchingRunner:
-    """What every runner shares: `run` = `collect(dispatch(step))`. Subclasses define `dispatch`
-    (prepare inputs, dispatch the step program, return a `DispatchedStep` without waiting) and
-    `compile_jobs` (one callable per program of a model's shape menu, compiling it ahead)."""
+    """What every runner shares: `run` = `collect(dispatch(step))`, `dispatch_all` = each
+    step's `dispatch`. Subclasses define `dispatch` (prepare inputs, dispatch the step program,
+    return a `DispatchedStep` without waiting), may define `dispatch_all` (one engine step's
+    models at once: programs over several models) and define `compile_jobs` (one callable per
+    program of a model's shape menu, compiling it ahead)."""
+
+    def dispatch_all(self, steps: Sequence[ModelStep]) -> list["DispatchedStep"]:
+        """Dispatch every model's step of one engine step; one DispatchedStep per step, in order."""
+        return [self.dispatch(step) for step in steps]
 
     def run(self, step: ModelStep) -> list[ChunkResult]:
         """Run one model's step. Returns, per chunk, its `ChunkResult`."""
@@ -122,20 +131,78 @@ class StepRunner(DispatchingRunner):
         A ragged step with a chunk of a request asking prompt_logprobs runs the prompt-logprobs
         variant (with the menu's largest num_logprobs)."""
         t0 = time.perf_counter()
-        rows, menu = step.rows, step.menu
-        targets, spans = None, None
+        menu = step.menu
         if step.num_steps == 1:
             shape = menu.ragged(step.num_tokens, len(step.chunks), step.max_blocks)
-            S = shape.num_seqs
-            targets, spans = build_prompt_targets(step.chunks, shape.num_tokens)
         else:
             shape = menu.decode(len(step.chunks), step.max_blocks)
-            S = shape.num_seqs
+        prepared = self._prepare(step, shape)
+        t1 = time.perf_counter()
+        self.stats.count_program((step.model, type(shape).__name__, shape, prepared.variant,
+                                  prepared.targets is not None, self.device_index))
+        if isinstance(shape, DecodeShape):
+            [(outs,)] = self._run(multi_decode, ((self._lane(step.weights, prepared),),), (), dict(
+                self._static(step.config, prepared.variant), num_steps=self.max_decode_steps))
+            self.stats.host_prepare_seconds += t1 - t0
+            return DispatchedStep((outs, self.max_decode_steps), len(step.chunks), prepared.variant[0], t1,
+                                  self.stats, prepared.limits)
+        w = step.weights
+        outs, scores = self._run(ragged_step, (w.kv_params, w.ffn_params), (prepared.inputs, prepared.sampling,
+                                 *prepared.history, prepared.targets), self._static(step.config, prepared.variant))
+        self.stats.host_prepare_seconds += t1 - t0
+        return DispatchedStep((outs, None), len(step.chunks), prepared.variant[0], t1, self.stats,  # None: collect adds the axis
+                              prompt=None if scores is None else (scores, prepared.spans))
+
+    def lane_key(self, step: ModelStep) -> Optional[tuple]:
+        """What a step must share with others to run in one `multi_decode` with them as lanes
+        (None: it runs alone): a pure decode (every chunk one sampled token) of one token or of
+        the engine's max_decode_steps (the lane programs' two trip counts), without logprobs, on
+        a menu with lanes. Steps with equal keys (same architecture, menu, sampling variant and
+        trip count) are lanes of one program (`dispatch_lanes`)."""
+        menu = step.menu
+        if max(menu.lane_counts) < 2 or not step.chunks or step.num_steps not in (1, self.max_decode_steps):
+            return None
+        if not all(c.num_tokens == 1 and c.samples for c in step.chunks):
+            return None
+        variant = smeta.sampling_variant(menu, step.rows)
+        if variant[0]:
+            return None
+        return (step.config, menu, variant, step.num_steps)
+
+    def dispatch_lanes(self, steps: Sequence[ModelStep]) -> list["DispatchedStep"]:
+        """Dispatch the decodes of len(steps) models with one `lane_key` as lanes of ONE
+        `multi_decode` (one host dispatch, one program for all; trip count: the steps'
+        num_steps), each padded to the lanes' common decode shape. Returns one DispatchedStep
+        per model, in order."""
+        t0 = time.perf_counter()
+        K = len(steps)
+        first = steps[0]
+        menu, config, key = first.menu, first.config, self.lane_key(first)
+        if key is None or K not in menu.lane_counts or any(self.lane_key(s) != key for s in steps):
+            raise ValueError(f"dispatch_lanes: {K} steps of models {[s.model for s in steps]} cannot be lanes of "
+                             f"one program (lane counts {menu.lane_counts})")
+        shape = menu.decode(max(len(s.chunks) for s in steps), max(s.max_blocks for s in steps))
+        prepared = [self._prepare(s, shape) for s in steps]
+        variant, num_steps = key[2], key[3]
+        t1 = time.perf_counter()
+        self.stats.count_program((tuple(s.model for s in steps), "lanes", shape, variant, num_steps, self.device_index))
+        [outs] = self._run(multi_decode, (tuple(self._lane(s.weights, p) for s, p in zip(steps, prepared)),), (),
+                           dict(self._static(config, variant), num_steps=num_steps))
+        self.stats.host_prepare_seconds += t1 - t0
+        return [DispatchedStep((o, num_steps), len(s.chunks), 0, t1, self.stats, p.limits)
+                for o, s, p in zip(outs, steps, prepared)]
+
+    def _prepare(self, step: ModelStep, shape) -> "_Prepared":
+        """The host inputs of `step` padded to `shape` (numpy: see `_run`)."""
+        rows, menu = step.rows, step.menu
+        S = shape.num_seqs
+        targets, spans = None, None
+        if isinstance(shape, StepShape):
+            targets, spans = build_prompt_targets(step.chunks, shape.num_tokens)
         if targets is not None:                 # prompt logprobs: the general sampling program, top tokens
             variant = (menu.logprob_variants[-1], False)
         else:
             variant = smeta.sampling_variant(menu, rows)
-        num_logprobs = variant[0]
         sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
         if smeta.needs_penalties(rows):
             with jax.default_device(self.device):
@@ -143,34 +210,41 @@ class StepRunner(DispatchingRunner):
                                                     length=menu.history(smeta.history_length(rows)))
         else:
             history = self._no_history(S, step.config.vocab_size)
-        if step.num_steps == 1:
+        limits = None
+        if isinstance(shape, StepShape):
             inputs, _ = build_step_inputs(step.chunks, shape=shape, num_layers=step.config.num_layers,
                                           tokens_per_page=step.tokens_per_page,
                                           num_pages=self.pool.layout.pages_per_device)
-            program_inputs = PackedInt32.pack(inputs)
+            inputs = PackedInt32.pack(inputs)
         else:
-            allowances = [min(a, step.num_steps) for a in step.allowances]
-            program_inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, allowances)
-        t1 = time.perf_counter()
-        self.stats.count_program((step.model, type(shape).__name__, shape, variant, targets is not None,
-                                  self.device_index))
+            limits = [min(a, step.num_steps) for a in step.allowances]
+            inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, limits)
+        return _Prepared(variant, inputs, sampling, history, targets, spans, limits)
+
+    def _static(self, config, variant) -> dict:
+        num_logprobs, all_greedy = variant
+        return dict(config=config, num_logprobs=num_logprobs, all_greedy=all_greedy,
+                    attention_backend=self.attention_backend, moe_backend=self.moe_backend)
+
+    @staticmethod
+    def _lane(weights: PlacedWeights, prepared: "_Prepared") -> DecodeLane:
+        token_ids, kv_lens, pages, num_seqs, stops, allowance = prepared.inputs
+        counts, prompt_mask = prepared.history
+        return DecodeLane(weights.kv_params, weights.ffn_params, token_ids, kv_lens, pages, num_seqs,
+                          prepared.sampling, counts, prompt_mask, stops, allowance)
+
+    def _run(self, program, before, after, static) -> list:
+        """program(*before, k_buf, v_buf, *after, **static) with this device's K/V buffers
+        donated, the results put back in the pool; returns the program's other outputs."""
+        # numpy inputs go to the jitted program as they are: its C++ dispatch moves them to
+        # the device of the committed arguments, ~5x cheaper than jax.device_put
         k_buf, v_buf = self.pool.take(self.device_index)
+        self.stats.dispatches += 1
         try:
-            program, args, static = self._call(step.config, step.weights, shape, program_inputs, sampling, history,
-                                               variant, k_buf, v_buf, targets)
-            # numpy inputs go to the jitted program as they are: its C++ dispatch moves them to
-            # the device of the committed arguments, ~5x cheaper than jax.device_put
-            k_buf, v_buf, *outs = program(*args, **static)
+            k_buf, v_buf, *outs = program(*before, k_buf, v_buf, *after, **static)
         finally:
             self.pool.put(k_buf, v_buf, self.device_index)
-        self.stats.host_prepare_seconds += t1 - t0
-        if isinstance(shape, StepShape):
-            outs, scores = outs
-            return DispatchedStep((outs, None), len(step.chunks), num_logprobs, t1, self.stats,   # None: collect adds the axis
-                                  prompt=None if scores is None else (scores, spans))
-        limits = [min(a, step.num_steps) for a in step.allowances]
-        return DispatchedStep((outs[0], self.max_decode_steps), len(step.chunks), num_logprobs, t1, self.stats,
-                              limits)
+        return outs
 
     def _no_history(self, S: int, vocab_size: int):
         """The token history of rows without penalties (zeros), kept on this device per shape."""
@@ -180,55 +254,65 @@ class StepRunner(DispatchingRunner):
                 self._zero_history[key] = smeta.build_token_history([], S, vocab_size, length=MIN_HISTORY)
         return self._zero_history[key]
 
-    def _call(self, config, weights: PlacedWeights, shape, program_inputs, sampling, history, variant,
-              k_buf, v_buf, prompt_targets=None):
-        """(jitted program, arguments, static arguments) of the step of `shape` (a StepShape:
-        ragged_step, its prompt-logprobs variant with prompt_targets; a DecodeShape:
-        multi_decode) and sampling `variant` (num_logprobs, all_greedy), K/V buffers donated."""
-        counts, prompt_mask = history
-        num_logprobs, all_greedy = variant
-        static = dict(config=config, num_logprobs=num_logprobs, all_greedy=all_greedy,
-                      attention_backend=self.attention_backend, moe_backend=self.moe_backend)
-        params = (weights.kv_params, weights.ffn_params, k_buf, v_buf)
-        if isinstance(shape, StepShape):
-            return ragged_step, params + (program_inputs, sampling, counts, prompt_mask, prompt_targets), static
-        token_ids, kv_lens, pages, num_seqs, stops, allowance = program_inputs
-        return (multi_decode, params + (token_ids, kv_lens, pages, num_seqs, sampling, counts, prompt_mask, stops,
-                                        allowance), dict(static, num_steps=self.max_decode_steps))
-
     def compile_jobs(self, config, menu: ShapeMenu, weights: PlacedWeights, *, model: str = "") -> list:
         """One callable per program a step of this model can run here (every shape of `menu`,
         multi-step decodes when the engine decodes several tokens per dispatch, every sampling
         variant of the menu, the ragged shapes' prompt-logprobs variant when the menu has it,
-        and the token-history programs of penalties), each compiling its program
-        ahead of time (`lower(...).compile()` fills the jit's cache: serving then compiles
-        nothing). The callables may run in parallel threads."""
-        shapes = list(menu.ragged_shapes()) + (list(menu.decode_shapes()) if self.max_decode_steps > 1 else [])
+        the lane programs of `menu.lane_counts` (every decode shape, the variants without
+        logprobs, trip counts 1 and max_decode_steps; lowered with this model's weights in
+        every lane: a program depends on the weights' shapes only) and the token-history programs of penalties), each compiling its
+        program ahead of time (`lower(...).compile()` fills the jit's cache: serving then
+        compiles nothing). The callables may run in parallel threads."""
         k_buf, v_buf = self.pool.take(self.device_index)       # references for lowering: nothing is run
         self.pool.put(k_buf, v_buf, self.device_index)
         jobs = []
-        for shape in shapes:
+
+        def add(program, args, static):
+            jobs.append(functools.partial(_compile, program, args, static))
+
+        for shape in menu.ragged_shapes():
             S = shape.num_seqs
-            sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
-            if isinstance(shape, StepShape):
-                inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=1,
-                                              num_pages=self.pool.layout.pages_per_device)
-                program_inputs = PackedInt32.pack(inputs)
-            else:
-                program_inputs = _decode_args(config, [], shape, [], [])
+            inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=1,
+                                          num_pages=self.pool.layout.pages_per_device)
+            fixed = (weights.kv_params, weights.ffn_params, k_buf, v_buf, PackedInt32.pack(inputs),
+                     smeta.build_sampling_metadata([], pad_rows_to=S), *self._no_history(S, config.vocab_size))
             variants = [(variant, None) for variant in menu.sampling_variants()]
-            if isinstance(shape, StepShape) and menu.prompt_logprobs:
+            if menu.prompt_logprobs:
                 variants.append(((menu.logprob_variants[-1], False), np.full(shape.num_tokens, -1, np.int32)))
             for variant, targets in variants:
-                program, args, static = self._call(config, weights, shape, program_inputs, sampling,
-                                                   self._no_history(S, config.vocab_size), variant, k_buf, v_buf,
-                                                   targets)
-                jobs.append(functools.partial(_compile, program, args, static))
+                add(ragged_step, fixed + (targets,), self._static(config, variant))
+        trips = sorted({1, self.max_decode_steps})
+        decodes = [(1, v, self.max_decode_steps) for v in menu.sampling_variants()] if self.max_decode_steps > 1 else []
+        decodes += [(K, v, n) for K in menu.lane_counts if K > 1 for v in menu.lane_variants() for n in trips]
+        for shape in menu.decode_shapes() if decodes else ():
+            S = shape.num_seqs
+            prepared = _Prepared(None, _decode_args(config, [], shape, [], []),
+                                 smeta.build_sampling_metadata([], pad_rows_to=S),
+                                 self._no_history(S, config.vocab_size), None, None, None)
+            lane = self._lane(weights, prepared)
+            for K, variant, num_steps in decodes:
+                add(multi_decode, ((lane,) * K, k_buf, v_buf), dict(self._static(config, variant), num_steps=num_steps))
         device = self.device
         for S in menu.sampling_rows():
             for length in menu.history_buckets:
                 jobs.append(functools.partial(smeta.compile_token_history, S, config.vocab_size, length, device))
         return jobs
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """One model's host inputs of a step (`StepRunner._prepare`): its sampling variant
+    (num_logprobs, all_greedy), the program inputs (a PackedInt32 for ragged_step, the
+    `_decode_args` tuple for multi_decode), sampling metadata, token history (counts, prompt
+    mask), prompt-logprobs targets and spans (or None), and the decode's per-chunk limits."""
+
+    variant: Optional[tuple]
+    inputs: object
+    sampling: object
+    history: tuple
+    targets: Optional[np.ndarray]
+    spans: Optional[list]
+    limits: Optional[list]
 
 
 def _compile(program, args, static) -> None:

@@ -23,7 +23,12 @@ Sampling variants (static flags of a program): `num_logprobs`, 0 or the engine's
 whose True variant a menu has on accelerators only (`greedy_variants`: on a CPU every
 program costs memory mappings and the draw is cheap, so greedy steps run the general one);
 and the ragged programs' prompt-logprobs variant (`prompt_logprobs`: the step also scores
-every token's next prompt token, with max_logprobs top tokens; general sampling). Stop and
+every token's next prompt token, with max_logprobs top tokens; general sampling). Lanes:
+`lane_counts` (1 .. K) are the numbers of models of one architecture on one device whose
+decodes one `multi_decode` serves at once (their weights are data), compiled for every decode
+shape with the variants without logprobs (`lane_variants`), for decodes of one token and of
+the engine's max_decode_steps; the registry sets K from how many
+models share an architecture and a device (`EngineConfig.max_lanes`). Stop and
 suppressed token ids per row are a fixed `STOP_IDS` columns, and the logits processors
 (logit_bias, allowed_token_ids, bad_words) a fixed `BIASED_IDS` columns of (token id, bias)
 per row: data, never a program variant. Coarse buckets keep the menu small (a 512-token
@@ -97,6 +102,7 @@ class ShapeMenu:
     logprob_variants: tuple[int, ...] = (0, 20)   # num_logprobs of the programs: 0 and max_logprobs
     greedy_variants: tuple[bool, ...] = (False, True)   # all_greedy of the programs
     prompt_logprobs: bool = True                  # ragged programs have the prompt-logprobs variant
+    lane_counts: tuple[int, ...] = (1,)           # models of this architecture one decode program serves
 
     @classmethod
     def build(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
@@ -135,6 +141,10 @@ class ShapeMenu:
     def sampling_variants(self) -> list[tuple[int, bool]]:
         """Every (num_logprobs, all_greedy) pair the menu's programs are compiled for."""
         return list(itertools.product(self.logprob_variants, self.greedy_variants))
+
+    def lane_variants(self) -> list[tuple[int, bool]]:
+        """The sampling variants of the lane programs (K > 1): those without logprobs."""
+        return [v for v in self.sampling_variants() if not v[0]]
 
     def ragged(self, num_tokens: int, num_seqs: int, num_blocks: int) -> StepShape:
         """The smallest ragged shape holding num_tokens tokens of num_seqs sequences whose

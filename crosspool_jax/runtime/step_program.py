@@ -7,7 +7,9 @@ Two pure functions, each compiled once per (model, bucketed shape, flags):
   global pool, and samples one token for every sequence. Its prompt-logprobs variant (given
   `prompt_targets_T`) also scores every token's next prompt token (`sampler.score_tokens`
   over the logits of ALL the step's tokens, `PROMPT_BLOCK` tokens at a time).
-- `multi_decode`: num_steps decode tokens per dispatch. A `lax.fori_loop` with a fixed trip
+- `multi_decode`: num_steps decode tokens per dispatch, for one model or for several of one
+  architecture on the same device at once (lanes: one program and one dispatch for all of a
+  step's decodes of those models). A `lax.fori_loop` with a fixed trip
   count (a data-dependent loop would read its predicate back to the host every iteration on
   a GPU) feeds each sampled token back and computes its slots from the page tables; a row
   that hit a stop token or its token allowance stops writing K/V (its later tokens are
@@ -19,6 +21,7 @@ The KV buffers are donated: the pool is updated in place.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -99,48 +102,79 @@ def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_co
     return k_buf, v_buf, out, scores
 
 
+class DecodeLane(NamedTuple):
+    """One model's rows of a multi-step decode: its weights and its S rows (host or device
+    arrays). token_ids_S: the last known token of each sequence (its KV not yet computed);
+    kv_lens_S: context length including that token; allowance_S: how many tokens each
+    sequence may still produce (>= 1; its pages cover that many); stop_ids_SZ: ids that end a
+    sequence (-1 padded; EOS already removed by the host for ignore_eos rows)."""
+
+    kv_params: dict
+    ffn_params: dict
+    token_ids_S: jax.Array
+    kv_lens_S: jax.Array
+    page_indices_LSP: jax.Array
+    num_seqs_1: jax.Array
+    sampling: "SamplingMetadata"
+    output_counts_SV: Optional[jax.Array]
+    prompt_mask_SV: Optional[jax.Array]
+    stop_ids_SZ: jax.Array
+    allowance_S: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "num_logprobs", "all_greedy",
                                              "attention_backend", "moe_backend"),
                    donate_argnames=("k_buf", "v_buf"))
-def multi_decode(kv_params, ffn_params, k_buf, v_buf, token_ids_S, kv_lens_S, page_indices_LSP, num_seqs_1,
-                 sampling, output_counts_SV, prompt_mask_SV, stop_ids_SZ, allowance_S, *,
-                 config, num_steps, num_logprobs, attention_backend, moe_backend, all_greedy=False):
-    """num_steps decode tokens per sequence in one dispatch (a fixed trip count).
+def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attention_backend, moe_backend,
+                 all_greedy=False):
+    """num_steps decode tokens per sequence of every lane in one dispatch (a fixed trip count).
 
-    token_ids_S: the last known token of each sequence (its KV not yet computed);
-    kv_lens_S: context length including that token; allowance_S: how many tokens each
-    sequence may still produce (>= 1; its pages cover that many); stop_ids_SZ: ids that end a
-    sequence (-1 padded; EOS already removed by the host for ignore_eos rows). A row past its
-    allowance or a stop writes no K/V. Returns the buffers and the sampler outputs stacked
-    [num_steps, S, ...]; row s's tokens past its allowance or stop are not meaningful.
+    lanes: a tuple of `DecodeLane`s, models of one architecture (`config`) sharing the pool:
+    one program serves K models' decodes (each lane's weights are data), the lanes' forwards
+    run one after another inside each iteration. A row past its allowance or a stop writes no
+    K/V. Returns the buffers and, per lane, the sampler outputs stacked [num_steps, S, ...];
+    row s's tokens past its allowance or stop are not meaningful.
     """
-    S = token_ids_S.shape[0]
     P, X = k_buf.shape
     G = X // config.kv_cache_row
-    rows = jnp.arange(S, dtype=jnp.int32)
-    live_S = rows < num_seqs_1[0]
-    cu_q_lens_S1 = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), num_seqs_1[0])
-    out_buf = sampler_lib.empty_outputs(num_steps, S, config.vocab_size, sampling, output_counts_SV,
-                                        prompt_mask_SV, num_logprobs=num_logprobs)
 
-    def body(j, state):
-        tokens_S, kv_lens, done_S, k_buf, v_buf, counts, out_buf = state
+    def lane_start(lane):
+        S = lane.token_ids_S.shape[0]
+        live_S = jnp.arange(S, dtype=jnp.int32) < lane.num_seqs_1[0]
+        out_buf = sampler_lib.empty_outputs(num_steps, S, config.vocab_size, lane.sampling, lane.output_counts_SV,
+                                            lane.prompt_mask_SV, num_logprobs=num_logprobs)
+        return lane.token_ids_S, lane.kv_lens_S, ~live_S, lane.output_counts_SV, out_buf
+
+    def lane_token(j, lane, state, k_buf, v_buf):
+        tokens_S, kv_lens, done_S, counts, out_buf = state
+        S = tokens_S.shape[0]
+        rows = jnp.arange(S, dtype=jnp.int32)
+        live_S = (rows < lane.num_seqs_1[0]) & ~done_S
+        cu_q_lens_S1 = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), lane.num_seqs_1[0])
         pos_S = kv_lens - 1
-        slots_LS = token_slots(page_indices_LSP, rows, pos_S, live_S & ~done_S, tokens_per_page=G, num_pages=P)
+        slots_LS = token_slots(lane.page_indices_LSP, rows, pos_S, live_S, tokens_per_page=G, num_pages=P)
         k_buf, v_buf, logits_SV, _ = _forward_logits(
-            kv_params, ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, page_indices_LSP, kv_lens,
-            cu_q_lens_S1, num_seqs_1, rows, attention_backend, moe_backend, token_mask_T=live_S & ~done_S)
-        meta = sampler_lib.advance_metadata(sampling, j)
-        out = sampler_lib.sample(logits_SV, meta, counts, prompt_mask_SV, num_logprobs=num_logprobs,
+            lane.kv_params, lane.ffn_params, config, k_buf, v_buf, tokens_S, pos_S, slots_LS, lane.page_indices_LSP,
+            kv_lens, cu_q_lens_S1, lane.num_seqs_1, rows, attention_backend, moe_backend, token_mask_T=live_S)
+        meta = sampler_lib.advance_metadata(lane.sampling, j)
+        out = sampler_lib.sample(logits_SV, meta, counts, lane.prompt_mask_SV, num_logprobs=num_logprobs,
                                  all_greedy=all_greedy)
         new_S = out.token_ids_S
         out_buf = jax.tree.map(lambda buf, x: buf.at[j].set(x), out_buf, out)
         if counts is not None:
             counts = sampler_lib.update_counts(counts, new_S)
-        hit_stop = jnp.any(new_S[:, None] == stop_ids_SZ, axis=-1)
-        done_S = done_S | hit_stop | (j + 1 >= allowance_S)
-        return new_S, kv_lens + 1, done_S, k_buf, v_buf, counts, out_buf
+        hit_stop = jnp.any(new_S[:, None] == lane.stop_ids_SZ, axis=-1)
+        done_S = done_S | hit_stop | (j + 1 >= lane.allowance_S)
+        return k_buf, v_buf, (new_S, kv_lens + 1, done_S, counts, out_buf)
 
-    init = (token_ids_S, kv_lens_S, ~live_S, k_buf, v_buf, output_counts_SV, out_buf)
-    _, _, _, k_buf, v_buf, _, out_buf = jax.lax.fori_loop(0, num_steps, body, init)
-    return k_buf, v_buf, out_buf
+    def body(j, state):
+        k_buf, v_buf, states = state
+        new_states = []
+        for lane, lane_state in zip(lanes, states):
+            k_buf, v_buf, lane_state = lane_token(j, lane, lane_state, k_buf, v_buf)
+            new_states.append(lane_state)
+        return k_buf, v_buf, tuple(new_states)
+
+    init = (k_buf, v_buf, tuple(lane_start(lane) for lane in lanes))
+    k_buf, v_buf, states = jax.lax.fori_loop(0, num_steps, body, init)
+    return k_buf, v_buf, tuple(state[-1] for state in states)

@@ -3,7 +3,8 @@
 - The placed step programs (forward and sampling) and the CrossPool split's common step have no
   conditional: on a GPU a conditional reads its predicate back to the host, which stalls dispatch.
 - Every loop of a multi-step decode has a trip count XLA knows (a fixed max_decode_steps: no
-  predicate read back per token).
+  predicate read back per token); K lanes (models of one architecture) are ONE program with
+  one decode loop and a layer scan per lane.
 - The split's step exchanges exactly max(n_kv, n_w) collective permutes per direction per stage.
 - The KV buffers (placed) and the arena (split) are parameters aliased to outputs: updated in
   place.
@@ -21,7 +22,7 @@ from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_inputs import PackedInt32
 from crosspool_jax.runtime.shapes import STOP_IDS, StepShape
 from crosspool_jax.runtime.step_inputs import build_step_inputs
-from crosspool_jax.runtime.step_program import _forward_logits, multi_decode, ragged_step
+from crosspool_jax.runtime.step_program import DecodeLane, _forward_logits, multi_decode, ragged_step
 from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, model
 
 P = 32                                   # pages of the placed pool
@@ -73,7 +74,10 @@ def test_placed_ragged_step_has_no_conditional_and_donates_the_pool(num_logprobs
     assert _aliased_params(text) == [n_weights, n_weights + 1]
 
 
-def test_multi_decode_loops_have_known_trip_counts_and_no_conditional():
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_multi_decode_loops_have_known_trip_counts_and_no_conditional(lanes):
+    """One program for `lanes` models of one architecture: a decode loop of max_decode_steps
+    trips holding one layer scan per lane, no conditional, the pool updated in place."""
     config, kv, ffn = model("qwen3_moe", 0)
     S, Pp, steps = 8, 4, 3
     k_buf = jnp.zeros((P, PAGE_ELEMS), jnp.float32)
@@ -81,16 +85,23 @@ def test_multi_decode_loops_have_known_trip_counts_and_no_conditional():
     meta = smeta.build_sampling_metadata([], pad_rows_to=S)
     counts, mask = smeta.build_token_history([], S, config.vocab_size, length=16)
     i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-    text = multi_decode.lower(kv, ffn, k_buf, v_buf, i32(S), np.ones(S, np.int32), i32(config.num_layers, S, Pp),
-                              np.array([1], np.int32), meta, counts, mask, np.full((S, STOP_IDS), -1, np.int32),
-                              np.ones(S, np.int32), config=config, num_steps=steps, num_logprobs=0,
+    # lane k's weights are distinct arrays (other models of the architecture), not one model twice
+    lane_args = tuple(DecodeLane(jax.tree.map(lambda a, k=k: a + k, kv), jax.tree.map(lambda a, k=k: a + k, ffn),
+                                 i32(S), np.ones(S, np.int32), i32(config.num_layers, S, Pp), np.array([1], np.int32),
+                                 meta, counts, mask, np.full((S, STOP_IDS), -1, np.int32), np.ones(S, np.int32))
+                      for k in range(lanes))
+    text = multi_decode.lower(lane_args, k_buf, v_buf, config=config, num_steps=steps, num_logprobs=0,
                               attention_backend="reference", moe_backend="reference").compile().as_text()
     whiles = re.findall(r"= [^\n]*\bwhile\([^\n]*", text)
-    assert whiles, "expected the decode loop and the layer scan"
+    assert whiles, "expected the decode loop and the layer scans"
     for line in whiles:
         assert "known_trip_count" in line, line
-    assert any(f'"n":"{steps}"' in line for line in whiles)          # the decode loop: max_decode_steps
+    trips = [re.search(r'"n":"(\d+)"', line).group(1) for line in whiles]
+    assert trips.count(str(steps)) == 1                              # ONE decode loop: max_decode_steps
+    assert trips.count(str(config.num_layers)) == lanes              # each lane's layer scan inside it
     assert _conditionals(text) == 0                                  # its sampling included
+    n_inputs = len(jax.tree.leaves(lane_args))
+    assert _aliased_params(text) == [n_inputs, n_inputs + 1]         # the pool, after every lane's inputs
 
 
 @pytest.mark.parametrize("n_kv,n_w", [(1, 1), (2, 2), (6, 2)])
