@@ -56,6 +56,8 @@ _DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "Decode tokens per d
                                      "side-by-side default; >1 times multi-step decode, the engine's default is 8).")
 _MAX_LOGPROBS = flags.DEFINE_integer("max_logprobs", None, "The engine's max_logprobs (default: the engine's); 0 "
                                      "leaves the logprobs programs out of the warm-up (the bench asks for none).")
+_MAX_LANES = flags.DEFINE_integer("max_lanes", None, "The engine's max_lanes (default: the engine's); 1 runs "
+                                  "every model's decode as its own program.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no decode-latency rounds.")
 _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
 _FRESH = flags.DEFINE_bool("fresh_process", True, "Run each mode in a fresh Python process (no compiled program "
@@ -280,6 +282,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     opts = engine_options(mode, n, n_kv, budget, sizes)
     if _MAX_LOGPROBS.value is not None:
         opts["max_logprobs"] = _MAX_LOGPROBS.value
+    if _MAX_LANES.value is not None:
+        opts["max_lanes"] = _MAX_LANES.value
     t0 = time.perf_counter()
     llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=_DECODE_STEPS.value, max_num_seqs=64,
               max_num_batched_tokens=max(512, _PROMPT_LEN.value), **opts)
@@ -305,9 +309,15 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     row["warm_up_replay_s"] = time.perf_counter() - t0
     compiles0 = _compiles()
     swaps0 = engine.registry.weights_stats()
+    runner0 = engine.runner.stats
+    steps0, dispatches0 = runner0.steps, getattr(runner0, "dispatches", None)
     busy = {}
     gaps = _traced(lambda: decode_times(llm, names, per_model, prompt_len, max_tokens, seed=2), busy)
     swaps1 = engine.registry.weights_stats()
+    runner1 = engine.runner.stats
+    row["model_steps_in_window"] = runner1.steps - steps0
+    if dispatches0 is not None:                     # programs dispatched (lanes: fewer than model steps)
+        row["dispatches_in_window"] = runner1.dispatches - dispatches0
     row.update(tbt_p50_ms=1e3 * _pct(gaps, 50), tbt_p99_ms=1e3 * _pct(gaps, 99), tbt_samples=len(gaps),
                swaps_in_during_decode=swaps1.swaps_in - swaps0.swaps_in, compiles_in_window=_compiles() - compiles0,
                **busy)
