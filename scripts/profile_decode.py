@@ -5,8 +5,8 @@ fetch and the engine's own bookkeeping, per engine step (median over the decode 
     python scripts/profile_decode.py --random_config mixtral-8x7b-2l --mode crosspool --split 1+1
     JAX_PLATFORMS=cpu python scripts/profile_decode.py --model m=checkpoints/qwen3-moe-tiny --tokens 8
 
-Timers wrap `scheduler.schedule`, the runner's `dispatch` (host work up to the program's
-dispatch: input building, transfers, the jit call), `block_until_ready` on the dispatched
+Timers wrap `scheduler.schedule`, the runner's `dispatch_all` (host work up to the programs'
+dispatch: input building, transfers, the jit calls), `block_until_ready` on the dispatched
 outputs (the device program, as seen from the host, after dispatch returned) and `collect`
 (the device-to-host fetch and unpacking). "rest" is the engine step minus those: stop rules,
 detokenization, output objects. One line per phase, milliseconds. Blocking after dispatch
@@ -78,19 +78,19 @@ def main(argv):
     name = engine.model_names[0]
     timer = Timer()
     runner = engine.runner
-    orig_dispatch, orig_collect = runner.dispatch, runner.collect
+    orig_dispatch_all, orig_collect = runner.dispatch_all, runner.collect
 
-    def dispatch(*args, **kwargs):
+    def dispatch_all(*args, **kwargs):
         t0 = time.perf_counter()
-        step = orig_dispatch(*args, **kwargs)
+        steps = orig_dispatch_all(*args, **kwargs)
         t1 = time.perf_counter()
-        jax.block_until_ready(step.outputs)
+        jax.block_until_ready([step.outputs for step in steps])
         t2 = time.perf_counter()
         timer.current["dispatch"] = timer.current.get("dispatch", 0.0) + t1 - t0
         timer.current["device_after_dispatch"] = timer.current.get("device_after_dispatch", 0.0) + t2 - t1
-        return step
+        return steps
 
-    runner.dispatch = dispatch
+    runner.dispatch_all = dispatch_all
     runner.collect = timer.wrap("collect", orig_collect)
     engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)
     rng = np.random.default_rng(0)
