@@ -51,7 +51,7 @@ _MLA_BIAS = {"self_attn.kv_a_proj_with_mqa.bias": ("bkv_a_LRY", False), "self_at
 _MLA_Q_LORA_BIAS = {"self_attn.q_a_proj.bias": ("bq_a_LA", False)}
 # the shared expert's module name per family
 _SHARED = {"qwen2_moe": "shared_expert", "deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts",
-           "glm4_moe_lite": "shared_experts"}
+           "glm4_moe_lite": "shared_experts", "glm4_moe": "shared_experts"}
 # MoE tensors per family: (router, per-expert gate, up, down, prefix of the MoE block)
 _MOE = {
     "mixtral": ("block_sparse_moe", "gate.weight", "w1.weight", "w3.weight", "w2.weight"),
@@ -61,6 +61,7 @@ _MOE = {
     "deepseek_v2": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "deepseek_v3": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     "glm4_moe_lite": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
+    "glm4_moe": ("mlp", "gate.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
 }
 # tensors that may appear in older checkpoints and carry nothing we need
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -156,10 +157,16 @@ def _attention_names(c: ModelConfig) -> dict:
 
 
 def is_ignorable(name: str, config: ModelConfig) -> bool:
-    """Tensors we skip without complaint: rotary buffers, a duplicate lm head when tied, and the
-    empty shared expert (and its gate) of a Qwen2-MoE saved with shared_expert_intermediate_size 0."""
+    """Tensors we skip without complaint: rotary buffers, a duplicate lm head when tied, the
+    empty shared expert (and its gate) of a Qwen2-MoE saved with shared_expert_intermediate_size 0,
+    and the multi-token-prediction layers DeepSeek-V3 and GLM-4.5 checkpoints store after the
+    last layer (model.layers.{num_layers}... ; transformers skips them too)."""
     if name.endswith(IGNORED_SUFFIXES):
         return True
+    if config.family in ("deepseek_v3", "glm4_moe") and name.startswith("model.layers."):
+        layer = name.split(".")[2]
+        if layer.isdigit() and int(layer) >= config.num_layers:
+            return True
     if (config.family == "qwen2_moe" and not config.shared_expert_intermediate_size
             and (".mlp.shared_expert." in name or ".mlp.shared_expert_gate." in name)):
         return True

@@ -42,6 +42,13 @@ FAMILIES = {
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # GLM-4.5: GQA with q/k/v biases, per-head q/k norms, RoPE on half of each head (the first 8
+    # of 16 dims), a dense first layer, DeepSeek-V3 routing (8 experts in 4 groups, best 2)
+    "glm4_moe": ("Glm4MoeConfig", dict(
+        head_dim=16, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=1.7,
+        norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
     # sliding (window 5) / full layers alternating, sinks, q/k/v/o biases, router and expert
     # biases, a SwiGLU limit low enough to clamp, YaRN past a pretraining length of 16
     "gpt_oss": ("GptOssConfig", dict(

@@ -26,6 +26,7 @@ SUPPORTED_ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+    "Glm4MoeForCausalLM": "glm4_moe",
     "GptOssForCausalLM": "gpt_oss",
 }
 QK_NORMS = ("none", "per_head", "full")
@@ -33,9 +34,9 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 MOE_ACTIVATIONS = ("silu", "clamped_swiglu")
 _QK_NORM_OF_FAMILY = {"mixtral": "none", "qwen2_moe": "none", "qwen3_moe": "per_head",
                       "olmoe": "full", "llama": "none", "qwen3": "per_head", "deepseek_v2": "none",
-                      "deepseek_v3": "none", "glm4_moe_lite": "none", "gpt_oss": "none"}
+                      "deepseek_v3": "none", "glm4_moe_lite": "none", "glm4_moe": "none", "gpt_oss": "none"}
 _MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-                 "gpt_oss")
+                 "glm4_moe", "gpt_oss")
 _MLA_FAMILIES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 # the RMSNorm eps of MLA's q_a_layernorm and kv_a_layernorm (transformers builds them with
 # the RMSNorm default, not the config's rms_norm_eps)
@@ -105,6 +106,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     rope_interleave: bool = False
+    partial_rotary_factor: float = 1.0
     router_scoring: str = "softmax"
     router_score_bias: bool = False
     n_group: int = 1
@@ -135,6 +137,9 @@ class ModelConfig:
                              f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rope_dim <= 0 or self.rope_dim % 2:
+            raise ValueError(f"ModelConfig.partial_rotary_factor must be in (0, 1] and rotate an even number of "
+                             f"dims, got {self.partial_rotary_factor} of head_dim {self.head_dim}")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"ModelConfig.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -207,8 +212,9 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Dims RoPE rotates per head (MLA: the rope part only)."""
-        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+        """Dims RoPE rotates per head, the first ones (MLA: the rope part only; GLM-4.5:
+        partial_rotary_factor of head_dim, the rest passes through)."""
+        return self.qk_rope_head_dim if self.is_mla else int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def kv_cache_heads(self) -> int:
@@ -330,7 +336,7 @@ class ModelConfig:
         head_dim = head_dim or hidden // num_heads
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
-        rope_theta, rope_scaling = _rope_from_hf(d, arch)
+        rope_theta, rope_scaling, partial_rotary = _rope_from_hf(d, arch)
         eos = d.get("eos_token_id")
         eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         eos_ids = tuple(_number({"eos_token_id": e}, "eos_token_id", int) for e in eos_list)
@@ -346,7 +352,8 @@ class ModelConfig:
             sliding_window=_sliding_window_from_hf(d, family, arch),
             attention_bias=bool(d.get("qkv_bias", True) if family == "qwen2_moe"
                                 else d.get("attention_bias", False)),
-            qk_norm=_QK_NORM_OF_FAMILY[family],
+            qk_norm="per_head" if family == "glm4_moe" and d.get("use_qk_norm") else _QK_NORM_OF_FAMILY[family],
+            partial_rotary_factor=partial_rotary,
             clip_qkv=opt("clip_qkv", None, float),
             intermediate_size=opt("intermediate_size", 0),
             bos_token_id=opt("bos_token_id", None),
@@ -371,7 +378,7 @@ class ModelConfig:
                           swiglu_alpha=opt("swiglu_alpha", 1.702, float), swiglu_limit=opt("swiglu_limit", 7.0, float))
             elif family == "deepseek_v2":
                 kw.update(_deepseek_moe(d, arch, req, opt))
-            elif family in ("deepseek_v3", "glm4_moe_lite"):
+            elif family in ("deepseek_v3", "glm4_moe_lite", "glm4_moe"):
                 kw.update(_deepseek_v3_moe(d, arch, req, opt, family))
             elif family == "mixtral":
                 kw.update(norm_topk_prob=True, moe_intermediate_size=int(req("intermediate_size")))
@@ -422,15 +429,16 @@ def _deepseek_moe(d: dict, arch: str, req, opt) -> dict:
 
 
 def _deepseek_v3_moe(d: dict, arch: str, req, opt, family: str) -> dict:
-    """The MoE fields of DeepseekV3ForCausalLM and Glm4MoeLiteForCausalLM (DeepSeek-V3 routing):
-    sigmoid scores, e_score_correction_bias for the choice only, n_group groups scored by the
-    sum of their two best, the topk_group best kept, norm_topk_prob, routed_scaling_factor;
-    shared experts without a gate; dense layers: DeepSeek-V3's first first_k_dense_replace,
-    GLM's mlp_layer_types "dense" entries (default: layer 0 only)."""
+    """The MoE fields of DeepseekV3ForCausalLM, Glm4MoeForCausalLM and Glm4MoeLiteForCausalLM
+    (DeepSeek-V3 routing): sigmoid scores, e_score_correction_bias for the choice only, n_group
+    groups scored by the sum of their two best, the topk_group best kept, norm_topk_prob,
+    routed_scaling_factor; shared experts without a gate; dense layers: the first
+    first_k_dense_replace (DeepSeek-V3: 3 by default, GLM-4.5: 1), GLM-4.7-Flash's
+    mlp_layer_types "dense" entries (default: layer 0 only)."""
     F = req("moe_intermediate_size")
     L = req("num_hidden_layers")
-    if family == "deepseek_v3":
-        dense = tuple(range(opt("first_k_dense_replace", 3)))
+    if family in ("deepseek_v3", "glm4_moe"):
+        dense = tuple(range(opt("first_k_dense_replace", 3 if family == "deepseek_v3" else 1)))
     else:
         types = d.get("mlp_layer_types") or ["dense"] + ["sparse"] * (L - 1)
         if len(types) != L or set(types) - {"dense", "sparse"}:
@@ -465,7 +473,8 @@ def _unsupported_message(arch) -> str:
 
 
 def _rope_from_hf(d: dict, arch: str):
-    """(rope_theta, rope_scaling) from either the new `rope_parameters` or old keys."""
+    """(rope_theta, rope_scaling, partial_rotary_factor) from either the new `rope_parameters`
+    or old keys (partial_rotary_factor: the rope dict's, else a top-level one, else 1)."""
     params = d.get("rope_parameters")
     if isinstance(params, dict) and params and not isinstance(next(iter(params.values())), dict):
         params = dict(params)
@@ -475,6 +484,8 @@ def _rope_from_hf(d: dict, arch: str):
             raise ValueError(f"config.json for {arch}: per-layer-type rope_parameters are not supported")
         theta = d.get("rope_theta", 10000.0)
         params = dict(d.get("rope_scaling") or {})
+    partial = params.pop("partial_rotary_factor", None)
+    partial = float(d.get("partial_rotary_factor", 1.0) if partial is None else partial)
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params.pop("type")
     params.pop("type", None)
@@ -483,7 +494,7 @@ def _rope_from_hf(d: dict, arch: str):
         raise ValueError(f"config.json for {arch}: rope_type {rope_type!r} is not supported "
                          f"(supported: {', '.join(ROPE_TYPES)})")
     if rope_type == "default":
-        return float(theta), None
+        return float(theta), None, partial
     if rope_type in ("llama3", "yarn"):
         # the pretraining length: a top-level original_max_position_embeddings wins (as in
         # transformers), else the rope dict's, else max_position_embeddings
@@ -492,7 +503,7 @@ def _rope_from_hf(d: dict, arch: str):
         params.setdefault("original_max_position_embeddings", int(d.get("max_position_embeddings", 8192)))
     if rope_type == "yarn" and params.get("factor") is None:
         params["factor"] = float(d.get("max_position_embeddings", 8192)) / params["original_max_position_embeddings"]
-    return float(theta), tuple(sorted((str(k), _hashable(v)) for k, v in params.items()))
+    return float(theta), tuple(sorted((str(k), _hashable(v)) for k, v in params.items())), partial
 
 
 def _hashable(v):

@@ -106,8 +106,12 @@ def qkv_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array
     if c.qk_norm == "per_head":
         q_TNH = rms_norm(q_TNH, p["q_norm_LH"], c.rms_norm_eps)
         k_TKH = rms_norm(k_TKH, p["k_norm_LH"], c.rms_norm_eps)
-    cos_TH, sin_TH = rope_cos_sin(c, positions_T, x_TD.dtype)
-    return apply_rope(q_TNH, cos_TH, sin_TH), apply_rope(k_TKH, cos_TH, sin_TH), v_TKH
+    cos_TR, sin_TR = rope_cos_sin(c, positions_T, x_TD.dtype)
+    R = c.rope_dim                     # the first R dims of a head rotate, the rest pass through
+    if R == c.head_dim:
+        return apply_rope(q_TNH, cos_TR, sin_TR), apply_rope(k_TKH, cos_TR, sin_TR), v_TKH
+    rotate = lambda a: jnp.concatenate([apply_rope(a[..., :R], cos_TR, sin_TR), a[..., R:]], axis=-1)  # noqa: E731
+    return rotate(q_TNH), rotate(k_TKH), v_TKH
 
 
 def _mla_up_proj(p: dict, c: ModelConfig):

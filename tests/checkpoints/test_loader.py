@@ -150,6 +150,25 @@ def test_rotary_buffers_are_ignored(work_dir):
     assert load_model(work_dir, dtype="float32").config.family == "qwen2_moe"
 
 
+def test_mtp_layers_after_the_last_are_ignored_for_glm45_only(tmp_path):
+    """GLM-4.5 and DeepSeek-V3 checkpoints store their multi-token-prediction layer as
+    model.layers.{num_hidden_layers}.*: skipped, as transformers does; elsewhere an extra layer is
+    an unexpected tensor."""
+    extra = {"model.layers.2.mlp.gate.weight": np.random.default_rng(3).normal(size=(8, 32)).astype(np.float32),
+             "model.layers.2.eh_proj.weight": np.random.default_rng(4).normal(size=(32, 64)).astype(np.float32)}
+    glm = str(tmp_path / "glm")
+    make_tiny_hf_model("glm4_moe", glm, seed=9)
+    clean = _flat(load_model(glm, dtype="float32").ffn_params)
+    _rewrite(glm, lambda t: t.update(extra))
+    loaded = load_model(glm, dtype="float32")
+    assert loaded.config.family == "glm4_moe" and loaded.config.num_layers == 2
+    assert all(np.array_equal(v, clean[k]) for k, v in _flat(loaded.ffn_params).items())
+    mixtral = str(tmp_path / "mixtral")
+    make_tiny_hf_model("mixtral", mixtral, seed=9)
+    _rewrite(mixtral, lambda t: t.update(extra))
+    _assert_error(mixtral, "unexpected tensors", "'model.layers.2.mlp.gate.weight'")
+
+
 def test_shape_mismatch(work_dir):
     name = "model.layers.1.self_attn.k_proj.weight"
     _rewrite(work_dir, lambda t: t.update({name: np.random.default_rng(2).normal(size=(24, 32)).astype(np.float32)}))

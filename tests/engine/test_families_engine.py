@@ -3,8 +3,9 @@
 Greedy float32 generation must equal transformers' `generate` token for token in one mixed
 batch with an existing family (Mixtral), with the prefix cache on (a cached prefix is
 reused), chunked prefill (the prompts exceed the step's token budget) and preemption (the
-pool holds about half of the batch). The crosspool device split refuses these models by name
-(MLA, attention sinks, per-layer windows and biased experts are not in its arena step).
+pool holds about half of the batch). The crosspool device split refuses the MLA and GPT-OSS
+models by name (MLA, attention sinks, per-layer windows and biased experts are not in its
+arena step) and serves GLM-4.5 (GQA with partial RoPE and DeepSeek-V3 routing).
 """
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from crosspool_jax import LLM, SamplingParams
 from crosspool_jax.checkpoints.tiny_models import transformers_greedy
 from crosspool_jax.engine.request import Request
 
-NEW = ["deepseek_v2", "glm4_moe_lite", "gpt_oss"]
+NEW = ["deepseek_v2", "glm4_moe_lite", "gpt_oss", "glm4_moe"]
 MLA = ["deepseek_v2", "glm4_moe_lite"]
+SPLIT_REFUSED = ["deepseek_v2", "glm4_moe_lite", "gpt_oss"]
 MAX_TOKENS = 6
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 ENGINE = dict(max_num_batched_tokens=64, min_token_bucket=64, max_decode_steps=4)
@@ -74,9 +76,21 @@ def test_kv_page_holds_latent_and_rope_key_only(model_dirs, family):
     assert 2 * c.kv_bytes_per_token_per_layer("float32") == (c.kv_lora_rank + c.qk_rope_head_dim) * 4
 
 
-@pytest.mark.parametrize("family", NEW)
+@pytest.mark.parametrize("family", SPLIT_REFUSED)
 def test_crosspool_split_refuses_the_new_families_by_name(model_dirs, family):
     with pytest.raises(ValueError, match=f"model '{family}'.*cannot run on the disaggregated step.*"
                                          f"mode='shared' or 'static'"):
         LLM({family: model_dirs[family]}, dtype="float32", mode="crosspool", kv_devices=1, weight_devices=1,
             kv_pool_bytes=1 << 20, **ENGINE)
+
+
+def test_crosspool_split_serves_glm45_like_transformers(model_dirs):
+    """GLM-4.5 (GQA, q/k norms and biases, half-head RoPE, DeepSeek-V3 routing, a dense layer)
+    on a 1+1 device split: transformers' greedy tokens."""
+    path = model_dirs["glm4_moe"]
+    llm = LLM({"glm4_moe": path}, dtype="float32", mode="crosspool", kv_devices=1, weight_devices=1,
+              kv_pool_bytes=1 << 20, **ENGINE)
+    prompts = _prompts(3, [7, 3])
+    for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
+        assert out.error is None
+        assert out.outputs[0].token_ids == transformers_greedy(path, prompt, MAX_TOKENS)

@@ -41,6 +41,11 @@ CASES = [
      dict(q_lora_rank=None, rope_interleave=False, attention_bias=True, rope_parameters=YARN, n_group=1,
           topk_group=1, norm_topk_prob=False, num_hidden_layers=3, mlp_layer_types=["sparse", "dense", "sparse"])),
     ("dsv3-qlora-grouped-bias-dense1", "deepseek_v3", dict()),
+    # GLM-4.5 (GQA): q/k/v biases, per-head q/k norms, RoPE on half of each head, dense layer 0
+    ("glm45-qknorm-bias-halfrope-grouped", "glm4_moe", dict()),
+    ("glm45-nonorm-nobias-quarterrope-yarn-ungrouped-2dense", "glm4_moe",
+     dict(use_qk_norm=False, attention_bias=False, n_group=1, topk_group=1, first_k_dense_replace=2,
+          num_hidden_layers=3, rope_parameters={**YARN, "partial_rotary_factor": 0.25})),
     # GPT-OSS: sinks, q/k/v/o biases, router and expert biases, clamped SwiGLU, YaRN (no truncation)
     ("gptoss-sliding-full-sliding-clamped", "gpt_oss", dict()),
     ("gptoss-full-first-gqa4-top4-limit7", "gpt_oss",
