@@ -4,6 +4,7 @@ fetch and the engine's own bookkeeping, per engine step (median over the decode 
     python scripts/profile_decode.py --random_config mixtral-8x7b-2l --mode shared
     python scripts/profile_decode.py --random_config mixtral-8x7b-2l --mode crosspool --split 1+1
     JAX_PLATFORMS=cpu python scripts/profile_decode.py --model m=checkpoints/qwen3-moe-tiny --tokens 8
+    python scripts/profile_decode.py --random_config qwen3moe-30b-a3b-4l --copies 4 --max_lanes 4   # lanes
 
 Timers wrap `scheduler.schedule`, the runner's `dispatch_all` (host work up to the programs'
 dispatch: input building, transfers, the jit calls), `block_until_ready` on the dispatched
@@ -34,6 +35,9 @@ _TOKENS = flags.DEFINE_integer("tokens", 32, "tokens generated per request")
 _KV = flags.DEFINE_integer("kv_pool_bytes", 4 << 30, "KV pool bytes")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
 _DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "decode tokens per dispatch (placed modes)")
+_COPIES = flags.DEFINE_integer("copies", 1, "serve this many copies of each model (each loaded as a model of its "
+                               "own), each with --requests requests")
+_LANES = flags.DEFINE_integer("max_lanes", None, "the engine's max_lanes (default: the engine's)")
 
 
 class Timer:
@@ -68,14 +72,18 @@ def main(argv):
     from crosspool_jax.weights.devices import parse_split
 
     models = models_from_specs(_MODEL.value) if _MODEL.value else random_model_dirs([_RANDOM.value])
+    if _COPIES.value > 1:
+        models = {f"{name}-{i}": path for name, path in models.items() for i in range(_COPIES.value)}
     opts = dict(mode=_MODE.value)
+    if _LANES.value is not None:
+        opts["max_lanes"] = _LANES.value
     if _SPLIT.value:
         n_kv, n_w = parse_split(_SPLIT.value)
         opts.update(kv_devices=n_kv, weight_devices=n_w)
     llm = LLM(models, dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=_DECODE_STEPS.value,
               max_num_batched_tokens=max(512, _PROMPT.value), **opts)
     engine = llm.engine
-    name = engine.model_names[0]
+    names = engine.model_names
     timer = Timer()
     runner = engine.runner
     orig_dispatch_all, orig_collect = runner.dispatch_all, runner.collect
@@ -92,29 +100,43 @@ def main(argv):
 
     runner.dispatch_all = dispatch_all
     runner.collect = timer.wrap("collect", orig_collect)
-    engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)
+    schedule = timer.wrap("schedule", engine.scheduler.schedule)
+
+    def schedule_and_note_prefill(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        timer.current["prefill"] = float(any(c.num_tokens > 1 for chunks in out.chunks_by_model.values()
+                                             for c in chunks))
+        return out
+
+    engine.scheduler.schedule = schedule_and_note_prefill
     rng = np.random.default_rng(0)
-    vocab = engine.registry.get(name).config.vocab_size
     params = SamplingParams(max_tokens=_TOKENS.value, temperature=0.0, ignore_eos=True)
 
     def run_round(tag):
-        for i in range(_REQUESTS.value):
-            engine.add_request(f"{tag}-{i}", name, {"prompt_token_ids": rng.integers(1, vocab, _PROMPT.value).tolist()},
-                               params)
+        for name in names:
+            vocab = engine.registry.get(name).config.vocab_size
+            for i in range(_REQUESTS.value):
+                engine.add_request(f"{tag}-{name}-{i}", name,
+                                   {"prompt_token_ids": rng.integers(1, vocab, _PROMPT.value).tolist()}, params)
         while engine.has_unfinished_requests():
             t0 = time.perf_counter()
             engine.step()
             timer.close_step(time.perf_counter() - t0)
 
     run_round("warm")                      # compiles every shape once
+    dispatches0 = runner.stats.dispatches
     timer.samples.clear()
     run_round("timed")
-    decode = [i for i, s in enumerate(timer.samples["step"]) if i > 0]     # the first step is the prefill
-    med = {k: 1e3 * statistics.median([v[i] for i in decode if i < len(v)]) for k, v in timer.samples.items()}
+    dispatches = runner.stats.dispatches - dispatches0
+    decode = [i for i, p in enumerate(timer.samples["prefill"]) if not p]    # steps without a prefill chunk
+    med = {k: 1e3 * statistics.median([v[i] for i in decode if i < len(v)]) for k, v in timer.samples.items()
+           if k != "prefill"}
     known = sum(med.get(k, 0.0) for k in ("schedule", "dispatch", "device_after_dispatch", "collect"))
     print(f"profile_decode: {jax.devices()[0].device_kind} x{len(jax.devices())}, JAX {jax.__version__}, "
-          f"model {_RANDOM.value if not _MODEL.value else name}, mode {_MODE.value} {_SPLIT.value or ''}, "
-          f"{_REQUESTS.value} requests, prompt {_PROMPT.value}, {len(decode)} decode steps (median ms)")
+          f"models {names}, mode {_MODE.value} {_SPLIT.value or ''}, lanes up to "
+          f"{max(engine.registry.get(names[0]).menu.lane_counts)}, {_REQUESTS.value} requests per model, "
+          f"prompt {_PROMPT.value}, {len(timer.samples['step'])} steps, {dispatches} programs dispatched, "
+          f"{len(decode)} decode steps (median ms)")
     for k in ("step", "schedule", "dispatch", "device_after_dispatch", "collect"):
         print(f"  {k:24s} {med.get(k, float('nan')):8.3f}")
     print(f"  {'rest (engine bookkeeping)':24s} {med['step'] - known:8.3f}")

@@ -36,30 +36,35 @@ PROMPT_BLOCK = 128        # tokens whose logits [B, V] the prompt-logprobs varia
 
 
 def _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, backend):
+    """The layer's attention against the pool. The cache is the flat `[P, page_elems]` buffers,
+    viewed as this model's pages `[P, G, K, H]` only around the K/V write and the attention:
+    the layer scan carries the buffers in the layout they arrive in (carrying the views lets
+    XLA give a view with a size-1 dim (K = 1: MLA, one KV head) another layout than the
+    buffer's, and copy the whole pool in and out of every step)."""
     def attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, cache, **layer_options):
-        k_pages, v_pages = cache
+        k_buf, v_buf = cache
+        k_pages = page_view(k_buf, config.kv_cache_heads, config.kv_cache_head_dim)
+        v_pages = page_view(v_buf, config.kv_cache_heads, config.kv_cache_head_dim)
         k_pages, v_pages = write_kv(k_pages, v_pages, k_TKH, v_TKH, slots_LT[layer_idx])
         out = ragged_paged_attention(q_TNH, k_pages, v_pages, kv_lens_S, page_indices_LSP[layer_idx],
                                      cu_q_lens_S1, num_seqs_1, backend=backend,
                                      **{**models.attention_options(config), **layer_options})
-        return out, (k_pages, v_pages)
+        return out, (k_pages.reshape(k_buf.shape), v_pages.reshape(v_buf.shape))
     return attention_fn
 
 
 def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, positions_T, slots_LT,
                     page_indices_LSP, kv_lens_S, cu_q_lens_S1, num_seqs_1, logits_indices_S,
                     attention_backend, moe_backend, token_mask_T=None):
-    k_pages = page_view(k_buf, config.kv_cache_heads, config.kv_cache_head_dim)
-    v_pages = page_view(v_buf, config.kv_cache_heads, config.kv_cache_head_dim)
     attention_fn = _paged_attention_fn(config, slots_LT, page_indices_LSP, kv_lens_S, cu_q_lens_S1,
                                        num_seqs_1, attention_backend)
     if token_mask_T is None:          # the tokens of the step's sequences; the rest is padding
         token_mask_T = jnp.arange(token_ids_T.shape[0], dtype=jnp.int32) < cu_q_lens_S1[num_seqs_1[0]]
-    (k_pages, v_pages), hidden_TD = models.forward(kv_params, ffn_params, config, token_ids_T, positions_T,
-                                                   attention_fn, (k_pages, v_pages), moe_backend=moe_backend,
-                                                   token_mask_T=token_mask_T)
+    (k_buf, v_buf), hidden_TD = models.forward(kv_params, ffn_params, config, token_ids_T, positions_T,
+                                               attention_fn, (k_buf, v_buf), moe_backend=moe_backend,
+                                               token_mask_T=token_mask_T)
     logits_SV = models.compute_logits(kv_params, config, hidden_TD[logits_indices_S])
-    return k_pages.reshape(k_buf.shape), v_pages.reshape(v_buf.shape), logits_SV, hidden_TD
+    return k_buf, v_buf, logits_SV, hidden_TD
 
 
 def _prompt_scores(kv_params, config, hidden_TD, targets_T, num_logprobs: int) -> sampler_lib.TokenScores:

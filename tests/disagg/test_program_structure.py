@@ -7,7 +7,7 @@
   one decode loop and a layer scan per lane.
 - The split's step exchanges exactly max(n_kv, n_w) collective permutes per direction per stage.
 - The KV buffers (placed) and the arena (split) are parameters aliased to outputs: updated in
-  place.
+  place, and the placed step never copies them (whatever the page view's shape).
 """
 import re
 
@@ -70,6 +70,33 @@ def test_placed_ragged_step_has_no_conditional_and_donates_the_pool(num_logprobs
                              num_logprobs=num_logprobs, all_greedy=all_greedy, attention_backend="reference",
                              moe_backend="reference").compile().as_text()
     assert _conditionals(text) == 0          # sampling included: the variant is static, the filters branch-free
+    n_weights = len(jax.tree.leaves((kv, ffn)))
+    assert _aliased_params(text) == [n_weights, n_weights + 1]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_placed_ragged_step_never_copies_the_pool(kv_heads):
+    """The pool's buffers are carried through the layer scan in their own layout: with one KV
+    head (as MLA's one latent row), a page view's size-1 dim once let XLA give the carried view
+    another layout and copy each whole buffer in and out of every step."""
+    from crosspool_jax.models import ModelConfig, init_random_params
+    from disagg_tiny import QWEN3_MOE
+
+    config = ModelConfig.from_hf_dict(dict(QWEN3_MOE, num_key_value_heads=kv_heads))
+    kv, ffn = init_random_params(config, jax.random.key(0), jnp.float32)
+    pages = 8192                                          # 2 MiB per buffer: a copy would dwarf the rest
+    G = PAGE_ELEMS // config.kv_cache_row
+    k_buf = jnp.zeros((pages, PAGE_ELEMS), jnp.float32)
+    v_buf = jnp.zeros((pages, PAGE_ELEMS), jnp.float32)
+    x, _ = build_step_inputs([], shape=StepShape(16, 8, 4), num_layers=config.num_layers, tokens_per_page=G,
+                             num_pages=pages)
+    meta = smeta.build_sampling_metadata([], pad_rows_to=8)
+    counts, mask = smeta.build_token_history([], 8, config.vocab_size, length=16)
+    compiled = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedInt32.pack(x), meta, counts, mask, config=config,
+                                 num_logprobs=0, attention_backend="reference", moe_backend="reference").compile()
+    text = compiled.as_text()
+    assert not re.search(rf"= f32\[{pages},[^\n]*\bcopy\(", text)           # no copy of a pool-shaped array
+    assert compiled.memory_analysis().temp_size_in_bytes < k_buf.nbytes // 8
     n_weights = len(jax.tree.leaves((kv, ffn)))
     assert _aliased_params(text) == [n_weights, n_weights + 1]
 
