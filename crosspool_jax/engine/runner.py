@@ -1,11 +1,13 @@
-"""The runner: turns one model's scheduled chunks into one dispatched step program on one device.
+"""The runner: turns a model's scheduled chunks into a dispatched step program on one device.
 
 It builds the device inputs (`runtime/step_inputs.py`, `runtime/sampling_metadata.py`) padded
 to an entry of the model's shape menu (`runtime/shapes.py`), picks the program (`ragged_step`
 for mixed prefill/decode batches, `multi_decode` when every chunk is a decode that may run
 several tokens), dispatches it with the pool's buffers donated, and returns the sampled tokens
-per request. It counts the distinct programs it ran; `warm_up` runs every program of a
-menu once, so that serving compiles nothing.
+per request. The pure decodes of several models of one architecture go out as lanes of one
+`multi_decode` (`dispatch_lanes`: one program, one dispatch). It counts the distinct programs
+it ran and the programs it dispatched; `compile_jobs` compiles every program of a menu ahead,
+so that serving compiles nothing.
 
 A `StepRunner` serves one KV device of the pool (`device_index`): its chunks' page tables
 hold that device's local page ids (`placed_runner.PlacedRunner` maps the engine's global ids
