@@ -1,13 +1,55 @@
-"""Test setup shared by the whole suite: 8 simulated CPU devices, float32 matmuls at full precision.
+"""Test setup shared by the whole suite: 8 simulated CPU devices, float32 matmuls at full precision,
+CPU code generated without LLVM's optimisations, and one JAX persistent compilation cache for the run.
 
 Set CROSSPOOL_TEST_ON_GPU=1 to let JAX pick the GPU (the device machine's GPU test run).
+
+XLA compile time dominates the suite on CPU (a tiny model's step program takes seconds).
+`--xla_backend_optimization_level=0` (CPU runs only) leaves XLA's HLO passes as they are (the
+optimised HLO, buffer assignment, aliasing and loop structure the tests read are the same) and
+skips LLVM's optimisation of the generated machine code: a step program compiles in about 40% of
+the time, and the tiny programs run no slower that the suite notices. Subprocesses inherit it with
+the device count.
+
+The cache: a fresh temporary folder per run, shared by the xdist workers (the controller makes it
+and the workers inherit its path; it is removed when the run ends). A program one worker compiled
+(the same HLO, options and devices) is read back by the other, and by any later engine of equal
+shapes, instead of compiled again: CPU compile time dominates the engine and server tests. Cache hits
+still count in `runtime.compiles.compile_counter` (JAX reports them as compiles), so the "nothing
+compiles after warm-up" checks mean what they meant. Subprocesses (the CLI and server binaries) do
+not read it: they run as a user's process would.
 """
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-if not os.environ.get("CROSSPOOL_TEST_ON_GPU"):
+if os.environ.get("CROSSPOOL_TEST_ON_GPU"):
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+else:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+_CACHE_ENV = "CROSSPOOL_TEST_JAX_CACHE"
+_OWNED_CACHE = []
+
+
+def pytest_configure(config):
+    """Before the first compile (and before xdist starts its workers): point JAX at the run's cache."""
+    folder = os.environ.get(_CACHE_ENV)
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="crosspool-tests-jax-cache-")
+        os.environ[_CACHE_ENV] = folder            # inherited by the xdist workers
+        _OWNED_CACHE.append(folder)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    for folder in _OWNED_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+    if _OWNED_CACHE:
+        os.environ.pop(_CACHE_ENV, None)

@@ -25,8 +25,11 @@ from crosspool_jax.server import AsyncEngine, ServerConfig, ServerMetrics, build
 from server_live import LiveServer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# max_model_len 64: a fuzzed body without max_tokens (or with a large one that fits) generates up
+# to the model's context, sampled until EOS; 64 tokens keep such a body at seconds, where the
+# shipped models' own context made it thousands of one-token steps (minutes, near the 300 s limit)
 ENGINE_OPTIONS = dict(dtype="float32", kv_pool_bytes=8 << 20, max_num_seqs=4,
-                      max_num_batched_tokens=32, max_decode_steps=1)
+                      max_num_batched_tokens=32, max_decode_steps=1, max_model_len=64)
 MODEL = "mixtral-tiny"
 NEIGHBOUR = {"model": MODEL, "prompt": [11, 12, 13, 14], "max_tokens": 6, "temperature": 0.0,
              "ignore_eos": True, "stream": True, "return_token_ids": True}
