@@ -28,14 +28,14 @@ def _ids(out):
 def test_step_failure_of_one_request_fails_it_alone(llm, monkeypatch):
     prompts = [[5, 6, 7], [9, 10, 11, 12], [13, 14]]
     want = [_ids(o) for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    dispatch = llm.engine.runner.dispatch
+    dispatch_all = llm.engine.runner.dispatch_all              # the engine's entry into the runner
 
-    def poisoned(step):
-        if any(c.request.prompt_token_ids == [9, 10, 11, 12] for c in step.chunks):
+    def poisoned(steps):
+        if any(c.request.prompt_token_ids == [9, 10, 11, 12] for step in steps for c in step.chunks):
             raise OverflowError("poisoned request")
-        return dispatch(step)
+        return dispatch_all(steps)
 
-    monkeypatch.setattr(llm.engine.runner, "dispatch", poisoned)
+    monkeypatch.setattr(llm.engine.runner, "dispatch_all", poisoned)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert outs[1].error is not None and "OverflowError: poisoned request" in outs[1].error
     assert outs[1].outputs[0].finish_reason == "error"

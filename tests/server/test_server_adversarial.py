@@ -158,14 +158,14 @@ def test_adversarial_request_fails_alone(served, neighbour_ids, case):
 
 
 def test_failure_inside_the_step_fails_that_request_alone(served, engine, neighbour_ids, monkeypatch):
-    dispatch = engine.runner.dispatch
+    dispatch_all = engine.runner.dispatch_all              # the engine's entry into the runner
 
-    def poisoned(step):
-        if any(c.request.prompt_token_ids == [66, 77, 88] for c in step.chunks):
+    def poisoned(steps):
+        if any(c.request.prompt_token_ids == [66, 77, 88] for step in steps for c in step.chunks):
             raise OverflowError("poisoned request")
-        return dispatch(step)
+        return dispatch_all(steps)
 
-    monkeypatch.setattr(engine.runner, "dispatch", poisoned)
+    monkeypatch.setattr(engine.runner, "dispatch_all", poisoned)
     got = {}
     neighbour = threading.Thread(target=lambda: got.update(ids=_stream_ids(served.url)))
     neighbour.start()
