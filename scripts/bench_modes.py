@@ -73,10 +73,10 @@ def engine_options(mode: str, n: int, n_kv: int, budget: int, sizes: dict) -> di
     static/shared: the models are spread over the devices by the engine's placement (greedy by
     bytes); each device's weights and attention pools get what its share of the models needs
     (the largest models, as many as the busiest device holds), capped together at 3/4 of the
-    device, and the rest is KV. crosspool: the weight devices' whole budget holds expert
-    slots; the KV devices hold attention slots for every model (capped at 1/4 of a device;
-    a slot is the largest model's size, as disagg/residency.py lays them out) and KV pages
-    in the rest.
+    device, and the rest is KV. crosspool: every device's arena row is the whole budget
+    (`arena_bytes`): the weight devices hold every model's expert shards, each model's
+    attention side sits on one KV device (its home), and every device's memory beyond that
+    is KV pages, weight devices included (disagg/layout.py).
     """
     attn = sorted((a for a, _ in sizes.values()), reverse=True)
     ffn = sorted((f for _, f in sizes.values()), reverse=True)
@@ -89,12 +89,7 @@ def engine_options(mode: str, n: int, n_kv: int, budget: int, sizes: dict) -> di
         return dict(mode=mode, kv_devices=n, weight_devices=n,
                     kv_pool_bytes=n * (budget - ffn_budget - attn_budget),
                     weights_pool_bytes=ffn_budget, attention_pool_bytes=attn_budget)
-    n_w = n - n_kv
-    slot = int(attn[0] * 1.02) + (1 << 20)                     # a slot: the largest side, aligned
-    attention = max(min(len(sizes) * slot * n_kv, n_kv * budget // 4), slot * n_kv)
-    return dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w,
-                kv_pool_bytes=n_kv * budget - attention,
-                weights_pool_bytes=max(n_w * budget, ffn[0]), attention_pool_bytes=attention)
+    return dict(mode="crosspool", kv_devices=n_kv, weight_devices=n - n_kv, arena_bytes=budget)
 
 
 def _prompts(llm, names, per_model, prompt_len, seed):

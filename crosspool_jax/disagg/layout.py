@@ -103,8 +103,10 @@ class ArenaLayout:
     tokens_per_page: int          # G for this model's K*H
     ep: int                       # expert-parallel groups
     tp: int                       # tensor-parallel ways inside a group (over F)
-    kv_slots: tuple               # Slot, ... of a KV device's row
+    kv_slots: tuple               # Slot, ... of a KV device's row (this model's: valid on its homes)
     w_slots: tuple                # Slot, ... of a weight device's row
+    device_pages: tuple = ()      # usable pages of each device (n_kv + n_w); () = pages_per_device on KV devices
+    homes: tuple = ()             # KV device indices holding this model's attention side; () = all of them
 
     def __post_init__(self):
         if self.n_kv < 1 or self.n_w < 1:
@@ -112,6 +114,16 @@ class ArenaLayout:
         if len(self.device_ids) != self.n_kv + self.n_w:
             raise ValueError(f"ArenaLayout.device_ids has {len(self.device_ids)} ids, "
                              f"expected n_kv + n_w = {self.n_kv + self.n_w}")
+        if not self.device_pages:
+            object.__setattr__(self, "device_pages", (self.pages_per_device,) * self.n_kv + (0,) * self.n_w)
+        if not self.homes:
+            object.__setattr__(self, "homes", tuple(range(self.n_kv)))
+        if len(self.device_pages) != self.n_kv + self.n_w or not all(
+                0 <= p <= self.pages_per_device for p in self.device_pages):
+            raise ValueError(f"ArenaLayout.device_pages {self.device_pages} must give each of the "
+                             f"{self.n_kv + self.n_w} devices 0..pages_per_device={self.pages_per_device} pages")
+        if not self.homes or not all(0 <= k < self.n_kv for k in self.homes):
+            raise ValueError(f"ArenaLayout.homes {self.homes} must be KV device indices in [0, {self.n_kv})")
         if self.ep * self.tp != self.n_w:
             raise ValueError(f"ArenaLayout: ep * tp = {self.ep} * {self.tp} must equal n_w = {self.n_w}")
         for role, slots in (("kv", self.kv_slots), ("w", self.w_slots)):
@@ -250,6 +262,7 @@ def _align(n: int, a: int = _ALIGN) -> int:
 
 
 EXPERT_STACKS = ("moe/w1_LEDF2", "moe/w2_LEFD")     # read by the grouped matmuls in place
+ROUTING_LEAVES = ("norm_LD", "router_LDE")           # an FFN layer's input norm and router: KV rows
 
 
 def _entry_align(name: str, shape) -> int:
@@ -280,8 +293,10 @@ def expert_split(num_experts: int, n_w: int) -> tuple[int, int]:
 def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]:
     """(attention-side entries, weight-row entries, ep, tp) of one model; raises for models the
     disaggregated step does not support. Weight rows: the MoE layers' leaves ("moe/...",
-    experts split by `expert_split`) and the dense layers' ("dense/...", F split over all n_w);
-    ep, tp = (1, n_w) for a model without MoE layers."""
+    experts split by `expert_split`) and the dense layers' ("dense/...", F split over all n_w)
+    but their input norms and routers (ROUTING_LEAVES), which sit with the attention side: the
+    KV device computes the FFN's input (`models.ffn_input`) and sends it; ep, tp = (1, n_w)
+    for a model without MoE layers."""
     c = config
     kv_shapes, ffn_shapes = param_shapes(c)
     kv_entries = []
@@ -300,18 +315,23 @@ def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]
         local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
         if Fs:
             local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
-        w_entries += [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()]
+        w_entries += [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()
+                      if leaf not in ROUTING_LEAVES]
     if "dense" in ffn_shapes:
         F, Ld = c.intermediate_size, c.num_layers_of_kind("dense")
         if F % n_w:
             raise ValueError(f"intermediate_size F={F} of the dense FFN layers must be divisible by the "
                              f"weight devices n_w={n_w} (split tensor-parallel over F)")
         local = {"w1_LDF2": (Ld, D, 2 * F // n_w), "w2_LFD": (Ld, F // n_w, D)}
-        w_entries += [(f"dense/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["dense"].items()]
+        w_entries += [(f"dense/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["dense"].items()
+                      if leaf not in ROUTING_LEAVES]
+    for kind in ("moe", "dense"):          # the FFN's input norm and router: on the KV side, once
+        kv_entries += [(f"{kind}/{leaf}", shape) for leaf, shape in ffn_shapes.get(kind, {}).items()
+                       if leaf in ROUTING_LEAVES]
     return kv_entries, w_entries, ep, tp
 
 
-def _check_split(n_kv, n_w, pages_per_device, devices) -> None:
+def _check_split(n_kv, n_w, pages_per_device, row_elems, devices) -> None:
     for name, n in (("n_kv", n_kv), ("n_w", n_w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive device count (each role needs at least one "
@@ -319,53 +339,57 @@ def _check_split(n_kv, n_w, pages_per_device, devices) -> None:
     if n_kv + n_w > len(devices):
         raise ValueError(f"split n_kv={n_kv} + n_w={n_w} = {n_kv + n_w} devices, but only "
                          f"{len(devices)} device(s) exist")
-    if pages_per_device < 1:
+    if (pages_per_device is None) == (row_elems is None):
+        raise ValueError("give exactly one of pages_per_device (the least pages of a KV device) and "
+                         "row_elems (the arena row's length)")
+    if pages_per_device is not None and pages_per_device < 1:
         raise ValueError(f"pages_per_device must be >= 1, got {pages_per_device}")
-
-
-def _page_slots(pages_per_device: int, page_elems: int, align: int) -> tuple:
-    """pages/k_PX at offset 0, pages/v_PX right after, on a page boundary (offsets multiples of
-    every model's K*H and of page_elems: the kernels view the whole row as pages)."""
-    shape = (pages_per_device, page_elems)
-    v_offset = _align(pages_per_device * page_elems, math.lcm(align, page_elems))
-    return (Slot("pages/k_PX", 0, shape), Slot("pages/v_PX", v_offset, shape))
 
 
 def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: int,
                 page_elems: Optional[int] = None, dtype="float32",
                 devices: Optional[Sequence[jax.Device]] = None) -> ArenaLayout:
-    """Lay out one model's arena for a split of `n_kv` KV devices and `n_w` weight devices.
+    """Lay out one model's arena for a split of `n_kv` KV devices and `n_w` weight devices, its
+    attention side on every KV device (each can home its sequences).
 
     devices: the pool to take them from (default `jax.devices()`): the first n_kv become the
     KV pool, the next n_w the weights pool. page_elems defaults to the pool's choice for this
     model's K*H (`kv.pool.choose_page_elems`).
     """
     multi = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, pages_per_device=pages_per_device,
-                              page_elems=page_elems, dtype=dtype, devices=devices)
+                              page_elems=page_elems, dtype=dtype, devices=devices, replicate_attention=True)
     return multi.model("")
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiArenaLayout:
-    """The arena of several models: ONE shared pages region in every KV row, then each model's
-    attention side (slots "<model>/embed/...", "<model>/attn/...", "<model>/final/..."); each
-    weight row holds every model's FFN shards ("<model>/moe/...", "<model>/dense/..."). `model(name)` is that
-    model's view: an `ArenaLayout` over the same rows whose slots are the shared pages and the
-    model's own slots with the prefix dropped, so one step program per model reads only its slots.
-    A role with a `Region` (kv_region: attention sides, w_region: FFN shards) holds only
-    `num_slots` models at a time and every model's view sits in its slot 0 (see `bind`).
+    """The arena of several models. Every row is two halves of `half_elems`; a device's pages
+    fill each half from its start (K pages in the first half, V pages in the second, local page
+    l at the same place in both) and its content fills each half from its end (`depths[d]`: how
+    deep the content reaches into each half). KV rows hold the attention sides homed there
+    ("<model>/embed/...", "<model>/attn/...", "<model>/final/..."), weight rows every model's FFN
+    shards ("<model>/moe/...", "<model>/dense/..."), the same on every weight row. `model(name)`
+    is that model's view: an `ArenaLayout` over the same rows whose slots are the pages and the
+    model's own slots with the prefix dropped, so one step program per model reads only its
+    slots. A role with a `Region` (kv_region: attention sides, w_region: FFN shards) holds only
+    `num_slots` models at a time, at the same offsets on every row of the role, and every
+    model's view sits in its slot 0 (see `bind`).
     """
 
     models: tuple                 # ((name, ArenaLayout), ...) in registration order
-    kv_region: Optional[Region] = None     # None: every model's attention side packed, resident
+    kv_region: Optional[Region] = None     # None: every model's attention side on its homes, resident
     w_region: Optional[Region] = None      # None: every model's FFN shards packed, resident
+    depths: tuple = ()            # per device (depth in half 0, depth in half 1): elements of content
+    content: tuple = ()           # per device: elements of tensors (or regions) placed there
+    extents: tuple = ()           # ((name, attention side elements, one weight row's FFN elements), ...)
 
     def __post_init__(self):
         if not self.models:
             raise ValueError("MultiArenaLayout.models must name at least one model")
         first = self.models[0][1]
         for name, lay in self.models:
-            for field in ("n_kv", "n_w", "device_ids", "arena_elems", "dtype", "pages_per_device", "page_elems"):
+            for field in ("n_kv", "n_w", "device_ids", "arena_elems", "dtype", "pages_per_device", "page_elems",
+                          "device_pages"):
                 if getattr(lay, field) != getattr(first, field):
                     raise ValueError(f"MultiArenaLayout: model {name!r} has {field}={getattr(lay, field)!r}, "
                                      f"the arena has {getattr(first, field)!r}")
@@ -391,23 +415,36 @@ class MultiArenaLayout:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         return self.kv_region if role == "kv" else self.w_region
 
-    def used_elems(self, role: str) -> int:
-        """End of the role's content in its rows (the region's end when budgeted)."""
-        region = self.region(role)
-        if region is not None:
-            return region.end
-        return max(lay.used_elems(role) for _, lay in self.models)
-
     def region_elems(self, name: str, role: str) -> int:
-        """Elements of one model's own slots in a role, from the start of its region (or first slot)."""
-        slots = [s for s in self.model(name).slots(role) if not s.name.startswith("pages/")]
-        start = min(s.offset for s in slots)
-        return _align(max(s.offset + s.size for s in slots) - start)
+        """Elements of one model's own slots in a role ("kv": its attention side, "w": one weight
+        row's FFN shards), packed from an aligned start: what a budgeted slot must hold."""
+        for n, kv, w in self.extents:
+            if n == name:
+                return kv if role == "kv" else w
+        raise ValueError(f"the arena holds no model named {name!r}; it holds {self.names}")
+
+    def homes(self, name: str) -> tuple:
+        """The KV devices holding the model's attention side: where its sequences start."""
+        return self.model(name).homes
+
+    @property
+    def half_elems(self) -> int:
+        return self.arena_elems // 2
+
+    def content_spans(self, device: int) -> list[tuple]:
+        """[(lo, hi), ...]: where row `device`'s content (weights, attention sides, regions) lies."""
+        H = self.half_elems
+        return [((h + 1) * H - depth, (h + 1) * H) for h, depth in enumerate(self.depths[device]) if depth]
+
+    def unused_elems(self, device: int) -> int:
+        """Elements of row `device` holding neither content nor a usable page (alignment, the
+        two halves' content depths differing, the last part-page of each half)."""
+        return self.arena_elems - self.content[device] - 2 * self.device_pages[device] * self.first.page_elems
 
     @property
     def first(self) -> ArenaLayout:
         """Any model's view: the fields shared by all (n_kv, n_w, device_ids, arena_elems, dtype,
-        pages_per_device, page_elems, mesh(), sharding())."""
+        pages_per_device, page_elems, device_pages, mesh(), sharding())."""
         return self.models[0][1]
 
     @property
@@ -428,7 +465,12 @@ class MultiArenaLayout:
 
     @property
     def pages_per_device(self) -> int:
+        """Page ids per device (the address space of a half; `device_pages` are usable)."""
         return self.first.pages_per_device
+
+    @property
+    def device_pages(self) -> tuple:
+        return self.first.device_pages
 
 
 def _extent(entries: Sequence[tuple]) -> int:
@@ -437,10 +479,10 @@ def _extent(entries: Sequence[tuple]) -> int:
     return _align(last.offset + last.size)
 
 
-def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: int, start: int,
+def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: int,
                    what: str, unit: int = _ALIGN) -> Optional[Region]:
-    """The role's Region for a byte budget over its n_rows devices (None: no budget); slots are
-    multiples of `unit` (the role's alignments)."""
+    """The role's Region (start 0: placed later) for a byte budget over its n_rows devices (None:
+    no budget); slots are multiples of `unit` (the role's alignments)."""
     if budget is None:
         return None
     if not isinstance(budget, (int, np.integer)) or budget < 0:
@@ -451,7 +493,7 @@ def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: in
     if budget < slot_bytes:
         raise ValueError(f"{option}={budget} is smaller than the largest model's {what}: model {biggest!r} "
                          f"needs {slot_bytes} bytes ({slot_elems * itemsize} on each of {n_rows} devices)")
-    return Region(start, slot_elems, min(len(extents), int(budget) // slot_bytes))
+    return Region(0, slot_elems, min(len(extents), int(budget) // slot_bytes))
 
 
 def _split_unsupported(c) -> Optional[str]:
@@ -466,24 +508,55 @@ def _split_unsupported(c) -> Optional[str]:
     return None
 
 
-def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, page_elems: Optional[int] = None,
-                      dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
+def _pack_halves(blocks: Sequence[tuple]) -> tuple[dict, list]:
+    """Place blocks (name, elems, alignment) from the ends of a row's two halves downwards, each
+    (largest first) into the half holding less so far, so both halves' content reaches about
+    equally deep and the pages below it, equal in both, leave little unused. Returns ({name:
+    (half, depth of its start below the half's end)}, [depth of half 0, depth of half 1]); the
+    half length must be a multiple of every alignment."""
+    where, depth = {}, [0, 0]
+    for name, elems, alignment in sorted(blocks, key=lambda b: -b[1]):
+        h = 0 if depth[0] <= depth[1] else 1
+        depth[h] = _align(depth[h] + elems, alignment)
+        where[name] = (h, depth[h])
+    return where, depth
+
+
+def _assign_homes(kv_extents: dict, n_kv: int) -> dict:
+    """name -> (KV device,): each model's attention side on ONE KV device, largest first onto
+    the device holding the fewest elements so far (lowest index on ties)."""
+    load, homes = [0] * n_kv, {}
+    for name in sorted(kv_extents, key=lambda n: -kv_extents[n]):
+        k = min(range(n_kv), key=lambda i: (load[i], i))
+        homes[name] = (k,)
+        load[k] += kv_extents[name]
+    return {name: homes[name] for name in kv_extents}
+
+
+def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optional[int] = None,
+                      page_elems: Optional[int] = None, dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
                       attention_pool_bytes: Optional[int] = None, weights_pool_bytes: Optional[int] = None,
-                      fill_pages: bool = False, max_pages_per_device: Optional[int] = None) -> MultiArenaLayout:
+                      row_elems: Optional[int] = None, max_pages_per_device: Optional[int] = None,
+                      replicate_attention: bool = False) -> MultiArenaLayout:
     """Lay out several models (name -> ModelConfig) in one arena over n_kv + n_w devices.
 
-    page_elems defaults to `kv.pool.choose_page_elems` over every model's K*H (the engine's
-    choice). Raises ValueError naming the model for one the disaggregated step cannot run.
+    The row's length: `row_elems` (the device's memory for the arena, rounded down to the
+    row's alignment), or the shortest row giving every KV device at least `pages_per_device`
+    pages (exactly one of the two). Every device's memory beyond its content is pages
+    (`device_pages`), weight devices included: a request spilling off its home attends there
+    sequence-sharded. page_elems defaults to `kv.pool.choose_page_elems` over every model's
+    K*H (the engine's choice). Raises ValueError naming the model for one the disaggregated
+    step cannot run, and for a row too short for the content (or for one block on a KV device).
+
+    Attention sides: each model's on ONE KV device (`homes`, balanced by size), where its
+    sequences start; `replicate_attention` puts every model's on every KV device instead.
     attention_pool_bytes / weights_pool_bytes: budgets (device bytes over the role's devices)
-    of the KV rows' attention region and the weight rows' FFN region; None packs every
-    model there (all resident). The budget is exact: a weight row shorter than the KV rows
-    keeps its tail unused rather than growing the region (else any budget below the KV rows'
-    size would be no budget at all). fill_pages: when the weight rows are the longer role,
-    give the KV rows' spare tail to more pages (pages_per_device grows; the engine does), up to
-    max_pages_per_device when given (the attention kernel's addressing limit).
+    of a `Region` of slots for the attention sides (replicated on every KV device: any KV
+    device homes any model) and for the FFN shards; None packs every model (all resident).
+    max_pages_per_device caps each device's usable pages (the attention kernel's addressing).
     """
     devices = list(jax.devices() if devices is None else devices)
-    _check_split(n_kv, n_w, pages_per_device, devices)
+    _check_split(n_kv, n_w, pages_per_device, row_elems, devices)
     if not configs:
         raise ValueError("make_multi_layout: no models given")
     kv_rows = [c.kv_size for c in configs.values()]
@@ -501,76 +574,77 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
             if not name:                       # make_layout's single unnamed model
                 raise
             raise ValueError(f"model {name!r} cannot run on the disaggregated step: {e}") from None
-    align = math.lcm(_ALIGN, *kv_rows)
     w_unit = _role_unit([e for _, w_entries, _, _ in entries.values() for e in w_entries])
     itemsize = jnp.dtype(dtype).itemsize
+    extents = {n: (_extent(e[0]), _extent(e[1])) for n, e in entries.items()}
     kv_region = _budget_region(attention_pool_bytes, "attention_pool_bytes",
-                               {n: _extent(e[0]) for n, e in entries.items()}, n_kv, itemsize, 0,
+                               {n: x[0] for n, x in extents.items()}, n_kv, itemsize,
                                "attention side (replicated on every KV device)")
-    w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes",
-                              {n: _extent(e[1]) for n, e in entries.items()}, n_w, itemsize, 0,
-                              "FFN shards over the weight devices", unit=w_unit)
-    row_unit = math.lcm(align, page_elems, w_unit)      # the kernels' whole-row views divide the row
-    multi = _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
-                     kv_region, w_region, row_unit=row_unit)
-    if fill_pages:
-        more = _pages_that_fit(multi, page_elems, align)
-        if max_pages_per_device is not None:
-            more = min(more, max_pages_per_device)
-        if more > pages_per_device:
-            multi = _lay_out(configs, entries, n_kv, n_w, more, page_elems, dtype, devices, align, kv_region,
-                             w_region, arena_elems=multi.arena_elems)
-    return multi
-
-
-def _kv_region_start(pages_per_device: int, page_elems: int, align: int) -> int:
-    v = _page_slots(pages_per_device, page_elems, align)[1]
-    return _align(v.offset + v.size)
-
-
-def _pages_that_fit(multi: MultiArenaLayout, page_elems: int, align: int) -> int:
-    """The most pages per KV device whose rows still fit the arena (same attention region)."""
-    first = multi.first
-    own = _kv_region_start(first.pages_per_device, page_elems, align)
-    tail = multi.used_elems("kv") - own          # the attention side(s) after the pages
-    pages = max(first.pages_per_device, (first.arena_elems - tail) // (2 * page_elems))
-    while pages > first.pages_per_device and _kv_region_start(pages, page_elems, align) + tail > first.arena_elems:
-        pages -= 1
-    return pages
-
-
-def _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
-             kv_region, w_region, arena_elems=None, row_unit=None) -> MultiArenaLayout:
-    pages = _page_slots(pages_per_device, page_elems, align)
-    kv_start = _kv_region_start(pages_per_device, page_elems, align)
-    if kv_region is not None:
-        kv_region = dataclasses.replace(kv_region, start=kv_start)
+    w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes", {n: x[1] for n, x in extents.items()},
+                              n_w, itemsize, "FFN shards over the weight devices", unit=w_unit)
+    # the kernels view the whole row as pages and as expert rows, and the V pages start at the half
+    row_unit = math.lcm(_ALIGN, *kv_rows, page_elems, w_unit)
     prefix = {name: f"{name}/" if name else "" for name in configs}
+    if kv_region is not None or replicate_attention:
+        homes = {name: tuple(range(n_kv)) for name in configs}
+    else:
+        homes = _assign_homes({n: x[0] for n, x in extents.items()}, n_kv)
 
-    def own_slots(role_index, start, region):
-        """name -> that model's own slots (prefix dropped): packed after one another, or each
-        model from the region's start (its slot 0)."""
+    def role_blocks(role_index, region, names):
         if region is not None:
-            return {n: _pack(e[role_index], region.start) for n, e in entries.items()}
-        packed = _pack([(prefix[n] + k, shape) for n, e in entries.items() for k, shape in e[role_index]], start)
-        out = {}
-        for n, e in entries.items():
-            names = {prefix[n] + k for k, _ in e[role_index]}
-            out[n] = tuple(Slot(s.name[len(prefix[n]):], s.offset, s.shape) for s in packed if s.name in names)
-        return out
+            return [("<region>", region.num_slots * region.slot_elems,
+                     w_unit if role_index else _ALIGN)]
+        return [(prefix[n] + k, int(np.prod(shape, dtype=np.int64)), _entry_align(k, shape))
+                for n in names for k, shape in entries[n][role_index]]
 
-    kv_own, w_own = own_slots(0, kv_start, kv_region), own_slots(1, 0, w_region)
-    used_kv = kv_region.end if kv_region else max(s.offset + s.size for v in kv_own.values() for s in v)
-    used_w = w_region.end if w_region else max(s.offset + s.size for v in w_own.values() for s in v)
-    if arena_elems is None:
-        arena_elems = _align(max(used_kv, used_w), row_unit or align)
+    kv_packing = [_pack_halves(role_blocks(0, kv_region, [n for n in configs if k in homes[n]]))
+                  for k in range(n_kv)]
+    w_packing = _pack_halves(role_blocks(1, w_region, list(configs)))
+    depths = [max(depth) for _, depth in kv_packing] + [max(w_packing[1])] * n_w
+    most_layers = max(c.num_layers for c in configs.values())
+    if row_elems is None:
+        half = _align(max(max(depths[:n_kv]) + pages_per_device * page_elems, max(depths)), row_unit)
+    else:
+        half = int(row_elems) // (2 * row_unit) * row_unit
+        need = max(depths[:n_kv]) + most_layers * page_elems
+        if half < need:
+            raise ValueError(f"an arena row of {row_elems} elements is too short: a KV device's half row needs "
+                             f"{need} (its attention sides and one block of {most_layers} pages), "
+                             f"the row gives {half}")
+        if half < max(depths):
+            raise ValueError(f"an arena row of {row_elems} elements is too short for the weight devices' FFN "
+                             f"shards ({2 * max(depths)} elements)")
+    device_pages = tuple(min((half - d) // page_elems, max_pages_per_device or half) for d in depths)
+    arena_elems, P = 2 * half, half // page_elems
+    pages = (Slot("pages/k_PX", 0, (P, page_elems)), Slot("pages/v_PX", half, (P, page_elems)))
+
+    def offset(packing, name):
+        h, depth = packing[0][name]
+        return (h + 1) * half - depth
+
+    if kv_region is not None:
+        kv_region = dataclasses.replace(kv_region, start=offset(kv_packing[0], "<region>"))
+    if w_region is not None:
+        w_region = dataclasses.replace(w_region, start=offset(w_packing, "<region>"))
+
+    def own_slots(name, role_index, region, packing):
+        if region is not None:
+            return _pack(entries[name][role_index], region.start)
+        return tuple(Slot(k, offset(packing, prefix[name] + k), tuple(int(x) for x in shape))
+                     for k, shape in entries[name][role_index])
+
+    content = ([sum(b[1] for b in role_blocks(0, kv_region, [n for n in configs if k in homes[n]]))
+                for k in range(n_kv)] + [sum(b[1] for b in role_blocks(1, w_region, list(configs)))] * n_w)
     device_ids = tuple(d.id for d in devices[:n_kv + n_w])
     views = []
     for name, (_, _, ep, tp) in entries.items():
         c = configs[name]
         views.append((name, ArenaLayout(
             n_kv=int(n_kv), n_w=int(n_w), device_ids=device_ids, arena_elems=arena_elems,
-            dtype=jnp.dtype(dtype).name, pages_per_device=pages_per_device, page_elems=page_elems,
+            dtype=jnp.dtype(dtype).name, pages_per_device=P, page_elems=page_elems,
             tokens_per_page=tokens_per_page(page_elems, c.num_kv_heads, c.head_dim), ep=ep, tp=tp,
-            kv_slots=pages + kv_own[name], w_slots=w_own[name])))
-    return MultiArenaLayout(tuple(views), kv_region, w_region)
+            kv_slots=pages + own_slots(name, 0, kv_region, kv_packing[homes[name][0]]),
+            w_slots=own_slots(name, 1, w_region, w_packing), device_pages=device_pages, homes=homes[name])))
+    all_depths = tuple(tuple(depth) for _, depth in kv_packing) + (tuple(w_packing[1]),) * n_w
+    return MultiArenaLayout(tuple(views), kv_region, w_region, all_depths, tuple(content),
+                            tuple((n, kv, w) for n, (kv, w) in extents.items()))

@@ -27,8 +27,9 @@ def no_exchange(layout, d, Tm: int, D: int):
     import jax.numpy as jnp
     n_kv = layout.n_kv
 
-    def to_weights(h_TD):              # this device's own rows, as if every KV device had sent them
-        return jnp.broadcast_to(h_TD[None], (n_kv, Tm, D)).reshape(n_kv * Tm, D)
+    def to_weights(h_TX):              # this device's own rows, as if every KV device had sent them
+        X = h_TX.shape[-1]
+        return jnp.broadcast_to(h_TX[None], (n_kv, Tm, X)).reshape(n_kv * Tm, X)
 
     def to_kv(y_TD):
         return y_TD.reshape(n_kv, Tm, D)[0]
