@@ -95,15 +95,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _role_leaves(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: str) -> list[dict]:
-    """The flat leaves each row of a role stores: the attention side (the same dict for every KV
-    row) or weight device j's FFN shards (MoE and dense stacks)."""
-    if role == "kv":
-        routing = {kind: {k: v for k, v in stack.items() if k in ROUTING_LEAVES} for kind, stack in ffn_params.items()}
-        return [_flat({**{k: kv_params[k] for k in ("embed", "attn", "final")}, **routing})] * layout.n_kv
+    """The flat leaves each row of a role stores: the attention side with the FFN stacks' input
+    norms and routers (the same dict for every KV row) or weight device j's FFN shards (MoE and
+    dense stacks)."""
     kinds = sorted({s.name.split("/", 1)[0] for s in layout.w_slots})
     if sorted(ffn_params) != kinds:
         raise ValueError(f"build_arena: ffn_params must hold the stacks {kinds} of the layout, "
                          f"got {sorted(ffn_params)}")
+    if role == "kv":                 # the attention side and each FFN stack's input norm and router
+        routing = {kind: {k: v for k, v in stack.items() if k in ROUTING_LEAVES} for kind, stack in ffn_params.items()}
+        return [_flat({**{k: kv_params[k] for k in ("embed", "attn", "final")}, **routing})] * layout.n_kv
     host = {kind: {k: np.asarray(v) for k, v in ffn_params[kind].items()} for kind in kinds}
     shard = {"moe": weight_device_leaves, "dense": dense_device_leaves}
     return [_flat({kind: shard[kind](host[kind], layout, j) for kind in kinds}) for j in range(layout.n_w)]

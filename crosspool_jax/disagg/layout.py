@@ -2,17 +2,29 @@
 
 Every device of the CrossPool mesh (one axis, "dev") holds ONE row of the arena, a global
 array `[num_devices, arena_elems]` of one dtype sharded over "dev". The first `n_kv`
-devices are the KV pool, the next `n_w` the weights pool (a static role table). A row's
-contents depend on its device's role:
+devices are the KV pool, the next `n_w` the weights pool (a static role table). Every row is
+two halves of `arena_elems / 2`: a device's pages fill each half from its start (local page
+l's K at l * page_elems in the first half, its V at the same place in the second) and its
+content fills each half from its end, the largest blocks first into the half holding less,
+so both halves' content reaches about as deep and the pages under it are the row's memory
+beyond the content (`device_pages[d]`; every device has its own count, weight devices too):
 
-    KV device row:      pages/k_PX | pages/v_PX | embed/... | attn/... (all L) | final/...
-    weight device row:  moe/norm_LD | moe/router_LDE | moe/w1_LEDF2 (local shard) | moe/w2_LEFD ...
-                        | dense/norm_LD | dense/w1_LDF2 (local shard) | dense/w2_LFD (local shard)
+    KV device row:      K pages ... | its content, half 1 || V pages ... | its content, half 2
+    content:            the attention sides homed there (embed/..., attn/... (all L), final/...,
+                        and the FFN layers' input norms and routers moe/norm_LD, moe/router_LDE,
+                        dense/norm_LD), or a budgeted attention `Region`
+    weight device row:  the same halves; content: every model's FFN shards moe/w1_LEDF2 (local
+                        shard), moe/w2_LEFD, ..., dense/w1_LDF2, dense/w2_LFD, or a `Region`
 
-so nothing is stored twice except the (small) attention side, replicated on each KV device,
-and the routers and FFN norms, replicated on each weight device. A model's MoE layers and
-dense layers (`config.ffn_kind(l)`) are two stacks, each in its own slots. `arena_elems` is
-the max of the two roles' sizes (a KV device's row is mostly KV pages).
+so nothing is stored twice: each model's attention side (with its FFN norms and routers: the
+KV device computes the FFN's input and sends it with the hidden state) sits on ONE KV device,
+its home, where its requests start (`homes`; `replicate_attention` or a budgeted attention
+region puts every model's on every KV device), and the FFN shards partition the experts. A
+sequence starts on a home and may spill onto any device's pages, weight devices' included
+(the step then attends sequence-sharded). The KV and V page offsets are the same on every
+device (the kernels take them static); only the count of usable local ids differs, which
+the page allocator knows (`kv.allocator.PageAllocator(device_pages=)`). A model's MoE layers
+and dense layers (`config.ffn_kind(l)`) are two stacks, each in its own slots.
 
 Sharding rule of the experts over the `n_w` weight devices (one rule, both cases):
 `ep = gcd(E, n_w)` expert-parallel groups of `E / ep` experts each, and inside each group
@@ -24,36 +36,35 @@ tensor-parallel over all n_w devices (Fs % n_w must be 0), and so is a dense FFN
 (F = intermediate_size split in n_w contiguous blocks, gate and up columns kept aligned;
 F % n_w must be 0).
 
-Several models share one arena (`make_multi_layout`): ONE pages region (page_elems common to
-all, as the engine's `choose_page_elems` picks), then each model's attention side under
-"<model>/..." in the KV rows and its FFN shards under "<model>/moe/..." (and "<model>/dense/..."
-for dense layers) in the weight rows.
-`MultiArenaLayout.model(name)` is that model's `ArenaLayout` view (its slots, prefix dropped).
-
-KV pages come first in a KV row (offset 0) so that the row viewed as `[rows, K*H]` addresses
-a token slot of the K (resp. V) pages directly; `arena_elems` is a multiple of K*H.
+Several models share one arena (`make_multi_layout`): one page space per device (page_elems
+common to all, as the engine's `choose_page_elems` picks), each model's tensors under
+"<model>/..." in the rows that hold them. `MultiArenaLayout.model(name)` is that model's
+`ArenaLayout` view (the pages and its slots, prefix dropped; its attention slots valid on its
+homes). The row's length is given (`row_elems`: the device's memory) or the shortest giving
+each KV device `pages_per_device` pages.
 
 Kernel operands are never slices of a row (a custom call's operand is a whole buffer, so XLA
 would copy the slice into every call): the attention kernel gets the WHOLE row viewed as pages
 `[arena_elems / page_elems, G, K, H]` with the K and V page offsets (`kernel_pages`), the
 grouped matmuls the whole row viewed as rows `[arena_elems / N, N]` with the stack's first row
-(`expert_rows`, a `fused_moe.ExpertRows`). Hence `arena_elems` is a multiple of page_elems and
-of every expert stack's last dim N, the V pages start on a page boundary, each expert stack
-starts on a multiple of its N, and a budgeted weight region's slots are multiples of all of
-them (a slot shift keeps every stack aligned).
+(`expert_rows`, a `fused_moe.ExpertRows`). Hence the half is a multiple of page_elems, of
+every model's K*H (the K/V scatter views the row as [rows, K*H]) and of every expert stack's
+last dim N, each expert stack starts on a multiple of its N, and a budgeted weight region's
+slots are multiples of all of them (a slot shift keeps every stack aligned).
 
 Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
 role with a budget does not pack every model; its model region is a `Region` of `num_slots`
-equal slots (`slot_elems` = the role's largest model, aligned), and a model's view lays its
-slots out in slot 0. A model placed in slot i is read through `ArenaLayout.bind(bases)`:
-`bases` int32[2] (KV rows, weight rows) is a TRACED shift in units of `ALIGN` elements
-(i * slot_elems / ALIGN), added to every non-page slot with a dynamic slice, so one compiled
-program per model serves whatever slot it lands in (static per-slot layouts would compile
-one program per (model, slot)); units of ALIGN keep an int32 shift valid for rows past 2^31
-elements. A budget counts device bytes over the role's devices (the attention side counted
-once per KV device, like the weights pool's replicas): num_slots = budget // (devices *
-slot bytes), at most the number of models; a budget below one slot raises ValueError
-naming the option. `disagg/residency.py` decides which model sits in which slot.
+equal slots (`slot_elems` = the role's largest model, aligned), one block of content at the
+same offset on every row of the role, and a model's view lays its slots out in slot 0. A
+model placed in slot i is read through `ArenaLayout.bind(bases)`: `bases` int32[2] (KV rows,
+weight rows) is a TRACED shift in units of `ALIGN` elements (i * slot_elems / ALIGN), added to
+every non-page slot with a dynamic slice, so one compiled program per model serves whatever
+slot it lands in (static per-slot layouts would compile one program per (model, slot)); units
+of ALIGN keep an int32 shift valid for rows past 2^31 elements. A budget counts device bytes
+over the role's devices (the attention side counted once per KV device, like the weights
+pool's replicas): num_slots = budget // (devices * slot bytes), at most the number of models;
+a budget below one slot raises ValueError naming the option. `disagg/residency.py` decides
+which model sits in which slot.
 """
 from __future__ import annotations
 
@@ -157,8 +168,11 @@ class ArenaLayout:
     def has(self, role: str, name: str) -> bool:
         return any(s.name == name for s in self.slots(role))
 
-    def used_elems(self, role: str) -> int:
-        return max((s.offset + s.size for s in self.slots(role)), default=0)
+    def page_spans(self, device: int) -> list[tuple]:
+        """[(lo, hi) of the K pages, (lo, hi) of the V pages]: the part of row `device` its usable
+        pages take (the rest of the row is its content, or unused)."""
+        n = self.device_pages[device] * self.page_elems
+        return [(s.offset, s.offset + n) for s in (self.slot("kv", "pages/k_PX"), self.slot("kv", "pages/v_PX"))]
 
     def view(self, row_X: jax.Array, role: str, name: str) -> jax.Array:
         """The tensor `name` of a role inside one device's row (a static slice + reshape)."""

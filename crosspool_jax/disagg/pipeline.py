@@ -3,14 +3,16 @@
 `disagg_step(arena, inputs, *, layout, config, num_microbatches)` runs inside `jax.shard_map`
 over the 1D mesh axis "dev" (KV devices first, then weight devices; layout.py). Each device
 sees its own arena row and its role (`axis_index("dev") < n_kv`). KV devices own sequences
-(data-parallel: a sequence's pages are on one KV device) and run embedding, attention (K/V
-written into their local pages, `ragged_paged_attention` over them) and the final
-norm and lm head; weight devices run each layer's FFN for all KV devices' tokens with
-their shard only (a MoE layer: their experts / block of F; a dense layer: their block of F;
-which one by the model's static kind table, `_ffn_partial`). Hidden states cross between the roles by an exchange that every
-device executes (collectives stay outside the role `lax.cond`s):
+(data-parallel: a sequence's pages are on its home KV device, the one holding its model's
+attention side) and run embedding, attention (K/V written into their local pages,
+`ragged_paged_attention` over them), each layer's FFN input (its norm and router logits,
+`_ffn_in`: those weights sit with the attention side, once per model) and the final norm and
+lm head; weight devices run each layer's FFN for all KV devices' tokens with their shard only
+(a MoE layer: their experts / block of F; a dense layer: their block of F; which one by the
+model's static kind table, `_ffn_partial`). Hidden states cross between the roles by an
+exchange that every device executes (collectives stay outside the role `lax.cond`s):
 
-    to_weights(h)   attention outputs of every KV device -> every weight device's inbox
+    to_weights(p)   FFN inputs [x | router logits] of every KV device -> every weight device's inbox
     to_kv(y)        weight devices' partial FFN outputs, summed, tokens of KV device k -> k
 
 By default (`exchange="p2p"`) each direction is max(n_kv, n_w) rounds of `ppermute` over
@@ -41,8 +43,8 @@ each stage and the data switches the idle role off: its K/V writes go to dropped
 attention sees num_seqs = 0 (the kernel does no work), its expert groups are all empty (the
 grouped matmuls read no expert), and its outputs are replaced by zeros with `where` (never
 multiplied: what an idle device computes from the other role's bytes may be NaN). What an
-idle device still does: the q/k/v and o projections (weight devices, on their own row's
-bytes), the router and any dense or shared-expert matmul (KV devices). A model mixing FFN
+idle device still does: the q/k/v and o projections and the FFN input's norm and router
+(weight devices, on their own row's bytes), any dense or shared-expert matmul (KV devices). A model mixing FFN
 kinds keeps one `lax.switch` per layer. The final logits are computed on every device too
 (the weight devices' rows are dropped).
 
@@ -50,14 +52,15 @@ Multi-step decode (`disagg_decode`): the same forward (`_device_program`'s `run`
 num_steps times in a `fori_loop` on a pure-decode batch, sampling on the KV devices and the
 sampled tokens fed back, so a dispatch (and its host work) serves num_steps tokens.
 
-Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several KV
+Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several
 devices; a different program, the common case keeps the one above). Each sequence's tokens
 belong to its home KV device (q/k/v, residual, FFN exchange and logits as above). Per stage
 the q/k/v of every KV device's tokens are all-gathered (every device runs it; weight devices
-pass zeros), each KV device writes the K/V of the tokens whose page is local and computes
-the partial attention of ALL gathered tokens over its local pages (`sharded_attention`),
-the partials are merged by log-sum-exp (pmax + psum over the axis), and each home takes its
-tokens' rows for the o projection.
+pass zeros), EVERY device (a weight device's row holds pages too: a long request spills
+there) writes the K/V of the tokens whose page is local and computes the partial attention
+of ALL gathered tokens over its local pages (`sharded_attention`), the partials are merged
+by log-sum-exp (pmax + psum over the axis), and each home takes its tokens' rows for the o
+projection.
 
 Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
 unsharded attention) and `fused_moe` (over the device's experts); "auto" is the

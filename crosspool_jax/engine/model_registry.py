@@ -14,14 +14,16 @@ over all devices, split equally. mode "static" gives each model an equal share o
 device's pages (`static_page_caps`); "shared" lets the models of a device share its pages.
 
 With mode "crosspool" and disjoint KV and weight devices (e.g. kv_devices=2, weight_devices=2)
-the registry builds the disaggregated arena instead (`self.arena`, crosspool_jax/disagg): the
-KV pages and every model's attention side on the KV devices, every model's expert shard on
-the weight devices; there is no `KVPool` (`kv_pool` is None; `kv_layout` sizes the pages:
-`kv_pool_bytes` split over the KV devices, plus whatever the KV rows have spare when the
-weight rows are longer). There `weights_pool_bytes` (over all weight devices) and
-`attention_pool_bytes` (over all KV devices, the attention side counted once per KV device)
-budget slot regions of the arena (`disagg/residency.py`): beyond them the least recently used
-models are swapped out to host memory and written back in place on demand. Both organisations
+the registry builds the disaggregated arena instead (`self.arena`, crosspool_jax/disagg): each
+model's attention side on one KV device (its home, `model_homes`: where its requests start),
+every model's expert shard on the weight devices, and KV pages in every row's remaining
+memory, weight rows included; there is no `KVPool` (`kv_pool` is None; `kv_layout` is the
+arena's pages: every device with its usable count). The rows are `arena_bytes` long, else as
+long as `kv_pool_bytes`' pages on each KV device need. There `weights_pool_bytes` (over all
+weight devices) and `attention_pool_bytes` (over all KV devices, the attention side then
+replicated on each) budget slot regions of the arena (`disagg/residency.py`): beyond them
+the least recently used models are swapped out to host memory and written back in place on
+demand. Both organisations
 sit behind one residency interface (`engine/residency.py`, `self.residency`), whose `acquire`
 hands back the typed weights handle a runner reads (`PlacedWeights` or `ArenaWeights`).
 """

@@ -217,6 +217,39 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
         engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[2 * P + 1, 1], [P + 2, 2]]})])
 
 
+def test_requests_spill_onto_the_weight_devices_pages(model_dirs, shared):
+    """`arena_bytes` rows on 2 KV + 2 weight devices: every device's memory beyond its weights
+    is pages (the weight devices' too), each model's attention side sits on one KV device,
+    where its requests start. A 230-token Qwen3 prompt fills its home, spills over the other
+    KV device onto a weight device's pages (sequence-sharded steps there); greedy tokens equal
+    the single-device engine's and the pool comes back whole."""
+    from crosspool_jax.checkpoints.loader import read_config
+    from crosspool_jax.disagg.layout import make_multi_layout
+    import jax
+
+    prompt = np.random.default_rng(7).integers(1, 250, 230).tolist()
+    want = _tokens(shared.generate([prompt], GREEDY, model="qwen3_moe"))
+    configs = {f: read_config(model_dirs[f])[1] for f in FAMILIES}
+    probe = make_multi_layout(configs, n_kv=2, n_w=2, pages_per_device=8, devices=jax.devices()[:4])
+    options = {k: v for k, v in ENGINE.items() if k != "kv_pool_bytes"}
+    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
+              arena_bytes=probe.arena_elems * 4, enable_prefix_caching=False, **options)
+    engine = llm.engine
+    layout = engine.registry.arena.layout
+    assert layout.arena_elems == probe.arena_elems and all(p > 0 for p in layout.device_pages[2:])
+    assert sorted(engine.registry.model_homes.values()) == [(0,), (1,)]
+    assert engine.stats().kv_pages_total == sum(layout.device_pages)
+    home = engine.registry.model_homes["qwen3_moe"][0]
+    assert engine.kv_manager.max_request_tokens("qwen3_moe") == sum(p // 2 for p in layout.device_pages) * 16
+    got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", prompt)})
+    assert _tokens([got["long"]]) == want
+    assert groups[0][2]["long"] == {home}                       # it starts on its model's home
+    held = set().union(*(devices["long"] for _, _, devices in groups))
+    assert held & {2, 3} and groups[-1][0], f"the request never reached a weight device's pages: {held}"
+    stats = engine.stats()
+    assert stats.kv_pages_free == stats.kv_pages_total
+
+
 def test_refused_at_construction(model_dirs):
     with pytest.raises(ValueError, match="model 'dense' cannot run on the disaggregated step: intermediate_size"):
         LLM({"dense": model_dirs["llama"]}, mode="crosspool", kv_devices=2, weight_devices=5, **ENGINE)
