@@ -326,7 +326,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         from crosspool_jax.disagg.report import transfer_bytes
         moved = transfer_bytes(n_kv=engine.registry.arena.layout.n_kv, n_w=engine.registry.arena.layout.n_w,
                                tokens_per_device=max(tokens, 1), hidden=config.hidden_size,
-                               itemsize=jax_itemsize(_DTYPE.value), num_layers=config.num_layers, num_microbatches=M)
+                               itemsize=jax_itemsize(_DTYPE.value), num_layers=config.num_layers, num_microbatches=M,
+                               experts=config.num_experts if "moe" in config.ffn_kinds else 0)
         row["bytes_per_layer_busiest_device"] = moved.busiest_device_received
         row.update(step_ms_one_model=1e3 * steps["p2p"], step_ms_no_transfer=1e3 * steps["none"],
                    transfer_alone_ms=1e3 * t_x, hidden_fraction=max(0.0, min(1.0, 1 - exposed / t_x)) if t_x else None,

@@ -18,8 +18,8 @@ beyond the content (`device_pages[d]`; every device has its own count, weight de
 
 so nothing is stored twice: each model's attention side (with its FFN norms and routers: the
 KV device computes the FFN's input and sends it with the hidden state) sits on ONE KV device,
-its home, where its requests start (`homes`; `replicate_attention` or a budgeted attention
-region puts every model's on every KV device), and the FFN shards partition the experts. A
+its home, where its requests start (`homes`; `attention_replicas` r puts it on r KV devices
+whose rows are alike, and a budgeted attention region every model's on every KV device), and the FFN shards partition the experts. A
 sequence starts on a home and may spill onto any device's pages, weight devices' included
 (the step then attends sequence-sharded). The KV and V page offsets are the same on every
 device (the kernels take them static); only the count of usable local ids differs, which
@@ -371,7 +371,7 @@ def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: i
     model's K*H (`kv.pool.choose_page_elems`).
     """
     multi = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, pages_per_device=pages_per_device,
-                              page_elems=page_elems, dtype=dtype, devices=devices, replicate_attention=True)
+                              page_elems=page_elems, dtype=dtype, devices=devices, attention_replicas=n_kv)
     return multi.model("")
 
 
@@ -536,14 +536,18 @@ def _pack_halves(blocks: Sequence[tuple]) -> tuple[dict, list]:
     return where, depth
 
 
-def _assign_homes(kv_extents: dict, n_kv: int) -> dict:
-    """name -> (KV device,): each model's attention side on ONE KV device, largest first onto
-    the device holding the fewest elements so far (lowest index on ties)."""
-    load, homes = [0] * n_kv, {}
+def _assign_homes(kv_extents: dict, n_kv: int, replicas: int) -> dict:
+    """name -> its KV devices: the KV devices in groups of `replicas` consecutive ones (rows with
+    the same content, so a model's slots sit at the same offsets on each), each model's
+    attention side on one group, largest first onto the group holding the fewest elements so
+    far (lowest index on ties)."""
+    if not isinstance(replicas, (int, np.integer)) or not 1 <= replicas <= n_kv or n_kv % replicas:
+        raise ValueError(f"attention_replicas must divide the KV devices n_kv={n_kv}, got {replicas!r}")
+    load, homes = [0] * (n_kv // replicas), {}
     for name in sorted(kv_extents, key=lambda n: -kv_extents[n]):
-        k = min(range(n_kv), key=lambda i: (load[i], i))
-        homes[name] = (k,)
-        load[k] += kv_extents[name]
+        g = min(range(len(load)), key=lambda i: (load[i], i))
+        homes[name] = tuple(range(g * replicas, (g + 1) * replicas))
+        load[g] += kv_extents[name]
     return {name: homes[name] for name in kv_extents}
 
 
@@ -551,7 +555,7 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
                       page_elems: Optional[int] = None, dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
                       attention_pool_bytes: Optional[int] = None, weights_pool_bytes: Optional[int] = None,
                       row_elems: Optional[int] = None, max_pages_per_device: Optional[int] = None,
-                      replicate_attention: bool = False) -> MultiArenaLayout:
+                      attention_replicas: int = 1) -> MultiArenaLayout:
     """Lay out several models (name -> ModelConfig) in one arena over n_kv + n_w devices.
 
     The row's length: `row_elems` (the device's memory for the arena, rounded down to the
@@ -563,7 +567,8 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
     step cannot run, and for a row too short for the content (or for one block on a KV device).
 
     Attention sides: each model's on ONE KV device (`homes`, balanced by size), where its
-    sequences start; `replicate_attention` puts every model's on every KV device instead.
+    sequences start; `attention_replicas` r: on r KV devices instead (a divisor of n_kv; its
+    requests then spread over them, at the cost of the copies' memory).
     attention_pool_bytes / weights_pool_bytes: budgets (device bytes over the role's devices)
     of a `Region` of slots for the attention sides (replicated on every KV device: any KV
     device homes any model) and for the FFN shards; None packs every model (all resident).
@@ -599,10 +604,8 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
     # the kernels view the whole row as pages and as expert rows, and the V pages start at the half
     row_unit = math.lcm(_ALIGN, *kv_rows, page_elems, w_unit)
     prefix = {name: f"{name}/" if name else "" for name in configs}
-    if kv_region is not None or replicate_attention:
-        homes = {name: tuple(range(n_kv)) for name in configs}
-    else:
-        homes = _assign_homes({n: x[0] for n, x in extents.items()}, n_kv)
+    homes = _assign_homes({n: x[0] for n, x in extents.items()}, n_kv,
+                          n_kv if kv_region is not None else attention_replicas)
 
     def role_blocks(role_index, region, names):
         if region is not None:

@@ -42,6 +42,8 @@ class EngineConfig:
     arena_bytes: a crosspool split: each device's arena row in bytes; its memory beyond its
       role's weights and the attention sides homed there is KV pages (weight devices too).
       Replaces kv_pool_bytes; None = rows sized by kv_pool_bytes.
+    attention_replicas: a crosspool split: on how many KV devices each model's attention side
+      sits (a divisor of kv_devices; its requests start there). 1: once, the most pages.
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
     min_token_bucket: a step's tokens are padded to a power of two at least this; larger
       values mean fewer compiled step programs and more padding.
@@ -82,6 +84,9 @@ class EngineConfig:
                                       "in all the rest, weight devices included); replaces kv_pool_bytes. "
                                       "Unset: rows as long as kv_pool_bytes' pages on the KV devices need.",
                                       kind="bytes")
+    attention_replicas: int = _opt(1, "Mode crosspool with a device split: on how many KV devices each "
+                                   "model's attention side sits (its requests start on them; a divisor of "
+                                   "kv_devices). 1 stores each once: the most KV pages.")
     page_elems: Optional[int] = _opt(None, "Elements of one KV page (one layer's K or V for G tokens); unset: "
                                      "chosen so that every model gets at least 16 tokens per page.")
     max_model_len: Optional[int] = _opt(None, "Cap on any model's context (prompt + output tokens); unset: "
@@ -124,7 +129,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket",
+                     "attention_replicas"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("kv_pool_bytes", "arena_bytes", "weights_pool_bytes", "attention_pool_bytes", "max_model_len",

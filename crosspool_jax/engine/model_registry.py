@@ -201,7 +201,8 @@ class ModelRegistry:
                                          devices=list(self.kv_devices) + list(self.weight_devices),
                                          attention_pool_bytes=self.config.attention_pool_bytes,
                                          weights_pool_bytes=self.config.weights_pool_bytes,
-                                         max_pages_per_device=self.max_pages_per_device)
+                                         max_pages_per_device=self.max_pages_per_device,
+                                         attention_replicas=self.config.attention_replicas)
         self.residency = ArenaSlots(build_residency({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()},
                                                     arena_layout))
         self.model_homes = {n: arena_layout.homes(n) for n in arena_layout.names}

@@ -48,7 +48,7 @@ def test_sharded_steps_match_dense_forward(name, n_kv, n_w, M, spill):
     # rows 2 * PAGES_PER_DEVICE pages longer than the KV devices need: the weight rows hold pages
     layout = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, page_elems=PAGE_ELEMS,
                                row_elems=short.arena_elems + 2 * PAGES_PER_DEVICE * PAGE_ELEMS,
-                               replicate_attention=True).model("")
+                               attention_replicas=n_kv).model("")
     assert min(layout.device_pages) >= PAGES_PER_DEVICE
     pm, G = PageMap(layout.pages_per_device, n_kv, n_w), layout.tokens_per_page
     arena = build_arena(kv, ffn, layout)
