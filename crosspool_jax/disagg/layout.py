@@ -443,12 +443,13 @@ class MultiArenaLayout:
 
     @property
     def half_elems(self) -> int:
-        return self.arena_elems // 2
+        """Where the second half starts (the V pages; the second half may be longer by one unit)."""
+        return self.first.slot("kv", "pages/v_PX").offset
 
     def content_spans(self, device: int) -> list[tuple]:
         """[(lo, hi), ...]: where row `device`'s content (weights, attention sides, regions) lies."""
-        H = self.half_elems
-        return [((h + 1) * H - depth, (h + 1) * H) for h, depth in enumerate(self.depths[device]) if depth]
+        ends = (self.half_elems, self.arena_elems)
+        return [(end - depth, end) for end, depth in zip(ends, self.depths[device]) if depth]
 
     def unused_elems(self, device: int) -> int:
         """Elements of row `device` holding neither content nor a usable page (alignment, the
@@ -522,15 +523,15 @@ def _split_unsupported(c) -> Optional[str]:
     return None
 
 
-def _pack_halves(blocks: Sequence[tuple]) -> tuple[dict, list]:
+def _pack_halves(blocks: Sequence[tuple], extra: int = 0) -> tuple[dict, list]:
     """Place blocks (name, elems, alignment) from the ends of a row's two halves downwards, each
-    (largest first) into the half holding less so far, so both halves' content reaches about
-    equally deep and the pages below it, equal in both, leave little unused. Returns ({name:
-    (half, depth of its start below the half's end)}, [depth of half 0, depth of half 1]); the
-    half length must be a multiple of every alignment."""
+    (largest first) into the half with more room left (the second half is `extra` elements
+    longer), so both halves keep about the same room and the pages in it, equal in both, leave
+    little unused. Returns ({name: (half, depth of its start below the half's end)}, [depth of
+    half 0, depth of half 1]); the halves' ends must be multiples of every alignment."""
     where, depth = {}, [0, 0]
     for name, elems, alignment in sorted(blocks, key=lambda b: -b[1]):
-        h = 0 if depth[0] <= depth[1] else 1
+        h = 0 if depth[0] <= depth[1] - extra else 1
         depth[h] = _align(depth[h] + elems, alignment)
         where[name] = (h, depth[h])
     return where, depth
@@ -614,30 +615,37 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
         return [(prefix[n] + k, int(np.prod(shape, dtype=np.int64)), _entry_align(k, shape))
                 for n in names for k, shape in entries[n][role_index]]
 
-    kv_packing = [_pack_halves(role_blocks(0, kv_region, [n for n in configs if k in homes[n]]))
+    # the first half ends at `half`, the second at the row's end (one row_unit longer when the
+    # row holds an odd number of them)
+    if row_elems is None:
+        extra = 0
+    else:
+        arena_elems = int(row_elems) // row_unit * row_unit
+        half = arena_elems // (2 * row_unit) * row_unit
+        extra = arena_elems - 2 * half
+    kv_packing = [_pack_halves(role_blocks(0, kv_region, [n for n in configs if k in homes[n]]), extra)
                   for k in range(n_kv)]
-    w_packing = _pack_halves(role_blocks(1, w_region, list(configs)))
-    depths = [max(depth) for _, depth in kv_packing] + [max(w_packing[1])] * n_w
+    w_packing = _pack_halves(role_blocks(1, w_region, list(configs)), extra)
+    depths = [depth for _, depth in kv_packing] + [w_packing[1]] * n_w
     most_layers = max(c.num_layers for c in configs.values())
     if row_elems is None:
-        half = _align(max(max(depths[:n_kv]) + pages_per_device * page_elems, max(depths)), row_unit)
-    else:
-        half = int(row_elems) // (2 * row_unit) * row_unit
-        need = max(depths[:n_kv]) + most_layers * page_elems
-        if half < need:
-            raise ValueError(f"an arena row of {row_elems} elements is too short: a KV device's half row needs "
-                             f"{need} (its attention sides and one block of {most_layers} pages), "
-                             f"the row gives {half}")
-        if half < max(depths):
-            raise ValueError(f"an arena row of {row_elems} elements is too short for the weight devices' FFN "
-                             f"shards ({2 * max(depths)} elements)")
-    device_pages = tuple(min((half - d) // page_elems, max_pages_per_device or half) for d in depths)
-    arena_elems, P = 2 * half, half // page_elems
+        half = _align(max(max(map(max, depths[:n_kv])) + pages_per_device * page_elems, max(map(max, depths))),
+                      row_unit)
+        arena_elems = 2 * half
+    room = [min(half - d0, half + extra - d1) for d0, d1 in depths]
+    if min(room[:n_kv]) < most_layers * page_elems or min(room) < 0:
+        raise ValueError(f"an arena row of {row_elems} elements is too short: a KV device needs its attention "
+                         f"sides and one block of {most_layers} pages ({max(map(sum, depths[:n_kv]))} + "
+                         f"{2 * most_layers * page_elems} elements), a weight device its FFN shards "
+                         f"({sum(depths[-1])}); the halves hold {half}")
+    device_pages = tuple(min(r // page_elems, max_pages_per_device or r) for r in room)
+    P = half // page_elems
     pages = (Slot("pages/k_PX", 0, (P, page_elems)), Slot("pages/v_PX", half, (P, page_elems)))
+    ends = (half, arena_elems)
 
     def offset(packing, name):
         h, depth = packing[0][name]
-        return (h + 1) * half - depth
+        return ends[h] - depth
 
     if kv_region is not None:
         kv_region = dataclasses.replace(kv_region, start=offset(kv_packing[0], "<region>"))

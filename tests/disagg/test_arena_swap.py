@@ -189,7 +189,9 @@ def test_spare_rows_become_pages_on_every_device():
     assert [p - q for p, q in zip(longer.device_pages, tight.device_pages)] == [8, 8, 8]
     for multi in (tight, longer):
         for d in range(3):
-            assert 0 <= multi.unused_elems(d) <= abs(multi.depths[d][0] - multi.depths[d][1]) + 2 * PAGE_ELEMS
+            room0 = multi.half_elems - multi.depths[d][0]
+            room1 = multi.arena_elems - multi.half_elems - multi.depths[d][1]
+            assert 0 <= multi.unused_elems(d) <= abs(room0 - room1) + 2 * PAGE_ELEMS
     capped = make_multi_layout(configs, row_elems=tight.arena_elems + 16 * PAGE_ELEMS, max_pages_per_device=5, **kw)
     assert capped.device_pages == (5, 5, min(5, longer.device_pages[2]))
     with pytest.raises(ValueError, match="too short"):

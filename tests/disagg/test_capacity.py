@@ -40,6 +40,8 @@ def test_bench_split_holds_at_least_shared_pages():
     weights = sum(sum(side_bytes(c, "float32")) for c in configs.values())
     shared = KVPoolLayout.from_bytes(4 * budget - weights, multi.first.page_elems, 4, "float32")
     assert sum(multi.device_pages) >= shared.num_pages
+    L = configs["m0"].num_layers                      # a block: L pages on one device, both pools
+    assert sum(p // L for p in multi.device_pages) >= sum(p // L for p in shared.usable_pages)
     assert all(p > 0 for p in multi.device_pages)                       # weight devices hold pages too
     assert sorted(multi.homes(n)[0] for n in multi.names) == [0, 0, 1, 1]   # one home each, balanced
 
@@ -56,7 +58,8 @@ def test_every_row_element_is_content_or_page(n_kv, n_w, n_models):
     for d in range(multi.num_devices):
         depth0, depth1 = multi.depths[d]
         unused = multi.unused_elems(d)
-        assert 0 <= unused <= abs(depth0 - depth1) + 2 * pe
+        room0, room1 = multi.half_elems - depth0, multi.arena_elems - multi.half_elems - depth1
+        assert 0 <= unused <= abs(room0 - room1) + 2 * pe
         assert multi.content[d] <= max(depth0, depth1) * 2
         used = np.zeros(multi.arena_elems, np.int8)
         for lo, hi in multi.first.page_spans(d):
