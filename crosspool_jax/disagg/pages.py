@@ -5,8 +5,8 @@ first, then weight devices (their rows' memory beyond the experts is pages too);
 device's row holds `pages_per_device` page ids (local ids), of which the allocator uses that
 device's usable ones. `PageMap` is the ONE place that knows how a global id maps to a device
 and a local id (`id // pages_per_device`, `id % pages_per_device`), and which KV device is a
-sequence's home when its pages span several (the device of its first block, always a KV
-device holding its model's attention side: it runs the sequence's q/k/v, FFN exchange and
+sequence's home (a KV device holding its model's attention side: the device of its first
+block when it is one, which is the rule; it runs the sequence's q/k/v, FFN exchange and
 logits; `home`).
 """
 from __future__ import annotations
@@ -65,14 +65,14 @@ class PageMap:
             raise ValueError("a block's pages (one per layer) lie on different devices")
         return devices[0] if devices.size else np.zeros(0, np.int32)
 
-    def home(self, table_LB) -> int:
-        """The KV device that owns a sequence's tokens in a step: the device of its first block
-        (ValueError when that is a weight device: a sequence starts on a KV device)."""
+    def home(self, table_LB, homes=None) -> int:
+        """The KV device that owns a sequence's tokens in a step (runs its q/k/v, FFN exchange and
+        logits): the device of its first block when that is one of `homes` (the KV devices
+        holding its model's attention side; None: every KV device), else the first of them (a
+        request that found no room on its homes started elsewhere: it attends sequence-sharded)."""
         table = np.asarray(table_LB)
         if table.size == 0:
             raise ValueError("a sequence without pages has no home KV device")
-        home = int(self.device_of(table[0, 0]))
-        if home >= self.n_kv:
-            raise ValueError(f"a sequence's first block is on weight device {home - self.n_kv}; its home must "
-                             f"be a KV device")
-        return home
+        homes = tuple(range(self.n_kv)) if homes is None else tuple(homes)
+        first = int(self.device_of(table[0, 0]))
+        return first if first in homes else homes[0]

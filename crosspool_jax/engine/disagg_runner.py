@@ -117,7 +117,7 @@ class DisaggRunner(DispatchingRunner):
                 devices, local = self.page_map.split(table)
             except ValueError as e:
                 raise ValueError(f"request {c.request.request_id} of model {model_name!r}: {e}") from None
-            home = self.page_map.home(table)
+            home = self.page_map.home(table, self.arena.layout.homes(model_name))
             grouped.sharded |= bool((devices != home).any())
             grouped.where.append((home, len(grouped.local[home])))
             grouped.local[home].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, local))

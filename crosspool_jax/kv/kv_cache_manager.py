@@ -9,8 +9,8 @@ ids, one id per block. Placement of a request's blocks over the KV devices:
 - "sticky": a request's new blocks go to the device of its last block while that device has
   room, and spill to the device with the most free capacity when it has not (a request with
   no block yet starts on the one with the most among its model's start devices,
-  `register_model(homes=)`, all by default; a prefix-cache hit's last block sets where it
-  continues).
+  `register_model(homes=)`, all by default, or where there is most when they are full; a
+  prefix-cache hit's last block sets where it continues).
   Most requests stay on one device (the disaggregated step's cheap case: attention where the
   pages are); a long one spills over several and can still use the whole pool
   (`max_request_tokens`), and the step then attends sequence-sharded. Prefix hits may span
@@ -129,8 +129,8 @@ class KVCacheManager:
         max_pages: optional cap on the pages the model's live requests may hold (a static
         per-model reservation when the caps sum to at most the pool); None = the whole pool.
         device: pin every block of the model to this KV device (None: placement decides).
-        homes: the devices a request of the model may start on (its first block; None: any). A
-        crosspool arena's: the KV devices holding the model's attention side.
+        homes: the devices a request of the model starts on while they have room (its first
+        block; None: any). A crosspool arena's: the KV devices holding the model's attention side.
         """
         if not isinstance(geometry, ModelKVGeometry):
             raise ValueError(f"register_model needs a ModelKVGeometry, got {type(geometry).__name__}")
@@ -344,8 +344,8 @@ class KVCacheManager:
         Consumes `capacity` (per-device free + evictable pages) as it plans. Sticky placement
         keeps each block on the current device (`home`, then wherever the last block went)
         while it has room for L pages and spills to the device with the most capacity when
-        not (home None: start on the one of `starts` with the most, None if none has room for
-        the first block); a pinned model's blocks all go to its device."""
+        not (home None: start on the one of `starts` with the most, or on the roomiest device
+        when none of them has room for a block); a pinned model's blocks all go to its device."""
         if num_fresh <= 0:
             return []
         capacity = self._capacity() if capacity is None else capacity
@@ -359,9 +359,7 @@ class KVCacheManager:
             return [pinned] * num_fresh
         plan, device = [], home
         if device is None and starts is not None and self.placement == "sticky":
-            device = max(starts, key=lambda d: (capacity[d], -d))
-            if capacity[device] < L:
-                return None
+            device = max(starts, key=lambda d: (capacity[d], -d))     # else: the roomiest of all
         for _ in range(num_fresh):
             if self.placement == "spread" or device is None or capacity[device] < L:
                 device = max(range(len(capacity)), key=lambda d: (capacity[d], -d))

@@ -186,8 +186,8 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
     prompt one block longer than its home KV device holds (G=16, 2 pages a block) spills onto
     another device and runs sequence-sharded: alone (M=1, its prefill chunked across the
     spill), then beside two short Qwen3 requests (M=2: a sharded and one-device sequences in
-    one step), then the whole batch with two more long prompts (preemption). Greedy tokens
-    equal the single-device engine's."""
+    one step; they start off their full home), then the whole batch with two more long
+    prompts (preemption). Greedy tokens equal the single-device engine's."""
     prompts, models = batch
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
               enable_prefix_caching=False, attention_backend="reference", moe_backend="reference",
@@ -232,8 +232,10 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
     assert g.sharded and g.where == [(1, 0)] and g.local[1][0].page_table.tolist() == [[1, 1], [2, 2]]
     with pytest.raises(ValueError, match=f"request spread of model 'mixtral': page ids \\[{4 * P + 1}\\] are outside"):
         engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[4 * P + 1, 1], [P + 2, 2]]})])
-    with pytest.raises(ValueError, match="first block is on weight device 0"):
-        engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[2 * P + 1, 1], [P + 2, 2]]})])
+    # a request that found its home full started elsewhere (here a weight device): its model's home runs it
+    assert engine.registry.model_homes["mixtral"] == (1,)
+    g = engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[2 * P + 1, 1], [P + 2, 2]]})])
+    assert g.sharded and g.where == [(1, 0)] and g.global_[1][0].page_table.tolist() == [[2 * P + 1, 1], [P + 2, 2]]
 
 
 def test_requests_spill_onto_the_weight_devices_pages(model_dirs, shared):

@@ -383,10 +383,12 @@ def test_requests_start_on_their_models_homes_and_spill_anywhere():
     assert kv.allocate_slots(r, 12)
     assert [b.device for b in kv.blocks_of(r)] == [0, 0, 1]                # home full: spill to the roomiest
     assert all(p // 8 == b.device for b in kv.blocks_of(r) for p in b.pages)
-    assert not kv.allocate_slots(req("s", "a", range(3)), 3)               # its home has no room left
     t = req("t", "b", range(3))
     assert kv.allocate_slots(t, 3) and kv.blocks_of(t)[0].device == 1
+    s = req("s", "a", range(3))                                             # its home is full: the roomiest
+    assert kv.allocate_slots(s, 3) and kv.blocks_of(s)[0].device == 2
     kv.free(r)
-    assert kv.allocate_slots(req("s", "a", range(3)), 3) and kv.num_free_pages() == 18 - 4
+    u = req("u", "a", range(3))
+    assert kv.allocate_slots(u, 3) and kv.blocks_of(u)[0].device == 0 and kv.num_free_pages() == 18 - 6
     with pytest.raises(ValueError, match="homes must be device indices"):
         kv.register_model(ModelKVGeometry("c", num_layers=2, tokens_per_page=4, max_model_len=64), homes=(3,))
