@@ -186,7 +186,7 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
     prompt one block longer than its home KV device holds (G=16, 2 pages a block) spills onto
     another device and runs sequence-sharded: alone (M=1, its prefill chunked across the
     spill), then beside two short Qwen3 requests (M=2: a sharded and one-device sequences in
-    one step; they start off their full home), then the whole batch with two more long
+    one step; they start off their full home), then the whole batch with three 300-token
     prompts (preemption). Greedy tokens equal the single-device engine's."""
     prompts, models = batch
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
@@ -200,9 +200,9 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
     assert engine.kv_manager.max_request_tokens("qwen3_moe") == sum(p // 2 for p in usable) * 16   # the whole pool
     rng = np.random.default_rng(99)
     long_prompt = rng.integers(1, 250, usable[home] // 2 * 16 + 10).tolist()
-    longer = [rng.integers(1, 250, 200).tolist() for _ in range(2)]
+    longer = [rng.integers(1, 250, 300).tolist() for _ in range(3)]           # 3 x 19 blocks > the pool
     want = dict(zip([f"r{i}" for i in range(len(prompts))], expected[0]))
-    for rid, p in [("long", long_prompt), ("x0", longer[0]), ("x1", longer[1])]:
+    for rid, p in [("long", long_prompt), ("x0", longer[0]), ("x1", longer[1]), ("x2", longer[2])]:
         want[rid] = _tokens(shared.generate([p], GREEDY, model="qwen3_moe"))[0]
     got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", long_prompt)})
     assert _tokens([got["long"]]) == [want["long"]]
@@ -217,7 +217,7 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
              if sharded and max(n) >= 2 and any(len(d) == 1 for d in devices.values())]
     assert mixed, f"no step ran a sharded sequence beside one-device sequences in two micro-batches: {groups}"
     requests = {f"r{i}": (m, p) for i, (p, m) in enumerate(zip(prompts, models))}
-    requests.update(x0=("qwen3_moe", longer[0]), x1=("qwen3_moe", longer[1]))
+    requests.update({f"x{i}": ("qwen3_moe", p) for i, p in enumerate(longer)})
     got, _ = _run_recording_groups(engine, requests)
     assert {r: _tokens([o])[0] for r, o in got.items()} == {r: want[r] for r in requests}
     stats = engine.stats()
