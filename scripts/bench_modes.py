@@ -75,10 +75,10 @@ def engine_options(mode: str, n: int, n_kv: int, budget: int, sizes: dict) -> di
     static/shared: the models are spread over the devices by the engine's placement (greedy by
     bytes); each device's weights and attention pools get what its share of the models needs
     (the largest models, as many as the busiest device holds), capped together at 3/4 of the
-    device, and the rest is KV. crosspool: the weight devices' whole budget holds expert
-    slots; the KV devices hold attention slots for every model (capped at 1/4 of a device;
-    a slot is the largest model's size, as disagg/residency.py lays them out) and KV pages
-    in the rest.
+    device, and the rest is KV. crosspool: every device's arena row is the whole budget
+    (`arena_bytes`): the weight devices hold every model's expert shards, each model's
+    attention side sits on one KV device (its home), and every device's memory beyond that
+    is KV pages, weight devices included (disagg/layout.py).
     """
     attn = sorted((a for a, _ in sizes.values()), reverse=True)
     ffn = sorted((f for _, f in sizes.values()), reverse=True)
@@ -91,12 +91,7 @@ def engine_options(mode: str, n: int, n_kv: int, budget: int, sizes: dict) -> di
         return dict(mode=mode, kv_devices=n, weight_devices=n,
                     kv_pool_bytes=n * (budget - ffn_budget - attn_budget),
                     weights_pool_bytes=ffn_budget, attention_pool_bytes=attn_budget)
-    n_w = n - n_kv
-    slot = int(attn[0] * 1.02) + (1 << 20)                     # a slot: the largest side, aligned
-    attention = max(min(len(sizes) * slot * n_kv, n_kv * budget // 4), slot * n_kv)
-    return dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w,
-                kv_pool_bytes=n_kv * budget - attention,
-                weights_pool_bytes=max(n_w * budget, ffn[0]), attention_pool_bytes=attention)
+    return dict(mode="crosspool", kv_devices=n_kv, weight_devices=n - n_kv, arena_bytes=budget)
 
 
 def _prompts(llm, names, per_model, prompt_len, seed):
@@ -341,7 +336,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         from crosspool_jax.disagg.report import transfer_bytes
         moved = transfer_bytes(n_kv=engine.registry.arena.layout.n_kv, n_w=engine.registry.arena.layout.n_w,
                                tokens_per_device=max(tokens, 1), hidden=config.hidden_size,
-                               itemsize=jax_itemsize(_DTYPE.value), num_layers=config.num_layers, num_microbatches=M)
+                               itemsize=jax_itemsize(_DTYPE.value), num_layers=config.num_layers, num_microbatches=M,
+                               experts=config.num_experts if "moe" in config.ffn_kinds else 0)
         row["bytes_per_layer_busiest_device"] = moved.busiest_device_received
         row.update(step_ms_one_model=1e3 * steps["p2p"], step_ms_no_transfer=1e3 * steps["none"],
                    transfer_alone_ms=1e3 * t_x, hidden_fraction=max(0.0, min(1.0, 1 - exposed / t_x)) if t_x else None,

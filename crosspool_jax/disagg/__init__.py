@@ -1,7 +1,7 @@
 """The CrossPool runtime: KV devices and weight devices in ONE step program.
 
 `layout.py` (what sits where in each device's arena row; `make_multi_layout` for several
-models sharing one pages region), `arena.py` (packing models into the arena; `Arena` owns
+models sharing each row: pages and the content homed there), `arena.py` (packing models into the arena; `Arena` owns
 it), `inputs.py` (per-device, per-micro-batch step inputs), `pipeline.py` (the jitted
 ping-pong step), `report.py` (bytes moved per layer, CPU step times). The engine runs it
 through `engine/disagg_runner.py` for mode "crosspool" with a device split.

@@ -2,7 +2,7 @@
 
 `build_arena(kv_params, ffn_params, layout)` packs a model's parameter pytrees (as
 `models.init_random_params` or `checkpoints.load_model` give them) into per-device host rows
--- the attention side and zeroed KV pages on each KV device, each weight device's FFN shards
+-- the attention side on each of its home KV devices, each weight device's FFN shards
 (experts of the MoE layers, its block of F of the dense layers) -- and places them with one
 `jax.device_put` of the rows, assembled into the global `[num_devices, arena_elems]` array
 sharded over "dev". `expert_shard` is the one place that says which experts and hidden
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.disagg.layout import ALIGN, ROLES, ArenaLayout, MultiArenaLayout
+from crosspool_jax.disagg.layout import ALIGN, ROLES, ROUTING_LEAVES, ArenaLayout, MultiArenaLayout
 
 
 def expert_shard(layout: ArenaLayout, w_index: int, num_experts: int, hidden: int) -> tuple[slice, slice]:
@@ -95,14 +95,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _role_leaves(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: str) -> list[dict]:
-    """The flat leaves each row of a role stores: the attention side (the same dict for every KV
-    row) or weight device j's FFN shards (MoE and dense stacks)."""
-    if role == "kv":
-        return [_flat({k: kv_params[k] for k in ("embed", "attn", "final")})] * layout.n_kv
+    """The flat leaves each row of a role stores: the attention side with the FFN stacks' input
+    norms and routers (the same dict for every KV row) or weight device j's FFN shards (MoE and
+    dense stacks)."""
     kinds = sorted({s.name.split("/", 1)[0] for s in layout.w_slots})
     if sorted(ffn_params) != kinds:
         raise ValueError(f"build_arena: ffn_params must hold the stacks {kinds} of the layout, "
                          f"got {sorted(ffn_params)}")
+    if role == "kv":                 # the attention side and each FFN stack's input norm and router
+        routing = {kind: {k: v for k, v in stack.items() if k in ROUTING_LEAVES} for kind, stack in ffn_params.items()}
+        return [_flat({**{k: kv_params[k] for k in ("embed", "attn", "final")}, **routing})] * layout.n_kv
     host = {kind: {k: np.asarray(v) for k, v in ffn_params[kind].items()} for kind in kinds}
     shard = {"moe": weight_device_leaves, "dense": dense_device_leaves}
     return [_flat({kind: shard[kind](host[kind], layout, j) for kind in kinds}) for j in range(layout.n_w)]
@@ -110,12 +112,13 @@ def _role_leaves(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: s
 
 def _fill_model(rows: list, kv_params: dict, ffn_params: dict, layout: ArenaLayout,
                 roles: tuple = ("kv", "w")) -> None:
-    """Write one model's attention side into every KV row and its FFN shards into the weight
-    rows (only the given roles; the pages region is never touched on the host)."""
+    """Write one model's attention side into the KV rows of its homes and its FFN shards into
+    the weight rows (only the given roles; the pages are never touched on the host)."""
     for role in roles:
         first = 0 if role == "kv" else layout.n_kv
         for i, leaves in enumerate(_role_leaves(kv_params, ffn_params, layout, role)):
-            _fill(rows[first + i], layout, role, leaves)
+            if role == "w" or i in layout.homes:
+                _fill(rows[first + i], layout, role, leaves)
 
 
 def region_payloads(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: str) -> list[np.ndarray]:
@@ -158,49 +161,51 @@ def multi_host_rows(params: Mapping[str, tuple], layout: MultiArenaLayout) -> li
     return rows
 
 
-def _pages_end(layout: ArenaLayout) -> int:
-    v = layout.slot("kv", "pages/v_PX")
-    return v.offset + v.size
-
-
-@functools.partial(jax.jit, static_argnames=("lo", "total"))
-def _zero_padded(content_1N: jax.Array, *, lo: int, total: int) -> jax.Array:
-    n = content_1N.shape[1]
-    return jnp.concatenate([jnp.zeros((1, lo), content_1N.dtype), content_1N,
-                            jnp.zeros((1, total - lo - n), content_1N.dtype)], axis=1)
+@functools.partial(jax.jit, static_argnames=("spans", "total"))
+def _zero_padded(*pieces_1N: jax.Array, spans: tuple, total: int) -> jax.Array:
+    """A [1, total] row, zero but for pieces_1N[i] at spans[i] = (lo, hi) (ascending, disjoint)."""
+    parts, at = [], 0
+    for piece, (lo, hi) in zip(pieces_1N, spans):
+        parts += [jnp.zeros((1, lo - at), piece.dtype), piece]
+        at = hi
+    parts.append(jnp.zeros((1, total - at), pieces_1N[0].dtype))
+    return jnp.concatenate(parts, axis=1)
 
 
 def _place(rows: list, layout: ArenaLayout, spans: list) -> jax.Array:
-    """One shard per device, zero on its device except `spans[d]` = (lo, hi) of row d, the only
-    part that crosses from the host (a large pool or an empty region costs no transfer)."""
+    """One shard per device, zero on its device except `spans[d]` = [(lo, hi), ...] of row d,
+    the only parts that cross from the host (the pages and an empty region cost no transfer)."""
     mesh_devices = list(layout.mesh().devices.reshape(-1))
     dtype = jnp.dtype(layout.dtype)
     shards = []
-    for row, device, (lo, hi) in zip(rows, mesh_devices, spans):
-        if hi > lo:
-            shards.append(_zero_padded(jax.device_put(row[None, lo:hi], device), lo=lo, total=layout.arena_elems))
+    for row, device, row_spans in zip(rows, mesh_devices, spans):
+        row_spans = tuple(sorted((lo, hi) for lo, hi in row_spans if hi > lo))
+        if row_spans:
+            pieces = [jax.device_put(row[None, lo:hi], device) for lo, hi in row_spans]
+            shards.append(_zero_padded(*pieces, spans=row_spans, total=layout.arena_elems))
         else:
             shards.append(jnp.zeros((1, layout.arena_elems), dtype, device=device))
     return jax.make_array_from_single_device_arrays((layout.num_devices, layout.arena_elems),
                                                     layout.sharding(), shards)
 
 
-def _spans(layout: ArenaLayout, kv_end: int, w_end: int) -> list:
-    return [(_pages_end(layout), kv_end)] * layout.n_kv + [(0, w_end)] * layout.n_w
-
-
 def build_arena(kv_params: dict, ffn_params: dict, layout: ArenaLayout) -> jax.Array:
-    """The global arena `[num_devices, arena_elems]` (layout.dtype), row d on mesh device d."""
+    """The global arena `[num_devices, arena_elems]` (layout.dtype), row d on mesh device d:
+    the model's attention side on every KV row, its FFN shards on every weight row."""
+    def spans(role):
+        slots = [s for s in layout.slots(role) if not s.name.startswith("pages/")]
+        return [(s.offset, s.offset + s.size) for s in slots]
     return _place(host_rows(kv_params, ffn_params, layout), layout,
-                  _spans(layout, layout.used_elems("kv"), layout.used_elems("w")))
+                  [spans("kv")] * layout.n_kv + [spans("w")] * layout.n_w)
 
 
 def build_multi_arena(params: Mapping[str, tuple], layout: MultiArenaLayout) -> jax.Array:
-    """The arena of several models (name -> (kv_params, ffn_params)): shared KV pages, each
-    model's attention side on every KV device, its FFN shards on each weight device. A budgeted
-    role's region is left zero (disagg/residency.py fills its slots)."""
-    ends = {r: 0 if layout.region(r) is not None else layout.used_elems(r) for r in ROLES}
-    return _place(multi_host_rows(params, layout), layout.first, _spans(layout.first, ends["kv"], ends["w"]))
+    """The arena of several models (name -> (kv_params, ffn_params)): each model's attention side
+    on its home KV devices, its FFN shards on each weight device, pages zero. A budgeted role's
+    region is left zero (disagg/residency.py fills its slots)."""
+    spans = [[] if layout.region(layout.first.role_of(d)) is not None else layout.content_spans(d)
+             for d in range(layout.num_devices)]
+    return _place(multi_host_rows(params, layout), layout.first, spans)
 
 
 class Arena:

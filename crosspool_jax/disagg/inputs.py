@@ -8,9 +8,10 @@ common (T, S, Pp) so the stack is one pytree `StepInputs` whose leaves carry two
 `[n_kv, M, ...]`. `logit_rows[d][i]` is where chunk i of device d finds its logits in the
 step's `[n_kv, M*S, V]` output (row m*S + s).
 
-Sequence-sharded steps (some sequence's pages on several KV devices): each sequence is
-grouped on its home device (`pages.PageMap.home`) as above, and `build_sharded_pages` adds
-what each KV device needs to attend over its own pages of every sequence: the gathered
+Sequence-sharded steps (some sequence's pages on several devices, weight devices included):
+each sequence is grouped on its home KV device (`pages.PageMap.home`) as above, and
+`build_sharded_pages` adds what each device needs to attend over its own pages of every
+sequence: the gathered
 view of micro-batch m lists every KV device's T token rows in device order (row k*T + t)
 and its S sequences (k*S + s); per device, local slots of the tokens whose page is there,
 and per sequence the local pages of its blocks held there with their logical block indices.
@@ -33,14 +34,15 @@ from crosspool_jax.runtime.step_inputs import StepInputs, bucket, build_step_inp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ShardedPages:
-    """Per KV device d, what it needs to attend over its local pages of every sequence of a step
-    (n_kv KV devices, M micro-batches, L layers, T and S the step's per-device buckets, B the
+    """Per device d of the arena (N = n_kv + n_w: a weight device's row holds pages too), what it
+    needs to attend over its local pages of every sequence of a step (n_kv KV devices homing
+    the sequences, M micro-batches, L layers, T and S the step's per-device buckets, B the
     bucketed most blocks of one sequence on one device)."""
 
     seq_T: np.ndarray            # int32 [M, n_kv*T]       sequence (k*S + s) of each gathered token; -1 padding
-    slots_LT: np.ndarray         # int32 [n_kv, M, L, n_kv*T] local slot on d of each gathered token; P*G: not on d
-    pages_LSB: np.ndarray        # int32 [n_kv, M, L, n_kv*S, B] local pages on d of each sequence's blocks
-    blocks_SB: np.ndarray        # int32 [n_kv, M, n_kv*S, B] their logical block indices; -1 unused
+    slots_LT: np.ndarray         # int32 [N, M, L, n_kv*T] local slot on d of each gathered token; P*G: not on d
+    pages_LSB: np.ndarray        # int32 [N, M, L, n_kv*S, B] local pages on d of each sequence's blocks
+    blocks_SB: np.ndarray        # int32 [N, M, n_kv*S, B] their logical block indices; -1 unused
 
 
 def _empty(num_layers: int, num_pages: int, G: int) -> StepInputs:
@@ -138,7 +140,7 @@ def build_sharded_pages(chunks_per_device: Sequence[Sequence], inputs: StepInput
     chunks_per_device: the same chunks, grouped by home device, but with `.page_table` holding
     GLOBAL page ids ([L][blocks]); `page_map` turns them into (device, local page).
     """
-    n_kv, M, G = page_map.n_kv, num_microbatches, tokens_per_page
+    n_kv, n_dev, M, G = page_map.n_kv, page_map.num_devices, num_microbatches, tokens_per_page
     if len(chunks_per_device) != n_kv:
         raise ValueError(f"chunks_per_device has {len(chunks_per_device)} entries, the page map has {n_kv} KV devices")
     if inputs.token_ids_T.shape[:2] != (n_kv, M):
@@ -146,12 +148,12 @@ def build_sharded_pages(chunks_per_device: Sequence[Sequence], inputs: StepInput
     T, S, L = inputs.token_ids_T.shape[2], inputs.kv_lens_S.shape[2], inputs.slots_LT.shape[2]
     tables = [[np.asarray(c.page_table, np.int32) for c in chunks] for chunks in chunks_per_device]
     where = [page_map.split(t) for per_dev in tables for t in per_dev]        # validates every id
-    most = max([int(np.bincount(dev[0], minlength=n_kv).max()) for dev, _ in where] + [1])
+    most = max([int(np.bincount(dev[0], minlength=n_dev).max()) for dev, _ in where] + [1])
     B = bucket(most, min_blocks)
     seq_T = np.full((M, n_kv * T), -1, np.int32)
-    slots_LT = np.full((n_kv, M, L, n_kv * T), page_map.pages_per_device * G, np.int32)
-    pages_LSB = np.zeros((n_kv, M, L, n_kv * S, B), np.int32)
-    blocks_SB = np.full((n_kv, M, n_kv * S, B), -1, np.int32)
+    slots_LT = np.full((n_dev, M, L, n_kv * T), page_map.pages_per_device * G, np.int32)
+    pages_LSB = np.zeros((n_dev, M, L, n_kv * S, B), np.int32)
+    blocks_SB = np.full((n_dev, M, n_kv * S, B), -1, np.int32)
     for k, chunks in enumerate(chunks_per_device):
         for m, group in enumerate(split_microbatches(chunks, M)):
             offset = 0
@@ -164,7 +166,7 @@ def build_sharded_pages(chunks_per_device: Sequence[Sequence], inputs: StepInput
                 positions = c.start + np.arange(c.num_tokens)
                 seq_T[m, rows] = k * S + s
                 dev_T, block_T = dev_LB[0, positions // G], positions // G
-                for d in range(n_kv):
+                for d in range(n_dev):
                     on_d = dev_T == d
                     slots_LT[d, m, :, rows[on_d]] = (local_LB[:, block_T[on_d]] * G + positions[on_d] % G).T
                     mine = np.nonzero(dev_LB[0] == d)[0]

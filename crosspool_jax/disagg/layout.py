@@ -2,17 +2,29 @@
 
 Every device of the CrossPool mesh (one axis, "dev") holds ONE row of the arena, a global
 array `[num_devices, arena_elems]` of one dtype sharded over "dev". The first `n_kv`
-devices are the KV pool, the next `n_w` the weights pool (a static role table). A row's
-contents depend on its device's role:
+devices are the KV pool, the next `n_w` the weights pool (a static role table). Every row is
+two halves of `arena_elems / 2`: a device's pages fill each half from its start (local page
+l's K at l * page_elems in the first half, its V at the same place in the second) and its
+content fills each half from its end, the largest blocks first into the half holding less,
+so both halves' content reaches about as deep and the pages under it are the row's memory
+beyond the content (`device_pages[d]`; every device has its own count, weight devices too):
 
-    KV device row:      pages/k_PX | pages/v_PX | embed/... | attn/... (all L) | final/...
-    weight device row:  moe/norm_LD | moe/router_LDE | moe/w1_LEDF2 (local shard) | moe/w2_LEFD ...
-                        | dense/norm_LD | dense/w1_LDF2 (local shard) | dense/w2_LFD (local shard)
+    KV device row:      K pages ... | its content, half 1 || V pages ... | its content, half 2
+    content:            the attention sides homed there (embed/..., attn/... (all L), final/...,
+                        and the FFN layers' input norms and routers moe/norm_LD, moe/router_LDE,
+                        dense/norm_LD), or a budgeted attention `Region`
+    weight device row:  the same halves; content: every model's FFN shards moe/w1_LEDF2 (local
+                        shard), moe/w2_LEFD, ..., dense/w1_LDF2, dense/w2_LFD, or a `Region`
 
-so nothing is stored twice except the (small) attention side, replicated on each KV device,
-and the routers and FFN norms, replicated on each weight device. A model's MoE layers and
-dense layers (`config.ffn_kind(l)`) are two stacks, each in its own slots. `arena_elems` is
-the max of the two roles' sizes (a KV device's row is mostly KV pages).
+so nothing is stored twice: each model's attention side (with its FFN norms and routers: the
+KV device computes the FFN's input and sends it with the hidden state) sits on ONE KV device,
+its home, where its requests start (`homes`; `attention_replicas` r puts it on r KV devices
+whose rows are alike, and a budgeted attention region every model's on every KV device), and the FFN shards partition the experts. A
+sequence starts on a home and may spill onto any device's pages, weight devices' included
+(the step then attends sequence-sharded). The KV and V page offsets are the same on every
+device (the kernels take them static); only the count of usable local ids differs, which
+the page allocator knows (`kv.allocator.PageAllocator(device_pages=)`). A model's MoE layers
+and dense layers (`config.ffn_kind(l)`) are two stacks, each in its own slots.
 
 Sharding rule of the experts over the `n_w` weight devices (one rule, both cases):
 `ep = gcd(E, n_w)` expert-parallel groups of `E / ep` experts each, and inside each group
@@ -24,36 +36,35 @@ tensor-parallel over all n_w devices (Fs % n_w must be 0), and so is a dense FFN
 (F = intermediate_size split in n_w contiguous blocks, gate and up columns kept aligned;
 F % n_w must be 0).
 
-Several models share one arena (`make_multi_layout`): ONE pages region (page_elems common to
-all, as the engine's `choose_page_elems` picks), then each model's attention side under
-"<model>/..." in the KV rows and its FFN shards under "<model>/moe/..." (and "<model>/dense/..."
-for dense layers) in the weight rows.
-`MultiArenaLayout.model(name)` is that model's `ArenaLayout` view (its slots, prefix dropped).
-
-KV pages come first in a KV row (offset 0) so that the row viewed as `[rows, K*H]` addresses
-a token slot of the K (resp. V) pages directly; `arena_elems` is a multiple of K*H.
+Several models share one arena (`make_multi_layout`): one page space per device (page_elems
+common to all, as the engine's `choose_page_elems` picks), each model's tensors under
+"<model>/..." in the rows that hold them. `MultiArenaLayout.model(name)` is that model's
+`ArenaLayout` view (the pages and its slots, prefix dropped; its attention slots valid on its
+homes). The row's length is given (`row_elems`: the device's memory) or the shortest giving
+each KV device `pages_per_device` pages.
 
 Kernel operands are never slices of a row (a custom call's operand is a whole buffer, so XLA
 would copy the slice into every call): the attention kernel gets the WHOLE row viewed as pages
 `[arena_elems / page_elems, G, K, H]` with the K and V page offsets (`kernel_pages`), the
 grouped matmuls the whole row viewed as rows `[arena_elems / N, N]` with the stack's first row
-(`expert_rows`, a `fused_moe.ExpertRows`). Hence `arena_elems` is a multiple of page_elems and
-of every expert stack's last dim N, the V pages start on a page boundary, each expert stack
-starts on a multiple of its N, and a budgeted weight region's slots are multiples of all of
-them (a slot shift keeps every stack aligned).
+(`expert_rows`, a `fused_moe.ExpertRows`). Hence the half is a multiple of page_elems, of
+every model's K*H (the K/V scatter views the row as [rows, K*H]) and of every expert stack's
+last dim N, each expert stack starts on a multiple of its N, and a budgeted weight region's
+slots are multiples of all of them (a slot shift keeps every stack aligned).
 
 Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
 role with a budget does not pack every model; its model region is a `Region` of `num_slots`
-equal slots (`slot_elems` = the role's largest model, aligned), and a model's view lays its
-slots out in slot 0. A model placed in slot i is read through `ArenaLayout.bind(bases)`:
-`bases` int32[2] (KV rows, weight rows) is a TRACED shift in units of `ALIGN` elements
-(i * slot_elems / ALIGN), added to every non-page slot with a dynamic slice, so one compiled
-program per model serves whatever slot it lands in (static per-slot layouts would compile
-one program per (model, slot)); units of ALIGN keep an int32 shift valid for rows past 2^31
-elements. A budget counts device bytes over the role's devices (the attention side counted
-once per KV device, like the weights pool's replicas): num_slots = budget // (devices *
-slot bytes), at most the number of models; a budget below one slot raises ValueError
-naming the option. `disagg/residency.py` decides which model sits in which slot.
+equal slots (`slot_elems` = the role's largest model, aligned), one block of content at the
+same offset on every row of the role, and a model's view lays its slots out in slot 0. A
+model placed in slot i is read through `ArenaLayout.bind(bases)`: `bases` int32[2] (KV rows,
+weight rows) is a TRACED shift in units of `ALIGN` elements (i * slot_elems / ALIGN), added to
+every non-page slot with a dynamic slice, so one compiled program per model serves whatever
+slot it lands in (static per-slot layouts would compile one program per (model, slot)); units
+of ALIGN keep an int32 shift valid for rows past 2^31 elements. A budget counts device bytes
+over the role's devices (the attention side counted once per KV device, like the weights
+pool's replicas): num_slots = budget // (devices * slot bytes), at most the number of models;
+a budget below one slot raises ValueError naming the option. `disagg/residency.py` decides
+which model sits in which slot.
 """
 from __future__ import annotations
 
@@ -103,8 +114,10 @@ class ArenaLayout:
     tokens_per_page: int          # G for this model's K*H
     ep: int                       # expert-parallel groups
     tp: int                       # tensor-parallel ways inside a group (over F)
-    kv_slots: tuple               # Slot, ... of a KV device's row
+    kv_slots: tuple               # Slot, ... of a KV device's row (this model's: valid on its homes)
     w_slots: tuple                # Slot, ... of a weight device's row
+    device_pages: tuple = ()      # usable pages of each device (n_kv + n_w); () = pages_per_device on KV devices
+    homes: tuple = ()             # KV device indices holding this model's attention side; () = all of them
 
     def __post_init__(self):
         if self.n_kv < 1 or self.n_w < 1:
@@ -112,6 +125,16 @@ class ArenaLayout:
         if len(self.device_ids) != self.n_kv + self.n_w:
             raise ValueError(f"ArenaLayout.device_ids has {len(self.device_ids)} ids, "
                              f"expected n_kv + n_w = {self.n_kv + self.n_w}")
+        if not self.device_pages:
+            object.__setattr__(self, "device_pages", (self.pages_per_device,) * self.n_kv + (0,) * self.n_w)
+        if not self.homes:
+            object.__setattr__(self, "homes", tuple(range(self.n_kv)))
+        if len(self.device_pages) != self.n_kv + self.n_w or not all(
+                0 <= p <= self.pages_per_device for p in self.device_pages):
+            raise ValueError(f"ArenaLayout.device_pages {self.device_pages} must give each of the "
+                             f"{self.n_kv + self.n_w} devices 0..pages_per_device={self.pages_per_device} pages")
+        if not self.homes or not all(0 <= k < self.n_kv for k in self.homes):
+            raise ValueError(f"ArenaLayout.homes {self.homes} must be KV device indices in [0, {self.n_kv})")
         if self.ep * self.tp != self.n_w:
             raise ValueError(f"ArenaLayout: ep * tp = {self.ep} * {self.tp} must equal n_w = {self.n_w}")
         for role, slots in (("kv", self.kv_slots), ("w", self.w_slots)):
@@ -145,8 +168,11 @@ class ArenaLayout:
     def has(self, role: str, name: str) -> bool:
         return any(s.name == name for s in self.slots(role))
 
-    def used_elems(self, role: str) -> int:
-        return max((s.offset + s.size for s in self.slots(role)), default=0)
+    def page_spans(self, device: int) -> list[tuple]:
+        """[(lo, hi) of the K pages, (lo, hi) of the V pages]: the part of row `device` its usable
+        pages take (the rest of the row is its content, or unused)."""
+        n = self.device_pages[device] * self.page_elems
+        return [(s.offset, s.offset + n) for s in (self.slot("kv", "pages/k_PX"), self.slot("kv", "pages/v_PX"))]
 
     def view(self, row_X: jax.Array, role: str, name: str) -> jax.Array:
         """The tensor `name` of a role inside one device's row (a static slice + reshape)."""
@@ -250,6 +276,7 @@ def _align(n: int, a: int = _ALIGN) -> int:
 
 
 EXPERT_STACKS = ("moe/w1_LEDF2", "moe/w2_LEFD")     # read by the grouped matmuls in place
+ROUTING_LEAVES = ("norm_LD", "router_LDE")           # an FFN layer's input norm and router: KV rows
 
 
 def _entry_align(name: str, shape) -> int:
@@ -280,8 +307,10 @@ def expert_split(num_experts: int, n_w: int) -> tuple[int, int]:
 def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]:
     """(attention-side entries, weight-row entries, ep, tp) of one model; raises for models the
     disaggregated step does not support. Weight rows: the MoE layers' leaves ("moe/...",
-    experts split by `expert_split`) and the dense layers' ("dense/...", F split over all n_w);
-    ep, tp = (1, n_w) for a model without MoE layers."""
+    experts split by `expert_split`) and the dense layers' ("dense/...", F split over all n_w)
+    but their input norms and routers (ROUTING_LEAVES), which sit with the attention side: the
+    KV device computes the FFN's input (`models.ffn_input`) and sends it; ep, tp = (1, n_w)
+    for a model without MoE layers."""
     c = config
     kv_shapes, ffn_shapes = param_shapes(c)
     kv_entries = []
@@ -300,18 +329,23 @@ def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]
         local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
         if Fs:
             local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
-        w_entries += [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()]
+        w_entries += [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()
+                      if leaf not in ROUTING_LEAVES]
     if "dense" in ffn_shapes:
         F, Ld = c.intermediate_size, c.num_layers_of_kind("dense")
         if F % n_w:
             raise ValueError(f"intermediate_size F={F} of the dense FFN layers must be divisible by the "
                              f"weight devices n_w={n_w} (split tensor-parallel over F)")
         local = {"w1_LDF2": (Ld, D, 2 * F // n_w), "w2_LFD": (Ld, F // n_w, D)}
-        w_entries += [(f"dense/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["dense"].items()]
+        w_entries += [(f"dense/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["dense"].items()
+                      if leaf not in ROUTING_LEAVES]
+    for kind in ("moe", "dense"):          # the FFN's input norm and router: on the KV side, once
+        kv_entries += [(f"{kind}/{leaf}", shape) for leaf, shape in ffn_shapes.get(kind, {}).items()
+                       if leaf in ROUTING_LEAVES]
     return kv_entries, w_entries, ep, tp
 
 
-def _check_split(n_kv, n_w, pages_per_device, devices) -> None:
+def _check_split(n_kv, n_w, pages_per_device, row_elems, devices) -> None:
     for name, n in (("n_kv", n_kv), ("n_w", n_w)):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"{name} must be a positive device count (each role needs at least one "
@@ -319,53 +353,57 @@ def _check_split(n_kv, n_w, pages_per_device, devices) -> None:
     if n_kv + n_w > len(devices):
         raise ValueError(f"split n_kv={n_kv} + n_w={n_w} = {n_kv + n_w} devices, but only "
                          f"{len(devices)} device(s) exist")
-    if pages_per_device < 1:
+    if (pages_per_device is None) == (row_elems is None):
+        raise ValueError("give exactly one of pages_per_device (the least pages of a KV device) and "
+                         "row_elems (the arena row's length)")
+    if pages_per_device is not None and pages_per_device < 1:
         raise ValueError(f"pages_per_device must be >= 1, got {pages_per_device}")
-
-
-def _page_slots(pages_per_device: int, page_elems: int, align: int) -> tuple:
-    """pages/k_PX at offset 0, pages/v_PX right after, on a page boundary (offsets multiples of
-    every model's K*H and of page_elems: the kernels view the whole row as pages)."""
-    shape = (pages_per_device, page_elems)
-    v_offset = _align(pages_per_device * page_elems, math.lcm(align, page_elems))
-    return (Slot("pages/k_PX", 0, shape), Slot("pages/v_PX", v_offset, shape))
 
 
 def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: int,
                 page_elems: Optional[int] = None, dtype="float32",
                 devices: Optional[Sequence[jax.Device]] = None) -> ArenaLayout:
-    """Lay out one model's arena for a split of `n_kv` KV devices and `n_w` weight devices.
+    """Lay out one model's arena for a split of `n_kv` KV devices and `n_w` weight devices, its
+    attention side on every KV device (each can home its sequences).
 
     devices: the pool to take them from (default `jax.devices()`): the first n_kv become the
     KV pool, the next n_w the weights pool. page_elems defaults to the pool's choice for this
     model's K*H (`kv.pool.choose_page_elems`).
     """
     multi = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, pages_per_device=pages_per_device,
-                              page_elems=page_elems, dtype=dtype, devices=devices)
+                              page_elems=page_elems, dtype=dtype, devices=devices, attention_replicas=n_kv)
     return multi.model("")
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiArenaLayout:
-    """The arena of several models: ONE shared pages region in every KV row, then each model's
-    attention side (slots "<model>/embed/...", "<model>/attn/...", "<model>/final/..."); each
-    weight row holds every model's FFN shards ("<model>/moe/...", "<model>/dense/..."). `model(name)` is that
-    model's view: an `ArenaLayout` over the same rows whose slots are the shared pages and the
-    model's own slots with the prefix dropped, so one step program per model reads only its slots.
-    A role with a `Region` (kv_region: attention sides, w_region: FFN shards) holds only
-    `num_slots` models at a time and every model's view sits in its slot 0 (see `bind`).
+    """The arena of several models. Every row is two halves of `half_elems`; a device's pages
+    fill each half from its start (K pages in the first half, V pages in the second, local page
+    l at the same place in both) and its content fills each half from its end (`depths[d]`: how
+    deep the content reaches into each half). KV rows hold the attention sides homed there
+    ("<model>/embed/...", "<model>/attn/...", "<model>/final/..."), weight rows every model's FFN
+    shards ("<model>/moe/...", "<model>/dense/..."), the same on every weight row. `model(name)`
+    is that model's view: an `ArenaLayout` over the same rows whose slots are the pages and the
+    model's own slots with the prefix dropped, so one step program per model reads only its
+    slots. A role with a `Region` (kv_region: attention sides, w_region: FFN shards) holds only
+    `num_slots` models at a time, at the same offsets on every row of the role, and every
+    model's view sits in its slot 0 (see `bind`).
     """
 
     models: tuple                 # ((name, ArenaLayout), ...) in registration order
-    kv_region: Optional[Region] = None     # None: every model's attention side packed, resident
+    kv_region: Optional[Region] = None     # None: every model's attention side on its homes, resident
     w_region: Optional[Region] = None      # None: every model's FFN shards packed, resident
+    depths: tuple = ()            # per device (depth in half 0, depth in half 1): elements of content
+    content: tuple = ()           # per device: elements of tensors (or regions) placed there
+    extents: tuple = ()           # ((name, attention side elements, one weight row's FFN elements), ...)
 
     def __post_init__(self):
         if not self.models:
             raise ValueError("MultiArenaLayout.models must name at least one model")
         first = self.models[0][1]
         for name, lay in self.models:
-            for field in ("n_kv", "n_w", "device_ids", "arena_elems", "dtype", "pages_per_device", "page_elems"):
+            for field in ("n_kv", "n_w", "device_ids", "arena_elems", "dtype", "pages_per_device", "page_elems",
+                          "device_pages"):
                 if getattr(lay, field) != getattr(first, field):
                     raise ValueError(f"MultiArenaLayout: model {name!r} has {field}={getattr(lay, field)!r}, "
                                      f"the arena has {getattr(first, field)!r}")
@@ -391,23 +429,37 @@ class MultiArenaLayout:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         return self.kv_region if role == "kv" else self.w_region
 
-    def used_elems(self, role: str) -> int:
-        """End of the role's content in its rows (the region's end when budgeted)."""
-        region = self.region(role)
-        if region is not None:
-            return region.end
-        return max(lay.used_elems(role) for _, lay in self.models)
-
     def region_elems(self, name: str, role: str) -> int:
-        """Elements of one model's own slots in a role, from the start of its region (or first slot)."""
-        slots = [s for s in self.model(name).slots(role) if not s.name.startswith("pages/")]
-        start = min(s.offset for s in slots)
-        return _align(max(s.offset + s.size for s in slots) - start)
+        """Elements of one model's own slots in a role ("kv": its attention side, "w": one weight
+        row's FFN shards), packed from an aligned start: what a budgeted slot must hold."""
+        for n, kv, w in self.extents:
+            if n == name:
+                return kv if role == "kv" else w
+        raise ValueError(f"the arena holds no model named {name!r}; it holds {self.names}")
+
+    def homes(self, name: str) -> tuple:
+        """The KV devices holding the model's attention side: where its sequences start."""
+        return self.model(name).homes
+
+    @property
+    def half_elems(self) -> int:
+        """Where the second half starts (the V pages; the second half may be longer by one unit)."""
+        return self.first.slot("kv", "pages/v_PX").offset
+
+    def content_spans(self, device: int) -> list[tuple]:
+        """[(lo, hi), ...]: where row `device`'s content (weights, attention sides, regions) lies."""
+        ends = (self.half_elems, self.arena_elems)
+        return [(end - depth, end) for end, depth in zip(ends, self.depths[device]) if depth]
+
+    def unused_elems(self, device: int) -> int:
+        """Elements of row `device` holding neither content nor a usable page (alignment, the
+        two halves' content depths differing, the last part-page of each half)."""
+        return self.arena_elems - self.content[device] - 2 * self.device_pages[device] * self.first.page_elems
 
     @property
     def first(self) -> ArenaLayout:
         """Any model's view: the fields shared by all (n_kv, n_w, device_ids, arena_elems, dtype,
-        pages_per_device, page_elems, mesh(), sharding())."""
+        pages_per_device, page_elems, device_pages, mesh(), sharding())."""
         return self.models[0][1]
 
     @property
@@ -428,7 +480,12 @@ class MultiArenaLayout:
 
     @property
     def pages_per_device(self) -> int:
+        """Page ids per device (the address space of a half; `device_pages` are usable)."""
         return self.first.pages_per_device
+
+    @property
+    def device_pages(self) -> tuple:
+        return self.first.device_pages
 
 
 def _extent(entries: Sequence[tuple]) -> int:
@@ -437,10 +494,10 @@ def _extent(entries: Sequence[tuple]) -> int:
     return _align(last.offset + last.size)
 
 
-def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: int, start: int,
+def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: int,
                    what: str, unit: int = _ALIGN) -> Optional[Region]:
-    """The role's Region for a byte budget over its n_rows devices (None: no budget); slots are
-    multiples of `unit` (the role's alignments)."""
+    """The role's Region (start 0: placed later) for a byte budget over its n_rows devices (None:
+    no budget); slots are multiples of `unit` (the role's alignments)."""
     if budget is None:
         return None
     if not isinstance(budget, (int, np.integer)) or budget < 0:
@@ -451,7 +508,7 @@ def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: in
     if budget < slot_bytes:
         raise ValueError(f"{option}={budget} is smaller than the largest model's {what}: model {biggest!r} "
                          f"needs {slot_bytes} bytes ({slot_elems * itemsize} on each of {n_rows} devices)")
-    return Region(start, slot_elems, min(len(extents), int(budget) // slot_bytes))
+    return Region(0, slot_elems, min(len(extents), int(budget) // slot_bytes))
 
 
 def _split_unsupported(c) -> Optional[str]:
@@ -466,24 +523,60 @@ def _split_unsupported(c) -> Optional[str]:
     return None
 
 
-def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, page_elems: Optional[int] = None,
-                      dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
+def _pack_halves(blocks: Sequence[tuple], extra: int = 0) -> tuple[dict, list]:
+    """Place blocks (name, elems, alignment) from the ends of a row's two halves downwards, each
+    (largest first) into the half with more room left (the second half is `extra` elements
+    longer), so both halves keep about the same room and the pages in it, equal in both, leave
+    little unused. Returns ({name: (half, depth of its start below the half's end)}, [depth of
+    half 0, depth of half 1]); the halves' ends must be multiples of every alignment."""
+    where, depth = {}, [0, 0]
+    for name, elems, alignment in sorted(blocks, key=lambda b: -b[1]):
+        h = 0 if depth[0] <= depth[1] - extra else 1
+        depth[h] = _align(depth[h] + elems, alignment)
+        where[name] = (h, depth[h])
+    return where, depth
+
+
+def _assign_homes(kv_extents: dict, n_kv: int, replicas: int) -> dict:
+    """name -> its KV devices: the KV devices in groups of `replicas` consecutive ones (rows with
+    the same content, so a model's slots sit at the same offsets on each), each model's
+    attention side on one group, largest first onto the group holding the fewest elements so
+    far (lowest index on ties)."""
+    if not isinstance(replicas, (int, np.integer)) or not 1 <= replicas <= n_kv or n_kv % replicas:
+        raise ValueError(f"attention_replicas must divide the KV devices n_kv={n_kv}, got {replicas!r}")
+    load, homes = [0] * (n_kv // replicas), {}
+    for name in sorted(kv_extents, key=lambda n: -kv_extents[n]):
+        g = min(range(len(load)), key=lambda i: (load[i], i))
+        homes[name] = tuple(range(g * replicas, (g + 1) * replicas))
+        load[g] += kv_extents[name]
+    return {name: homes[name] for name in kv_extents}
+
+
+def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optional[int] = None,
+                      page_elems: Optional[int] = None, dtype="float32", devices: Optional[Sequence[jax.Device]] = None,
                       attention_pool_bytes: Optional[int] = None, weights_pool_bytes: Optional[int] = None,
-                      fill_pages: bool = False, max_pages_per_device: Optional[int] = None) -> MultiArenaLayout:
+                      row_elems: Optional[int] = None, max_pages_per_device: Optional[int] = None,
+                      attention_replicas: int = 1) -> MultiArenaLayout:
     """Lay out several models (name -> ModelConfig) in one arena over n_kv + n_w devices.
 
-    page_elems defaults to `kv.pool.choose_page_elems` over every model's K*H (the engine's
-    choice). Raises ValueError naming the model for one the disaggregated step cannot run.
+    The row's length: `row_elems` (the device's memory for the arena, rounded down to the
+    row's alignment), or the shortest row giving every KV device at least `pages_per_device`
+    pages (exactly one of the two). Every device's memory beyond its content is pages
+    (`device_pages`), weight devices included: a request spilling off its home attends there
+    sequence-sharded. page_elems defaults to `kv.pool.choose_page_elems` over every model's
+    K*H (the engine's choice). Raises ValueError naming the model for one the disaggregated
+    step cannot run, and for a row too short for the content (or for one block on a KV device).
+
+    Attention sides: each model's on ONE KV device (`homes`, balanced by size), where its
+    sequences start; `attention_replicas` r: on r KV devices instead (a divisor of n_kv; its
+    requests then spread over them, at the cost of the copies' memory).
     attention_pool_bytes / weights_pool_bytes: budgets (device bytes over the role's devices)
-    of the KV rows' attention region and the weight rows' FFN region; None packs every
-    model there (all resident). The budget is exact: a weight row shorter than the KV rows
-    keeps its tail unused rather than growing the region (else any budget below the KV rows'
-    size would be no budget at all). fill_pages: when the weight rows are the longer role,
-    give the KV rows' spare tail to more pages (pages_per_device grows; the engine does), up to
-    max_pages_per_device when given (the attention kernel's addressing limit).
+    of a `Region` of slots for the attention sides (replicated on every KV device: any KV
+    device homes any model) and for the FFN shards; None packs every model (all resident).
+    max_pages_per_device caps each device's usable pages (the attention kernel's addressing).
     """
     devices = list(jax.devices() if devices is None else devices)
-    _check_split(n_kv, n_w, pages_per_device, devices)
+    _check_split(n_kv, n_w, pages_per_device, row_elems, devices)
     if not configs:
         raise ValueError("make_multi_layout: no models given")
     kv_rows = [c.kv_size for c in configs.values()]
@@ -501,76 +594,82 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: int, pa
             if not name:                       # make_layout's single unnamed model
                 raise
             raise ValueError(f"model {name!r} cannot run on the disaggregated step: {e}") from None
-    align = math.lcm(_ALIGN, *kv_rows)
     w_unit = _role_unit([e for _, w_entries, _, _ in entries.values() for e in w_entries])
     itemsize = jnp.dtype(dtype).itemsize
+    extents = {n: (_extent(e[0]), _extent(e[1])) for n, e in entries.items()}
     kv_region = _budget_region(attention_pool_bytes, "attention_pool_bytes",
-                               {n: _extent(e[0]) for n, e in entries.items()}, n_kv, itemsize, 0,
+                               {n: x[0] for n, x in extents.items()}, n_kv, itemsize,
                                "attention side (replicated on every KV device)")
-    w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes",
-                              {n: _extent(e[1]) for n, e in entries.items()}, n_w, itemsize, 0,
-                              "FFN shards over the weight devices", unit=w_unit)
-    row_unit = math.lcm(align, page_elems, w_unit)      # the kernels' whole-row views divide the row
-    multi = _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
-                     kv_region, w_region, row_unit=row_unit)
-    if fill_pages:
-        more = _pages_that_fit(multi, page_elems, align)
-        if max_pages_per_device is not None:
-            more = min(more, max_pages_per_device)
-        if more > pages_per_device:
-            multi = _lay_out(configs, entries, n_kv, n_w, more, page_elems, dtype, devices, align, kv_region,
-                             w_region, arena_elems=multi.arena_elems)
-    return multi
-
-
-def _kv_region_start(pages_per_device: int, page_elems: int, align: int) -> int:
-    v = _page_slots(pages_per_device, page_elems, align)[1]
-    return _align(v.offset + v.size)
-
-
-def _pages_that_fit(multi: MultiArenaLayout, page_elems: int, align: int) -> int:
-    """The most pages per KV device whose rows still fit the arena (same attention region)."""
-    first = multi.first
-    own = _kv_region_start(first.pages_per_device, page_elems, align)
-    tail = multi.used_elems("kv") - own          # the attention side(s) after the pages
-    pages = max(first.pages_per_device, (first.arena_elems - tail) // (2 * page_elems))
-    while pages > first.pages_per_device and _kv_region_start(pages, page_elems, align) + tail > first.arena_elems:
-        pages -= 1
-    return pages
-
-
-def _lay_out(configs, entries, n_kv, n_w, pages_per_device, page_elems, dtype, devices, align,
-             kv_region, w_region, arena_elems=None, row_unit=None) -> MultiArenaLayout:
-    pages = _page_slots(pages_per_device, page_elems, align)
-    kv_start = _kv_region_start(pages_per_device, page_elems, align)
-    if kv_region is not None:
-        kv_region = dataclasses.replace(kv_region, start=kv_start)
+    w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes", {n: x[1] for n, x in extents.items()},
+                              n_w, itemsize, "FFN shards over the weight devices", unit=w_unit)
+    # the kernels view the whole row as pages and as expert rows, and the V pages start at the half
+    row_unit = math.lcm(_ALIGN, *kv_rows, page_elems, w_unit)
     prefix = {name: f"{name}/" if name else "" for name in configs}
+    homes = _assign_homes({n: x[0] for n, x in extents.items()}, n_kv,
+                          n_kv if kv_region is not None else attention_replicas)
 
-    def own_slots(role_index, start, region):
-        """name -> that model's own slots (prefix dropped): packed after one another, or each
-        model from the region's start (its slot 0)."""
+    def role_blocks(role_index, region, names):
         if region is not None:
-            return {n: _pack(e[role_index], region.start) for n, e in entries.items()}
-        packed = _pack([(prefix[n] + k, shape) for n, e in entries.items() for k, shape in e[role_index]], start)
-        out = {}
-        for n, e in entries.items():
-            names = {prefix[n] + k for k, _ in e[role_index]}
-            out[n] = tuple(Slot(s.name[len(prefix[n]):], s.offset, s.shape) for s in packed if s.name in names)
-        return out
+            return [("<region>", region.num_slots * region.slot_elems,
+                     w_unit if role_index else _ALIGN)]
+        return [(prefix[n] + k, int(np.prod(shape, dtype=np.int64)), _entry_align(k, shape))
+                for n in names for k, shape in entries[n][role_index]]
 
-    kv_own, w_own = own_slots(0, kv_start, kv_region), own_slots(1, 0, w_region)
-    used_kv = kv_region.end if kv_region else max(s.offset + s.size for v in kv_own.values() for s in v)
-    used_w = w_region.end if w_region else max(s.offset + s.size for v in w_own.values() for s in v)
-    if arena_elems is None:
-        arena_elems = _align(max(used_kv, used_w), row_unit or align)
+    # the first half ends at `half`, the second at the row's end (one row_unit longer when the
+    # row holds an odd number of them)
+    if row_elems is None:
+        extra = 0
+    else:
+        arena_elems = int(row_elems) // row_unit * row_unit
+        half = arena_elems // (2 * row_unit) * row_unit
+        extra = arena_elems - 2 * half
+    kv_packing = [_pack_halves(role_blocks(0, kv_region, [n for n in configs if k in homes[n]]), extra)
+                  for k in range(n_kv)]
+    w_packing = _pack_halves(role_blocks(1, w_region, list(configs)), extra)
+    depths = [depth for _, depth in kv_packing] + [w_packing[1]] * n_w
+    most_layers = max(c.num_layers for c in configs.values())
+    if row_elems is None:
+        half = _align(max(max(map(max, depths[:n_kv])) + pages_per_device * page_elems, max(map(max, depths))),
+                      row_unit)
+        arena_elems = 2 * half
+    room = [min(half - d0, half + extra - d1) for d0, d1 in depths]
+    if min(room[:n_kv]) < most_layers * page_elems or min(room) < 0:
+        raise ValueError(f"an arena row of {row_elems} elements is too short: a KV device needs its attention "
+                         f"sides and one block of {most_layers} pages ({max(map(sum, depths[:n_kv]))} + "
+                         f"{2 * most_layers * page_elems} elements), a weight device its FFN shards "
+                         f"({sum(depths[-1])}); the halves hold {half}")
+    device_pages = tuple(min(r // page_elems, max_pages_per_device or r) for r in room)
+    P = half // page_elems
+    pages = (Slot("pages/k_PX", 0, (P, page_elems)), Slot("pages/v_PX", half, (P, page_elems)))
+    ends = (half, arena_elems)
+
+    def offset(packing, name):
+        h, depth = packing[0][name]
+        return ends[h] - depth
+
+    if kv_region is not None:
+        kv_region = dataclasses.replace(kv_region, start=offset(kv_packing[0], "<region>"))
+    if w_region is not None:
+        w_region = dataclasses.replace(w_region, start=offset(w_packing, "<region>"))
+
+    def own_slots(name, role_index, region, packing):
+        if region is not None:
+            return _pack(entries[name][role_index], region.start)
+        return tuple(Slot(k, offset(packing, prefix[name] + k), tuple(int(x) for x in shape))
+                     for k, shape in entries[name][role_index])
+
+    content = ([sum(b[1] for b in role_blocks(0, kv_region, [n for n in configs if k in homes[n]]))
+                for k in range(n_kv)] + [sum(b[1] for b in role_blocks(1, w_region, list(configs)))] * n_w)
     device_ids = tuple(d.id for d in devices[:n_kv + n_w])
     views = []
     for name, (_, _, ep, tp) in entries.items():
         c = configs[name]
         views.append((name, ArenaLayout(
             n_kv=int(n_kv), n_w=int(n_w), device_ids=device_ids, arena_elems=arena_elems,
-            dtype=jnp.dtype(dtype).name, pages_per_device=pages_per_device, page_elems=page_elems,
+            dtype=jnp.dtype(dtype).name, pages_per_device=P, page_elems=page_elems,
             tokens_per_page=tokens_per_page(page_elems, c.num_kv_heads, c.head_dim), ep=ep, tp=tp,
-            kv_slots=pages + kv_own[name], w_slots=w_own[name])))
-    return MultiArenaLayout(tuple(views), kv_region, w_region)
+            kv_slots=pages + own_slots(name, 0, kv_region, kv_packing[homes[name][0]]),
+            w_slots=own_slots(name, 1, w_region, w_packing), device_pages=device_pages, homes=homes[name])))
+    all_depths = tuple(tuple(depth) for _, depth in kv_packing) + (tuple(w_packing[1]),) * n_w
+    return MultiArenaLayout(tuple(views), kv_region, w_region, all_depths, tuple(content),
+                            tuple((n, kv, w) for n, (kv, w) in extents.items()))

@@ -3,14 +3,16 @@
 `disagg_step(arena, inputs, *, layout, config, num_microbatches)` runs inside `jax.shard_map`
 over the 1D mesh axis "dev" (KV devices first, then weight devices; layout.py). Each device
 sees its own arena row and its role (`axis_index("dev") < n_kv`). KV devices own sequences
-(data-parallel: a sequence's pages are on one KV device) and run embedding, attention (K/V
-written into their local pages, `ragged_paged_attention` over them) and the final
-norm and lm head; weight devices run each layer's FFN for all KV devices' tokens with
-their shard only (a MoE layer: their experts / block of F; a dense layer: their block of F;
-which one by the model's static kind table, `_ffn_partial`). Hidden states cross between the roles by an exchange that every
-device executes (collectives stay outside the role `lax.cond`s):
+(data-parallel: a sequence's pages are on its home KV device, the one holding its model's
+attention side) and run embedding, attention (K/V written into their local pages,
+`ragged_paged_attention` over them), each layer's FFN input (its norm and router logits,
+`_ffn_in`: those weights sit with the attention side, once per model) and the final norm and
+lm head; weight devices run each layer's FFN for all KV devices' tokens with their shard only
+(a MoE layer: their experts / block of F; a dense layer: their block of F; which one by the
+model's static kind table, `_ffn_partial`). Hidden states cross between the roles by an
+exchange that every device executes (collectives stay outside the role `lax.cond`s):
 
-    to_weights(h)   attention outputs of every KV device -> every weight device's inbox
+    to_weights(p)   FFN inputs [x | router logits] of every KV device -> every weight device's inbox
     to_kv(y)        weight devices' partial FFN outputs, summed, tokens of KV device k -> k
 
 By default (`exchange="p2p"`) each direction is max(n_kv, n_w) rounds of `ppermute` over
@@ -41,8 +43,8 @@ each stage and the data switches the idle role off: its K/V writes go to dropped
 attention sees num_seqs = 0 (the kernel does no work), its expert groups are all empty (the
 grouped matmuls read no expert), and its outputs are replaced by zeros with `where` (never
 multiplied: what an idle device computes from the other role's bytes may be NaN). What an
-idle device still does: the q/k/v and o projections (weight devices, on their own row's
-bytes), the router and any dense or shared-expert matmul (KV devices). A model mixing FFN
+idle device still does: the q/k/v and o projections and the FFN input's norm and router
+(weight devices, on their own row's bytes), any dense or shared-expert matmul (KV devices). A model mixing FFN
 kinds keeps one `lax.switch` per layer. The final logits are computed on every device too
 (the weight devices' rows are dropped).
 
@@ -50,14 +52,15 @@ Multi-step decode (`disagg_decode`): the same forward (`_device_program`'s `run`
 num_steps times in a `fori_loop` on a pure-decode batch, sampling on the KV devices and the
 sampled tokens fed back, so a dispatch (and its host work) serves num_steps tokens.
 
-Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several KV
+Sequence-sharded variant (`sharded_pages` given: some sequence's pages lie on several
 devices; a different program, the common case keeps the one above). Each sequence's tokens
 belong to its home KV device (q/k/v, residual, FFN exchange and logits as above). Per stage
 the q/k/v of every KV device's tokens are all-gathered (every device runs it; weight devices
-pass zeros), each KV device writes the K/V of the tokens whose page is local and computes
-the partial attention of ALL gathered tokens over its local pages (`sharded_attention`),
-the partials are merged by log-sum-exp (pmax + psum over the axis), and each home takes its
-tokens' rows for the o projection.
+pass zeros), EVERY device (a weight device's row holds pages too: a long request spills
+there) writes the K/V of the tokens whose page is local and computes the partial attention
+of ALL gathered tokens over its local pages (`sharded_attention`), the partials are merged
+by log-sum-exp (pmax + psum over the axis), and each home takes its tokens' rows for the o
+projection.
 
 Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
 unsharded attention) and `fused_moe` (over the device's experts); "auto" is the
@@ -82,8 +85,8 @@ from crosspool_jax.disagg.inputs import ShardedPages
 from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
 from crosspool_jax.kv.pool import page_view, token_slots
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.transformer import (compute_logits, ffn_partial, output_projection, qkv_projection,
-                                              rms_norm)
+from crosspool_jax.models.transformer import (compute_logits, ffn_input, ffn_output, output_projection,
+                                              qkv_projection, rms_norm)
 from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime.packed_inputs import unpacked
 from crosspool_jax.runtime.step_inputs import StepInputs
@@ -160,12 +163,50 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
     return _o_proj(row_X, x_TD, out_TNH, layer, layout, c)
 
 
-def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference",
+def _kind_tables(config: ModelConfig):
+    """(kind index, index into its stack) int32 [L] tables of a model mixing FFN kinds."""
+    L, kinds = config.num_layers, config.ffn_kinds
+    return (jnp.asarray([kinds.index(config.ffn_kind(l)) for l in range(L)], jnp.int32),
+            jnp.asarray([config.ffn_index(l) for l in range(L)], jnp.int32))
+
+
+def payload_width(config: ModelConfig) -> int:
+    """Width of the hidden state sent to the weight devices: the FFN input x [T, D] and, for a
+    model with MoE layers, the router logits [T, E] beside it."""
+    return config.hidden_size + (config.num_experts if "moe" in config.ffn_kinds else 0)
+
+
+def _ffn_in(row_X, h_TD, layer, layout: ArenaLayout, config: ModelConfig):
+    """KV device: layer `layer`'s FFN input as sent to the weight devices, [T, payload_width]
+    in h's dtype: the normed x and the router logits (`models.ffn_input`; the norms and routers
+    sit in the KV rows, once per model, not on every weight device). A model mixing kinds
+    picks its stack under one `lax.switch` (dense layers send zero logits)."""
+    c, dtype = config, h_TD.dtype
+    E = payload_width(c) - c.hidden_size
+
+    def payload(kind, index, h):
+        p = {s.name[len(kind) + 1:]: layout.view(row_X, "kv", s.name)[index]
+             for s in layout.kv_slots if s.name.startswith(f"{kind}/")}
+        x_TD, logits_TE = ffn_input(p, c, kind, h)
+        if not E:
+            return x_TD.astype(dtype)
+        if logits_TE is None:
+            logits_TE = jnp.zeros((h.shape[0], E), dtype)
+        return jnp.concatenate([x_TD.astype(dtype), logits_TE.astype(dtype)], axis=-1)
+
+    kinds = c.ffn_kinds
+    if len(kinds) == 1:
+        return payload(kinds[0], layer, h_TD)
+    kind_L, index_L = _kind_tables(c)
+    return jax.lax.switch(kind_L[layer], [functools.partial(payload, k, index_L[layer]) for k in kinds], h_TD)
+
+
+def _ffn_partial(row_X, inbox_TX, layer, w_index, layout: ArenaLayout, config: ModelConfig, backend: str = "reference",
                  on=True, token_mask_T=None):
-    """Weight device: this device's share of layer `layer`'s FFN output (no residual), float32;
-    the sum over the weight devices is the full FFN output. `on` False (traced): no expert is
-    read (empty groups); the caller discards the output. token_mask_T: the inbox's real tokens
-    (padding reads no expert).
+    """Weight device: this device's share of layer `layer`'s FFN output (no residual), float32,
+    from the KV devices' payload (`_ffn_in`: x and router logits); the sum over the weight
+    devices is the full FFN output. `on` False (traced): no expert is read (empty groups); the
+    caller discards the output. token_mask_T: the inbox's real tokens (padding reads no expert).
 
     A model with one FFN kind reads that stack at `layer` (a MoE-only model compiles exactly as
     without dense support); a model mixing kinds picks the branch and the index into its stack
@@ -175,14 +216,12 @@ def _ffn_partial(row_X, h_TD, layer, w_index, layout: ArenaLayout, config: Model
     c = config
     kinds = c.ffn_kinds
     if len(kinds) == 1:
-        return _ffn_shard(row_X, h_TD, layer, w_index, layout, c, backend, on, token_mask_T, kind=kinds[0])
-    L = c.num_layers
-    kind_L = jnp.asarray([kinds.index(c.ffn_kind(l)) for l in range(L)], jnp.int32)
-    index_L = jnp.asarray([c.ffn_index(l) for l in range(L)], jnp.int32)
+        return _ffn_shard(row_X, inbox_TX, layer, w_index, layout, c, backend, on, token_mask_T, kind=kinds[0])
+    kind_L, index_L = _kind_tables(c)
     index = index_L[layer]
     branches = [functools.partial(_ffn_shard, row_X, index=index, w_index=w_index, layout=layout, config=c,
                                   backend=backend, on=on, token_mask_T=token_mask_T, kind=k) for k in kinds]
-    return jax.lax.switch(kind_L[layer], branches, h_TD)
+    return jax.lax.switch(kind_L[layer], branches, inbox_TX)
 
 
 def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
@@ -193,22 +232,24 @@ def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
             for s in layout.w_slots if s.name.startswith(prefix) and s.name not in EXPERT_STACKS}
 
 
-def _ffn_shard(row_X, h_TD, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on,
+def _ffn_shard(row_X, inbox_TX, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on,
                token_mask_T=None, *, kind: str):
     """Weight device: its share of layer `index` of the model's `kind` stack, float32
-    (`models.ffn_partial` on the row's shards: its experts, or its block of F of a dense layer
-    and of a shared expert; routers and FFN norms replicated). Expert stacks are read in place
+    (`models.ffn_output` on the row's shards: its experts, or its block of F of a dense layer
+    and of a shared expert) of the payload [x | router logits]. Expert stacks are read in place
     (`layout.expert_rows`). `on` False: the expert offset points past the experts, so no
     expert is read."""
-    c = config
+    c, D = config, config.hidden_size
     p = _stack_params(row_X, kind, index, layout)
+    x_TD, logits_TE = inbox_TX[:, :D], (inbox_TX[:, D:] if kind == "moe" else None)
     offset = None
     if kind == "moe":
         for name in EXPERT_STACKS:
             p[name[len("moe/"):]] = layout.expert_rows(row_X, name, index)
         E_loc = p["w1_LEDF2"].shape[0]
         offset = jnp.where(on, (w_index // layout.tp) * E_loc, c.num_experts)
-    return ffn_partial(p, c, kind, h_TD, moe_backend=backend, expert_offset=offset, token_mask_T=token_mask_T)
+    return ffn_output(p, c, kind, x_TD, logits_TE, moe_backend=backend, expert_offset=offset,
+                      token_mask_T=token_mask_T)
 
 
 def p2p_rounds(n_kv: int, n_w: int) -> list[list[tuple]]:
@@ -224,8 +265,8 @@ def collective_exchange(layout: ArenaLayout, d, Tm: int, D: int):
     `p2p_exchange` does."""
     n_kv, n_w = layout.n_kv, layout.n_w
 
-    def to_weights(h_TD):
-        return jax.lax.all_gather(h_TD, AXIS)[:n_kv].reshape(n_kv * Tm, D)
+    def to_weights(h_TX):
+        return jax.lax.all_gather(h_TX, AXIS)[:n_kv].reshape(n_kv * Tm, h_TX.shape[-1])
 
     def to_kv(y_TD):
         y_NTD = jnp.concatenate([y_TD.reshape(n_kv, Tm, D), jnp.zeros((n_w, Tm, D), y_TD.dtype)])
@@ -234,7 +275,7 @@ def collective_exchange(layout: ArenaLayout, d, Tm: int, D: int):
 
 
 def p2p_exchange(layout: ArenaLayout, d, Tm: int, D: int):
-    """(to_weights(h_TD) -> inbox [n_kv*Tm, D] on weight devices,
+    """(to_weights(h_TX) -> inbox [n_kv*Tm, X] on weight devices (X: the payload's width),
         to_kv(y_TD [n_kv*Tm, D]) -> summed FFN output [Tm, D] on KV devices) for device d.
 
     max(n_kv, n_w) rounds of `ppermute` per direction (`p2p_rounds`); only KV<->weight pairs
@@ -245,13 +286,13 @@ def p2p_exchange(layout: ArenaLayout, d, Tm: int, D: int):
     m, w = len(rounds), d - n_kv
 
     def to_weights(h_TD):
-        inbox_KTD = jnp.zeros((n_kv, Tm, D), h_TD.dtype)
+        inbox_KTD = jnp.zeros((n_kv, Tm, h_TD.shape[-1]), h_TD.dtype)
         for r, pairs in enumerate(rounds):
             got_TD = jax.lax.ppermute(h_TD, AXIS, perm=[(k, n_kv + j) for k, j in pairs])
             k_src = (w - r) % m                                  # who sent to weight device w
             put = jax.lax.dynamic_update_index_in_dim(inbox_KTD, got_TD, jnp.clip(k_src, 0, n_kv - 1), 0)
             inbox_KTD = jnp.where((w >= 0) & (k_src < n_kv), put, inbox_KTD)
-        return inbox_KTD.reshape(n_kv * Tm, D)
+        return inbox_KTD.reshape(n_kv * Tm, h_TD.shape[-1])
 
     def to_kv(y_TD):
         y_KTD = y_TD.reshape(n_kv, Tm, D)
@@ -297,7 +338,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
         emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
         x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
 
-        def attention(row_X, x_MTD, m, layer, on):
+        def attention(row_X, x_MTD, m, layer, on, pages_on):
             """(h_TD, row): KV device's attention of micro-batch m (zeros and no write when off)."""
             step = jax.tree_util.tree_map(lambda a: a[m], mine)
             x_TD = x_MTD[m]
@@ -311,9 +352,10 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             h_TD = _attend(row_X, x_TD, q_TNH, live, layer, layout, c, attention_backend)
             return jnp.where(on, h_TD, jnp.zeros_like(h_TD)), row_X
 
-        def attention_sharded(row_X, x_MTD, m, layer, on):
-            """`attention` when sequences span KV devices: gathered q/k/v, local writes and partial
-            attention over the local pages, log-sum-exp merge; collectives outside the conds."""
+        def attention_sharded(row_X, x_MTD, m, layer, on, pages_on):
+            """`attention` when sequences span devices: gathered q/k/v, local writes and partial
+            attention over the local pages on EVERY device holding pages (`pages_on`: this
+            stage attends; weight devices too), log-sum-exp merge; collectives outside the conds."""
             step = jax.tree_util.tree_map(lambda a: a[m], mine)
             x_TD = x_MTD[m]
             zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
@@ -323,10 +365,10 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
                 lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
             q_all, k_all, v_all = (jax.lax.all_gather(a, AXIS)[:n_kv].reshape(n_kv * Tm, *a.shape[1:])
                                    for a in qkv_TXH)
-            pages = jax.tree_util.tree_map(lambda a: a[kv_index, m], (sharded.slots_LT, sharded.pages_LSB,
-                                                                      sharded.blocks_SB))
+            pages = jax.tree_util.tree_map(lambda a: a[d, m], (sharded.slots_LT, sharded.pages_LSB,
+                                                               sharded.blocks_SB))
             slots_LT, pages_LSB, blocks_SB = pages
-            row_X = _write_kv_rows(row_X, layout, c, k_all, v_all, jnp.where(on, slots_LT[layer], -1))
+            row_X = _write_kv_rows(row_X, layout, c, k_all, v_all, jnp.where(pages_on, slots_LT[layer], -1))
 
             def partial(q_TNH):
                 k_pages, v_pages = _pages(row_X, layout, c)
@@ -336,7 +378,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
 
             T_all = n_kv * Tm
             out_TNH, lse_TN = jax.lax.cond(
-                on, partial, lambda q: (jnp.zeros((T_all, c.num_heads, c.head_dim), jnp.float32),
+                pages_on, partial, lambda q: (jnp.zeros((T_all, c.num_heads, c.head_dim), jnp.float32),
                                         jnp.full((T_all, c.num_heads), sharded_attention.EMPTY_LSE, jnp.float32)),
                 q_all)
             merged_TNH = sharded_attention.merge_over_axis(out_TNH, lse_TN, AXIS)
@@ -360,8 +402,8 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
         if M == 1:
             def stage(carry, layer):
                 x_MTD, row_X = carry
-                h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv)
-                y_TD = to_kv(ffn(row_X, to_weights(h_TD), layer, ~is_kv, 0))
+                h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv, True)
+                y_TD = to_kv(ffn(row_X, to_weights(_ffn_in(row_X, h_TD, layer, layout, c)), layer, ~is_kv, 0))
                 return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
 
             (x_MTD, row_X), _ = jax.lax.scan(stage, (x_MTD, row_X), jnp.arange(L, dtype=jnp.int32))
@@ -372,15 +414,15 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
                 attn_on = is_kv & (t < 2 * L)
                 m_f, i_f = (t + 1) % 2, jnp.maximum(t - 1, 0) // 2
                 ffn_on = t >= 1
-                h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on)
+                h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on, t < 2 * L)
                 y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on, m_f)
-                inbox_TD = to_weights(h_TD)                    # the exchange: every device runs it
+                inbox_TD = to_weights(_ffn_in(row_X, h_TD, i_a, layout, c))    # the exchange: every device runs it
                 y_back_TD = to_kv(y_TD)
                 x_MTD = jnp.where(attn_on, x_MTD.at[m_a].set(h_TD), x_MTD)
                 x_MTD = jnp.where(is_kv & ffn_on, x_MTD.at[m_f].add(y_back_TD), x_MTD)
                 return (x_MTD, inbox_TD, row_X), None
 
-            carry = (x_MTD, jnp.zeros((n_kv * Tm, D), dtype), row_X)
+            carry = (x_MTD, jnp.zeros((n_kv * Tm, payload_width(c)), dtype), row_X)
             (x_MTD, _, row_X), _ = jax.lax.scan(stage, carry, jnp.arange(num_stages(L, M), dtype=jnp.int32))
 
         S = mine.logits_indices_S.shape[1]

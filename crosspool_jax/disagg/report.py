@@ -27,8 +27,9 @@ def no_exchange(layout, d, Tm: int, D: int):
     import jax.numpy as jnp
     n_kv = layout.n_kv
 
-    def to_weights(h_TD):              # this device's own rows, as if every KV device had sent them
-        return jnp.broadcast_to(h_TD[None], (n_kv, Tm, D)).reshape(n_kv * Tm, D)
+    def to_weights(h_TX):              # this device's own rows, as if every KV device had sent them
+        X = h_TX.shape[-1]
+        return jnp.broadcast_to(h_TX[None], (n_kv, Tm, X)).reshape(n_kv * Tm, X)
 
     def to_kv(y_TD):
         return y_TD.reshape(n_kv, Tm, D)[0]
@@ -37,9 +38,10 @@ def no_exchange(layout, d, Tm: int, D: int):
 
 @dataclasses.dataclass(frozen=True)
 class TransferBytes:
-    """Bytes per layer of one step (T tokens per KV device, D hidden, b bytes per element)."""
+    """Bytes per layer of one step (T tokens per KV device, D hidden, E router logits beside it,
+    b bytes per element)."""
 
-    to_weights_payload: int       # distinct hidden states sent to the weights pool: n_kv*T*D*b
+    to_weights_payload: int       # distinct FFN inputs sent to the weights pool: n_kv*T*(D+E)*b
     to_weights_delivered: int     # what the weight devices receive: n_w copies of it
     back_partials: int            # partial FFN outputs leaving the weights pool: n_w*n_kv*T*D*b
     back_delivered: int           # summed outputs the KV devices receive: n_kv*T*D*b
@@ -47,12 +49,13 @@ class TransferBytes:
 
 
 def transfer_bytes(*, n_kv: int, n_w: int, tokens_per_device: int, hidden: int, itemsize: int,
-                   num_layers: int, num_microbatches: int, exchange: str = "p2p") -> TransferBytes:
+                   num_layers: int, num_microbatches: int, exchange: str = "p2p", experts: int = 0) -> TransferBytes:
     """Count the per-layer bytes of the exchange for a split and batch (see module docstring).
 
     p2p: a KV device receives n_w partials of its Tm tokens, a weight device n_kv micro-batches
-    of hidden states, per exchange. collective: a ring all_gather and psum_scatter each bring
-    (n - 1) shards of Tm*D to every device. M=2 runs 2L+1 exchanges of T/2 tokens, M=1 L of T.
+    of FFN inputs (x and, for a MoE model, its `experts` router logits), per exchange.
+    collective: a ring all_gather and psum_scatter each bring (n - 1) shards of Tm*D to every
+    device. M=2 runs 2L+1 exchanges of T/2 tokens, M=1 L of T.
     """
     from crosspool_jax.disagg.pipeline import num_stages
     if exchange not in ("p2p", "collective"):
@@ -60,10 +63,11 @@ def transfer_bytes(*, n_kv: int, n_w: int, tokens_per_device: int, hidden: int, 
     T, D, b, n = tokens_per_device, hidden, itemsize, n_kv + n_w
     Tm = -(-T // num_microbatches)
     exchanges_per_layer = num_stages(num_layers, num_microbatches) / num_layers
-    shard = Tm * D * b
-    per_exchange = max(n_kv, n_w) * shard if exchange == "p2p" else 2 * (n - 1) * shard
+    X = D + experts
+    shard, shard_in = Tm * D * b, Tm * X * b
+    per_exchange = max(n_w * shard, n_kv * shard_in) if exchange == "p2p" else (n - 1) * (shard + shard_in)
     return TransferBytes(
-        to_weights_payload=n_kv * T * D * b, to_weights_delivered=n_w * n_kv * T * D * b,
+        to_weights_payload=n_kv * T * X * b, to_weights_delivered=n_w * n_kv * T * X * b,
         back_partials=n_w * n_kv * T * D * b, back_delivered=n_kv * T * D * b,
         busiest_device_received=int(exchanges_per_layer * per_exchange))
 

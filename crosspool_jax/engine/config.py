@@ -37,7 +37,13 @@ class EngineConfig:
       the size of the largest model's expert shards; disagg/residency.py).
     attention_pool_bytes: the same for the attention side (embeddings, attention weights,
       norms, lm head) on the KV devices (shared/static: per device; a crosspool split: over all
-      KV devices, the replicated attention side counted once per device). None = no limit.
+      KV devices, the replicated attention side counted once per device). None = no limit (a
+      crosspool split then keeps each model's attention side on one KV device, its home).
+    arena_bytes: a crosspool split: each device's arena row in bytes; its memory beyond its
+      role's weights and the attention sides homed there is KV pages (weight devices too).
+      Replaces kv_pool_bytes; None = rows sized by kv_pool_bytes.
+    attention_replicas: a crosspool split: on how many KV devices each model's attention side
+      sits (a divisor of kv_devices; its requests start there). 1: once, the most pages.
     max_model_len: cap on any model's context (prompt + output); None = each model's own.
     min_token_bucket: a step's tokens are padded to a power of two at least this; larger
       values mean fewer compiled step programs and more padding.
@@ -75,6 +81,14 @@ class EngineConfig:
     attention_pool_bytes: Optional[int] = _opt(None, "Budget of the attention side (embeddings, attention "
                                                "weights, norms, lm head) on the KV devices, swapped like the "
                                                "weights pool. Unset: no limit.", kind="bytes")
+    arena_bytes: Optional[int] = _opt(None, "Mode crosspool with a device split: bytes of each device's arena "
+                                      "row (its role's weights, the attention sides homed there, and KV pages "
+                                      "in all the rest, weight devices included); replaces kv_pool_bytes. "
+                                      "Unset: rows as long as kv_pool_bytes' pages on the KV devices need.",
+                                      kind="bytes")
+    attention_replicas: int = _opt(1, "Mode crosspool with a device split: on how many KV devices each "
+                                   "model's attention side sits (its requests start on them; a divisor of "
+                                   "kv_devices). 1 stores each once: the most KV pages.")
     page_elems: Optional[int] = _opt(None, "Elements of one KV page (one layer's K or V for G tokens); unset: "
                                      "chosen so that every model gets at least 16 tokens per page.")
     max_model_len: Optional[int] = _opt(None, "Cap on any model's context (prompt + output tokens); unset: "
@@ -122,14 +136,18 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket",
+                     "attention_replicas"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("kv_pool_bytes", "weights_pool_bytes", "attention_pool_bytes", "max_model_len", "page_elems",
-                     "decode_step_prefill_tokens", "max_lanes"):
+        for name in ("kv_pool_bytes", "arena_bytes", "weights_pool_bytes", "attention_pool_bytes", "max_model_len",
+                     "page_elems", "decode_step_prefill_tokens", "max_lanes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+        if self.arena_bytes is not None and self.kv_pool_bytes is not None:
+            raise ValueError("EngineConfig: give arena_bytes (a crosspool split's rows; pages fill what the "
+                             "weights leave) or kv_pool_bytes, not both")
         for name in ("kv_devices", "weight_devices"):
             _check_devices(name, getattr(self, name))
         if not 0.0 < self.kv_memory_fraction <= 1.0:

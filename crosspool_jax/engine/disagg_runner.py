@@ -11,8 +11,8 @@ grouped on their home device (`PageMap.home`: the device of the first block;
 `disagg.build_disagg_inputs`; two micro-batches when some device has two sequences or more,
 else one, unless the runner fixes it). When every chunk's pages are on its home (the KV
 manager's sticky placement keeps most requests so) the step is the common program; when
-some request has spilled onto other KV devices, the same step runs the sequence-sharded
-program (`disagg.inputs.build_sharded_pages`: partial attention on every device holding
+some request has spilled onto other devices (any device's pages, weight devices' too), the
+same step runs the sequence-sharded program (`disagg.inputs.build_sharded_pages`: partial attention on every device holding
 pages, merged by log-sum-exp). The step donates the arena; then ONE jitted call gathers the
 sampled rows' logits and runs the engine's sampler (`sampler.sample`).
 
@@ -102,7 +102,7 @@ class DisaggRunner(DispatchingRunner):
         self.exchange = exchange
         self.attention_backend = attention_backend
         self.moe_backend = moe_backend
-        self.page_map = PageMap(arena.layout.pages_per_device, arena.layout.n_kv)
+        self.page_map = PageMap(arena.layout.pages_per_device, arena.layout.n_kv, arena.layout.n_w)
         self.stats = RunnerStats()
 
     def group_by_device(self, model_name: str, chunks: Sequence) -> Grouped:
@@ -117,7 +117,7 @@ class DisaggRunner(DispatchingRunner):
                 devices, local = self.page_map.split(table)
             except ValueError as e:
                 raise ValueError(f"request {c.request.request_id} of model {model_name!r}: {e}") from None
-            home = self.page_map.home(table)
+            home = self.page_map.home(table, self.arena.layout.homes(model_name))
             grouped.sharded |= bool((devices != home).any())
             grouped.where.append((home, len(grouped.local[home])))
             grouped.local[home].append(_LocalChunk(c.request, c.start, c.num_tokens, c.token_ids, local))

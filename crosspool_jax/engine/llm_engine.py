@@ -132,7 +132,7 @@ class LLMEngine:
         self.registry = ModelRegistry(config)
         kv_layout = self.registry.kv_layout
         disaggregated = self.registry.arena is not None
-        allocator = PageAllocator(kv_layout.pages_per_device, kv_layout.num_devices)
+        allocator = PageAllocator(kv_layout.pages_per_device, kv_layout.num_devices, kv_layout.usable_pages)
         # the disaggregated step attends where a request's pages are: kept on one KV device while
         # it has room (spilling when not: that request's steps then run sequence-sharded)
         self.kv_manager = KVCacheManager(allocator, enable_prefix_caching=config.enable_prefix_caching,
@@ -140,7 +140,8 @@ class LLMEngine:
         caps = self.registry.static_page_caps() if config.mode == "static" else {}
         for geometry in self.registry.geometries():
             self.kv_manager.register_model(geometry, max_pages=caps.get(geometry.name),
-                                           device=self.registry.model_devices.get(geometry.name))
+                                           device=self.registry.model_devices.get(geometry.name),
+                                           homes=self.registry.model_homes.get(geometry.name))
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                             max_decode_steps=config.max_decode_steps,

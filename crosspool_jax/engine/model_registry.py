@@ -14,14 +14,16 @@ over all devices, split equally. mode "static" gives each model an equal share o
 device's pages (`static_page_caps`); "shared" lets the models of a device share its pages.
 
 With mode "crosspool" and disjoint KV and weight devices (e.g. kv_devices=2, weight_devices=2)
-the registry builds the disaggregated arena instead (`self.arena`, crosspool_jax/disagg): the
-KV pages and every model's attention side on the KV devices, every model's expert shard on
-the weight devices; there is no `KVPool` (`kv_pool` is None; `kv_layout` sizes the pages:
-`kv_pool_bytes` split over the KV devices, plus whatever the KV rows have spare when the
-weight rows are longer). There `weights_pool_bytes` (over all weight devices) and
-`attention_pool_bytes` (over all KV devices, the attention side counted once per KV device)
-budget slot regions of the arena (`disagg/residency.py`): beyond them the least recently used
-models are swapped out to host memory and written back in place on demand. Both organisations
+the registry builds the disaggregated arena instead (`self.arena`, crosspool_jax/disagg): each
+model's attention side on one KV device (its home, `model_homes`: where its requests start),
+every model's expert shard on the weight devices, and KV pages in every row's remaining
+memory, weight rows included; there is no `KVPool` (`kv_pool` is None; `kv_layout` is the
+arena's pages: every device with its usable count). The rows are `arena_bytes` long, else as
+long as `kv_pool_bytes`' pages on each KV device need. There `weights_pool_bytes` (over all
+weight devices) and `attention_pool_bytes` (over all KV devices, the attention side then
+replicated on each) budget slot regions of the arena (`disagg/residency.py`): beyond them
+the least recently used models are swapped out to host memory and written back in place on
+demand. Both organisations
 sit behind one residency interface (`engine/residency.py`, `self.residency`), whose `acquire`
 hands back the typed weights handle a runner reads (`PlacedWeights` or `ArenaWeights`).
 """
@@ -34,6 +36,7 @@ import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 from crosspool_jax import checkpoints
 from crosspool_jax.checkpoints.loader import read_config
@@ -162,7 +165,12 @@ class ModelRegistry:
                                          max_logprobs=config.max_logprobs, vocab_size=entry.config.vocab_size,
                                          greedy_programs=self.kv_devices[0].platform != "cpu")
         self._set_lane_counts(config.max_lanes)
-        layout = KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype)
+        if config.arena_bytes is not None and not self.disaggregated:
+            raise ValueError("arena_bytes sizes the rows of a crosspool split (mode 'crosspool' with disjoint "
+                             "kv_devices and weight_devices); use kv_pool_bytes here")
+        self.model_homes: dict[str, tuple] = {}       # crosspool split: model -> KV devices of its attention side
+        layout = (KVPoolLayout(page_elems, 1, len(self.kv_devices), config.dtype) if config.arena_bytes
+                  else KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype))
         self.max_pages_per_device = self._kernel_page_cap(page_elems)
         if self.max_pages_per_device is not None and layout.pages_per_device > self.max_pages_per_device:
             log.warning("KV pool: %d pages per device exceed what the TPU attention kernel addresses "
@@ -175,29 +183,37 @@ class ModelRegistry:
             self.arena = self._build_arena(loaded, layout)
         else:
             self.kv_pool = KVPool(layout, self.kv_devices)
-        log.info("KV pool: %d pages of %d bytes on %d device(s)", layout.num_pages, layout.page_bytes,
-                 layout.num_devices)
+        log.info("KV pool: %d pages of %d bytes on %d device(s)", self.kv_layout.num_pages, layout.page_bytes,
+                 self.kv_layout.num_devices)
 
     def _build_arena(self, loaded: dict, layout: KVPoolLayout) -> Arena:
-        """The disaggregated arena: shared pages + every model's halves, budgeted regions where
-        weights_pool_bytes / attention_pool_bytes are set (raises naming an unsupported model or
-        a budget below the largest model). The KV rows' spare tail becomes pages (kv_layout)."""
+        """The disaggregated arena: every model's attention side on its home KV device (or budgeted
+        slot regions where attention_pool_bytes / weights_pool_bytes are set), its FFN shards on
+        the weight devices, and pages in every row's remaining memory, weight rows included
+        (raises naming an unsupported model, a budget below the largest model, or rows too short).
+        Rows of arena_bytes each, else as long as kv_pool_bytes' pages on each KV device need.
+        `kv_layout` becomes the arena's pages: every device, with its usable count."""
+        itemsize = jnp.dtype(self.config.dtype).itemsize
+        row = {"row_elems": self.config.arena_bytes // itemsize} if self.config.arena_bytes else \
+            {"pages_per_device": layout.pages_per_device}
         arena_layout = make_multi_layout({n: m.config for n, m in loaded.items()}, n_kv=len(self.kv_devices),
-                                         n_w=len(self.weight_devices), pages_per_device=layout.pages_per_device,
+                                         n_w=len(self.weight_devices), **row,
                                          page_elems=layout.page_elems, dtype=self.config.dtype,
                                          devices=list(self.kv_devices) + list(self.weight_devices),
                                          attention_pool_bytes=self.config.attention_pool_bytes,
-                                         weights_pool_bytes=self.config.weights_pool_bytes, fill_pages=True,
-                                         max_pages_per_device=self.max_pages_per_device)
+                                         weights_pool_bytes=self.config.weights_pool_bytes,
+                                         max_pages_per_device=self.max_pages_per_device,
+                                         attention_replicas=self.config.attention_replicas)
         self.residency = ArenaSlots(build_residency({n: (m.kv_params, m.ffn_params) for n, m in loaded.items()},
                                                     arena_layout))
-        self.kv_layout = dataclasses.replace(layout, pages_per_device=arena_layout.pages_per_device)
-        log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row, %d pages per KV device, "
-                 "model slots %s; the weight rows' unused tail: %d elements per device (a budgeted "
-                 "weights region could grow by it at no memory cost)", arena_layout.n_kv, arena_layout.n_w,
-                 arena_layout.arena_elems, arena_layout.pages_per_device,
+        self.model_homes = {n: arena_layout.homes(n) for n in arena_layout.names}
+        self.kv_layout = KVPoolLayout(layout.page_elems, arena_layout.pages_per_device, arena_layout.num_devices,
+                                      layout.dtype, device_pages=arena_layout.device_pages)
+        log.info("CrossPool arena: %d KV + %d weight devices, %d elements per row, usable pages per device %s, "
+                 "attention homes %s, model slots %s, unused elements per device %s", arena_layout.n_kv,
+                 arena_layout.n_w, arena_layout.arena_elems, arena_layout.device_pages, self.model_homes,
                  {r: arena_layout.region(r) and arena_layout.region(r).num_slots for r in ("kv", "w")},
-                 arena_layout.arena_elems - arena_layout.used_elems("w"))
+                 [arena_layout.unused_elems(d) for d in range(arena_layout.num_devices)])
         return self.residency.arena
 
     def _kernel_page_cap(self, page_elems: int) -> Optional[int]:

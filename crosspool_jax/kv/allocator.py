@@ -1,14 +1,14 @@
 """`PageAllocator`: which physical pages of the global KV pool are free (plain Python, no JAX).
 
-The pool has `num_devices * pages_per_device` pages with global ids; page p lives on
-device `p // pages_per_device`. The allocator knows nothing of models, layers or
+Page p lives on device `p // pages_per_device`; device d holds `device_pages[d]` of its
+`pages_per_device` ids (all of them unless the devices differ, as a crosspool arena's do). The allocator knows nothing of models, layers or
 requests: it hands out page ids per device and takes them back, refusing double frees
 and ids it never handed out. Who owns which page is `kv_cache_manager.py`'s business.
 """
 from __future__ import annotations
 
 import operator
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 
 class NoFreePages(RuntimeError):
@@ -22,22 +22,32 @@ class PageAllocator:
     `free` validates every id before returning any.
     """
 
-    def __init__(self, pages_per_device: int, num_devices: int = 1):
+    def __init__(self, pages_per_device: int, num_devices: int = 1, device_pages: Optional[Sequence[int]] = None):
         for name, value in (("pages_per_device", pages_per_device), ("num_devices", num_devices)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PageAllocator.{name} must be an integer >= 1, got {value!r}")
+        usable = tuple(device_pages) if device_pages else (pages_per_device,) * num_devices
+        if len(usable) != num_devices or not all(isinstance(p, int) and 0 <= p <= pages_per_device
+                                                 for p in usable):
+            raise ValueError(f"PageAllocator.device_pages {device_pages!r} must give each of the {num_devices} "
+                             f"devices an integer in [0, {pages_per_device}]")
         self.pages_per_device = pages_per_device
         self.num_devices = num_devices
+        self.device_pages = usable
         # Per device a stack of free ids; popping from the end hands out low ids first.
         self._free_lists: list[list[int]] = [
-            list(range((d + 1) * pages_per_device - 1, d * pages_per_device - 1, -1))
+            list(range(d * pages_per_device + usable[d] - 1, d * pages_per_device - 1, -1))
             for d in range(num_devices)]
-        self._is_free = bytearray(b"\x01") * (pages_per_device * num_devices)
+        self._is_free = bytearray(pages_per_device * num_devices)
+        for free in self._free_lists:
+            for p in free:
+                self._is_free[p] = 1
+        self._usable = bytearray(self._is_free)
 
     @property
     def num_total(self) -> int:
         """Pages in the whole pool (all devices)."""
-        return self.pages_per_device * self.num_devices
+        return sum(self.device_pages)
 
     @property
     def num_used(self) -> int:
@@ -96,6 +106,7 @@ class PageAllocator:
             index = operator.index(page)
         except TypeError:
             index = -1
-        if isinstance(page, bool) or not 0 <= index < self.num_total:
-            raise ValueError(f"PageAllocator: page id {page!r} is not in this pool [0, {self.num_total})")
+        if isinstance(page, bool) or not 0 <= index < len(self._usable) or not self._usable[index]:
+            raise ValueError(f"PageAllocator: page id {page!r} is not in this pool (device d holds ids "
+                             f"[d * {self.pages_per_device}, d * {self.pages_per_device} + {self.device_pages}[d]))")
         return index

@@ -8,7 +8,9 @@ ids, one id per block. Placement of a request's blocks over the KV devices:
   blocks of one request may sit on different devices and one request can use the whole pool;
 - "sticky": a request's new blocks go to the device of its last block while that device has
   room, and spill to the device with the most free capacity when it has not (a request with
-  no block yet starts there too; a prefix-cache hit's last block sets where it continues).
+  no block yet starts on the one with the most among its model's start devices,
+  `register_model(homes=)`, all by default, or where there is most when they are full; a
+  prefix-cache hit's last block sets where it continues).
   Most requests stay on one device (the disaggregated step's cheap case: attention where the
   pages are); a long one spills over several and can still use the whole pool
   (`max_request_tokens`), and the step then attends sequence-sharded. Prefix hits may span
@@ -117,24 +119,32 @@ class KVCacheManager:
         self._used_by_model: dict[str, int] = {}               # pages of blocks with ref_count > 0
         self._max_pages: dict[str, Optional[int]] = {}          # per-model cap on live pages
         self._pinned: dict[str, Optional[int]] = {}             # model -> the KV device it is pinned to
+        self._homes: dict[str, tuple] = {}                      # model -> devices its requests start on
 
     # ----- models ---------------------------------------------------------------------------
     def register_model(self, geometry: ModelKVGeometry, max_pages: Optional[int] = None,
-                       device: Optional[int] = None) -> None:
+                       device: Optional[int] = None, homes: Optional[Sequence[int]] = None) -> None:
         """Declare a model's geometry (idempotent for the same geometry).
 
         max_pages: optional cap on the pages the model's live requests may hold (a static
         per-model reservation when the caps sum to at most the pool); None = the whole pool.
         device: pin every block of the model to this KV device (None: placement decides).
+        homes: the devices a request of the model starts on while they have room (its first
+        block; None: any). A crosspool arena's: the KV devices holding the model's attention side.
         """
         if not isinstance(geometry, ModelKVGeometry):
             raise ValueError(f"register_model needs a ModelKVGeometry, got {type(geometry).__name__}")
         old = self._geometries.get(geometry.name)
         if old is not None and old != geometry:
             raise ValueError(f"model {geometry.name!r} is already registered with {old}, not {geometry}")
-        if geometry.num_layers > self.allocator.pages_per_device:
+        starts = tuple(range(self.allocator.num_devices)) if homes is None else tuple(homes)
+        if not starts or not all(isinstance(d, int) and 0 <= d < self.allocator.num_devices for d in starts):
+            raise ValueError(f"model {geometry.name!r}: homes must be device indices in "
+                             f"[0, {self.allocator.num_devices}), got {homes!r}")
+        most = max(self.allocator.device_pages[d] for d in starts)
+        if geometry.num_layers > most:
             raise ValueError(f"model {geometry.name!r}: one block needs num_layers={geometry.num_layers} pages on "
-                             f"one KV device, which holds only {self.allocator.pages_per_device} pages")
+                             f"one KV device, which holds only {most} pages")
         if max_pages is not None and (not isinstance(max_pages, int) or isinstance(max_pages, bool)
                                       or not geometry.num_layers <= max_pages <= self.allocator.num_total):
             raise ValueError(f"model {geometry.name!r}: max_pages must be an integer in [num_layers="
@@ -146,6 +156,7 @@ class KVCacheManager:
         self._geometries[geometry.name] = geometry
         self._max_pages[geometry.name] = max_pages
         self._pinned[geometry.name] = device
+        self._homes[geometry.name] = starts
         self._used_by_model.setdefault(geometry.name, 0)
 
     def geometry(self, model: str) -> ModelKVGeometry:
@@ -166,9 +177,9 @@ class KVCacheManager:
         """Most tokens one sequence of `model` could ever hold if it had the whole pool (or its
         whole max_pages)."""
         g = self.geometry(model)
-        blocks = self.allocator.pages_per_device // g.num_layers
-        if self._pinned[model] is None:         # spread and sticky both spill over every device
-            blocks *= self.allocator.num_devices
+        per_device = [p // g.num_layers for p in self.allocator.device_pages]
+        pinned = self._pinned[model]            # else spread and sticky both spill over every device
+        blocks = sum(per_device) if pinned is None else per_device[pinned]
         if self._max_pages[model] is not None:
             blocks = min(blocks, self._max_pages[model] // g.num_layers)
         return blocks * g.tokens_per_page
@@ -277,7 +288,8 @@ class KVCacheManager:
         if self.exceeds_quota(request, num_new_tokens, new_computed_blocks):
             return False
         plan = self._plan(num_fresh, g.num_layers, new_computed_blocks,
-                          home=self._home_device(blocks or new_computed_blocks), pinned=self._pinned[request.model])
+                          home=self._home_device(blocks or new_computed_blocks), pinned=self._pinned[request.model],
+                          starts=self._homes[request.model])
         if plan is None:
             return False
         owned = self._blocks.setdefault(request.request_id, [])
@@ -313,7 +325,7 @@ class KVCacheManager:
                     return False
             home = self._home_device(self._blocks.get(request.request_id, ()))
             if self._plan(num_fresh, g.num_layers, (), capacity, home=home,
-                          pinned=self._pinned[request.model]) is None:
+                          pinned=self._pinned[request.model], starts=self._homes[request.model]) is None:
                 return False
         return True
 
@@ -327,12 +339,13 @@ class KVCacheManager:
 
     def _plan(self, num_fresh: int, L: int, taken: Sequence[KVBlock],
               capacity: Optional[list[int]] = None, home: Optional[int] = None,
-              pinned: Optional[int] = None) -> Optional[list[int]]:
+              pinned: Optional[int] = None, starts: Optional[tuple] = None) -> Optional[list[int]]:
         """Devices for num_fresh new blocks of L pages each (most capacity first), or None.
         Consumes `capacity` (per-device free + evictable pages) as it plans. Sticky placement
         keeps each block on the current device (`home`, then wherever the last block went)
         while it has room for L pages and spills to the device with the most capacity when
-        not (home None: start there); a pinned model's blocks all go to its device."""
+        not (home None: start on the one of `starts` with the most, or on the roomiest device
+        when none of them has room for a block); a pinned model's blocks all go to its device."""
         if num_fresh <= 0:
             return []
         capacity = self._capacity() if capacity is None else capacity
@@ -345,6 +358,8 @@ class KVCacheManager:
             capacity[pinned] -= num_fresh * L
             return [pinned] * num_fresh
         plan, device = [], home
+        if device is None and starts is not None and self.placement == "sticky":
+            device = max(starts, key=lambda d: (capacity[d], -d))     # else: the roomiest of all
         for _ in range(num_fresh):
             if self.placement == "spread" or device is None or capacity[device] < L:
                 device = max(range(len(capacity)), key=lambda d: (capacity[d], -d))

@@ -48,21 +48,33 @@ def tokens_per_page(page_elems: int, num_kv_heads: int, head_dim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class KVPoolLayout:
-    """Sizes of the pool: pages per device, devices, elements per page, dtype."""
+    """Sizes of the pool: pages per device, devices, elements per page, dtype. device_pages:
+    the usable pages of each device when they differ (a crosspool arena: page ids
+    [d * pages_per_device, d * pages_per_device + device_pages[d]) on device d); () = all."""
 
     page_elems: int
     pages_per_device: int
     num_devices: int
     dtype: str
+    device_pages: tuple = ()
 
     def __post_init__(self):
         for name in ("page_elems", "pages_per_device", "num_devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KVPoolLayout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.device_pages and (len(self.device_pages) != self.num_devices or not all(
+                0 <= p <= self.pages_per_device for p in self.device_pages)):
+            raise ValueError(f"KVPoolLayout.device_pages {self.device_pages} must give each of the "
+                             f"{self.num_devices} devices 0..{self.pages_per_device} pages")
+
+    @property
+    def usable_pages(self) -> tuple:
+        """Usable pages of each device."""
+        return self.device_pages or (self.pages_per_device,) * self.num_devices
 
     @property
     def num_pages(self) -> int:
-        return self.pages_per_device * self.num_devices
+        return sum(self.usable_pages)
 
     @property
     def page_bytes(self) -> int:

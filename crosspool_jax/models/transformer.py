@@ -189,10 +189,25 @@ def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, b
     return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, backend=backend, **kw)
 
 
+def ffn_input(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array) -> tuple:
+    """(x_TD, router_logits_TE or None): the FFN's input norm and, for a MoE layer, the router
+    logits: what the experts of `ffn_partial` read. Needs only the layer's norm (and router)."""
+    p, c = layer_ffn_params, config
+    x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
+    if kind == "dense":
+        return x_TD, None
+    if kind != "moe":
+        raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
+    router_logits_TE = x_TD @ p["router_LDE"]
+    if c.router_bias:
+        router_logits_TE = router_logits_TE + p["router_bias_LE"]
+    return x_TD, router_logits_TE
+
+
 def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
                 moe_backend: str = "reference", expert_offset=None, token_mask_T=None) -> jax.Array:
     """One layer's FFN output (post-attention norm, then MoE with optional shared expert, or a
-    dense SwiGLU; no residual), float32.
+    dense SwiGLU; no residual), float32: `ffn_input` then `ffn_output`.
 
     The one definition of the FFN half, for whole weights and for a device's shard of them:
     `expert_offset` (traced ok) says the expert stacks hold experts [expert_offset,
@@ -201,15 +216,20 @@ def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: ja
     up] aligned). The sum of the shards' outputs is the layer's FFN output. A MoE layer's
     w1_LEDF2 / w2_LEFD may be `ExpertRows` (read in place by the kernels).
     """
+    x_TD, router_logits_TE = ffn_input(layer_ffn_params, config, kind, h_TD)
+    return ffn_output(layer_ffn_params, config, kind, x_TD, router_logits_TE, moe_backend=moe_backend,
+                      expert_offset=expert_offset, token_mask_T=token_mask_T)
+
+
+def ffn_output(layer_ffn_params: dict, config: ModelConfig, kind: str, x_TD: jax.Array, router_logits_TE, *,
+               moe_backend: str = "reference", expert_offset=None, token_mask_T=None) -> jax.Array:
+    """The FFN (or a device's shard of it, as `ffn_partial` says) of its normed input `x_TD` and
+    router logits (`ffn_input`), float32; needs no norm or router weights."""
     p, c = layer_ffn_params, config
-    x_TD = rms_norm(h_TD, p["norm_LD"], c.rms_norm_eps)
     if kind == "dense":
         return _swiglu_f32(x_TD, p["w1_LDF2"], p["w2_LFD"])
     if kind != "moe":
         raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
-    router_logits_TE = x_TD @ p["router_LDE"]
-    if c.router_bias:
-        router_logits_TE = router_logits_TE + p["router_bias_LE"]
     y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k, renormalize=c.norm_topk_prob,
                       backend=moe_backend, expert_offset=expert_offset, token_mask=token_mask_T,
                       routing=c.routing, score_bias=p.get("score_bias_LE"), activation=c.expert_activation,

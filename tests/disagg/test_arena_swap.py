@@ -104,7 +104,7 @@ def test_dense_layers_swap_in_with_their_model():
     region = layout.w_region
     for n in models:                      # the dense shards sit in the swapped region
         dense = [s for s in layout.model(n).w_slots if s.name.startswith("dense/")]
-        assert len(dense) == 3 and all(region.start <= s.offset and s.offset + s.size <= region.offset(0)
+        assert len(dense) == 2 and all(region.start <= s.offset and s.offset + s.size <= region.offset(0)
                                        + region.slot_elems for s in dense)
     res = build_residency({n: m[1:] for n, m in models.items()}, layout)
     seqs = {}
@@ -175,21 +175,27 @@ def test_budget_below_the_largest_model_is_refused():
     assert big.w_region.num_slots == len(NAMES)             # never more slots than models
 
 
-def test_spare_kv_row_becomes_pages():
+def test_spare_rows_become_pages_on_every_device():
+    """One weight device holding both models' experts (its content the deepest): the KV rows'
+    memory beyond their attention region is pages, and so is the weight row's beyond its
+    experts when the row is longer; the kernel's page limit caps every device."""
     models = _models()
     configs = {n: m[0] for n, m in models.items()}
-    kw = dict(n_kv=2, n_w=1, pages_per_device=2, page_elems=PAGE_ELEMS)     # one weight device: long rows
-    tight = make_multi_layout(configs, **kw)
-    filled = make_multi_layout(configs, **kw, fill_pages=True)
-    assert tight.used_elems("w") > tight.used_elems("kv")
-    assert filled.arena_elems == tight.arena_elems
-    assert filled.pages_per_device > 2 * tight.pages_per_device
-    assert filled.used_elems("kv") <= filled.arena_elems
-    capped = make_multi_layout(configs, **kw, fill_pages=True, max_pages_per_device=5)   # the kernel's limit
-    assert capped.pages_per_device == 5 and capped.arena_elems == tight.arena_elems
-    k, v = (filled.first.slot("kv", n) for n in ("pages/k_PX", "pages/v_PX"))
-    assert k.offset + k.size <= v.offset and v.offset + v.size <= min(
-        s.offset for n in NAMES for s in filled.model(n).kv_slots if not s.name.startswith("pages/"))
+    kw = dict(n_kv=2, n_w=1, page_elems=PAGE_ELEMS, attention_pool_bytes=2 * 2 * _slot_elems(models, "kv") * 4)
+    tight = make_multi_layout(configs, pages_per_device=2, **kw)
+    assert tight.depths[2][0] > tight.depths[0][0]                 # the weight row's content is the deepest
+    assert min(tight.device_pages[:2]) > 2 and tight.device_pages[2] >= 0
+    longer = make_multi_layout(configs, row_elems=tight.arena_elems + 16 * PAGE_ELEMS, **kw)
+    assert [p - q for p, q in zip(longer.device_pages, tight.device_pages)] == [8, 8, 8]
+    for multi in (tight, longer):
+        for d in range(3):
+            room0 = multi.half_elems - multi.depths[d][0]
+            room1 = multi.arena_elems - multi.half_elems - multi.depths[d][1]
+            assert 0 <= multi.unused_elems(d) <= abs(room0 - room1) + 2 * PAGE_ELEMS
+    capped = make_multi_layout(configs, row_elems=tight.arena_elems + 16 * PAGE_ELEMS, max_pages_per_device=5, **kw)
+    assert capped.device_pages == (5, 5, min(5, longer.device_pages[2]))
+    with pytest.raises(ValueError, match="too short"):
+        make_multi_layout(configs, row_elems=tight.arena_elems // 4, **kw)
 
 
 def test_step_with_bases_updates_the_arena_in_place():

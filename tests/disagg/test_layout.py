@@ -15,19 +15,23 @@ def test_roles_hold_only_their_tensors(n_kv, n_w):
     layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
     kv_names = [s.name for s in layout.kv_slots]
     w_names = [s.name for s in layout.w_slots]
-    assert not [n for n in kv_names if n.startswith("moe/")]
+    # the FFN's input norm and router sit with the attention side (the KV device sends x and
+    # the router logits), the experts on the weight devices
+    assert [n for n in kv_names if n.startswith("moe/")] == ["moe/norm_LD", "moe/router_LDE"]
     assert not [n for n in w_names if n.startswith(("pages/", "attn/", "embed/", "final/"))]
+    assert not {"moe/norm_LD", "moe/router_LDE"} & set(w_names)
     assert {"pages/k_PX", "pages/v_PX", "embed/embedding_VD", "attn/wq_LDQ"} <= set(kv_names)
     assert [layout.role_of(d) for d in range(n_kv + n_w)] == ["kv"] * n_kv + ["w"] * n_w
     # experts split: each weight device holds E / n_w of them (8 experts: expert-parallel)
     E = config.num_experts
     assert layout.slot("w", "moe/w1_LEDF2").shape[1] == E // n_w
-    # the arena is the larger role, not the sum, and slots of one role never overlap
-    assert layout.arena_elems >= max(layout.used_elems("kv"), layout.used_elems("w"))
-    assert layout.arena_elems < layout.used_elems("kv") + layout.used_elems("w")
-    for slots in (layout.kv_slots, layout.w_slots):
-        spans = sorted((s.offset, s.offset + s.size) for s in slots)
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    # every KV device holds at least the pages asked for, the weight devices what their rows
+    # have beyond the experts; no tensor overlaps another or a usable page
+    assert min(layout.device_pages[:n_kv]) >= PAGES_PER_DEVICE
+    for d in range(n_kv + n_w):
+        own = [s for s in layout.slots(layout.role_of(d)) if not s.name.startswith("pages/")]
+        spans = sorted([(s.offset, s.offset + s.size) for s in own] + layout.page_spans(d))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= layout.arena_elems
 
 
 def test_rows_hold_the_right_values_and_shards_reassemble():
@@ -39,9 +43,10 @@ def test_rows_hold_the_right_values_and_shards_reassemble():
     assert [s.device.id for s in sorted(arena.addressable_shards, key=lambda s: s.index[0].start)] == \
         list(layout.device_ids)
     rows = np.asarray(arena)
-    for d in range(2):                                  # KV rows: attention side, zero pages
+    for d in range(2):               # KV rows: attention side with the FFN norms and routers, zero pages
         np.testing.assert_array_equal(layout.view(rows[d], "kv", "attn/wq_LDQ"), kv["attn"]["wq_LDQ"])
-        assert not layout.view(rows[d], "kv", "pages/k_PX").any()
+        np.testing.assert_array_equal(layout.view(rows[d], "kv", "moe/router_LDE"), ffn["moe"]["router_LDE"])
+        assert not any(rows[d, lo:hi].any() for lo, hi in layout.page_spans(d))
     E, F = config.num_experts, config.moe_intermediate_size
     w1 = np.zeros((config.num_layers, E, config.hidden_size, 2 * F), np.float32)
     w2 = np.zeros((config.num_layers, E, F, config.hidden_size), np.float32)
@@ -54,29 +59,33 @@ def test_rows_hold_the_right_values_and_shards_reassemble():
         w1[:, experts, :, F + cols.start:F + cols.stop] = local_w1[..., F // 2:]
         w2[:, experts, cols] = layout.view(row, "w", "moe/w2_LEFD")
         sw2.append(layout.view(row, "w", "moe/shared_w2_LFD"))
-        np.testing.assert_array_equal(layout.view(row, "w", "moe/router_LDE"), ffn["moe"]["router_LDE"])
     np.testing.assert_array_equal(w1, ffn["moe"]["w1_LEDF2"])
     np.testing.assert_array_equal(w2, ffn["moe"]["w2_LEFD"])
     np.testing.assert_array_equal(np.concatenate(sw2, axis=1), ffn["moe"]["shared_w2_LFD"])
-    # shifted params make the roles' values disjoint: no expert/router value in a KV row,
-    # no attention/embedding value in a weight row
+    # shifted params make the roles' values disjoint: no expert value in a KV row (but the
+    # FFN norms and routers), no attention/embedding value in a weight row
     shifted = build_arena(jax.tree_util.tree_map(lambda a: a - 100.0, kv),
                           jax.tree_util.tree_map(lambda a: a + 100.0, ffn), layout)
     rows = np.asarray(shifted)
-    assert rows[:2].max() < 50 and (rows[:2] < -50).any()
+    routing = np.zeros(layout.arena_elems, bool)
+    for s in layout.kv_slots:
+        if s.name.startswith("moe/"):
+            routing[s.offset:s.offset + s.size] = True
+    assert rows[:2, ~routing].max() < 50 and (rows[:2] < -50).any() and rows[:2, routing].min() > 50
     assert rows[2:].min() > -50 and (rows[2:] > 50).any()
 
 
 def test_dense_layers_are_split_over_f_and_reassemble():
     """A model with dense and MoE layers: each weight row holds its contiguous block of the dense
-    F ([gate | up] aligned, down rows), the dense FFN norm whole; the blocks give back the stack."""
+    F ([gate | up] aligned, down rows), the FFN norms and routers on the KV rows; the blocks give back the stack."""
     config, kv, ffn = model("qwen2_moe_dense", 2)      # layers moe, dense, moe; dense F = 32
     n_w, F, D = 4, config.intermediate_size, config.hidden_size
     layout = make_layout(config, n_kv=2, n_w=n_w, pages_per_device=8, page_elems=PAGE_ELEMS)
     assert layout.slot("w", "dense/w1_LDF2").shape == (1, D, 2 * F // n_w)
     assert layout.slot("w", "dense/w2_LFD").shape == (1, F // n_w, D)
     assert layout.slot("w", "moe/w1_LEDF2").shape[0] == 2              # the MoE stack: 2 layers
-    assert not [s for s in layout.kv_slots if s.name.startswith(("moe/", "dense/"))]
+    assert [s.name for s in layout.kv_slots if s.name.startswith(("moe/", "dense/"))] == [
+        "moe/norm_LD", "moe/router_LDE", "dense/norm_LD"]          # the FFN inputs: on the KV side
     spans = sorted((s.offset, s.offset + s.size) for s in layout.w_slots)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     rows = np.asarray(build_arena(kv, ffn, layout))
@@ -87,8 +96,9 @@ def test_dense_layers_are_split_over_f_and_reassemble():
         gate.append(w1_j[..., :F // n_w])
         up.append(w1_j[..., F // n_w:])
         w2.append(layout.view(row, "w", "dense/w2_LFD"))
-        np.testing.assert_array_equal(layout.view(row, "w", "dense/norm_LD"), ffn["dense"]["norm_LD"])
-        np.testing.assert_array_equal(layout.view(row, "w", "moe/router_LDE"), ffn["moe"]["router_LDE"])
+    for d in range(2):
+        np.testing.assert_array_equal(layout.view(rows[d], "kv", "dense/norm_LD"), ffn["dense"]["norm_LD"])
+        np.testing.assert_array_equal(layout.view(rows[d], "kv", "moe/router_LDE"), ffn["moe"]["router_LDE"])
     np.testing.assert_array_equal(np.concatenate(gate + up, axis=-1), ffn["dense"]["w1_LDF2"])
     np.testing.assert_array_equal(np.concatenate(w2, axis=1), ffn["dense"]["w2_LFD"])
     with pytest.raises(ValueError, match=r"ffn_params must hold the stacks \['dense', 'moe'\]"):
@@ -107,7 +117,7 @@ def test_bfloat16_arena():
     layout = make_layout(config, n_kv=1, n_w=1, pages_per_device=4, page_elems=PAGE_ELEMS, dtype=jnp.bfloat16)
     rows = host_rows(kv, ffn, layout)
     assert rows[0].dtype == jnp.bfloat16 and layout.dtype == "bfloat16"
-    np.testing.assert_array_equal(layout.view(rows[1], "w", "moe/router_LDE"),
+    np.testing.assert_array_equal(layout.view(rows[0], "kv", "moe/router_LDE"),
                                   np.asarray(ffn["moe"]["router_LDE"]).astype(jnp.bfloat16))
 
 

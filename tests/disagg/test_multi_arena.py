@@ -1,8 +1,9 @@
 """Several models in one arena: shared KV pages, each model's own slots, one program per model.
 
 Steps of two models alternate on the same arena (donated each time) and each gives the
-dense forward's logits; the weight rows stay bit-identical; slots never overlap; a model the
-disaggregated step cannot run is refused by name.
+dense forward's logits, its sequences on its home KV device (the one holding its attention
+side); only pages are written; no slot overlaps another or a usable page on any row; a model
+the disaggregated step cannot run is refused by name.
 """
 import os
 
@@ -17,8 +18,9 @@ from disagg_tiny import PAGE_ELEMS, check_and_advance, make_seqs, model, next_ch
 PAGES = 64                       # each model's sequences take pages from its own half
 
 
-def _no_overlap(slots):
-    spans = sorted((s.offset, s.offset + s.size, s.name) for s in slots)
+def _no_overlap(slots, page_spans):
+    spans = sorted([(s.offset, s.offset + s.size, s.name) for s in slots if not s.name.startswith("pages/")]
+                   + [(lo, hi, "pages") for lo, hi in page_spans])
     for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
         assert a1 <= b0, (an, bn)
 
@@ -33,15 +35,22 @@ def test_two_models_share_one_arena(n_kv, n_w, M):
     layout = make_multi_layout({n: m[0] for n, m in models.items()}, n_kv=n_kv, n_w=n_w,
                                pages_per_device=PAGES, page_elems=PAGE_ELEMS)
     assert layout.names == list(names)
-    _no_overlap([s for n in names for s in layout.model(n).kv_slots if not s.name.startswith("pages/")]
-                + list(layout.model(names[0]).kv_slots[:2]))
-    _no_overlap([s for n in names for s in layout.model(n).w_slots])
+    assert [len(layout.homes(n)) for n in names] == [1, 1]
+    first = layout.first
+    for d in range(n_kv + n_w):
+        if d < n_kv:
+            _no_overlap([s for n in names if d in layout.homes(n) for s in layout.model(n).kv_slots],
+                        first.page_spans(d))
+        else:
+            _no_overlap([s for n in names for s in layout.model(n).w_slots], first.page_spans(d))
     arena = Arena(layout, build_multi_arena({n: m[1:] for n, m in models.items()}, layout))
     before = np.asarray(arena.array)
     seqs = {}
     for i, n in enumerate(names):
         config = models[n][0]
-        seqs[n] = make_seqs(rng, n_kv, config.num_layers, config.vocab_size, G=layout.model(n).tokens_per_page)
+        seqs[n] = [s for s in make_seqs(rng, n_kv, config.num_layers, config.vocab_size,
+                                        G=layout.model(n).tokens_per_page) if s.device in layout.homes(n)]
+        assert seqs[n] or n_kv > 1
         for s in seqs[n]:
             s.page_table = s.page_table + i * (PAGES // 2)      # disjoint halves of each device's pages
     for step in range(3):
@@ -58,9 +67,11 @@ def test_two_models_share_one_arena(n_kv, n_w, M):
             assert err < 1e-5, f"{n} step {step}: relative error {err}"
     after = np.asarray(arena.array)
     np.testing.assert_array_equal(after[n_kv:], before[n_kv:])
-    pages_end = layout.model(names[0]).slot("kv", "pages/v_PX")
-    pages_end = pages_end.offset + pages_end.size
-    np.testing.assert_array_equal(after[:n_kv, pages_end:], before[:n_kv, pages_end:])
+    for d in range(n_kv):
+        pages = np.zeros(layout.arena_elems, bool)
+        for lo, hi in first.page_spans(d):
+            pages[lo:hi] = True
+        np.testing.assert_array_equal(after[d, ~pages], before[d, ~pages])
 
 
 def test_unsupported_model_is_named():

@@ -111,9 +111,10 @@ def test_page_map_splits_and_refuses_outside_ids():
     assert devices.tolist() == [[0, 1], [2, 2]] and local.tolist() == [[0, 1], [7, 1]]
     assert pm.global_of(2, [7, 1]).tolist() == [23, 17]
     assert pm.home([[9, 0], [10, 1]]) == 1 and pm.block_devices([[9, 0], [10, 1]]).tolist() == [1, 0]
+    assert pm.home([[9, 0], [10, 1]], homes=(0, 2)) == 0          # its model's homes decide
     with pytest.raises(ValueError, match="outside the pool"):
         pm.split([24])
-    with pytest.raises(ValueError, match="different KV devices"):
+    with pytest.raises(ValueError, match="different devices"):
         pm.block_devices([[9, 0], [1, 1]])
     with pytest.raises(ValueError, match="pages_per_device"):
         PageMap(0, 2)

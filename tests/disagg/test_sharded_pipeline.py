@@ -1,26 +1,33 @@
-"""The sequence-sharded step (pages of a sequence on several KV devices) against the dense forward.
+"""The sequence-sharded step (pages of a sequence on several devices) against the dense forward.
 
 Sequences whose blocks alternate between KV devices (holes on each; home = the device of the
 first block), mixed with sequences on one device, go through three ragged steps (chunked
 prefill, prefill chunks with decodes, decodes): every step's last-token logits equal
-`models.dense_logits` on the full sequences, only KV rows change, and weight rows stay put.
+`models.dense_logits` on the full sequences, and only the pages of the devices holding
+blocks change. With `spill`, some blocks sit on the weight devices' pages (their rows'
+memory beyond the experts): those rows' pages are written, their experts stay put.
 """
 import os
 
 import numpy as np
 import pytest
 
-from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, make_layout
+from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, make_layout, make_multi_layout
 from crosspool_jax.disagg.inputs import build_sharded_pages
 from crosspool_jax.disagg.pages import PageMap
 from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, Chunk, model, reference_last_logits
 
 
-def make_seqs(rng, pm: PageMap, num_layers: int, vocab: int, blocks: int = 5):
-    """(tokens, global table [L, blocks]) per sequence: device patterns with holes and one local."""
+def make_seqs(rng, pm: PageMap, num_layers: int, vocab: int, blocks: int = 5, device_pages=None, spill=False):
+    """(tokens, global table [L, blocks]) per sequence: device patterns with holes and one local;
+    with `spill`, later blocks on weight devices (ids n_kv...)."""
     n = pm.n_kv
     patterns = [[0, 1, 0, 1, 1], [1, 0, 0, 1, 0], [n - 1] * blocks, [0] * blocks, [1, 1, 0, 0, 1]]
-    free = [list(rng.permutation(pm.pages_per_device)) for _ in range(n)]
+    if spill:
+        w0, w_last = n, pm.num_devices - 1
+        patterns = [[0, w0, 1, w_last, 1], [1, 0, w0, w0, 0], [n - 1] * blocks, [0] * blocks, [1, w_last, 0, 0, w0]]
+    device_pages = device_pages or (pm.pages_per_device,) * pm.num_devices
+    free = [list(rng.permutation(device_pages[d])) for d in range(pm.num_devices)]
     seqs = []
     for i, pattern in enumerate(patterns):
         table = np.array([[pm.global_of(d, free[d].pop()) for d in pattern] for _ in range(num_layers)], np.int32)
@@ -29,17 +36,24 @@ def make_seqs(rng, pm: PageMap, num_layers: int, vocab: int, blocks: int = 5):
     return seqs
 
 
-@pytest.mark.parametrize("name,n_kv,n_w,M", [("qwen3_moe", 2, 2, 1), ("qwen3_moe", 2, 2, 2), ("mixtral", 3, 1, 2)])
-def test_sharded_steps_match_dense_forward(name, n_kv, n_w, M):
+@pytest.mark.parametrize("name,n_kv,n_w,M,spill", [("qwen3_moe", 2, 2, 1, False), ("qwen3_moe", 2, 2, 2, False),
+                                                    ("mixtral", 3, 1, 2, False), ("qwen3_moe", 2, 2, 2, True),
+                                                    ("mixtral", 3, 1, 1, True)])
+def test_sharded_steps_match_dense_forward(name, n_kv, n_w, M, spill):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     rng = np.random.default_rng(seed)
     config, kv, ffn = model(name, 0)
-    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
-    pm, G = PageMap(layout.pages_per_device, n_kv), layout.tokens_per_page
+    short = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    # rows 2 * PAGES_PER_DEVICE pages longer than the KV devices need: the weight rows hold pages
+    layout = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, page_elems=PAGE_ELEMS,
+                               row_elems=short.arena_elems + 2 * PAGES_PER_DEVICE * PAGE_ELEMS,
+                               attention_replicas=n_kv).model("")
+    assert min(layout.device_pages) >= PAGES_PER_DEVICE
+    pm, G = PageMap(layout.pages_per_device, n_kv, n_w), layout.tokens_per_page
     arena = build_arena(kv, ffn, layout)
     before = np.asarray(arena)
-    seqs = make_seqs(rng, pm, config.num_layers, config.vocab_size)
+    seqs = make_seqs(rng, pm, config.num_layers, config.vocab_size, device_pages=layout.device_pages, spill=spill)
     assert {pm.home(s["table"]) for s in seqs} == {0, 1, n_kv - 1}
     for step in range(3):
         local, glob, owners = [[] for _ in range(n_kv)], [[] for _ in range(n_kv)], [[] for _ in range(n_kv)]
@@ -53,7 +67,7 @@ def test_sharded_steps_match_dense_forward(name, n_kv, n_w, M):
         inputs, logit_rows = build_disagg_inputs(local, layout=layout, num_layers=config.num_layers,
                                                  num_microbatches=M, min_tokens=16, min_seqs=4)
         sharded = build_sharded_pages(glob, inputs, page_map=pm, tokens_per_page=G, num_microbatches=M)
-        assert sharded.slots_LT.shape == (n_kv, M, config.num_layers, n_kv * 16)
+        assert sharded.slots_LT.shape == (n_kv + n_w, M, config.num_layers, n_kv * 16)
         arena, logits = disagg_step(arena, inputs, sharded, layout=layout, config=config, num_microbatches=M)
         logits = np.asarray(logits)
         got, prefixes = [], []
@@ -68,10 +82,14 @@ def test_sharded_steps_match_dense_forward(name, n_kv, n_w, M):
         err = float(np.abs(np.stack(got) - want).max() / np.abs(want).max())
         assert err < 1e-5, f"step {step}: relative error {err}"
     after = np.asarray(arena)
-    np.testing.assert_array_equal(after[n_kv:], before[n_kv:])
-    pages_end = layout.slot("kv", "pages/v_PX").offset + layout.slot("kv", "pages/v_PX").size
-    np.testing.assert_array_equal(after[:n_kv, pages_end:], before[:n_kv, pages_end:])
-    assert all(after[d, :pages_end].any() for d in range(n_kv))
+    holders = {int(d) for s in seqs for d in pm.device_of(s["table"]).reshape(-1)}
+    assert (max(holders) >= n_kv) == spill
+    for d in range(n_kv + n_w):
+        pages = np.zeros(layout.arena_elems, bool)
+        for lo, hi in layout.page_spans(d):
+            pages[lo:hi] = True
+        np.testing.assert_array_equal(after[d, ~pages], before[d, ~pages])    # attention sides, experts
+        assert after[d, pages].any() == (d in holders)
 
 
 def test_build_sharded_pages_places_each_token_and_block_on_its_device():

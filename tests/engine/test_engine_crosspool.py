@@ -81,7 +81,9 @@ def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected
     want, want_seeded = expected
     placed = mode != "crosspool"
     # shared/static: the reference's pages per device, so device 0 reuses its compiled programs
-    options = {**ENGINE, "kv_pool_bytes": n_kv * ENGINE["kv_pool_bytes"]} if placed else ENGINE
+    # crosspool 4+4: each attention side on a group of 2 KV devices (attention_replicas)
+    options = ({**ENGINE, "kv_pool_bytes": n_kv * ENGINE["kv_pool_bytes"]} if placed
+               else {**ENGINE, "attention_replicas": 2 if n_kv == 4 else 1})
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode=mode, kv_devices=n_kv, weight_devices=n_w, **options)
     engine = llm.engine
     registry = engine.registry
@@ -96,7 +98,7 @@ def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected
         assert isinstance(engine.runner, DisaggRunner)
         assert registry.kv_pool is None and registry.arena.layout.n_kv == n_kv
     # first step by hand: every request's pages on one KV device: its model's device when
-    # placed, else the requests spread over the KV devices
+    # placed, else one of its model's home KV devices (those holding its attention side)
     for i, (p, m) in enumerate(zip(prompts, models)):
         engine.add_request(f"r{i}", m, p, GREEDY)
     engine.step()
@@ -107,8 +109,15 @@ def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected
         assert len(devices) <= 1
         if placed:
             assert devices <= {registry.model_devices[models[i]]}
+        else:
+            assert devices <= set(registry.model_homes[models[i]])
         homes += list(devices)
-    assert len(set(homes)) == (len(set(registry.model_devices.values())) if placed else min(n_kv, len(homes)))
+    if placed:
+        assert len(set(homes)) == len(set(registry.model_devices.values()))
+    else:
+        groups = {registry.model_homes[m] for m in FAMILIES}
+        assert all(len(g) == (2 if n_kv == 4 else 1) for g in groups) and len(groups) == min(n_kv, 2)
+        assert len(set(homes)) >= len(groups)
     used = engine.stats().kv_pages_used_by_model
     assert all(used[f] > 0 for f in FAMILIES)
     got = {}
@@ -176,27 +185,32 @@ def _run_recording_groups(engine, requests):
 
 
 def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dirs, shared, batch, expected):
-    """2 KV devices of 8-9 pages (4 blocks each): a 70-token Qwen3 prompt (76 tokens at the end: 5 blocks of 2
-    pages, G=16) fits on no single device; it spills onto the other and runs sequence-sharded:
-    alone (M=1, its prefill chunked across the spill), then beside two short Qwen3 requests
-    (M=2: a sharded and one-device sequences in one step), then the whole batch (preemption).
-    Greedy tokens equal the single-device engine's."""
+    """2 KV devices with at least 8 pages each (and the weight devices' rows' pages): a Qwen3
+    prompt one block longer than its home KV device holds (G=16, 2 pages a block) spills onto
+    another device and runs sequence-sharded: alone (M=1, its prefill chunked across the
+    spill), then beside two short Qwen3 requests (M=2: a sharded and one-device sequences in
+    one step; they start off their full home), then the whole batch with three 300-token
+    prompts (preemption). Greedy tokens equal the single-device engine's."""
     prompts, models = batch
-    long_prompt = np.random.default_rng(99).integers(1, 250, 70).tolist()
-    want = dict(zip([f"r{i}" for i in range(len(prompts))], expected[0]))
-    want["long"] = _tokens(shared.generate([long_prompt], GREEDY, model="qwen3_moe"))[0]
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
               enable_prefix_caching=False, attention_backend="reference", moe_backend="reference",
               **{**ENGINE, "kv_pool_bytes": 2 * 8 * 2 * 512 * 4})
     engine = llm.engine
     assert (engine.runner.attention_backend, engine.runner.moe_backend) == ("reference", "reference")
-    P = engine.registry.kv_layout.pages_per_device       # 8, plus what the weight rows' longer tail adds
-    assert P // 2 == 4                                   # 4 blocks of 2 pages per device
-    assert engine.kv_manager.max_request_tokens("qwen3_moe") == 2 * 4 * 16             # the whole pool
+    usable = engine.registry.kv_layout.usable_pages
+    home = engine.registry.model_homes["qwen3_moe"][0]
+    assert min(usable[:2]) >= 8 and len(usable) == 4
+    assert engine.kv_manager.max_request_tokens("qwen3_moe") == sum(p // 2 for p in usable) * 16   # the whole pool
+    rng = np.random.default_rng(99)
+    long_prompt = rng.integers(1, 250, usable[home] // 2 * 16 + 10).tolist()
+    longer = [rng.integers(1, 250, 300).tolist() for _ in range(3)]           # 3 x 19 blocks > the pool
+    want = dict(zip([f"r{i}" for i in range(len(prompts))], expected[0]))
+    for rid, p in [("long", long_prompt), ("x0", longer[0]), ("x1", longer[1]), ("x2", longer[2])]:
+        want[rid] = _tokens(shared.generate([p], GREEDY, model="qwen3_moe"))[0]
     got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", long_prompt)})
     assert _tokens([got["long"]]) == [want["long"]]
-    assert groups[-1][0] and groups[-1][2]["long"] == {0, 1}
-    assert not groups[0][0]                                      # the first chunk (4 blocks) fit one device
+    assert groups[-1][0] and len(groups[-1][2]["long"]) >= 2 and home in groups[-1][2]["long"]
+    assert not groups[0][0] and groups[0][2]["long"] == {home}   # the first chunk (4 blocks) fit its home
     assert max(max(n) for _, n, _ in groups) == 1                # one sequence: M = 1
     assert models[1] == models[3] == "qwen3_moe"
     got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", long_prompt),
@@ -205,19 +219,59 @@ def test_contexts_larger_than_one_kv_device_match_single_device_engine(model_dir
     mixed = [devices for sharded, n, devices in groups
              if sharded and max(n) >= 2 and any(len(d) == 1 for d in devices.values())]
     assert mixed, f"no step ran a sharded sequence beside one-device sequences in two micro-batches: {groups}"
-    got, _ = _run_recording_groups(engine, {f"r{i}": (m, p) for i, (p, m) in enumerate(zip(prompts, models))})
-    assert _tokens([got[f"r{i}"] for i in range(len(prompts))]) == expected[0]
+    requests = {f"r{i}": (m, p) for i, (p, m) in enumerate(zip(prompts, models))}
+    requests.update({f"x{i}": ("qwen3_moe", p) for i, p in enumerate(longer)})
+    got, _ = _run_recording_groups(engine, requests)
+    assert {r: _tokens([o])[0] for r, o in got.items()} == {r: want[r] for r in requests}
     stats = engine.stats()
     assert stats.num_preemptions > 0
     assert stats.kv_pages_free == stats.kv_pages_total
     # the runner groups a chunk on its first block's device and marks the step sharded
+    P = engine.registry.kv_layout.pages_per_device
     req = Request("spread", "mixtral", prompts[0], GREEDY)
     chunk = SimpleNamespace(request=req, start=0, num_tokens=5, token_ids=prompts[0][:5],
                             page_table=[[P + 1, 1], [P + 2, 2]])       # device 1, then device 0 (P pages each)
     g = engine.runner.group_by_device("mixtral", [chunk])
     assert g.sharded and g.where == [(1, 0)] and g.local[1][0].page_table.tolist() == [[1, 1], [2, 2]]
-    with pytest.raises(ValueError, match=f"request spread of model 'mixtral': page ids \\[{2 * P + 1}\\] are outside"):
-        engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[2 * P + 1, 1], [P + 2, 2]]})])
+    with pytest.raises(ValueError, match=f"request spread of model 'mixtral': page ids \\[{4 * P + 1}\\] are outside"):
+        engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[4 * P + 1, 1], [P + 2, 2]]})])
+    # a request that found its home full started elsewhere (here a weight device): its model's home runs it
+    assert engine.registry.model_homes["mixtral"] == (1,)
+    g = engine.runner.group_by_device("mixtral", [SimpleNamespace(**{**vars(chunk), "page_table": [[2 * P + 1, 1], [P + 2, 2]]})])
+    assert g.sharded and g.where == [(1, 0)] and g.global_[1][0].page_table.tolist() == [[2 * P + 1, 1], [P + 2, 2]]
+
+
+def test_requests_spill_onto_the_weight_devices_pages(model_dirs, shared):
+    """`arena_bytes` rows on 2 KV + 2 weight devices: every device's memory beyond its weights
+    is pages (the weight devices' too), each model's attention side sits on one KV device,
+    where its requests start. A 230-token Qwen3 prompt fills its home, spills over the other
+    KV device onto a weight device's pages (sequence-sharded steps there); greedy tokens equal
+    the single-device engine's and the pool comes back whole."""
+    from crosspool_jax.checkpoints.loader import read_config
+    from crosspool_jax.disagg.layout import make_multi_layout
+    import jax
+
+    prompt = np.random.default_rng(7).integers(1, 250, 230).tolist()
+    want = _tokens(shared.generate([prompt], GREEDY, model="qwen3_moe"))
+    configs = {f: read_config(model_dirs[f])[1] for f in FAMILIES}
+    probe = make_multi_layout(configs, n_kv=2, n_w=2, pages_per_device=8, devices=jax.devices()[:4])
+    options = {k: v for k, v in ENGINE.items() if k != "kv_pool_bytes"}
+    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
+              arena_bytes=probe.arena_elems * 4, enable_prefix_caching=False, **options)
+    engine = llm.engine
+    layout = engine.registry.arena.layout
+    assert layout.arena_elems == probe.arena_elems and all(p > 0 for p in layout.device_pages[2:])
+    assert sorted(engine.registry.model_homes.values()) == [(0,), (1,)]
+    assert engine.stats().kv_pages_total == sum(layout.device_pages)
+    home = engine.registry.model_homes["qwen3_moe"][0]
+    assert engine.kv_manager.max_request_tokens("qwen3_moe") == sum(p // 2 for p in layout.device_pages) * 16
+    got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", prompt)})
+    assert _tokens([got["long"]]) == want
+    assert groups[0][2]["long"] == {home}                       # it starts on its model's home
+    held = set().union(*(devices["long"] for _, _, devices in groups))
+    assert held & {2, 3} and groups[-1][0], f"the request never reached a weight device's pages: {held}"
+    stats = engine.stats()
+    assert stats.kv_pages_free == stats.kv_pages_total
 
 
 def test_refused_at_construction(model_dirs):

@@ -89,6 +89,6 @@ def test_pool_capped_at_the_kernel_limit(tiny_model_dirs, monkeypatch, split):
                         lambda page_elems, backend: 40 if backend == "tpu" else None)
     registry = ModelRegistry(EngineConfig(models={"m": tiny_model_dirs["qwen3_moe"]}, dtype="float32",
                                           kv_pool_bytes=64 << 20, attention_backend="tpu", **split))
-    assert registry.max_pages_per_device == 40 and registry.kv_layout.pages_per_device == 40
-    if split:                                # the arena's KV rows: no more pages than the kernel addresses
-        assert registry.arena.layout.pages_per_device == 40
+    assert registry.max_pages_per_device == 40 and max(registry.kv_layout.usable_pages) == 40
+    if split:                                # no arena row uses more pages than the kernel addresses
+        assert max(registry.arena.layout.device_pages) == 40

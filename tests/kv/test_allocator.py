@@ -160,3 +160,22 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 AllocatorMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+def test_devices_with_fewer_usable_pages():
+    """device_pages: device d hands out ids [d * pages_per_device, d * pages_per_device +
+    device_pages[d]) only; the others are not in the pool."""
+    a = PageAllocator(6, 3, device_pages=(6, 2, 0))
+    assert a.num_total == 8 and [a.num_free(d) for d in range(3)] == [6, 2, 0]
+    assert a.allocate(2, 1) == [6, 7]
+    with pytest.raises(NoFreePages):
+        a.allocate(1, 1)
+    with pytest.raises(NoFreePages):
+        a.allocate(1, 2)
+    assert a.allocate(1) == [0]                                   # the device with the most free
+    with pytest.raises(ValueError, match="not in this pool"):
+        a.free([8])
+    a.free([6, 7, 0])
+    assert a.num_free() == 8
+    with pytest.raises(ValueError, match="device_pages"):
+        PageAllocator(6, 2, device_pages=(7, 1))

@@ -368,3 +368,27 @@ class ManagerMachine(RuleBasedStateMachine):
 
 ManagerMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
 TestManagerMachine = ManagerMachine.TestCase
+
+
+def test_requests_start_on_their_models_homes_and_spill_anywhere():
+    """A crosspool arena's pool: devices with different usable pages (a weight device's rows
+    hold pages too), each model's requests starting on its home devices (its attention side),
+    growing there while it has room, then spilling onto the device with the most room."""
+    kv = KVCacheManager(PageAllocator(8, 3, device_pages=(4, 8, 6)), enable_prefix_caching=False,
+                        placement="sticky")
+    kv.register_model(ModelKVGeometry("a", num_layers=2, tokens_per_page=4, max_model_len=64), homes=(0,))
+    kv.register_model(ModelKVGeometry("b", num_layers=2, tokens_per_page=4, max_model_len=64), homes=(1,))
+    assert kv.max_request_tokens("a") == (2 + 4 + 3) * 4                  # every device's whole blocks
+    r = req("r", "a", range(12))                                           # 3 blocks
+    assert kv.allocate_slots(r, 12)
+    assert [b.device for b in kv.blocks_of(r)] == [0, 0, 1]                # home full: spill to the roomiest
+    assert all(p // 8 == b.device for b in kv.blocks_of(r) for p in b.pages)
+    t = req("t", "b", range(3))
+    assert kv.allocate_slots(t, 3) and kv.blocks_of(t)[0].device == 1
+    s = req("s", "a", range(3))                                             # its home is full: the roomiest
+    assert kv.allocate_slots(s, 3) and kv.blocks_of(s)[0].device == 2
+    kv.free(r)
+    u = req("u", "a", range(3))
+    assert kv.allocate_slots(u, 3) and kv.blocks_of(u)[0].device == 0 and kv.num_free_pages() == 18 - 6
+    with pytest.raises(ValueError, match="homes must be device indices"):
+        kv.register_model(ModelKVGeometry("c", num_layers=2, tokens_per_page=4, max_model_len=64), homes=(3,))
