@@ -143,19 +143,23 @@ def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attent
     P, X = k_buf.shape
     G = X // config.kv_cache_row
 
-    def lane_start(lane):
-        S = lane.token_ids_S.shape[0]
-        live_S = jnp.arange(S, dtype=jnp.int32) < lane.num_seqs_1[0]
-        out_buf = sampler_lib.empty_outputs(num_steps, S, config.vocab_size, lane.sampling, lane.output_counts_SV,
-                                            lane.prompt_mask_SV, num_logprobs=num_logprobs)
-        return lane.token_ids_S, lane.kv_lens_S, ~live_S, lane.output_counts_SV, out_buf
+    def lane_start(lane, fixed_rows):
+        out_buf = sampler_lib.empty_outputs(num_steps, lane.token_ids_S.shape[0], config.vocab_size, lane.sampling,
+                                            lane.output_counts_SV, lane.prompt_mask_SV, num_logprobs=num_logprobs)
+        return lane.token_ids_S, lane.kv_lens_S, ~fixed_rows[1], lane.output_counts_SV, out_buf
 
-    def lane_token(j, lane, state, k_buf, v_buf):
-        tokens_S, kv_lens, done_S, counts, out_buf = state
-        S = tokens_S.shape[0]
+    def lane_rows(lane):
+        """(row ids, rows holding a sequence, cu_q_lens of one token a row): fixed for the whole loop."""
+        S = lane.token_ids_S.shape[0]
         rows = jnp.arange(S, dtype=jnp.int32)
-        live_S = (rows < lane.num_seqs_1[0]) & ~done_S
-        cu_q_lens_S1 = jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), lane.num_seqs_1[0])
+        return rows, rows < lane.num_seqs_1[0], jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), lane.num_seqs_1[0])
+
+    fixed = tuple(lane_rows(lane) for lane in lanes)
+
+    def lane_token(j, lane, fixed_rows, state, k_buf, v_buf):
+        tokens_S, kv_lens, done_S, counts, out_buf = state
+        rows, seq_S, cu_q_lens_S1 = fixed_rows
+        live_S = seq_S & ~done_S
         pos_S = kv_lens - 1
         slots_LS = token_slots(lane.page_indices_LSP, rows, pos_S, live_S, tokens_per_page=G, num_pages=P)
         k_buf, v_buf, logits_SV, _ = _forward_logits(
@@ -175,11 +179,11 @@ def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attent
     def body(j, state):
         k_buf, v_buf, states = state
         new_states = []
-        for lane, lane_state in zip(lanes, states):
-            k_buf, v_buf, lane_state = lane_token(j, lane, lane_state, k_buf, v_buf)
+        for lane, fixed_rows, lane_state in zip(lanes, fixed, states):
+            k_buf, v_buf, lane_state = lane_token(j, lane, fixed_rows, lane_state, k_buf, v_buf)
             new_states.append(lane_state)
         return k_buf, v_buf, tuple(new_states)
 
-    init = (k_buf, v_buf, tuple(lane_start(lane) for lane in lanes))
+    init = (k_buf, v_buf, tuple(lane_start(lane, f) for lane, f in zip(lanes, fixed)))
     k_buf, v_buf, states = jax.lax.fori_loop(0, num_steps, body, init)
     return k_buf, v_buf, tuple(state[-1] for state in states)
