@@ -2,7 +2,8 @@
 
 Sequences are data-parallel over the KV devices (a sequence's pages live on one device, its
 page ids are that device's local ids). Each device's chunks are split into micro-batches
-(greedily, each chunk to the micro-batch with the fewest tokens so far, in order); each
+(greedily, each chunk to the micro-batch with the fewest tokens so far, in order; or as the
+caller says: lanes of several models put each model's chunks in its own micro-batch); each
 (device, micro-batch) is built by `engine.step_inputs.build_step_inputs` and padded to one
 common (T, S, Pp) so the stack is one pytree `StepInputs` whose leaves carry two leading axes
 `[n_kv, M, ...]`. `logit_rows[d][i]` is where chunk i of device d finds its logits in the
@@ -81,24 +82,33 @@ def split_microbatches(chunks: Sequence, num_microbatches: int) -> list[list[int
 def build_disagg_inputs(chunks_per_device: Sequence[Sequence], *, layout: ArenaLayout, num_layers: int,
                         num_microbatches: int, min_tokens: int = 8, min_seqs: int = 2,
                         min_pages: int = 4, menu: ShapeMenu | None = None,
-                        shape: StepShape | None = None) -> tuple[StepInputs, list[list[int]]]:
+                        shape: StepShape | None = None,
+                        microbatches: Sequence[Sequence[Sequence[int]]] | None = None
+                        ) -> tuple[StepInputs, list[list[int]]]:
     """(inputs with leaves [n_kv, M, ...], logit_rows per device per chunk).
 
     chunks: objects with .start, .num_tokens, .token_ids and .page_table ([L][blocks] of the
     device's local page ids), as `build_step_inputs` takes them. Every (device, micro-batch)
     is padded to one shape: `shape` if given (the warm-up's all-padding steps), else the
     smallest entry of `menu` holding the largest of them, else powers of two at least the
-    minimums.
+    minimums. microbatches: [n_kv][M] lists of chunk indices (lanes: micro-batch m holds
+    lane m's chunks); None splits each device's chunks by `split_microbatches`.
     """
     if len(chunks_per_device) != layout.n_kv:
         raise ValueError(f"chunks_per_device has {len(chunks_per_device)} entries, the layout has "
                          f"{layout.n_kv} KV devices")
-    if num_microbatches not in (1, 2):
-        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
+    if not isinstance(num_microbatches, (int, np.integer)) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}")
     P, G = layout.pages_per_device, layout.tokens_per_page
     built, rows = [], []
-    for chunks in chunks_per_device:
-        groups = split_microbatches(chunks, num_microbatches)
+    for d, chunks in enumerate(chunks_per_device):
+        if microbatches is None:
+            groups = split_microbatches(chunks, num_microbatches)
+        else:
+            groups = [list(g) for g in microbatches[d]]
+            if len(groups) != num_microbatches or sorted(i for g in groups for i in g) != list(range(len(chunks))):
+                raise ValueError(f"microbatches of KV device {d} must be {num_microbatches} lists holding each of "
+                                 f"its {len(chunks)} chunks once, got {groups}")
         per_mb = []
         for g in groups:
             if g:

@@ -55,16 +55,20 @@ slots are multiples of all of them (a slot shift keeps every stack aligned).
 Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
 role with a budget does not pack every model; its model region is a `Region` of `num_slots`
 equal slots (`slot_elems` = the role's largest model, aligned), one block of content at the
-same offset on every row of the role, and a model's view lays its slots out in slot 0. A
-model placed in slot i is read through `ArenaLayout.bind(bases)`: `bases` int32[2] (KV rows,
-weight rows) is a TRACED shift in units of `ALIGN` elements (i * slot_elems / ALIGN), added to
-every non-page slot with a dynamic slice, so one compiled program per model serves whatever
-slot it lands in (static per-slot layouts would compile one program per (model, slot)); units
-of ALIGN keep an int32 shift valid for rows past 2^31 elements. A budget counts device bytes
+same offset on every row of the role, and a model's view lays its slots out in slot 0; a
+model placed in slot i sits `Region.shift_units(i)` ALIGN units further on (`bases`, int32[2]
+of the KV and weight rows' shifts, turn into its `offsets`). A budget counts device bytes
 over the role's devices (the attention side counted once per KV device, like the weights
 pool's replicas): num_slots = budget // (devices * slot bytes), at most the number of models;
 a budget below one slot raises ValueError naming the option. `disagg/residency.py` decides
 which model sits in which slot.
+
+Where a model's tensors sit is data of the step programs, not a constant: a program is
+compiled for `ArenaLayout.program` (every tensor at offset 0: equal for models of one
+architecture) and reads the model through `bind(offsets)`, `offsets()` giving each tensor's
+start in ALIGN units (int32: valid for rows past 2^31 elements), with a dynamic slice. So
+models of one architecture share their compiled programs, run as lanes of one program, and a
+model is served by the same program in whatever budgeted slot it lands.
 """
 from __future__ import annotations
 
@@ -198,10 +202,33 @@ class ArenaLayout:
         _, E, K, N = s.shape
         return ExpertRows(row_X.reshape(-1, N), first_row + index * (E * K), num_groups=E, group_rows=K)
 
-    def bind(self, bases) -> "ArenaLayout | BoundArenaLayout":
-        """This view with its own (non-page) slots shifted by `bases` int32[2] (KV rows, weight
-        rows; units of ALIGN elements, traced inside a step); None: this static view itself."""
-        return self if bases is None else BoundArenaLayout(self, bases)
+    @property
+    def own_slots(self) -> tuple:
+        """(role, Slot) of every tensor of this model (the pages excepted), KV rows' first: the
+        order of `offsets`."""
+        return tuple((role, s) for role in ROLES for s in self.slots(role) if not s.name.startswith("pages/"))
+
+    def offsets(self, bases=None) -> np.ndarray:
+        """int32 [len(own_slots)]: where each of the model's tensors starts in its row, in ALIGN
+        units, shifted by `bases` (int32[2]: the (KV rows, weight rows) slot shift of a model in
+        budgeted regions, `Region.shift_units`; None: no shift). The step programs read a model
+        through these (`bind`), so where a model sits is data of its program, not a constant."""
+        shift = np.zeros(2, np.int64) if bases is None else np.asarray(bases, np.int64)
+        return np.array([s.offset // ALIGN + shift[ROLES.index(role)] for role, s in self.own_slots], np.int32)
+
+    @property
+    def program(self) -> "ArenaLayout":
+        """What a step program depends on: this view with every tensor at offset 0 and no homes.
+        Models of one architecture have equal `program`s, so they share compiled programs and
+        run as lanes of one (their `offsets` are the programs' data)."""
+        zero = {role: tuple(s if s.name.startswith("pages/") else dataclasses.replace(s, offset=0)
+                            for s in self.slots(role)) for role in ROLES}
+        return dataclasses.replace(self, kv_slots=zero["kv"], w_slots=zero["w"], homes=tuple(range(self.n_kv)))
+
+    def bind(self, offsets) -> "ArenaLayout | BoundArenaLayout":
+        """This view reading the model's tensors at `offsets` (int32 [len(own_slots)], traced inside a
+        step: `offsets()`); None: this static view itself."""
+        return self if offsets is None else BoundArenaLayout(self, offsets)
 
     def mesh(self) -> jax.sharding.Mesh:
         """The 1D mesh over axis "dev" (KV devices first)."""
@@ -216,13 +243,14 @@ class ArenaLayout:
 
 
 class BoundArenaLayout:
-    """An `ArenaLayout` whose model slots sit `bases[role]` ALIGN-element units further on (the
-    model's region in a budgeted role, `Region`); the shared pages stay put. Same API as the
-    layout (attributes are forwarded); only `view` differs: a dynamic slice at the traced offset."""
+    """An `ArenaLayout` whose model tensors start at traced `offsets` (ALIGN units, one per
+    `own_slots` entry); the shared pages stay put. Same API as the layout (attributes are
+    forwarded); `view` is a dynamic slice at the tensor's offset, `expert_rows` starts there."""
 
-    def __init__(self, layout: ArenaLayout, bases):
+    def __init__(self, layout: ArenaLayout, offsets):
         self.layout = layout
-        self.bases = bases                     # int32 [2]: (KV rows, weight rows) shift in ALIGN units
+        self.offsets = offsets                 # int32 [len(own_slots)], ALIGN units
+        self._index = {(role, s.name): i for i, (role, s) in enumerate(layout.own_slots)}
 
     def __getattr__(self, name):
         return getattr(self.layout, name)
@@ -232,16 +260,16 @@ class BoundArenaLayout:
             return self.layout.view(row_X, role, name)
         s = self.layout.slot(role, name)
         units_XA = row_X.reshape(-1, ALIGN)     # arena_elems and every slot offset are multiples of ALIGN
-        start = s.offset // ALIGN + self.bases[ROLES.index(role)]
-        block = jax.lax.dynamic_slice_in_dim(units_XA, start, -(-s.size // ALIGN)).reshape(-1)
+        block = jax.lax.dynamic_slice_in_dim(units_XA, self.offsets[self._index[(role, name)]],
+                                             -(-s.size // ALIGN)).reshape(-1)
         return block[:s.size].reshape(s.shape)
 
     def expert_rows(self, row_X: jax.Array, name: str, index) -> ExpertRows:
         s = self.layout.slot("w", name)
         N = s.shape[-1]
-        g = math.gcd(ALIGN, N)        # shift * ALIGN / N rows, exact (slots are multiples of N), in int32
-        shift_rows = (self.bases[ROLES.index("w")] // (N // g)) * (ALIGN // g)
-        return self.layout._expert_rows(row_X, s, index, s.offset // N + shift_rows)
+        g = math.gcd(ALIGN, N)        # offset * ALIGN / N rows, exact (stacks start on multiples of N), in int32
+        first_row = (self.offsets[self._index[("w", name)]] // (N // g)) * (ALIGN // g)
+        return self.layout._expert_rows(row_X, s, index, first_row)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,6 +78,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from crosspool_jax.disagg import sharded_attention
@@ -95,22 +96,29 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
 def num_stages(num_layers: int, num_microbatches: int) -> int:
-    """Stages of the scan: L with one micro-batch, 2L + 1 with two (ping-pong)."""
-    if num_microbatches not in (1, 2):
-        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
-    return num_layers if num_microbatches == 1 else 2 * num_layers + 1
+    """Stages of the scan: L with one micro-batch, M*L + 1 with M >= 2 (ping-pong)."""
+    _check_microbatches(num_microbatches)
+    return num_layers if num_microbatches == 1 else num_microbatches * num_layers + 1
+
+
+def _check_microbatches(num_microbatches) -> None:
+    if not isinstance(num_microbatches, (int, np.integer)) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}")
 
 
 def schedule(num_layers: int, num_microbatches: int) -> list[tuple]:
     """[(stage, attention (layer, mb) or None, ffn (layer, mb) or None)] -- the host-side table.
 
-    With one micro-batch a stage runs attention, then the FFN of the same layer, in sequence."""
-    if num_microbatches == 1:
+    With one micro-batch a stage runs attention, then the FFN of the same layer, in sequence;
+    with M >= 2, stage t runs the attention of (t // M, t % M) and the FFN of the previous
+    stage's attention."""
+    M = num_microbatches
+    if M == 1:
         return [(i, (i, 0), (i, 0)) for i in range(num_layers)]
     out = []
-    for t in range(num_stages(num_layers, 2)):
-        a = (t // 2, t % 2) if t < 2 * num_layers else None
-        f = ((t - 1) // 2, (t - 1) % 2) if t >= 1 else None
+    for t in range(num_stages(num_layers, M)):
+        a = divmod(t, M) if t < M * num_layers else None
+        f = divmod(t - 1, M) if t >= 1 else None
         out.append((t, a, f))
     return out
 
@@ -319,12 +327,21 @@ def exchange_factory(exchange):
     return EXCHANGES[exchange]
 
 
-def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, *, layout: ArenaLayout,
-                    config: ModelConfig, M: int, exchange, attention_backend: str, moe_backend: str):
+def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, offsets_MX, *,
+                    layout: ArenaLayout, config: ModelConfig, M: int, exchange, attention_backend: str,
+                    moe_backend: str):
     """(kv_index, mine, run): this device's KV index, its step inputs `mine` (leaves [M, ...];
     a weight device gets the last KV device's) and `run(row_X, step) -> (row_X, logits [M*S, V])`,
-    one forward of step inputs shaped like `mine` through every layer, K/V written in place."""
-    layout = layout.bind(bases)        # the model's slots where its budgeted regions put them (residency.py)
+    one forward of step inputs shaped like `mine` through every layer, K/V written in place.
+    offsets_MX: where the model's tensors sit (`ArenaLayout.offsets`): None (`layout`'s own),
+    int32 [len(own_slots)] (one model, every micro-batch), or int32 [M, len(own_slots)] (lanes:
+    micro-batch m is a model of this architecture at offsets_MX[m]; m traced ok)."""
+    lanes = offsets_MX is not None and offsets_MX.ndim == 2
+
+    def lay(m):
+        """Micro-batch m's model: the layout bound to its offsets."""
+        return layout.bind(offsets_MX[m] if lanes else offsets_MX)
+
     c = config
     n_kv = layout.n_kv
     dtype = arena_1X.dtype
@@ -335,13 +352,17 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
     to_weights, to_kv = exchange_factory(exchange)(layout, d, Tm, D)
 
     def run(row_X, mine):
-        emb_VD = layout.view(row_X, "kv", "embed/embedding_VD")
-        x_MTD = jnp.where(is_kv, emb_VD[mine.token_ids_T], 0).astype(dtype)
+        if lanes:
+            x_MTD = jnp.stack([lay(m).view(row_X, "kv", "embed/embedding_VD")[mine.token_ids_T[m]] for m in range(M)])
+        else:
+            x_MTD = lay(0).view(row_X, "kv", "embed/embedding_VD")[mine.token_ids_T]
+        x_MTD = jnp.where(is_kv, x_MTD, 0).astype(dtype)
 
         def attention(row_X, x_MTD, m, layer, on, pages_on):
             """(h_TD, row): KV device's attention of micro-batch m (zeros and no write when off)."""
             step = jax.tree_util.tree_map(lambda a: a[m], mine)
             x_TD = x_MTD[m]
+            layout = lay(m)
             # in place on the carried row; an idle device drops every write. Every read of the row
             # before the write must feed the write (else XLA cannot order it first and copies the
             # whole row): k/v come from the row as it was, q from the written row (same weights).
@@ -358,6 +379,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             stage attends; weight devices too), log-sum-exp merge; collectives outside the conds."""
             step = jax.tree_util.tree_map(lambda a: a[m], mine)
             x_TD = x_MTD[m]
+            layout = lay(m)
             zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
             zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
             qkv_TXH = jax.lax.cond(
@@ -395,7 +417,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
 
         def ffn(row_X, inbox_TD, layer, on, m):
             mask_T = jnp.moveaxis(real_NMT, 1, 0)[m].reshape(n_kv * Tm)
-            y_TD = _ffn_partial(row_X, inbox_TD, layer, d - n_kv, layout, c, moe_backend, on,
+            y_TD = _ffn_partial(row_X, inbox_TD, layer, d - n_kv, lay(m), c, moe_backend, on,
                                 token_mask_T=mask_T).astype(dtype)
             return jnp.where(on, y_TD, jnp.zeros_like(y_TD))
 
@@ -403,20 +425,20 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             def stage(carry, layer):
                 x_MTD, row_X = carry
                 h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv, True)
-                y_TD = to_kv(ffn(row_X, to_weights(_ffn_in(row_X, h_TD, layer, layout, c)), layer, ~is_kv, 0))
+                y_TD = to_kv(ffn(row_X, to_weights(_ffn_in(row_X, h_TD, layer, lay(0), c)), layer, ~is_kv, 0))
                 return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
 
             (x_MTD, row_X), _ = jax.lax.scan(stage, (x_MTD, row_X), jnp.arange(L, dtype=jnp.int32))
         else:
             def stage(carry, t):
                 x_MTD, inbox_TD, row_X = carry
-                m_a, i_a = t % 2, jnp.minimum(t // 2, L - 1)
-                attn_on = is_kv & (t < 2 * L)
-                m_f, i_f = (t + 1) % 2, jnp.maximum(t - 1, 0) // 2
+                m_a, i_a = t % M, jnp.minimum(t // M, L - 1)
+                attn_on = is_kv & (t < M * L)
+                m_f, i_f = (t + M - 1) % M, jnp.maximum(t - 1, 0) // M
                 ffn_on = t >= 1
-                h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on, t < 2 * L)
+                h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on, t < M * L)
                 y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on, m_f)
-                inbox_TD = to_weights(_ffn_in(row_X, h_TD, i_a, layout, c))    # the exchange: every device runs it
+                inbox_TD = to_weights(_ffn_in(row_X, h_TD, i_a, lay(m_a), c))    # the exchange: every device runs it
                 y_back_TD = to_kv(y_TD)
                 x_MTD = jnp.where(attn_on, x_MTD.at[m_a].set(h_TD), x_MTD)
                 x_MTD = jnp.where(is_kv & ffn_on, x_MTD.at[m_f].add(y_back_TD), x_MTD)
@@ -425,35 +447,45 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             carry = (x_MTD, jnp.zeros((n_kv * Tm, payload_width(c)), dtype), row_X)
             (x_MTD, _, row_X), _ = jax.lax.scan(stage, carry, jnp.arange(num_stages(L, M), dtype=jnp.int32))
 
-        S = mine.logits_indices_S.shape[1]
         last_MSD = jnp.take_along_axis(x_MTD, mine.logits_indices_S[:, :, None], axis=1)
-        hidden = rms_norm(last_MSD.reshape(M * S, D), layout.view(row_X, "kv", "final/norm_D"), c.rms_norm_eps)
-        kv_params = {"embed": {"embedding_VD": layout.view(row_X, "kv", "embed/embedding_VD")}, "final": {}}
-        if layout.has("kv", "final/lm_head_DV"):
-            kv_params["final"]["lm_head_DV"] = layout.view(row_X, "kv", "final/lm_head_DV")
+
+        def logits(layout, last_SD):
+            """Logits [S, V] of last_SD through the model's final norm and lm head."""
+            hidden = rms_norm(last_SD, layout.view(row_X, "kv", "final/norm_D"), c.rms_norm_eps)
+            kv_params = {"embed": {"embedding_VD": layout.view(row_X, "kv", "embed/embedding_VD")}, "final": {}}
+            if layout.has("kv", "final/lm_head_DV"):
+                kv_params["final"]["lm_head_DV"] = layout.view(row_X, "kv", "final/lm_head_DV")
+            return compute_logits(kv_params, c, hidden)
+
         # every device computes them (a cond here would make the host wait for the whole step);
-        # the weight devices' rows are garbage and dropped by the caller ([:n_kv])
-        return row_X, compute_logits(kv_params, c, hidden)
+        # the weight devices' rows are garbage and dropped by the caller ([:n_kv]). One model's
+        # micro-batches share one lm head call; lanes take one each.
+        if lanes:
+            return row_X, jnp.concatenate([logits(lay(m), last_MSD[m]) for m in range(M)])
+        return row_X, logits(lay(0), last_MSD.reshape(-1, D))
 
     return kv_index, jax.tree_util.tree_map(lambda a: a[kv_index], inputs), run
 
 
-def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, bases, **kw):
-    _, mine, run = _device_program(arena_1X, inputs, sharded, bases, **kw)
+def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, offsets, **kw):
+    _, mine, run = _device_program(arena_1X, inputs, sharded, offsets, **kw)
     row_X, logits_RV = run(arena_1X[0], mine)
     return row_X[None], logits_RV[None]
 
 
-def _checked_inputs(inputs, layout: ArenaLayout, exchange, num_microbatches: int) -> StepInputs:
+def _checked_inputs(inputs, layout: ArenaLayout, exchange, num_microbatches: int, offsets) -> StepInputs:
     """The step inputs (unpacked from a PackedInt32: one host->device transfer) after the checks
     `disagg_step` and `disagg_decode` share."""
     inputs = unpacked(inputs)
     exchange_factory(exchange)
-    if num_microbatches not in (1, 2):
-        raise ValueError(f"num_microbatches must be 1 or 2, got {num_microbatches}")
+    _check_microbatches(num_microbatches)
     if inputs.token_ids_T.shape[:2] != (layout.n_kv, num_microbatches):
         raise ValueError(f"inputs lead with {inputs.token_ids_T.shape[:2]}, expected "
                          f"(n_kv, num_microbatches) = ({layout.n_kv}, {num_microbatches})")
+    n = len(layout.own_slots)
+    if offsets is not None and tuple(offsets.shape) not in ((n,), (num_microbatches, n)):
+        raise ValueError(f"offsets have shape {tuple(offsets.shape)}, expected ({n},) (one model) or "
+                         f"({num_microbatches}, {n}) (a model per micro-batch): `ArenaLayout.offsets`")
     return inputs
 
 
@@ -475,11 +507,11 @@ def _decode_inputs(mine: StepInputs, allowance_MT, j, *, num_pages: int, G: int)
                                kv_lens_S=jnp.where(live_MS, mine.kv_lens_S + j, mine.kv_lens_S))
 
 
-def _device_decode(arena_1X, inputs: StepInputs, bases, allowance_NMT, meta, counts_RV, prompt_mask_RV, *,
+def _device_decode(arena_1X, inputs: StepInputs, offsets, allowance_NMT, meta, counts_RV, prompt_mask_RV, *,
                    num_steps: int, num_logprobs: int, all_greedy: bool, **kw):
     """num_steps decode tokens in one program: forward, sample on the device (rows of this KV
     device: meta leaves [n_kv * M*S, ...], this device's slice), feed the tokens back."""
-    kv_index, mine, run = _device_program(arena_1X, inputs, None, bases, **kw)
+    kv_index, mine, run = _device_program(arena_1X, inputs, None, offsets, **kw)
     layout, config = kw["layout"], kw["config"]
     M, T = mine.token_ids_T.shape
     S = mine.kv_lens_S.shape[1]
@@ -521,7 +553,7 @@ def _device_decode(arena_1X, inputs: StepInputs, bases, allowance_NMT, meta, cou
 def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_RV=None, prompt_mask_RV=None, *,
                   layout: ArenaLayout, config: ModelConfig, num_microbatches: int, num_steps: int,
                   num_logprobs: int = 0, all_greedy: bool = False, exchange="p2p", attention_backend: str = "auto",
-                  moe_backend: str = "auto", bases=None):
+                  moe_backend: str = "auto", offsets=None):
     """`num_steps` decode tokens of a pure-decode batch in ONE program -> (arena, SamplerOutput
     with leaves [n_kv, num_steps, M*S, ...]).
 
@@ -535,7 +567,7 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
     num_logprobs, all_greedy: the sampling variant (`sampler.sample`). Other arguments as
     `disagg_step`.
     """
-    inputs = _checked_inputs(inputs, layout, exchange, num_microbatches)
+    inputs = _checked_inputs(inputs, layout, exchange, num_microbatches, offsets)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     replicated = PartitionSpec()
@@ -547,7 +579,7 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
         in_specs=(PartitionSpec(AXIS, None), replicated, replicated, replicated, replicated, replicated,
                   replicated),
         out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
-    arena, out = fn(arena, inputs, bases, allowance_NMT, meta, output_counts_RV, prompt_mask_RV)
+    arena, out = fn(arena, inputs, offsets, allowance_NMT, meta, output_counts_RV, prompt_mask_RV)
     return arena, jax.tree_util.tree_map(lambda a: a[:layout.n_kv], out)
 
 
@@ -556,7 +588,7 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
                    donate_argnums=0)
 def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPages | None = None, *,
                 layout: ArenaLayout, config: ModelConfig, num_microbatches: int, exchange="p2p",
-                attention_backend: str = "auto", moe_backend: str = "auto", bases=None):
+                attention_backend: str = "auto", moe_backend: str = "auto", offsets=None):
     """One ragged step over the whole model -> (arena, logits float32 [n_kv, M*S, V]).
 
     arena: `[num_devices, arena_elems]` from `build_arena` (donated; K/V written into it).
@@ -569,14 +601,17 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPage
     exchange: "p2p" (ppermute rounds, payload only), "collective" (all_gather + psum_scatter),
     or an exchange factory (`exchange_factory`).
     attention_backend, moe_backend: the kernels' backends ("auto", "reference", "gpu", "tpu").
-    bases: None, or int32[2] (traced): the model's slot shift (KV rows, weight rows) in budgeted
-    regions, `ArenaLayout.bind` (registry.acquire gives it).
+    offsets: where the model's tensors sit, `ArenaLayout.offsets` (traced: the program depends on
+    `layout.program` only): None (`layout`'s own offsets), int32 [len(own_slots)] (the model of
+    every micro-batch; `offsets(bases)` for a model in budgeted slots), or int32 [M, ...]: lanes,
+    micro-batch m a model of this architecture at offsets[m] (while the weight devices run one
+    lane's FFN, the KV devices attend the next lane's layer).
     """
-    inputs = _checked_inputs(inputs, layout, exchange, num_microbatches)
+    inputs = _checked_inputs(inputs, layout, exchange, num_microbatches, offsets)
     fn = jax.shard_map(
         functools.partial(_device_step, layout=layout, config=config, M=num_microbatches,
                           exchange=exchange, attention_backend=attention_backend, moe_backend=moe_backend),
         mesh=layout.mesh(), in_specs=(PartitionSpec(AXIS, None), PartitionSpec(), PartitionSpec(), PartitionSpec()),
         out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
-    arena, logits_NSV = fn(arena, inputs, sharded_pages, bases)
+    arena, logits_NSV = fn(arena, inputs, sharded_pages, offsets)
     return arena, logits_NSV[:layout.n_kv]

@@ -20,7 +20,7 @@ model (layout.py). `ArenaResidency` owns the `Arena` and, per budgeted role, a `
   dispatches the writes without waiting; `acquire(name)` swaps in what is still out, pins the
   model, waits until its payloads have landed (recording the swap-in seconds: wall time from
   the transfer's start until it was ready -- for a prefetch, until the acquire that waited on
-  it returned, as in `WeightsPool`) and returns the model's `bases` for `ArenaLayout.bind`:
+  it returned, as in `WeightsPool`) and returns the model's `bases` for `ArenaLayout.offsets`:
   int32[2], (KV rows, weight rows) shift in ALIGN units of the slot it sits in (0 for a
   role without a budget); None when no role has a budget (the static layout, as before).
 
@@ -232,7 +232,7 @@ class ArenaResidency:
 
     def acquire(self, name: str) -> Optional[np.ndarray]:
         """Swap `name` in if it is out, mark it in use until `release`, wait until its payloads
-        have landed; returns its `bases` (int32[2]) for `ArenaLayout.bind`, None without budgets."""
+        have landed; returns its `bases` (int32[2]) for `ArenaLayout.offsets`, None without budgets."""
         self._check(name)
         with self._lock:
             self._swap_in(name)

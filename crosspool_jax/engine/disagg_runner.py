@@ -98,6 +98,7 @@ class DisaggRunner(DispatchingRunner):
         self.min_token_bucket = min_token_bucket
         self.max_decode_steps = max_decode_steps
         self._warm_up_lock = threading.Lock()
+        self._warmed: set = set()                  # (program, config, menu) whose programs have run
         self.num_microbatches = num_microbatches
         self.exchange = exchange
         self.attention_backend = attention_backend
@@ -125,68 +126,140 @@ class DisaggRunner(DispatchingRunner):
         return grouped
 
     def dispatch(self, step: ModelStep) -> DispatchedStep:
-        """Dispatch one model's step without waiting (`collect` it).
+        """Dispatch one model's step without waiting (`collect` it): `dispatch_lanes` of one."""
+        return self.dispatch_lanes([step])[0]
 
-        step.weights is the model's `ArenaWeights` (its slot shifts; the weights are in the
-        arena); the host applies stop rules. num_steps > 1 on a pure-decode batch whose pages
-        all sit on their home devices runs `disagg_decode` (num_steps tokens in one program);
-        otherwise one token (a sequence-sharded step decodes one token at a time)."""
+    def dispatch_all(self, steps: Sequence[ModelStep]) -> list[DispatchedStep]:
+        """Dispatch one engine step's models: models of one architecture whose steps have one
+        `lane_key` as lanes of one program (up to the menu's largest lane count a program),
+        every other step alone. One DispatchedStep per step, in order."""
+        groups: dict = {}
+        for i, step in enumerate(steps):
+            key = self.lane_key(step)
+            groups.setdefault(("alone", i) if key is None else key, []).append(i)
+        out: list = [None] * len(steps)
+        for members in groups.values():
+            width = max(steps[members[0]].menu.lane_counts)
+            for lo in range(0, len(members), width):
+                part = members[lo:lo + width]
+                for i, dispatched in zip(part, self.dispatch_lanes([steps[i] for i in part])):
+                    out[i] = dispatched
+        return out
+
+    def lane_key(self, step: ModelStep) -> Optional[tuple]:
+        """What a step must share with others to run in one program with them as lanes (None: it
+        runs alone): the architecture (`ArenaLayout.program`: where the weights sit is the
+        program's data) and menu, every chunk's pages on its home (the common program), and the
+        program: a pure decode of max_decode_steps tokens with one sampling variant (sampling runs
+        in it), or a ragged step of the same token bucket (sampling runs after it, per lane)."""
+        menu = step.menu
+        if max(menu.lane_counts) < 2 or not step.chunks:
+            return None
+        if self.group_by_device(step.model, step.chunks).sharded:
+            return None
+        program = self.arena.layout.model(step.model).program
+        if self._is_decode(step):
+            return (program, step.config, menu, "decode", smeta.sampling_variant(menu, step.rows),
+                    smeta.needs_penalties(step.rows))
+        return (program, step.config, menu, "ragged", menu.ragged(step.num_tokens, len(step.chunks),
+                                                                  step.max_blocks).num_tokens)
+
+    def _is_decode(self, step: ModelStep) -> bool:
+        return (self.max_decode_steps > 1 and step.num_steps > 1
+                and all(c.num_tokens == 1 for c in step.chunks))
+
+    def dispatch_lanes(self, steps: Sequence[ModelStep]) -> list[DispatchedStep]:
+        """Dispatch the steps of K models of one architecture as ONE program (K = 1: one model's
+        step) without waiting; one DispatchedStep per step, in order.
+
+        Each step's `ArenaWeights.offsets` say where its model sits (the program's data). One
+        model's step splits its chunks into M micro-batches (2 when some device has two
+        sequences or more, else 1, unless the runner fixes M); K >= 2 lanes (equal `lane_key`)
+        are the K micro-batches, lane m's chunks micro-batch m, so the weight devices run one
+        model's FFN while the KV devices attend another's. The host applies stop rules. A pure
+        decode whose pages all sit on their homes runs `disagg_decode` (max_decode_steps tokens
+        in one program, each chunk keeping the tokens it was scheduled for; sampling in the
+        program); otherwise `disagg_step` (a sequence-sharded step when some chunk has pages off
+        its home: one model only), then one sampling call per model."""
         t0 = time.perf_counter()
-        model_name, config, chunks, rows = step.model, step.config, step.chunks, step.rows
-        tokens_per_page, num_steps, kv_params = step.tokens_per_page, step.num_steps, step.weights.bases
-        layout = self.arena.layout.model(model_name)
-        if tokens_per_page != layout.tokens_per_page:
-            raise ValueError(f"model {model_name!r}: the engine's tokens_per_page {tokens_per_page} differs from "
-                             f"the arena's {layout.tokens_per_page}")
-        grouped = self.group_by_device(model_name, chunks)
-        M = self.num_microbatches or (2 if max(len(c) for c in grouped.local) >= 2 else 1)
+        K, first = len(steps), steps[0]
+        config, menu = first.config, first.menu
+        layouts = [self.arena.layout.model(s.model) for s in steps]
+        for s, lay in zip(steps, layouts):
+            if s.tokens_per_page != lay.tokens_per_page:
+                raise ValueError(f"model {s.model!r}: the engine's tokens_per_page {s.tokens_per_page} differs from "
+                                 f"the arena's {lay.tokens_per_page}")
+        program = layouts[0].program
+        grouped = [self.group_by_device(s.model, s.chunks) for s in steps]
+        if K > 1 and (any(lay.program != program for lay in layouts) or any(g.sharded for g in grouped)
+                      or K not in menu.lane_counts or len({self.lane_key(s) for s in steps}) != 1):
+            raise ValueError(f"dispatch_lanes: steps of models {[s.model for s in steps]} cannot be lanes of one "
+                             f"program (lane counts {menu.lane_counts})")
+        n_kv = program.n_kv
+        if K == 1:
+            g = grouped[0]
+            M = self.num_microbatches or (2 if max(len(c) for c in g.local) >= 2 else 1)
+            local, where, microbatches = g.local, [g.where], None
+        else:
+            M, local, where = K, [[] for _ in range(n_kv)], []
+            microbatches = [[[] for _ in range(K)] for _ in range(n_kv)]
+            for m, g in enumerate(grouped):
+                lane_where = []
+                for d, j in g.where:
+                    microbatches[d][m].append(len(local[d]))
+                    lane_where.append((d, len(local[d])))
+                    local[d].append(g.local[d][j])
+                where.append(lane_where)
+        offsets = np.stack([s.weights.offsets for s in steps] if K > 1 else [first.weights.offsets] * M)
         inputs, logit_rows = disagg_inputs.build_disagg_inputs(
-            grouped.local, layout=layout, num_layers=config.num_layers, num_microbatches=M, menu=step.menu)
-        sharded = None
-        if grouped.sharded:
-            sharded = disagg_inputs.build_sharded_pages(
-                grouped.global_, inputs, page_map=self.page_map, tokens_per_page=layout.tokens_per_page,
-                num_microbatches=M, min_blocks=MIN_PAGES_BUCKET)
+            local, layout=program, num_layers=config.num_layers, num_microbatches=M, menu=menu,
+            microbatches=microbatches)
         R = inputs.logits_indices_S.shape[2] * M           # logit rows per KV device
-        S = step.menu.rows(len(chunks))
-        rows_S = np.zeros(S, np.int32)
-        for i, (d, j) in enumerate(grouped.where):
-            rows_S[i] = d * R + logit_rows[d][j]
-        variant = smeta.sampling_variant(step.menu, rows)
-        num_logprobs = variant[0]
-        penalties = smeta.needs_penalties(rows)
-        history_len = step.menu.history(smeta.history_length(rows))
-        if num_steps > 1 and sharded is None and all(c.num_tokens == 1 for c in chunks):
-            limits = [min(a, num_steps) for a in step.allowances]
-            return self._dispatch_decode(model_name, config, kv_params, layout, inputs, grouped, logit_rows, rows_S,
-                                         rows, limits, M, R, variant, penalties, history_len, t0)
-        sampling = smeta.build_sampling_metadata(rows, pad_rows_to=S)
-        counts, prompt_mask = (smeta.build_token_history(rows, S, config.vocab_size, length=history_len)
-                               if penalties else (None, None))
-        self.stats.count_program((model_name, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape,
+        rows_S = []                                         # per step: its chunks' flat logit rows
+        for s, lane_where in zip(steps, where):
+            flat = np.zeros(menu.rows(len(s.chunks)), np.int32)
+            for i, (d, j) in enumerate(lane_where):
+                flat[i] = d * R + logit_rows[d][j]
+            rows_S.append(flat)
+        if all(self._is_decode(s) for s in steps) and not grouped[0].sharded:
+            return self._dispatch_decode(steps, program, inputs, where, logit_rows, rows_S, offsets, M, R, t0)
+        sharded = None
+        if grouped[0].sharded:
+            sharded = disagg_inputs.build_sharded_pages(
+                grouped[0].global_, inputs, page_map=self.page_map, tokens_per_page=program.tokens_per_page,
+                num_microbatches=M, min_blocks=MIN_PAGES_BUCKET)
+        self.stats.count_program((program, config, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape,
                                   None if sharded is None else ("sharded", sharded.pages_LSB.shape)))
-        self.stats.count_program(("sample", S, config.vocab_size, R * layout.n_kv, variant, penalties))
         t1 = time.perf_counter()
-        logits_NRV = self._step(layout, config, inputs, sharded, M, kv_params)
-        out = _sample_rows(logits_NRV, rows_S, sampling, counts, prompt_mask, num_logprobs=num_logprobs,
-                           all_greedy=variant[1])
-        self.stats.host_prepare_seconds += t1 - t0
+        logits_NRV = self._step(program, config, inputs, sharded, M, offsets)
         self.stats.dispatches += 1
-        return DispatchedStep((out, None), len(chunks), num_logprobs, t1, self.stats)
+        out = []
+        for s, flat in zip(steps, rows_S):
+            variant, penalties = smeta.sampling_variant(menu, s.rows), smeta.needs_penalties(s.rows)
+            S = len(flat)
+            counts, prompt_mask = (smeta.build_token_history(s.rows, S, config.vocab_size,
+                                                             length=menu.history(smeta.history_length(s.rows)))
+                                   if penalties else (None, None))
+            self.stats.count_program(("sample", S, config.vocab_size, R * n_kv, variant, penalties))
+            sampled = _sample_rows(logits_NRV, flat, smeta.build_sampling_metadata(s.rows, pad_rows_to=S), counts,
+                                   prompt_mask, num_logprobs=variant[0], all_greedy=variant[1])
+            out.append(DispatchedStep((sampled, None), len(s.chunks), variant[0], t1, self.stats))
+        self.stats.host_prepare_seconds += t1 - t0
+        return out
 
-    def _step(self, layout, config, inputs, sharded, M: int, bases):
+    def _step(self, program, config, inputs, sharded, M: int, offsets):
         """`disagg_step` on the arena (taken and put back: the step donates it) -> logits."""
         arena = self.arena.take()
         try:
             arena, logits_NRV = disagg_pipeline.disagg_step(
-                arena, PackedInt32.pack(inputs), sharded, layout=layout, config=config, num_microbatches=M,
+                arena, PackedInt32.pack(inputs), sharded, layout=program, config=config, num_microbatches=M,
                 exchange=self.exchange, attention_backend=self.attention_backend, moe_backend=self.moe_backend,
-                bases=bases)
+                offsets=offsets)
         finally:
             self.arena.put(arena)
         return logits_NRV
 
-    def _decode(self, layout, config, inputs, allowance_NMT, meta, history, M: int, variant, bases):
+    def _decode(self, program, config, inputs, allowance_NMT, meta, history, M: int, variant, offsets):
         """`disagg_decode` of max_decode_steps tokens on the arena with sampling `variant`
         (num_logprobs, all_greedy) -> its SamplerOutput."""
         counts, prompt_mask = history
@@ -194,32 +267,37 @@ class DisaggRunner(DispatchingRunner):
         arena = self.arena.take()
         try:
             arena, out = disagg_pipeline.disagg_decode(
-                arena, PackedInt32.pack(inputs), allowance_NMT, meta, counts, prompt_mask, layout=layout,
+                arena, PackedInt32.pack(inputs), allowance_NMT, meta, counts, prompt_mask, layout=program,
                 config=config, num_microbatches=M, num_steps=self.max_decode_steps, num_logprobs=num_logprobs,
-                all_greedy=all_greedy, exchange=self.exchange, attention_backend=self.attention_backend, moe_backend=self.moe_backend,
-                bases=bases)
+                all_greedy=all_greedy, exchange=self.exchange, attention_backend=self.attention_backend,
+                moe_backend=self.moe_backend, offsets=offsets)
         finally:
             self.arena.put(arena)
         return out
 
     def compile_jobs(self, config, menu: ShapeMenu, weights: ArenaWeights, *, model: str) -> list:
         """The model's programs as one job (`_run_every_program`; the jobs of all models take turns
-        with the arena, one at a time)."""
+        with the arena, one at a time; models of one architecture share their programs, so the
+        first one's job runs them)."""
         return [functools.partial(self._run_every_program, model, config, menu, weights)]
 
     def _run_every_program(self, model: str, config, menu: ShapeMenu, weights: ArenaWeights) -> int:
-        """Compile (by running them on all-padding inputs: nothing is written) the model's
-        common programs: `disagg_step` for one and two micro-batches at every ragged shape of
-        the menu with the sampling program of every row count, and `disagg_decode` at every
-        decode shape, each with every sampling variant (logprobs, penalties). The
-        sequence-sharded program (a request spilled over KV devices) is not warmed up.
-        Returns the number of programs run."""
+        """Compile (by running them on all-padding inputs: nothing is written) the programs of the
+        model's architecture: `disagg_step` for one and two micro-batches and every lane count at
+        every ragged shape of the menu with the sampling program of every row count, and
+        `disagg_decode` at every decode shape, each with every sampling variant (logprobs,
+        penalties). The sequence-sharded program (a request spilled over KV devices) is not
+        warmed up. Returns the number of programs run (0 when another model of the architecture
+        ran them)."""
+        program = self.arena.layout.model(model).program
         with self._warm_up_lock:
-            return self._run_programs(model, config, menu, weights)
+            if (program, config, menu) in self._warmed:
+                return 0
+            self._warmed.add((program, config, menu))
+            return self._run_programs(program, config, menu, weights.offsets)
 
-    def _run_programs(self, model: str, config, menu: ShapeMenu, weights: ArenaWeights) -> int:
-        layout = self.arena.layout.model(model)
-        n_kv = layout.n_kv
+    def _run_programs(self, program, config, menu: ShapeMenu, offsets_X) -> int:
+        n_kv = program.n_kv
         variants = menu.sampling_variants()
         pen_variants = (False, True)
         empty = [[] for _ in range(n_kv)]
@@ -229,11 +307,12 @@ class DisaggRunner(DispatchingRunner):
             return (smeta.build_token_history([], S, config.vocab_size, length=menu.history_buckets[0])
                     if penalties else (None, None))
 
-        for M in (1, 2):
+        for M in sorted({1, 2} | set(menu.lane_counts)):
+            offsets = np.stack([offsets_X] * M)
             for shape in menu.ragged_shapes():
-                inputs, _ = disagg_inputs.build_disagg_inputs(empty, layout=layout, num_layers=config.num_layers,
+                inputs, _ = disagg_inputs.build_disagg_inputs(empty, layout=program, num_layers=config.num_layers,
                                                               num_microbatches=M, shape=shape)
-                logits_NRV = self._step(layout, config, inputs, None, M, weights.bases)
+                logits_NRV = self._step(program, config, inputs, None, M, offsets)
                 done += 1
                 for S in menu.decode_seq_buckets:
                     sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
@@ -246,45 +325,52 @@ class DisaggRunner(DispatchingRunner):
             if self.max_decode_steps > 1:
                 for dshape in menu.decode_shapes():
                     shape = menu.ragged(dshape.num_seqs, dshape.num_seqs, dshape.pages_per_seq)
-                    inputs, _ = disagg_inputs.build_disagg_inputs(empty, layout=layout, num_layers=config.num_layers,
+                    inputs, _ = disagg_inputs.build_disagg_inputs(empty, layout=program, num_layers=config.num_layers,
                                                                   num_microbatches=M, shape=shape)
                     n_rows = n_kv * M * shape.num_seqs
                     meta = smeta.build_sampling_metadata([], pad_rows_to=n_rows)
                     for variant in variants:
                         for penalties in pen_variants:
-                            out = self._decode(layout, config, inputs, np.zeros(inputs.token_ids_T.shape, np.int32),
-                                               meta, history(penalties, n_rows), M, variant, weights.bases)
+                            out = self._decode(program, config, inputs, np.zeros(inputs.token_ids_T.shape, np.int32),
+                                               meta, history(penalties, n_rows), M, variant, offsets)
                             for S in menu.decode_seq_buckets:
                                 jax.block_until_ready(_steps_of_rows(out, np.zeros(S, np.int32)))
                                 done += 1
         return done
 
-    def _dispatch_decode(self, model_name, config, bases, layout, inputs, grouped: Grouped, logit_rows, rows_S,
-                         rows, limits, M, R, variant, penalties, history_len, t0) -> DispatchedStep:
-        """max_decode_steps decode tokens in one program (one compiled trip count); chunk i keeps
-        limits[i] of them (its pages cover those). Sampling runs on the KV devices, so the
-        sampling rows go in device-row order (chunk i at flat row rows_S[i], padding rows
-        elsewhere)."""
+    def _dispatch_decode(self, steps, program, inputs, where, logit_rows, rows_S, offsets, M, R,
+                         t0) -> list[DispatchedStep]:
+        """max_decode_steps decode tokens of every step in one program (one compiled trip count);
+        chunk i of a step keeps min(its allowance, the step's num_steps) of them (its pages cover
+        those). Sampling runs on the KV devices, so the sampling rows go in device-row order
+        (chunk i of step k at flat row rows_S[k][i], padding rows elsewhere)."""
+        first = steps[0]
+        config, menu = first.config, first.menu
         num_steps = self.max_decode_steps
         S_in = inputs.kv_lens_S.shape[2]
         allowance_NMT = np.zeros(inputs.token_ids_T.shape, np.int32)
-        for i, (d, j) in enumerate(grouped.where):       # a decode chunk's one token is its sequence's row
-            m, s = divmod(int(logit_rows[d][j]), S_in)
-            allowance_NMT[d, m, s] = limits[i]
-        n_rows = layout.n_kv * R
-        n = len(rows)
+        limits = [[min(a, s.num_steps) for a in s.allowances] for s in steps]
+        for lane_where, lane_limits in zip(where, limits):
+            for (d, j), limit in zip(lane_where, lane_limits):    # a decode chunk's one token is its sequence's row
+                m, s = divmod(int(logit_rows[d][j]), S_in)
+                allowance_NMT[d, m, s] = limit
+        rows = [r for s in steps for r in s.rows]
+        flat_rows = np.concatenate([flat[:len(s.chunks)] for s, flat in zip(steps, rows_S)])
+        n_rows, n = program.n_kv * R, len(rows)
         src = np.full(n_rows, -1, np.int64)
-        src[rows_S[:n]] = np.arange(n)
+        src[flat_rows] = np.arange(n)
         src[src < 0] = np.arange(n, n_rows)                 # the greedy padding rows
         meta = jax.tree.map(lambda a: a[src], smeta.build_sampling_metadata(rows, pad_rows_to=n_rows))
-        counts, prompt_mask = (smeta.build_token_history(rows, n_rows, config.vocab_size, length=history_len,
+        variant, penalties = smeta.sampling_variant(menu, rows), smeta.needs_penalties(rows)
+        counts, prompt_mask = (smeta.build_token_history(rows, n_rows, config.vocab_size,
+                                                         length=menu.history(smeta.history_length(rows)),
                                                          row_order=src)
                                if penalties else (None, None))
-        self.stats.count_program((model_name, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
+        self.stats.count_program((program, config, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
                                   inputs.page_indices_LSP.shape, variant, penalties))
         t1 = time.perf_counter()
-        out = self._decode(layout, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M, variant, bases)
-        outs = _steps_of_rows(out, rows_S)
+        out = self._decode(program, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M, variant, offsets)
         self.stats.host_prepare_seconds += t1 - t0
         self.stats.dispatches += 1
-        return DispatchedStep((outs, num_steps), len(rows), variant[0], t1, self.stats, limits)
+        return [DispatchedStep((_steps_of_rows(out, flat), num_steps), len(s.chunks), variant[0], t1, self.stats,
+                               lane_limits) for s, flat, lane_limits in zip(steps, rows_S, limits)]

@@ -164,7 +164,6 @@ class ModelRegistry:
                                          max_model_len=entry.max_model_len, min_token_bucket=config.min_token_bucket,
                                          max_logprobs=config.max_logprobs, vocab_size=entry.config.vocab_size,
                                          greedy_programs=self.kv_devices[0].platform != "cpu")
-        self._set_lane_counts(config.max_lanes)
         if config.arena_bytes is not None and not self.disaggregated:
             raise ValueError("arena_bytes sizes the rows of a crosspool split (mode 'crosspool' with disjoint "
                              "kv_devices and weight_devices); use kv_pool_bytes here")
@@ -183,6 +182,7 @@ class ModelRegistry:
             self.arena = self._build_arena(loaded, layout)
         else:
             self.kv_pool = KVPool(layout, self.kv_devices)
+        self._set_lane_counts(config.max_lanes)
         log.info("KV pool: %d pages of %d bytes on %d device(s)", self.kv_layout.num_pages, layout.page_bytes,
                  self.kv_layout.num_devices)
 
@@ -272,15 +272,20 @@ class ModelRegistry:
 
     def _set_lane_counts(self, max_lanes: Optional[int]) -> None:
         """Each model's menu gets lane counts 1 .. min(max_lanes, models with its architecture
-        and menu on its device) (shared/static; the CrossPool split runs one model per step).
-        max_lanes None: 4 on accelerators, 1 on a CPU."""
+        and menu where it runs: its device (shared/static), the arena (the CrossPool split: models
+        of one `ArenaLayout.program`)). max_lanes None: 4 on accelerators, 1 on a CPU, but at
+        least 2 on the split (its step has a two-micro-batch program anyway)."""
         if max_lanes is None:
             max_lanes = 1 if self.kv_devices[0].platform == "cpu" else 4
-        if self.disaggregated or max_lanes < 2:
+            if self.disaggregated:
+                max_lanes = max(max_lanes, 2)
+        if max_lanes < 2:
             return
         groups: dict = {}
         for name, entry in self._entries.items():
-            groups.setdefault((self.model_devices.get(name), entry.config, entry.menu), []).append(entry)
+            where = (self.arena.layout.model(name).program if self.disaggregated
+                     else self.model_devices.get(name))
+            groups.setdefault((where, entry.config, entry.menu), []).append(entry)
         for members in groups.values():
             lanes = tuple(range(1, min(max_lanes, len(members)) + 1))
             for entry in members:
@@ -338,7 +343,7 @@ class ModelRegistry:
     def acquire(self, name: str) -> Weights:
         """The model's resident weights for one step (`release` them after it), swapping them in
         if they are out: `PlacedWeights` (its pytrees on its device) or, on a crosspool split,
-        `ArenaWeights` (its slot shifts for the arena step; None when no budget is set)."""
+        `ArenaWeights` (where its tensors sit in the arena: the arena step's data)."""
         return self.residency.acquire(self.get(name).name)
 
     def release(self, name: str) -> None:

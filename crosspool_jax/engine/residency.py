@@ -11,7 +11,7 @@ such a set). Two implementations, each over its own pools:
   `WeightsPool`; `acquire` gives `PlacedWeights` (the two pytrees on that device).
 - `ArenaSlots` (a CrossPool split): both halves live in the arena's rows, in budgeted slot
   regions where budgets are set (`disagg.residency.ArenaResidency`); `acquire` gives
-  `ArenaWeights` (the slot shift the arena step reads them through).
+  `ArenaWeights` (where its tensors sit: the arena step reads them there).
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ class ArenaSlots:
         self.residency.prefetch(name)
 
     def acquire(self, name: str) -> ArenaWeights:
-        return ArenaWeights(self.residency.acquire(name))
+        bases = self.residency.acquire(name)
+        return ArenaWeights(self.residency.arena.layout.model(name).offsets(bases))
 
     def release(self, name: str) -> None:
         self.residency.release(name)

@@ -28,9 +28,9 @@ class PlacedWeights:
 
 @dataclasses.dataclass(frozen=True)
 class ArenaWeights:
-    """A model inside the CrossPool arena: where its budgeted slots are (None: packed, no budget)."""
+    """A model inside the CrossPool arena: where its tensors sit in the rows (the arena step's data)."""
 
-    bases: Optional[np.ndarray]   # int32[2]: the (KV rows, weight rows) slot shift, `ArenaLayout.bind`
+    offsets: np.ndarray           # int32 [tensors]: `ArenaLayout.offsets` (ALIGN units), budgeted slot shift included
 
 
 Weights = Union[PlacedWeights, ArenaWeights]

@@ -75,8 +75,8 @@ def test_steps_read_models_wherever_they_are_swapped_in():
                                                      num_microbatches=2, min_tokens=16, min_seqs=4)
             bases = res.acquire(n)
             try:
-                out, logits = disagg_step(res.arena.take(), inputs, layout=view, config=config,
-                                          num_microbatches=2, bases=bases)
+                out, logits = disagg_step(res.arena.take(), inputs, layout=view.program, config=config,
+                                          num_microbatches=2, offsets=view.offsets(bases))
                 res.arena.put(out)
             finally:
                 res.release(n)
@@ -122,8 +122,8 @@ def test_dense_layers_swap_in_with_their_model():
                                                      num_microbatches=2, min_tokens=16, min_seqs=4)
             bases = res.acquire(n)
             try:
-                out, logits = disagg_step(res.arena.take(), inputs, layout=layout.model(n), config=config,
-                                          num_microbatches=2, bases=bases)
+                out, logits = disagg_step(res.arena.take(), inputs, layout=layout.model(n).program, config=config,
+                                          num_microbatches=2, offsets=layout.model(n).offsets(bases))
                 res.arena.put(out)
             finally:
                 res.release(n)
@@ -198,8 +198,8 @@ def test_spare_rows_become_pages_on_every_device():
         make_multi_layout(configs, row_elems=tight.arena_elems // 4, **kw)
 
 
-def test_step_with_bases_updates_the_arena_in_place():
-    """Reading the model through traced bases adds no copy of the row: the step's scratch
+def test_step_with_offsets_updates_the_arena_in_place():
+    """Reading the model through traced offsets adds no copy of the row: the step's scratch
     memory does not grow with the KV pool."""
     models = _models()
     config = models["qwen3_moe"][0]
@@ -214,8 +214,8 @@ def test_step_with_bases_updates_the_arena_in_place():
         inputs, _ = build_disagg_inputs(chunks, layout=view, num_layers=config.num_layers,
                                         num_microbatches=2, min_tokens=16, min_seqs=4)
         arena = jax.ShapeDtypeStruct((N_KV + N_W, layout.arena_elems), jnp.float32, sharding=view.sharding())
-        compiled = disagg_step.lower(arena, inputs, layout=view, config=config, num_microbatches=2,
-                                     bases=np.zeros(2, np.int32)).compile()
+        compiled = disagg_step.lower(arena, inputs, layout=view.program, config=config, num_microbatches=2,
+                                     offsets=view.offsets()).compile()
         temp[pages] = compiled.memory_analysis().temp_size_in_bytes
         row_bytes = layout.arena_elems * 4
     assert temp[64 * PAGES_PER_DEVICE] - temp[PAGES_PER_DEVICE] < row_bytes // 4, (temp, row_bytes)

@@ -176,7 +176,7 @@ def test_kernel_views_are_whole_rows_at_aligned_offsets():
                 np.testing.assert_array_equal(lay.expert_rows(row, stack, 1).materialize(), lay.view(row, "w", stack)[1])
                 if region is not None and region.num_slots > 1:
                     shift = region.shift_units(1)
-                    bound = lay.bind(jnp.asarray([0, shift], jnp.int32))
+                    bound = lay.bind(jnp.asarray(lay.offsets([0, shift])))
                     np.testing.assert_array_equal(bound.expert_rows(row, stack, 1).materialize(),
                                                   bound.view(row, "w", stack)[1])
                     assert shift * ALIGN % N == 0

@@ -1,9 +1,10 @@
-"""Several models in one arena: shared KV pages, each model's own slots, one program per model.
+"""Several models in one arena: shared KV pages, each model's own slots, one program per architecture.
 
 Steps of two models alternate on the same arena (donated each time) and each gives the
 dense forward's logits, its sequences on its home KV device (the one holding its attention
-side); only pages are written; no slot overlaps another or a usable page on any row; a model
-the disaggregated step cannot run is refused by name.
+side); only pages are written; no slot overlaps another or a usable page on any row; two
+models of one architecture run as lanes of one program; a model the disaggregated step cannot
+run is refused by name.
 """
 import os
 
@@ -13,6 +14,7 @@ import pytest
 from crosspool_jax.disagg import (Arena, build_disagg_inputs, build_multi_arena, disagg_step,
                                   make_multi_layout)
 from crosspool_jax.models import ModelConfig
+from crosspool_jax.runtime.shapes import StepShape
 from disagg_tiny import PAGE_ELEMS, check_and_advance, make_seqs, model, next_chunks
 
 PAGES = 64                       # each model's sequences take pages from its own half
@@ -72,6 +74,56 @@ def test_two_models_share_one_arena(n_kv, n_w, M):
         for lo, hi in first.page_spans(d):
             pages[lo:hi] = True
         np.testing.assert_array_equal(after[d, ~pages], before[d, ~pages])
+
+
+def test_models_of_one_architecture_run_as_lanes_of_one_program():
+    """Two Mixtrals (other weights) and a Qwen3-MoE in one arena over 2 + 2 devices: the Mixtrals
+    have one `program` (their offsets differ), and their steps run as the two lanes of ONE
+    `disagg_step` (micro-batch m = model m, read at its offsets; their homes may differ), each
+    lane's logits equal to its own model's dense forward, in either lane order, by one compiled
+    program."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
+    n_kv, n_w = 2, 2
+    models = {"a": model("mixtral", 3), "b": model("mixtral", 4), "q": model("qwen3_moe", 5)}
+    layout = make_multi_layout({n: m[0] for n, m in models.items()}, n_kv=n_kv, n_w=n_w,
+                               pages_per_device=PAGES, page_elems=PAGE_ELEMS)
+    program = layout.model("a").program
+    assert layout.model("b").program == program and layout.model("q").program != program
+    assert not np.array_equal(layout.model("a").offsets(), layout.model("b").offsets())
+    arena = Arena(layout, build_multi_arena({n: m[1:] for n, m in models.items()}, layout))
+    config = models["a"][0]
+    seqs = {}
+    for i, n in enumerate(("a", "b")):
+        seqs[n] = [s for s in make_seqs(rng, n_kv, config.num_layers, config.vocab_size,
+                                        G=program.tokens_per_page) if s.device in layout.homes(n)]
+        for s in seqs[n]:
+            s.page_table = s.page_table + i * (PAGES // 2)      # disjoint halves of each device's pages
+    compiled = []
+    for step, order in enumerate([("a", "b"), ("b", "a"), ("a", "b")]):
+        local, groups, lanes = [[] for _ in range(n_kv)], [[[], []] for _ in range(n_kv)], []
+        for m, n in enumerate(order):
+            chunks, owners = next_chunks(seqs[n], n_kv, max_chunk=5)
+            positions = [[] for _ in range(n_kv)]
+            for d in range(n_kv):
+                for c in chunks[d]:
+                    groups[d][m].append(len(local[d]))
+                    positions[d].append(len(local[d]))
+                    local[d].append(c)
+            lanes.append((n, owners, positions))
+        inputs, logit_rows = build_disagg_inputs(local, layout=program, num_layers=config.num_layers,
+                                                 num_microbatches=2, shape=StepShape(16, 4, 4), microbatches=groups)
+        offsets = np.stack([layout.model(n).offsets() for n in order])
+        out, logits = disagg_step(arena.take(), inputs, layout=program, config=config, num_microbatches=2,
+                                  offsets=offsets)
+        arena.put(out)
+        compiled.append(disagg_step._cache_size())
+        for n, owners, positions in lanes:
+            rows = [[logit_rows[d][i] for i in positions[d]] for d in range(n_kv)]
+            err = check_and_advance(logits, owners, rows, rng, config, *models[n][1:])
+            assert err < 1e-5, f"{n} in lanes {order} step {step}: relative error {err}"
+    assert compiled[0] == compiled[-1], compiled          # one program, whatever the lanes' models and order
 
 
 def test_unsupported_model_is_named():

@@ -89,10 +89,17 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="KV devices"):
         build_disagg_inputs(chunks[:1], layout=layout, num_layers=config.num_layers, num_microbatches=2)
     with pytest.raises(ValueError, match="num_microbatches"):
-        build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=3)
+        build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=0)
+    with pytest.raises(ValueError, match="microbatches of KV device 0"):
+        build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=2,
+                            microbatches=[[[0], []], [[], []]])          # device 0's chunks not all placed
     inputs, _ = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers, num_microbatches=1)
+    arena = build_arena(kv, ffn, layout)
     with pytest.raises(ValueError, match="expected \\(n_kv, num_microbatches\\)"):
-        disagg_step(build_arena(kv, ffn, layout), inputs, layout=layout, config=config, num_microbatches=2)
+        disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=2)
+    with pytest.raises(ValueError, match="offsets have shape"):
+        disagg_step(arena, inputs, layout=layout.program, config=config, num_microbatches=1,
+                    offsets=np.stack([layout.offsets()] * 2))                # 2 lanes' offsets, 1 micro-batch
 
 
 def test_bfloat16_arena_step_close_to_float32():

@@ -1,6 +1,6 @@
 """The disaggregated step with the Pallas GPU kernels (attention over the whole arena row with
 page offsets, fused_moe over each weight device's experts read in place as ExpertRows, both
-with budgeted slots shifted by traced bases) against the same step on the jnp references.
+with budgeted slots read at traced offsets) against the same step on the jnp references.
 
 GPU only (2 GPUs or more): `CROSSPOOL_TEST_ON_GPU=1 python3 -m pytest -m gpu tests/disagg`
 on the device machine (scripts/run_gpu_checks.sh with TESTS=tests/disagg/test_pipeline_gpu.py).
@@ -36,8 +36,9 @@ def _run(backend: str, models: dict, layout, seqs_by_model, steps: int):
                                                min_tokens=16, min_seqs=4)
             bases = res.acquire(n)
             try:
-                arena, logits = disagg_step(res.arena.take(), inputs, layout=view, config=config, num_microbatches=2,
-                                            bases=bases, attention_backend=backend, moe_backend=backend)
+                arena, logits = disagg_step(res.arena.take(), inputs, layout=view.program, config=config,
+                                            num_microbatches=2, offsets=view.offsets(bases),
+                                            attention_backend=backend, moe_backend=backend)
                 res.arena.put(arena)
             finally:
                 res.release(n)

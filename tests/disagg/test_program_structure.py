@@ -5,7 +5,8 @@
 - Every loop of a multi-step decode has a trip count XLA knows (a fixed max_decode_steps: no
   predicate read back per token); K lanes (models of one architecture) are ONE program with
   one decode loop and a layer scan per lane.
-- The split's step exchanges exactly max(n_kv, n_w) collective permutes per direction per stage.
+- The split's step exchanges exactly max(n_kv, n_w) collective permutes per direction per stage,
+  for K lanes too (one stage body).
 - The KV buffers (placed) and the arena (split) are parameters aliased to outputs: updated in
   place, and the placed step never copies them (whatever the page view's shape).
 """
@@ -131,14 +132,17 @@ def test_multi_decode_loops_have_known_trip_counts_and_no_conditional(lanes):
     assert _aliased_params(text) == [n_inputs, n_inputs + 1]         # the pool, after every lane's inputs
 
 
-@pytest.mark.parametrize("n_kv,n_w", [(1, 1), (2, 2), (6, 2)])
-def test_split_step_has_no_conditional_and_the_expected_exchange(n_kv, n_w):
+@pytest.mark.parametrize("n_kv,n_w,lanes", [(1, 1, 2), (2, 2, 2), (6, 2, 3)])
+def test_split_step_has_no_conditional_and_the_expected_exchange(n_kv, n_w, lanes):
+    """As the runner calls it: the architecture's program, each micro-batch (lane) a model at its
+    traced offsets; K lanes are one program with one stage body."""
     config, kv, ffn = model("qwen3_moe", 0)
     layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
     inputs, _ = build_disagg_inputs([[] for _ in range(n_kv)], layout=layout, num_layers=config.num_layers,
-                                    num_microbatches=2, shape=StepShape(16, 8, 4))
+                                    num_microbatches=lanes, shape=StepShape(16, 8, 4))
     arena = jax.ShapeDtypeStruct((n_kv + n_w, layout.arena_elems), jnp.float32, sharding=layout.sharding())
-    lowered = disagg_step.lower(arena, PackedInt32.pack(inputs), layout=layout, config=config, num_microbatches=2)
+    lowered = disagg_step.lower(arena, PackedInt32.pack(inputs), layout=layout.program, config=config,
+                                num_microbatches=lanes, offsets=np.stack([layout.offsets()] * lanes))
     stablehlo = lowered.as_text()
     assert "stablehlo.case" not in stablehlo and "stablehlo.if" not in stablehlo
     rounds = len(p2p_rounds(n_kv, n_w))

@@ -1,5 +1,6 @@
 """Lanes: the decodes of models of one architecture on one device run as ONE program per engine
-step (`multi_decode` over a tuple of `DecodeLane`s), and give the tokens each model gives alone.
+step (`multi_decode` over a tuple of `DecodeLane`s), and give the tokens each model gives alone;
+on the CrossPool split, their steps run as the micro-batches of one arena program.
 
 Two Mixtral models (equal configs, different weights) and a Qwen3-MoE on one device, float32:
 the engine with `max_lanes=2` (warmed up first: serving then compiles nothing, lane programs
@@ -74,6 +75,28 @@ def test_lanes_give_each_models_tokens_in_fewer_programs_and_compile_nothing_aft
     assert stats.steps == stats_alone.steps
     assert stats.dispatches < stats.steps                             # a's and b's decodes shared programs
     assert llm.engine.stats().dispatches == stats.dispatches
+
+
+def test_crosspool_split_runs_one_architectures_models_as_lanes(models, alone):
+    """The CrossPool split (1 KV + 1 weight device): the two Mixtrals share one program (their
+    places in the arena are its data) and run as its two lanes (lane counts (1, 2) by default,
+    on a CPU too: the split's step has two micro-batches anyway), each getting the tokens it gets
+    alone on the placed path, in fewer programs than model steps, compiling nothing after the
+    warm-up."""
+    tokens_alone, _ = alone
+    llm = LLM(models, mode="crosspool", kv_devices=1, weight_devices=1,
+              **{k: v for k, v in ENGINE.items() if k != "mode"})
+    menus = {name: llm.engine.registry.get(name).menu for name in models}
+    assert menus["a"].lane_counts == menus["b"].lane_counts == (1, 2) and menus["q"].lane_counts == (1,)
+    assert llm.engine.warm_up(variants=True)["compiles"] > 0
+    before = compile_counter().count
+    tokens = _run(llm)
+    assert compile_counter().count == before
+    assert [t for t, _ in tokens] == [t for t, _ in tokens_alone]
+    for (_, lps), (_, lps_alone) in zip(tokens, tokens_alone):
+        assert lps == pytest.approx(lps_alone, abs=2e-4)
+    stats = llm.engine.runner.stats
+    assert stats.dispatches < stats.steps
 
 
 def test_max_lanes_is_validated(models):
