@@ -26,8 +26,10 @@ from absl import app, flags  # noqa: E402
 _MODEL = flags.DEFINE_multi_string("model", None, "NAME=PATH (default: the shipped models)")
 _KV = flags.DEFINE_integer("kv_pool_bytes", 512 << 20, "KV pool bytes")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
-_RANDOM = flags.DEFINE_string("random_config", None, "A random-weight model shape instead of --model "
-                              "(crosspool_jax/models/random_models.py)")
+_RANDOM = flags.DEFINE_list("random_config", None, "Random-weight model shapes instead of --model "
+                            "(crosspool_jax/models/random_models.py; several share the pool)")
+_HLO = flags.DEFINE_string("hlo_dir", None, "Write each program's optimised HLO here, and list its largest "
+                           "copies (a copy of a pool-sized buffer is what breaks in-place updates)")
 _ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu")
 _SPLIT = flags.DEFINE_string("crosspool_split", None, "KV+W devices (e.g. 1+1): check the disaggregated "
                              "step instead; its arena row holds the pages (temp ~ pages means the step "
@@ -48,7 +50,10 @@ def main(argv):
     def capture(name, fn):
         def wrapped(*args, **kwargs):
             if name not in seen:
-                seen[name] = fn.lower(*args, **kwargs).compile().memory_analysis()
+                compiled = fn.lower(*args, **kwargs).compile()
+                seen[name] = compiled.memory_analysis()
+                if _HLO.value:
+                    _write_hlo(name, compiled.as_text())
             return fn(*args, **kwargs)
         return wrapped
 
@@ -57,15 +62,15 @@ def main(argv):
     pipeline = disagg_runner.disagg_pipeline
     pipeline_step = pipeline.disagg_step
     pipeline.disagg_step = capture("disagg_step", pipeline_step)
-    models = random_model_dirs([_RANDOM.value]) if _RANDOM.value else models_from_specs(_MODEL.value)
+    models = random_model_dirs(_RANDOM.value) if _RANDOM.value else models_from_specs(_MODEL.value)
     split = {}
     if _SPLIT.value:
         n_kv, n_w = parse_split(_SPLIT.value)
         split = dict(mode="crosspool", kv_devices=n_kv, weight_devices=n_w)
     llm = LLM(models, dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=4,
               attention_backend=_ATTN.value, **split)
-    name = llm.model_names[0]
-    llm.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), model=name)
+    for name in llm.model_names:
+        llm.generate([[1, 2, 3, 4, 5, 6]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), model=name)
     pipeline.disagg_step = pipeline_step
     mib = 2 ** 20
     layout = llm.engine.registry.kv_layout
@@ -73,6 +78,27 @@ def main(argv):
     for prog, m in seen.items():
         print(f"{prog}: args {m.argument_size_in_bytes / mib:.1f} MiB, out {m.output_size_in_bytes / mib:.1f} MiB, "
               f"alias {m.alias_size_in_bytes / mib:.1f} MiB, temp {m.temp_size_in_bytes / mib:.1f} MiB")
+
+
+def _write_hlo(name: str, text: str) -> None:
+    """The program's HLO to <hlo_dir>/<name>.txt, and its ten largest copy instructions printed."""
+    import re
+
+    os.makedirs(_HLO.value, exist_ok=True)
+    with open(os.path.join(_HLO.value, f"{name}.txt"), "w") as f:
+        f.write(text)
+    sizes = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1}
+    copies = []
+    for line in text.splitlines():
+        m = re.search(r"= (\w+)\[([\d,]*)\][^ ]* (copy|copy-start|dynamic-update-slice|transpose)\(", line)
+        if m and m.group(1) in sizes:
+            n = sizes[m.group(1)]
+            for d in filter(None, m.group(2).split(",")):
+                n *= int(d)
+            copies.append((n, line.strip()[:200]))
+    print(f"{name}: {len(copies)} copy-like instructions; largest:")
+    for n, line in sorted(copies, reverse=True)[:10]:
+        print(f"  {n / 2 ** 20:10.1f} MiB  {line}")
 
 
 if __name__ == "__main__":

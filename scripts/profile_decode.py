@@ -5,6 +5,7 @@ fetch and the engine's own bookkeeping, per engine step (median over the decode 
     python scripts/profile_decode.py --random_config mixtral-8x7b-2l --mode crosspool --split 1+1
     JAX_PLATFORMS=cpu python scripts/profile_decode.py --model m=checkpoints/qwen3-moe-tiny --tokens 8
     python scripts/profile_decode.py --random_config qwen3moe-30b-a3b-4l --copies 4 --max_lanes 4   # lanes
+    python scripts/profile_decode.py ... --cprofile /tmp/decode.pstats     # and where the host's time goes
 
 Timers wrap `scheduler.schedule`, the runner's `dispatch_all` (host work up to the programs'
 dispatch: input building, transfers, the jit calls), `block_until_ready` on the dispatched
@@ -38,6 +39,8 @@ _DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "decode tokens per d
 _COPIES = flags.DEFINE_integer("copies", 1, "serve this many copies of each model (each loaded as a model of its "
                                "own), each with --requests requests")
 _LANES = flags.DEFINE_integer("max_lanes", None, "the engine's max_lanes (default: the engine's)")
+_CPROFILE = flags.DEFINE_string("cprofile", None, "Also profile the host (cProfile) over the timed round: "
+                                "the pstats file to write; the top functions are printed")
 
 
 class Timer:
@@ -126,7 +129,15 @@ def main(argv):
     run_round("warm")                      # compiles every shape once
     dispatches0 = runner.stats.dispatches
     timer.samples.clear()
+    profiler = None
+    if _CPROFILE.value:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     run_round("timed")
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(_CPROFILE.value)
     dispatches = runner.stats.dispatches - dispatches0
     decode = [i for i, p in enumerate(timer.samples["prefill"]) if not p]    # steps without a prefill chunk
     med = {k: 1e3 * statistics.median([v[i] for i in decode if i < len(v)]) for k, v in timer.samples.items()
@@ -140,6 +151,11 @@ def main(argv):
     for k in ("step", "schedule", "dispatch", "device_after_dispatch", "collect"):
         print(f"  {k:24s} {med.get(k, float('nan')):8.3f}")
     print(f"  {'rest (engine bookkeeping)':24s} {med['step'] - known:8.3f}")
+    if profiler is not None:
+        import pstats
+        for key in ("tottime", "cumulative"):
+            print(f"host profile of the timed round ({len(timer.samples['step'])} engine steps), by {key}:")
+            pstats.Stats(_CPROFILE.value).sort_stats(key).print_stats(30)
 
 
 if __name__ == "__main__":
