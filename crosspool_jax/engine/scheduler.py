@@ -131,6 +131,8 @@ class ModelStepCost:
             raise ValueError(f"ModelStepCost.token_buckets must be increasing integers >= 1, got {buckets}")
         if any(not math.isfinite(x) or x < 0 for x in seconds) or any(x > y for x, y in zip(seconds, seconds[1:])):
             raise ValueError(f"ModelStepCost.seconds must be finite, >= 0 and non-decreasing, got {seconds}")
+        if self.measured and len(self.measured) != len(buckets):
+            raise ValueError(f"ModelStepCost.measured: one flag per token bucket or none, got {self.measured}")
 
     def at(self, tokens: int) -> float:
         """Seconds of the model's program for a step of `tokens` tokens (0: not in the step)."""
