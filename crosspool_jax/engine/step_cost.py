@@ -66,10 +66,10 @@ def _time_bucket(runner, kv, entry, weights, lower: int, T: int, repeats: int) -
     menu = entry.menu
     vocab = entry.config.vocab_size
     requests, chunks = [], []
-    left, rows = T, min(T, menu.max_seqs)
+    left, rows, max_len = T, min(T, menu.max_seqs), kv.geometry(entry.name).max_model_len
     try:
         while left > 0 and len(chunks) < rows:
-            n = min(left, entry.max_model_len)
+            n = min(left, max_len)
             ids = [(7 * i + 1) % vocab for i in range(n)]
             request = Request(f"step-cost-{entry.name}-{T}-{len(chunks)}", entry.name, ids, _PARAMS)
             if not kv.allocate_slots(request, n):
