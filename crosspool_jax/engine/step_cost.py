@@ -12,8 +12,10 @@ measured ones (through the origin from a single point), and the times are made
 non-decreasing (a larger program is never cheaper). Models with the same program (config,
 shape menu and device) are measured once.
 
-Measured at short contexts: a decode of a long context spends more time in attention than
-the measurement shows. Run after the warm-up, so nothing is compiled in a timed run.
+The cost is a function of a step's tokens only, measured at short contexts (chunks from
+position 0, the smallest page-table bucket): a step whose sequences attend long contexts
+(decodes deep into a conversation, the late chunks of a long prompt) takes longer than its
+estimate. Run after the warm-up, so nothing is compiled in a timed run.
 """
 from __future__ import annotations
 
