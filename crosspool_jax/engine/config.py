@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence, Union
 
 import jax.numpy as jnp
@@ -51,6 +52,11 @@ class EngineConfig:
       tokens may take (chunked prefill sized for the decodes' time between tokens: a long
       prompt of one model then stretches no other model's decode step beyond it); None = the
       whole max_num_batched_tokens.
+    tbt_budget_ms: the time between tokens a step that carries decode tokens should stay within:
+      the engine measures each model's step program per token bucket (`engine/step_cost.py`, in
+      `LLMEngine.warm_up`, else before the first step) and the scheduler takes only the prefill
+      tokens that keep the step's estimated time (the sum of its models' program times) within
+      it. decode_step_prefill_tokens, when set, wins; None = no time budget.
     max_logprobs: the most `logprobs` or `prompt_logprobs` a request may ask for (programs
       that report logprobs compute this many for every row; vLLM's option of the same name).
     max_lanes: the most models of one architecture on one device whose decodes one program
@@ -108,6 +114,11 @@ class EngineConfig:
                                                      "carries decode tokens may take (chunked prefill sized for "
                                                      "the decodes' time between tokens); unset: the whole "
                                                      "max_num_batched_tokens.")
+    tbt_budget_ms: Optional[float] = _opt(None, "Time between tokens, in milliseconds, that an engine step "
+                                          "carrying decode tokens should stay within: prefill chunks are sized "
+                                          "from each model's step time per token bucket, measured at warm-up on "
+                                          "this engine's programs (see the engine's stats). "
+                                          "decode_step_prefill_tokens, when set, wins. Unset: no time budget.")
     min_token_bucket: int = _opt(16, "A step's tokens are padded to a power of two at least this: larger "
                                  "means fewer compiled programs and more padding.")
     enable_prefix_caching: bool = _opt(True, "Reuse the KV pages of a shared prompt prefix.")
@@ -145,6 +156,11 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig.{name} must be a positive integer or None, got {value!r}")
+        budget = self.tbt_budget_ms
+        if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise ValueError(f"EngineConfig.tbt_budget_ms must be a positive number of milliseconds or None, "
+                             f"got {budget!r}")
         if self.arena_bytes is not None and self.kv_pool_bytes is not None:
             raise ValueError("EngineConfig: give arena_bytes (a crosspool split's rows; pages fill what the "
                              "weights leave) or kv_pool_bytes, not both")

@@ -12,7 +12,10 @@ How a request travels:
    layers (paged attention against the shared pool, MoE FFN), writes the new K/V in place
    and samples on device; a decode-only batch may produce several tokens per dispatch, and
    the decodes of models of one architecture on one device run as lanes of one program
-   (`EngineConfig.max_lanes`: one dispatch for all of them).
+   (`EngineConfig.max_lanes`: one dispatch for all of them). With `tbt_budget_ms` the
+   scheduler sizes the prefill of a step that carries decodes from each model's step time
+   per token bucket, which the engine measures on its own programs (`measure_step_costs`:
+   in `warm_up`, else before the first step; `engine/step_cost.py`).
    Without a device split (`PlacedRunner`) each model is placed on one device (mode
    shared/static on several devices, or the one device) and its program runs there against
    that device's pages (the KV manager pins the model's blocks to it).
@@ -48,6 +51,7 @@ from typing import Optional, Sequence, Union
 import jax
 
 
+from crosspool_jax.engine import step_cost
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
 from crosspool_jax.engine.disagg_runner import DisaggRunner
@@ -92,6 +96,7 @@ class EngineStats:
     compiles: int = 0             # XLA executables built in this process (runtime.compiles)
     compile_seconds: float = 0.0
     requests_by_model: dict = dataclasses.field(default_factory=dict)
+    step_costs: dict = dataclasses.field(default_factory=dict)   # measured per model (`step_cost.describe`)
 
 
 @dataclasses.dataclass
@@ -146,7 +151,8 @@ class LLMEngine:
             SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
                             max_decode_steps=config.max_decode_steps,
                             enable_prefix_caching=config.enable_prefix_caching,
-                            decode_step_prefill_tokens=config.decode_step_prefill_tokens),
+                            decode_step_prefill_tokens=config.decode_step_prefill_tokens,
+                            tbt_budget_s=None if config.tbt_budget_ms is None else config.tbt_budget_ms / 1e3),
             self.kv_manager, fit_together=self.registry.fit_together if self.registry.has_budgets else None)
         if disaggregated:         # multi-step decode: disagg_decode (one program per max_decode_steps tokens)
             self.runner = DisaggRunner(self.registry.arena, min_token_bucket=config.min_token_bucket,
@@ -159,6 +165,11 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
+        self.step_costs: dict[str, step_cost.ModelStepCost] = {}    # measure_step_costs
+        self._wants_step_costs = config.tbt_budget_ms is not None and config.decode_step_prefill_tokens is None
+        if config.tbt_budget_ms is not None and not self._wants_step_costs:
+            log.warning("tbt_budget_ms is not used: decode_step_prefill_tokens = %d bounds the prefill of steps "
+                        "with decodes", config.decode_step_prefill_tokens)
 
     @classmethod
     def from_options(cls, models: dict, **options) -> "LLMEngine":
@@ -190,7 +201,8 @@ class LLMEngine:
             models=self.registry.model_stats(), swaps_in=wstats.swaps_in, swaps_out=wstats.swaps_out,
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
             dispatches=self.runner.stats.dispatches,
-            compiles=self._compiles.count, compile_seconds=self._compiles.seconds, requests_by_model=by_model)
+            compiles=self._compiles.count, compile_seconds=self._compiles.seconds, requests_by_model=by_model,
+            step_costs=step_cost.describe(self.step_costs, self.scheduler.config.tbt_budget_s))
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
@@ -200,8 +212,9 @@ class LLMEngine:
         (equal configs on one device) compile once. `variants` None: True on accelerators,
         False on a CPU, where every executable costs ~300 memory mappings and a process may hold
         65,530 (the logprobs variants then compile on first use). Returns {"programs": jobs run, "compiles": XLA
-        compiles, "seconds": wall time}. `progress(model, done, total)` is called as each
-        model's programs are ready."""
+        compiles, "seconds": wall time}, and with a TBT budget "step_costs" (`measure_step_costs`,
+        run after the compiles). `progress(model, done, total)` is called as each model's
+        programs are ready."""
         if variants is None:
             variants = jax.devices()[0].platform != "cpu"
         t0 = time.perf_counter()
@@ -225,8 +238,22 @@ class LLMEngine:
                     future.result()
                 if progress is not None:
                     progress(name, i + 1, len(names))
-        return {"programs": sum(len(j) for j in jobs.values()), "compiles": self._compiles.count - c0,
-                "seconds": time.perf_counter() - t0}
+        result = {"programs": sum(len(j) for j in jobs.values())}
+        if self._wants_step_costs:
+            result["step_costs"] = self.measure_step_costs()
+        return {**result, "compiles": self._compiles.count - c0, "seconds": time.perf_counter() - t0}
+
+    def measure_step_costs(self, *, repeats: int = 3) -> dict:
+        """Time each model's step program at every token bucket of its menu (`engine/step_cost.py`;
+        models with the same programs once) and give the costs to the scheduler, which sizes the
+        prefill of steps with decodes to tbt_budget_ms with them. Returns them described
+        (`step_cost.describe`; also `stats().step_costs`) and logs them."""
+        self.step_costs = step_cost.measure_step_costs(self.registry, self.runner, self.kv_manager,
+                                                       repeats=repeats)
+        self.scheduler.set_step_costs(self.step_costs)
+        described = step_cost.describe(self.step_costs, self.scheduler.config.tbt_budget_s)
+        step_cost.log_costs(described, self.config.tbt_budget_ms)
+        return described
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,
@@ -327,6 +354,8 @@ class LLMEngine:
 
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._wants_step_costs and not self.step_costs:      # no warm-up measured them
+            self.measure_step_costs()
         out = self.scheduler.schedule()
         scheduled_at = time.monotonic()
         for chunks in out.chunks_by_model.values():

@@ -10,10 +10,18 @@ ragged batch.
 1. Running requests first: their decode tokens (oldest arrival first), then their
    unfinished prefill chunks (oldest first), each chunk the whole gap or what is left of
    the budget (chunked prefill). Decodes go first so that a long prefill never stalls the
-   other requests' next tokens (time between tokens), and a step that carries decodes takes
-   at most `decode_step_prefill_tokens` prefill tokens (running chunks and admissions
-   together), so a long prompt of one model stretches no other model's decode step beyond
-   that. If the pool cannot hold a request's
+   other requests' next tokens (time between tokens), and the prefill tokens of a step that
+   carries decodes (running chunks and admissions together) are bounded, so a long prompt of
+   one model stretches no other model's decode step: to `decode_step_prefill_tokens` when
+   set, else, with a time budget (`tbt_budget_s`) and the models' measured step costs
+   (`set_step_costs`: seconds of a model's program per token bucket), to what keeps the
+   step's estimated time within the budget. That estimate is the sum of the step's models'
+   program times at their buckets (the models of a step run one after another on one device
+   and in the crosspool split; on several devices it over-estimates), so a prefill chunk of
+   one model gets the time the other models' decodes leave, up to the largest bucket of its
+   model that fits (tokens filling a bucket the model already pays for are free). When the
+   decodes alone leave no room, the step still takes the model's smallest bucket of prefill
+   tokens, so prompts advance however tight the budget. If the pool cannot hold a request's
    new tokens, the latest-arrived running request (any model; if it was already scheduled
    in this step, it is unscheduled) is preempted by recompute: its pages are freed,
    num_computed_tokens goes back to 0, its output tokens are kept (they are recomputed with
@@ -63,7 +71,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Optional
+import math
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -79,6 +88,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     residency_quantum: int = 8          # steps a model leads the residency order before the next one
     decode_step_prefill_tokens: Optional[int] = None   # prefill tokens of a step with decodes (None: budget)
+    tbt_budget_s: Optional[float] = None   # seconds a step with decodes may take, by the step costs (None: off)
 
     def __post_init__(self):
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_decode_steps", "residency_quantum"):
@@ -89,9 +99,85 @@ class SchedulerConfig:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"SchedulerConfig.decode_step_prefill_tokens must be an integer >= 1 or None, "
                              f"got {value!r}")
+        value = self.tbt_budget_s
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"SchedulerConfig.tbt_budget_s must be a positive number of seconds or None, got {value!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"SchedulerConfig.enable_prefix_caching must be a bool, "
                              f"got {self.enable_prefix_caching!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStepCost:
+    """Seconds one model's step program takes, by token bucket: a step of the model with t
+    tokens runs the program of the smallest bucket >= t and takes that bucket's seconds
+    (non-decreasing; the engine measures them, `engine/step_cost.py`). base_s + per_token_s * T
+    is the line fitted to the measured buckets (`measured` says which; the others are read off
+    the line), for reports."""
+
+    token_buckets: tuple[int, ...]
+    seconds: tuple[float, ...]
+    base_s: float = 0.0
+    per_token_s: float = 0.0
+    measured: tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        buckets, seconds = tuple(self.token_buckets), tuple(self.seconds)
+        if not buckets or len(buckets) != len(seconds):
+            raise ValueError(f"ModelStepCost: {len(buckets)} token buckets but {len(seconds)} times (one each, "
+                             f"at least one)")
+        if any(not isinstance(b, int) or b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"ModelStepCost.token_buckets must be increasing integers >= 1, got {buckets}")
+        if any(not math.isfinite(x) or x < 0 for x in seconds) or any(x > y for x, y in zip(seconds, seconds[1:])):
+            raise ValueError(f"ModelStepCost.seconds must be finite, >= 0 and non-decreasing, got {seconds}")
+        if self.measured and len(self.measured) != len(buckets):
+            raise ValueError(f"ModelStepCost.measured: one flag per token bucket or none, got {self.measured}")
+
+    def at(self, tokens: int) -> float:
+        """Seconds of the model's program for a step of `tokens` tokens (0: not in the step)."""
+        if tokens <= 0:
+            return 0.0
+        for bucket, seconds in zip(self.token_buckets, self.seconds):
+            if tokens <= bucket:
+                return seconds
+        return self.seconds[-1]
+
+    def most_tokens_within(self, seconds: float) -> int:
+        """The largest bucket whose program takes at most `seconds` (0 when none does)."""
+        return max((b for b, s in zip(self.token_buckets, self.seconds) if s <= seconds), default=0)
+
+
+class _PrefillLimit:
+    """The prefill tokens the step being built may still take (the module docstring, 1.):
+    unbounded while it carries no decode; then `cap` prefill tokens in all, or, with a time
+    budget, what keeps the sum of its models' program times within `budget_s`."""
+
+    def __init__(self, cap: Optional[int], budget_s: Optional[float], costs: Mapping[str, ModelStepCost]):
+        self.cap, self.budget_s, self.costs = cap, budget_s, costs
+        self.tokens: collections.Counter = collections.Counter()      # model -> tokens in the step
+        self.decodes = 0
+        self.prefill = 0
+
+    def add(self, model: str, n: int, decode: bool) -> None:
+        """A chunk of n tokens joins the step (n < 0: a scheduled one of -n tokens leaves it)."""
+        sign = 1 if n > 0 else -1
+        self.tokens[model] += n
+        self.decodes += sign * int(decode)
+        self.prefill += 0 if decode else n
+
+    def room(self, model: str) -> Optional[int]:
+        """Prefill tokens `model` may still add to the step (None: no bound)."""
+        if not self.decodes:
+            return None
+        if self.cap is not None:
+            return max(self.cap - self.prefill, 0)
+        if self.budget_s is None:
+            return None
+        cost = self.costs[model]
+        others = sum(self.costs[m].at(t) for m, t in self.tokens.items() if m != model)
+        room = cost.most_tokens_within(self.budget_s - others) - self.tokens[model]
+        return max(room, cost.token_buckets[0] - self.prefill, 0)
 
 
 @dataclasses.dataclass
@@ -162,6 +248,20 @@ class Scheduler:
         self._fit_together = fit_together
         self._lead: list[str] = []                                    # models' residency order
         self._lead_steps = 0                                          # steps the first has led
+        self._step_costs: dict[str, ModelStepCost] = {}               # model -> measured costs
+
+    def set_step_costs(self, costs: Mapping[str, ModelStepCost]) -> None:
+        """The models' step costs, which size the prefill of steps with decodes to
+        `config.tbt_budget_s` (unless `decode_step_prefill_tokens` is set). Every model of the
+        KV manager needs one."""
+        missing = sorted(set(self.kv.models) - set(costs))
+        if missing:
+            raise ValueError(f"set_step_costs: no step cost for model(s) {missing}")
+        for model, cost in costs.items():
+            if not isinstance(cost, ModelStepCost):
+                raise ValueError(f"set_step_costs: the cost of model {model!r} must be a ModelStepCost, "
+                                 f"got {type(cost).__name__}")
+        self._step_costs = dict(costs)
 
     # ----- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -253,21 +353,21 @@ class Scheduler:
         fits = self._residency_gate()
         if self._fit_together is not None:
             rank = {m: i for i, m in enumerate(self._lead)}
-            order.sort(key=lambda r: rank[r.model])          # stable: decode-first, oldest within a model
+            # stable: decodes first (every model's), then the leader's requests first, oldest within a model
+            order.sort(key=lambda r: (gaps[r] != 1, rank[r.model]))
         scheduled: dict[Request, int] = {}
-        prefill_cap = self.config.decode_step_prefill_tokens
-        capped = False
+        # the decodes of this step are in first: the prefill it carries is bounded, for their
+        # time between tokens
+        limit = self._prefill_limit()
         for request in order:
             if request.status != RequestStatus.RUNNING:          # preempted earlier in this loop
                 continue
-            if prefill_cap is not None and gaps[request] != 1 and scheduled and not capped:
-                # the decodes of this step are in (they come first): the prefill it carries is
-                # bounded, for their time between tokens
-                budget, capped = min(budget, prefill_cap), True
             if not fits(request.model):      # its weights cannot be resident beside this step's models
                 all_running_scheduled = False
                 continue
-            n = min(gaps[request], budget)
+            decode = gaps[request] == 1
+            room = None if decode else limit.room(request.model)
+            n = min(gaps[request], budget, budget if room is None else room)
             if n <= 0:          # out of budget, or nothing to compute (the engine should stop it)
                 all_running_scheduled = False
                 continue
@@ -276,13 +376,17 @@ class Scheduler:
                 victim = self._victim_for(request, n)
                 if victim is None:
                     break
-                budget += scheduled.pop(victim, 0)
+                freed = scheduled.pop(victim, 0)
+                if freed:
+                    limit.add(victim.model, -freed, gaps[victim] == 1)
+                budget += freed
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 ok = self.kv.allocate_slots(request, n)
             if ok:
                 scheduled[request] = n
                 budget -= n
+                limit.add(request.model, n, decode)
             elif not self._competitors(request, n):
                 error = self._cannot_grow_message(request, n)
                 self.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
@@ -294,11 +398,8 @@ class Scheduler:
 
         # 2. admissions, unless this step preempted (bounded like the prefills above when the
         #    step carries decodes).
-        if prefill_cap is not None and any(n == 1 and gaps.get(r) == 1 for r, n in scheduled.items()):
-            prefill_so_far = sum(n for r, n in scheduled.items() if gaps.get(r) != 1)
-            budget = min(budget, max(prefill_cap - prefill_so_far, 0))
         if not preempted:
-            budget = self._admit(budget, planned, fits)
+            budget = self._admit(budget, planned, fits, limit)
 
         # 3. multi-step decode.
         num_steps = 1
@@ -314,6 +415,12 @@ class Scheduler:
                 samples=start + n == request.num_tokens, num_steps=num_steps,
                 page_table=self.kv.page_table_array(request)))
         return SchedulerOutput(chunks_by_model, preempted, rejected, sum(n for _, n in planned))
+
+    def _prefill_limit(self) -> _PrefillLimit:
+        """The bound on the prefill of this step (`decode_step_prefill_tokens` wins over the
+        time budget, which needs the step costs)."""
+        budget_s = self.config.tbt_budget_s if self._step_costs else None
+        return _PrefillLimit(self.config.decode_step_prefill_tokens, budget_s, self._step_costs)
 
     def _residency_gate(self) -> Callable[[str], bool]:
         """fits(model): whether the model's requests may run in this step. Without budgets, any.
@@ -380,9 +487,10 @@ class Scheduler:
         self.num_preemptions += 1
         self._waiting[request.model].appendleft(request)
 
-    def _admit(self, budget: int, planned: list, fits: Callable[[str], bool]) -> int:
+    def _admit(self, budget: int, planned: list, fits: Callable[[str], bool], limit: _PrefillLimit) -> int:
         """Admit waiting requests by the fairness rule of the module docstring; returns the budget left.
-        A model whose weights cannot be resident beside the step's models waits (without barring others)."""
+        A model whose weights cannot be resident beside the step's models, or whose prefill room
+        in this step (`limit`) is spent, waits (without barring others)."""
         barred_after: Optional[tuple[float, int]] = None
         done: set[str] = set()
         first_admitted: Optional[str] = None
@@ -407,6 +515,12 @@ class Scheduler:
                     computed, num_cached = self.kv.get_computed_blocks(request)
                 g = self.kv.geometry(request.model)
                 n = min(min(request.num_tokens, g.max_model_len) - num_cached, budget)
+                room = limit.room(model)
+                if room is not None and room < n:
+                    if room <= 0:
+                        done.add(model)
+                        continue
+                    n = room
                 if n <= 0 or not self.kv.allocate_slots(request, n, computed):
                     done.add(model)
                     if self.kv.exceeds_quota(request, n, computed):
@@ -420,6 +534,7 @@ class Scheduler:
                 self._insert_running(request)
                 planned.append((request, n))
                 budget -= n
+                limit.add(model, n, False)
                 progress = True
                 first_admitted = first_admitted or model
         if blocked_model is not None:

@@ -248,3 +248,27 @@ def test_attention_pool_budget_swaps_the_attention_side(model_dirs, llm):
     pool = small.engine.registry.attention_weights
     assert pool.stats().swaps_in > 0 and pool.bytes_resident <= attn_bytes
     assert small.engine.stats().swaps_in >= pool.stats().swaps_in
+
+
+def test_tbt_budget_measures_each_models_step_cost_and_keeps_outputs(model_dirs, llm, monkeypatch):
+    """tbt_budget_ms: the engine times each model's step program (before its first step, or in
+    warm_up), hands the costs to the scheduler, reports them in its stats, and serves the same
+    greedy outputs as without a budget (the same shapes: the programs the other tests ran)."""
+    prompts = _prompts(8, [3, 50, 9, 40, 5, 30])
+    models = [FAMILIES[i % len(FAMILIES)] for i in range(len(prompts))]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, model=models)]
+    budgeted = LLM(model_dirs, dtype="float32", tbt_budget_ms=20.0, **ENGINE)
+    got = [o.outputs[0].token_ids for o in budgeted.generate(prompts, GREEDY, model=models)]
+    assert got == want
+    engine = budgeted.engine
+    costs = engine.stats().step_costs
+    assert set(costs) == set(FAMILIES) and llm.engine.stats().step_costs == {}
+    for name in FAMILIES:
+        cost = engine.step_costs[name]
+        assert cost.token_buckets == (64,) and cost.measured == (True,) and cost.seconds[0] > 0
+        assert costs[name]["bucket_ms"] == {64: pytest.approx(cost.seconds[0] * 1e3)}
+        assert costs[name]["prefill_tokens"] == (64 if cost.seconds[0] <= 20e-3 else 0)
+    assert engine.scheduler._step_costs == engine.step_costs
+    monkeypatch.setattr(engine.runner, "compile_jobs", lambda *args, **kwargs: [])   # compiled above
+    done = engine.warm_up()
+    assert set(done["step_costs"]) == set(FAMILIES) and done["compiles"] == 0

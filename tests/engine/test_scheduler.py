@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from crosspool_jax.engine.request import Request, RequestStatus
-from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
+from crosspool_jax.engine.scheduler import ModelStepCost, Scheduler, SchedulerConfig
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager, ModelKVGeometry
 from crosspool_jax.sampling_params import SamplingParams
@@ -687,6 +687,69 @@ def test_steps_with_decodes_bound_their_prefill_tokens():
     assert_pool_empty(sched)
     with pytest.raises(ValueError, match="decode_step_prefill_tokens"):
         SchedulerConfig(decode_step_prefill_tokens=0)
+
+
+COSTS = {"a": ModelStepCost((4, 8, 16, 32), (1e-3, 2e-3, 4e-3, 8e-3)),       # model b costs twice a's
+         "b": ModelStepCost((4, 8, 16, 32), (2e-3, 4e-3, 8e-3, 16e-3))}
+
+
+def _decode_and_prefill(out):
+    """(decode chunks, prefill tokens, {model: tokens}, {model: largest prefill chunk}) of one step."""
+    decodes = [c for c in out.chunks if c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids)]
+    prefill = [c for c in out.chunks if c.start < len(c.request.prompt_token_ids)]
+    tokens = {m: sum(c.num_tokens for c in model_chunks) for m, model_chunks in out.chunks_by_model.items()}
+    largest = {m: max((c.num_tokens for c in prefill if c.request.model == m), default=0) for m in COSTS}
+    return decodes, sum(c.num_tokens for c in prefill), tokens, largest
+
+
+def _run_with_budget(budget_s, rng, **config):
+    sched = make_scheduler(pages_per_device=256, max_num_batched_tokens=32, max_decode_steps=1,
+                           tbt_budget_s=budget_s, **config)
+    sched.set_step_costs(COSTS)
+    engine = FakeEngine(sched, stop_at_eos=False)
+    first = [make_request("s0", "a", 3, rng, max_tokens=12), make_request("s1", "a", 3, rng, max_tokens=12),
+             make_request("long0", "b", 40, rng, max_tokens=4)]
+    for r in first:
+        sched.add_request(r)
+    out = engine.step()              # no decodes yet: the whole token budget, over the time budget
+    assert out.num_batched_tokens == 32 and sum(COSTS[m].at(n) for m, n in _decode_and_prefill(out)[2].items()) > budget_s
+    later = [make_request("long1", "a", 30, rng, max_tokens=3), make_request("long2", "b", 40, rng, max_tokens=4)]
+    for r in later:
+        sched.add_request(r)
+    engine.run()
+    check_outputs(engine, first + later, stop_at_eos=False)
+    assert_pool_empty(sched)
+    return [_decode_and_prefill(out) for out in engine.outputs[1:]]
+
+
+def test_a_time_budget_sizes_the_prefill_of_steps_with_decodes_by_each_models_cost():
+    """tbt_budget_s with step costs: a step that carries decodes takes the prefill tokens that
+    keep the sum of its models' program times (at their buckets) within the budget, so the
+    cheaper model's chunks are larger; a step without decodes takes the whole token budget;
+    when the decodes alone exceed the budget a step still advances the smallest bucket of
+    prefill; an explicit decode_step_prefill_tokens wins; outputs equal the reference."""
+    budget = 7e-3
+    steps = _run_with_budget(budget, random.Random(5))
+    with_decodes = [step[1:] for step in steps if step[0]]
+    assert len(with_decodes) >= 5
+    for prefill, tokens, _ in with_decodes:
+        assert sum(COSTS[m].at(n) for m, n in tokens.items()) <= budget or prefill <= 4, tokens
+    largest = {m: max(step[2][m] for step in with_decodes) for m in COSTS}
+    assert largest["a"] > 8 and 4 < largest["b"] <= 8, largest  # the budget, not the floor, sized them
+    # decodes alone over the budget: the smallest bucket of prefill per step, and everything finishes
+    for decodes, prefill, _, _ in _run_with_budget(0.5e-3, random.Random(5)):
+        assert not decodes or prefill <= 4
+    # decode_step_prefill_tokens wins over the time budget
+    capped = [p for decodes, p, _, _ in _run_with_budget(0.5e-3, random.Random(5), decode_step_prefill_tokens=8)
+              if decodes]
+    assert max(capped) == 8
+    with pytest.raises(ValueError, match="tbt_budget_s"):
+        SchedulerConfig(tbt_budget_s=0)
+    with pytest.raises(ValueError, match="no step cost for model"):
+        make_scheduler().set_step_costs({"a": COSTS["a"]})
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ModelStepCost((4, 8), (2e-3, 1e-3))
+    assert (COSTS["b"].at(0), COSTS["b"].at(5), COSTS["b"].most_tokens_within(9e-3)) == (0.0, 4e-3, 16)
 
 
 def test_requests_by_model_and_one_token_steps_for_bad_words_of_several_tokens():
