@@ -474,7 +474,7 @@ def _device_step(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, off
 
 
 def _checked_inputs(inputs, layout: ArenaLayout, exchange, num_microbatches: int, offsets) -> StepInputs:
-    """The step inputs (unpacked from a PackedInt32: one host->device transfer) after the checks
+    """The step inputs (unpacked from a PackedArrays: one host->device transfer) after the checks
     `disagg_step` and `disagg_decode` share."""
     inputs = unpacked(inputs)
     exchange_factory(exchange)
@@ -560,7 +560,7 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
     inputs: `build_disagg_inputs` of single-token decode chunks (or it packed); allowance_NMT
     int32 [n_kv, M, T]: how many of the num_steps tokens each decode token's sequence may take
     (its page tables hold the pages of those; 0 for padding): a sequence past it writes no K/V.
-    meta: `SamplingMetadata` with n_kv * M*S rows in device-row order (device d's row m*S+s is
+    meta: `SamplingMetadata` (or it packed) with n_kv * M*S rows in device-row order (device d's row m*S+s is
     its logit row m*S+s); output_counts_RV / prompt_mask_RV: the penalties' history in the same
     rows, or None. Step j samples with `advance_metadata(meta, j)` and feeds the tokens to step
     j + 1; every step runs (no early exit) and the host applies stop rules to what it reads.
@@ -568,6 +568,7 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
     `disagg_step`.
     """
     inputs = _checked_inputs(inputs, layout, exchange, num_microbatches, offsets)
+    meta = unpacked(meta)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     replicated = PartitionSpec()
@@ -593,7 +594,7 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPage
 
     arena: `[num_devices, arena_elems]` from `build_arena` (donated; K/V written into it).
     inputs: `StepInputs` with leaves `[n_kv, M, ...]` from `build_disagg_inputs` (or it packed,
-    `engine.packed_inputs.PackedInt32`: one transfer); row m*S+s of
+    `runtime.packed_inputs.PackedArrays`: one transfer); row m*S+s of
     a KV device's logits is micro-batch m's sequence s (its last new token).
     sharded_pages: None (every sequence's pages on its KV device: the common program) or the
     `build_sharded_pages` view of the same step (sequences spanning KV devices: the

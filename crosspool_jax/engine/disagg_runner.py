@@ -38,7 +38,7 @@ from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime import sampling_metadata as smeta
-from crosspool_jax.runtime.packed_inputs import PackedInt32
+from crosspool_jax.runtime.packed_inputs import PackedArrays, unpacked
 from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats
 from crosspool_jax.engine.step_plan import ArenaWeights, ModelStep
 from crosspool_jax.runtime.shapes import ShapeMenu
@@ -68,7 +68,9 @@ class Grouped:
 
 @functools.partial(jax.jit, static_argnames=("num_logprobs", "all_greedy"))
 def _sample_rows(logits_NRV, rows_S, meta, output_counts_SV, prompt_mask_SV, *, num_logprobs, all_greedy):
-    """Sample the flat rows `rows_S` of the step's logits [n_kv, M*S, V] (one dispatch)."""
+    """Sample the flat rows `rows_S` of the step's logits [n_kv, M*S, V] (one dispatch); meta may be
+    packed (`PackedArrays`)."""
+    meta = unpacked(meta)
     logits_SV = logits_NRV.reshape(-1, logits_NRV.shape[-1])[rows_S]
     return sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs,
                               all_greedy=all_greedy)
@@ -241,8 +243,9 @@ class DisaggRunner(DispatchingRunner):
                                                              length=menu.history(smeta.history_length(s.rows)))
                                    if penalties else (None, None))
             self.stats.count_program(("sample", S, config.vocab_size, R * n_kv, variant, penalties))
-            sampled = _sample_rows(logits_NRV, flat, smeta.build_sampling_metadata(s.rows, pad_rows_to=S), counts,
-                                   prompt_mask, num_logprobs=variant[0], all_greedy=variant[1])
+            meta = PackedArrays.pack(smeta.build_sampling_metadata(s.rows, pad_rows_to=S))
+            sampled = _sample_rows(logits_NRV, flat, meta, counts, prompt_mask, num_logprobs=variant[0],
+                                   all_greedy=variant[1])
             out.append(DispatchedStep((sampled, None), len(s.chunks), variant[0], t1, self.stats))
         self.stats.host_prepare_seconds += t1 - t0
         return out
@@ -252,7 +255,7 @@ class DisaggRunner(DispatchingRunner):
         arena = self.arena.take()
         try:
             arena, logits_NRV = disagg_pipeline.disagg_step(
-                arena, PackedInt32.pack(inputs), sharded, layout=program, config=config, num_microbatches=M,
+                arena, PackedArrays.pack(inputs), sharded, layout=program, config=config, num_microbatches=M,
                 exchange=self.exchange, attention_backend=self.attention_backend, moe_backend=self.moe_backend,
                 offsets=offsets)
         finally:
@@ -267,7 +270,8 @@ class DisaggRunner(DispatchingRunner):
         arena = self.arena.take()
         try:
             arena, out = disagg_pipeline.disagg_decode(
-                arena, PackedInt32.pack(inputs), allowance_NMT, meta, counts, prompt_mask, layout=program,
+                arena, PackedArrays.pack(inputs), allowance_NMT, PackedArrays.pack(meta), counts, prompt_mask,
+                layout=program,
                 config=config, num_microbatches=M, num_steps=self.max_decode_steps, num_logprobs=num_logprobs,
                 all_greedy=all_greedy, exchange=self.exchange, attention_backend=self.attention_backend,
                 moe_backend=self.moe_backend, offsets=offsets)
@@ -315,7 +319,7 @@ class DisaggRunner(DispatchingRunner):
                 logits_NRV = self._step(program, config, inputs, None, M, offsets)
                 done += 1
                 for S in menu.decode_seq_buckets:
-                    sampling = smeta.build_sampling_metadata([], pad_rows_to=S)
+                    sampling = PackedArrays.pack(smeta.build_sampling_metadata([], pad_rows_to=S))
                     for num_logprobs, all_greedy in variants:
                         for penalties in pen_variants:
                             jax.block_until_ready(_sample_rows(logits_NRV, np.zeros(S, np.int32), sampling,

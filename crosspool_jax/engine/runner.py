@@ -26,7 +26,7 @@ import numpy as np
 from crosspool_jax.engine.step_plan import ModelStep, PlacedWeights
 from crosspool_jax.kv.pool import KVPool
 from crosspool_jax.runtime import sampling_metadata as smeta
-from crosspool_jax.runtime.packed_inputs import PackedInt32
+from crosspool_jax.runtime.packed_inputs import PackedArrays
 from crosspool_jax.runtime.shapes import MIN_HISTORY, STOP_IDS, DecodeShape, ShapeMenu, StepShape
 from crosspool_jax.runtime.step_inputs import build_prompt_targets, build_step_inputs
 from crosspool_jax.runtime.step_program import DecodeLane, multi_decode, ragged_step
@@ -143,14 +143,15 @@ class StepRunner(DispatchingRunner):
         self.stats.count_program((step.model, type(shape).__name__, shape, prepared.variant,
                                   prepared.targets is not None, self.device_index))
         if isinstance(shape, DecodeShape):
-            [(outs,)] = self._run(multi_decode, ((self._lane(step.weights, prepared),),), (), dict(
+            [(outs,)] = self._run(multi_decode, (PackedArrays.pack((self._lane(step.weights, prepared),)),), (), dict(
                 self._static(step.config, prepared.variant), num_steps=self.max_decode_steps))
             self.stats.host_prepare_seconds += t1 - t0
             return DispatchedStep((outs, self.max_decode_steps), len(step.chunks), prepared.variant[0], t1,
                                   self.stats, prepared.limits)
         w = step.weights
-        outs, scores = self._run(ragged_step, (w.kv_params, w.ffn_params), (prepared.inputs, prepared.sampling,
-                                 *prepared.history, prepared.targets), self._static(step.config, prepared.variant))
+        outs, scores = self._run(ragged_step, (w.kv_params, w.ffn_params),
+                                 (prepared.inputs, PackedArrays.pack(prepared.sampling), *prepared.history,
+                                  prepared.targets), self._static(step.config, prepared.variant))
         self.stats.host_prepare_seconds += t1 - t0
         return DispatchedStep((outs, None), len(step.chunks), prepared.variant[0], t1, self.stats,  # None: collect adds the axis
                               prompt=None if scores is None else (scores, prepared.spans))
@@ -188,8 +189,8 @@ class StepRunner(DispatchingRunner):
         variant, num_steps = key[2], key[3]
         t1 = time.perf_counter()
         self.stats.count_program((tuple(s.model for s in steps), "lanes", shape, variant, num_steps, self.device_index))
-        [outs] = self._run(multi_decode, (tuple(self._lane(s.weights, p) for s, p in zip(steps, prepared)),), (),
-                           dict(self._static(config, variant), num_steps=num_steps))
+        lanes = PackedArrays.pack(tuple(self._lane(s.weights, p) for s, p in zip(steps, prepared)))
+        [outs] = self._run(multi_decode, (lanes,), (), dict(self._static(config, variant), num_steps=num_steps))
         self.stats.host_prepare_seconds += t1 - t0
         return [DispatchedStep((o, num_steps), len(s.chunks), 0, t1, self.stats, p.limits)
                 for o, s, p in zip(outs, steps, prepared)]
@@ -217,7 +218,7 @@ class StepRunner(DispatchingRunner):
             inputs, _ = build_step_inputs(step.chunks, shape=shape, num_layers=step.config.num_layers,
                                           tokens_per_page=step.tokens_per_page,
                                           num_pages=self.pool.layout.pages_per_device)
-            inputs = PackedInt32.pack(inputs)
+            inputs = PackedArrays.pack(inputs)
         else:
             limits = [min(a, step.num_steps) for a in step.allowances]
             inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, limits)
@@ -276,8 +277,9 @@ class StepRunner(DispatchingRunner):
             S = shape.num_seqs
             inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=1,
                                           num_pages=self.pool.layout.pages_per_device)
-            fixed = (weights.kv_params, weights.ffn_params, k_buf, v_buf, PackedInt32.pack(inputs),
-                     smeta.build_sampling_metadata([], pad_rows_to=S), *self._no_history(S, config.vocab_size))
+            fixed = (weights.kv_params, weights.ffn_params, k_buf, v_buf, PackedArrays.pack(inputs),
+                     PackedArrays.pack(smeta.build_sampling_metadata([], pad_rows_to=S)),
+                     *self._no_history(S, config.vocab_size))
             variants = [(variant, None) for variant in menu.sampling_variants()]
             if menu.prompt_logprobs:
                 variants.append(((menu.logprob_variants[-1], False), np.full(shape.num_tokens, -1, np.int32)))
@@ -293,7 +295,8 @@ class StepRunner(DispatchingRunner):
                                  self._no_history(S, config.vocab_size), None, None, None)
             lane = self._lane(weights, prepared)
             for K, variant, num_steps in decodes:
-                add(multi_decode, ((lane,) * K, k_buf, v_buf), dict(self._static(config, variant), num_steps=num_steps))
+                add(multi_decode, (PackedArrays.pack((lane,) * K), k_buf, v_buf),
+                    dict(self._static(config, variant), num_steps=num_steps))
         device = self.device
         for S in menu.sampling_rows():
             for length in menu.history_buckets:
@@ -304,7 +307,7 @@ class StepRunner(DispatchingRunner):
 @dataclasses.dataclass
 class _Prepared:
     """One model's host inputs of a step (`StepRunner._prepare`): its sampling variant
-    (num_logprobs, all_greedy), the program inputs (a PackedInt32 for ragged_step, the
+    (num_logprobs, all_greedy), the program inputs (a PackedArrays for ragged_step, the
     `_decode_args` tuple for multi_decode), sampling metadata, token history (counts, prompt
     mask), prompt-logprobs targets and spans (or None), and the decode's per-chunk limits."""
 

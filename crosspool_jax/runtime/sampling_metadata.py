@@ -90,9 +90,10 @@ class SamplingRow:
             raise ValueError(f"SamplingRow.base_seed: must be an integer (got {self.base_seed!r})")
         if not isinstance(self.output_index, (int, np.integer)) or self.output_index < 0:
             raise ValueError(f"SamplingRow.output_index: must be an integer >= 0 (got {self.output_index!r})")
-        for name in ("eos_token_ids", "prompt_token_ids", "output_token_ids"):
-            if any(int(t) < 0 for t in getattr(self, name)):
-                raise ValueError(f"SamplingRow.{name}: token ids must be >= 0")
+        # prompt and output ids are not re-checked here (a row is built per sequence per step):
+        # the engine validates prompts at add_request and the sampler makes the outputs
+        if any(int(t) < 0 for t in self.eos_token_ids):
+            raise ValueError("SamplingRow.eos_token_ids: token ids must be >= 0")
 
     @property
     def suppress_ids(self) -> list[int]:

@@ -91,11 +91,12 @@ def _prompt_scores(kv_params, config, hidden_TD, targets_T, num_logprobs: int) -
 def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV,
                 prompt_targets_T=None, *, config, num_logprobs, attention_backend, moe_backend, all_greedy=False):
     """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row, TokenScores or
-    None). `inputs`: a StepInputs or it packed (`PackedInt32`: one host-to-device transfer).
+    None). `inputs` and `sampling`: a StepInputs and SamplingMetadata or each packed
+    (`PackedArrays`: their host arrays in one transfer).
     num_logprobs, all_greedy: the sampling variant (`sampler.sample`). prompt_targets_T (int32
     [T], -1 where none; None: the plain program): the token each token of the step predicts,
     scored with the top num_logprobs tokens."""
-    inputs = unpacked(inputs)
+    inputs, sampling = unpacked(inputs), unpacked(sampling)
     k_buf, v_buf, logits_SV, hidden_TD = _forward_logits(
         kv_params, ffn_params, config, k_buf, v_buf, inputs.token_ids_T, inputs.positions_T, inputs.slots_LT,
         inputs.page_indices_LSP, inputs.kv_lens_S, inputs.cu_q_lens_S1, inputs.num_seqs_1,
@@ -138,8 +139,10 @@ def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attent
     one program serves K models' decodes (each lane's weights are data), the lanes' forwards
     run one after another inside each iteration. A row past its allowance or a stop writes no
     K/V. Returns the buffers and, per lane, the sampler outputs stacked [num_steps, S, ...];
-    row s's tokens past its allowance or stop are not meaningful.
+    row s's tokens past its allowance or stop are not meaningful. `lanes` may be packed
+    (`PackedArrays`: every lane's host arrays in one transfer).
     """
+    lanes = unpacked(lanes)
     P, X = k_buf.shape
     G = X // config.kv_cache_row
 

@@ -20,7 +20,7 @@ import pytest
 from crosspool_jax.disagg import build_disagg_inputs, disagg_step, make_layout
 from crosspool_jax.disagg.pipeline import p2p_rounds
 from crosspool_jax.runtime import sampling_metadata as smeta
-from crosspool_jax.runtime.packed_inputs import PackedInt32
+from crosspool_jax.runtime.packed_inputs import PackedArrays
 from crosspool_jax.runtime.shapes import STOP_IDS, StepShape
 from crosspool_jax.runtime.step_inputs import build_step_inputs
 from crosspool_jax.runtime.step_program import DecodeLane, _forward_logits, multi_decode, ragged_step
@@ -67,7 +67,7 @@ def test_placed_ragged_step_has_no_conditional_and_donates_the_pool(num_logprobs
     k_buf, v_buf, x = _placed_args(config, kv, ffn, StepShape(16, 8, 4))
     meta = smeta.build_sampling_metadata([], pad_rows_to=8)
     counts, mask = smeta.build_token_history([], 8, config.vocab_size, length=16)
-    text = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedInt32.pack(x), meta, counts, mask, config=config,
+    text = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedArrays.pack(x), meta, counts, mask, config=config,
                              num_logprobs=num_logprobs, all_greedy=all_greedy, attention_backend="reference",
                              moe_backend="reference").compile().as_text()
     assert _conditionals(text) == 0          # sampling included: the variant is static, the filters branch-free
@@ -93,7 +93,7 @@ def test_placed_ragged_step_never_copies_the_pool(kv_heads):
                              num_pages=pages)
     meta = smeta.build_sampling_metadata([], pad_rows_to=8)
     counts, mask = smeta.build_token_history([], 8, config.vocab_size, length=16)
-    compiled = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedInt32.pack(x), meta, counts, mask, config=config,
+    compiled = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedArrays.pack(x), meta, counts, mask, config=config,
                                  num_logprobs=0, attention_backend="reference", moe_backend="reference").compile()
     text = compiled.as_text()
     assert not re.search(rf"= f32\[{pages},[^\n]*\bcopy\(", text)           # no copy of a pool-shaped array
@@ -141,7 +141,7 @@ def test_split_step_has_no_conditional_and_the_expected_exchange(n_kv, n_w, lane
     inputs, _ = build_disagg_inputs([[] for _ in range(n_kv)], layout=layout, num_layers=config.num_layers,
                                     num_microbatches=lanes, shape=StepShape(16, 8, 4))
     arena = jax.ShapeDtypeStruct((n_kv + n_w, layout.arena_elems), jnp.float32, sharding=layout.sharding())
-    lowered = disagg_step.lower(arena, PackedInt32.pack(inputs), layout=layout.program, config=config,
+    lowered = disagg_step.lower(arena, PackedArrays.pack(inputs), layout=layout.program, config=config,
                                 num_microbatches=lanes, offsets=np.stack([layout.offsets()] * lanes))
     stablehlo = lowered.as_text()
     assert "stablehlo.case" not in stablehlo and "stablehlo.if" not in stablehlo
