@@ -28,8 +28,9 @@ import numpy as np
 _INT = "int32"                   # buffer of int32 / uint32 / bool leaves
 _FLOAT = "float32"               # buffer of float32 leaves
 _DEVICE = "device"               # a leaf passed through as it is
-_KINDS = {np.dtype(np.int32): _INT, np.dtype(np.uint32): _INT, np.dtype(np.bool_): _INT,
-          np.dtype(np.float32): _FLOAT}
+# host dtype -> (buffer, dtype name restored by unpack)
+_KINDS = {np.dtype(np.int32): (_INT, "int32"), np.dtype(np.uint32): (_INT, "uint32"),
+          np.dtype(np.bool_): (_INT, "bool"), np.dtype(np.float32): (_FLOAT, "float32")}
 
 
 @jax.tree_util.register_pytree_node_class
@@ -49,19 +50,26 @@ class PackedArrays:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         parts = {_INT: [], _FLOAT: []}
         device, specs = [], []
-        for leaf in leaves:
-            if isinstance(leaf, jax.Array):
-                device.append(leaf)
-                specs.append((_DEVICE, None, None))
-                continue
-            a = np.asarray(leaf)
-            kind = _KINDS.get(a.dtype)
-            if kind is None:
+        for leaf in leaves:                    # the hot path of every dispatch: plain numpy calls only
+            a = leaf if type(leaf) is np.ndarray else None
+            if a is None:
+                if isinstance(leaf, jax.Array):
+                    device.append(leaf)
+                    specs.append((_DEVICE, None, None))
+                    continue
+                a = np.asarray(leaf)
+            kind_name = _KINDS.get(a.dtype)
+            if kind_name is None:
                 raise ValueError(f"PackedArrays.pack: a host leaf of dtype {a.dtype} (shape {a.shape}); "
                                  f"packable: {sorted(str(d) for d in _KINDS)}")
-            flat = a.reshape(-1)
-            parts[kind].append(flat.view(np.int32) if a.dtype == np.uint32 else flat.astype(kind, copy=False))
-            specs.append((kind, tuple(int(d) for d in a.shape), a.dtype.name))
+            kind, name = kind_name
+            flat = a.ravel()
+            if name == "uint32":
+                flat = flat.view(np.int32)
+            elif name == "bool":
+                flat = flat.astype(np.int32)
+            parts[kind].append(flat)
+            specs.append((kind, a.shape, name))
 
         def buffer(kind):
             return np.concatenate(parts[kind]) if parts[kind] else np.zeros(0, kind)
