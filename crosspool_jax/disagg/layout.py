@@ -412,10 +412,10 @@ class MultiArenaLayout:
     ("<model>/embed/...", "<model>/attn/...", "<model>/final/..."), weight rows every model's FFN
     shards ("<model>/moe/...", "<model>/dense/..."), the same on every weight row. `model(name)`
     is that model's view: an `ArenaLayout` over the same rows whose slots are the pages and the
-    model's own slots with the prefix dropped, so one step program per model reads only its
-    slots. A role with a `Region` (kv_region: attention sides, w_region: FFN shards) holds only
+    model's own slots with the prefix dropped (its `program` and `offsets`: one program per
+    architecture reads each model's slots). A role with a `Region` (kv_region: attention sides, w_region: FFN shards) holds only
     `num_slots` models at a time, at the same offsets on every row of the role, and every
-    model's view sits in its slot 0 (see `bind`).
+    model's view sits in its slot 0 (`Region.shift_units`).
     """
 
     models: tuple                 # ((name, ArenaLayout), ...) in registration order

@@ -60,7 +60,8 @@ class EngineConfig:
     max_logprobs: the most `logprobs` or `prompt_logprobs` a request may ask for (programs
       that report logprobs compute this many for every row; vLLM's option of the same name).
     max_lanes: the most models of one architecture on one device whose decodes one program
-      serves per engine step (lanes; shared/static). None = 4 on accelerators, 1 on a CPU.
+      serves per engine step (lanes; shared/static), or whose steps one arena program serves
+      (the crosspool split). None = 4 on accelerators, 1 on a CPU (at least 2 on the split).
     """
 
     models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
@@ -105,9 +106,11 @@ class EngineConfig:
                                  "program (multi-step decode); 1 turns it off.")
     max_lanes: Optional[int] = _opt(None, "Most models of one architecture on one device whose decodes run "
                                     "as lanes of ONE program per engine step (shared/static; their weights "
-                                    "are data of the program); 1 turns lanes off. Unset: 4 on GPU/TPU, 1 on "
-                                    "CPU (every lane count is a set of programs to compile, and a CPU "
-                                    "host keeps up with per-model dispatch).")
+                                    "are data of the program), or whose steps run as the micro-batches of one "
+                                    "arena program (crosspool split); 1 turns lanes off. Unset: 4 on GPU/TPU, "
+                                    "1 on CPU (every lane count is a set of programs to compile, and a CPU "
+                                    "host keeps up with per-model dispatch), at least 2 on the split (its "
+                                    "two-micro-batch program exists anyway).")
     max_logprobs: int = _opt(20, "The most logprobs or prompt_logprobs a request may ask for (programs that "
                              "report logprobs compute this many for every row); vLLM's option of the same name.")
     decode_step_prefill_tokens: Optional[int] = _opt(None, "The most prefill tokens an engine step that also "

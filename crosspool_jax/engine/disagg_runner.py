@@ -1,24 +1,31 @@
-"""The CrossPool runner: one model's scheduled chunks -> one disaggregated step over the arena.
+"""The CrossPool runner: the models' scheduled chunks -> disaggregated steps over the arena.
 
 The `StepRunner.run` contract (runner.py) on the disaggregated path (crosspool_jax/disagg):
 the KV pool and every model's attention side live in the KV devices' arena rows, every
-model's experts in the weight devices' rows, and one jitted `disagg_step` per model (its
-config static) runs all layers across both pools.
+model's experts in the weight devices' rows, and a jitted `disagg_step` runs all layers
+across both pools. A program is compiled per architecture (`ArenaLayout.program`); where a
+model's tensors sit is its data (`ArenaWeights.offsets`), so the steps of K models of one
+architecture run as the K micro-batches of ONE program (`dispatch_all` groups them by
+`lane_key`; `dispatch_lanes`): while the weight devices run one model's FFN for a layer, the
+KV devices attend the next model's.
 
 Per call: each chunk's global page ids (the engine's `PageAllocator`) are split into (KV
 device, local page) by the one virtualizer, `disagg.pages.PageMap`, and the chunks are
 grouped on their home device (`PageMap.home`: the device of the first block;
-`disagg.build_disagg_inputs`; two micro-batches when some device has two sequences or more,
-else one, unless the runner fixes it). When every chunk's pages are on its home (the KV
-manager's sticky placement keeps most requests so) the step is the common program; when
-some request has spilled onto other devices (any device's pages, weight devices' too), the
-same step runs the sequence-sharded program (`disagg.inputs.build_sharded_pages`: partial attention on every device holding
-pages, merged by log-sum-exp). The step donates the arena; then ONE jitted call gathers the
-sampled rows' logits and runs the engine's sampler (`sampler.sample`).
+`disagg.build_disagg_inputs`; one model alone: two micro-batches when some device has two
+sequences or more, else one, unless the runner fixes it; lanes: one micro-batch per model).
+When every chunk's pages are on its home (the KV manager's sticky placement keeps most
+requests so) the step is the common program; when some request has spilled onto other
+devices (any device's pages, weight devices' too), its model's step runs alone as the
+sequence-sharded program (`disagg.inputs.build_sharded_pages`: partial attention on every
+device holding pages, merged by log-sum-exp). The step donates the arena; then one jitted
+call per model gathers its sampled rows' logits and runs the engine's sampler
+(`sampler.sample`).
 
 A pure-decode step whose pages all sit on their homes runs `disagg_decode`: the engine's
-max_decode_steps tokens in one program (one compiled trip count), each chunk keeping the
-tokens it was scheduled for; a sequence-sharded step decodes one token per dispatch.
+max_decode_steps tokens in one program (one compiled trip count; lanes too), each chunk
+keeping the tokens it was scheduled for; a sequence-sharded step decodes one token per
+dispatch.
 """
 from __future__ import annotations
 
