@@ -366,20 +366,3 @@ def test_budgeted_arena_swaps_models_and_outputs_unchanged(model_dirs, batch, ex
     llm.engine.add_request("cold", cold, prompts[0], GREEDY)
     assert registry.is_resident(cold) and registry.weights_stats().swaps_in == swaps.swaps_in + 1
     llm.engine.abort_request("cold")
-
-
-def test_split_warm_up_leaves_nothing_to_compile(model_dirs):
-    """A 1+1 split after `warm_up`: greedy and sampled requests (logprobs, penalties, multi-step
-    decode) compile no program."""
-    from crosspool_jax.runtime.compiles import compile_counter
-
-    llm = LLM({"m": model_dirs["mixtral"]}, dtype="float32", max_num_batched_tokens=16, max_num_seqs=4,
-              max_model_len=32, kv_pool_bytes=1 << 20, max_decode_steps=2, mode="crosspool", kv_devices=1,
-              weight_devices=1)
-    assert llm.engine.warm_up(variants=True)["compiles"] > 0
-    before = compile_counter().count
-    _tokens(llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)))
-    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.5, logprobs=2, presence_penalty=0.5,
-                                                   ignore_eos=True, seed=1))
-    assert out[0].error is None and len(out[0].outputs[0].token_ids) == 3
-    assert compile_counter().count == before

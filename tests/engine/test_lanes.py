@@ -81,8 +81,8 @@ def test_crosspool_split_runs_one_architectures_models_as_lanes(models, alone):
     """The CrossPool split (1 KV + 1 weight device): the two Mixtrals share one program (their
     places in the arena are its data) and run as its two lanes (lane counts (1, 2) by default,
     on a CPU too: the split's step has two micro-batches anyway), each getting the tokens it gets
-    alone on the placed path, in fewer programs than model steps, compiling nothing after the
-    warm-up."""
+    alone on the placed path, in fewer programs than model steps; after the warm-up, greedy and
+    sampled requests (logprobs, penalties, multi-step decode) compile nothing."""
     tokens_alone, _ = alone
     llm = LLM(models, mode="crosspool", kv_devices=1, weight_devices=1,
               **{k: v for k, v in ENGINE.items() if k != "mode"})
