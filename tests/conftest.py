@@ -24,10 +24,19 @@ shapes, instead of compiled again: CPU compile time dominates the engine and ser
 still count in `runtime.compiles.compile_counter` (JAX reports them as compiles), so the "nothing
 compiles after warm-up" checks mean what they meant. Subprocesses (the CLI and server binaries) do
 not read it: they run as a user's process would.
+
+Scheduling: `-n 2` runs xdist's work-stealing scheduler instead of its default "load" one (an
+explicit `--dist` other than load is kept). "load" hands each worker chunks of consecutive tests
+that it cannot take back, so near the end one worker could still hold a minute of queued tests
+while the other sat idle; with work stealing an idle worker takes half of the other's queue. Each
+worker starts on one contiguous half of the suite, so a module's fixtures are still built once
+(twice only where a steal splits a module).
 """
 import os
 import shutil
 import tempfile
+
+import pytest
 
 if os.environ.get("CROSSPOOL_TEST_ON_GPU"):
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -61,3 +70,12 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
     if _OWNED_CACHE:
         os.environ.pop(_CACHE_ENV, None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduler for `-n N` (see the module docstring): work stealing where it would be "load"."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import WorkStealingScheduling
+    return WorkStealingScheduling(config, log)
