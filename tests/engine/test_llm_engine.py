@@ -61,7 +61,7 @@ def test_paged_logprobs_equal_full_forward(model_dirs):
     import jax.numpy as jnp
 
     from crosspool_jax.checkpoints import load_model
-    from crosspool_jax.models import compute_logits, dense_causal_attention, forward
+    from crosspool_jax.models import dense_logits
 
     path = model_dirs["qwen3_moe"]
     prompt = _prompts(2, [12])[0]
@@ -72,11 +72,10 @@ def test_paged_logprobs_equal_full_forward(model_dirs):
                   max_num_batched_tokens=8, min_token_bucket=8, max_decode_steps=3)
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
         out = llm.generate([prompt], params)[0].outputs[0]
-        full = prompt + out.token_ids
-        pos = jnp.arange(len(full), dtype=jnp.int32)
-        attn = dense_causal_attention(jnp.zeros(len(full), jnp.int32), pos)
-        _, h = forward(m.kv_params, m.ffn_params, m.config, jnp.asarray(full, jnp.int32), pos, attn, None)
-        logp = np.asarray(jax_log_softmax(compute_logits(m.kv_params, m.config, h)))
+        full = prompt + out.token_ids                # the full forward: one jitted program
+        logits = dense_logits(m.kv_params, m.ffn_params, m.config, jnp.asarray(full, jnp.int32),
+                              jnp.zeros(len(full), jnp.int32), jnp.arange(len(full), dtype=jnp.int32))
+        logp = np.asarray(jax_log_softmax(logits))
         for i, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
             row_lp = logp[len(prompt) - 1 + i]
             assert abs(lps[tok].logprob - row_lp[tok]) < 1e-4
