@@ -15,7 +15,9 @@ XLA_FLAGS (CPU runs only) cut it:
   differently (the optimised HLO is not byte-identical), but what the tests read of it is the
   same: conditionals, loops and their trip counts, collectives, parameter aliasing, copies of the
   pool, temp sizes (tests/disagg/test_program_structure.py and the others pass unchanged).
-Subprocesses and notebook kernels inherit both with the device count.
+Subprocesses and notebook kernels inherit both with the device count. The second is checked once
+per run (a `python -c "import jax"` with it, ~2 s, before the workers start): a jaxlib without it
+runs the suite with the first alone, slower, instead of aborting.
 
 The cache: a fresh temporary folder per run, shared by the xdist workers (the controller makes it
 and the workers inherit its path; it is removed when the run ends). A program one worker compiled
@@ -34,15 +36,30 @@ worker starts on one contiguous half of the suite, so a module's fixtures are st
 """
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
 
+_CPU_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+_FUSION_EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _cpu_xla_flags() -> str:
+    """The CPU run's XLA_FLAGS: with the older fusion emitters where this jaxlib still knows the
+    flag (XLA aborts on an unknown flag, so a jaxlib that dropped it would stop every test)."""
+    flags = f"{_CPU_FLAGS} {_FUSION_EMITTERS_OFF}"
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    return flags if probe.returncode == 0 else _CPU_FLAGS
+
+
 if os.environ.get("CROSSPOOL_TEST_ON_GPU"):
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 else:
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                                       "--xla_cpu_use_fusion_emitters=false")
+    if "XLA_FLAGS" not in os.environ:          # the xdist workers inherit the controller's
+        os.environ["XLA_FLAGS"] = _cpu_xla_flags()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
