@@ -32,6 +32,7 @@ from disagg_tiny import (PAGE_ELEMS, PAGES_PER_DEVICE, check_and_advance, make_s
     # layers moe, dense, moe: the dense layer's F split over the weight devices, MoE stack index != layer
     ("qwen2_moe_dense", 1, 1, 1, "p2p"), ("qwen2_moe_dense", 2, 2, 2, "p2p"),
     ("qwen2_moe_dense", 2, 4, 1, "p2p"),
+    ("qwen3_moe", 2, 2, 3, "p2p"),   # three micro-batches, as lanes: the program and each one's offsets
 ])
 def test_steps_match_dense_forward(name, n_kv, n_w, M, exchange):
     seed = int.from_bytes(os.urandom(4), "little")
@@ -51,8 +52,8 @@ def test_steps_match_dense_forward(name, n_kv, n_w, M, exchange):
         inputs, logit_rows = build_disagg_inputs(chunks, layout=layout, num_layers=config.num_layers,
                                                  num_microbatches=M, min_tokens=16, min_seqs=4)
         assert inputs.token_ids_T.shape == (n_kv, M, 16)
-        arena, logits = disagg_step(arena, inputs, layout=layout, config=config, num_microbatches=M,
-                                    exchange=exchange)
+        lanes = dict(layout=layout.program, offsets=np.stack([layout.offsets()] * M)) if M > 2 else dict(layout=layout)
+        arena, logits = disagg_step(arena, inputs, config=config, num_microbatches=M, exchange=exchange, **lanes)
         logits = np.asarray(logits)
         assert logits.shape == (n_kv, M * 4, config.vocab_size)
         err = check_and_advance(logits, owners, logit_rows, rng, config, kv, ffn)
