@@ -9,7 +9,7 @@ slots), which the engine acquired from the registry and releases once the step i
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
