@@ -200,8 +200,8 @@ class DisaggRunner(DispatchingRunner):
                                  f"the arena's {lay.tokens_per_page}")
         program = layouts[0].program
         grouped = [self.group_by_device(s.model, s.chunks) for s in steps]
-        if K > 1 and (any(lay.program != program for lay in layouts) or any(g.sharded for g in grouped)
-                      or K not in menu.lane_counts or len({self.lane_key(s) for s in steps}) != 1):
+        if K > 1 and (K not in menu.lane_counts or None in (keys := {self.lane_key(s) for s in steps})
+                      or len(keys) != 1):          # the key covers the architecture and pages on their homes
             raise ValueError(f"dispatch_lanes: steps of models {[s.model for s in steps]} cannot be lanes of one "
                              f"program (lane counts {menu.lane_counts})")
         n_kv = program.n_kv
