@@ -89,7 +89,7 @@ from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import (compute_logits, ffn_input, ffn_output, output_projection,
                                               qkv_projection, rms_norm)
 from crosspool_jax.runtime import sampler as sampler_lib
-from crosspool_jax.runtime.packed_inputs import unpacked
+from crosspool_jax.runtime.packed_arrays import PackedArrays, unpacked
 from crosspool_jax.runtime.step_inputs import StepInputs
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -555,7 +555,8 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
                   num_logprobs: int = 0, all_greedy: bool = False, exchange="p2p", attention_backend: str = "auto",
                   moe_backend: str = "auto", offsets=None):
     """`num_steps` decode tokens of a pure-decode batch in ONE program -> (arena, SamplerOutput
-    with leaves [n_kv, num_steps, M*S, ...]).
+    with leaves [n_kv, num_steps, M*S, ...] packed: `PackedArrays` with `lead`, one buffer to
+    fetch, each KV device's rows where they were computed).
 
     inputs: `build_disagg_inputs` of single-token decode chunks (or it packed); allowance_NMT
     int32 [n_kv, M, T]: how many of the num_steps tokens each decode token's sequence may take
@@ -581,7 +582,7 @@ def disagg_decode(arena: jax.Array, inputs, allowance_NMT, meta, output_counts_R
                   replicated),
         out_specs=(PartitionSpec(AXIS, None), PartitionSpec(AXIS)), check_vma=False)
     arena, out = fn(arena, inputs, offsets, allowance_NMT, meta, output_counts_RV, prompt_mask_RV)
-    return arena, jax.tree_util.tree_map(lambda a: a[:layout.n_kv], out)
+    return arena, PackedArrays.pack_device(jax.tree_util.tree_map(lambda a: a[:layout.n_kv], out), lead=True)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "config", "num_microbatches", "exchange",
@@ -594,7 +595,7 @@ def disagg_step(arena: jax.Array, inputs: StepInputs, sharded_pages: ShardedPage
 
     arena: `[num_devices, arena_elems]` from `build_arena` (donated; K/V written into it).
     inputs: `StepInputs` with leaves `[n_kv, M, ...]` from `build_disagg_inputs` (or it packed,
-    `runtime.packed_inputs.PackedArrays`: one transfer); row m*S+s of
+    `runtime.packed_arrays.PackedArrays`: one transfer); row m*S+s of
     a KV device's logits is micro-batch m's sequence s (its last new token).
     sharded_pages: None (every sequence's pages on its KV device: the common program) or the
     `build_sharded_pages` view of the same step (sequences spanning KV devices: the

@@ -36,7 +36,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.disagg import inputs as disagg_inputs
@@ -45,8 +44,9 @@ from crosspool_jax.disagg.arena import Arena
 from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime import sampling_metadata as smeta
-from crosspool_jax.runtime.packed_inputs import PackedArrays, unpacked
-from crosspool_jax.engine.runner import DispatchedStep, DispatchingRunner, RunnerStats
+from crosspool_jax.runtime.packed_arrays import PackedArrays, unpacked
+from crosspool_jax.engine.runner import (DispatchedStep, DispatchingRunner, ProgramOutputs, RunnerStats, pick_rows,
+                                         pick_step)
 from crosspool_jax.engine.step_plan import ArenaWeights, ModelStep
 from crosspool_jax.runtime.shapes import ShapeMenu
 from crosspool_jax.runtime.step_inputs import MIN_PAGES_BUCKET
@@ -75,22 +75,13 @@ class Grouped:
 
 @functools.partial(jax.jit, static_argnames=("num_logprobs", "all_greedy"))
 def _sample_rows(logits_NRV, rows_S, meta, output_counts_SV, prompt_mask_SV, *, num_logprobs, all_greedy):
-    """Sample the flat rows `rows_S` of the step's logits [n_kv, M*S, V] (one dispatch); meta may be
-    packed (`PackedArrays`)."""
+    """Sample the flat rows `rows_S` of the step's logits [n_kv, M*S, V] (one dispatch) -> (the
+    SamplerOutput, None: no prompt scores) packed (`PackedArrays`: one buffer to fetch); meta may
+    be packed too."""
     meta = unpacked(meta)
     logits_SV = logits_NRV.reshape(-1, logits_NRV.shape[-1])[rows_S]
-    return sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs,
-                              all_greedy=all_greedy)
-
-
-@jax.jit
-def _steps_of_rows(out, rows_S):
-    """SamplerOutput leaves [n_kv, steps, R, ...] -> [steps, S, ...] of the flat rows rows_S."""
-    def pick(a):
-        n_kv, steps, R = a.shape[:3]
-        flat = jnp.moveaxis(a, 1, 0).reshape(steps, n_kv * R, *a.shape[3:])
-        return flat[:, rows_S]
-    return jax.tree.map(pick, out)
+    return PackedArrays.pack_device((sampler_lib.sample(logits_SV, meta, output_counts_SV, prompt_mask_SV,
+                                                        num_logprobs=num_logprobs, all_greedy=all_greedy), None))
 
 
 class DisaggRunner(DispatchingRunner):
@@ -253,7 +244,8 @@ class DisaggRunner(DispatchingRunner):
             meta = PackedArrays.pack(smeta.build_sampling_metadata(s.rows, pad_rows_to=S))
             sampled = _sample_rows(logits_NRV, flat, meta, counts, prompt_mask, num_logprobs=variant[0],
                                    all_greedy=variant[1])
-            out.append(DispatchedStep((sampled, None), len(s.chunks), variant[0], t1, self.stats))
+            out.append(DispatchedStep(ProgramOutputs(sampled), pick_step, len(s.chunks), variant[0], t1,
+                                      self.stats))
         self.stats.host_prepare_seconds += t1 - t0
         return out
 
@@ -271,7 +263,7 @@ class DisaggRunner(DispatchingRunner):
 
     def _decode(self, program, config, inputs, allowance_NMT, meta, history, M: int, variant, offsets):
         """`disagg_decode` of max_decode_steps tokens on the arena with sampling `variant`
-        (num_logprobs, all_greedy) -> its SamplerOutput."""
+        (num_logprobs, all_greedy) -> its SamplerOutput, packed."""
         counts, prompt_mask = history
         num_logprobs, all_greedy = variant
         arena = self.arena.take()
@@ -342,11 +334,10 @@ class DisaggRunner(DispatchingRunner):
                     meta = smeta.build_sampling_metadata([], pad_rows_to=n_rows)
                     for variant in variants:
                         for penalties in pen_variants:
-                            out = self._decode(program, config, inputs, np.zeros(inputs.token_ids_T.shape, np.int32),
-                                               meta, history(penalties, n_rows), M, variant, offsets)
-                            for S in menu.decode_seq_buckets:
-                                jax.block_until_ready(_steps_of_rows(out, np.zeros(S, np.int32)))
-                                done += 1
+                            jax.block_until_ready(self._decode(
+                                program, config, inputs, np.zeros(inputs.token_ids_T.shape, np.int32), meta,
+                                history(penalties, n_rows), M, variant, offsets))
+                            done += 1
         return done
 
     def _dispatch_decode(self, steps, program, inputs, where, logit_rows, rows_S, offsets, M, R,
@@ -380,8 +371,9 @@ class DisaggRunner(DispatchingRunner):
         self.stats.count_program((program, config, "disagg_decode", M, num_steps, inputs.token_ids_T.shape,
                                   inputs.page_indices_LSP.shape, variant, penalties))
         t1 = time.perf_counter()
-        out = self._decode(program, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M, variant, offsets)
+        outputs = ProgramOutputs(self._decode(program, config, inputs, allowance_NMT, meta, (counts, prompt_mask), M,
+                                              variant, offsets))
         self.stats.host_prepare_seconds += t1 - t0
         self.stats.dispatches += 1
-        return [DispatchedStep((_steps_of_rows(out, flat), num_steps), len(s.chunks), variant[0], t1, self.stats,
-                               lane_limits) for s, flat, lane_limits in zip(steps, rows_S, limits)]
+        return [DispatchedStep(outputs, functools.partial(pick_rows, flat[:len(s.chunks)]), len(s.chunks), variant[0],
+                               t1, self.stats, lane_limits) for s, flat, lane_limits in zip(steps, rows_S, limits)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -26,7 +26,7 @@ import numpy as np
 from crosspool_jax.engine.step_plan import ModelStep, PlacedWeights
 from crosspool_jax.kv.pool import KVPool
 from crosspool_jax.runtime import sampling_metadata as smeta
-from crosspool_jax.runtime.packed_inputs import PackedArrays
+from crosspool_jax.runtime.packed_arrays import PackedArrays
 from crosspool_jax.runtime.shapes import MIN_HISTORY, STOP_IDS, DecodeShape, ShapeMenu, StepShape
 from crosspool_jax.runtime.step_inputs import build_prompt_targets, build_step_inputs
 from crosspool_jax.runtime.step_program import DecodeLane, multi_decode, ragged_step
@@ -143,18 +143,18 @@ class StepRunner(DispatchingRunner):
         self.stats.count_program((step.model, type(shape).__name__, shape, prepared.variant,
                                   prepared.targets is not None, self.device_index))
         if isinstance(shape, DecodeShape):
-            [(outs,)] = self._run(multi_decode, (PackedArrays.pack((self._lane(step.weights, prepared),)),), (), dict(
+            [packed] = self._run(multi_decode, (PackedArrays.pack((self._lane(step.weights, prepared),)),), (), dict(
                 self._static(step.config, prepared.variant), num_steps=self.max_decode_steps))
             self.stats.host_prepare_seconds += t1 - t0
-            return DispatchedStep((outs, self.max_decode_steps), len(step.chunks), prepared.variant[0], t1,
-                                  self.stats, prepared.limits)
+            return DispatchedStep(ProgramOutputs(packed), functools.partial(pick_lane, 0), len(step.chunks),
+                                  prepared.variant[0], t1, self.stats, prepared.limits)
         w = step.weights
-        outs, scores = self._run(ragged_step, (w.kv_params, w.ffn_params),
-                                 (prepared.inputs, PackedArrays.pack(prepared.sampling), *prepared.history,
-                                  prepared.targets), self._static(step.config, prepared.variant))
+        [packed] = self._run(ragged_step, (w.kv_params, w.ffn_params),
+                             (prepared.inputs, PackedArrays.pack(prepared.sampling), *prepared.history,
+                              prepared.targets), self._static(step.config, prepared.variant))
         self.stats.host_prepare_seconds += t1 - t0
-        return DispatchedStep((outs, None), len(step.chunks), prepared.variant[0], t1, self.stats,  # None: collect adds the axis
-                              prompt=None if scores is None else (scores, prepared.spans))
+        return DispatchedStep(ProgramOutputs(packed), pick_step, len(step.chunks), prepared.variant[0], t1,
+                              self.stats, prompt_spans=prepared.spans)
 
     def lane_key(self, step: ModelStep) -> Optional[tuple]:
         """What a step must share with others to run in one `multi_decode` with them as lanes
@@ -190,10 +190,11 @@ class StepRunner(DispatchingRunner):
         t1 = time.perf_counter()
         self.stats.count_program((tuple(s.model for s in steps), "lanes", shape, variant, num_steps, self.device_index))
         lanes = PackedArrays.pack(tuple(self._lane(s.weights, p) for s, p in zip(steps, prepared)))
-        [outs] = self._run(multi_decode, (lanes,), (), dict(self._static(config, variant), num_steps=num_steps))
+        [packed] = self._run(multi_decode, (lanes,), (), dict(self._static(config, variant), num_steps=num_steps))
         self.stats.host_prepare_seconds += t1 - t0
-        return [DispatchedStep((o, num_steps), len(s.chunks), 0, t1, self.stats, p.limits)
-                for o, s, p in zip(outs, steps, prepared)]
+        outputs = ProgramOutputs(packed)
+        return [DispatchedStep(outputs, functools.partial(pick_lane, k), len(s.chunks), 0, t1, self.stats, p.limits)
+                for k, (s, p) in enumerate(zip(steps, prepared))]
 
     def _prepare(self, step: ModelStep, shape) -> "_Prepared":
         """The host inputs of `step` padded to `shape` (numpy: see `_run`)."""
@@ -346,46 +347,80 @@ def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
     return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance
 
 
+class ProgramOutputs:
+    """A dispatched program's outputs, packed (`PackedArrays`: one device buffer, however many
+    models and fields it holds). Its device-to-host copy starts at once and runs when the
+    program finishes; `host()` fetches it once (every model step of the program shares it)."""
+
+    def __init__(self, packed: PackedArrays):
+        self._packed = packed
+        packed.data.copy_to_host_async()
+        self._host = None
+
+    def block_until_ready(self) -> None:
+        """Wait for the program (its outputs computed), without fetching them."""
+        jax.block_until_ready(self._packed)
+
+    def host(self):
+        """The program's outputs as numpy (the pytree it packed); waits for the program."""
+        if self._host is None:
+            self._host = jax.device_get(self._packed).unpack()
+        return self._host
+
+
+def pick_step(host) -> tuple:
+    """A ragged step's (SamplerOutput [S, ...], TokenScores or None) -> (outputs [1, S, ...], scores)."""
+    outs, scores = host
+    return jax.tree.map(lambda a: a[None], outs), scores
+
+
+def pick_lane(lane: int, host) -> tuple:
+    """Lane `lane` of a multi-step decode's per-lane SamplerOutputs [steps, S, ...]."""
+    return host[lane], None
+
+
+def pick_rows(rows_S: np.ndarray, host) -> tuple:
+    """The flat rows rows_S (device d's row r is d * R + r) of SamplerOutput leaves [n_kv, steps, R, ...]
+    -> [steps, S, ...]."""
+    def pick(a):
+        n_kv, steps, R = a.shape[:3]
+        return np.moveaxis(a, 1, 0).reshape(steps, n_kv * R, *a.shape[3:])[:, rows_S]
+    return jax.tree.map(pick, host), None
+
+
 @dataclasses.dataclass
 class DispatchedStep:
-    """A step program in flight: its device outputs ((SamplerOutputs stacked [steps, S, ...],
-    steps run) or (SamplerOutputs [S, ...] of one step, None)) until collected. Chunk i keeps
-    at most limits[i] of the steps' tokens (None: all). prompt: (TokenScores [T, ...] of the
-    prompt-logprobs variant, each chunk's span from `build_prompt_targets`), or None."""
+    """One model's step in flight: its program's `ProgramOutputs` (shared by the lanes of one
+    program) and `pick`, which takes this step's part of the program's host outputs:
+    (SamplerOutput [steps, S, ...], TokenScores [T, ...] of the prompt-logprobs variant or
+    None). Chunk i keeps at most limits[i] of the steps' tokens (None: all). prompt_spans: each
+    chunk's span from `build_prompt_targets` when the program scored the prompt."""
 
-    outputs: tuple
+    outputs: ProgramOutputs
+    pick: Callable
     num_chunks: int
     num_logprobs: int
     dispatched_at: float          # perf_counter when the program was dispatched
     stats: RunnerStats            # of the runner that dispatched it: counted when collected
     limits: Optional[Sequence[int]] = None
-    prompt: Optional[tuple] = None
-
-    def __post_init__(self):
-        # start the outputs' device-to-host copies now: they run when the program finishes,
-        # so `collect` finds them on the host
-        for leaf in jax.tree.leaves((self.outputs, self.prompt)):
-            if isinstance(leaf, jax.Array):
-                leaf.copy_to_host_async()
+    prompt_spans: Optional[list] = None
 
 
 def collect_sampled(step: DispatchedStep) -> list[ChunkResult]:
     """Fetch a dispatched step's results to the host and count it in its runner's stats."""
     stats = step.stats
-    outs, steps_run = jax.device_get(step.outputs)
+    outs, scores = step.pick(step.outputs.host())
     prompt = [None] * step.num_chunks
-    if step.prompt is not None:
-        scores, spans = jax.device_get(step.prompt)
+    if scores is not None:
         prompt = [None if span is None else PromptLogprobs(
-            span[1], *(np.asarray(a)[span[0]:span[0] + span[2]] for a in
+            span[1], *(a[span[0]:span[0] + span[2]] for a in
                        (scores.logprob_T, scores.rank_T, scores.top_ids_TX, scores.top_logprobs_TX)))
-            for span in spans]
-    if steps_run is None:                    # one step: add the steps axis here (no device op)
-        outs, steps_run = jax.tree.map(lambda a: np.asarray(a)[None], outs), 1
+            for span in step.prompt_spans]
+    steps_run = outs.token_ids_S.shape[0]
     stats.steps += 1
     stats.device_seconds += time.perf_counter() - step.dispatched_at
-    stats.decode_tokens_per_dispatch_max = max(stats.decode_tokens_per_dispatch_max, int(steps_run))
-    tokens = unpack_sampled(outs, int(steps_run), step.num_chunks, step.num_logprobs, step.limits)
+    stats.decode_tokens_per_dispatch_max = max(stats.decode_tokens_per_dispatch_max, steps_run)
+    tokens = unpack_sampled(outs, steps_run, step.num_chunks, step.num_logprobs, step.limits)
     return [ChunkResult(t, p) for t, p in zip(tokens, prompt)]
 
 

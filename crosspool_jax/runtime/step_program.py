@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from crosspool_jax import models
 from crosspool_jax.runtime import sampler as sampler_lib
-from crosspool_jax.runtime.packed_inputs import unpacked
+from crosspool_jax.runtime.packed_arrays import PackedArrays, unpacked
 from crosspool_jax.kv.pool import page_view, token_slots, write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
@@ -90,9 +90,9 @@ def _prompt_scores(kv_params, config, hidden_TD, targets_T, num_logprobs: int) -
                    donate_argnames=("k_buf", "v_buf"))
 def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV,
                 prompt_targets_T=None, *, config, num_logprobs, attention_backend, moe_backend, all_greedy=False):
-    """One ragged batch -> (k_buf, v_buf, SamplerOutput for every sequence row, TokenScores or
-    None). `inputs` and `sampling`: a StepInputs and SamplingMetadata or each packed
-    (`PackedArrays`: their host arrays in one transfer).
+    """One ragged batch -> (k_buf, v_buf, PackedArrays of (SamplerOutput for every sequence row,
+    TokenScores or None): one buffer to fetch). `inputs` and `sampling`: a StepInputs and
+    SamplingMetadata or each packed (`PackedArrays`: their host arrays in one transfer).
     num_logprobs, all_greedy: the sampling variant (`sampler.sample`). prompt_targets_T (int32
     [T], -1 where none; None: the plain program): the token each token of the step predicts,
     scored with the top num_logprobs tokens."""
@@ -105,7 +105,7 @@ def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_co
                              all_greedy=all_greedy)
     scores = (None if prompt_targets_T is None else
               _prompt_scores(kv_params, config, hidden_TD, prompt_targets_T, num_logprobs))
-    return k_buf, v_buf, out, scores
+    return k_buf, v_buf, PackedArrays.pack_device((out, scores))
 
 
 class DecodeLane(NamedTuple):
@@ -138,8 +138,9 @@ def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attent
     lanes: a tuple of `DecodeLane`s, models of one architecture (`config`) sharing the pool:
     one program serves K models' decodes (each lane's weights are data), the lanes' forwards
     run one after another inside each iteration. A row past its allowance or a stop writes no
-    K/V. Returns the buffers and, per lane, the sampler outputs stacked [num_steps, S, ...];
-    row s's tokens past its allowance or stop are not meaningful. `lanes` may be packed
+    K/V. Returns the buffers and a PackedArrays (one buffer to fetch) of the tuple, per lane, of
+    the sampler outputs stacked [num_steps, S, ...]; row s's tokens past its allowance or stop
+    are not meaningful. `lanes` may be packed
     (`PackedArrays`: every lane's host arrays in one transfer).
     """
     lanes = unpacked(lanes)
@@ -189,4 +190,4 @@ def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attent
 
     init = (k_buf, v_buf, tuple(lane_start(lane, f) for lane, f in zip(lanes, fixed)))
     k_buf, v_buf, states = jax.lax.fori_loop(0, num_steps, body, init)
-    return k_buf, v_buf, tuple(state[-1] for state in states)
+    return k_buf, v_buf, PackedArrays.pack_device(tuple(state[-1] for state in states))

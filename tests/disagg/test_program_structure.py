@@ -20,7 +20,7 @@ import pytest
 from crosspool_jax.disagg import build_disagg_inputs, disagg_step, make_layout
 from crosspool_jax.disagg.pipeline import p2p_rounds
 from crosspool_jax.runtime import sampling_metadata as smeta
-from crosspool_jax.runtime.packed_inputs import PackedArrays
+from crosspool_jax.runtime.packed_arrays import PackedArrays
 from crosspool_jax.runtime.shapes import STOP_IDS, StepShape
 from crosspool_jax.runtime.step_inputs import build_step_inputs
 from crosspool_jax.runtime.step_program import DecodeLane, _forward_logits, multi_decode, ragged_step
