@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _DEVICE = "device"               # a leaf passed through as it is
-# dtype name -> how the leaf sits in the int32 buffer
 _PACKABLE = ("int32", "uint32", "float32", "bool")
+_NAMES = {np.dtype(name): name for name in _PACKABLE}      # a dict lookup: numpy's dtype.name is slow
 
 
 @jax.tree_util.register_pytree_node_class
@@ -61,14 +61,14 @@ class PackedArrays:
                     specs.append((_DEVICE, None))
                     continue
                 a = np.asarray(leaf)
-            name = a.dtype.name
-            if name not in _PACKABLE:
+            name = _NAMES.get(a.dtype)
+            if name is None:
                 raise ValueError(f"PackedArrays.pack: a host leaf of dtype {a.dtype} (shape {a.shape}); "
                                  f"packable: {', '.join(_PACKABLE)}")
-            flat = np.ascontiguousarray(a).reshape(-1)
-            parts.append(flat.astype(np.int32) if name == "bool" else flat.view(np.int32))
+            parts.append(a.view(np.int32) if name == "float32" else a)    # the rest: concatenate casts
             specs.append((a.shape, name))
-        data = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        # axis=None flattens each part; the unsafe cast keeps uint32's bits and makes bools 0/1
+        data = np.concatenate(parts, axis=None, dtype=np.int32, casting="unsafe") if parts else np.zeros(0, np.int32)
         return cls(data, tuple(device), treedef, tuple(specs))
 
     @classmethod
@@ -78,9 +78,9 @@ class PackedArrays:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         parts, specs = [], []
         for x in leaves:
-            name = jnp.dtype(x.dtype).name
-            if name not in _PACKABLE:
-                raise ValueError(f"PackedArrays.pack_device: a leaf of dtype {name} (shape {x.shape}); "
+            name = _NAMES.get(np.dtype(x.dtype))
+            if name is None:
+                raise ValueError(f"PackedArrays.pack_device: a leaf of dtype {x.dtype} (shape {x.shape}); "
                                  f"packable: {', '.join(_PACKABLE)}")
             x = x.astype(jnp.int32) if name == "bool" else jax.lax.bitcast_convert_type(x, jnp.int32)
             parts.append(x.reshape(x.shape[0], -1) if lead else x.reshape(-1))
