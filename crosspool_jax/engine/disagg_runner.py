@@ -133,17 +133,19 @@ class DisaggRunner(DispatchingRunner):
         """Dispatch one engine step's models: models of one architecture whose steps have one
         `lane_key` as lanes of one program (up to the menu's largest lane count a program),
         every other step alone. One DispatchedStep per step, in order."""
+        grouped = [self.group_by_device(s.model, s.chunks) for s in steps]
         groups: dict = {}
-        for i, step in enumerate(steps):
-            key = self.lane_key(step)
+        for i, (step, g) in enumerate(zip(steps, grouped)):
+            key = self._lane_key(step, g)
             groups.setdefault(("alone", i) if key is None else key, []).append(i)
         out: list = [None] * len(steps)
         for members in groups.values():
             width = max(steps[members[0]].menu.lane_counts)
             for lo in range(0, len(members), width):
                 part = members[lo:lo + width]
-                for i, dispatched in zip(part, self.dispatch_lanes([steps[i] for i in part])):
-                    out[i] = dispatched
+                dispatched = self._dispatch_lanes([steps[i] for i in part], [grouped[i] for i in part])
+                for i, d in zip(part, dispatched):
+                    out[i] = d
         return out
 
     def lane_key(self, step: ModelStep) -> Optional[tuple]:
@@ -152,10 +154,12 @@ class DisaggRunner(DispatchingRunner):
         program's data) and menu, every chunk's pages on its home (the common program), and the
         program: a pure decode of max_decode_steps tokens with one sampling variant (sampling runs
         in it), or a ragged step of the same token bucket (sampling runs after it, per lane)."""
+        return self._lane_key(step, self.group_by_device(step.model, step.chunks))
+
+    def _lane_key(self, step: ModelStep, grouped: Grouped) -> Optional[tuple]:
+        """`lane_key` of a step whose chunks `group_by_device` grouped."""
         menu = step.menu
-        if max(menu.lane_counts) < 2 or not step.chunks:
-            return None
-        if self.group_by_device(step.model, step.chunks).sharded:
+        if max(menu.lane_counts) < 2 or not step.chunks or grouped.sharded:
             return None
         program = self.arena.layout.model(step.model).program
         if self._is_decode(step):
@@ -181,6 +185,16 @@ class DisaggRunner(DispatchingRunner):
         in one program, each chunk keeping the tokens it was scheduled for; sampling in the
         program); otherwise `disagg_step` (a sequence-sharded step when some chunk has pages off
         its home: one model only), then one sampling call per model."""
+        grouped = [self.group_by_device(s.model, s.chunks) for s in steps]
+        K, menu = len(steps), steps[0].menu
+        if K > 1 and (K not in menu.lane_counts or len(keys := {self._lane_key(s, g) for s, g in zip(steps, grouped)})
+                      != 1 or None in keys):       # the key covers the architecture and pages on their homes
+            raise ValueError(f"dispatch_lanes: steps of models {[s.model for s in steps]} cannot be lanes of one "
+                             f"program (lane counts {menu.lane_counts})")
+        return self._dispatch_lanes(steps, grouped)
+
+    def _dispatch_lanes(self, steps: Sequence[ModelStep], grouped: list) -> list[DispatchedStep]:
+        """`dispatch_lanes` of steps that can be lanes of one program, their chunks grouped."""
         t0 = time.perf_counter()
         K, first = len(steps), steps[0]
         config, menu = first.config, first.menu
@@ -190,11 +204,6 @@ class DisaggRunner(DispatchingRunner):
                 raise ValueError(f"model {s.model!r}: the engine's tokens_per_page {s.tokens_per_page} differs from "
                                  f"the arena's {lay.tokens_per_page}")
         program = layouts[0].program
-        grouped = [self.group_by_device(s.model, s.chunks) for s in steps]
-        if K > 1 and (K not in menu.lane_counts or None in (keys := {self.lane_key(s) for s in steps})
-                      or len(keys) != 1):          # the key covers the architecture and pages on their homes
-            raise ValueError(f"dispatch_lanes: steps of models {[s.model for s in steps]} cannot be lanes of one "
-                             f"program (lane counts {menu.lane_counts})")
         n_kv = program.n_kv
         if K == 1:
             g = grouped[0]
