@@ -28,7 +28,6 @@ from crosspool_jax import config_flags
 from crosspool_jax.config_flags import parse_bytes, parse_devices  # noqa: F401 (re-exported)
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.model_specs import models_from_specs, parse_models, shipped_models  # noqa: F401 (re-exported)
-from crosspool_jax.runtime.compiles import use_compilation_cache
 from crosspool_jax.server.config import ServerConfig
 
 PROG = "crosspool-serve"
@@ -107,6 +106,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     log = logging.getLogger("crosspool_jax.serve")
 
     import uvicorn  # noqa: PLC0415 - keep --help fast
+
+    from crosspool_jax.runtime.compiles import use_compilation_cache  # noqa: PLC0415 - imports JAX
 
     use_compilation_cache(server.compilation_cache_dir)
 

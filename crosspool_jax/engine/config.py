@@ -5,7 +5,6 @@ import dataclasses
 import math
 from typing import Optional, Sequence, Union
 
-import jax.numpy as jnp
 
 MODES = ("crosspool", "shared", "static")
 BACKENDS = ("auto", "reference", "gpu", "tpu")
@@ -137,12 +136,12 @@ class EngineConfig:
         for name in self.models:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"EngineConfig.models: model names must be non-empty strings, got {name!r}")
-        try:
-            self.dtype = jnp.dtype(self.dtype).name
-        except TypeError as e:
-            raise ValueError(f"EngineConfig.dtype: unknown dtype {self.dtype!r}") from e
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        # a name, a numpy/JAX dtype or scalar type (jnp.bfloat16): by name, so this module needs no JAX
+        name = self.dtype if isinstance(self.dtype, str) else getattr(self.dtype, "name", None) or \
+            getattr(self.dtype, "__name__", None)
+        if name not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"EngineConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        self.dtype = name
         if self.mode not in MODES:
             raise ValueError(f"EngineConfig.mode must be one of {MODES}, got {self.mode!r}")
         for name in ("attention_backend", "moe_backend"):

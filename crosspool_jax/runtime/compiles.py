@@ -12,8 +12,6 @@ import os
 import threading
 from typing import Optional
 
-from jax import monitoring
-
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -41,6 +39,8 @@ def compile_counter() -> CompileCounter:
     global _COUNTER
     with _COUNTER_LOCK:
         if _COUNTER is None:
+            from jax import monitoring  # noqa: PLC0415 - the cache folder's name imports without JAX
+
             _COUNTER = CompileCounter()
             monitoring.register_event_duration_secs_listener(_COUNTER._on_event)
         return _COUNTER

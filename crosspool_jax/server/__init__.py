@@ -2,12 +2,17 @@
 thread), `ServerConfig` (options and limits), `ServerMetrics` (Prometheus), request models in
 `protocol`, bodies in `responses` and `generation`, `GracefulServer` (shutdown) in `lifecycle`.
 `python -m crosspool_jax.serve` is the binary."""
-from crosspool_jax.server.app import build_app
-from crosspool_jax.server.async_engine import AsyncEngine, Overloaded, StreamEvent, SubRequest
-from crosspool_jax.server.config import ServerConfig
-from crosspool_jax.server.lifecycle import GracefulServer
-from crosspool_jax.server.metrics import ServerMetrics
-from crosspool_jax.server.protocol import ApiError
+import importlib
 
-__all__ = ["ApiError", "AsyncEngine", "GracefulServer", "Overloaded", "ServerConfig", "ServerMetrics",
-           "StreamEvent", "SubRequest", "build_app"]
+_EXPORTS = {"build_app": "app", "AsyncEngine": "async_engine", "Overloaded": "async_engine",
+            "StreamEvent": "async_engine", "SubRequest": "async_engine", "ServerConfig": "config",
+            "GracefulServer": "lifecycle", "ServerMetrics": "metrics", "ApiError": "protocol"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    """The exports load on first use (PEP 562): `server.config` (the command line's flags and
+    their `--help`) imports without the app, the engine or JAX."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"crosspool_jax.server.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
