@@ -304,7 +304,8 @@ def _align(n: int, a: int = _ALIGN) -> int:
 
 
 EXPERT_STACKS = ("moe/w1_LEDF2", "moe/w2_LEFD")     # read by the grouped matmuls in place
-ROUTING_LEAVES = ("norm_LD", "router_LDE")           # an FFN layer's input norm and router: KV rows
+# an FFN layer's input norm, router and router bias (GPT-OSS): KV rows (`models.ffn_input` runs there)
+ROUTING_LEAVES = ("norm_LD", "router_LDE", "router_bias_LE")
 
 
 def _entry_align(name: str, shape) -> int:
@@ -337,8 +338,9 @@ def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]
     disaggregated step does not support. Weight rows: the MoE layers' leaves ("moe/...",
     experts split by `expert_split`) and the dense layers' ("dense/...", F split over all n_w)
     but their input norms and routers (ROUTING_LEAVES), which sit with the attention side: the
-    KV device computes the FFN's input (`models.ffn_input`) and sends it; ep, tp = (1, n_w)
-    for a model without MoE layers."""
+    KV device computes the FFN's input (`models.ffn_input`) and sends it; the experts' biases
+    (GPT-OSS: b1 sharded like w1, b2 like w2's experts) sit with their experts, a router
+    score bias whole on every weight row; ep, tp = (1, n_w) for a model without MoE layers."""
     c = config
     kv_shapes, ffn_shapes = param_shapes(c)
     kv_entries = []
@@ -354,7 +356,8 @@ def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]
         if Fs and Fs % n_w:
             raise ValueError(f"shared_expert_intermediate_size {Fs} must be divisible by n_w={n_w}")
         Lm = c.num_layers_of_kind("moe")
-        local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
+        local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D),
+                 "b1_LEF2": (Lm, E // ep, 2 * F // tp), "b2_LED": (Lm, E // ep, D)}
         if Fs:
             local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
         w_entries += [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()
@@ -539,18 +542,6 @@ def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: in
     return Region(0, slot_elems, min(len(extents), int(budget) // slot_bytes))
 
 
-def _split_unsupported(c) -> Optional[str]:
-    """Why the arena step cannot run this model yet (None: it can)."""
-    if c.is_mla:
-        return ("it uses multi-head latent attention, and the crosspool split's arena step attends "
-                "per-head K/V only")
-    if c.attention_sinks or c.sliding_window_layers is not None or c.attention_out_bias:
-        return "the arena step has no attention sinks, per-layer sliding windows or o-projection bias yet"
-    if c.expert_bias or c.router_bias or c.moe_activation != "silu":
-        return "the arena's expert shards carry no router or expert biases nor the clamped SwiGLU yet"
-    return None
-
-
 def _pack_halves(blocks: Sequence[tuple], extra: int = 0) -> tuple[dict, list]:
     """Place blocks (name, elems, alignment) from the ends of a row's two halves downwards, each
     (largest first) into the half with more room left (the second half is `extra` elements
@@ -607,16 +598,12 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
     _check_split(n_kv, n_w, pages_per_device, row_elems, devices)
     if not configs:
         raise ValueError("make_multi_layout: no models given")
-    kv_rows = [c.kv_size for c in configs.values()]
+    kv_rows = [c.kv_cache_row for c in configs.values()]
     page_elems = choose_page_elems(kv_rows) if page_elems is None else int(page_elems)
     entries = {}
     for name, c in configs.items():
-        reason = _split_unsupported(c)
-        if reason:
-            raise ValueError(f"model {name!r} ({c.architecture}) cannot run on the disaggregated step: {reason}; "
-                             f"serve it with mode='shared' or 'static'")
         try:
-            tokens_per_page(page_elems, c.num_kv_heads, c.head_dim)
+            tokens_per_page(page_elems, c.kv_cache_heads, c.kv_cache_head_dim)
             entries[name] = _model_entries(c, n_w)
         except ValueError as e:
             if not name:                       # make_layout's single unnamed model
@@ -695,7 +682,7 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
         views.append((name, ArenaLayout(
             n_kv=int(n_kv), n_w=int(n_w), device_ids=device_ids, arena_elems=arena_elems,
             dtype=jnp.dtype(dtype).name, pages_per_device=P, page_elems=page_elems,
-            tokens_per_page=tokens_per_page(page_elems, c.num_kv_heads, c.head_dim), ep=ep, tp=tp,
+            tokens_per_page=tokens_per_page(page_elems, c.kv_cache_heads, c.kv_cache_head_dim), ep=ep, tp=tp,
             kv_slots=pages + own_slots(name, 0, kv_region, kv_packing[homes[name][0]]),
             w_slots=own_slots(name, 1, w_region, w_packing), device_pages=device_pages, homes=homes[name])))
     all_depths = tuple(tuple(depth) for _, depth in kv_packing) + (tuple(w_packing[1]),) * n_w
