@@ -10,18 +10,22 @@ so both halves' content reaches about as deep and the pages under it are the row
 beyond the content (`device_pages[d]`; every device has its own count, weight devices too):
 
     KV device row:      K pages ... | its content, half 1 || V pages ... | its content, half 2
-    content:            the attention sides homed there (embed/..., attn/... (all L), final/...,
-                        and the FFN layers' input norms and routers moe/norm_LD, moe/router_LDE,
+    content:            the attention sides homed there (embed/..., attn/... (all L: q/k/v/o or
+                        MLA's projections, biases, sinks), final/..., and the FFN layers' input
+                        norms and routers moe/norm_LD, moe/router_LDE, moe/router_bias_LE,
                         dense/norm_LD), or a budgeted attention `Region`
     weight device row:  the same halves; content: every model's FFN shards moe/w1_LEDF2 (local
-                        shard), moe/w2_LEFD, ..., dense/w1_LDF2, dense/w2_LFD, or a `Region`
+                        shard), moe/w2_LEFD, moe/b1_LEF2, moe/b2_LED, ..., dense/w1_LDF2,
+                        dense/w2_LFD, or a `Region`
 
 so nothing is stored twice: each model's attention side (with its FFN norms and routers: the
 KV device computes the FFN's input and sends it with the hidden state) sits on ONE KV device,
 its home, where its requests start (`homes`; `attention_replicas` r puts it on r KV devices
 whose rows are alike, and a budgeted attention region every model's on every KV device), and the FFN shards partition the experts. A
 sequence starts on a home and may spill onto any device's pages, weight devices' included
-(the step then attends sequence-sharded). The KV and V page offsets are the same on every
+(the step then attends sequence-sharded). A page holds G tokens of the model's cached row,
+`config.kv_cache_row` in each half (per-head K and V; MLA: its latent + rope key row split in
+two, K = 1), as in the placed KV pool. The K and V page offsets are the same on every
 device (the kernels take them static); only the count of usable local ids differs, which
 the page allocator knows (`kv.allocator.PageAllocator(device_pages=)`). A model's MoE layers
 and dense layers (`config.ffn_kind(l)`) are two stacks, each in its own slots.
@@ -30,7 +34,9 @@ Sharding rule of the experts over the `n_w` weight devices (one rule, both cases
 `ep = gcd(E, n_w)` expert-parallel groups of `E / ep` experts each, and inside each group
 `tp = n_w / ep` devices split the expert hidden dim F (tensor-parallel; F % tp must be 0).
 Weight device j holds experts `[(j // tp) * E/ep, ...)` and hidden columns
-`[(j % tp) * F/tp, ...)` of each. E a multiple of n_w gives pure expert parallelism; E = 1
+`[(j % tp) * F/tp, ...)` of each (with their biases: b1's columns as w1's; b2, added once per
+expert, on the first of its tp devices and zero on the others). E a multiple of n_w gives pure
+expert parallelism; E = 1
 (or coprime to n_w) gives pure tensor parallelism. A shared expert (Qwen2-MoE) is split
 tensor-parallel over all n_w devices (Fs % n_w must be 0), and so is a dense FFN layer
 (F = intermediate_size split in n_w contiguous blocks, gate and up columns kept aligned;
@@ -48,7 +54,7 @@ would copy the slice into every call): the attention kernel gets the WHOLE row v
 `[arena_elems / page_elems, G, K, H]` with the K and V page offsets (`kernel_pages`), the
 grouped matmuls the whole row viewed as rows `[arena_elems / N, N]` with the stack's first row
 (`expert_rows`, a `fused_moe.ExpertRows`). Hence the half is a multiple of page_elems, of
-every model's K*H (the K/V scatter views the row as [rows, K*H]) and of every expert stack's
+every model's cached row (the K/V scatter views the row as [rows, kv_cache_row]) and of every expert stack's
 last dim N, each expert stack starts on a multiple of its N, and a budgeted weight region's
 slots are multiples of all of them (a slot shift keeps every stack aligned).
 
@@ -115,7 +121,7 @@ class ArenaLayout:
     dtype: str
     pages_per_device: int
     page_elems: int
-    tokens_per_page: int          # G for this model's K*H
+    tokens_per_page: int          # G for this model's cached row (`kv_cache_row`)
     ep: int                       # expert-parallel groups
     tp: int                       # tensor-parallel ways inside a group (over F)
     kv_slots: tuple               # Slot, ... of a KV device's row (this model's: valid on its homes)
@@ -399,7 +405,7 @@ def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: i
 
     devices: the pool to take them from (default `jax.devices()`): the first n_kv become the
     KV pool, the next n_w the weights pool. page_elems defaults to the pool's choice for this
-    model's K*H (`kv.pool.choose_page_elems`).
+    model's cached row (`kv.pool.choose_page_elems`).
     """
     multi = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, pages_per_device=pages_per_device,
                               page_elems=page_elems, dtype=dtype, devices=devices, attention_replicas=n_kv)
@@ -583,8 +589,9 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
     pages (exactly one of the two). Every device's memory beyond its content is pages
     (`device_pages`), weight devices included: a request spilling off its home attends there
     sequence-sharded. page_elems defaults to `kv.pool.choose_page_elems` over every model's
-    K*H (the engine's choice). Raises ValueError naming the model for one the disaggregated
-    step cannot run, and for a row too short for the content (or for one block on a KV device).
+    `kv_cache_row` (the engine's choice). Raises ValueError naming the model for one whose FFN
+    does not split over the weight devices (F not divisible), and for a row too short for the
+    content (or for one block on a KV device).
 
     Attention sides: each model's on ONE KV device (`homes`, balanced by size), where its
     sequences start; `attention_replicas` r: on r KV devices instead (a divisor of n_kv; its

@@ -9,8 +9,13 @@ attention side) and run embedding, attention (K/V written into their local pages
 `_ffn_in`: those weights sit with the attention side, once per model) and the final norm and
 lm head; weight devices run each layer's FFN for all KV devices' tokens with their shard only
 (a MoE layer: their experts / block of F; a dense layer: their block of F; which one by the
-model's static kind table, `_ffn_partial`). Hidden states cross between the roles by an
-exchange that every device executes (collectives stay outside the role `lax.cond`s):
+model's static kind table, `_ffn_partial`). A layer's halves are the placed path's own
+(`models.transformer`: `qkv_projection`, the attention options `attention_options` +
+`layer_attention_options`, `output_projection`, `ffn_input`, `ffn_output`), so every family
+runs here as there: MLA's absorbed attention over its latent + rope key rows (K = 1),
+GPT-OSS's sinks, per-layer windows (traced with the layer), biases and clamped SwiGLU.
+Hidden states cross between the roles by an exchange that every device executes
+(collectives stay outside the role `lax.cond`s):
 
     to_weights(p)   FFN inputs [x | router logits] of every KV device -> every weight device's inbox
     to_kv(y)        weight devices' partial FFN outputs, summed, tokens of KV device k -> k
@@ -34,7 +39,7 @@ overlap, the baseline) a stage is one layer: attention, exchange to the weights 
 exchange back (a scan of L steps; each pool idles while the other computes).
 
 The arena is donated: K/V are scattered straight into the carried row (viewed as
-[rows, K*H]; pages sit at the row's start), so the pool is updated in place.
+[rows, kv_cache_row]; pages sit at the row's start), so the pool is updated in place.
 
 No `lax.cond` per stage: on a GPU a conditional reads its predicate back to the host, which
 stalls the host until the device has caught up, once per cond (measured on two H200s: the
@@ -59,8 +64,8 @@ the q/k/v of every KV device's tokens are all-gathered (every device runs it; we
 pass zeros), EVERY device (a weight device's row holds pages too: a long request spills
 there) writes the K/V of the tokens whose page is local and computes the partial attention
 of ALL gathered tokens over its local pages (`sharded_attention`), the partials are merged
-by log-sum-exp (pmax + psum over the axis), and each home takes its tokens' rows for the o
-projection.
+by log-sum-exp (pmax + psum over the axis), and each home takes its tokens' rows, joins its
+model's attention sinks to them (`sharded_attention.with_sinks`) and runs the o projection.
 
 Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
 unsharded attention) and `fused_moe` (over the device's experts); "auto" is the

@@ -74,10 +74,13 @@ PAGES_PER_DEVICE = 32
 def model(name: str, seed: int):
     config = ModelConfig.from_hf_dict(CONFIGS[name])
     kv, ffn = init_random_params(config, jax.random.key(seed), jnp.float32)
-    # biases (0.02 * N(0, 1) from the init) and sinks ten times larger: dropping one shows
-    scale = lambda path, a: a * 10 if str(path[-1].key).startswith(("b", "sinks", "router_bias", "score_bias")) else a  # noqa: E731
-    kv, ffn = jax.tree_util.tree_map_with_path(scale, (kv, ffn))
+    kv, ffn = jax.tree_util.tree_map_with_path(_larger_biases, (kv, ffn))
     return config, kv, ffn
+
+
+def _larger_biases(path, leaf):
+    """Biases (0.02 * N(0, 1) from the init) and sinks ten times larger: dropping one shows."""
+    return leaf * 10 if str(path[-1].key).startswith(("b", "sinks", "router_bias", "score_bias")) else leaf
 
 
 @dataclasses.dataclass
