@@ -35,12 +35,11 @@ Sharding rule of the experts over the `n_w` weight devices (one rule, both cases
 `tp = n_w / ep` devices split the expert hidden dim F (tensor-parallel; F % tp must be 0).
 Weight device j holds experts `[(j // tp) * E/ep, ...)` and hidden columns
 `[(j % tp) * F/tp, ...)` of each (with their biases: b1's columns as w1's; b2, added once per
-expert, on the first of its tp devices and zero on the others). E a multiple of n_w gives pure
-expert parallelism; E = 1
-(or coprime to n_w) gives pure tensor parallelism. A shared expert (Qwen2-MoE) is split
-tensor-parallel over all n_w devices (Fs % n_w must be 0), and so is a dense FFN layer
-(F = intermediate_size split in n_w contiguous blocks, gate and up columns kept aligned;
-F % n_w must be 0).
+expert, on the first of its tp devices and zero on the others). E a multiple of n_w gives
+pure expert parallelism; E = 1 (or coprime to n_w) gives pure tensor parallelism. A shared
+expert (Qwen2-MoE) is split tensor-parallel over all n_w devices (Fs % n_w must be 0), and so
+is a dense FFN layer (F = intermediate_size split in n_w contiguous blocks, gate and up
+columns kept aligned; F % n_w must be 0).
 
 Several models share one arena (`make_multi_layout`): one page space per device (page_elems
 common to all, as the engine's `choose_page_elems` picks), each model's tensors under
@@ -54,9 +53,9 @@ would copy the slice into every call): the attention kernel gets the WHOLE row v
 `[arena_elems / page_elems, G, K, H]` with the K and V page offsets (`kernel_pages`), the
 grouped matmuls the whole row viewed as rows `[arena_elems / N, N]` with the stack's first row
 (`expert_rows`, a `fused_moe.ExpertRows`). Hence the half is a multiple of page_elems, of
-every model's cached row (the K/V scatter views the row as [rows, kv_cache_row]) and of every expert stack's
-last dim N, each expert stack starts on a multiple of its N, and a budgeted weight region's
-slots are multiples of all of them (a slot shift keeps every stack aligned).
+every model's cached row (the K/V scatter views the row as [rows, kv_cache_row]) and of every
+expert stack's last dim N, each expert stack starts on a multiple of its N, and a budgeted
+weight region's slots are multiples of all of them (a slot shift keeps every stack aligned).
 
 Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
 role with a budget does not pack every model; its model region is a `Region` of `num_slots`
