@@ -15,7 +15,7 @@ import pytest
 from crosspool_jax.disagg import build_disagg_inputs, disagg_step, make_multi_layout
 from crosspool_jax.disagg.residency import build_residency
 from crosspool_jax.models import ModelConfig, init_random_params
-from disagg_tiny import PAGES_PER_DEVICE, make_seqs, next_chunks
+from disagg_tiny import DEEPSEEK_V2, GPT_OSS, PAGES_PER_DEVICE, make_seqs, next_chunks
 
 KERNEL_QWEN3 = {
     "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 512, "hidden_size": 256, "moe_intermediate_size": 128,
@@ -24,19 +24,12 @@ KERNEL_QWEN3 = {
     "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 # MLA (latent 96 + rope key 32: a 64-wide half row, K = 1) with the query LoRA, a dense layer 0,
 # grouped routing; and GPT-OSS (sinks, window-8 and full layers, biases, clamped SwiGLU)
-KERNEL_DEEPSEEK_V2 = {
-    "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 512, "hidden_size": 256, "intermediate_size": 256,
-    "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8, "n_routed_experts": 8,
-    "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 96,
-    "q_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 64,
-    "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.5,
-    "rope_theta": 1e4, "rms_norm_eps": 1e-6}
-KERNEL_GPT_OSS = {
-    "architectures": ["GptOssForCausalLM"], "vocab_size": 512, "hidden_size": 256, "intermediate_size": 128,
-    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
-    "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 8,
-    "layer_types": ["sliding_attention", "full_attention"], "attention_bias": True, "swiglu_limit": 7.0,
-    "rope_theta": 1e4, "rms_norm_eps": 1e-6}
+KERNEL_DEEPSEEK_V2 = dict(DEEPSEEK_V2, vocab_size=512, hidden_size=256, intermediate_size=256,
+                          moe_intermediate_size=128, num_attention_heads=8, kv_lora_rank=96, q_lora_rank=128,
+                          qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
+KERNEL_GPT_OSS = dict(GPT_OSS, vocab_size=512, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=8, head_dim=64, num_local_experts=8, sliding_window=8,
+                      layer_types=["sliding_attention", "full_attention"], swiglu_limit=7.0)
 G = 16
 
 
