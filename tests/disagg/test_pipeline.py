@@ -3,7 +3,9 @@
 For each split and micro-batch count: three ragged steps (chunked prefill, then prefill
 chunks mixed with decodes, then decodes) through the arena give the logits of
 `models.dense_logits` on the full sequences, only KV rows' pages change, and weight rows
-stay bit-identical.
+stay bit-identical. Every family: per-head K/V, MLA (the pages hold latent + rope key rows;
+with and without the query LoRA) and GPT-OSS (sinks, sliding / full layers, biases, the
+clamped SwiGLU).
 """
 import os
 
