@@ -51,12 +51,19 @@ def _tp_shard(w1_LDF2: np.ndarray, w2_LFD: np.ndarray, n_w: int, w_index: int) -
 
 
 def weight_device_leaves(moe: dict, layout: ArenaLayout, w_index: int) -> dict:
-    """The moe leaves as weight device `w_index` stores them (its shard; replicated leaves whole)."""
+    """The moe leaves as weight device `w_index` stores them (its shard; replicated leaves whole).
+    The experts' biases (GPT-OSS) go with their experts: b1 [gate | up] with w1's columns, b2
+    (added once per expert after the down projection) on the first of the tp devices sharing
+    those experts and zero on the others, so the sum over the shards adds it once."""
     E, F = moe["w1_LEDF2"].shape[1], moe["w2_LEFD"].shape[2]
     experts, cols = expert_shard(layout, w_index, E, F)
     out = {name: np.asarray(a) for name, a in moe.items()}
     out["w1_LEDF2"] = _gate_up_columns(out["w1_LEDF2"][:, experts], cols)
     out["w2_LEFD"] = out["w2_LEFD"][:, experts, cols]
+    if "b1_LEF2" in out:
+        out["b1_LEF2"] = _gate_up_columns(out["b1_LEF2"][:, experts], cols)
+        b2 = out["b2_LED"][:, experts]
+        out["b2_LED"] = b2 if w_index % layout.tp == 0 else np.zeros_like(b2)
     if "shared_w1_LDF2" in out:
         out["shared_w1_LDF2"], out["shared_w2_LFD"] = _tp_shard(out["shared_w1_LDF2"], out["shared_w2_LFD"],
                                                                 layout.n_w, w_index)

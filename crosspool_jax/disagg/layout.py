@@ -10,18 +10,22 @@ so both halves' content reaches about as deep and the pages under it are the row
 beyond the content (`device_pages[d]`; every device has its own count, weight devices too):
 
     KV device row:      K pages ... | its content, half 1 || V pages ... | its content, half 2
-    content:            the attention sides homed there (embed/..., attn/... (all L), final/...,
-                        and the FFN layers' input norms and routers moe/norm_LD, moe/router_LDE,
+    content:            the attention sides homed there (embed/..., attn/... (all L: q/k/v/o or
+                        MLA's projections, biases, sinks), final/..., and the FFN layers' input
+                        norms and routers moe/norm_LD, moe/router_LDE, moe/router_bias_LE,
                         dense/norm_LD), or a budgeted attention `Region`
     weight device row:  the same halves; content: every model's FFN shards moe/w1_LEDF2 (local
-                        shard), moe/w2_LEFD, ..., dense/w1_LDF2, dense/w2_LFD, or a `Region`
+                        shard), moe/w2_LEFD, moe/b1_LEF2, moe/b2_LED, ..., dense/w1_LDF2,
+                        dense/w2_LFD, or a `Region`
 
 so nothing is stored twice: each model's attention side (with its FFN norms and routers: the
 KV device computes the FFN's input and sends it with the hidden state) sits on ONE KV device,
 its home, where its requests start (`homes`; `attention_replicas` r puts it on r KV devices
 whose rows are alike, and a budgeted attention region every model's on every KV device), and the FFN shards partition the experts. A
 sequence starts on a home and may spill onto any device's pages, weight devices' included
-(the step then attends sequence-sharded). The KV and V page offsets are the same on every
+(the step then attends sequence-sharded). A page holds G tokens of the model's cached row,
+`config.kv_cache_row` in each half (per-head K and V; MLA: its latent + rope key row split in
+two, K = 1), as in the placed KV pool. The K and V page offsets are the same on every
 device (the kernels take them static); only the count of usable local ids differs, which
 the page allocator knows (`kv.allocator.PageAllocator(device_pages=)`). A model's MoE layers
 and dense layers (`config.ffn_kind(l)`) are two stacks, each in its own slots.
@@ -30,11 +34,12 @@ Sharding rule of the experts over the `n_w` weight devices (one rule, both cases
 `ep = gcd(E, n_w)` expert-parallel groups of `E / ep` experts each, and inside each group
 `tp = n_w / ep` devices split the expert hidden dim F (tensor-parallel; F % tp must be 0).
 Weight device j holds experts `[(j // tp) * E/ep, ...)` and hidden columns
-`[(j % tp) * F/tp, ...)` of each. E a multiple of n_w gives pure expert parallelism; E = 1
-(or coprime to n_w) gives pure tensor parallelism. A shared expert (Qwen2-MoE) is split
-tensor-parallel over all n_w devices (Fs % n_w must be 0), and so is a dense FFN layer
-(F = intermediate_size split in n_w contiguous blocks, gate and up columns kept aligned;
-F % n_w must be 0).
+`[(j % tp) * F/tp, ...)` of each (with their biases: b1's columns as w1's; b2, added once per
+expert, on the first of its tp devices and zero on the others). E a multiple of n_w gives
+pure expert parallelism; E = 1 (or coprime to n_w) gives pure tensor parallelism. A shared
+expert (Qwen2-MoE) is split tensor-parallel over all n_w devices (Fs % n_w must be 0), and so
+is a dense FFN layer (F = intermediate_size split in n_w contiguous blocks, gate and up
+columns kept aligned; F % n_w must be 0).
 
 Several models share one arena (`make_multi_layout`): one page space per device (page_elems
 common to all, as the engine's `choose_page_elems` picks), each model's tensors under
@@ -48,9 +53,9 @@ would copy the slice into every call): the attention kernel gets the WHOLE row v
 `[arena_elems / page_elems, G, K, H]` with the K and V page offsets (`kernel_pages`), the
 grouped matmuls the whole row viewed as rows `[arena_elems / N, N]` with the stack's first row
 (`expert_rows`, a `fused_moe.ExpertRows`). Hence the half is a multiple of page_elems, of
-every model's K*H (the K/V scatter views the row as [rows, K*H]) and of every expert stack's
-last dim N, each expert stack starts on a multiple of its N, and a budgeted weight region's
-slots are multiples of all of them (a slot shift keeps every stack aligned).
+every model's cached row (the K/V scatter views the row as [rows, kv_cache_row]) and of every
+expert stack's last dim N, each expert stack starts on a multiple of its N, and a budgeted
+weight region's slots are multiples of all of them (a slot shift keeps every stack aligned).
 
 Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
 role with a budget does not pack every model; its model region is a `Region` of `num_slots`
@@ -115,7 +120,7 @@ class ArenaLayout:
     dtype: str
     pages_per_device: int
     page_elems: int
-    tokens_per_page: int          # G for this model's K*H
+    tokens_per_page: int          # G for this model's cached row (`kv_cache_row`)
     ep: int                       # expert-parallel groups
     tp: int                       # tensor-parallel ways inside a group (over F)
     kv_slots: tuple               # Slot, ... of a KV device's row (this model's: valid on its homes)
@@ -304,7 +309,8 @@ def _align(n: int, a: int = _ALIGN) -> int:
 
 
 EXPERT_STACKS = ("moe/w1_LEDF2", "moe/w2_LEFD")     # read by the grouped matmuls in place
-ROUTING_LEAVES = ("norm_LD", "router_LDE")           # an FFN layer's input norm and router: KV rows
+# an FFN layer's input norm, router and router bias (GPT-OSS): KV rows (`models.ffn_input` runs there)
+ROUTING_LEAVES = ("norm_LD", "router_LDE", "router_bias_LE")
 
 
 def _entry_align(name: str, shape) -> int:
@@ -337,8 +343,9 @@ def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]
     disaggregated step does not support. Weight rows: the MoE layers' leaves ("moe/...",
     experts split by `expert_split`) and the dense layers' ("dense/...", F split over all n_w)
     but their input norms and routers (ROUTING_LEAVES), which sit with the attention side: the
-    KV device computes the FFN's input (`models.ffn_input`) and sends it; ep, tp = (1, n_w)
-    for a model without MoE layers."""
+    KV device computes the FFN's input (`models.ffn_input`) and sends it; the experts' biases
+    (GPT-OSS: b1 sharded like w1, b2 like w2's experts) sit with their experts, a router
+    score bias whole on every weight row; ep, tp = (1, n_w) for a model without MoE layers."""
     c = config
     kv_shapes, ffn_shapes = param_shapes(c)
     kv_entries = []
@@ -354,7 +361,8 @@ def _model_entries(config: ModelConfig, n_w: int) -> tuple[list, list, int, int]
         if Fs and Fs % n_w:
             raise ValueError(f"shared_expert_intermediate_size {Fs} must be divisible by n_w={n_w}")
         Lm = c.num_layers_of_kind("moe")
-        local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D)}
+        local = {"w1_LEDF2": (Lm, E // ep, D, 2 * F // tp), "w2_LEFD": (Lm, E // ep, F // tp, D),
+                 "b1_LEF2": (Lm, E // ep, 2 * F // tp), "b2_LED": (Lm, E // ep, D)}
         if Fs:
             local.update(shared_w1_LDF2=(Lm, D, 2 * Fs // n_w), shared_w2_LFD=(Lm, Fs // n_w, D))
         w_entries += [(f"moe/{leaf}", local.get(leaf, shape)) for leaf, shape in ffn_shapes["moe"].items()
@@ -396,7 +404,7 @@ def make_layout(config: ModelConfig, *, n_kv: int, n_w: int, pages_per_device: i
 
     devices: the pool to take them from (default `jax.devices()`): the first n_kv become the
     KV pool, the next n_w the weights pool. page_elems defaults to the pool's choice for this
-    model's K*H (`kv.pool.choose_page_elems`).
+    model's cached row (`kv.pool.choose_page_elems`).
     """
     multi = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, pages_per_device=pages_per_device,
                               page_elems=page_elems, dtype=dtype, devices=devices, attention_replicas=n_kv)
@@ -539,18 +547,6 @@ def _budget_region(budget, option: str, extents: dict, n_rows: int, itemsize: in
     return Region(0, slot_elems, min(len(extents), int(budget) // slot_bytes))
 
 
-def _split_unsupported(c) -> Optional[str]:
-    """Why the arena step cannot run this model yet (None: it can)."""
-    if c.is_mla:
-        return ("it uses multi-head latent attention, and the crosspool split's arena step attends "
-                "per-head K/V only")
-    if c.attention_sinks or c.sliding_window_layers is not None or c.attention_out_bias:
-        return "the arena step has no attention sinks, per-layer sliding windows or o-projection bias yet"
-    if c.expert_bias or c.router_bias or c.moe_activation != "silu":
-        return "the arena's expert shards carry no router or expert biases nor the clamped SwiGLU yet"
-    return None
-
-
 def _pack_halves(blocks: Sequence[tuple], extra: int = 0) -> tuple[dict, list]:
     """Place blocks (name, elems, alignment) from the ends of a row's two halves downwards, each
     (largest first) into the half with more room left (the second half is `extra` elements
@@ -592,8 +588,9 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
     pages (exactly one of the two). Every device's memory beyond its content is pages
     (`device_pages`), weight devices included: a request spilling off its home attends there
     sequence-sharded. page_elems defaults to `kv.pool.choose_page_elems` over every model's
-    K*H (the engine's choice). Raises ValueError naming the model for one the disaggregated
-    step cannot run, and for a row too short for the content (or for one block on a KV device).
+    `kv_cache_row` (the engine's choice). Raises ValueError naming the model for one whose FFN
+    does not split over the weight devices (F not divisible), and for a row too short for the
+    content (or for one block on a KV device).
 
     Attention sides: each model's on ONE KV device (`homes`, balanced by size), where its
     sequences start; `attention_replicas` r: on r KV devices instead (a divisor of n_kv; its
@@ -607,16 +604,12 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
     _check_split(n_kv, n_w, pages_per_device, row_elems, devices)
     if not configs:
         raise ValueError("make_multi_layout: no models given")
-    kv_rows = [c.kv_size for c in configs.values()]
+    kv_rows = [c.kv_cache_row for c in configs.values()]
     page_elems = choose_page_elems(kv_rows) if page_elems is None else int(page_elems)
     entries = {}
     for name, c in configs.items():
-        reason = _split_unsupported(c)
-        if reason:
-            raise ValueError(f"model {name!r} ({c.architecture}) cannot run on the disaggregated step: {reason}; "
-                             f"serve it with mode='shared' or 'static'")
         try:
-            tokens_per_page(page_elems, c.num_kv_heads, c.head_dim)
+            tokens_per_page(page_elems, c.kv_cache_heads, c.kv_cache_head_dim)
             entries[name] = _model_entries(c, n_w)
         except ValueError as e:
             if not name:                       # make_layout's single unnamed model
@@ -695,7 +688,7 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
         views.append((name, ArenaLayout(
             n_kv=int(n_kv), n_w=int(n_w), device_ids=device_ids, arena_elems=arena_elems,
             dtype=jnp.dtype(dtype).name, pages_per_device=P, page_elems=page_elems,
-            tokens_per_page=tokens_per_page(page_elems, c.num_kv_heads, c.head_dim), ep=ep, tp=tp,
+            tokens_per_page=tokens_per_page(page_elems, c.kv_cache_heads, c.kv_cache_head_dim), ep=ep, tp=tp,
             kv_slots=pages + own_slots(name, 0, kv_region, kv_packing[homes[name][0]]),
             w_slots=own_slots(name, 1, w_region, w_packing), device_pages=device_pages, homes=homes[name])))
     all_depths = tuple(tuple(depth) for _, depth in kv_packing) + (tuple(w_packing[1]),) * n_w

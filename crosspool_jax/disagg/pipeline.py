@@ -9,8 +9,13 @@ attention side) and run embedding, attention (K/V written into their local pages
 `_ffn_in`: those weights sit with the attention side, once per model) and the final norm and
 lm head; weight devices run each layer's FFN for all KV devices' tokens with their shard only
 (a MoE layer: their experts / block of F; a dense layer: their block of F; which one by the
-model's static kind table, `_ffn_partial`). Hidden states cross between the roles by an
-exchange that every device executes (collectives stay outside the role `lax.cond`s):
+model's static kind table, `_ffn_partial`). A layer's halves are the placed path's own
+(`models.transformer`: `qkv_projection`, the attention options `attention_options` +
+`layer_attention_options`, `output_projection`, `ffn_input`, `ffn_output`), so every family
+runs here as there: MLA's absorbed attention over its latent + rope key rows (K = 1),
+GPT-OSS's sinks, per-layer windows (traced with the layer), biases and clamped SwiGLU.
+Hidden states cross between the roles by an exchange that every device executes
+(collectives stay outside the role `lax.cond`s):
 
     to_weights(p)   FFN inputs [x | router logits] of every KV device -> every weight device's inbox
     to_kv(y)        weight devices' partial FFN outputs, summed, tokens of KV device k -> k
@@ -34,7 +39,7 @@ overlap, the baseline) a stage is one layer: attention, exchange to the weights 
 exchange back (a scan of L steps; each pool idles while the other computes).
 
 The arena is donated: K/V are scattered straight into the carried row (viewed as
-[rows, K*H]; pages sit at the row's start), so the pool is updated in place.
+[rows, kv_cache_row]; pages sit at the row's start), so the pool is updated in place.
 
 No `lax.cond` per stage: on a GPU a conditional reads its predicate back to the host, which
 stalls the host until the device has caught up, once per cond (measured on two H200s: the
@@ -59,8 +64,8 @@ the q/k/v of every KV device's tokens are all-gathered (every device runs it; we
 pass zeros), EVERY device (a weight device's row holds pages too: a long request spills
 there) writes the K/V of the tokens whose page is local and computes the partial attention
 of ALL gathered tokens over its local pages (`sharded_attention`), the partials are merged
-by log-sum-exp (pmax + psum over the axis), and each home takes its tokens' rows for the o
-projection.
+by log-sum-exp (pmax + psum over the axis), and each home takes its tokens' rows, joins its
+model's attention sinks to them (`sharded_attention.with_sinks`) and runs the o projection.
 
 Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
 unsharded attention) and `fused_moe` (over the device's experts); "auto" is the
@@ -86,8 +91,9 @@ from crosspool_jax.disagg.inputs import ShardedPages
 from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
 from crosspool_jax.kv.pool import page_view, token_slots
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.transformer import (compute_logits, ffn_input, ffn_output, output_projection,
-                                              qkv_projection, rms_norm)
+from crosspool_jax.models.transformer import (attention_options, compute_logits, ffn_input, ffn_output,
+                                              layer_attention_options, output_projection, qkv_projection,
+                                              rms_norm)
 from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime.packed_arrays import PackedArrays, unpacked
 from crosspool_jax.runtime.step_inputs import StepInputs
@@ -124,8 +130,10 @@ def schedule(num_layers: int, num_microbatches: int) -> list[tuple]:
 
 
 def _write_kv_rows(row_X, layout: ArenaLayout, config: ModelConfig, k_TKH, v_TKH, slots_T):
-    """Scatter the new tokens' K/V into the row's pages; slots outside [0, P*G) are dropped."""
-    KH = config.kv_size
+    """Scatter the new tokens' K/V into the row's pages; slots outside [0, P*G) are dropped.
+    k/v are what the pool caches per token (`config.kv_cache_row` each: per-head K and V, or
+    MLA's latent + rope key row in two halves)."""
+    KH = config.kv_cache_row
     rows = layout.arena_elems // KH
     PG = layout.pages_per_device * layout.tokens_per_page
     k_base = layout.slot("kv", "pages/k_PX").offset // KH
@@ -149,14 +157,24 @@ def _qkv(row_X, x_TD, positions_T, layer, layout: ArenaLayout, config: ModelConf
 
 
 def _pages(row_X, layout: ArenaLayout, config: ModelConfig):
-    """(k_pages, v_pages) [P, G, K, H]: this model's view of the row's local pages."""
+    """(k_pages, v_pages) [P, G, K, H]: this model's view of the row's local pages (K, H: the
+    pool's `kv_cache_heads`, `kv_cache_head_dim`)."""
     c = config
-    return tuple(page_view(layout.view(row_X, "kv", n), c.num_kv_heads, c.head_dim)
+    return tuple(page_view(layout.view(row_X, "kv", n), c.kv_cache_heads, c.kv_cache_head_dim)
                  for n in ("pages/k_PX", "pages/v_PX"))
 
 
 def _o_proj(row_X, x_TD, out_TNH, layer, layout: ArenaLayout, config: ModelConfig):
-    return output_projection({"wo_LQD": layout.view(row_X, "kv", "attn/wo_LQD")[layer]}, config, x_TD, out_TNH)
+    """`models.output_projection` of the layer (MLA: W_uv first; GPT-OSS: the o bias)."""
+    return output_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, out_TNH)
+
+
+def _attention_options(row_X, layer, layout: ArenaLayout, config: ModelConfig) -> dict:
+    """The layer's attention options as the placed step passes them: `models.attention_options`
+    (scale, a window common to all layers, MLA's latent value width) with the layer's own
+    (`models.layer_attention_options`: sinks, a per-layer window, traced with the layer)."""
+    return {**attention_options(config),
+            **layer_attention_options(_layer_attn_params(row_X, layer, layout), config, layer)}
 
 
 def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig,
@@ -164,10 +182,10 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
     """KV device: attention over the local pages (new K/V already written), o projection, residual."""
     c = config
     # the whole row as pages + where K and V start: a sliced pages region would be copied into the call
-    pages, k0, v0 = layout.kernel_pages(row_X, c.num_kv_heads, c.head_dim)
+    pages, k0, v0 = layout.kernel_pages(row_X, c.kv_cache_heads, c.kv_cache_head_dim)
     out_TNH = ragged_paged_attention(q_TNH, pages, pages, step.kv_lens_S, step.page_indices_LSP[layer],
-                                     step.cu_q_lens_S1, step.num_seqs_1, sliding_window=c.sliding_window,
-                                     backend=backend, k_page_offset=k0, v_page_offset=v0)
+                                     step.cu_q_lens_S1, step.num_seqs_1, backend=backend, k_page_offset=k0,
+                                     v_page_offset=v0, **_attention_options(row_X, layer, layout, c))
     return _o_proj(row_X, x_TD, out_TNH, layer, layout, c)
 
 
@@ -380,31 +398,33 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             step = jax.tree_util.tree_map(lambda a: a[m], mine)
             x_TD = x_MTD[m]
             layout = lay(m)
-            zeros_TNH = jnp.zeros((Tm, c.num_heads, c.head_dim), dtype)
-            zeros_TKH = jnp.zeros((Tm, c.num_kv_heads, c.head_dim), dtype)
-            qkv_TXH = jax.lax.cond(
-                on, lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c),
-                lambda x: (zeros_TNH, zeros_TKH, zeros_TKH), x_TD)
+            qkv = lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c)   # noqa: E731
+            zeros = lambda x: tuple(jnp.zeros(a.shape, a.dtype) for a in jax.eval_shape(qkv, x))   # noqa: E731
+            qkv_TXH = jax.lax.cond(on, qkv, zeros, x_TD)
             q_all, k_all, v_all = (jax.lax.all_gather(a, AXIS)[:n_kv].reshape(n_kv * Tm, *a.shape[1:])
                                    for a in qkv_TXH)
             pages = jax.tree_util.tree_map(lambda a: a[d, m], (sharded.slots_LT, sharded.pages_LSB,
                                                                sharded.blocks_SB))
             slots_LT, pages_LSB, blocks_SB = pages
             row_X = _write_kv_rows(row_X, layout, c, k_all, v_all, jnp.where(pages_on, slots_LT[layer], -1))
+            # the sinks are the model's (valid on its homes, which own the tokens): applied after the merge
+            opts = _attention_options(row_X, layer, layout, c)
+            sinks_N = opts.pop("sinks", None)
 
             def partial(q_TNH):
                 k_pages, v_pages = _pages(row_X, layout, c)
                 return sharded_attention.partial_paged_attention(
                     q_TNH, k_pages, v_pages, inputs.positions_T[:, m].reshape(-1), sharded.seq_T[m],
-                    inputs.kv_lens_S[:, m].reshape(-1), pages_LSB[layer], blocks_SB, sliding_window=c.sliding_window)
+                    inputs.kv_lens_S[:, m].reshape(-1), pages_LSB[layer], blocks_SB, **opts)
 
-            T_all = n_kv * Tm
-            out_TNH, lse_TN = jax.lax.cond(
-                pages_on, partial, lambda q: (jnp.zeros((T_all, c.num_heads, c.head_dim), jnp.float32),
-                                        jnp.full((T_all, c.num_heads), sharded_attention.EMPTY_LSE, jnp.float32)),
-                q_all)
-            merged_TNH = sharded_attention.merge_over_axis(out_TNH, lse_TN, AXIS)
-            mine_TNH = jax.lax.dynamic_slice_in_dim(merged_TNH, kv_index * Tm, Tm).astype(dtype)
+            def empty(q_TNH):
+                out, lse = jax.eval_shape(partial, q_TNH)
+                return jnp.zeros(out.shape, out.dtype), jnp.full(lse.shape, sharded_attention.EMPTY_LSE, lse.dtype)
+
+            out_TNH, lse_TN = jax.lax.cond(pages_on, partial, empty, q_all)
+            merged_TNH, merged_lse_TN = sharded_attention.merge_over_axis(out_TNH, lse_TN, AXIS, return_lse=True)
+            own = lambda a: jax.lax.dynamic_slice_in_dim(a, kv_index * Tm, Tm)   # noqa: E731  this home's rows
+            mine_TNH = sharded_attention.with_sinks(own(merged_TNH), own(merged_lse_TN), sinks_N).astype(dtype)
             return jax.lax.cond(on, lambda o: _o_proj(row_X, x_TD, o, layer, layout, c),
                                 lambda o: jnp.zeros((Tm, D), dtype), mine_TNH), row_X
 

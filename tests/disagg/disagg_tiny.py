@@ -30,9 +30,43 @@ MIXTRAL = {
 # Qwen2-MoE with a dense FFN layer between two MoE layers (mlp_only_layers): kinds moe, dense,
 # moe, so layer 2 is entry 1 of the MoE stack; dense F = 32 splits over 1, 2 or 4 weight devices
 QWEN2_MOE_DENSE = dict(QWEN2_MOE, num_hidden_layers=3, mlp_only_layers=[1], intermediate_size=32)
-CONFIGS = {"qwen3_moe": QWEN3_MOE, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL, "qwen2_moe_dense": QWEN2_MOE_DENSE}
+# DeepSeek-V2 style MLA with the query LoRA: latent 16 + rope key 4 cached per token (K = 1 row
+# of 20 in two halves of 10), nope 8, v 12; dense layer 0 (F 32), 8 experts in 4 groups (best 2),
+# a shared expert, scaled routing
+DEEPSEEK_V2 = {
+    "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
+    "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "n_routed_experts": 8,
+    "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16,
+    "q_lora_rank": 24, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 12,
+    "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 1.5,
+    "rope_theta": 1e4, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+# GLM-4.7-Flash style MLA without the query LoRA, attention biases, sigmoid routing with a choice
+# bias (replicated on the weight rows), all layers MoE
+GLM4_MOE_LITE = {
+    "architectures": ["Glm4MoeLiteForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32,
+    "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "n_routed_experts": 8,
+    "num_experts_per_tok": 3, "n_shared_experts": 1, "kv_lora_rank": 16, "q_lora_rank": None,
+    "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 12, "n_group": 4, "topk_group": 2,
+    "routed_scaling_factor": 1.8, "norm_topk_prob": True, "attention_bias": True,
+    "mlp_layer_types": ["sparse", "sparse"], "rope_theta": 1e4, "rms_norm_eps": 1e-6}
+# GPT-OSS style: sinks, sliding (window 3) / full / sliding layers, q/k/v/o biases, router and
+# expert biases, a SwiGLU limit the tiny activations reach; 6 experts (4 weight devices: 2 groups
+# x 2 ways over F, so b2 sits on one of each pair)
+GPT_OSS = {
+    "architectures": ["GptOssForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+    "num_local_experts": 6, "num_experts_per_tok": 2, "sliding_window": 3,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "attention_bias": True,
+    "swiglu_limit": 0.1, "rope_theta": 1e4, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+CONFIGS = {"qwen3_moe": QWEN3_MOE, "qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL, "qwen2_moe_dense": QWEN2_MOE_DENSE,
+           "deepseek_v2": DEEPSEEK_V2, "glm4_moe_lite": GLM4_MOE_LITE, "gpt_oss": GPT_OSS}
 
 PAGE_ELEMS = 4 * 16          # G = 4 tokens per page for K*H = 16
+
+
+def page_elems(config) -> int:
+    """G = 4 tokens per page of this model's cached row (MLA: 4 * 10)."""
+    return 4 * config.kv_cache_row
 PAGES_PER_DEVICE = 32
 
 
@@ -40,7 +74,13 @@ PAGES_PER_DEVICE = 32
 def model(name: str, seed: int):
     config = ModelConfig.from_hf_dict(CONFIGS[name])
     kv, ffn = init_random_params(config, jax.random.key(seed), jnp.float32)
+    kv, ffn = jax.tree_util.tree_map_with_path(_larger_biases, (kv, ffn))
     return config, kv, ffn
+
+
+def _larger_biases(path, leaf):
+    """Biases (0.02 * N(0, 1) from the init) and sinks ten times larger: dropping one shows."""
+    return leaf * 10 if str(path[-1].key).startswith(("b", "sinks", "router_bias", "score_bias")) else leaf
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import pytest
 
 from crosspool_jax.disagg import build_arena, expert_shard, expert_split, host_rows, make_layout
 from crosspool_jax.models import ModelConfig
-from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, QWEN3_MOE, model
+from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, QWEN3_MOE, model, page_elems
 
 
 @pytest.mark.parametrize("n_kv,n_w", [(1, 1), (2, 2), (4, 4), (6, 2)])
@@ -103,6 +103,44 @@ def test_dense_layers_are_split_over_f_and_reassemble():
     np.testing.assert_array_equal(np.concatenate(w2, axis=1), ffn["dense"]["w2_LFD"])
     with pytest.raises(ValueError, match=r"ffn_params must hold the stacks \['dense', 'moe'\]"):
         build_arena(kv, {"moe": ffn["moe"]}, layout)
+
+
+def test_gpt_oss_and_mla_leaves_have_homes_and_biases_reassemble():
+    """GPT-OSS's sinks and o bias sit with the attention side, its router bias with the router
+    (the KV device computes the router logits); on 4 weight devices (6 experts: ep=2, tp=2) b1
+    is split with w1's [gate | up] columns and b2 sits on the first device of each expert
+    group (zero on the other: the shards' sum adds it once). An MLA model's pages hold G tokens
+    of its latent + rope key row (kv_cache_row per half), its projections on the KV rows."""
+    config, kv, ffn = model("gpt_oss", 2)
+    layout = make_layout(config, n_kv=2, n_w=4, pages_per_device=8, page_elems=page_elems(config))
+    assert (layout.ep, layout.tp) == (2, 2)
+    kv_names, w_names = {s.name for s in layout.kv_slots}, {s.name for s in layout.w_slots}
+    assert {"attn/sinks_LN", "attn/bo_LD", "attn/bq_LQ", "moe/router_bias_LE"} <= kv_names
+    assert {"moe/b1_LEF2", "moe/b2_LED"} <= w_names and not {"moe/router_bias_LE", "attn/sinks_LN"} & w_names
+    rows = np.asarray(build_arena(kv, ffn, layout))
+    for d in range(2):
+        np.testing.assert_array_equal(layout.view(rows[d], "kv", "attn/sinks_LN"), kv["attn"]["sinks_LN"])
+        np.testing.assert_array_equal(layout.view(rows[d], "kv", "moe/router_bias_LE"), ffn["moe"]["router_bias_LE"])
+    E, F = config.num_experts, config.moe_intermediate_size
+    b1 = np.zeros((config.num_layers, E, 2 * F), np.float32)
+    b2 = np.zeros((config.num_layers, E, config.hidden_size), np.float32)
+    for j in range(4):
+        experts, cols = expert_shard(layout, j, E, F)
+        local_b1 = layout.view(rows[2 + j], "w", "moe/b1_LEF2")
+        b1[:, experts, cols] = local_b1[..., :F // 2]
+        b1[:, experts, F + cols.start:F + cols.stop] = local_b1[..., F // 2:]
+        local_b2 = layout.view(rows[2 + j], "w", "moe/b2_LED")
+        assert local_b2.any() == (j % layout.tp == 0)
+        b2[:, experts] += local_b2
+    np.testing.assert_array_equal(b1, ffn["moe"]["b1_LEF2"])
+    np.testing.assert_array_equal(b2, ffn["moe"]["b2_LED"])
+
+    config = model("deepseek_v2", 2)[0]
+    layout = make_layout(config, n_kv=1, n_w=1, pages_per_device=8, page_elems=page_elems(config))
+    assert config.kv_cache_row == (config.kv_lora_rank + config.qk_rope_head_dim) // 2 == 10
+    assert layout.tokens_per_page == 4 and layout.page_elems == 4 * config.kv_cache_row
+    mla = {"attn/wq_a_LDA", "attn/wq_b_LANI", "attn/wkv_a_LDRY", "attn/wkv_b_LRNU", "attn/kv_a_norm_LR"}
+    assert mla <= {s.name for s in layout.kv_slots}
 
 
 def test_expert_split_rule():

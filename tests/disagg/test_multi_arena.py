@@ -20,6 +20,11 @@ from disagg_tiny import PAGE_ELEMS, check_and_advance, make_seqs, model, next_ch
 PAGES = 64                       # each model's sequences take pages from its own half
 
 
+def _max_seqs(config) -> int:
+    """Sequences per device whose 4 blocks per layer fit in its model's half of the pages."""
+    return min(3, PAGES // 2 // (4 * config.num_layers))
+
+
 def _no_overlap(slots, page_spans):
     spans = sorted([(s.offset, s.offset + s.size, s.name) for s in slots if not s.name.startswith("pages/")]
                    + [(lo, hi, "pages") for lo, hi in page_spans])
@@ -27,15 +32,18 @@ def _no_overlap(slots, page_spans):
         assert a1 <= b0, (an, bn)
 
 
-@pytest.mark.parametrize("n_kv,n_w,M", [(2, 2, 2), (1, 1, 1)])
-def test_two_models_share_one_arena(n_kv, n_w, M):
+# an MLA model (pages of latent + rope key rows, 10 values per half) beside a GPT-OSS one
+# (per-head K/V rows of 16): one page size for both (`choose_page_elems`), G per model
+@pytest.mark.parametrize("names,n_kv,n_w,M", [(("qwen3_moe", "mixtral"), 2, 2, 2), (("qwen3_moe", "mixtral"), 1, 1, 1),
+                                              (("deepseek_v2", "gpt_oss"), 2, 2, 2)])
+def test_two_models_share_one_arena(names, n_kv, n_w, M):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     rng = np.random.default_rng(seed)
-    names = ("qwen3_moe", "mixtral")
     models = {n: model(n, 3) for n in names}
+    per_head = all(not m[0].is_mla for m in models.values())
     layout = make_multi_layout({n: m[0] for n, m in models.items()}, n_kv=n_kv, n_w=n_w,
-                               pages_per_device=PAGES, page_elems=PAGE_ELEMS)
+                               pages_per_device=PAGES, page_elems=PAGE_ELEMS if per_head else None)
     assert layout.names == list(names)
     assert [len(layout.homes(n)) for n in names] == [1, 1]
     first = layout.first
@@ -51,7 +59,8 @@ def test_two_models_share_one_arena(n_kv, n_w, M):
     for i, n in enumerate(names):
         config = models[n][0]
         seqs[n] = [s for s in make_seqs(rng, n_kv, config.num_layers, config.vocab_size,
-                                        G=layout.model(n).tokens_per_page) if s.device in layout.homes(n)]
+                                        G=layout.model(n).tokens_per_page, max_seqs=_max_seqs(config))
+                   if s.device in layout.homes(n)]
         assert seqs[n] or n_kv > 1
         for s in seqs[n]:
             s.page_table = s.page_table + i * (PAGES // 2)      # disjoint halves of each device's pages
@@ -76,19 +85,21 @@ def test_two_models_share_one_arena(n_kv, n_w, M):
         np.testing.assert_array_equal(after[d, ~pages], before[d, ~pages])
 
 
-def test_models_of_one_architecture_run_as_lanes_of_one_program():
-    """Two Mixtrals (other weights) and a Qwen3-MoE in one arena over 2 + 2 devices: the Mixtrals
-    have one `program` (their offsets differ), and their steps run as the two lanes of ONE
-    `disagg_step` (micro-batch m = model m, read at its offsets; their homes may differ), each
-    lane's logits equal to its own model's dense forward, in either lane order, by one compiled
-    program."""
+@pytest.mark.parametrize("family,other", [("mixtral", "qwen3_moe"), ("gpt_oss", "deepseek_v2")])
+def test_models_of_one_architecture_run_as_lanes_of_one_program(family, other):
+    """Two Mixtrals (or GPT-OSS models: their sinks and biases read at each lane's offsets; other
+    weights) and a Qwen3-MoE (or an MLA model) in one arena over 2 + 2 devices: the two of one
+    architecture have one `program` (their offsets differ), and their steps run as the two lanes
+    of ONE `disagg_step` (micro-batch m = model m, read at its offsets; their homes may differ),
+    each lane's logits equal to its own model's dense forward, in either lane order, by one
+    compiled program."""
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     rng = np.random.default_rng(seed)
     n_kv, n_w = 2, 2
-    models = {"a": model("mixtral", 3), "b": model("mixtral", 4), "q": model("qwen3_moe", 5)}
+    models = {"a": model(family, 3), "b": model(family, 4), "q": model(other, 5)}
     layout = make_multi_layout({n: m[0] for n, m in models.items()}, n_kv=n_kv, n_w=n_w,
-                               pages_per_device=PAGES, page_elems=PAGE_ELEMS)
+                               pages_per_device=PAGES, page_elems=None if models["q"][0].is_mla else PAGE_ELEMS)
     program = layout.model("a").program
     assert layout.model("b").program == program and layout.model("q").program != program
     assert not np.array_equal(layout.model("a").offsets(), layout.model("b").offsets())
@@ -97,7 +108,8 @@ def test_models_of_one_architecture_run_as_lanes_of_one_program():
     seqs = {}
     for i, n in enumerate(("a", "b")):
         seqs[n] = [s for s in make_seqs(rng, n_kv, config.num_layers, config.vocab_size,
-                                        G=program.tokens_per_page) if s.device in layout.homes(n)]
+                                        G=program.tokens_per_page, max_seqs=_max_seqs(config))
+                   if s.device in layout.homes(n)]
         for s in seqs[n]:
             s.page_table = s.page_table + i * (PAGES // 2)      # disjoint halves of each device's pages
     compiled = []

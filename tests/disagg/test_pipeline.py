@@ -3,7 +3,9 @@
 For each split and micro-batch count: three ragged steps (chunked prefill, then prefill
 chunks mixed with decodes, then decodes) through the arena give the logits of
 `models.dense_logits` on the full sequences, only KV rows' pages change, and weight rows
-stay bit-identical.
+stay bit-identical. Every family: per-head K/V, MLA (the pages hold latent + rope key rows;
+with and without the query LoRA) and GPT-OSS (sinks, sliding / full layers, biases, the
+clamped SwiGLU).
 """
 import os
 
@@ -16,7 +18,7 @@ from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, 
 from crosspool_jax.disagg.pipeline import p2p_rounds
 from crosspool_jax.disagg.report import no_exchange
 from disagg_tiny import (PAGE_ELEMS, PAGES_PER_DEVICE, check_and_advance, make_seqs, model, next_chunks,
-                         reference_last_logits)
+                         page_elems, reference_last_logits)
 
 # Each case compiles its own step program, so each runs once: every split (1+1, 2+2, 4+4, 6+2,
 # 2+4), one and two micro-batches on single- and multi-device splits, both exchanges on an even
@@ -33,13 +35,19 @@ from disagg_tiny import (PAGE_ELEMS, PAGES_PER_DEVICE, check_and_advance, make_s
     ("qwen2_moe_dense", 1, 1, 1, "p2p"), ("qwen2_moe_dense", 2, 2, 2, "p2p"),
     ("qwen2_moe_dense", 2, 4, 1, "p2p"),
     ("qwen3_moe", 2, 2, 3, "p2p"),   # three micro-batches, as lanes: the program and each one's offsets
+    # MLA: the pages hold the latent + rope key row (K = 1); with the query LoRA and a dense
+    # layer 0, and without it (attention biases, sigmoid routing with a choice bias)
+    ("deepseek_v2", 1, 1, 2, "p2p"), ("glm4_moe_lite", 2, 2, 1, "p2p"),
+    # GPT-OSS: sinks, sliding / full layers, biases, clamped SwiGLU; 4 weight devices: 2 expert
+    # groups x 2 ways over F (b1 split with w1's columns, b2 on one device of each pair)
+    ("gpt_oss", 2, 4, 2, "p2p"),
 ])
 def test_steps_match_dense_forward(name, n_kv, n_w, M, exchange):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     rng = np.random.default_rng(seed)
     config, kv, ffn = model(name, 0)
-    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=page_elems(config))
     arena = build_arena(kv, ffn, layout)
     before = np.asarray(arena)
     seqs = make_seqs(rng, n_kv, config.num_layers, config.vocab_size, G=layout.tokens_per_page,

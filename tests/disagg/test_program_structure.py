@@ -24,7 +24,7 @@ from crosspool_jax.runtime.packed_arrays import PackedArrays
 from crosspool_jax.runtime.shapes import STOP_IDS, StepShape
 from crosspool_jax.runtime.step_inputs import build_step_inputs
 from crosspool_jax.runtime.step_program import DecodeLane, _forward_logits, multi_decode, ragged_step
-from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, model
+from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, model, page_elems
 
 P = 32                                   # pages of the placed pool
 
@@ -132,12 +132,15 @@ def test_multi_decode_loops_have_known_trip_counts_and_no_conditional(lanes):
     assert _aliased_params(text) == [n_inputs, n_inputs + 1]         # the pool, after every lane's inputs
 
 
-@pytest.mark.parametrize("n_kv,n_w,lanes", [(1, 1, 2), (2, 2, 2), (6, 2, 3)])
-def test_split_step_has_no_conditional_and_the_expected_exchange(n_kv, n_w, lanes):
+# MLA (latent rows) and GPT-OSS (sinks, a per-layer window traced with the layer, biases) too
+@pytest.mark.parametrize("name,n_kv,n_w,lanes", [
+    ("qwen3_moe", 1, 1, 2), ("qwen3_moe", 2, 2, 2), ("qwen3_moe", 6, 2, 3), ("glm4_moe_lite", 1, 1, 2),
+    ("gpt_oss", 1, 1, 2)])
+def test_split_step_has_no_conditional_and_the_expected_exchange(name, n_kv, n_w, lanes):
     """As the runner calls it: the architecture's program, each micro-batch (lane) a model at its
     traced offsets; K lanes are one program with one stage body."""
-    config, kv, ffn = model("qwen3_moe", 0)
-    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    config, kv, ffn = model(name, 0)
+    layout = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=page_elems(config))
     inputs, _ = build_disagg_inputs([[] for _ in range(n_kv)], layout=layout, num_layers=config.num_layers,
                                     num_microbatches=lanes, shape=StepShape(16, 8, 4))
     arena = jax.ShapeDtypeStruct((n_kv + n_w, layout.arena_elems), jnp.float32, sharding=layout.sharding())

@@ -1,7 +1,7 @@
 """Sequence-sharded attention: partials over each device's pages, merged by log-sum-exp, equal
 the dense ragged paged attention over the whole pool (random inputs, shuffled pages, NaN in
 every unused page, blocks of a sequence scattered over devices with holes, padding queries,
-sliding window)."""
+sliding window; MLA's latent rows and GPT-OSS's sinks, joined after the merge)."""
 import os
 
 import jax
@@ -12,28 +12,29 @@ from jax.sharding import Mesh, PartitionSpec
 
 from crosspool_jax.disagg.pages import PageMap
 from crosspool_jax.disagg.sharded_attention import (EMPTY_LSE, merge_over_axis, merge_partials,
-                                                    partial_paged_attention)
+                                                    partial_paged_attention, with_sinks)
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 
 N, K, H, G = 4, 2, 8, 4
 
 
-def make_case(rng, n_dev, P=20, B=4):
-    """Sequences (q_len, kv_len) whose blocks sit on random devices, pages shuffled per device."""
+def make_case(rng, n_dev, P=20, B=4, kv_heads=K, q_dim=H):
+    """Sequences (q_len, kv_len) whose blocks sit on random devices, pages shuffled per device
+    (kv_heads heads of H per token; q_dim: the queries' head dim, 2H for MLA's latent rows)."""
     pm = PageMap(P, n_dev)
     lens = [(1, 9), (5, 5), (3, 14), (2, 16), (4, 11)]       # decodes, a whole prefill, chunks
     free = [list(rng.permutation(P)) for _ in range(n_dev)]
-    k = np.full((n_dev * P, G, K, H), np.nan, np.float32)
-    v = np.full((n_dev * P, G, K, H), np.nan, np.float32)
+    k = np.full((n_dev * P, G, kv_heads, H), np.nan, np.float32)
+    v = np.full((n_dev * P, G, kv_heads, H), np.nan, np.float32)
     table = np.zeros((len(lens), B), np.int32)               # global ids (reference)
     for s, (_, kv_len) in enumerate(lens):
         for b in range(-(-kv_len // G)):
             d = int(rng.integers(n_dev))
             page = int(pm.global_of(d, free[d].pop()))
             table[s, b] = page
-            k[page], v[page] = rng.normal(size=(2, G, K, H))
+            k[page], v[page] = rng.normal(size=(2, G, kv_heads, H))
     T = 16                                                   # 15 real query rows + 1 padding
-    q = rng.normal(size=(T, N, H)).astype(np.float32)
+    q = rng.normal(size=(T, N, q_dim)).astype(np.float32)
     cu = np.concatenate([[0], np.cumsum([q_len for q_len, _ in lens])]).astype(np.int32)
     seq_T = np.full(T, -1, np.int32)
     pos_T = np.zeros(T, np.int32)
@@ -84,6 +85,35 @@ def test_merged_partials_equal_dense_paged_attention(n_dev, window):
             for t in np.nonzero(seq_T >= 0)[0]:
                 if d not in holders[seq_T[t]]:
                     assert (np.asarray(lses[d])[t] == EMPTY_LSE).all() and (np.asarray(outs[d])[t] == 0).all()
+
+
+def test_latent_rows_and_sinks_with_a_traced_window_merge_to_dense_paged_attention():
+    """MLA's latent rows (K = 1: key = the row's two halves, value = its first R entries) and
+    GPT-OSS's sinks, joined once after the merge over the axis (`with_sinks`), with a traced
+    window, over 3 devices: the dense ragged paged attention with the same options."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = np.random.default_rng(seed)
+    n_dev, R = 3, 12
+    pm, k, v, table, q, cu, seq_T, pos_T, kv_lens = make_case(rng, n_dev, kv_heads=1, q_dim=2 * H)
+    sinks = rng.normal(size=N).astype(np.float32)
+    window = jnp.int32(6)
+    want = ragged_paged_attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), kv_lens, table, cu,
+                                            np.array([len(table)], np.int32), sliding_window=window,
+                                            latent_value_dim=R, sinks=jnp.asarray(sinks))
+    P = pm.pages_per_device
+    partials = [partial_paged_attention(jnp.asarray(q), jnp.asarray(k[d * P:(d + 1) * P]),
+                                        jnp.asarray(v[d * P:(d + 1) * P]), pos_T, seq_T, kv_lens,
+                                        *local_tables(pm, table, kv_lens, d, B=6), sliding_window=window,
+                                        latent_value_dim=R) for d in range(n_dev)]
+    assert partials[0][0].shape == (len(q), N, R)
+    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("x",))
+    fn = jax.shard_map(lambda o, s: tuple(a[None] for a in merge_over_axis(o[0], s[0], "x", return_lse=True)),
+                       mesh=mesh, in_specs=(PartitionSpec("x"), PartitionSpec("x")), out_specs=PartitionSpec("x"))
+    out, lse = fn(jnp.stack([o for o, _ in partials]), jnp.stack([s for _, s in partials]))
+    got = np.asarray(with_sinks(out[0], lse[0], jnp.asarray(sinks)))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert (got[seq_T < 0] == 0).all()
 
 
 def test_merge_over_axis_equals_host_merge():

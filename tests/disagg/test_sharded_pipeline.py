@@ -15,7 +15,7 @@ import pytest
 from crosspool_jax.disagg import build_arena, build_disagg_inputs, disagg_step, make_layout, make_multi_layout
 from crosspool_jax.disagg.inputs import build_sharded_pages
 from crosspool_jax.disagg.pages import PageMap
-from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, Chunk, model, reference_last_logits
+from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, Chunk, model, page_elems, reference_last_logits
 
 
 def make_seqs(rng, pm: PageMap, num_layers: int, vocab: int, blocks: int = 5, device_pages=None, spill=False):
@@ -38,16 +38,20 @@ def make_seqs(rng, pm: PageMap, num_layers: int, vocab: int, blocks: int = 5, de
 
 @pytest.mark.parametrize("name,n_kv,n_w,M,spill", [("qwen3_moe", 2, 2, 1, False), ("qwen3_moe", 2, 2, 2, False),
                                                     ("mixtral", 3, 1, 2, False), ("qwen3_moe", 2, 2, 2, True),
-                                                    ("mixtral", 3, 1, 1, True)])
+                                                    ("mixtral", 3, 1, 1, True),
+                                                    # MLA's latent rows; GPT-OSS's sinks (joined after the merge)
+                                                    # and per-layer windows, blocks spilled onto weight rows
+                                                    ("deepseek_v2", 2, 2, 2, True), ("gpt_oss", 2, 2, 1, True)])
 def test_sharded_steps_match_dense_forward(name, n_kv, n_w, M, spill):
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed {seed}")
     rng = np.random.default_rng(seed)
     config, kv, ffn = model(name, 0)
-    short = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS)
+    X = page_elems(config)
+    short = make_layout(config, n_kv=n_kv, n_w=n_w, pages_per_device=PAGES_PER_DEVICE, page_elems=X)
     # rows 2 * PAGES_PER_DEVICE pages longer than the KV devices need: the weight rows hold pages
-    layout = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, page_elems=PAGE_ELEMS,
-                               row_elems=short.arena_elems + 2 * PAGES_PER_DEVICE * PAGE_ELEMS,
+    layout = make_multi_layout({"": config}, n_kv=n_kv, n_w=n_w, page_elems=X,
+                               row_elems=short.arena_elems + 2 * PAGES_PER_DEVICE * X,
                                attention_replicas=n_kv).model("")
     assert min(layout.device_pages) >= PAGES_PER_DEVICE
     pm, G = PageMap(layout.pages_per_device, n_kv, n_w), layout.tokens_per_page
