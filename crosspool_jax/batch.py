@@ -342,6 +342,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         EngineConfig(models=models, **options)
     except ValueError as e:
         config_flags.usage_error(PROG, str(e))
+    from crosspool_jax.runtime.compiles import prefer_fast_cpu_compiles  # noqa: PLC0415
+
+    prefer_fast_cpu_compiles()                          # before JAX starts its backends
     from crosspool_jax.api import LLM  # noqa: PLC0415 - keep --help fast
 
     try:

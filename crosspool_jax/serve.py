@@ -107,8 +107,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import uvicorn  # noqa: PLC0415 - keep --help fast
 
-    from crosspool_jax.runtime.compiles import use_compilation_cache  # noqa: PLC0415 - imports JAX
+    from crosspool_jax.runtime.compiles import prefer_fast_cpu_compiles, use_compilation_cache  # noqa: PLC0415
 
+    if prefer_fast_cpu_compiles():                      # before JAX starts its backends
+        log.info("CPU run: XLA_FLAGS=%s (faster compiles)", os.environ["XLA_FLAGS"])
     use_compilation_cache(server.compilation_cache_dir)
 
     from crosspool_jax.engine import LLMEngine  # noqa: PLC0415

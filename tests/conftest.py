@@ -36,23 +36,20 @@ worker starts on one contiguous half of the suite, so a module's fixtures are st
 """
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
+from crosspool_jax.runtime.compiles import FAST_CPU_COMPILE_FLAG, xla_accepts   # imports no JAX
+
 _CPU_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-_FUSION_EMITTERS_OFF = "--xla_cpu_use_fusion_emitters=false"
 
 
 def _cpu_xla_flags() -> str:
     """The CPU run's XLA_FLAGS: with the older fusion emitters where this jaxlib still knows the
     flag (XLA aborts on an unknown flag, so a jaxlib that dropped it would stop every test)."""
-    flags = f"{_CPU_FLAGS} {_FUSION_EMITTERS_OFF}"
-    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
-                           env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, timeout=300)
-    return flags if probe.returncode == 0 else _CPU_FLAGS
+    flags = f"{_CPU_FLAGS} {FAST_CPU_COMPILE_FLAG}"
+    return flags if xla_accepts(flags) else _CPU_FLAGS
 
 
 if os.environ.get("CROSSPOOL_TEST_ON_GPU"):

@@ -144,11 +144,14 @@ def build_disagg_inputs(chunks_per_device: Sequence[Sequence], *, layout: ArenaL
 
 
 def build_sharded_pages(chunks_per_device: Sequence[Sequence], inputs: StepInputs, *, page_map: PageMap,
-                        tokens_per_page: int, num_microbatches: int, min_blocks: int = 4) -> ShardedPages:
+                        tokens_per_page: int, num_microbatches: int) -> ShardedPages:
     """The sharded view of a step built by `build_disagg_inputs(chunks_per_device, ...)`.
 
     chunks_per_device: the same chunks, grouped by home device, but with `.page_table` holding
-    GLOBAL page ids ([L][blocks]); `page_map` turns them into (device, local page).
+    GLOBAL page ids ([L][blocks]); `page_map` turns them into (device, local page). Each
+    device's block lists are as wide as the step's page tables (`inputs.page_indices_LSP`'s
+    bucket: a sequence has at most that many blocks on one device), so the sharded program's
+    shapes follow the step's shape and a warm-up compiles them all.
     """
     n_kv, n_dev, M, G = page_map.n_kv, page_map.num_devices, num_microbatches, tokens_per_page
     if len(chunks_per_device) != n_kv:
@@ -159,7 +162,9 @@ def build_sharded_pages(chunks_per_device: Sequence[Sequence], inputs: StepInput
     tables = [[np.asarray(c.page_table, np.int32) for c in chunks] for chunks in chunks_per_device]
     where = [page_map.split(t) for per_dev in tables for t in per_dev]        # validates every id
     most = max([int(np.bincount(dev[0], minlength=n_dev).max()) for dev, _ in where] + [1])
-    B = bucket(most, min_blocks)
+    B = inputs.page_indices_LSP.shape[-1]
+    if most > B:
+        raise ValueError(f"a sequence has {most} blocks on one device; the step's page tables hold {B}")
     seq_T = np.full((M, n_kv * T), -1, np.int32)
     slots_LT = np.full((n_dev, M, L, n_kv * T), page_map.pages_per_device * G, np.int32)
     pages_LSB = np.zeros((n_dev, M, L, n_kv * S, B), np.int32)

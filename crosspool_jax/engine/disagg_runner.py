@@ -49,7 +49,6 @@ from crosspool_jax.engine.runner import (DispatchedStep, DispatchingRunner, Prog
                                          pick_step)
 from crosspool_jax.engine.step_plan import ArenaWeights, ModelStep
 from crosspool_jax.runtime.shapes import ShapeMenu
-from crosspool_jax.runtime.step_inputs import MIN_PAGES_BUCKET
 
 
 @dataclasses.dataclass
@@ -236,7 +235,7 @@ class DisaggRunner(DispatchingRunner):
         if grouped[0].sharded:
             sharded = disagg_inputs.build_sharded_pages(
                 grouped[0].global_, inputs, page_map=self.page_map, tokens_per_page=program.tokens_per_page,
-                num_microbatches=M, min_blocks=MIN_PAGES_BUCKET)
+                num_microbatches=M)
         self.stats.count_program((program, config, "disagg", M, inputs.token_ids_T.shape, inputs.page_indices_LSP.shape,
                                   None if sharded is None else ("sharded", sharded.pages_LSB.shape)))
         t1 = time.perf_counter()
@@ -298,15 +297,19 @@ class DisaggRunner(DispatchingRunner):
         model's architecture: `disagg_step` for one and two micro-batches and every lane count at
         every ragged shape of the menu with the sampling program of every row count, and
         `disagg_decode` at every decode shape, each with every sampling variant (logprobs,
-        penalties). The sequence-sharded program (a request spilled over KV devices) is not
-        warmed up. Returns the number of programs run (0 when another model of the architecture
-        ran them)."""
+        penalties), and, where a request can spill over devices (`_can_spill`), the
+        sequence-sharded `disagg_step` for one and two micro-batches at every ragged shape.
+        Returns the number of programs run (0 when another model of the architecture ran them)."""
         program = self.arena.layout.model(model).program
         with self._warm_up_lock:
             if (program, config, menu) in self._warmed:
                 return 0
             self._warmed.add((program, config, menu))
             return self._run_programs(program, config, menu, weights.offsets)
+
+    def _can_spill(self) -> bool:
+        """Whether a sequence can hold pages on several devices (more than one device has pages)."""
+        return sum(1 for p in self.arena.layout.device_pages if p > 0) > 1
 
     def _run_programs(self, program, config, menu: ShapeMenu, offsets_X) -> int:
         n_kv = program.n_kv
@@ -326,6 +329,12 @@ class DisaggRunner(DispatchingRunner):
                                                               num_microbatches=M, shape=shape)
                 logits_NRV = self._step(program, config, inputs, None, M, offsets)
                 done += 1
+                if M <= 2 and self._can_spill():         # the sequence-sharded program: one model, M 1 or 2
+                    sharded = disagg_inputs.build_sharded_pages(empty, inputs, page_map=self.page_map,
+                                                                tokens_per_page=program.tokens_per_page,
+                                                                num_microbatches=M)
+                    jax.block_until_ready(self._step(program, config, inputs, sharded, M, offsets))
+                    done += 1
                 for S in menu.decode_seq_buckets:
                     sampling = PackedArrays.pack(smeta.build_sampling_metadata([], pad_rows_to=S))
                     for num_logprobs, all_greedy in variants:

@@ -19,6 +19,7 @@ from crosspool_jax import LLM, SamplingParams
 from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.engine.request import Request
+from crosspool_jax.runtime.compiles import compile_counter
 
 FAMILIES = ["mixtral", "qwen3_moe"]
 MAX_TOKENS = 6
@@ -248,7 +249,8 @@ def test_requests_spill_onto_the_weight_devices_pages(model_dirs, shared):
     is pages (the weight devices' too), each model's attention side sits on one KV device,
     where its requests start. A 230-token Qwen3 prompt fills its home, spills over the other
     KV device onto a weight device's pages (sequence-sharded steps there); greedy tokens equal
-    the single-device engine's and the pool comes back whole."""
+    the single-device engine's, nothing compiles after the warm-up (the sequence-sharded
+    programs are warmed up too) and the pool comes back whole."""
     from crosspool_jax.checkpoints.loader import read_config
     from crosspool_jax.disagg.layout import make_multi_layout
     import jax
@@ -267,7 +269,10 @@ def test_requests_spill_onto_the_weight_devices_pages(model_dirs, shared):
     assert engine.stats().kv_pages_total == sum(layout.device_pages)
     home = engine.registry.model_homes["qwen3_moe"][0]
     assert engine.kv_manager.max_request_tokens("qwen3_moe") == sum(p // 2 for p in layout.device_pages) * 16
+    assert engine.warm_up()["compiles"] > 0
+    before = compile_counter().count
     got, groups = _run_recording_groups(engine, {"long": ("qwen3_moe", prompt)})
+    assert compile_counter().count == before
     assert _tokens([got["long"]]) == want
     assert groups[0][2]["long"] == {home}                       # it starts on its model's home
     held = set().union(*(devices["long"] for _, _, devices in groups))
