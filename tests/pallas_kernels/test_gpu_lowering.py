@@ -42,6 +42,19 @@ def test_attention_lowers_for_cuda(cfg):
     assert _lowered_kernels(f, *args) == ["__gpu$xla.gpu.triton"]
 
 
+def test_attention_with_sinks_and_traced_window_lowers_for_cuda():
+    """GPT-OSS's options: sinks [N] and the window as operands, page offsets, KV splits."""
+    args = make_case(1, [1, 1, 5], [20, 600, 70], N=8, K=2, H=64, G=16, S_cap=4, T_pad=2,
+                     dtype=jnp.bfloat16)
+    q, k, v, *rest = args
+    buf = jnp.concatenate([k, v])
+    f = functools.partial(ragged_paged_attention_gpu, sm_scale=0.1, k_page_offset=0,
+                          v_page_offset=k.shape[0])
+    lowered = _lowered_kernels(lambda w, s, *a: f(*a, sliding_window=w, sinks=s), jnp.int32(128),
+                               jnp.zeros(8, jnp.float32), q, buf, buf, *rest)
+    assert lowered == ["__gpu$xla.gpu.triton"]
+
+
 @pytest.mark.parametrize("T", [1, 16])
 def test_fused_moe_lowers_for_cuda(T):
     rng = np.random.default_rng(0)
@@ -73,3 +86,8 @@ def test_mla_attention_lowers_for_cuda(dtype):
     args = latent_case(2, [1, 1, 5], [20, 600, 70], N=16, half=288, G=16, S_cap=4, T_pad=2, dtype=dtype)
     f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=512, sm_scale=0.1)
     assert _lowered_kernels(f, *args) == ["__gpu$xla.gpu.triton"]
+    q, k, v, *rest = args                 # page offsets: both halves in one buffer
+    buf = jnp.concatenate([k, v])
+    f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=512, sm_scale=0.1, k_page_offset=0,
+                          v_page_offset=k.shape[0])
+    assert _lowered_kernels(f, q, buf, buf, *rest) == ["__gpu$xla.gpu.triton"]
