@@ -258,6 +258,19 @@ class TestGpuKernel:
         want = fused_moe_reference(x, logits, w1, w2, top_k, renormalize=(E == 8))
         _assert_close(got, want, jnp.bfloat16)
 
+    @pytest.mark.parametrize("T", [1, 2, 32])
+    def test_gpt_oss_experts_bf16(self, T):
+        """GPT-OSS-20B's experts (E 32, top-4, D = F = 2880) with biases and the clamped SwiGLU
+        (alpha 1.702, limit 7), inputs scaled so that the limit bites, against the reference."""
+        rng = _seeded("gpu gpt-oss experts")
+        E, top_k, D, F = 32, 4, 2880, 2880
+        x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, T, E, D, F, jnp.bfloat16, scale=10.0)
+        act = ClampedSwiGLU(alpha=1.702, limit=7.0)
+        assert _clamp_bites(x, logits, w1, b1, top_k, 7.0)
+        got = fused_moe(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2, backend="gpu")
+        want = fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
+        _assert_close(got, want, jnp.bfloat16)
+
     def test_expert_rows_past_4gib(self):
         """Weights read in place from a buffer over 4 GiB (64-bit pointer offsets): a stack
         whose layer sits past element 2**31 of a [L*E*D, 2F] rows view."""
@@ -361,7 +374,7 @@ def test_fused_moe_with_routing_kinds(backend):
 
 def test_biased_experts_with_clamped_swiglu():
     """GPT-OSS's experts (biases, clamped SwiGLU) on the reference ("auto" picks it) equal the
-    dense oracle, also for an expert slice; the kernels refuse them."""
+    dense oracle, also for an expert slice."""
     T, E, D, F, top_k = 11, 8, 32, 16, 3
     x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
     x = 3 * x                                                  # activations past the limit
@@ -377,5 +390,100 @@ def test_biased_experts_with_clamped_swiglu():
     halves = [fused_moe(x, logits, w1[e0:e0 + 4], w2[e0:e0 + 4], top_k, activation=act, b1=b1[e0:e0 + 4],
                         b2=b2[e0:e0 + 4], expert_offset=e0, backend="reference") for e0 in (0, 4)]
     _assert_close(halves[0] + halves[1], want, jnp.float32)
-    with pytest.raises(ValueError, match="expert biases or the clamped SwiGLU"):
-        fused_moe(x, logits, w1, w2, top_k, b1=b1, backend="gpu", interpret=True)
+
+
+def _seeded(what: str) -> np.random.Generator:
+    """A fresh seed per run, printed (pytest shows it with a failure), so a failure replays."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    print(f"{what}: seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def _gpt_oss_inputs(rng, T, E, D, F, dtype, *, scale=3.0, limit=0.8):
+    """x (scaled so that gate and up pass the clamp's limit), distinct logits, weights, biases
+    b1 [E, 2F] and b2 [E, D]; checks the limit bites on both sides for the chosen experts."""
+    x = jnp.asarray(scale * rng.standard_normal((T, D)), dtype)
+    logits = jnp.asarray(np.argsort(rng.random((T, E)), axis=1).astype(np.float32) * (4.0 / E))
+    w1 = jnp.asarray(rng.standard_normal((E, D, 2 * F)) / np.sqrt(D), dtype)
+    w2 = jnp.asarray(rng.standard_normal((E, F, D)) / np.sqrt(F), dtype)
+    b1 = jnp.asarray(rng.standard_normal((E, 2 * F)), dtype)
+    b2 = jnp.asarray(rng.standard_normal((E, D)), dtype)
+    return x, logits, w1, w2, b1, b2
+
+
+def _clamp_bites(x, logits, w1, b1, top_k, limit):
+    _, ids = route(logits, top_k, renormalize=True)
+    F = w1.shape[2] // 2
+    h = np.asarray(jnp.einsum("td,tkdf->tkf", x.astype(jnp.float32), w1[ids].astype(jnp.float32))
+                   + b1[ids].astype(jnp.float32))
+    return (h[..., :F] > limit).any() and (h[..., F:] > limit).any() and (h[..., F:] < -limit).any()
+
+
+@pytest.mark.parametrize("T,E,top_k,D,F,dtype", [
+    (1, 8, 4, 64, 32, jnp.float32),        # decode: the single-token layout
+    (2, 8, 4, 64, 32, jnp.float32),
+    (9, 16, 4, 48, 80, jnp.float32),       # dims 16 * odd
+    (32, 8, 4, 64, 32, jnp.bfloat16),      # several rows per expert, bf16
+])
+def test_gpu_kernels_biased_experts_clamped_swiglu(T, E, top_k, D, F, dtype):
+    """The GPU kernels (interpret mode) with GPT-OSS's experts: b1 and the clamped SwiGLU in the
+    gate/up epilogue, b2 in the down projection's, the limit biting (inputs 3x a unit normal,
+    limit 0.8) on the gate and on both sides of up; against the reference."""
+    rng = _seeded("gpt-oss experts")
+    x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, T, E, D, F, dtype)
+    act = ClampedSwiGLU(alpha=1.702, limit=0.8)
+    assert _clamp_bites(x, logits, w1, b1, top_k, 0.8)
+    got = fused_moe(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2, backend="gpu", interpret=True)
+    want = fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
+    assert got.shape == (T, D) and got.dtype == dtype
+    _assert_close(got, want, dtype)
+    if T == 2:                                       # each bias alone, SiLU
+        for only in (dict(b1=b1), dict(b2=b2)):
+            got = fused_moe(x, logits, w1, w2, top_k, backend="gpu", interpret=True, **only)
+            _assert_close(got, fused_moe_reference(x, logits, w1, w2, top_k, **only), dtype)
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_gpu_kernels_biased_expert_slices_stack_and_mask(T):
+    """Biases with the kernels' other inputs: expert slices (each slice's own b1/b2 rows) sum
+    to the layer, a stacked layer read in place (ExpertRows, traced layer; other layers NaN),
+    padding tokens masked (zero output)."""
+    rng = _seeded("gpt-oss slices")
+    E, top_k, D, F, L = 8, 4, 64, 32, 3
+    x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, T, E, D, F, jnp.float32)
+    act = ClampedSwiGLU(alpha=1.702, limit=0.8)
+    kw = dict(activation=act, backend="gpu", interpret=True)
+    want = np.asarray(fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2))
+    run = jax.jit(lambda w1s, w2s, b1s, b2s, off: fused_moe(x, logits, w1s, w2s, top_k, b1=b1s, b2=b2s,
+                                                          expert_offset=off, **kw))
+    total = sum(np.asarray(run(w1[e0:e0 + 4], w2[e0:e0 + 4], b1[e0:e0 + 4], b2[e0:e0 + 4], jnp.int32(e0)))
+                for e0 in (0, 4))
+    _assert_close(total, want, jnp.float32)
+    w1_L = jnp.full((L,) + w1.shape, jnp.nan, w1.dtype).at[1].set(w1)
+    w2_L = jnp.full((L,) + w2.shape, jnp.nan, w2.dtype).at[1].set(w2)
+    stacked = jax.jit(lambda l: fused_moe(x, logits, ExpertRows.of_stack(w1_L, l), ExpertRows.of_stack(w2_L, l),
+                                          top_k, b1=b1, b2=b2, **kw))(jnp.int32(1))
+    _assert_close(stacked, want, jnp.float32)
+    mask = np.arange(T) % 3 != 1 if T > 1 else np.array([False])
+    got = fused_moe(x, logits, w1, w2, top_k, b1=b1, b2=b2, token_mask=jnp.asarray(mask), **kw)
+    _assert_close(got, np.where(mask[:, None], want, 0.0), jnp.float32)
+
+
+def test_gpt_oss_experts_backend_policy(monkeypatch):
+    """"auto" on a GPU keeps biased experts and the clamp on the reference (unmeasured on the
+    kernels); "tpu" raises; bias shapes are checked."""
+    from pallas_kernels.fused_moe import api
+    rng = _seeded("gpt-oss policy")
+    x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, 3, 8, 64, 32, jnp.float32)
+    monkeypatch.setattr(api, "resolve_backend", lambda backend: "gpu" if backend == "auto" else backend)
+    kernel_calls = []
+    monkeypatch.setattr(api, "_fused_moe_kernel", lambda *a, **k: kernel_calls.append(k["backend"]))
+    got = fused_moe(x, logits, w1, w2, 2, b1=b1, b2=b2, activation=ClampedSwiGLU())
+    _assert_close(got, fused_moe_reference(x, logits, w1, w2, 2, b1=b1, b2=b2, activation=ClampedSwiGLU()),
+                  jnp.float32)
+    fused_moe(x, logits, w1, w2, 2, activation=ClampedSwiGLU(), backend="gpu")
+    assert kernel_calls == ["gpu"]
+    with pytest.raises(ValueError, match="tpu kernels do not take expert biases"):
+        fused_moe(x, logits, w1, w2, 2, b1=b1, backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match=r"b2 must be \[E, D\]"):
+        fused_moe(x, logits, w1, w2, 2, b2=b2[:, :5], backend="gpu", interpret=True)

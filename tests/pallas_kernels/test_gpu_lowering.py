@@ -55,15 +55,23 @@ def test_attention_with_sinks_and_traced_window_lowers_for_cuda():
     assert lowered == ["__gpu$xla.gpu.triton"]
 
 
-@pytest.mark.parametrize("T", [1, 16])
-def test_fused_moe_lowers_for_cuda(T):
+@pytest.mark.parametrize("T,gpt_oss", [(1, False), (16, False), (1, True), (16, True)])
+def test_fused_moe_lowers_for_cuda(T, gpt_oss):
+    """gpt_oss: the experts' biases and the clamped SwiGLU in the kernels' epilogues."""
+    from pallas_kernels.fused_moe import ClampedSwiGLU
     rng = np.random.default_rng(0)
     E, D, F = 8, 64, 32
     x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
     logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
     w1 = jnp.asarray(rng.standard_normal((E, D, 2 * F)), jnp.bfloat16)
     w2 = jnp.asarray(rng.standard_normal((E, F, D)), jnp.bfloat16)
-    f = functools.partial(fused_moe, top_k=2, backend="gpu")
+    if gpt_oss:
+        b1 = jnp.asarray(rng.standard_normal((E, 2 * F)), jnp.bfloat16)
+        b2 = jnp.asarray(rng.standard_normal((E, D)), jnp.bfloat16)
+        f = lambda *a: fused_moe(*a, top_k=2, backend="gpu", b1=b1, b2=b2,   # noqa: E731
+                                 activation=ClampedSwiGLU(alpha=1.702, limit=7.0))
+    else:
+        f = functools.partial(fused_moe, top_k=2, backend="gpu")
     kernels = _lowered_kernels(f, x, logits, w1, w2)
     # routing, gate/up, down, combine
     assert kernels.count("__gpu$xla.gpu.triton") == 4, kernels
