@@ -100,8 +100,9 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
 
     routing (static `Routing`) and score_bias (float [E], traced ok) generalise the softmax
     top-k (sigmoid scores, group-limited top-k, a choice-only bias, scaling: DeepSeek-V2/V3);
-    the kernel path computes such routing with the reference's `route` (XLA ops), the GPU
-    routing kernel serves the plain softmax top-k.
+    the kernel path computes such routing with the reference's `route` (XLA ops) and the plain
+    softmax top-k with the GPU routing kernel, which computes every Routing (GPU_GLUE's
+    "routing_kinds", not the default until measured).
 
     b1 [E, 2F] / b2 [E, D] (the experts' biases, arrays; with expert_offset the local slice's
     rows, as w1/w2) and activation=ClampedSwiGLU(alpha, limit) (GPT-OSS): backend="gpu" runs
@@ -137,7 +138,9 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
 
 # What the GPU path does in kernels instead of XLA ops: "routing" (routing_gpu.py instead of
 # softmax + sort + renormalisation) and "combine" (gpu.combine_rows instead of a gather and a
-# sum). The benchmark times the other settings beside the default (fused_moe/bench.py).
+# sum). The benchmark times the other settings beside the default (fused_moe/bench.py), and
+# "routing_kinds": routing_gpu.py also for the other `Routing`s and a score bias (sigmoid,
+# group-limited top-k: DeepSeek-V2/V3, GLM), off by default until it has GPU measurements.
 GPU_GLUE = ("routing", "combine")
 
 
@@ -169,9 +172,9 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, to
     check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
     plain = routing == SOFTMAX_TOPK and score_bias_E is None
-    if backend == "gpu" and "routing" in gpu_glue and plain:   # one kernel: softmax, top-k, renormalise
+    if backend == "gpu" and "routing" in gpu_glue and (plain or "routing_kinds" in gpu_glue):   # one kernel
         weights_TK, ids_TK = route_topk_gpu(router_logits_TE, top_k, renormalize=renormalize,
-                                            interpret=interpret)
+                                            interpret=interpret, routing=routing, score_bias_E=score_bias_E)
     else:
         weights_TK, ids_TK = route(router_logits_TE, top_k, renormalize=renormalize, routing=routing,
                                    score_bias_E=score_bias_E)

@@ -206,6 +206,32 @@ def test_gpu_routing_kernel_matches_reference(T, E, top_k, renormalize):
     np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-6, atol=1e-7)
 
 
+ROUTING_KINDS = [  # (Routing, score bias, renormalize)
+    (Routing(scoring="sigmoid"), True, False),
+    (Routing(num_groups=4, topk_groups=2, group_score="max", scale=2.5), False, False),      # DeepSeek-V2
+    (Routing(scoring="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum", scale=2.5), True, True),  # V3
+]
+
+
+@pytest.mark.parametrize("routing,bias,renormalize", ROUTING_KINDS)
+def test_gpu_routing_kernel_routing_kinds(routing, bias, renormalize):
+    """routing_gpu (interpret mode) for sigmoid scores, a choice-only bias, group-limited top-k
+    (group max, top-2 sums) and scaling: the experts and weights of reference.route."""
+    rng = _seeded("routing kinds")
+    T, E, top_k = 9, 64, 6
+    logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
+    score_bias = jnp.asarray(0.5 * rng.standard_normal(E), jnp.float32) if bias else None
+    w, ids = route_topk_gpu(logits, top_k, renormalize=renormalize, routing=routing, score_bias_E=score_bias,
+                            interpret=True)
+    w_ref, ids_ref = route(logits, top_k, renormalize=renormalize, routing=routing, score_bias_E=score_bias)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-6, atol=1e-7)
+    if routing.num_groups > 1:             # the group limit matters for these logits
+        w_all, ids_all = route(logits, top_k, renormalize=renormalize, routing=Routing(
+            scoring=routing.scoring, scale=routing.scale), score_bias_E=score_bias)
+        assert not np.array_equal(np.asarray(ids_all), np.asarray(ids_ref))
+
+
 def test_gpu_routing_kernel_breaks_ties_like_lax_top_k():
     """Equal probabilities: the lower expert index first (lax.top_k's rule)."""
     logits = jnp.asarray([[0.5, 2.0, 1.0, 2.0, 1.0, 2.0, 0.0, 1.0]], jnp.float32)
@@ -357,15 +383,23 @@ def _dense_moe(x, w1, w2, weights_TK, ids_TK, b1=None, b2=None, clamp=None):
     return jnp.sum(y * weights_TK[..., None], axis=1)
 
 
-@pytest.mark.parametrize("backend", ["reference", "gpu"])
+@pytest.mark.parametrize("backend", ["reference", "gpu", "gpu_routing_kernel"])
 def test_fused_moe_with_routing_kinds(backend):
-    """Sigmoid + bias + groups + scale through fused_moe equals the dense oracle on `route`'s choice."""
+    """Sigmoid + bias + groups + scale through fused_moe equals the dense oracle on `route`'s choice
+    (gpu_routing_kernel: the GPU path with routing_gpu computing this routing, GPU_GLUE's
+    "routing_kinds")."""
+    from pallas_kernels.fused_moe import api
     T, E, D, F, top_k = 9, 16, 64, 32, 4
     x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
     routing = Routing(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum", scale=2.0)
     bias = jnp.asarray(_rng.standard_normal(E).astype(np.float32))
-    got = fused_moe(x, logits, w1, w2, top_k, renormalize=True, routing=routing, score_bias=bias,
-                    backend=backend, interpret=True)
+    if backend == "gpu_routing_kernel":
+        got = api._fused_moe_kernel(x, logits, w1, w2, None, None, bias, top_k=top_k, renormalize=True,
+                                    activation="silu", backend="gpu", interpret=True, config=None,
+                                    gpu_glue=api.GPU_GLUE + ("routing_kinds",), routing=routing)
+    else:
+        got = fused_moe(x, logits, w1, w2, top_k, renormalize=True, routing=routing, score_bias=bias,
+                        backend=backend, interpret=True)
     w, ids = route(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
     _assert_close(got, _dense_moe(x, w1, w2, w, ids), jnp.float32)
     plain_w, plain_ids = route(logits, top_k, renormalize=True, routing=routing)

@@ -99,3 +99,15 @@ def test_mla_attention_lowers_for_cuda(dtype):
     f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=512, sm_scale=0.1, k_page_offset=0,
                           v_page_offset=k.shape[0])
     assert _lowered_kernels(f, q, buf, buf, *rest) == ["__gpu$xla.gpu.triton"]
+
+
+def test_routing_kinds_lower_for_cuda():
+    """routing_gpu for sigmoid + bias + group-limited top-k (DeepSeek-V3's top-2 group sums)."""
+    from pallas_kernels.fused_moe import Routing
+    from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(64), jnp.float32)
+    routing = Routing(scoring="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum", scale=2.5)
+    f = functools.partial(route_topk_gpu, top_k=6, renormalize=True, routing=routing)
+    assert _lowered_kernels(lambda lg, b: f(lg, score_bias_E=b), logits, bias) == ["__gpu$xla.gpu.triton"]
