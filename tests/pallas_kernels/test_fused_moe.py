@@ -521,3 +521,15 @@ def test_gpt_oss_experts_backend_policy(monkeypatch):
         fused_moe(x, logits, w1, w2, 2, b1=b1, backend="tpu", interpret=True)
     with pytest.raises(ValueError, match=r"b2 must be \[E, D\]"):
         fused_moe(x, logits, w1, w2, 2, b2=b2[:, :5], backend="gpu", interpret=True)
+
+
+def test_gpt_oss_benchmark_rows_run_on_cpu():
+    """fused_moe.bench's GPT-OSS rows at a toy shape (host timer; the reference only on a CPU):
+    GB/s counts the active experts' weights and biases."""
+    from pallas_kernels.fused_moe import bench
+    rows = bench._Rows()
+    bench.bench_gpt_oss(rows, 100.0, ("toy", 8, 64, 32, 2, 4))
+    (row,) = rows.rows
+    assert row["impl"] == "xla_reference_fused_moe" and "biases+clamp" in row["shape"]
+    touched = int(row["shape"].split("touched=")[1].split("/")[0])
+    assert abs(row["GBps"] * row["us"] * 1e-6 - touched * (3 * 64 * 32 + 2 * 32 + 64) * 2 / 1e9) < 1e-6

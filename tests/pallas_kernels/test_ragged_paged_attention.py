@@ -753,6 +753,19 @@ def test_mla_decode_benchmark_runs_and_counts_the_latent_bytes():
     from pallas_kernels.ragged_paged_attention import bench
     rows = []
     bench.bench_mla_decode(rows, copy_gbps=100.0, shapes=[(2, 64)])
-    (row,) = rows
-    assert row["section"] == "mla_decode" and row["impl"] == "reference"
-    assert abs(row["GBps"] * row["us"] * 1e-6 - 2 * 64 * 576 * 2 / 1e9) < 1e-12
+    assert [row["impl"] for row in rows] == ["reference", "reference_offsets"]     # one buffer + offsets
+    for row in rows:
+        assert row["section"] == "mla_decode"
+        assert abs(row["GBps"] * row["us"] * 1e-6 - 2 * 64 * 576 * 2 / 1e9) < 1e-12
+
+
+def test_gpt_oss_attention_benchmark_runs_and_counts_the_window():
+    """The GPT-OSS rows at a toy mixed shape on CPU (host timer): a windowed query reads its last
+    128 keys (a chunk of 3 tokens: 130), a full one its context."""
+    from pallas_kernels.ragged_paged_attention import bench
+    rows = []
+    bench.bench_gpt_oss(rows, copy_gbps=100.0, shapes=[(2, 300, 1, 3, 100)])
+    assert [(row["section"], row["impl"]) for row in rows] == [("gpt_oss_attn", "reference")] * 2
+    keys = {128: 2 * 128 + 100, None: 2 * 300 + 100}
+    for row, window in zip(rows, (128, None)):
+        assert abs(row["GBps"] * row["us"] * 1e-6 - keys[window] * 2 * 8 * 64 * 2 / 1e9) < 1e-12
