@@ -12,7 +12,8 @@ GPT-OSS-20B and MLA rows: attention with sinks and a traced window of 128 or ful
 gpt_oss_attn), DeepSeek-V2-Lite's MLA decode on separate pages and with page offsets into one
 buffer (mla_decode, impl *_offsets), GPT-OSS's experts with biases and the clamped SwiGLU at
 1, 2 and 32 tokens (moe decode, shape "gpt_oss_20b ... biases+clamp"), each kernel beside the
-reference. `--only-new` runs just those rows (no decode / mixed attention table, no other MoE
+reference, and GLM-4.7-Flash's sigmoid + bias routing by XLA beside the routing kernel (moe
+decode, shape "glm47_flash ... sigmoid+bias"). `--only-new` runs just those rows (no decode / mixed attention table, no other MoE
 shapes, no MoE peers or prefill); `--skip-gpt-oss` leaves the GPT-OSS rows out.
 """
 from __future__ import annotations

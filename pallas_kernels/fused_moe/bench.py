@@ -6,7 +6,8 @@ fused MoE, the one [E, D, F] matrix for grouped matmuls) and the fraction of the
 (a 2 GiB device-to-device torch `copy_`, read + write counted, measured in the same run).
 Prefill rows are TFLOP/s and the fraction of the bf16 8192^3 matmul rate of the same run.
 GPT-OSS-20B rows (`bench_gpt_oss`): the experts with biases and the clamped SwiGLU at 1, 2 and
-32 tokens, the kernels beside the reference.
+32 tokens, the kernels beside the reference. GLM-4.7-Flash rows (`bench_routing_kinds`): its
+sigmoid + bias routing by XLA's `route` beside the routing kernel, on the GPU kernel path.
 Peers: `jax.lax.ragged_dot`, JAX's Mosaic GPU `ragged_dot_mgpu` (if importable) and the
 pure-jnp reference MoE under XLA. Run: `python -m pallas_kernels.fused_moe.bench`.
 Timing (every row, every implementation alike): pallas_kernels/timing.py `device_time`, the
@@ -43,6 +44,10 @@ DECODE_SHAPES = [
 # GPT-OSS-20B's experts with their biases and the clamped SwiGLU (alpha 1.702, limit 7):
 # (name, E, D, F, tokens, top_k); bench_gpt_oss
 GPT_OSS_SHAPES = [("gpt_oss_20b", 32, 2880, 2880, T, 4) for T in (1, 2, 32)]
+# GLM-4.7-Flash's routed experts (DeepSeek-V3 routing: sigmoid, a choice-only bias, top-4 of
+# 64, renormalised, scaled 1.8): the GPU path with XLA's `route` beside routing_gpu.py's kernel
+# (GPU_GLUE + "routing_kinds"); bench_routing_kinds
+ROUTING_KIND_SHAPES = [("glm47_flash", 64, 2048, 1536, T, 4) for T in (1, 32)]
 PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
 MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
 # Alternates to the tuning table tried per decode shape: (block_n, block_k, warps, stages),
@@ -205,6 +210,36 @@ def bench_gpt_oss(rows: _Rows, ceiling, shape, *, x_scale: float = 10.0) -> None
                  frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer, **extra)
 
 
+def bench_routing_kinds(rows: _Rows, ceiling, shape) -> None:
+    """GLM-4.7-Flash's routing (sigmoid + score bias, renormalised, scaled) on the GPU kernel
+    path: the routing by XLA (`route`, the default) beside routing_gpu.py's kernel
+    ("routing_kinds"), and the reference. GB/s of the active experts' weights."""
+    from pallas_kernels.fused_moe.reference import Routing, route
+    name, E, D, F, T, top_k = shape
+    x, logits, w1, w2 = decode_inputs(E, D, F, T)
+    bias = 0.1 * jax.random.normal(jax.random.PRNGKey(E + T), (E,), jnp.float32)
+    routing = Routing(scoring="sigmoid", scale=1.8)
+    _, ids = route(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
+    touched = int(jnp.unique(ids).shape[0])
+    gb = touched * 3 * D * F * x.dtype.itemsize / 1e9
+    tag = f"{name} T={T} top{top_k} touched={touched}/{E} sigmoid+bias"
+    impls = {"xla_reference_fused_moe": None}
+    if jax.default_backend() == "gpu":
+        impls["ours_fused_moe_xla_routing"] = api.GPU_GLUE
+        impls["ours_fused_moe_kernel_routing"] = api.GPU_GLUE + ("routing_kinds",)
+    for impl, glue in impls.items():
+        if glue is None:
+            f = jax.jit(lambda x, lg, w1, w2, b: fused_moe_reference(x, lg, w1, w2, top_k, renormalize=True,
+                                                                     routing=routing, score_bias=b))
+        else:
+            f = jax.jit(lambda x, lg, w1, w2, b, glue=glue: api._fused_moe_kernel(
+                x, lg, w1, w2, None, None, b, top_k=top_k, renormalize=True, activation="silu", backend="gpu",
+                interpret=False, config=None, gpu_glue=glue, routing=routing))
+        sec, timer = _time(f, x, logits, w1, w2, bias)
+        rows.add(kind="decode", shape=tag, impl=impl, us=sec * 1e6, GBps=gb / sec,
+                 frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer)
+
+
 def _prefill(rows: _Rows, mm_tflops, *, sweep: bool, rdm):
     name, G, K, N, M = PREFILL_SHAPE
     keys = jax.random.split(jax.random.PRNGKey(7), 3)
@@ -257,9 +292,9 @@ def _summary(rows: list[dict]) -> None:
 
 
 def main(sweep: bool = True, time_budget_s: float = 170.0, *, peers: bool = True,
-         shapes=None, prefill: bool = True, gpt_oss: bool = True) -> list[dict]:
+         shapes=None, prefill: bool = True, gpt_oss: bool = True, routing_kinds: bool = True) -> list[dict]:
     """Run every shape (or `shapes`, names or indices of DECODE_SHAPES) and, with gpt_oss,
-    GPT_OSS_SHAPES; returns the rows it printed. Sweeps stop once the budget is spent;
+    GPT_OSS_SHAPES, with routing_kinds ROUTING_KIND_SHAPES; returns the rows it printed. Sweeps stop once the budget is spent;
     peers=False times only our kernels."""
     rows = _Rows()
     start = time.perf_counter()
@@ -280,6 +315,11 @@ def main(sweep: bool = True, time_budget_s: float = 170.0, *, peers: bool = True
     for shape in GPT_OSS_SHAPES if gpt_oss else ():
         try:
             bench_gpt_oss(rows, ceiling, shape)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    for shape in ROUTING_KIND_SHAPES if routing_kinds else ():
+        try:
+            bench_routing_kinds(rows, ceiling, shape)
         except Exception as e:  # noqa: BLE001
             print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
     if prefill:

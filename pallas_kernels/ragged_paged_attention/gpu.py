@@ -33,6 +33,15 @@ masked in the scores and zeroed in V (`mask_v_load`: by the load itself), so unu
 pages (any bits, NaN included) never reach the output; page ids are clamped into the pool
 and page-table slots into the table, so no read leaves either.
 
+Sliding window and sinks (GPT-OSS). The window is an int32 operand (static or traced: one
+compiled kernel serves a layer scan that alternates windowed and full layers); each item's key
+range starts at its first token's window start, so blocks wholly before the window are never
+loaded, and each row masks the keys its own window leaves out (a window may cut a page or a
+block anywhere). Sinks [N] (float32 operand): a learnt logit per query head in every softmax
+denominator, attending to nothing. Split 0 of each item starts its online softmax from the
+row's sink (max = sink, sum = 1, no value), so the sink enters each row's denominator exactly
+once, also through the log-sum-exp merge of the splits.
+
 Page offsets (static): page id p's K is pool page p + k_page_offset, its V p + v_page_offset,
 so k_pages and v_pages may be one buffer (the engine's whole arena row) holding both. The
 kernel clamps p into [0, P - 1 - max offset] and adds each offset (times G in pool rows) as a

@@ -533,3 +533,12 @@ def test_gpt_oss_benchmark_rows_run_on_cpu():
     assert row["impl"] == "xla_reference_fused_moe" and "biases+clamp" in row["shape"]
     touched = int(row["shape"].split("touched=")[1].split("/")[0])
     assert abs(row["GBps"] * row["us"] * 1e-6 - touched * (3 * 64 * 32 + 2 * 32 + 64) * 2 / 1e9) < 1e-6
+
+
+def test_routing_kinds_benchmark_rows_run_on_cpu():
+    """fused_moe.bench's GLM-4.7-Flash routing rows at a toy shape (the reference only on a CPU)."""
+    from pallas_kernels.fused_moe import bench
+    rows = bench._Rows()
+    bench.bench_routing_kinds(rows, 100.0, ("toy", 8, 64, 32, 2, 2))
+    (row,) = rows.rows
+    assert row["impl"] == "xla_reference_fused_moe" and "sigmoid+bias" in row["shape"]
