@@ -59,10 +59,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     (unmeasured so far; column pieces of >= 16; page offsets as above), "tpu" raises.
     sinks (float [N], traced ok; GPT-OSS): a learnt logit per head in every softmax
     denominator; "auto" runs them on the reference, backend="gpu" on gpu.py's kernel
-    (unmeasured so far). sliding_window may be a traced int32 scalar (a per-layer window): the
-    GPU kernel takes every window as an operand, so "auto" runs a traced window wherever it
-    runs a static one. The TPU kernel and the MLA kernel take neither sinks nor a traced
-    window (an explicit backend raises).
+    (unmeasured so far) and "tpu" (interpret-tested only). sliding_window may be a traced int32
+    scalar (a per-layer window): the kernels take every window as an operand, so "auto" runs a
+    traced window wherever it runs a static one. The MLA kernel takes neither sinks nor a
+    traced window (backend="gpu" raises).
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
@@ -76,12 +76,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     # "auto" keeps MLA and sinks on the reference until their GPU kernels have measurements
     # (bench.bench_mla_decode, bench.bench_sinks); a traced window runs where a static one does
     if requested == "auto" and backend != "reference" and (
-            latent or sinks is not None or not kernel_supports(q, k_pages, backend)
-            or (backend == "tpu" and traced_window)):
+            latent or sinks is not None or not kernel_supports(q, k_pages, backend)):
         backend = "reference"
-    if backend == "tpu" and (sinks is not None or traced_window):
-        raise ValueError("the tpu kernel does not run attention sinks or a traced sliding window yet; "
-                         "use backend='reference', 'gpu' or 'auto'")
     if latent and backend == "tpu":
         raise ValueError("the tpu kernel does not run MLA's latent attention (latent_value_dim) yet; "
                          "use backend='reference', 'gpu' or 'auto'")
@@ -118,4 +114,5 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
     return ragged_paged_attention_tpu(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, **offsets)
+        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, sinks=sinks,
+        **offsets)

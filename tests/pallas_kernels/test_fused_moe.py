@@ -455,7 +455,6 @@ def _clamp_bites(x, logits, w1, b1, top_k, limit):
 
 @pytest.mark.parametrize("T,E,top_k,D,F,dtype", [
     (1, 8, 4, 64, 32, jnp.float32),        # decode: the single-token layout
-    (2, 8, 4, 64, 32, jnp.float32),
     (9, 16, 4, 48, 80, jnp.float32),       # dims 16 * odd
     (32, 8, 4, 64, 32, jnp.bfloat16),      # several rows per expert, bf16
 ])
@@ -471,7 +470,7 @@ def test_gpu_kernels_biased_experts_clamped_swiglu(T, E, top_k, D, F, dtype):
     want = fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
     assert got.shape == (T, D) and got.dtype == dtype
     _assert_close(got, want, dtype)
-    if T == 2:                                       # each bias alone, SiLU
+    if T == 9:                                       # each bias alone, SiLU
         for only in (dict(b1=b1), dict(b2=b2)):
             got = fused_moe(x, logits, w1, w2, top_k, backend="gpu", interpret=True, **only)
             _assert_close(got, fused_moe_reference(x, logits, w1, w2, top_k, **only), dtype)

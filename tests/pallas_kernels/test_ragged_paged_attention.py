@@ -184,12 +184,8 @@ class TestSinksAndTracedWindow:
         assert_close(per_layer(0), loop_attention(args, sliding_window=7), 1e-5)
         assert_close(per_layer(1), loop_attention(args), 1e-5)
 
-    def test_tpu_kernel_refuses_sinks_and_traced_window(self):
+    def test_sinks_shape_is_checked(self):
         args = make_case(24, *DECODE, N=4, K=4, H=64)
-        with pytest.raises(ValueError, match="tpu kernel does not run attention sinks"):
-            ragged_paged_attention(*args, sinks=jnp.zeros(4), backend="tpu", interpret=True)
-        with pytest.raises(ValueError, match="tpu kernel does not run attention sinks"):
-            ragged_paged_attention(*args, sliding_window=jnp.int32(4), backend="tpu", interpret=True)
         with pytest.raises(ValueError, match=r"sinks must be a float array \[N\]"):
             ragged_paged_attention(*args, sinks=jnp.zeros(3))
 
@@ -213,7 +209,8 @@ def sink_values(seed, N):
 class TestGpuKernelSinksAndWindow:
     """gpu.py in interpret mode with GPT-OSS's options: sinks (one per query head, large and
     small), a traced window that cuts pages (G = 16, windows 5, 20, 37), soft caps, page
-    offsets, KV splits, in mixed prefill + decode batches; against the reference."""
+    offsets, KV splits, in mixed prefill + decode batches; against the reference. The TPU
+    kernel (TPU interpret mode) on the same options."""
 
     @pytest.mark.parametrize("window,soft_cap,cfg", [
         (5, None, None),                                                       # tuned tiling
@@ -280,6 +277,20 @@ class TestGpuKernelSinksAndWindow:
                                      interpret=True, k_page_offset=k_off, v_page_offset=v_off)
         assert_close(out, ragged_paged_attention_reference(*plain, sinks=sinks, sliding_window=20),
                      TOL[jnp.float32])
+
+    @pytest.mark.parametrize("dtype,window", [(jnp.float32, 20), (jnp.bfloat16, 5)])
+    def test_tpu_kernel_interpret(self, dtype, window):
+        """The TPU kernel (TPU interpret mode) with sinks and a traced window, K and V as two
+        windows of one buffer, a mixed batch."""
+        seed = fresh_seed("tpu sinks")
+        plain, one, k_off, v_off = windows_of_one_buffer(
+            make_case(seed, *MIXED, N=8, K=2, H=128, G=16, S_cap=8, T_pad=2, dtype=dtype))
+        sinks = sink_values(seed, 8)
+        out = jax.jit(lambda w: ragged_paged_attention(*one, sinks=sinks, sliding_window=w, backend="tpu",
+                                                       interpret=True, k_page_offset=k_off,
+                                                       v_page_offset=v_off))(jnp.int32(window))
+        assert_close(out, ragged_paged_attention_reference(*plain, sinks=sinks, sliding_window=window), TOL[dtype])
+        assert np.all(np.asarray(out, np.float32)[-2:] == 0)
 
     def test_auto_policy(self, monkeypatch):
         """On a GPU "auto" runs a traced window on the kernel (as a static one) and keeps sinks on
