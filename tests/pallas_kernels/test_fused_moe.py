@@ -297,6 +297,22 @@ class TestGpuKernel:
         want = fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
         _assert_close(got, want, jnp.bfloat16)
 
+    @pytest.mark.parametrize("T", [1, 64])
+    @pytest.mark.parametrize("E,top_k,routing", [
+        (256, 8, Routing(scoring="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum", scale=2.5)),  # V3
+        (64, 4, Routing(scoring="sigmoid", scale=1.8)),                                                    # GLM-4.7
+        (64, 6, Routing(num_groups=8, topk_groups=3, group_score="max")),                                  # V2
+    ])
+    def test_routing_kinds_compiled(self, T, E, top_k, routing):
+        """routing_gpu compiled for the DeepSeek-V2/V3 and GLM-4.7-Flash routings, with a bias."""
+        rng = _seeded("gpu routing kinds")
+        logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
+        bias = jnp.asarray(0.3 * rng.standard_normal(E), jnp.float32)
+        w, ids = route_topk_gpu(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
+        w_ref, ids_ref = route(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
+        np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+        np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-5, atol=1e-6)
+
     def test_expert_rows_past_4gib(self):
         """Weights read in place from a buffer over 4 GiB (64-bit pointer offsets): a stack
         whose layer sits past element 2**31 of a [L*E*D, 2F] rows view."""
