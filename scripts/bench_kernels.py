@@ -2,11 +2,19 @@
 
     PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH] [--skip-moe]
         [--skip-attention] [--attention-sweep-only] [--moe-sweep-only] [--skip-decode]
-        [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill] [--moe-no-peers]
+        [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill] [--moe-no-peers] [--skip-gpt-oss]
+        [--only-new]
 
 Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
 then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
-pallas_kernels.fused_moe.bench.main, and prints all their rows as one table.
+pallas_kernels.fused_moe.bench.main, and prints all their rows as one table. Among them, the
+GPT-OSS-20B and MLA rows: attention with sinks and a traced window of 128 or full (section
+gpt_oss_attn), DeepSeek-V2-Lite's MLA decode on separate pages and with page offsets into one
+buffer (mla_decode, impl *_offsets), GPT-OSS's experts with biases and the clamped SwiGLU at
+1, 2 and 32 tokens (moe decode, shape "gpt_oss_20b ... biases+clamp"), each kernel beside the
+reference, and GLM-4.7-Flash's sigmoid + bias routing by XLA beside the routing kernel (moe
+decode, shape "glm47_flash ... sigmoid+bias"). `--only-new` runs just those rows (no decode / mixed attention table, no other MoE
+shapes, no MoE peers or prefill); `--skip-gpt-oss` leaves the GPT-OSS rows out.
 """
 from __future__ import annotations
 
@@ -99,7 +107,12 @@ def main():
     ap.add_argument("--no-moe-sweep", action="store_true", help="with --sweep: not for MoE")
     ap.add_argument("--moe-no-prefill", action="store_true", help="no MoE prefill rows")
     ap.add_argument("--moe-no-peers", action="store_true", help="MoE: our kernels only")
+    ap.add_argument("--skip-gpt-oss", action="store_true", help="no GPT-OSS attention or MoE rows")
+    ap.add_argument("--only-new", action="store_true",
+                    help="only the GPT-OSS attention, MLA decode and GPT-OSS MoE rows")
     a = ap.parse_args()
+    if a.only_new:
+        a.skip_decode = a.skip_mixed = a.moe_no_prefill = a.moe_no_peers = True
     rows = []
     copy_gbps = torch_copy_gbps()
     if copy_gbps:
@@ -110,7 +123,7 @@ def main():
         try:
             only = a.attention_sweep_only
             rpa_bench.main(rows, copy_gbps, do_sweep=a.sweep, decode=not (only or a.skip_decode),
-                           mixed=not (only or a.skip_mixed))
+                           mixed=not (only or a.skip_mixed), gpt_oss=not (only or a.skip_gpt_oss))
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     if not a.skip_moe:
@@ -119,6 +132,10 @@ def main():
             moe_kw["prefill"] = False
         if a.moe_no_peers:
             moe_kw["peers"] = False
+        if a.skip_gpt_oss:
+            moe_kw["gpt_oss"] = False
+        if a.only_new:
+            moe_kw["shapes"] = ()
         run_moe(rows, a.sweep and not a.no_moe_sweep, **moe_kw)
     header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")

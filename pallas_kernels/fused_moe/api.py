@@ -4,7 +4,9 @@ The one place that picks a backend ("reference" | "gpu" | "tpu" | "auto"). The k
 backends share the flow: route (softmax, top-k, optional renormalisation), lay the (token, k)
 rows out sorted by expert and padded to whole tiles (layout.py), gate/up grouped matmul with
 the activation fused, down grouped matmul with the routing weight fused, then each token sums
-its top_k rows (a gather, no scatter). On the GPU the kernels do the glue themselves (gate/up
+its top_k rows (a gather, no scatter). The GPU kernels also add the experts' biases in their
+epilogues (b1 before the activation, b2 before the routing weight) and compute GPT-OSS's
+clamped SwiGLU (activation.gated); the TPU kernels take neither. On the GPU the kernels do the glue themselves (gate/up
 gathers its token rows, down reads each row's routing weight, a combine kernel sums the rows
 in a fixed order) and routing is one kernel too (routing_gpu.py), so a call is four kernels
 plus the layout ops.
@@ -27,7 +29,7 @@ from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layo
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
 from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, ClampedSwiGLU, Routing, fused_moe_reference,
                                                 grouped_matmul_reference, local_expert_ids, route)
-from pallas_kernels.fused_moe.validation import (check_config, check_fused_moe,
+from pallas_kernels.fused_moe.validation import (check_config, check_expert_biases, check_fused_moe,
                                                  check_grouped_matmul, resolve_backend)
 
 _KERNELS = {"gpu": gpu, "tpu": tpu}
@@ -98,11 +100,15 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
 
     routing (static `Routing`) and score_bias (float [E], traced ok) generalise the softmax
     top-k (sigmoid scores, group-limited top-k, a choice-only bias, scaling: DeepSeek-V2/V3);
-    the kernel path computes such routing with the reference's `route` (XLA ops), the GPU
-    routing kernel serves the plain softmax top-k.
+    the kernel path computes such routing with the reference's `route` (XLA ops) and the plain
+    softmax top-k with the GPU routing kernel, which computes every Routing (GPU_GLUE's
+    "routing_kinds", not the default until measured).
 
-    b1 [E, 2F] / b2 [E, D] (the experts' biases) and activation=ClampedSwiGLU(alpha, limit)
-    (GPT-OSS) run on the reference: "auto" picks it for them, an explicit kernel backend raises.
+    b1 [E, 2F] / b2 [E, D] (the experts' biases, arrays; with expert_offset the local slice's
+    rows, as w1/w2) and activation=ClampedSwiGLU(alpha, limit) (GPT-OSS): backend="gpu" runs
+    them in the kernels (b1 and the activation in the gate/up epilogue, b2 in the down
+    projection's, before the routing weight); "auto" keeps them on the reference (the kernels
+    have no measurements with them yet); "tpu" raises.
 
     `config` overrides the tuning table: one BlockConfig for both grouped matmuls or a
     (gate_up, down) pair with the same block_m. With backend="auto" on a GPU, D or F not a
@@ -112,24 +118,29 @@ def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,
     if token_mask is not None and getattr(token_mask, "shape", None) != (x.shape[0],):
         raise ValueError(f"fused_moe: token_mask must be [T] = [{x.shape[0]}], got shape "
                          f"{getattr(token_mask, 'shape', None)}")
-    reference_only = b1 is not None or b2 is not None or isinstance(activation, ClampedSwiGLU)
-    if reference_only and backend not in ("auto", "reference"):
-        raise ValueError(f"fused_moe: the {backend} kernels do not take expert biases or the clamped SwiGLU "
-                         f"yet; use backend='reference' or 'auto'")
-    backend = "reference" if reference_only else _choose(backend, w2.shape[1], w2.shape[2])
+    gpt_oss = b1 is not None or b2 is not None or isinstance(activation, ClampedSwiGLU)
+    if gpt_oss:
+        check_expert_biases(w1, w2, b1, b2)
+    if gpt_oss and backend == "tpu":
+        raise ValueError("fused_moe: the tpu kernels do not take expert biases or the clamped SwiGLU yet; "
+                         "use backend='reference', 'gpu' or 'auto'")
+    # "auto" keeps GPT-OSS's experts on the reference until the GPU kernels have measurements with them
+    backend = "reference" if gpt_oss and backend == "auto" else _choose(backend, w2.shape[1], w2.shape[2])
     if backend == "reference" or x.shape[0] == 0:
         return fused_moe_reference(x, router_logits, as_array(w1), as_array(w2), top_k,
                                    renormalize=renormalize, activation=activation,
                                    expert_offset=expert_offset, token_mask=token_mask, routing=routing,
                                    score_bias=score_bias, b1=b1, b2=b2)
-    return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, token_mask, score_bias, top_k=top_k,
-                             renormalize=renormalize, activation=activation, backend=backend,
+    return _fused_moe_kernel(x, router_logits, w1, w2, expert_offset, token_mask, score_bias, b1, b2,
+                             top_k=top_k, renormalize=renormalize, activation=activation, backend=backend,
                              interpret=interpret, config=config, routing=routing)
 
 
 # What the GPU path does in kernels instead of XLA ops: "routing" (routing_gpu.py instead of
 # softmax + sort + renormalisation) and "combine" (gpu.combine_rows instead of a gather and a
-# sum). The benchmark times the other settings beside the default (fused_moe/bench.py).
+# sum). The benchmark times the other settings beside the default (fused_moe/bench.py), and
+# "routing_kinds": routing_gpu.py also for the other `Routing`s and a score bias (sigmoid,
+# group-limited top-k: DeepSeek-V2/V3, GLM), off by default until it has GPU measurements.
 GPU_GLUE = ("routing", "combine")
 
 
@@ -142,8 +153,8 @@ def _combine_xla(y_PD, layout, top_k: int, dtype):
 @functools.partial(jax.jit, static_argnames=("top_k", "renormalize", "activation", "backend",
                                              "interpret", "config", "gpu_glue", "routing"))
 def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, token_mask_T=None, score_bias_E=None,
-                      *, top_k, renormalize, activation, backend, interpret, config, gpu_glue=GPU_GLUE,
-                      routing=SOFTMAX_TOPK):
+                      b1_EF2=None, b2_ED=None, *, top_k, renormalize, activation, backend, interpret, config,
+                      gpu_glue=GPU_GLUE, routing=SOFTMAX_TOPK):
     T, D = x_TD.shape
     E, _, F2 = w1_EDF2.shape
     F = F2 // 2
@@ -161,9 +172,9 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, to
     check_config(cfg2, F, D, backend, "fused_moe down")
     kernels = _KERNELS[backend]
     plain = routing == SOFTMAX_TOPK and score_bias_E is None
-    if backend == "gpu" and "routing" in gpu_glue and plain:   # one kernel: softmax, top-k, renormalise
+    if backend == "gpu" and "routing" in gpu_glue and (plain or "routing_kinds" in gpu_glue):   # one kernel
         weights_TK, ids_TK = route_topk_gpu(router_logits_TE, top_k, renormalize=renormalize,
-                                            interpret=interpret)
+                                            interpret=interpret, routing=routing, score_bias_E=score_bias_E)
     else:
         weights_TK, ids_TK = route(router_logits_TE, top_k, renormalize=renormalize, routing=routing,
                                    score_bias_E=score_bias_E)
@@ -176,9 +187,9 @@ def _fused_moe_kernel(x_TD, router_logits_TE, w1_EDF2, w2_EFD, expert_offset, to
     weights_R = weights_TK.reshape(R)
     if backend == "gpu":   # rows gathered, weights applied and rows combined in the kernels
         h_PF = kernels.gate_up_gathered(x_TD, top_k, _weights_for(backend, w1_EDF2), layout,
-                                        cfg1, activation=activation, interpret=interpret)
+                                        cfg1, activation=activation, b1_EF2=b1_EF2, interpret=interpret)
         y_PD = kernels.gmm_padded(h_PF, _weights_for(backend, w2_EFD), layout, cfg2,
-                                  row_weights_R=weights_R, out_dtype=jnp.float32,
+                                  row_weights_R=weights_R, bias_GN=b2_ED, out_dtype=jnp.float32,
                                   interpret=interpret)
         if "combine" in gpu_glue:
             return kernels.combine_rows(y_PD, layout.dst_row_R, top_k, x_TD.dtype,

@@ -5,6 +5,9 @@ GB/s of ACTIVE expert weights (experts that received at least one token; w1 + w2
 fused MoE, the one [E, D, F] matrix for grouped matmuls) and the fraction of the copy ceiling
 (a 2 GiB device-to-device torch `copy_`, read + write counted, measured in the same run).
 Prefill rows are TFLOP/s and the fraction of the bf16 8192^3 matmul rate of the same run.
+GPT-OSS-20B rows (`bench_gpt_oss`): the experts with biases and the clamped SwiGLU at 1, 2 and
+32 tokens, the kernels beside the reference. GLM-4.7-Flash rows (`bench_routing_kinds`): its
+sigmoid + bias routing by XLA's `route` beside the routing kernel, on the GPU kernel path.
 Peers: `jax.lax.ragged_dot`, JAX's Mosaic GPU `ragged_dot_mgpu` (if importable) and the
 pure-jnp reference MoE under XLA. Run: `python -m pallas_kernels.fused_moe.bench`.
 Timing (every row, every implementation alike): pallas_kernels/timing.py `device_time`, the
@@ -38,6 +41,13 @@ DECODE_SHAPES = [
     ("qwen3_30b_a3b", 128, 2048, 768, 256, 8),
     ("olmoe", 64, 2048, 1024, 32, 8),
 ]
+# GPT-OSS-20B's experts with their biases and the clamped SwiGLU (alpha 1.702, limit 7):
+# (name, E, D, F, tokens, top_k); bench_gpt_oss
+GPT_OSS_SHAPES = [("gpt_oss_20b", 32, 2880, 2880, T, 4) for T in (1, 2, 32)]
+# GLM-4.7-Flash's routed experts (DeepSeek-V3 routing: sigmoid, a choice-only bias, top-4 of
+# 64, renormalised, scaled 1.8): the GPU path with XLA's `route` beside routing_gpu.py's kernel
+# (GPU_GLUE + "routing_kinds"); bench_routing_kinds
+ROUTING_KIND_SHAPES = [("glm47_flash", 64, 2048, 1536, T, 4) for T in (1, 32)]
 PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
 MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
 # Alternates to the tuning table tried per decode shape: (block_n, block_k, warps, stages),
@@ -165,6 +175,71 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
             rec("jax_ragged_dot_mgpu_best", best, gmm_gb)
 
 
+def bench_gpt_oss(rows: _Rows, ceiling, shape, *, x_scale: float = 10.0) -> None:
+    """GPT-OSS's experts (biases b1/b2, ClampedSwiGLU(1.702, 7)) through fused_moe: the
+    reference ("auto" today) and, on a GPU, the kernels (backend="gpu"; max error against the
+    reference in the row). x is scaled by x_scale so that the clamp's limit bites. GB/s of the
+    active experts' weights and biases against the copy ceiling."""
+    from pallas_kernels.fused_moe.reference import ClampedSwiGLU
+    name, E, D, F, T, top_k = shape
+    x, logits, w1, w2 = decode_inputs(E, D, F, T)
+    x = x * x_scale
+    kb = jax.random.split(jax.random.PRNGKey(E * 1000 + T + 1), 2)
+    b1 = jax.random.normal(kb[0], (E, 2 * F), x.dtype)
+    b2 = jax.random.normal(kb[1], (E, D), x.dtype)
+    act = ClampedSwiGLU(alpha=1.702, limit=7.0)
+    _, ids = route_topk(logits, top_k, renormalize=True)
+    touched = int(jnp.unique(ids).shape[0])
+    gb = touched * (3 * D * F + 2 * F + D) * x.dtype.itemsize / 1e9
+    tag = f"{name} T={T} top{top_k} touched={touched}/{E} biases+clamp"
+    impls = {"xla_reference_fused_moe": "reference"}
+    if jax.default_backend() == "gpu":
+        impls["ours_fused_moe"] = "gpu"
+    outs = {}
+    for impl, backend in impls.items():
+        f = jax.jit(lambda x, lg, w1, w2, b1, b2, backend=backend: fused_moe(
+            x, lg, w1, w2, top_k, activation=act, b1=b1, b2=b2, backend=backend))
+        outs[impl] = f(x, logits, w1, w2, b1, b2)
+        extra = {}
+        if impl != "xla_reference_fused_moe":
+            ref = outs["xla_reference_fused_moe"].astype(jnp.float32)
+            extra["max_err"] = float(jnp.max(jnp.abs(outs[impl].astype(jnp.float32) - ref)))
+            extra["max_ref"] = float(jnp.max(jnp.abs(ref)))
+        sec, timer = _time(f, x, logits, w1, w2, b1, b2)
+        rows.add(kind="decode", shape=tag, impl=impl, us=sec * 1e6, GBps=gb / sec,
+                 frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer, **extra)
+
+
+def bench_routing_kinds(rows: _Rows, ceiling, shape) -> None:
+    """GLM-4.7-Flash's routing (sigmoid + score bias, renormalised, scaled) on the GPU kernel
+    path: the routing by XLA (`route`, the default) beside routing_gpu.py's kernel
+    ("routing_kinds"), and the reference. GB/s of the active experts' weights."""
+    from pallas_kernels.fused_moe.reference import Routing, route
+    name, E, D, F, T, top_k = shape
+    x, logits, w1, w2 = decode_inputs(E, D, F, T)
+    bias = 0.1 * jax.random.normal(jax.random.PRNGKey(E + T), (E,), jnp.float32)
+    routing = Routing(scoring="sigmoid", scale=1.8)
+    _, ids = route(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
+    touched = int(jnp.unique(ids).shape[0])
+    gb = touched * 3 * D * F * x.dtype.itemsize / 1e9
+    tag = f"{name} T={T} top{top_k} touched={touched}/{E} sigmoid+bias"
+    impls = {"xla_reference_fused_moe": None}
+    if jax.default_backend() == "gpu":
+        impls["ours_fused_moe_xla_routing"] = api.GPU_GLUE
+        impls["ours_fused_moe_kernel_routing"] = api.GPU_GLUE + ("routing_kinds",)
+    for impl, glue in impls.items():
+        if glue is None:
+            f = jax.jit(lambda x, lg, w1, w2, b: fused_moe_reference(x, lg, w1, w2, top_k, renormalize=True,
+                                                                     routing=routing, score_bias=b))
+        else:
+            f = jax.jit(lambda x, lg, w1, w2, b, glue=glue: api._fused_moe_kernel(
+                x, lg, w1, w2, None, None, b, top_k=top_k, renormalize=True, activation="silu", backend="gpu",
+                interpret=False, config=None, gpu_glue=glue, routing=routing))
+        sec, timer = _time(f, x, logits, w1, w2, bias)
+        rows.add(kind="decode", shape=tag, impl=impl, us=sec * 1e6, GBps=gb / sec,
+                 frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer)
+
+
 def _prefill(rows: _Rows, mm_tflops, *, sweep: bool, rdm):
     name, G, K, N, M = PREFILL_SHAPE
     keys = jax.random.split(jax.random.PRNGKey(7), 3)
@@ -217,9 +292,10 @@ def _summary(rows: list[dict]) -> None:
 
 
 def main(sweep: bool = True, time_budget_s: float = 170.0, *, peers: bool = True,
-         shapes=None, prefill: bool = True) -> list[dict]:
-    """Run every shape (or `shapes`, names or indices of DECODE_SHAPES); returns the rows it
-    printed. Sweeps stop once the budget is spent; peers=False times only our kernels."""
+         shapes=None, prefill: bool = True, gpt_oss: bool = True, routing_kinds: bool = True) -> list[dict]:
+    """Run every shape (or `shapes`, names or indices of DECODE_SHAPES) and, with gpt_oss,
+    GPT_OSS_SHAPES, with routing_kinds ROUTING_KIND_SHAPES; returns the rows it printed. Sweeps stop once the budget is spent;
+    peers=False times only our kernels."""
     rows = _Rows()
     start = time.perf_counter()
     print(f"jax {jax.__version__} devices {jax.devices()}", flush=True)
@@ -234,6 +310,16 @@ def main(sweep: bool = True, time_budget_s: float = 170.0, *, peers: bool = True
         try:
             _decode(rows, ceiling, shape, rdm=rdm, peers=peers,
                     sweep=sweep and time.perf_counter() - start < time_budget_s)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    for shape in GPT_OSS_SHAPES if gpt_oss else ():
+        try:
+            bench_gpt_oss(rows, ceiling, shape)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    for shape in ROUTING_KIND_SHAPES if routing_kinds else ():
+        try:
+            bench_routing_kinds(rows, ceiling, shape)
         except Exception as e:  # noqa: BLE001
             print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
     if prefill:

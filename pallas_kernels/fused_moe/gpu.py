@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fused_moe.activation import activate
+from pallas_kernels.fused_moe.activation import gated
 from pallas_kernels.fused_moe.expert_rows import ExpertRows
 from pallas_kernels.fused_moe.layout import TileLayout
 from pallas_kernels.fused_moe.tuning import BlockConfig
@@ -37,11 +37,14 @@ from pallas_kernels.pow2 import next_pow2
 
 
 def _gmm_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, *rest, block_k: int,
-                num_k: int, block_n: int, group_rows: int, has_scale: bool):
+                num_k: int, block_n: int, group_rows: int, has_scale: bool, has_bias: bool):
     # x_ref: [P, K] (whole); w_ref: [R, N] rows (whole), group g at rows row0 + g*K;
+    # with a bias: bias_ref [G, N] (whole; group g's row added to its rows, before the scale);
     # with a scale: src_ref [P] int32 (source row of each padded row, R_src = fill) and
     # wts_ref [R_src] f32 (each source row's scale, read here: no gather launch before);
     # o_ref: [bm, bn] block (i, j).
+    rest = list(rest)
+    bias_ref = rest.pop(0) if has_bias else None
     src_ref, wts_ref, o_ref = rest if has_scale else (None, None, rest[0])
     i = pl.program_id(0)
     j = pl.program_id(1)
@@ -57,12 +60,19 @@ def _gmm_kernel(tile_group_ref, num_active_ref, row0_ref, x_ref, w_ref, *rest, b
             return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, block_n), jnp.float32))
+        if has_bias:
+            acc = acc + _bias_row(bias_ref, tile_group_ref[i], j * block_n, block_n)[None, :]
         if has_scale:
             n_src = wts_ref.shape[0]
             src = src_ref[pl.ds(i * bm, bm)]
             scale = _masked_gather(wts_ref, jnp.minimum(src, n_src - 1), src < n_src)
             acc = acc * scale[:, None]
         o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _bias_row(ref, g, col0, width):
+    """ref[g, col0:col0 + width] in float32 (one group's bias columns)."""
+    return ref[g, pl.ds(col0, width)].astype(jnp.float32)
 
 
 def _masked_gather(ref, rows, ok):
@@ -97,13 +107,15 @@ def store_cells(ref, rows, cols, val, ok, *, live_shape, interpret: bool):
     pltriton.store(ref.at[r, c], val, mask=ok)
 
 
-def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, src_ref, x_ref, w_ref, o_ref, *,
+def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, src_ref, x_ref, w_ref, *rest,
                     block_k: int, num_k: int, block_n: int, F: int, group_rows: int,
-                    activation: str, top_k: int):
+                    activation, top_k: int, has_bias: bool):
     # src_ref: [P] int32, the (token, k) pair of each padded row (T * top_k = a fill row);
     # x_ref: [T, D] (whole, the caller's tokens: each tile gathers its rows itself);
     # w_ref: [R, 2F] rows (whole), expert e at rows row0 + e*D;
-    # o_ref: [bm, bn] block (i, j) of act(x @ gate) * (x @ up).
+    # with a bias: b_ref [E, 2F] (whole; gate | up, added before the activation);
+    # o_ref: [bm, bn] block (i, j) of gated(x @ gate + b_gate, x @ up + b_up).
+    b_ref, o_ref = rest if has_bias else (None, rest[0])
     i = pl.program_id(0)
     j = pl.program_id(1)
 
@@ -129,7 +141,11 @@ def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, src_ref, x_ref, w_
 
         zero = jnp.zeros((bm, block_n), jnp.float32)
         acc_g, acc_u = jax.lax.fori_loop(0, num_k, body, (zero, zero))
-        o_ref[...] = (activate(acc_g, activation) * acc_u).astype(o_ref.dtype)
+        if has_bias:
+            g = tile_group_ref[i]
+            acc_g = acc_g + _bias_row(b_ref, g, j * block_n, block_n)[None, :]
+            acc_u = acc_u + _bias_row(b_ref, g, F + j * block_n, block_n)[None, :]
+        o_ref[...] = gated(acc_g, acc_u, activation).astype(o_ref.dtype)
 
 
 def _whole(shape):
@@ -138,10 +154,11 @@ def _whole(shape):
 
 
 def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockConfig, *,
-               row_weights_R: jax.Array | None = None, out_dtype=None, interpret: bool = False):
-    """[P, K] (padded layout) x w[tile group] -> [P, N]; with row_weights_R (f32, one per
-    source row), padded row p is scaled by row_weights_R[layout.src_row_P[p]] (fill rows by
-    0), read inside the kernel."""
+               row_weights_R: jax.Array | None = None, bias_GN: jax.Array | None = None,
+               out_dtype=None, interpret: bool = False):
+    """[P, K] (padded layout) x w[tile group] (+ bias_GN[tile group]) -> [P, N]; with
+    row_weights_R (f32, one per source row), padded row p is then scaled by
+    row_weights_R[layout.src_row_P[p]] (fill rows by 0), read inside the kernel."""
     P, K = x_PK.shape
     _, _, N = w.shape
     bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
@@ -149,12 +166,16 @@ def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockCon
     in_specs = [_whole((layout.num_tiles,)), _whole((1,)), _whole((1,)),
                 _whole(x_PK.shape), _whole(w.rows_RN.shape)]
     args = [layout.tile_group_I, layout.num_active_1, w.first_row_1(), x_PK, w.rows_RN]
+    has_bias = bias_GN is not None
+    if has_bias:
+        in_specs.append(_whole(bias_GN.shape))
+        args.append(bias_GN)
     has_scale = row_weights_R is not None
     if has_scale:
         in_specs += [_whole(layout.src_row_P.shape), _whole(row_weights_R.shape)]
         args += [layout.src_row_P, row_weights_R.astype(jnp.float32)]
     kernel = functools.partial(_gmm_kernel, block_k=bk, num_k=K // bk, block_n=bn,
-                               group_rows=w.group_rows, has_scale=has_scale)
+                               group_rows=w.group_rows, has_scale=has_scale, has_bias=has_bias)
     return pl.pallas_call(
         kernel,
         grid=(layout.num_tiles, N // bn),
@@ -169,21 +190,26 @@ def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockCon
 
 
 def gate_up_gathered(x_TD: jax.Array, top_k: int, w1: ExpertRows, layout: TileLayout,
-                     cfg: BlockConfig, *, activation: str, interpret: bool = False):
-    """act(x @ w1[e][:, :F]) * (x @ w1[e][:, F:]) over the padded layout -> [P, F]; padded
-    row p computes token layout.src_row_P[p] // top_k, gathered inside the kernel (fill rows
-    read zeros)."""
+                     cfg: BlockConfig, *, activation, b1_EF2: jax.Array | None = None,
+                     interpret: bool = False):
+    """gated(x @ w1[e][:, :F] + b1[e, :F], x @ w1[e][:, F:] + b1[e, F:]) over the padded
+    layout -> [P, F] (activation.gated: "silu", "gelu" or a ClampedSwiGLU; b1 optional);
+    padded row p computes token layout.src_row_P[p] // top_k, gathered inside the kernel
+    (fill rows read zeros)."""
     T, D = x_TD.shape
     P = layout.src_row_P.shape[0]
     F = w1.shape[2] // 2
     bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
+    has_bias = b1_EF2 is not None
     kernel = functools.partial(_gate_up_kernel, block_k=bk, num_k=D // bk, block_n=bn, F=F,
-                               group_rows=w1.group_rows, activation=activation, top_k=top_k)
+                               group_rows=w1.group_rows, activation=activation, top_k=top_k,
+                               has_bias=has_bias)
+    bias = [b1_EF2] if has_bias else []
     return pl.pallas_call(
         kernel,
         grid=(layout.num_tiles, F // bn),
         in_specs=[_whole((layout.num_tiles,)), _whole((1,)), _whole((1,)), _whole((P,)),
-                  _whole(x_TD.shape), _whole(w1.rows_RN.shape)],
+                  _whole(x_TD.shape), _whole(w1.rows_RN.shape), *[_whole(b.shape) for b in bias]],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((P, F), x_TD.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
@@ -191,7 +217,7 @@ def gate_up_gathered(x_TD: jax.Array, top_k: int, w1: ExpertRows, layout: TileLa
         interpret=interpret,
         name="crosspool_moe_gate_up",
     )(layout.tile_group_I, layout.num_active_1, w1.first_row_1(), layout.src_row_P, x_TD,
-      w1.rows_RN)
+      w1.rows_RN, *bias)
 
 
 # One token per combine program, 128 columns (512 from 64 tokens up): enough programs to

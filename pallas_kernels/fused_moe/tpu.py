@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.fused_moe.activation import activate
+from pallas_kernels.fused_moe.activation import gated
 from pallas_kernels.fused_moe.layout import TileLayout
 from pallas_kernels.fused_moe.tuning import BlockConfig
 
@@ -77,7 +77,7 @@ def _gate_up_kernel(tile_group_ref, num_active_ref, x_ref, wg_ref, wu_ref, o_ref
 
     @pl.when(k == num_k - 1)
     def _():
-        o_ref[...] = (activate(accg_ref[...], activation) * accu_ref[...]).astype(o_ref.dtype)
+        o_ref[...] = gated(accg_ref[...], accu_ref[...], activation).astype(o_ref.dtype)
 
 
 def _interpret_arg(interpret: bool):

@@ -77,6 +77,15 @@ def check_fused_moe(x, router_logits, w1, w2, top_k, activation, expert_slice: b
                          f"got {activation!r}")
 
 
+def check_expert_biases(w1, w2, b1, b2) -> None:
+    """b1 [E, 2F] and b2 [E, D] (arrays, optional) for w1 [E, D, 2F] and w2 [E, F, D]."""
+    E, D, F2 = w1.shape
+    for name, b, want in (("b1", b1, (E, F2)), ("b2", b2, (E, D))):
+        if b is not None and tuple(getattr(b, "shape", ())) != want:
+            raise ValueError(f"fused_moe: {name} must be [E, {'2F' if name == 'b1' else 'D'}] = {want} for w1 "
+                             f"{tuple(w1.shape)} and w2 {tuple(w2.shape)}, got shape {getattr(b, 'shape', None)}")
+
+
 def check_config(cfg, K: int, N: int, backend: str, what: str) -> None:
     """Block sizes must tile [K, N] exactly; the GPU lowering needs powers of two >= 16."""
     if K % cfg.block_k or N % cfg.block_n:

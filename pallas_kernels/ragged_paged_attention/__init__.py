@@ -56,10 +56,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     its first half in k_pages and its second in v_pages (K = 1, q's head dim twice theirs);
     key = the whole row, value = its first latent_value_dim entries; out [T, N,
     latent_value_dim]. "auto" runs it on the reference; backend="gpu" runs mla_gpu.py's kernel
-    (unmeasured so far; column pieces of >= 16, no page offsets), "tpu" raises.
+    (unmeasured so far; column pieces of >= 16; page offsets as above), "tpu" raises.
     sinks (float [N], traced ok; GPT-OSS): a learnt logit per head in every softmax
-    denominator. sliding_window may be a traced int32 scalar (a per-layer window). Both run on
-    the reference only.
+    denominator; "auto" runs them on the reference, backend="gpu" on gpu.py's kernel
+    (unmeasured so far) and "tpu" (interpret-tested only). sliding_window may be a traced int32
+    scalar (a per-layer window): the kernels take every window as an operand, so "auto" runs a
+    traced window wherever it runs a static one. The MLA kernel takes neither sinks nor a
+    traced window (backend="gpu" raises).
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
@@ -70,17 +73,17 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     backend = resolve_backend(backend)
     traced_window = isinstance(sliding_window, jax.Array)
     latent = latent_value_dim is not None
-    reference_only = sinks is not None or traced_window
-    # "auto" keeps MLA on the reference until the GPU MLA kernel (mla_gpu.py) has measurements
-    if requested == "auto" and backend != "reference" and (reference_only or latent
-                                                           or not kernel_supports(q, k_pages, backend)):
+    # "auto" keeps MLA and sinks on the reference until their GPU kernels have measurements
+    # (bench.bench_mla_decode, bench.bench_sinks); a traced window runs where a static one does
+    if requested == "auto" and backend != "reference" and (
+            latent or sinks is not None or not kernel_supports(q, k_pages, backend)):
         backend = "reference"
-    if reference_only and backend != "reference":
-        raise ValueError(f"the {backend} kernel does not run attention sinks or a traced sliding window yet; "
-                         f"use backend='reference' or 'auto'")
     if latent and backend == "tpu":
         raise ValueError("the tpu kernel does not run MLA's latent attention (latent_value_dim) yet; "
                          "use backend='reference', 'gpu' or 'auto'")
+    if latent and backend == "gpu" and (sinks is not None or traced_window):
+        raise ValueError("the gpu MLA kernel does not run attention sinks or a traced sliding window yet; "
+                         "use backend='reference' or 'auto'")
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     sm_scale = float(sm_scale)
@@ -96,18 +99,20 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     if latent:
         from pallas_kernels.ragged_paged_attention import mla_gpu
         problem = mla_gpu.kernel_problem(k_pages.shape[-1], latent_value_dim)
-        if problem or offsets != dict(k_page_offset=0, v_page_offset=0):
-            raise ValueError(f"the gpu MLA kernel: {problem or 'no page offsets yet'}; use backend='reference'")
+        if problem:
+            raise ValueError(f"the gpu MLA kernel: {problem}; use backend='reference'")
         return mla_gpu.ragged_paged_mla_gpu(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                             latent_value_dim=latent_value_dim, sm_scale=sm_scale,
-                                            sliding_window=sliding_window, interpret=interpret)
+                                            sliding_window=sliding_window, interpret=interpret, **offsets)
     validate_kernel_geometry(q, k_pages, backend)
     if backend == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
         return ragged_paged_attention_gpu(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, **offsets)
+            soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, sinks=sinks,
+            **offsets)
     from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
     return ragged_paged_attention_tpu(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, **offsets)
+        soft_cap=soft_cap, sliding_window=sliding_window, interpret=interpret, sinks=sinks,
+        **offsets)

@@ -1,7 +1,9 @@
 """Benchmark of ragged paged attention on a GPU: our kernel beside JAX's Pallas GPU
 `paged_attention` and an XLA baseline (gather pages to dense, then attend); MLA decode at
-DeepSeek-V2-Lite's shapes, the reference path beside the MLA kernel (`bench_mla_decode`,
-section "mla_decode").
+DeepSeek-V2-Lite's shapes, the reference path beside the MLA kernel, on separate K/V pages and
+on one buffer with page offsets as the crosspool split passes it (`bench_mla_decode`, section
+"mla_decode"); GPT-OSS-20B's attention with sinks and a traced window of 128 or full, the
+reference beside the kernel (`bench_gpt_oss`, section "gpt_oss_attn").
 
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
@@ -242,20 +244,39 @@ def mla_decode_inputs(key, B, ctx, G=MLA_G, dtype=jnp.bfloat16):
             jnp.asarray([B], jnp.int32))
 
 
+def _in_one_buffer(args):
+    """The case with its K and V pages as two windows of ONE buffer, as the crosspool split
+    passes its arena row: (args on the buffer, k_page_offset, v_page_offset)."""
+    q, k, v, *rest = args
+    buf = jnp.concatenate([k, v])
+    return (q, buf, buf, *rest), 0, k.shape[0]
+
+
 def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
     """MLA decode through ragged_paged_attention(latent_value_dim=512): the reference path
     ("auto") and, on a GPU, the MLA kernel (mla_gpu.py; its max error against the reference in
-    the note), GB/s of the latent rows read against the copy ceiling."""
+    the note), GB/s of the latent rows read against the copy ceiling. The "_offsets" rows read
+    both halves from one buffer through page offsets (the crosspool split's arena row)."""
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
     kw = dict(latent_value_dim=MLA_LATENT, sm_scale=(128 + MLA_ROPE) ** -0.5)
-    impls = {"reference": jax.jit(functools.partial(ragged_paged_attention, backend="reference", **kw))}
+    backends = {"reference": "reference"}
     if jax.default_backend() == "gpu":
-        impls["ours_mla"] = jax.jit(functools.partial(ragged_paged_attention, backend="gpu", **kw))
+        backends["ours_mla"] = "gpu"
+    impls = {}
+    for impl, backend in backends.items():
+        impls[impl] = (jax.jit(functools.partial(ragged_paged_attention, backend=backend, **kw)), False)
+        impls[impl + "_offsets"] = (jax.jit(lambda *a, backend=backend, off=(0, 0): ragged_paged_attention(
+            *a, backend=backend, k_page_offset=off[0], v_page_offset=off[1], **kw),
+            static_argnames=("off",)), True)
     for B, ctx in shapes:
-        args = mla_decode_inputs(jax.random.PRNGKey(B * ctx), B, ctx, G)
-        gb = B * ctx * (MLA_LATENT + MLA_ROPE) * args[1].dtype.itemsize / 1e9
+        plain = mla_decode_inputs(jax.random.PRNGKey(B * ctx), B, ctx, G)
+        one, k_off, v_off = _in_one_buffer(plain)
+        gb = B * ctx * (MLA_LATENT + MLA_ROPE) * plain[1].dtype.itemsize / 1e9
         outs = {}
-        for impl, f in impls.items():
+        for impl, (f, offsets) in impls.items():
+            args = one if offsets else plain
+            if offsets:
+                f = functools.partial(f, off=(k_off, v_off))
             outs[impl] = f(*args)
             note = "DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64"
             if impl != "reference":
@@ -263,11 +284,71 @@ def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
                 note += f"; max |err| vs reference {err:.3g}"
             _row(rows_out, "mla_decode", f"B={B} ctx={ctx} G={G}", impl, _time(f, *args), gbytes=gb,
                  copy_gbps=copy_gbps, note=note)
-        del args, outs
+        del plain, one, args, outs
+
+
+# GPT-OSS-20B's attention: 64 query heads over 8 KV heads of 64 dims, a sink per head, layers
+# alternating a 128-token window and full attention (one traced window per layer)
+GPT_OSS_HEADS, GPT_OSS_KV_HEADS, GPT_OSS_HEAD_DIM, GPT_OSS_WINDOW = 64, 8, 64, 128
+# (decode sequences, their context, prefill chunks, chunk length, prefill context)
+GPT_OSS_SHAPES = [(1, 4096, 0, 0, 0), (8, 4096, 0, 0, 0), (32, 8192, 0, 0, 0), (8, 32768, 0, 0, 0),
+                  (32, 4096, 2, 512, 2048)]
+
+
+def gpt_oss_inputs(key, n_dec, ctx_dec, n_pre, chunk, ctx_pre, G=16, dtype=jnp.bfloat16):
+    """A mixed batch at GPT-OSS-20B's attention shapes (pages [P, G, 8, 64]) and the sinks [64]."""
+    q_lens = [1] * n_dec + [chunk] * n_pre
+    kv_lens = [ctx_dec] * n_dec + [ctx_pre] * n_pre
+    S, T = len(q_lens), sum(q_lens)
+    pps = max(kv_lens) // G
+    P = S * pps + 8
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    q = jax.random.normal(k1, (T, GPT_OSS_HEADS, GPT_OSS_HEAD_DIM), dtype)
+    kp = jax.random.normal(k2, (P, G, GPT_OSS_KV_HEADS, GPT_OSS_HEAD_DIM), dtype)
+    vp = jax.random.normal(k3, (P, G, GPT_OSS_KV_HEADS, GPT_OSS_HEAD_DIM), dtype)
+    table = jax.random.permutation(k1, P)[:S * pps].reshape(S, pps).astype(jnp.int32)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    sinks = 2.0 * jax.random.normal(k4, (GPT_OSS_HEADS,), jnp.float32)
+    args = (q, kp, vp, jnp.asarray(kv_lens, jnp.int32), table, cu, jnp.asarray([S], jnp.int32))
+    return args, sinks, q_lens, kv_lens
+
+
+def bench_gpt_oss(rows_out, copy_gbps, shapes=GPT_OSS_SHAPES, G=16):
+    """GPT-OSS-20B's attention with sinks, the window a traced int32 (128, or full: 2**30),
+    through ragged_paged_attention: the reference ("auto" today) and, on a GPU, the kernel
+    (backend="gpu"; its max error against the reference in the note). GB/s of the K/V rows the
+    step must read (a windowed query reads its last 128 keys) against the copy ceiling."""
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    kw = dict(sm_scale=GPT_OSS_HEAD_DIM ** -0.5)
+    impls = {"reference": "reference"}
+    if jax.default_backend() == "gpu":
+        impls["ours"] = "gpu"
+    row_bytes = 2 * GPT_OSS_KV_HEADS * GPT_OSS_HEAD_DIM          # K and V elements per token
+    for shape in shapes:
+        args, sinks, q_lens, kv_lens = gpt_oss_inputs(jax.random.PRNGKey(sum(shape)), *shape, G=G)
+        n_dec, ctx_dec, n_pre, chunk, ctx_pre = shape
+        name = f"dec {n_dec}x{ctx_dec}" + (f" + pre {n_pre}x{chunk}@{ctx_pre}" if n_pre else "") + f" G={G}"
+        for window in (GPT_OSS_WINDOW, None):
+            read = sum(min(kv, GPT_OSS_WINDOW + ql - 1) if window else kv for ql, kv in zip(q_lens, kv_lens))
+            gb = read * row_bytes * args[1].dtype.itemsize / 1e9
+            w = jnp.int32(window or (1 << 30))
+            outs = {}
+            for impl, backend in impls.items():
+                f = jax.jit(lambda *a, backend=backend: ragged_paged_attention(
+                    *a[:7], sinks=a[7], sliding_window=a[8], backend=backend, **kw))
+                outs[impl] = f(*args, sinks, w)
+                note = f"sinks, window {window or 'full'} (traced)"
+                if impl != "reference":
+                    err = float(jnp.max(jnp.abs(outs[impl].astype(jnp.float32) - outs["reference"].astype(jnp.float32))))
+                    note += f"; max |err| vs reference {err:.3g}"
+                _row(rows_out, "gpt_oss_attn", name, impl, _time(f, *args, sinks, w), gbytes=gb,
+                     copy_gbps=copy_gbps, note=note)
+            del outs
+        del args
 
 
 def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False,
-         decode=True, mixed=True, mla=True):
+         decode=True, mixed=True, mla=True, gpt_oss=True):
     rows_out = [] if rows_out is None else rows_out
     print("jax", jax.__version__, jax.devices(), flush=True)
     if copy_gbps is None:
@@ -283,6 +364,8 @@ def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_swe
         bench_mixed(rows_out, do_sweep=do_sweep)
     if mla:
         bench_mla_decode(rows_out, copy_gbps)
+    if gpt_oss:
+        bench_gpt_oss(rows_out, copy_gbps)
     return rows_out
 
 

@@ -33,6 +33,15 @@ masked in the scores and zeroed in V (`mask_v_load`: by the load itself), so unu
 pages (any bits, NaN included) never reach the output; page ids are clamped into the pool
 and page-table slots into the table, so no read leaves either.
 
+Sliding window and sinks (GPT-OSS). The window is an int32 operand (static or traced: one
+compiled kernel serves a layer scan that alternates windowed and full layers); each item's key
+range starts at its first token's window start, so blocks wholly before the window are never
+loaded, and each row masks the keys its own window leaves out (a window may cut a page or a
+block anywhere). Sinks [N] (float32 operand): a learnt logit per query head in every softmax
+denominator, attending to nothing. Split 0 of each item starts its online softmax from the
+row's sink (max = sink, sum = 1, no value), so the sink enters each row's denominator exactly
+once, also through the log-sum-exp merge of the splits.
+
 Page offsets (static): page id p's K is pool page p + k_page_offset, its V p + v_page_offset,
 so k_pages and v_pages may be one buffer (the engine's whole arena row) holding both. The
 kernel clamps p into [0, P - 1 - max offset] and adds each offset (times G in pool rows) as a
@@ -76,9 +85,10 @@ def _store_rows(ref, rows, val, mask):
         plgpu.store(ref.at[rows], val, mask=mask)
 
 
-def _item_in_kernel(w, cu_ref, kvl_ref, ns_ref, *, BQ, sliding_window):
+def _item_in_kernel(w, cu_ref, kvl_ref, ns_ref, *, BQ, window):
     """Work item w's (seq, t0, nq, pos0, kv_lo, kv_hi), as work.build_items computes them,
-    from cu_q_lens [S + 1], kv_lens [S] and num_seqs [1]: a cumsum over the S sequences."""
+    from cu_q_lens [S + 1], kv_lens [S] and num_seqs [1]: a cumsum over the S sequences
+    (window: the sliding window's int32 value, or None)."""
     S = kvl_ref.shape[0]
     s = jnp.arange(tuning.next_pow2(S), dtype=jnp.int32)
     n = jnp.minimum(ns_ref[0], S)
@@ -95,10 +105,10 @@ def _item_in_kernel(w, cu_ref, kvl_ref, ns_ref, *, BQ, sliding_window):
     t0 = jnp.where(valid, cu_ref[seq] + qoff, 0)
     pos0 = kvl_ref[seq] - q_len_w + qoff
     hi = jnp.where(valid, pos0 + nq, 0)
-    if sliding_window is None:
+    if window is None:
         lo = jnp.zeros_like(hi)
     else:
-        lo = jnp.where(valid, jnp.maximum(0, pos0 - sliding_window + 1), 0)
+        lo = jnp.where(valid, jnp.maximum(0, pos0 - window + 1), 0)
     return seq, t0, nq, pos0, jnp.minimum(lo, hi), hi
 
 
@@ -107,24 +117,28 @@ def _shift(x, n: int):
     return x + n if n else x
 
 
-def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, pages_per_seq,
-            table_len, num_pages, num_splits, out_rows, heads_fastest, row_gather,
+def _kernel(*refs, sm_scale, soft_cap, has_window, has_sinks, R, Rp, M, BQ, BK, G, N,
+            pages_per_seq, table_len, num_pages, num_splits, out_rows, heads_fastest, row_gather,
             mask_v_load, items_in_kernel, precision, k_page_offset, v_page_offset):
     # items_ref [8] int32 or, items_in_kernel, cu_q_lens [S + 1], kv_lens [S], num_seqs [1];
     # q_ref [T * N, H] (the caller's q, heads of a token adjacent);
     # k_ref/v_ref [P, G, H] or, row_gather, [P * G, H] (one KV head's columns);
     # pt_ref [S * pages_per_seq] int32;
+    # has_window: win_ref [1] int32 (the sliding window); has_sinks: sinks_ref [N] float32;
     # o_ref [NS * out_rows, H] and lse_ref [NS * out_rows]: rows in q's order, split-major,
     # each split's block padded by M scratch rows that masked-off tile rows point at.
     n_item_refs = 3 if items_in_kernel else 1
-    q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs = refs[n_item_refs:]
+    q_ref, k_ref, v_ref, pt_ref, *rest = refs[n_item_refs:]
+    win_ref = rest.pop(0) if has_window else None
+    sinks_ref = rest.pop(0) if has_sinks else None
+    o_ref, *lse_refs = rest
     H = q_ref.shape[1]
     h = pl.program_id(0) if heads_fastest else pl.program_id(1)
     sp = pl.program_id(2)
+    window = win_ref[0] if has_window else None
     if items_in_kernel:
         w = pl.program_id(1) if heads_fastest else pl.program_id(0)
-        seq, t0, nq, pos0, lo, hi = _item_in_kernel(w, *refs[:3], BQ=BQ,
-                                                    sliding_window=sliding_window)
+        seq, t0, nq, pos0, lo, hi = _item_in_kernel(w, *refs[:3], BQ=BQ, window=window)
     else:
         items_ref = refs[0]
         seq = items_ref[work.SEQ]
@@ -195,8 +209,8 @@ def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, p
         c = b * BK + jnp.arange(BK, dtype=jnp.int32)
         col_ok = (c >= lo) & (c < hi)
         mask = row_ok[:, None] & col_ok[None, :] & (c[None, :] <= pos_r[:, None])
-        if sliding_window is not None:
-            mask = mask & (c[None, :] > pos_r[:, None] - sliding_window)
+        if window is not None:
+            mask = mask & (c[None, :] > pos_r[:, None] - window)
         s = jnp.where(mask, s, _MASK)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp(m_prev - m_new)
@@ -207,6 +221,13 @@ def _kernel(*refs, sm_scale, soft_cap, sliding_window, R, Rp, M, BQ, BK, G, N, p
 
     m0 = jnp.full((M,), _MASK, jnp.float32)
     l0 = jnp.zeros((M,), jnp.float32)
+    if has_sinks:
+        # the sink is one more logit of value-less weight in the row's softmax: split 0 starts
+        # its online softmax from it (max = sink, sum = exp(0)), so it enters each row's
+        # denominator once, also after the splits are merged by log-sum-exp
+        sink = sinks_ref[h * R + jnp.minimum(rr, R - 1)]
+        m0 = jnp.where(sp == 0, sink, m0)
+        l0 = jnp.where(sp == 0, 1.0, l0)
     acc0 = jnp.zeros((M, H), jnp.float32)
     m, l, acc = lax.fori_loop(b0, b1, body, (m0, l0, acc0))
     l_safe = jnp.where(l > 0, l, 1.0)
@@ -224,15 +245,16 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * nd)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window",
-                                             "interpret", "config", "k_page_offset",
-                                             "v_page_offset"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "interpret", "config",
+                                             "k_page_offset", "v_page_offset"))
 def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
                                cu_q_lens_S1, num_seqs, *, sm_scale, soft_cap=None,
                                sliding_window=None, interpret=False, config=None,
-                               k_page_offset=0, v_page_offset=0):
+                               k_page_offset=0, v_page_offset=0, sinks=None):
     """The GPU kernel; arguments as `ragged_paged_attention` (validated there; k_pages and
-    v_pages may be the same array, read through their page offsets).
+    v_pages may be the same array, read through their page offsets). sliding_window (an int
+    or a traced int32 scalar) and sinks (float [N]) are operands: one compiled kernel serves
+    every window value.
 
     `config` (a tuning.BlockConfig) overrides the tuning table, for benchmarks and tests.
     """
@@ -259,8 +281,14 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
     precision = lax.Precision.HIGHEST if q_TNH.dtype == jnp.float32 else None
     out_rows = T * N + M                           # q's rows, then M scratch rows
 
+    has_window, has_sinks = sliding_window is not None, sinks is not None
+    extra_args = []
+    if has_window:
+        extra_args.append(jnp.reshape(jnp.asarray(sliding_window, jnp.int32), (1,)))
+    if has_sinks:
+        extra_args.append(sinks.astype(jnp.float32))
     kernel = functools.partial(
-        _kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window, R=R,
+        _kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window, has_sinks=has_sinks, R=R,
         Rp=Rp, M=M, BQ=BQ, BK=BK, G=G, N=N, pages_per_seq=pages_per_seq, table_len=table.shape[0],
         num_pages=P, num_splits=NS, out_rows=out_rows, heads_fastest=cfg.heads_fastest,
         row_gather=cfg.row_gather, mask_v_load=cfg.mask_v_load,
@@ -298,13 +326,14 @@ def ragged_paged_attention_gpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pag
             pl.BlockSpec(kv_block, head_of),
             pl.BlockSpec(kv_block, head_of),
             _whole(table.shape),
+            *[_whole(a.shape) for a in extra_args],
         ],
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=_compiler_params(cfg),
         name=f"ragged_paged_attention_bq{BQ}_bk{BK}_ns{NS}",
-    )(*item_args, q_RH, k_view, v_view, table)
+    )(*item_args, q_RH, k_view, v_view, table, *extra_args)
     if NS == 1:
         o_RH = outs[0][:T * N]
     else:

@@ -22,8 +22,13 @@ Online softmax in float32; key columns outside the token's range are masked in t
 and zeroed by the loads, so freed pages (NaN included) never reach the output; page ids and
 table slots are clamped. Padding rows of q (past cu_q_lens[num_seqs]) come back as zeros.
 
-Not yet: a tile of several tokens for prefill chunks, page offsets (the crosspool arena does
-not run MLA), a tuning table. Its speed is unmeasured: "auto" keeps MLA on the reference until
+Page offsets (static, as gpu.py): page id p's K half is pool page p + k_page_offset, its V half
+p + v_page_offset, so k_pages and v_pages may be one buffer (the crosspool split passes its
+whole arena row); page ids are clamped into [0, P - 1 - max offset] before the offsets are
+added, so every read stays in the buffer.
+
+Not yet: a tile of several tokens for prefill chunks, attention sinks and a traced window,
+a tuning table. Its speed is unmeasured: "auto" keeps MLA on the reference until
 `bench.bench_mla_decode` has numbers for it (RESULTS.md).
 """
 from __future__ import annotations
@@ -77,7 +82,8 @@ def _cols(start, width):
 
 
 def _kernel(cu_ref, kvl_ref, ns_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_refs, sm_scale, sliding_window,
-            N, M, BK, G, pages_per_seq, table_len, num_pages, pieces, value_dim, precision, num_splits, out_rows):
+            N, M, BK, G, pages_per_seq, table_len, num_pages, pieces, value_dim, precision, num_splits, out_rows,
+            k_page_offset, v_page_offset):
     # cu_ref [S + 1], kvl_ref [S], ns_ref [1] int32; q_ref [T * N, 2 * Hh] (heads of a token
     # adjacent); k_ref / v_ref [P * G, Hh] (one pool row per key); pt_ref [S * pages_per_seq];
     # o_ref [NS * out_rows, value_dim] and, with splits, lse_ref [NS * out_rows]: per split,
@@ -102,15 +108,20 @@ def _kernel(cu_ref, kvl_ref, ns_ref, q_ref, k_ref, v_ref, pt_ref, o_ref, *lse_re
     q_rows = jnp.minimum(t, T - 1) * N + jnp.minimum(r, N - 1)
     qs = [plgpu.load(q_ref.at[q_rows[:, None], _cols(g, w)[None, :]]) for _, _, w, g in pieces]
     table0 = seq * pages_per_seq
+    # page ids clamped so that id + either offset stays in the buffer (gpu.py's rule); each
+    # buffer's offset is a constant added to its pool rows
+    max_page = num_pages - 1 - max(k_page_offset, v_page_offset)
+    row_shift = (k_page_offset * G, v_page_offset * G)
 
     def body(b, carry):
         m_prev, l_prev, accs = carry
         c = b * BK + jnp.arange(BK, dtype=jnp.int32)
         col_ok = (c >= lo) & (c < hi)
         slots = jnp.minimum(table0 + c // G, table_len - 1)
-        pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), num_pages - 1)
+        pages = jnp.minimum(jnp.maximum(pt_ref[slots], 0), max_page)
         rows = pages * G + c % G                             # < P * G: int32 (validation.py)
-        kvs = [plgpu.load((k_ref, v_ref)[buf].at[rows[:, None], _cols(col, w)[None, :]],
+        rows_kv = tuple(rows + shift if shift else rows for shift in row_shift)
+        kvs = [plgpu.load((k_ref, v_ref)[buf].at[rows_kv[buf][:, None], _cols(col, w)[None, :]],
                           mask=jnp.broadcast_to(col_ok[:, None], (BK, w)), other=0.0)
                for buf, col, w, _ in pieces]
         sc = sum(plgpu.dot(q, kv, trans_b=True, precision=precision) for q, kv in zip(qs, kvs)) * sm_scale
@@ -149,13 +160,15 @@ def _whole(shape):
 
 
 @functools.partial(jax.jit, static_argnames=("latent_value_dim", "sm_scale", "sliding_window", "interpret",
-                                             "block_k", "num_splits"))
+                                             "block_k", "num_splits", "k_page_offset", "v_page_offset"))
 def ragged_paged_mla_gpu(q_TNH, k_pages_PG1H, v_pages_PG1H, kv_lens_S, page_indices_SP, cu_q_lens_S1, num_seqs, *,
                          latent_value_dim, sm_scale, sliding_window=None, interpret=False, block_k=BLOCK_K,
-                         num_splits=None):
+                         num_splits=None, k_page_offset=0, v_page_offset=0):
     """The kernel; arguments as `ragged_paged_attention(..., latent_value_dim=)` (validated
     there: one KV head, q's head dim twice the pages'). -> [T, N, latent_value_dim].
-    num_splits: KV splits per token (None: `default_splits(T)`)."""
+    num_splits: KV splits per token (None: `default_splits(T)`). k_page_offset / v_page_offset
+    (static): page id p's row halves are k_pages[p + k_page_offset] and v_pages[p +
+    v_page_offset], so both may be one buffer (the crosspool arena row)."""
     T, N, H2 = q_TNH.shape
     P, G, _, Hh = k_pages_PG1H.shape
     S, pages_per_seq = page_indices_SP.shape
@@ -168,7 +181,8 @@ def ragged_paged_mla_gpu(q_TNH, k_pages_PG1H, v_pages_PG1H, kv_lens_S, page_indi
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, sliding_window=sliding_window, N=N, M=M, BK=block_k, G=G,
         pages_per_seq=pages_per_seq, table_len=table.shape[0], num_pages=P, pieces=pieces,
-        value_dim=latent_value_dim, precision=precision, num_splits=NS, out_rows=out_rows)
+        value_dim=latent_value_dim, precision=precision, num_splits=NS, out_rows=out_rows,
+        k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
     args = (cu_q_lens_S1, kv_lens_S, jnp.reshape(num_seqs, (1,)).astype(jnp.int32), q_TNH.reshape(T * N, H2),
             k_pages_PG1H.reshape(P * G, Hh), v_pages_PG1H.reshape(P * G, Hh), table)
     cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")

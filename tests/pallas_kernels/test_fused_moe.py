@@ -206,6 +206,32 @@ def test_gpu_routing_kernel_matches_reference(T, E, top_k, renormalize):
     np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-6, atol=1e-7)
 
 
+ROUTING_KINDS = [  # (Routing, score bias, renormalize)
+    (Routing(scoring="sigmoid"), True, False),
+    (Routing(num_groups=4, topk_groups=2, group_score="max", scale=2.5), False, False),      # DeepSeek-V2
+    (Routing(scoring="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum", scale=2.5), True, True),  # V3
+]
+
+
+@pytest.mark.parametrize("routing,bias,renormalize", ROUTING_KINDS)
+def test_gpu_routing_kernel_routing_kinds(routing, bias, renormalize):
+    """routing_gpu (interpret mode) for sigmoid scores, a choice-only bias, group-limited top-k
+    (group max, top-2 sums) and scaling: the experts and weights of reference.route."""
+    rng = _seeded("routing kinds")
+    T, E, top_k = 9, 64, 6
+    logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
+    score_bias = jnp.asarray(0.5 * rng.standard_normal(E), jnp.float32) if bias else None
+    w, ids = route_topk_gpu(logits, top_k, renormalize=renormalize, routing=routing, score_bias_E=score_bias,
+                            interpret=True)
+    w_ref, ids_ref = route(logits, top_k, renormalize=renormalize, routing=routing, score_bias_E=score_bias)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-6, atol=1e-7)
+    if routing.num_groups > 1:             # the group limit matters for these logits
+        w_all, ids_all = route(logits, top_k, renormalize=renormalize, routing=Routing(
+            scoring=routing.scoring, scale=routing.scale), score_bias_E=score_bias)
+        assert not np.array_equal(np.asarray(ids_all), np.asarray(ids_ref))
+
+
 def test_gpu_routing_kernel_breaks_ties_like_lax_top_k():
     """Equal probabilities: the lower expert index first (lax.top_k's rule)."""
     logits = jnp.asarray([[0.5, 2.0, 1.0, 2.0, 1.0, 2.0, 0.0, 1.0]], jnp.float32)
@@ -257,6 +283,35 @@ class TestGpuKernel:
         got = fused_moe(x, logits, w1, w2, top_k, renormalize=(E == 8), backend="gpu")
         want = fused_moe_reference(x, logits, w1, w2, top_k, renormalize=(E == 8))
         _assert_close(got, want, jnp.bfloat16)
+
+    @pytest.mark.parametrize("T", [1, 2, 32])
+    def test_gpt_oss_experts_bf16(self, T):
+        """GPT-OSS-20B's experts (E 32, top-4, D = F = 2880) with biases and the clamped SwiGLU
+        (alpha 1.702, limit 7), inputs scaled so that the limit bites, against the reference."""
+        rng = _seeded("gpu gpt-oss experts")
+        E, top_k, D, F = 32, 4, 2880, 2880
+        x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, T, E, D, F, jnp.bfloat16, scale=10.0)
+        act = ClampedSwiGLU(alpha=1.702, limit=7.0)
+        assert _clamp_bites(x, logits, w1, b1, top_k, 7.0)
+        got = fused_moe(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2, backend="gpu")
+        want = fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
+        _assert_close(got, want, jnp.bfloat16)
+
+    @pytest.mark.parametrize("T", [1, 64])
+    @pytest.mark.parametrize("E,top_k,routing", [
+        (256, 8, Routing(scoring="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum", scale=2.5)),  # V3
+        (64, 4, Routing(scoring="sigmoid", scale=1.8)),                                                    # GLM-4.7
+        (64, 6, Routing(num_groups=8, topk_groups=3, group_score="max")),                                  # V2
+    ])
+    def test_routing_kinds_compiled(self, T, E, top_k, routing):
+        """routing_gpu compiled for the DeepSeek-V2/V3 and GLM-4.7-Flash routings, with a bias."""
+        rng = _seeded("gpu routing kinds")
+        logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
+        bias = jnp.asarray(0.3 * rng.standard_normal(E), jnp.float32)
+        w, ids = route_topk_gpu(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
+        w_ref, ids_ref = route(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
+        np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+        np.testing.assert_allclose(np.asarray(w), np.asarray(w_ref), rtol=1e-5, atol=1e-6)
 
     def test_expert_rows_past_4gib(self):
         """Weights read in place from a buffer over 4 GiB (64-bit pointer offsets): a stack
@@ -344,15 +399,23 @@ def _dense_moe(x, w1, w2, weights_TK, ids_TK, b1=None, b2=None, clamp=None):
     return jnp.sum(y * weights_TK[..., None], axis=1)
 
 
-@pytest.mark.parametrize("backend", ["reference", "gpu"])
+@pytest.mark.parametrize("backend", ["reference", "gpu", "gpu_routing_kernel"])
 def test_fused_moe_with_routing_kinds(backend):
-    """Sigmoid + bias + groups + scale through fused_moe equals the dense oracle on `route`'s choice."""
+    """Sigmoid + bias + groups + scale through fused_moe equals the dense oracle on `route`'s choice
+    (gpu_routing_kernel: the GPU path with routing_gpu computing this routing, GPU_GLUE's
+    "routing_kinds")."""
+    from pallas_kernels.fused_moe import api
     T, E, D, F, top_k = 9, 16, 64, 32, 4
     x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
     routing = Routing(scoring="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum", scale=2.0)
     bias = jnp.asarray(_rng.standard_normal(E).astype(np.float32))
-    got = fused_moe(x, logits, w1, w2, top_k, renormalize=True, routing=routing, score_bias=bias,
-                    backend=backend, interpret=True)
+    if backend == "gpu_routing_kernel":
+        got = api._fused_moe_kernel(x, logits, w1, w2, None, None, bias, top_k=top_k, renormalize=True,
+                                    activation="silu", backend="gpu", interpret=True, config=None,
+                                    gpu_glue=api.GPU_GLUE + ("routing_kinds",), routing=routing)
+    else:
+        got = fused_moe(x, logits, w1, w2, top_k, renormalize=True, routing=routing, score_bias=bias,
+                        backend=backend, interpret=True)
     w, ids = route(logits, top_k, renormalize=True, routing=routing, score_bias_E=bias)
     _assert_close(got, _dense_moe(x, w1, w2, w, ids), jnp.float32)
     plain_w, plain_ids = route(logits, top_k, renormalize=True, routing=routing)
@@ -361,7 +424,7 @@ def test_fused_moe_with_routing_kinds(backend):
 
 def test_biased_experts_with_clamped_swiglu():
     """GPT-OSS's experts (biases, clamped SwiGLU) on the reference ("auto" picks it) equal the
-    dense oracle, also for an expert slice; the kernels refuse them."""
+    dense oracle, also for an expert slice."""
     T, E, D, F, top_k = 11, 8, 32, 16, 3
     x, logits, w1, w2 = _inputs(T, E, D, F, jnp.float32)
     x = 3 * x                                                  # activations past the limit
@@ -377,5 +440,120 @@ def test_biased_experts_with_clamped_swiglu():
     halves = [fused_moe(x, logits, w1[e0:e0 + 4], w2[e0:e0 + 4], top_k, activation=act, b1=b1[e0:e0 + 4],
                         b2=b2[e0:e0 + 4], expert_offset=e0, backend="reference") for e0 in (0, 4)]
     _assert_close(halves[0] + halves[1], want, jnp.float32)
-    with pytest.raises(ValueError, match="expert biases or the clamped SwiGLU"):
-        fused_moe(x, logits, w1, w2, top_k, b1=b1, backend="gpu", interpret=True)
+
+
+def _seeded(what: str) -> np.random.Generator:
+    """A fresh seed per run, printed (pytest shows it with a failure), so a failure replays."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    print(f"{what}: seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def _gpt_oss_inputs(rng, T, E, D, F, dtype, *, scale=3.0, limit=0.8):
+    """x (scaled so that gate and up pass the clamp's limit), distinct logits, weights, biases
+    b1 [E, 2F] and b2 [E, D]; checks the limit bites on both sides for the chosen experts."""
+    x = jnp.asarray(scale * rng.standard_normal((T, D)), dtype)
+    logits = jnp.asarray(np.argsort(rng.random((T, E)), axis=1).astype(np.float32) * (4.0 / E))
+    w1 = jnp.asarray(rng.standard_normal((E, D, 2 * F)) / np.sqrt(D), dtype)
+    w2 = jnp.asarray(rng.standard_normal((E, F, D)) / np.sqrt(F), dtype)
+    b1 = jnp.asarray(rng.standard_normal((E, 2 * F)), dtype)
+    b2 = jnp.asarray(rng.standard_normal((E, D)), dtype)
+    return x, logits, w1, w2, b1, b2
+
+
+def _clamp_bites(x, logits, w1, b1, top_k, limit):
+    _, ids = route(logits, top_k, renormalize=True)
+    F = w1.shape[2] // 2
+    h = np.asarray(jnp.einsum("td,tkdf->tkf", x.astype(jnp.float32), w1[ids].astype(jnp.float32))
+                   + b1[ids].astype(jnp.float32))
+    return (h[..., :F] > limit).any() and (h[..., F:] > limit).any() and (h[..., F:] < -limit).any()
+
+
+@pytest.mark.parametrize("T,E,top_k,D,F,dtype", [
+    (1, 8, 4, 64, 32, jnp.float32),        # decode: the single-token layout
+    (9, 16, 4, 48, 80, jnp.float32),       # dims 16 * odd
+    (32, 8, 4, 64, 32, jnp.bfloat16),      # several rows per expert, bf16
+])
+def test_gpu_kernels_biased_experts_clamped_swiglu(T, E, top_k, D, F, dtype):
+    """The GPU kernels (interpret mode) with GPT-OSS's experts: b1 and the clamped SwiGLU in the
+    gate/up epilogue, b2 in the down projection's, the limit biting (inputs 3x a unit normal,
+    limit 0.8) on the gate and on both sides of up; against the reference."""
+    rng = _seeded("gpt-oss experts")
+    x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, T, E, D, F, dtype)
+    act = ClampedSwiGLU(alpha=1.702, limit=0.8)
+    assert _clamp_bites(x, logits, w1, b1, top_k, 0.8)
+    got = fused_moe(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2, backend="gpu", interpret=True)
+    want = fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2)
+    assert got.shape == (T, D) and got.dtype == dtype
+    _assert_close(got, want, dtype)
+    if T == 9:                                       # each bias alone, SiLU
+        for only in (dict(b1=b1), dict(b2=b2)):
+            got = fused_moe(x, logits, w1, w2, top_k, backend="gpu", interpret=True, **only)
+            _assert_close(got, fused_moe_reference(x, logits, w1, w2, top_k, **only), dtype)
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_gpu_kernels_biased_expert_slices_stack_and_mask(T):
+    """Biases with the kernels' other inputs: expert slices (each slice's own b1/b2 rows) sum
+    to the layer, a stacked layer read in place (ExpertRows, traced layer; other layers NaN),
+    padding tokens masked (zero output)."""
+    rng = _seeded("gpt-oss slices")
+    E, top_k, D, F, L = 8, 4, 64, 32, 3
+    x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, T, E, D, F, jnp.float32)
+    act = ClampedSwiGLU(alpha=1.702, limit=0.8)
+    kw = dict(activation=act, backend="gpu", interpret=True)
+    want = np.asarray(fused_moe_reference(x, logits, w1, w2, top_k, activation=act, b1=b1, b2=b2))
+    run = jax.jit(lambda w1s, w2s, b1s, b2s, off: fused_moe(x, logits, w1s, w2s, top_k, b1=b1s, b2=b2s,
+                                                          expert_offset=off, **kw))
+    total = sum(np.asarray(run(w1[e0:e0 + 4], w2[e0:e0 + 4], b1[e0:e0 + 4], b2[e0:e0 + 4], jnp.int32(e0)))
+                for e0 in (0, 4))
+    _assert_close(total, want, jnp.float32)
+    w1_L = jnp.full((L,) + w1.shape, jnp.nan, w1.dtype).at[1].set(w1)
+    w2_L = jnp.full((L,) + w2.shape, jnp.nan, w2.dtype).at[1].set(w2)
+    stacked = jax.jit(lambda l: fused_moe(x, logits, ExpertRows.of_stack(w1_L, l), ExpertRows.of_stack(w2_L, l),
+                                          top_k, b1=b1, b2=b2, **kw))(jnp.int32(1))
+    _assert_close(stacked, want, jnp.float32)
+    mask = np.arange(T) % 3 != 1 if T > 1 else np.array([False])
+    got = fused_moe(x, logits, w1, w2, top_k, b1=b1, b2=b2, token_mask=jnp.asarray(mask), **kw)
+    _assert_close(got, np.where(mask[:, None], want, 0.0), jnp.float32)
+
+
+def test_gpt_oss_experts_backend_policy(monkeypatch):
+    """"auto" on a GPU keeps biased experts and the clamp on the reference (unmeasured on the
+    kernels); "tpu" raises; bias shapes are checked."""
+    from pallas_kernels.fused_moe import api
+    rng = _seeded("gpt-oss policy")
+    x, logits, w1, w2, b1, b2 = _gpt_oss_inputs(rng, 3, 8, 64, 32, jnp.float32)
+    monkeypatch.setattr(api, "resolve_backend", lambda backend: "gpu" if backend == "auto" else backend)
+    kernel_calls = []
+    monkeypatch.setattr(api, "_fused_moe_kernel", lambda *a, **k: kernel_calls.append(k["backend"]))
+    got = fused_moe(x, logits, w1, w2, 2, b1=b1, b2=b2, activation=ClampedSwiGLU())
+    _assert_close(got, fused_moe_reference(x, logits, w1, w2, 2, b1=b1, b2=b2, activation=ClampedSwiGLU()),
+                  jnp.float32)
+    fused_moe(x, logits, w1, w2, 2, activation=ClampedSwiGLU(), backend="gpu")
+    assert kernel_calls == ["gpu"]
+    with pytest.raises(ValueError, match="tpu kernels do not take expert biases"):
+        fused_moe(x, logits, w1, w2, 2, b1=b1, backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match=r"b2 must be \[E, D\]"):
+        fused_moe(x, logits, w1, w2, 2, b2=b2[:, :5], backend="gpu", interpret=True)
+
+
+def test_gpt_oss_benchmark_rows_run_on_cpu():
+    """fused_moe.bench's GPT-OSS rows at a toy shape (host timer; the reference only on a CPU):
+    GB/s counts the active experts' weights and biases."""
+    from pallas_kernels.fused_moe import bench
+    rows = bench._Rows()
+    bench.bench_gpt_oss(rows, 100.0, ("toy", 8, 64, 32, 2, 4))
+    (row,) = rows.rows
+    assert row["impl"] == "xla_reference_fused_moe" and "biases+clamp" in row["shape"]
+    touched = int(row["shape"].split("touched=")[1].split("/")[0])
+    assert abs(row["GBps"] * row["us"] * 1e-6 - touched * (3 * 64 * 32 + 2 * 32 + 64) * 2 / 1e9) < 1e-6
+
+
+def test_routing_kinds_benchmark_rows_run_on_cpu():
+    """fused_moe.bench's GLM-4.7-Flash routing rows at a toy shape (the reference only on a CPU)."""
+    from pallas_kernels.fused_moe import bench
+    rows = bench._Rows()
+    bench.bench_routing_kinds(rows, 100.0, ("toy", 8, 64, 32, 2, 2))
+    (row,) = rows.rows
+    assert row["impl"] == "xla_reference_fused_moe" and "sigmoid+bias" in row["shape"]

@@ -42,15 +42,36 @@ def test_attention_lowers_for_cuda(cfg):
     assert _lowered_kernels(f, *args) == ["__gpu$xla.gpu.triton"]
 
 
-@pytest.mark.parametrize("T", [1, 16])
-def test_fused_moe_lowers_for_cuda(T):
+def test_attention_with_sinks_and_traced_window_lowers_for_cuda():
+    """GPT-OSS's options: sinks [N] and the window as operands, page offsets, KV splits."""
+    args = make_case(1, [1, 1, 5], [20, 600, 70], N=8, K=2, H=64, G=16, S_cap=4, T_pad=2,
+                     dtype=jnp.bfloat16)
+    q, k, v, *rest = args
+    buf = jnp.concatenate([k, v])
+    f = functools.partial(ragged_paged_attention_gpu, sm_scale=0.1, k_page_offset=0,
+                          v_page_offset=k.shape[0])
+    lowered = _lowered_kernels(lambda w, s, *a: f(*a, sliding_window=w, sinks=s), jnp.int32(128),
+                               jnp.zeros(8, jnp.float32), q, buf, buf, *rest)
+    assert lowered == ["__gpu$xla.gpu.triton"]
+
+
+@pytest.mark.parametrize("T,gpt_oss", [(1, False), (16, False), (1, True), (16, True)])
+def test_fused_moe_lowers_for_cuda(T, gpt_oss):
+    """gpt_oss: the experts' biases and the clamped SwiGLU in the kernels' epilogues."""
+    from pallas_kernels.fused_moe import ClampedSwiGLU
     rng = np.random.default_rng(0)
     E, D, F = 8, 64, 32
     x = jnp.asarray(rng.standard_normal((T, D)), jnp.bfloat16)
     logits = jnp.asarray(rng.standard_normal((T, E)), jnp.float32)
     w1 = jnp.asarray(rng.standard_normal((E, D, 2 * F)), jnp.bfloat16)
     w2 = jnp.asarray(rng.standard_normal((E, F, D)), jnp.bfloat16)
-    f = functools.partial(fused_moe, top_k=2, backend="gpu")
+    if gpt_oss:
+        b1 = jnp.asarray(rng.standard_normal((E, 2 * F)), jnp.bfloat16)
+        b2 = jnp.asarray(rng.standard_normal((E, D)), jnp.bfloat16)
+        f = lambda *a: fused_moe(*a, top_k=2, backend="gpu", b1=b1, b2=b2,   # noqa: E731
+                                 activation=ClampedSwiGLU(alpha=1.702, limit=7.0))
+    else:
+        f = functools.partial(fused_moe, top_k=2, backend="gpu")
     kernels = _lowered_kernels(f, x, logits, w1, w2)
     # routing, gate/up, down, combine
     assert kernels.count("__gpu$xla.gpu.triton") == 4, kernels
@@ -73,3 +94,20 @@ def test_mla_attention_lowers_for_cuda(dtype):
     args = latent_case(2, [1, 1, 5], [20, 600, 70], N=16, half=288, G=16, S_cap=4, T_pad=2, dtype=dtype)
     f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=512, sm_scale=0.1)
     assert _lowered_kernels(f, *args) == ["__gpu$xla.gpu.triton"]
+    q, k, v, *rest = args                 # page offsets: both halves in one buffer
+    buf = jnp.concatenate([k, v])
+    f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=512, sm_scale=0.1, k_page_offset=0,
+                          v_page_offset=k.shape[0])
+    assert _lowered_kernels(f, q, buf, buf, *rest) == ["__gpu$xla.gpu.triton"]
+
+
+def test_routing_kinds_lower_for_cuda():
+    """routing_gpu for sigmoid + bias + group-limited top-k (DeepSeek-V3's top-2 group sums)."""
+    from pallas_kernels.fused_moe import Routing
+    from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.standard_normal((4, 64)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(64), jnp.float32)
+    routing = Routing(scoring="sigmoid", num_groups=8, topk_groups=4, group_score="top2_sum", scale=2.5)
+    f = functools.partial(route_topk_gpu, top_k=6, renormalize=True, routing=routing)
+    assert _lowered_kernels(lambda lg, b: f(lg, score_bias_E=b), logits, bias) == ["__gpu$xla.gpu.triton"]

@@ -184,12 +184,17 @@ class TestSinksAndTracedWindow:
         assert_close(per_layer(0), loop_attention(args, sliding_window=7), 1e-5)
         assert_close(per_layer(1), loop_attention(args), 1e-5)
 
-    def test_kernels_refuse_sinks(self):
+    def test_sinks_shape_is_checked(self):
         args = make_case(24, *DECODE, N=4, K=4, H=64)
-        with pytest.raises(ValueError, match="sinks"):
-            ragged_paged_attention(*args, sinks=jnp.zeros(4), backend="gpu", interpret=True)
         with pytest.raises(ValueError, match=r"sinks must be a float array \[N\]"):
             ragged_paged_attention(*args, sinks=jnp.zeros(3))
+
+
+def fresh_seed(what: str) -> int:
+    """A fresh seed per run, printed (pytest shows it with a failure) so a failure replays."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    print(f"{what}: seed {seed}")
+    return seed
 
 
 class TestLatentAttention:
@@ -226,6 +231,34 @@ class TestLatentAttention:
         ref = ragged_paged_attention_reference(*args, sm_scale=0.2, sliding_window=window, latent_value_dim=48)
         assert_close(out, ref, 2e-5)
         assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
+
+
+    @pytest.mark.parametrize("v_first,window,splits", [(False, None, 1), (True, 30, 3)])
+    def test_gpu_kernel_page_offsets(self, v_first, window, splits):
+        """mla_gpu.py with the row's halves as two windows of ONE buffer (NaN elsewhere, a garbage
+        id in each sequence's unused last table slot), as the crosspool split passes its arena
+        row: equals the reference on separate K/V pages, and the kernel's own plain call."""
+        from pallas_kernels.ragged_paged_attention.mla_gpu import ragged_paged_mla_gpu
+        seed = fresh_seed("mla offsets")
+        plain, one, k_off, v_off = windows_of_one_buffer(
+            latent_case(seed, *MIXED, N=4, half=32, S_cap=8, T_pad=3), v_first=v_first)
+        kw = dict(sm_scale=0.2, sliding_window=window, latent_value_dim=48)
+        run = functools.partial(ragged_paged_mla_gpu, interpret=True, block_k=16, num_splits=splits, **kw)
+        out = run(*one, k_page_offset=k_off, v_page_offset=v_off)
+        assert_close(out, ragged_paged_attention_reference(*plain, **kw), 2e-5)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(run(*plain)))
+        assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
+
+    def test_seam_passes_page_offsets_to_the_gpu_kernel(self):
+        """ragged_paged_attention(latent_value_dim=, backend="gpu") with offsets (no longer
+        refused) equals the reference with the same offsets; "auto" keeps MLA on the reference."""
+        seed = fresh_seed("mla seam offsets")
+        _, one, k_off, v_off = windows_of_one_buffer(latent_case(seed, *DECODE, N=4, half=32))
+        kw = dict(sm_scale=0.2, latent_value_dim=64, k_page_offset=k_off, v_page_offset=v_off)
+        out = ragged_paged_attention(*one, backend="gpu", interpret=True, **kw)
+        assert_close(out, ragged_paged_attention(*one, **kw), 2e-5)
+        with pytest.raises(ValueError, match="MLA kernel does not run attention sinks"):
+            ragged_paged_attention(*one, backend="gpu", interpret=True, sinks=jnp.zeros(4), **kw)
 
 
 class TestGpuKernelInterpret:
@@ -543,6 +576,17 @@ class TestGpuKernelCompiled:
         finally:
             buf.delete()
 
+    def test_mla_page_offsets_v2_lite_shapes(self):
+        """MLA at DeepSeek-V2-Lite's row (halves of 288, 512 value columns, 16 heads) compiled,
+        both halves windows of one buffer, decode with KV splits and a mixed batch."""
+        seed = fresh_seed("gpu mla offsets")
+        for q_lens, kv_lens in (([1] * 4, [1, 700, 2049, 5000]), ([1, 33, 1, 200], [17, 600, 4096, 1200])):
+            plain, one, k_off, v_off = windows_of_one_buffer(
+                latent_case(seed, q_lens, kv_lens, N=16, half=288, G=16, S_cap=6, T_pad=2, dtype=jnp.bfloat16))
+            kw = dict(latent_value_dim=512, sm_scale=192 ** -0.5)
+            out = ragged_paged_attention(*one, backend="gpu", k_page_offset=k_off, v_page_offset=v_off, **kw)
+            assert_close(out, ragged_paged_attention_reference(*plain, **kw), GPU_TOL[jnp.bfloat16])
+
     def _decode_split_case(self, R, H, G, config):
         args = make_case(50 + R, [1] * 4, [1, 700, 2049, 5000], N=4 * R, K=4, H=H, G=G,
                          dtype=jnp.bfloat16, table_fill="random")
@@ -589,6 +633,7 @@ def test_mla_decode_benchmark_runs_and_counts_the_latent_bytes():
     from pallas_kernels.ragged_paged_attention import bench
     rows = []
     bench.bench_mla_decode(rows, copy_gbps=100.0, shapes=[(2, 64)])
-    (row,) = rows
-    assert row["section"] == "mla_decode" and row["impl"] == "reference"
-    assert abs(row["GBps"] * row["us"] * 1e-6 - 2 * 64 * 576 * 2 / 1e9) < 1e-12
+    assert [row["impl"] for row in rows] == ["reference", "reference_offsets"]     # one buffer + offsets
+    for row in rows:
+        assert row["section"] == "mla_decode"
+        assert abs(row["GBps"] * row["us"] * 1e-6 - 2 * 64 * 576 * 2 / 1e9) < 1e-12
