@@ -8,7 +8,8 @@ fetch and the engine's own bookkeeping, per engine step (median over the decode 
     python scripts/profile_decode.py ... --cprofile /tmp/decode.pstats     # and where the host's time goes
 
 Timers wrap `scheduler.schedule`, the runner's `dispatch_all` (host work up to the programs'
-dispatch: input building, transfers, the jit calls), `block_until_ready` on the dispatched
+dispatch: input building, transfers, the jit calls; "jit_calls" is the part spent inside the
+jitted step programs' calls: argument handling and launch), `block_until_ready` on the dispatched
 outputs (the device program, as seen from the host, after dispatch returned) and `collect`
 (the device-to-host fetch and unpacking). "rest" is the engine step minus those: stop rules,
 detokenization, output objects. One line per phase, milliseconds. Blocking after dispatch
@@ -96,13 +97,25 @@ def main(argv):
         steps = orig_dispatch_all(*args, **kwargs)
         t1 = time.perf_counter()
         for step in steps:
-            step.outputs.block_until_ready()
+            if hasattr(step.outputs, "block_until_ready"):
+                step.outputs.block_until_ready()
+            else:                          # a tree from before ProgramOutputs (comparison runs)
+                jax.block_until_ready(step.outputs)
         t2 = time.perf_counter()
         timer.current["dispatch"] = timer.current.get("dispatch", 0.0) + t1 - t0
         timer.current["device_after_dispatch"] = timer.current.get("device_after_dispatch", 0.0) + t2 - t1
         return steps
 
     runner.dispatch_all = dispatch_all
+    from crosspool_jax.disagg import pipeline
+    from crosspool_jax.engine import runner as runner_module
+
+    for module, names_ in ((runner_module, ("ragged_step", "multi_decode")), (pipeline, ("disagg_step", "disagg_decode"))):
+        for name in names_:
+            program = getattr(module, name)
+            timed = timer.wrap("jit_calls", program)
+            timed.lower = program.lower    # warm-up paths lower the real program
+            setattr(module, name, timed)
     runner.collect = timer.wrap("collect", orig_collect)
     schedule = timer.wrap("schedule", engine.scheduler.schedule)
 
@@ -151,8 +164,9 @@ def main(argv):
           f"{max(engine.registry.get(names[0]).menu.lane_counts)}, {_REQUESTS.value} requests per model, "
           f"prompt {_PROMPT.value}, {len(timer.samples['step'])} steps, {dispatches} programs dispatched, "
           f"{len(decode)} decode steps (median ms)")
-    for k in ("step", "schedule", "dispatch", "device_after_dispatch", "collect"):
-        print(f"  {k:24s} {med.get(k, float('nan')):8.3f}")
+    for k in ("step", "schedule", "dispatch", "jit_calls", "device_after_dispatch", "collect"):
+        label = "  of which jit calls" if k == "jit_calls" else k
+        print(f"  {label:24s} {med.get(k, float('nan')):8.3f}")
     print(f"  {'rest (engine bookkeeping)':24s} {med['step'] - known:8.3f}")
     if profiler is not None:
         import pstats
