@@ -259,7 +259,9 @@ def test_requests_spill_onto_the_weight_devices_pages(model_dirs, shared):
     want = _tokens(shared.generate([prompt], GREEDY, model="qwen3_moe"))
     configs = {f: read_config(model_dirs[f])[1] for f in FAMILIES}
     probe = make_multi_layout(configs, n_kv=2, n_w=2, pages_per_device=8, devices=jax.devices()[:4])
-    options = {k: v for k, v in ENGINE.items() if k != "kv_pool_bytes"}
+    # one token per dispatch (a sharded step decodes one at a time anyway): the warm-up skips the
+    # multi-step decode programs
+    options = {**{k: v for k, v in ENGINE.items() if k != "kv_pool_bytes"}, "max_decode_steps": 1}
     llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode="crosspool", kv_devices=2, weight_devices=2,
               arena_bytes=probe.arena_elems * 4, enable_prefix_caching=False, **options)
     engine = llm.engine
