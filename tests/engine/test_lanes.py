@@ -11,6 +11,7 @@ import pytest
 
 from crosspool_jax import LLM, SamplingParams
 from crosspool_jax.engine.config import EngineConfig
+from crosspool_jax.engine.runner import ProgramOutputs
 from crosspool_jax.runtime.compiles import compile_counter
 
 ENGINE = dict(dtype="float32", mode="shared", max_num_batched_tokens=16, max_num_seqs=4, max_model_len=48,
@@ -62,11 +63,21 @@ def test_lane_counts_follow_architectures_on_a_device(models):
         assert spread.engine.registry.get(name).menu.lane_counts == expected
 
 
-def test_lanes_give_each_models_tokens_in_fewer_programs_and_compile_nothing_after_warm_up(models, alone):
+def test_lanes_give_each_models_tokens_in_fewer_programs_and_compile_nothing_after_warm_up(models, alone,
+                                                                                            monkeypatch):
     tokens_alone, stats_alone = alone
     assert stats_alone.dispatches == stats_alone.steps               # one program per model step
     llm = LLM(models, max_lanes=2, **ENGINE)
     assert llm.engine.warm_up(variants=True)["compiles"] > 0
+    fetches = []                                                      # device-to-host fetches of outputs
+    host = ProgramOutputs.host
+
+    def counted(self):
+        if self._host is None:
+            fetches.append(self)
+        return host(self)
+
+    monkeypatch.setattr(ProgramOutputs, "host", counted)
     before = compile_counter().count
     tokens = _run(llm)
     assert compile_counter().count == before                          # lane programs were warmed up too
@@ -75,6 +86,7 @@ def test_lanes_give_each_models_tokens_in_fewer_programs_and_compile_nothing_aft
     assert stats.steps == stats_alone.steps
     assert stats.dispatches < stats.steps                             # a's and b's decodes shared programs
     assert llm.engine.stats().dispatches == stats.dispatches
+    assert len(fetches) == len(set(map(id, fetches))) == stats.dispatches   # one fetch per program, lanes' too
 
 
 def test_crosspool_split_runs_one_architectures_models_as_lanes(models, alone):
