@@ -27,7 +27,7 @@ for tree in ${TREES:-baseline .}; do
   if [ "${PROFILE:-1}" = 1 ] && grep -q "_COPIES" "$tree/scripts/profile_decode.py"; then
     (cd "$tree" && PYTHONPATH=. timeout "${PROFILE_TIMEOUT:-90}" python3 scripts/profile_decode.py \
       --random_config qwen3moe-30b-a3b-4l --copies 8 --max_lanes 4 --tokens 24 --kv_pool_bytes 8589934592 2>&1 \
-      | grep -v "^[IW][0-9]\{4\} " | tee "$OUT/profile_decode_$(basename "$(cd "$tree" && pwd)").txt" | tail -7)
+      | grep -v "^[IW][0-9]\{4\} " | tee "$OUT/profile_decode_$(basename "$(cd "$tree" && pwd)").txt" | tail -8)
   fi
 done
 if [ "${TRACE:-0}" = 1 ]; then
