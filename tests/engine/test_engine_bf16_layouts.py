@@ -1,6 +1,7 @@
 """bfloat16 across memory layouts, teacher-forced: a mixed batch of four models of three
-families (two Qwen3-MoE, Mixtral, OLMoE) in one engine step; the CrossPool 2+2 split's logprobs
-of the same next-token positions stay within bfloat16 rounding of the single-device engine's.
+families (two Qwen3-MoE, Mixtral, OLMoE) in one engine step; in every CrossPool split (1+1, 2+2,
+6+2, 4+4) and in shared/static on several devices, the logprobs of the same next-token positions
+stay within bfloat16 rounding of the single-device engine's.
 
 Greedy tokens may legitimately differ in bf16 (a near-tie flips an argmax under another
 summation order), so the comparison is teacher-forced: each prompt is scored for one next
@@ -63,13 +64,15 @@ def single(models, batch):
     return _scores_of(LLM(models, **ENGINE), batch)
 
 
-# The split's layout: 2+2, the sharded step (expert shards, another summation order). A device
-# pair's arena (1+1) runs the same step code without the shards; its float32 tokens and logprobs
-# equal the single-device engine's (test_engine_crosspool.py), as do those of the placed modes on
-# several devices, which run each model's step whole on its device.
-@pytest.mark.parametrize("mode,n_kv,n_w", [("crosspool", 2, 2)])
-def test_layouts_stay_within_bf16_rounding_of_one_device(models, batch, single, mode, n_kv, n_w):
-    llm = LLM(models, mode=mode, kv_devices=n_kv, weight_devices=n_w, **ENGINE)
+# Every CrossPool split the tests use (1+1: a device pair's arena; 2+2, 6+2 and 4+4 with each
+# attention side on 2 KV devices: expert shards, another summation order) and the placed modes
+# on several devices (each model's step whole on its device).
+@pytest.mark.parametrize("mode,n_kv,n_w,replicas", [("crosspool", 1, 1, 1), ("crosspool", 2, 2, 1),
+                                                     ("crosspool", 6, 2, 1),
+                                                     ("crosspool", 4, 4, 2), ("shared", 4, 4, 1),
+                                                     ("static", 2, 2, 1)])
+def test_layouts_stay_within_bf16_rounding_of_one_device(models, batch, single, mode, n_kv, n_w, replicas):
+    llm = LLM(models, mode=mode, kv_devices=n_kv, weight_devices=n_w, attention_replicas=replicas, **ENGINE)
     got = _scores_of(llm, batch, first=single[0])
     worst = 0.0
     for step_want, step_got in zip(single, got):
