@@ -74,17 +74,35 @@ SHAPES = {
 }
 
 
+def shape_config(name: str) -> dict:
+    """The HF config of a shape name: a key of SHAPES, or `KEY:N` for that shape with N layers
+    (e.g. "qwen3moe-30b-a3b-4l:48", the full model's layer count; per-layer lists such as
+    `layer_types` repeat their pattern)."""
+    base, _, layers = name.partition(":")
+    if base not in SHAPES:
+        raise ValueError(f"unknown random model shape {base!r}; known: {sorted(SHAPES)} (KEY or KEY:LAYERS)")
+    config = dict(SHAPES[base])
+    if layers:
+        if not layers.isdigit() or int(layers) < 1:
+            raise ValueError(f"random model shape {name!r}: the layer count after ':' must be a positive integer")
+        n = int(layers)
+        config["num_hidden_layers"] = n
+        if "layer_types" in config:
+            pattern = config["layer_types"]
+            config["layer_types"] = [pattern[i % len(pattern)] for i in range(n)]
+    return config
+
+
 def random_model_dirs(names, root: str | None = None) -> dict:
-    """Write a config-only folder per name; returns {name: folder}."""
+    """Write a config-only folder per name (see `shape_config`); returns {name: folder}."""
     root = root or tempfile.mkdtemp(prefix="crosspool-random-")
     out = {}
     for name in names:
-        if name not in SHAPES:
-            raise ValueError(f"unknown random model shape {name!r}; known: {sorted(SHAPES)}")
-        folder = os.path.join(root, name)
+        config = shape_config(name)
+        folder = os.path.join(root, name.replace(":", "-x"))
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(SHAPES[name], f, indent=1)
+            json.dump(config, f, indent=1)
         with open(os.path.join(folder, RANDOM_WEIGHTS_MARKER), "w") as f:
             f.write("parameters are initialised randomly by the engine (benchmark model)\n")
         out[name] = folder
