@@ -24,3 +24,14 @@ class _TinyModelDirs:
 def tiny_model_dirs(tmp_path_factory) -> _TinyModelDirs:
     """{family: folder} for every supported family, written lazily (a checkpoint takes about a second)."""
     return _TinyModelDirs(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mixed_model_dirs(tiny_model_dirs, tmp_path_factory) -> dict:
+    """Four models of three families, name -> folder, in this order: "q0" (Qwen3-MoE), "mx"
+    (Mixtral), "ol" (OLMoE) and "q1" (Qwen3-MoE again: the same shapes as q0, other weights,
+    seed 77). The order is the one the engine is given (it breaks the placement rules' ties)."""
+    path = tmp_path_factory.mktemp("q1")
+    make_tiny_hf_model("qwen3_moe", str(path), seed=77)
+    return {"q0": tiny_model_dirs["qwen3_moe"], "mx": tiny_model_dirs["mixtral"], "ol": tiny_model_dirs["olmoe"],
+            "q1": str(path)}

@@ -13,7 +13,6 @@ import pytest
 
 from crosspool_jax import LLM, SamplingParams
 
-MODELS = {"q0": "qwen3_moe", "mx": "mixtral", "ol": "olmoe", "q1": "qwen3_moe"}
 TOP = 8
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=TOP)
 ENGINE = dict(dtype="bfloat16", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64,
@@ -24,21 +23,15 @@ TOLERANCE = 3e-2
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dirs, tmp_path_factory):
-    dirs = {name: tiny_model_dirs[family] for name, family in MODELS.items()}
-    # q1: the same family and shapes as q0 with other weights
-    from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model
-    path = tmp_path_factory.mktemp("q1")
-    make_tiny_hf_model("qwen3_moe", str(path), seed=77)
-    dirs["q1"] = str(path)
-    return dirs
+def models(mixed_model_dirs):
+    return mixed_model_dirs           # q0, mx, ol, q1 (q1: q0's family and shapes, other weights)
 
 
 @pytest.fixture(scope="module")
-def batch():
+def batch(models):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(1, 250, n).tolist() for n in (5, 19, 33, 8, 12, 27, 3, 40)]
-    return prompts, [list(MODELS)[i % len(MODELS)] for i in range(len(prompts))]
+    return prompts, [list(models)[i % len(models)] for i in range(len(prompts))]
 
 
 def _score(llm, prompts, names):

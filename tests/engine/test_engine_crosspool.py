@@ -1,14 +1,18 @@
 """The engine's memory organisations and device splits on 8 simulated devices.
 
-A mixed batch of two MoE families (Mixtral: K*H 16, Qwen3-MoE: K*H 32, so they view the
-shared pages differently) must give the single-device engine's greedy tokens in every
-layout of one table: the CrossPool splits 1+1 and 2+2 (the disaggregated step;
-requests sit on one KV device each and spread over the pool) and the shared/static
-baselines on 1, 2 and 4 devices (each model placed on one device; its requests' pages on
-it; multi-step decode on a non-zero device); the pool comes back empty; seeded sampling
-with logprobs matches too; prefix caching is hit. A small pool preempts without changing
-outputs; static refuses a context that shared serves on the same devices; unsupported
-models and options are refused at construction.
+A mixed batch of four models of three MoE families (two Qwen3-MoE with different weights,
+Mixtral, OLMoE: `mixed_model_dirs`; Qwen3-MoE caches K*H 32 per token, the others 16, so they
+view the shared pages differently) must give the single-device engine's greedy tokens exactly
+(float32) in every layout of one table: the CrossPool splits 1+1, 2+2, 6+2 and 4+4 (the
+disaggregated step; 4+4 with each attention side on 2 KV devices; each model homed where the
+registry's rule puts it, its requests' pages on one of its homes) and the shared/static
+baselines on 1, 2 and 4 devices (each model whole on the device the greedy-by-bytes rule
+gives it, its requests' pages on it; multi-step decode on every device holding a model); the
+pool comes back empty; seeded sampling with logprobs matches too; prefix caching is hit.
+The other tests serve Mixtral and Qwen3-MoE: a context longer than a KV device runs
+sequence-sharded, also off the weight devices' pages; a small pool preempts without changing
+outputs; a budgeted arena swaps the models through one slot; static refuses a context that
+shared serves on the same devices; unsupported models and options are refused at construction.
 """
 from types import SimpleNamespace
 
@@ -31,14 +35,29 @@ SEEDED = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed
 # one token bucket (64) and prompts under 58 tokens: one program shape per model and split
 ENGINE = dict(dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64,
               max_decode_steps=4)
-# every layout against ONE single-device result (`expected`): (mode, kv_devices, weight_devices).
-# Each split compiles its own programs: one device pair and an even split (2+2: both models' 4
-# experts expert-parallel, as on 4+4; each model's step runs on its home KV device while the other
-# KV device has no sequence, as the KV devices beyond the homes of a wider split). Other splits are
-# checked step by step against the dense forward (tests/disagg/test_pipeline.py: 4+4, 2+4 and 6+2,
-# whose idle KV devices and six exchange rounds tests/disagg/test_program_structure.py counts too).
-LAYOUTS = [("crosspool", 1, 1), ("crosspool", 2, 2),
+# every layout against ONE single-device result (`mixed_expected`): (mode, kv_devices, weight_devices).
+# Each split compiles its own programs: one device pair; an even split (2+2: every model's 4
+# experts expert-parallel); 6+2 (each model's attention side on a KV device of its own, two KV
+# devices homing none); 4+4 (attention_replicas=2: each attention side on a group of 2 KV
+# devices, the experts one per weight device). The disaggregated step alone is checked against
+# the dense forward in tests/disagg/test_pipeline.py (4+4, 2+4 and 6+2, whose idle KV devices
+# and six exchange rounds tests/disagg/test_program_structure.py counts too).
+LAYOUTS = [("crosspool", 1, 1), ("crosspool", 2, 2), ("crosspool", 6, 2), ("crosspool", 4, 4),
            ("static", 1, 1), ("shared", 2, 2), ("static", 2, 2), ("shared", 4, 4), ("static", 4, 4)]
+# Where the registry's rules put the four models of `mixed_model_dirs` (q0, mx, ol, q1; the
+# premises on their sizes are asserted in the test). shared/static (`weights.place_models`):
+# greedy by weight bytes, the largest first onto the device holding the fewest bytes so far
+# (ties: the order given, then the lowest device). mx > q0 = q1 > ol with mx < q0 + q1: on 2
+# devices mx -> 0, q0 -> 1, q1 -> 1 (its bytes under mx's), ol -> 0 (mx's under q0 + q1); on 4
+# each model a device of its own in that order.
+PLACED = {1: {"q0": 0, "mx": 0, "ol": 0, "q1": 0}, 2: {"q0": 1, "mx": 0, "ol": 0, "q1": 1},
+          4: {"q0": 1, "mx": 0, "ol": 3, "q1": 2}}
+# crosspool (`disagg.layout._assign_homes`): the same greedy by attention-side size over groups of
+# attention_replicas consecutive KV devices: q0 = q1 > ol > mx, so q0 -> group 0, q1 -> group 1,
+# ol -> group 0 (equal loads: the lowest), mx -> the group holding less; 6+2: one device each.
+HOMES = {1: {"q0": (0,), "mx": (0,), "ol": (0,), "q1": (0,)}, 2: {"q0": (0,), "mx": (1,), "ol": (0,), "q1": (1,)},
+         6: {"q0": (0,), "mx": (3,), "ol": (2,), "q1": (1,)},
+         4: {"q0": (0, 1), "mx": (2, 3), "ol": (0, 1), "q1": (2, 3)}}
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +70,20 @@ def shared(model_dirs):
     return LLM({f: model_dirs[f] for f in FAMILIES}, mode="shared", **ENGINE)
 
 
-@pytest.fixture(scope="module")
-def batch():
+def _prompts(seed):
     # a fixed seed: greedy tokens are compared exactly across two summation orders (expert
     # shards vs one device), so a random near-tie could flip an argmax in some run
-    rng = np.random.default_rng(1234)
+    rng = np.random.default_rng(seed)
     lengths = [5, 17, 40, 3, 30, 9, 52, 24]
-    prompts = [rng.integers(1, 250, n).tolist() for n in lengths]
+    return [rng.integers(1, 250, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Mixtral and Qwen3-MoE alternating; prompt 5 shares a full block (G=32 for Mixtral) with prompt 2."""
+    prompts = _prompts(1234)
     models = [FAMILIES[i % 2] for i in range(len(prompts))]
-    prompts[5] = prompts[2][:36] + prompts[5]     # shares a full block (G=32 for Mixtral) with prompt 2
+    prompts[5] = prompts[2][:36] + prompts[5]
     models[5] = models[2]
     return prompts, models
 
@@ -71,6 +95,30 @@ def expected(shared, batch):
     return _tokens(shared.generate(prompts, GREEDY, model=models)), shared.generate(prompts, SEEDED, model=models)
 
 
+@pytest.fixture(scope="module")
+def mixed_batch(mixed_model_dirs):
+    """The four models in turn, but prompt 5 is OLMoE's, as prompt 2, with whom it shares a full
+    block (G=32 for OLMoE): Mixtral one request, OLMoE three."""
+    names = list(mixed_model_dirs)
+    prompts = _prompts(1234)
+    models = [names[i % len(names)] for i in range(len(prompts))]
+    prompts[5] = prompts[2][:36] + prompts[5]
+    models[5] = models[2]
+    return prompts, models
+
+
+@pytest.fixture(scope="module")
+def mixed(mixed_model_dirs):
+    return LLM(mixed_model_dirs, mode="shared", **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def mixed_expected(mixed, mixed_batch):
+    """The single-device engine's greedy tokens and seeded outputs of the four-model batch."""
+    prompts, models = mixed_batch
+    return _tokens(mixed.generate(prompts, GREEDY, model=models)), mixed.generate(prompts, SEEDED, model=models)
+
+
 def _tokens(outs):
     for o in outs:
         assert o.error is None and o.finished
@@ -79,27 +127,34 @@ def _tokens(outs):
 
 
 @pytest.mark.parametrize("mode,n_kv,n_w", LAYOUTS)
-def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected, mode, n_kv, n_w):
-    prompts, models = batch
-    want, want_seeded = expected
+def test_layout_matches_single_device_engine(mixed_model_dirs, mixed, mixed_batch, mixed_expected, mode, n_kv, n_w):
+    prompts, models = mixed_batch
+    names = list(mixed_model_dirs)
+    want, want_seeded = mixed_expected
     placed = mode != "crosspool"
     # shared/static: the reference's pages per device, so device 0 reuses its compiled programs
     # crosspool 4+4: each attention side on a group of 2 KV devices (attention_replicas)
     options = ({**ENGINE, "kv_pool_bytes": n_kv * ENGINE["kv_pool_bytes"]} if placed
                else {**ENGINE, "attention_replicas": 2 if n_kv == 4 else 1})
-    llm = LLM({f: model_dirs[f] for f in FAMILIES}, mode=mode, kv_devices=n_kv, weight_devices=n_w, **options)
+    llm = LLM(mixed_model_dirs, mode=mode, kv_devices=n_kv, weight_devices=n_w, **options)
     engine = llm.engine
     registry = engine.registry
     if placed:
-        # each model whole on one device (greedy by bytes: Mixtral, the larger, on device 0)
+        # each model whole on one device, placed by its weight bytes (`PLACED`)
         assert isinstance(engine.runner, PlacedRunner) and registry.arena is None
-        assert registry.model_devices == {"mixtral": 0, "qwen3_moe": min(1, n_kv - 1)}
+        size = {m: s["weights_bytes"] for m, s in registry.model_stats().items()}
+        assert size["mx"] > size["q0"] == size["q1"] > size["ol"] and size["mx"] < size["q0"] + size["q1"]
+        assert registry.model_devices == PLACED[n_kv]
         assert {m: s["device"] for m, s in registry.model_stats().items()} == {
             m: registry.kv_devices[d].id for m, d in registry.model_devices.items()}
-        assert registry.kv_layout.pages_per_device == shared.engine.registry.kv_layout.pages_per_device
+        assert registry.kv_layout.pages_per_device == mixed.engine.registry.kv_layout.pages_per_device
     else:
+        # each model's attention side on its home group, by its size (`HOMES`)
         assert isinstance(engine.runner, DisaggRunner)
         assert registry.kv_pool is None and registry.arena.layout.n_kv == n_kv
+        size = {m: registry.arena.layout.region_elems(m, "kv") for m in names}
+        assert size["q0"] == size["q1"] > size["ol"] > size["mx"]
+        assert registry.model_homes == HOMES[n_kv]
     # first step by hand: every request's pages on one KV device: its model's device when
     # placed, else one of its model's home KV devices (those holding its attention side)
     for i, (p, m) in enumerate(zip(prompts, models)):
@@ -115,14 +170,13 @@ def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected
         else:
             assert devices <= set(registry.model_homes[models[i]])
         homes += list(devices)
-    if placed:
-        assert len(set(homes)) == len(set(registry.model_devices.values()))
-    else:
-        groups = {registry.model_homes[m] for m in FAMILIES}
-        assert all(len(g) == (2 if n_kv == 4 else 1) for g in groups) and len(groups) == min(n_kv, 2)
-        assert len(set(homes)) >= len(groups)
+    # every device holding a model (placed) or homing one (crosspool) holds requests: a request
+    # starts on the one of its model's homes with the most free pages, so 4+4's first requests
+    # spread over both devices of each group
+    assert set(homes) == (set(registry.model_devices.values()) if placed
+                          else set().union(*registry.model_homes.values())), homes
     used = engine.stats().kv_pages_used_by_model
-    assert all(used[f] > 0 for f in FAMILIES)
+    assert all(used[m] > 0 for m in names)
     got = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -144,21 +198,23 @@ def test_layout_matches_single_device_engine(model_dirs, shared, batch, expected
             assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 for t in lg)
     stats = engine.stats()
     assert stats.kv_pages_free == stats.kv_pages_total
-    assert stats.kv_pages_used_by_model == {f: 0 for f in FAMILIES}
+    assert stats.kv_pages_used_by_model == {m: 0 for m in names}
     assert stats.num_running == stats.num_waiting == 0
-    # bucketed shapes keep the programs few; the split adds its multi-step decode programs
-    assert stats.compiled_programs <= (8 if placed else 12)
+    # bucketed shapes keep the programs few: placed, at most 4 per model (a device's program
+    # keys name the model); the split, with its multi-step decode programs, at most 6 per
+    # architecture (q0 and q1 run the same programs, their weights' offsets are data)
+    assert stats.compiled_programs <= (4 * len(names) if placed else 6 * 3)
     if not placed:         # decode ran max_decode_steps tokens per dispatch on the split too
         assert engine.runner.stats.decode_tokens_per_dispatch_max == ENGINE["max_decode_steps"]
     if placed:
         # each device's buffers stayed on it; only the devices holding a model were written;
-        # multi-step decode ran on the device of the second model
+        # multi-step decode ran on every device holding a model
         pool = registry.kv_pool
         for d, device in enumerate(registry.kv_devices):
             assert pool.k_buffers[d].devices() == {device}
             assert bool(np.any(np.asarray(pool.k_buffers[d]))) == (d in registry.model_devices.values())
-        last = registry.model_devices["qwen3_moe"]
-        assert engine.runner.runners[last].stats.decode_tokens_per_dispatch_max > 1
+        for d in set(registry.model_devices.values()):
+            assert engine.runner.runners[d].stats.decode_tokens_per_dispatch_max == ENGINE["max_decode_steps"]
 
 
 def _run_recording_groups(engine, requests):
