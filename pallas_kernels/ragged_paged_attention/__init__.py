@@ -42,6 +42,27 @@ def resolve_backend(backend: str = "auto") -> str:
     return "reference"
 
 
+def _auto_kernel(q, k_pages, page_indices, backend: str, latent_value_dim, sinks, traced_window) -> str:
+    """What "auto" runs on a machine whose kernels are `backend`'s (RESULTS.md has the numbers).
+    MLA and attention sinks run on the GPU kernels from 2 query tokens up: their time is flat
+    in the batch while the reference's grows with every sequence (MLA at DeepSeek-V2-Lite's
+    shapes, 8 sequences: 7-9x the reference; one token: 0.6-0.7x, so one token stays on the
+    reference; sinks at GPT-OSS-20B's: 10x at 8 sequences, 0.8x at one). MLA also needs a
+    decode-shaped call (T <= S: prefill is unmeasured on its kernel) and a row its column pieces
+    tile; the TPU kernel's sinks are interpret-tested only (reference there). Everything else
+    runs on the kernel where its geometry fits. Otherwise the reference."""
+    batched = q.shape[0] >= 2
+    if latent_value_dim is not None:
+        from pallas_kernels.ragged_paged_attention.mla_gpu import kernel_problem
+        decode = q.shape[0] <= page_indices.shape[0]
+        fits = (backend == "gpu" and batched and decode and sinks is None and not traced_window
+                and kernel_problem(k_pages.shape[-1], latent_value_dim) is None)
+        return "gpu" if fits else "reference"
+    if sinks is not None and (backend == "tpu" or not batched):
+        return "reference"
+    return backend if kernel_supports(q, k_pages, backend) else "reference"
+
+
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale=None, soft_cap=None, sliding_window=None, backend="auto",
                            interpret=False, k_page_offset=0, v_page_offset=0, latent_value_dim=None,
@@ -55,14 +76,16 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     latent_value_dim (static int, MLA's absorbed form): the pages hold one latent row per token,
     its first half in k_pages and its second in v_pages (K = 1, q's head dim twice theirs);
     key = the whole row, value = its first latent_value_dim entries; out [T, N,
-    latent_value_dim]. "auto" runs it on the reference; backend="gpu" runs mla_gpu.py's kernel
-    (unmeasured so far; column pieces of >= 16; page offsets as above), "tpu" raises.
+    latent_value_dim]. backend="gpu" runs mla_gpu.py's kernel (column pieces of >= 16; page
+    offsets as above), "tpu" raises; "auto" on a GPU runs the kernel for decode-shaped calls
+    of 2 tokens or more and the reference otherwise (`_auto_kernel`).
     sinks (float [N], traced ok; GPT-OSS): a learnt logit per head in every softmax
-    denominator; "auto" runs them on the reference, backend="gpu" on gpu.py's kernel
-    (unmeasured so far) and "tpu" (interpret-tested only). sliding_window may be a traced int32
-    scalar (a per-layer window): the kernels take every window as an operand, so "auto" runs a
-    traced window wherever it runs a static one. The MLA kernel takes neither sinks nor a
-    traced window (backend="gpu" raises).
+    denominator; backend="gpu" runs them on gpu.py's kernel ("auto" on a GPU too, from 2
+    tokens) and "tpu" on tpu.py's (interpret-tested only: "auto" on a TPU keeps them on the
+    reference).
+    sliding_window may be a traced int32 scalar (a per-layer window): the kernels take every
+    window as an operand, so "auto" runs a traced window wherever it runs a static one. The
+    MLA kernel takes neither sinks nor a traced window (backend="gpu" raises).
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
@@ -73,11 +96,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     backend = resolve_backend(backend)
     traced_window = isinstance(sliding_window, jax.Array)
     latent = latent_value_dim is not None
-    # "auto" keeps MLA and sinks on the reference until their GPU kernels have measurements
-    # (bench.bench_mla_decode, bench.bench_sinks); a traced window runs where a static one does
-    if requested == "auto" and backend != "reference" and (
-            latent or sinks is not None or not kernel_supports(q, k_pages, backend)):
-        backend = "reference"
+    if requested == "auto" and backend != "reference":
+        backend = _auto_kernel(q, k_pages, page_indices, backend, latent_value_dim, sinks, traced_window)
     if latent and backend == "tpu":
         raise ValueError("the tpu kernel does not run MLA's latent attention (latent_value_dim) yet; "
                          "use backend='reference', 'gpu' or 'auto'")

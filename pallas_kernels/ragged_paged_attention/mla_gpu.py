@@ -28,8 +28,8 @@ whole arena row); page ids are clamped into [0, P - 1 - max offset] before the o
 added, so every read stays in the buffer.
 
 Not yet: a tile of several tokens for prefill chunks, attention sinks and a traced window,
-a tuning table. Its speed is unmeasured: "auto" keeps MLA on the reference until
-`bench.bench_mla_decode` has numbers for it (RESULTS.md).
+a tuning table (its block size and split count are constants; RESULTS.md has its decode
+numbers at DeepSeek-V2-Lite's shapes and what "auto" takes from them).
 """
 from __future__ import annotations
 

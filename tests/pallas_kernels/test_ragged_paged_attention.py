@@ -250,8 +250,8 @@ class TestLatentAttention:
         assert np.all(np.asarray(out)[-3:] == 0), "padding rows must be zeros"
 
     def test_seam_passes_page_offsets_to_the_gpu_kernel(self):
-        """ragged_paged_attention(latent_value_dim=, backend="gpu") with offsets (no longer
-        refused) equals the reference with the same offsets; "auto" keeps MLA on the reference."""
+        """ragged_paged_attention(latent_value_dim=, backend="gpu") with offsets equals the
+        reference with the same offsets."""
         seed = fresh_seed("mla seam offsets")
         _, one, k_off, v_off = windows_of_one_buffer(latent_case(seed, *DECODE, N=4, half=32))
         kw = dict(sm_scale=0.2, latent_value_dim=64, k_page_offset=k_off, v_page_offset=v_off)
@@ -259,6 +259,30 @@ class TestLatentAttention:
         assert_close(out, ragged_paged_attention(*one, **kw), 2e-5)
         with pytest.raises(ValueError, match="MLA kernel does not run attention sinks"):
             ragged_paged_attention(*one, backend="gpu", interpret=True, sinks=jnp.zeros(4), **kw)
+
+    def test_auto_policy_on_a_gpu(self, monkeypatch):
+        """"auto" on a GPU: decode-shaped MLA (at most one query token per sequence slot) of 2
+        tokens or more on the kernel; one token, a prefill-shaped call and a row whose column
+        pieces the kernel cannot tile on the reference."""
+        import pallas_kernels.ragged_paged_attention as rpa
+        from pallas_kernels.ragged_paged_attention import mla_gpu
+        monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": "gpu")
+        calls = []
+        real_ref, real_mla = rpa.ragged_paged_attention_reference, mla_gpu.ragged_paged_mla_gpu
+        monkeypatch.setattr(rpa, "ragged_paged_attention_reference",
+                            lambda *a, **k: calls.append("reference") or real_ref(*a, **k))
+        monkeypatch.setattr(mla_gpu, "ragged_paged_mla_gpu",
+                            lambda *a, **k: calls.append("gpu") or real_mla(*a, **{**k, "interpret": True}))
+        seed = fresh_seed("mla auto")
+        decode = latent_case(seed, *DECODE, N=4, half=32)
+        got = rpa.ragged_paged_attention(*decode, sm_scale=0.2, latent_value_dim=64)
+        assert_close(got, ragged_paged_attention_reference(*decode, sm_scale=0.2, latent_value_dim=64), 2e-5)
+        rpa.ragged_paged_attention(*latent_case(seed + 1, *MIXED, N=4, half=32), sm_scale=0.2, latent_value_dim=64)
+        rpa.ragged_paged_attention(*latent_case(seed + 2, *DECODE, N=4, half=40), sm_scale=0.2,
+                                   latent_value_dim=72)          # pieces 32 | 8 | ...: narrower than 16
+        rpa.ragged_paged_attention(*latent_case(seed + 3, [1], [300], N=4, half=32), sm_scale=0.2,
+                                   latent_value_dim=64)          # one token
+        assert calls == ["gpu", "reference", "reference", "reference"]
 
 
 class TestGpuKernelInterpret:

@@ -116,8 +116,8 @@ class TestKernelsInterpret:
         assert np.all(np.asarray(out, np.float32)[-2:] == 0)
 
     def test_auto_policy(self, monkeypatch):
-        """On a GPU "auto" runs a traced window on the kernel (as a static one) and keeps sinks on
-        the reference until they are measured."""
+        """On a GPU "auto" runs sinks (from 2 query tokens; one token on the reference) and a
+        traced window (as a static one) on the kernel."""
         import pallas_kernels.ragged_paged_attention as rpa
         monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": "gpu")
         from pallas_kernels.ragged_paged_attention import gpu
@@ -130,7 +130,20 @@ class TestKernelsInterpret:
         args = make_case(25, *DECODE, N=4, K=2, H=64)
         rpa.ragged_paged_attention(*args, sinks=jnp.zeros(4))
         rpa.ragged_paged_attention(*args, sliding_window=jnp.int32(4))
-        assert calls == ["reference", "gpu"]
+        rpa.ragged_paged_attention(*make_case(26, *DECODE, N=4, K=2, H=48), sinks=jnp.zeros(4))  # no kernel head dim
+        rpa.ragged_paged_attention(*make_case(28, [1], [300], N=4, K=2, H=64), sinks=jnp.zeros(4))  # one token
+        assert calls == ["gpu", "gpu", "reference", "reference"]
+
+    def test_auto_on_a_tpu_keeps_sinks_on_the_reference(self, monkeypatch):
+        """The TPU kernel's sinks are interpret-tested only: "auto" on a TPU runs them on the reference."""
+        import pallas_kernels.ragged_paged_attention as rpa
+        monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": "tpu")
+        calls = []
+        real_ref = rpa.ragged_paged_attention_reference
+        monkeypatch.setattr(rpa, "ragged_paged_attention_reference",
+                            lambda *a, **k: calls.append("reference") or real_ref(*a, **k))
+        rpa.ragged_paged_attention(*make_case(27, *DECODE, N=4, K=2, H=64), sinks=jnp.zeros(4))
+        assert calls == ["reference"]
 
 
 @pytest.mark.gpu
