@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH] [--skip-moe]
         [--skip-attention] [--attention-sweep-only] [--moe-sweep-only] [--skip-decode]
         [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill] [--moe-no-peers] [--skip-gpt-oss]
-        [--only-new]
+        [--only-new] [--mla-sweep]
 
 Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
 then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
@@ -14,7 +14,9 @@ buffer (mla_decode, impl *_offsets), GPT-OSS's experts with biases and the clamp
 1, 2 and 32 tokens (moe decode, shape "gpt_oss_20b ... biases+clamp"), each kernel beside the
 reference, and GLM-4.7-Flash's sigmoid + bias routing by XLA beside the routing kernel (moe
 decode, shape "glm47_flash ... sigmoid+bias"). `--only-new` runs just those rows (no decode / mixed attention table, no other MoE
-shapes, no MoE peers or prefill); `--skip-gpt-oss` leaves the GPT-OSS rows out.
+shapes, no MoE peers or prefill); `--skip-gpt-oss` leaves the GPT-OSS rows out; `--mla-sweep`
+adds the MLA kernel under explicit (block_k, num_splits) tilings (section mla_sweep, for its
+tuning: e.g. `--only-new --mla-sweep --skip-moe --skip-gpt-oss`).
 """
 from __future__ import annotations
 
@@ -108,6 +110,8 @@ def main():
     ap.add_argument("--moe-no-prefill", action="store_true", help="no MoE prefill rows")
     ap.add_argument("--moe-no-peers", action="store_true", help="MoE: our kernels only")
     ap.add_argument("--skip-gpt-oss", action="store_true", help="no GPT-OSS attention or MoE rows")
+    ap.add_argument("--mla-sweep", action="store_true",
+                    help="the MLA kernel under explicit (block_k, num_splits) tilings (section mla_sweep)")
     ap.add_argument("--only-new", action="store_true",
                     help="only the GPT-OSS attention, MLA decode and GPT-OSS MoE rows")
     a = ap.parse_args()
@@ -123,7 +127,8 @@ def main():
         try:
             only = a.attention_sweep_only
             rpa_bench.main(rows, copy_gbps, do_sweep=a.sweep, decode=not (only or a.skip_decode),
-                           mixed=not (only or a.skip_mixed), gpt_oss=not (only or a.skip_gpt_oss))
+                           mixed=not (only or a.skip_mixed), gpt_oss=not (only or a.skip_gpt_oss),
+                           mla_sweep=a.mla_sweep)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     if not a.skip_moe:

@@ -287,6 +287,32 @@ def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
         del plain, one, args, outs
 
 
+# the MLA kernel's tiling sweep: where B = 8 sits at 41% of copy with the defaults (RESULTS.md)
+MLA_SWEEP_SHAPES = [(8, 4096), (8, 16384), (32, 4096)]
+MLA_SWEEP_BLOCKS, MLA_SWEEP_SPLITS = (16, 32, 64), (2, 4, 8, 16, 32)
+
+
+def sweep_mla(rows_out, copy_gbps, shapes=MLA_SWEEP_SHAPES, blocks=MLA_SWEEP_BLOCKS, splits=MLA_SWEEP_SPLITS,
+              G=MLA_G, interpret=False):
+    """mla_gpu.py under explicit (block_k, num_splits) at DeepSeek-V2-Lite's shapes (section
+    "mla_sweep"; a tiling the kernel cannot compile is printed and skipped), for its tuning."""
+    from pallas_kernels.ragged_paged_attention.mla_gpu import ragged_paged_mla_gpu
+    for B, ctx in shapes:
+        args = mla_decode_inputs(jax.random.PRNGKey(B * ctx), B, ctx, G)
+        gb = B * ctx * (MLA_LATENT + MLA_ROPE) * args[1].dtype.itemsize / 1e9
+        for block_k in blocks:
+            for num_splits in splits:
+                f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=MLA_LATENT,
+                                      sm_scale=(128 + MLA_ROPE) ** -0.5, block_k=block_k, num_splits=num_splits,
+                                      interpret=interpret)
+                try:
+                    _row(rows_out, "mla_sweep", f"B={B} ctx={ctx} G={G}", "ours_mla", _time(f, *args), gbytes=gb,
+                         copy_gbps=copy_gbps, note=f"block_k={block_k} num_splits={num_splits}")
+                except Exception as e:  # noqa: BLE001
+                    print("mla sweep failed", block_k, num_splits, type(e).__name__, str(e)[:300], flush=True)
+        del args
+
+
 # GPT-OSS-20B's attention: 64 query heads over 8 KV heads of 64 dims, a sink per head, layers
 # alternating a 128-token window and full attention (one traced window per layer)
 GPT_OSS_HEADS, GPT_OSS_KV_HEADS, GPT_OSS_HEAD_DIM, GPT_OSS_WINDOW = 64, 8, 64, 128
@@ -348,7 +374,7 @@ def bench_gpt_oss(rows_out, copy_gbps, shapes=GPT_OSS_SHAPES, G=16):
 
 
 def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_sweep=False,
-         decode=True, mixed=True, mla=True, gpt_oss=True):
+         decode=True, mixed=True, mla=True, gpt_oss=True, mla_sweep=False):
     rows_out = [] if rows_out is None else rows_out
     print("jax", jax.__version__, jax.devices(), flush=True)
     if copy_gbps is None:
@@ -364,6 +390,8 @@ def main(rows_out: list | None = None, copy_gbps: float | None = None, *, do_swe
         bench_mixed(rows_out, do_sweep=do_sweep)
     if mla:
         bench_mla_decode(rows_out, copy_gbps)
+    if mla_sweep:
+        sweep_mla(rows_out, copy_gbps)
     if gpt_oss:
         bench_gpt_oss(rows_out, copy_gbps)
     return rows_out

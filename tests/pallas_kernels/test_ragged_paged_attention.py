@@ -661,3 +661,23 @@ def test_mla_decode_benchmark_runs_and_counts_the_latent_bytes():
     for row in rows:
         assert row["section"] == "mla_decode"
         assert abs(row["GBps"] * row["us"] * 1e-6 - 2 * 64 * 576 * 2 / 1e9) < 1e-12
+
+
+def test_mla_sweep_rows_on_cpu(capsys, monkeypatch):
+    """The MLA kernel's tiling sweep at a toy shape in interpret mode: one row per tiling that
+    runs (its block_k and num_splits in the note), a tiling that fails (as one too big for the
+    GPU's shared memory would) printed and skipped."""
+    from pallas_kernels.ragged_paged_attention import bench, mla_gpu
+    real = mla_gpu.ragged_paged_mla_gpu
+
+    def kernel(*args, block_k, **kw):
+        if block_k == 24:
+            raise ValueError("out of shared memory")
+        return real(*args, block_k=block_k, **kw)
+
+    monkeypatch.setattr(mla_gpu, "ragged_paged_mla_gpu", kernel)
+    rows = []
+    bench.sweep_mla(rows, copy_gbps=100.0, shapes=[(2, 64)], blocks=(16, 24), splits=(1, 2), interpret=True)
+    assert [row["note"] for row in rows] == ["block_k=16 num_splits=1", "block_k=16 num_splits=2"]
+    assert all(row["section"] == "mla_sweep" and row["impl"] == "ours_mla" for row in rows)
+    assert "mla sweep failed 24" in capsys.readouterr().out
