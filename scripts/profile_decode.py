@@ -6,6 +6,8 @@ fetch and the engine's own bookkeeping, per engine step (median over the decode 
     JAX_PLATFORMS=cpu python scripts/profile_decode.py --model m=checkpoints/qwen3-moe-tiny --tokens 8
     python scripts/profile_decode.py --random_config qwen3moe-30b-a3b-4l --copies 4 --max_lanes 4   # lanes
     python scripts/profile_decode.py ... --cprofile /tmp/decode.pstats     # and where the host's time goes
+    python scripts/profile_decode.py --random_config qwen3moe-30b-a3b-4l:48 --requests 1 --kernels
+                                           # what the GPU runs per decoded token and per layer
 
 Timers wrap `scheduler.schedule`, the runner's `dispatch_all` (host work up to the programs'
 dispatch: input building, transfers, the jit calls; "jit_calls" is the part spent inside the
@@ -15,6 +17,11 @@ outputs (the device program, as seen from the host, after dispatch returned) and
 detokenization, output objects. One line per phase, milliseconds. Blocking after dispatch
 serialises host and device (the engine normally overlaps them across models), so the step
 total here is an upper bound of the engine's.
+
+`--kernels` adds a round whose decode steps (after every request's prefill) run under a
+`jax.profiler` trace, and prints the GPU's kernels per decoded token and per layer, its busy
+time against the span, and the top op kinds (`crosspool_jax.bench.kernel_summary`; a GPU only:
+a CPU trace has no GPU events).
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ _DECODE_STEPS = flags.DEFINE_integer("max_decode_steps", 1, "decode tokens per d
 _COPIES = flags.DEFINE_integer("copies", 1, "serve this many copies of each model (each loaded as a model of its "
                                "own), each with --requests requests")
 _LANES = flags.DEFINE_integer("max_lanes", None, "the engine's max_lanes (default: the engine's)")
+_KERNELS = flags.DEFINE_bool("kernels", False, "Also trace a round's decode steps on the GPU: kernels per token "
+                             "and per layer, the top op kinds")
 _CPROFILE = flags.DEFINE_string("cprofile", None, "Also profile the host (cProfile) over a third round like "
                                 "the timed one: the pstats file to write; the top functions are printed")
 
@@ -129,16 +138,46 @@ def main(argv):
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=_TOKENS.value, temperature=0.0, ignore_eos=True)
 
-    def run_round(tag):
+    def add_round(tag) -> dict:
+        """The round's requests added; -> {request id: output tokens so far}."""
         for name in names:
             vocab = engine.registry.get(name).config.vocab_size
             for i in range(_REQUESTS.value):
                 engine.add_request(f"{tag}-{name}-{i}", name,
                                    {"prompt_token_ids": rng.integers(1, vocab, _PROMPT.value).tolist()}, params)
+        return {f"{tag}-{name}-{i}": 0 for name in names for i in range(_REQUESTS.value)}
+
+    def step_and_count(seen: dict) -> None:
+        t0 = time.perf_counter()
+        for out in engine.step():
+            seen[out.request_id] = len(out.outputs[0].token_ids)
+        timer.close_step(time.perf_counter() - t0)
+
+    def run_round(tag):
+        seen = add_round(tag)
         while engine.has_unfinished_requests():
-            t0 = time.perf_counter()
-            engine.step()
-            timer.close_step(time.perf_counter() - t0)
+            step_and_count(seen)
+
+    def kernel_round():
+        """The decode steps of a round under a profiler trace -> (GPU events, tokens decoded)."""
+        import glob
+        import shutil
+        import tempfile
+
+        from pallas_kernels.timing import gpu_kernel_events
+        seen = add_round("kernels")
+        while engine.has_unfinished_requests() and min(seen.values()) == 0:     # prefills, untraced
+            step_and_count(seen)
+        before = sum(seen.values())
+        folder = tempfile.mkdtemp(prefix="profile_decode_trace_")
+        try:
+            with jax.profiler.trace(folder):
+                while engine.has_unfinished_requests():
+                    step_and_count(seen)
+            paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+            return (gpu_kernel_events(paths[0]) if paths else []), sum(seen.values()) - before
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     run_round("warm")                      # compiles every shape once
     dispatches0 = runner.stats.dispatches
@@ -154,6 +193,7 @@ def main(argv):
         run_round("profiled")
         profiler.disable()
         profiler.dump_stats(_CPROFILE.value)
+    kernels = kernel_round() if _KERNELS.value else None
     timer.samples = samples
     decode = [i for i, p in enumerate(timer.samples["prefill"]) if not p]    # steps without a prefill chunk
     med = {k: 1e3 * statistics.median([v[i] for i in decode if i < len(v)]) for k, v in timer.samples.items()
@@ -168,6 +208,14 @@ def main(argv):
         label = "  of which jit calls" if k == "jit_calls" else k
         print(f"  {label:24s} {med.get(k, float('nan')):8.3f}")
     print(f"  {'rest (engine bookkeeping)':24s} {med['step'] - known:8.3f}")
+    if kernels is not None:
+        from crosspool_jax.bench.kernel_summary import summarize_kernels
+        events, tokens = kernels
+        if events and tokens:
+            summary = summarize_kernels(events, tokens=tokens, num_layers=engine.registry.get(names[0]).config.num_layers)
+            print("\n".join(summary.lines()))
+        else:
+            print(f"--kernels: the trace has no GPU events ({len(events)} events, {tokens} decode tokens)")
     if profiler is not None:
         import pstats
         for key in ("tottime", "cumulative"):
