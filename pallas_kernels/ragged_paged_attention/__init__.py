@@ -43,14 +43,13 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def _auto_kernel(q, k_pages, page_indices, backend: str, latent_value_dim, sinks, traced_window) -> str:
-    """What "auto" runs on a machine whose kernels are `backend`'s (RESULTS.md has the numbers).
-    MLA and attention sinks run on the GPU kernels from 2 query tokens up: their time is flat
-    in the batch while the reference's grows with every sequence (MLA at DeepSeek-V2-Lite's
-    shapes, 8 sequences: 7-9x the reference; one token: 0.6-0.7x, so one token stays on the
-    reference; sinks at GPT-OSS-20B's: 10x at 8 sequences, 0.8x at one). MLA also needs a
-    decode-shaped call (T <= S: prefill is unmeasured on its kernel) and a row its column pieces
-    tile; the TPU kernel's sinks are interpret-tested only (reference there). Everything else
-    runs on the kernel where its geometry fits. Otherwise the reference."""
+    """What "auto" runs on a machine whose kernels are `backend`'s (the measurements behind it:
+    RESULTS.md). MLA and attention sinks run on the GPU kernels from 2 query tokens up (their
+    time is flat in the batch, the reference's grows with every sequence; at one token the
+    reference is the faster); MLA also needs a decode-shaped call (T <= S: its kernel's prefill
+    is unmeasured) and a row its column pieces tile. The TPU kernel's sinks are interpret-tested
+    only (the reference there). Everything else runs on the kernel where its geometry fits.
+    Otherwise the reference."""
     batched = q.shape[0] >= 2
     if latent_value_dim is not None:
         from pallas_kernels.ragged_paged_attention.mla_gpu import kernel_problem
