@@ -58,6 +58,8 @@ _MAX_LOGPROBS = flags.DEFINE_integer("max_logprobs", None, "The engine's max_log
                                      "leaves the logprobs programs out of the warm-up (the bench asks for none).")
 _MAX_LANES = flags.DEFINE_integer("max_lanes", None, "The engine's max_lanes (default: the engine's); 1 runs "
                                   "every model's decode as its own program.")
+_PIPELINE = flags.DEFINE_bool("pipeline_models", False, "The engine's pipeline_models: each step dispatches half "
+                               "of the models and reads the previous step's results while the device runs them.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no decode-latency rounds.")
 _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
 _FRESH = flags.DEFINE_bool("fresh_process", True, "Run each mode in a fresh Python process (no compiled program "
@@ -279,6 +281,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         opts["max_logprobs"] = _MAX_LOGPROBS.value
     if _MAX_LANES.value is not None:
         opts["max_lanes"] = _MAX_LANES.value
+    if _PIPELINE.value:
+        opts["pipeline_models"] = True
     t0 = time.perf_counter()
     llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=_DECODE_STEPS.value, max_num_seqs=64,
               max_num_batched_tokens=max(512, _PROMPT_LEN.value), **opts)

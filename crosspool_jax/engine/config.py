@@ -61,6 +61,11 @@ class EngineConfig:
     max_lanes: the most models of one architecture on one device whose decodes one program
       serves per engine step (lanes; shared/static), or whose steps one arena program serves
       (the crosspool split). None = 4 on accelerators, 1 on a CPU (at least 2 on the split).
+    pipeline_models: overlap the host's work with the device's across models: an engine step
+      dispatches about half of the models with work (those with no step in flight, least
+      recently run first), then collects and processes the previous step's while the device
+      runs the new ones, so each model advances every other step and TBT tends to max(host,
+      device) instead of their sum. Off when weights budgets swap models (steps run whole).
     """
 
     models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
@@ -124,6 +129,10 @@ class EngineConfig:
     min_token_bucket: int = _opt(16, "A step's tokens are padded to a power of two at least this: larger "
                                  "means fewer compiled programs and more padding.")
     enable_prefix_caching: bool = _opt(True, "Reuse the KV pages of a shared prompt prefix.")
+    pipeline_models: bool = _opt(False, "Overlap host and device across models: each engine step dispatches "
+                                 "about half of the models with work, then collects and processes the "
+                                 "previous step's while the device runs them (each model advances every "
+                                 "other step). Off when weights budgets swap models.")
     attention_backend: str = _opt("auto", "Attention kernel: auto (Pallas on GPU/TPU where the shapes "
                                   "allow, the jnp reference otherwise), reference, gpu or tpu.", choices=BACKENDS)
     moe_backend: str = _opt("auto", "MoE kernel: auto, reference, gpu or tpu (as attention_backend).",
@@ -147,6 +156,8 @@ class EngineConfig:
         for name in ("attention_backend", "moe_backend"):
             if getattr(self, name) not in BACKENDS:
                 raise ValueError(f"EngineConfig.{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
+        if not isinstance(self.pipeline_models, bool):
+            raise ValueError(f"EngineConfig.pipeline_models must be a bool, got {self.pipeline_models!r}")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket",

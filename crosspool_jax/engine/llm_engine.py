@@ -28,6 +28,13 @@ How a request travels:
    the prompt logprobs each prefill chunk scored, and returns `RequestOutput`s with the
    cumulative text of every request that moved.
 
+Pipelined steps (`EngineConfig.pipeline_models`): a step dispatches about half of the models
+with work (those with no step in flight) and then collects and processes the previous step's
+results while the device runs the new programs (`_pipelined_step`), so the host's work on one
+half overlaps the device's on the other and each model advances every other step. `step()` then
+returns the previous step's outputs. Weights budgets (models swapped in and out) keep steps
+whole.
+
 Request isolation (`_run_isolated`): whatever one request does that still fails inside a
 step fails that request alone. The step runs all its models at once; when that raises, it
 runs each model alone, and a model that still raises each of its requests alone. A request
@@ -114,6 +121,19 @@ class _Child:
 
 
 @dataclasses.dataclass
+class _InFlight:
+    """A dispatched engine step whose results are not read yet (`pipeline_models`): its
+    scheduler output and, per model, (entry, chunks, DispatchedStep); its models stay acquired."""
+
+    out: object
+    dispatched: list
+
+    @property
+    def models(self) -> frozenset:
+        return frozenset(entry.name for entry, _, _ in self.dispatched)
+
+
+@dataclasses.dataclass
 class _Parent:
     request_id: str
     model: str
@@ -163,6 +183,7 @@ class LLMEngine:
                                        attention_backend=self.registry.attention_backend,
                                        moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps)
         self._parents: dict[str, _Parent] = {}
+        self._in_flight: Optional[_InFlight] = None          # pipeline_models: the step dispatched last
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
         self.step_costs: dict[str, step_cost.ModelStepCost] = {}    # measure_step_costs
@@ -354,9 +375,14 @@ class LLMEngine:
 
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step: schedule, run, return the `RequestOutput`s of the requests that moved.
+        With `pipeline_models`, the step dispatches its models and returns the previous step's
+        results (collected while the device runs the new programs); see `_pipelined_step`."""
         if self._wants_step_costs and not self.step_costs:      # no warm-up measured them
             self.measure_step_costs()
-        out = self.scheduler.schedule()
+        pipelined = self.config.pipeline_models and not self.registry.has_budgets
+        busy = self._in_flight.models if self._in_flight is not None else frozenset()
+        out = self.scheduler.schedule(busy_models=busy, split_models=pipelined)
         scheduled_at = time.monotonic()
         for chunks in out.chunks_by_model.values():
             for chunk in chunks:
@@ -366,7 +392,77 @@ class LLMEngine:
         moved: set[str] = set()
         for child_id, message in out.rejected:
             self._fail_request(child_id, message, moved)
-        ran, failed = self._run_isolated(out.chunks_by_model)
+        if pipelined or self._in_flight is not None:
+            self._pipelined_step(out, moved)
+        else:
+            self._process(out, *self._run_isolated(out.chunks_by_model), moved)
+        return self._outputs(moved)
+
+    def _pipelined_step(self, out, moved: set) -> None:
+        """Dispatch this step's models (`_dispatch`: no result is read), then collect and process
+        the previous step's (`_finish`), whose programs the device runs first: the host's work
+        on them overlaps the device's on the new ones. The new step stays in flight until the
+        next call. When this step cannot be dispatched beside the previous one (its weights do
+        not fit beside the models in flight, or dispatching raises), the previous step is
+        finished first and this one runs whole, isolated (`_run_isolated`)."""
+        previous, self._in_flight = self._in_flight, None
+        flight = None
+        if out.chunks_by_model:
+            try:
+                flight = self._dispatch(out)
+            except Exception:  # noqa: BLE001 - run it isolated below, after the previous step
+                log.debug("dispatching a step beside the one in flight failed; running it whole", exc_info=True)
+        if flight is None and out.chunks_by_model:
+            if previous is not None:
+                self._finish(previous, moved)
+                previous = None
+            self._process(out, *self._run_isolated(out.chunks_by_model), moved)
+        self._in_flight = flight
+        if previous is not None:
+            self._finish(previous, moved)
+
+    def _dispatch(self, out) -> "_InFlight":
+        """Acquire the step's models and dispatch them all (nothing collected); on any error the
+        models acquired here are released and the error raised."""
+        acquired, steps = [], []
+        try:
+            for model, chunks in out.chunks_by_model.items():
+                entry = self.registry.get(model)
+                weights = self.registry.acquire(model)
+                acquired.append((entry, chunks))
+                steps.append(self._model_step(entry, weights, chunks))
+            dispatched = self.runner.dispatch_all(steps)
+        except BaseException:
+            for entry, _ in acquired:
+                self.registry.release(entry.name)
+            raise
+        return _InFlight(out, [(entry, chunks, step) for (entry, chunks), step in zip(acquired, dispatched)])
+
+    def _finish(self, flight: "_InFlight", moved: set) -> None:
+        """Collect a dispatched step's results, release its models and process the results. A
+        collect that raises releases them all and reruns the step's still-current chunks whole,
+        isolated (nothing advanced the scheduler for them)."""
+        done, error = [], None
+        try:
+            for entry, chunks, step in flight.dispatched:
+                done.append((entry, chunks, self.runner.collect(step)))
+        except Exception as e:  # noqa: BLE001 - rerun below
+            error = e
+        finally:
+            for entry, _, _ in flight.dispatched:
+                self.registry.release(entry.name)
+        if error is None:
+            self._process(flight.out, done, {}, moved)
+            return
+        log.warning("collecting a step in flight failed (%s); running it again whole", _step_error(error))
+        current = {model: [c for c in chunks if self.scheduler.is_current(c)]
+                   for model, chunks in flight.out.chunks_by_model.items()}
+        current = {model: chunks for model, chunks in current.items() if chunks}
+        self._process(flight.out, *self._run_isolated(current), moved)
+
+    def _process(self, out, ran: list, failed: dict, moved: set) -> None:
+        """Accept the sampled tokens of `ran` (`_run_models` results), fail `failed`, advance the
+        scheduler, finish the stopped requests; `moved` gets every parent that moved."""
         for child_id, message in failed.items():
             self._fail_request(child_id, message, moved)
         sampled: dict[str, list[int]] = {}
@@ -374,7 +470,7 @@ class LLMEngine:
         for entry, chunks, results in ran:
             for chunk, result in zip(chunks, results):
                 child = self._child_of(chunk.request.request_id)
-                if child is None:
+                if child is None or not self.scheduler.is_current(chunk):    # aborted, finished, preempted
                     continue
                 if result.prompt_logprobs is not None:
                     self._record_prompt_logprobs(entry, chunk.request.request_id, result.prompt_logprobs)
@@ -393,6 +489,9 @@ class LLMEngine:
         self.scheduler.update_from_output(out, sampled)
         for child, status in stopped:
             self.scheduler.finish_request(child.request.request_id, status)
+
+    def _outputs(self, moved: set) -> list[RequestOutput]:
+        """The `RequestOutput` of every parent in `moved`; finished parents are forgotten."""
         now = time.monotonic()
         results = []
         for parent_id in moved:

@@ -57,6 +57,14 @@ ragged batch.
    without barring others). Every `residency_quantum` steps the leader moves to the back, so
    each model leads in turn and the swaps happen once per rotation instead of every step.
 
+5. Models in flight (`schedule(busy_models=, split_models=)`, the engine's `pipeline_models`):
+   a model whose previous step is still running on the device is left out of this step (its
+   running requests wait, its queue is not admitted from, and it does not hold back multi-step
+   decode), and with split_models a step takes at most half (rounded up) of the models with
+   work, the least recently scheduled first, so consecutive steps alternate between halves.
+   Results that come back for a request preempted or finished since its chunk was scheduled
+   are dropped (`is_current`).
+
 Rejections (status FINISHED_ERROR, listed once in `SchedulerOutput.rejected`): a prompt
 longer than its model's max_model_len, a prompt needing more pages than the whole pool,
 and a lone request whose growth the whole pool cannot hold.
@@ -249,6 +257,8 @@ class Scheduler:
         self._lead: list[str] = []                                    # models' residency order
         self._lead_steps = 0                                          # steps the first has led
         self._step_costs: dict[str, ModelStepCost] = {}               # model -> measured costs
+        self._num_schedules = 0
+        self._last_scheduled: dict[str, int] = {}                     # model -> schedule() count it last ran
 
     def set_step_costs(self, costs: Mapping[str, ModelStepCost]) -> None:
         """The models' step costs, which size the prefill of steps with decodes to
@@ -339,7 +349,13 @@ class Scheduler:
         return {model: (running, waiting) for model, (running, waiting) in out.items()}
 
     # ----- one step ----------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy_models: frozenset = frozenset(), split_models: bool = False) -> SchedulerOutput:
+        """One step (module docstring). busy_models: models with a step in flight, left out of
+        this one (their requests neither run, nor are admitted, nor count against multi-step
+        decode). split_models: of the W models with work (running or waiting requests, busy
+        ones included), this step takes at most ceil(W / 2), the least recently scheduled first,
+        so that models alternate between consecutive steps (the engine's `pipeline_models`)."""
+        self._num_schedules += 1
         budget = self.config.max_num_batched_tokens
         planned: list[tuple[Request, int]] = []          # (request, tokens fed), in scheduling order
         preempted: list[str] = []
@@ -350,7 +366,7 @@ class Scheduler:
         #    each; preempt the latest-arrived running request when the pool is short.
         gaps = {request: self._num_to_compute(request) for request in self._running}
         order = ([r for r in self._running if gaps[r] == 1] + [r for r in self._running if gaps[r] != 1])
-        fits = self._residency_gate()
+        fits = self._model_gate(busy_models, split_models)
         if self._fit_together is not None:
             rank = {m: i for i, m in enumerate(self._lead)}
             # stable: decodes first (every model's), then the leader's requests first, oldest within a model
@@ -362,7 +378,9 @@ class Scheduler:
         for request in order:
             if request.status != RequestStatus.RUNNING:          # preempted earlier in this loop
                 continue
-            if not fits(request.model):      # its weights cannot be resident beside this step's models
+            if request.model in busy_models:                     # its model's last step is in flight
+                continue
+            if not fits(request.model):      # another step's model, or its weights cannot be resident
                 all_running_scheduled = False
                 continue
             decode = gaps[request] == 1
@@ -408,6 +426,7 @@ class Scheduler:
 
         chunks_by_model: dict[str, list[ScheduledChunk]] = {}
         for request, n in planned:
+            self._last_scheduled[request.model] = self._num_schedules
             start = request.num_computed_tokens
             chunks_by_model.setdefault(request.model, []).append(ScheduledChunk(
                 request=request, start=start, num_tokens=n,
@@ -421,6 +440,20 @@ class Scheduler:
         time budget, which needs the step costs)."""
         budget_s = self.config.tbt_budget_s if self._step_costs else None
         return _PrefillLimit(self.config.decode_step_prefill_tokens, budget_s, self._step_costs)
+
+    def _model_gate(self, busy_models: frozenset, split_models: bool) -> Callable[[str], bool]:
+        """fits(model): whether the model's requests may run in this step: not busy, among the
+        half of the models with work that this step takes (split_models), and resident beside
+        the step's other models (`_residency_gate`)."""
+        resident = self._residency_gate()
+        if not busy_models and not split_models:
+            return resident
+        with_work = {r.model for r in self._running} | {m for m, q in self._waiting.items() if q}
+        free = sorted(with_work - set(busy_models), key=lambda m: (self._last_scheduled.get(m, 0), m))
+        if split_models:
+            free = free[:max(1, -(-len(with_work) // 2))]
+        chosen = set(free)
+        return lambda model: model in chosen and resident(model)
 
     def _residency_gate(self) -> Callable[[str], bool]:
         """fits(model): whether the model's requests may run in this step. Without budgets, any.
@@ -570,6 +603,13 @@ class Scheduler:
         return steps
 
     # ----- results -----------------------------------------------------------------------------
+    def is_current(self, chunk: ScheduledChunk) -> bool:
+        """Whether a scheduled chunk's results still apply: its request is unfinished, running and
+        has computed exactly what it had when the chunk was scheduled (not preempted since)."""
+        request = chunk.request
+        return (self._requests.get(request.request_id) is request and request.status == RequestStatus.RUNNING
+                and request.num_computed_tokens == chunk.start)
+
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         """Advance each scheduled request: its fed tokens are computed; sampled tokens are
         appended (all but the last are computed too: a multi-step decode fed them). Requests
@@ -578,8 +618,7 @@ class Scheduler:
         for chunks in output.chunks_by_model.values():
             for chunk in chunks:
                 request = chunk.request
-                if (self._requests.get(request.request_id) is not request or request.status != RequestStatus.RUNNING
-                        or request.num_computed_tokens != chunk.start):
+                if not self.is_current(chunk):
                     continue
                 tokens = list(sampled.get(request.request_id, ()))
                 if chunk.samples:
