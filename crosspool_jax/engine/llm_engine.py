@@ -67,7 +67,7 @@ from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.sampling_metadata import SamplingRow
-from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
+from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from crosspool_jax.engine.step_plan import ModelStep
 from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter
@@ -125,7 +125,7 @@ class _InFlight:
     """A dispatched engine step whose results are not read yet (`pipeline_models`): its
     scheduler output and, per model, (entry, chunks, DispatchedStep); its models stay acquired."""
 
-    out: object
+    out: SchedulerOutput
     dispatched: list
 
     @property
@@ -398,7 +398,7 @@ class LLMEngine:
             self._process(out, *self._run_isolated(out.chunks_by_model), moved)
         return self._outputs(moved)
 
-    def _pipelined_step(self, out, moved: set) -> None:
+    def _pipelined_step(self, out: SchedulerOutput, moved: set) -> None:
         """Dispatch this step's models (`_dispatch`: no result is read), then collect and process
         the previous step's (`_finish`), whose programs the device runs first: the host's work
         on them overlaps the device's on the new ones. The new step stays in flight until the
@@ -421,7 +421,7 @@ class LLMEngine:
         if previous is not None:
             self._finish(previous, moved)
 
-    def _dispatch(self, out) -> "_InFlight":
+    def _dispatch(self, out: SchedulerOutput) -> _InFlight:
         """Acquire the step's models and dispatch them all (nothing collected); on any error the
         models acquired here are released and the error raised."""
         acquired, steps = [], []
@@ -438,7 +438,7 @@ class LLMEngine:
             raise
         return _InFlight(out, [(entry, chunks, step) for (entry, chunks), step in zip(acquired, dispatched)])
 
-    def _finish(self, flight: "_InFlight", moved: set) -> None:
+    def _finish(self, flight: _InFlight, moved: set) -> None:
         """Collect a dispatched step's results, release its models and process the results. A
         collect that raises releases them all and reruns the step's still-current chunks whole,
         isolated (nothing advanced the scheduler for them)."""
@@ -460,7 +460,7 @@ class LLMEngine:
         current = {model: chunks for model, chunks in current.items() if chunks}
         self._process(flight.out, *self._run_isolated(current), moved)
 
-    def _process(self, out, ran: list, failed: dict, moved: set) -> None:
+    def _process(self, out: SchedulerOutput, ran: list, failed: dict, moved: set) -> None:
         """Accept the sampled tokens of `ran` (`_run_models` results), fail `failed`, advance the
         scheduler, finish the stopped requests; `moved` gets every parent that moved."""
         for child_id, message in failed.items():
