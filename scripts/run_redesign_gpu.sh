@@ -7,7 +7,8 @@
 #                                                       # with this tree's bench_modes.py copied in
 #   TREE=.         bash scripts/run_redesign_gpu.sh     # this tree
 # MODELS, DEVICE_GIB, STEPS (max_decode_steps), PROMPT_LEN, MAX_TOKENS and TIMEOUT size it;
-# BENCH_ARGS adds flags of bench_modes.py (e.g. --max_logprobs=0 for this tree).
+# BENCH_ARGS adds flags of bench_modes.py (e.g. --max_logprobs=0 or --pipeline_models for this tree).
+# One mode per run, in this process (--nofresh_process: `timeout` then stops the whole run).
 # .whl/ (git-ignored; carry it) holds wheels the device image lacks (absl-py, fastapi, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ cd "$TREE"
 echo "== $NAME ($(pwd)): shared, models $MODELS" | tee "$LOG/bench_modes_$NAME.log"
 PYTHONPATH=. timeout "${TIMEOUT:-540}" python3 scripts/bench_modes.py --modes shared \
   --device_gib "${DEVICE_GIB:-70}" --models "$MODELS" --max_decode_steps "${STEPS:-1}" \
-  --prompt_len "${PROMPT_LEN:-512}" --max_tokens "${MAX_TOKENS:-48}" --out "$LOG/$NAME" ${BENCH_ARGS:-} 2>&1 \
+  --prompt_len "${PROMPT_LEN:-512}" --max_tokens "${MAX_TOKENS:-48}" --out "$LOG/$NAME" --nofresh_process \
+  ${BENCH_ARGS:-} 2>&1 \
   | grep -v "^[IW][0-9]\{4\} " | tee -a "$LOG/bench_modes_$NAME.log"
 echo "done"
