@@ -677,7 +677,7 @@ def test_mla_sweep_rows_on_cpu(capsys, monkeypatch):
 
     monkeypatch.setattr(mla_gpu, "ragged_paged_mla_gpu", kernel)
     rows = []
-    bench.sweep_mla(rows, copy_gbps=100.0, shapes=[(2, 64)], blocks=(16, 24), splits=(1, 2), interpret=True)
+    bench.sweep_mla(rows, copy_gbps=100.0, shapes=[(1, 32)], blocks=(16, 24), splits=(1, 2), interpret=True)
     assert [row["note"] for row in rows] == ["block_k=16 num_splits=1", "block_k=16 num_splits=2"]
     assert all(row["section"] == "mla_sweep" and row["impl"] == "ours_mla" for row in rows)
     assert "mla sweep failed 24" in capsys.readouterr().out
