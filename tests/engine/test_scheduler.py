@@ -780,3 +780,39 @@ def test_requests_by_model_and_one_token_steps_for_bad_words_of_several_tokens()
     sched.update_from_output(out, {"p": [9], "w": [4]})
     sched.finish_request("w", RequestStatus.FINISHED_ABORTED)
     assert sched.schedule().num_steps == 4                                       # the plain one alone: 4
+
+
+def test_busy_models_wait_and_split_steps_alternate_halves():
+    """schedule(busy_models=): a busy model's queue is not admitted from and its running requests
+    are not scheduled, without holding back the others' multi-step decode; split_models: a step
+    takes ceil(W/2) of the W models with work, the least recently scheduled first. A chunk whose
+    request moved on since it was scheduled is not current."""
+    rng = random.Random(5)
+    sched = make_scheduler(caching=False, max_decode_steps=4)
+    for r in [make_request(f"{m}{i}", m, 5, rng, max_tokens=9) for i in range(2) for m in ("a", "b")]:
+        sched.add_request(r)
+    out = sched.schedule(busy_models=frozenset({"b"}))
+    assert set(out.chunks_by_model) == {"a"} and sched.requests_by_model()["b"] == (0, 2)
+    sched.update_from_output(out, {c.request.request_id: [1] for c in out.chunks})
+    out = sched.schedule(busy_models=frozenset({"a"}))        # b's prefills while a is in flight
+    assert set(out.chunks_by_model) == {"b"}
+    sched.update_from_output(out, {c.request.request_id: [1] for c in out.chunks})
+    out = sched.schedule(busy_models=frozenset({"b"}))        # a's decodes, b running but busy: multi-step
+    assert set(out.chunks_by_model) == {"a"} and all(c.num_steps == 4 for c in out.chunks)
+    stale = out.chunks[0]
+    assert sched.is_current(stale)
+    sched.update_from_output(out, {c.request.request_id: [1] * 4 for c in out.chunks})
+    assert not sched.is_current(stale)
+    # split: two models with work, one per step, alternating; outputs as the reference
+    split = make_scheduler(caching=False, max_decode_steps=1)
+    engine = FakeEngine(split, stop_at_eos=False)
+    reqs = [make_request(f"{m}{i}", m, 4 + i, rng, max_tokens=6) for i in range(2) for m in ("a", "b")]
+    for r in reqs:
+        split.add_request(r)
+    engine.sched.schedule = lambda: Scheduler.schedule(split, split_models=True)
+    engine.run()
+    models = [set(out.chunks_by_model) for out in engine.outputs if out.chunks_by_model]
+    assert all(len(m) == 1 for m in models) and all(x != y for x, y in zip(models, models[1:]))
+    for r in reqs:
+        assert r.output_token_ids == reference_output(r.model, r.prompt_token_ids, 6,
+                                                      GEOMETRIES[r.model].max_model_len, False)
