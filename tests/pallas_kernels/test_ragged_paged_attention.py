@@ -38,6 +38,24 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 GPU_TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
 
 
+def record_backends(monkeypatch, platform: str, kernels=()) -> list:
+    """Make "auto" resolve to `platform` and record which path each call takes: the returned
+    list gets "reference" per reference call and "gpu" per call of each kernel in `kernels`
+    ((module, function name) pairs, run in interpret mode)."""
+    import pallas_kernels.ragged_paged_attention as rpa
+    monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": platform)
+    calls = []
+
+    def recording(tag, fn, **extra):
+        return lambda *a, **k: calls.append(tag) or fn(*a, **{**k, **extra})
+
+    monkeypatch.setattr(rpa, "ragged_paged_attention_reference",
+                        recording("reference", rpa.ragged_paged_attention_reference))
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, recording("gpu", getattr(module, name), interpret=True))
+    return calls
+
+
 def make_case(seed, q_lens, kv_lens, *, N=8, K=2, H=64, G=16, S_cap=None, T_pad=0,
               dtype=jnp.float32, table_fill="neg1", extra_pages=6):
     """Random paged inputs; returns (args tuple, dense numpy K/V per sequence for the loop)."""
@@ -266,13 +284,7 @@ class TestLatentAttention:
         pieces the kernel cannot tile on the reference."""
         import pallas_kernels.ragged_paged_attention as rpa
         from pallas_kernels.ragged_paged_attention import mla_gpu
-        monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": "gpu")
-        calls = []
-        real_ref, real_mla = rpa.ragged_paged_attention_reference, mla_gpu.ragged_paged_mla_gpu
-        monkeypatch.setattr(rpa, "ragged_paged_attention_reference",
-                            lambda *a, **k: calls.append("reference") or real_ref(*a, **k))
-        monkeypatch.setattr(mla_gpu, "ragged_paged_mla_gpu",
-                            lambda *a, **k: calls.append("gpu") or real_mla(*a, **{**k, "interpret": True}))
+        calls = record_backends(monkeypatch, "gpu", [(mla_gpu, "ragged_paged_mla_gpu")])
         seed = fresh_seed("mla auto")
         decode = latent_case(seed, *DECODE, N=4, half=32)
         got = rpa.ragged_paged_attention(*decode, sm_scale=0.2, latent_value_dim=64)

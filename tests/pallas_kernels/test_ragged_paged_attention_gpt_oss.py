@@ -17,7 +17,7 @@ from pallas_kernels.ragged_paged_attention import (ragged_paged_attention,
 from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
 from tests.pallas_kernels.test_ragged_paged_attention import (DECODE, GPU_TOL, MIXED, TOL, _has_gpu,
                                                               assert_close, fresh_seed, loop_attention,
-                                                              make_case, windows_of_one_buffer)
+                                                              make_case, record_backends, windows_of_one_buffer)
 
 
 def sink_values(seed, N):
@@ -119,14 +119,8 @@ class TestKernelsInterpret:
         """On a GPU "auto" runs sinks (from 2 query tokens; one token on the reference) and a
         traced window (as a static one) on the kernel."""
         import pallas_kernels.ragged_paged_attention as rpa
-        monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": "gpu")
         from pallas_kernels.ragged_paged_attention import gpu
-        calls = []
-        real_ref, real_gpu = rpa.ragged_paged_attention_reference, gpu.ragged_paged_attention_gpu
-        monkeypatch.setattr(rpa, "ragged_paged_attention_reference",
-                            lambda *a, **k: calls.append("reference") or real_ref(*a, **k))
-        monkeypatch.setattr(gpu, "ragged_paged_attention_gpu",
-                            lambda *a, **k: calls.append("gpu") or real_gpu(*a, **{**k, "interpret": True}))
+        calls = record_backends(monkeypatch, "gpu", [(gpu, "ragged_paged_attention_gpu")])
         args = make_case(25, *DECODE, N=4, K=2, H=64)
         rpa.ragged_paged_attention(*args, sinks=jnp.zeros(4))
         rpa.ragged_paged_attention(*args, sliding_window=jnp.int32(4))
@@ -137,11 +131,7 @@ class TestKernelsInterpret:
     def test_auto_on_a_tpu_keeps_sinks_on_the_reference(self, monkeypatch):
         """The TPU kernel's sinks are interpret-tested only: "auto" on a TPU runs them on the reference."""
         import pallas_kernels.ragged_paged_attention as rpa
-        monkeypatch.setattr(rpa, "resolve_backend", lambda backend="auto": "tpu")
-        calls = []
-        real_ref = rpa.ragged_paged_attention_reference
-        monkeypatch.setattr(rpa, "ragged_paged_attention_reference",
-                            lambda *a, **k: calls.append("reference") or real_ref(*a, **k))
+        calls = record_backends(monkeypatch, "tpu")
         rpa.ragged_paged_attention(*make_case(27, *DECODE, N=4, K=2, H=64), sinks=jnp.zeros(4))
         assert calls == ["reference"]
 
