@@ -5,6 +5,7 @@ server; `python -m crosspool_jax.batch` JSONL batch generation. See WORKSPACE.md
 """
 import importlib.metadata
 
+from crosspool_jax.lazy_exports import lazy_exports
 from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
 from crosspool_jax.sampling_params import SamplingParams
 
@@ -16,10 +17,6 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that is not ins
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
-def __getattr__(name):
-    # LLM pulls in JAX and the engine; import it lazily so light users (the server's
-    # protocol, SamplingParams) stay cheap to import.
-    if name == "LLM":
-        from crosspool_jax.api import LLM
-        return LLM
-    raise AttributeError(name)
+# LLM pulls in JAX and the engine: loaded on first use, so light users (the server's protocol,
+# SamplingParams) stay cheap to import
+__getattr__ = lazy_exports(__name__, {"LLM": "api"})

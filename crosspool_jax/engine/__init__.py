@@ -3,13 +3,8 @@
 The exports load on first use (PEP 562), so `engine.config` (the command lines' flags and their
 `--help`) imports without JAX.
 """
-import importlib
+from crosspool_jax.lazy_exports import lazy_exports
 
 _EXPORTS = {"EngineConfig": "config", "EngineStats": "llm_engine", "LLMEngine": "llm_engine"}
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"crosspool_jax.engine.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
