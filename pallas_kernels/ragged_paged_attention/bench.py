@@ -57,6 +57,15 @@ def _time(f, *args):
     return device_time(f, *args)
 
 
+def _with_error(note: str, impl: str, outs: dict) -> str:
+    """`note`, and for an implementation other than "reference" its max |error| against
+    outs["reference"] (both already computed)."""
+    if impl == "reference":
+        return note
+    err = float(jnp.max(jnp.abs(outs[impl].astype(jnp.float32) - outs["reference"].astype(jnp.float32))))
+    return f"{note}; max |err| vs reference {err:.3g}"
+
+
 def decode_inputs(key, B, ctx, G, dtype=jnp.bfloat16):
     pps = ctx // G
     P = B * pps + 8
@@ -278,10 +287,7 @@ def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
             if offsets:
                 f = functools.partial(f, off=(k_off, v_off))
             outs[impl] = f(*args)
-            note = "DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64"
-            if impl != "reference":
-                err = float(jnp.max(jnp.abs(outs[impl].astype(jnp.float32) - outs["reference"].astype(jnp.float32))))
-                note += f"; max |err| vs reference {err:.3g}"
+            note = _with_error("DeepSeek-V2-Lite: 16 heads, latent 512 + rope 64", impl, outs)
             _row(rows_out, "mla_decode", f"B={B} ctx={ctx} G={G}", impl, _time(f, *args), gbytes=gb,
                  copy_gbps=copy_gbps, note=note)
         del plain, one, args, outs
@@ -363,10 +369,7 @@ def bench_gpt_oss(rows_out, copy_gbps, shapes=GPT_OSS_SHAPES, G=16):
                 f = jax.jit(lambda *a, backend=backend: ragged_paged_attention(
                     *a[:7], sinks=a[7], sliding_window=a[8], backend=backend, **kw))
                 outs[impl] = f(*args, sinks, w)
-                note = f"sinks, window {window or 'full'} (traced)"
-                if impl != "reference":
-                    err = float(jnp.max(jnp.abs(outs[impl].astype(jnp.float32) - outs["reference"].astype(jnp.float32))))
-                    note += f"; max |err| vs reference {err:.3g}"
+                note = _with_error(f"sinks, window {window or 'full'} (traced)", impl, outs)
                 _row(rows_out, "gpt_oss_attn", name, impl, _time(f, *args, sinks, w), gbytes=gb,
                      copy_gbps=copy_gbps, note=note)
             del outs
