@@ -183,7 +183,9 @@ class LLMEngine:
                                        attention_backend=self.registry.attention_backend,
                                        moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps)
         self._parents: dict[str, _Parent] = {}
-        self._in_flight: Optional[_InFlight] = None          # pipeline_models: the step dispatched last
+        # pipeline_models (weights budgets keep steps whole): the step dispatched last, not read yet
+        self._pipelined = config.pipeline_models and not self.registry.has_budgets
+        self._in_flight: Optional[_InFlight] = None
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
         self.step_costs: dict[str, step_cost.ModelStepCost] = {}    # measure_step_costs
@@ -380,9 +382,8 @@ class LLMEngine:
         results (collected while the device runs the new programs); see `_pipelined_step`."""
         if self._wants_step_costs and not self.step_costs:      # no warm-up measured them
             self.measure_step_costs()
-        pipelined = self.config.pipeline_models and not self.registry.has_budgets
         busy = self._in_flight.models if self._in_flight is not None else frozenset()
-        out = self.scheduler.schedule(busy_models=busy, split_models=pipelined)
+        out = self.scheduler.schedule(busy_models=busy, split_models=self._pipelined)
         scheduled_at = time.monotonic()
         for chunks in out.chunks_by_model.values():
             for chunk in chunks:
@@ -392,7 +393,7 @@ class LLMEngine:
         moved: set[str] = set()
         for child_id, message in out.rejected:
             self._fail_request(child_id, message, moved)
-        if pipelined or self._in_flight is not None:
+        if self._pipelined:
             self._pipelined_step(out, moved)
         else:
             self._process(out, *self._run_isolated(out.chunks_by_model), moved)
