@@ -1,6 +1,6 @@
 """The TBT budget's option and cost model. (The engine measuring its step costs and serving the
 same outputs: tests/engine/test_llm_engine.py; the scheduler sizing prefill from them:
-tests/engine/test_scheduler.py.)"""
+tests/engine/test_scheduler_policies.py.)"""
 import math
 
 import pytest
