@@ -177,8 +177,8 @@ def _decode(rows: _Rows, ceiling, shape, *, sweep: bool, rdm, peers: bool = True
 
 def bench_gpt_oss(rows: _Rows, ceiling, shape, *, x_scale: float = 10.0) -> None:
     """GPT-OSS's experts (biases b1/b2, ClampedSwiGLU(1.702, 7)) through fused_moe: the
-    reference ("auto" today) and, on a GPU, the kernels (backend="gpu"; max error against the
-    reference in the row). x is scaled by x_scale so that the clamp's limit bites. GB/s of the
+    reference and, on a GPU, the kernels (backend="gpu", what "auto" runs there; max error
+    against the reference in the row). x is scaled by x_scale so that the clamp's limit bites. GB/s of the
     active experts' weights and biases against the copy ceiling."""
     from pallas_kernels.fused_moe.reference import ClampedSwiGLU
     name, E, D, F, T, top_k = shape
