@@ -262,9 +262,9 @@ def _in_one_buffer(args):
 
 
 def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
-    """MLA decode through ragged_paged_attention(latent_value_dim=512): the reference path
-    ("auto") and, on a GPU, the MLA kernel (mla_gpu.py; its max error against the reference in
-    the note), GB/s of the latent rows read against the copy ceiling. The "_offsets" rows read
+    """MLA decode through ragged_paged_attention(latent_value_dim=512): the reference path and,
+    on a GPU, the MLA kernel (mla_gpu.py, what "auto" runs there from 2 tokens; its max error
+    against the reference in the note), GB/s of the latent rows read against the copy ceiling. The "_offsets" rows read
     both halves from one buffer through page offsets (the crosspool split's arena row)."""
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
     kw = dict(latent_value_dim=MLA_LATENT, sm_scale=(128 + MLA_ROPE) ** -0.5)
@@ -347,8 +347,8 @@ def gpt_oss_inputs(key, n_dec, ctx_dec, n_pre, chunk, ctx_pre, G=16, dtype=jnp.b
 
 def bench_gpt_oss(rows_out, copy_gbps, shapes=GPT_OSS_SHAPES, G=16):
     """GPT-OSS-20B's attention with sinks, the window a traced int32 (128, or full: 2**30),
-    through ragged_paged_attention: the reference ("auto" today) and, on a GPU, the kernel
-    (backend="gpu"; its max error against the reference in the note). GB/s of the K/V rows the
+    through ragged_paged_attention: the reference and, on a GPU, the kernel (backend="gpu",
+    what "auto" runs there from 2 tokens; its max error against the reference in the note). GB/s of the K/V rows the
     step must read (a windowed query reads its last 128 keys) against the copy ceiling."""
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
     kw = dict(sm_scale=GPT_OSS_HEAD_DIM ** -0.5)
