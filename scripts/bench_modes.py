@@ -18,7 +18,8 @@ Each mode runs in a fresh Python process (`--fresh_process`), is warmed up by th
 own warm-up where the code has one and then by replaying the measured request mix once, and
 is measured with the process's compile counter watching (`compiles_in_window`).
 
-Per mode it reports: models resident (weights on the devices when serving starts), the total
+Every mode's KV pages are in --dtype (the engine's kv_cache_dtype), so capacities compare on a
+CPU too. Per mode it reports: models resident (weights on the devices when serving starts), the total
 KV capacity in tokens (`kv_tokens_total`, per model: pages / layers * tokens per page) and
 that of ONE request (what the KV manager would admit), decode time between
 tokens (P50/P99, a few requests per model at once, `--max_decode_steps` tokens per dispatch in
@@ -32,6 +33,7 @@ Results: a markdown table and a JSON file under --out, with card, JAX version an
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -283,6 +285,11 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         opts["max_lanes"] = _MAX_LANES.value
     if _PIPELINE.value:
         opts["pipeline_models"] = True
+    from crosspool_jax.engine.config import EngineConfig
+    if "kv_cache_dtype" in {f.name for f in dataclasses.fields(EngineConfig)}:   # an earlier tree has none
+        # every mode's KV pages in --dtype, as the split's arena holds them ("auto" stores a CPU's
+        # placed pools in float32: half the tokens per byte, no like-for-like capacity)
+        opts["kv_cache_dtype"] = _DTYPE.value
     t0 = time.perf_counter()
     llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=_DECODE_STEPS.value, max_num_seqs=64,
               max_num_batched_tokens=max(512, _PROMPT_LEN.value), **opts)

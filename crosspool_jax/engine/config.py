@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Union
 
 MODES = ("crosspool", "shared", "static")
 BACKENDS = ("auto", "reference", "gpu", "tpu")
+DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto",) + DTYPES
 DeviceSpec = Union[int, Sequence, None]
 
 
@@ -61,6 +63,15 @@ class EngineConfig:
     max_lanes: the most models of one architecture on one device whose decodes one program
       serves per engine step (lanes; shared/static), or whose steps one arena program serves
       (the crosspool split). None = 4 on accelerators, 1 on a CPU (at least 2 on the split).
+    kv_cache_dtype: the KV pool's dtype (vLLM's option of the same name): "auto" = dtype, except
+      on a CPU, where a bfloat16 / float16 model's pool is float32 (XLA's CPU backend converts a
+      16-bit pool whole to float32 around every K/V scatter into it: the step's time then grows
+      with the pool, not the tokens; BENCHMARKS.md). K/V are cast to it when written; attention
+      reads it (in float32 on the reference path). A crosspool split keeps its arena's dtype
+      (KV pages and weights share one buffer), and the GPU/TPU attention kernels read pages of
+      the model's dtype: there only "auto" or dtype (or attention_backend "reference"). Pages
+      follow its item size: a float32 pool holds half the tokens of a bfloat16 one in the same
+      bytes.
     pipeline_models: overlap the host's work with the device's across models: an engine step
       dispatches about half of the models with work (those with no step in flight, least
       recently run first), then collects and processes the previous step's while the device
@@ -69,7 +80,12 @@ class EngineConfig:
     """
 
     models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
-    dtype: str = _opt("bfloat16", "Parameter and KV cache dtype.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _opt("bfloat16", "Parameter dtype (and the KV cache's, see kv_cache_dtype).", choices=DTYPES)
+    kv_cache_dtype: str = _opt("auto", "KV cache (pool) dtype: auto = dtype, but float32 for a bfloat16/float16 "
+                               "model on a CPU (XLA's CPU backend converts a 16-bit pool whole around every "
+                               "K/V write; a float32 pool holds half the tokens in the same bytes). A "
+                               "crosspool device split, and the GPU/TPU attention kernels, take dtype only.",
+                               choices=KV_CACHE_DTYPES)
     mode: str = _opt("crosspool", "Memory mode: crosspool (weights pool + global KV pool; with disjoint "
                      "kv_devices/weight_devices the disaggregated step), shared (kvcached-style elastic KV "
                      "shared by the models of a device), static (an equal, fixed KV share per model).",
@@ -145,12 +161,15 @@ class EngineConfig:
         for name in self.models:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"EngineConfig.models: model names must be non-empty strings, got {name!r}")
-        # a name, a numpy/JAX dtype or scalar type (jnp.bfloat16): by name, so this module needs no JAX
-        name = self.dtype if isinstance(self.dtype, str) else getattr(self.dtype, "name", None) or \
-            getattr(self.dtype, "__name__", None)
-        if name not in ("float32", "bfloat16", "float16"):
+        name = _dtype_name(self.dtype)
+        if name not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         self.dtype = name
+        name = _dtype_name(self.kv_cache_dtype)
+        if name not in KV_CACHE_DTYPES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be auto, float32, bfloat16 or float16, got "
+                             f"{self.kv_cache_dtype!r}")
+        self.kv_cache_dtype = name
         if self.mode not in MODES:
             raise ValueError(f"EngineConfig.mode must be one of {MODES}, got {self.mode!r}")
         for name in ("attention_backend", "moe_backend"):
@@ -181,6 +200,21 @@ class EngineConfig:
             _check_devices(name, getattr(self, name))
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+    def kv_pool_dtype(self, platform: str) -> str:
+        """The KV pool's dtype on a device of `platform` ("cpu", "gpu", "tpu"): kv_cache_dtype, and
+        for "auto" dtype, but float32 for a 16-bit model on a CPU (the option's help says why)."""
+        if self.kv_cache_dtype != "auto":
+            return self.kv_cache_dtype
+        return "float32" if platform == "cpu" else self.dtype
+
+
+def _dtype_name(dtype):
+    """A dtype given as a name, a numpy/JAX dtype or a scalar type (jnp.bfloat16) -> its name (by
+    attribute, so this module needs no JAX); anything else unchanged, for the caller's error."""
+    if isinstance(dtype, str):
+        return dtype
+    return getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or dtype
 
 
 def _check_devices(name: str, spec) -> None:

@@ -128,6 +128,7 @@ class ModelRegistry:
         self.config = config
         self.kv_devices, self.weight_devices = _engine_devices(config)
         self.disaggregated = not set(self.kv_devices) & set(self.weight_devices)
+        self.kv_dtype = self._kv_dtype()              # the KV pool's dtype (checked before anything loads)
         self.arena: Optional[Arena] = None
         # "auto" is resolved inside each kernel seam, per call: the Pallas kernel where the
         # platform and the model's geometry allow it, the reference otherwise.
@@ -168,8 +169,8 @@ class ModelRegistry:
             raise ValueError("arena_bytes sizes the rows of a crosspool split (mode 'crosspool' with disjoint "
                              "kv_devices and weight_devices); use kv_pool_bytes here")
         self.model_homes: dict[str, tuple] = {}       # crosspool split: model -> KV devices of its attention side
-        layout = (KVPoolLayout(page_elems, 1, len(self.kv_devices), config.dtype) if config.arena_bytes
-                  else KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), config.dtype))
+        layout = (KVPoolLayout(page_elems, 1, len(self.kv_devices), self.kv_dtype) if config.arena_bytes
+                  else KVPoolLayout.from_bytes(self._pool_bytes(), page_elems, len(self.kv_devices), self.kv_dtype))
         self.max_pages_per_device = self._kernel_page_cap(page_elems)
         if self.max_pages_per_device is not None and layout.pages_per_device > self.max_pages_per_device:
             log.warning("KV pool: %d pages per device exceed what the TPU attention kernel addresses "
@@ -183,8 +184,30 @@ class ModelRegistry:
         else:
             self.kv_pool = KVPool(layout, self.kv_devices)
         self._set_lane_counts(config.max_lanes)
-        log.info("KV pool: %d pages of %d bytes on %d device(s)", self.kv_layout.num_pages, layout.page_bytes,
-                 self.kv_layout.num_devices)
+        log.info("KV pool: %d pages of %d bytes (%s) on %d device(s)", self.kv_layout.num_pages, layout.page_bytes,
+                 self.kv_dtype, self.kv_layout.num_devices)
+
+    def _kv_dtype(self) -> str:
+        """The KV pool's dtype (`EngineConfig.kv_pool_dtype` on the KV devices' platform). A
+        crosspool split keeps its arena's, the engine dtype: its pages share one buffer with the
+        weights. Raises for an explicit kv_cache_dtype other than dtype there, and where a Pallas
+        attention kernel may run (a GPU/TPU unless attention_backend is "reference"): the kernels
+        are built and tested for pages of q's dtype only (the reference reads any, in float32)."""
+        config = self.config
+        platform = self.kv_devices[0].platform
+        pool_dtype = config.dtype if self.disaggregated else config.kv_pool_dtype(platform)
+        if config.kv_cache_dtype in ("auto", config.dtype):
+            return pool_dtype
+        if self.disaggregated:
+            why = "a crosspool device split keeps its KV pages in the arena, one buffer with the weights"
+        elif config.attention_backend in ("gpu", "tpu") or (config.attention_backend == "auto"
+                                                             and platform in ("gpu", "tpu")):
+            why = ("the Pallas attention kernels read pages of the model's dtype (attention_backend="
+                   "'reference' reads any)")
+        else:
+            return pool_dtype
+        raise ValueError(f"EngineConfig.kv_cache_dtype={config.kv_cache_dtype!r} with dtype={config.dtype!r}: "
+                         f"{why}; use 'auto' or {config.dtype!r}")
 
     def _build_arena(self, loaded: dict, layout: KVPoolLayout) -> Arena:
         """The disaggregated arena: every model's attention side on its home KV device (or budgeted

@@ -1,6 +1,7 @@
 """The global paged KV pool: one K and one V buffer per KV device, shared by every model.
 
-A page is a fixed number of elements (`page_elems`, in the engine dtype) and holds ONE
+A page is a fixed number of elements (`page_elems`, in the pool's dtype: `KVPoolLayout.dtype`,
+the engine's `EngineConfig.kv_cache_dtype`) and holds ONE
 layer's keys (resp. values) for G tokens of one sequence. A model with K KV heads of
 head dim H sees a buffer `[P, page_elems]` as `[P, G, K, H]` with `G = page_elems // (K*H)`
 (a reshape: no copy), so models of different shapes share the same physical pages and an
