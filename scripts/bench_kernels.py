@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH] [--skip-moe]
         [--skip-attention] [--attention-sweep-only] [--moe-sweep-only] [--skip-decode]
         [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill] [--moe-no-peers] [--skip-gpt-oss]
-        [--only-new] [--mla-sweep]
+        [--only-new] [--mla-sweep] [--layer-matmul-only]
 
 Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
 then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
@@ -16,7 +16,9 @@ reference, and GLM-4.7-Flash's sigmoid + bias routing by XLA beside the routing 
 decode, shape "glm47_flash ... sigmoid+bias"). `--only-new` runs just those rows (no decode / mixed attention table, no other MoE
 shapes, no MoE peers or prefill); `--skip-gpt-oss` leaves the GPT-OSS rows out; `--mla-sweep`
 adds the MLA kernel under explicit (block_k, num_splits) tilings (section mla_sweep, for its
-tuning: e.g. `--only-new --mla-sweep --skip-moe --skip-gpt-oss`).
+tuning: e.g. `--only-new --mla-sweep --skip-moe --skip-gpt-oss`). The layer-matmul rows (moe
+decode, shape "qwen3_30b_a3b q|k|o ..."; in `--only-new` too, alone with `--layer-matmul-only`):
+a scanned layer of a stacked projection, XLA's dot of the slice beside `layer_matmul` in place.
 """
 from __future__ import annotations
 
@@ -112,11 +114,15 @@ def main():
     ap.add_argument("--skip-gpt-oss", action="store_true", help="no GPT-OSS attention or MoE rows")
     ap.add_argument("--mla-sweep", action="store_true",
                     help="the MLA kernel under explicit (block_k, num_splits) tilings (section mla_sweep)")
+    ap.add_argument("--layer-matmul-only", action="store_true",
+                    help="only the layer-matmul rows (a scanned layer of a stacked projection, in place or sliced)")
     ap.add_argument("--only-new", action="store_true",
                     help="only the GPT-OSS attention, MLA decode and GPT-OSS MoE rows")
     a = ap.parse_args()
     if a.only_new:
         a.skip_decode = a.skip_mixed = a.moe_no_prefill = a.moe_no_peers = True
+    if a.layer_matmul_only:
+        a.skip_attention = a.moe_no_prefill = a.moe_no_peers = True
     rows = []
     copy_gbps = torch_copy_gbps()
     if copy_gbps:
@@ -141,6 +147,8 @@ def main():
             moe_kw["gpt_oss"] = False
         if a.only_new:
             moe_kw["shapes"] = ()
+        if a.layer_matmul_only:
+            moe_kw.update(shapes=(), gpt_oss=False, routing_kinds=False)
         run_moe(rows, a.sweep and not a.no_moe_sweep, **moe_kw)
     header = (f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")

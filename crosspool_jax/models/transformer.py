@@ -7,10 +7,12 @@ norm, then MoE with optional shared expert, or a dense SwiGLU MLP; then the resi
 placed step programs and the CrossPool split program both call these (the split's weight
 devices call `ffn_partial` on their shard). `forward` chains them over all layers (a `lax.scan` when every
 layer has the same FFN kind) and returns the hidden states after the final norm;
-`compute_logits` projects them to the vocabulary in float32. The expert stacks are not
-sliced per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, which
-the GPU kernels read in place (a sliced layer would be copied into the kernel call: one
-layer of Mixtral-8x7B's experts is 2.8 GB).
+`compute_logits` projects them to the vocabulary in float32. `forward` slices no weight matrix
+per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, and its other
+matrices (`_MATRIX_LEAVES`: the projections, the router, dense and shared-expert FFNs) reach
+`_matmul` as one-group ExpertRows, which the GPU kernels read in place (a sliced layer is a
+copy on a GPU: one layer of Mixtral-8x7B's experts is 2.8 GB, of Qwen3-30B-A3B's q/k/v/o
+projections 38 MB); the reference and TPU paths materialise the slice as before.
 
 The families differ by config-driven branches resolved at trace time, in this one forward:
 
@@ -48,6 +50,22 @@ from pallas_kernels.fused_moe.reference import fused_moe_reference
 AttentionFn = Callable[..., tuple[jax.Array, Any]]
 FULL_WINDOW = 1 << 30          # a sliding window past every position: full causal attention
 
+# a layer's matrices, read in place by `forward` (as one-group ExpertRows of their [L, K, N] stack)
+# like the expert stacks; MLA's wkv_b_LRNU is reshaped per head, so it is sliced
+_MATRIX_LEAVES = ("wq_LDQ", "wk_LDKH", "wv_LDKH", "wo_LQD", "wq_LDNI", "wq_a_LDA", "wq_b_LANI", "wkv_a_LDRY",
+                  "router_LDE", "w1_LDF2", "w2_LFD", "shared_w1_LDF2", "shared_w2_LFD", "shared_gate_LD1")
+_EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
+
+
+def _matmul(x: jax.Array, w, backend: str, out_dtype=None) -> jax.Array:
+    """x @ w (out_dtype: jnp.dot's preferred_element_type): w an array (XLA's dot) or one layer
+    of a stack as ExpertRows, which the kernel backends read in place
+    (`pallas_kernels.fused_moe.layer_matmul`)."""
+    if not isinstance(w, ExpertRows):
+        return jnp.dot(x, w, preferred_element_type=out_dtype)
+    from pallas_kernels.fused_moe import layer_matmul
+    return layer_matmul(x, w, backend=backend, out_dtype=out_dtype)
+
 
 def attention_options(config: ModelConfig) -> dict:
     """The static options of `ragged_paged_attention` (and the dense seam) for this model; a
@@ -82,17 +100,18 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def qkv_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
-                   positions_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   positions_T: jax.Array, *, matmul_backend: str = "reference") -> tuple[jax.Array, jax.Array, jax.Array]:
     """One layer's q/k/v (input norm, projections, biases, q/k norms, clipping, RoPE)
-    -> (q_TNH, k_TKH, v_TKH), as the attention seam receives them (MLA: `_mla_qkv`)."""
+    -> (q_TNH, k_TKH, v_TKH), as the attention seam receives them (MLA: `_mla_qkv`).
+    Matrices may be arrays or one-group ExpertRows (`_matmul`; matmul_backend: their kernels')."""
     p, c = layer_attn_params, config
     T = x_TD.shape[0]
     xn_TD = rms_norm(x_TD, p["input_norm_LD"], c.rms_norm_eps)
     if c.is_mla:
-        return _mla_qkv(p, c, xn_TD, positions_T)
-    q_TQ = xn_TD @ p["wq_LDQ"]
-    k_TKH = xn_TD @ p["wk_LDKH"]
-    v_TKH = xn_TD @ p["wv_LDKH"]
+        return _mla_qkv(p, c, xn_TD, positions_T, matmul_backend)
+    q_TQ = _matmul(xn_TD, p["wq_LDQ"], matmul_backend)
+    k_TKH = _matmul(xn_TD, p["wk_LDKH"], matmul_backend)
+    v_TKH = _matmul(xn_TD, p["wv_LDKH"], matmul_backend)
     if c.attention_bias:
         q_TQ, k_TKH, v_TKH = q_TQ + p["bq_LQ"], k_TKH + p["bk_LKH"], v_TKH + p["bv_LKH"]
     if c.qk_norm == "full":
@@ -120,18 +139,19 @@ def _mla_up_proj(p: dict, c: ModelConfig):
     return w_RNU[..., :c.qk_nope_head_dim], w_RNU[..., c.qk_nope_head_dim:]
 
 
-def _mla_qkv(p: dict, c: ModelConfig, xn_TD: jax.Array, positions_T: jax.Array):
+def _mla_qkv(p: dict, c: ModelConfig, xn_TD: jax.Array, positions_T: jax.Array, matmul_backend: str):
     """MLA's absorbed q and the cached row's halves: (q_TNRY [T, N, R+Y] = (q_nope @ W_uk | rope q),
     k, v [T, 1, (R+Y)/2]: the halves of (kv_a_norm(c_kv) | rope k))."""
     T, N, R, Y = xn_TD.shape[0], c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
     if c.q_lora_rank:
-        qa_TA = xn_TD @ p["wq_a_LDA"]
+        qa_TA = _matmul(xn_TD, p["wq_a_LDA"], matmul_backend)
         if c.attention_bias:
             qa_TA = qa_TA + p["bq_a_LA"]
-        q_TNI = (rms_norm(qa_TA, p["q_a_norm_LA"], MLA_NORM_EPS) @ p["wq_b_LANI"]).reshape(T, N, c.qk_head_dim)
+        q_TNI = _matmul(rms_norm(qa_TA, p["q_a_norm_LA"], MLA_NORM_EPS), p["wq_b_LANI"],
+                        matmul_backend).reshape(T, N, c.qk_head_dim)
     else:
-        q_TNI = (xn_TD @ p["wq_LDNI"]).reshape(T, N, c.qk_head_dim)
-    kv_TRY = xn_TD @ p["wkv_a_LDRY"]
+        q_TNI = _matmul(xn_TD, p["wq_LDNI"], matmul_backend).reshape(T, N, c.qk_head_dim)
+    kv_TRY = _matmul(xn_TD, p["wkv_a_LDRY"], matmul_backend)
     if c.attention_bias:
         kv_TRY = kv_TRY + p["bkv_a_LRY"]
     latent_TR = rms_norm(kv_TRY[:, :R], p["kv_a_norm_LR"], MLA_NORM_EPS)
@@ -147,7 +167,7 @@ def _mla_qkv(p: dict, c: ModelConfig, xn_TD: jax.Array, positions_T: jax.Array):
 
 
 def output_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
-                      out_TNH: jax.Array) -> jax.Array:
+                      out_TNH: jax.Array, *, matmul_backend: str = "reference") -> jax.Array:
     """The attention output's o projection (and bias) plus the residual x_TD -> h_TD. MLA:
     out is the latent [T, N, R], brought to v_head_dim per head by W_uv first."""
     p, c = layer_attn_params, config
@@ -155,28 +175,29 @@ def output_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Ar
     if c.is_mla:
         _, w_uv_RNH = _mla_up_proj(p, c)
         out_TNH = jnp.einsum("tnr,rnh->tnh", out_TNH.astype(x_TD.dtype), w_uv_RNH)
-    y_TD = out_TNH.reshape(T, c.q_size).astype(x_TD.dtype) @ p["wo_LQD"]
+    y_TD = _matmul(out_TNH.reshape(T, c.q_size).astype(x_TD.dtype), p["wo_LQD"], matmul_backend)
     if "bo_LD" in p:
         y_TD = y_TD + p["bo_LD"]
     return x_TD + y_TD
 
 
 def attention_block(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
-                    positions_T: jax.Array, layer_idx, attention_fn: AttentionFn, kv_cache):
+                    positions_T: jax.Array, layer_idx, attention_fn: AttentionFn, kv_cache, *,
+                    matmul_backend: str = "reference"):
     """One layer's attention half (residual included) -> (kv_cache, h_TD)."""
-    q_TNH, k_TKH, v_TKH = qkv_projection(layer_attn_params, config, x_TD, positions_T)
+    q_TNH, k_TKH, v_TKH = qkv_projection(layer_attn_params, config, x_TD, positions_T, matmul_backend=matmul_backend)
     out_TNH, kv_cache = attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache,
                                      **layer_attention_options(layer_attn_params, config, layer_idx))
-    return kv_cache, output_projection(layer_attn_params, config, x_TD, out_TNH)
+    return kv_cache, output_projection(layer_attn_params, config, x_TD, out_TNH, matmul_backend=matmul_backend)
 
 
-def _swiglu_f32(x_TD: jax.Array, w1_DF2: jax.Array, w2_FD: jax.Array) -> jax.Array:
+def _swiglu_f32(x_TD: jax.Array, w1_DF2, w2_FD, backend: str = "reference") -> jax.Array:
     """SwiGLU with [gate | up] in w1, float32 accumulation; w1/w2 may be a block of F (their
-    output is then that block's share of the sum)."""
-    F = w2_FD.shape[0]
-    h_TF2 = jnp.dot(x_TD, w1_DF2, preferred_element_type=jnp.float32)
+    output is then that block's share of the sum), arrays or one-group ExpertRows (`_matmul`)."""
+    F = w2_FD.shape[-2]
+    h_TF2 = _matmul(x_TD, w1_DF2, backend, jnp.float32)
     act_TF = (jax.nn.silu(h_TF2[:, :F]) * h_TF2[:, F:]).astype(x_TD.dtype)
-    return jnp.dot(act_TF, w2_FD, preferred_element_type=jnp.float32)
+    return _matmul(act_TF, w2_FD, backend, jnp.float32)
 
 
 def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, backend, expert_offset,
@@ -189,7 +210,8 @@ def _fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, *, renormalize, b
     return fused_moe(x_TD, router_logits_TE, w1_EDF2, w2_EFD, top_k, backend=backend, **kw)
 
 
-def ffn_input(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array) -> tuple:
+def ffn_input(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.Array, *,
+              matmul_backend: str = "reference") -> tuple:
     """(x_TD, router_logits_TE or None): the FFN's input norm and, for a MoE layer, the router
     logits: what the experts of `ffn_partial` read. Needs only the layer's norm (and router)."""
     p, c = layer_ffn_params, config
@@ -198,7 +220,7 @@ def ffn_input(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.
         return x_TD, None
     if kind != "moe":
         raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
-    router_logits_TE = x_TD @ p["router_LDE"]
+    router_logits_TE = _matmul(x_TD, p["router_LDE"], matmul_backend)
     if c.router_bias:
         router_logits_TE = router_logits_TE + p["router_bias_LE"]
     return x_TD, router_logits_TE
@@ -216,7 +238,7 @@ def ffn_partial(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: ja
     up] aligned). The sum of the shards' outputs is the layer's FFN output. A MoE layer's
     w1_LEDF2 / w2_LEFD may be `ExpertRows` (read in place by the kernels).
     """
-    x_TD, router_logits_TE = ffn_input(layer_ffn_params, config, kind, h_TD)
+    x_TD, router_logits_TE = ffn_input(layer_ffn_params, config, kind, h_TD, matmul_backend=moe_backend)
     return ffn_output(layer_ffn_params, config, kind, x_TD, router_logits_TE, moe_backend=moe_backend,
                       expert_offset=expert_offset, token_mask_T=token_mask_T)
 
@@ -227,7 +249,7 @@ def ffn_output(layer_ffn_params: dict, config: ModelConfig, kind: str, x_TD: jax
     router logits (`ffn_input`), float32; needs no norm or router weights."""
     p, c = layer_ffn_params, config
     if kind == "dense":
-        return _swiglu_f32(x_TD, p["w1_LDF2"], p["w2_LFD"])
+        return _swiglu_f32(x_TD, p["w1_LDF2"], p["w2_LFD"], moe_backend)
     if kind != "moe":
         raise ValueError(f"ffn kind must be 'moe' or 'dense', got {kind!r}")
     y_TD = _fused_moe(x_TD, router_logits_TE, p["w1_LEDF2"], p["w2_LEFD"], c.top_k, renormalize=c.norm_topk_prob,
@@ -235,9 +257,9 @@ def ffn_output(layer_ffn_params: dict, config: ModelConfig, kind: str, x_TD: jax
                       routing=c.routing, score_bias=p.get("score_bias_LE"), activation=c.expert_activation,
                       b1=p.get("b1_LEF2"), b2=p.get("b2_LED")).astype(jnp.float32)
     if c.shared_expert_intermediate_size:
-        shared_TD = _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"])
+        shared_TD = _swiglu_f32(x_TD, p["shared_w1_LDF2"], p["shared_w2_LFD"], moe_backend)
         if c.shared_expert_gate:
-            shared_TD = jax.nn.sigmoid(jnp.dot(x_TD, p["shared_gate_LD1"], preferred_element_type=jnp.float32)) * shared_TD
+            shared_TD = jax.nn.sigmoid(_matmul(x_TD, p["shared_gate_LD1"], moe_backend, jnp.float32)) * shared_TD
         y_TD = y_TD + shared_TD
     return y_TD
 
@@ -249,12 +271,24 @@ def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.
                               token_mask_T=token_mask_T).astype(h_TD.dtype)
 
 
-_EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
+def _read_in_place(name: str) -> bool:
+    return name in _EXPERT_LEAVES or name in _MATRIX_LEAVES
+
+
+def _layer_rows(name: str, stack_L, layer) -> ExpertRows:
+    """Layer `layer` of a stacked matrix ([L, K, N]: one group) or expert stack ([L, E, K, N])."""
+    return ExpertRows.of_stack(stack_L if name in _EXPERT_LEAVES else stack_L[:, None], layer)
 
 
 def _layer_slice(stack: dict, i) -> dict:
-    """Layer i of a stack; the expert stacks as ExpertRows (no slice)."""
-    return {k: ExpertRows.of_stack(a, i) if k in _EXPERT_LEAVES else a[i] for k, a in stack.items()}
+    """Layer i of a stack; the matrices and expert stacks as ExpertRows (no slice)."""
+    return {k: _layer_rows(k, a, i) if _read_in_place(k) else a[i] for k, a in stack.items()}
+
+
+def _split_stacks(stack: dict) -> tuple[dict, dict]:
+    """(the leaves read in place, the leaves the layer scan slices)."""
+    return ({k: a for k, a in stack.items() if _read_in_place(k)},
+            {k: a for k, a in stack.items() if not _read_in_place(k)})
 
 
 def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T: jax.Array,
@@ -268,23 +302,24 @@ def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T:
     if len(kinds) == 1:
         kind = kinds[0]
 
-        stacked = {k: a for k, a in ffn_params[kind].items() if k in _EXPERT_LEAVES}   # read in place
+        attn_in_place, attn_per_layer = _split_stacks(kv_params["attn"])
+        ffn_in_place, ffn_per_layer = _split_stacks(ffn_params[kind])
 
         def body(carry, xs):
             x, cache = carry
             attn_p, ffn_p, l = xs
-            ffn_p = {**ffn_p, **{k: ExpertRows.of_stack(a, l) for k, a in stacked.items()}}
-            cache, h = attention_block(attn_p, c, x, positions_T, l, attention_fn, cache)
+            attn_p = {**attn_p, **{k: _layer_rows(k, a, l) for k, a in attn_in_place.items()}}
+            ffn_p = {**ffn_p, **{k: _layer_rows(k, a, l) for k, a in ffn_in_place.items()}}
+            cache, h = attention_block(attn_p, c, x, positions_T, l, attention_fn, cache, matmul_backend=moe_backend)
             return (ffn_block(ffn_p, c, kind, h, moe_backend=moe_backend, token_mask_T=token_mask_T), cache), None
 
-        per_layer = {k: a for k, a in ffn_params[kind].items() if k not in _EXPERT_LEAVES}
-        xs = (kv_params["attn"], per_layer, jnp.arange(c.num_layers, dtype=jnp.int32))
+        xs = (attn_per_layer, ffn_per_layer, jnp.arange(c.num_layers, dtype=jnp.int32))
         (x_TD, kv_cache), _ = jax.lax.scan(body, (x_TD, kv_cache), xs)
     else:
         for l in range(c.num_layers):
             kind = c.ffn_kind(l)
             kv_cache, h_TD = attention_block(_layer_slice(kv_params["attn"], l), c, x_TD, positions_T,
-                                             l, attention_fn, kv_cache)
+                                             l, attention_fn, kv_cache, matmul_backend=moe_backend)
             x_TD = ffn_block(_layer_slice(ffn_params[kind], c.ffn_index(l)), c, kind, h_TD,
                              moe_backend=moe_backend, token_mask_T=token_mask_T)
     return kv_cache, rms_norm(x_TD, kv_params["final"]["norm_D"], c.rms_norm_eps)

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.fused_moe import gpu, tpu, tuning
 from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
-from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
+from pallas_kernels.fused_moe.expert_rows import ExpertRows
+from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, one_group_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
 from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, ClampedSwiGLU, Routing, fused_moe_reference,
@@ -80,6 +81,46 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
     y_PN = _KERNELS[backend].gmm_padded(gather_rows(lhs_MK, layout), _weights_for(backend, rhs_GKN), layout, cfg,
                                         out_dtype=lhs_MK.dtype, interpret=interpret)
     return scatter_back(y_PN, layout)
+
+
+def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool = False,
+                 config: tuning.BlockConfig | None = None):
+    """x [T, K] @ w -> [T, N] in out_dtype (default: x's; float32 accumulation): w a [K, N]
+    array or an ExpertRows of one group (one layer of a stacked [L, K, N] weight:
+    `ExpertRows.of_stack(w_LKN[:, None], layer)`).
+
+    backend "gpu" (and "auto" on a GPU) runs the grouped matmul kernel over one group with
+    float32 accumulation, reading w in place: a layer of a stack is not sliced out first (XLA's
+    dynamic slice of a scanned stack is a copy of the layer on a GPU). K or N not a multiple of
+    16 (a one-column gate), and every other backend, the TPU's included, is XLA's `x @ w` on
+    the materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`).
+    """
+    if getattr(x, "ndim", None) != 2 or getattr(w, "ndim", None) not in (2, 3):
+        raise ValueError(f"layer_matmul: x must be [T, K] and w [K, N] or one-group ExpertRows, got shapes "
+                         f"{getattr(x, 'shape', None)} and {getattr(w, 'shape', None)}")
+    if w.ndim == 3 and w.shape[0] != 1:
+        raise ValueError(f"layer_matmul: w must hold one group, got shape {w.shape}")
+    K, N = w.shape[-2:]
+    if x.shape[1] != K:
+        raise ValueError(f"layer_matmul: x's K ({x.shape[1]}) must equal w's K ({K})")
+    if resolve_backend(backend) != "gpu" or not tuning.gpu_supports(K, N) or x.shape[0] == 0:
+        w_KN = as_array(w)[0] if w.ndim == 3 else w
+        return jnp.dot(x, w_KN, preferred_element_type=out_dtype)
+    rows = w if isinstance(w, ExpertRows) else ExpertRows.whole(w[None] if w.ndim == 2 else w)
+    return _layer_matmul_kernel(x, rows, out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret,
+                                config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "config"))
+def _layer_matmul_kernel(x_TK, w, *, out_dtype, interpret, config):
+    T, K = x_TK.shape
+    N = w.shape[2]
+    cfg = config or _config("gpu", T, 1, K, N, x_TK.dtype.itemsize)
+    check_config(cfg, K, N, "gpu", "layer_matmul")
+    layout = one_group_layout(T, cfg.block_m)
+    x_PK = jnp.pad(x_TK, ((0, layout.num_tiles * cfg.block_m - T), (0, 0)))
+    return gpu.gmm_padded(x_PK, w, layout, cfg, out_dtype=out_dtype, interpret=interpret,
+                          name="crosspool_layer_matmul")[:T]
 
 
 def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,

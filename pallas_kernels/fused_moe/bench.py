@@ -8,6 +8,9 @@ Prefill rows are TFLOP/s and the fraction of the bf16 8192^3 matmul rate of the 
 GPT-OSS-20B rows (`bench_gpt_oss`): the experts with biases and the clamped SwiGLU at 1, 2 and
 32 tokens, the kernels beside the reference. GLM-4.7-Flash rows (`bench_routing_kinds`): its
 sigmoid + bias routing by XLA's `route` beside the routing kernel, on the GPU kernel path.
+Layer-matmul rows (`bench_layer_matmul`): Qwen3-30B-A3B's q, k and o projections at 1, 2 and
+32 tokens over a 4-layer stack in a layer scan, XLA's dot of each scanned layer (the slice is
+copied first on a GPU) beside `layer_matmul` (the layer read in place); GB/s of the matrices.
 Peers: `jax.lax.ragged_dot`, JAX's Mosaic GPU `ragged_dot_mgpu` (if importable) and the
 pure-jnp reference MoE under XLA. Run: `python -m pallas_kernels.fused_moe.bench`.
 Timing (every row, every implementation alike): pallas_kernels/timing.py `device_time`, the
@@ -48,6 +51,9 @@ GPT_OSS_SHAPES = [("gpt_oss_20b", 32, 2880, 2880, T, 4) for T in (1, 2, 32)]
 # 64, renormalised, scaled 1.8): the GPU path with XLA's `route` beside routing_gpu.py's kernel
 # (GPU_GLUE's "routing_kinds"); bench_routing_kinds
 ROUTING_KIND_SHAPES = [("glm47_flash", 64, 2048, 1536, T, 4) for T in (1, 32)]
+# (name, L, K, N, tokens): q (2048 -> 32 x 128), k (-> 4 x 128), o (32 x 128 -> 2048); bench_layer_matmul
+LAYER_MATMUL_SHAPES = [(f"qwen3_30b_a3b {p}", 4, K, N, T) for p, K, N in
+                       (("q", 2048, 4096), ("k", 2048, 512), ("o", 4096, 2048)) for T in (1, 2, 32)]
 PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
 MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
 # Alternates to the tuning table tried per decode shape: (block_n, block_k, warps, stages),
@@ -240,6 +246,40 @@ def bench_routing_kinds(rows: _Rows, ceiling, shape) -> None:
                  frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer)
 
 
+def bench_layer_matmul(rows: _Rows, ceiling, shape) -> None:
+    """x [T, K] times each layer of a stacked [L, K, N] weight in a `lax.scan` over the layers
+    (the engine's layer loop): XLA's dot of the scanned slice beside `layer_matmul` reading the
+    layer in place (on a GPU). GB/s of the L matrices read, against the copy ceiling."""
+    from pallas_kernels.fused_moe.api import layer_matmul
+    from pallas_kernels.fused_moe.expert_rows import ExpertRows
+    name, L, K, N, T = shape
+    kx, kw = jax.random.split(jax.random.PRNGKey(K + N + T), 2)
+    x = jax.random.normal(kx, (T, K), jnp.bfloat16)
+    w = (jax.random.normal(kw, (L, K, N)) / K ** 0.5).astype(jnp.bfloat16)
+    gb = L * K * N * w.dtype.itemsize / 1e9
+    zero = jnp.zeros((T, N), jnp.float32)
+
+    def scanned_slices(x, w):
+        return jax.lax.scan(lambda acc, w_KN: (acc + jnp.dot(x, w_KN, preferred_element_type=jnp.float32), None),
+                            zero, w)[0]
+
+    def in_place(x, w, backend):
+        def body(acc, layer):
+            rows_ = ExpertRows.of_stack(w[:, None], layer)
+            return acc + layer_matmul(x, rows_, backend=backend, out_dtype=jnp.float32), None
+        return jax.lax.scan(body, zero, jnp.arange(L, dtype=jnp.int32))[0]
+
+    impls = {"xla_dot_of_scanned_slice": jax.jit(scanned_slices)}
+    if jax.default_backend() == "gpu":
+        impls["ours_layer_matmul"] = jax.jit(functools.partial(in_place, backend="gpu"))
+    want = impls["xla_dot_of_scanned_slice"](x, w)
+    for impl, f in impls.items():
+        err = float(jnp.max(jnp.abs(f(x, w) - want)))
+        sec, timer = _time(f, x, w)
+        rows.add(kind="decode", shape=f"{name} T={T} L={L} K={K} N={N}", impl=impl, us=sec * 1e6, GBps=gb / sec,
+                 frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer, max_err=err)
+
+
 def _prefill(rows: _Rows, mm_tflops, *, sweep: bool, rdm):
     name, G, K, N, M = PREFILL_SHAPE
     keys = jax.random.split(jax.random.PRNGKey(7), 3)
@@ -292,9 +332,11 @@ def _summary(rows: list[dict]) -> None:
 
 
 def main(sweep: bool = True, time_budget_s: float = 170.0, *, peers: bool = True,
-         shapes=None, prefill: bool = True, gpt_oss: bool = True, routing_kinds: bool = True) -> list[dict]:
+         shapes=None, prefill: bool = True, gpt_oss: bool = True, routing_kinds: bool = True,
+         layer_matmuls: bool = True) -> list[dict]:
     """Run every shape (or `shapes`, names or indices of DECODE_SHAPES) and, with gpt_oss,
-    GPT_OSS_SHAPES, with routing_kinds ROUTING_KIND_SHAPES; returns the rows it printed. Sweeps stop once the budget is spent;
+    GPT_OSS_SHAPES, with routing_kinds ROUTING_KIND_SHAPES, with layer_matmuls
+    LAYER_MATMUL_SHAPES; returns the rows it printed. Sweeps stop once the budget is spent;
     peers=False times only our kernels."""
     rows = _Rows()
     start = time.perf_counter()
@@ -320,6 +362,11 @@ def main(sweep: bool = True, time_budget_s: float = 170.0, *, peers: bool = True
     for shape in ROUTING_KIND_SHAPES if routing_kinds else ():
         try:
             bench_routing_kinds(rows, ceiling, shape)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    for shape in LAYER_MATMUL_SHAPES if layer_matmuls else ():
+        try:
+            bench_layer_matmul(rows, ceiling, shape)
         except Exception as e:  # noqa: BLE001
             print(f"FAIL {shape}: {type(e).__name__}: {str(e)[:400]}", flush=True)
     if prefill:

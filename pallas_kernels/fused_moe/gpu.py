@@ -155,10 +155,11 @@ def _whole(shape):
 
 def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockConfig, *,
                row_weights_R: jax.Array | None = None, bias_GN: jax.Array | None = None,
-               out_dtype=None, interpret: bool = False):
+               out_dtype=None, interpret: bool = False, name: str = "crosspool_gmm"):
     """[P, K] (padded layout) x w[tile group] (+ bias_GN[tile group]) -> [P, N]; with
     row_weights_R (f32, one per source row), padded row p is then scaled by
-    row_weights_R[layout.src_row_P[p]] (fill rows by 0), read inside the kernel."""
+    row_weights_R[layout.src_row_P[p]] (fill rows by 0), read inside the kernel. `name`: the
+    kernel's name in a profile (`layer_matmul` calls it "crosspool_layer_matmul")."""
     P, K = x_PK.shape
     _, _, N = w.shape
     bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
@@ -185,7 +186,7 @@ def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockCon
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages),
         interpret=interpret,
-        name="crosspool_gmm",
+        name=name,
     )(*args)
 
 

@@ -113,7 +113,9 @@ def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:
     # not below 64 columns (Qwen3-30B-A3B at 1 token, step-timed on an H200: 64 columns
     # 39.8 us, 32 columns 43.9 us; RESULTS.md)
     want = (4.0 if rows < groups else 1.5) * GPU_SMS
-    floor = 64 if rows < groups else 32
+    # one group (a dense matmul, layer_matmul) at decode: one row tile, so only the columns
+    # fill the grid; narrow weights (a 512-column K/V projection) go down to 16 columns
+    floor = 64 if rows < groups else (16 if groups == 1 and bm <= 32 and N < 2048 else 32)
     while bn > floor and active_tiles * (N // bn) < want and N % (bn // 2) == 0:
         bn //= 2
     bk = _fit(K, bk_t, 16, need_pow2=True)

@@ -1,4 +1,5 @@
-"""grouped_matmul (GPU Triton and TPU Mosaic kernels, interpret mode) against lax.ragged_dot.
+"""grouped_matmul (GPU Triton and TPU Mosaic kernels, interpret mode) against lax.ragged_dot,
+and layer_matmul (the GPU kernel over one group: a layer of a stacked matrix) against jnp.dot.
 
 Tolerances: float32 runs at full precision (conftest), so kernel and reference differ only in
 summation order (K chunked): 1e-4 relative to the output scale. bfloat16 inputs accumulate in
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.fused_moe import BlockConfig, ExpertRows, grouped_matmul, grouped_matmul_reference
+from pallas_kernels.fused_moe import BlockConfig, ExpertRows, grouped_matmul, grouped_matmul_reference, layer_matmul
 from pallas_kernels.fused_moe.layout import gmm_layout, max_tiles
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
@@ -138,6 +139,45 @@ def test_bad_backend_and_dtype():
         grouped_matmul(lhs, rhs, gs.astype(jnp.float32), backend="reference")
 
 
+def _stack(L, K, N, dtype):
+    return jnp.asarray(_rng.standard_normal((L, K, N), np.float32) / np.sqrt(K), dtype)
+
+
+@pytest.mark.parametrize("T,K,N,dtype,out_dtype", [(1, 64, 96, jnp.float32, None), (5, 128, 48, jnp.bfloat16, None),
+                                                   (40, 64, 128, jnp.bfloat16, jnp.float32)])
+def test_layer_matmul_reads_one_layer_of_a_stack(T, K, N, dtype, out_dtype):
+    """Each layer of a stack (a traced layer index, as the layer scan passes it), in the kernel
+    (interpret mode) and the reference; rows past T of the padded tile are not returned."""
+    x = jnp.asarray(_rng.standard_normal((T, K), np.float32), dtype)
+    w = _stack(3, K, N, dtype)
+    run = jax.jit(lambda x, w, l, backend: layer_matmul(x, ExpertRows.of_stack(w[:, None], l), backend=backend,
+                                                        out_dtype=out_dtype, interpret=True), static_argnums=3)
+    for layer in range(3):
+        want = jnp.dot(x, w[layer], preferred_element_type=jnp.float32)
+        got = run(x, w, jnp.int32(layer), "gpu")
+        assert got.shape == (T, N) and got.dtype == jnp.dtype(out_dtype or dtype)
+        _assert_close(got, want, dtype)
+        _assert_close(run(x, w, jnp.int32(layer), "reference"), want, dtype)
+
+
+def test_layer_matmul_keeps_untileable_shapes_and_plain_arrays_on_xla():
+    """N = 1 (a shared expert's gate) is not a multiple of 16: XLA's dot, exact, on any backend."""
+    x = jnp.asarray(_rng.standard_normal((3, 32), np.float32))
+    w = _stack(2, 32, 1, jnp.float32)
+    got = layer_matmul(x, ExpertRows.of_stack(w[:, None], 1), backend="gpu", interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x @ w[1]))
+
+
+def test_layer_matmul_rejects_bad_shapes():
+    x = jnp.ones((2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="x's K \\(16\\) must equal w's K \\(32\\)"):
+        layer_matmul(x, jnp.ones((32, 16), jnp.float32), backend="reference")
+    with pytest.raises(ValueError, match="must hold one group"):
+        layer_matmul(x, ExpertRows.whole(jnp.ones((2, 16, 16), jnp.float32)), backend="reference")
+    with pytest.raises(ValueError, match="x must be \\[T, K\\]"):
+        layer_matmul(jnp.ones((16,), jnp.float32), jnp.ones((16, 16), jnp.float32))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 class TestGpuKernel:
@@ -154,3 +194,12 @@ class TestGpuKernel:
         got = grouped_matmul(lhs, rhs, gs, backend="gpu")
         _assert_close(got, grouped_matmul_reference(lhs, rhs, gs), jnp.bfloat16)
         assert np.all(np.asarray(got[M - 7:], np.float32) == 0.0)
+
+    @pytest.mark.parametrize("T", [1, 2, 32, 512])
+    def test_layer_matmul_at_qwen3_projection_shapes(self, T):
+        """q (2048 -> 4096), k (2048 -> 512) and o (4096 -> 2048) of a 4-layer stack, layer 3."""
+        for K, N in [(2048, 4096), (2048, 512), (4096, 2048)]:
+            x = jnp.asarray(_rng.standard_normal((T, K), np.float32), jnp.bfloat16)
+            w = _stack(4, K, N, jnp.bfloat16)
+            got = layer_matmul(x, ExpertRows.of_stack(w[:, None], jnp.int32(3)), backend="gpu")
+            _assert_close(got, jnp.dot(x, w[3], preferred_element_type=jnp.float32), jnp.bfloat16)
