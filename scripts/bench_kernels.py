@@ -18,7 +18,7 @@ shapes, no MoE peers or prefill); `--skip-gpt-oss` leaves the GPT-OSS rows out; 
 adds the MLA kernel under explicit (block_k, num_splits) tilings (section mla_sweep, for its
 tuning: e.g. `--only-new --mla-sweep --skip-moe --skip-gpt-oss`). The layer-matmul rows (moe
 decode, shape "qwen3_30b_a3b q|k|o ..."; in `--only-new` too, alone with `--layer-matmul-only`):
-a scanned layer of a stacked projection, XLA's dot of the slice beside `layer_matmul` in place.
+one layer of a stacked projection, XLA's dot of the slice beside `layer_matmul` in place.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def main():
     ap.add_argument("--mla-sweep", action="store_true",
                     help="the MLA kernel under explicit (block_k, num_splits) tilings (section mla_sweep)")
     ap.add_argument("--layer-matmul-only", action="store_true",
-                    help="only the layer-matmul rows (a scanned layer of a stacked projection, in place or sliced)")
+                    help="only the layer-matmul rows (a layer of a stacked projection, in place or sliced)")
     ap.add_argument("--only-new", action="store_true",
                     help="only the GPT-OSS attention, MLA decode and GPT-OSS MoE rows")
     a = ap.parse_args()

@@ -3,7 +3,7 @@
 #   1. this tree's gpu-marked layer_matmul tests and the layer-matmul rows of bench_kernels
 #      (a scanned layer of Qwen3-30B-A3B's q/k/o projections: XLA's dot of the slice against
 #      `layer_matmul` in place, beside the copy ceiling);
-#   2. per tree of TREES (default "before ."): scripts/profile_decode.py --kernels on an 8-layer
+#   2. per tree of TREES (default "before ."; TREES= for none): scripts/profile_decode.py --kernels on an 8-layer
 #      Qwen3-30B-A3B shape at batch 1 (kernels per token and per layer, memcpy, busy vs span),
 #      then scripts/bench_engine.py on the LAYERS-layer shape (default 40) at each batch of
 #      BATCHES (default 1) against the roofline of the bytes a step reads.
@@ -25,7 +25,7 @@ if [ "${KERNELS:-1}" = 1 ]; then
   PYTHONPATH=. timeout "${BENCH_TIMEOUT:-120}" python3 scripts/bench_kernels.py --layer-matmul-only \
     --json "$LOG/bench_layer_matmul.json" 2>&1 | quiet | grep -v "^{" | tail -14
 fi
-for tree in ${TREES:-before .}; do
+for tree in ${TREES-before .}; do
   [ -d "$tree" ] || { echo "no tree $tree: skipped"; continue; }
   name="$(basename "$(cd "$tree" && pwd)")"
   (cd "$tree" && PYTHONPATH=. timeout "${PROFILE_TIMEOUT:-90}" python3 scripts/profile_decode.py \

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.fused_moe import gpu, tpu, tuning
 from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
 from pallas_kernels.fused_moe.expert_rows import ExpertRows
-from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, one_group_layout, scatter_back,
+from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
 from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, ClampedSwiGLU, Routing, fused_moe_reference,
@@ -84,14 +84,15 @@ def _grouped_matmul_kernel(lhs_MK, rhs_GKN, group_sizes_G, *, backend, interpret
 
 
 def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool = False,
-                 config: tuning.BlockConfig | None = None):
+                 config: tuple[tuning.BlockConfig, int] | None = None):
     """x [T, K] @ w -> [T, N] in out_dtype (default: x's; float32 accumulation): w a [K, N]
     array or an ExpertRows of one group (one layer of a stacked [L, K, N] weight:
     `ExpertRows.of_stack(w_LKN[:, None], layer)`).
 
-    backend "gpu" (and "auto" on a GPU) runs the grouped matmul kernel over one group with
-    float32 accumulation, reading w in place: a layer of a stack is not sliced out first (XLA's
-    dynamic slice of a scanned stack is a copy of the layer on a GPU). K or N not a multiple of
+    backend "gpu" (and "auto" on a GPU) runs `gpu.layer_matmul` with float32 accumulation,
+    reading w in place: a layer of a stack is not sliced out first (XLA's dynamic slice of a
+    scanned stack is a copy of the layer on a GPU); at decode sizes it splits K over the grid
+    (`tuning.layer_matmul_config`; `config` = (BlockConfig, K splits) overrides it). K or N not a multiple of
     16 (a one-column gate), and every other backend, the TPU's included, is XLA's `x @ w` on
     the materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`).
     """
@@ -115,12 +116,9 @@ def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool
 def _layer_matmul_kernel(x_TK, w, *, out_dtype, interpret, config):
     T, K = x_TK.shape
     N = w.shape[2]
-    cfg = config or _config("gpu", T, 1, K, N, x_TK.dtype.itemsize)
+    cfg, splits = config or tuning.layer_matmul_config(T, K, N, x_TK.dtype.itemsize)
     check_config(cfg, K, N, "gpu", "layer_matmul")
-    layout = one_group_layout(T, cfg.block_m)
-    x_PK = jnp.pad(x_TK, ((0, layout.num_tiles * cfg.block_m - T), (0, 0)))
-    return gpu.gmm_padded(x_PK, w, layout, cfg, out_dtype=out_dtype, interpret=interpret,
-                          name="crosspool_layer_matmul")[:T]
+    return gpu.layer_matmul(x_TK, w, cfg, num_splits=splits, out_dtype=out_dtype, interpret=interpret)
 
 
 def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,

@@ -9,8 +9,8 @@ GPT-OSS-20B rows (`bench_gpt_oss`): the experts with biases and the clamped SwiG
 32 tokens, the kernels beside the reference. GLM-4.7-Flash rows (`bench_routing_kinds`): its
 sigmoid + bias routing by XLA's `route` beside the routing kernel, on the GPU kernel path.
 Layer-matmul rows (`bench_layer_matmul`): Qwen3-30B-A3B's q, k and o projections at 1, 2 and
-32 tokens over a 4-layer stack in a layer scan, XLA's dot of each scanned layer (the slice is
-copied first on a GPU) beside `layer_matmul` (the layer read in place); GB/s of the matrices.
+32 tokens, one layer of a 4-layer stack: XLA's dot of the layer's slice beside `layer_matmul`
+(the layer read in place, with and without its K split); GB/s of the matrix.
 Peers: `jax.lax.ragged_dot`, JAX's Mosaic GPU `ragged_dot_mgpu` (if importable) and the
 pure-jnp reference MoE under XLA. Run: `python -m pallas_kernels.fused_moe.bench`.
 Timing (every row, every implementation alike): pallas_kernels/timing.py `device_time`, the
@@ -51,9 +51,11 @@ GPT_OSS_SHAPES = [("gpt_oss_20b", 32, 2880, 2880, T, 4) for T in (1, 2, 32)]
 # 64, renormalised, scaled 1.8): the GPU path with XLA's `route` beside routing_gpu.py's kernel
 # (GPU_GLUE's "routing_kinds"); bench_routing_kinds
 ROUTING_KIND_SHAPES = [("glm47_flash", 64, 2048, 1536, T, 4) for T in (1, 32)]
-# (name, L, K, N, tokens): q (2048 -> 32 x 128), k (-> 4 x 128), o (32 x 128 -> 2048); bench_layer_matmul
+# (name, L, K, N, tokens): q (2048 -> 32 x 128), k (-> 4 x 128), o (32 x 128 -> 2048), and q at a
+# 512-token prefill chunk; bench_layer_matmul
 LAYER_MATMUL_SHAPES = [(f"qwen3_30b_a3b {p}", 4, K, N, T) for p, K, N in
-                       (("q", 2048, 4096), ("k", 2048, 512), ("o", 4096, 2048)) for T in (1, 2, 32)]
+                       (("q", 2048, 4096), ("k", 2048, 512), ("o", 4096, 2048)) for T in (1, 2, 32)] + \
+                      [("qwen3_30b_a3b q prefill", 4, 2048, 4096, 512)]
 PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
 MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
 # Alternates to the tuning table tried per decode shape: (block_n, block_k, warps, stages),
@@ -247,37 +249,36 @@ def bench_routing_kinds(rows: _Rows, ceiling, shape) -> None:
 
 
 def bench_layer_matmul(rows: _Rows, ceiling, shape) -> None:
-    """x [T, K] times each layer of a stacked [L, K, N] weight in a `lax.scan` over the layers
-    (the engine's layer loop): XLA's dot of the scanned slice beside `layer_matmul` reading the
-    layer in place (on a GPU). GB/s of the L matrices read, against the copy ceiling."""
+    """x [T, K] times one layer of a stacked [L, K, N] weight, one jitted call each: XLA's dot of
+    the layer's dynamic slice beside `layer_matmul` reading it in place, with the K split of the
+    tuning table and without (splits=1, same tiles). GB/s of the one [K, N] matrix read, against
+    the copy ceiling. (A layer scan around the call is not timed: under the trace timer its
+    per-iteration launches, ~25 us, hide the kernels.)"""
     from pallas_kernels.fused_moe.api import layer_matmul
     from pallas_kernels.fused_moe.expert_rows import ExpertRows
     name, L, K, N, T = shape
     kx, kw = jax.random.split(jax.random.PRNGKey(K + N + T), 2)
     x = jax.random.normal(kx, (T, K), jnp.bfloat16)
     w = (jax.random.normal(kw, (L, K, N)) / K ** 0.5).astype(jnp.bfloat16)
-    gb = L * K * N * w.dtype.itemsize / 1e9
-    zero = jnp.zeros((T, N), jnp.float32)
+    layer = jnp.int32(L - 1)
+    gb = K * N * w.dtype.itemsize / 1e9
+    cfg, splits = tuning.layer_matmul_config(T, K, N)
 
-    def scanned_slices(x, w):
-        return jax.lax.scan(lambda acc, w_KN: (acc + jnp.dot(x, w_KN, preferred_element_type=jnp.float32), None),
-                            zero, w)[0]
+    def ours(x, w, layer, config):
+        return layer_matmul(x, ExpertRows.of_stack(w[:, None], layer), backend="gpu", config=config)
 
-    def in_place(x, w, backend):
-        def body(acc, layer):
-            rows_ = ExpertRows.of_stack(w[:, None], layer)
-            return acc + layer_matmul(x, rows_, backend=backend, out_dtype=jnp.float32), None
-        return jax.lax.scan(body, zero, jnp.arange(L, dtype=jnp.int32))[0]
-
-    impls = {"xla_dot_of_scanned_slice": jax.jit(scanned_slices)}
+    impls = {"xla_dot_of_layer_slice": jax.jit(lambda x, w, layer: x @ w[layer])}
     if jax.default_backend() == "gpu":
-        impls["ours_layer_matmul"] = jax.jit(functools.partial(in_place, backend="gpu"))
-    want = impls["xla_dot_of_scanned_slice"](x, w)
+        impls[f"ours_layer_matmul_split{splits}"] = jax.jit(functools.partial(ours, config=(cfg, splits)))
+        if splits > 1:
+            impls["ours_layer_matmul_split1"] = jax.jit(functools.partial(ours, config=(cfg, 1)))
+    want = jnp.dot(x, w[L - 1], preferred_element_type=jnp.float32)
     for impl, f in impls.items():
-        err = float(jnp.max(jnp.abs(f(x, w) - want)))
-        sec, timer = _time(f, x, w)
-        rows.add(kind="decode", shape=f"{name} T={T} L={L} K={K} N={N}", impl=impl, us=sec * 1e6, GBps=gb / sec,
-                 frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer, max_err=err)
+        err = float(jnp.max(jnp.abs(f(x, w, layer).astype(jnp.float32) - want)))
+        sec, timer = _time(f, x, w, layer)
+        rows.add(kind="decode", shape=f"{name} T={T} K={K} N={N}", impl=impl, us=sec * 1e6, GBps=gb / sec,
+                 frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer, max_err=err,
+                 config=f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}")
 
 
 def _prefill(rows: _Rows, mm_tflops, *, sweep: bool, rdm):

@@ -155,11 +155,10 @@ def _whole(shape):
 
 def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockConfig, *,
                row_weights_R: jax.Array | None = None, bias_GN: jax.Array | None = None,
-               out_dtype=None, interpret: bool = False, name: str = "crosspool_gmm"):
+               out_dtype=None, interpret: bool = False):
     """[P, K] (padded layout) x w[tile group] (+ bias_GN[tile group]) -> [P, N]; with
     row_weights_R (f32, one per source row), padded row p is then scaled by
-    row_weights_R[layout.src_row_P[p]] (fill rows by 0), read inside the kernel. `name`: the
-    kernel's name in a profile (`layer_matmul` calls it "crosspool_layer_matmul")."""
+    row_weights_R[layout.src_row_P[p]] (fill rows by 0), read inside the kernel."""
     P, K = x_PK.shape
     _, _, N = w.shape
     bm, bn, bk = layout.block_m, cfg.block_n, cfg.block_k
@@ -186,8 +185,65 @@ def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockCon
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages),
         interpret=interpret,
-        name=name,
+        name="crosspool_gmm",
     )(*args)
+
+
+def _layer_matmul_kernel(row0_ref, x_ref, w_ref, o_ref, *, block_k: int, num_k: int, block_n: int):
+    # x_ref: [T, K] (whole; rows past T of a tile load zeros); w_ref: [R, N] rows (whole), the
+    # matrix at rows row0 .. row0 + K; o_ref: [1, bm, bn] block (s, i, j): the partial sum of
+    # K chunk s (num_k * block_k rows of w) for row tile i and column block j.
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bm = o_ref.shape[1]
+    T = x_ref.shape[0]
+    rows = i * bm + jnp.arange(bm, dtype=jnp.int32)
+    row_ok = jnp.broadcast_to((rows < T)[:, None], (bm, block_k))
+    k0 = s * (num_k * block_k)
+
+    def body(k, acc):
+        cols = k0 + k * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        xk = pltriton.load(x_ref.at[jnp.minimum(rows, T - 1)[:, None], cols[None, :]], mask=row_ok, other=0)
+        wk = w_ref[pl.ds(row0_ref[0] + k0 + k * block_k, block_k), pl.ds(j * block_n, block_n)]
+        return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, block_n), jnp.float32))
+    o_ref[0] = acc.astype(o_ref.dtype)
+
+
+def layer_matmul(x_TK: jax.Array, w: ExpertRows, cfg: BlockConfig, *, num_splits: int = 1, out_dtype=None,
+                 interpret: bool = False):
+    """x [T, K] @ w (one group: a layer of a stack, read in place) -> [T, N].
+
+    Grid (row tile, column block, K split): with num_splits > 1 each program sums K/num_splits
+    rows of w (split-K: at decode one row tile leaves only the columns to fill the grid, too few
+    programs for a 2-17 MB projection), its float32 partials [num_splits, P, N] summed after the
+    call. Rows past T read zeros inside the kernel (no padded copy of x)."""
+    T, K = x_TK.shape
+    _, _, N = w.shape
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    if K % (num_splits * bk):
+        raise ValueError(f"layer_matmul: K={K} must split into {num_splits} chunks of whole {bk}-row blocks")
+    out_dtype = jnp.dtype(out_dtype or x_TK.dtype)
+    I = -(-T // bm)
+    kernel = functools.partial(_layer_matmul_kernel, block_k=bk, num_k=K // (num_splits * bk), block_n=bn)
+    y_SPN = pl.pallas_call(
+        kernel,
+        grid=(I, N // bn, num_splits),
+        in_specs=[_whole3((1,)), _whole3(x_TK.shape), _whole3(w.rows_RN.shape)],
+        out_specs=pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((num_splits, I * bm, N), out_dtype if num_splits == 1 else jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="crosspool_layer_matmul",
+    )(w.first_row_1(), x_TK, w.rows_RN)
+    if num_splits == 1:
+        return y_SPN[0, :T]
+    return jnp.sum(y_SPN[:, :T], axis=0).astype(out_dtype)
+
+
+def _whole3(shape):
+    nd = len(shape)
+    return pl.BlockSpec(shape, lambda i, j, s: (0,) * nd)
 
 
 def gate_up_gathered(x_TD: jax.Array, top_k: int, w1: ExpertRows, layout: TileLayout,

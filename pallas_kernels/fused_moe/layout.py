@@ -107,15 +107,6 @@ def single_token_layout(group_K: jax.Array, block_m: int, num_groups: int | None
     return TileLayout(src_row_P, dst_row_R, tile_group_I, kept[None], block_m)
 
 
-def one_group_layout(num_rows: int, block_m: int) -> TileLayout:
-    """Layout for rows that all use group 0 (a dense matmul): rows in order, the last tile padded
-    with fill rows. Every field is a constant (no XLA op is launched to build it)."""
-    I = max(1, -(-num_rows // block_m))
-    p = jnp.arange(I * block_m, dtype=jnp.int32)
-    return TileLayout(jnp.where(p < num_rows, p, num_rows), jnp.arange(num_rows, dtype=jnp.int32),
-                      jnp.zeros((I,), jnp.int32), jnp.full((1,), I, jnp.int32), block_m)
-
-
 def gmm_layout(group_sizes_G: jax.Array, num_rows: int, block_m: int) -> TileLayout:
     """Layout for lax.ragged_dot's grouping: consecutive rows, rows past the total dropped."""
     G = group_sizes_G.shape[0]

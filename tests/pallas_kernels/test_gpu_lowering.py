@@ -86,6 +86,17 @@ def test_grouped_matmul_lowers_for_cuda():
     assert _lowered_kernels(f, lhs, rhs, gs).count("__gpu$xla.gpu.triton") == 1
 
 
+@pytest.mark.parametrize("T,K,N", [(1, 2048, 512), (40, 256, 64), (300, 256, 128)])
+def test_layer_matmul_lowers_for_cuda(T, K, N):
+    """One layer of a stack read in place: split K (decode), one row tile, several row tiles."""
+    from pallas_kernels.fused_moe import ExpertRows, layer_matmul
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, K, N)), jnp.bfloat16)
+    f = lambda x, w, layer: layer_matmul(x, ExpertRows.of_stack(w[:, None], layer), backend="gpu")   # noqa: E731
+    assert _lowered_kernels(f, x, w, jnp.int32(2)) == ["__gpu$xla.gpu.triton"]
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_mla_attention_lowers_for_cuda(dtype):
     """MLA at DeepSeek-V2-Lite's row (halves of 288: column pieces 256 + 32 and 128 + 64 + 32 + 64)."""

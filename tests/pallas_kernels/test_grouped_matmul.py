@@ -144,10 +144,13 @@ def _stack(L, K, N, dtype):
 
 
 @pytest.mark.parametrize("T,K,N,dtype,out_dtype", [(1, 64, 96, jnp.float32, None), (5, 128, 48, jnp.bfloat16, None),
-                                                   (40, 64, 128, jnp.bfloat16, jnp.float32)])
+                                                   (40, 64, 128, jnp.bfloat16, jnp.float32),
+                                                   (3, 1024, 64, jnp.bfloat16, None),      # K split in 4
+                                                   (2, 768, 32, jnp.float32, None)])       # K split in 3
 def test_layer_matmul_reads_one_layer_of_a_stack(T, K, N, dtype, out_dtype):
     """Each layer of a stack (a traced layer index, as the layer scan passes it), in the kernel
-    (interpret mode) and the reference; rows past T of the padded tile are not returned."""
+    (interpret mode, the tuning table's tiles and K splits) and the reference; rows past T of
+    the row tile are not returned."""
     x = jnp.asarray(_rng.standard_normal((T, K), np.float32), dtype)
     w = _stack(3, K, N, dtype)
     run = jax.jit(lambda x, w, l, backend: layer_matmul(x, ExpertRows.of_stack(w[:, None], l), backend=backend,
@@ -160,7 +163,20 @@ def test_layer_matmul_reads_one_layer_of_a_stack(T, K, N, dtype, out_dtype):
         _assert_close(run(x, w, jnp.int32(layer), "reference"), want, dtype)
 
 
-def test_layer_matmul_keeps_untileable_shapes_and_plain_arrays_on_xla():
+@pytest.mark.parametrize("splits", [1, 2, 8])
+def test_layer_matmul_under_explicit_k_splits(splits):
+    """A config override: 16 x 16 tiles over 64-row K chunks, the K dim split in 1, 2 or 8."""
+    x = jnp.asarray(_rng.standard_normal((7, 512), np.float32), jnp.bfloat16)
+    w = _stack(2, 512, 48, jnp.bfloat16)
+    got = layer_matmul(x, ExpertRows.of_stack(w[:, None], 0), backend="gpu", interpret=True,
+                       config=(BlockConfig(16, 16, 64, 4, 2), splits), out_dtype=jnp.float32)
+    _assert_close(got, jnp.dot(x, w[0], preferred_element_type=jnp.float32), jnp.bfloat16)
+    with pytest.raises(ValueError, match="must split into 3 chunks"):
+        layer_matmul(x, ExpertRows.of_stack(w[:, None], 0), backend="gpu", interpret=True,
+                     config=(BlockConfig(16, 16, 64, 4, 2), 3))
+
+
+def test_layer_matmul_keeps_untileable_shapes_on_xla():
     """N = 1 (a shared expert's gate) is not a multiple of 16: XLA's dot, exact, on any backend."""
     x = jnp.asarray(_rng.standard_normal((3, 32), np.float32))
     w = _stack(2, 32, 1, jnp.float32)
