@@ -51,11 +51,13 @@ each KV device `pages_per_device` pages.
 Kernel operands are never slices of a row (a custom call's operand is a whole buffer, so XLA
 would copy the slice into every call): the attention kernel gets the WHOLE row viewed as pages
 `[arena_elems / page_elems, G, K, H]` with the K and V page offsets (`kernel_pages`), the
-grouped matmuls the whole row viewed as rows `[arena_elems / N, N]` with the stack's first row
-(`expert_rows`, a `fused_moe.ExpertRows`). Hence the half is a multiple of page_elems, of
-every model's cached row (the K/V scatter views the row as [rows, kv_cache_row]) and of every
-expert stack's last dim N, each expert stack starts on a multiple of its N, and a budgeted
-weight region's slots are multiples of all of them (a slot shift keeps every stack aligned).
+matmul kernels the whole row viewed as rows `[arena_elems / N, N]` with the layer's first row
+(`layer_rows`, a `fused_moe.ExpertRows`: a layer of an expert stack, or of a stacked matrix
+such as a projection, a router or a dense FFN's, `reads_in_place`). Hence the half is a
+multiple of page_elems, of every model's cached row (the K/V scatter views the row as [rows,
+kv_cache_row]) and of every in-place stack's last dim N, each such stack starts on a multiple
+of its N, and a budgeted region's slots are multiples of all of them (a slot shift keeps every
+stack aligned).
 
 Budgeted regions (`make_multi_layout(..., attention_pool_bytes=, weights_pool_bytes=)`): a
 role with a budget does not pack every model; its model region is a `Region` of `num_slots`
@@ -88,7 +90,9 @@ import numpy as np
 from crosspool_jax.kv.pool import choose_page_elems, tokens_per_page
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.params import param_shapes
+from crosspool_jax.models.transformer import EXPERT_LEAVES, MATRIX_LEAVES
 from pallas_kernels.fused_moe.expert_rows import ExpertRows
+from pallas_kernels.fused_moe.tuning import gpu_supports
 
 AXIS = "dev"
 ROLES = ("kv", "w")
@@ -197,14 +201,15 @@ class ArenaLayout:
         return (pages, self.slot("kv", "pages/k_PX").offset // self.page_elems,
                 self.slot("kv", "pages/v_PX").offset // self.page_elems)
 
-    def expert_rows(self, row_X: jax.Array, name: str, index) -> ExpertRows:
-        """Entry `index` (traced ok) of the weight row's expert stack `name` ([L, E, K, N]) as
-        `ExpertRows` over the WHOLE row viewed [arena_elems / N, N]: read in place by the kernels."""
-        s = self.slot("w", name)
-        return self._expert_rows(row_X, s, index, s.offset // s.shape[-1])
+    def layer_rows(self, row_X: jax.Array, role: str, name: str, index) -> ExpertRows:
+        """Entry `index` (traced ok) of the role's in-place stack `name` (`reads_in_place`: an
+        expert stack [L, E, K, N] or a stacked matrix [L, K, N], one group) as `ExpertRows` over
+        the WHOLE row viewed [arena_elems / N, N]: read in place by the kernels."""
+        s = self.slot(role, name)
+        return self._layer_rows(row_X, s, index, s.offset // s.shape[-1])
 
-    def _expert_rows(self, row_X, s: Slot, index, first_row) -> ExpertRows:
-        _, E, K, N = s.shape
+    def _layer_rows(self, row_X, s: Slot, index, first_row) -> ExpertRows:
+        E, K, N = (1, *s.shape[1:]) if len(s.shape) == 3 else s.shape[1:]
         return ExpertRows(row_X.reshape(-1, N), first_row + index * (E * K), num_groups=E, group_rows=K)
 
     @property
@@ -250,7 +255,7 @@ class ArenaLayout:
 class BoundArenaLayout:
     """An `ArenaLayout` whose model tensors start at traced `offsets` (ALIGN units, one per
     `own_slots` entry); the shared pages stay put. Same API as the layout (attributes are
-    forwarded); `view` is a dynamic slice at the tensor's offset, `expert_rows` starts there."""
+    forwarded); `view` is a dynamic slice at the tensor's offset, `layer_rows` starts there."""
 
     def __init__(self, layout: ArenaLayout, offsets):
         self.layout = layout
@@ -269,12 +274,12 @@ class BoundArenaLayout:
                                              -(-s.size // ALIGN)).reshape(-1)
         return block[:s.size].reshape(s.shape)
 
-    def expert_rows(self, row_X: jax.Array, name: str, index) -> ExpertRows:
-        s = self.layout.slot("w", name)
+    def layer_rows(self, row_X: jax.Array, role: str, name: str, index) -> ExpertRows:
+        s = self.layout.slot(role, name)
         N = s.shape[-1]
         g = math.gcd(ALIGN, N)        # offset * ALIGN / N rows, exact (stacks start on multiples of N), in int32
-        first_row = (self.offsets[self._index[("w", name)]] // (N // g)) * (ALIGN // g)
-        return self.layout._expert_rows(row_X, s, index, first_row)
+        first_row = (self.offsets[self._index[(role, name)]] // (N // g)) * (ALIGN // g)
+        return self.layout._layer_rows(row_X, s, index, first_row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,14 +313,22 @@ def _align(n: int, a: int = _ALIGN) -> int:
     return -(-n // a) * a
 
 
-EXPERT_STACKS = ("moe/w1_LEDF2", "moe/w2_LEFD")     # read by the grouped matmuls in place
+EXPERT_STACKS = tuple(f"moe/{leaf}" for leaf in EXPERT_LEAVES)     # read by the grouped matmuls in place
 # an FFN layer's input norm, router and router bias (GPT-OSS): KV rows (`models.ffn_input` runs there)
 ROUTING_LEAVES = ("norm_LD", "router_LDE", "router_bias_LE")
 
 
+def reads_in_place(name: str, shape) -> bool:
+    """Whether the kernels read the tensor `name` ("<kind>/<leaf>") of `shape` layer by layer in
+    place (`layer_rows`): the expert stacks, and the stacked matrices of `models.transformer`
+    that the matmul kernel can tile (`fused_moe.layer_matmul`; a 3-expert router stays sliced)."""
+    leaf = name.rsplit("/", 1)[-1]
+    return leaf in EXPERT_LEAVES or (leaf in MATRIX_LEAVES and gpu_supports(int(shape[-2]), int(shape[-1])))
+
+
 def _entry_align(name: str, shape) -> int:
-    """An expert stack starts on a multiple of its last dim (its rows view), the rest on ALIGN."""
-    return math.lcm(_ALIGN, int(shape[-1])) if name.endswith(EXPERT_STACKS) else _ALIGN
+    """An in-place stack starts on a multiple of its last dim (its rows view), the rest on ALIGN."""
+    return math.lcm(_ALIGN, int(shape[-1])) if reads_in_place(name, shape) else _ALIGN
 
 
 def _role_unit(entries: Sequence[tuple]) -> int:
@@ -432,6 +445,7 @@ class MultiArenaLayout:
     depths: tuple = ()            # per device (depth in half 0, depth in half 1): elements of content
     content: tuple = ()           # per device: elements of tensors (or regions) placed there
     extents: tuple = ()           # ((name, attention side elements, one weight row's FFN elements), ...)
+    units: tuple = (ALIGN, ALIGN)  # (KV rows, weight rows): what a budgeted slot's size is a multiple of
 
     def __post_init__(self):
         if not self.models:
@@ -467,10 +481,11 @@ class MultiArenaLayout:
 
     def region_elems(self, name: str, role: str) -> int:
         """Elements of one model's own slots in a role ("kv": its attention side, "w": one weight
-        row's FFN shards), packed from an aligned start: what a budgeted slot must hold."""
+        row's FFN shards), packed from an aligned start and rounded up to the role's slot unit
+        (every in-place stack's N): the slot a budgeted region gives it."""
         for n, kv, w in self.extents:
             if n == name:
-                return kv if role == "kv" else w
+                return _align(kv, self.units[0]) if role == "kv" else _align(w, self.units[1])
         raise ValueError(f"the arena holds no model named {name!r}; it holds {self.names}")
 
     def homes(self, name: str) -> tuple:
@@ -615,16 +630,18 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
             if not name:                       # make_layout's single unnamed model
                 raise
             raise ValueError(f"model {name!r} cannot run on the disaggregated step: {e}") from None
+    kv_unit = _role_unit([e for kv_entries, _, _, _ in entries.values() for e in kv_entries])
     w_unit = _role_unit([e for _, w_entries, _, _ in entries.values() for e in w_entries])
     itemsize = jnp.dtype(dtype).itemsize
     extents = {n: (_extent(e[0]), _extent(e[1])) for n, e in entries.items()}
     kv_region = _budget_region(attention_pool_bytes, "attention_pool_bytes",
                                {n: x[0] for n, x in extents.items()}, n_kv, itemsize,
-                               "attention side (replicated on every KV device)")
+                               "attention side (replicated on every KV device)", unit=kv_unit)
     w_region = _budget_region(weights_pool_bytes, "weights_pool_bytes", {n: x[1] for n, x in extents.items()},
                               n_w, itemsize, "FFN shards over the weight devices", unit=w_unit)
-    # the kernels view the whole row as pages and as expert rows, and the V pages start at the half
-    row_unit = math.lcm(_ALIGN, *kv_rows, page_elems, w_unit)
+    # the kernels view the whole row as pages and as the in-place stacks' rows, and the V pages
+    # start at the half
+    row_unit = math.lcm(_ALIGN, *kv_rows, page_elems, kv_unit, w_unit)
     prefix = {name: f"{name}/" if name else "" for name in configs}
     homes = _assign_homes({n: x[0] for n, x in extents.items()}, n_kv,
                           n_kv if kv_region is not None else attention_replicas)
@@ -632,7 +649,7 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
     def role_blocks(role_index, region, names):
         if region is not None:
             return [("<region>", region.num_slots * region.slot_elems,
-                     w_unit if role_index else _ALIGN)]
+                     w_unit if role_index else kv_unit)]
         return [(prefix[n] + k, int(np.prod(shape, dtype=np.int64)), _entry_align(k, shape))
                 for n in names for k, shape in entries[n][role_index]]
 
@@ -693,4 +710,4 @@ def make_multi_layout(configs, *, n_kv: int, n_w: int, pages_per_device: Optiona
             w_slots=own_slots(name, 1, w_region, w_packing), device_pages=device_pages, homes=homes[name])))
     all_depths = tuple(tuple(depth) for _, depth in kv_packing) + (tuple(w_packing[1]),) * n_w
     return MultiArenaLayout(tuple(views), kv_region, w_region, all_depths, tuple(content),
-                            tuple((n, kv, w) for n, (kv, w) in extents.items()))
+                            tuple((n, kv, w) for n, (kv, w) in extents.items()), (kv_unit, w_unit))

@@ -70,11 +70,12 @@ model's attention sinks to them (`sharded_attention.with_sinks`) and runs the o 
 Kernels: `attention_backend` / `moe_backend` (static) reach `ragged_paged_attention` (the
 unsharded attention) and `fused_moe` (over the device's experts); "auto" is the
 GPU/TPU kernel on that platform where its shapes allow and the jnp reference elsewhere (on
-CPU nothing changes). Their weight and page operands are the WHOLE arena row viewed as pages
-(`layout.kernel_pages`, with the K/V page offsets) or as expert rows (`layout.expert_rows`),
-never a slice of it: a custom call's operand is a whole buffer, so a slice would be copied
-into every call (the step held ~the pool in temporaries before). The sharded partial
-attention is jnp only.
+CPU nothing changes); the projections, routers and dense matrices run on `moe_backend`'s
+matmul kernel (`models.transformer._matmul`). Their weight and page operands are the WHOLE
+arena row viewed as pages (`layout.kernel_pages`, with the K/V page offsets) or as a stack's
+rows (`layout.layer_rows`: expert stacks and stacked matrices), never a slice of it: a custom
+call's operand is a whole buffer, so a slice would be copied into every call. The sharded
+partial attention is jnp only.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ from jax.sharding import PartitionSpec
 
 from crosspool_jax.disagg import sharded_attention
 from crosspool_jax.disagg.inputs import ShardedPages
-from crosspool_jax.disagg.layout import AXIS, EXPERT_STACKS, ArenaLayout
+from crosspool_jax.disagg.layout import AXIS, ArenaLayout, reads_in_place
 from crosspool_jax.kv.pool import page_view, token_slots
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import (attention_options, compute_logits, ffn_input, ffn_output,
@@ -148,12 +149,21 @@ def _write_kv_rows(row_X, layout: ArenaLayout, config: ModelConfig, k_TKH, v_TKH
 
 def _layer_attn_params(row_X, layer, layout: ArenaLayout) -> dict:
     names = [s.name for s in layout.kv_slots if s.name.startswith("attn/")]
-    return {n[len("attn/"):]: layout.view(row_X, "kv", n)[layer] for n in names}
+    return {n[len("attn/"):]: _layer_leaf(row_X, "kv", n, layer, layout) for n in names}
 
 
-def _qkv(row_X, x_TD, positions_T, layer, layout: ArenaLayout, config: ModelConfig):
+def _layer_leaf(row_X, role: str, name: str, index, layout: ArenaLayout):
+    """Entry `index` of the role's stack `name`: its rows in place (`layout.layer_rows`) for a
+    matrix or expert stack (`reads_in_place`), else a slice of the row."""
+    if reads_in_place(name, layout.slot(role, name).shape):
+        return layout.layer_rows(row_X, role, name, index)
+    return layout.view(row_X, role, name)[index]
+
+
+def _qkv(row_X, x_TD, positions_T, layer, layout: ArenaLayout, config: ModelConfig, backend: str):
     """KV device: q/k/v of one layer (norms, RoPE)."""
-    return qkv_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, positions_T)
+    return qkv_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, positions_T,
+                          matmul_backend=backend)
 
 
 def _pages(row_X, layout: ArenaLayout, config: ModelConfig):
@@ -164,9 +174,10 @@ def _pages(row_X, layout: ArenaLayout, config: ModelConfig):
                  for n in ("pages/k_PX", "pages/v_PX"))
 
 
-def _o_proj(row_X, x_TD, out_TNH, layer, layout: ArenaLayout, config: ModelConfig):
+def _o_proj(row_X, x_TD, out_TNH, layer, layout: ArenaLayout, config: ModelConfig, backend: str):
     """`models.output_projection` of the layer (MLA: W_uv first; GPT-OSS: the o bias)."""
-    return output_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, out_TNH)
+    return output_projection(_layer_attn_params(row_X, layer, layout), config, x_TD, out_TNH,
+                             matmul_backend=backend)
 
 
 def _attention_options(row_X, layer, layout: ArenaLayout, config: ModelConfig) -> dict:
@@ -178,7 +189,7 @@ def _attention_options(row_X, layer, layout: ArenaLayout, config: ModelConfig) -
 
 
 def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, config: ModelConfig,
-            backend: str):
+            backend: str, matmul_backend: str):
     """KV device: attention over the local pages (new K/V already written), o projection, residual."""
     c = config
     # the whole row as pages + where K and V start: a sliced pages region would be copied into the call
@@ -186,7 +197,7 @@ def _attend(row_X, x_TD, q_TNH, step: StepInputs, layer, layout: ArenaLayout, co
     out_TNH = ragged_paged_attention(q_TNH, pages, pages, step.kv_lens_S, step.page_indices_LSP[layer],
                                      step.cu_q_lens_S1, step.num_seqs_1, backend=backend, k_page_offset=k0,
                                      v_page_offset=v0, **_attention_options(row_X, layer, layout, c))
-    return _o_proj(row_X, x_TD, out_TNH, layer, layout, c)
+    return _o_proj(row_X, x_TD, out_TNH, layer, layout, c, matmul_backend)
 
 
 def _kind_tables(config: ModelConfig):
@@ -202,7 +213,7 @@ def payload_width(config: ModelConfig) -> int:
     return config.hidden_size + (config.num_experts if "moe" in config.ffn_kinds else 0)
 
 
-def _ffn_in(row_X, h_TD, layer, layout: ArenaLayout, config: ModelConfig):
+def _ffn_in(row_X, h_TD, layer, layout: ArenaLayout, config: ModelConfig, backend: str):
     """KV device: layer `layer`'s FFN input as sent to the weight devices, [T, payload_width]
     in h's dtype: the normed x and the router logits (`models.ffn_input`; the norms and routers
     sit in the KV rows, once per model, not on every weight device). A model mixing kinds
@@ -211,9 +222,9 @@ def _ffn_in(row_X, h_TD, layer, layout: ArenaLayout, config: ModelConfig):
     E = payload_width(c) - c.hidden_size
 
     def payload(kind, index, h):
-        p = {s.name[len(kind) + 1:]: layout.view(row_X, "kv", s.name)[index]
+        p = {s.name[len(kind) + 1:]: _layer_leaf(row_X, "kv", s.name, index, layout)
              for s in layout.kv_slots if s.name.startswith(f"{kind}/")}
-        x_TD, logits_TE = ffn_input(p, c, kind, h)
+        x_TD, logits_TE = ffn_input(p, c, kind, h, matmul_backend=backend)
         if not E:
             return x_TD.astype(dtype)
         if logits_TE is None:
@@ -252,26 +263,24 @@ def _ffn_partial(row_X, inbox_TX, layer, w_index, layout: ArenaLayout, config: M
 
 def _stack_params(row_X, kind: str, index, layout: ArenaLayout) -> dict:
     """The weight row's `kind` ("moe" / "dense") leaves of one layer: entry `index` of each stack
-    (the expert stacks excepted: `layout.expert_rows` reads those in place)."""
+    (`_layer_leaf`: the matrices and expert stacks in place)."""
     prefix = f"{kind}/"
-    return {s.name[len(prefix):]: layout.view(row_X, "w", s.name)[index]
-            for s in layout.w_slots if s.name.startswith(prefix) and s.name not in EXPERT_STACKS}
+    return {s.name[len(prefix):]: _layer_leaf(row_X, "w", s.name, index, layout)
+            for s in layout.w_slots if s.name.startswith(prefix)}
 
 
 def _ffn_shard(row_X, inbox_TX, index, w_index, layout: ArenaLayout, config: ModelConfig, backend: str, on,
                token_mask_T=None, *, kind: str):
     """Weight device: its share of layer `index` of the model's `kind` stack, float32
     (`models.ffn_output` on the row's shards: its experts, or its block of F of a dense layer
-    and of a shared expert) of the payload [x | router logits]. Expert stacks are read in place
-    (`layout.expert_rows`). `on` False: the expert offset points past the experts, so no
+    and of a shared expert) of the payload [x | router logits]. Matrices and expert stacks are
+    read in place (`_stack_params`). `on` False: the expert offset points past the experts, so no
     expert is read."""
     c, D = config, config.hidden_size
     p = _stack_params(row_X, kind, index, layout)
     x_TD, logits_TE = inbox_TX[:, :D], (inbox_TX[:, D:] if kind == "moe" else None)
     offset = None
     if kind == "moe":
-        for name in EXPERT_STACKS:
-            p[name[len("moe/"):]] = layout.expert_rows(row_X, name, index)
         E_loc = p["w1_LEDF2"].shape[0]
         offset = jnp.where(on, (w_index // layout.tp) * E_loc, c.num_experts)
     return ffn_output(p, c, kind, x_TD, logits_TE, moe_backend=backend, expert_offset=offset,
@@ -384,11 +393,11 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             # in place on the carried row; an idle device drops every write. Every read of the row
             # before the write must feed the write (else XLA cannot order it first and copies the
             # whole row): k/v come from the row as it was, q from the written row (same weights).
-            _, k_TKH, v_TKH = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
+            _, k_TKH, v_TKH = _qkv(row_X, x_TD, step.positions_T, layer, layout, c, moe_backend)
             row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, jnp.where(on, step.slots_LT[layer], -1))
-            q_TNH, _, _ = _qkv(row_X, x_TD, step.positions_T, layer, layout, c)
+            q_TNH, _, _ = _qkv(row_X, x_TD, step.positions_T, layer, layout, c, moe_backend)
             live = dataclasses.replace(step, num_seqs_1=jnp.where(on, step.num_seqs_1, 0))   # off: no attention work
-            h_TD = _attend(row_X, x_TD, q_TNH, live, layer, layout, c, attention_backend)
+            h_TD = _attend(row_X, x_TD, q_TNH, live, layer, layout, c, attention_backend, moe_backend)
             return jnp.where(on, h_TD, jnp.zeros_like(h_TD)), row_X
 
         def attention_sharded(row_X, x_MTD, m, layer, on, pages_on):
@@ -398,7 +407,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             step = jax.tree_util.tree_map(lambda a: a[m], mine)
             x_TD = x_MTD[m]
             layout = lay(m)
-            qkv = lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c)   # noqa: E731
+            qkv = lambda x: _qkv(row_X, x, step.positions_T, layer, layout, c, moe_backend)   # noqa: E731
             zeros = lambda x: tuple(jnp.zeros(a.shape, a.dtype) for a in jax.eval_shape(qkv, x))   # noqa: E731
             qkv_TXH = jax.lax.cond(on, qkv, zeros, x_TD)
             q_all, k_all, v_all = (jax.lax.all_gather(a, AXIS)[:n_kv].reshape(n_kv * Tm, *a.shape[1:])
@@ -425,7 +434,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             merged_TNH, merged_lse_TN = sharded_attention.merge_over_axis(out_TNH, lse_TN, AXIS, return_lse=True)
             own = lambda a: jax.lax.dynamic_slice_in_dim(a, kv_index * Tm, Tm)   # noqa: E731  this home's rows
             mine_TNH = sharded_attention.with_sinks(own(merged_TNH), own(merged_lse_TN), sinks_N).astype(dtype)
-            return jax.lax.cond(on, lambda o: _o_proj(row_X, x_TD, o, layer, layout, c),
+            return jax.lax.cond(on, lambda o: _o_proj(row_X, x_TD, o, layer, layout, c, moe_backend),
                                 lambda o: jnp.zeros((Tm, D), dtype), mine_TNH), row_X
 
         attend = attention if sharded is None else attention_sharded
@@ -445,7 +454,8 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             def stage(carry, layer):
                 x_MTD, row_X = carry
                 h_TD, row_X = attend(row_X, x_MTD, 0, layer, is_kv, True)
-                y_TD = to_kv(ffn(row_X, to_weights(_ffn_in(row_X, h_TD, layer, lay(0), c)), layer, ~is_kv, 0))
+                inbox_TD = to_weights(_ffn_in(row_X, h_TD, layer, lay(0), c, moe_backend))
+                y_TD = to_kv(ffn(row_X, inbox_TD, layer, ~is_kv, 0))
                 return (jnp.where(is_kv, (h_TD + y_TD)[None], x_MTD), row_X), None
 
             (x_MTD, row_X), _ = jax.lax.scan(stage, (x_MTD, row_X), jnp.arange(L, dtype=jnp.int32))
@@ -458,7 +468,8 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
                 ffn_on = t >= 1
                 h_TD, row_X = attend(row_X, x_MTD, m_a, i_a, attn_on, t < M * L)
                 y_TD = ffn(row_X, inbox_TD, i_f, (~is_kv) & ffn_on, m_f)
-                inbox_TD = to_weights(_ffn_in(row_X, h_TD, i_a, lay(m_a), c))    # the exchange: every device runs it
+                # the exchange: every device runs it
+                inbox_TD = to_weights(_ffn_in(row_X, h_TD, i_a, lay(m_a), c, moe_backend))
                 y_back_TD = to_kv(y_TD)
                 x_MTD = jnp.where(attn_on, x_MTD.at[m_a].set(h_TD), x_MTD)
                 x_MTD = jnp.where(is_kv & ffn_on, x_MTD.at[m_f].add(y_back_TD), x_MTD)

@@ -9,7 +9,7 @@ devices call `ffn_partial` on their shard). `forward` chains them over all layer
 layer has the same FFN kind) and returns the hidden states after the final norm;
 `compute_logits` projects them to the vocabulary in float32. `forward` slices no weight matrix
 per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, and its other
-matrices (`_MATRIX_LEAVES`: the projections, the router, dense and shared-expert FFNs) reach
+matrices (`MATRIX_LEAVES`: the projections, the router, dense and shared-expert FFNs) reach
 `_matmul` as one-group ExpertRows, which the GPU kernels read in place (a sliced layer is a
 copy on a GPU: one layer of Mixtral-8x7B's experts is 2.8 GB, of Qwen3-30B-A3B's q/k/v/o
 projections 38 MB); the reference and TPU paths materialise the slice as before.
@@ -52,9 +52,9 @@ FULL_WINDOW = 1 << 30          # a sliding window past every position: full caus
 
 # a layer's matrices, read in place by `forward` (as one-group ExpertRows of their [L, K, N] stack)
 # like the expert stacks; MLA's wkv_b_LRNU is reshaped per head, so it is sliced
-_MATRIX_LEAVES = ("wq_LDQ", "wk_LDKH", "wv_LDKH", "wo_LQD", "wq_LDNI", "wq_a_LDA", "wq_b_LANI", "wkv_a_LDRY",
+MATRIX_LEAVES = ("wq_LDQ", "wk_LDKH", "wv_LDKH", "wo_LQD", "wq_LDNI", "wq_a_LDA", "wq_b_LANI", "wkv_a_LDRY",
                   "router_LDE", "w1_LDF2", "w2_LFD", "shared_w1_LDF2", "shared_w2_LFD", "shared_gate_LD1")
-_EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
+EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
 
 
 def _matmul(x: jax.Array, w, backend: str, out_dtype=None) -> jax.Array:
@@ -100,7 +100,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def qkv_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array,
-                   positions_T: jax.Array, *, matmul_backend: str = "reference") -> tuple[jax.Array, jax.Array, jax.Array]:
+                   positions_T: jax.Array, *,
+                   matmul_backend: str = "reference") -> tuple[jax.Array, jax.Array, jax.Array]:
     """One layer's q/k/v (input norm, projections, biases, q/k norms, clipping, RoPE)
     -> (q_TNH, k_TKH, v_TKH), as the attention seam receives them (MLA: `_mla_qkv`).
     Matrices may be arrays or one-group ExpertRows (`_matmul`; matmul_backend: their kernels')."""
@@ -272,12 +273,12 @@ def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.
 
 
 def _read_in_place(name: str) -> bool:
-    return name in _EXPERT_LEAVES or name in _MATRIX_LEAVES
+    return name in EXPERT_LEAVES or name in MATRIX_LEAVES
 
 
 def _layer_rows(name: str, stack_L, layer) -> ExpertRows:
     """Layer `layer` of a stacked matrix ([L, K, N]: one group) or expert stack ([L, E, K, N])."""
-    return ExpertRows.of_stack(stack_L if name in _EXPERT_LEAVES else stack_L[:, None], layer)
+    return ExpertRows.of_stack(stack_L if name in EXPERT_LEAVES else stack_L[:, None], layer)
 
 
 def _layer_slice(stack: dict, i) -> dict:

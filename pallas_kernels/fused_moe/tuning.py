@@ -126,7 +126,8 @@ def layer_matmul_config(rows: int, K: int, N: int, itemsize: int = 2) -> tuple[B
     Decode-sized (one row tile of <= 64 rows): 64-column weight tiles (32 below 2,048 columns),
     128-row K chunks 4 stages deep, and K split over the grid: the fewest whole-chunk splits that
     give two waves of programs, each split keeping >= 256 rows of K (Qwen3-30B-A3B's q: 64 column
-    blocks x 8 splits; k and v: 16 x 8; GPT-OSS's q, K = 2,880 in 45 chunks of 64: 64 x 5). Larger row counts: the grouped matmul's prefill tiles (128 x 256, 64-deep
+    blocks x 8 splits; k and v: 16 x 8; GPT-OSS's q, K = 2,880 in 45 chunks of 64: 64 x 5).
+    Larger row counts: the grouped matmul's prefill tiles (128 x 256, 64-deep
     K chunks, 8 warps), columns halved down to 64 while the grid is under 1.5 waves, no split."""
     bm = min(128, max(16, next_pow2(rows)))
     tiles = -(-rows // bm)

@@ -1,4 +1,6 @@
 """The arena layout and builder: what each role's rows hold, the expert split rule, bad splits."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,37 +186,44 @@ def test_unsplittable_models_raise():
 
 
 def test_kernel_views_are_whole_rows_at_aligned_offsets():
-    """The kernels get whole rows, never slices: the row divides into pages and into every expert
-    stack's [*, N] rows, V pages start on a page, each stack on a multiple of its N, and a budgeted
-    weight region's slots are multiples of every N (a shifted model stays aligned). The views read
-    the same values as the plain slot views, also through a bound (slot-shifted) layout."""
+    """The kernels get whole rows, never slices: the row divides into pages and into every
+    in-place stack's [*, N] rows (expert stacks on the weight rows; projections, routers and
+    dense matrices on both), V pages start on a page, each stack on a multiple of its N, and a
+    budgeted region's slots are multiples of every N of its role (a shifted model stays
+    aligned). The views read the same values as the plain slot views, also through a bound
+    (slot-shifted) layout."""
     from crosspool_jax.disagg import make_multi_layout
-    from crosspool_jax.disagg.layout import ALIGN, EXPERT_STACKS
-    configs = {n: model(n, i)[0] for i, n in enumerate(("qwen3_moe", "mixtral", "qwen2_moe"))}
+    from crosspool_jax.disagg.layout import ALIGN, reads_in_place
+    configs = {n: model(n, i)[0] for i, n in enumerate(("qwen3_moe", "mixtral", "qwen2_moe_dense", "deepseek_v2"))}
     for budget in (None, 1 << 30):
-        multi = make_multi_layout(configs, n_kv=1, n_w=2, pages_per_device=PAGES_PER_DEVICE, page_elems=PAGE_ELEMS,
-                                  weights_pool_bytes=budget)
-        region = multi.region("w")
-        assert (region is None) == (budget is None)
+        multi = make_multi_layout(configs, n_kv=1, n_w=2, pages_per_device=PAGES_PER_DEVICE,
+                                  page_elems=math.lcm(*(page_elems(c) for c in configs.values())),
+                                  weights_pool_bytes=budget, attention_pool_bytes=budget)
         for name in multi.names:
             lay, c = multi.model(name), configs[name]
             assert lay.arena_elems % lay.page_elems == 0
             assert lay.slot("kv", "pages/v_PX").offset % lay.page_elems == 0
             row = jnp.asarray(np.random.default_rng(0).standard_normal(lay.arena_elems), jnp.float32)
-            pages, k0, v0 = lay.kernel_pages(row, c.num_kv_heads, c.head_dim)
+            pages, k0, v0 = lay.kernel_pages(row, c.kv_cache_heads, c.kv_cache_head_dim)
             for off, slot in ((k0, "pages/k_PX"), (v0, "pages/v_PX")):
                 want = lay.view(row, "kv", slot).reshape(-1, *pages.shape[1:])
                 np.testing.assert_array_equal(pages[off:off + lay.pages_per_device], want)
-            for stack in EXPERT_STACKS:
-                s = lay.slot("w", stack)
-                N = s.shape[-1]
-                assert lay.arena_elems % N == 0 and s.offset % N == 0, (name, stack)
+            stacks = [(role, s) for role, s in lay.own_slots if reads_in_place(s.name, s.shape)]
+            assert {"kv", "w"} == {role for role, _ in stacks}, name
+            for role, s in stacks:
+                region, N = multi.region(role), s.shape[-1]
+                assert (region is None) == (budget is None)
+                assert lay.arena_elems % N == 0 and s.offset % N == 0, (name, s.name)
                 if region is not None:
                     assert region.slot_elems % N == 0
-                np.testing.assert_array_equal(lay.expert_rows(row, stack, 1).materialize(), lay.view(row, "w", stack)[1])
+                last = s.shape[0] - 1                  # the stack's last layer (some stacks have one)
+                want = lay.view(row, role, s.name)[last]
+                np.testing.assert_array_equal(lay.layer_rows(row, role, s.name, last).materialize().reshape(want.shape),
+                                              want)
                 if region is not None and region.num_slots > 1:
                     shift = region.shift_units(1)
-                    bound = lay.bind(jnp.asarray(lay.offsets([0, shift])))
-                    np.testing.assert_array_equal(bound.expert_rows(row, stack, 1).materialize(),
-                                                  bound.view(row, "w", stack)[1])
+                    bound = lay.bind(jnp.asarray(lay.offsets([shift, 0] if role == "kv" else [0, shift])))
+                    want = bound.view(row, role, s.name)[last]
+                    np.testing.assert_array_equal(
+                        bound.layer_rows(row, role, s.name, last).materialize().reshape(want.shape), want)
                     assert shift * ALIGN % N == 0

@@ -154,3 +154,34 @@ def test_split_step_has_no_conditional_and_the_expected_exchange(name, n_kv, n_w
     text = lowered.compile().as_text()
     assert _conditionals(text) == 0
     assert _aliased_params(text) == [0]                                    # the arena, in place
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe_dense"])
+def test_split_step_slices_no_weight_stack_with_the_kernel_backend(name):
+    """Issue 18 in the split program (tests/models/test_weights_read_in_place.py: the placed one):
+    lowered for CUDA on the CPU with the kernel backend, no slicing op takes a layer's rows out
+    of the arena row viewed [arena_elems / N, N] as the in-place stacks are read
+    (`layout.reads_in_place`: projections, routers, dense and expert matrices the kernels can
+    tile; `layer_rows`); the reference backend's program does (the control: it materialises
+    each layer). This tiny model's 8-expert router (not a multiple of 16) stays a slice on
+    XLA's dot."""
+    from crosspool_jax.disagg.layout import reads_in_place
+    config, kv, ffn = model(name, 0)
+    layout = make_layout(config, n_kv=1, n_w=1, pages_per_device=PAGES_PER_DEVICE, page_elems=page_elems(config))
+    inputs, _ = build_disagg_inputs([[]], layout=layout, num_layers=config.num_layers, num_microbatches=2,
+                                    shape=StepShape(16, 8, 4))
+    arena = jax.ShapeDtypeStruct((2, layout.arena_elems), jnp.bfloat16, sharding=layout.sharding())
+    widths = {s.shape[-1] for _, s in layout.own_slots if reads_in_place(s.name, s.shape)}
+    row_views = {(layout.arena_elems // n, n) for n in widths}
+    assert len(row_views) >= 2
+
+    def stack_slices(moe_backend):
+        text = disagg_step.trace(arena, PackedArrays.pack(inputs), layout=layout.program, config=config,
+                                 num_microbatches=2, offsets=np.stack([layout.offsets()] * 2),
+                                 attention_backend="reference", moe_backend=moe_backend
+                                 ).lower(lowering_platforms=("cuda",)).as_text()
+        operands = re.findall(r"stablehlo\.(?:dynamic_slice|slice|gather)\b.*?: \(tensor<([0-9x]+)x[a-z0-9]+>", text)
+        return [o for o in operands if tuple(int(d) for d in o.split("x")) in row_views]
+
+    assert stack_slices("gpu") == []
+    assert len(stack_slices("reference")) >= 4
