@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fused_moe import gpu, tpu, tuning
-from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
-from pallas_kernels.fused_moe.expert_rows import ExpertRows
+from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array, as_expert_rows
 from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
@@ -92,9 +91,9 @@ def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool
     backend "gpu" (and "auto" on a GPU) runs `gpu.layer_matmul` with float32 accumulation,
     reading w in place: a layer of a stack is not sliced out first (XLA's dynamic slice of a
     scanned stack is a copy of the layer on a GPU); at decode sizes it splits K over the grid
-    (`tuning.layer_matmul_config`; `config` = (BlockConfig, K splits) overrides it). K or N not a multiple of
-    16 (a one-column gate), and every other backend, the TPU's included, is XLA's `x @ w` on
-    the materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`).
+    (`tuning.layer_matmul_config`; `config` = (BlockConfig, K splits) overrides it). K or N
+    not a multiple of 16 (a one-column gate), and every other backend, the TPU's included, is
+    XLA's `x @ w` on the materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`).
     """
     if getattr(x, "ndim", None) != 2 or getattr(w, "ndim", None) not in (2, 3):
         raise ValueError(f"layer_matmul: x must be [T, K] and w [K, N] or one-group ExpertRows, got shapes "

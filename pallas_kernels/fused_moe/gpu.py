@@ -9,9 +9,10 @@ the instruction set (measured shares of the copy ceiling and of the matmul rate,
 Mosaic GPU `ragged_dot_mgpu`: RESULTS.md). Mosaic GPU cannot be interpreted on CPU. The choice lives here: api.py maps
 backend "gpu" to this module and nothing else imports it.
 
-Both kernels run over the padded tile layout of layout.py: grid (tile i, column block j);
-the tile's group comes from `tile_group_I[i]` (an int load), tiles >= num_active do nothing,
-so experts without rows are never read. K is looped inside the program in `block_k` chunks
+The grouped matmul and gate/up kernels run over the padded tile layout of layout.py: grid
+(tile i, column block j); the tile's group comes from `tile_group_I[i]` (an int load), tiles
+>= num_active do nothing, so experts without rows are never read. `layer_matmul` (one matrix,
+no groups) has a grid (row tile, column block, K split) and no layout. K is looped inside the program in `block_k` chunks
 (Triton software-pipelines that loop `num_stages` deep). Operands are passed whole and sliced
 with `pl.ds` (block shapes must be powers of two in this lowering; F = 768 or 14336 is not).
 The weights arrive as `ExpertRows` (expert_rows.py): the whole buffer as rows [R, N] plus the
