@@ -1,6 +1,6 @@
 """`pipeline_models`: an engine step dispatches about half of the models with work and collects
 the previous step's while the device runs them. Outputs equal the step-by-step engine's (greedy
-and seeded, placed and on a crosspool split, with preemption), consecutive steps take disjoint
+and seeded placed, greedy on a crosspool split, with preemption), consecutive steps take disjoint
 halves, a program is dispatched before the previous step's are read, and an abort in flight, a
 failing request and a collect that raises leave the others as they were."""
 import numpy as np
@@ -85,7 +85,9 @@ def test_outputs_equal_the_serial_engine_and_halves_alternate(mixed_model_dirs, 
         else:
             uncollected.discard(m)
     assert overlapped >= len(dispatches) // 2
-    _same_seeded(llm.generate(prompts, SEEDED, model=models, use_tqdm=False), serial[1])
+    if split is None:      # seeded sampling placed only: the split's sampling variants cost ~10 s of
+        # compiles, and tests/engine/test_lanes.py checks the split's sampled tokens
+        _same_seeded(llm.generate(prompts, SEEDED, model=models, use_tqdm=False), serial[1])
     stats = llm.engine.stats()
     assert stats.kv_pages_free == stats.kv_pages_total and not llm.engine.has_unfinished_requests()
 
