@@ -109,22 +109,30 @@ def call_spans(runs) -> list[float]:
     return [(max(e[1] + e[2] for e in run) - run[0][1]) * 1e-9 for run in runs]
 
 
+def traced_gpu_events(run) -> list[tuple[str, int, int]]:
+    """`gpu_kernel_events` of a profiler trace around `run()` (which must wait for its device
+    work); [] when the trace has none (a CPU)."""
+    d = tempfile.mkdtemp(prefix="crosspool_trace_")
+    try:
+        with jax.profiler.trace(d):
+            run()
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        return gpu_kernel_events(paths[0]) if paths else []
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def traced_runs(f, args_list, calls: int):
     """Dispatch jitted f on args_list[i % len] for `calls` calls inside one profiler trace;
     -> the per-call event runs, or None without GPU events."""
     g = jax.jit(f)
     for args in args_list:
         jax.block_until_ready(g(*args))
-    d = tempfile.mkdtemp(prefix="crosspool_trace_")
-    try:
-        with jax.profiler.trace(d):
-            outs = [g(*args_list[i % len(args_list)]) for i in range(calls)]
-            jax.block_until_ready(outs)
-        del outs
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        return split_calls(gpu_kernel_events(paths[0]), calls) if paths else None
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+
+    def run():
+        jax.block_until_ready([g(*args_list[i % len(args_list)]) for i in range(calls)])
+
+    return split_calls(traced_gpu_events(run), calls)
 
 
 def device_time(f, *args, copies: int = 3, calls: int = 12) -> tuple[float, str]:

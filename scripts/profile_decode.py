@@ -160,24 +160,17 @@ def main(argv):
 
     def kernel_round():
         """The decode steps of a round under a profiler trace -> (GPU events, tokens decoded)."""
-        import glob
-        import shutil
-        import tempfile
-
-        from pallas_kernels.timing import gpu_kernel_events
+        from pallas_kernels.timing import traced_gpu_events
         seen = add_round("kernels")
         while engine.has_unfinished_requests() and min(seen.values()) == 0:     # prefills, untraced
             step_and_count(seen)
         before = sum(seen.values())
-        folder = tempfile.mkdtemp(prefix="profile_decode_trace_")
-        try:
-            with jax.profiler.trace(folder):
-                while engine.has_unfinished_requests():
-                    step_and_count(seen)
-            paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
-            return (gpu_kernel_events(paths[0]) if paths else []), sum(seen.values()) - before
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+
+        def decode_rest():
+            while engine.has_unfinished_requests():
+                step_and_count(seen)
+
+        return traced_gpu_events(decode_rest), sum(seen.values()) - before
 
     run_round("warm")                      # compiles every shape once
     dispatches0 = runner.stats.dispatches

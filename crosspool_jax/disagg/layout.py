@@ -90,9 +90,8 @@ import numpy as np
 from crosspool_jax.kv.pool import choose_page_elems, tokens_per_page
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.params import param_shapes
-from crosspool_jax.models.transformer import EXPERT_LEAVES, MATRIX_LEAVES
+from crosspool_jax.models.transformer import reads_in_place
 from pallas_kernels.fused_moe.expert_rows import ExpertRows
-from pallas_kernels.fused_moe.tuning import gpu_supports
 
 AXIS = "dev"
 ROLES = ("kv", "w")
@@ -313,17 +312,8 @@ def _align(n: int, a: int = _ALIGN) -> int:
     return -(-n // a) * a
 
 
-EXPERT_STACKS = tuple(f"moe/{leaf}" for leaf in EXPERT_LEAVES)     # read by the grouped matmuls in place
 # an FFN layer's input norm, router and router bias (GPT-OSS): KV rows (`models.ffn_input` runs there)
 ROUTING_LEAVES = ("norm_LD", "router_LDE", "router_bias_LE")
-
-
-def reads_in_place(name: str, shape) -> bool:
-    """Whether the kernels read the tensor `name` ("<kind>/<leaf>") of `shape` layer by layer in
-    place (`layer_rows`): the expert stacks, and the stacked matrices of `models.transformer`
-    that the matmul kernel can tile (`fused_moe.layer_matmul`; a 3-expert router stays sliced)."""
-    leaf = name.rsplit("/", 1)[-1]
-    return leaf in EXPERT_LEAVES or (leaf in MATRIX_LEAVES and gpu_supports(int(shape[-2]), int(shape[-1])))
 
 
 def _entry_align(name: str, shape) -> int:

@@ -89,12 +89,12 @@ from jax.sharding import PartitionSpec
 
 from crosspool_jax.disagg import sharded_attention
 from crosspool_jax.disagg.inputs import ShardedPages
-from crosspool_jax.disagg.layout import AXIS, ArenaLayout, reads_in_place
+from crosspool_jax.disagg.layout import AXIS, ArenaLayout
 from crosspool_jax.kv.pool import page_view, token_slots
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.transformer import (attention_options, compute_logits, ffn_input, ffn_output,
                                               layer_attention_options, output_projection, qkv_projection,
-                                              rms_norm)
+                                              reads_in_place, rms_norm)
 from crosspool_jax.runtime import sampler as sampler_lib
 from crosspool_jax.runtime.packed_arrays import PackedArrays, unpacked
 from crosspool_jax.runtime.step_inputs import StepInputs

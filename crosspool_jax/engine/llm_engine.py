@@ -425,41 +425,30 @@ class LLMEngine:
     def _dispatch(self, out: SchedulerOutput) -> _InFlight:
         """Acquire the step's models and dispatch them all (nothing collected); on any error the
         models acquired here are released and the error raised."""
-        acquired, steps = [], []
+        prepared = []
         try:
             for model, chunks in out.chunks_by_model.items():
-                entry = self.registry.get(model)
-                weights = self.registry.acquire(model)
-                acquired.append((entry, chunks))
-                steps.append(self._model_step(entry, weights, chunks))
-            dispatched = self.runner.dispatch_all(steps)
+                prepared.append(self._prepare(model, chunks))
+            dispatched = self.runner.dispatch_all([step for _, _, step in prepared])
         except BaseException:
-            for entry, _ in acquired:
+            for entry, _, _ in prepared:
                 self.registry.release(entry.name)
             raise
-        return _InFlight(out, [(entry, chunks, step) for (entry, chunks), step in zip(acquired, dispatched)])
+        return _InFlight(out, [(entry, chunks, step) for (entry, chunks, _), step in zip(prepared, dispatched)])
 
     def _finish(self, flight: _InFlight, moved: set) -> None:
         """Collect a dispatched step's results, release its models and process the results. A
-        collect that raises releases them all and reruns the step's still-current chunks whole,
-        isolated (nothing advanced the scheduler for them)."""
-        done, error = [], None
+        collect that raises reruns the step's still-current chunks whole, isolated (nothing
+        advanced the scheduler for them)."""
+        failed: dict[str, str] = {}
         try:
-            for entry, chunks, step in flight.dispatched:
-                done.append((entry, chunks, self.runner.collect(step)))
-        except Exception as e:  # noqa: BLE001 - rerun below
-            error = e
-        finally:
-            for entry, _, _ in flight.dispatched:
-                self.registry.release(entry.name)
-        if error is None:
-            self._process(flight.out, done, {}, moved)
-            return
-        log.warning("collecting a step in flight failed (%s); running it again whole", _step_error(error))
-        current = {model: [c for c in chunks if self.scheduler.is_current(c)]
-                   for model, chunks in flight.out.chunks_by_model.items()}
-        current = {model: chunks for model, chunks in current.items() if chunks}
-        self._process(flight.out, *self._run_isolated(current), moved)
+            done = self._collect(flight.dispatched)
+        except Exception as error:  # noqa: BLE001 - rerun the step
+            log.warning("collecting a step in flight failed (%s); running it again whole", _step_error(error))
+            current = {model: [c for c in chunks if self.scheduler.is_current(c)]
+                       for model, chunks in flight.out.chunks_by_model.items()}
+            done, failed = self._run_isolated({model: chunks for model, chunks in current.items() if chunks})
+        self._process(flight.out, done, failed, moved)
 
     def _process(self, out: SchedulerOutput, ran: list, failed: dict, moved: set) -> None:
         """Accept the sampled tokens of `ran` (`_run_models` results), fail `failed`, advance the
@@ -568,42 +557,50 @@ class LLMEngine:
         in; when the pools cannot hold the next model beside those acquired
         (WeightsPoolBusyError), the acquired ones are dispatched, collected and released first."""
         pending: list[tuple] = []                    # (entry, chunks, ModelStep): acquired, not dispatched
-        in_flight: list[tuple] = []                  # (entry, chunks, DispatchedStep)
         done: list[tuple] = []
 
-        def dispatch_pending():
-            steps = self.runner.dispatch_all([step for _, _, step in pending])
-            in_flight.extend((entry, chunks, step) for (entry, chunks, _), step in zip(pending, steps))
-            pending.clear()
-
         def collect_all():
-            dispatch_pending()
-            while in_flight:
-                entry, chunks, step = in_flight.pop(0)
-                try:
-                    done.append((entry, chunks, self.runner.collect(step)))
-                finally:
-                    self.registry.release(entry.name)
+            steps = self.runner.dispatch_all([step for _, _, step in pending])
+            dispatched = [(entry, chunks, step) for (entry, chunks, _), step in zip(pending, steps)]
+            pending.clear()
+            done.extend(self._collect(dispatched))
 
         try:
             for model, chunks in chunks_by_model.items():
-                entry = self.registry.get(model)
                 try:
-                    weights = self.registry.acquire(model)
+                    pending.append(self._prepare(model, chunks))
                 except WeightsPoolBusyError:
-                    if not (pending or in_flight):
+                    if not pending:
                         raise
                     collect_all()
-                    weights = self.registry.acquire(model)
-                try:
-                    step = self._model_step(entry, weights, chunks)
-                except Exception:
-                    self.registry.release(model)
-                    raise
-                pending.append((entry, chunks, step))
+                    pending.append(self._prepare(model, chunks))
             collect_all()
         finally:
-            for entry, _, _ in pending + in_flight:  # an error left these acquired: release them
+            for entry, _, _ in pending:              # an error left these acquired: release them
+                self.registry.release(entry.name)
+        return done
+
+    def _prepare(self, model: str, chunks: list) -> tuple:
+        """(entry, chunks, ModelStep): the model acquired (its weights pinned) and its step built;
+        nothing stays acquired when it raises (WeightsPoolBusyError: the pools cannot hold it
+        beside the models acquired now)."""
+        entry = self.registry.get(model)
+        weights = self.registry.acquire(model)
+        try:
+            return entry, chunks, self._model_step(entry, weights, chunks)
+        except BaseException:
+            self.registry.release(model)
+            raise
+
+    def _collect(self, dispatched: list) -> list[tuple]:
+        """[(entry, chunks, results)] of dispatched [(entry, chunks, DispatchedStep)], in order;
+        every model is released, also when a collect raises (the error is raised after)."""
+        done = []
+        try:
+            for entry, chunks, step in dispatched:
+                done.append((entry, chunks, self.runner.collect(step)))
+        finally:
+            for entry, _, _ in dispatched:
                 self.registry.release(entry.name)
         return done
 

@@ -9,9 +9,9 @@ devices call `ffn_partial` on their shard). `forward` chains them over all layer
 layer has the same FFN kind) and returns the hidden states after the final norm;
 `compute_logits` projects them to the vocabulary in float32. `forward` slices no weight matrix
 per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, and its other
-matrices (`MATRIX_LEAVES`: the projections, the router, dense and shared-expert FFNs) reach
-`_matmul` as one-group ExpertRows, which the GPU kernels read in place (a sliced layer is a
-copy on a GPU: one layer of Mixtral-8x7B's experts is 2.8 GB, of Qwen3-30B-A3B's q/k/v/o
+matrices (`MATRIX_LEAVES`: the projections, the router, dense and shared-expert FFNs; those the
+kernels tile, `reads_in_place`) reach `_matmul` as one-group ExpertRows, which the GPU kernels
+read in place (a sliced layer is a copy on a GPU: one layer of Mixtral-8x7B's experts is 2.8 GB, of Qwen3-30B-A3B's q/k/v/o
 projections 38 MB); the reference and TPU paths materialise the slice as before.
 
 The families differ by config-driven branches resolved at trace time, in this one forward:
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from crosspool_jax.models.config import MLA_NORM_EPS, ModelConfig
 from crosspool_jax.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array
+from pallas_kernels.fused_moe.tuning import gpu_supports
 from pallas_kernels.fused_moe.reference import fused_moe_reference
 
 # attention_fn(q_TNH, k_TKH, v_TKH, layer_idx, kv_cache, **layer_options) -> (out_TNH, kv_cache)
@@ -272,8 +273,13 @@ def ffn_block(layer_ffn_params: dict, config: ModelConfig, kind: str, h_TD: jax.
                               token_mask_T=token_mask_T).astype(h_TD.dtype)
 
 
-def _read_in_place(name: str) -> bool:
-    return name in EXPERT_LEAVES or name in MATRIX_LEAVES
+def reads_in_place(name: str, shape) -> bool:
+    """Whether the layer loops (`forward`, the split program's `layout.layer_rows`) read the
+    stacked weight `name` (a leaf, or "<kind>/<leaf>") of `shape` layer by layer in place: the
+    expert stacks, and the stacked matrices the matmul kernel tiles (`fused_moe.layer_matmul`;
+    a one-column gate or a 3-expert router stays a slice, on XLA's dot)."""
+    leaf = name.rsplit("/", 1)[-1]
+    return leaf in EXPERT_LEAVES or (leaf in MATRIX_LEAVES and gpu_supports(int(shape[-2]), int(shape[-1])))
 
 
 def _layer_rows(name: str, stack_L, layer) -> ExpertRows:
@@ -283,13 +289,13 @@ def _layer_rows(name: str, stack_L, layer) -> ExpertRows:
 
 def _layer_slice(stack: dict, i) -> dict:
     """Layer i of a stack; the matrices and expert stacks as ExpertRows (no slice)."""
-    return {k: _layer_rows(k, a, i) if _read_in_place(k) else a[i] for k, a in stack.items()}
+    return {k: _layer_rows(k, a, i) if reads_in_place(k, a.shape) else a[i] for k, a in stack.items()}
 
 
 def _split_stacks(stack: dict) -> tuple[dict, dict]:
     """(the leaves read in place, the leaves the layer scan slices)."""
-    return ({k: a for k, a in stack.items() if _read_in_place(k)},
-            {k: a for k, a in stack.items() if not _read_in_place(k)})
+    return ({k: a for k, a in stack.items() if reads_in_place(k, a.shape)},
+            {k: a for k, a in stack.items() if not reads_in_place(k, a.shape)})
 
 
 def forward(kv_params: dict, ffn_params: dict, config: ModelConfig, token_ids_T: jax.Array,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fused_moe import gpu, tpu, tuning
-from pallas_kernels.fused_moe.expert_rows import ExpertRows, as_array, as_expert_rows
+from pallas_kernels.fused_moe.expert_rows import as_array, as_expert_rows
 from pallas_kernels.fused_moe.layout import (build_layout, gather_rows, gmm_layout, scatter_back,
                                              single_token_layout)
 from pallas_kernels.fused_moe.routing_gpu import route_topk_gpu
@@ -106,8 +106,7 @@ def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool
     if resolve_backend(backend) != "gpu" or not tuning.gpu_supports(K, N) or x.shape[0] == 0:
         w_KN = as_array(w)[0] if w.ndim == 3 else w
         return jnp.dot(x, w_KN, preferred_element_type=out_dtype)
-    rows = w if isinstance(w, ExpertRows) else ExpertRows.whole(w[None] if w.ndim == 2 else w)
-    return _layer_matmul_kernel(x, rows, out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret,
+    return _layer_matmul_kernel(x, as_expert_rows(w[None] if w.ndim == 2 else w), out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret,
                                 config=config)
 
 

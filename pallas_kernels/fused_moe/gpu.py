@@ -150,8 +150,9 @@ def _gate_up_kernel(tile_group_ref, num_active_ref, row0_ref, src_ref, x_ref, w_
 
 
 def _whole(shape):
+    """The whole operand as one block, whatever the grid."""
     nd = len(shape)
-    return pl.BlockSpec(shape, lambda i, j: (0,) * nd)
+    return pl.BlockSpec(shape, lambda *_: (0,) * nd)
 
 
 def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockConfig, *,
@@ -230,7 +231,7 @@ def layer_matmul(x_TK: jax.Array, w: ExpertRows, cfg: BlockConfig, *, num_splits
     y_SPN = pl.pallas_call(
         kernel,
         grid=(I, N // bn, num_splits),
-        in_specs=[_whole3((1,)), _whole3(x_TK.shape), _whole3(w.rows_RN.shape)],
+        in_specs=[_whole((1,)), _whole(x_TK.shape), _whole(w.rows_RN.shape)],
         out_specs=pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((num_splits, I * bm, N), out_dtype if num_splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -240,11 +241,6 @@ def layer_matmul(x_TK: jax.Array, w: ExpertRows, cfg: BlockConfig, *, num_splits
     if num_splits == 1:
         return y_SPN[0, :T]
     return jnp.sum(y_SPN[:, :T], axis=0).astype(out_dtype)
-
-
-def _whole3(shape):
-    nd = len(shape)
-    return pl.BlockSpec(shape, lambda i, j, s: (0,) * nd)
 
 
 def gate_up_gathered(x_TD: jax.Array, top_k: int, w1: ExpertRows, layout: TileLayout,

@@ -236,6 +236,7 @@ def sweep(rows_out, copy_gbps, shapes=SWEEP_SHAPES):
 # MLA decode at DeepSeek-V2-Lite's shapes: 16 heads over one cached row per token (latent 512 +
 # rope key 64, halves of 288 in the K and V pages, G = 16 as choose_page_elems gives alone)
 MLA_HEADS, MLA_LATENT, MLA_ROPE, MLA_G = 16, 512, 64, 16
+MLA_SM_SCALE = (128 + MLA_ROPE) ** -0.5          # V2-Lite's q.k dim: 128 nope + 64 rope
 MLA_DECODE_SHAPES = [(B, ctx) for B in (1, 8, 32) for ctx in (2048, 4096, 16384)]
 
 
@@ -267,7 +268,7 @@ def bench_mla_decode(rows_out, copy_gbps, shapes=MLA_DECODE_SHAPES, G=MLA_G):
     against the reference in the note), GB/s of the latent rows read against the copy ceiling. The "_offsets" rows read
     both halves from one buffer through page offsets (the crosspool split's arena row)."""
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-    kw = dict(latent_value_dim=MLA_LATENT, sm_scale=(128 + MLA_ROPE) ** -0.5)
+    kw = dict(latent_value_dim=MLA_LATENT, sm_scale=MLA_SM_SCALE)
     backends = {"reference": "reference"}
     if jax.default_backend() == "gpu":
         backends["ours_mla"] = "gpu"
@@ -309,7 +310,7 @@ def sweep_mla(rows_out, copy_gbps, shapes=MLA_SWEEP_SHAPES, blocks=MLA_SWEEP_BLO
         for block_k in blocks:
             for num_splits in splits:
                 f = functools.partial(ragged_paged_mla_gpu, latent_value_dim=MLA_LATENT,
-                                      sm_scale=(128 + MLA_ROPE) ** -0.5, block_k=block_k, num_splits=num_splits,
+                                      sm_scale=MLA_SM_SCALE, block_k=block_k, num_splits=num_splits,
                                       interpret=interpret)
                 try:
                     _row(rows_out, "mla_sweep", f"B={B} ctx={ctx} G={G}", "ours_mla", _time(f, *args), gbytes=gb,

@@ -193,7 +193,8 @@ def test_kernel_views_are_whole_rows_at_aligned_offsets():
     aligned). The views read the same values as the plain slot views, also through a bound
     (slot-shifted) layout."""
     from crosspool_jax.disagg import make_multi_layout
-    from crosspool_jax.disagg.layout import ALIGN, reads_in_place
+    from crosspool_jax.disagg.layout import ALIGN
+    from crosspool_jax.models.transformer import reads_in_place
     configs = {n: model(n, i)[0] for i, n in enumerate(("qwen3_moe", "mixtral", "qwen2_moe_dense", "deepseek_v2"))}
     for budget in (None, 1 << 30):
         multi = make_multi_layout(configs, n_kv=1, n_w=2, pages_per_device=PAGES_PER_DEVICE,

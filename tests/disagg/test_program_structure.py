@@ -161,11 +161,11 @@ def test_split_step_slices_no_weight_stack_with_the_kernel_backend(name):
     """Issue 18 in the split program (tests/models/test_weights_read_in_place.py: the placed one):
     lowered for CUDA on the CPU with the kernel backend, no slicing op takes a layer's rows out
     of the arena row viewed [arena_elems / N, N] as the in-place stacks are read
-    (`layout.reads_in_place`: projections, routers, dense and expert matrices the kernels can
+    (`models.transformer.reads_in_place`: projections, routers, dense and expert matrices the kernels can
     tile; `layer_rows`); the reference backend's program does (the control: it materialises
     each layer). This tiny model's 8-expert router (not a multiple of 16) stays a slice on
     XLA's dot."""
-    from crosspool_jax.disagg.layout import reads_in_place
+    from crosspool_jax.models.transformer import reads_in_place
     config, kv, ffn = model(name, 0)
     layout = make_layout(config, n_kv=1, n_w=1, pages_per_device=PAGES_PER_DEVICE, page_elems=page_elems(config))
     inputs, _ = build_disagg_inputs([[]], layout=layout, num_layers=config.num_layers, num_microbatches=2,

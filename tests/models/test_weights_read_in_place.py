@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from crosspool_jax.models import ModelConfig, init_random_params
+from crosspool_jax.models.transformer import reads_in_place
 from crosspool_jax.runtime.shapes import StepShape
 from crosspool_jax.runtime.step_inputs import build_step_inputs
 from crosspool_jax.runtime.step_program import _forward_logits
@@ -39,12 +40,11 @@ _SLICING = re.compile(r"stablehlo\.(?:dynamic_slice|slice|gather)\b.*?: \(tensor
 
 
 def _weight_shapes(kv, ffn) -> set:
-    """The stacked weight matrices' shapes and their rows views, for the stacks the kernels tile."""
+    """The in-place stacks' shapes (`reads_in_place`: the stacks the kernels tile) and their rows views."""
     shapes = set()
     for path, a in jax.tree_util.tree_flatten_with_path((kv, ffn))[0]:
-        name = str(path[-1].key)
-        if a.ndim < 3 or name.startswith(("b", "sinks")) or a.shape[-1] % 16 or a.shape[-2] % 16:
-            continue                                 # vectors per layer, biases, untileable
+        if not reads_in_place(str(path[-1].key), a.shape):
+            continue
         shapes.add(tuple(a.shape))
         shapes.add((math.prod(a.shape[:-1]), a.shape[-1]))
     return shapes
