@@ -23,8 +23,9 @@ CPU too. Per mode it reports: models resident (weights on the devices when servi
 KV capacity in tokens (`kv_tokens_total`, per model: pages / layers * tokens per page) and
 that of ONE request (what the KV manager would admit), decode time between
 tokens (P50/P99, a few requests per model at once, `--max_decode_steps` tokens per dispatch in
-every mode, 1 by default), on a GPU the device's busy time over the measured round from a
-profiler trace (`device_busy_fraction`: 1 minus it is the step time the host adds),
+every mode, 1 by default), on a GPU the host's share of a decode step (`host_share`: 1 minus
+the GPU's busy time per decode step, from a profiler trace of one more round, over the
+untraced round's median decode step),
 the swap-in latency of a cold model (first-token time of a request for a swapped-out model,
 and the weights pool's own swap-in seconds), and for crosspool the fraction of the transfer
 time that the ping-pong pipeline hides: 1 - (t_step - t_step_without_transfers) / t_transfers,
@@ -40,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,7 +69,7 @@ _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_m
 _FRESH = flags.DEFINE_bool("fresh_process", True, "Run each mode in a fresh Python process (no compiled program "
                            "or cache shared between modes).")
 _ROW_OUT = flags.DEFINE_string("row_out", None, "Internal: the child process of one mode writes its row here.")
-_TRACE = flags.DEFINE_bool("trace", True, "Profile the measured decode round (GPU): device busy time, so the "
+_TRACE = flags.DEFINE_bool("trace", True, "Profile one more decode round (GPU): device busy time per step, so the "
                            "host overhead of a step is measured, not guessed.")
 
 GIB = 1 << 30
@@ -110,9 +112,19 @@ def _prompts(llm, names, per_model, prompt_len, seed):
     return prompts, model_of
 
 
-def decode_times(llm, names, per_model, prompt_len, max_tokens, seed) -> list[float]:
-    """Run the requests to completion through `engine.step()`; the gaps between a request's
-    consecutive tokens (seconds per token) after its first token."""
+@dataclasses.dataclass
+class DecodeRound:
+    """One round of the measured request mix: every gap between a request's consecutive tokens
+    after its first (seconds per token), and the wall seconds of each engine step taken once
+    every request had its first token (the decode-only steps)."""
+
+    gaps: list
+    decode_steps: list
+
+
+def decode_round(llm, names, per_model, prompt_len, max_tokens, seed, on_all_decoding=None) -> DecodeRound:
+    """Run the requests to completion through `engine.step()`. `on_all_decoding()`, if given, is
+    called once, before the first step after which every request has its first token."""
     from crosspool_jax import SamplingParams
 
     engine = llm.engine
@@ -125,19 +137,26 @@ def decode_times(llm, names, per_model, prompt_len, max_tokens, seed) -> list[fl
         ids.append(rid)
     seen = {r: 0 for r in ids}
     last = {}
-    gaps = []
+    out = DecodeRound(gaps=[], decode_steps=[])
     while engine.has_unfinished_requests():
+        decoding = len(last) == len(ids)
+        if decoding and on_all_decoding is not None:
+            on_all_decoding()
+            on_all_decoding = None
+        t0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
+        if decoding:
+            out.decode_steps.append(now - t0)
         for o in outs:
             n = len(o.outputs[0].token_ids)
             new = n - seen.get(o.request_id, 0)
             if new > 0:
                 if o.request_id in last:
-                    gaps.extend([(now - last[o.request_id]) / new] * new)
+                    out.gaps.extend([(now - last[o.request_id]) / new] * new)
                 last[o.request_id] = now
                 seen[o.request_id] = n
-    return gaps
+    return out
 
 
 def cold_start(llm, names, prompt_len) -> list[dict]:
@@ -241,36 +260,40 @@ def _compiles():
     return compile_counter().count
 
 
-def _traced(fn, out: dict):
-    """fn() under a profiler trace (GPU, --trace): out gets the window's wall seconds, the GPU's
-    busy seconds (union of kernel and copy intervals) and their ratio."""
+def device_ms_per_decode_step(llm, names, per_model, prompt_len, max_tokens, seed) -> Optional[float]:
+    """The GPU's busy milliseconds per decode-only engine step: one more round of the mix with a
+    profiler trace from the moment every request has its first token to the end (the union of
+    kernel and copy intervals over the number of steps). The trace slows the host, not the
+    kernels, so this is the device-only time of a step; None off a GPU or with --notrace."""
     import glob
     import shutil
     import tempfile
 
     import jax
     if not _TRACE.value or jax.devices()[0].platform != "gpu":
-        return fn()
+        return None
     from pallas_kernels.timing import gpu_kernel_events
     d = tempfile.mkdtemp(prefix="bench_modes_trace_")
+    started = []
     try:
-        t0 = time.perf_counter()
-        with jax.profiler.trace(d):
-            result = fn()
-        wall = time.perf_counter() - t0
+        def start():
+            jax.profiler.start_trace(d)
+            started.append(True)
+        rnd = decode_round(llm, names, per_model, prompt_len, max_tokens, seed, on_all_decoding=start)
+        if not started:
+            return None
+        jax.profiler.stop_trace()
         paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         events = sorted((s, s + dur) for _, s, dur in gpu_kernel_events(paths[0])) if paths else []
         busy_ns, end = 0, None
-        for start, stop in events:                   # union of the intervals
-            if end is None or start > end:
-                busy_ns += stop - start
-                end = stop
-            elif stop > end:
-                busy_ns += stop - end
-                end = stop
-        out.update(window_s=wall, device_busy_s=busy_ns * 1e-9, device_busy_fraction=busy_ns * 1e-9 / wall,
-                   kernels_in_window=len(events))
-        return result
+        for start_ns, stop_ns in events:             # union of the intervals
+            if end is None or start_ns > end:
+                busy_ns += stop_ns - start_ns
+                end = stop_ns
+            elif stop_ns > end:
+                busy_ns += stop_ns - end
+                end = stop_ns
+        return busy_ns * 1e-6 / len(rnd.decode_steps) if rnd.decode_steps else None
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -311,22 +334,25 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     if hasattr(engine, "warm_up"):                  # the engine's own: every program of its shape menu
         row["engine_warm_up"] = engine.warm_up()
     t0 = time.perf_counter()
-    decode_times(llm, names, per_model, prompt_len, max_tokens, seed=1)    # the measured mix, replayed
+    decode_round(llm, names, per_model, prompt_len, max_tokens, seed=1)    # the measured mix, replayed
     row["warm_up_replay_s"] = time.perf_counter() - t0
     compiles0 = _compiles()
     swaps0 = engine.registry.weights_stats()
     runner0 = engine.runner.stats
     steps0, dispatches0 = runner0.steps, getattr(runner0, "dispatches", None)
-    busy = {}
-    gaps = _traced(lambda: decode_times(llm, names, per_model, prompt_len, max_tokens, seed=2), busy)
+    measured = decode_round(llm, names, per_model, prompt_len, max_tokens, seed=2)
     swaps1 = engine.registry.weights_stats()
     runner1 = engine.runner.stats
     row["model_steps_in_window"] = runner1.steps - steps0
     if dispatches0 is not None:                     # programs dispatched (lanes: fewer than model steps)
         row["dispatches_in_window"] = runner1.dispatches - dispatches0
+    gaps = measured.gaps
     row.update(tbt_p50_ms=1e3 * _pct(gaps, 50), tbt_p99_ms=1e3 * _pct(gaps, 99), tbt_samples=len(gaps),
                swaps_in_during_decode=swaps1.swaps_in - swaps0.swaps_in, compiles_in_window=_compiles() - compiles0,
-               **busy)
+               decode_step_p50_ms=1e3 * _pct(measured.decode_steps, 50), decode_steps=len(measured.decode_steps))
+    device_ms = device_ms_per_decode_step(llm, names, per_model, prompt_len, max_tokens, seed=3)
+    if device_ms is not None:                       # the host's share of a decode step (issue 12: under 20%)
+        row.update(device_ms_per_decode_step=device_ms, host_share=1 - device_ms / row["decode_step_p50_ms"])
     row["cold_start"] = cold_start(llm, names, prompt_len)
     if mode == "crosspool" and engine.registry.arena is not None:
         runner = engine.runner
@@ -336,8 +362,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         for exchange in ("p2p", "none"):
             runner.exchange = no_exchange if exchange == "none" else exchange
             if not _QUICK.value:
-                decode_times(llm, names[:1], per_model, prompt_len, 4, seed=3)
-            g = decode_times(llm, names[:1], per_model, prompt_len, max_tokens, seed=4)
+                decode_round(llm, names[:1], per_model, prompt_len, 4, seed=3)
+            g = decode_round(llm, names[:1], per_model, prompt_len, max_tokens, seed=4).gaps
             steps[exchange] = statistics.median(g)
         runner.exchange = "p2p"
         tokens = -(-per_model // engine.registry.arena.layout.n_kv)
@@ -424,7 +450,7 @@ def main(argv):
              f"models {list(head['models'].values())}, {head['requests_per_model']} requests/model, "
              f"prompt {head['prompt_len']}, {head['max_tokens']} new tokens, crosspool split {head['crosspool_split']}",
              "", "| mode | models resident | KV tokens total (first model) | KV tokens, one request (min over models) | "
-             "TBT P50 ms | TBT P99 ms | compiles in window | GPU busy | cold TTFT ms (mean) | swap-in s (mean) | "
+             "TBT P50 ms | TBT P99 ms | compiles in window | host share of a decode step | cold TTFT ms (mean) | swap-in s (mean) | "
              "transfer hidden |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -440,12 +466,12 @@ def main(argv):
         swap = (statistics.mean(c["swap_in_seconds"] for c in cold)
                 if cold and all("swap_in_seconds" in c for c in cold) else float("nan"))
         hidden = r.get("hidden_fraction")
-        busy = r.get("device_busy_fraction")
+        host = r.get("host_share")
         lines.append(f"| {r['mode']} | {r['models_resident']}/{r['models']} | "
                      f"{next(iter(r['kv_tokens_total'].values()))} | "
                      f"{min(r['kv_capacity_tokens_one_request'].values())} | {r['tbt_p50_ms']:.2f} | "
                      f"{r['tbt_p99_ms']:.2f} | {r.get('compiles_in_window')} | "
-                     f"{'-' if busy is None else f'{busy:.0%}'} | {ttft:.1f} | {swap:.3f} | "
+                     f"{'-' if host is None else f'{host:.0%}'} | {ttft:.1f} | {swap:.3f} | "
                      f"{'-' if hidden is None else f'{hidden:.2f}'} |")
     table = "\n".join(lines)
     print(table)
