@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 scripts/bench_kernels.py [--sweep] [--json PATH] [--skip-moe]
         [--skip-attention] [--attention-sweep-only] [--moe-sweep-only] [--skip-decode]
         [--skip-mixed] [--no-moe-sweep] [--moe-no-prefill] [--moe-no-peers] [--skip-gpt-oss]
-        [--only-new] [--mla-sweep] [--layer-matmul-only]
+        [--only-new] [--mla-sweep] [--layer-matmul-only] [--prefill-only]
 
 Measures the copy ceiling once (a 2 GiB device-to-device torch copy_, read + write counted),
 then runs pallas_kernels.ragged_paged_attention.bench.main and, if it exists,
@@ -19,6 +19,8 @@ adds the MLA kernel under explicit (block_k, num_splits) tilings (section mla_sw
 tuning: e.g. `--only-new --mla-sweep --skip-moe --skip-gpt-oss`). The layer-matmul rows (moe
 decode, shape "qwen3_30b_a3b q|k|o ..."; in `--only-new` too, alone with `--layer-matmul-only`):
 one layer of a stacked projection, XLA's dot of the slice beside `layer_matmul` in place.
+`--prefill-only`: only the prefill attention rows (section prefill) and the bf16 matmul rate
+they are compared against (no copy ceiling, no other rows).
 """
 from __future__ import annotations
 
@@ -118,13 +120,18 @@ def main():
                     help="only the layer-matmul rows (a layer of a stacked projection, in place or sliced)")
     ap.add_argument("--only-new", action="store_true",
                     help="only the GPT-OSS attention, MLA decode and GPT-OSS MoE rows")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only the prefill attention rows and the bf16 matmul rate (section prefill)")
     a = ap.parse_args()
     if a.only_new:
         a.skip_decode = a.skip_mixed = a.moe_no_prefill = a.moe_no_peers = True
     if a.layer_matmul_only:
         a.skip_attention = a.moe_no_prefill = a.moe_no_peers = True
     rows = []
-    copy_gbps = torch_copy_gbps()
+    if a.prefill_only:
+        a.skip_attention = a.skip_moe = True
+        rpa_bench.bench_prefill(rows, rpa_bench.matmul_tflops(rows))
+    copy_gbps = None if a.prefill_only else torch_copy_gbps()
     if copy_gbps:
         rows.append({"section": "ceiling", "shape": "2 GiB", "impl": "torch_copy",
                      "us": 2 * 2 ** 31 / 1e9 / copy_gbps * 1e6, "GBps": copy_gbps,

@@ -3,7 +3,8 @@
 DeepSeek-V2-Lite's shapes, the reference path beside the MLA kernel, on separate K/V pages and
 on one buffer with page offsets as the crosspool split passes it (`bench_mla_decode`, section
 "mla_decode"); GPT-OSS-20B's attention with sinks and a traced window of 128 or full, the
-reference beside the kernel (`bench_gpt_oss`, section "gpt_oss_attn").
+reference beside the kernel (`bench_gpt_oss`, section "gpt_oss_attn"); prefill attention at 2k, 8k and 32k tokens against the bf16 matmul rate
+measured in the same run (`bench_prefill`, section "prefill"; `matmul_tflops`).
 
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
@@ -152,6 +153,19 @@ def bench_decode(rows_out, copy_gbps, shapes=DECODE_SHAPES, pages=PAGE_SIZES):
             del args
 
 
+def causal_pairs(q_lens, kv_lens) -> int:
+    """The (query, key) pairs a causal chunk attends: each sequence's q_len queries are the last
+    of its kv_len tokens, query i sees kv_len - q_len + i + 1 keys, so a sequence contributes
+    q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2."""
+    return sum(ql * (kv - ql) + ql * (ql + 1) // 2 for ql, kv in zip(q_lens, kv_lens))
+
+
+def causal_flop(q_lens, kv_lens, n_heads, head_dim) -> int:
+    """FLOPs of causal attention counting only the visible pairs: 4 * H per pair and query head
+    (2 * H for the q.k dot, 2 * H for p.v)."""
+    return 4 * n_heads * head_dim * causal_pairs(q_lens, kv_lens)
+
+
 def _mixed_inputs(key, n_dec, ctx_dec, n_pre, chunk, ctx_pre, G=16, dtype=jnp.bfloat16):
     q_lens = [1] * n_dec + [chunk] * n_pre
     kv_lens = [ctx_dec] * n_dec + [ctx_pre] * n_pre
@@ -165,8 +179,7 @@ def _mixed_inputs(key, n_dec, ctx_dec, n_pre, chunk, ctx_pre, G=16, dtype=jnp.bf
     vp = jax.random.normal(k3, (P, G, K_HEADS, HEAD_DIM), dtype)
     table = jax.random.permutation(k1, P)[:S * pps].reshape(S, pps).astype(jnp.int32)
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    flop = sum(4 * N_HEADS * HEAD_DIM * sum(kv - ql + i + 1 for i in range(ql))
-               for ql, kv in zip(q_lens, kv_lens))
+    flop = causal_flop(q_lens, kv_lens, N_HEADS, HEAD_DIM)
     return (q, kp, vp, jnp.asarray(kv_lens, jnp.int32), table, cu,
             jnp.asarray([S], jnp.int32)), flop
 
@@ -193,6 +206,90 @@ def bench_mixed(rows_out, shapes=MIXED_SHAPES, do_sweep=False):
             note = "" if cfg is None else _cfg_note(cfg)
             _row(rows_out, "mixed" if cfg is None else "sweep", shape, "ours", t,
                  tflop=flop / 1e12, note=note)
+
+
+# prefill: (sequences, tokens each) at full prefill (q_len = kv_len, no cached prefix), and the
+# (query heads, kv heads) pairs; head dim 128, bf16, pages of PREFILL_PAGE tokens
+PREFILL_SHAPES = [(n, L) for L in (2048, 8192, 32768) for n in (1, 4)]
+PREFILL_HEADS = ((32, 8), (32, 4))
+PREFILL_PAGE = 64
+MATMUL_N = 8192
+
+
+def matmul_tflops(rows_out=None, n=MATMUL_N) -> float:
+    """The bf16 matmul rate of this device in TFLOP/s: XLA's n x n x n jnp.dot of random bf16
+    (2 n^3 FLOPs), timed by `_time`; appends a "ceiling" row to rows_out when given."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(n))
+    a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+    b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+    timed = _time(jnp.dot, a, b)
+    tflops = 2 * n ** 3 / timed[0] / 1e12
+    if rows_out is not None:
+        _row(rows_out, "ceiling", f"{n}^3 bf16", "xla_dot", timed, tflop=2 * n ** 3 / 1e12)
+    del a, b
+    return tflops
+
+
+def prefill_inputs(key, n_seqs, tokens, n_heads, kv_heads, G=PREFILL_PAGE, head_dim=HEAD_DIM,
+                   dtype=jnp.bfloat16):
+    """n_seqs full prefills of `tokens` tokens each: q [n_seqs * tokens, N, H] and a pool of
+    random pages [P, G, K, H] with a shuffled page table (random normals, no zeros)."""
+    pps = -(-tokens // G)
+    P = n_seqs * pps + 8
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    T = n_seqs * tokens
+    q = jax.random.normal(k1, (T, n_heads, head_dim), dtype)
+    kp = jax.random.normal(k2, (P, G, kv_heads, head_dim), dtype)
+    vp = jax.random.normal(k3, (P, G, kv_heads, head_dim), dtype)
+    table = jax.random.permutation(k4, P)[:n_seqs * pps].reshape(n_seqs, pps).astype(jnp.int32)
+    return (q, kp, vp, jnp.full((n_seqs,), tokens, jnp.int32), table,
+            jnp.arange(n_seqs + 1, dtype=jnp.int32) * tokens, jnp.asarray([n_seqs], jnp.int32))
+
+
+def prefill_backends() -> tuple:
+    """The ragged_paged_attention backends the prefill rows time here: the Triton kernel ("gpu")
+    and the Mosaic GPU one ("mgpu") on a GPU, the reference elsewhere."""
+    return ("gpu", "mgpu") if jax.default_backend() == "gpu" else ("reference",)
+
+
+def bench_prefill(rows_out, matmul_tflops, shapes=PREFILL_SHAPES, heads=PREFILL_HEADS,
+                  G=PREFILL_PAGE, backends=None, head_dim=HEAD_DIM):
+    """Prefill attention through ragged_paged_attention(backend=...) for each backend of
+    `backends` (default `prefill_backends()`): per (sequences x tokens, N/K heads) one row per
+    backend with its TFLOP/s and, in "frac_matmul", its ratio to `matmul_tflops` (the bf16
+    matmul rate measured in the same run). FLOPs count only the causally visible pairs:
+    4 * H * N * sum over sequences of q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
+    (`causal_flop`). The note of every backend after the first gives its max |error| against
+    the first's output (the reference would materialise [T, C, K, H]: too big at these
+    shapes). A backend that fails (a shape it does not take) is printed and skipped."""
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    backends = prefill_backends() if backends is None else tuple(backends)
+    for N, K in heads:
+        for n_seqs, tokens in shapes:
+            args = prefill_inputs(jax.random.PRNGKey(n_seqs * tokens + N + K), n_seqs, tokens, N, K,
+                                  G=G, head_dim=head_dim)
+            tflop = causal_flop([tokens] * n_seqs, [tokens] * n_seqs, N, head_dim) / 1e12
+            shape = f"{n_seqs}x{tokens} N={N} K={K} H={head_dim} G={G}"
+            first = None
+            for backend in backends:
+                f = jax.jit(functools.partial(ragged_paged_attention, sm_scale=head_dim ** -0.5,
+                                              backend=backend))
+                try:
+                    out = f(*args)
+                    timed = _time(f, *args)
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    print("prefill failed", shape, backend, type(e).__name__, str(e)[:300], flush=True)
+                    continue
+                frac = tflop / timed[0] / matmul_tflops
+                note = f"causal, {n_seqs} seq; {100 * frac:.0f}% of bf16 matmul"
+                if first is None:
+                    first = (backend, out)
+                else:
+                    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - first[1].astype(jnp.float32))))
+                    note += f"; max |err| vs {first[0]} {err:.3g}"
+                _row(rows_out, "prefill", shape, backend, timed, tflop=tflop, note=note)["frac_matmul"] = frac
+                del out
+            del args, first
 
 
 def sweep_configs(B, ctx, G, table=SWEEP):
