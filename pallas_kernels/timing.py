@@ -47,11 +47,11 @@ def looped(f, iters: int):
 
 
 def distinct_copies(args, iters: int):
-    """`iters` tuples holding copies of every array in args, each in its own device buffer
-    (non-arrays are passed as they are)."""
+    """`iters` tuples holding copies of every array in args (inside pytrees too), each in its
+    own device buffer (non-arrays are passed as they are)."""
     def copy(a):
         return jnp.array(a, copy=True) if isinstance(a, jax.Array) else a
-    return tuple(tuple(copy(a) for a in args) for _ in range(iters))
+    return tuple(tuple(jax.tree.map(copy, a) for a in args) for _ in range(iters))
 
 
 def time_calls(f, *args, inner: int = 4, reps: int = 5, warmup: int = 2) -> float:

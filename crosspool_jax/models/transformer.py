@@ -58,12 +58,16 @@ MATRIX_LEAVES = ("wq_LDQ", "wk_LDKH", "wv_LDKH", "wo_LQD", "wq_LDNI", "wq_a_LDA"
 EXPERT_LEAVES = ("w1_LEDF2", "w2_LEFD")
 
 
-def _matmul(x: jax.Array, w, backend: str, out_dtype=None) -> jax.Array:
+def _matmul(x: jax.Array, w, backend: str, out_dtype=None):
     """x @ w (out_dtype: jnp.dot's preferred_element_type): w an array (XLA's dot) or one layer
     of a stack as ExpertRows, which the kernel backends read in place
-    (`pallas_kernels.fused_moe.layer_matmul`)."""
-    if not isinstance(w, ExpertRows):
-        return jnp.dot(x, w, preferred_element_type=out_dtype)
+    (`pallas_kernels.fused_moe.layer_matmul`); or a tuple of them sharing x -> the tuple of
+    products (all ExpertRows: one kernel launch for all)."""
+    ws = w if isinstance(w, tuple) else (w,)
+    if not all(isinstance(m, ExpertRows) for m in ws):
+        out = tuple(_matmul(x, m, backend, out_dtype) if isinstance(m, ExpertRows)
+                    else jnp.dot(x, m, preferred_element_type=out_dtype) for m in ws)
+        return out if isinstance(w, tuple) else out[0]
     from pallas_kernels.fused_moe import layer_matmul
     return layer_matmul(x, w, backend=backend, out_dtype=out_dtype)
 
@@ -111,9 +115,7 @@ def qkv_projection(layer_attn_params: dict, config: ModelConfig, x_TD: jax.Array
     xn_TD = rms_norm(x_TD, p["input_norm_LD"], c.rms_norm_eps)
     if c.is_mla:
         return _mla_qkv(p, c, xn_TD, positions_T, matmul_backend)
-    q_TQ = _matmul(xn_TD, p["wq_LDQ"], matmul_backend)
-    k_TKH = _matmul(xn_TD, p["wk_LDKH"], matmul_backend)
-    v_TKH = _matmul(xn_TD, p["wv_LDKH"], matmul_backend)
+    q_TQ, k_TKH, v_TKH = _matmul(xn_TD, (p["wq_LDQ"], p["wk_LDKH"], p["wv_LDKH"]), matmul_backend)
     if c.attention_bias:
         q_TQ, k_TKH, v_TKH = q_TQ + p["bq_LQ"], k_TKH + p["bk_LKH"], v_TKH + p["bv_LKH"]
     if c.qk_norm == "full":
@@ -145,15 +147,12 @@ def _mla_qkv(p: dict, c: ModelConfig, xn_TD: jax.Array, positions_T: jax.Array, 
     """MLA's absorbed q and the cached row's halves: (q_TNRY [T, N, R+Y] = (q_nope @ W_uk | rope q),
     k, v [T, 1, (R+Y)/2]: the halves of (kv_a_norm(c_kv) | rope k))."""
     T, N, R, Y = xn_TD.shape[0], c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    # the query's first projection and the cached row's, both of xn: one launch
+    q_TX, kv_TRY = _matmul(xn_TD, (p["wq_a_LDA" if c.q_lora_rank else "wq_LDNI"], p["wkv_a_LDRY"]), matmul_backend)
     if c.q_lora_rank:
-        qa_TA = _matmul(xn_TD, p["wq_a_LDA"], matmul_backend)
-        if c.attention_bias:
-            qa_TA = qa_TA + p["bq_a_LA"]
-        q_TNI = _matmul(rms_norm(qa_TA, p["q_a_norm_LA"], MLA_NORM_EPS), p["wq_b_LANI"],
-                        matmul_backend).reshape(T, N, c.qk_head_dim)
-    else:
-        q_TNI = _matmul(xn_TD, p["wq_LDNI"], matmul_backend).reshape(T, N, c.qk_head_dim)
-    kv_TRY = _matmul(xn_TD, p["wkv_a_LDRY"], matmul_backend)
+        qa_TA = q_TX + p["bq_a_LA"] if c.attention_bias else q_TX
+        q_TX = _matmul(rms_norm(qa_TA, p["q_a_norm_LA"], MLA_NORM_EPS), p["wq_b_LANI"], matmul_backend)
+    q_TNI = q_TX.reshape(T, N, c.qk_head_dim)
     if c.attention_bias:
         kv_TRY = kv_TRY + p["bkv_a_LRY"]
     latent_TR = rms_norm(kv_TRY[:, :R], p["kv_a_norm_LR"], MLA_NORM_EPS)

@@ -86,37 +86,43 @@ def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool
                  config: tuple[tuning.BlockConfig, int] | None = None):
     """x [T, K] @ w -> [T, N] in out_dtype (default: x's; float32 accumulation): w a [K, N]
     array or an ExpertRows of one group (one layer of a stacked [L, K, N] weight:
-    `ExpertRows.of_stack(w_LKN[:, None], layer)`).
+    `ExpertRows.of_stack(w_LKN[:, None], layer)`); or a tuple of such matrices of one K (q, k
+    and v of a layer) -> the tuple of their products.
 
     backend "gpu" (and "auto" on a GPU) runs `gpu.layer_matmul` with float32 accumulation,
     reading w in place: a layer of a stack is not sliced out first (XLA's dynamic slice of a
-    scanned stack is a copy of the layer on a GPU); at decode sizes it splits K over the grid
-    (`tuning.layer_matmul_config`; `config` = (BlockConfig, K splits) overrides it). K or N
-    not a multiple of 16 (a one-column gate), and every other backend, the TPU's included, is
-    XLA's `x @ w` on the materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`).
+    scanned stack is a copy of the layer on a GPU); the matrices of a tuple in ONE launch; at
+    decode sizes it splits K over the grid (`tuning.layer_matmul_config`; `config` =
+    (BlockConfig, K splits) overrides it). K or an N not a multiple of 16 (a one-column gate),
+    and every other backend, the TPU's included, is XLA's `x @ w` per matrix on the
+    materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`).
     """
-    if getattr(x, "ndim", None) != 2 or getattr(w, "ndim", None) not in (2, 3):
-        raise ValueError(f"layer_matmul: x must be [T, K] and w [K, N] or one-group ExpertRows, got shapes "
-                         f"{getattr(x, 'shape', None)} and {getattr(w, 'shape', None)}")
-    if w.ndim == 3 and w.shape[0] != 1:
-        raise ValueError(f"layer_matmul: w must hold one group, got shape {w.shape}")
-    K, N = w.shape[-2:]
-    if x.shape[1] != K:
-        raise ValueError(f"layer_matmul: x's K ({x.shape[1]}) must equal w's K ({K})")
-    if resolve_backend(backend) != "gpu" or not tuning.gpu_supports(K, N) or x.shape[0] == 0:
-        w_KN = as_array(w)[0] if w.ndim == 3 else w
-        return jnp.dot(x, w_KN, preferred_element_type=out_dtype)
-    return _layer_matmul_kernel(x, as_expert_rows(w[None] if w.ndim == 2 else w), out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret,
-                                config=config)
+    ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    if getattr(x, "ndim", None) != 2 or not ws or any(getattr(m, "ndim", None) not in (2, 3) for m in ws):
+        raise ValueError(f"layer_matmul: x must be [T, K] and w [K, N], one-group ExpertRows or a tuple of them, "
+                         f"got shapes {getattr(x, 'shape', None)} and {[getattr(m, 'shape', None) for m in ws]}")
+    for m in ws:
+        if m.ndim == 3 and m.shape[0] != 1:
+            raise ValueError(f"layer_matmul: w must hold one group, got shape {m.shape}")
+        if x.shape[1] != m.shape[-2]:
+            raise ValueError(f"layer_matmul: x's K ({x.shape[1]}) must equal w's K ({m.shape[-2]})")
+    K, Ns = x.shape[1], tuple(m.shape[-1] for m in ws)
+    if resolve_backend(backend) != "gpu" or not tuning.gpu_supports(K, *Ns) or x.shape[0] == 0:
+        out = tuple(jnp.dot(x, as_array(m)[0] if m.ndim == 3 else m, preferred_element_type=out_dtype) for m in ws)
+    else:
+        out = _layer_matmul_kernel(x, tuple(as_expert_rows(m[None] if m.ndim == 2 else m) for m in ws),
+                                   out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret, config=config)
+    return out if isinstance(w, (tuple, list)) else out[0]
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "config"))
-def _layer_matmul_kernel(x_TK, w, *, out_dtype, interpret, config):
+def _layer_matmul_kernel(x_TK, ws, *, out_dtype, interpret, config):
     T, K = x_TK.shape
-    N = w.shape[2]
-    cfg, splits = config or tuning.layer_matmul_config(T, K, N, x_TK.dtype.itemsize)
-    check_config(cfg, K, N, "gpu", "layer_matmul")
-    return gpu.layer_matmul(x_TK, w, cfg, num_splits=splits, out_dtype=out_dtype, interpret=interpret)
+    Ns = tuple(w.shape[2] for w in ws)
+    cfg, splits = config or tuning.layer_matmul_config(T, K, Ns, x_TK.dtype.itemsize)
+    for N in Ns:
+        check_config(cfg, K, N, "gpu", "layer_matmul")
+    return gpu.layer_matmul(x_TK, ws, cfg, num_splits=splits, out_dtype=out_dtype, interpret=interpret)
 
 
 def fused_moe(x, router_logits, w1, w2, top_k: int, *, renormalize: bool = True,

@@ -54,7 +54,8 @@ ROUTING_KIND_SHAPES = [("glm47_flash", 64, 2048, 1536, T, 4) for T in (1, 32)]
 # (name, L, K, N, tokens): q (2048 -> 32 x 128), k (-> 4 x 128), o (32 x 128 -> 2048), and q at a
 # 512-token prefill chunk; bench_layer_matmul
 LAYER_MATMUL_SHAPES = [(f"qwen3_30b_a3b {p}", 4, K, N, T) for p, K, N in
-                       (("q", 2048, 4096), ("k", 2048, 512), ("o", 4096, 2048)) for T in (1, 2, 32)] + \
+                       (("q", 2048, 4096), ("k", 2048, 512), ("q|k|v", 2048, (4096, 512, 512)), ("o", 4096, 2048))
+                       for T in (1, 2, 32)] + \
                       [("qwen3_30b_a3b q prefill", 4, 2048, 4096, 512)]
 PREFILL_SHAPE = ("prefill_gmm", 8, 4096, 14336, 8192)   # (name, G, K, N, M)
 MGPU_CONFIGS = [(64, 128, 64, 4, 1), (64, 64, 64, 4, 2)]  # block m, n, k, stages, grid_block_n
@@ -249,36 +250,43 @@ def bench_routing_kinds(rows: _Rows, ceiling, shape) -> None:
 
 
 def bench_layer_matmul(rows: _Rows, ceiling, shape) -> None:
-    """x [T, K] times one layer of a stacked [L, K, N] weight, one jitted call each: XLA's dot of
-    the layer's dynamic slice beside `layer_matmul` reading it in place, with the K split of the
-    tuning table and without (splits=1, same tiles). GB/s of the one [K, N] matrix read, against
-    the copy ceiling. (A layer scan around the call is not timed: under the trace timer its
-    per-iteration launches, ~25 us, hide the kernels.)"""
+    """x [T, K] times one layer of stacked [L, K, N] weights (N a tuple: several matrices of one
+    K, as q|k|v), one jitted call each: XLA's dots of the layers' dynamic slices beside
+    `layer_matmul` reading them in place, with the K split of the tuning table and without
+    (splits=1, same tiles), and for several matrices one call per matrix beside the one launch.
+    GB/s of the matrices read, against the copy ceiling. (A layer scan around the call is not
+    timed: under the trace timer its per-iteration launches, ~25 us, hide the kernels.)"""
     from pallas_kernels.fused_moe.api import layer_matmul
     from pallas_kernels.fused_moe.expert_rows import ExpertRows
     name, L, K, N, T = shape
-    kx, kw = jax.random.split(jax.random.PRNGKey(K + N + T), 2)
+    Ns = N if isinstance(N, tuple) else (N,)
+    kx, *kws = jax.random.split(jax.random.PRNGKey(K + sum(Ns) + T), 1 + len(Ns))
     x = jax.random.normal(kx, (T, K), jnp.bfloat16)
-    w = (jax.random.normal(kw, (L, K, N)) / K ** 0.5).astype(jnp.bfloat16)
+    ws = tuple((jax.random.normal(k, (L, K, n)) / K ** 0.5).astype(jnp.bfloat16) for k, n in zip(kws, Ns))
     layer = jnp.int32(L - 1)
-    gb = K * N * w.dtype.itemsize / 1e9
-    cfg, splits = tuning.layer_matmul_config(T, K, N)
+    gb = K * sum(Ns) * 2 / 1e9
+    cfg, splits = tuning.layer_matmul_config(T, K, Ns)
 
-    def ours(x, w, layer, config):
-        return layer_matmul(x, ExpertRows.of_stack(w[:, None], layer), backend="gpu", config=config)
+    def ours(x, ws, layer, config):
+        return layer_matmul(x, tuple(ExpertRows.of_stack(w[:, None], layer) for w in ws), backend="gpu", config=config)
 
-    impls = {"xla_dot_of_layer_slice": jax.jit(lambda x, w, layer: x @ w[layer])}
+    def ours_apart(x, ws, layer):
+        return tuple(layer_matmul(x, ExpertRows.of_stack(w[:, None], layer), backend="gpu") for w in ws)
+
+    impls = {"xla_dot_of_layer_slice": jax.jit(lambda x, ws, layer: tuple(x @ w[layer] for w in ws))}
     if jax.default_backend() == "gpu":
         impls[f"ours_layer_matmul_split{splits}"] = jax.jit(functools.partial(ours, config=(cfg, splits)))
         if splits > 1:
             impls["ours_layer_matmul_split1"] = jax.jit(functools.partial(ours, config=(cfg, 1)))
-    want = jnp.dot(x, w[L - 1], preferred_element_type=jnp.float32)
+        if len(Ns) > 1:
+            impls["ours_layer_matmul_one_call_per_matrix"] = jax.jit(ours_apart)
+    want = [jnp.dot(x, w[L - 1], preferred_element_type=jnp.float32) for w in ws]
     for impl, f in impls.items():
-        err = float(jnp.max(jnp.abs(f(x, w, layer).astype(jnp.float32) - want)))
-        sec, timer = _time(f, x, w, layer)
-        rows.add(kind="decode", shape=f"{name} T={T} K={K} N={N}", impl=impl, us=sec * 1e6, GBps=gb / sec,
-                 frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer, max_err=err,
-                 config=f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}")
+        err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) for g, r in zip(f(x, ws, layer), want))
+        sec, timer = _time(f, x, ws, layer)
+        rows.add(kind="decode", shape=f"{name} T={T} K={K} N={'|'.join(map(str, Ns))}", impl=impl, us=sec * 1e6,
+                 GBps=gb / sec, frac_copy=round(gb / sec / ceiling, 3) if ceiling else None, timer=timer, max_err=err,
+                 config=f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} k/{splits}")
 
 
 def _prefill(rows: _Rows, mm_tflops, *, sweep: bool, rdm):

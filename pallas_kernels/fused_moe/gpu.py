@@ -11,8 +11,8 @@ backend "gpu" to this module and nothing else imports it.
 
 The grouped matmul and gate/up kernels run over the padded tile layout of layout.py: grid
 (tile i, column block j); the tile's group comes from `tile_group_I[i]` (an int load), tiles
->= num_active do nothing, so experts without rows are never read. `layer_matmul` (one matrix,
-no groups) has a grid (row tile, column block, K split) and no layout. K is looped inside the program in `block_k` chunks
+>= num_active do nothing, so experts without rows are never read. `layer_matmul` (matrices of
+one K side by side, no groups) has a grid (row tile, column block, K split) and no layout. K is looped inside the program in `block_k` chunks
 (Triton software-pipelines that loop `num_stages` deep). Operands are passed whole and sliced
 with `pl.ds` (block shapes must be powers of two in this lowering; F = 768 or 14336 is not).
 The weights arrive as `ExpertRows` (expert_rows.py): the whole buffer as rows [R, N] plus the
@@ -27,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -191,10 +192,14 @@ def gmm_padded(x_PK: jax.Array, w: ExpertRows, layout: TileLayout, cfg: BlockCon
     )(*args)
 
 
-def _layer_matmul_kernel(row0_ref, x_ref, w_ref, o_ref, *, block_k: int, num_k: int, block_n: int):
-    # x_ref: [T, K] (whole; rows past T of a tile load zeros); w_ref: [R, N] rows (whole), the
-    # matrix at rows row0 .. row0 + K; o_ref: [1, bm, bn] block (s, i, j): the partial sum of
-    # K chunk s (num_k * block_k rows of w) for row tile i and column block j.
+def _layer_matmul_kernel(*refs, block_k: int, num_k: int, block_n: int, col_blocks: tuple):
+    # refs: row0_refs (one int32[1] per matrix), x_ref [T, K] (whole; rows past T of a tile
+    # load zeros), w_refs (one [R_m, N_m] rows buffer per matrix, whole: matrix m at rows
+    # row0_m .. row0_m + K), o_ref [1, bm, bn]: block (s, i, j) of the matrices' outputs side
+    # by side, the partial sum of K chunk s (num_k * block_k rows) for row tile i and column
+    # block j, which is column block j - start_m of the matrix m whose blocks hold j.
+    M = len(col_blocks)
+    row0_refs, x_ref, w_refs, o_ref = refs[:M], refs[M], refs[M + 1:2 * M + 1], refs[-1]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm = o_ref.shape[1]
     T = x_ref.shape[0]
@@ -202,45 +207,61 @@ def _layer_matmul_kernel(row0_ref, x_ref, w_ref, o_ref, *, block_k: int, num_k: 
     row_ok = jnp.broadcast_to((rows < T)[:, None], (bm, block_k))
     k0 = s * (num_k * block_k)
 
-    def body(k, acc):
-        cols = k0 + k * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        xk = pltriton.load(x_ref.at[jnp.minimum(rows, T - 1)[:, None], cols[None, :]], mask=row_ok, other=0)
-        wk = w_ref[pl.ds(row0_ref[0] + k0 + k * block_k, block_k), pl.ds(j * block_n, block_n)]
-        return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
+    def product(row0_ref, w_ref, col_block):
+        def body(k, acc):
+            cols = k0 + k * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            xk = pltriton.load(x_ref.at[jnp.minimum(rows, T - 1)[:, None], cols[None, :]], mask=row_ok, other=0)
+            wk = w_ref[pl.ds(row0_ref[0] + k0 + k * block_k, block_k), pl.ds(col_block * block_n, block_n)]
+            return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, block_n), jnp.float32))
-    o_ref[0] = acc.astype(o_ref.dtype)
+        acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, block_n), jnp.float32))
+        o_ref[0] = acc.astype(o_ref.dtype)
+
+    if M == 1:
+        product(row0_refs[0], w_refs[0], j)
+        return
+    start = 0
+    for row0_ref, w_ref, blocks in zip(row0_refs, w_refs, col_blocks):
+        pl.when((j >= start) & (j < start + blocks))(
+            functools.partial(product, row0_ref, w_ref, j - start))
+        start += blocks
 
 
-def layer_matmul(x_TK: jax.Array, w: ExpertRows, cfg: BlockConfig, *, num_splits: int = 1, out_dtype=None,
-                 interpret: bool = False):
-    """x [T, K] @ w (one group: a layer of a stack, read in place) -> [T, N].
+def layer_matmul(x_TK: jax.Array, ws: tuple, cfg: BlockConfig, *, num_splits: int = 1, out_dtype=None,
+                 interpret: bool = False) -> tuple:
+    """x [T, K] @ each matrix of ws (one-group ExpertRows of one K: a layer of a stack, read in
+    place) -> a tuple of [T, N_m], in ONE launch (q, k and v: one kernel, not three).
 
-    Grid (row tile, column block, K split): with num_splits > 1 each program sums K/num_splits
-    rows of w (split-K: at decode one row tile leaves only the columns to fill the grid, too few
-    programs for a 2-17 MB projection), its float32 partials [num_splits, P, N] summed after the
-    call. Rows past T read zeros inside the kernel (no padded copy of x)."""
+    Grid (row tile, column block of the matrices side by side, K split): with num_splits > 1
+    each program sums K/num_splits rows of its matrix (split-K: at decode one row tile leaves
+    only the columns to fill the grid, too few programs for a 2-17 MB projection), the float32
+    partials [num_splits, P, sum N_m] summed after the call. Rows past T read zeros inside the
+    kernel (no padded copy of x). cfg.block_n divides every N_m."""
     T, K = x_TK.shape
-    _, _, N = w.shape
+    Ns = tuple(w.shape[2] for w in ws)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     if K % (num_splits * bk):
         raise ValueError(f"layer_matmul: K={K} must split into {num_splits} chunks of whole {bk}-row blocks")
+    if any(N % bn for N in Ns):
+        raise ValueError(f"layer_matmul: block_n={bn} must divide every matrix's N {Ns}")
     out_dtype = jnp.dtype(out_dtype or x_TK.dtype)
     I = -(-T // bm)
-    kernel = functools.partial(_layer_matmul_kernel, block_k=bk, num_k=K // (num_splits * bk), block_n=bn)
+    col_blocks = tuple(N // bn for N in Ns)
+    kernel = functools.partial(_layer_matmul_kernel, block_k=bk, num_k=K // (num_splits * bk), block_n=bn,
+                               col_blocks=col_blocks)
     y_SPN = pl.pallas_call(
         kernel,
-        grid=(I, N // bn, num_splits),
-        in_specs=[_whole((1,)), _whole(x_TK.shape), _whole(w.rows_RN.shape)],
+        grid=(I, sum(col_blocks), num_splits),
+        in_specs=[*[_whole((1,))] * len(ws), _whole(x_TK.shape), *[_whole(w.rows_RN.shape) for w in ws]],
         out_specs=pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j)),
-        out_shape=jax.ShapeDtypeStruct((num_splits, I * bm, N), out_dtype if num_splits == 1 else jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((num_splits, I * bm, sum(Ns)), out_dtype if num_splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="crosspool_layer_matmul",
-    )(w.first_row_1(), x_TK, w.rows_RN)
-    if num_splits == 1:
-        return y_SPN[0, :T]
-    return jnp.sum(y_SPN[:, :T], axis=0).astype(out_dtype)
+    )(*[w.first_row_1() for w in ws], x_TK, *[w.rows_RN for w in ws])
+    y_TN = y_SPN[0, :T] if num_splits == 1 else jnp.sum(y_SPN[:, :T], axis=0).astype(out_dtype)
+    bounds = np.cumsum((0,) + Ns)
+    return tuple(y_TN[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
 
 
 def gate_up_gathered(x_TD: jax.Array, top_k: int, w1: ExpertRows, layout: TileLayout,

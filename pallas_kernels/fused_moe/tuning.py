@@ -7,6 +7,7 @@ Table entries were picked from the H100/H200 runs recorded in RESULTS.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from pallas_kernels.pow2 import is_pow2, next_pow2, prev_pow2
 
@@ -120,25 +121,29 @@ def gpu_config(rows: int, groups: int, K: int, N: int) -> BlockConfig:
     return BlockConfig(bm, bn, bk, warps, stages)
 
 
-def layer_matmul_config(rows: int, K: int, N: int, itemsize: int = 2) -> tuple[BlockConfig, int]:
-    """(block sizes, K splits) of `gpu.layer_matmul`: x [rows, K] @ one [K, N] matrix.
+def layer_matmul_config(rows: int, K: int, N, itemsize: int = 2) -> tuple[BlockConfig, int]:
+    """(block sizes, K splits) of `gpu.layer_matmul`: x [rows, K] @ one [K, N] matrix, or
+    several of one K side by side (N a tuple: q, k and v in one launch; the column blocks
+    divide every N, the program counts are of their sum).
 
     Decode-sized (one row tile of <= 64 rows): 64-column weight tiles (32 below 2,048 columns),
     128-row K chunks 4 stages deep, and K split over the grid: the fewest whole-chunk splits that
     give two waves of programs, each split keeping >= 256 rows of K (Qwen3-30B-A3B's q: 64 column
-    blocks x 8 splits; k and v: 16 x 8; GPT-OSS's q, K = 2,880 in 45 chunks of 64: 64 x 5).
-    Larger row counts: the grouped matmul's prefill tiles (128 x 256, 64-deep
+    blocks x 8 splits; k and v: 16 x 8; q|k|v: 80 x 4; GPT-OSS's q, K = 2,880 in 45 chunks of
+    64: 64 x 5). Larger row counts: the grouped matmul's prefill tiles (128 x 256, 64-deep
     K chunks, 8 warps), columns halved down to 64 while the grid is under 1.5 waves, no split."""
+    Ns = tuple(N) if isinstance(N, (tuple, list)) else (N,)
+    total, common = sum(Ns), math.gcd(*Ns)
     bm = min(128, max(16, next_pow2(rows)))
     tiles = -(-rows // bm)
     if bm > 64:
-        bn = _fit(N, 256, 16, need_pow2=True)
-        while bn > 64 and tiles * (N // bn) < 1.5 * GPU_SMS and N % (bn // 2) == 0:
+        bn = _fit(common, 256, 16, need_pow2=True)
+        while bn > 64 and tiles * (total // bn) < 1.5 * GPU_SMS and common % (bn // 2) == 0:
             bn //= 2
         return fit_gpu_smem(BlockConfig(bm, bn, _fit(K, 64, 16, need_pow2=True), 8, 3), 1, itemsize), 1
-    bn = _fit(N, 64 if N >= 2048 else 32, 16, need_pow2=True)
+    bn = _fit(common, 64 if total >= 2048 else 32, 16, need_pow2=True)
     bk = _fit(K, 128, 16, need_pow2=True)
-    programs, chunks = tiles * (N // bn), K // bk
+    programs, chunks = tiles * (total // bn), K // bk
     allowed = [d for d in range(1, chunks + 1) if chunks % d == 0 and K // d >= 256] or [1]
     splits = next((d for d in allowed if programs * d >= 2 * GPU_SMS), allowed[-1])
     return fit_gpu_smem(BlockConfig(bm, bn, bk, 4, 4), 1, itemsize), splits

@@ -50,7 +50,8 @@ def _weight_shapes(kv, ffn) -> set:
     return shapes
 
 
-def _weight_slices(config_name: str, moe_backend: str) -> list[str]:
+def _lowered(config_name: str, moe_backend: str) -> tuple[str, dict, dict]:
+    """The placed forward of `config_name` lowered for CUDA: (StableHLO text, kv, ffn params)."""
     c = ModelConfig.from_hf_dict(CONFIGS[config_name])
     kv, ffn = init_random_params(c, jax.random.key(0), jnp.bfloat16)
     k_buf = v_buf = jnp.zeros((P, G * c.num_kv_heads * c.head_dim), jnp.bfloat16)
@@ -59,6 +60,11 @@ def _weight_slices(config_name: str, moe_backend: str) -> list[str]:
     text = forward.trace(kv, ffn, c, k_buf, v_buf, x.token_ids_T, x.positions_T, x.slots_LT, x.page_indices_LSP,
                          x.kv_lens_S, x.cu_q_lens_S1, x.num_seqs_1, x.logits_indices_S, "reference",
                          moe_backend).lower(lowering_platforms=("cuda",)).as_text()
+    return text, kv, ffn
+
+
+def _weight_slices(config_name: str, moe_backend: str) -> list[str]:
+    text, kv, ffn = _lowered(config_name, moe_backend)
     weights = _weight_shapes(kv, ffn)
     return [line.strip() for line in text.splitlines()
             if (m := _SLICING.search(line)) and tuple(int(d) for d in m.group(1).split("x")) in weights]
@@ -74,3 +80,13 @@ def test_the_reference_backend_slices_every_layer_of_each_stack(config_name):
     """The positive control: XLA's path slices the projections, router and FFN matrices."""
     slices = _weight_slices(config_name, "reference")
     assert len(slices) >= 7, slices     # q, k, v, o, router, the experts' w1 and w2 (a scan body slices each once)
+
+
+def test_q_k_and_v_are_one_kernel_launch():
+    """A Qwen3-MoE layer (one scan body) runs three matmul kernels: q|k|v side by side, o and
+    the router (issue 18: fewer launches per layer), beside the MoE's four."""
+    text, _, _ = _lowered("qwen3_moe", "gpu")
+    kernels = re.findall(r'name = "(crosspool_[a-z_]+)"', text)
+    assert kernels.count("crosspool_layer_matmul") == 3, kernels
+    assert sorted(set(kernels) - {"crosspool_layer_matmul"}) == ["crosspool_gmm", "crosspool_moe_combine",
+                                                                  "crosspool_moe_gate_up", "crosspool_moe_route"]

@@ -95,6 +95,9 @@ def test_layer_matmul_lowers_for_cuda(T, K, N):
     w = jnp.asarray(rng.standard_normal((3, K, N)), jnp.bfloat16)
     f = lambda x, w, layer: layer_matmul(x, ExpertRows.of_stack(w[:, None], layer), backend="gpu")   # noqa: E731
     assert _lowered_kernels(f, x, w, jnp.int32(2)) == ["__gpu$xla.gpu.triton"]
+    # with two more matrices of the same K beside it (q|k|v): still one kernel
+    g = lambda x, w, layer: layer_matmul(x, (ExpertRows.of_stack(w[:, None], layer),) * 2 + (w[0],), backend="gpu")  # noqa: E731
+    assert _lowered_kernels(g, x, w, jnp.int32(2)) == ["__gpu$xla.gpu.triton"]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

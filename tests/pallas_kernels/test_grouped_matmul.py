@@ -176,6 +176,26 @@ def test_layer_matmul_under_explicit_k_splits(splits):
                      config=(BlockConfig(16, 16, 64, 4, 2), 3))
 
 
+@pytest.mark.parametrize("T,K,splits", [(1, 512, None), (3, 256, 2), (37, 128, 1)])
+def test_layer_matmul_of_matrices_side_by_side(T, K, splits):
+    """q, k and v of a layer (three stacks of different N, one K) in one kernel call: each
+    output equals its own product, under the tuning table's K split and explicit ones; 37 rows
+    span three row tiles, two past T."""
+    x = jnp.asarray(_rng.standard_normal((T, K), np.float32), jnp.bfloat16)
+    stacks = [_stack(3, K, N, jnp.bfloat16) for N in (64, 32, 32)]
+    config = None if splits is None else (BlockConfig(16, 16, 64, 4, 2), splits)
+    run = jax.jit(lambda x, ws, l: layer_matmul(x, tuple(ExpertRows.of_stack(w[:, None], l) for w in ws),
+                                                backend="gpu", interpret=True, config=config))
+    got = run(x, stacks, jnp.int32(2))
+    assert isinstance(got, tuple) and [g.shape for g in got] == [(T, 64), (T, 32), (T, 32)]
+    for g, w in zip(got, stacks):
+        _assert_close(g, jnp.dot(x, w[2], preferred_element_type=jnp.float32), jnp.bfloat16)
+    ref = layer_matmul(x, [w[2] for w in stacks], backend="reference")     # a list: the same per matrix
+    assert isinstance(ref, tuple) and len(ref) == 3
+    for r, w in zip(ref, stacks):
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(jnp.dot(x, w[2])))
+
+
 def test_layer_matmul_keeps_untileable_shapes_on_xla():
     """N = 1 (a shared expert's gate) is not a multiple of 16: XLA's dot, exact, on any backend."""
     x = jnp.asarray(_rng.standard_normal((3, 32), np.float32))
@@ -192,6 +212,8 @@ def test_layer_matmul_rejects_bad_shapes():
         layer_matmul(x, ExpertRows.whole(jnp.ones((2, 16, 16), jnp.float32)), backend="reference")
     with pytest.raises(ValueError, match="x must be \\[T, K\\]"):
         layer_matmul(jnp.ones((16,), jnp.float32), jnp.ones((16, 16), jnp.float32))
+    with pytest.raises(ValueError, match="x's K \\(16\\) must equal w's K \\(32\\)"):
+        layer_matmul(x, (jnp.ones((16, 16), jnp.float32), jnp.ones((32, 16), jnp.float32)), backend="reference")
 
 
 @pytest.mark.gpu
@@ -219,3 +241,8 @@ class TestGpuKernel:
             w = _stack(4, K, N, jnp.bfloat16)
             got = layer_matmul(x, ExpertRows.of_stack(w[:, None], jnp.int32(3)), backend="gpu")
             _assert_close(got, jnp.dot(x, w[3], preferred_element_type=jnp.float32), jnp.bfloat16)
+        x = jnp.asarray(_rng.standard_normal((T, 2048), np.float32), jnp.bfloat16)     # q|k|v in one launch
+        stacks = [_stack(4, 2048, N, jnp.bfloat16) for N in (4096, 512, 512)]
+        got = layer_matmul(x, tuple(ExpertRows.of_stack(w[:, None], jnp.int32(3)) for w in stacks), backend="gpu")
+        for g, w in zip(got, stacks):
+            _assert_close(g, jnp.dot(x, w[3], preferred_element_type=jnp.float32), jnp.bfloat16)
