@@ -350,7 +350,10 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     row.update(tbt_p50_ms=1e3 * _pct(gaps, 50), tbt_p99_ms=1e3 * _pct(gaps, 99), tbt_samples=len(gaps),
                swaps_in_during_decode=swaps1.swaps_in - swaps0.swaps_in, compiles_in_window=_compiles() - compiles0,
                decode_step_p50_ms=1e3 * _pct(measured.decode_steps, 50), decode_steps=len(measured.decode_steps))
-    device_ms = device_ms_per_decode_step(llm, names, per_model, prompt_len, max_tokens, seed=3)
+    try:
+        device_ms = device_ms_per_decode_step(llm, names, per_model, prompt_len, max_tokens, seed=3)
+    except Exception as e:                          # the trace must not lose the measured row
+        device_ms, row["host_share_error"] = None, f"{type(e).__name__}: {e}"
     if device_ms is not None:                       # the host's share of a decode step (issue 12: under 20%)
         row.update(device_ms_per_decode_step=device_ms, host_share=1 - device_ms / row["decode_step_p50_ms"])
     row["cold_start"] = cold_start(llm, names, prompt_len)
