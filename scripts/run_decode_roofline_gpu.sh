@@ -3,7 +3,7 @@
 #   1. this tree's gpu-marked layer_matmul tests and the layer-matmul rows of bench_kernels
 #      (a scanned layer of Qwen3-30B-A3B's q/k/o projections: XLA's dot of the slice against
 #      `layer_matmul` in place, beside the copy ceiling);
-#   2. per tree of TREES (default "before ."; TREES= for none): scripts/profile_decode.py --kernels on an 8-layer
+#   2. per tree of TREES (default "before ."; TREES= for none): scripts/profile_decode.py --kernels (PROFILE=0: none) on an 8-layer
 #      Qwen3-30B-A3B shape at batch 1 (kernels per token and per layer, memcpy, busy vs span),
 #      then scripts/bench_engine.py on the LAYERS-layer shape (default 40) at each batch of
 #      BATCHES (default 1) against the roofline of the bytes a step reads.
@@ -28,9 +28,11 @@ fi
 for tree in ${TREES-before .}; do
   [ -d "$tree" ] || { echo "no tree $tree: skipped"; continue; }
   name="$(basename "$(cd "$tree" && pwd)")"
-  (cd "$tree" && PYTHONPATH=. timeout "${PROFILE_TIMEOUT:-90}" python3 scripts/profile_decode.py \
-    --random_config qwen3moe-30b-a3b-4l:8 --requests 1 --tokens 24 --kernels 2>&1 | quiet \
-    > "$LOG/profile_$name.txt"); tail -22 "$LOG/profile_$name.txt"
+  if [ "${PROFILE:-1}" = 1 ]; then
+    (cd "$tree" && PYTHONPATH=. timeout "${PROFILE_TIMEOUT:-90}" python3 scripts/profile_decode.py \
+      --random_config qwen3moe-30b-a3b-4l:8 --requests 1 --tokens 24 --kernels 2>&1 | quiet \
+      > "$LOG/profile_$name.txt"); tail -22 "$LOG/profile_$name.txt"
+  fi
   for b in ${BATCHES:-1}; do
     (cd "$tree" && PYTHONPATH=. timeout "${ENGINE_TIMEOUT:-150}" python3 scripts/bench_engine.py \
       --random_config "qwen3moe-30b-a3b-4l:${LAYERS:-40}" --num_prompts "$b" --prompt_len 512 --max_tokens 64 \
