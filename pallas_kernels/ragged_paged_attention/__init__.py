@@ -2,7 +2,9 @@
 
 `ragged_paged_attention(...)` validates its arguments (validation.py), then dispatches on
 `backend`: "reference" (reference.py, the oracle and the CPU path), "gpu" (gpu.py, Pallas
-through the Triton lowering), "tpu" (tpu.py, Pallas Mosaic TPU), or "auto" (gpu on CUDA,
+through the Triton lowering), "mgpu" (prefill_mgpu.py, Pallas Mosaic GPU for Hopper: causal
+prefill and chunks without soft caps, windows, sinks or MLA; explicit only, "auto" never picks
+it), "tpu" (tpu.py, Pallas Mosaic TPU), or "auto" (gpu on CUDA,
 tpu on TPU, reference otherwise; and the reference wherever the kernels' geometry limits,
 head dim in {64, 128, 256} and a power-of-two page size in [16, 128], are not met, so
 small test models still run on a GPU). An explicit "gpu"/"tpu" raises instead. Tile sizes
@@ -85,6 +87,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     sliding_window may be a traced int32 scalar (a per-layer window): the kernels take every
     window as an operand, so "auto" runs a traced window wherever it runs a static one. The
     MLA kernel takes neither sinks nor a traced window (backend="gpu" raises).
+    backend="mgpu" runs prefill_mgpu.py's Hopper kernel and raises a ValueError naming what it
+    does not take (`prefill_mgpu.kernel_problem`: soft caps, windows, sinks, MLA, float32, head
+    dims other than 64/128, page sizes other than 64/128), for which backend="gpu" is the
+    fallback; `interpret=True` runs it in Mosaic GPU's interpreter where this JAX has one.
     """
     validate_args(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                   sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
@@ -115,6 +121,15 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
             soft_cap=soft_cap, sliding_window=sliding_window, latent_value_dim=latent_value_dim, sinks=sinks,
             **offsets)
+    if backend == "mgpu":
+        from pallas_kernels.ragged_paged_attention import prefill_mgpu
+        problem = prefill_mgpu.kernel_problem(q, k_pages, soft_cap=soft_cap, sliding_window=sliding_window,
+                                              sinks=sinks, latent_value_dim=latent_value_dim)
+        if problem:
+            raise ValueError(f"the mgpu kernel does not take {problem}; use backend='gpu' or 'auto'")
+        return prefill_mgpu.ragged_paged_attention_mgpu(
+            q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+            interpret=interpret, **offsets)
     if latent:
         from pallas_kernels.ragged_paged_attention import mla_gpu
         problem = mla_gpu.kernel_problem(k_pages.shape[-1], latent_value_dim)

@@ -1,14 +1,34 @@
-"""Prefill attention on Hopper (prefill_mgpu.py) and its benchmark rows (bench.bench_prefill).
+"""Prefill attention on Hopper (prefill_mgpu.py, backend="mgpu") and its benchmark rows
+(bench.bench_prefill).
 
-On this CPU: the benchmark's prefill rows at a toy shape through the reference (their FLOP
-count checked by hand).
+On this CPU: the benchmark's prefill rows at a toy shape through the reference and their FLOP
+count; what the kernel does not take (`kernel_problem`, and the seam's ValueError); the block
+layout (`block_table`) against a plain Python walk; that the kernel lowers for CUDA to one
+Mosaic GPU custom call; and one ragged case run by Mosaic GPU's interpreter against the
+reference (the interpreter runs the kernel's products as plain dots: prefill_mgpu.py's
+docstring). On a GPU (`gpu`-marked, CROSSPOOL_TEST_ON_GPU=1): the compiled kernel against the
+reference on ragged batches, prefix-cached chunks, GQA 32/8, 32/4 and 8/8.
+
+Inputs are fresh random normals (never zeros), page tables shuffled; pages no sequence owns
+and the slots of each last page past its kv_len are NaN, so any leak shows. Tolerance: bf16
+2e-2 max abs error against the reference, as test_ragged_paged_attention.py argues (the
+kernel rounds the probabilities to bf16 before the P.V product, both round the output).
 """
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import bench
+from pallas_kernels.ragged_paged_attention import (bench, prefill_mgpu, ragged_paged_attention,
+                                                   ragged_paged_attention_reference)
+from tests.pallas_kernels.test_ragged_paged_attention import assert_close, make_case
+
+TOL = 2e-2
 
 
 def _one_call(f, *args):
@@ -25,21 +45,164 @@ def test_causal_flop_counts_only_the_visible_pairs():
 
 
 def test_prefill_benchmark_rows_on_cpu(monkeypatch):
-    """The prefill rows at a toy shape through the reference (1 and 2 sequences, two head
-    layouts), each with its TFLOP/s of the visible pairs and its share of the matmul rate; the
+    """The prefill rows at a toy shape through the reference (1 and 2 sequences, GQA 4/2),
+    each with its TFLOP/s of the visible pairs and its share of the matmul rate; the
     matmul rate row from a small dot."""
     monkeypatch.setattr(bench, "_time", _one_call)
     rows = []
     rate = bench.matmul_tflops(rows, n=64)
     assert rows[0]["section"] == "ceiling" and rows[0]["impl"] == "xla_dot"
     assert abs(rate - 2 * 64 ** 3 / 1e-3 / 1e12) < 1e-12
-    bench.bench_prefill(rows, matmul_tflops=2.0, shapes=[(1, 40), (2, 24)], heads=((4, 2), (4, 1)),
+    bench.bench_prefill(rows, matmul_tflops=2.0, shapes=[(1, 40), (2, 24)], heads=((4, 2),),
                         G=16, backends=("reference",), head_dim=16)
     pre = [r for r in rows if r["section"] == "prefill"]
-    assert len(pre) == 4 and all(r["impl"] == "reference" for r in pre)
+    assert len(pre) == 2 and all(r["impl"] == "reference" for r in pre)
     for r in pre:
         n, tokens = (1, 40) if r["shape"].startswith("1x40") else (2, 24)
         n_heads = int(r["shape"].split("N=")[1].split()[0])
         flop = 4 * n_heads * 16 * n * tokens * (tokens + 1) // 2
         assert abs(r["TFLOPs"] - flop / 1e-3 / 1e12) < 1e-9
         assert abs(r["frac_matmul"] - r["TFLOPs"] / 2.0) < 1e-12
+
+
+def _shapes(T=8, N=4, K=2, H=128, G=64, dtype=jnp.bfloat16, P=4):
+    return jax.ShapeDtypeStruct((T, N, H), dtype), jax.ShapeDtypeStruct((P, G, K, H), dtype)
+
+
+@pytest.mark.parametrize("change,problem", [
+    (dict(), None),
+    (dict(H=64, G=128, dtype=jnp.float16), None),
+    (dict(dtype=jnp.float32), "float32"),
+    (dict(H=256), "head dim 256"),
+    (dict(G=16), "page size 16"),
+])
+def test_kernel_problem_geometry(change, problem):
+    got = prefill_mgpu.kernel_problem(*_shapes(**change))
+    assert got == problem if problem is None else problem in got
+
+
+@pytest.mark.parametrize("option,problem", [
+    (dict(soft_cap=30.0), "soft caps"), (dict(sliding_window=128), "sliding windows"),
+    (dict(sinks=jnp.zeros(4)), "attention sinks"), (dict(latent_value_dim=64), "MLA"),
+])
+def test_kernel_problem_options(option, problem):
+    assert problem in prefill_mgpu.kernel_problem(*_shapes(), **option)
+
+
+def test_explicit_mgpu_raises_on_what_it_does_not_take():
+    args = make_case(0, [3], [70], N=4, K=2, H=128, G=64, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="mgpu kernel does not take soft caps"):
+        ragged_paged_attention(*args, backend="mgpu", soft_cap=20.0)
+    args = make_case(0, [3], [70], N=4, K=2, H=128, G=16, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="page size 16"):
+        ragged_paged_attention(*args, backend="mgpu")
+    with pytest.raises(ValueError, match="block_q"):
+        prefill_mgpu.PrefillConfig(block_q=32)
+
+
+def test_block_table_against_a_python_walk():
+    """Blocks of 4 rows over chunks of 1, 3, 4, 5 and 9 tokens (the last two at the end of longer
+    contexts), one sequence past num_seqs and 2 padding rows; pages of 2 keys."""
+    q_lens, kv_lens, bq, G, pps = [1, 3, 4, 5, 9, 2], [1, 3, 9, 12, 9, 4], 4, 2, 8
+    ns = 5
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    T = int(cu[-1]) + 2
+    meta, rows, out_rows = jax.jit(functools.partial(
+        prefill_mgpu.block_table, T=T, G=G, block_q=bq, pages_per_seq=pps))(
+        jnp.asarray(kv_lens, jnp.int32), jnp.asarray(cu), jnp.asarray([ns], jnp.int32))
+    meta, rows, out_rows = np.asarray(meta), np.asarray(rows), np.asarray(out_rows)
+    assert meta.shape == (prefill_mgpu.max_blocks(T, len(q_lens), bq), 8)
+    want = []
+    for s in range(ns):
+        for start in range(0, q_lens[s], bq):
+            pos0 = kv_lens[s] - q_lens[s] + start
+            last = min(start + bq, q_lens[s]) - 1 + kv_lens[s] - q_lens[s]     # its last row's position
+            pages = -(-(last + 1) // G)
+            free = sum(1 for j in range(pages) if (j + 1) * G - 1 <= pos0)      # every key <= every row
+            want.append([s, pos0, kv_lens[s], pages, free])
+    assert meta[:len(want), :5].tolist() == want
+    assert (meta[len(want):, 3] == 0).all()                 # blocks past the last walk no page
+    t = np.arange(int(cu[ns]))
+    np.testing.assert_array_equal(rows[out_rows[t]], t)     # the output gather undoes the q gather
+    assert (rows < T).all() and (rows >= 0).all()
+
+
+def _lowered_kernels(f, *args) -> list[str]:
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return re.findall(r'custom_call @([\w$.]+)', text)
+
+
+@pytest.mark.parametrize("H,G,block_q", [(128, 64, 64), (64, 128, 128)])
+def test_kernel_lowers_for_cuda(H, G, block_q):
+    """The whole Mosaic GPU lowering (TMA at page ids read from the table, wgmma, layouts) runs
+    in Python; the PTX compile happens on the device."""
+    args = make_case(1, [5, 70, 1], [200, 70, 90], N=8, K=2, H=H, G=G, S_cap=4, T_pad=3,
+                     dtype=jnp.bfloat16)
+    f = functools.partial(prefill_mgpu.ragged_paged_attention_mgpu, sm_scale=0.1,
+                          config=prefill_mgpu.PrefillConfig(block_q=block_q))
+    assert _lowered_kernels(f, *args) == ["mosaic_gpu_v2"]
+
+
+def _has_gpu_interpreter():
+    try:
+        prefill_mgpu.gpu_interpreter()
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not _has_gpu_interpreter(), reason="this JAX has no Mosaic GPU interpreter")
+def test_interpreted_kernel_matches_reference():
+    """A ragged batch in Mosaic GPU's interpreter (2 query heads over 1 kv head): a chunk of 5
+    at the end of 130 keys (3 pages), a whole prompt of 66 (two blocks of rows, two pages, the
+    second partial); a free table slot, 3 padding rows; NaN in every page slot nobody owns."""
+    args = make_case(1, [5, 66], [130, 66], N=2, K=1, H=64, G=64, S_cap=3, T_pad=3,
+                     dtype=jnp.bfloat16)
+    out = ragged_paged_attention(*args, sm_scale=0.1, backend="mgpu", interpret=True)
+    assert_close(out, ragged_paged_attention_reference(*args, sm_scale=0.1), TOL)
+    assert not np.asarray(out[-3:], np.float32).any()
+
+
+def _has_gpu():
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+class TestMgpuCompiled:
+    """The compiled kernel on a Hopper GPU against the reference (scripts/run_prefill_gpu.sh)."""
+
+    @pytest.mark.parametrize("N,K", [(32, 8), (32, 4), (8, 8)])
+    def test_ragged_prefill(self, N, K):
+        """Whole prompts whose lengths straddle pages and blocks, 2 padding rows."""
+        lens = [1, 63, 64, 65, 300, 2048]
+        args = make_case(60 + N + K, lens, lens, N=N, K=K, H=128, G=64, S_cap=8, T_pad=2,
+                         dtype=jnp.bfloat16)
+        out = ragged_paged_attention(*args, backend="mgpu")
+        assert_close(out, ragged_paged_attention_reference(*args), TOL)
+        assert not np.asarray(out[-2:], np.float32).any()
+
+    @pytest.mark.parametrize("block_q", [64, 128])
+    def test_chunks_at_the_end_of_cached_prefixes(self, block_q):
+        """Prefill chunks after a cached prefix, mixed with decode tokens (random table fill)."""
+        q_lens = [17, 1, 128, 200, 1, 64]
+        kv_lens = [1000, 77, 640, 1500, 4097, 64]
+        args = make_case(70 + block_q, q_lens, kv_lens, N=32, K=8, H=128, G=64, T_pad=5,
+                         dtype=jnp.bfloat16, table_fill="random")
+        out = prefill_mgpu.ragged_paged_attention_mgpu(
+            *args, sm_scale=128 ** -0.5, config=prefill_mgpu.PrefillConfig(block_q=block_q))
+        assert_close(out, ragged_paged_attention_reference(*args), TOL)
+
+    @pytest.mark.parametrize("H,G", [(64, 64), (128, 128)])
+    def test_geometries_and_page_offsets(self, H, G):
+        """Head dim 64 / page 128, and K and V as two windows of one buffer."""
+        q_lens, kv_lens = [3, 130, 64], [300, 130, 700]
+        q, k, v, *rest = make_case(80 + H + G, q_lens, kv_lens, N=16, K=4, H=H, G=G,
+                                   dtype=jnp.bfloat16)
+        buf = jnp.concatenate([k, v])
+        out = ragged_paged_attention(q, buf, buf, *rest, backend="mgpu", k_page_offset=0,
+                                     v_page_offset=k.shape[0])
+        assert_close(out, ragged_paged_attention_reference(q, k, v, *rest), TOL)
