@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 19's one-GPU check of the Mosaic GPU prefill kernel (results under $OUT):
+#   1. the gpu-marked tests of tests/pallas_kernels/test_prefill_mgpu.py (backend="mgpu"
+#      against the reference: ragged prompts, prefix-cached chunks, GQA 32/8, 32/4, 8/8);
+#   2. the prefill rows of bench_kernels (2k, 8k, 32k tokens, 1 and 4 sequences, GQA 32/8 and
+#      32/4, pages of 64: the Triton kernel "gpu" beside "mgpu") and the bf16 matmul rate.
+#   run(command="bash scripts/run_prefill_gpu.sh")          # nothing to carry
+# Each step under its own timeout (TEST_TIMEOUT, BENCH_TIMEOUT): the whole run stays under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+LOG="${OUT:-gpu_logs}"
+case "$LOG" in /*) ;; *) LOG="$ROOT/$LOG" ;; esac
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG/gpu.txt"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG/gpu.txt"
+git log --oneline -1 2>/dev/null | tee -a "$LOG/gpu.txt"
+quiet() { grep -v "^[IW][0-9]\{4\} "; }
+CROSSPOOL_TEST_ON_GPU=1 PYTHONPATH=. timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu \
+  tests/pallas_kernels/test_prefill_mgpu.py -p no:cacheprovider -rf 2>&1 | quiet > "$LOG/gpu_tests.log"
+echo "gpu tests: exit ${PIPESTATUS[0]}"; tail -30 "$LOG/gpu_tests.log"
+PYTHONPATH=. timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_kernels.py --prefill-only \
+  --json "$LOG/bench_prefill.json" 2>&1 | quiet > "$LOG/bench_prefill.log"
+echo "bench: exit ${PIPESTATUS[0]}"; grep -v "^{" "$LOG/bench_prefill.log" | tail -40
+echo "prefill run done"
