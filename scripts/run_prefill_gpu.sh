@@ -17,10 +17,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG/gpu.txt"
 git log --oneline -1 2>/dev/null | tee -a "$LOG/gpu.txt"
 quiet() { grep -v "^[IW][0-9]\{4\} "; }
-CROSSPOOL_TEST_ON_GPU=1 PYTHONPATH=. timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu \
+CROSSPOOL_TEST_ON_GPU=1 PYTHONPATH=. timeout "${TEST_TIMEOUT:-140}" python3 -m pytest -q -m gpu \
   tests/pallas_kernels/test_prefill_mgpu.py -p no:cacheprovider -rf 2>&1 | quiet > "$LOG/gpu_tests.log"
 echo "gpu tests: exit ${PIPESTATUS[0]}"; tail -30 "$LOG/gpu_tests.log"
-PYTHONPATH=. timeout "${BENCH_TIMEOUT:-240}" python3 scripts/bench_kernels.py --prefill-only \
+PYTHONPATH=. timeout "${BENCH_TIMEOUT:-300}" python3 scripts/bench_kernels.py --prefill-only \
   --json "$LOG/bench_prefill.json" 2>&1 | quiet > "$LOG/bench_prefill.log"
 echo "bench: exit ${PIPESTATUS[0]}"; grep -v "^{" "$LOG/bench_prefill.log" | tail -40
 echo "prefill run done"

@@ -27,7 +27,7 @@ import numpy as np
 
 from pallas_kernels.anchors import torch_copy_gbps
 from pallas_kernels.timing import device_time
-from pallas_kernels.ragged_paged_attention import tuning
+from pallas_kernels.ragged_paged_attention import prefill_mgpu, tuning
 from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
 
 N_HEADS, K_HEADS, HEAD_DIM = 32, 8, 128
@@ -214,6 +214,11 @@ PREFILL_SHAPES = [(n, L) for L in (2048, 8192, 32768) for n in (1, 4)]
 PREFILL_HEADS = ((32, 8), (32, 4))
 PREFILL_PAGE = 64
 MATMUL_N = 8192
+# the Mosaic GPU kernel's other schedules, timed beside backend="mgpu" (its default config)
+PREFILL_MGPU_CONFIGS = {
+    "mgpu_ws1": prefill_mgpu.PrefillConfig(warp_specialized=True),
+    "mgpu_ws2": prefill_mgpu.PrefillConfig(warp_specialized=True, compute_wgs=2),
+}
 
 
 def matmul_tflops(rows_out=None, n=MATMUL_N) -> float:
@@ -253,10 +258,12 @@ def prefill_backends() -> tuple:
 
 
 def bench_prefill(rows_out, matmul_tflops, shapes=PREFILL_SHAPES, heads=PREFILL_HEADS,
-                  G=PREFILL_PAGE, backends=None, head_dim=HEAD_DIM):
+                  G=PREFILL_PAGE, backends=None, head_dim=HEAD_DIM, mgpu_configs=PREFILL_MGPU_CONFIGS):
     """Prefill attention through ragged_paged_attention(backend=...) for each backend of
-    `backends` (default `prefill_backends()`): per (sequences x tokens, N/K heads) one row per
-    backend with its TFLOP/s and, in "frac_matmul", its ratio to `matmul_tflops` (the bf16
+    `backends` (default `prefill_backends()`), and where "mgpu" is among them the Mosaic GPU
+    kernel under each of `mgpu_configs` too (impl = its name): per (sequences x tokens, N/K
+    heads) one row per implementation with its TFLOP/s and, in "frac_matmul", its ratio to
+    `matmul_tflops` (the bf16
     matmul rate measured in the same run). FLOPs count only the causally visible pairs:
     4 * H * N * sum over sequences of q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
     (`causal_flop`). The note of every backend after the first gives its max |error| against
@@ -264,32 +271,37 @@ def bench_prefill(rows_out, matmul_tflops, shapes=PREFILL_SHAPES, heads=PREFILL_
     shapes). A backend that fails (a shape it does not take) is printed and skipped."""
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
     backends = prefill_backends() if backends is None else tuple(backends)
-    for N, K in heads:
-        for n_seqs, tokens in shapes:
-            args = prefill_inputs(jax.random.PRNGKey(n_seqs * tokens + N + K), n_seqs, tokens, N, K,
-                                  G=G, head_dim=head_dim)
-            tflop = causal_flop([tokens] * n_seqs, [tokens] * n_seqs, N, head_dim) / 1e12
-            shape = f"{n_seqs}x{tokens} N={N} K={K} H={head_dim} G={G}"
-            first = None
-            for backend in backends:
-                f = jax.jit(functools.partial(ragged_paged_attention, sm_scale=head_dim ** -0.5,
-                                              backend=backend))
+    impls = {b: functools.partial(ragged_paged_attention, sm_scale=head_dim ** -0.5, backend=b)
+             for b in backends}
+    if "mgpu" in backends:
+        impls.update({name: functools.partial(prefill_mgpu.ragged_paged_attention_mgpu,
+                                              sm_scale=head_dim ** -0.5, config=cfg)
+                      for name, cfg in mgpu_configs.items()})
+    firsts = {}                           # shape -> (impl, its output on the host)
+    for impl, f in impls.items():         # one implementation at a time: a failing one loses only its rows
+        f = jax.jit(f)
+        for N, K in heads:
+            for n_seqs, tokens in shapes:
+                args = prefill_inputs(jax.random.PRNGKey(n_seqs * tokens + N + K), n_seqs, tokens, N, K,
+                                      G=G, head_dim=head_dim)
+                tflop = causal_flop([tokens] * n_seqs, [tokens] * n_seqs, N, head_dim) / 1e12
+                shape = f"{n_seqs}x{tokens} N={N} K={K} H={head_dim} G={G}"
                 try:
-                    out = f(*args)
+                    out = np.asarray(f(*args).astype(jnp.float32))
                     timed = _time(f, *args)
                 except Exception as e:  # noqa: BLE001 - record and go on
-                    print("prefill failed", shape, backend, type(e).__name__, str(e)[:300], flush=True)
+                    print("prefill failed", shape, impl, type(e).__name__, str(e)[:300], flush=True)
                     continue
+                finally:
+                    del args
                 frac = tflop / timed[0] / matmul_tflops
                 note = f"causal, {n_seqs} seq; {100 * frac:.0f}% of bf16 matmul"
-                if first is None:
-                    first = (backend, out)
+                if shape not in firsts:
+                    firsts[shape] = (impl, out)
                 else:
-                    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - first[1].astype(jnp.float32))))
-                    note += f"; max |err| vs {first[0]} {err:.3g}"
-                _row(rows_out, "prefill", shape, backend, timed, tflop=tflop, note=note)["frac_matmul"] = frac
+                    note += f"; max |err| vs {firsts[shape][0]} {float(np.max(np.abs(out - firsts[shape][1]))):.3g}"
+                _row(rows_out, "prefill", shape, impl, timed, tflop=tflop, note=note)["frac_matmul"] = frac
                 del out
-            del args, first
 
 
 def sweep_configs(B, ctx, G, table=SWEEP):

@@ -7,35 +7,41 @@ new tokens of the sequences; sequence s owns q[cu_q_lens[s]:cu_q_lens[s+1]], the
 of its kv_lens[s]-token context (a chunk at the end of a cached prefix, or a whole prompt),
 causal within it; rows past cu_q_lens[num_seqs] come back as zeros.
 
-Blocks. Every sequence's queries are cut into blocks of `block_q` rows (its last block may
-be partial), and `block_table` lays the blocks out (plain jnp on S-sized arrays, outside the
-kernel): per block its sequence, the absolute position of its first row, the sequence's
-kv_len, its key-page count (pages up to its last row's position) and how many of them lie
-wholly at or before its first row (those need no mask). q is gathered into that block layout
-([NB * block_q, N, H], NB = cdiv(T, block_q) + S, an upper bound on the blocks; a partial
-block's spare rows repeat a real row and are dropped) and the output is gathered back, so the
-kernel's TMA copies are all whole, aligned tiles. Both gathers are one pass over q / out: small
-beside the attention of a long prefill, not for decode rows (each decode token costs a whole
-block: "auto" keeps decode on gpu.py).
+Blocks. Every sequence's queries are cut into blocks of `PrefillConfig.rows` rows (its last
+block may be partial), and `block_table` lays the blocks out (plain jnp on S-sized arrays,
+outside the kernel): per block its sequence, the absolute position of its first row, the
+sequence's kv_len and its key-page count (pages up to its last real row's position). q is
+gathered into that block layout ([NB * rows, N, H], NB = cdiv(T, rows) + S, an upper bound on
+the blocks; a partial block's spare rows repeat a real row and are dropped) and the output is
+gathered back, so the kernel's TMA copies are all whole, aligned tiles. Both gathers are one
+pass over q / out: small beside the attention of a long prefill, not for decode rows (each
+decode token costs a whole block: "auto" keeps decode on gpu.py).
 
 Grid (N, NB): one program per (query head, block), the heads fastest so the programs of one
-GQA group run side by side and read the same K/V pages from L2. A program is one warpgroup:
-its q tile [block_q, H] is copied once; the sequence's pages are walked one page of G keys per
-step through the page table (a scalar read of page_indices, clamped, plus the static page
-offset), each page's K and V tile [G, H] (pool[page, :, kv_head, :], a strided 2-D TMA box)
-copied into a 2-slot ring while the previous page is computed; S = q K^T and O += P V by
-wgmma, online softmax in float32 (base 2, sm_scale * log2(e) folded into the scores); the
-pages at or before the block's first row run unmasked, the rest under the causal and
-kv_len mask. The output tile goes back through shared memory by TMA.
+GQA group run side by side and read the same K/V pages from L2. The sequence's pages are
+walked one page of G keys per step through the page table (a scalar read of page_indices,
+clamped, plus the static page offset): each page's K and V tile [G, H] (pool[page, :, kv_head,
+:], a strided 2-D TMA box) lands in a ring of `num_slots` shared-memory slots, signalled by a
+barrier per slot. A compute warpgroup owns `block_q` rows: its q tile is copied once; per page
+S = q K^T and P V by wgmma, online softmax in float32 (base 2, sm_scale * log2(e) folded into
+the scores); the pages wholly at or before its first row run unmasked, the rest under the
+causal and kv_len mask (`warpgroup_pages`); a page's V slots past kv_len are zeroed in shared
+memory first (0 * NaN would be NaN), so stale or NaN slots never reach the output. Its output
+tile goes back through shared memory by TMA. Two schedules (`PrefillConfig`):
+- one warpgroup (default): it issues the first num_slots pages' copies, then refills a slot
+  with page step + num_slots as soon as it is done with page step;
+- warp_specialized: a producer warpgroup (40 registers) issues every copy, waiting for a
+  slot's "free" barrier, which each of `compute_wgs` (1 or 2) compute warpgroups arrives on
+  once per page, computed or not (the first warpgroup's rows need fewer pages than the
+  second's); as FlashAttention-3 splits memory and compute, without its ping-pong of the two
+  compute warpgroups' softmax and wgmma.
 
 Not taken (the caller falls back to gpu.py; an explicit backend="mgpu" raises, see
 `kernel_problem`): soft caps, sliding windows, attention sinks, MLA's latent form, float32,
-head dims other than 64 / 128, page sizes other than 64 / 128. The key slots of a sequence's
-last page past its kv_len are masked in the scores, but their V rows still enter the P.V
-product with weight 0, so they must be finite (a NaN there would reach the output; pages no
-sequence reads are never touched). Not yet: the K/V of a GQA group shared in one program
-(its query heads as rows of one tile), warp specialisation (a producer warpgroup for the TMA
-copies and two consumer warpgroups, as FlashAttention-3 does), a persistent grid.
+head dims other than 64 / 128, page sizes other than 64 / 128. Not yet: the K/V of a GQA
+group shared in one program (its query heads as rows of one tile), the page table row read
+into shared memory once, the compute warpgroups' ping-pong, a persistent grid; "auto" does
+not pick this kernel until a GPU measures it (bench.bench_prefill).
 
 Interpret mode (`interpret=True`): Mosaic GPU's interpreter (a private module of JAX 0.10,
 `gpu_interpreter`) runs the kernel on a CPU: its block table, page walk, TMA copies, barriers,
@@ -65,16 +71,28 @@ _SWIZZLE = 128                                  # bytes: 64 bf16 columns per swi
 
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
-    """Tiling of the kernel: `block_q` query rows per program (64 per wgmma; 64 or 128) and
-    `num_slots` K/V pages in flight (a ring of shared-memory slots, >= 2)."""
+    """Tiling of the kernel. `block_q`: query rows per compute warpgroup (64 per wgmma; 64 or
+    128). `num_slots`: K/V pages in flight (a ring of shared-memory slots, >= 2).
+    `warp_specialized`: a producer warpgroup issues the TMA copies and `compute_wgs` (1 or 2)
+    warpgroups compute, each on its own block_q rows of the program's block; without it one
+    warpgroup does both (compute_wgs must be 1)."""
     block_q: int = 64
     num_slots: int = 2
+    warp_specialized: bool = False
+    compute_wgs: int = 1
 
     def __post_init__(self):
         if self.block_q not in (64, 128):
             raise ValueError(f"block_q must be 64 or 128, got {self.block_q}")
         if self.num_slots < 2:
             raise ValueError(f"num_slots must be >= 2, got {self.num_slots}")
+        if self.compute_wgs not in (1, 2) or (self.compute_wgs > 1 and not self.warp_specialized):
+            raise ValueError(f"compute_wgs must be 1, or 2 with warp_specialized, got {self.compute_wgs}")
+
+    @property
+    def rows(self) -> int:
+        """Query rows per program."""
+        return self.block_q * self.compute_wgs
 
 
 DEFAULT_CONFIG = PrefillConfig()
@@ -122,8 +140,8 @@ def max_blocks(T: int, S: int, block_q: int) -> int:
 def block_table(kv_lens_S, cu_q_lens_S1, num_seqs, *, T: int, G: int, block_q: int, pages_per_seq: int):
     """The blocks' layout (traced, plain jnp): (meta [NB, 8] int32, rows [NB * block_q], out_rows [T]).
 
-    meta per block: sequence, position of its first row, kv_len, key pages to walk, pages
-    walked unmasked, then zeros; a block past the last has 0 pages. rows: the q row each block
+    meta per block: sequence, position of its first row, kv_len, key pages to walk (up to its
+    last real row), then zeros; a block past the last has 0 pages. rows: the q row each block
     row reads (spare rows of a partial block repeat its sequence's last row). out_rows: the
     block row each token's output comes from."""
     S = kv_lens_S.shape[0]
@@ -144,9 +162,8 @@ def block_table(kv_lens_S, cu_q_lens_S1, num_seqs, *, T: int, G: int, block_q: i
     last_B = jnp.minimum(start_B + block_q, ql_B) - 1           # last real row, within the chunk
     keys_B = jnp.minimum(kv_B - ql_B + last_B + 1, kv_B)
     pages_B = jnp.where(live_B, jnp.minimum((keys_B + G - 1) // G, pages_per_seq), 0)
-    free_B = jnp.minimum(jnp.minimum(pos0_B + 1, kv_B) // G, pages_B)
     zeros = jnp.zeros_like(b)
-    meta = jnp.stack([seq_B, pos0_B, kv_B, pages_B, free_B, zeros, zeros, zeros], axis=1)
+    meta = jnp.stack([seq_B, pos0_B, kv_B, pages_B, zeros, zeros, zeros, zeros], axis=1)
     r = jnp.arange(block_q, dtype=jnp.int32)
     within = jnp.minimum(start_B[:, None] + r[None, :], jnp.maximum(ql_B[:, None] - 1, 0))
     rows = jnp.clip(cu_q_lens_S1[seq_B][:, None] + within, 0, T - 1).reshape(-1)
@@ -157,14 +174,23 @@ def block_table(kv_lens_S, cu_q_lens_S1, num_seqs, *, T: int, G: int, block_q: i
     return meta.astype(jnp.int32), rows, jnp.clip(out_rows, 0, NB * block_q - 1)
 
 
+def warpgroup_pages(pos, kv_len, n_pages, block_q: int, G: int):
+    """(pages, unmasked pages) of the compute warpgroup whose block_q rows start at position
+    `pos`, in a block that walks n_pages: the pages up to its last row's keys, and those whose
+    keys are all at or before its first row and below kv_len (ints or traced scalars)."""
+    pages = jnp.minimum(n_pages, (jnp.minimum(kv_len, pos + block_q) + G - 1) // G)
+    return pages, jnp.minimum(jnp.minimum(pos + 1, kv_len) // G, pages)
+
+
 def _kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, q_bar, k_bar,
-            v_bar, *, sm_scale, R, G, block_q, num_slots, k_page_offset, v_page_offset, max_page,
-            interpret):
+            v_bar, free_bar, *, sm_scale, R, G, cfg, k_page_offset, v_page_offset, max_page, interpret):
     # meta_ref [NB, 8] int32 (GMEM): block_table's rows
     # table_ref [S, pages_per_seq] int32 (GMEM): page ids
-    # q_ref / o_ref [NB * block_q, N, H] (GMEM): queries / outputs in block layout
+    # q_ref / o_ref [NB * cfg.rows, N, H] (GMEM): queries / outputs in block layout
     # k_ref / v_ref [P, G, K, H] (GMEM): the pool
-    # q_smem [block_q, H]; k_smem / v_smem [num_slots, G, H]; barriers: q 1, k / v num_slots
+    # q_smem [compute_wgs, block_q, H]; k_smem / v_smem [num_slots, G, H]
+    # barriers: q [compute_wgs]; k / v [num_slots] (a page landed); free_bar [num_slots]
+    #   (warp_specialized: every compute warpgroup is done with the slot's page; else None)
     h = lax.axis_index("heads")
     blk = lax.axis_index("blocks")
     kv_head = lax.div(h, jnp.int32(R))
@@ -172,10 +198,9 @@ def _kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_s
     pos0 = meta_ref[blk, 1]
     kv_len = meta_ref[blk, 2]
     n_pages = meta_ref[blk, 3]
-    n_free = meta_ref[blk, 4]
+    bq, slots = cfg.block_q, cfg.num_slots
     H = q_smem.shape[-1]
     dtype = q_smem.dtype
-    rows = pl.ds(blk * block_q, block_q)
     # register layouts (wgmma's); Mosaic GPU's interpreter runs without them
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
 
@@ -184,65 +209,110 @@ def _kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_s
         plgpu.copy_gmem_to_smem(k_ref.at[page + k_page_offset, :, kv_head], k_smem.at[slot], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[page + v_page_offset, :, kv_head], v_smem.at[slot], v_bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(q_ref.at[rows, h], q_smem, q_bar.at[0])
-    for s in range(num_slots):
-        pl.when(s < n_pages)(functools.partial(fetch, s, s))
-    plgpu.barrier_wait(q_bar.at[0])
+    def first_fetches():
+        for s in range(slots):
+            pl.when(s < n_pages)(functools.partial(fetch, s, s))
 
-    def step_fn(step, carry, masked: bool):
-        acc, m_i, l_i = carry
-        slot = lax.rem(step, jnp.int32(num_slots))
-        plgpu.barrier_wait(k_bar.at[slot])
+    def compute(wg, release):
+        """One compute warpgroup: rows [wg * bq, (wg + 1) * bq) of the block; release(step, slot)
+        after each page it is done with (every page of the block, computed or not)."""
+        rows = pl.ds(blk * cfg.rows + wg * bq, bq)
+        q_tile = q_smem.at[wg]
+        pos = pos0 + wg * bq                                    # its first row's position
+        pages, free = warpgroup_pages(pos, kv_len, n_pages, bq, G)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows, h], q_tile, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
 
-        def qk_scope(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-            return acc_ref[...]
-        if interpret:       # the interpreter's wgmma takes no transposed operand
-            s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
-        else:
-            s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, G), jnp.float32))
-        s = s * (sm_scale * _LOG2E)
-        if masked:
-            row = cast(lax.broadcasted_iota(jnp.int32, (block_q, G), 0), plgpu.Layout.WGMMA)
-            col = cast(lax.broadcasted_iota(jnp.int32, (block_q, G), 1), plgpu.Layout.WGMMA)
-            key = col + step * G
-            s = jnp.where((key <= row + pos0) & (key < kv_len), s, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        plgpu.barrier_wait(v_bar.at[slot])
-        if masked:
-            @pl.when((step + 1) * G > kv_len)
-            def _zero_v_tail():         # slots past kv_len: weight 0, but 0 * NaN is NaN
-                key = cast(lax.broadcasted_iota(jnp.int32, (G, H), 0), plgpu.Layout.WGMMA) + step * G
-                v_smem[slot] = jnp.where(key < kv_len, v_smem[slot], jnp.zeros((G, H), dtype))
-                plgpu.commit_smem()
+        def step_fn(step, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(step, jnp.int32(slots))
+            plgpu.barrier_wait(k_bar.at[slot])
 
-        def pv_scope(acc_ref):
-            plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-            return acc_ref[...]
-        if interpret:       # nor an operand in registers
-            pv = jnp.dot(p.astype(dtype), v_smem[slot], preferred_element_type=jnp.float32)
-        else:
-            pv = pl.run_scoped(pv_scope, plgpu.ACC((block_q, H), jnp.float32))
-        acc = acc + pv
-        nxt = step + num_slots                                   # the slot is free again
-        pl.when(nxt < n_pages)(lambda: fetch(nxt, slot))
-        return acc, m_new, l_i
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return acc_ref[...]
+            if interpret:       # the interpreter's wgmma takes no transposed operand
+                s = lax.dot_general(q_tile[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+            else:
+                s = pl.run_scoped(qk_scope, plgpu.ACC((bq, G), jnp.float32))
+            s = s * (sm_scale * _LOG2E)
+            if masked:
+                row = cast(lax.broadcasted_iota(jnp.int32, (bq, G), 0), plgpu.Layout.WGMMA)
+                col = cast(lax.broadcasted_iota(jnp.int32, (bq, G), 1), plgpu.Layout.WGMMA)
+                key = col + step * G
+                s = jnp.where((key <= row + pos) & (key < kv_len), s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(v_bar.at[slot])
+            if masked:
+                @pl.when((step + 1) * G > kv_len)
+                def _zero_v_tail():     # slots past kv_len: weight 0, but 0 * NaN is NaN
+                    # (with 2 compute warpgroups both write the same zeros)
+                    key = cast(lax.broadcasted_iota(jnp.int32, (G, H), 0), plgpu.Layout.WGMMA) + step * G
+                    v_smem[slot] = jnp.where(key < kv_len, v_smem[slot], jnp.zeros((G, H), dtype))
+                    plgpu.commit_smem()
 
-    m_i = cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    l_i = cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = cast(jnp.full((block_q, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-    carry = lax.fori_loop(0, n_free, functools.partial(step_fn, masked=False), (acc, m_i, l_i))
-    acc, m_i, l_i = lax.fori_loop(n_free, n_pages, functools.partial(step_fn, masked=True), carry)
-    l_i = jnp.where(l_i == 0.0, 1.0, l_i)                       # a block past the last: no keys
-    q_smem[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[rows, h])
-    plgpu.wait_smem_to_gmem(0)
+            def pv_scope(acc_ref):
+                plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+                return acc_ref[...]
+            if interpret:       # nor an operand in registers
+                pv = jnp.dot(p.astype(dtype), v_smem[slot], preferred_element_type=jnp.float32)
+            else:
+                pv = pl.run_scoped(pv_scope, plgpu.ACC((bq, H), jnp.float32))
+            release(step, slot)
+            return acc + pv, m_new, l_i
+
+        def skip(step, _):              # a page only a later warpgroup's rows see
+            slot = lax.rem(step, jnp.int32(slots))
+            plgpu.barrier_wait(k_bar.at[slot])     # every phase observed before the slot is reused
+            plgpu.barrier_wait(v_bar.at[slot])
+            release(step, slot)
+
+        m_i = cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = cast(jnp.full((bq, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        carry = lax.fori_loop(0, free, functools.partial(step_fn, masked=False), (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(free, pages, functools.partial(step_fn, masked=True), carry)
+        if cfg.warp_specialized:
+            lax.fori_loop(pages, n_pages, skip, None)            # the block's later pages
+        l_i = jnp.where(l_i == 0.0, 1.0, l_i)                   # a block past the last: no keys
+        q_tile[...] = (acc / lax.broadcast_in_dim(l_i, acc.shape, [0])).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[rows, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    if not cfg.warp_specialized:
+        def refill(step, slot):                                 # the slot is free again
+            nxt = step + slots
+            pl.when(nxt < n_pages)(lambda: fetch(nxt, slot))
+        first_fetches()
+        compute(0, refill)
+        return
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < cfg.compute_wgs)
+    def _compute():
+        plgpu.set_max_registers(232 if cfg.compute_wgs == 2 else 240, action="increase")
+        compute(wg, lambda step, slot: plgpu.barrier_arrive(free_bar.at[slot]))
+
+    @pl.when(wg == cfg.compute_wgs)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+        first_fetches()
+
+        def next_page(step, _):
+            slot = lax.rem(step, jnp.int32(slots))
+            plgpu.barrier_wait(free_bar.at[slot])
+            fetch(step, slot)
+
+        def drain(step, _):             # the last pages' releases: every phase observed
+            plgpu.barrier_wait(free_bar.at[lax.rem(step, jnp.int32(slots))])
+        lax.fori_loop(slots, n_pages, next_page, None)
+        lax.fori_loop(jnp.maximum(n_pages - slots, 0), n_pages, drain, None)
 
 
 def ragged_paged_attention_mgpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, page_indices_SP,
@@ -258,33 +328,37 @@ def ragged_paged_attention_mgpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pa
     T, N, H = q_TNH.shape
     P, G, K, _ = k_pages_PGKH.shape
     S, pages_per_seq = page_indices_SP.shape
-    bq = cfg.block_q
-    NB = max_blocks(T, S, bq)
+    NB = max_blocks(T, S, cfg.rows)
     sm_scale = H ** -0.5 if sm_scale is None else float(sm_scale)
-    meta, rows, out_rows = block_table(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, G=G, block_q=bq,
+    meta, rows, out_rows = block_table(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, G=G, block_q=cfg.rows,
                                        pages_per_seq=pages_per_seq)
-    q_blocks = q_TNH[rows]                                        # [NB * bq, N, H]
+    q_blocks = q_TNH[rows]                                        # [NB * rows, N, H]
     tiles = dict(transforms=(plgpu.TilingTransform((8, _SWIZZLE // q_TNH.dtype.itemsize)),
                              plgpu.SwizzleTransform(_SWIZZLE)))
     body = functools.partial(
-        _kernel, sm_scale=sm_scale, R=N // K, G=G, block_q=bq, num_slots=cfg.num_slots,
-        k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset),
-        max_page=P - 1 - max(int(k_page_offset), int(v_page_offset)), interpret=bool(interpret))
+        _kernel, sm_scale=sm_scale, R=N // K, G=G, cfg=cfg, k_page_offset=int(k_page_offset),
+        v_page_offset=int(v_page_offset), max_page=P - 1 - max(int(k_page_offset), int(v_page_offset)),
+        interpret=bool(interpret))
+    threads = dict(num_threads=cfg.compute_wgs + 1, thread_name="wg") if cfg.warp_specialized else {}
+    free_bar = (plgpu.Barrier(num_arrivals=cfg.compute_wgs, num_barriers=cfg.num_slots)
+                if cfg.warp_specialized else None)
     out_blocks = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((NB * bq, N, H), q_TNH.dtype),
+        out_type=jax.ShapeDtypeStruct((NB * cfg.rows, N, H), q_TNH.dtype),
         grid=(N, NB),
         grid_names=("heads", "blocks"),
         scratch_types=[
-            plgpu.SMEM((bq, H), q_TNH.dtype, **tiles),
+            plgpu.SMEM((cfg.compute_wgs, cfg.block_q, H), q_TNH.dtype, **tiles),
             plgpu.SMEM((cfg.num_slots, G, H), q_TNH.dtype, **tiles),
             plgpu.SMEM((cfg.num_slots, G, H), q_TNH.dtype, **tiles),
-            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_barriers=cfg.compute_wgs),
             plgpu.Barrier(num_barriers=cfg.num_slots),
             plgpu.Barrier(num_barriers=cfg.num_slots),
+            free_bar,
         ],
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=gpu_interpreter() if interpret else None,
+        **threads,
     )(meta, page_indices_SP, q_blocks, k_pages_PGKH, v_pages_PGKH)
     valid_T = jnp.arange(T, dtype=jnp.int32) < cu_q_lens_S1[jnp.reshape(num_seqs, ())]
     return jnp.where(valid_T[:, None, None], out_blocks[out_rows], 0).astype(q_TNH.dtype)

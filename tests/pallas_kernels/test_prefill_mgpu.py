@@ -98,6 +98,8 @@ def test_explicit_mgpu_raises_on_what_it_does_not_take():
         ragged_paged_attention(*args, backend="mgpu")
     with pytest.raises(ValueError, match="block_q"):
         prefill_mgpu.PrefillConfig(block_q=32)
+    with pytest.raises(ValueError, match="compute_wgs"):
+        prefill_mgpu.PrefillConfig(compute_wgs=2)
 
 
 def test_block_table_against_a_python_walk():
@@ -117,14 +119,26 @@ def test_block_table_against_a_python_walk():
         for start in range(0, q_lens[s], bq):
             pos0 = kv_lens[s] - q_lens[s] + start
             last = min(start + bq, q_lens[s]) - 1 + kv_lens[s] - q_lens[s]     # its last row's position
-            pages = -(-(last + 1) // G)
-            free = sum(1 for j in range(pages) if (j + 1) * G - 1 <= pos0)      # every key <= every row
-            want.append([s, pos0, kv_lens[s], pages, free])
-    assert meta[:len(want), :5].tolist() == want
+            want.append([s, pos0, kv_lens[s], -(-(last + 1) // G)])
+    assert meta[:len(want), :4].tolist() == want
     assert (meta[len(want):, 3] == 0).all()                 # blocks past the last walk no page
     t = np.arange(int(cu[ns]))
     np.testing.assert_array_equal(rows[out_rows[t]], t)     # the output gather undoes the q gather
     assert (rows < T).all() and (rows >= 0).all()
+
+
+@pytest.mark.parametrize("pos,kv_len,n_pages", [(0, 1, 1), (5, 300, 40), (64, 200, 4), (130, 131, 3),
+                                                 (127, 2000, 3), (190, 200, 4)])
+def test_warpgroup_pages_against_a_python_walk(pos, kv_len, n_pages):
+    """A compute warpgroup's 64 rows from `pos`, pages of 64 keys: it walks the pages holding a
+    key its last row sees (no more than the block's), and runs unmasked those whose keys every
+    one of its rows sees."""
+    bq, G = 64, 64
+    last = min(pos + bq - 1, kv_len - 1)
+    pages = min(n_pages, -(-(last + 1) // G))
+    free = sum(1 for j in range(pages) if (j + 1) * G - 1 <= pos and (j + 1) * G <= kv_len)
+    got = prefill_mgpu.warpgroup_pages(jnp.int32(pos), jnp.int32(kv_len), jnp.int32(n_pages), bq, G)
+    assert [int(x) for x in got] == [pages, free]
 
 
 def _lowered_kernels(f, *args) -> list[str]:
@@ -132,14 +146,17 @@ def _lowered_kernels(f, *args) -> list[str]:
     return re.findall(r'custom_call @([\w$.]+)', text)
 
 
-@pytest.mark.parametrize("H,G,block_q", [(128, 64, 64), (64, 128, 128)])
-def test_kernel_lowers_for_cuda(H, G, block_q):
-    """The whole Mosaic GPU lowering (TMA at page ids read from the table, wgmma, layouts) runs
-    in Python; the PTX compile happens on the device."""
+@pytest.mark.parametrize("H,G,cfg", [
+    (128, 64, prefill_mgpu.PrefillConfig()),
+    (64, 128, prefill_mgpu.PrefillConfig(block_q=128, num_slots=3)),
+    (128, 64, prefill_mgpu.PrefillConfig(warp_specialized=True, compute_wgs=2)),
+])
+def test_kernel_lowers_for_cuda(H, G, cfg):
+    """The whole Mosaic GPU lowering (TMA at page ids read from the table, wgmma, layouts, the
+    producer / consumer barriers) runs in Python; the PTX compile happens on the device."""
     args = make_case(1, [5, 70, 1], [200, 70, 90], N=8, K=2, H=H, G=G, S_cap=4, T_pad=3,
                      dtype=jnp.bfloat16)
-    f = functools.partial(prefill_mgpu.ragged_paged_attention_mgpu, sm_scale=0.1,
-                          config=prefill_mgpu.PrefillConfig(block_q=block_q))
+    f = functools.partial(prefill_mgpu.ragged_paged_attention_mgpu, sm_scale=0.1, config=cfg)
     assert _lowered_kernels(f, *args) == ["mosaic_gpu_v2"]
 
 
@@ -170,6 +187,11 @@ def _has_gpu():
         return False
 
 
+# the schedules and block sizes the benchmark times (bench.PREFILL_MGPU_CONFIGS)
+CONFIGS = [prefill_mgpu.PrefillConfig(), prefill_mgpu.PrefillConfig(block_q=128, num_slots=3),
+           *bench.PREFILL_MGPU_CONFIGS.values()]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
 class TestMgpuCompiled:
@@ -185,15 +207,15 @@ class TestMgpuCompiled:
         assert_close(out, ragged_paged_attention_reference(*args), TOL)
         assert not np.asarray(out[-2:], np.float32).any()
 
-    @pytest.mark.parametrize("block_q", [64, 128])
-    def test_chunks_at_the_end_of_cached_prefixes(self, block_q):
-        """Prefill chunks after a cached prefix, mixed with decode tokens (random table fill)."""
+    @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+    def test_chunks_at_the_end_of_cached_prefixes(self, cfg):
+        """Prefill chunks after a cached prefix, mixed with decode tokens (random table fill),
+        under each schedule and block size."""
         q_lens = [17, 1, 128, 200, 1, 64]
         kv_lens = [1000, 77, 640, 1500, 4097, 64]
-        args = make_case(70 + block_q, q_lens, kv_lens, N=32, K=8, H=128, G=64, T_pad=5,
+        args = make_case(70 + cfg.rows, q_lens, kv_lens, N=32, K=8, H=128, G=64, T_pad=5,
                          dtype=jnp.bfloat16, table_fill="random")
-        out = prefill_mgpu.ragged_paged_attention_mgpu(
-            *args, sm_scale=128 ** -0.5, config=prefill_mgpu.PrefillConfig(block_q=block_q))
+        out = prefill_mgpu.ragged_paged_attention_mgpu(*args, sm_scale=128 ** -0.5, config=cfg)
         assert_close(out, ragged_paged_attention_reference(*args), TOL)
 
     @pytest.mark.parametrize("H,G", [(64, 64), (128, 128)])
