@@ -17,8 +17,9 @@ gathered back, so the kernel's TMA copies are all whole, aligned tiles. Both gat
 pass over q / out: small beside the attention of a long prefill, not for decode rows (each
 decode token costs a whole block: "auto" keeps decode on gpu.py).
 
-Grid (N, NB): one program per (query head, block), the heads fastest so the programs of one
-GQA group run side by side and read the same K/V pages from L2. The sequence's pages are
+Grid (NB, N): one program per (block, query head), the heads fastest so the programs of one
+GQA group run side by side and read the same K/V pages from L2, the blocks in reverse order
+(a sequence's later blocks walk more pages under the causal mask: the longest start first). The sequence's pages are
 walked one page of G keys per step through the page table (a scalar read of page_indices,
 clamped, plus the static page offset): each page's K and V tile [G, H] (pool[page, :, kv_head,
 :], a strided 2-D TMA box) lands in a ring of `num_slots` shared-memory slots, signalled by a
@@ -66,6 +67,7 @@ HEAD_DIMS = (64, 128)
 PAGE_SIZES = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 _LOG2E = math.log2(math.e)
+MAX_GRID_Y = 65535                              # CUDA's limit on the blocks axis
 _SWIZZLE = 128                                  # bytes: 64 bf16 columns per swizzled row
 
 
@@ -183,7 +185,8 @@ def warpgroup_pages(pos, kv_len, n_pages, block_q: int, G: int):
 
 
 def _kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, q_bar, k_bar,
-            v_bar, free_bar, *, sm_scale, R, G, cfg, k_page_offset, v_page_offset, max_page, interpret):
+            v_bar, free_bar, *, sm_scale, R, G, cfg, num_blocks, k_page_offset, v_page_offset, max_page,
+            interpret):
     # meta_ref [NB, 8] int32 (GMEM): block_table's rows
     # table_ref [S, pages_per_seq] int32 (GMEM): page ids
     # q_ref / o_ref [NB * cfg.rows, N, H] (GMEM): queries / outputs in block layout
@@ -192,7 +195,7 @@ def _kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_s
     # barriers: q [compute_wgs]; k / v [num_slots] (a page landed); free_bar [num_slots]
     #   (warp_specialized: every compute warpgroup is done with the slot's page; else None)
     h = lax.axis_index("heads")
-    blk = lax.axis_index("blocks")
+    blk = num_blocks - 1 - lax.axis_index("blocks")     # later blocks (more pages) start first
     kv_head = lax.div(h, jnp.int32(R))
     seq = meta_ref[blk, 0]
     pos0 = meta_ref[blk, 1]
@@ -329,6 +332,9 @@ def ragged_paged_attention_mgpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pa
     P, G, K, _ = k_pages_PGKH.shape
     S, pages_per_seq = page_indices_SP.shape
     NB = max_blocks(T, S, cfg.rows)
+    if NB > MAX_GRID_Y:
+        raise ValueError(f"the mgpu kernel takes at most {MAX_GRID_Y} query blocks of {cfg.rows} rows "
+                         f"(CUDA's grid y), got {NB} for {T} tokens over {S} sequences")
     sm_scale = H ** -0.5 if sm_scale is None else float(sm_scale)
     meta, rows, out_rows = block_table(kv_lens_S, cu_q_lens_S1, num_seqs, T=T, G=G, block_q=cfg.rows,
                                        pages_per_seq=pages_per_seq)
@@ -336,7 +342,7 @@ def ragged_paged_attention_mgpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pa
     tiles = dict(transforms=(plgpu.TilingTransform((8, _SWIZZLE // q_TNH.dtype.itemsize)),
                              plgpu.SwizzleTransform(_SWIZZLE)))
     body = functools.partial(
-        _kernel, sm_scale=sm_scale, R=N // K, G=G, cfg=cfg, k_page_offset=int(k_page_offset),
+        _kernel, sm_scale=sm_scale, R=N // K, G=G, cfg=cfg, num_blocks=NB, k_page_offset=int(k_page_offset),
         v_page_offset=int(v_page_offset), max_page=P - 1 - max(int(k_page_offset), int(v_page_offset)),
         interpret=bool(interpret))
     threads = dict(num_threads=cfg.compute_wgs + 1, thread_name="wg") if cfg.warp_specialized else {}
@@ -345,8 +351,8 @@ def ragged_paged_attention_mgpu(q_TNH, k_pages_PGKH, v_pages_PGKH, kv_lens_S, pa
     out_blocks = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((NB * cfg.rows, N, H), q_TNH.dtype),
-        grid=(N, NB),
-        grid_names=("heads", "blocks"),
+        grid=(NB, N),                   # the last axis is CUDA's x, the fastest
+        grid_names=("blocks", "heads"),
         scratch_types=[
             plgpu.SMEM((cfg.compute_wgs, cfg.block_q, H), q_TNH.dtype, **tiles),
             plgpu.SMEM((cfg.num_slots, G, H), q_TNH.dtype, **tiles),
