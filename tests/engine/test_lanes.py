@@ -35,8 +35,8 @@ def _mix():
             ([2, 4, 6, 8, 10], "b", sampled), ([3, 1], "a", sampled), ([7, 7, 7], "b", scored)]
 
 
-def _run(llm):
-    mix = _mix()
+def _run(llm, mix=None):
+    mix = mix or _mix()
     outs = llm.generate([p for p, _, _ in mix], [params for _, _, params in mix], model=[m for _, m, _ in mix],
                         use_tqdm=False)
     for o in outs:
@@ -93,20 +93,22 @@ def test_crosspool_split_runs_one_architectures_models_as_lanes(models, alone):
     """The CrossPool split (1 KV + 1 weight device): the two Mixtrals share one program (their
     places in the arena are its data) and run as its two lanes (lane counts (1, 2) by default,
     on a CPU too: the split's step has two micro-batches anyway), each getting the tokens it gets
-    alone on the placed path, in fewer programs than model steps; after the warm-up, greedy and
-    sampled requests (logprobs, penalties, multi-step decode) compile nothing."""
+    alone on the placed path, in fewer programs than model steps; after the CPU's default warm-up
+    (no logprobs variants: the mix leaves its logprobs request out; the test above warms every
+    variant of the placed lanes), greedy and sampled requests (penalties, multi-step decode)
+    compile nothing."""
     tokens_alone, _ = alone
     llm = LLM(models, mode="crosspool", kv_devices=1, weight_devices=1,
               **{k: v for k, v in ENGINE.items() if k != "mode"})
     menus = {name: llm.engine.registry.get(name).menu for name in models}
     assert menus["a"].lane_counts == menus["b"].lane_counts == (1, 2) and menus["q"].lane_counts == (1,)
-    assert llm.engine.warm_up(variants=True)["compiles"] > 0
+    assert llm.engine.warm_up(variants=False)["compiles"] > 0
+    mix = [m for m in _mix() if not m[2].logprobs]
+    assert len(mix) == len(_mix()) - 1
     before = compile_counter().count
-    tokens = _run(llm)
+    tokens = _run(llm, mix)
     assert compile_counter().count == before
-    assert [t for t, _ in tokens] == [t for t, _ in tokens_alone]
-    for (_, lps), (_, lps_alone) in zip(tokens, tokens_alone):
-        assert lps == pytest.approx(lps_alone, abs=2e-4)
+    assert tokens == [t for t, m in zip(tokens_alone, _mix()) if not m[2].logprobs]
     stats = llm.engine.runner.stats
     assert stats.dispatches < stats.steps
 
