@@ -60,8 +60,8 @@ ragged batch.
 5. Models in flight (`schedule(busy_models=, split_models=)`, the engine's `pipeline_models`):
    a model whose previous step is still running on the device is left out of this step (its
    running requests wait without counting as unscheduled for multi-step decode; its queue is
-   not admitted from, though a waiting request still keeps steps at one token), and with split_models a step takes at most half (rounded up) of the models with
-   work, the least recently scheduled first, so consecutive steps alternate between halves.
+   not admitted from, though a waiting request still keeps steps at one token), and with
+   split_models a step takes at most half (rounded up) of the models with work, the least recently scheduled first, so consecutive steps alternate between halves.
    Results that come back for a request preempted or finished since its chunk was scheduled
    are dropped (`is_current`).
 
@@ -110,7 +110,8 @@ class SchedulerConfig:
         value = self.tbt_budget_s
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                   or not math.isfinite(value) or value <= 0):
-            raise ValueError(f"SchedulerConfig.tbt_budget_s must be a positive number of seconds or None, got {value!r}")
+            raise ValueError(f"SchedulerConfig.tbt_budget_s must be a positive number of seconds or None, "
+                             f"got {value!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"SchedulerConfig.enable_prefix_caching must be a bool, "
                              f"got {self.enable_prefix_caching!r}")
@@ -352,8 +353,8 @@ class Scheduler:
     def schedule(self, busy_models: frozenset = frozenset(), split_models: bool = False) -> SchedulerOutput:
         """One step (module docstring). busy_models: models with a step in flight, left out of
         this one (their running requests neither run nor count as unscheduled for multi-step
-        decode; their queues are not admitted from). split_models: of the W models with work (running or waiting requests, busy
-        ones included), this step takes at most ceil(W / 2), the least recently scheduled first,
+        decode; their queues are not admitted from). split_models: of the W models with work
+        (running or waiting requests, busy ones included), this step takes at most ceil(W / 2), the least recently scheduled first,
         so that models alternate between consecutive steps (the engine's `pipeline_models`)."""
         self._num_schedules += 1
         budget = self.config.max_num_batched_tokens

@@ -11,8 +11,9 @@ layer has the same FFN kind) and returns the hidden states after the final norm;
 per layer: each layer's experts reach `fused_moe` as `ExpertRows.of_stack(w, l)`, and its other
 matrices (`MATRIX_LEAVES`: the projections, the router, dense and shared-expert FFNs; those the
 kernels tile, `reads_in_place`) reach `_matmul` as one-group ExpertRows, which the GPU kernels
-read in place (a sliced layer is a copy on a GPU: one layer of Mixtral-8x7B's experts is 2.8 GB, of Qwen3-30B-A3B's q/k/v/o
-projections 38 MB); the reference and TPU paths materialise the slice as before.
+read in place (a sliced layer is a copy on a GPU: one layer of Mixtral-8x7B's experts is 2.8 GB,
+of Qwen3-30B-A3B's q/k/v/o projections 38 MB; q, k and v in one launch); the reference and TPU
+paths materialise the slice.
 
 The families differ by config-driven branches resolved at trace time, in this one forward:
 
