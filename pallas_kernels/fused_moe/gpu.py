@@ -13,8 +13,9 @@ The grouped matmul and gate/up kernels run over the padded tile layout of layout
 (tile i, column block j); the tile's group comes from `tile_group_I[i]` (an int load), tiles
 >= num_active do nothing, so experts without rows are never read. `layer_matmul` (matrices of
 one K side by side, no groups) has a grid (row tile, column block, K split) and no layout. K
-is looped inside the program in `block_k` chunks (Triton software-pipelines that loop `num_stages` deep). Operands are passed whole and sliced
-with `pl.ds` (block shapes must be powers of two in this lowering; F = 768 or 14336 is not).
+is looped inside the program in `block_k` chunks (Triton software-pipelines that loop
+`num_stages` deep). Operands are passed whole and sliced with `pl.ds` (block shapes must be
+powers of two in this lowering; F = 768 or 14336 is not).
 The weights arrive as `ExpertRows` (expert_rows.py): the whole buffer as rows [R, N] plus the
 stack's first row (an int32[1] operand), so a layer of a stacked weight or a shard inside the
 CrossPool arena row is read in place, never copied into the call. Row ids stay int32 (rows of
