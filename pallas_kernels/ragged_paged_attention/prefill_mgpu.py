@@ -140,10 +140,10 @@ def max_blocks(T: int, S: int, block_q: int) -> int:
 
 
 def block_table(kv_lens_S, cu_q_lens_S1, num_seqs, *, T: int, G: int, block_q: int, pages_per_seq: int):
-    """The blocks' layout (traced, plain jnp): (meta [NB, 8] int32, rows [NB * block_q], out_rows [T]).
+    """The blocks' layout (traced, plain jnp): (meta [NB, 4] int32, rows [NB * block_q], out_rows [T]).
 
     meta per block: sequence, position of its first row, kv_len, key pages to walk (up to its
-    last real row), then zeros; a block past the last has 0 pages. rows: the q row each block
+    last real row); a block past the last has 0 pages. rows: the q row each block
     row reads (spare rows of a partial block repeat its sequence's last row). out_rows: the
     block row each token's output comes from."""
     S = kv_lens_S.shape[0]
@@ -164,8 +164,7 @@ def block_table(kv_lens_S, cu_q_lens_S1, num_seqs, *, T: int, G: int, block_q: i
     last_B = jnp.minimum(start_B + block_q, ql_B) - 1           # last real row, within the chunk
     keys_B = jnp.minimum(kv_B - ql_B + last_B + 1, kv_B)
     pages_B = jnp.where(live_B, jnp.minimum((keys_B + G - 1) // G, pages_per_seq), 0)
-    zeros = jnp.zeros_like(b)
-    meta = jnp.stack([seq_B, pos0_B, kv_B, pages_B, zeros, zeros, zeros, zeros], axis=1)
+    meta = jnp.stack([seq_B, pos0_B, kv_B, pages_B], axis=1)
     r = jnp.arange(block_q, dtype=jnp.int32)
     within = jnp.minimum(start_B[:, None] + r[None, :], jnp.maximum(ql_B[:, None] - 1, 0))
     rows = jnp.clip(cu_q_lens_S1[seq_B][:, None] + within, 0, T - 1).reshape(-1)
@@ -187,7 +186,7 @@ def warpgroup_pages(pos, kv_len, n_pages, block_q: int, G: int):
 def _kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, q_bar, k_bar,
             v_bar, free_bar, *, sm_scale, R, G, cfg, num_blocks, k_page_offset, v_page_offset, max_page,
             interpret):
-    # meta_ref [NB, 8] int32 (GMEM): block_table's rows
+    # meta_ref [NB, 4] int32 (GMEM): block_table's rows
     # table_ref [S, pages_per_seq] int32 (GMEM): page ids
     # q_ref / o_ref [NB * cfg.rows, N, H] (GMEM): queries / outputs in block layout
     # k_ref / v_ref [P, G, K, H] (GMEM): the pool
