@@ -3,8 +3,9 @@
 DeepSeek-V2-Lite's shapes, the reference path beside the MLA kernel, on separate K/V pages and
 on one buffer with page offsets as the crosspool split passes it (`bench_mla_decode`, section
 "mla_decode"); GPT-OSS-20B's attention with sinks and a traced window of 128 or full, the
-reference beside the kernel (`bench_gpt_oss`, section "gpt_oss_attn"); prefill attention at 2k, 8k and 32k tokens against the bf16 matmul rate
-measured in the same run (`bench_prefill`, section "prefill"; `matmul_tflops`).
+reference beside the kernel (`bench_gpt_oss`, section "gpt_oss_attn"); prefill attention at 2k, 8k and 32k tokens, the Triton kernel beside the
+Mosaic GPU one under its tilings, against the bf16 matmul rate measured in the same run
+(`bench_prefill`, section "prefill"; `matmul_tflops`).
 
 `main(rows_out=None, copy_gbps=None)` appends one dict per measurement to `rows_out` and
 returns the list; scripts/bench_kernels.py prints them as one table with the MoE rows.
@@ -214,9 +215,10 @@ PREFILL_SHAPES = [(n, L) for L in (2048, 8192, 32768) for n in (1, 4)]
 PREFILL_HEADS = ((32, 8), (32, 4))
 PREFILL_PAGE = 64
 MATMUL_N = 8192
-# the Mosaic GPU kernel's other schedules, timed beside backend="mgpu" (its default config)
+# the Mosaic GPU kernel's other tilings, timed beside backend="mgpu" (its default config: one
+# warpgroup of 64 rows): 128 rows per K/V tile, by one warpgroup or by two beside a producer
 PREFILL_MGPU_CONFIGS = {
-    "mgpu_ws1": prefill_mgpu.PrefillConfig(warp_specialized=True),
+    "mgpu_q128": prefill_mgpu.PrefillConfig(block_q=128, num_slots=3),
     "mgpu_ws2": prefill_mgpu.PrefillConfig(warp_specialized=True, compute_wgs=2),
 }
 

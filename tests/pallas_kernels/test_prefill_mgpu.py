@@ -216,9 +216,10 @@ def _has_gpu():
         return False
 
 
-# the schedules and block sizes the benchmark times (bench.PREFILL_MGPU_CONFIGS)
-CONFIGS = [prefill_mgpu.PrefillConfig(), prefill_mgpu.PrefillConfig(block_q=128, num_slots=3),
-           *bench.PREFILL_MGPU_CONFIGS.values()]
+# the default, the tilings the benchmark times (bench.PREFILL_MGPU_CONFIGS), one producer + one
+# compute warpgroup
+CONFIGS = [prefill_mgpu.PrefillConfig(), *bench.PREFILL_MGPU_CONFIGS.values(),
+           prefill_mgpu.PrefillConfig(warp_specialized=True)]
 
 
 @pytest.mark.gpu
