@@ -301,7 +301,8 @@ def bench_prefill(rows_out, matmul_tflops, shapes=PREFILL_SHAPES, heads=PREFILL_
                 if shape not in firsts:
                     firsts[shape] = (impl, out)
                 else:
-                    note += f"; max |err| vs {firsts[shape][0]} {float(np.max(np.abs(out - firsts[shape][1]))):.3g}"
+                    first, first_out = firsts[shape]
+                    note += f"; max |err| vs {first} {float(np.max(np.abs(out - first_out))):.3g}"
                 _row(rows_out, "prefill", shape, impl, timed, tflop=tflop, note=note)["frac_matmul"] = frac
                 del out
 

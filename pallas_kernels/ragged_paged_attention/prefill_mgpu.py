@@ -19,16 +19,17 @@ decode token costs a whole block: "auto" keeps decode on gpu.py).
 
 Grid (NB, N): one program per (block, query head), the heads fastest so the programs of one
 GQA group run side by side and read the same K/V pages from L2, the blocks in reverse order
-(a sequence's later blocks walk more pages under the causal mask: the longest start first). The sequence's pages are
-walked one page of G keys per step through the page table (a scalar read of page_indices,
-clamped, plus the static page offset): each page's K and V tile [G, H] (pool[page, :, kv_head,
-:], a strided 2-D TMA box) lands in a ring of `num_slots` shared-memory slots, signalled by a
-barrier per slot. A compute warpgroup owns `block_q` rows: its q tile is copied once; per page
-S = q K^T and P V by wgmma, online softmax in float32 (base 2, sm_scale * log2(e) folded into
-the scores); the pages wholly at or before its first row run unmasked, the rest under the
-causal and kv_len mask (`warpgroup_pages`); a page's V slots past kv_len are zeroed in shared
-memory first (0 * NaN would be NaN), so stale or NaN slots never reach the output. Its output
-tile goes back through shared memory by TMA. Two schedules (`PrefillConfig`):
+(a sequence's later blocks walk more pages under the causal mask: the longest start first).
+The sequence's pages are walked one page of G keys per step through the page table (a scalar
+read of page_indices, clamped, plus the static page offset): each page's K and V tile [G, H]
+(pool[page, :, kv_head, :], a strided 2-D TMA box) lands in a ring of `num_slots`
+shared-memory slots, signalled by a barrier per slot. A compute warpgroup owns `block_q` rows:
+its q tile is copied once; per page S = q K^T and P V by wgmma, online softmax in float32
+(base 2, sm_scale * log2(e) folded into the scores); the pages wholly at or before its first
+row run unmasked, the rest under the causal and kv_len mask (`warpgroup_pages`); a page's V
+slots past kv_len are zeroed in shared memory first (0 * NaN would be NaN), so stale or NaN
+slots never reach the output. Its output tile goes back through shared memory by TMA. Two
+schedules (`PrefillConfig`):
 - one warpgroup (default): it issues the first num_slots pages' copies, then refills a slot
   with page step + num_slots as soon as it is done with page step;
 - warp_specialized: a producer warpgroup (40 registers) issues every copy, waiting for a
@@ -36,6 +37,9 @@ tile goes back through shared memory by TMA. Two schedules (`PrefillConfig`):
   once per page, computed or not (the first warpgroup's rows need fewer pages than the
   second's); as FlashAttention-3 splits memory and compute, without its ping-pong of the two
   compute warpgroups' softmax and wgmma.
+K/V traffic: a page tile feeds the rows of one program, so 64 rows per tile (the default)
+read 64 FLOP per byte from L2 and 128 rows (block_q=128, or two compute warpgroups) twice as
+many; bench.bench_prefill times both.
 
 Not taken (the caller falls back to gpu.py; an explicit backend="mgpu" raises, see
 `kernel_problem`): soft caps, sliding windows, attention sinks, MLA's latent form, float32,
