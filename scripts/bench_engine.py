@@ -35,7 +35,7 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per promp
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
 _DECODE_STEPS = flags.DEFINE_multi_integer("max_decode_steps", [1, 8], "Decode tokens per dispatch to compare.")
 _KV_BYTES = flags.DEFINE_integer("kv_pool_bytes", None, "KV pool bytes (default: the engine's).")
-_ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu")
+_ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu | mgpu_prefill")
 _MOE = flags.DEFINE_string("moe_backend", "auto", "auto | reference | gpu | tpu")
 _RESULTS = flags.DEFINE_string("results", None, "Append the table (markdown) to this file.")
 

@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Union
 
 MODES = ("crosspool", "shared", "static")
 BACKENDS = ("auto", "reference", "gpu", "tpu")
+# the attention backends add the Hopper prefill kernel for the prefill-shaped calls it takes
+ATTENTION_BACKENDS = BACKENDS + ("mgpu_prefill",)
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto",) + DTYPES
 DeviceSpec = Union[int, Sequence, None]
@@ -150,7 +152,10 @@ class EngineConfig:
                                  "previous step's while the device runs them (each model advances every "
                                  "other step). Off when weights budgets swap models.")
     attention_backend: str = _opt("auto", "Attention kernel: auto (Pallas on GPU/TPU where the shapes "
-                                  "allow, the jnp reference otherwise), reference, gpu or tpu.", choices=BACKENDS)
+                                  "allow, the jnp reference otherwise), reference, gpu, tpu, or mgpu_prefill "
+                                  "(on a GPU the Mosaic GPU prefill kernel for steps with prefill chunks where "
+                                  "it takes the model's options, auto for the rest; Hopper).",
+                                  choices=ATTENTION_BACKENDS)
     moe_backend: str = _opt("auto", "MoE kernel: auto, reference, gpu or tpu (as attention_backend).",
                             choices=BACKENDS)
     seed: int = _opt(0, "Engine seed: draws the seeds of requests that give none.")
@@ -172,9 +177,9 @@ class EngineConfig:
         self.kv_cache_dtype = name
         if self.mode not in MODES:
             raise ValueError(f"EngineConfig.mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("attention_backend", "moe_backend"):
-            if getattr(self, name) not in BACKENDS:
-                raise ValueError(f"EngineConfig.{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
+        for name, choices in (("attention_backend", ATTENTION_BACKENDS), ("moe_backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"EngineConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if not isinstance(self.pipeline_models, bool):
             raise ValueError(f"EngineConfig.pipeline_models must be a bool, got {self.pipeline_models!r}")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:

@@ -4,7 +4,8 @@
 `backend`: "reference" (reference.py, the oracle and the CPU path), "gpu" (gpu.py, Pallas
 through the Triton lowering), "mgpu" (prefill_mgpu.py, Pallas Mosaic GPU for Hopper: causal
 prefill and chunks without soft caps, windows, sinks or MLA; explicit only, "auto" never picks
-it), "tpu" (tpu.py, Pallas Mosaic TPU), or "auto" (gpu on CUDA,
+it), "mgpu_prefill" (the engine's opt-in: "mgpu" for the prefill-shaped calls it takes on a GPU,
+"auto" for the rest, `prefill_backend`), "tpu" (tpu.py, Pallas Mosaic TPU), or "auto" (gpu on CUDA,
 tpu on TPU, reference otherwise; and the reference wherever the kernels' geometry limits,
 head dim in {64, 128, 256} and a power-of-two page size in [16, 128], are not met, so
 small test models still run on a GPU). An explicit "gpu"/"tpu" raises instead. Tile sizes
@@ -29,7 +30,7 @@ from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attenti
 from pallas_kernels.ragged_paged_attention.validation import (kernel_supports, validate_args,
                                                               validate_kernel_geometry)
 
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "resolve_backend"]
+__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "prefill_backend", "resolve_backend"]
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -42,6 +43,21 @@ def resolve_backend(backend: str = "auto") -> str:
     if platform == "tpu":
         return "tpu"
     return "reference"
+
+
+def prefill_backend(q, k_pages, page_indices, *, on_gpu: bool, soft_cap=None, sliding_window=None, sinks=None,
+                    latent_value_dim=None) -> str:
+    """What backend="mgpu_prefill" runs: "mgpu" (the Hopper prefill kernel) on a GPU for a
+    prefill-shaped call (more query rows than sequence slots: some sequence brings a chunk) whose
+    options the kernel takes (`prefill_mgpu.kernel_problem`), "auto" otherwise (decode-shaped
+    calls, where a 64-row block per decode token would waste the kernel, and the options it
+    leaves to gpu.py)."""
+    if not on_gpu or q.shape[0] <= page_indices.shape[0]:
+        return "auto"
+    from pallas_kernels.ragged_paged_attention import prefill_mgpu
+    problem = prefill_mgpu.kernel_problem(q, k_pages, soft_cap=soft_cap, sliding_window=sliding_window, sinks=sinks,
+                                          latent_value_dim=latent_value_dim)
+    return "auto" if problem else "mgpu"
 
 
 def _auto_kernel(q, k_pages, page_indices, backend: str, latent_value_dim, sinks, traced_window) -> str:
@@ -97,6 +113,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                   backend=backend, k_page_offset=k_page_offset, v_page_offset=v_page_offset,
                   latent_value_dim=latent_value_dim, sinks=sinks)
     offsets = dict(k_page_offset=int(k_page_offset), v_page_offset=int(v_page_offset))
+    if backend == "mgpu_prefill":
+        backend = prefill_backend(q, k_pages, page_indices, on_gpu=resolve_backend("auto") == "gpu", soft_cap=soft_cap,
+                                  sliding_window=sliding_window, sinks=sinks, latent_value_dim=latent_value_dim)
     requested = backend
     backend = resolve_backend(backend)
     traced_window = isinstance(sliding_window, jax.Array)

@@ -13,7 +13,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("reference", "gpu", "tpu", "mgpu", "auto")
+BACKENDS = ("reference", "gpu", "tpu", "mgpu", "mgpu_prefill", "auto")
 KERNEL_HEAD_DIMS = (64, 128, 256)
 KERNEL_MIN_PAGE, KERNEL_MAX_PAGE = 16, 128
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

@@ -27,6 +27,16 @@ def test_bad_values_name_the_field(bad):
         EngineConfig(models={"m": MODEL}, kv_cache_dtype=bad)
 
 
+def test_backend_choices_name_the_field():
+    """attention_backend also takes "mgpu_prefill" (the Hopper prefill kernel where it applies);
+    moe_backend does not."""
+    assert EngineConfig(models={"m": MODEL}, attention_backend="mgpu_prefill").attention_backend == "mgpu_prefill"
+    with pytest.raises(ValueError, match="EngineConfig.moe_backend must be one of"):
+        EngineConfig(models={"m": MODEL}, moe_backend="mgpu_prefill")
+    with pytest.raises(ValueError, match="EngineConfig.attention_backend must be one of .*mgpu_prefill"):
+        EngineConfig(models={"m": MODEL}, attention_backend="flash")
+
+
 def test_auto_is_float32_for_a_16_bit_model_on_a_cpu_only():
     def pool(dtype, kv, platform):
         return EngineConfig(models={"m": MODEL}, dtype=dtype, kv_cache_dtype=kv).kv_pool_dtype(platform)
@@ -88,6 +98,6 @@ def test_another_pool_dtype_only_where_the_reference_attention_runs():
 
     assert pool("cpu") == pool("gpu", "reference") == pool("tpu", "reference") == "float32"
     assert pool("gpu", kv="auto") == pool("tpu", kv="auto") == pool("gpu", kv="bfloat16") == "bfloat16"
-    for platform, backend in (("gpu", "auto"), ("tpu", "auto"), ("gpu", "gpu"), ("cpu", "tpu")):
+    for platform, backend in (("gpu", "auto"), ("tpu", "auto"), ("gpu", "gpu"), ("cpu", "tpu"), ("gpu", "mgpu_prefill")):
         with pytest.raises(ValueError, match="kv_cache_dtype='float32' with dtype='bfloat16': the Pallas"):
             pool(platform, backend)

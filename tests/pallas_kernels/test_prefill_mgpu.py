@@ -105,6 +105,24 @@ def test_explicit_mgpu_raises_on_what_it_does_not_take():
         prefill_mgpu.PrefillConfig(compute_wgs=2)
 
 
+def test_mgpu_prefill_picks_the_kernel_for_the_prefill_shaped_calls_it_takes():
+    """backend="mgpu_prefill" (the engine's opt-in): "mgpu" on a GPU for more query rows than
+    sequence slots with options the kernel takes; "auto" for decode-shaped calls, the options
+    and geometries it leaves to gpu.py, and off a GPU, where the call gives the reference's
+    output."""
+    from pallas_kernels.ragged_paged_attention import prefill_backend
+    q, k = _shapes(T=128)
+    table_S4 = jax.ShapeDtypeStruct((4, 8), jnp.int32)
+    assert prefill_backend(q, k, table_S4, on_gpu=True) == "mgpu"
+    assert prefill_backend(q, k, table_S4, on_gpu=False) == "auto"
+    assert prefill_backend(*_shapes(T=4)[:1], k, table_S4, on_gpu=True) == "auto"     # decode: T <= S
+    assert prefill_backend(q, k, table_S4, on_gpu=True, soft_cap=30.0) == "auto"
+    assert prefill_backend(*_shapes(T=128, G=16), table_S4, on_gpu=True) == "auto"
+    args = make_case(2, [3, 40], [70, 40], N=4, K=2, H=128, G=64, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ragged_paged_attention(*args, backend="mgpu_prefill")),
+                                  np.asarray(ragged_paged_attention(*args, backend="reference")))
+
+
 def test_block_table_against_a_python_walk():
     """Blocks of 4 rows over chunks of 1, 3, 4, 5 and 9 tokens (the last two at the end of longer
     contexts), one sequence past num_seqs and 2 padding rows; pages of 2 keys."""
