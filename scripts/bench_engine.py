@@ -2,6 +2,9 @@
 
     python scripts/bench_engine.py                      # the shipped models, on whatever JAX finds
     python scripts/bench_engine.py --random_config qwen3moe-mini --num_prompts 32 --max_tokens 64
+    python scripts/bench_engine.py --random_config qwen3moe-30b-a3b-4l:24 --num_prompts 1 --prompt_len 8192 \
+        --max_tokens 2 --max_decode_steps 1 --ttft --page_elems 32768 \
+        --attention_backend gpu --attention_backend mgpu_prefill   # issue 19: TTFT, Triton vs Mosaic GPU, 64-token pages
 
 Each run prints one table and appends it, with the card, JAX version and date, to
 --results (default: stdout only). "host" is the time the runner spends preparing inputs
@@ -11,7 +14,9 @@ Each run prints one table and appends it, with the card, JAX version and date, t
 K/V cache at the average decode context) at the copy ceiling measured in the same run (a GPU
 with PyTorch: `pallas_kernels.anchors.torch_copy_gbps`; elsewhere no ceiling, no roofline);
 "x roofline" is the roofline over the measured rate (1.0 = at the limit; the measured rate
-includes the prompts' prefill, so short outputs overstate the decode's gap).
+includes the prompts' prefill, so short outputs overstate the decode's gap). `--ttft` adds the
+time to the first token of one prompt of prompt_len tokens; repeated `--attention_backend`
+flags give a row per backend, in this one process.
 """
 from __future__ import annotations
 
@@ -35,7 +40,12 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per promp
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "dtype")
 _DECODE_STEPS = flags.DEFINE_multi_integer("max_decode_steps", [1, 8], "Decode tokens per dispatch to compare.")
 _KV_BYTES = flags.DEFINE_integer("kv_pool_bytes", None, "KV pool bytes (default: the engine's).")
-_ATTN = flags.DEFINE_string("attention_backend", "auto", "auto | reference | gpu | tpu | mgpu_prefill")
+_ATTN = flags.DEFINE_multi_string("attention_backend", ["auto"], "auto | reference | gpu | tpu | mgpu_prefill; "
+                                  "repeat it to compare backends in one run (a row per backend and decode steps)")
+_PAGE_ELEMS = flags.DEFINE_integer("page_elems", None, "Elements of one KV page (default: the engine's); "
+                                   "the mgpu prefill kernel takes pages of 64 or 128 tokens")
+_TTFT = flags.DEFINE_bool("ttft", False, "Also time one prompt's first token (prompt_len tokens, the engine's "
+                          "chunked prefill; median of 3 after one warm call of the same length)")
 _MOE = flags.DEFINE_string("moe_backend", "auto", "auto | reference | gpu | tpu")
 _RESULTS = flags.DEFINE_string("results", None, "Append the table (markdown) to this file.")
 
@@ -46,13 +56,13 @@ def _device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')} x{len(jax.devices())}"
 
 
-def run_once(models: dict, max_decode_steps: int) -> dict:
+def run_once(models: dict, max_decode_steps: int, attention_backend: str) -> dict:
     import numpy as np
 
     from crosspool_jax import LLM, SamplingParams
 
     llm = LLM(models, dtype=_DTYPE.value, max_decode_steps=max_decode_steps, kv_pool_bytes=_KV_BYTES.value,
-              attention_backend=_ATTN.value, moe_backend=_MOE.value,
+              attention_backend=attention_backend, moe_backend=_MOE.value, page_elems=_PAGE_ELEMS.value,
               max_num_seqs=max(64, _NUM_PROMPTS.value * len(models)))
     names = llm.model_names
 
@@ -79,7 +89,7 @@ def run_once(models: dict, max_decode_steps: int) -> dict:
     s = llm.engine.runner.stats
     steps = s.steps - base[0]
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
-    row = {"models": len(names), "prompts": len(prompts), "decode_steps": max_decode_steps,
+    row = {"attention": attention_backend, "models": len(names), "prompts": len(prompts), "decode_steps": max_decode_steps,
             "gen_tokens": gen, "wall_s": wall, "tok_per_s": gen / wall, "steps": steps,
             "host_ms_per_step": 1e3 * (s.host_prepare_seconds - base[1]) / max(steps, 1),
             "device_ms_per_step": 1e3 * (s.device_seconds - base[2]) / max(steps, 1),
@@ -87,7 +97,31 @@ def run_once(models: dict, max_decode_steps: int) -> dict:
             / max(steps, 1),
             "programs": s.compiled_programs}
     row.update(_roofline(llm, names, gen / wall))
+    if _TTFT.value:
+        row["ttft_ms"] = 1e3 * _ttft(llm, names[0], seed=3)
     return row
+
+
+def _ttft(llm, name: str, seed: int) -> float:
+    """Seconds to the first token of one fresh random prompt of prompt_len tokens for `name`
+    (median of 3, after one call of the same length: its programs are compiled)."""
+    import statistics
+
+    import numpy as np
+
+    from crosspool_jax import SamplingParams
+
+    vocab = llm.engine.registry.get(name).config.vocab_size
+    rng = np.random.default_rng(seed)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for i in range(4):
+        prompt = {"prompt_token_ids": rng.integers(0, vocab, _PROMPT_LEN.value).tolist()}   # no prefix-cache hit
+        t0 = time.perf_counter()
+        llm.generate([prompt], one, model=[name], use_tqdm=False)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _roofline(llm, names, tok_per_s: float) -> dict:
@@ -127,10 +161,10 @@ def main(argv):
     from crosspool_jax.models.random_models import random_model_dirs
 
     models = random_model_dirs(_RANDOM.value) if _RANDOM.value else models_from_specs(_MODELS.value)
-    rows = [run_once(models, k) for k in _DECODE_STEPS.value]
+    rows = [run_once(models, k, backend) for backend in _ATTN.value for k in _DECODE_STEPS.value]
     head = (f"bench_engine: {_device_name()}, JAX {jax.__version__}, {datetime.date.today()}, "
             f"models={list(models)}, prompt_len={_PROMPT_LEN.value}, max_tokens={_MAX_TOKENS.value}, "
-            f"dtype={_DTYPE.value}, attention_backend={_ATTN.value}, moe_backend={_MOE.value}")
+            f"dtype={_DTYPE.value}, page_elems={_PAGE_ELEMS.value or 'engine default'}, moe_backend={_MOE.value}")
     cols = list(rows[0])
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
