@@ -4,7 +4,7 @@
     python scripts/bench_engine.py --random_config qwen3moe-mini --num_prompts 32 --max_tokens 64
     python scripts/bench_engine.py --random_config qwen3moe-30b-a3b-4l:24 --num_prompts 1 --prompt_len 8192 \
         --max_tokens 2 --max_decode_steps 1 --ttft --page_elems 32768 \
-        --attention_backend gpu --attention_backend mgpu_prefill   # issue 19: TTFT, Triton vs Mosaic GPU, 64-token pages
+        --attention_backend gpu --attention_backend mgpu_prefill   # issue 19: TTFT, 64-token pages
 
 Each run prints one table and appends it, with the card, JAX version and date, to
 --results (default: stdout only). "host" is the time the runner spends preparing inputs
@@ -89,8 +89,8 @@ def run_once(models: dict, max_decode_steps: int, attention_backend: str) -> dic
     s = llm.engine.runner.stats
     steps = s.steps - base[0]
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
-    row = {"attention": attention_backend, "models": len(names), "prompts": len(prompts), "decode_steps": max_decode_steps,
-            "gen_tokens": gen, "wall_s": wall, "tok_per_s": gen / wall, "steps": steps,
+    row = {"attention": attention_backend, "models": len(names), "prompts": len(prompts),
+            "decode_steps": max_decode_steps, "gen_tokens": gen, "wall_s": wall, "tok_per_s": gen / wall, "steps": steps,
             "host_ms_per_step": 1e3 * (s.host_prepare_seconds - base[1]) / max(steps, 1),
             "device_ms_per_step": 1e3 * (s.device_seconds - base[2]) / max(steps, 1),
             "other_ms_per_step": 1e3 * (wall - (s.host_prepare_seconds - base[1]) - (s.device_seconds - base[2]))

@@ -61,7 +61,8 @@ ragged batch.
    a model whose previous step is still running on the device is left out of this step (its
    running requests wait without counting as unscheduled for multi-step decode; its queue is
    not admitted from, though a waiting request still keeps steps at one token), and with
-   split_models a step takes at most half (rounded up) of the models with work, the least recently scheduled first, so consecutive steps alternate between halves.
+   split_models a step takes at most half (rounded up) of the models with work, the least
+   recently scheduled first, so consecutive steps alternate between halves.
    Results that come back for a request preempted or finished since its chunk was scheduled
    are dropped (`is_current`).
 
@@ -354,8 +355,9 @@ class Scheduler:
         """One step (module docstring). busy_models: models with a step in flight, left out of
         this one (their running requests neither run nor count as unscheduled for multi-step
         decode; their queues are not admitted from). split_models: of the W models with work
-        (running or waiting requests, busy ones included), this step takes at most ceil(W / 2), the least recently scheduled first,
-        so that models alternate between consecutive steps (the engine's `pipeline_models`)."""
+        (running or waiting requests, busy ones included), this step takes at most ceil(W / 2),
+        the least recently scheduled first, so that models alternate between consecutive steps
+        (the engine's `pipeline_models`)."""
         self._num_schedules += 1
         budget = self.config.max_num_batched_tokens
         planned: list[tuple[Request, int]] = []          # (request, tokens fed), in scheduling order
