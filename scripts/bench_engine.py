@@ -90,7 +90,8 @@ def run_once(models: dict, max_decode_steps: int, attention_backend: str) -> dic
     steps = s.steps - base[0]
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     row = {"attention": attention_backend, "models": len(names), "prompts": len(prompts),
-            "decode_steps": max_decode_steps, "gen_tokens": gen, "wall_s": wall, "tok_per_s": gen / wall, "steps": steps,
+            "decode_steps": max_decode_steps, "gen_tokens": gen, "wall_s": wall, "tok_per_s": gen / wall,
+            "steps": steps,
             "host_ms_per_step": 1e3 * (s.host_prepare_seconds - base[1]) / max(steps, 1),
             "device_ms_per_step": 1e3 * (s.device_seconds - base[2]) / max(steps, 1),
             "other_ms_per_step": 1e3 * (wall - (s.host_prepare_seconds - base[1]) - (s.device_seconds - base[2]))
