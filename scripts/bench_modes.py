@@ -122,9 +122,10 @@ class DecodeRound:
     decode_steps: list
 
 
-def decode_round(llm, names, per_model, prompt_len, max_tokens, seed, on_all_decoding=None) -> DecodeRound:
-    """Run the requests to completion through `engine.step()`. `on_all_decoding()`, if given, is
-    called once, before the first step after which every request has its first token."""
+def decode_round(llm, names, per_model, prompt_len, max_tokens, seed, run_decode=None) -> DecodeRound:
+    """Run the requests to completion through `engine.step()`. The steps taken once every
+    request has its first token run inside `run_decode(rest)` if given (it must call `rest()`:
+    a profiler trace around the decode-only steps)."""
     from crosspool_jax import SamplingParams
 
     engine = llm.engine
@@ -138,11 +139,9 @@ def decode_round(llm, names, per_model, prompt_len, max_tokens, seed, on_all_dec
     seen = {r: 0 for r in ids}
     last = {}
     out = DecodeRound(gaps=[], decode_steps=[])
-    while engine.has_unfinished_requests():
-        decoding = len(last) == len(ids)
-        if decoding and on_all_decoding is not None:
-            on_all_decoding()
-            on_all_decoding = None
+
+    def step():
+        decoding = len(last) == len(ids)             # every request has its first token
         t0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
@@ -156,6 +155,14 @@ def decode_round(llm, names, per_model, prompt_len, max_tokens, seed, on_all_dec
                     out.gaps.extend([(now - last[o.request_id]) / new] * new)
                 last[o.request_id] = now
                 seen[o.request_id] = n
+
+    def rest():
+        while engine.has_unfinished_requests():
+            step()
+
+    while engine.has_unfinished_requests() and len(last) < len(ids):     # prefills
+        step()
+    (run_decode or (lambda f: f()))(rest)
     return out
 
 
@@ -265,37 +272,15 @@ def device_ms_per_decode_step(llm, names, per_model, prompt_len, max_tokens, see
     profiler trace from the moment every request has its first token to the end (the union of
     kernel and copy intervals over the number of steps). The trace slows the host, not the
     kernels, so this is the device-only time of a step; None off a GPU or with --notrace."""
-    import glob
-    import shutil
-    import tempfile
-
     import jax
     if not _TRACE.value or jax.devices()[0].platform != "gpu":
         return None
-    from pallas_kernels.timing import gpu_kernel_events
-    d = tempfile.mkdtemp(prefix="bench_modes_trace_")
-    started = []
-    try:
-        def start():
-            jax.profiler.start_trace(d)
-            started.append(True)
-        rnd = decode_round(llm, names, per_model, prompt_len, max_tokens, seed, on_all_decoding=start)
-        if not started:
-            return None
-        jax.profiler.stop_trace()
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        events = sorted((s, s + dur) for _, s, dur in gpu_kernel_events(paths[0])) if paths else []
-        busy_ns, end = 0, None
-        for start_ns, stop_ns in events:             # union of the intervals
-            if end is None or start_ns > end:
-                busy_ns += stop_ns - start_ns
-                end = stop_ns
-            elif stop_ns > end:
-                busy_ns += stop_ns - end
-                end = stop_ns
-        return busy_ns * 1e-6 / len(rnd.decode_steps) if rnd.decode_steps else None
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    from crosspool_jax.bench.kernel_summary import busy_ns
+    from pallas_kernels.timing import traced_gpu_events
+    events = []
+    rnd = decode_round(llm, names, per_model, prompt_len, max_tokens, seed,
+                       run_decode=lambda rest: events.extend(traced_gpu_events(rest)))
+    return busy_ns(events) * 1e-6 / len(rnd.decode_steps) if rnd.decode_steps else None
 
 
 def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: int) -> dict:

@@ -57,21 +57,26 @@ class KernelSummary:
         return out
 
 
+def busy_ns(events) -> int:
+    """The union of the events' intervals, ns: events [(name, start_ns, duration_ns)]."""
+    busy, end = 0, None
+    for _, start, dur in sorted(events, key=lambda e: e[1]):
+        stop = start + dur
+        if end is None or start > end:
+            busy += dur
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy
+
+
 def summarize_kernels(events, *, tokens: int, num_layers: int, top: int = 15) -> KernelSummary:
     """events: [(name, start_ns, duration_ns)] of a trace over `tokens` decode tokens of a model of
     `num_layers` layers."""
     if tokens < 1 or num_layers < 1:
         raise ValueError(f"summarize_kernels: tokens ({tokens}) and num_layers ({num_layers}) must be >= 1")
     events = sorted(events, key=lambda e: e[1])
-    busy_ns, end = 0, None
-    for _, start, dur in events:
-        stop = start + dur
-        if end is None or start > end:
-            busy_ns += dur
-            end = stop
-        elif stop > end:
-            busy_ns += stop - end
-            end = stop
     span_ns = (max(s + d for _, s, d in events) - events[0][1]) if events else 0
     by_kind: dict[str, list] = collections.defaultdict(lambda: [0, 0])
     for name, _, dur in events:
@@ -79,5 +84,5 @@ def summarize_kernels(events, *, tokens: int, num_layers: int, top: int = 15) ->
         entry[0] += 1
         entry[1] += dur
     ranked = sorted(by_kind.items(), key=lambda kv: -kv[1][1])[:top]
-    return KernelSummary(tokens, num_layers, len(events), busy_ns / 1e3, span_ns / 1e3,
+    return KernelSummary(tokens, num_layers, len(events), busy_ns(events) / 1e3, span_ns / 1e3,
                          [(kind, count, ns / 1e3) for kind, (count, ns) in ranked])
