@@ -64,11 +64,10 @@ def _matmul(x: jax.Array, w, backend: str, out_dtype=None):
     of a stack as ExpertRows, which the kernel backends read in place
     (`pallas_kernels.fused_moe.layer_matmul`); or a tuple of them sharing x -> the tuple of
     products (all ExpertRows: one kernel launch for all)."""
-    ws = w if isinstance(w, tuple) else (w,)
-    if not all(isinstance(m, ExpertRows) for m in ws):
-        out = tuple(_matmul(x, m, backend, out_dtype) if isinstance(m, ExpertRows)
-                    else jnp.dot(x, m, preferred_element_type=out_dtype) for m in ws)
-        return out if isinstance(w, tuple) else out[0]
+    if isinstance(w, tuple) and not all(isinstance(m, ExpertRows) for m in w):
+        return tuple(_matmul(x, m, backend, out_dtype) for m in w)         # each on its own path
+    if not isinstance(w, (tuple, ExpertRows)):
+        return jnp.dot(x, w, preferred_element_type=out_dtype)
     from pallas_kernels.fused_moe import layer_matmul
     return layer_matmul(x, w, backend=backend, out_dtype=out_dtype)
 

@@ -7,5 +7,4 @@ from pallas_kernels.fused_moe.reference import (SOFTMAX_TOPK, ClampedSwiGLU, Rou
 from pallas_kernels.fused_moe.tuning import BlockConfig
 
 __all__ = ["fused_moe", "grouped_matmul", "layer_matmul", "ExpertRows", "ClampedSwiGLU", "Routing", "SOFTMAX_TOPK",
-           "route",
-           "route_topk", "fused_moe_reference", "grouped_matmul_reference", "BlockConfig"]
+           "route", "route_topk", "fused_moe_reference", "grouped_matmul_reference", "BlockConfig"]

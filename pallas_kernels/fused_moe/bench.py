@@ -264,7 +264,7 @@ def bench_layer_matmul(rows: _Rows, ceiling, shape) -> None:
     x = jax.random.normal(kx, (T, K), jnp.bfloat16)
     ws = tuple((jax.random.normal(k, (L, K, n)) / K ** 0.5).astype(jnp.bfloat16) for k, n in zip(kws, Ns))
     layer = jnp.int32(L - 1)
-    gb = K * sum(Ns) * 2 / 1e9
+    gb = K * sum(Ns) * x.dtype.itemsize / 1e9
     cfg, splits = tuning.layer_matmul_config(T, K, Ns)
 
     def ours(x, ws, layer, config):
