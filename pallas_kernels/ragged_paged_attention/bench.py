@@ -167,22 +167,27 @@ def causal_flop(q_lens, kv_lens, n_heads, head_dim) -> int:
     return 4 * n_heads * head_dim * causal_pairs(q_lens, kv_lens)
 
 
+def ragged_inputs(key, q_lens, kv_lens, n_heads=N_HEADS, kv_heads=K_HEADS, G=16, head_dim=HEAD_DIM,
+                  dtype=jnp.bfloat16):
+    """A ragged batch: sequence s brings q_lens[s] queries, the last of its kv_lens[s] tokens;
+    q [sum q_lens, N, H], a pool of random pages [P, G, K, H] (random normals, no zeros) and a
+    shuffled page table -> ragged_paged_attention's positional arguments."""
+    S = len(q_lens)
+    pps = -(-max(kv_lens) // G)
+    P = S * pps + 8
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    q = jax.random.normal(k1, (sum(q_lens), n_heads, head_dim), dtype)
+    kp = jax.random.normal(k2, (P, G, kv_heads, head_dim), dtype)
+    vp = jax.random.normal(k3, (P, G, kv_heads, head_dim), dtype)
+    table = jax.random.permutation(k4, P)[:S * pps].reshape(S, pps).astype(jnp.int32)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    return q, kp, vp, jnp.asarray(kv_lens, jnp.int32), table, cu, jnp.asarray([S], jnp.int32)
+
+
 def _mixed_inputs(key, n_dec, ctx_dec, n_pre, chunk, ctx_pre, G=16, dtype=jnp.bfloat16):
     q_lens = [1] * n_dec + [chunk] * n_pre
     kv_lens = [ctx_dec] * n_dec + [ctx_pre] * n_pre
-    S = len(q_lens)
-    pps = max(kv_lens) // G
-    P = S * pps + 8
-    k1, k2, k3 = jax.random.split(key, 3)
-    T = sum(q_lens)
-    q = jax.random.normal(k1, (T, N_HEADS, HEAD_DIM), dtype)
-    kp = jax.random.normal(k2, (P, G, K_HEADS, HEAD_DIM), dtype)
-    vp = jax.random.normal(k3, (P, G, K_HEADS, HEAD_DIM), dtype)
-    table = jax.random.permutation(k1, P)[:S * pps].reshape(S, pps).astype(jnp.int32)
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    flop = causal_flop(q_lens, kv_lens, N_HEADS, HEAD_DIM)
-    return (q, kp, vp, jnp.asarray(kv_lens, jnp.int32), table, cu,
-            jnp.asarray([S], jnp.int32)), flop
+    return ragged_inputs(key, q_lens, kv_lens, G=G, dtype=dtype), causal_flop(q_lens, kv_lens, N_HEADS, HEAD_DIM)
 
 
 def bench_mixed(rows_out, shapes=MIXED_SHAPES, do_sweep=False):
@@ -239,18 +244,8 @@ def matmul_tflops(rows_out=None, n=MATMUL_N) -> float:
 
 def prefill_inputs(key, n_seqs, tokens, n_heads, kv_heads, G=PREFILL_PAGE, head_dim=HEAD_DIM,
                    dtype=jnp.bfloat16):
-    """n_seqs full prefills of `tokens` tokens each: q [n_seqs * tokens, N, H] and a pool of
-    random pages [P, G, K, H] with a shuffled page table (random normals, no zeros)."""
-    pps = -(-tokens // G)
-    P = n_seqs * pps + 8
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    T = n_seqs * tokens
-    q = jax.random.normal(k1, (T, n_heads, head_dim), dtype)
-    kp = jax.random.normal(k2, (P, G, kv_heads, head_dim), dtype)
-    vp = jax.random.normal(k3, (P, G, kv_heads, head_dim), dtype)
-    table = jax.random.permutation(k4, P)[:n_seqs * pps].reshape(n_seqs, pps).astype(jnp.int32)
-    return (q, kp, vp, jnp.full((n_seqs,), tokens, jnp.int32), table,
-            jnp.arange(n_seqs + 1, dtype=jnp.int32) * tokens, jnp.asarray([n_seqs], jnp.int32))
+    """n_seqs full prefills of `tokens` tokens each (`ragged_inputs`)."""
+    return ragged_inputs(key, [tokens] * n_seqs, [tokens] * n_seqs, n_heads, kv_heads, G, head_dim, dtype)
 
 
 def prefill_backends() -> tuple:
