@@ -11,14 +11,7 @@
 # before/ (git-ignored): `git archive <commit>` of the earlier tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$(pwd)"
-LOG="${OUT:-gpu_logs}"
-case "$LOG" in /*) ;; *) LOG="$ROOT/$LOG" ;; esac
-mkdir -p "$LOG"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}"
-if [ -d .whl ]; then pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -1; fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG/gpu.txt"
-quiet() { grep -v "^[IW][0-9]\{4\} "; }
+source scripts/gpu_run_setup.sh
 if [ "${KERNELS:-1}" = 1 ]; then
   CROSSPOOL_TEST_ON_GPU=1 PYTHONPATH=. timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -m gpu \
     tests/pallas_kernels/test_grouped_matmul.py -k layer_matmul -p no:cacheprovider 2>&1 | tail -4 | tee "$LOG/gpu_tests.log"

@@ -10,15 +10,7 @@
 # Each step under its own timeout (TEST_TIMEOUT, BENCH_TIMEOUT): the whole run stays under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$(pwd)"
-LOG="${OUT:-gpu_logs}"
-case "$LOG" in /*) ;; *) LOG="$ROOT/$LOG" ;; esac
-mkdir -p "$LOG"
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG/gpu.txt"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG/gpu.txt"
-git log --oneline -1 2>/dev/null | tee -a "$LOG/gpu.txt"
-quiet() { grep -v "^[IW][0-9]\{4\} "; }
+source scripts/gpu_run_setup.sh
 CROSSPOOL_TEST_ON_GPU=1 PYTHONPATH=. timeout "${TEST_TIMEOUT:-140}" python3 -m pytest -q -m gpu \
   tests/pallas_kernels/test_prefill_mgpu.py -p no:cacheprovider -rf 2>&1 | quiet > "$LOG/gpu_tests.log"
 echo "gpu tests: exit ${PIPESTATUS[0]}"; tail -30 "$LOG/gpu_tests.log"

@@ -12,16 +12,7 @@
 # .whl/ (git-ignored; carry it) holds wheels the device image lacks (absl-py, fastapi, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$(pwd)"
-LOG="${OUT:-gpu_logs}"
-case "$LOG" in /*) ;; *) LOG="$ROOT/$LOG" ;; esac    # absolute: the bench runs inside $TREE
-mkdir -p "$LOG"
-# JAX's allocator takes 75% of the card by default (59.4 GiB of an H100): --device_gib past it
-# runs out of memory in the first step, so give it most of the card
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}"
-if [ -d .whl ]; then pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -2; fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG/gpu.txt"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG/gpu.txt"
+source scripts/gpu_run_setup.sh          # LOG is absolute: the bench runs inside $TREE
 TREE="${TREE:-.}"
 NAME="${NAME:-$(basename "$(cd "$TREE" && pwd)")}"
 MODELS="${MODELS:-qwen3moe-30b-a3b-4l,mixtral-8x7b-2l,qwen3moe-30b-a3b-4l,mixtral-8x7b-2l,qwen3moe-30b-a3b-4l,mixtral-8x7b-2l,qwen3moe-30b-a3b-4l,mixtral-8x7b-2l}"
