@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import unflatten_dict
 
 from crosspool_jax.checkpoints.errors import CheckpointError
 from crosspool_jax.checkpoints.hf_names import Slot, is_ignorable, tensor_slots
@@ -171,12 +172,6 @@ def _fill(buf: np.ndarray, slot: Slot, tensor: np.ndarray) -> None:
         target[...] = tensor
 
 
-def _set_leaf(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def load_hf_params(path: str, config: ModelConfig, *, dtype="bfloat16",
                    kv_placement: Placement = None, ffn_placement: Placement = None):
     """(kv_params, ffn_params) from the safetensors of a Hugging Face folder, one leaf at a time."""
@@ -187,7 +182,7 @@ def load_hf_params(path: str, config: ModelConfig, *, dtype="bfloat16",
     by_leaf: dict[tuple, list[str]] = {}
     for name, slot in slots.items():
         by_leaf.setdefault((slot.tree, slot.path), []).append(name)
-    trees = {"kv": {}, "ffn": {}}
+    flat = {"kv": {}, "ffn": {}}                  # leaf path tuple -> placed array, per tree
     for (tree, leaf_path), names in by_leaf.items():
         shape = _leaf_shape(shapes, slots[names[0]])
         buf = np.empty(shape, np_dtype)
@@ -195,9 +190,9 @@ def load_hf_params(path: str, config: ModelConfig, *, dtype="bfloat16",
             _fill(buf, slots[name], st.get(name))
         placement = kv_placement if tree == "kv" else ffn_placement
         target = resolve_placement(placement, "/".join(leaf_path), shape)
-        _set_leaf(trees[tree], leaf_path, jax.device_put(buf, target))
+        flat[tree][leaf_path] = jax.device_put(buf, target)
         del buf
-    return trees["kv"], trees["ffn"]
+    return unflatten_dict(flat["kv"]), unflatten_dict(flat["ffn"])
 
 
 def load_model(path: str, *, dtype="bfloat16", kv_placement: Placement = None,

@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from crosspool_jax.checkpoints.errors import CheckpointError
 from crosspool_jax.checkpoints.loader import (ORBAX_MARKER, LoadedModel, Placement, load_hf_params,
@@ -75,15 +76,12 @@ def _as_sharding(target) -> jax.sharding.Sharding:
     raise ValueError(f"a placement callable must return a Sharding or Device, got {target!r}")
 
 
-def _abstract_tree(shapes: dict, dtype, placement: Placement, prefix: tuple = ()) -> dict:
-    out = {}
-    for key, value in shapes.items():
-        if isinstance(value, dict):
-            out[key] = _abstract_tree(value, dtype, placement, prefix + (key,))
-        else:
-            sharding = _as_sharding(resolve_placement(placement, "/".join(prefix + (key,)), value))
-            out[key] = jax.ShapeDtypeStruct(value, dtype, sharding=sharding)
-    return out
+def _abstract_tree(shapes: dict, dtype, placement: Placement) -> dict:
+    """The nested shapes dict as `jax.ShapeDtypeStruct`s, each placed by its "a/b/c" path."""
+    return unflatten_dict({
+        path: jax.ShapeDtypeStruct(shape, dtype,
+                                   sharding=_as_sharding(resolve_placement(placement, "/".join(path), shape)))
+        for path, shape in flatten_dict(shapes).items()})
 
 
 def restore(path: str, *, dtype="bfloat16", kv_placement: Placement = None,

@@ -22,6 +22,7 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from crosspool_jax.disagg.layout import ALIGN, ROLES, ROUTING_LEAVES, ArenaLayout, MultiArenaLayout
 
@@ -91,16 +92,6 @@ def _fill(row: np.ndarray, layout: ArenaLayout, role: str, leaves: dict, origin:
         row[slot.offset - origin:slot.offset - origin + slot.size] = a.astype(row.dtype).reshape(-1)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _role_leaves(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: str) -> list[dict]:
     """The flat leaves each row of a role stores: the attention side with the FFN stacks' input
     norms and routers (the same dict for every KV row) or weight device j's FFN shards (MoE and
@@ -111,10 +102,12 @@ def _role_leaves(kv_params: dict, ffn_params: dict, layout: ArenaLayout, role: s
                          f"got {sorted(ffn_params)}")
     if role == "kv":                 # the attention side and each FFN stack's input norm and router
         routing = {kind: {k: v for k, v in stack.items() if k in ROUTING_LEAVES} for kind, stack in ffn_params.items()}
-        return [_flat({**{k: kv_params[k] for k in ("embed", "attn", "final")}, **routing})] * layout.n_kv
+        kv_side = {**{k: kv_params[k] for k in ("embed", "attn", "final")}, **routing}
+        return [flatten_dict(kv_side, sep="/")] * layout.n_kv
     host = {kind: {k: np.asarray(v) for k, v in ffn_params[kind].items()} for kind in kinds}
     shard = {"moe": weight_device_leaves, "dense": dense_device_leaves}
-    return [_flat({kind: shard[kind](host[kind], layout, j) for kind in kinds}) for j in range(layout.n_w)]
+    return [flatten_dict({kind: shard[kind](host[kind], layout, j) for kind in kinds}, sep="/")
+            for j in range(layout.n_w)]
 
 
 def _fill_model(rows: list, kv_params: dict, ffn_params: dict, layout: ArenaLayout,

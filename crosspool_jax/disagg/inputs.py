@@ -20,11 +20,10 @@ The home's own `slots_LT` / `page_indices_LSP` are then unused.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
-import jax
 import numpy as np
+from flax import struct
 
 from crosspool_jax.disagg.layout import ArenaLayout
 from crosspool_jax.disagg.pages import PageMap
@@ -32,8 +31,7 @@ from crosspool_jax.runtime.shapes import ShapeMenu, StepShape
 from crosspool_jax.runtime.step_inputs import StepInputs, bucket, build_step_inputs
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class ShardedPages:
     """Per device d of the arena (N = n_kv + n_w: a weight device's row holds pages too), what it
     needs to attend over its local pages of every sequence of a step (n_kv KV devices homing

@@ -79,7 +79,6 @@ partial attention is jnp only.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -396,7 +395,7 @@ def _device_program(arena_1X, inputs: StepInputs, sharded: ShardedPages | None, 
             _, k_TKH, v_TKH = _qkv(row_X, x_TD, step.positions_T, layer, layout, c, moe_backend)
             row_X = _write_kv_rows(row_X, layout, c, k_TKH, v_TKH, jnp.where(on, step.slots_LT[layer], -1))
             q_TNH, _, _ = _qkv(row_X, x_TD, step.positions_T, layer, layout, c, moe_backend)
-            live = dataclasses.replace(step, num_seqs_1=jnp.where(on, step.num_seqs_1, 0))   # off: no attention work
+            live = step.replace(num_seqs_1=jnp.where(on, step.num_seqs_1, 0))   # off: no attention work
             h_TD = _attend(row_X, x_TD, q_TNH, live, layer, layout, c, attention_backend, moe_backend)
             return jnp.where(on, h_TD, jnp.zeros_like(h_TD)), row_X
 
@@ -534,8 +533,8 @@ def _decode_inputs(mine: StepInputs, allowance_MT, j, *, num_pages: int, G: int)
     slots_MLT = jax.vmap(slots, in_axes=(0, None, 0, 0))(mine.page_indices_LSP, jnp.minimum(t, S - 1), pos_MT,
                                                         live_MT)
     live_MS = jnp.arange(S, dtype=jnp.int32)[None, :] < mine.num_seqs_1
-    return dataclasses.replace(mine, positions_T=pos_MT, slots_LT=slots_MLT,
-                               kv_lens_S=jnp.where(live_MS, mine.kv_lens_S + j, mine.kv_lens_S))
+    return mine.replace(positions_T=pos_MT, slots_LT=slots_MLT,
+                        kv_lens_S=jnp.where(live_MS, mine.kv_lens_S + j, mine.kv_lens_S))
 
 
 def _device_decode(arena_1X, inputs: StepInputs, offsets, allowance_NMT, meta, counts_RV, prompt_mask_RV, *,
@@ -558,9 +557,8 @@ def _device_decode(arena_1X, inputs: StepInputs, offsets, allowance_NMT, meta, c
 
     def body(j, carry):
         row_X, tokens_MT, counts, out_buf = carry
-        step = dataclasses.replace(_decode_inputs(mine, allowance_NMT[kv_index], j,
-                                                  num_pages=layout.pages_per_device, G=layout.tokens_per_page),
-                                   token_ids_T=tokens_MT)
+        step = _decode_inputs(mine, allowance_NMT[kv_index], j, num_pages=layout.pages_per_device,
+                              G=layout.tokens_per_page).replace(token_ids_T=tokens_MT)
         row_X, logits_RV = run(row_X, step)
         out = sampler_lib.sample(logits_RV, sampler_lib.advance_metadata(meta_R, j), counts, mask_R,
                                  num_logprobs=num_logprobs, all_greedy=all_greedy)

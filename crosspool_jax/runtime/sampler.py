@@ -22,23 +22,19 @@ draw and every filter for every row, a row whose filter is off passing through i
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from crosspool_jax.runtime.sampling_metadata import SamplingMetadata
 
 _NEG_INF = float("-inf")
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["token_ids_S", "logprob_S", "rank_S", "top_ids_SX", "top_logprobs_SX"],
-    meta_fields=[])
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class SamplerOutput:
     """What one sampling step returns; X = num_logprobs (arrays of shape [S, 0] when 0)."""
 
@@ -49,10 +45,7 @@ class SamplerOutput:
     top_logprobs_SX: jax.Array  # f32 [S, X]; their raw log-probabilities
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["logprob_T", "rank_T", "top_ids_TX", "top_logprobs_TX"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class TokenScores:
     """Raw log-probabilities of given tokens (prompt logprobs); X = num_logprobs."""
 
@@ -231,7 +224,7 @@ def advance_metadata(meta: SamplingMetadata, steps=1,
     min_tokens_S = meta.min_tokens if min_tokens_S is None else min_tokens_S
     output_index_S = meta.output_index + jnp.asarray(steps, jnp.int32)
     suppress_S = meta.suppress_S & (output_index_S < min_tokens_S)
-    return dataclasses.replace(meta, output_index=output_index_S, suppress_S=suppress_S)
+    return meta.replace(output_index=output_index_S, suppress_S=suppress_S)
 
 
 def empty_outputs(num_steps: int, S: int, vocab_size: int, meta: SamplingMetadata,

@@ -27,6 +27,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from crosspool_jax.runtime.shapes import BIASED_IDS, STOP_IDS
 from crosspool_jax.sampling_params import SamplingParams
@@ -34,14 +35,7 @@ from crosspool_jax.sampling_params import SamplingParams
 _MIN_TEMPERATURE = 1e-5  # below this a row samples greedily (dividing by it would overflow)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["temperature", "top_k", "top_p", "min_p", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "rng_key_S2", "output_index",
-                 "suppress_S", "suppress_ids_SZ", "min_tokens", "bias_ids_SW", "bias_SW",
-                 "allowed_only_S"],
-    meta_fields=[])
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class SamplingMetadata:
     """Per-row sampling settings of one step; every field has S rows."""
 

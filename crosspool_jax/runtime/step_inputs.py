@@ -6,11 +6,11 @@ compiled step programs stays bounded.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
 import numpy as np
+from flax import struct
 
 from crosspool_jax.runtime.shapes import StepShape
 from pallas_kernels.pow2 import next_pow2
@@ -28,8 +28,7 @@ def bucket(n: int, minimum: int = 1) -> int:
     return next_pow2(max(int(n), minimum))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@struct.dataclass
 class StepInputs:
     """Device inputs of one ragged step of one model (T, S, Pp are bucketed sizes)."""
 

@@ -10,7 +10,7 @@ import pytest
 
 from crosspool_jax.checkpoints import CheckpointError, load_model
 from crosspool_jax.checkpoints.__main__ import main as cli_main
-from crosspool_jax.checkpoints.orbax_io import convert
+from crosspool_jax.checkpoints.orbax_io import _abstract_tree, convert
 from crosspool_jax.checkpoints.tiny_models import make_tiny_hf_model, train_byte_bpe, write_tokenizer_files
 from crosspool_jax.models import dense_logits
 
@@ -98,3 +98,27 @@ def test_bad_marker_and_missing_params(hf_dir, tmp_path):
     os.rename(os.path.join(dst, "params"), os.path.join(dst, "params_moved"))
     with pytest.raises(CheckpointError, match="missing .*params"):
         load_model(dst)
+
+
+def test_abstract_tree_places_each_leaf_by_its_path():
+    cpu = jax.devices("cpu")
+    shapes = {"attn": {"wq_LDQ": (2, 4, 8), "inner": {"sinks_LN": (2, 3)}}, "embed": {"embedding_VD": (16, 4)},
+              "norm_D": (4,)}
+    placed = {}
+
+    def placement(path, shape):                     # a different device per leaf, by call order
+        placed[path] = (shape, cpu[len(placed) % len(cpu)])
+        return placed[path][1]
+
+    tree = _abstract_tree(shapes, np.dtype("float32"), placement)
+    assert {p: s for p, (s, _) in placed.items()} == {"attn/wq_LDQ": (2, 4, 8), "attn/inner/sinks_LN": (2, 3),
+                                                      "embed/embedding_VD": (16, 4), "norm_D": (4,)}
+    assert jax.tree.structure(tree) == jax.tree.structure(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    for path, (shape, device) in placed.items():    # each leaf under its path, with what its placement gave
+        node = tree
+        for key in path.split("/"):
+            node = node[key]
+        assert node == jax.ShapeDtypeStruct(shape, np.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+    default = _abstract_tree(shapes, np.dtype("bfloat16"), None)["attn"]["inner"]["sinks_LN"]
+    assert default == jax.ShapeDtypeStruct((2, 3), jnp.bfloat16,
+                                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))

@@ -1,9 +1,11 @@
 """Scheduled chunks -> padded step arrays."""
 import dataclasses
 
+import jax
 import numpy as np
+import pytest
 
-from crosspool_jax.runtime.step_inputs import bucket, build_step_inputs
+from crosspool_jax.runtime.step_inputs import StepInputs, bucket, build_step_inputs
 
 
 @dataclasses.dataclass
@@ -44,3 +46,27 @@ def test_mixed_prefill_and_decode():
     assert inputs.slots_LT[0, 3] == 7 * G + 1
     assert (inputs.slots_LT[:, 6:] == P * G).all()
     assert inputs.num_seqs_1[0] == 2
+
+
+def test_step_inputs_is_a_frozen_pytree_in_field_order():
+    c0 = _Chunk(_Req("a"), 0, 3, [5, 6, 7], [[1], [2]])
+    inputs, _ = build_step_inputs([c0], num_layers=2, tokens_per_page=4, num_pages=8,
+                                  min_tokens_bucket=4, min_seqs_bucket=2)
+    names = [f.name for f in dataclasses.fields(StepInputs)]
+    assert names == ["token_ids_T", "positions_T", "slots_LT", "page_indices_LSP", "kv_lens_S",
+                     "cu_q_lens_S1", "num_seqs_1", "logits_indices_S"]
+    leaves, treedef = jax.tree_util.tree_flatten(inputs)
+    assert len(leaves) == len(names)
+    assert all(leaf is getattr(inputs, name) for leaf, name in zip(leaves, names))   # flatten: field order
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert type(back) is StepInputs and all(getattr(back, n) is getattr(inputs, n) for n in names)
+
+    moved = inputs.replace(kv_lens_S=inputs.kv_lens_S + 1)
+    np.testing.assert_array_equal(moved.kv_lens_S, [4, 1])
+    np.testing.assert_array_equal(inputs.kv_lens_S, [3, 0])                          # the original unchanged
+    assert moved.token_ids_T is inputs.token_ids_T
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        inputs.kv_lens_S = moved.kv_lens_S
+    jitted = jax.jit(lambda x: x.replace(positions_T=x.positions_T * 2))(inputs)
+    assert type(jitted) is StepInputs
+    np.testing.assert_array_equal(jitted.positions_T, [0, 2, 4, 0])
