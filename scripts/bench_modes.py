@@ -41,6 +41,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -428,6 +429,7 @@ def main(argv):
         try:
             rows.append(_run_fresh(mode) if _FRESH.value else run_mode(mode, folders, sizes, n, n_kv, budget))
         except Exception as e:                       # one mode failing must not lose the others
+            traceback.print_exc()
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {e}"})
         print(json.dumps(rows[-1], default=str), flush=True)
         if _OUT.value:                               # after every mode: a time limit keeps what ran

@@ -82,7 +82,8 @@ def _prompt_scores(kv_params, config, hidden_TD, targets_T, num_logprobs: int) -
                                         num_logprobs=num_logprobs)
 
     scores = jax.lax.map(block, (hidden_TD.reshape(-1, B, D), targets_T.reshape(-1, B)))
-    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:T], scores)
+    # explicit sizes: with num_logprobs 0 the top-token arrays are empty, and -1 cannot be inferred
+    return jax.tree.map(lambda a: a.reshape((T + pad,) + a.shape[2:])[:T], scores)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_logprobs", "all_greedy", "attention_backend",

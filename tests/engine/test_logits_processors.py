@@ -147,6 +147,21 @@ def test_prompt_logprobs_match_transformers_with_chunked_prefill(llm, hf):
     assert times["arrival_time"] <= times["first_scheduled_time"] <= times["first_token_time"]
 
 
+def test_prompt_logprobs_without_top_tokens_on_an_engine_of_max_logprobs_0(hf):
+    """max_logprobs=0 leaves the prompt-logprobs program with no top tokens (empty [T, 0]
+    arrays): prompt_logprobs=0 still scores every prompt token, and the warm-up compiles it."""
+    llm0 = LLM({"m": MODEL}, dtype="float32", max_logprobs=0, **ENGINE)
+    llm0.engine.warm_up(variants=True)
+    prompt = _prompt(4, 90)                              # two chunks
+    out = llm0.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0), model="m")[0]
+    lps = out.prompt_logprobs
+    assert len(lps) == len(prompt) and lps[0] is None
+    want = _hf_log_softmax(hf, prompt)
+    for p in range(1, len(prompt)):
+        assert list(lps[p]) == [prompt[p]]
+        np.testing.assert_allclose(lps[p][prompt[p]].logprob, want[p - 1][prompt[p]], atol=2e-4)
+
+
 def test_requests_beyond_the_table_width_or_vocabulary_are_refused_by_field(llm):
     engine = llm.engine
     with pytest.raises(ValueError, match=r"SamplingParams\.allowed_token_ids: token id 5000"):
