@@ -68,7 +68,7 @@ from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from crosspool_jax.engine.step_plan import ModelStep
+from crosspool_jax.engine.step_plan import ModelStep, program_signature
 from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter
 from crosspool_jax.runtime.shapes import BIASED_IDS, STOP_IDS
@@ -232,25 +232,29 @@ class LLMEngine:
         shape of its menu (`runtime/shapes.py`) with its sampling variants (`variants` False:
         without the logprobs and prompt-logprobs ones), on `max_workers` threads (default: the
         CPU count; XLA compiles without holding the GIL). Models whose programs are the same
-        (equal configs on one device) compile once. `variants` None: True on accelerators,
-        False on a CPU, where every executable costs ~300 memory mappings and a process may hold
-        65,530 (the logprobs variants then compile on first use). Returns {"programs": jobs run, "compiles": XLA
-        compiles, "seconds": wall time}, and with a TBT budget "step_costs" (`measure_step_costs`,
-        run after the compiles). `progress(model, done, total)` is called as each model's
-        programs are ready."""
+        (equal configs and shape menus, weights of one `program_signature` on one device) are
+        lowered and compiled once: "programs" counts the distinct ones. `variants` None: True on
+        accelerators, False on a CPU, where every executable costs ~300 memory mappings and a
+        process may hold 65,530 (the logprobs variants then compile on first use). Returns
+        {"programs": jobs run, "compiles": XLA compiles, "seconds": wall time}, and with a TBT
+        budget "step_costs" (`measure_step_costs`, run after the compiles). `progress(model,
+        done, total)` is called as each model's programs are ready."""
         if variants is None:
             variants = jax.devices()[0].platform != "cpu"
         t0 = time.perf_counter()
         c0 = self._compiles.count
         names = self.model_names
-        jobs = {}
+        jobs, seen = {}, set()
         for name in names:
             entry = self.registry.get(name)
             weights = self.registry.acquire(name)          # resident while lowering
             try:
                 menu = (entry.menu if variants else
                         dataclasses.replace(entry.menu, logprob_variants=(0,), prompt_logprobs=False))
-                jobs[name] = self.runner.compile_jobs(entry.config, menu, weights, model=name)
+                key = (entry.config, menu, self.registry.model_devices.get(name), program_signature(weights))
+                # a model whose programs an earlier one lowered has nothing to add (the jit's cache holds them)
+                jobs[name] = [] if key in seen else self.runner.compile_jobs(entry.config, menu, weights, model=name)
+                seen.add(key)
             finally:
                 self.registry.release(name)
         workers = max_workers or os.cpu_count() or 1

@@ -68,7 +68,16 @@ def test_lanes_give_each_models_tokens_in_fewer_programs_and_compile_nothing_aft
     tokens_alone, stats_alone = alone
     assert stats_alone.dispatches == stats_alone.steps               # one program per model step
     llm = LLM(models, max_lanes=2, **ENGINE)
+    lowered_for = []                                                  # models whose programs the warm-up built
+    compile_jobs = llm.engine.runner.compile_jobs
+
+    def recorded(*args, model="", **kwargs):
+        lowered_for.append(model)
+        return compile_jobs(*args, model=model, **kwargs)
+
+    monkeypatch.setattr(llm.engine.runner, "compile_jobs", recorded)
     assert llm.engine.warm_up(variants=True)["compiles"] > 0
+    assert sorted(lowered_for) == ["a", "q"]                          # b's programs are a's: built once
     fetches = []                                                      # device-to-host fetches of outputs
     host = ProgramOutputs.host
 
