@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import json
 import os
 import statistics
@@ -318,7 +319,13 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     if _QUICK.value:
         return row
     if hasattr(engine, "warm_up"):                  # the engine's own: every program of its shape menu
-        row["engine_warm_up"] = engine.warm_up()
+        started = time.perf_counter()
+
+        def progress(model, done, total):           # a run stopped by its time limit shows how far it got
+            print(f"warm-up: {model} ready ({done}/{total}, {time.perf_counter() - started:.0f} s)", flush=True)
+
+        takes_progress = "progress" in inspect.signature(engine.warm_up).parameters     # an earlier tree's may not
+        row["engine_warm_up"] = engine.warm_up(progress=progress) if takes_progress else engine.warm_up()
     t0 = time.perf_counter()
     decode_round(llm, names, per_model, prompt_len, max_tokens, seed=1)    # the measured mix, replayed
     row["warm_up_replay_s"] = time.perf_counter() - t0
