@@ -93,9 +93,10 @@ def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool
     reading w in place: a layer of a stack is not sliced out first (XLA's dynamic slice of a
     scanned stack is a copy of the layer on a GPU); the matrices of a tuple in ONE launch; at
     decode sizes it splits K over the grid (`tuning.layer_matmul_config`; `config` =
-    (BlockConfig, K splits) overrides it). K or an N not a multiple of 16 (a one-column gate),
-    and every other backend, the TPU's included, is XLA's `x @ w` per matrix on the
-    materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`).
+    (BlockConfig, K splits) overrides it). A matrix whose N is not a multiple of 16 (a
+    one-column gate), every matrix when K is not, and every other backend, the TPU's included,
+    is XLA's `x @ w` on the materialised slice (`jnp.dot(..., preferred_element_type=out_dtype)`);
+    the other matrices of a tuple still run in the one kernel launch.
     """
     ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
     if getattr(x, "ndim", None) != 2 or not ws or any(getattr(m, "ndim", None) not in (2, 3) for m in ws):
@@ -106,13 +107,18 @@ def layer_matmul(x, w, *, backend: str = "auto", out_dtype=None, interpret: bool
             raise ValueError(f"layer_matmul: w must hold one group, got shape {m.shape}")
         if x.shape[1] != m.shape[-2]:
             raise ValueError(f"layer_matmul: x's K ({x.shape[1]}) must equal w's K ({m.shape[-2]})")
-    K, Ns = x.shape[1], tuple(m.shape[-1] for m in ws)
-    if resolve_backend(backend) != "gpu" or not tuning.gpu_supports(K, *Ns) or x.shape[0] == 0:
-        out = tuple(jnp.dot(x, as_array(m)[0] if m.ndim == 3 else m, preferred_element_type=out_dtype) for m in ws)
-    else:
-        out = _layer_matmul_kernel(x, tuple(as_expert_rows(m[None] if m.ndim == 2 else m) for m in ws),
-                                   out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret, config=config)
-    return out if isinstance(w, (tuple, list)) else out[0]
+    K = x.shape[1]
+    on_kernel = (resolve_backend(backend) == "gpu" and x.shape[0] > 0 and tuning.gpu_supports(K))
+    tiled = [i for i, m in enumerate(ws) if on_kernel and tuning.gpu_supports(m.shape[-1])]
+    out = [None if i in tiled else jnp.dot(x, as_array(m)[0] if m.ndim == 3 else m, preferred_element_type=out_dtype)
+           for i, m in enumerate(ws)]
+    if tiled:                       # the tileable matrices in one launch, whatever the others are
+        products = _layer_matmul_kernel(x, tuple(as_expert_rows(ws[i][None] if ws[i].ndim == 2 else ws[i])
+                                                 for i in tiled),
+                                        out_dtype=jnp.dtype(out_dtype or x.dtype), interpret=interpret, config=config)
+        for i, y in zip(tiled, products):
+            out[i] = y
+    return tuple(out) if isinstance(w, (tuple, list)) else out[0]
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "config"))

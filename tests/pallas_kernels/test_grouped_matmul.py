@@ -5,6 +5,8 @@ Tolerances: float32 runs at full precision (conftest), so kernel and reference d
 summation order (K chunked): 1e-4 relative to the output scale. bfloat16 inputs accumulate in
 float32 in both, the output is rounded once to bf16 (2^-8 relative): 1e-2 of the scale.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,6 +204,27 @@ def test_layer_matmul_keeps_untileable_shapes_on_xla():
     w = _stack(2, 32, 1, jnp.float32)
     got = layer_matmul(x, ExpertRows.of_stack(w[:, None], 1), backend="gpu", interpret=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(x @ w[1]))
+
+
+def test_layer_matmul_of_a_tuple_keeps_only_the_untileable_matrix_on_xla():
+    """q (N 64) and a one-column gate (N 1) side by side: q still runs in the kernel, read in
+    place (one pallas_call, no slice of its stack), the gate on XLA's dot of its slice."""
+    x = jnp.asarray(_rng.standard_normal((3, 64), np.float32), jnp.bfloat16)
+    q, gate = _stack(2, 64, 64, jnp.bfloat16), _stack(2, 64, 1, jnp.bfloat16)
+
+    def run(x, q, gate, layer):
+        return layer_matmul(x, (ExpertRows.of_stack(q[:, None], layer), ExpertRows.of_stack(gate[:, None], layer)),
+                            backend="gpu", interpret=True, out_dtype=jnp.float32)
+
+    got_q, got_gate = jax.jit(run)(x, q, gate, jnp.int32(1))
+    _assert_close(got_q, jnp.dot(x, q[1], preferred_element_type=jnp.float32), jnp.bfloat16)
+    want_gate = jnp.dot(x, gate[1], preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got_gate), np.asarray(want_gate), rtol=1e-6, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(run)(x, q, gate, jnp.int32(1)))
+    assert jaxpr.count("pallas_call") == 1
+    assert re.search(r"f32\[\d+,16,64\] = pallas_call", jaxpr)     # the kernel's output: q's 64 columns only
+    assert "bf16[64,1] = dynamic_slice" in jaxpr                # the gate's layer, sliced for XLA
+    assert "bf16[64,64] = dynamic_slice" not in jaxpr           # q's is not
 
 
 def test_layer_matmul_rejects_bad_shapes():
