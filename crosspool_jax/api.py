@@ -89,7 +89,7 @@ class LLM:
         try:
             for rid, prompt, p, name in zip(order, prompts, params, models):
                 try:
-                    self.engine.add_request(rid, name, prompt, p)
+                    self.engine.add_request(rid, name, prompt, p, final_only=True)     # read once finished
                 except ValueError as e:
                     results[rid] = _failed(rid, name, prompt, p, str(e))
             if use_tqdm and count >= _TQDM_MIN_PROMPTS:

@@ -279,7 +279,7 @@ def _stream(llm, records: Iterator[dict], write, start: int, default_model, max_
                 try:
                     prompt, params, model = parse_record(record, default_model, max_n=max_n,
                                                          tokenizer_of=engine.get_tokenizer)
-                    engine.add_request(rid, model, prompt, params)
+                    engine.add_request(rid, model, prompt, params, final_only=True)    # read once finished
                 except ValueError as e:
                     done[record["_index"]] = result_line(record, error=f"line {record['_line']}: {e}")
                     continue

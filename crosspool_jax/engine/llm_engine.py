@@ -146,6 +146,7 @@ class _Parent:
     first_token_time: Optional[float] = None
     error: Optional[str] = None
     prompt_logprobs: Optional[list] = None     # [None, {token id: Logprob} or None while not computed, ...]
+    final_only: bool = False                   # step() reports the request once, finished
 
 
 class LLMEngine:
@@ -284,9 +285,11 @@ class LLMEngine:
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None, *, final_only: bool = False) -> None:
         """Validate and queue one request. Raises ValueError naming what is wrong; nothing is
-        queued then."""
+        queued then. `step()` returns a request's cumulative output each step it moves, or with
+        `final_only` (vLLM's RequestOutputKind.FINAL_ONLY) only its finished one: no copy of its
+        tokens, logprobs and text per step, which grows with the output's length."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._parents:
@@ -331,7 +334,8 @@ class LLMEngine:
                              f"max_model_len is {entry.max_model_len} (prompt + at least one new token)")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival,
-                         prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None)
+                         prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
+                         final_only=bool(final_only))
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -485,7 +489,8 @@ class LLMEngine:
             self.scheduler.finish_request(child.request.request_id, status)
 
     def _outputs(self, moved: set) -> list[RequestOutput]:
-        """The `RequestOutput` of every parent in `moved`; finished parents are forgotten."""
+        """The `RequestOutput` of every parent in `moved` (of a `final_only` one, once finished);
+        finished parents are forgotten."""
         now = time.monotonic()
         results = []
         for parent_id in moved:
@@ -494,6 +499,8 @@ class LLMEngine:
                 continue
             if parent.first_token_time is None and any(c.request.output_token_ids for c in parent.children):
                 parent.first_token_time = now
+            if parent.final_only and not all(c.finish_reason is not None for c in parent.children):
+                continue
             output = self._make_output(parent)
             results.append(output)
             if output.finished:
