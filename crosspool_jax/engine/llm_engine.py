@@ -26,7 +26,8 @@ How a request travels:
 4. The engine detokenizes incrementally, applies stop rules (EOS, stop ids, stop strings,
    lengths), reports finished children to the scheduler (which frees their pages), gathers
    the prompt logprobs each prefill chunk scored, and returns `RequestOutput`s with the
-   cumulative text of every request that moved.
+   cumulative text of every request that moved (of a request added `final_only`, as
+   `LLM.generate` and the batch command add theirs: only the finished one).
 
 Pipelined steps (`EngineConfig.pipeline_models`): a step dispatches about half of the models
 with work (those with no step in flight) and then collects and processes the previous step's
