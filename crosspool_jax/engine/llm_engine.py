@@ -69,7 +69,7 @@ from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from crosspool_jax.engine.step_plan import ModelStep, program_signature
+from crosspool_jax.engine.step_plan import ModelStep
 from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter
 from crosspool_jax.runtime.shapes import BIASED_IDS, STOP_IDS
@@ -148,6 +148,10 @@ class _Parent:
     error: Optional[str] = None
     prompt_logprobs: Optional[list] = None     # [None, {token id: Logprob} or None while not computed, ...]
     final_only: bool = False                   # step() reports the request once, finished
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
 
 
 class LLMEngine:
@@ -234,8 +238,8 @@ class LLMEngine:
         shape of its menu (`runtime/shapes.py`) with its sampling variants (`variants` False:
         without the logprobs and prompt-logprobs ones), on `max_workers` threads (default: the
         CPU count; XLA compiles without holding the GIL). Models whose programs are the same
-        (equal configs and shape menus, weights of one `program_signature` on one device) are
-        lowered and compiled once: "programs" counts the distinct ones. `variants` None: True on
+        (`ModelRegistry.program_key`) are lowered and compiled once, for the first of them:
+        "programs" counts the distinct ones. `variants` None: True on
         accelerators, False on a CPU, where every executable costs ~300 memory mappings and a
         process may hold 65,530 (the logprobs variants then compile on first use). Returns
         {"programs": jobs run, "compiles": XLA compiles, "seconds": wall time}, and with a TBT
@@ -248,15 +252,17 @@ class LLMEngine:
         names = self.model_names
         jobs, seen = {}, set()
         for name in names:
+            key = self.registry.program_key(name)
+            jobs[name] = []
+            if key in seen:         # an earlier model's jobs build this one's programs (the jit's cache holds them)
+                continue
+            seen.add(key)
             entry = self.registry.get(name)
             weights = self.registry.acquire(name)          # resident while lowering
             try:
                 menu = (entry.menu if variants else
                         dataclasses.replace(entry.menu, logprob_variants=(0,), prompt_logprobs=False))
-                key = (entry.config, menu, self.registry.model_devices.get(name), program_signature(weights))
-                # a model whose programs an earlier one lowered has nothing to add (the jit's cache holds them)
-                jobs[name] = [] if key in seen else self.runner.compile_jobs(entry.config, menu, weights, model=name)
-                seen.add(key)
+                jobs[name] = self.runner.compile_jobs(entry.config, menu, weights, model=name)
             finally:
                 self.registry.release(name)
         workers = max_workers or os.cpu_count() or 1
@@ -500,7 +506,7 @@ class LLMEngine:
                 continue
             if parent.first_token_time is None and any(c.request.output_token_ids for c in parent.children):
                 parent.first_token_time = now
-            if parent.final_only and not all(c.finish_reason is not None for c in parent.children):
+            if parent.final_only and not parent.finished:
                 continue
             output = self._make_output(parent)
             results.append(output)
@@ -698,12 +704,11 @@ class LLMEngine:
                 cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
                 logprobs=list(child.logprobs) if child.logprobs is not None else None,
                 finish_reason=child.finish_reason, stop_reason=child.stop_reason))
-        finished = all(c.finish_reason is not None for c in parent.children)
         metrics = {"arrival_time": parent.arrival_time, "first_scheduled_time": parent.first_scheduled_time,
                    "first_token_time": parent.first_token_time}
         return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
-                             finished=finished, error=parent.error, metrics=metrics,
+                             finished=parent.finished, error=parent.error, metrics=metrics,
                              prompt_logprobs=None if parent.prompt_logprobs is None else list(parent.prompt_logprobs))
 
 

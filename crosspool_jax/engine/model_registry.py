@@ -333,6 +333,13 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def program_key(self, name: str) -> tuple:
+        """Equal for models that run the same compiled programs: equal configs and shape menus on
+        one device (the engine's dtype is every model's, so their weights have one structure,
+        shapes, dtypes and placement; where they sit in a pool or the arena is program data)."""
+        entry = self.get(name)
+        return entry.config, entry.menu, self.model_devices.get(name)
+
     def get(self, name: str) -> ModelEntry:
         entry = self._entries.get(name)
         if entry is None:

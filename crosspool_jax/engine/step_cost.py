@@ -41,7 +41,7 @@ def measure_step_costs(registry, runner, kv_manager, *, repeats: int = 3) -> dic
     costs = {}
     for name in registry.names:
         entry = registry.get(name)
-        key = (entry.config, entry.menu, registry.model_devices.get(name))      # the same programs
+        key = registry.program_key(name)
         if key not in by_program:
             weights = registry.acquire(name)
             try:

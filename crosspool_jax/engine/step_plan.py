@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence, Union
 
-import jax
 import numpy as np
 
 from crosspool_jax.models.config import ModelConfig
@@ -35,23 +34,6 @@ class ArenaWeights:
 
 
 Weights = Union[PlacedWeights, ArenaWeights]
-
-
-def program_signature(weights: Weights) -> tuple:
-    """What of `weights` a compiled step program depends on: the pytree structure and, per
-    leaf, shape, dtype and placement (device arrays) or shape and dtype (host arrays, which
-    are program data), never the values. Models whose weights have one signature (and one
-    config and shape menu) run the same programs."""
-    leaves, treedef = jax.tree_util.tree_flatten([getattr(weights, f.name) for f in dataclasses.fields(weights)])
-    spec = []
-    for leaf in leaves:
-        if isinstance(leaf, jax.Array):
-            spec.append((leaf.shape, str(leaf.dtype), leaf.sharding))
-        elif isinstance(leaf, np.ndarray):
-            spec.append((leaf.shape, str(leaf.dtype)))
-        else:
-            spec.append((type(leaf).__name__, repr(leaf)))
-    return treedef, tuple(spec)
 
 
 @dataclasses.dataclass(frozen=True)
