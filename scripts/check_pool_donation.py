@@ -92,10 +92,11 @@ def main(argv):
     args, kwargs = captured["call"]
     args = list(args)
     k_buf, v_buf = pool.take(0)
+    table = jax.numpy.zeros(args[4].shape, args[4].dtype)      # the captured token table was donated
     for i in range(2):
         before = (k_buf.unsafe_buffer_pointer(), v_buf.unsafe_buffer_pointer())
-        args[2], args[3] = k_buf, v_buf
-        k_buf, v_buf, *_ = step_program.ragged_step(*args, **kwargs)
+        args[2], args[3], args[4] = k_buf, v_buf, table
+        k_buf, v_buf, table, *_ = step_program.ragged_step(*args, **kwargs)
         jax.block_until_ready(k_buf)
         after = (k_buf.unsafe_buffer_pointer(), v_buf.unsafe_buffer_pointer())
         moved += after != before

@@ -79,6 +79,15 @@ class EngineConfig:
       recently run first), then collects and processes the previous step's while the device
       runs the new ones, so each model advances every other step and TBT tends to max(host,
       device) instead of their sum. Off when weights budgets swap models (steps run whole).
+    async_scheduling: dispatch the next step of the running requests before the host has the
+      tokens of the step in flight (vLLM's async scheduling): while every running request is
+      decoding and none waits, each engine step dispatches the continuation (each request's
+      next decode, its input token read on the device from the step in flight's samples),
+      then collects and processes the step in flight while the device runs it, so the host's
+      per-step work hides behind the device's. A request that stops wastes its continuation's
+      token (dropped). `step()` returns the previous step's outputs. Not with a crosspool device
+      split or `pipeline_models`; a request with penalties or bad words of several tokens
+      (sampling that reads its tokens on the host) makes steps synchronous while it runs.
     """
 
     models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
@@ -151,6 +160,10 @@ class EngineConfig:
                                  "about half of the models with work, then collects and processes the "
                                  "previous step's while the device runs them (each model advances every "
                                  "other step). Off when weights budgets swap models.")
+    async_scheduling: bool = _opt(False, "Dispatch each decode step before the previous step's tokens reach "
+                                  "the host (fed to the next step on the device), so the host's per-step "
+                                  "work overlaps the device's; step() returns the previous step's outputs. "
+                                  "Placed modes (shared, static) only; not with pipeline_models.")
     attention_backend: str = _opt("auto", "Attention kernel: auto (Pallas on GPU/TPU where the shapes "
                                   "allow, the jnp reference otherwise), reference, gpu, tpu, or mgpu_prefill "
                                   "(on a GPU the Mosaic GPU prefill kernel for steps with prefill chunks where "
@@ -180,8 +193,9 @@ class EngineConfig:
         for name, choices in (("attention_backend", ATTENTION_BACKENDS), ("moe_backend", BACKENDS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"EngineConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if not isinstance(self.pipeline_models, bool):
-            raise ValueError(f"EngineConfig.pipeline_models must be a bool, got {self.pipeline_models!r}")
+        for name in ("pipeline_models", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_decode_steps", "min_token_bucket",

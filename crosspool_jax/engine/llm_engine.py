@@ -31,10 +31,21 @@ How a request travels:
 
 Pipelined steps (`EngineConfig.pipeline_models`): a step dispatches about half of the models
 with work (those with no step in flight) and then collects and processes the previous step's
-results while the device runs the new programs (`_pipelined_step`), so the host's work on one
+results while the device runs the new programs (`_overlapped_step`), so the host's work on one
 half overlaps the device's on the other and each model advances every other step. `step()` then
 returns the previous step's outputs. Weights budgets (models swapped in and out) keep steps
 whole.
+
+Async scheduling (`EngineConfig.async_scheduling`, placed modes): a step is left in flight, and
+the next `step()` first dispatches its continuation (`Scheduler.schedule_continuation`: every
+running request's next decode, whose input token the program reads from the device's token
+table, where the step in flight writes its samples), then collects and processes the step in
+flight while the device runs the continuation (`_continue_in_flight`). The host's work of one
+step overlaps the device's of the next; `step()` returns the previous step's outputs. When no
+continuation can be made (a prefill to run, a waiting request, a request whose sampling reads
+its tokens on the host, a short pool), the step in flight is finished first and `schedule()`
+makes the next step, which is dispatched and left in flight. A request that stopped in the step
+in flight has its continuation's results dropped (`Scheduler.is_current`).
 
 Request isolation (`_run_isolated`): whatever one request does that still fails inside a
 step fails that request alone. The step runs all its models at once; when that raises, it
@@ -123,7 +134,8 @@ class _Child:
 
 @dataclasses.dataclass
 class _InFlight:
-    """A dispatched engine step whose results are not read yet (`pipeline_models`): its
+    """A dispatched engine step whose results are not read yet (`pipeline_models`,
+    `async_scheduling`): its
     scheduler output and, per model, (entry, chunks, DispatchedStep); its models stay acquired."""
 
     out: SchedulerOutput
@@ -187,10 +199,13 @@ class LLMEngine:
         else:
             self.runner = PlacedRunner(self.registry.kv_pool, self.registry.model_devices,
                                        attention_backend=self.registry.attention_backend,
-                                       moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps)
+                                       moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
+                                       num_token_slots=config.max_num_seqs)
         self._parents: dict[str, _Parent] = {}
         # pipeline_models (weights budgets keep steps whole): the step dispatched last, not read yet
         self._pipelined = config.pipeline_models and not self.registry.has_budgets
+        # async_scheduling: placed runners only (their programs keep the token tables)
+        self._async = config.async_scheduling and not disaggregated and not self._pipelined
         self._in_flight: Optional[_InFlight] = None
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
@@ -393,10 +408,14 @@ class LLMEngine:
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule, run, return the `RequestOutput`s of the requests that moved.
-        With `pipeline_models`, the step dispatches its models and returns the previous step's
-        results (collected while the device runs the new programs); see `_pipelined_step`."""
+        With `pipeline_models` or `async_scheduling`, the step dispatches its models and returns
+        the previous step's results (collected while the device runs the new programs); see
+        `_overlapped_step` and `_continue_in_flight`."""
         if self._wants_step_costs and not self.step_costs:      # no warm-up measured them
             self.measure_step_costs()
+        moved: set[str] = set()
+        if self._async and self._in_flight is not None and self._continue_in_flight(moved):
+            return self._outputs(moved)
         busy = self._in_flight.models if self._in_flight is not None else frozenset()
         out = self.scheduler.schedule(busy_models=busy, split_models=self._pipelined)
         scheduled_at = time.monotonic()
@@ -405,22 +424,44 @@ class LLMEngine:
                 parent = self._parent_of(chunk.request.request_id)
                 if parent is not None and parent.first_scheduled_time is None:
                     parent.first_scheduled_time = scheduled_at
-        moved: set[str] = set()
         for child_id, message in out.rejected:
             self._fail_request(child_id, message, moved)
-        if self._pipelined:
-            self._pipelined_step(out, moved)
+        if self._pipelined or self._async:
+            self._overlapped_step(out, moved)
         else:
             self._process(out, *self._run_isolated(out.chunks_by_model), moved)
         return self._outputs(moved)
 
-    def _pipelined_step(self, out: SchedulerOutput, moved: set) -> None:
+    def _continue_in_flight(self, moved: set) -> bool:
+        """Async scheduling: dispatch the continuation of the step in flight
+        (`Scheduler.schedule_continuation`: its requests' next decodes, fed from the device's
+        token tables), then collect and process the step in flight while the device runs it.
+        True when the continuation is in flight now; False when there was none (the step in
+        flight is finished, and `step()` schedules the next one). A continuation none of whose
+        requests is still current after that (all stopped or aborted) is collected at once, so
+        nothing stays in flight once every request is done."""
+        previous, self._in_flight = self._in_flight, None
+        follow = self.scheduler.schedule_continuation(previous.out)
+        if follow is not None:
+            try:
+                self._in_flight = self._dispatch(follow)
+            except Exception:  # noqa: BLE001 - the scheduler schedules those requests again
+                log.debug("dispatching a continuation failed; collecting the step in flight first", exc_info=True)
+        self._finish(previous, moved)
+        flight = self._in_flight
+        if flight is not None and not any(self.scheduler.is_current(c) for c in flight.out.chunks):
+            self._in_flight = None
+            self._finish(flight, moved)
+        return self._in_flight is not None
+
+    def _overlapped_step(self, out: SchedulerOutput, moved: set) -> None:
         """Dispatch this step's models (`_dispatch`: no result is read), then collect and process
         the previous step's (`_finish`), whose programs the device runs first: the host's work
         on them overlaps the device's on the new ones. The new step stays in flight until the
         next call. When this step cannot be dispatched beside the previous one (its weights do
         not fit beside the models in flight, or dispatching raises), the previous step is
-        finished first and this one runs whole, isolated (`_run_isolated`)."""
+        finished first and this one runs whole, isolated (`_run_isolated`). (Async scheduling
+        comes here with nothing in flight: the step is dispatched and left in flight.)"""
         previous, self._in_flight = self._in_flight, None
         flight = None
         if out.chunks_by_model:
@@ -627,13 +668,14 @@ class LLMEngine:
         for chunk in chunks:
             req = chunk.request
             params = req.sampling_params
+            produced = chunk.num_outputs_before      # a continuation counts the tokens in flight
             rows.append(SamplingRow(params=params, base_seed=req.base_seed,
-                                    output_index=len(req.output_token_ids), eos_token_ids=entry.eos_token_ids,
+                                    output_index=produced, eos_token_ids=entry.eos_token_ids,
                                     prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
                                     bad_words_ids=req.bad_words_ids))
             ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(entry.eos_token_ids))
             stop_ids.append(ids)
-            allowances.append(max(1, req.max_tokens - len(req.output_token_ids)))
+            allowances.append(max(1, req.max_tokens - produced))
         return ModelStep(entry.name, entry.config, entry.tokens_per_page, entry.menu, weights,
                          chunks, rows, stop_ids, allowances, num_steps=chunks[0].num_steps)
 

@@ -28,7 +28,7 @@ class PlacedRunner(DispatchingRunner):
     """Dispatches each model's step to the `StepRunner` of the KV device it is placed on."""
 
     def __init__(self, pool: KVPool, model_devices: Mapping[str, int], *, attention_backend: str, moe_backend: str,
-                 max_decode_steps: int = 1):
+                 max_decode_steps: int = 1, num_token_slots: int = 1):
         n = pool.layout.num_devices
         for name, d in model_devices.items():
             if not isinstance(d, int) or not 0 <= d < n:
@@ -37,7 +37,8 @@ class PlacedRunner(DispatchingRunner):
         self.pool = pool
         self.model_devices = dict(model_devices)
         self.runners = [StepRunner(pool, attention_backend=attention_backend, moe_backend=moe_backend,
-                                   max_decode_steps=max_decode_steps, device_index=d) for d in range(n)]
+                                   max_decode_steps=max_decode_steps, device_index=d,
+                                   num_token_slots=num_token_slots) for d in range(n)]
 
     @property
     def stats(self) -> RunnerStats:

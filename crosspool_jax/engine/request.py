@@ -24,12 +24,6 @@ class RequestStatus(enum.Enum):
     FINISHED_ERROR = "finished_error"
 
     @property
-    def needs_host_per_token(self) -> bool:
-        """A bad word of several tokens: the ids it bans depend on the last tokens generated,
-        which the host rebuilds each step, so this request decodes one token per dispatch."""
-        return any(len(ids) > 1 for ids in self.bad_words_ids)
-
-    @property
     def is_finished(self) -> bool:
         return self.name.startswith("FINISHED_")
 
@@ -49,6 +43,8 @@ class Request:
       that is None too the scheduler sets it from the model's max_model_len on add_request.
     num_computed_tokens: tokens of all_token_ids whose K/V are in the pool. After a sampled
       token is appended it is one less than num_tokens (the new token is fed next step).
+    token_slot: while running, its slot in the devices' token tables (the scheduler gives it
+      one of max_num_seqs on admission); -1 otherwise.
     """
 
     request_id: str
@@ -63,6 +59,7 @@ class Request:
     num_preemptions: int = 0
     error: Optional[str] = None
     bad_words_ids: list = dataclasses.field(default_factory=list)
+    token_slot: int = -1
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -124,6 +121,13 @@ class Request:
         """A bad word of several tokens: the ids it bans depend on the last tokens generated,
         which the host rebuilds each step, so this request decodes one token per dispatch."""
         return any(len(ids) > 1 for ids in self.bad_words_ids)
+
+    @property
+    def needs_tokens_on_host(self) -> bool:
+        """Its sampling reads the tokens generated so far on the host (the penalties' counts, bad
+        words of several tokens), so a step cannot be made for it before the last one's tokens
+        are in (`Scheduler.schedule_continuation`)."""
+        return self.needs_host_per_token or self.sampling_params.needs_penalties
 
     @property
     def is_finished(self) -> bool:

@@ -11,7 +11,10 @@ so that serving compiles nothing.
 
 A `StepRunner` serves one KV device of the pool (`device_index`): its chunks' page tables
 hold that device's local page ids (`placed_runner.PlacedRunner` maps the engine's global ids
-and picks the device of each model).
+and picks the device of each model). It also owns that device's token table (int32
+[num_token_slots], donated through every program like the K/V buffers): each program writes
+the tokens it samples into their requests' slots, and a chunk made before its request's last
+token reached the host (`ScheduledChunk.device_token`) is fed from there.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from crosspool_jax.kv.pool import KVPool
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_arrays import PackedArrays
 from crosspool_jax.runtime.shapes import MIN_HISTORY, STOP_IDS, DecodeShape, ShapeMenu, StepShape
-from crosspool_jax.runtime.step_inputs import build_prompt_targets, build_step_inputs
+from crosspool_jax.runtime.step_inputs import NO_SLOT, build_prompt_targets, build_step_inputs, build_token_slots
 from crosspool_jax.runtime.step_program import DecodeLane, multi_decode, ragged_step
 
 
@@ -106,10 +109,12 @@ class StepRunner(DispatchingRunner):
     (page tables in this device's local ids)."""
 
     def __init__(self, pool: KVPool, *, attention_backend: str, moe_backend: str, max_decode_steps: int = 1,
-                 device_index: int = 0):
+                 device_index: int = 0, num_token_slots: int = 1):
         if not 0 <= device_index < pool.layout.num_devices:
             raise ValueError(f"StepRunner.device_index must be in [0, {pool.layout.num_devices}), "
                              f"got {device_index!r}")
+        if not isinstance(num_token_slots, int) or num_token_slots < 1:
+            raise ValueError(f"StepRunner.num_token_slots must be an integer >= 1, got {num_token_slots!r}")
         self.pool = pool
         self.device_index = device_index
         self.max_decode_steps = max_decode_steps
@@ -117,6 +122,7 @@ class StepRunner(DispatchingRunner):
         self.moe_backend = moe_backend
         self.stats = RunnerStats()
         self._zero_history: dict = {}
+        self._token_table = jax.device_put(np.zeros(num_token_slots, np.int32), self.device)
 
     @property
     def device(self) -> jax.Device:
@@ -199,10 +205,11 @@ class StepRunner(DispatchingRunner):
     def _prepare(self, step: ModelStep, shape) -> "_Prepared":
         """The host inputs of `step` padded to `shape` (numpy: see `_run`)."""
         rows, menu = step.rows, step.menu
+        chunks = [_fed_from_host(c) for c in step.chunks]
         S = shape.num_seqs
         targets, spans = None, None
         if isinstance(shape, StepShape):
-            targets, spans = build_prompt_targets(step.chunks, shape.num_tokens)
+            targets, spans = build_prompt_targets(chunks, shape.num_tokens)
         if targets is not None:                 # prompt logprobs: the general sampling program, top tokens
             variant = (menu.logprob_variants[-1], False)
         else:
@@ -216,13 +223,13 @@ class StepRunner(DispatchingRunner):
             history = self._no_history(S, step.config.vocab_size)
         limits = None
         if isinstance(shape, StepShape):
-            inputs, _ = build_step_inputs(step.chunks, shape=shape, num_layers=step.config.num_layers,
+            inputs, _ = build_step_inputs(chunks, shape=shape, num_layers=step.config.num_layers,
                                           tokens_per_page=step.tokens_per_page,
                                           num_pages=self.pool.layout.pages_per_device)
-            inputs = PackedArrays.pack(inputs)
+            inputs = PackedArrays.pack((inputs, build_token_slots(chunks, shape)))
         else:
             limits = [min(a, step.num_steps) for a in step.allowances]
-            inputs = _decode_args(step.config, step.chunks, shape, step.stop_ids, limits)
+            inputs = _decode_args(step.config, chunks, shape, step.stop_ids, limits)
         return _Prepared(variant, inputs, sampling, history, targets, spans, limits)
 
     def _static(self, config, variant) -> dict:
@@ -232,22 +239,24 @@ class StepRunner(DispatchingRunner):
 
     @staticmethod
     def _lane(weights: PlacedWeights, prepared: "_Prepared") -> DecodeLane:
-        token_ids, kv_lens, pages, num_seqs, stops, allowance = prepared.inputs
+        token_ids, kv_lens, pages, num_seqs, stops, allowance, read_slots, write_slots = prepared.inputs
         counts, prompt_mask = prepared.history
         return DecodeLane(weights.kv_params, weights.ffn_params, token_ids, kv_lens, pages, num_seqs,
-                          prepared.sampling, counts, prompt_mask, stops, allowance)
+                          prepared.sampling, counts, prompt_mask, stops, allowance, read_slots, write_slots)
 
     def _run(self, program, before, after, static) -> list:
-        """program(*before, k_buf, v_buf, *after, **static) with this device's K/V buffers
-        donated, the results put back in the pool; returns the program's other outputs."""
+        """program(*before, k_buf, v_buf, token_table, *after, **static) with this device's K/V
+        buffers and token table donated, the results put back; returns the program's other outputs."""
         # numpy inputs go to the jitted program as they are: its C++ dispatch moves them to
         # the device of the committed arguments, ~5x cheaper than jax.device_put
         k_buf, v_buf = self.pool.take(self.device_index)
+        table, self._token_table = self._token_table, None
         self.stats.dispatches += 1
         try:
-            k_buf, v_buf, *outs = program(*before, k_buf, v_buf, *after, **static)
+            k_buf, v_buf, table, *outs = program(*before, k_buf, v_buf, table, *after, **static)
         finally:
             self.pool.put(k_buf, v_buf, self.device_index)
+            self._token_table = table
         return outs
 
     def _no_history(self, S: int, vocab_size: int):
@@ -269,6 +278,7 @@ class StepRunner(DispatchingRunner):
         compiles nothing). The callables may run in parallel threads."""
         k_buf, v_buf = self.pool.take(self.device_index)       # references for lowering: nothing is run
         self.pool.put(k_buf, v_buf, self.device_index)
+        table = self._token_table
         jobs = []
 
         def add(program, args, static):
@@ -278,7 +288,8 @@ class StepRunner(DispatchingRunner):
             S = shape.num_seqs
             inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=1,
                                           num_pages=self.pool.layout.pages_per_device)
-            fixed = (weights.kv_params, weights.ffn_params, k_buf, v_buf, PackedArrays.pack(inputs),
+            inputs = PackedArrays.pack((inputs, build_token_slots([], shape)))
+            fixed = (weights.kv_params, weights.ffn_params, k_buf, v_buf, table, inputs,
                      PackedArrays.pack(smeta.build_sampling_metadata([], pad_rows_to=S)),
                      *self._no_history(S, config.vocab_size))
             variants = [(variant, None) for variant in menu.sampling_variants()]
@@ -296,7 +307,7 @@ class StepRunner(DispatchingRunner):
                                  self._no_history(S, config.vocab_size), None, None, None)
             lane = self._lane(weights, prepared)
             for K, variant, num_steps in decodes:
-                add(multi_decode, (PackedArrays.pack((lane,) * K), k_buf, v_buf),
+                add(multi_decode, (PackedArrays.pack((lane,) * K), k_buf, v_buf, table),
                     dict(self._static(config, variant), num_steps=num_steps))
         device = self.device
         for S in menu.sampling_rows():
@@ -325,8 +336,18 @@ def _compile(program, args, static) -> None:
     program.lower(*args, **static).compile()
 
 
+def _fed_from_host(chunk):
+    """`chunk`, fed from the host when its request's token at chunk.start is known by now (a
+    continuation run again after its predecessor's results were accepted); else as it is."""
+    if chunk.device_token and chunk.start < chunk.request.num_tokens:
+        return dataclasses.replace(chunk, token_ids=chunk.request.token_ids_between(chunk.start, chunk.start + 1),
+                                   device_token=False)
+    return chunk
+
+
 def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
-    """multi_decode's host inputs (numpy: see StepRunner.dispatch) for single-token decode chunks."""
+    """multi_decode's host inputs (numpy: see StepRunner.dispatch) for single-token decode chunks:
+    the `DecodeLane` fields from token_ids_S to write_slot_S, weights and sampling aside."""
     L = config.num_layers
     S, Pp = shape.num_seqs, shape.pages_per_seq
     token_ids = np.zeros(S, np.int32)
@@ -334,6 +355,8 @@ def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
     pages = np.zeros((L, S, Pp), np.int32)
     stops = np.full((S, STOP_IDS), -1, np.int32)
     allowance = np.ones(S, np.int32)
+    read_slots = np.full(S, -1, np.int32)
+    write_slots = np.full(S, NO_SLOT, np.int32)
     for s, c in enumerate(chunks):
         if c.num_tokens != 1:
             raise ValueError("multi-step decode needs single-token decode chunks")
@@ -344,7 +367,11 @@ def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
         ids = list(stop_ids[s])[:STOP_IDS]          # the host applies every stop rule; these end the loop's rows
         stops[s, :len(ids)] = ids
         allowance[s] = allowances[s]
-    return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance
+        if c.device_token:
+            read_slots[s] = c.token_slot
+        if c.token_slot >= 0:
+            write_slots[s] = c.token_slot
+    return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance, read_slots, write_slots
 
 
 class ProgramOutputs:

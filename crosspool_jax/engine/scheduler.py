@@ -199,6 +199,11 @@ class ScheduledChunk:
     num_steps: 1, or k > 1 for a multi-step decode (k tokens sampled, each fed to the next).
     page_table: [L][num_blocks] global page ids, already covering start + num_tokens + num_steps - 1
       tokens: a read-only int32 numpy array [L, num_blocks] (a snapshot; `np.asarray` is free).
+    token_slot: the request's slot in the devices' token tables (the program writes the chunk's
+      last sampled token there; -1: none).
+    device_token: the chunk continues a step still in flight (`Scheduler.schedule_continuation`):
+      its one token is that step's last sample, not known on the host when the chunk was made
+      (token_ids holds -1); the program reads it from the token table at token_slot.
     """
 
     request: Request
@@ -208,10 +213,20 @@ class ScheduledChunk:
     samples: bool
     num_steps: int
     page_table: np.ndarray              # int32 [L, num_blocks]
+    token_slot: int = -1
+    device_token: bool = False
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def num_outputs_before(self) -> int:
+        """Output tokens the request has when this chunk samples (of a continuation: counting
+        the tokens of the step in flight before it)."""
+        if not self.samples:
+            return self.request.num_output_tokens
+        return self.start + self.num_tokens - self.request.num_prompt_tokens
 
 
 @dataclasses.dataclass
@@ -261,6 +276,7 @@ class Scheduler:
         self._step_costs: dict[str, ModelStepCost] = {}               # model -> measured costs
         self._num_schedules = 0
         self._last_scheduled: dict[str, int] = {}                     # model -> schedule() count it last ran
+        self._free_token_slots = list(range(config.max_num_seqs - 1, -1, -1))   # one per running request
 
     def set_step_costs(self, costs: Mapping[str, ModelStepCost]) -> None:
         """The models' step costs, which size the prefill of steps with decodes to
@@ -320,6 +336,7 @@ class Scheduler:
         self._order.pop(request_id)
         if request in self._running:
             self._running.remove(request)
+            self._release_token_slot(request)
         else:
             self._waiting[request.model].remove(request)
         self.kv.free(request)
@@ -435,8 +452,63 @@ class Scheduler:
                 request=request, start=start, num_tokens=n,
                 token_ids=request.token_ids_between(start, start + n),
                 samples=start + n == request.num_tokens, num_steps=num_steps,
-                page_table=self.kv.page_table_array(request)))
+                page_table=self.kv.page_table_array(request), token_slot=request.token_slot))
         return SchedulerOutput(chunks_by_model, preempted, rejected, sum(n for _, n in planned))
+
+    def schedule_continuation(self, output: SchedulerOutput) -> Optional[SchedulerOutput]:
+        """The step after `output`, made while `output` is still running on the device (the
+        engine's async scheduling), or None when that cannot be done without its results.
+
+        It is what `schedule()` would make once `output`'s results are in, if every chunk
+        produced all its num_steps tokens: each request's one-token decode of the token
+        `output` samples last, which the program reads from the device's token table
+        (`ScheduledChunk.device_token`), multi-step as `schedule()` would (num_steps
+        min(max_decode_steps, the tokens each request has left), with its pages, else 1). A
+        request that stops sooner finishes when `output` is processed, and its continuation's
+        results are dropped (`is_current`); a request that `output` takes to its max_tokens or
+        max_model_len is left out. None when the step after `output` would be anything else:
+        a chunk of `output` that does not sample, a running request outside `output`, a waiting
+        request, weights budgets, a request whose sampling needs its tokens on the host
+        (`Request.needs_tokens_on_host`), or a pool that cannot hold the new tokens without
+        preempting; the engine then collects `output` first and calls `schedule()`."""
+        if self._fit_together is not None or self.num_waiting() or not output.chunks_by_model:
+            return None
+        chunks = output.chunks
+        if {id(c.request) for c in chunks} != {id(r) for r in self._running}:
+            return None
+        if not all(c.samples and self.is_current(c) and not c.request.needs_tokens_on_host for c in chunks):
+            return None
+        # (request, position of its next fed token, tokens already allocated beyond num_computed_tokens)
+        planned = []
+        steps = self.config.max_decode_steps
+        for c in chunks:
+            request = c.request
+            g = self.kv.geometry(request.model)
+            total = c.start + c.num_tokens + c.num_steps           # its tokens once `output` is in
+            left = min(request.max_tokens - (total - request.num_prompt_tokens), g.max_model_len - total)
+            if left < 1:
+                continue
+            planned.append((request, total - 1))
+            steps = min(steps, left)
+        if not planned:
+            return None
+        for num_steps in sorted({steps, 1}, reverse=True):
+            wanted = [(r, start + num_steps - r.num_computed_tokens) for r, start in planned]
+            if self.kv.can_allocate_all(wanted):
+                break
+        else:
+            return None
+        for request, n in wanted:
+            if not self.kv.allocate_slots(request, n):
+                raise RuntimeError(f"continuation allocation failed for {request.request_id} after can_allocate_all")
+        self._num_schedules += 1
+        chunks_by_model: dict[str, list[ScheduledChunk]] = {}
+        for request, start in planned:
+            self._last_scheduled[request.model] = self._num_schedules
+            chunks_by_model.setdefault(request.model, []).append(ScheduledChunk(
+                request=request, start=start, num_tokens=1, token_ids=[-1], samples=True, num_steps=num_steps,
+                page_table=self.kv.page_table_array(request), token_slot=request.token_slot, device_token=True))
+        return SchedulerOutput(chunks_by_model, [], [], len(planned))
 
     def _prefill_limit(self) -> _PrefillLimit:
         """The bound on the prefill of this step (`decode_step_prefill_tokens` wins over the
@@ -516,6 +588,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self._running.remove(request)
+        self._release_token_slot(request)
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -567,6 +640,7 @@ class Scheduler:
                 queue.popleft()
                 request.num_computed_tokens = num_cached
                 request.status = RequestStatus.RUNNING
+                request.token_slot = self._free_token_slots.pop()
                 self._insert_running(request)
                 planned.append((request, n))
                 budget -= n
@@ -580,6 +654,10 @@ class Scheduler:
             self._turns.remove(first_admitted)
             self._turns.append(first_admitted)
         return budget
+
+    def _release_token_slot(self, request: Request) -> None:
+        self._free_token_slots.append(request.token_slot)
+        request.token_slot = -1
 
     def _insert_running(self, request: Request) -> None:
         key = self._order[request.request_id]

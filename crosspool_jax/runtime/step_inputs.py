@@ -42,6 +42,34 @@ class StepInputs:
     logits_indices_S: jax.Array   # int32 [S]   row of each sequence's last new token
 
 
+NO_SLOT = np.iinfo(np.int32).max   # a token-table slot that is none: reads take the host id, writes drop
+
+
+@struct.dataclass
+class TokenSlots:
+    """Where a ragged step's tokens meet the device's token table (`step_program`: int32
+    [R], the last token sampled for each running request's slot, which a step dispatched
+    before its predecessor's results reach the host feeds from). T, S as in StepInputs."""
+
+    read_T: jax.Array             # int32 [T]  slot holding the token's id (-1: token_ids_T has it)
+    write_S: jax.Array            # int32 [S]  slot receiving the row's sampled token (NO_SLOT: none)
+
+
+def build_token_slots(chunks: Sequence, shape: StepShape) -> TokenSlots:
+    """chunks: objects with .num_tokens, .samples, .token_slot (the request's slot, -1: none)
+    and .device_token (its first token is read from the table). Padding reads -1, writes NO_SLOT."""
+    read = np.full(shape.num_tokens, -1, np.int32)
+    write = np.full(shape.num_seqs, NO_SLOT, np.int32)
+    offset = 0
+    for s, c in enumerate(chunks):
+        if c.device_token:
+            read[offset] = c.token_slot
+        if c.samples and c.token_slot >= 0:
+            write[s] = c.token_slot
+        offset += c.num_tokens
+    return TokenSlots(read, write)
+
+
 def build_step_inputs(chunks: Sequence, *, num_layers: int, tokens_per_page: int, num_pages: int,
                       shape: StepShape | None = None, min_tokens_bucket: int = MIN_TOKENS_BUCKET,
                       min_seqs_bucket: int = MIN_SEQS_BUCKET) -> tuple[StepInputs, StepShape]:

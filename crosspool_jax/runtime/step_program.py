@@ -16,7 +16,11 @@ Two pure functions, each compiled once per (model, bucketed shape, flags):
   dropped by the host). The host is off the per-token path; it post-processes the returned
   tokens (stop strings) afterwards.
 
-The KV buffers are donated: the pool is updated in place.
+The KV buffers are donated: the pool is updated in place. So is the device's token table
+(int32 [R]: the last token sampled for each running request's slot): every program writes
+the tokens it samples into the slots of their requests and reads the first token of a row
+whose id the host does not know yet from its slot, so the engine can dispatch a request's
+next step before the previous step's tokens reach the host (`LLMEngine`'s async scheduling).
 """
 from __future__ import annotations
 
@@ -67,6 +71,11 @@ def _forward_logits(kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, po
     return k_buf, v_buf, logits_SV, hidden_TD
 
 
+def _fed_tokens(token_table, read_slots, host_ids):
+    """Each token's id: from the token table where read_slots >= 0, else the host's."""
+    return jnp.where(read_slots >= 0, token_table[jnp.maximum(read_slots, 0)], host_ids)
+
+
 def _prompt_scores(kv_params, config, hidden_TD, targets_T, num_logprobs: int) -> sampler_lib.TokenScores:
     """`score_tokens` of every token's hidden state against targets_T, PROMPT_BLOCK rows of
     logits at a time (a `lax.map`: the [T, V] logits are never whole)."""
@@ -88,33 +97,37 @@ def _prompt_scores(kv_params, config, hidden_TD, targets_T, num_logprobs: int) -
 
 @functools.partial(jax.jit, static_argnames=("config", "num_logprobs", "all_greedy", "attention_backend",
                                              "moe_backend"),
-                   donate_argnames=("k_buf", "v_buf"))
-def ragged_step(kv_params, ffn_params, k_buf, v_buf, inputs, sampling, output_counts_SV, prompt_mask_SV,
+                   donate_argnames=("k_buf", "v_buf", "token_table"))
+def ragged_step(kv_params, ffn_params, k_buf, v_buf, token_table, inputs, sampling, output_counts_SV, prompt_mask_SV,
                 prompt_targets_T=None, *, config, num_logprobs, attention_backend, moe_backend, all_greedy=False):
-    """One ragged batch -> (k_buf, v_buf, PackedArrays of (SamplerOutput for every sequence row,
-    TokenScores or None): one buffer to fetch). `inputs` and `sampling`: a StepInputs and
-    SamplingMetadata or each packed (`PackedArrays`: their host arrays in one transfer).
-    num_logprobs, all_greedy: the sampling variant (`sampler.sample`). prompt_targets_T (int32
-    [T], -1 where none; None: the plain program): the token each token of the step predicts,
-    scored with the top num_logprobs tokens."""
-    inputs, sampling = unpacked(inputs), unpacked(sampling)
+    """One ragged batch -> (k_buf, v_buf, token_table, PackedArrays of (SamplerOutput for every
+    sequence row, TokenScores or None): one buffer to fetch). `inputs`: a (StepInputs,
+    TokenSlots) pair and `sampling` a SamplingMetadata, or each packed (`PackedArrays`: their
+    host arrays in one transfer). num_logprobs, all_greedy: the sampling variant
+    (`sampler.sample`). prompt_targets_T (int32 [T], -1 where none; None: the plain program):
+    the token each token of the step predicts, scored with the top num_logprobs tokens."""
+    (inputs, token_slots), sampling = unpacked(inputs), unpacked(sampling)
+    token_ids_T = _fed_tokens(token_table, token_slots.read_T, inputs.token_ids_T)
     k_buf, v_buf, logits_SV, hidden_TD = _forward_logits(
-        kv_params, ffn_params, config, k_buf, v_buf, inputs.token_ids_T, inputs.positions_T, inputs.slots_LT,
+        kv_params, ffn_params, config, k_buf, v_buf, token_ids_T, inputs.positions_T, inputs.slots_LT,
         inputs.page_indices_LSP, inputs.kv_lens_S, inputs.cu_q_lens_S1, inputs.num_seqs_1,
         inputs.logits_indices_S, attention_backend, moe_backend)
     out = sampler_lib.sample(logits_SV, sampling, output_counts_SV, prompt_mask_SV, num_logprobs=num_logprobs,
                              all_greedy=all_greedy)
     scores = (None if prompt_targets_T is None else
               _prompt_scores(kv_params, config, hidden_TD, prompt_targets_T, num_logprobs))
-    return k_buf, v_buf, PackedArrays.pack_device((out, scores))
+    token_table = token_table.at[token_slots.write_S].set(out.token_ids_S, mode="drop")
+    return k_buf, v_buf, token_table, PackedArrays.pack_device((out, scores))
 
 
 class DecodeLane(NamedTuple):
     """One model's rows of a multi-step decode: its weights and its S rows (host or device
-    arrays). token_ids_S: the last known token of each sequence (its KV not yet computed);
-    kv_lens_S: context length including that token; allowance_S: how many tokens each
-    sequence may still produce (>= 1; its pages cover that many); stop_ids_SZ: ids that end a
-    sequence (-1 padded; EOS already removed by the host for ignore_eos rows)."""
+    arrays). token_ids_S: the last known token of each sequence (its KV not yet computed),
+    read from the token table at read_slot_S instead where that is >= 0; kv_lens_S: context
+    length including that token; allowance_S: how many tokens each sequence may still produce
+    (>= 1; its pages cover that many); stop_ids_SZ: ids that end a sequence (-1 padded; EOS
+    already removed by the host for ignore_eos rows); write_slot_S: the token-table slot that
+    receives the row's last token (`step_inputs.NO_SLOT`: none)."""
 
     kv_params: dict
     ffn_params: dict
@@ -127,21 +140,24 @@ class DecodeLane(NamedTuple):
     prompt_mask_SV: Optional[jax.Array]
     stop_ids_SZ: jax.Array
     allowance_S: jax.Array
+    read_slot_S: jax.Array
+    write_slot_S: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "num_logprobs", "all_greedy",
                                              "attention_backend", "moe_backend"),
-                   donate_argnames=("k_buf", "v_buf"))
-def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attention_backend, moe_backend,
+                   donate_argnames=("k_buf", "v_buf", "token_table"))
+def multi_decode(lanes, k_buf, v_buf, token_table, *, config, num_steps, num_logprobs, attention_backend, moe_backend,
                  all_greedy=False):
     """num_steps decode tokens per sequence of every lane in one dispatch (a fixed trip count).
 
     lanes: a tuple of `DecodeLane`s, models of one architecture (`config`) sharing the pool:
     one program serves K models' decodes (each lane's weights are data), the lanes' forwards
     run one after another inside each iteration. A row past its allowance or a stop writes no
-    K/V. Returns the buffers and a PackedArrays (one buffer to fetch) of the tuple, per lane, of
-    the sampler outputs stacked [num_steps, S, ...]; row s's tokens past its allowance or stop
-    are not meaningful. `lanes` may be packed
+    K/V. Returns the buffers, the token table (each row's last token, at min(allowance,
+    num_steps), in its write slot) and a PackedArrays (one buffer to fetch) of the tuple, per
+    lane, of the sampler outputs stacked [num_steps, S, ...]; row s's tokens past its allowance
+    or stop are not meaningful. `lanes` may be packed
     (`PackedArrays`: every lane's host arrays in one transfer).
     """
     lanes = unpacked(lanes)
@@ -151,7 +167,8 @@ def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attent
     def lane_start(lane, fixed_rows):
         out_buf = sampler_lib.empty_outputs(num_steps, lane.token_ids_S.shape[0], config.vocab_size, lane.sampling,
                                             lane.output_counts_SV, lane.prompt_mask_SV, num_logprobs=num_logprobs)
-        return lane.token_ids_S, lane.kv_lens_S, ~fixed_rows[1], lane.output_counts_SV, out_buf
+        tokens_S = _fed_tokens(token_table, lane.read_slot_S, lane.token_ids_S)
+        return tokens_S, lane.kv_lens_S, ~fixed_rows[1], lane.output_counts_SV, out_buf
 
     def lane_rows(lane):
         """(row ids, rows holding a sequence, cu_q_lens of one token a row): fixed for the whole loop."""
@@ -191,4 +208,7 @@ def multi_decode(lanes, k_buf, v_buf, *, config, num_steps, num_logprobs, attent
 
     init = (k_buf, v_buf, tuple(lane_start(lane, f) for lane, f in zip(lanes, fixed)))
     k_buf, v_buf, states = jax.lax.fori_loop(0, num_steps, body, init)
-    return k_buf, v_buf, PackedArrays.pack_device(tuple(state[-1] for state in states))
+    for lane, (rows, _, _), state in zip(lanes, fixed, states):
+        last_S = jnp.clip(lane.allowance_S, 1, num_steps) - 1
+        token_table = token_table.at[lane.write_slot_S].set(state[-1].token_ids_S[last_S, rows], mode="drop")
+    return k_buf, v_buf, token_table, PackedArrays.pack_device(tuple(state[-1] for state in states))

@@ -22,11 +22,14 @@ from crosspool_jax.disagg.pipeline import p2p_rounds
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_arrays import PackedArrays
 from crosspool_jax.runtime.shapes import STOP_IDS, StepShape
-from crosspool_jax.runtime.step_inputs import build_step_inputs
+from crosspool_jax.runtime.step_inputs import NO_SLOT, StepInputs, build_step_inputs, build_token_slots
 from crosspool_jax.runtime.step_program import DecodeLane, _forward_logits, multi_decode, ragged_step
 from disagg_tiny import PAGE_ELEMS, PAGES_PER_DEVICE, model, page_elems
 
 P = 32                                   # pages of the placed pool
+
+
+TOKEN_SLOTS = 64
 
 
 def _placed_args(config, kv, ffn, shape: StepShape):
@@ -35,6 +38,11 @@ def _placed_args(config, kv, ffn, shape: StepShape):
     v_buf = jnp.zeros((P, PAGE_ELEMS), jnp.float32)
     inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=G, num_pages=P)
     return k_buf, v_buf, inputs
+
+
+def _step_inputs(x: StepInputs, shape: StepShape) -> tuple:
+    """ragged_step's token table and packed (inputs, token slots)."""
+    return jnp.zeros(TOKEN_SLOTS, jnp.int32), PackedArrays.pack((x, build_token_slots([], shape)))
 
 
 def _conditionals(hlo_text: str) -> int:
@@ -67,12 +75,12 @@ def test_placed_ragged_step_has_no_conditional_and_donates_the_pool(num_logprobs
     k_buf, v_buf, x = _placed_args(config, kv, ffn, StepShape(16, 8, 4))
     meta = smeta.build_sampling_metadata([], pad_rows_to=8)
     counts, mask = smeta.build_token_history([], 8, config.vocab_size, length=16)
-    text = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedArrays.pack(x), meta, counts, mask, config=config,
-                             num_logprobs=num_logprobs, all_greedy=all_greedy, attention_backend="reference",
-                             moe_backend="reference").compile().as_text()
+    text = ragged_step.lower(kv, ffn, k_buf, v_buf, *_step_inputs(x, StepShape(16, 8, 4)), meta, counts, mask,
+                             config=config, num_logprobs=num_logprobs, all_greedy=all_greedy,
+                             attention_backend="reference", moe_backend="reference").compile().as_text()
     assert _conditionals(text) == 0          # sampling included: the variant is static, the filters branch-free
     n_weights = len(jax.tree.leaves((kv, ffn)))
-    assert _aliased_params(text) == [n_weights, n_weights + 1]
+    assert _aliased_params(text) == [n_weights, n_weights + 1, n_weights + 2]     # K, V and the token table
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -93,13 +101,14 @@ def test_placed_ragged_step_never_copies_the_pool(kv_heads):
                              num_pages=pages)
     meta = smeta.build_sampling_metadata([], pad_rows_to=8)
     counts, mask = smeta.build_token_history([], 8, config.vocab_size, length=16)
-    compiled = ragged_step.lower(kv, ffn, k_buf, v_buf, PackedArrays.pack(x), meta, counts, mask, config=config,
-                                 num_logprobs=0, attention_backend="reference", moe_backend="reference").compile()
+    compiled = ragged_step.lower(kv, ffn, k_buf, v_buf, *_step_inputs(x, StepShape(16, 8, 4)), meta, counts, mask,
+                                 config=config, num_logprobs=0, attention_backend="reference",
+                                 moe_backend="reference").compile()
     text = compiled.as_text()
     assert not re.search(rf"= f32\[{pages},[^\n]*\bcopy\(", text)           # no copy of a pool-shaped array
     assert compiled.memory_analysis().temp_size_in_bytes < k_buf.nbytes // 8
     n_weights = len(jax.tree.leaves((kv, ffn)))
-    assert _aliased_params(text) == [n_weights, n_weights + 1]
+    assert _aliased_params(text) == [n_weights, n_weights + 1, n_weights + 2]
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
@@ -116,9 +125,11 @@ def test_multi_decode_loops_have_known_trip_counts_and_no_conditional(lanes):
     # lane k's weights are distinct arrays (other models of the architecture), not one model twice
     lane_args = tuple(DecodeLane(jax.tree.map(lambda a, k=k: a + k, kv), jax.tree.map(lambda a, k=k: a + k, ffn),
                                  i32(S), np.ones(S, np.int32), i32(config.num_layers, S, Pp), np.array([1], np.int32),
-                                 meta, counts, mask, np.full((S, STOP_IDS), -1, np.int32), np.ones(S, np.int32))
+                                 meta, counts, mask, np.full((S, STOP_IDS), -1, np.int32), np.ones(S, np.int32),
+                                 np.full(S, -1, np.int32), np.full(S, NO_SLOT, np.int32))
                       for k in range(lanes))
-    text = multi_decode.lower(lane_args, k_buf, v_buf, config=config, num_steps=steps, num_logprobs=0,
+    table = jnp.zeros(TOKEN_SLOTS, jnp.int32)
+    text = multi_decode.lower(lane_args, k_buf, v_buf, table, config=config, num_steps=steps, num_logprobs=0,
                               attention_backend="reference", moe_backend="reference").compile().as_text()
     whiles = re.findall(r"= [^\n]*\bwhile\([^\n]*", text)
     assert whiles, "expected the decode loop and the layer scans"
@@ -129,7 +140,7 @@ def test_multi_decode_loops_have_known_trip_counts_and_no_conditional(lanes):
     assert trips.count(str(config.num_layers)) == lanes              # each lane's layer scan inside it
     assert _conditionals(text) == 0                                  # its sampling included
     n_inputs = len(jax.tree.leaves(lane_args))
-    assert _aliased_params(text) == [n_inputs, n_inputs + 1]         # the pool, after every lane's inputs
+    assert _aliased_params(text) == [n_inputs, n_inputs + 1, n_inputs + 2]   # the pool and the token table
 
 
 # MLA (latent rows) and GPT-OSS (sinks, a per-layer window traced with the layer, biases) too

@@ -1,0 +1,255 @@
+"""`async_scheduling`: each engine step dispatches the continuation of the step in flight (the
+running requests' next decodes, fed on the device from the token table) before collecting it.
+Outputs equal the synchronous engine's (greedy and seeded, one and several tokens per dispatch,
+lanes, requests stopping at different steps, preemption, penalties that keep steps synchronous),
+continuations really run ahead of the host, and an abort in flight, a failing dispatch and a
+collect that raises leave the others as they were."""
+import numpy as np
+import pytest
+
+from crosspool_jax import LLM, SamplingParams
+from crosspool_jax.engine.request import Request, RequestStatus
+from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
+from crosspool_jax.kv.allocator import PageAllocator
+from crosspool_jax.kv.kv_cache_manager import KVCacheManager, ModelKVGeometry
+
+ENGINE = dict(dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64)
+MAX_TOKENS = (9, 3, 12, 1, 7, 10, 2, 11)        # requests stop at different steps
+
+
+def _greedy(i):
+    return SamplingParams(max_tokens=MAX_TOKENS[i], temperature=0.0, ignore_eos=True)
+
+
+def _seeded(i):
+    # request 5 has a penalty: its sampling reads its tokens on the host, so steps stay synchronous
+    # while it runs
+    return SamplingParams(max_tokens=MAX_TOKENS[i], temperature=0.8, top_p=0.9, seed=3 + i, logprobs=2,
+                          ignore_eos=True, repetition_penalty=1.1 if i == 5 else 1.0)
+
+
+@pytest.fixture(scope="module")
+def batch(mixed_model_dirs):
+    rng = np.random.default_rng(12)
+    names = list(mixed_model_dirs)
+    prompts = [rng.integers(1, 250, n).tolist() for n in (5, 17, 30, 9, 40, 3, 22, 11)]
+    return prompts, [names[i % len(names)] for i in range(len(prompts))]
+
+
+def _generate(llm, batch, params):
+    prompts, models = batch
+    return llm.generate(prompts, [params(i) for i in range(len(prompts))], model=models, use_tqdm=False)
+
+
+def _tokens(outs):
+    for o in outs:
+        assert o.error is None and o.finished, o.error
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=["steps1", "steps3"])
+def serial(request, mixed_model_dirs, batch):
+    steps = request.param
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, **ENGINE)
+    return steps, _tokens(_generate(llm, batch, _greedy)), _generate(llm, batch, _seeded)
+
+
+def _record(engine):
+    """Log the runner's dispatches and collects; [("dispatch", [chunks]) | ("collect", id)]."""
+    runner, log = engine.runner, []
+    dispatch_all, collect = runner.dispatch_all, runner.collect
+
+    def dispatching(steps):
+        out = dispatch_all(steps)
+        log.append(("dispatch", [c for s in steps for c in s.chunks], [id(d) for d in out]))
+        return out
+
+    def collecting(step):
+        log.append(("collect", id(step)))
+        return collect(step)
+
+    runner.dispatch_all, runner.collect = dispatching, collecting
+    return log
+
+
+def test_outputs_equal_the_synchronous_engine_and_steps_run_ahead(mixed_model_dirs, batch, serial):
+    steps, greedy, seeded = serial
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **ENGINE)
+    log = _record(llm.engine)
+    assert _tokens(_generate(llm, batch, _greedy)) == greedy
+    # continuations were dispatched, fed from the device, while the step before them was not collected
+    pending, ahead, fed = set(), 0, 0
+    for entry in log:
+        if entry[0] == "dispatch":
+            fed += sum(c.device_token for c in entry[1])
+            ahead += bool(pending) and any(c.device_token for c in entry[1])
+            pending |= set(entry[2])
+        else:
+            pending.discard(entry[1])
+    assert fed >= 10 and ahead >= 3, (fed, ahead)
+    got = _generate(llm, batch, _seeded)
+    assert _tokens(got) == _tokens(seeded)
+    for g, w in zip(got, seeded):
+        assert len(g.outputs[0].logprobs) == len(w.outputs[0].logprobs)
+        for lg, lw in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert lg.keys() == lw.keys()
+            assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-4 for t in lg)
+    engine = llm.engine
+    stats = engine.stats()
+    assert engine._in_flight is None and not engine.has_unfinished_requests()
+    assert stats.kv_pages_free == stats.kv_pages_total
+
+
+def test_stop_strings_and_stop_ids_end_a_request_that_ran_ahead(mixed_model_dirs, batch):
+    """A request stopping on a stop id or a stop string in the step in flight gets nothing of
+    its continuation: its output equals the synchronous engine's."""
+    prompts, models = batch
+    sync = LLM(mixed_model_dirs, max_decode_steps=1, **ENGINE)
+    base = sync.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), model=models,
+                         use_tqdm=False)
+    # each request stops at its 4th token (a stop id) or after the text of its first 5 (a stop string)
+    by_id = [SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[o.outputs[0].token_ids[3]])
+             for o in base]
+    by_text = [SamplingParams(max_tokens=12, temperature=0.0, stop=[o.outputs[0].text[-3:]] if o.outputs[0].text
+                              else None) for o in base]
+    async_llm = LLM(mixed_model_dirs, max_decode_steps=1, async_scheduling=True, **ENGINE)
+    for params in (by_id, by_text):
+        want = sync.generate(prompts, params, model=models, use_tqdm=False)
+        got = async_llm.generate(prompts, params, model=models, use_tqdm=False)
+        assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in got] == \
+            [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in want]
+    stats = async_llm.engine.stats()
+    assert stats.kv_pages_free == stats.kv_pages_total
+
+
+def test_preemption_and_an_abort_in_flight(mixed_model_dirs, batch, serial):
+    """A pool of a few blocks preempts (outputs unchanged); a request aborted while its step is
+    in flight gets no further output and the others finish as the synchronous engine's."""
+    steps, greedy, _ = serial
+    prompts, models = batch
+    small = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True,
+                **{**ENGINE, "kv_pool_bytes": 40 << 10})   # 10 pages
+    assert _tokens(_generate(small, batch, _greedy)) == greedy
+    assert small.engine.stats().num_preemptions > 0
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **ENGINE)
+    engine = llm.engine
+    for i, (p, m) in enumerate(zip(prompts, models)):
+        engine.add_request(f"r{i}", m, p, _greedy(i))
+    victim = None
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id != victim
+            if out.finished:
+                done[out.request_id] = out
+        flight = engine._in_flight
+        if victim is None and flight is not None and any(c.device_token for c in flight.out.chunks):
+            victim = next(c.request.request_id for c in flight.out.chunks if c.device_token)
+            engine.abort_request(victim)
+    assert victim is not None and victim not in done
+    assert engine._in_flight is None
+    keep = [i for i in range(len(prompts)) if f"r{i}" != victim]
+    assert [done[f"r{i}"].outputs[0].token_ids for i in keep] == [greedy[i] for i in keep]
+    stats = engine.stats()
+    assert stats.kv_pages_free == stats.kv_pages_total
+
+
+def test_failures_stay_with_their_request(mixed_model_dirs, batch, serial, monkeypatch):
+    """A dispatch that raises for one request fails that request alone; a collect that raises once
+    reruns the step in flight (a continuation fed from the host by then): nothing else changes."""
+    steps, greedy, _ = serial
+    prompts, models = batch
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **ENGINE)
+    runner = llm.engine.runner
+    dispatch_all, collect = runner.dispatch_all, runner.collect
+    bad = prompts[1]
+
+    def poisoned(steps_):
+        if any(c.request.prompt_token_ids == bad for s in steps_ for c in s.chunks):
+            raise OverflowError("poisoned request")
+        return dispatch_all(steps_)
+
+    monkeypatch.setattr(runner, "dispatch_all", poisoned)
+    outs = _generate(llm, batch, _greedy)
+    assert outs[1].error is not None and "OverflowError: poisoned request" in outs[1].error
+    assert [o.outputs[0].token_ids for i, o in enumerate(outs) if i != 1] == [t for i, t in enumerate(greedy) if i != 1]
+    monkeypatch.setattr(runner, "dispatch_all", dispatch_all)
+    failures = []
+
+    def flaky(step):
+        if len(failures) < 2 and llm.engine.scheduler.num_running() >= 4:
+            failures.append(step)
+            raise RuntimeError("device error")
+        return collect(step)
+
+    monkeypatch.setattr(runner, "collect", flaky)
+    assert _tokens(_generate(llm, batch, _greedy)) == greedy
+    assert len(failures) == 2
+    stats = llm.engine.stats()
+    assert stats.kv_pages_free == stats.kv_pages_total
+
+
+# ----- the scheduler's continuation ----------------------------------------------------------------
+def _scheduler(max_decode_steps=4, pages=64, max_model_len=128):
+    kv = KVCacheManager(PageAllocator(pages, 1), enable_prefix_caching=False)
+    kv.register_model(ModelKVGeometry("m", num_layers=1, tokens_per_page=4, max_model_len=max_model_len))
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_decode_steps=max_decode_steps),
+                     kv)
+
+
+def _request(rid, n_prompt, max_tokens, **params):
+    return Request(rid, "m", list(range(1, n_prompt + 1)),
+                   SamplingParams(max_tokens=max_tokens, temperature=0.0, **params))
+
+
+def _run(sched, out, tokens_per_chunk=None):
+    """Accept `out` as if every chunk sampled all its tokens (7s)."""
+    sampled = {c.request_id: [7] * (c.num_steps if tokens_per_chunk is None else tokens_per_chunk)
+               for c in out.chunks if c.samples}
+    sched.update_from_output(out, sampled)
+
+
+def test_continuation_is_the_decode_schedule_would_make():
+    sched = _scheduler()
+    a, b = _request("a", 5, 20), _request("b", 3, 6)
+    sched.add_request(a)
+    sched.add_request(b)
+    first = sched.schedule()                                # both prompts, one token each sampled
+    assert [c.token_slot for c in first.chunks] == [a.token_slot, b.token_slot] and a.token_slot != b.token_slot
+    follow = sched.schedule_continuation(first)             # before first's results are in
+    chunks = {c.request_id: c for c in follow.chunks}
+    assert chunks["a"].start == 5 and chunks["b"].start == 3      # the position of the token first samples
+    assert all(c.device_token and c.num_tokens == 1 and c.samples and c.token_ids == [-1] for c in follow.chunks)
+    assert {c.num_steps for c in follow.chunks} == {4}
+    assert chunks["a"].num_outputs_before == 1 and chunks["b"].num_outputs_before == 1
+    _run(sched, first)
+    assert all(sched.is_current(c) for c in follow.chunks)       # first's results make it current
+    # b has 1 + 4 = 5 of its 6 tokens after `follow`: the next continuation gives it one step, so all get 1
+    nxt = sched.schedule_continuation(follow)
+    assert {c.num_steps for c in nxt.chunks} == {1}
+    _run(sched, follow)
+    assert a.num_computed_tokens == nxt.chunks[0].start
+    # a request that its step in flight takes to max_tokens is left out of the continuation
+    last = sched.schedule_continuation(nxt)
+    assert [c.request_id for c in last.chunks] == ["a"]
+    _run(sched, nxt)
+    sched.finish_request("b", RequestStatus.FINISHED_LENGTH)
+    assert b.token_slot == -1 and not sched.is_current(next(c for c in nxt.chunks if c.request_id == "b"))
+
+
+@pytest.mark.parametrize("case", ["waiting", "prefill", "penalty", "not_current", "pool"])
+def test_no_continuation_where_the_next_step_needs_the_results(case):
+    sched = _scheduler(pages=6 if case == "pool" else 64)
+    a = _request("a", 80 if case == "prefill" else 5, 30,      # 80: two chunks of the 64-token budget
+                 **({"repetition_penalty": 1.2} if case == "penalty" else {}))
+    sched.add_request(a)
+    out = sched.schedule()
+    if case == "waiting":
+        sched.add_request(_request("w", 4, 4))
+    if case == "not_current":
+        sched.abort_request("a")
+    if case == "pool":          # 6 pages of 4 tokens: run a until its step in flight fills them
+        while out.chunks[0].start + out.chunks[0].num_steps < 24:
+            _run(sched, out)
+            out = sched.schedule()
+    assert sched.schedule_continuation(out) is None
