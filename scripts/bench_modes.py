@@ -66,6 +66,8 @@ _MAX_LANES = flags.DEFINE_integer("max_lanes", None, "The engine's max_lanes (de
                                   "every model's decode as its own program.")
 _PIPELINE = flags.DEFINE_bool("pipeline_models", False, "The engine's pipeline_models: each step dispatches half "
                                "of the models and reads the previous step's results while the device runs them.")
+_ASYNC = flags.DEFINE_bool("async_scheduling", False, "The engine's async_scheduling: each decode step is "
+                            "dispatched before the previous step's tokens reach the host (placed modes).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no decode-latency rounds.")
 _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
 _FRESH = flags.DEFINE_bool("fresh_process", True, "Run each mode in a fresh Python process (no compiled program "
@@ -295,6 +297,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         opts["max_lanes"] = _MAX_LANES.value
     if _PIPELINE.value:
         opts["pipeline_models"] = True
+    if _ASYNC.value and mode != "crosspool":
+        opts["async_scheduling"] = True
     from crosspool_jax.engine.config import EngineConfig
     if "kv_cache_dtype" in {f.name for f in dataclasses.fields(EngineConfig)}:   # an earlier tree has none
         # every mode's KV pages in --dtype, as the split's arena holds them ("auto" stores a CPU's
@@ -333,7 +337,9 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
     swaps0 = engine.registry.weights_stats()
     runner0 = engine.runner.stats
     steps0, dispatches0 = runner0.steps, getattr(runner0, "dispatches", None)
+    continued0 = getattr(engine.stats(), "continuations", 0)
     measured = decode_round(llm, names, per_model, prompt_len, max_tokens, seed=2)
+    row["continuations_in_window"] = getattr(engine.stats(), "continuations", 0) - continued0
     swaps1 = engine.registry.weights_stats()
     runner1 = engine.runner.stats
     row["model_steps_in_window"] = runner1.steps - steps0
@@ -424,7 +430,8 @@ def main(argv):
             "model_gib": {k: (round(a / GIB, 3), round(f / GIB, 3)) for k, (a, f) in sizes.items()},
             "prompt_len": _PROMPT_LEN.value, "max_tokens": _MAX_TOKENS.value,
             "requests_per_model": _PER_MODEL.value, "crosspool_split": f"{n_kv}+{n - n_kv}",
-            "max_decode_steps": _DECODE_STEPS.value}
+            "max_decode_steps": _DECODE_STEPS.value, "async_scheduling": _ASYNC.value,
+            "pipeline_models": _PIPELINE.value}
     modes = [m for m in _MODES.value.split(",") if m]
     if _ROW_OUT.value:                               # the child of one mode
         row = run_mode(modes[0], folders, sizes, n, n_kv, budget)

@@ -116,6 +116,7 @@ class EngineStats:
     compile_seconds: float = 0.0
     requests_by_model: dict = dataclasses.field(default_factory=dict)
     step_costs: dict = dataclasses.field(default_factory=dict)   # measured per model (`step_cost.describe`)
+    continuations: int = 0        # async scheduling: steps dispatched before the previous step's tokens were read
 
 
 @dataclasses.dataclass
@@ -207,6 +208,7 @@ class LLMEngine:
         # async_scheduling: placed runners only (their programs keep the token tables)
         self._async = config.async_scheduling and not disaggregated and not self._pipelined
         self._in_flight: Optional[_InFlight] = None
+        self._num_continuations = 0
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
         self.step_costs: dict[str, step_cost.ModelStepCost] = {}    # measure_step_costs
@@ -246,7 +248,8 @@ class LLMEngine:
             compiled_programs=self.runner.stats.compiled_programs, steps=self.runner.stats.steps,
             dispatches=self.runner.stats.dispatches,
             compiles=self._compiles.count, compile_seconds=self._compiles.seconds, requests_by_model=by_model,
-            step_costs=step_cost.describe(self.step_costs, self.scheduler.config.tbt_budget_s))
+            step_costs=step_cost.describe(self.step_costs, self.scheduler.config.tbt_budget_s),
+            continuations=self._num_continuations)
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
@@ -445,6 +448,7 @@ class LLMEngine:
         if follow is not None:
             try:
                 self._in_flight = self._dispatch(follow)
+                self._num_continuations += 1
             except Exception:  # noqa: BLE001 - the scheduler schedules those requests again
                 log.debug("dispatching a continuation failed; collecting the step in flight first", exc_info=True)
         self._finish(previous, moved)

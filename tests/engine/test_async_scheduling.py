@@ -87,6 +87,7 @@ def test_outputs_equal_the_synchronous_engine_and_steps_run_ahead(mixed_model_di
         else:
             pending.discard(entry[1])
     assert fed >= 10 and ahead >= 3, (fed, ahead)
+    assert llm.engine.stats().continuations >= ahead
     got = _generate(llm, batch, _seeded)
     assert _tokens(got) == _tokens(seeded)
     for g, w in zip(got, seeded):
