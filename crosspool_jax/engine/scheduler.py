@@ -66,6 +66,14 @@ ragged batch.
    Results that come back for a request preempted or finished since its chunk was scheduled
    are dropped (`is_current`).
 
+6. Continuations (the engine's `async_scheduling`): `schedule_continuation(output)` makes the
+   step after `output` while `output` still runs on the device, when that step would be the
+   running requests' decodes alone: each request's next decode at the position after
+   `output`'s tokens, its input token read on the device from its token slot (every running
+   request holds one of max_num_seqs slots in the devices' token tables, given on admission
+   and taken back when it finishes or is preempted). A request that `output` stops or that is
+   aborted meanwhile has its continuation's results dropped (`is_current`).
+
 Rejections (status FINISHED_ERROR, listed once in `SchedulerOutput.rejected`): a prompt
 longer than its model's max_model_len, a prompt needing more pages than the whole pool,
 and a lone request whose growth the whole pool cannot hold.
@@ -73,7 +81,9 @@ and a lone request whose growth the whole pool cannot hold.
 The engine loop: `out = schedule()`, run `out`, `update_from_output(out, sampled)`, then
 `finish_request(...)` for requests that hit a stop condition (the engine owns stop checks;
 the length rule it should use is num_output_tokens >= max_tokens or num_tokens >=
-max_model_len). Calls strictly alternate: schedule, then one update for that output.
+max_model_len). Calls alternate: schedule, then one update for that output; with
+continuations, `schedule_continuation(out)` may come between them (and again for its own
+output), every output updated once, in the order they were made.
 Not thread-safe: one thread (the engine loop) drives the scheduler and the KV manager.
 """
 from __future__ import annotations

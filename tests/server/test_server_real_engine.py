@@ -303,7 +303,8 @@ def test_served_run_compiles_nothing_after_warm_up(models):
     """After the server's warm-up, a served mix of requests (greedy and sampled, logprobs,
     penalties, n > 1, streamed, prefill chunks and multi-step decode, logit_bias,
     allowed_token_ids, bad_words, prompt_logprobs) compiles no XLA program: /metrics' compile
-    counter and the process's counter stay flat. One model, the first shipped one (DeepSeek-V2's
+    counter and the process's counter stay flat, with async scheduling on (its continuations,
+    fed from the device's token table, run the warmed-up programs). One model, the first shipped one (DeepSeek-V2's
     MLA, which no other warm-up test compiles): each model's programs are its own, and the
     warm-up of several models (two of one architecture, lane programs included) then serving
     them without a compile is tests/engine/test_lanes.py's."""
@@ -313,7 +314,7 @@ def test_served_run_compiles_nothing_after_warm_up(models):
     model = sorted(models)[0]
     engine = LLMEngine.from_options({model: models[model]}, dtype="float32", kv_pool_bytes=4 << 20,
                                     max_num_seqs=4, max_num_batched_tokens=16, max_decode_steps=2,
-                                    max_model_len=48, max_logprobs=3)
+                                    max_model_len=48, max_logprobs=3, async_scheduling=True)
     done = warm_up(engine, variants=True)          # logprobs programs too (a CPU warms up only the plain ones)
     assert done["programs"] > 0 and done["compiles"] > 0
     stats = engine.stats()
@@ -346,5 +347,6 @@ def test_served_run_compiles_nothing_after_warm_up(models):
                     assert out.usage.completion_tokens >= 1
             assert counter.count == before, f"{counter.count - before} programs compiled while serving"
             assert _compiles_metric(live.url) == before_metric
+            assert engine.stats().continuations > 0
     finally:
         async_engine.shutdown()
