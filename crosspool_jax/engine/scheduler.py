@@ -478,11 +478,15 @@ class Scheduler:
         results are dropped (`is_current`); a request that `output` takes to its max_tokens or
         max_model_len is left out. None when the step after `output` would be anything else:
         a chunk of `output` that does not sample, a running request outside `output`, a waiting
-        request, weights budgets, a request whose sampling needs its tokens on the host
+        request, weights budgets that cannot hold every running request's model at once (the
+        residency order then picks the next step's models), a request whose sampling needs its
+        tokens on the host
         (`Request.needs_tokens_on_host`), or a pool that cannot hold the new tokens without
         preempting; the engine then collects `output` first and calls `schedule()`."""
-        if self._fit_together is not None or self.num_waiting() or not output.chunks_by_model:
+        if self.num_waiting() or not output.chunks_by_model:
             return None
+        if self._fit_together is not None and not self._fit_together({r.model for r in self._running}):
+            return None                              # the residency order decides who runs next
         chunks = output.chunks
         if {id(c.request) for c in chunks} != {id(r) for r in self._running}:
             return None

@@ -190,6 +190,25 @@ def test_failures_stay_with_their_request(mixed_model_dirs, batch, serial, monke
     assert stats.kv_pages_free == stats.kv_pages_total
 
 
+@pytest.mark.parametrize("fit", ["all", "one"])
+def test_weights_budgets(mixed_model_dirs, batch, serial, fit):
+    """Budgets that hold every model run ahead as without them; budgets of one model at a time
+    swap models (the residency order picks each step's, no continuation across a swap): outputs
+    equal the synchronous engine's either way."""
+    steps, greedy, _ = serial
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, **ENGINE)
+    ffn_bytes = [llm.engine.registry.weights.model_bytes(n) for n in mixed_model_dirs]
+    budget = sum(ffn_bytes) if fit == "all" else max(ffn_bytes) + min(ffn_bytes) // 2
+    small = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, weights_pool_bytes=budget, **ENGINE)
+    assert _tokens(_generate(small, batch, _greedy)) == greedy
+    stats = small.engine.stats()
+    if fit == "all":
+        assert stats.continuations > 0 and stats.swaps_out == 0
+    else:
+        assert stats.swaps_out > 0
+    assert stats.kv_pages_free == stats.kv_pages_total and small.engine._in_flight is None
+
+
 # ----- the scheduler's continuation ----------------------------------------------------------------
 def _scheduler(max_decode_steps=4, pages=64, max_model_len=128):
     kv = KVCacheManager(PageAllocator(pages, 1), enable_prefix_caching=False)
@@ -217,6 +236,7 @@ def test_continuation_is_the_decode_schedule_would_make():
     sched.add_request(b)
     first = sched.schedule()                                # both prompts, one token each sampled
     assert [c.token_slot for c in first.chunks] == [a.token_slot, b.token_slot] and a.token_slot != b.token_slot
+    sched._fit_together = lambda models: models == {"m"}    # weights budgets that hold the model
     follow = sched.schedule_continuation(first)             # before first's results are in
     chunks = {c.request_id: c for c in follow.chunks}
     assert chunks["a"].start == 5 and chunks["b"].start == 3      # the position of the token first samples
@@ -238,7 +258,7 @@ def test_continuation_is_the_decode_schedule_would_make():
     assert b.token_slot == -1 and not sched.is_current(next(c for c in nxt.chunks if c.request_id == "b"))
 
 
-@pytest.mark.parametrize("case", ["waiting", "prefill", "penalty", "not_current", "pool"])
+@pytest.mark.parametrize("case", ["waiting", "prefill", "penalty", "not_current", "pool", "residency"])
 def test_no_continuation_where_the_next_step_needs_the_results(case):
     sched = _scheduler(pages=6 if case == "pool" else 64)
     a = _request("a", 80 if case == "prefill" else 5, 30,      # 80: two chunks of the 64-token budget
@@ -249,6 +269,8 @@ def test_no_continuation_where_the_next_step_needs_the_results(case):
         sched.add_request(_request("w", 4, 4))
     if case == "not_current":
         sched.abort_request("a")
+    if case == "residency":         # weights budgets that cannot hold the running requests' models at once
+        sched._fit_together = lambda models: False
     if case == "pool":          # 6 pages of 4 tokens: run a until its step in flight fills them
         while out.chunks[0].start + out.chunks[0].num_steps < 24:
             _run(sched, out)
