@@ -66,8 +66,9 @@ _MAX_LANES = flags.DEFINE_integer("max_lanes", None, "The engine's max_lanes (de
                                   "every model's decode as its own program.")
 _PIPELINE = flags.DEFINE_bool("pipeline_models", False, "The engine's pipeline_models: each step dispatches half "
                                "of the models and reads the previous step's results while the device runs them.")
-_ASYNC = flags.DEFINE_bool("async_scheduling", False, "The engine's async_scheduling: each decode step is "
-                            "dispatched before the previous step's tokens reach the host (placed modes).")
+_ASYNC = flags.DEFINE_bool("async_scheduling", None, "The engine's async_scheduling (default: the engine's): "
+                            "each decode step is dispatched before the previous step's tokens reach the host "
+                            "(placed modes).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny run (CPU smoke test): fewer tokens, no decode-latency rounds.")
 _OUT = flags.DEFINE_string("out", None, "Folder for bench_modes.json and bench_modes.md.")
 _FRESH = flags.DEFINE_bool("fresh_process", True, "Run each mode in a fresh Python process (no compiled program "
@@ -297,8 +298,8 @@ def run_mode(mode: str, models: dict, sizes: dict, n: int, n_kv: int, budget: in
         opts["max_lanes"] = _MAX_LANES.value
     if _PIPELINE.value:
         opts["pipeline_models"] = True
-    if _ASYNC.value and mode != "crosspool":
-        opts["async_scheduling"] = True
+    if _ASYNC.value is not None:
+        opts["async_scheduling"] = _ASYNC.value
     from crosspool_jax.engine.config import EngineConfig
     if "kv_cache_dtype" in {f.name for f in dataclasses.fields(EngineConfig)}:   # an earlier tree has none
         # every mode's KV pages in --dtype, as the split's arena holds them ("auto" stores a CPU's

@@ -93,6 +93,7 @@ def main(argv):
     if _SPLIT.value:
         n_kv, n_w = parse_split(_SPLIT.value)
         opts.update(kv_devices=n_kv, weight_devices=n_w)
+    opts["async_scheduling"] = False         # the phases of a synchronous step: each dispatch waits for its program
     llm = LLM(models, dtype=_DTYPE.value, kv_pool_bytes=_KV.value, max_decode_steps=_DECODE_STEPS.value,
               max_num_batched_tokens=max(512, _PROMPT.value), **opts)
     engine = llm.engine

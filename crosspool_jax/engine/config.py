@@ -85,9 +85,10 @@ class EngineConfig:
       next decode, its input token read on the device from the step in flight's samples),
       then collects and processes the step in flight while the device runs it, so the host's
       per-step work hides behind the device's. A request that stops wastes its continuation's
-      token (dropped). `step()` returns the previous step's outputs. Not with a crosspool device
-      split or `pipeline_models`; a request with penalties or bad words of several tokens
-      (sampling that reads its tokens on the host) makes steps synchronous while it runs.
+      token (dropped). `step()` returns the previous step's outputs. On by default; not with a
+      crosspool device split or `pipeline_models`; a request with penalties or bad words of
+      several tokens (sampling that reads its tokens on the host) makes steps synchronous
+      while it runs.
     """
 
     models: dict = dataclasses.field(metadata={"help": "Served models: name -> checkpoint folder."})
@@ -160,10 +161,11 @@ class EngineConfig:
                                  "about half of the models with work, then collects and processes the "
                                  "previous step's while the device runs them (each model advances every "
                                  "other step). Off when weights budgets swap models.")
-    async_scheduling: bool = _opt(False, "Dispatch each decode step before the previous step's tokens reach "
+    async_scheduling: bool = _opt(True, "Dispatch each decode step before the previous step's tokens reach "
                                   "the host (fed to the next step on the device), so the host's per-step "
                                   "work overlaps the device's; step() returns the previous step's outputs. "
-                                  "Placed modes (shared, static) only; not with pipeline_models.")
+                                  "Placed modes (shared, static); a crosspool split and pipeline_models "
+                                  "run synchronous steps.")
     attention_backend: str = _opt("auto", "Attention kernel: auto (Pallas on GPU/TPU where the shapes "
                                   "allow, the jnp reference otherwise), reference, gpu, tpu, or mgpu_prefill "
                                   "(on a GPU the Mosaic GPU prefill kernel for steps with prefill chunks where "

@@ -401,12 +401,15 @@ class LLMEngine:
         return bad_words_ids
 
     def abort_request(self, request_id: str) -> None:
+        """Abort a request (all its completions; pages freed). A step in flight left with no
+        current request is collected at once, so nothing stays acquired for it."""
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return
         for child in parent.children:
             self.scheduler.abort_request(child.request.request_id)
             self._child_owner.pop(child.request.request_id, None)
+        self._drain_if_stale(set())
 
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -441,8 +444,8 @@ class LLMEngine:
         token tables), then collect and process the step in flight while the device runs it.
         True when the continuation is in flight now; False when there was none (the step in
         flight is finished, and `step()` schedules the next one). A continuation none of whose
-        requests is still current after that (all stopped or aborted) is collected at once, so
-        nothing stays in flight once every request is done."""
+        requests is still current after that (all stopped or aborted) is collected at once
+        (`_drain_if_stale`), so nothing stays in flight once every request is done."""
         previous, self._in_flight = self._in_flight, None
         follow = self.scheduler.schedule_continuation(previous.out)
         if follow is not None:
@@ -452,11 +455,17 @@ class LLMEngine:
             except Exception:  # noqa: BLE001 - the scheduler schedules those requests again
                 log.debug("dispatching a continuation failed; collecting the step in flight first", exc_info=True)
         self._finish(previous, moved)
+        self._drain_if_stale(moved)
+        return self._in_flight is not None
+
+    def _drain_if_stale(self, moved: set) -> None:
+        """Collect the step in flight now if none of its chunks is current any more (every
+        request of it stopped or aborted): its results would be dropped, and its models stay
+        acquired until it is collected."""
         flight = self._in_flight
         if flight is not None and not any(self.scheduler.is_current(c) for c in flight.out.chunks):
             self._in_flight = None
             self._finish(flight, moved)
-        return self._in_flight is not None
 
     def _overlapped_step(self, out: SchedulerOutput, moved: set) -> None:
         """Dispatch this step's models (`_dispatch`: no result is read), then collect and process

@@ -50,7 +50,7 @@ def _tokens(outs):
 @pytest.fixture(scope="module", params=[1, 3], ids=["steps1", "steps3"])
 def serial(request, mixed_model_dirs, batch):
     steps = request.param
-    llm = LLM(mixed_model_dirs, max_decode_steps=steps, **ENGINE)
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=False, **ENGINE)
     return steps, _tokens(_generate(llm, batch, _greedy)), _generate(llm, batch, _seeded)
 
 
@@ -105,7 +105,7 @@ def test_stop_strings_and_stop_ids_end_a_request_that_ran_ahead(mixed_model_dirs
     """A request stopping on a stop id or a stop string in the step in flight gets nothing of
     its continuation: its output equals the synchronous engine's."""
     prompts, models = batch
-    sync = LLM(mixed_model_dirs, max_decode_steps=1, **ENGINE)
+    sync = LLM(mixed_model_dirs, max_decode_steps=1, async_scheduling=False, **ENGINE)
     base = sync.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), model=models,
                          use_tqdm=False)
     # each request stops at its 4th token (a stop id) or after the text of its first 5 (a stop string)
@@ -188,6 +188,22 @@ def test_failures_stay_with_their_request(mixed_model_dirs, batch, serial, monke
     assert len(failures) == 2
     stats = llm.engine.stats()
     assert stats.kv_pages_free == stats.kv_pages_total
+
+
+def test_aborting_the_last_request_collects_its_step_in_flight(mixed_model_dirs):
+    """The step in flight of a request aborted while it runs ahead is collected at once: nothing
+    stays acquired or in flight, every page is free, and the engine serves on."""
+    llm = LLM({"q0": mixed_model_dirs["q0"]}, max_decode_steps=1, async_scheduling=True, **ENGINE)
+    engine = llm.engine
+    engine.add_request("r", "q0", [5, 6, 7], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    while not (engine._in_flight is not None and any(c.device_token for c in engine._in_flight.out.chunks)):
+        engine.step()
+    engine.abort_request("r")
+    stats = engine.stats()
+    assert engine._in_flight is None and not engine.has_unfinished_requests()
+    assert stats.kv_pages_free == stats.kv_pages_total
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert out[0].finished and len(out[0].outputs[0].token_ids) == 4
 
 
 @pytest.mark.parametrize("fit", ["all", "one"])
