@@ -480,9 +480,9 @@ class Scheduler:
         a chunk of `output` that does not sample, a running request outside `output`, a waiting
         request, weights budgets that cannot hold every running request's model at once (the
         residency order then picks the next step's models), a request whose sampling needs its
-        tokens on the host
-        (`Request.needs_tokens_on_host`), or a pool that cannot hold the new tokens without
-        preempting; the engine then collects `output` first and calls `schedule()`."""
+        tokens on the host (`Request.needs_tokens_on_host`), or a pool that cannot hold the new
+        tokens without preempting; the engine then collects `output` first and calls
+        `schedule()`."""
         if self.num_waiting() or not output.chunks_by_model:
             return None
         if self._fit_together is not None and not self._fit_together({r.model for r in self._running}):
@@ -492,8 +492,7 @@ class Scheduler:
             return None
         if not all(c.samples and self.is_current(c) and not c.request.needs_tokens_on_host for c in chunks):
             return None
-        # (request, position of its next fed token, tokens already allocated beyond num_computed_tokens)
-        planned = []
+        planned = []                                # (request, position of its next fed token)
         steps = self.config.max_decode_steps
         for c in chunks:
             request = c.request
