@@ -235,7 +235,7 @@ def _kernel(meta_ref, table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_s
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
             if interpret:       # the interpreter's wgmma takes no transposed operand
                 s = lax.dot_general(q_tile[...], k_smem[slot], (((1,), (1,)), ((), ())),
