@@ -18,8 +18,9 @@ same gauge).
 
 The engine's own extras keep the `crosspool_` prefix: HTTP requests by model and status
 (`crosspool_requests_total`), requests in flight, KV pages used by model and in the pool,
-weights residency and bytes by model, swaps in and out, and XLA compiles
-(`crosspool_xla_compiles_total`, flat while serving after warm-up).
+weights residency and bytes by model, swaps in and out, XLA compiles
+(`crosspool_xla_compiles_total`, flat while serving after warm-up), and the steps that async
+scheduling dispatched ahead (`crosspool_async_continuations_total`).
 
 Events are recorded as they happen (from the event loop or the engine thread;
 prometheus-client metrics are thread-safe); engine state is read at scrape time from the
@@ -197,7 +198,9 @@ class _EngineStatsCollector:
                 ("swaps_in", "swaps_in", "Model weights swapped into device memory."),
                 ("swaps_out", "swaps_out", "Model weights swapped out to host memory."),
                 ("xla_compiles", "compiles", "XLA executables built in this process (compiled or read from the "
-                                             "persistent compilation cache); flat while serving after warm-up.")):
+                                             "persistent compilation cache); flat while serving after warm-up."),
+                ("async_continuations", "continuations", "Engine steps dispatched before the previous step's "
+                                                         "tokens reached the host (async scheduling).")):
             family = CounterMetricFamily(f"{ns}_{name}", doc)
             family.add_metric([], getattr(stats, field, 0))
             yield family

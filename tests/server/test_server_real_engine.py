@@ -292,11 +292,15 @@ def test_serve_binary_sigterm_finishes_in_flight_and_exits_zero(models):
             proc.wait()
 
 
-def _compiles_metric(url: str) -> float:
+def _metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
-    lines = [ln for ln in text.splitlines() if ln.startswith("crosspool_xla_compiles_total ")]
+    lines = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
     assert len(lines) == 1, text
     return float(lines[0].split()[1])
+
+
+def _compiles_metric(url: str) -> float:
+    return _metric(url, "crosspool_xla_compiles_total")
 
 
 def test_served_run_compiles_nothing_after_warm_up(models):
@@ -348,5 +352,6 @@ def test_served_run_compiles_nothing_after_warm_up(models):
             assert counter.count == before, f"{counter.count - before} programs compiled while serving"
             assert _compiles_metric(live.url) == before_metric
             assert engine.stats().continuations > 0
+            assert _metric(live.url, "crosspool_async_continuations_total") == engine.stats().continuations
     finally:
         async_engine.shutdown()
