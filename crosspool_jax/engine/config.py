@@ -81,8 +81,9 @@ class EngineConfig:
       device) instead of their sum. Off when weights budgets swap models (steps run whole).
     async_scheduling: dispatch the next step of the running requests before the host has the
       tokens of the step in flight (vLLM's async scheduling): while every running request is
-      decoding and none waits, each engine step dispatches the continuation (each request's
-      next decode, its input token read on the device from the step in flight's samples),
+      decoding and no request waits for anything but a free seat, each engine step dispatches
+      the continuation (each request's next decode, its input token read on the device from
+      the step in flight's samples),
       then collects and processes the step in flight while the device runs it, so the host's
       per-step work hides behind the device's. A request that stops wastes its continuation's
       token (dropped). `step()` returns the previous step's outputs. On by default; not with a

@@ -42,7 +42,8 @@ running request's next decode, whose input token the program reads from the devi
 table, where the step in flight writes its samples), then collects and processes the step in
 flight while the device runs the continuation (`_continue_in_flight`). The host's work of one
 step overlaps the device's of the next; `step()` returns the previous step's outputs. When no
-continuation can be made (a prefill to run, a waiting request, a request whose sampling reads
+continuation can be made (a prefill to run, a waiting request that the next `schedule()` may
+admit (requests waiting while every seat is taken do not count), a request whose sampling reads
 its tokens on the host, a short pool), the step in flight is finished first and `schedule()`
 makes the next step, which is dispatched and left in flight. A request that stopped in the step
 in flight has its continuation's results dropped (`Scheduler.is_current`).

@@ -72,7 +72,9 @@ ragged batch.
    `output`'s tokens, its input token read on the device from its token slot (every running
    request holds one of max_num_seqs slots in the devices' token tables, given on admission
    and taken back when it finishes or is preempted). A request that `output` stops or that is
-   aborted meanwhile has its continuation's results dropped (`is_current`).
+   aborted meanwhile has its continuation's results dropped (`is_current`). Requests waiting
+   for a seat while all max_num_seqs are taken do not stop continuations (until a request is
+   added or finishes): a saturated engine keeps running ahead.
 
 Rejections (status FINISHED_ERROR, listed once in `SchedulerOutput.rejected`): a prompt
 longer than its model's max_model_len, a prompt needing more pages than the whole pool,
@@ -287,6 +289,9 @@ class Scheduler:
         self._num_schedules = 0
         self._last_scheduled: dict[str, int] = {}                     # model -> schedule() count it last ran
         self._free_token_slots = list(range(config.max_num_seqs - 1, -1, -1))   # one per running request
+        # the last schedule() left requests waiting with every seat (max_num_seqs) taken, and no
+        # request was added or finished since: another schedule() would admit none of them either
+        self._waiting_blocked = False
 
     def set_step_costs(self, costs: Mapping[str, ModelStepCost]) -> None:
         """The models' step costs, which size the prefill of steps with decodes to
@@ -335,6 +340,7 @@ class Scheduler:
             self._waiting[request.model] = collections.deque()
             self._turns.append(request.model)
         self._waiting[request.model].append(request)
+        self._waiting_blocked = False
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """End a request (stop condition, abort, error): its pages are freed at once. Idempotent."""
@@ -343,6 +349,7 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
+        self._waiting_blocked = False
         self._order.pop(request_id)
         if request in self._running:
             self._running.remove(request)
@@ -463,6 +470,7 @@ class Scheduler:
                 token_ids=request.token_ids_between(start, start + n),
                 samples=start + n == request.num_tokens, num_steps=num_steps,
                 page_table=self.kv.page_table_array(request), token_slot=request.token_slot))
+        self._waiting_blocked = self.num_waiting() > 0 and len(self._running) >= self.config.max_num_seqs
         return SchedulerOutput(chunks_by_model, preempted, rejected, sum(n for _, n in planned))
 
     def schedule_continuation(self, output: SchedulerOutput) -> Optional[SchedulerOutput]:
@@ -476,14 +484,17 @@ class Scheduler:
         min(max_decode_steps, the tokens each request has left), with its pages, else 1). A
         request that stops sooner finishes when `output` is processed, and its continuation's
         results are dropped (`is_current`); a request that `output` takes to its max_tokens or
-        max_model_len is left out. None when the step after `output` would be anything else:
-        a chunk of `output` that does not sample, a running request outside `output`, a waiting
-        request, weights budgets that cannot hold every running request's model at once (the
+        max_model_len is left out. Requests that the last `schedule()` left waiting with every
+        seat taken (max_num_seqs running) keep waiting while no request is added or finishes,
+        and the continuation then decodes one token per dispatch, as `schedule()` would while
+        requests wait. None when the step after `output` would be anything else: a chunk of
+        `output` that does not sample, a running request outside `output`, any other waiting
+        request (the next `schedule()` may admit it), weights budgets that cannot hold every running request's model at once (the
         residency order then picks the next step's models), a request whose sampling needs its
         tokens on the host (`Request.needs_tokens_on_host`), or a pool that cannot hold the new
         tokens without preempting; the engine then collects `output` first and calls
         `schedule()`."""
-        if self.num_waiting() or not output.chunks_by_model:
+        if (self.num_waiting() and not self._waiting_blocked) or not output.chunks_by_model:
             return None
         if self._fit_together is not None and not self._fit_together({r.model for r in self._running}):
             return None                              # the residency order decides who runs next
@@ -493,7 +504,7 @@ class Scheduler:
         if not all(c.samples and self.is_current(c) and not c.request.needs_tokens_on_host for c in chunks):
             return None
         planned = []                                # (request, position of its next fed token)
-        steps = self.config.max_decode_steps
+        steps = 1 if self.num_waiting() else self.config.max_decode_steps
         for c in chunks:
             request = c.request
             g = self.kv.geometry(request.model)

@@ -206,6 +206,15 @@ def test_aborting_the_last_request_collects_its_step_in_flight(mixed_model_dirs)
     assert out[0].finished and len(out[0].outputs[0].token_ids) == 4
 
 
+def test_a_saturated_engine_runs_ahead(mixed_model_dirs, batch, serial):
+    """Eight requests on three seats: the ones waiting for a seat do not keep the running ones
+    synchronous; outputs equal the synchronous engine's."""
+    steps, greedy, _ = serial
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **{**ENGINE, "max_num_seqs": 3})
+    assert _tokens(_generate(llm, batch, _greedy)) == greedy
+    assert llm.engine.stats().continuations >= 5
+
+
 @pytest.mark.parametrize("fit", ["all", "one"])
 def test_weights_budgets(mixed_model_dirs, batch, serial, fit):
     """Budgets that hold every model run ahead as without them; budgets of one model at a time
@@ -226,11 +235,11 @@ def test_weights_budgets(mixed_model_dirs, batch, serial, fit):
 
 
 # ----- the scheduler's continuation ----------------------------------------------------------------
-def _scheduler(max_decode_steps=4, pages=64, max_model_len=128):
+def _scheduler(max_decode_steps=4, pages=64, max_model_len=128, max_num_seqs=4):
     kv = KVCacheManager(PageAllocator(pages, 1), enable_prefix_caching=False)
     kv.register_model(ModelKVGeometry("m", num_layers=1, tokens_per_page=4, max_model_len=max_model_len))
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_decode_steps=max_decode_steps),
-                     kv)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=max_num_seqs,
+                                     max_decode_steps=max_decode_steps), kv)
 
 
 def _request(rid, n_prompt, max_tokens, **params):
@@ -272,6 +281,40 @@ def test_continuation_is_the_decode_schedule_would_make():
     _run(sched, nxt)
     sched.finish_request("b", RequestStatus.FINISHED_LENGTH)
     assert b.token_slot == -1 and not sched.is_current(next(c for c in nxt.chunks if c.request_id == "b"))
+
+
+def test_requests_waiting_for_a_seat_do_not_stop_continuations():
+    """With every seat taken the waiting requests cannot be admitted: continuations go on, one
+    token per dispatch (as schedule() while requests wait), until a request is added or finishes."""
+    sched = _scheduler(max_num_seqs=2)
+    for rid in "abc":
+        sched.add_request(_request(rid, 5, 20))
+    out = sched.schedule()
+    assert sched.num_running() == 2 and sched.num_waiting() == 1
+    follow = sched.schedule_continuation(out)
+    assert sorted(c.request_id for c in follow.chunks) == ["a", "b"] and {c.num_steps for c in follow.chunks} == {1}
+    _run(sched, out)
+    nxt = sched.schedule_continuation(follow)
+    assert nxt is not None
+    _run(sched, follow)
+    sched.add_request(_request("d", 3, 4))                 # it might fit now: schedule() decides
+    assert sched.schedule_continuation(nxt) is None
+    _run(sched, nxt)
+    out = sched.schedule()
+    assert sched.schedule_continuation(out) is not None
+    sched.finish_request("a", RequestStatus.FINISHED_STOPPED)     # a seat frees
+    assert sched.schedule_continuation(out) is None
+
+
+def test_requests_waiting_for_budget_stop_continuations():
+    """A request left waiting because the step's token budget ran out (seats free) is admitted by
+    the next schedule(): no continuation skips it."""
+    sched = _scheduler(max_num_seqs=4)
+    for rid in "abc":
+        sched.add_request(_request(rid, 32, 20))
+    out = sched.schedule()                                  # 32 + 32 tokens: the budget of 64 is spent
+    assert sched.num_running() == 2 and sched.num_waiting() == 1 and all(c.samples for c in out.chunks)
+    assert sched.schedule_continuation(out) is None
 
 
 @pytest.mark.parametrize("case", ["waiting", "prefill", "penalty", "not_current", "pool", "residency"])
