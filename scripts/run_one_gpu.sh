@@ -6,7 +6,9 @@
 # programs) for each tree of TREES (default: an earlier tree in baseline/, then this one, each in
 # a fresh process), then this tree again with the engine's variants (VARIANTS, default
 # "pipeline": `--pipeline_models`; "steps8": 8 decode tokens per dispatch, the engine's default;
-# each in a fresh process sharing a persistent compilation cache, so their warm-ups are short),
+# "sync" and "steps8sync": the same without async scheduling (`--noasync_scheduling`; the
+# engine's runs above and "steps8" have it on, its default); each in a fresh process sharing a
+# persistent compilation cache, so their warm-ups are short),
 # then issue 13's trace sweep (TRACE=1: scripts/run_trace_gpu.sh: static vs shared), each part
 # under its own time limit.
 #   run(command="bash scripts/run_one_gpu.sh", carry=[".whl", "baseline"])
@@ -39,6 +41,8 @@ for variant in ${VARIANTS-pipeline steps8}; do
   case "$variant" in
     pipeline) steps=1 args=--pipeline_models ;;
     steps8) steps=8 args= ;;
+    sync) steps=1 args=--noasync_scheduling ;;
+    steps8sync) steps=8 args=--noasync_scheduling ;;
     *) echo "unknown variant $variant: skipped"; continue ;;
   esac
   NAME="this_$variant" STEPS="$steps" BENCH_ARGS="$args" TREE=. TIMEOUT="${VARIANT_TIMEOUT:-200}" \

@@ -7,7 +7,8 @@
 #                                                       # with this tree's bench_modes.py copied in
 #   TREE=.         bash scripts/run_redesign_gpu.sh     # this tree
 # MODELS, DEVICE_GIB, STEPS (max_decode_steps), PROMPT_LEN, MAX_TOKENS and TIMEOUT size it;
-# BENCH_ARGS adds flags of bench_modes.py (e.g. --max_logprobs=0 or --pipeline_models for this tree).
+# BENCH_ARGS adds flags of bench_modes.py (e.g. --max_logprobs=0, --pipeline_models, or
+# --noasync_scheduling for this tree's synchronous steps: async scheduling is the engine's default).
 # One mode per run, in this process (--nofresh_process: `timeout` then stops the whole run).
 # .whl/ (git-ignored; carry it) holds wheels the device image lacks (absl-py, fastapi, ...).
 set -uo pipefail
