@@ -230,6 +230,16 @@ class EngineConfig:
             return self.kv_cache_dtype
         return "float32" if platform == "cpu" else self.dtype
 
+    def attention_kernels(self, platform: str) -> str:
+        """The family of attention kernels that may run on a device of `platform`: "gpu" (the
+        Pallas GPU kernels, `mgpu_prefill`'s Mosaic GPU prefill among them), "tpu", or
+        "reference" (the jnp path: attention_backend "reference", or "auto" on a CPU)."""
+        if self.attention_backend == "mgpu_prefill":
+            return "gpu"
+        if self.attention_backend == "auto":
+            return platform if platform in ("gpu", "tpu") else "reference"
+        return self.attention_backend
+
 
 def _dtype_name(dtype):
     """A dtype given as a name, a numpy/JAX dtype or a scalar type (jnp.bfloat16) -> its name (by

@@ -200,8 +200,7 @@ class ModelRegistry:
             return pool_dtype
         if self.disaggregated:
             why = "a crosspool device split keeps its KV pages in the arena, one buffer with the weights"
-        elif config.attention_backend in ("gpu", "tpu", "mgpu_prefill") or (config.attention_backend == "auto"
-                                                             and platform in ("gpu", "tpu")):
+        elif config.attention_kernels(platform) != "reference":
             why = ("the Pallas attention kernels read pages of the model's dtype (attention_backend="
                    "'reference' reads any)")
         else:
@@ -244,10 +243,7 @@ class ModelRegistry:
         no limit). The rule lives in pallas_kernels/ragged_paged_attention/validation.py: the GPU
         kernel has none (64-bit offsets), the TPU kernel caps one K or V operand at 2**31 - 1
         elements."""
-        backend = "gpu" if self.attention_backend == "mgpu_prefill" else self.attention_backend
-        if backend == "auto":
-            backend = {"gpu": "gpu", "tpu": "tpu"}.get(self.kv_devices[0].platform, "reference")
-        return max_pages_for_kernel(page_elems, backend)
+        return max_pages_for_kernel(page_elems, self.config.attention_kernels(self.kv_devices[0].platform))
 
     def _place(self) -> dict[str, int]:
         """shared/static: each model on one device, greedy by weight bytes (`weights.place_models`),

@@ -68,16 +68,21 @@ def test_kernel_page_cap_only_where_a_pallas_kernel_may_run():
     """Only the TPU attention kernel caps one K/V operand (2**31 - 1 elements: its DMA offsets are
     not known to be 64-bit); the GPU kernel addresses any pool (64-bit offsets) and the reference
     has no limit. The registry caps pages per device only where the TPU kernel may run."""
+    from crosspool_jax.engine.config import EngineConfig
     from pallas_kernels.ragged_paged_attention.validation import max_pages_for_kernel
 
     def fake(backend, platform):
-        return SimpleNamespace(attention_backend=backend, kv_devices=[SimpleNamespace(platform=platform)])
+        return SimpleNamespace(config=EngineConfig(models={"m": "unused"}, attention_backend=backend),
+                               kv_devices=[SimpleNamespace(platform=platform)])
     assert max_pages_for_kernel(2048, "tpu") == (2 ** 31 - 1) // 2048
-    for backend, platform, capped in (("auto", "cpu", False), ("reference", "gpu", False), ("auto", "gpu", False),
-                                      ("gpu", "cpu", False), ("reference", "tpu", False), ("auto", "tpu", True),
-                                      ("tpu", "cpu", True)):
-        cap = ModelRegistry._kernel_page_cap(fake(backend, platform), 2048)
-        assert cap == (max_pages_for_kernel(2048, "tpu") if capped else None), (backend, platform)
+    for backend, platform, kernels in (("auto", "cpu", "reference"), ("reference", "gpu", "reference"),
+                                       ("auto", "gpu", "gpu"), ("gpu", "cpu", "gpu"), ("mgpu_prefill", "gpu", "gpu"),
+                                       ("reference", "tpu", "reference"), ("auto", "tpu", "tpu"),
+                                       ("tpu", "cpu", "tpu")):
+        registry = fake(backend, platform)
+        assert registry.config.attention_kernels(platform) == kernels, (backend, platform)
+        cap = ModelRegistry._kernel_page_cap(registry, 2048)
+        assert cap == (max_pages_for_kernel(2048, "tpu") if kernels == "tpu" else None), (backend, platform)
 
 
 @pytest.mark.parametrize("split", [{}, {"mode": "crosspool", "kv_devices": 1, "weight_devices": 1}])
