@@ -83,9 +83,8 @@ class EngineConfig:
       tokens of the step in flight (vLLM's async scheduling): while every running request is
       decoding and no request waits for anything but a free seat, each engine step dispatches
       the continuation (each request's next decode, its input token read on the device from
-      the step in flight's samples),
-      then collects and processes the step in flight while the device runs it, so the host's
-      per-step work hides behind the device's. A request that stops wastes its continuation's
+      the step in flight's samples), then collects and processes the step in flight while the
+      device runs it, so the host's per-step work hides behind the device's. A request that stops wastes its continuation's
       token (dropped). `step()` returns the previous step's outputs. On by default; not with a
       crosspool device split or `pipeline_models`; a request with penalties or bad words of
       several tokens (sampling that reads its tokens on the host) makes steps synchronous

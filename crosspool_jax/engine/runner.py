@@ -31,7 +31,7 @@ from crosspool_jax.kv.pool import KVPool
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.packed_arrays import PackedArrays
 from crosspool_jax.runtime.shapes import MIN_HISTORY, STOP_IDS, DecodeShape, ShapeMenu, StepShape
-from crosspool_jax.runtime.step_inputs import NO_SLOT, build_prompt_targets, build_step_inputs, build_token_slots
+from crosspool_jax.runtime.step_inputs import build_prompt_targets, build_step_inputs, build_token_slots
 from crosspool_jax.runtime.step_program import DecodeLane, multi_decode, ragged_step
 
 
@@ -226,7 +226,7 @@ class StepRunner(DispatchingRunner):
             inputs, _ = build_step_inputs(chunks, shape=shape, num_layers=step.config.num_layers,
                                           tokens_per_page=step.tokens_per_page,
                                           num_pages=self.pool.layout.pages_per_device)
-            inputs = PackedArrays.pack((inputs, build_token_slots(chunks, shape)))
+            inputs = PackedArrays.pack((inputs, build_token_slots(chunks, shape.num_tokens, S)))
         else:
             limits = [min(a, step.num_steps) for a in step.allowances]
             inputs = _decode_args(step.config, chunks, shape, step.stop_ids, limits)
@@ -288,7 +288,7 @@ class StepRunner(DispatchingRunner):
             S = shape.num_seqs
             inputs, _ = build_step_inputs([], shape=shape, num_layers=config.num_layers, tokens_per_page=1,
                                           num_pages=self.pool.layout.pages_per_device)
-            inputs = PackedArrays.pack((inputs, build_token_slots([], shape)))
+            inputs = PackedArrays.pack((inputs, build_token_slots([], shape.num_tokens, S)))
             fixed = (weights.kv_params, weights.ffn_params, k_buf, v_buf, table, inputs,
                      PackedArrays.pack(smeta.build_sampling_metadata([], pad_rows_to=S)),
                      *self._no_history(S, config.vocab_size))
@@ -355,8 +355,6 @@ def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
     pages = np.zeros((L, S, Pp), np.int32)
     stops = np.full((S, STOP_IDS), -1, np.int32)
     allowance = np.ones(S, np.int32)
-    read_slots = np.full(S, -1, np.int32)
-    write_slots = np.full(S, NO_SLOT, np.int32)
     for s, c in enumerate(chunks):
         if c.num_tokens != 1:
             raise ValueError("multi-step decode needs single-token decode chunks")
@@ -367,11 +365,8 @@ def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
         ids = list(stop_ids[s])[:STOP_IDS]          # the host applies every stop rule; these end the loop's rows
         stops[s, :len(ids)] = ids
         allowance[s] = allowances[s]
-        if c.device_token:
-            read_slots[s] = c.token_slot
-        if c.token_slot >= 0:
-            write_slots[s] = c.token_slot
-    return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance, read_slots, write_slots
+    slots = build_token_slots(chunks, S, S)
+    return token_ids, kv_lens, pages, np.array([len(chunks)], np.int32), stops, allowance, slots.read_T, slots.write_S
 
 
 class ProgramOutputs:

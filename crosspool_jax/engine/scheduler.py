@@ -489,9 +489,9 @@ class Scheduler:
         and the continuation then decodes one token per dispatch, as `schedule()` would while
         requests wait. None when the step after `output` would be anything else: a chunk of
         `output` that does not sample, a running request outside `output`, any other waiting
-        request (the next `schedule()` may admit it), weights budgets that cannot hold every running request's model at once (the
-        residency order then picks the next step's models), a request whose sampling needs its
-        tokens on the host (`Request.needs_tokens_on_host`), or a pool that cannot hold the new
+        request (the next `schedule()` may admit it), weights budgets that cannot hold every
+        running request's model at once (the residency order then picks the next step's
+        models), a request whose sampling needs its tokens on the host (`Request.needs_tokens_on_host`), or a pool that cannot hold the new
         tokens without preempting; the engine then collects `output` first and calls
         `schedule()`."""
         if (self.num_waiting() and not self._waiting_blocked) or not output.chunks_by_model:

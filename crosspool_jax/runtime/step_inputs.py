@@ -55,11 +55,13 @@ class TokenSlots:
     write_S: jax.Array            # int32 [S]  slot receiving the row's sampled token (NO_SLOT: none)
 
 
-def build_token_slots(chunks: Sequence, shape: StepShape) -> TokenSlots:
+def build_token_slots(chunks: Sequence, num_tokens: int, num_seqs: int) -> TokenSlots:
     """chunks: objects with .num_tokens, .samples, .token_slot (the request's slot, -1: none)
-    and .device_token (its first token is read from the table). Padding reads -1, writes NO_SLOT."""
-    read = np.full(shape.num_tokens, -1, np.int32)
-    write = np.full(shape.num_seqs, NO_SLOT, np.int32)
+    and .device_token (its first token is read from the table), padded to num_tokens tokens
+    and num_seqs rows (a multi-step decode's rows: one token each, so read_T is per row).
+    Padding reads -1, writes NO_SLOT."""
+    read = np.full(num_tokens, -1, np.int32)
+    write = np.full(num_seqs, NO_SLOT, np.int32)
     offset = 0
     for s, c in enumerate(chunks):
         if c.device_token:

@@ -42,7 +42,8 @@ def _placed_args(config, kv, ffn, shape: StepShape):
 
 def _step_inputs(x: StepInputs, shape: StepShape) -> tuple:
     """ragged_step's token table and packed (inputs, token slots)."""
-    return jnp.zeros(TOKEN_SLOTS, jnp.int32), PackedArrays.pack((x, build_token_slots([], shape)))
+    slots = build_token_slots([], shape.num_tokens, shape.num_seqs)
+    return jnp.zeros(TOKEN_SLOTS, jnp.int32), PackedArrays.pack((x, slots))
 
 
 def _conditionals(hlo_text: str) -> int:

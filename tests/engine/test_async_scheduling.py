@@ -12,6 +12,7 @@ from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager, ModelKVGeometry
+from failure_injection import fail_collects, poison_dispatch
 
 ENGINE = dict(dtype="float32", kv_pool_bytes=2 << 20, max_num_batched_tokens=64, min_token_bucket=64)
 MAX_TOKENS = (9, 3, 12, 1, 7, 10, 2, 11)        # requests stop at different steps
@@ -162,28 +163,12 @@ def test_failures_stay_with_their_request(mixed_model_dirs, batch, serial, monke
     prompts, models = batch
     llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **ENGINE)
     runner = llm.engine.runner
-    dispatch_all, collect = runner.dispatch_all, runner.collect
-    bad = prompts[1]
-
-    def poisoned(steps_):
-        if any(c.request.prompt_token_ids == bad for s in steps_ for c in s.chunks):
-            raise OverflowError("poisoned request")
-        return dispatch_all(steps_)
-
-    monkeypatch.setattr(runner, "dispatch_all", poisoned)
+    poison_dispatch(monkeypatch, runner, prompts[1])
     outs = _generate(llm, batch, _greedy)
     assert outs[1].error is not None and "OverflowError: poisoned request" in outs[1].error
     assert [o.outputs[0].token_ids for i, o in enumerate(outs) if i != 1] == [t for i, t in enumerate(greedy) if i != 1]
-    monkeypatch.setattr(runner, "dispatch_all", dispatch_all)
-    failures = []
-
-    def flaky(step):
-        if len(failures) < 2 and llm.engine.scheduler.num_running() >= 4:
-            failures.append(step)
-            raise RuntimeError("device error")
-        return collect(step)
-
-    monkeypatch.setattr(runner, "collect", flaky)
+    monkeypatch.undo()
+    failures = fail_collects(monkeypatch, runner, 2, when=lambda: llm.engine.scheduler.num_running() >= 4)
     assert _tokens(_generate(llm, batch, _greedy)) == greedy
     assert len(failures) == 2
     stats = llm.engine.stats()

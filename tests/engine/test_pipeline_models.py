@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from crosspool_jax import LLM, SamplingParams
+from failure_injection import fail_collects, poison_dispatch
 
 GREEDY = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=3, logprobs=2, ignore_eos=True,
@@ -128,29 +129,13 @@ def test_failures_stay_with_their_request(mixed_model_dirs, batch, serial, monke
     prompts, models = batch
     llm = LLM(mixed_model_dirs, pipeline_models=True, **ENGINE)
     runner = llm.engine.runner
-    dispatch_all, collect = runner.dispatch_all, runner.collect
-    bad = prompts[1]
-
-    def poisoned(steps):
-        if any(c.request.prompt_token_ids == bad for s in steps for c in s.chunks):
-            raise OverflowError("poisoned request")
-        return dispatch_all(steps)
-
-    monkeypatch.setattr(runner, "dispatch_all", poisoned)
+    poison_dispatch(monkeypatch, runner, prompts[1])
     outs = llm.generate(prompts, GREEDY, model=models, use_tqdm=False)
     assert outs[1].error is not None and "OverflowError: poisoned request" in outs[1].error
     assert [o.outputs[0].token_ids for i, o in enumerate(outs) if i != 1] == \
         [t for i, t in enumerate(serial[0]) if i != 1]
-    monkeypatch.setattr(runner, "dispatch_all", dispatch_all)
-    failures = []
-
-    def flaky(step):
-        if not failures:
-            failures.append(step)
-            raise RuntimeError("device error")
-        return collect(step)
-
-    monkeypatch.setattr(runner, "collect", flaky)
+    monkeypatch.undo()
+    failures = fail_collects(monkeypatch, runner, 1)
     assert _tokens(llm.generate(prompts, GREEDY, model=models, use_tqdm=False)) == serial[0]
     assert failures
     stats = llm.engine.stats()

@@ -36,7 +36,8 @@ def _ragged(params, k, v, table, chunk, shape=StepShape(16, 8, 4)):
     inputs, _ = build_step_inputs([chunk], shape=shape, num_layers=CONFIG.num_layers, tokens_per_page=G,
                                   num_pages=PAGES)
     counts, mask = smeta.build_token_history([], shape.num_seqs, CONFIG.vocab_size, length=16)
-    k, v, table, packed = ragged_step(*params, k, v, table, PackedArrays.pack((inputs, build_token_slots([chunk], shape))),
+    slots = build_token_slots([chunk], shape.num_tokens, shape.num_seqs)
+    k, v, table, packed = ragged_step(*params, k, v, table, PackedArrays.pack((inputs, slots)),
                                       smeta.build_sampling_metadata([], pad_rows_to=shape.num_seqs), counts, mask,
                                       **STATIC)
     out, _ = jax.device_get(packed).unpack()
