@@ -80,12 +80,13 @@ class EngineConfig:
       runs the new ones, so each model advances every other step and TBT tends to max(host,
       device) instead of their sum. Off when weights budgets swap models (steps run whole).
     async_scheduling: dispatch the next step of the running requests before the host has the
-      tokens of the step in flight (vLLM's async scheduling): while every running request is
-      decoding and no request waits for anything but a free seat, each engine step dispatches
-      the continuation (each request's next decode, its input token read on the device from
-      the step in flight's samples), then collects and processes the step in flight while the
-      device runs it, so the host's per-step work hides behind the device's. A request that stops wastes its continuation's
-      token (dropped). `step()` returns the previous step's outputs. On by default; not with a
+      tokens of the step in flight (vLLM's async scheduling): each engine step dispatches the
+      continuation (the step the scheduler makes as if the step in flight were done: decodes
+      whose input token is read on the device from the step in flight's samples, prompt chunks
+      and admissions fed from the host), then collects and processes the step in flight while
+      the device runs it, so the host's per-step work hides behind the device's. A request that
+      stops wastes its continuation's token (dropped); a pool that would have to preempt makes
+      that step synchronous. `step()` returns the previous step's outputs. On by default; not with a
       crosspool device split or `pipeline_models`; a request with penalties or bad words of
       several tokens (sampling that reads its tokens on the host) makes steps synchronous
       while it runs.
@@ -161,8 +162,8 @@ class EngineConfig:
                                  "about half of the models with work, then collects and processes the "
                                  "previous step's while the device runs them (each model advances every "
                                  "other step). Off when weights budgets swap models.")
-    async_scheduling: bool = _opt(True, "Dispatch each decode step before the previous step's tokens reach "
-                                  "the host (fed to the next step on the device), so the host's per-step "
+    async_scheduling: bool = _opt(True, "Dispatch each step before the previous step's tokens reach the host "
+                                  "(fed to the next step on the device), so the host's per-step "
                                   "work overlaps the device's; step() returns the previous step's outputs. "
                                   "Placed modes (shared, static); a crosspool split and pipeline_models "
                                   "run synchronous steps.")

@@ -37,16 +37,17 @@ returns the previous step's outputs. Weights budgets (models swapped in and out)
 whole.
 
 Async scheduling (`EngineConfig.async_scheduling`, placed modes): a step is left in flight, and
-the next `step()` first dispatches its continuation (`Scheduler.schedule_continuation`: every
-running request's next decode, whose input token the program reads from the device's token
-table, where the step in flight writes its samples), then collects and processes the step in
-flight while the device runs the continuation (`_continue_in_flight`). The host's work of one
-step overlaps the device's of the next; `step()` returns the previous step's outputs. When no
-continuation can be made (a prefill to run, a waiting request that the next `schedule()` may
-admit (requests waiting while every seat is taken do not count), a request whose sampling reads
-its tokens on the host, a short pool), the step in flight is finished first and `schedule()`
-makes the next step, which is dispatched and left in flight. A request that stopped in the step
-in flight has its continuation's results dropped (`Scheduler.is_current`).
+the next `step()` first dispatches its continuation (`Scheduler.schedule_continuation`: the
+step `schedule()` would make once the step in flight is in: decodes whose input token the
+program reads from the device's token table, where the step in flight writes its samples,
+beside prompt chunks and admissions fed from the host), then collects and processes the step
+in flight while the device runs the continuation (`_continue_in_flight`). The host's work of
+one step overlaps the device's of the next; `step()` returns the previous step's outputs. When
+no continuation can be made (a request whose sampling reads its tokens on the host, a pool
+that would have to preempt, weights budgets that cannot hold every model with work), the step
+in flight is finished first and `schedule()` makes the next step, which is dispatched and left
+in flight. A request that stopped in the step in flight has its continuation's results dropped
+(`Scheduler.is_current`).
 
 Request isolation (`_run_isolated`): whatever one request does that still fails inside a
 step fails that request alone. The step runs all its models at once; when that raises, it
@@ -425,6 +426,15 @@ class LLMEngine:
             return self._outputs(moved)
         busy = self._in_flight.models if self._in_flight is not None else frozenset()
         out = self.scheduler.schedule(busy_models=busy, split_models=self._pipelined)
+        self._note_scheduled(out, moved)
+        if self._pipelined or self._async:
+            self._overlapped_step(out, moved)
+        else:
+            self._process(out, *self._run_isolated(out.chunks_by_model), moved)
+        return self._outputs(moved)
+
+    def _note_scheduled(self, out: SchedulerOutput, moved: set) -> None:
+        """A scheduled step's bookkeeping before it runs: first-scheduled times, rejections failed."""
         scheduled_at = time.monotonic()
         for chunks in out.chunks_by_model.values():
             for chunk in chunks:
@@ -433,23 +443,20 @@ class LLMEngine:
                     parent.first_scheduled_time = scheduled_at
         for child_id, message in out.rejected:
             self._fail_request(child_id, message, moved)
-        if self._pipelined or self._async:
-            self._overlapped_step(out, moved)
-        else:
-            self._process(out, *self._run_isolated(out.chunks_by_model), moved)
-        return self._outputs(moved)
 
     def _continue_in_flight(self, moved: set) -> bool:
         """Async scheduling: dispatch the continuation of the step in flight
-        (`Scheduler.schedule_continuation`: its requests' next decodes, fed from the device's
-        token tables), then collect and process the step in flight while the device runs it.
-        True when the continuation is in flight now; False when there was none (the step in
-        flight is finished, and `step()` schedules the next one). A continuation none of whose
-        requests is still current after that (all stopped or aborted) is collected at once
-        (`_drain_if_stale`), so nothing stays in flight once every request is done."""
+        (`Scheduler.schedule_continuation`: the step `schedule()` would make once its results
+        are in, its requests' next tokens fed from the device's token tables), then collect and
+        process the step in flight while the device runs it. True when the continuation is in
+        flight now; False when there was none (the step in flight is finished, and `step()`
+        schedules the next one). A continuation none of whose requests is still current after
+        that (all stopped or aborted) is collected at once (`_drain_if_stale`), so nothing stays
+        in flight once every request is done."""
         previous, self._in_flight = self._in_flight, None
         follow = self.scheduler.schedule_continuation(previous.out)
         if follow is not None:
+            self._note_scheduled(follow, moved)
             try:
                 self._in_flight = self._dispatch(follow)
                 self._num_continuations += 1
@@ -509,13 +516,15 @@ class LLMEngine:
     def _finish(self, flight: _InFlight, moved: set) -> None:
         """Collect a dispatched step's results, release its models and process the results. A
         collect that raises reruns the step's still-current chunks whole, isolated (nothing
-        advanced the scheduler for them)."""
+        advanced the scheduler for them), fed from the host and writing no token slot: a
+        continuation dispatched after the step has taken its tokens from the token table and
+        written its own there, which the rerun must not overwrite."""
         failed: dict[str, str] = {}
         try:
             done = self._collect(flight.dispatched)
         except Exception as error:  # noqa: BLE001 - rerun the step
             log.warning("collecting a step in flight failed (%s); running it again whole", _step_error(error))
-            current = {model: [c for c in chunks if self.scheduler.is_current(c)]
+            current = {model: [dataclasses.replace(c, token_slot=-1) for c in chunks if self.scheduler.is_current(c)]
                        for model, chunks in flight.out.chunks_by_model.items()}
             done, failed = self._run_isolated({model: chunks for model, chunks in current.items() if chunks})
         self._process(flight.out, done, failed, moved)

@@ -67,14 +67,15 @@ ragged batch.
    are dropped (`is_current`).
 
 6. Continuations (the engine's `async_scheduling`): `schedule_continuation(output)` makes the
-   step after `output` while `output` still runs on the device, when that step would be the
-   running requests' decodes alone: each request's next decode at the position after
-   `output`'s tokens, its input token read on the device from its token slot (every running
-   request holds one of max_num_seqs slots in the devices' token tables, given on admission
-   and taken back when it finishes or is preempted). A request that `output` stops or that is
-   aborted meanwhile has its continuation's results dropped (`is_current`). Requests waiting
-   for a seat while all max_num_seqs are taken do not stop continuations (until a request is
-   added or finishes): a saturated engine keeps running ahead.
+   step after `output` while `output` still runs on the device: the step 1.-3. make from the
+   state `output` leaves if every chunk of it produces all its tokens. A request that
+   `output` samples decodes next, its input token read on the device from its token slot
+   (every running request holds one of max_num_seqs slots in the devices' token tables,
+   given on admission and taken back when it finishes or is preempted); a prompt chunked
+   across steps gets its next chunk; waiting requests are admitted. A request that `output`
+   stops or that is aborted meanwhile has its continuation's results dropped (`is_current`).
+   A continuation never preempts (that would drop results in flight): when the pool is
+   short, none is made, and `schedule()` runs once `output` is in.
 
 Rejections (status FINISHED_ERROR, listed once in `SchedulerOutput.rejected`): a prompt
 longer than its model's max_model_len, a prompt needing more pages than the whole pool,
@@ -99,6 +100,8 @@ import numpy as np
 
 from crosspool_jax.engine.request import Request, RequestStatus
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
+
+DEVICE_TOKEN = -1       # a token of a step in flight, not on the host yet (read on the device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +218,7 @@ class ScheduledChunk:
       last sampled token there; -1: none).
     device_token: the chunk continues a step still in flight (`Scheduler.schedule_continuation`):
       its one token is that step's last sample, not known on the host when the chunk was made
-      (token_ids holds -1); the program reads it from the token table at token_slot.
+      (token_ids is [DEVICE_TOKEN]); the program reads it from the token table at token_slot.
     """
 
     request: Request
@@ -289,9 +292,6 @@ class Scheduler:
         self._num_schedules = 0
         self._last_scheduled: dict[str, int] = {}                     # model -> schedule() count it last ran
         self._free_token_slots = list(range(config.max_num_seqs - 1, -1, -1))   # one per running request
-        # the last schedule() left requests waiting with every seat (max_num_seqs) taken, and no
-        # request was added or finished since: another schedule() would admit none of them either
-        self._waiting_blocked = False
 
     def set_step_costs(self, costs: Mapping[str, ModelStepCost]) -> None:
         """The models' step costs, which size the prefill of steps with decodes to
@@ -340,7 +340,6 @@ class Scheduler:
             self._waiting[request.model] = collections.deque()
             self._turns.append(request.model)
         self._waiting[request.model].append(request)
-        self._waiting_blocked = False
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """End a request (stop condition, abort, error): its pages are freed at once. Idempotent."""
@@ -349,7 +348,6 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
-        self._waiting_blocked = False
         self._order.pop(request_id)
         if request in self._running:
             self._running.remove(request)
@@ -392,11 +390,67 @@ class Scheduler:
         (running or waiting requests, busy ones included), this step takes at most ceil(W / 2),
         the least recently scheduled first, so that models alternate between consecutive steps
         (the engine's `pipeline_models`)."""
+        return self._schedule(busy_models, split_models)
+
+    def schedule_continuation(self, output: SchedulerOutput) -> Optional[SchedulerOutput]:
+        """The step after `output`, made while `output` still runs on the device (the engine's
+        async scheduling), or None when it cannot be made before `output`'s results are in.
+
+        It is the step `schedule()` makes from the state `output` leaves if every chunk of it
+        produces all its num_steps tokens: each request `output` samples for decodes the token
+        `output` samples last, which the program reads from the device's token table
+        (`ScheduledChunk.device_token`: its token_ids hold DEVICE_TOKEN); a prompt that
+        `output` prefills part of gets its next chunk; waiting requests are admitted as
+        `schedule()` admits them. While the results are out, the scheduler's requests are set
+        to that state (`output`'s tokens as DEVICE_TOKEN placeholders) and set back after. A
+        request that `output` takes to its max_tokens or max_model_len is left out (it
+        finishes when `output` is processed); one that stops sooner finishes then, and its
+        continuation's results are dropped (`is_current`).
+
+        None when: `output` is empty; a request `output` samples reads its tokens on the host
+        to sample (`Request.needs_tokens_on_host`: penalties, bad words of several tokens);
+        weights budgets cannot hold every model with work at once (the residency order then
+        picks the next step's models); or the pool cannot hold a running request's new tokens
+        (preemption, which would drop results in flight, waits for `schedule()`). The engine
+        then collects `output` first and calls `schedule()`."""
+        if not output.chunks_by_model:
+            return None
+        if self._fit_together is not None and not self._fit_together(self._models_with_work()):
+            return None
+        current = [c for c in output.chunks if self.is_current(c)]
+        if any(c.samples and c.request.needs_tokens_on_host for c in current):
+            return None
+        saved = [(c.request, c.request.num_computed_tokens, c.request.num_output_tokens) for c in current]
+        finishing: set[int] = set()                 # id() of requests `output` takes to their length limit
+        for c in current:
+            request = c.request
+            if not c.samples:
+                request.num_computed_tokens = c.start + c.num_tokens
+                continue
+            request.output_token_ids.extend([DEVICE_TOKEN] * c.num_steps)
+            request.num_computed_tokens = c.start + c.num_tokens + c.num_steps - 1
+            g = self.kv.geometry(request.model)
+            if request.num_output_tokens >= request.max_tokens or request.num_tokens >= g.max_model_len:
+                finishing.add(id(request))
+        try:
+            return self._schedule(frozenset(), False, finishing=finishing)
+        finally:
+            for request, computed, num_outputs in saved:
+                del request.output_token_ids[num_outputs:]
+                if request.status == RequestStatus.RUNNING:
+                    request.num_computed_tokens = computed
+
+    def _schedule(self, busy_models: frozenset, split_models: bool,
+                  finishing: Optional[set] = None) -> Optional[SchedulerOutput]:
+        """`schedule()`; with `finishing` (the id()s of requests to leave out), a continuation's
+        step (`schedule_continuation`): nothing is preempted or rejected, None when a running
+        request cannot get its pages or nothing is scheduled."""
+        continuation = finishing is not None
         self._num_schedules += 1
         budget = self.config.max_num_batched_tokens
         planned: list[tuple[Request, int]] = []          # (request, tokens fed), in scheduling order
         preempted: list[str] = []
-        rejected, self._rejected = self._rejected, []
+        rejected: list[tuple[str, str]] = []
         all_running_scheduled = True
 
         # 1. running requests: decodes first, then unfinished prefill chunks, oldest first in
@@ -417,6 +471,8 @@ class Scheduler:
                 continue
             if request.model in busy_models:                     # its model's last step is in flight
                 continue
+            if continuation and id(request) in finishing:        # its step in flight finishes it
+                continue
             if not fits(request.model):      # another step's model, or its weights cannot be resident
                 all_running_scheduled = False
                 continue
@@ -427,6 +483,8 @@ class Scheduler:
                 all_running_scheduled = False
                 continue
             ok = self.kv.allocate_slots(request, n)
+            if not ok and continuation:
+                return None         # the pages it holds now stay its own for these tokens
             while not ok:
                 victim = self._victim_for(request, n)
                 if victim is None:
@@ -460,79 +518,24 @@ class Scheduler:
         num_steps = 1
         if planned and all_running_scheduled and self.num_waiting() == 0 and self.config.max_decode_steps > 1:
             num_steps = self._multi_step(planned)
+        if continuation and not planned:
+            return None
 
         chunks_by_model: dict[str, list[ScheduledChunk]] = {}
         for request, n in planned:
             self._last_scheduled[request.model] = self._num_schedules
             start = request.num_computed_tokens
+            token_ids = request.token_ids_between(start, start + n)
             chunks_by_model.setdefault(request.model, []).append(ScheduledChunk(
-                request=request, start=start, num_tokens=n,
-                token_ids=request.token_ids_between(start, start + n),
+                request=request, start=start, num_tokens=n, token_ids=token_ids,
                 samples=start + n == request.num_tokens, num_steps=num_steps,
-                page_table=self.kv.page_table_array(request), token_slot=request.token_slot))
-        self._waiting_blocked = self.num_waiting() > 0 and len(self._running) >= self.config.max_num_seqs
+                page_table=self.kv.page_table_array(request), token_slot=request.token_slot,
+                device_token=token_ids == [DEVICE_TOKEN]))
+        rejected, self._rejected = self._rejected + rejected, []
         return SchedulerOutput(chunks_by_model, preempted, rejected, sum(n for _, n in planned))
 
-    def schedule_continuation(self, output: SchedulerOutput) -> Optional[SchedulerOutput]:
-        """The step after `output`, made while `output` is still running on the device (the
-        engine's async scheduling), or None when that cannot be done without its results.
-
-        It is what `schedule()` would make once `output`'s results are in, if every chunk
-        produced all its num_steps tokens: each request's one-token decode of the token
-        `output` samples last, which the program reads from the device's token table
-        (`ScheduledChunk.device_token`), multi-step as `schedule()` would (num_steps
-        min(max_decode_steps, the tokens each request has left), with its pages, else 1). A
-        request that stops sooner finishes when `output` is processed, and its continuation's
-        results are dropped (`is_current`); a request that `output` takes to its max_tokens or
-        max_model_len is left out. Requests that the last `schedule()` left waiting with every
-        seat taken (max_num_seqs running) keep waiting while no request is added or finishes,
-        and the continuation then decodes one token per dispatch, as `schedule()` would while
-        requests wait. None when the step after `output` would be anything else: a chunk of
-        `output` that does not sample, a running request outside `output`, any other waiting
-        request (the next `schedule()` may admit it), weights budgets that cannot hold every
-        running request's model at once (the residency order then picks the next step's
-        models), a request whose sampling needs its tokens on the host (`Request.needs_tokens_on_host`), or a pool that cannot hold the new
-        tokens without preempting; the engine then collects `output` first and calls
-        `schedule()`."""
-        if (self.num_waiting() and not self._waiting_blocked) or not output.chunks_by_model:
-            return None
-        if self._fit_together is not None and not self._fit_together({r.model for r in self._running}):
-            return None                              # the residency order decides who runs next
-        chunks = output.chunks
-        if {id(c.request) for c in chunks} != {id(r) for r in self._running}:
-            return None
-        if not all(c.samples and self.is_current(c) and not c.request.needs_tokens_on_host for c in chunks):
-            return None
-        planned = []                                # (request, position of its next fed token)
-        steps = 1 if self.num_waiting() else self.config.max_decode_steps
-        for c in chunks:
-            request = c.request
-            g = self.kv.geometry(request.model)
-            total = c.start + c.num_tokens + c.num_steps           # its tokens once `output` is in
-            left = min(request.max_tokens - (total - request.num_prompt_tokens), g.max_model_len - total)
-            if left < 1:
-                continue
-            planned.append((request, total - 1))
-            steps = min(steps, left)
-        if not planned:
-            return None
-        for num_steps in sorted({steps, 1}, reverse=True):
-            wanted = [(r, start + num_steps - r.num_computed_tokens) for r, start in planned]
-            if self.kv.can_allocate_all(wanted):
-                break
-        else:
-            return None
-        for request, n in wanted:
-            if not self.kv.allocate_slots(request, n):
-                raise RuntimeError(f"continuation allocation failed for {request.request_id} after can_allocate_all")
-        self._num_schedules += 1
-        chunks_by_model: dict[str, list[ScheduledChunk]] = {}
-        for request, start in planned:
-            self._last_scheduled[request.model] = self._num_schedules
-            chunks_by_model.setdefault(request.model, []).append(ScheduledChunk(
-                request=request, start=start, num_tokens=1, token_ids=[-1], samples=True, num_steps=num_steps,
-                page_table=self.kv.page_table_array(request), token_slot=request.token_slot, device_token=True))
-        return SchedulerOutput(chunks_by_model, [], [], len(planned))
+    def _models_with_work(self) -> set[str]:
+        return {r.model for r in self._running} | {m for m, q in self._waiting.items() if q}
 
     def _prefill_limit(self) -> _PrefillLimit:
         """The bound on the prefill of this step (`decode_step_prefill_tokens` wins over the
@@ -547,7 +550,7 @@ class Scheduler:
         resident = self._residency_gate()
         if not busy_models and not split_models:
             return resident
-        with_work = {r.model for r in self._running} | {m for m, q in self._waiting.items() if q}
+        with_work = self._models_with_work()
         free = sorted(with_work - set(busy_models), key=lambda m: (self._last_scheduled.get(m, 0), m))
         if split_models:
             free = free[:max(1, -(-len(with_work) // 2))]
@@ -562,7 +565,7 @@ class Scheduler:
         in turn and consecutive steps keep the same resident models (no swap per step)."""
         if self._fit_together is None:
             return lambda model: True
-        busy = {r.model for r in self._running} | {m for m, q in self._waiting.items() if q}
+        busy = self._models_with_work()
         for model in sorted(busy - set(self._lead)):
             self._lead.append(model)
         self._lead_steps += 1

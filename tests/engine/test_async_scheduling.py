@@ -1,5 +1,6 @@
 """`async_scheduling`: each engine step dispatches the continuation of the step in flight (the
-running requests' next decodes, fed on the device from the token table) before collecting it.
+step schedule() would make after it: decodes fed on the device from the token table, prompt
+chunks and admissions fed from the host) before collecting it.
 Outputs equal the synchronous engine's (greedy and seeded, one and several tokens per dispatch,
 lanes, requests stopping at different steps, preemption, penalties that keep steps synchronous),
 continuations really run ahead of the host, and an abort in flight, a failing dispatch and a
@@ -52,7 +53,9 @@ def _tokens(outs):
 def serial(request, mixed_model_dirs, batch):
     steps = request.param
     llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=False, **ENGINE)
-    return steps, _tokens(_generate(llm, batch, _greedy)), _generate(llm, batch, _seeded)
+    long_prompt = list(range(3, 103))                       # 100 tokens: two chunks of the 64-token budget
+    long_tokens = _tokens(llm.generate([long_prompt], _greedy(2), model="q0", use_tqdm=False))[0]
+    return steps, _tokens(_generate(llm, batch, _greedy)), _generate(llm, batch, _seeded), (long_prompt, long_tokens)
 
 
 def _record(engine):
@@ -74,20 +77,22 @@ def _record(engine):
 
 
 def test_outputs_equal_the_synchronous_engine_and_steps_run_ahead(mixed_model_dirs, batch, serial):
-    steps, greedy, seeded = serial
+    steps, greedy, seeded, _ = serial
     llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **ENGINE)
     log = _record(llm.engine)
     assert _tokens(_generate(llm, batch, _greedy)) == greedy
     # continuations were dispatched, fed from the device, while the step before them was not collected
-    pending, ahead, fed = set(), 0, 0
+    # (prompt chunks and admissions among them: fed from the host)
+    pending, ahead, fed, prefills_ahead = set(), 0, 0, 0
     for entry in log:
         if entry[0] == "dispatch":
             fed += sum(c.device_token for c in entry[1])
             ahead += bool(pending) and any(c.device_token for c in entry[1])
+            prefills_ahead += bool(pending) and any(c.num_tokens > 1 for c in entry[1])
             pending |= set(entry[2])
         else:
             pending.discard(entry[1])
-    assert fed >= 10 and ahead >= 3, (fed, ahead)
+    assert fed >= 10 and ahead >= 3 and prefills_ahead >= 1, (fed, ahead, prefills_ahead)
     assert llm.engine.stats().continuations >= ahead
     got = _generate(llm, batch, _seeded)
     assert _tokens(got) == _tokens(seeded)
@@ -100,6 +105,37 @@ def test_outputs_equal_the_synchronous_engine_and_steps_run_ahead(mixed_model_di
     stats = engine.stats()
     assert engine._in_flight is None and not engine.has_unfinished_requests()
     assert stats.kv_pages_free == stats.kv_pages_total
+
+
+def test_requests_arriving_while_steps_run_ahead(mixed_model_dirs, batch, serial):
+    """Requests added between steps, as the server adds them, join the steps that run ahead
+    (admitted into continuations; a long prompt's chunks continued there): every output
+    equals the synchronous engine's."""
+    steps, greedy, _, (long_prompt, long_tokens) = serial
+    prompts, models = batch
+    llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **ENGINE)
+    engine, log = llm.engine, _record(llm.engine)
+    arrivals = [(f"r{i}", models[i], prompts[i], _greedy(i)) for i in range(len(prompts))]
+    arrivals.insert(3, ("long", "q0", long_prompt, _greedy(2)))
+    done, num_steps = {}, 0
+    while arrivals or engine.has_unfinished_requests():
+        if arrivals and num_steps % 2 == 0:
+            engine.add_request(*arrivals.pop(0))
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        num_steps += 1
+    assert [done[f"r{i}"] for i in range(len(prompts))] == greedy and done["long"] == long_tokens
+    pending, admitted_ahead = set(), 0
+    for entry in log:
+        if entry[0] == "dispatch":
+            admitted_ahead += bool(pending) and any(c.start == 0 for c in entry[1])
+            pending |= set(entry[2])
+        else:
+            pending.discard(entry[1])
+    assert admitted_ahead >= 3 and engine.stats().continuations >= 5
+    stats = engine.stats()
+    assert stats.kv_pages_free == stats.kv_pages_total and engine._in_flight is None
 
 
 def test_stop_strings_and_stop_ids_end_a_request_that_ran_ahead(mixed_model_dirs, batch):
@@ -127,7 +163,7 @@ def test_stop_strings_and_stop_ids_end_a_request_that_ran_ahead(mixed_model_dirs
 def test_preemption_and_an_abort_in_flight(mixed_model_dirs, batch, serial):
     """A pool of a few blocks preempts (outputs unchanged); a request aborted while its step is
     in flight gets no further output and the others finish as the synchronous engine's."""
-    steps, greedy, _ = serial
+    steps, greedy, _, _ = serial
     prompts, models = batch
     small = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True,
                 **{**ENGINE, "kv_pool_bytes": 40 << 10})   # 10 pages
@@ -159,7 +195,7 @@ def test_preemption_and_an_abort_in_flight(mixed_model_dirs, batch, serial):
 def test_failures_stay_with_their_request(mixed_model_dirs, batch, serial, monkeypatch):
     """A dispatch that raises for one request fails that request alone; a collect that raises once
     reruns the step in flight (a continuation fed from the host by then): nothing else changes."""
-    steps, greedy, _ = serial
+    steps, greedy, _, _ = serial
     prompts, models = batch
     llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **ENGINE)
     runner = llm.engine.runner
@@ -194,7 +230,7 @@ def test_aborting_the_last_request_collects_its_step_in_flight(mixed_model_dirs)
 def test_a_saturated_engine_runs_ahead(mixed_model_dirs, batch, serial):
     """Eight requests on three seats: the ones waiting for a seat do not keep the running ones
     synchronous; outputs equal the synchronous engine's."""
-    steps, greedy, _ = serial
+    steps, greedy, _, _ = serial
     llm = LLM(mixed_model_dirs, max_decode_steps=steps, async_scheduling=True, **{**ENGINE, "max_num_seqs": 3})
     assert _tokens(_generate(llm, batch, _greedy)) == greedy
     assert llm.engine.stats().continuations >= 5
@@ -205,7 +241,7 @@ def test_weights_budgets(mixed_model_dirs, batch, serial, fit):
     """Budgets that hold every model run ahead as without them; budgets of one model at a time
     swap models (the residency order picks each step's, no continuation across a swap): outputs
     equal the synchronous engine's either way."""
-    steps, greedy, _ = serial
+    steps, greedy, _, _ = serial
     llm = LLM(mixed_model_dirs, max_decode_steps=steps, **ENGINE)
     ffn_bytes = [llm.engine.registry.weights.model_bytes(n) for n in mixed_model_dirs]
     budget = sum(ffn_bytes) if fit == "all" else max(ffn_bytes) + min(ffn_bytes) // 2
@@ -268,9 +304,40 @@ def test_continuation_is_the_decode_schedule_would_make():
     assert b.token_slot == -1 and not sched.is_current(next(c for c in nxt.chunks if c.request_id == "b"))
 
 
+def test_continuation_admits_waiting_requests_and_continues_prefills():
+    """The step after a chunked prefill in flight: the prompt's next chunk (fed from the host)
+    beside the waiting requests schedule() would admit; the scheduler's state is as it was
+    after it, and the step after that decodes both from the token table."""
+    sched = _scheduler()
+    a, b = _request("a", 80, 20), _request("b", 5, 20)
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()                                 # a's first 64 tokens: the whole budget
+    assert [(c.request_id, c.start, c.num_tokens, c.samples) for c in out.chunks] == [("a", 0, 64, False)]
+    follow = sched.schedule_continuation(out)
+    chunks = {c.request_id: c for c in follow.chunks}
+    assert (chunks["a"].start, chunks["a"].num_tokens, chunks["a"].samples) == (64, 16, True)
+    assert chunks["a"].token_ids == a.prompt_token_ids[64:] and not chunks["a"].device_token
+    assert (chunks["b"].start, chunks["b"].num_tokens, chunks["b"].token_ids) == (0, 5, b.prompt_token_ids)
+    assert a.num_computed_tokens == 0 and a.output_token_ids == [] and b.status == RequestStatus.RUNNING
+    assert not sched.is_current(chunks["a"])
+    _run(sched, out)
+    assert all(sched.is_current(c) for c in follow.chunks)
+    sched.add_request(_request("c", 3, 20))
+    nxt = sched.schedule_continuation(follow)               # a and b decode, c is admitted
+    got = {c.request_id: (c.start, c.token_ids, c.device_token, c.num_steps) for c in nxt.chunks}
+    assert got == {"a": (80, [-1], True, 1), "b": (5, [-1], True, 1), "c": (0, [1, 2, 3], False, 1)}
+    assert a.output_token_ids == [] and b.output_token_ids == []
+    _run(sched, follow)
+    assert a.output_token_ids == [7] and all(sched.is_current(c) for c in nxt.chunks)
+    last = sched.schedule_continuation(nxt)                 # all decode, nothing waits: several steps
+    assert {c.num_steps for c in last.chunks} == {4} and all(c.device_token for c in last.chunks)
+    assert [c.num_outputs_before for c in last.chunks] == [2, 2, 1]
+
+
 def test_requests_waiting_for_a_seat_do_not_stop_continuations():
-    """With every seat taken the waiting requests cannot be admitted: continuations go on, one
-    token per dispatch (as schedule() while requests wait), until a request is added or finishes."""
+    """With every seat taken the waiting requests are not admitted: continuations go on, one
+    token per dispatch (as schedule() while requests wait); a seat freed admits the next."""
     sched = _scheduler(max_num_seqs=2)
     for rid in "abc":
         sched.add_request(_request(rid, 5, 20))
@@ -279,38 +346,34 @@ def test_requests_waiting_for_a_seat_do_not_stop_continuations():
     follow = sched.schedule_continuation(out)
     assert sorted(c.request_id for c in follow.chunks) == ["a", "b"] and {c.num_steps for c in follow.chunks} == {1}
     _run(sched, out)
-    nxt = sched.schedule_continuation(follow)
-    assert nxt is not None
-    _run(sched, follow)
-    sched.add_request(_request("d", 3, 4))                 # it might fit now: schedule() decides
-    assert sched.schedule_continuation(nxt) is None
-    _run(sched, nxt)
-    out = sched.schedule()
-    assert sched.schedule_continuation(out) is not None
     sched.finish_request("a", RequestStatus.FINISHED_STOPPED)     # a seat frees
-    assert sched.schedule_continuation(out) is None
+    nxt = sched.schedule_continuation(follow)
+    assert sorted((c.request_id, c.device_token) for c in nxt.chunks) == [("b", True), ("c", False)]
 
 
-def test_requests_waiting_for_budget_stop_continuations():
-    """A request left waiting because the step's token budget ran out (seats free) is admitted by
-    the next schedule(): no continuation skips it."""
-    sched = _scheduler(max_num_seqs=4)
-    for rid in "abc":
-        sched.add_request(_request(rid, 32, 20))
-    out = sched.schedule()                                  # 32 + 32 tokens: the budget of 64 is spent
-    assert sched.num_running() == 2 and sched.num_waiting() == 1 and all(c.samples for c in out.chunks)
-    assert sched.schedule_continuation(out) is None
+def test_a_short_pool_leaves_the_next_step_to_schedule():
+    """When a running request's next tokens do not fit the pool, no continuation is made (a
+    preemption would drop results in flight) and every request is as it was."""
+    sched = _scheduler(pages=6)                             # 6 pages of 4 tokens
+    a, b = _request("a", 12, 30), _request("b", 12, 30)
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()                                  # 3 + 3 pages: the pool is full
+    before = [(r.num_computed_tokens, list(r.output_token_ids), r.status) for r in (a, b)]
+    follow = sched.schedule_continuation(out)               # a 13th token needs a 4th page
+    assert follow is None and sched.num_preemptions == 0
+    assert [(r.num_computed_tokens, list(r.output_token_ids), r.status) for r in (a, b)] == before
+    _run(sched, out)
+    nxt = sched.schedule()                                  # schedule() preempts b for a
+    assert nxt.preempted == ["b"] and [c.request_id for c in nxt.chunks] == ["a"]
 
 
-@pytest.mark.parametrize("case", ["waiting", "prefill", "penalty", "not_current", "pool", "residency"])
+@pytest.mark.parametrize("case", ["penalty", "not_current", "pool", "residency"])
 def test_no_continuation_where_the_next_step_needs_the_results(case):
     sched = _scheduler(pages=6 if case == "pool" else 64)
-    a = _request("a", 80 if case == "prefill" else 5, 30,      # 80: two chunks of the 64-token budget
-                 **({"repetition_penalty": 1.2} if case == "penalty" else {}))
+    a = _request("a", 5, 30, **({"repetition_penalty": 1.2} if case == "penalty" else {}))
     sched.add_request(a)
     out = sched.schedule()
-    if case == "waiting":
-        sched.add_request(_request("w", 4, 4))
     if case == "not_current":
         sched.abort_request("a")
     if case == "residency":         # weights budgets that cannot hold the running requests' models at once
