@@ -236,7 +236,8 @@ class InProcessBackend:
                             dict(getattr(s, "kv_pages_used_by_model", None) or {}),
                             getattr(s, "num_preemptions", 0), getattr(s, "swaps_in", 0),
                             getattr(s, "swaps_out", 0), compile_counter().count,
-                            getattr(s, "num_waiting", 0), getattr(s, "num_running", 0))
+                            getattr(s, "num_waiting", 0), getattr(s, "num_running", 0),
+                            getattr(s, "steps", 0), getattr(s, "continuations", 0))
 
 
 class HttpBackend:

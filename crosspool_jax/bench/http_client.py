@@ -115,6 +115,8 @@ class EngineSample:
     compiles: float
     waiting: float = 0.0
     running: float = 0.0
+    steps: float = 0.0                  # engine steps
+    continuations: float = 0.0          # engine steps dispatched before the previous one's tokens were in
     t: float = 0.0
 
     @property
@@ -132,4 +134,5 @@ class EngineSample:
                    kv_pages_used_by_model=labelled(m.get(f"{namespace}_kv_pages_used", {}), "model"),
                    preemptions=one("preemptions_total"), swaps_in=one("swaps_in_total"),
                    swaps_out=one("swaps_out_total"), compiles=one("xla_compiles_total"),
-                   waiting=one("queue_depth"), running=one("requests_running"))
+                   waiting=one("queue_depth"), running=one("requests_running"), steps=one("engine_steps_total"),
+                   continuations=one("async_continuations_total"))

@@ -11,7 +11,8 @@ requests that completed with TTFT <= the TTFT limit and the 99th percentile of t
 <= the TBT limit), `goodput_rps` (those requests per second of the run), `throughput_tok_s`
 (tokens streamed per second) and `request_throughput_rps`. `overall` adds the engine's
 counters over the measured window (`compiles_in_window`, which should be 0, `preemptions`,
-`swaps_in`, `swaps_out`), the KV pages (`kv_pages_total`, `kv_pages_peak`, `kv_pages_peak_by_model` and
+`swaps_in`, `swaps_out`, `engine_steps` and of them `steps_run_ahead`: dispatched by async
+scheduling before the previous step's tokens were in), the KV pages (`kv_pages_total`, `kv_pages_peak`, `kv_pages_peak_by_model` and
 `kv_pages_equal_share`, the pool over the served models: static mode's share), the run's length
 and offered rate, the driver's largest send lag, and `notes` (plain sentences about anything
 that makes the numbers less than clean: compiles in the window, clipped, failed or unfinished
@@ -84,6 +85,7 @@ def build(record: RunRecord, slo: Slo, *, run_info: dict, clipped: int = 0) -> d
     overall.update(
         compiles_in_window=compiles, preemptions=int(after.preemptions - before.preemptions),
         swaps_in=int(after.swaps_in - before.swaps_in), swaps_out=int(after.swaps_out - before.swaps_out),
+        engine_steps=int(after.steps - before.steps), steps_run_ahead=int(after.continuations - before.continuations),
         kv_pages_total=total, kv_pages_peak=int(peak), kv_pages_peak_by_model=peak_by_model,
         kv_pages_equal_share=share,
         duration_s=round(record.duration_s, 6),
@@ -174,7 +176,8 @@ def run_markdown(results: dict) -> str:
              _row("**all**", overall)]
     lines += [_row(name, m) for name, m in results["per_model"].items()]
     lines += ["", f"compiles in window: {overall['compiles_in_window']}; preemptions: {overall['preemptions']}; "
-                  f"swaps in/out: {overall['swaps_in']}/{overall['swaps_out']}; KV pages peak "
+                  f"swaps in/out: {overall['swaps_in']}/{overall['swaps_out']}; engine steps "
+                  f"{overall.get('engine_steps', 0)}, {overall.get('steps_run_ahead', 0)} run ahead; KV pages peak "
                   f"{overall['kv_pages_peak']} of {overall['kv_pages_total']}; {overall['duration_s']:.1f} s", ""]
     lines += [f"- {n}" for n in overall["notes"]]
     return "\n".join(lines) + "\n"

@@ -199,6 +199,7 @@ class _EngineStatsCollector:
                 ("swaps_out", "swaps_out", "Model weights swapped out to host memory."),
                 ("xla_compiles", "compiles", "XLA executables built in this process (compiled or read from the "
                                              "persistent compilation cache); flat while serving after warm-up."),
+                ("engine_steps", "steps", "Engine steps run."),
                 ("async_continuations", "continuations", "Engine steps dispatched before the previous step's "
                                                          "tokens reached the host (async scheduling).")):
             family = CounterMetricFamily(f"{ns}_{name}", doc)

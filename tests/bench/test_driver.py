@@ -147,8 +147,10 @@ def _record():
                res(1, "a", 1.0, [(2.5, 1), (2.55, 1)]),                      # TTFT 1500 ms: misses
                res(2, "b", 2.0, [(2.1, 1), (2.3, 1), (2.35, 1)]),            # a 200 ms gap: misses
                res(3, "b", 3.0, [], status="failed")]
-    before = EngineSample(t=0.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=1, swaps_in=2, swaps_out=0, compiles=40)
-    after = EngineSample(t=4.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=4, swaps_in=3, swaps_out=1, compiles=41)
+    before = EngineSample(t=0.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=1, swaps_in=2,
+                          swaps_out=0, compiles=40, steps=10, continuations=4)
+    after = EngineSample(t=4.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=4, swaps_in=3,
+                         swaps_out=1, compiles=41, steps=50, continuations=34)
     samples = [EngineSample(100, {"a": a, "b": b}, 0, 0, 0, 40, t=t) for t, a, b in
                ((0.0, 0, 0), (1.0, 3, 0), (2.0, 3, 5))]
     return RunRecord(results, samples, before, after, duration_s=4.0, max_send_lag_s=0.2)
@@ -163,6 +165,7 @@ def test_results_from_a_hand_made_record():
     assert o["ttft_ms"]["max"] == pytest.approx(1500.0) and o["tbt_ms"]["max"] == pytest.approx(200.0)
     assert o["tbt_samples"] == 5
     assert (o["compiles_in_window"], o["preemptions"], o["swaps_in"], o["swaps_out"]) == (1, 3, 1, 1)
+    assert (o["engine_steps"], o["steps_run_ahead"]) == (40, 30)
     assert o["kv_pages_peak"] == 8 and o["kv_pages_total"] == 100
     assert any("1 XLA compile(s) during the measured window" in n for n in o["notes"])
     assert any("1 request(s) failed" in n for n in o["notes"])
@@ -212,3 +215,4 @@ def test_http_backend_against_a_live_server():
     # the engine's state comes from /metrics: the fake's pool, and its one swap-in (beta, first used)
     assert record.before.kv_pages_total == 1000 and record.before.swaps_in == 0
     assert record.after.swaps_in == 1
+    assert record.after.steps > record.before.steps        # crosspool_engine_steps_total

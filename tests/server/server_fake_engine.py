@@ -62,6 +62,7 @@ class FakeStats:
     swaps_in: int
     swaps_out: int
     requests_by_model: dict
+    steps: int = 0
 
 
 @dataclasses.dataclass
@@ -86,6 +87,7 @@ class FakeEngine:
         self._max_model_len = max_model_len
         self.step_s = step_s
         self.tokens_per_step = tokens_per_step  # > 1: like a multi-step decode
+        self.num_steps = 0
         self._tokenizer = FakeTokenizer()
         self._no_tokenizer = set(tokenizerless)
         self.paused = threading.Event()  # set: step() makes no progress
@@ -148,6 +150,7 @@ class FakeEngine:
     def step(self):
         self._enter()
         time.sleep(self.step_s)
+        self.num_steps += 1
         if self.explode.is_set():
             self.explode.clear()
             raise RuntimeError("fake step failure")
@@ -209,4 +212,4 @@ class FakeEngine:
                          kv_pages_total=1000, kv_pages_used_by_model=self.pages_used(),
                          models={m: {"resident": self.resident[m], "weights_bytes": 1000}
                                  for m in self.model_names},
-                         swaps_in=self.swaps_in, swaps_out=0, requests_by_model=running)
+                         swaps_in=self.swaps_in, swaps_out=0, requests_by_model=running, steps=self.num_steps)
