@@ -7,14 +7,14 @@ import importlib.metadata
 
 from crosspool_jax.lazy_exports import lazy_exports
 from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
-from crosspool_jax.sampling_params import SamplingParams
+from crosspool_jax.sampling_params import RequestOutputKind, SamplingParams
 
 try:
     __version__ = importlib.metadata.version("crosspool-jax")
 except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob"]
 
 
 # LLM pulls in JAX and the engine: loaded on first use, so light users (the server's protocol,

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.engine.llm_engine import LLMEngine, Prompt
 from crosspool_jax.outputs import CompletionOutput, RequestOutput
-from crosspool_jax.sampling_params import SamplingParams
+from crosspool_jax.sampling_params import RequestOutputKind, SamplingParams
 
 _TQDM_MIN_PROMPTS = 8
 _OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig) if f.name != "models")
@@ -89,7 +89,8 @@ class LLM:
         try:
             for rid, prompt, p, name in zip(order, prompts, params, models):
                 try:
-                    self.engine.add_request(rid, name, prompt, p, final_only=True)     # read once finished
+                    self.engine.add_request(rid, name, prompt,      # read once finished
+                                            dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY))
                 except ValueError as e:
                     results[rid] = _failed(rid, name, prompt, p, str(e))
             if use_tqdm and count >= _TQDM_MIN_PROMPTS:

@@ -33,7 +33,7 @@ from absl import flags
 from crosspool_jax import config_flags
 from crosspool_jax.engine.config import EngineConfig
 from crosspool_jax.model_specs import models_from_specs
-from crosspool_jax.sampling_params import SamplingParams
+from crosspool_jax.sampling_params import RequestOutputKind, SamplingParams
 
 PROG = "crosspool-batch"
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -279,7 +279,8 @@ def _stream(llm, records: Iterator[dict], write, start: int, default_model, max_
                 try:
                     prompt, params, model = parse_record(record, default_model, max_n=max_n,
                                                          tokenizer_of=engine.get_tokenizer)
-                    engine.add_request(rid, model, prompt, params, final_only=True)    # read once finished
+                    engine.add_request(rid, model, prompt,          # read once finished
+                                       dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY))
                 except ValueError as e:
                     done[record["_index"]] = result_line(record, error=f"line {record['_line']}: {e}")
                     continue

@@ -16,9 +16,22 @@ tokens at each prompt position.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 from typing import Optional, Sequence, Union
+
+class RequestOutputKind(enum.IntEnum):
+    """What `LLMEngine.step()` reports of a request each step it moves (vLLM's enum):
+    CUMULATIVE its whole output so far; DELTA only what is new since the last report (text
+    held back by the longest stop string's length - 1 while running, so that no text sent is
+    taken back; prompt_logprobs in the first report only); FINAL_ONLY one report, once
+    finished. DELTA and FINAL_ONLY copy nothing that grows with the output's length per step."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
 
 BIASED_IDS = 128    # logit_bias, allowed and banned token ids per request: the logits table's width
 MAX_LOGPROBS = 20
@@ -39,6 +52,7 @@ class SamplingParams:
     logit_bias {token id: bias} adds each bias to that token's logit; allowed_token_ids
     masks every other token; bad_words bans each word (its last token is masked wherever the
     tokens before it were just generated), all before the penalties and the other filters.
+    output_kind (`RequestOutputKind`) says what each engine step reports of the request.
     """
 
     n: int = 1
@@ -63,6 +77,7 @@ class SamplingParams:
     logit_bias: Optional[dict] = None
     allowed_token_ids: Optional[Sequence[int]] = None
     bad_words: Optional[Sequence[str]] = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -130,6 +145,8 @@ class SamplingParams:
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
         self._validate_logits_processors(bad)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            bad("output_kind", f"must be a RequestOutputKind ({', '.join(k.name for k in RequestOutputKind)})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not _is_utf8(s) for s in self.stop):
@@ -178,6 +195,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Temperature 0 (the sampler also treats temperatures below 1e-5 as greedy)."""
         return self.temperature == 0.0
+
+    @property
+    def stop_holdback(self) -> int:
+        """Characters of running text a DELTA report holds back: a stop string may still end
+        in the next tokens' text, and the text is then cut before it."""
+        return max((len(s) for s in self.stop), default=1) - 1
 
     @property
     def needs_penalties(self) -> bool:

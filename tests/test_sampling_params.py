@@ -30,6 +30,7 @@ _INVALID = [
     ("stop", ""), ("stop", ["ok", ""]), ("stop", 5), ("stop", ["ok", 3]),
     ("stop_token_ids", [-1]), ("stop_token_ids", ["a"]), ("stop_token_ids", 7),
     ("ignore_eos", 1), ("include_stop_str_in_output", "yes"), ("skip_special_tokens", None),
+    ("output_kind", 1), ("output_kind", "DELTA"),
 ]
 
 
@@ -74,3 +75,8 @@ def test_values_changed_after_construction_are_caught_by_validate():
     sp.top_k = 2 ** 31
     with pytest.raises(ValueError, match=r"SamplingParams\.top_k:"):
         sp.validate()
+
+
+def test_stop_holdback_is_the_longest_stop_string_less_one():
+    assert SamplingParams().stop_holdback == 0
+    assert SamplingParams(stop=["ab", "wxyz"]).stop_holdback == 3

@@ -25,9 +25,10 @@ How a request travels:
    token per dispatch).
 4. The engine detokenizes incrementally, applies stop rules (EOS, stop ids, stop strings,
    lengths), reports finished children to the scheduler (which frees their pages), gathers
-   the prompt logprobs each prefill chunk scored, and returns `RequestOutput`s with the
-   cumulative text of every request that moved (of a request added `final_only`, as
-   `LLM.generate` and the batch command add theirs: only the finished one).
+   the prompt logprobs each prefill chunk scored, and returns a `RequestOutput` of every
+   request that moved, as its `SamplingParams.output_kind` says: the whole output so far
+   (CUMULATIVE), what is new since the last one (DELTA: the server's), or one once finished
+   (FINAL_ONLY: `LLM.generate`, the batch command).
 
 Pipelined steps (`EngineConfig.pipeline_models`): a step dispatches about half of the models
 with work (those with no step in flight) and then collects and processes the previous step's
@@ -90,7 +91,7 @@ from crosspool_jax.weights.budget import WeightsPoolBusyError
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
 from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
-from crosspool_jax.sampling_params import SamplingParams
+from crosspool_jax.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = Union[str, Sequence[int], dict]
 
@@ -133,6 +134,11 @@ class _Child:
     finish_reason: Optional[str] = None
     stop_reason: object = None
     text_limit: Optional[int] = None
+    # RequestOutputKind.DELTA: what step() has reported (tokens, characters, logprobs, the finish)
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_logprobs: int = 0
+    sent_finish: bool = False
 
 
 @dataclasses.dataclass
@@ -162,7 +168,7 @@ class _Parent:
     first_token_time: Optional[float] = None
     error: Optional[str] = None
     prompt_logprobs: Optional[list] = None     # [None, {token id: Logprob} or None while not computed, ...]
-    final_only: bool = False                   # step() reports the request once, finished
+    prompt_logprobs_sent: bool = False         # RequestOutputKind.DELTA: reported once
 
     @property
     def finished(self) -> bool:
@@ -312,11 +318,10 @@ class LLMEngine:
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, model: str, prompt: Prompt, params: SamplingParams,
-                    arrival_time: Optional[float] = None, *, final_only: bool = False) -> None:
+                    arrival_time: Optional[float] = None) -> None:
         """Validate and queue one request. Raises ValueError naming what is wrong; nothing is
-        queued then. `step()` returns a request's cumulative output each step it moves, or with
-        `final_only` (vLLM's RequestOutputKind.FINAL_ONLY) only its finished one: no copy of its
-        tokens, logprobs and text per step, which grows with the output's length."""
+        queued then. `step()` reports the request each step it moves as
+        `params.output_kind` says (`RequestOutputKind`: cumulative, delta or final only)."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._parents:
@@ -361,8 +366,7 @@ class LLMEngine:
                              f"max_model_len is {entry.max_model_len} (prompt + at least one new token)")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival,
-                         prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
-                         final_only=bool(final_only))
+                         prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None)
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -560,8 +564,8 @@ class LLMEngine:
             self.scheduler.finish_request(child.request.request_id, status)
 
     def _outputs(self, moved: set) -> list[RequestOutput]:
-        """The `RequestOutput` of every parent in `moved` (of a `final_only` one, once finished);
-        finished parents are forgotten."""
+        """The `RequestOutput` of every parent in `moved` as its output kind says (FINAL_ONLY:
+        once finished; DELTA: none when nothing is new); finished parents are forgotten."""
         now = time.monotonic()
         results = []
         for parent_id in moved:
@@ -570,11 +574,12 @@ class LLMEngine:
                 continue
             if parent.first_token_time is None and any(c.request.output_token_ids for c in parent.children):
                 parent.first_token_time = now
-            if parent.final_only and not parent.finished:
+            if parent.params.output_kind == RequestOutputKind.FINAL_ONLY and not parent.finished:
                 continue
             output = self._make_output(parent)
-            results.append(output)
-            if output.finished:
+            if output is not None:
+                results.append(output)
+            if parent.finished:
                 del self._parents[parent_id]
                 for child in parent.children:
                     self._child_owner.pop(child.request.request_id, None)
@@ -730,7 +735,6 @@ class LLMEngine:
         kept: list[int] = []
         for tok in tokens:
             kept.append(tok.token_id)
-            all_ids = req.output_token_ids + kept
             old_len = len(child.detok.text) if child.detok else 0
             if child.detok:
                 child.detok.add([tok.token_id])
@@ -743,7 +747,8 @@ class LLMEngine:
                         lp.decoded_token = entry.tokenizer.decode([tid], skip_special_tokens=False)
                 child.logprobs.append(entry_lp)
             child.cumulative_logprob += tok.logprob
-            decision = check_stop(params, all_ids, old_len, child.detok.text if child.detok else "",
+            decision = check_stop(params, req.num_output_tokens + len(kept), tok.token_id, old_len,
+                                  child.detok.text if child.detok else "",
                                   entry.eos_token_ids, len(req.prompt_token_ids),
                                   min(entry.max_model_len, len(req.prompt_token_ids) + req.max_tokens))
             if decision is not None:
@@ -757,24 +762,62 @@ class LLMEngine:
                 return kept, status
         return kept, None
 
-    def _make_output(self, parent: _Parent) -> RequestOutput:
-        completions = []
-        for child in parent.children:
-            req = child.request
-            text = child.detok.text if child.detok else ""
-            if child.text_limit is not None:
-                text = text[:child.text_limit]
-            completions.append(CompletionOutput(
-                index=child.index, text=text, token_ids=list(req.output_token_ids),
-                cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
-                logprobs=list(child.logprobs) if child.logprobs is not None else None,
-                finish_reason=child.finish_reason, stop_reason=child.stop_reason))
+    def _make_output(self, parent: _Parent) -> Optional[RequestOutput]:
+        """The parent's `RequestOutput` of this step (DELTA: what is new, None when nothing is)."""
+        delta = parent.params.output_kind == RequestOutputKind.DELTA
+        completions = [c for c in map(_delta_completion if delta else _completion, parent.children) if c is not None]
+        if delta and not completions and not parent.finished:
+            return None
+        prompt_logprobs = parent.prompt_logprobs
+        if prompt_logprobs is not None:
+            prompt_logprobs = None if delta and parent.prompt_logprobs_sent else list(prompt_logprobs)
+            parent.prompt_logprobs_sent = True
         metrics = {"arrival_time": parent.arrival_time, "first_scheduled_time": parent.first_scheduled_time,
                    "first_token_time": parent.first_token_time}
         return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
                              finished=parent.finished, error=parent.error, metrics=metrics,
-                             prompt_logprobs=None if parent.prompt_logprobs is None else list(parent.prompt_logprobs))
+                             prompt_logprobs=prompt_logprobs)
+
+
+def _text(child: _Child) -> str:
+    text = child.detok.text if child.detok else ""
+    return text if child.text_limit is None else text[:child.text_limit]
+
+
+def _completion(child: _Child) -> CompletionOutput:
+    """A completion's whole output so far (RequestOutputKind.CUMULATIVE, FINAL_ONLY)."""
+    return CompletionOutput(
+        index=child.index, text=_text(child), token_ids=list(child.request.output_token_ids),
+        cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
+        logprobs=list(child.logprobs) if child.logprobs is not None else None,
+        finish_reason=child.finish_reason, stop_reason=child.stop_reason)
+
+
+def _delta_completion(child: _Child) -> Optional[CompletionOutput]:
+    """What a completion added since its last report (RequestOutputKind.DELTA), or None when
+    nothing: its new tokens and logprobs, and its new text but for the last
+    `SamplingParams.stop_holdback` characters while it runs (a stop string ending in the next
+    tokens cuts the text there, which is never before that point)."""
+    finished = child.finish_reason is not None
+    if child.sent_finish:
+        return None
+    req = child.request
+    token_ids = req.output_token_ids[child.sent_tokens:]
+    text = _text(child)
+    end = len(text) if finished else max(child.sent_text, len(text) - req.sampling_params.stop_holdback)
+    if not token_ids and not finished and end == child.sent_text:
+        return None
+    logprobs = None
+    if child.logprobs is not None:
+        logprobs = child.logprobs[child.sent_logprobs:]
+        child.sent_logprobs = len(child.logprobs)
+    piece = text[child.sent_text:end]
+    child.sent_tokens, child.sent_text, child.sent_finish = len(req.output_token_ids), end, finished
+    return CompletionOutput(
+        index=child.index, text=piece, token_ids=token_ids,
+        cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
+        logprobs=logprobs, finish_reason=child.finish_reason, stop_reason=child.stop_reason)
 
 
 def _step_error(e: Exception) -> str:

@@ -53,22 +53,22 @@ def find_stop_string(stop: Sequence[str], text: str, new_text_offset: int) -> Op
     return best
 
 
-def check_stop(params: SamplingParams, output_token_ids: Sequence[int], new_text_offset: int,
+def check_stop(params: SamplingParams, num_output: int, last_token_id: Optional[int], new_text_offset: int,
                text: str, eos_token_ids: Sequence[int], num_prompt_tokens: int,
                max_model_len: int) -> Optional[StopDecision]:
-    """The stop decision after the last token of output_token_ids was appended, or None.
+    """The stop decision after the output's `num_output`-th token, `last_token_id`, was
+    appended, or None (num_output 0: no token yet, last_token_id unused).
 
     text is all output text so far; text[new_text_offset:] is what the last token added.
     Call once per new token (the token rules look at the last token only).
     """
     if not 0 <= new_text_offset <= len(text):
         raise ValueError(f"new_text_offset: must be in [0, len(text)={len(text)}], got {new_text_offset}")
-    num_output = len(output_token_ids)
     keep_all = len(text)
     context_full = num_prompt_tokens + num_output >= max_model_len
     if num_output < params.min_tokens or num_output == 0:
         return StopDecision("length", None, keep_all) if context_full else None
-    last = int(output_token_ids[-1])
+    last = int(last_token_id)
     if not params.ignore_eos and last in eos_token_ids:
         return StopDecision("stop", None, keep_all)
     if last in params.stop_token_ids:

@@ -12,10 +12,11 @@ How a request flows:
    `engine.add_request` (a `ValueError` comes back to the sink as an error event; success as
    an "accepted" event) and `engine.abort_request` for aborts. When the engine has nothing to
    do, the thread sleeps on a condition variable until a command arrives.
-3. Otherwise it calls `engine.step()`. Outputs are cumulative; the thread turns each into a
-   `StreamEvent` holding only what is new since the last event (text, token ids, logprobs per
-   choice), so the HTTP side never reads objects the engine may still mutate. Events reach
-   the sink through `loop.call_soon_threadsafe(sink.put_nowait, event)`.
+3. Otherwise it calls `engine.step()`. Requests are added with `RequestOutputKind.DELTA`, so
+   each output holds only what is new since the last one (text, token ids, logprobs per
+   choice; the engine holds back text a stop string may still cut) in lists of its own, which
+   the HTTP side reads while the engine goes on; the thread turns each into a `StreamEvent`.
+   Events reach the sink through `loop.call_soon_threadsafe(sink.put_nowait, event)`.
 4. It records time to first token and time between tokens, and publishes an `EngineStats`
    snapshot (at most every `stats_interval_s` while busy, and whenever it goes idle) that
    `/metrics` and `/v1/models` read without touching the engine.
@@ -34,7 +35,7 @@ import threading
 import time
 from typing import Optional, Union
 
-from crosspool_jax.sampling_params import SamplingParams
+from crosspool_jax.sampling_params import RequestOutputKind, SamplingParams
 from crosspool_jax.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -102,22 +103,16 @@ class _Live:
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     t_arrival: float
-    text_len: dict[int, int] = dataclasses.field(default_factory=dict)
-    token_len: dict[int, int] = dataclasses.field(default_factory=dict)
-    logprob_len: dict[int, int] = dataclasses.field(default_factory=dict)
+    token_len: dict[int, int] = dataclasses.field(default_factory=dict)   # tokens so far, per choice
+    finish_reasons: dict[int, str] = dataclasses.field(default_factory=dict)
     t_first_token: Optional[float] = None
     t_last_token: Optional[float] = None
-    latency_tokens: int = 0  # tokens of the first completion already timed
     prompt_logprobs_sent: bool = False
 
     @property
     def weight(self) -> int:
         """Sequences it counts against max_queue."""
         return self.sub.params.n
-
-    @property
-    def stop_holdback(self) -> int:
-        return max((len(s) for s in self.sub.params.stop), default=1) - 1
 
 
 class AsyncEngine:
@@ -279,7 +274,8 @@ class AsyncEngine:
         live: _Live = item
         sub = live.sub
         try:
-            self._engine.add_request(sub.request_id, sub.model, sub.prompt, sub.params)
+            self._engine.add_request(sub.request_id, sub.model, sub.prompt,
+                                     dataclasses.replace(sub.params, output_kind=RequestOutputKind.DELTA))
         except ValueError as e:
             self._release(live)
             self._send(live, StreamEvent(sub.request_id, "error", finished=True, error=str(e),
@@ -315,20 +311,11 @@ class AsyncEngine:
             self._finish_with_error(rid, str(out.error), status=400, abort=False)
             return
         choices = []
-        for c in out.outputs:
-            i = c.index
-            t0, n0, l0 = live.text_len.get(i, 0), live.token_len.get(i, 0), live.logprob_len.get(i, 0)
-            new_ids = list(c.token_ids[n0:])
-            new_lps = list(c.logprobs[l0:]) if c.logprobs is not None else None
-            # Hold back the tail that may still become the start of a stop string (the engine
-            # then cuts the text before it), so that streamed text never has to be taken back.
-            hold = live.stop_holdback if c.finish_reason is None else 0
-            text_end = max(t0, len(c.text) - hold)
-            live.text_len[i] = text_end
-            live.token_len[i] = len(c.token_ids)
-            live.logprob_len[i] = len(c.logprobs) if c.logprobs is not None else 0
-            choices.append(ChoiceDelta(i, c.text[t0:text_end], new_ids, new_lps, c.finish_reason,
-                                       c.stop_reason))
+        for c in out.outputs:                   # deltas (RequestOutputKind.DELTA)
+            live.token_len[c.index] = live.token_len.get(c.index, 0) + len(c.token_ids)
+            if c.finish_reason is not None:
+                live.finish_reasons[c.index] = c.finish_reason
+            choices.append(ChoiceDelta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason))
         self._observe_latency(live, out, now)
         event = StreamEvent(rid, "delta", num_prompt_tokens=len(out.prompt_token_ids),
                             choices=choices, finished=bool(out.finished))
@@ -344,22 +331,21 @@ class AsyncEngine:
                 first = first if first is not None else live.t_first_token
                 self.metrics.observe_finished(
                     live.sub.model, prompt_tokens=len(out.prompt_token_ids),
-                    generation_tokens=[len(c.token_ids) for c in out.outputs],
-                    finish_reasons=[c.finish_reason for c in out.outputs], e2e_s=now - live.t_arrival,
+                    generation_tokens=[live.token_len.get(i, 0) for i in range(live.sub.params.n)],
+                    finish_reasons=[live.finish_reasons.get(i) for i in range(live.sub.params.n)],
+                    e2e_s=now - live.t_arrival,
                     decode_s=None if first is None else now - first,
                     queue_s=None if arrived is None or scheduled is None else scheduled - arrived,
                     prefill_s=None if scheduled is None or first is None else first - scheduled)
         self._send(live, event)
 
     def _observe_latency(self, live: _Live, out, now: float) -> None:
-        if self.metrics is None or not out.outputs:
+        if self.metrics is None:
             return
         # Latency follows the first completion; its new tokens this step count once each.
-        first = out.outputs[0]
-        new = len(first.token_ids) - live.latency_tokens
+        new = sum(len(c.token_ids) for c in out.outputs if c.index == 0)
         if new <= 0:
             return
-        live.latency_tokens = len(first.token_ids)
         if live.t_last_token is None:
             live.t_first_token = now
             self.metrics.observe_ttft(live.sub.model, now - live.t_arrival)

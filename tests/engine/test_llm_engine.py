@@ -163,24 +163,6 @@ def test_prefix_cache_shares_pages_and_keeps_outputs(model_dirs):
     assert num_cached >= 32 and blocks
 
 
-def test_final_only_requests_are_reported_once_finished(llm):
-    """A final_only request's output comes back once, finished, equal to the cumulative one's
-    last; a cumulative request beside it moves every step. (`LLM.generate` adds its requests
-    final_only: the tests of requests failing alone inside a step read their errors through it.)"""
-    engine = llm.engine
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    engine.add_request("cum", "qwen3_moe", [5, 6, 7], params)
-    engine.add_request("fin", "qwen3_moe", [5, 6, 7], params, final_only=True)
-    seen = {"cum": [], "fin": []}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            seen[out.request_id].append(out)
-    assert len(seen["cum"]) > 1 and not seen["cum"][0].finished
-    [fin] = seen["fin"]
-    assert fin.finished and fin.outputs[0].token_ids == seen["cum"][-1].outputs[0].token_ids
-    assert len(fin.outputs[0].token_ids) == 6 and fin.metrics["first_token_time"] is not None
-
-
 def test_stop_token_and_abort(llm):
     base = llm.generate([[3, 4, 5]], GREEDY, model="llama")[0].outputs[0].token_ids
     stop_at = base[2]

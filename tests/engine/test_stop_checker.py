@@ -10,7 +10,7 @@ EOS = 2
 
 def _check(params, ids, text, offset=None, prompt=5, max_model_len=1000, eos=(EOS,)):
     offset = max(0, len(text) - 1) if offset is None else offset
-    return check_stop(params, ids, offset, text, list(eos), prompt, max_model_len)
+    return check_stop(params, len(ids), ids[-1] if ids else None, offset, text, list(eos), prompt, max_model_len)
 
 
 def test_eos_stops_unless_ignored():
@@ -90,7 +90,7 @@ def test_min_tokens_holds_every_rule_but_a_full_context():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="new_text_offset"):
-        check_stop(SamplingParams(), [1], 5, "ab", [EOS], 1, 10)
+        check_stop(SamplingParams(), 1, 1, 5, "ab", [EOS], 1, 10)
     with pytest.raises(ValueError, match="finish_reason"):
         StopDecision("done", None, 0)
     assert _check(SamplingParams(), [], "") is None

@@ -6,7 +6,9 @@ spells the rest with chr. Chat template: "[role]content" per message, then "[ass
 Generation: choice j of a request whose prompt has P tokens emits, at its k-th token,
 token ord('a') + (P + j + k) % 26, `tokens_per_step` tokens per step (1 by default) for every
 running request. A request finishes with "length" at max_tokens (or the model's context),
-with "stop" when a stop string appears (text cut before it). A prompt containing "FAIL"
+with "stop" when a stop string appears (text cut before it). Outputs are cumulative, or
+deltas for a request whose `output_kind` is DELTA (as the real engine's: text held back by
+`SamplingParams.stop_holdback` while running). A prompt containing "FAIL"
 (as text, or as the token ids of those characters) fails alone at its first step.
 KV pages: ceil(tokens / 4) per choice while running, freed on finish or abort.
 
@@ -23,7 +25,7 @@ import time
 from typing import Optional
 
 from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
-from crosspool_jax.sampling_params import SamplingParams
+from crosspool_jax.sampling_params import RequestOutputKind, SamplingParams
 
 BOS, EOS = 1, 2
 PAGE_TOKENS = 4
@@ -78,6 +80,22 @@ class _Req:
     stop_reason: list[Optional[str]]
     logprobs: list[list[dict]]
     times: dict = dataclasses.field(default_factory=dict)   # RequestOutput.metrics
+    sent: dict = dataclasses.field(default_factory=dict)    # DELTA: choice -> (tokens, characters, finished) sent
+
+    def completion(self, j: int) -> Optional[CompletionOutput]:
+        """Choice j's output of this step: cumulative, or (DELTA) what is new, None when nothing."""
+        lps = self.logprobs[j] if self.params.logprobs is not None else None
+        if self.params.output_kind != RequestOutputKind.DELTA:
+            return CompletionOutput(j, self.texts[j], list(self.tokens[j]), None, None if lps is None else list(lps),
+                                    self.finish[j], self.stop_reason[j])
+        n0, t0, done = self.sent.get(j, (0, 0, False))
+        finished = self.finish[j] is not None
+        end = len(self.texts[j]) if finished else max(t0, len(self.texts[j]) - self.params.stop_holdback)
+        if done or (n0 == len(self.tokens[j]) and not finished):
+            return None
+        self.sent[j] = (len(self.tokens[j]), end, finished)
+        return CompletionOutput(j, self.texts[j][t0:end], self.tokens[j][n0:], None, None if lps is None else lps[n0:],
+                                self.finish[j], self.stop_reason[j])
 
 
 class FakeEngine:
@@ -190,9 +208,7 @@ class FakeEngine:
             finished = all(f is not None for f in r.finish)
             outs.append(RequestOutput(
                 rid, r.model, r.prompt, r.prompt_ids,
-                [CompletionOutput(j, r.texts[j], list(r.tokens[j]), None,
-                                  list(r.logprobs[j]) if r.params.logprobs is not None else None,
-                                  r.finish[j], r.stop_reason[j]) for j in range(r.params.n)],
+                [c for c in map(r.completion, range(r.params.n)) if c is not None],
                 finished=finished, metrics=dict(r.times)))
             if finished:
                 del self.requests[rid]
