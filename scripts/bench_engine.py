@@ -10,11 +10,13 @@ Each run prints one table and appends it, with the card, JAX version and date, t
 --results (default: stdout only). "host" is the time the runner spends preparing inputs
 (per step), "device" the time from dispatch until the sampled tokens are on the host.
 "roofline tok/s": what the decode would reach if every step only read the bytes it must
-(`bench/roofline.py`: weights once, the experts the batch reaches under uniform routing, the
-K/V cache at the average decode context) at the copy ceiling measured in the same run (a GPU
+(`bench/roofline.py`: weights once, the experts the batch reached, the K/V cache at the average
+decode context) at the copy ceiling measured in the same run (a GPU
 with PyTorch: `pallas_kernels.anchors.torch_copy_gbps`; elsewhere no ceiling, no roofline);
 "x roofline" is the roofline over the measured rate (1.0 = at the limit; the measured rate
-includes the prompts' prefill, so short outputs overstate the decode's gap). `--ttft` adds the
+includes the prompts' prefill, so short outputs overstate the decode's gap). The experts reached
+are the routing the run's sequences actually took (`bench/routing.py` replays them: "experts
+per layer", per model; the uniform-routing estimate beside it), else uniform. `--ttft` adds the
 time to the first token of one prompt of prompt_len tokens; repeated `--attention_backend`
 flags give a row per backend, in this one process.
 """
@@ -48,6 +50,8 @@ _TTFT = flags.DEFINE_bool("ttft", False, "Also time one prompt's first token (pr
                           "chunked prefill; median of 3 after one warm call of the same length)")
 _MOE = flags.DEFINE_string("moe_backend", "auto", "auto | reference | gpu | tpu")
 _RESULTS = flags.DEFINE_string("results", None, "Append the table (markdown) to this file.")
+_COPY_GBPS = flags.DEFINE_float("copy_gbps", None, "The copy ceiling (GB/s) for the roofline instead of measuring "
+                                "it (a GPU with PyTorch measures it; elsewhere there is none unless given).")
 
 
 def _device_name() -> str:
@@ -97,7 +101,7 @@ def run_once(models: dict, max_decode_steps: int, attention_backend: str) -> dic
             "other_ms_per_step": 1e3 * (wall - (s.host_prepare_seconds - base[1]) - (s.device_seconds - base[2]))
             / max(steps, 1),
             "programs": s.compiled_programs}
-    row.update(_roofline(llm, names, gen / wall))
+    row.update(_roofline(llm, names, gen / wall, outs, model_of))
     if _TTFT.value:
         row["ttft_ms"] = 1e3 * _ttft(llm, names[0], seed=3)
     return row
@@ -125,25 +129,58 @@ def _ttft(llm, name: str, seed: int) -> float:
     return statistics.median(times)
 
 
-def _roofline(llm, names, tok_per_s: float) -> dict:
+def _roofline(llm, names, tok_per_s: float, outs, model_of) -> dict:
     """Roofline tok/s of the run's decode (each model's prompts decoding together, models one
-    after another) and its ratio to the measured rate; empty without a copy ceiling."""
+    after another, reading the experts their routing reached) and its ratio to the measured
+    rate; empty without a copy ceiling."""
     import jax.numpy as jnp
 
-    from crosspool_jax.bench.roofline import decode_step_bytes
+    from crosspool_jax.bench.roofline import decode_step_bytes, expected_distinct_experts
     from pallas_kernels.anchors import torch_copy_gbps
 
     global _CEILING
     if _CEILING is None:
-        _CEILING = torch_copy_gbps() if jax_platform() == "gpu" else 0.0
+        _CEILING = _COPY_GBPS.value or (torch_copy_gbps() if jax_platform() == "gpu" else 0.0)
     if not _CEILING:
         return {}
     context = _PROMPT_LEN.value + _MAX_TOKENS.value // 2
-    seconds = sum(decode_step_bytes(llm.engine.registry.get(n).config, batch=_NUM_PROMPTS.value, context=context,
-                                    itemsize=jnp.dtype(_DTYPE.value).itemsize)["total"] / (_CEILING * 1e9)
-                  for n in names)                 # one decode token for every prompt of every model
+    seconds, touched = 0.0, {}
+    for n in names:                              # one decode token for every prompt of every model
+        config = llm.engine.registry.get(n).config
+        sequences = [o.prompt_token_ids + o.outputs[0].token_ids for o, m in zip(outs, model_of) if m == n]
+        touched[n] = _experts_reached(llm, n, sequences) if config.is_moe else None
+        seconds += decode_step_bytes(config, batch=_NUM_PROMPTS.value, context=context,
+                                     itemsize=jnp.dtype(_DTYPE.value).itemsize,
+                                     experts_touched=touched[n])["total"] / (_CEILING * 1e9)
     roofline = _NUM_PROMPTS.value * len(names) / seconds
-    return {"copy_gbps": _CEILING, "roofline_tok_per_s": roofline, "x_roofline": roofline / tok_per_s}
+    first = llm.engine.registry.get(names[0]).config
+    return {"copy_gbps": _CEILING, "roofline_tok_per_s": roofline, "x_roofline": roofline / tok_per_s,
+            "experts_per_layer": {n: None if t is None else round(t, 2) for n, t in touched.items()},
+            "experts_per_layer_uniform": (round(expected_distinct_experts(first.num_experts, first.top_k,
+                                                                          _NUM_PROMPTS.value), 2)
+                                          if first.is_moe else None)}
+
+
+def _experts_reached(llm, name: str, sequences) -> float | None:
+    """Distinct experts per MoE layer of the run's decode steps of model `name`, from its
+    sequences' routing replayed (`bench/routing.py`); None where its weights are not placed
+    whole on a device (a crosspool split) or the sequences differ in length."""
+    from crosspool_jax.bench.routing import distinct_experts_per_step, replay_routing
+    from crosspool_jax.engine.step_plan import PlacedWeights
+
+    if len({len(s) for s in sequences}) != 1:
+        return None
+    weights = llm.engine.registry.acquire(name)
+    try:
+        if not isinstance(weights, PlacedWeights):
+            return None
+        replayed = replay_routing(weights.kv_params, weights.ffn_params, llm.engine.registry.get(name).config,
+                                  sequences)
+    finally:
+        llm.engine.registry.release(name)
+    # decode step t feeds each sequence's token at position prompt_len + t (the last is never fed)
+    positions = range(_PROMPT_LEN.value, len(sequences[0]) - 1)
+    return distinct_experts_per_step([routes for routes, _ in replayed], positions) if len(positions) else None
 
 
 _CEILING = None
