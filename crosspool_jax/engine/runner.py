@@ -69,7 +69,9 @@ class ChunkResult:
 class RunnerStats:
     """Counters of a runner; compiled_programs counts distinct (model, program, shape, flags[, device])
     keys; steps counts the model steps collected, dispatches the step programs dispatched (a
-    program of K lanes serves K model steps)."""
+    program of K lanes serves K model steps); device_seconds the time some collected step was
+    between its dispatch and its results on the host (steps in flight at once, as lanes or
+    with async scheduling, count their overlap once)."""
 
     compiled_programs: int = 0
     steps: int = 0
@@ -78,10 +80,17 @@ class RunnerStats:
     host_prepare_seconds: float = 0.0
     device_seconds: float = 0.0
     _program_keys: set = dataclasses.field(default_factory=set, repr=False)
+    _counted_until: float = dataclasses.field(default=0.0, repr=False)
 
     def count_program(self, key) -> None:
         self._program_keys.add(key)
         self.compiled_programs = len(self._program_keys)
+
+    def count_device_time(self, dispatched_at: float, done_at: float) -> None:
+        """A step in flight from dispatched_at to done_at (perf_counter seconds): the part of it
+        not counted yet joins device_seconds."""
+        self.device_seconds += max(0.0, done_at - max(dispatched_at, self._counted_until))
+        self._counted_until = max(self._counted_until, done_at)
 
 
 class DispatchingRunner:
@@ -440,7 +449,7 @@ def collect_sampled(step: DispatchedStep) -> list[ChunkResult]:
             for span in step.prompt_spans]
     steps_run = outs.token_ids_S.shape[0]
     stats.steps += 1
-    stats.device_seconds += time.perf_counter() - step.dispatched_at
+    stats.count_device_time(step.dispatched_at, time.perf_counter())
     stats.decode_tokens_per_dispatch_max = max(stats.decode_tokens_per_dispatch_max, steps_run)
     tokens = unpack_sampled(outs, steps_run, step.num_chunks, step.num_logprobs, step.limits)
     return [ChunkResult(t, p) for t, p in zip(tokens, prompt)]

@@ -383,3 +383,15 @@ def test_no_continuation_where_the_next_step_needs_the_results(case):
             _run(sched, out)
             out = sched.schedule()
     assert sched.schedule_continuation(out) is None
+
+
+def test_device_time_counts_overlapping_steps_once():
+    """Steps in flight at once (a continuation beside the step it follows) add their union."""
+    from crosspool_jax.engine.runner import RunnerStats
+
+    stats = RunnerStats()
+    stats.count_device_time(0.0, 2.0)
+    stats.count_device_time(1.0, 3.0)              # overlaps the first by 1 s
+    stats.count_device_time(5.0, 6.0)              # after an idle gap
+    stats.count_device_time(5.5, 5.8)              # inside the last one
+    assert stats.device_seconds == 4.0
