@@ -138,6 +138,44 @@ def test_requests_arriving_while_steps_run_ahead(mixed_model_dirs, batch, serial
     assert stats.kv_pages_free == stats.kv_pages_total and engine._in_flight is None
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_arrivals_on_a_small_pool_equal_the_synchronous_engine(mixed_model_dirs, seed):
+    """Requests of random lengths (prompts chunked over steps among them), token budgets, stop
+    ids and n arrive between steps of engines whose pool is small enough to preempt: the
+    async engine's outputs equal the synchronous engine's, request by request."""
+    rng = np.random.default_rng(seed)
+    names = list(mixed_model_dirs)
+    arrivals = []
+    for i in range(10):
+        prompt = rng.integers(1, 250, int(rng.integers(3, 80))).tolist()
+        params = SamplingParams(max_tokens=int(rng.integers(1, 40)), temperature=0.0 if i % 3 else 0.7,
+                                seed=11 + i, n=2 if i == 4 else 1, ignore_eos=True,
+                                stop_token_ids=[int(rng.integers(1, 250))] if i % 4 == 1 else None)
+        arrivals.append((int(rng.integers(0, 6)), f"r{i}", names[int(rng.integers(len(names)))], prompt, params))
+    arrivals.sort(key=lambda a: a[0])
+
+    def serve(async_scheduling):
+        llm = LLM(mixed_model_dirs, max_decode_steps=3, async_scheduling=async_scheduling,
+                  **{**ENGINE, "kv_pool_bytes": 48 << 10})               # 12 pages: preemptions
+        engine, done, left, step = llm.engine, {}, list(arrivals), 0
+        while left or engine.has_unfinished_requests():
+            while left and left[0][0] <= step:
+                engine.add_request(*left.pop(0)[1:])
+            for out in engine.step():
+                if out.finished:
+                    assert out.error is None, out.error
+                    done[out.request_id] = [c.token_ids for c in out.outputs]
+            step += 1
+        stats = engine.stats()
+        assert stats.kv_pages_free == stats.kv_pages_total and engine._in_flight is None
+        return done, stats
+
+    want, sync_stats = serve(False)
+    got, stats = serve(True)
+    assert got == want and len(got) == len(arrivals)
+    assert stats.continuations > 0 and stats.num_preemptions > 0 and sync_stats.num_preemptions > 0
+
+
 def test_stop_strings_and_stop_ids_end_a_request_that_ran_ahead(mixed_model_dirs, batch):
     """A request stopping on a stop id or a stop string in the step in flight gets nothing of
     its continuation: its output equals the synchronous engine's."""
