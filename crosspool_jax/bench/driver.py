@@ -237,7 +237,7 @@ class InProcessBackend:
                             getattr(s, "num_preemptions", 0), getattr(s, "swaps_in", 0),
                             getattr(s, "swaps_out", 0), compile_counter().count,
                             getattr(s, "num_waiting", 0), getattr(s, "num_running", 0),
-                            getattr(s, "steps", 0), getattr(s, "continuations", 0))
+                            getattr(s, "engine_steps", 0), getattr(s, "continuations", 0))
 
 
 class HttpBackend:

@@ -120,6 +120,9 @@ class EngineStats:
     requests_by_model: dict = dataclasses.field(default_factory=dict)
     step_costs: dict = dataclasses.field(default_factory=dict)   # measured per model (`step_cost.describe`)
     continuations: int = 0        # async scheduling: steps dispatched before the previous step's tokens were read
+    engine_steps: int = 0         # engine steps that scheduled work (steps counts the model steps run)
+    prefix_cache_queries: int = 0  # prompt tokens of admitted requests (vLLM's prefix cache queries)
+    prefix_cache_hits: int = 0     # of them, found computed in the prefix cache
 
 
 @dataclasses.dataclass
@@ -217,6 +220,7 @@ class LLMEngine:
         self._async = config.async_scheduling and not disaggregated and not self._pipelined
         self._in_flight: Optional[_InFlight] = None
         self._num_continuations = 0
+        self._num_scheduled_steps = 0
         self._child_owner: dict[str, tuple[str, int]] = {}
         self._seed_rng = random.Random(config.seed)
         self.step_costs: dict[str, step_cost.ModelStepCost] = {}    # measure_step_costs
@@ -257,7 +261,9 @@ class LLMEngine:
             dispatches=self.runner.stats.dispatches,
             compiles=self._compiles.count, compile_seconds=self._compiles.seconds, requests_by_model=by_model,
             step_costs=step_cost.describe(self.step_costs, self.scheduler.config.tbt_budget_s),
-            continuations=self._num_continuations)
+            continuations=self._num_continuations, engine_steps=self._num_scheduled_steps,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits)
 
     def warm_up(self, *, progress=None, max_workers: Optional[int] = None, variants: Optional[bool] = None) -> dict:
         """Compile every program a served step can use, before serving: for each model every
@@ -439,6 +445,7 @@ class LLMEngine:
 
     def _note_scheduled(self, out: SchedulerOutput, moved: set) -> None:
         """A scheduled step's bookkeeping before it runs: first-scheduled times, rejections failed."""
+        self._num_scheduled_steps += bool(out.chunks_by_model)
         scheduled_at = time.monotonic()
         for chunks in out.chunks_by_model.values():
             for chunk in chunks:

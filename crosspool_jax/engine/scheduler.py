@@ -285,6 +285,8 @@ class Scheduler:
         self._running: list[Request] = []                             # sorted by _order
         self._rejected: list[tuple[str, str]] = []                    # not yet reported
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0          # prompt tokens of admitted requests (vLLM's prefix cache queries)
+        self.prefix_cache_hits = 0             # of them, found computed in the prefix cache
         self._fit_together = fit_together
         self._lead: list[str] = []                                    # models' residency order
         self._lead_steps = 0                                          # steps the first has led
@@ -401,8 +403,10 @@ class Scheduler:
         `output` samples last, which the program reads from the device's token table
         (`ScheduledChunk.device_token`: its token_ids hold DEVICE_TOKEN); a prompt that
         `output` prefills part of gets its next chunk; waiting requests are admitted as
-        `schedule()` admits them. While the results are out, the scheduler's requests are set
-        to that state (`output`'s tokens as DEVICE_TOKEN placeholders) and set back after. A
+        `schedule()` admits them, hitting the prefix cache on the blocks `output` fills too (they
+        are registered now: the device computes them before the continuation reads them). While
+        the results are out, the scheduler's requests are set to that state (`output`'s tokens
+        as DEVICE_TOKEN placeholders) and set back after. A
         request that `output` takes to its max_tokens or max_model_len is left out (it
         finishes when `output` is processed); one that stops sooner finishes then, and its
         continuation's results are dropped (`is_current`).
@@ -424,8 +428,10 @@ class Scheduler:
         finishing: set[int] = set()                 # id() of requests `output` takes to their length limit
         for c in current:
             request = c.request
+            request.num_computed_tokens = c.start + c.num_tokens
+            if self.config.enable_prefix_caching and request.num_computed_tokens <= request.num_tokens:
+                self.kv.cache_full_blocks(request)  # its full blocks are computed before the continuation runs
             if not c.samples:
-                request.num_computed_tokens = c.start + c.num_tokens
                 continue
             request.output_token_ids.extend([DEVICE_TOKEN] * c.num_steps)
             request.num_computed_tokens = c.start + c.num_tokens + c.num_steps - 1
@@ -665,6 +671,9 @@ class Scheduler:
                         barred_after, blocked_model = key, model
                     continue
                 queue.popleft()
+                if self.config.enable_prefix_caching:
+                    self.prefix_cache_queries += request.num_tokens
+                    self.prefix_cache_hits += num_cached
                 request.num_computed_tokens = num_cached
                 request.status = RequestStatus.RUNNING
                 request.token_slot = self._free_token_slots.pop()

@@ -10,7 +10,9 @@ token; `vllm:request_decode_time_seconds`: first to last token;
 length histograms `vllm:request_prompt_tokens`, `vllm:request_generation_tokens` (per
 completion) and `vllm:request_max_num_generation_tokens` (the longest of a request's n);
 `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total`
-(by `finished_reason`), `vllm:num_preemptions_total`, and the gauges
+(by `finished_reason`), `vllm:num_preemptions_total`, `vllm:prefix_cache_queries_total` and
+`vllm:prefix_cache_hits_total` (prompt tokens of admitted requests, and of them those the
+prefix cache held), and the gauges
 `vllm:num_requests_running` / `vllm:num_requests_waiting` (the scheduler's sequences of the
 model, from `EngineStats.requests_by_model`) and `vllm:kv_cache_usage_perc` (the model's
 share of the one KV pool, in [0, 1]; `vllm:gpu_cache_usage_perc` is the older name of the
@@ -19,8 +21,9 @@ same gauge).
 The engine's own extras keep the `crosspool_` prefix: HTTP requests by model and status
 (`crosspool_requests_total`), requests in flight, KV pages used by model and in the pool,
 weights residency and bytes by model, swaps in and out, XLA compiles
-(`crosspool_xla_compiles_total`, flat while serving after warm-up), and the steps that async
-scheduling dispatched ahead (`crosspool_async_continuations_total`).
+(`crosspool_xla_compiles_total`, flat while serving after warm-up), the engine steps
+(`crosspool_engine_steps_total`) and of them those that async scheduling dispatched ahead
+(`crosspool_async_continuations_total`).
 
 Events are recorded as they happen (from the event loop or the engine thread;
 prometheus-client metrics are thread-safe); engine state is read at scrape time from the
@@ -195,11 +198,18 @@ class _EngineStatsCollector:
         preemptions.add_metric([], getattr(stats, "num_preemptions", 0))
         yield preemptions
         for name, field, doc in (
+                ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens of admitted requests looked up in "
+                                                                 "the prefix cache."),
+                ("prefix_cache_hits", "prefix_cache_hits", "Of them, tokens found computed in the prefix cache.")):
+            family = CounterMetricFamily(f"{VLLM}{name}", doc)
+            family.add_metric([], getattr(stats, field, 0))
+            yield family
+        for name, field, doc in (
                 ("swaps_in", "swaps_in", "Model weights swapped into device memory."),
                 ("swaps_out", "swaps_out", "Model weights swapped out to host memory."),
                 ("xla_compiles", "compiles", "XLA executables built in this process (compiled or read from the "
                                              "persistent compilation cache); flat while serving after warm-up."),
-                ("engine_steps", "steps", "Engine steps run."),
+                ("engine_steps", "engine_steps", "Engine steps that scheduled work."),
                 ("async_continuations", "continuations", "Engine steps dispatched before the previous step's "
                                                          "tokens reached the host (async scheduling).")):
             family = CounterMetricFamily(f"{ns}_{name}", doc)

@@ -176,6 +176,32 @@ def test_random_arrivals_on_a_small_pool_equal_the_synchronous_engine(mixed_mode
     assert stats.continuations > 0 and stats.num_preemptions > 0 and sync_stats.num_preemptions > 0
 
 
+def test_requests_sharing_a_prefix_in_flight_hit_the_cache(mixed_model_dirs):
+    """Requests arriving while the first of them prefills a shared 48-token prefix hit the
+    prefix cache as in the synchronous engine (the blocks in flight are registered for the
+    continuation), with equal outputs."""
+    rng = np.random.default_rng(5)
+    shared = rng.integers(1, 250, 48).tolist()
+    arrivals = [(f"p{i}", "q0", shared + rng.integers(1, 250, 3 + i).tolist(),
+                 SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)) for i in range(5)]
+
+    def serve(async_scheduling):
+        llm = LLM(mixed_model_dirs, max_decode_steps=1, async_scheduling=async_scheduling, **ENGINE)
+        engine, done, left = llm.engine, {}, list(arrivals)
+        while left or engine.has_unfinished_requests():
+            if left:
+                engine.add_request(*left.pop(0))
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        return done, engine.stats()
+
+    want, sync_stats = serve(False)
+    got, stats = serve(True)
+    assert got == want and stats.continuations > 0
+    assert stats.prefix_cache_hits == sync_stats.prefix_cache_hits >= 4 * 48 - 16, (stats, sync_stats)
+
+
 def test_stop_strings_and_stop_ids_end_a_request_that_ran_ahead(mixed_model_dirs, batch):
     """A request stopping on a stop id or a stop string in the step in flight gets nothing of
     its continuation: its output equals the synchronous engine's."""
@@ -371,6 +397,19 @@ def test_continuation_admits_waiting_requests_and_continues_prefills():
     last = sched.schedule_continuation(nxt)                 # all decode, nothing waits: several steps
     assert {c.num_steps for c in last.chunks} == {4} and all(c.device_token for c in last.chunks)
     assert [c.num_outputs_before for c in last.chunks] == [2, 2, 1]
+
+
+def test_continuation_admits_with_hits_on_the_blocks_in_flight():
+    kv = KVCacheManager(PageAllocator(64, 1), enable_prefix_caching=True)
+    kv.register_model(ModelKVGeometry("m", num_layers=1, tokens_per_page=4, max_model_len=128))
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_decode_steps=4), kv)
+    sched.add_request(_request("a", 40, 10))               # prompt 1..40
+    out = sched.schedule()                                  # its whole prompt, in flight
+    sched.add_request(Request("b", "m", list(range(1, 33)) + [99, 98], SamplingParams(max_tokens=4)))
+    follow = sched.schedule_continuation(out)               # b shares a's first 8 blocks
+    chunk = next(c for c in follow.chunks if c.request_id == "b")
+    assert (chunk.start, chunk.num_tokens, chunk.token_ids) == (32, 2, [99, 98])
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (40 + 34, 32)
 
 
 def test_requests_waiting_for_a_seat_do_not_stop_continuations():

@@ -64,7 +64,7 @@ class FakeStats:
     swaps_in: int
     swaps_out: int
     requests_by_model: dict
-    steps: int = 0
+    engine_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -228,4 +228,4 @@ class FakeEngine:
                          kv_pages_total=1000, kv_pages_used_by_model=self.pages_used(),
                          models={m: {"resident": self.resident[m], "weights_bytes": 1000}
                                  for m in self.model_names},
-                         swaps_in=self.swaps_in, swaps_out=0, requests_by_model=running, steps=self.num_steps)
+                         swaps_in=self.swaps_in, swaps_out=0, requests_by_model=running, engine_steps=self.num_steps)
