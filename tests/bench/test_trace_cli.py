@@ -94,6 +94,7 @@ def test_tiny_run_of_the_shipped_models_on_cpu(tmp_path):
             assert METRICS <= set(block)
             assert set(block["ttft_ms"]) == set(block["tbt_ms"]) == {"p50", "p90", "p99", "max"}
         assert overall["tbt_samples"] == sum(r.output_tokens - 1 for r in fitted)     # every gap, once
+        assert 0 < overall["steps_run_ahead"] < overall["engine_steps"]               # async scheduling
         assert overall["clipped_requests"] == clipped
         assert any(f"{clipped} of {len(requests)} requests were clipped" in n for n in overall["notes"])
         assert results["run"]["mode"] == "static" and results["run"]["rate_rps"] == float(rate)
