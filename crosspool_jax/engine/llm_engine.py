@@ -79,18 +79,18 @@ from crosspool_jax.engine.detokenizer import IncrementalDetokenizer
 from crosspool_jax.engine.disagg_runner import DisaggRunner
 from crosspool_jax.engine.model_registry import ModelRegistry
 from crosspool_jax.engine.request import Request, RequestStatus
+from crosspool_jax.engine.request_state import Completion, ParentRequest
 from crosspool_jax.engine.placed_runner import PlacedRunner
 from crosspool_jax.runtime import sampling_metadata as smeta
 from crosspool_jax.runtime.sampling_metadata import SamplingRow
 from crosspool_jax.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from crosspool_jax.engine.step_plan import ModelStep
-from crosspool_jax.engine.stop_checker import check_stop
 from crosspool_jax.runtime.compiles import compile_counter
 from crosspool_jax.runtime.shapes import BIASED_IDS, STOP_IDS
 from crosspool_jax.weights.budget import WeightsPoolBusyError
 from crosspool_jax.kv.allocator import PageAllocator
 from crosspool_jax.kv.kv_cache_manager import KVCacheManager
-from crosspool_jax.outputs import CompletionOutput, Logprob, RequestOutput
+from crosspool_jax.outputs import RequestOutput
 from crosspool_jax.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = Union[str, Sequence[int], dict]
@@ -126,25 +126,6 @@ class EngineStats:
 
 
 @dataclasses.dataclass
-class _Child:
-    """Host-side state of one completion: text, logprobs, finish."""
-
-    request: Request
-    index: int
-    detok: Optional[IncrementalDetokenizer]
-    logprobs: Optional[list] = None
-    cumulative_logprob: float = 0.0
-    finish_reason: Optional[str] = None
-    stop_reason: object = None
-    text_limit: Optional[int] = None
-    # RequestOutputKind.DELTA: what step() has reported (tokens, characters, logprobs, the finish)
-    sent_tokens: int = 0
-    sent_text: int = 0
-    sent_logprobs: int = 0
-    sent_finish: bool = False
-
-
-@dataclasses.dataclass
 class _InFlight:
     """A dispatched engine step whose results are not read yet (`pipeline_models`,
     `async_scheduling`): its
@@ -156,26 +137,6 @@ class _InFlight:
     @property
     def models(self) -> frozenset:
         return frozenset(entry.name for entry, _, _ in self.dispatched)
-
-
-@dataclasses.dataclass
-class _Parent:
-    request_id: str
-    model: str
-    prompt: Optional[str]
-    prompt_token_ids: list
-    params: SamplingParams
-    children: list
-    arrival_time: float
-    first_scheduled_time: Optional[float] = None
-    first_token_time: Optional[float] = None
-    error: Optional[str] = None
-    prompt_logprobs: Optional[list] = None     # [None, {token id: Logprob} or None while not computed, ...]
-    prompt_logprobs_sent: bool = False         # RequestOutputKind.DELTA: reported once
-
-    @property
-    def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.children)
 
 
 class LLMEngine:
@@ -213,7 +174,7 @@ class LLMEngine:
                                        attention_backend=self.registry.attention_backend,
                                        moe_backend=self.registry.moe_backend, max_decode_steps=config.max_decode_steps,
                                        num_token_slots=config.max_num_seqs)
-        self._parents: dict[str, _Parent] = {}
+        self._parents: dict[str, ParentRequest] = {}
         # pipeline_models (weights budgets keep steps whole): the step dispatched last, not read yet
         self._pipelined = config.pipeline_models and not self.registry.has_budgets
         # async_scheduling: placed runners only (their programs keep the token tables)
@@ -371,7 +332,7 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(token_ids)} tokens is too long for model {model!r}: "
                              f"max_model_len is {entry.max_model_len} (prompt + at least one new token)")
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        parent = _Parent(request_id, model, prompt_text, list(token_ids), params, [], arrival,
+        parent = ParentRequest(request_id, model, prompt_text, list(token_ids), params, [], arrival,
                          prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None)
         base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
         for i in range(params.n):
@@ -384,7 +345,7 @@ class LLMEngine:
             request.bad_words_ids = bad_words_ids
             detok = (IncrementalDetokenizer(entry.tokenizer, list(token_ids), params.skip_special_tokens)
                      if entry.tokenizer is not None else None)
-            child = _Child(request, i, detok, logprobs=[] if params.logprobs is not None else None)
+            child = Completion(request, i, detok, logprobs=[] if params.logprobs is not None else None)
             parent.children.append(child)
             self._child_owner[child_id] = (request_id, i)
         self._parents[request_id] = parent
@@ -535,7 +496,7 @@ class LLMEngine:
             done = self._collect(flight.dispatched)
         except Exception as error:  # noqa: BLE001 - rerun the step
             log.warning("collecting a step in flight failed (%s); running it again whole", _step_error(error))
-            current = {model: [dataclasses.replace(c, token_slot=-1) for c in chunks if self.scheduler.is_current(c)]
+            current = {model: [_to_rerun(c) for c in chunks if self.scheduler.is_current(c)]
                        for model, chunks in flight.out.chunks_by_model.items()}
             done, failed = self._run_isolated({model: chunks for model, chunks in current.items() if chunks})
         self._process(flight.out, done, failed, moved)
@@ -546,18 +507,19 @@ class LLMEngine:
         for child_id, message in failed.items():
             self._fail_request(child_id, message, moved)
         sampled: dict[str, list[int]] = {}
-        stopped: list[tuple[_Child, RequestStatus]] = []
+        stopped: list[tuple[Completion, RequestStatus]] = []
         for entry, chunks, results in ran:
             for chunk, result in zip(chunks, results):
                 child = self._child_of(chunk.request.request_id)
                 if child is None or not self.scheduler.is_current(chunk):    # aborted, finished, preempted
                     continue
                 if result.prompt_logprobs is not None:
-                    self._record_prompt_logprobs(entry, chunk.request.request_id, result.prompt_logprobs)
+                    self._parent_of(chunk.request.request_id).record_prompt_logprobs(result.prompt_logprobs,
+                                                                                     entry.tokenizer)
                 if not chunk.samples:
                     continue
                 try:
-                    kept, status = self._accept_tokens(entry, child, result.tokens)
+                    kept, status = child.accept(entry, result.tokens)
                 except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request only
                     log.exception("accepting tokens of %s failed", chunk.request.request_id)
                     self._fail_request(chunk.request.request_id, _step_error(e), moved)
@@ -583,7 +545,7 @@ class LLMEngine:
                 parent.first_token_time = now
             if parent.params.output_kind == RequestOutputKind.FINAL_ONLY and not parent.finished:
                 continue
-            output = self._make_output(parent)
+            output = parent.output()
             if output is not None:
                 results.append(output)
             if parent.finished:
@@ -630,11 +592,11 @@ class LLMEngine:
             self.scheduler.finish_request(child.request.request_id, RequestStatus.FINISHED_ERROR)
         moved.add(parent.request_id)
 
-    def _parent_of(self, child_id: str) -> Optional[_Parent]:
+    def _parent_of(self, child_id: str) -> Optional[ParentRequest]:
         owner = self._child_owner.get(child_id)
         return None if owner is None else self._parents.get(owner[0])
 
-    def _child_of(self, child_id: str) -> Optional[_Child]:
+    def _child_of(self, child_id: str) -> Optional[Completion]:
         owner = self._child_owner.get(child_id)
         if owner is None:
             return None
@@ -714,117 +676,17 @@ class LLMEngine:
         return ModelStep(entry.name, entry.config, entry.tokens_per_page, entry.menu, weights,
                          chunks, rows, stop_ids, allowances, num_steps=chunks[0].num_steps)
 
-    def _record_prompt_logprobs(self, entry, child_id: str, scores) -> None:
-        """Fill the prompt positions `scores` covers that no earlier chunk (another completion,
-        a recompute after preemption) filled: {prompt token: Logprob} plus the top tokens."""
-        parent = self._parents[self._child_owner[child_id][0]]
-        k = parent.params.prompt_logprobs
-        spelled: dict[int, str] = {}
-        for i in range(len(scores.logprob)):
-            pos = scores.first_position + i
-            if parent.prompt_logprobs[pos] is not None:
-                continue
-            target = parent.prompt_token_ids[pos]
-            entry_lp = {target: Logprob(float(scores.logprob[i]), int(scores.rank[i]))}
-            for rank, (tid, lp) in enumerate(zip(scores.top_ids[i][:k], scores.top_logprobs[i][:k]), start=1):
-                entry_lp.setdefault(int(tid), Logprob(float(lp), rank))
-            if entry.tokenizer is not None:
-                for tid, lp in entry_lp.items():
-                    if tid not in spelled:
-                        spelled[tid] = entry.tokenizer.decode([tid], skip_special_tokens=False)
-                    lp.decoded_token = spelled[tid]
-            parent.prompt_logprobs[pos] = entry_lp
-
-    def _accept_tokens(self, entry, child: _Child, tokens):
-        """Append sampled tokens one by one until a stop rule hits; return the kept ids."""
-        req = child.request
-        params = req.sampling_params
-        kept: list[int] = []
-        for tok in tokens:
-            kept.append(tok.token_id)
-            old_len = len(child.detok.text) if child.detok else 0
-            if child.detok:
-                child.detok.add([tok.token_id])
-            if child.logprobs is not None:
-                entry_lp = {tok.token_id: Logprob(tok.logprob, tok.rank)}
-                for rank, (tid, lp) in enumerate(tok.top[:params.logprobs], start=1):   # the program may report more
-                    entry_lp.setdefault(tid, Logprob(lp, rank))
-                if entry.tokenizer is not None:
-                    for tid, lp in entry_lp.items():
-                        lp.decoded_token = entry.tokenizer.decode([tid], skip_special_tokens=False)
-                child.logprobs.append(entry_lp)
-            child.cumulative_logprob += tok.logprob
-            decision = check_stop(params, req.num_output_tokens + len(kept), tok.token_id, old_len,
-                                  child.detok.text if child.detok else "",
-                                  entry.eos_token_ids, len(req.prompt_token_ids),
-                                  min(entry.max_model_len, len(req.prompt_token_ids) + req.max_tokens))
-            if decision is not None:
-                child.finish_reason = decision.finish_reason
-                child.stop_reason = decision.stop_reason
-                child.text_limit = decision.truncate_text_to
-                if child.detok:
-                    child.detok.flush()        # a character cut by a length stop still shows
-                status = (RequestStatus.FINISHED_LENGTH if decision.finish_reason == "length"
-                          else RequestStatus.FINISHED_STOPPED)
-                return kept, status
-        return kept, None
-
-    def _make_output(self, parent: _Parent) -> Optional[RequestOutput]:
-        """The parent's `RequestOutput` of this step (DELTA: what is new, None when nothing is)."""
-        delta = parent.params.output_kind == RequestOutputKind.DELTA
-        completions = [c for c in map(_delta_completion if delta else _completion, parent.children) if c is not None]
-        if delta and not completions and not parent.finished:
-            return None
-        prompt_logprobs = parent.prompt_logprobs
-        if prompt_logprobs is not None:
-            prompt_logprobs = None if delta and parent.prompt_logprobs_sent else list(prompt_logprobs)
-            parent.prompt_logprobs_sent = True
-        metrics = {"arrival_time": parent.arrival_time, "first_scheduled_time": parent.first_scheduled_time,
-                   "first_token_time": parent.first_token_time}
-        return RequestOutput(request_id=parent.request_id, model=parent.model, prompt=parent.prompt,
-                             prompt_token_ids=parent.prompt_token_ids, outputs=completions,
-                             finished=parent.finished, error=parent.error, metrics=metrics,
-                             prompt_logprobs=prompt_logprobs)
-
-
-def _text(child: _Child) -> str:
-    text = child.detok.text if child.detok else ""
-    return text if child.text_limit is None else text[:child.text_limit]
-
-
-def _completion(child: _Child) -> CompletionOutput:
-    """A completion's whole output so far (RequestOutputKind.CUMULATIVE, FINAL_ONLY)."""
-    return CompletionOutput(
-        index=child.index, text=_text(child), token_ids=list(child.request.output_token_ids),
-        cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
-        logprobs=list(child.logprobs) if child.logprobs is not None else None,
-        finish_reason=child.finish_reason, stop_reason=child.stop_reason)
-
-
-def _delta_completion(child: _Child) -> Optional[CompletionOutput]:
-    """What a completion added since its last report (RequestOutputKind.DELTA), or None when
-    nothing: its new tokens and logprobs, and its new text but for the last
-    `SamplingParams.stop_holdback` characters while it runs (a stop string ending in the next
-    tokens cuts the text there, which is never before that point)."""
-    finished = child.finish_reason is not None
-    if child.sent_finish:
-        return None
-    req = child.request
-    token_ids = req.output_token_ids[child.sent_tokens:]
-    text = _text(child)
-    end = len(text) if finished else max(child.sent_text, len(text) - req.sampling_params.stop_holdback)
-    if not token_ids and not finished and end == child.sent_text:
-        return None
-    logprobs = None
-    if child.logprobs is not None:
-        logprobs = child.logprobs[child.sent_logprobs:]
-        child.sent_logprobs = len(child.logprobs)
-    piece = text[child.sent_text:end]
-    child.sent_tokens, child.sent_text, child.sent_finish = len(req.output_token_ids), end, finished
-    return CompletionOutput(
-        index=child.index, text=piece, token_ids=token_ids,
-        cumulative_logprob=child.cumulative_logprob if child.logprobs is not None else None,
-        logprobs=logprobs, finish_reason=child.finish_reason, stop_reason=child.stop_reason)
+def _to_rerun(chunk):
+    """A chunk of a step whose collect failed, to run again: fed from the host (the token a
+    continuation read from the device is on the host once the step before it was processed)
+    and writing no token slot (a continuation dispatched after the step has read the table and
+    written its own tokens there, which the rerun must not overwrite)."""
+    if chunk.device_token:
+        if chunk.start >= chunk.request.num_tokens:
+            raise RuntimeError(f"rerun of {chunk.request_id}: its token at {chunk.start} is not on the host")
+        chunk = dataclasses.replace(chunk, token_ids=chunk.request.token_ids_between(chunk.start, chunk.start + 1),
+                                    device_token=False)
+    return dataclasses.replace(chunk, token_slot=-1)
 
 
 def _step_error(e: Exception) -> str:

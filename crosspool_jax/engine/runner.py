@@ -214,7 +214,7 @@ class StepRunner(DispatchingRunner):
     def _prepare(self, step: ModelStep, shape) -> "_Prepared":
         """The host inputs of `step` padded to `shape` (numpy: see `_run`)."""
         rows, menu = step.rows, step.menu
-        chunks = [_fed_from_host(c) for c in step.chunks]
+        chunks = step.chunks
         S = shape.num_seqs
         targets, spans = None, None
         if isinstance(shape, StepShape):
@@ -343,15 +343,6 @@ class _Prepared:
 
 def _compile(program, args, static) -> None:
     program.lower(*args, **static).compile()
-
-
-def _fed_from_host(chunk):
-    """`chunk`, fed from the host when its request's token at chunk.start is known by now (a
-    continuation run again after its predecessor's results were accepted); else as it is."""
-    if chunk.device_token and chunk.start < chunk.request.num_tokens:
-        return dataclasses.replace(chunk, token_ids=chunk.request.token_ids_between(chunk.start, chunk.start + 1),
-                                   device_token=False)
-    return chunk
 
 
 def _decode_args(config, chunks, shape: DecodeShape, stop_ids, allowances):
