@@ -115,7 +115,7 @@ class EngineSample:
     compiles: float
     waiting: float = 0.0
     running: float = 0.0
-    steps: float = 0.0                  # engine steps
+    engine_steps: float = 0.0           # engine steps that scheduled work
     continuations: float = 0.0          # engine steps dispatched before the previous one's tokens were in
     t: float = 0.0
 
@@ -134,5 +134,5 @@ class EngineSample:
                    kv_pages_used_by_model=labelled(m.get(f"{namespace}_kv_pages_used", {}), "model"),
                    preemptions=one("preemptions_total"), swaps_in=one("swaps_in_total"),
                    swaps_out=one("swaps_out_total"), compiles=one("xla_compiles_total"),
-                   waiting=one("queue_depth"), running=one("requests_running"), steps=one("engine_steps_total"),
+                   waiting=one("queue_depth"), running=one("requests_running"), engine_steps=one("engine_steps_total"),
                    continuations=one("async_continuations_total"))

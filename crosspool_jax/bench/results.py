@@ -85,7 +85,7 @@ def build(record: RunRecord, slo: Slo, *, run_info: dict, clipped: int = 0) -> d
     overall.update(
         compiles_in_window=compiles, preemptions=int(after.preemptions - before.preemptions),
         swaps_in=int(after.swaps_in - before.swaps_in), swaps_out=int(after.swaps_out - before.swaps_out),
-        engine_steps=int(after.steps - before.steps), steps_run_ahead=int(after.continuations - before.continuations),
+        engine_steps=int(after.engine_steps - before.engine_steps), steps_run_ahead=int(after.continuations - before.continuations),
         kv_pages_total=total, kv_pages_peak=int(peak), kv_pages_peak_by_model=peak_by_model,
         kv_pages_equal_share=share,
         duration_s=round(record.duration_s, 6),

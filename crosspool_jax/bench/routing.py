@@ -21,7 +21,7 @@ import numpy as np
 
 from crosspool_jax.models.attention import dense_causal_attention
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.transformer import attention_block, attention_options, ffn_block, ffn_input, rms_norm
+from crosspool_jax.models.transformer import attention_block, attention_options, ffn_input, ffn_output, rms_norm
 from pallas_kernels.fused_moe.reference import route
 
 
@@ -31,12 +31,13 @@ def _layer(attn_p: dict, ffn_p: dict, x_TD: jax.Array, positions_T: jax.Array, l
     """One layer -> (its output, the tokens' expert ids [T, top_k] or None for a dense layer)."""
     attn = dense_causal_attention(jnp.zeros_like(positions_T), positions_T, **attention_options(config))
     _, h_TD = attention_block(attn_p, config, x_TD, positions_T, layer_idx, attn, None)
+    xn_TD, logits_TE = ffn_input(ffn_p, config, kind, h_TD)        # `ffn_block`, its router read once
     ids_TK = None
     if kind == "moe":
-        _, logits_TE = ffn_input(ffn_p, config, kind, h_TD)
         _, ids_TK = route(logits_TE, config.top_k, renormalize=config.norm_topk_prob, routing=config.routing,
                           score_bias_E=ffn_p.get("score_bias_LE"))
-    return ffn_block(ffn_p, config, kind, h_TD, moe_backend=moe_backend), ids_TK
+    y_TD = ffn_output(ffn_p, config, kind, xn_TD, logits_TE, moe_backend=moe_backend)
+    return h_TD + y_TD.astype(h_TD.dtype), ids_TK
 
 
 def replay_routing(kv_params: dict, ffn_params: dict, config: ModelConfig, sequences: Sequence[Sequence[int]], *,

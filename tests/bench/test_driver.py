@@ -148,9 +148,9 @@ def _record():
                res(2, "b", 2.0, [(2.1, 1), (2.3, 1), (2.35, 1)]),            # a 200 ms gap: misses
                res(3, "b", 3.0, [], status="failed")]
     before = EngineSample(t=0.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=1, swaps_in=2,
-                          swaps_out=0, compiles=40, steps=10, continuations=4)
+                          swaps_out=0, compiles=40, engine_steps=10, continuations=4)
     after = EngineSample(t=4.0, kv_pages_total=100, kv_pages_used_by_model={}, preemptions=4, swaps_in=3,
-                         swaps_out=1, compiles=41, steps=50, continuations=34)
+                         swaps_out=1, compiles=41, engine_steps=50, continuations=34)
     samples = [EngineSample(100, {"a": a, "b": b}, 0, 0, 0, 40, t=t) for t, a, b in
                ((0.0, 0, 0), (1.0, 3, 0), (2.0, 3, 5))]
     return RunRecord(results, samples, before, after, duration_s=4.0, max_send_lag_s=0.2)
@@ -215,4 +215,4 @@ def test_http_backend_against_a_live_server():
     # the engine's state comes from /metrics: the fake's pool, and its one swap-in (beta, first used)
     assert record.before.kv_pages_total == 1000 and record.before.swaps_in == 0
     assert record.after.swaps_in == 1
-    assert record.after.steps > record.before.steps        # crosspool_engine_steps_total
+    assert record.after.engine_steps > record.before.engine_steps        # crosspool_engine_steps_total
